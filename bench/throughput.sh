@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Throughput of cutover vs HAProxy vs nginx (each with ONE worker/thread) in
+# front of a one-worker nginx static backend, plus wrk straight to the backend.
+#
+# Usage: bench/throughput.sh
+# Knobs (env): DURATION=10 (s per wrk run)  ROUNDS=3  THREADS=2  CONNECTIONS=64
+#              WARMUP=2 (s of unrecorded wrk per contender before round 1; 0 = off)
+#              CONTENDERS="direct cutover haproxy nginx"
+#              CUTOVER_BIN=path (skip cargo build)  CUTOVER_BUILD=0 (use existing target/release/cutover)
+#              OUT_MD=file (also write the markdown section there)  KEEP_TMP=1  REQUIRE_QUIET=1
+# Runs are interleaved: round 1 = direct, cutover, haproxy, nginx; round 2 = same; ...
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+THREADS=${THREADS:-2}
+CONNECTIONS=${CONNECTIONS:-64}
+WARMUP=${WARMUP:-2}
+CONTENDERS=${CONTENDERS:-direct cutover haproxy nginx}
+for v in DURATION ROUNDS THREADS CONNECTIONS WARMUP; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
+done
+((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
+((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
+for c in $CONTENDERS; do has "$c" direct cutover haproxy nginx || die "unknown contender '$c'"; done
+CMD="DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP CONTENDERS='$CONTENDERS' bench/throughput.sh"
+
+bench_init throughput
+quiet_check
+has cutover $CONTENDERS && ensure_cutover
+
+read -r P_BLUE P_GREEN P_CUT P_HA P_NG < <(free_ports 5)
+declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG)
+
+start_backend "$P_BLUE" "$P_GREEN"
+for c in $CONTENDERS; do
+  case $c in
+    cutover) start_cutover "$P_CUT" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" ;;
+    haproxy) start_haproxy "$P_HA" "$P_BLUE" "$P_GREEN" ;;
+    nginx) start_nginx_proxy "$P_NG" "$P_BLUE" ;;
+  esac
+done
+log "all contenders serve the blue body; ports: backend blue=$P_BLUE green=$P_GREEN cutover=$P_CUT haproxy=$P_HA nginx=$P_NG"
+
+RES=$BENCH_TMP/results.jsonl
+: >"$RES"
+if ((WARMUP > 0)); then
+  for c in $CONTENDERS; do
+    log "warm-up $c (${WARMUP}s, not recorded)"
+    WRK_DURATION=$WARMUP run_wrk "$BENCH_TMP/warmup-$c.txt" -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" "http://127.0.0.1:${PORT[$c]}/"
+  done
+fi
+for ((r = 1; r <= ROUNDS; r++)); do
+  for c in $CONTENDERS; do
+    out=$BENCH_TMP/wrk-$c-$r.txt
+    WRK_DURATION=$DURATION run_wrk "$out" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$c]}/"
+    "${BT[@]}" parse-wrk "$out" --tag "contender=$c" --tag "round=$r" >>"$RES"
+    log "round $r/$ROUNDS $c: $(tail -1 "$RES" | "${BT[@]}" wrk-line)"
+    if ! grep -q '"ok": true' <<<"$(tail -1 "$RES")"; then
+      warn "wrk against $c produced no result; its output:"; cat "$out" >&2
+    fi
+  done
+done
+
+# Check every contender is still alive (a crash mid-run would show as errors).
+for pid in "${BG_PIDS[@]}"; do
+  alive "$pid" || warn "${BG_NAME[$pid]} (pid $pid) exited during the run; log: ${BG_LOG[$pid]}"
+done
+
+if has cutover $CONTENDERS && alive "$CUTOVER_PID"; then
+  stop_pid "$CUTOVER_PID" 10
+  log "cutover stopped by $STOP_HOW after SIGTERM in ${STOP_MS} ms"
+fi
+
+MD=$BENCH_TMP/section.md
+{
+  echo "## Throughput"
+  echo
+  meta_block "$CMD"
+  echo
+  echo "Setup: nginx static backend (1 worker, fixed 60-byte body, access_log off). Each proxy runs one worker/thread:"
+  echo "cutover \`proxy --workers 1\`; HAProxy \`nbthread 1\`, \`http-reuse always\`; nginx \`worker_processes 1\`, upstream keepalive 64."
+  echo "\"direct\" is wrk straight to the backend. Load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
+  echo "interleaved (${CONTENDERS// /, }) for $ROUNDS round(s); medians over rounds. All processes share the same $(nproc) CPUs."
+  echo
+  "${BT[@]}" report-throughput "$RES" --order "$CONTENDERS"
+} >"$MD"
+
+[[ -n ${OUT_MD:-} ]] && cp "$MD" "$OUT_MD"
+echo
+cat "$MD"

@@ -1,0 +1,149 @@
+//! The `cutover` command: the standalone proxy, the demo app and the quickstart.
+
+#![forbid(unsafe_code)]
+
+mod demo;
+mod duration;
+mod quickstart;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use cutover_proxy::{Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
+
+use crate::duration::parse_duration;
+
+#[derive(Parser)]
+#[command(name = "cutover", version, about = "Blue-green deployments behind an atomic switching proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy alone in front of fixed blue and green upstreams.
+    ///
+    /// Blue is live at start. SIGUSR1 switches the live colour and drains the old one;
+    /// SIGTERM or Ctrl-C shuts down gracefully.
+    Proxy(ProxyArgs),
+    /// A small HTTP app that answers with its version and colour (used by the quickstart).
+    DemoApp(demo::DemoArgs),
+    /// Deploy a demo app blue, then green, under traffic, roll back, and report what clients saw.
+    Quickstart(quickstart::QuickstartArgs),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Address to listen on (repeatable).
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
+    /// Listener that serves only the inactive colour (repeatable).
+    #[arg(long)]
+    preview_listen: Vec<SocketAddr>,
+    /// Blue upstream instances, comma-separated host:port.
+    #[arg(long, value_delimiter = ',', required = true)]
+    blue: Vec<SocketAddr>,
+    /// Green upstream instances, comma-separated host:port.
+    #[arg(long, value_delimiter = ',', required = true)]
+    green: Vec<SocketAddr>,
+    /// Worker threads, each with its own event loop.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Token that sends a request carrying it in X-Cutover-Preview to the inactive colour.
+    #[arg(long)]
+    preview_token: Option<String>,
+    /// How long the old colour's requests may take to finish after a switch.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Upgraded connections left at the drain deadline are closed over this window.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    close_window: Duration,
+    /// Maximum client connections at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Proxy(args) => run_proxy(args),
+        Command::DemoApp(args) => demo::run(args),
+        Command::Quickstart(args) => quickstart::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let mut svc = Service::new("default");
+    svc.blue = Pool::new(None, args.blue.iter().copied().map(Instance::new).collect());
+    svc.green = Pool::new(None, args.green.iter().copied().map(Instance::new).collect());
+    svc.preview_token = args.preview_token.as_deref().map(|t| Arc::from(t.as_bytes()));
+    let table = RouteTable::new(vec![svc])?;
+    let mut listeners: Vec<ListenerConfig> = args.listen.iter().map(|&addr| ListenerConfig { addr, preview: false }).collect();
+    listeners.extend(args.preview_listen.iter().map(|&addr| ListenerConfig { addr, preview: true }));
+    let config = ProxyConfig { listeners, workers: args.workers, max_connections: args.max_connections, ..Default::default() };
+    let proxy = match Proxy::start(config, table) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    for addr in proxy.local_addrs() {
+        eprintln!("cutover proxy listening on {addr}");
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut switches: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = usr1.recv() => {
+                    let table = proxy.table();
+                    let Some(svc) = table.service("default") else { continue };
+                    let from = svc.active;
+                    let to = from.other();
+                    proxy.switch("default", to)?;
+                    switches += 1;
+                    tracing::debug!(%from, %to, switches, "switched");
+                    let p = proxy.clone();
+                    let (drain, window) = (args.drain_timeout, args.close_window);
+                    tokio::spawn(async move {
+                        match p.drain("default", from, drain, window).await {
+                            Ok(r) if !r.completed => tracing::warn!(colour = %from, cut = r.cut_requests, closed = r.closed_upgrades, "drain deadline reached"),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "drain failed"),
+                        }
+                    });
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        eprintln!("cutover proxy shutting down after {switches} switches");
+        anyhow::Ok(())
+    })?;
+    proxy.shutdown();
+    proxy.join();
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,65 @@
+//! Limits and timeouts of the data plane. Validated by whoever builds it (the control plane reads
+//! them from the config file); the proxy takes them as given.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A listening socket of the proxy.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// A preview listener routes every request to the inactive colour of its service.
+    pub preview: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub listeners: Vec<ListenerConfig>,
+    /// Worker threads, each running its own event loop with its own accept socket
+    /// (`SO_REUSEPORT`) and its own upstream connection pools.
+    pub workers: usize,
+    /// Time a client has to send a complete request head. On HTTP/1 this also bounds how long a
+    /// keep-alive connection may sit idle between requests.
+    pub client_header_timeout: Duration,
+    /// A client connection with no bytes moving either way and no request in flight for this long
+    /// is closed.
+    pub idle_timeout: Duration,
+    /// Time to establish a TCP connection to an upstream instance.
+    pub connect_timeout: Duration,
+    /// Time from sending a request upstream to receiving its response head.
+    pub upstream_timeout: Duration,
+    /// Idle upstream keep-alive connections are closed after this long; keep it below the
+    /// upstream's own keep-alive timeout so that the proxy, not the upstream, closes them.
+    pub upstream_idle_timeout: Duration,
+    /// Idle upstream connections kept per instance and worker.
+    pub upstream_pool_size: usize,
+    /// Client connections accepted at once, over all workers; further clients wait in the
+    /// listen backlog.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Replays a request whose upstream connection failed before any response byte arrived,
+    /// when its method is idempotent and it has no body. Connect failures are always retried.
+    pub retry_idempotent: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listeners: Vec::new(),
+            workers: 1,
+            client_header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(60),
+            upstream_idle_timeout: Duration::from_secs(30),
+            upstream_pool_size: 256,
+            max_connections: 10_000,
+            max_header_bytes: 16 * 1024,
+            shutdown_timeout: Duration::from_secs(30),
+            retry_idempotent: true,
+        }
+    }
+}

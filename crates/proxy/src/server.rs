@@ -1,0 +1,541 @@
+//! Listeners, workers and client connections; the `Proxy` handle the control plane drives.
+//!
+//! `workers` threads each run a single-threaded tokio runtime with their own accept socket per
+//! listener (`SO_REUSEPORT`, so the kernel spreads connections) and their own upstream pools:
+//! a connection is accepted, served and its upstream requests made on one thread, with no
+//! cross-thread hand-off on the request path.
+//!
+//! Shutdown: `shutdown()` stops the accept loops and asks every connection to finish its current
+//! request and close (HTTP/1) or to send GOAWAY (HTTP/2). Each worker then waits for its
+//! connections and tunnels up to `shutdown_timeout` before its runtime is dropped, which closes
+//! whatever is left.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ProxyConfig;
+use crate::error::TableError;
+use crate::handler::{self, ConnCtx};
+use crate::table::{Colour, Generation, RouteTable};
+
+pub(crate) struct Shared {
+    pub(crate) table: ArcSwap<RouteTable>,
+    pub(crate) config: ProxyConfig,
+    /// Cancelled when the proxy begins to shut down.
+    pub(crate) shutdown: CancellationToken,
+    conn_limit: Arc<Semaphore>,
+    /// Client connections and upgraded tunnels still open, over all workers.
+    open: AtomicUsize,
+    open_changed: Notify,
+}
+
+/// Counts one open connection or tunnel in `Shared::open` until dropped.
+pub(crate) struct OpenGuard(Arc<Shared>);
+
+impl OpenGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> OpenGuard {
+        shared.open.fetch_add(1, Ordering::AcqRel);
+        OpenGuard(shared.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.open_changed.notify_waiters();
+        }
+    }
+}
+
+/// What the idle watchdog of a client connection looks at.
+#[derive(Default)]
+pub(crate) struct Activity {
+    /// Set by every read or write; cleared by the watchdog when it looks.
+    io: AtomicBool,
+    requests: AtomicUsize,
+}
+
+pub(crate) struct RequestBusy<'a>(&'a Activity);
+
+impl Activity {
+    pub(crate) fn request(&self) -> RequestBusy<'_> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        RequestBusy(self)
+    }
+
+    /// True when nothing moved since the last look and no request is in flight.
+    fn idle_since_last_look(&self) -> bool {
+        let moved = self.io.swap(false, Ordering::Relaxed);
+        !moved && self.requests.load(Ordering::Relaxed) == 0
+    }
+}
+
+impl Drop for RequestBusy<'_> {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client socket that notes every read and write for the idle watchdog.
+struct Tracked {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if r.is_ready() {
+            this.activity.io.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.activity.io.store(true, Ordering::Relaxed);
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.activity.io.store(true, Ordering::Relaxed);
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// A proxy could not start; nothing was left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot start worker thread: {0}")]
+    Thread(io::Error),
+    #[error("invalid proxy settings: {0}")]
+    Config(String),
+}
+
+/// What a drain saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Time from the start of the drain until the colour was empty (or the cuts were done).
+    pub elapsed: Duration,
+    /// True when every request and upgraded connection finished before the deadline.
+    pub completed: bool,
+    /// Requests still in flight at the deadline (answered 504 or cut mid-stream).
+    pub cut_requests: usize,
+    /// Upgraded connections still open at the deadline (closed within the window).
+    pub closed_upgrades: usize,
+}
+
+/// A running proxy. Cheap to share behind an `Arc`; every method is safe to call from any thread.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    addrs: Vec<SocketAddr>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Serializes table updates (read-modify-write); the request path never touches it.
+    update: Mutex<()>,
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
+impl Proxy {
+    /// Binds every listener (once per worker) and starts the workers. Fails, with nothing left
+    /// running, when any address cannot be bound.
+    pub fn start(config: ProxyConfig, table: RouteTable) -> Result<Proxy, StartError> {
+        if config.workers == 0 {
+            return Err(StartError::Config("workers must be at least 1".into()));
+        }
+        if config.max_header_bytes < 1024 {
+            return Err(StartError::Config("max_header_bytes must be at least 1024".into()));
+        }
+        let workers = config.workers;
+        let reuse = workers > 1;
+        // listeners[w] = the sockets of worker w, one per configured listener.
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::new();
+        for l in &config.listeners {
+            let first = bind(l.addr, reuse).map_err(|source| StartError::Bind { addr: l.addr, source })?;
+            let actual = first.local_addr().map_err(|source| StartError::Bind { addr: l.addr, source })?;
+            addrs.push(actual);
+            per_worker[0].push((first, l.preview));
+            for w in per_worker.iter_mut().skip(1) {
+                let s = bind(actual, true).map_err(|source| StartError::Bind { addr: actual, source })?;
+                w.push((s, l.preview));
+            }
+        }
+
+        let shared = Arc::new(Shared {
+            table: ArcSwap::from_pointee(table),
+            conn_limit: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            config,
+            shutdown: CancellationToken::new(),
+            open: AtomicUsize::new(0),
+            open_changed: Notify::new(),
+        });
+
+        let mut handles = Vec::new();
+        for (i, listeners) in per_worker.into_iter().enumerate() {
+            let worker_shared = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("cutover-worker-{i}"))
+                .spawn(move || worker(worker_shared, listeners));
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    shared.shutdown.cancel();
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return Err(StartError::Thread(e));
+                }
+            }
+        }
+        Ok(Proxy { shared, addrs, workers: Mutex::new(handles), update: Mutex::new(()) })
+    }
+
+    /// The bound addresses, in the order of `ProxyConfig::listeners` (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The table requests are routed with right now.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.shared.table.load_full()
+    }
+
+    /// Replaces the table by `f(current)`. Updates are serialized; when `f` fails nothing changes.
+    pub fn update<F>(&self, f: F) -> Result<Arc<RouteTable>, TableError>
+    where
+        F: FnOnce(&RouteTable) -> Result<RouteTable, TableError>,
+    {
+        let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Arc::new(f(&self.shared.table.load())?);
+        self.shared.table.store(next.clone());
+        Ok(next)
+    }
+
+    /// Makes `to` the live colour of `service` in one store. Requests already routed keep their
+    /// colour; every request whose head arrives after this returns goes to `to`.
+    pub fn switch(&self, service: &str, to: Colour) -> Result<(), TableError> {
+        self.update(|t| {
+            t.with_service(service, |s| {
+                s.active = to;
+                Ok(())
+            })
+        })
+        .map(|_| ())
+    }
+
+    /// Waits until the requests and upgraded connections that entered `colour` of `service`
+    /// before this call have finished, for at most `timeout`. At the deadline, requests still
+    /// waiting for their upstream get 504, streams are cut, and upgraded connections are closed
+    /// at random instants spread over `close_window`. Dropping the returned future before the
+    /// deadline abandons the drain without cutting anything.
+    pub async fn drain(
+        &self,
+        service: &str,
+        colour: Colour,
+        timeout: Duration,
+        close_window: Duration,
+    ) -> Result<DrainReport, TableError> {
+        let start = Instant::now();
+        // Rotate the colour to a fresh generation: whatever enters from now on (preview traffic,
+        // or live traffic after a rollback) is not this drain's business.
+        let mut old: Option<Arc<Generation>> = None;
+        self.update(|t| {
+            t.with_service(service, |s| {
+                let pool = s.pool_mut(colour);
+                old = Some(pool.generation.clone());
+                pool.generation = Arc::new(Generation::default());
+                Ok(())
+            })
+        })?;
+        let Some(old) = old else { unreachable!("with_service ran the closure") };
+        old.close_window_ms.store(close_window.as_millis() as u64, Ordering::Relaxed);
+
+        let empty = |g: &Generation| g.in_flight() == 0 && g.upgraded() == 0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        if wait_until(&old, deadline, empty).await {
+            return Ok(DrainReport { elapsed: start.elapsed(), completed: true, cut_requests: 0, closed_upgrades: 0 });
+        }
+        let cut_requests = old.in_flight();
+        let closed_upgrades = old.upgraded();
+        old.deadline.cancel();
+        // The cuts themselves take a moment; tunnels close within the window.
+        let grace = tokio::time::Instant::now() + close_window + Duration::from_secs(2);
+        wait_until(&old, grace, empty).await;
+        Ok(DrainReport { elapsed: start.elapsed(), completed: false, cut_requests, closed_upgrades })
+    }
+
+    /// Begins a graceful shutdown: no new connections; open ones finish their current request.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// Waits (blocking the thread) until every worker has stopped. Call after `shutdown`.
+    pub fn join(&self) {
+        let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
+    /// Client connections and upgraded tunnels open right now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+/// Waits on the generation's notifications until `done` holds or the deadline passes.
+async fn wait_until(g: &Generation, deadline: tokio::time::Instant, done: impl Fn(&Generation) -> bool) -> bool {
+    loop {
+        let notified = g.idle.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done(g) {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return done(g);
+        }
+    }
+}
+
+fn worker(shared: Arc<Shared>, listeners: Vec<(std::net::TcpListener, bool)>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build worker runtime; stopping the proxy");
+            shared.shutdown.cancel();
+            return;
+        }
+    };
+    rt.block_on(async move {
+        for (std_listener, preview) in listeners {
+            match TcpListener::from_std(std_listener) {
+                Ok(l) => {
+                    tokio::spawn(accept_loop(shared.clone(), l, preview));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register listener; stopping the proxy");
+                    shared.shutdown.cancel();
+                }
+            }
+        }
+        let sweep_every = (shared.config.upstream_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let idle = shared.config.upstream_idle_timeout;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweep_every);
+            loop {
+                tick.tick().await;
+                crate::upstream::sweep(idle);
+            }
+        });
+        shared.shutdown.cancelled().await;
+        // Connections see the same token and close themselves; wait for them, bounded.
+        let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
+        loop {
+            let changed = shared.open_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if shared.open.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, preview: bool) {
+    loop {
+        let permit = tokio::select! {
+            p = shared.conn_limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _open = OpenGuard::new(&shared);
+                    serve(shared, stream, peer, preview).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/2 prior knowledge from HTTP/1 by the first bytes, without consuming them.
+async fn sniff_h2(stream: &TcpStream) -> io::Result<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A prefix of the preface ("P", "PR", ...) arrived alone; wait for more.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A server connection that can be asked to finish gracefully.
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview: bool) {
+    let cfg = &shared.config;
+    let is_h2 = match tokio::time::timeout(cfg.client_header_timeout, sniff_h2(&stream)).await {
+        Ok(Ok(h2)) => h2,
+        _ => return, // closed or silent: nothing to answer
+    };
+    let activity = Arc::new(Activity::default());
+    let client_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    let ctx = Arc::new(ConnCtx { shared: shared.clone(), client_ip, preview_listener: preview, activity: activity.clone() });
+    let io = TokioIo::new(Tracked { stream, activity: activity.clone() });
+    let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
+
+    if is_h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new()).max_header_list_size(cfg.max_header_bytes as u32);
+        drive(&shared, &activity, b.serve_connection(io, svc)).await;
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(cfg.client_header_timeout)
+            .max_header_size(cfg.max_header_bytes)
+            .keep_alive(true);
+        drive(&shared, &activity, b.serve_connection(io, svc).with_upgrades()).await;
+    }
+}
+
+/// Runs a connection to its end, asking it to finish gracefully at shutdown or when it has been
+/// idle for `idle_timeout`.
+async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
+    tokio::pin!(conn);
+    let idle = shared.config.idle_timeout;
+    let mut closing = false;
+    let mut watchdog = Box::pin(tokio::time::sleep(idle));
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = shared.shutdown.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful();
+            }
+            _ = watchdog.as_mut(), if !closing => {
+                if activity.idle_since_last_look() {
+                    closing = true;
+                    conn.as_mut().graceful();
+                } else {
+                    watchdog.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
+        }
+    }
+}

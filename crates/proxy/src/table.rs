@@ -1,0 +1,506 @@
+//! The route table: everything a request needs to be routed, in one immutable value.
+//!
+//! The proxy holds exactly one `Arc<RouteTable>` behind an `ArcSwap`. A request loads it once, when
+//! its head arrives, and routes from that snapshot; a switch, a health change or a drain stores a
+//! whole new table. Nothing here is ever mutated in place except counters (in-flight requests,
+//! round-robin cursors, passive ejection deadlines), which live in `Arc`ed state shared by
+//! successive tables so that they survive a swap.
+//!
+//! This module never does I/O and never blocks.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::TableError;
+
+/// One of the two environments of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Colour {
+    Blue,
+    Green,
+}
+
+impl Colour {
+    pub fn other(self) -> Colour {
+        match self {
+            Colour::Blue => Colour::Green,
+            Colour::Green => Colour::Blue,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Colour::Blue => "blue",
+            Colour::Green => "green",
+        }
+    }
+}
+
+impl fmt::Display for Colour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Colour {
+    type Err = TableError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "blue" => Ok(Colour::Blue),
+            "green" => Ok(Colour::Green),
+            other => Err(TableError::BadColour(other.to_string())),
+        }
+    }
+}
+
+/// How a colour's requests are spread over its instances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Balance {
+    /// The instance with the fewest requests in flight; ties broken round-robin.
+    #[default]
+    LeastInFlight,
+    RoundRobin,
+}
+
+/// Mutable per-instance counters, shared by every table that contains the instance.
+#[derive(Debug, Default)]
+pub struct InstanceState {
+    pub(crate) in_flight: AtomicUsize,
+    /// Passive ejection: until this many milliseconds after the proxy's clock origin, the
+    /// instance refused connections and is skipped while any sibling is usable.
+    pub(crate) ejected_until_ms: AtomicU64,
+}
+
+static NEXT_INSTANCE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One upstream address of one colour.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    /// Unique for the life of the process; keys the per-worker connection pools, so a new
+    /// instance at a reused address never inherits connections of an old one.
+    pub(crate) id: u64,
+    pub addr: SocketAddr,
+    /// Set by the control plane's health checks. Unhealthy instances get no traffic.
+    pub healthy: bool,
+    pub(crate) state: Arc<InstanceState>,
+}
+
+impl Instance {
+    pub fn new(addr: SocketAddr) -> Instance {
+        Instance {
+            id: NEXT_INSTANCE_ID.fetch_add(1, Ordering::Relaxed),
+            addr,
+            healthy: true,
+            state: Arc::new(InstanceState::default()),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_ejected(&self, now_ms: u64) -> bool {
+        self.state.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+}
+
+/// Tracks the requests and upgraded connections that entered a colour while this generation
+/// was current. Draining rotates a colour to a fresh generation, then waits on the old one:
+/// everything counted here started before the drain began.
+#[derive(Debug, Default)]
+pub struct Generation {
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) upgraded: AtomicUsize,
+    /// Woken whenever one of the two counters drops to zero.
+    pub(crate) idle: Notify,
+    /// Cancelled at the drain deadline: requests still waiting for their upstream answer 504,
+    /// streams are cut, upgraded connections close within the drain window.
+    pub(crate) deadline: CancellationToken,
+    /// The spread window (milliseconds) that upgraded connections use when `deadline` fires.
+    pub(crate) close_window_ms: AtomicU64,
+}
+
+impl Generation {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn upgraded(&self) -> usize {
+        self.upgraded.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn enter_request(self: &Arc<Self>) -> GenerationGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        GenerationGuard { gen: self.clone(), upgraded: false }
+    }
+
+    /// Turns a request guard into the guard of the upgraded connection that replaced it.
+    pub(crate) fn into_upgraded(mut guard: GenerationGuard) -> GenerationGuard {
+        guard.gen.upgraded.fetch_add(1, Ordering::AcqRel);
+        if guard.gen.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            guard.gen.idle.notify_waiters();
+        }
+        guard.upgraded = true;
+        guard
+    }
+}
+
+/// Counts one request (or one upgraded connection) in its generation until dropped.
+#[derive(Debug)]
+pub(crate) struct GenerationGuard {
+    pub(crate) gen: Arc<Generation>,
+    upgraded: bool,
+}
+
+impl Drop for GenerationGuard {
+    fn drop(&mut self) {
+        let counter = if self.upgraded { &self.gen.upgraded } else { &self.gen.in_flight };
+        if counter.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.gen.idle.notify_waiters();
+        }
+    }
+}
+
+/// Round-robin cursor of a pool; shared by successive tables.
+#[derive(Debug, Default)]
+pub(crate) struct PoolState {
+    pub(crate) cursor: AtomicUsize,
+}
+
+/// The instances of one colour of one service.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    /// The release running on this colour (shown in status, never used for routing).
+    pub version: Option<Arc<str>>,
+    pub instances: Arc<[Instance]>,
+    pub(crate) generation: Arc<Generation>,
+    pub(crate) state: Arc<PoolState>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new(None, Vec::new())
+    }
+}
+
+impl Pool {
+    pub fn new(version: Option<&str>, instances: Vec<Instance>) -> Pool {
+        Pool {
+            version: version.map(Arc::from),
+            instances: instances.into(),
+            generation: Arc::new(Generation::default()),
+            state: Arc::new(PoolState::default()),
+        }
+    }
+
+    /// Replaces the instances, keeping the drain generation and the counters.
+    pub fn with_instances(&self, version: Option<&str>, instances: Vec<Instance>) -> Pool {
+        Pool { version: version.map(Arc::from), instances: instances.into(), ..self.clone() }
+    }
+
+    /// The generation that requests entering this colour now are counted in.
+    pub fn generation(&self) -> &Arc<Generation> {
+        &self.generation
+    }
+
+    /// Requests in flight in the current generation of this colour.
+    pub fn in_flight(&self) -> usize {
+        self.generation.in_flight()
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.instances.iter().filter(|i| i.healthy).count()
+    }
+
+    /// Picks an instance for a request. `skip` is a bit set of instance indexes that already
+    /// failed to connect for this request. Ejected instances are used only when nothing else is
+    /// left, so that a pool whose instances all refused recently still gets a try.
+    pub(crate) fn pick(&self, balance: Balance, skip: u64, now_ms: u64) -> Option<usize> {
+        let n = self.instances.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.state.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(usize, usize, bool)> = None; // (index, in_flight, ejected)
+        for k in 0..n {
+            let i = (start + k) % n;
+            if i < 64 && skip & (1 << i) != 0 {
+                continue;
+            }
+            let inst = &self.instances[i];
+            if !inst.healthy {
+                continue;
+            }
+            let ejected = inst.is_ejected(now_ms);
+            if balance == Balance::RoundRobin && !ejected {
+                return Some(i);
+            }
+            let load = inst.in_flight();
+            let better = match best {
+                None => true,
+                Some((_, best_load, best_ejected)) => {
+                    (best_ejected && !ejected) || (best_ejected == ejected && load < best_load)
+                }
+            };
+            if better {
+                best = Some((i, load, ejected));
+            }
+        }
+        best.map(|(i, _, _)| i)
+    }
+}
+
+/// A service: the hosts it answers, its two colours, and which one is live.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: Arc<str>,
+    /// Lower-case host names without port. Empty: this is the default service.
+    pub hosts: Vec<String>,
+    pub active: Colour,
+    pub blue: Pool,
+    pub green: Pool,
+    pub balance: Balance,
+    /// A request carrying this token in `X-Cutover-Preview` goes to the inactive colour.
+    pub preview_token: Option<Arc<[u8]>>,
+}
+
+impl Service {
+    pub fn new(name: &str) -> Service {
+        Service {
+            name: Arc::from(name),
+            hosts: Vec::new(),
+            active: Colour::Blue,
+            blue: Pool::default(),
+            green: Pool::default(),
+            balance: Balance::default(),
+            preview_token: None,
+        }
+    }
+
+    pub fn pool(&self, colour: Colour) -> &Pool {
+        match colour {
+            Colour::Blue => &self.blue,
+            Colour::Green => &self.green,
+        }
+    }
+
+    pub fn pool_mut(&mut self, colour: Colour) -> &mut Pool {
+        match colour {
+            Colour::Blue => &mut self.blue,
+            Colour::Green => &mut self.green,
+        }
+    }
+
+    /// Constant-time comparison of a presented preview token with the configured one.
+    pub(crate) fn preview_matches(&self, presented: &[u8]) -> bool {
+        match &self.preview_token {
+            None => false,
+            Some(token) => {
+                if token.len() != presented.len() {
+                    return false;
+                }
+                token.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            }
+        }
+    }
+}
+
+/// The complete routing state of the proxy.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    services: Vec<Service>,
+    by_host: HashMap<String, usize>,
+    default: Option<usize>,
+}
+
+impl RouteTable {
+    /// Builds a table, checking that host names and service names are unique and that at most one
+    /// service is the default.
+    pub fn new(services: Vec<Service>) -> Result<RouteTable, TableError> {
+        let mut by_host = HashMap::new();
+        let mut default = None;
+        let mut names = std::collections::HashSet::new();
+        for (i, svc) in services.iter().enumerate() {
+            if !names.insert(svc.name.clone()) {
+                return Err(TableError::DuplicateService(svc.name.to_string()));
+            }
+            if svc.hosts.is_empty() {
+                if let Some(prev) = default {
+                    let prev: &Service = &services[prev];
+                    return Err(TableError::TwoDefaults(prev.name.to_string(), svc.name.to_string()));
+                }
+                default = Some(i);
+            }
+            for host in &svc.hosts {
+                let key = host.to_ascii_lowercase();
+                if let Some(prev) = by_host.insert(key, i) {
+                    return Err(TableError::DuplicateHost {
+                        host: host.clone(),
+                        first: services[prev].name.to_string(),
+                        second: svc.name.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(RouteTable { services, by_host, default })
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| &*s.name == name)
+    }
+
+    /// A copy of this table with one service changed by `f`. Counters and drain generations are
+    /// shared with this table, so in-flight accounting continues across the swap.
+    pub fn with_service<F>(&self, name: &str, f: F) -> Result<RouteTable, TableError>
+    where
+        F: FnOnce(&mut Service) -> Result<(), TableError>,
+    {
+        let mut services = self.services.clone();
+        let svc = services
+            .iter_mut()
+            .find(|s| &*s.name == name)
+            .ok_or_else(|| TableError::UnknownService(name.to_string()))?;
+        f(svc)?;
+        RouteTable::new(services)
+    }
+
+    /// The service for a request's host (without port, any case), or the default service.
+    pub fn route(&self, host: Option<&str>) -> Option<&Service> {
+        if let Some(host) = host {
+            let hit = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.by_host.get(&host.to_ascii_lowercase())
+            } else {
+                self.by_host.get(host)
+            };
+            if let Some(&i) = hit {
+                return Some(&self.services[i]);
+            }
+        }
+        self.default.map(|i| &self.services[i])
+    }
+}
+
+/// Milliseconds on a monotonic clock that starts with the process; used for ejection deadlines.
+pub(crate) fn now_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    origin.elapsed().as_millis() as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, hosts: &[&str]) -> Service {
+        let mut s = Service::new(name);
+        s.hosts = hosts.iter().map(|h| h.to_string()).collect();
+        s
+    }
+
+    #[test]
+    fn routes_by_host_any_case_and_falls_back_to_default() {
+        let t = RouteTable::new(vec![svc("shop", &["shop.example.com"]), svc("fallback", &[])])
+            .unwrap();
+        assert_eq!(&*t.route(Some("shop.example.com")).unwrap().name, "shop");
+        assert_eq!(&*t.route(Some("SHOP.Example.com")).unwrap().name, "shop");
+        assert_eq!(&*t.route(Some("other")).unwrap().name, "fallback");
+        assert_eq!(&*t.route(None).unwrap().name, "fallback");
+    }
+
+    #[test]
+    fn no_default_means_no_route() {
+        let t = RouteTable::new(vec![svc("shop", &["shop"])]).unwrap();
+        assert!(t.route(Some("other")).is_none());
+    }
+
+    #[test]
+    fn rejects_ambiguous_tables() {
+        assert!(matches!(
+            RouteTable::new(vec![svc("a", &[]), svc("b", &[])]),
+            Err(TableError::TwoDefaults(..))
+        ));
+        assert!(matches!(
+            RouteTable::new(vec![svc("a", &["x"]), svc("b", &["X"])]),
+            Err(TableError::DuplicateHost { .. })
+        ));
+        assert!(matches!(
+            RouteTable::new(vec![svc("a", &["x"]), svc("a", &["y"])]),
+            Err(TableError::DuplicateService(..))
+        ));
+    }
+
+    #[test]
+    fn pick_skips_unhealthy_failed_and_prefers_unejected() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut a = Instance::new(addr);
+        let b = Instance::new(addr);
+        let c = Instance::new(addr);
+        a.healthy = false;
+        b.state.ejected_until_ms.store(u64::MAX, Ordering::Relaxed);
+        let pool = Pool::new(None, vec![a, b, c]);
+        for _ in 0..10 {
+            assert_eq!(pool.pick(Balance::LeastInFlight, 0, now_ms()), Some(2));
+            assert_eq!(pool.pick(Balance::RoundRobin, 0, now_ms()), Some(2));
+        }
+        // With c already tried, the ejected b is the last resort; a (unhealthy) never is.
+        assert_eq!(pool.pick(Balance::LeastInFlight, 1 << 2, now_ms()), Some(1));
+        assert_eq!(pool.pick(Balance::LeastInFlight, (1 << 2) | (1 << 1), now_ms()), None);
+    }
+
+    #[test]
+    fn least_in_flight_prefers_idle_instance() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let pool = Pool::new(None, vec![Instance::new(addr), Instance::new(addr)]);
+        pool.instances[0].state.in_flight.store(5, Ordering::Relaxed);
+        for _ in 0..10 {
+            assert_eq!(pool.pick(Balance::LeastInFlight, 0, now_ms()), Some(1));
+        }
+    }
+
+    #[test]
+    fn round_robin_alternates() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let pool = Pool::new(None, vec![Instance::new(addr), Instance::new(addr)]);
+        let picks: Vec<_> =
+            (0..4).map(|_| pool.pick(Balance::RoundRobin, 0, now_ms()).unwrap()).collect();
+        assert_eq!(picks, vec![0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn with_service_keeps_generation_counters() {
+        let t = RouteTable::new(vec![svc("a", &[])]).unwrap();
+        let g = t.service("a").unwrap().blue.generation().clone();
+        let guard = g.enter_request();
+        let t2 = t.with_service("a", |s| {
+            s.active = Colour::Green;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(t2.service("a").unwrap().blue.in_flight(), 1);
+        drop(guard);
+        assert_eq!(t2.service("a").unwrap().blue.in_flight(), 0);
+        assert!(t.with_service("nope", |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn preview_token_comparison() {
+        let mut s = Service::new("a");
+        assert!(!s.preview_matches(b"anything"));
+        s.preview_token = Some(Arc::from(&b"secret"[..]));
+        assert!(s.preview_matches(b"secret"));
+        assert!(!s.preview_matches(b"secreT"));
+        assert!(!s.preview_matches(b"secret2"));
+        assert!(!s.preview_matches(b""));
+    }
+}
