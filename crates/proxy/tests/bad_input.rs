@@ -1,0 +1,199 @@
+//! 10. Bad input and failing upstreams: each gets its defined answer quickly, and the proxy keeps
+//! serving everyone else meanwhile. Also limits and graceful shutdown.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cutover_proxy::{Instance, Pool, RouteTable, Service};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw bytes and reads until the proxy closes or `within` passes; returns what came back.
+async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> (String, Duration) {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+}
+
+fn status_line(resp: &str) -> &str {
+    resp.lines().next().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_and_oversized_requests() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+
+    let (resp, took) = raw(addr, b"GARBAGE\r\n\r\n", Duration::from_secs(3)).await;
+    assert_eq!(status_line(&resp), "HTTP/1.1 400 Bad Request", "{resp}");
+    assert!(took < Duration::from_secs(1));
+
+    let (resp, _) = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", Duration::from_secs(3)).await;
+    assert_eq!(status_line(&resp), "HTTP/1.1 400 Bad Request", "{resp}");
+
+    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let (resp, took) = raw(addr, big.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(status_line(&resp), "HTTP/1.1 431 Request Header Fields Too Large", "{resp}");
+    assert!(took < Duration::from_secs(1));
+
+    assert_eq!(blue.requests(), 0, "nothing bad reached the upstream");
+    let mut c = H1::connect(addr).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().2, "blue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_is_cut_and_others_are_served() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green])); // header timeout 1 s
+    let addr = proxy.local_addrs()[0];
+
+    let slow = tokio::spawn(async move {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let request = b"GET / HTTP/1.1\r\nHost: web.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        // One byte a second; bounded by the request length and a 30 s cap.
+        for b in request.iter() {
+            if s.write_all(&[*b]).await.is_err() || t.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        (t.elapsed(), out)
+    });
+    // Meanwhile, everyone else is served promptly.
+    let mut c = H1::connect(addr).await.unwrap();
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(c.get("/").await.unwrap().2, "blue");
+        assert!(t.elapsed() < Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (took, out) = slow.await.unwrap();
+    assert!(took < Duration::from_secs(5), "slow client cut after the 1 s header timeout, took {took:?}");
+    assert!(!out.starts_with(b"HTTP/1.1 200"), "the slow request was never served");
+    assert_eq!(blue.requests(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_down_is_502_and_empty_service_is_503() {
+    // A port with nothing listening: bind, note, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let live = Upstream::start("blue").await;
+
+    let mut down = Service::new("down");
+    down.hosts = vec!["down.test".into()];
+    down.blue = Pool::new(Some("v1"), vec![Instance::new(dead)]);
+    let mut empty_svc = Service::new("empty");
+    empty_svc.hosts = vec!["empty.test".into()];
+    let mut ok = Service::new("ok");
+    ok.hosts = vec!["ok.test".into()];
+    ok.blue = Pool::new(Some("v1"), vec![Instance::new(live.addr)]);
+    let proxy = start_proxy(test_config(), RouteTable::new(vec![down, empty_svc, ok]).unwrap());
+    let addr = proxy.local_addrs()[0];
+
+    let req = |host: &str| http::Request::get("/").header("host", host).body(empty()).unwrap();
+    let mut c = H1::connect(addr).await.unwrap();
+    let t = Instant::now();
+    let (status, _, body) = c.request(req("down.test")).await.unwrap();
+    assert_eq!(status, 502, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("down"), "names the service: {body:?}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    let (status, _, body) = c.request(req("empty.test")).await.unwrap();
+    assert_eq!(status, 503, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("empty"));
+
+    let (status, _, _) = c.request(req("nobody.test")).await.unwrap();
+    assert_eq!(status, 404, "no service and no default");
+
+    let (status, _, body) = c.request(req("ok.test")).await.unwrap();
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"blue"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_timeout_is_504() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.upstream_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    let t = Instant::now();
+    let (status, _, _) = c.get("/slow?ms=3000").await.unwrap();
+    assert_eq!(status, 504);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_are_closed() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.idle_timeout = Duration::from_millis(300);
+    cfg.client_header_timeout = Duration::from_secs(30);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    let mut c = H1::connect(addr).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().0, 200);
+    // A slow request longer than the idle timeout is not idle.
+    assert_eq!(c.get("/slow?ms=1000&size=10").await.unwrap().0, 200);
+    assert!(eventually(Duration::from_secs(3), || proxy.open_connections() == 0).await, "idle connection closed");
+    assert!(c.tx.is_closed() || c.get("/").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_connections_holds_extra_clients_back() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.max_connections = 2;
+    cfg.workers = 1;
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    let mut a = H1::connect(addr).await.unwrap();
+    let mut b = H1::connect(addr).await.unwrap();
+    assert_eq!(a.get("/").await.unwrap().0, 200);
+    assert_eq!(b.get("/").await.unwrap().0, 200);
+    // The third waits in the backlog until a slot frees.
+    let third = tokio::spawn(async move {
+        let mut c = H1::connect(addr).await.unwrap();
+        c.get("/").await.unwrap().0
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!third.is_finished(), "third client served while two connections are open");
+    assert_eq!(proxy.open_connections(), 2);
+    drop(a);
+    let status = tokio::time::timeout(Duration::from_secs(3), third).await.expect("served once a slot is free").unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_finishes_in_flight_requests() {
+    let blue = Upstream::start("blue").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    let slow = tokio::spawn(async move {
+        let mut c = H1::connect(addr).await.unwrap();
+        c.get("/slow?ms=1000&size=5000").await.unwrap()
+    });
+    assert!(eventually(Duration::from_secs(5), || proxy.table().service("web").unwrap().blue.in_flight() == 1).await);
+    proxy.shutdown();
+    // New connections are refused once the listeners are gone.
+    assert!(eventually(Duration::from_secs(3), || std::net::TcpStream::connect(addr).is_err()).await);
+    let (status, _, body) = slow.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 5000);
+    let p = proxy.clone();
+    tokio::task::spawn_blocking(move || p.join()).await.unwrap();
+    assert_eq!(proxy.open_connections(), 0);
+}

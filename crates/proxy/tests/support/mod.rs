@@ -1,0 +1,362 @@
+//! Real upstream servers and real clients for the proxy's integration tests.
+//!
+//! Every upstream is a hyper server on 127.0.0.1:0 that answers with its colour, so a test can
+//! tell from each response where it was routed. It can be killed abruptly (listener and every
+//! connection dropped at once), like a crashed process.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cutover_proxy::{Colour, Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn full(s: impl Into<Bytes>) -> BoxBody {
+    Full::new(s.into()).map_err(|e: Infallible| match e {}).boxed()
+}
+
+/// What an upstream saw: request count and the headers of the last request to `/headers`.
+#[derive(Default)]
+pub struct Seen {
+    pub requests: AtomicU64,
+    pub last_headers: Mutex<Option<http::HeaderMap>>,
+}
+
+/// An upstream test server.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub colour: &'static str,
+    pub seen: Arc<Seen>,
+    /// Lets `/sse` finish its stream.
+    pub sse_release: Arc<Notify>,
+    kill: CancellationToken,
+}
+
+impl Upstream {
+    pub async fn start(colour: &'static str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let sse_release = Arc::new(Notify::new());
+        let kill = CancellationToken::new();
+        let (s, r, k) = (seen.clone(), sse_release.clone(), kill.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = k.cancelled() => return,
+                };
+                let _ = stream.set_nodelay(true);
+                let (s, r, k) = (s.clone(), r.clone(), k.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| upstream_handle(colour, s.clone(), r.clone(), req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = k.cancelled() => {} // dropped: the socket closes abruptly
+                    }
+                });
+            }
+        });
+        Upstream { addr, colour, seen, sse_release, kill }
+    }
+
+    /// Drops the listener and every open connection at once.
+    pub fn kill(&self) {
+        self.kill.cancel();
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.seen.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill.cancel();
+    }
+}
+
+fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn upstream_handle(
+    colour: &'static str,
+    seen: Arc<Seen>,
+    sse_release: Arc<Notify>,
+    mut req: Request<Incoming>,
+) -> Result<Response<BoxBody>, Infallible> {
+    seen.requests.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_string();
+    let resp = match path.as_str() {
+        "/headers" => {
+            *seen.last_headers.lock().unwrap() = Some(req.headers().clone());
+            Response::new(full(colour))
+        }
+        "/slow" => {
+            let ms = query_u64(&req, "ms").unwrap_or(2000);
+            let size = query_u64(&req, "size").unwrap_or(100_000) as usize;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let mut body = Vec::with_capacity(size + 8);
+            body.extend_from_slice(colour.as_bytes());
+            body.push(b' ');
+            body.resize(size, b'x');
+            Response::new(full(body))
+        }
+        "/upload" => {
+            let mut hasher = Sha256::new();
+            let mut len = 0u64;
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            len += d.len() as u64;
+                            hasher.update(d);
+                        }
+                    }
+                    Err(e) => {
+                        let mut r = Response::new(full(format!("body error: {e}")));
+                        *r.status_mut() = StatusCode::BAD_REQUEST;
+                        return Ok(r);
+                    }
+                }
+            }
+            Response::new(full(format!("{colour} {} {len}", hex(&hasher.finalize()))))
+        }
+        "/sse" => {
+            let (tx, rx) = mpsc::channel::<Bytes>(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from(format!("data: first from {colour}\n\n"))).await;
+                sse_release.notified().await;
+                let _ = tx.send(Bytes::from_static(b"data: last\n\n")).await;
+            });
+            let mut r = Response::new(ChannelBody(rx).boxed());
+            r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+        "/ws" => {
+            let key = req.headers().get("sec-websocket-key").cloned();
+            let Some(key) = key else {
+                let mut r = Response::new(full("not a websocket request"));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return Ok(r);
+            };
+            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                use futures_util::{SinkExt, StreamExt};
+                let Ok(up) = on_upgrade.await else { return };
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(up),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() {
+                        let reply = format!("{colour}: {}", msg.to_text().unwrap_or(""));
+                        if ws.send(tokio_tungstenite::tungstenite::Message::text(reply)).await.is_err() {
+                            return;
+                        }
+                    } else if msg.is_close() {
+                        return;
+                    }
+                }
+            });
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut().insert("connection", "upgrade".parse().unwrap());
+            r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+            r.headers_mut().insert("sec-websocket-accept", accept.parse().unwrap());
+            r
+        }
+        _ => {
+            let mut r = Response::new(full(colour));
+            r.headers_mut().insert("x-colour", colour.parse().unwrap());
+            r
+        }
+    };
+    Ok(resp)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A body fed from a channel, for streaming uploads and SSE.
+pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Proxy settings for tests: one listener on a free port, short timeouts.
+pub fn test_config() -> ProxyConfig {
+    ProxyConfig {
+        listeners: vec![ListenerConfig { addr: "127.0.0.1:0".parse().unwrap(), preview: false }],
+        workers: 2,
+        client_header_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_millis(500),
+        upstream_timeout: Duration::from_secs(10),
+        shutdown_timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+/// A table with one default service "web" whose blue and green pools are the given upstreams.
+pub fn table(blue: &[&Upstream], green: &[&Upstream]) -> RouteTable {
+    let mut s = Service::new("web");
+    s.blue = Pool::new(Some("v1"), blue.iter().map(|u| Instance::new(u.addr)).collect());
+    s.green = Pool::new(Some("v2"), green.iter().map(|u| Instance::new(u.addr)).collect());
+    s.preview_token = Some(Arc::from(&b"let-me-preview"[..]));
+    RouteTable::new(vec![s]).unwrap()
+}
+
+pub fn start_proxy(config: ProxyConfig, table: RouteTable) -> Arc<Proxy> {
+    Arc::new(Proxy::start(config, table).expect("proxy starts"))
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+pub struct H1 {
+    pub tx: hyper::client::conn::http1::SendRequest<BoxBody>,
+}
+
+impl H1 {
+    pub async fn connect(addr: SocketAddr) -> anyhow_like::Result<H1> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(H1 { tx })
+    }
+
+    pub async fn get(&mut self, path: &str) -> anyhow_like::Result<(StatusCode, http::HeaderMap, Bytes)> {
+        self.request(Request::get(path).header("host", "web.test").body(empty()).unwrap()).await
+    }
+
+    pub async fn request(&mut self, req: Request<BoxBody>) -> anyhow_like::Result<(StatusCode, http::HeaderMap, Bytes)> {
+        self.tx.ready().await?;
+        let resp = self.tx.send_request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok((parts.status, parts.headers, body))
+    }
+}
+
+pub fn empty() -> BoxBody {
+    Empty::<Bytes>::new().map_err(|e: Infallible| match e {}).boxed()
+}
+
+/// An HTTP/2 (prior knowledge) client connection; clone `tx` for concurrent streams.
+pub async fn h2_connect(addr: SocketAddr) -> anyhow_like::Result<hyper::client::conn::http2::SendRequest<BoxBody>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(tx)
+}
+
+/// When each colour was live: every switch with the instants just before and just after the
+/// table store. A response is correct when its colour was live at some instant between the
+/// request's start and its end.
+#[derive(Clone)]
+pub struct SwitchLog {
+    inner: Arc<Mutex<Vec<(Instant, Instant, Colour)>>>,
+}
+
+impl SwitchLog {
+    pub fn new(initial: Colour) -> SwitchLog {
+        let t = Instant::now();
+        SwitchLog { inner: Arc::new(Mutex::new(vec![(t, t, initial)])) }
+    }
+
+    pub fn switch(&self, proxy: &Proxy, service: &str, to: Colour) {
+        let mut log = self.inner.lock().unwrap();
+        let before = Instant::now();
+        proxy.switch(service, to).unwrap();
+        let after = Instant::now();
+        log.push((before, after, to));
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().len() - 1
+    }
+
+    /// Was `colour` possibly live at some instant in [start, end]?
+    pub fn was_live(&self, colour: Colour, start: Instant, end: Instant) -> bool {
+        let log = self.inner.lock().unwrap();
+        for (i, &(before, _, c)) in log.iter().enumerate() {
+            if c != colour {
+                continue;
+            }
+            // `c` may be live from just before its store until the next store completed.
+            let from = before;
+            let until = log.get(i + 1).map(|&(_, after, _)| after);
+            let overlaps = from <= end && until.map_or(true, |u| u >= start);
+            if overlaps {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Polls `f` until it returns true or `within` passes.
+pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub fn colour_of(body: &[u8]) -> Option<Colour> {
+    match body {
+        b"blue" => Some(Colour::Blue),
+        b"green" => Some(Colour::Green),
+        _ => None,
+    }
+}
+
+pub fn counts() -> Arc<Mutex<HashMap<String, u64>>> {
+    Arc::new(Mutex::new(HashMap::new()))
+}
+
+/// A tiny boxed-error result for test helpers.
+pub mod anyhow_like {
+    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+}
