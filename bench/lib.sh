@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # globals set here are read by the sourcing scripts
 # Shared helpers for the bench/*.sh scripts. Source it; do not run it.
 #
 # Everything a script starts is registered with `bg_start`, and the EXIT trap
@@ -47,6 +48,7 @@ bg_untrack() {
 descendants() {
   local p c
   for p in "$@"; do
+    # shellcheck disable=SC2013  # the file is a space-separated pid list
     for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do
       echo "$c"
       descendants "$c"
@@ -74,9 +76,9 @@ stop_pid() {
   if alive "$pid"; then
     warn "${BG_NAME[$pid]:-pid $pid} did not exit ${timeout}s after SIGTERM; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null
-    STOP_HOW=kill
+    STOP_HOW='kill'
   else
-    STOP_HOW=term
+    STOP_HOW='term'
   fi
   STOP_MS=$((($(date +%s%N) - t0) / 1000000))
   wait "$pid" 2>/dev/null
@@ -370,6 +372,9 @@ run_wrk() {
 }
 
 has() { local x=$1; shift; local y; for y in "$@"; do [[ $x == "$y" ]] && return 0; done; return 1; }
+# wants NAME : NAME is in the space-separated $CONTENDERS list.
+# shellcheck disable=SC2086
+wants() { has "$1" $CONTENDERS; }
 
 # Emit the "meta" block shared by every section. $1 = command string.
 meta_block() {

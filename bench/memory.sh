@@ -26,13 +26,14 @@ bench_init memory
 # wrk needs CONNECTIONS fds; each proxy about twice that.
 (($(ulimit -n) >= 2 * CONNECTIONS + 200)) || die "fd limit $(ulimit -n) too low for CONNECTIONS=$CONNECTIONS"
 quiet_check
-has cutover $CONTENDERS && ensure_cutover
+wants cutover && ensure_cutover
 
 read -r P_BLUE P_GREEN P_CUT P_HA P_NG < <(free_ports 5)
 declare -A PORT=([cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG)
 start_backend "$P_BLUE" "$P_GREEN"
 
 RES=$BENCH_TMP/results.jsonl
+FAILED_RUNS=0
 : >"$RES"
 for c in $CONTENDERS; do
   log "=== $c"
@@ -61,7 +62,7 @@ for c in $CONTENDERS; do
     python3 -c 'import json,sys; r=json.load(sys.stdin); r["idle"]=json.loads(sys.argv[1]); r["peak"]=json.loads(sys.argv[2]); r["after"]=json.loads(sys.argv[3]); print(json.dumps(r))' \
       "$idle" "$peak" "$after" >>"$RES"
   log "$c load: $(tail -1 "$RES" | "${BT[@]}" wrk-line)"
-  grep -q '"ok": true' <<<"$(tail -1 "$RES")" || { warn "wrk against $c produced no result:"; cat "$out" >&2; }
+  grep -q '"ok": true' <<<"$(tail -1 "$RES")" || { FAILED_RUNS=$((FAILED_RUNS + 1)); warn "wrk against $c produced no result:"; cat "$out" >&2; }
 done
 
 MD=$BENCH_TMP/section.md
@@ -81,3 +82,6 @@ MD=$BENCH_TMP/section.md
 [[ -n ${OUT_MD:-} ]] && cp "$MD" "$OUT_MD"
 echo
 cat "$MD"
+if ((FAILED_RUNS > 0)); then
+  die "$FAILED_RUNS wrk run(s) produced no result (see warnings above)"
+fi

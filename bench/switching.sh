@@ -33,7 +33,7 @@ INTERVAL=$(python3 -c "print($INTERVAL_MS/1000)")
 
 bench_init switching
 quiet_check
-has cutover $CONTENDERS && ensure_cutover
+wants cutover && ensure_cutover
 
 # A separate listen port per proxy, so one's TIME_WAIT/shutdown cannot affect the next.
 read -r P_BLUE P_GREEN P_CUT P_NG P_HA < <(free_ports 5)
@@ -41,6 +41,7 @@ declare -A PORT=([cutover]=$P_CUT [nginx]=$P_NG [haproxy]=$P_HA)
 start_backend "$P_BLUE" "$P_GREEN"
 
 RES=$BENCH_TMP/results.jsonl
+FAILED_RUNS=0
 : >"$RES"
 
 # wait_colour PORT COLOUR : poll (bounded, 5 s) until GET / shows COLOUR.
@@ -121,7 +122,7 @@ for c in $CONTENDERS; do
     python3 -c 'import json,sys; r=json.load(sys.stdin); r["switch"]=json.loads(sys.argv[1]); r["confirmed"]=sys.argv[2]; r["final_check"]=sys.argv[3]; print(json.dumps(r))' \
       "$sw" "$confirmed" "$final_check" >>"$RES"
   log "$c: $(tail -1 "$RES" | "${BT[@]}" wrk-line); switches: $sw; confirmed: $confirmed; live at end: $final_check"
-  grep -q '"ok": true' <<<"$(tail -1 "$RES")" || { warn "wrk against $c produced no result:"; cat "$out" >&2; }
+  grep -q '"ok": true' <<<"$(tail -1 "$RES")" || { FAILED_RUNS=$((FAILED_RUNS + 1)); warn "wrk against $c produced no result:"; cat "$out" >&2; }
 done
 
 MD=$BENCH_TMP/section.md
@@ -142,3 +143,6 @@ MD=$BENCH_TMP/section.md
 [[ -n ${OUT_MD:-} ]] && cp "$MD" "$OUT_MD"
 echo
 cat "$MD"
+if ((FAILED_RUNS > 0)); then
+  die "$FAILED_RUNS wrk run(s) produced no result (see warnings above)"
+fi

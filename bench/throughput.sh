@@ -28,7 +28,7 @@ CMD="DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS
 
 bench_init throughput
 quiet_check
-has cutover $CONTENDERS && ensure_cutover
+wants cutover && ensure_cutover
 
 read -r P_BLUE P_GREEN P_CUT P_HA P_NG < <(free_ports 5)
 declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG)
@@ -44,6 +44,7 @@ done
 log "all contenders serve the blue body; ports: backend blue=$P_BLUE green=$P_GREEN cutover=$P_CUT haproxy=$P_HA nginx=$P_NG"
 
 RES=$BENCH_TMP/results.jsonl
+FAILED_RUNS=0
 : >"$RES"
 if ((WARMUP > 0)); then
   for c in $CONTENDERS; do
@@ -58,7 +59,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     "${BT[@]}" parse-wrk "$out" --tag "contender=$c" --tag "round=$r" >>"$RES"
     log "round $r/$ROUNDS $c: $(tail -1 "$RES" | "${BT[@]}" wrk-line)"
     if ! grep -q '"ok": true' <<<"$(tail -1 "$RES")"; then
-      warn "wrk against $c produced no result; its output:"; cat "$out" >&2
+      FAILED_RUNS=$((FAILED_RUNS + 1)); warn "wrk against $c produced no result; its output:"; cat "$out" >&2
     fi
   done
 done
@@ -68,7 +69,7 @@ for pid in "${BG_PIDS[@]}"; do
   alive "$pid" || warn "${BG_NAME[$pid]} (pid $pid) exited during the run; log: ${BG_LOG[$pid]}"
 done
 
-if has cutover $CONTENDERS && alive "$CUTOVER_PID"; then
+if wants cutover && alive "$CUTOVER_PID"; then
   stop_pid "$CUTOVER_PID" 10
   log "cutover stopped by $STOP_HOW after SIGTERM in ${STOP_MS} ms"
 fi
@@ -80,8 +81,13 @@ MD=$BENCH_TMP/section.md
   meta_block "$CMD"
   echo
   echo "Setup: nginx static backend (1 worker, fixed 60-byte body, access_log off). Each proxy runs one worker/thread:"
-  echo "cutover \`proxy --workers 1\`; HAProxy \`nbthread 1\`, \`http-reuse always\`; nginx \`worker_processes 1\`, upstream keepalive 64."
-  echo "\"direct\" is wrk straight to the backend. Load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
+  desc=()
+  wants cutover && desc+=("cutover \`proxy --workers ${CUTOVER_WORKERS:-1}${CUTOVER_EXTRA_ARGS:+ $CUTOVER_EXTRA_ARGS}\`")
+  wants haproxy && desc+=("HAProxy \`nbthread 1\`, \`http-reuse always\`")
+  wants nginx && desc+=("nginx \`worker_processes 1\`, upstream keepalive 64")
+  wants direct && desc+=("\"direct\" is wrk straight to the backend")
+  (IFS=';'; echo "${desc[*]}." | sed 's/;/; /g')
+  echo "Load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
   echo "interleaved (${CONTENDERS// /, }) for $ROUNDS round(s); medians over rounds. All processes share the same $(nproc) CPUs."
   echo
   "${BT[@]}" report-throughput "$RES" --order "$CONTENDERS"
@@ -90,3 +96,6 @@ MD=$BENCH_TMP/section.md
 [[ -n ${OUT_MD:-} ]] && cp "$MD" "$OUT_MD"
 echo
 cat "$MD"
+if ((FAILED_RUNS > 0)); then
+  die "$FAILED_RUNS wrk run(s) produced no result (see warnings above)"
+fi

@@ -407,6 +407,11 @@ def _table(header, rows):
     return "\n".join(out)
 
 
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
 def cmd_report_throughput(a):
     rows = _load(a.file)
     order = [c for c in a.order.split() if any(r["contender"] == c for r in rows)]
@@ -416,13 +421,13 @@ def cmd_report_throughput(a):
         rs = sorted((r for r in rows if r["contender"] == c), key=lambda r: r["round"])
         good = [r for r in rs if r["ok"]]
         m = {
-            "rps": statistics.median([r["rps"] for r in good]) if good else None,
-            "p50": statistics.median([r["p50_ms"] for r in good if r["p50_ms"] is not None]) if good else None,
-            "p99": statistics.median([r["p99_ms"] for r in good if r["p99_ms"] is not None]) if good else None,
+            "rps": _median([r["rps"] for r in good]),
+            "p50": _median([r["p50_ms"] for r in good]),
+            "p99": _median([r["p99_ms"] for r in good]),
         }
         med[c] = m
         tab.append([
-            c, _fmt(m["rps"]), " / ".join(_fmt(r["rps"]) for r in rs),
+            c, _fmt(m["rps"]), " / ".join(_fmt(r["rps"]) if r["ok"] else "failed" for r in rs),
             _ms_fmt(m["p50"]), _ms_fmt(m["p99"]),
             _fmt(sum(r["non2xx3xx"] for r in rs)),
             "/".join(_fmt(sum(r[k] for r in rs)) for k in ("err_connect", "err_read", "err_write", "err_timeout")),

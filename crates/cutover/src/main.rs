@@ -125,7 +125,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                     let to = from.other();
                     proxy.switch("default", to)?;
                     switches += 1;
-                    tracing::debug!(%from, %to, switches, "switched");
+                    tracing::info!(%from, %to, switches, "switch: live colour is now {to}");
                     let p = proxy.clone();
                     let (drain, window) = (args.drain_timeout, args.close_window);
                     tokio::spawn(async move {
@@ -140,7 +140,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 _ = int.recv() => break,
             }
         }
-        eprintln!("cutover proxy shutting down after {switches} switches");
+        eprintln!("cutover proxy shutting down ({switches} colour changes)");
         anyhow::Ok(())
     })?;
     proxy.shutdown();

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs cutover's whole test suite on a fresh machine, installing what the tests need first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+# Tools the test suite drives (none beyond the Rust toolchain yet; listed here as they are added).
+for pkg in "$@"; do need_apt+=("$pkg"); done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "missing packages ${need_apt[*]} and no apt-get to install them" >&2; exit 2
+  fi
+fi
+
+if ! command -v cargo >/dev/null; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "installing the Rust toolchain with rustup" >&2
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked -- --test-threads 2
