@@ -90,17 +90,17 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
         return Err(ProxyError::ShuttingDown);
     }
 
-    // One table load per request; the guard is dropped before the first await.
-    let (service_name, pool, colour, balance) = {
-        let table = shared.table.load();
-        let svc = table.route(request_host(&req)).ok_or(ProxyError::NoRoute)?;
-        let preview = match req.headers().get(&X_CUTOVER_PREVIEW) {
-            Some(v) => svc.preview_matches(v.as_bytes()),
-            None => false,
-        };
-        let colour = if ctx.preview_listener || preview { svc.active.other() } else { svc.active };
-        (svc.name.clone(), svc.pool(colour).clone(), colour, svc.balance)
+    // One table load per request. The request keeps this snapshot (one reference count) to the
+    // end, so its colour and pool cannot change under it whatever is stored meanwhile.
+    let table = shared.table.load_full();
+    let svc = table.route(request_host(&req)).ok_or(ProxyError::NoRoute)?;
+    let preview = match req.headers().get(&X_CUTOVER_PREVIEW) {
+        Some(v) => svc.preview_matches(v.as_bytes()),
+        None => false,
     };
+    let colour = if ctx.preview_listener || preview { svc.active.other() } else { svc.active };
+    let pool = svc.pool(colour);
+    let (service_name, balance) = (&svc.name, svc.balance);
     let gen_guard = pool.generation.enter_request();
 
     // The upstream speaks HTTP/1.1 in origin-form with a Host header.
@@ -140,7 +140,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
     let gen = gen_guard.gen.clone();
     let sent = tokio::select! {
         biased;
-        r = send(ctx, &service_name, &pool, colour, balance, up_req, replay) => r,
+        r = send(ctx, service_name, pool, colour, balance, up_req, replay) => r,
         _ = gen.deadline.cancelled() => {
             return Err(ProxyError::DrainDeadline { service: service_name.to_string(), colour: colour.as_str() });
         }

@@ -21,28 +21,63 @@ const UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 /// Longest client-supplied request id that is passed on; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
+const HOP_CONNECTION: u8 = 1;
+const HOP_OTHER: u8 = 2;
+const HOP_PREVIEW: u8 = 4;
+
+/// One pass over the header names: which kinds of headers to remove are present. Most requests
+/// and responses carry none (or only `Connection`), so this spares a hash lookup per name.
+fn scan(h: &HeaderMap) -> u8 {
+    let mut found = 0;
+    for name in h.keys() {
+        if name == header::CONNECTION {
+            found |= HOP_CONNECTION;
+        } else if name == header::TE
+            || name == header::TRAILER
+            || name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+        {
+            found |= HOP_OTHER;
+        } else if name == X_CUTOVER_PREVIEW {
+            found |= HOP_PREVIEW;
+        }
+    }
+    found
+}
+
 /// Removes the headers that describe one connection rather than the message (RFC 9110 7.6.1),
 /// including any the `Connection` header itself names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.remove(header::CONNECTION) {
-        // Extra names in Connection are rare; only then is anything parsed or allocated.
-        if let Ok(list) = conn.to_str() {
+fn strip_hop_by_hop(h: &mut HeaderMap, found: u8) {
+    if found & HOP_CONNECTION != 0 {
+        // Extra names in Connection are rare; only then is anything allocated.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for conn in h.get_all(header::CONNECTION) {
+            let Ok(list) = conn.to_str() else { continue };
             for name in list.split(',') {
                 let name = name.trim();
-                if !name.is_empty() && !name.eq_ignore_ascii_case("close") && !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("upgrade") {
-                    if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                        h.remove(name);
-                    }
+                if name.is_empty() || ["close", "keep-alive", "upgrade"].iter().any(|n| name.eq_ignore_ascii_case(n)) {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                    named.push(name);
                 }
             }
         }
-        h.remove(&KEEP_ALIVE);
+        h.remove(header::CONNECTION);
+        for name in named {
+            h.remove(name);
+        }
     }
-    h.remove(&PROXY_CONNECTION);
-    h.remove(header::TE);
-    h.remove(header::TRAILER);
-    h.remove(header::TRANSFER_ENCODING);
-    h.remove(header::UPGRADE);
+    if found & HOP_OTHER != 0 {
+        h.remove(&KEEP_ALIVE);
+        h.remove(&PROXY_CONNECTION);
+        h.remove(header::TE);
+        h.remove(header::TRAILER);
+        h.remove(header::TRANSFER_ENCODING);
+        h.remove(header::UPGRADE);
+    }
 }
 
 /// What the proxy adds to a request on its way upstream.
@@ -56,8 +91,11 @@ pub(crate) struct Forwarding<'a> {
 /// Rewrites a client request's headers for the upstream. `upgrade` is the protocol the client
 /// asked to switch to, which is kept (with `Connection: upgrade`) so the upstream can accept it.
 pub(crate) fn request_to_upstream(h: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: Option<HeaderValue>) {
-    strip_hop_by_hop(h);
-    h.remove(&X_CUTOVER_PREVIEW);
+    let found = scan(h);
+    strip_hop_by_hop(h, found);
+    if found & HOP_PREVIEW != 0 {
+        h.remove(&X_CUTOVER_PREVIEW);
+    }
     if let Some(proto) = upgrade {
         h.insert(header::CONNECTION, UPGRADE);
         h.insert(header::UPGRADE, proto);
@@ -108,7 +146,8 @@ pub(crate) fn response_to_client(h: &mut HeaderMap, switching: bool) {
     if switching {
         return;
     }
-    strip_hop_by_hop(h);
+    let found = scan(h);
+    strip_hop_by_hop(h, found);
 }
 
 thread_local! {

@@ -504,6 +504,9 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         b.timer(TokioTimer::new())
             .header_read_timeout(cfg.client_header_timeout)
             .max_header_size(cfg.max_header_bytes)
+            // One flattened send() per response instead of writev(): the copy of a response head
+            // is cheaper than the vectored syscall path, measurably so on small responses.
+            .writev(false)
             .keep_alive(true);
         drive(&shared, &activity, b.serve_connection(io, svc).with_upgrades()).await;
     }

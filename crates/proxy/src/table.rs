@@ -377,7 +377,7 @@ impl RouteTable {
 
     /// The service for a request's host (without port, any case), or the default service.
     pub fn route(&self, host: Option<&str>) -> Option<&Service> {
-        if let Some(host) = host {
+        if let (Some(host), false) = (host, self.by_host.is_empty()) {
             let hit = if host.bytes().any(|b| b.is_ascii_uppercase()) {
                 self.by_host.get(&host.to_ascii_lowercase())
             } else {

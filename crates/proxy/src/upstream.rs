@@ -130,6 +130,7 @@ pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sende
     };
     let _ = stream.set_nodelay(true);
     let (tx, conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(ConnectError::Handshake)?;
