@@ -15,17 +15,17 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::h1::{Conn, Framing};
 use crate::table::{GenerationGuard, InstanceState};
-use crate::upstream::{self, Sender};
+use crate::upstream;
 
 /// Error of a streamed body: the upstream failed, or the drain deadline cut the stream.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("upstream body: {0}")]
-    Upstream(#[from] hyper::Error),
+    Upstream(#[from] std::io::Error),
     #[error("stream cut at the drain deadline")]
     DrainDeadline,
 }
@@ -48,11 +48,16 @@ impl Drop for InstanceGuard {
 
 /// Everything a streamed response holds on to until its end.
 pub(crate) struct Streaming {
-    pub(crate) body: Incoming,
+    /// The upstream connection the body arrives on, owned until the body ends.
+    pub(crate) conn: Conn,
+    pub(crate) framing: Framing,
+    /// The connection may carry another request once this body is read to its end.
+    pub(crate) reusable: bool,
+    /// The instance the connection belongs to and the pool limit, for the check-in.
+    pub(crate) instance_id: u64,
+    pub(crate) pool_size: usize,
     pub(crate) gen: GenerationGuard,
     pub(crate) _instance: InstanceGuard,
-    /// The connection the body arrives on, with the instance it belongs to and the pool limit.
-    pub(crate) conn: Option<(u64, Sender, usize)>,
     /// Created only when the body has to wait for the upstream, so that short responses never
     /// register with the drain token.
     pub(crate) deadline: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
@@ -79,7 +84,7 @@ impl ProxyBody {
     }
 
     pub(crate) fn streaming(s: Streaming) -> ProxyBody {
-        if s.body.is_end_stream() {
+        if s.framing == Framing::Empty {
             // Nothing to stream (204, 304, HEAD, empty body): settle the accounting now.
             finish(s);
             return ProxyBody::empty();
@@ -88,10 +93,11 @@ impl ProxyBody {
     }
 }
 
-/// The body was read to its end: the connection is reusable.
-fn finish(mut s: Streaming) {
-    if let Some((id, tx, max)) = s.conn.take() {
-        upstream::checkin(id, tx, max);
+/// The body was read to its end: the connection goes back to the pool if the upstream keeps it
+/// open, and the request stops counting as in flight.
+fn finish(s: Streaming) {
+    if s.reusable && s.conn.buf.is_empty() {
+        upstream::checkin(s.instance_id, s.conn, s.pool_size);
     }
 }
 
@@ -113,14 +119,15 @@ impl Body for ProxyBody {
                     this.inner = Inner::Done;
                     return Poll::Ready(Some(Err(BodyError::DrainDeadline)));
                 }
-                match Pin::new(&mut s.body).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if s.body.is_end_stream() {
+                let Streaming { conn, framing, .. } = &mut **s;
+                match conn.poll_body(framing, cx) {
+                    Poll::Ready(Some(Ok(data))) => {
+                        if s.framing == Framing::Empty || s.framing == Framing::Length(0) {
                             if let Inner::Stream(s) = std::mem::replace(&mut this.inner, Inner::Done) {
                                 finish(*s);
                             }
                         }
-                        Poll::Ready(Some(Ok(frame)))
+                        Poll::Ready(Some(Ok(Frame::data(data))))
                     }
                     Poll::Ready(Some(Err(e))) => {
                         // The connection is broken: dropped with the state, never pooled.
@@ -160,7 +167,10 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Done => SizeHint::with_exact(0),
             Inner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            Inner::Stream(s) => s.body.size_hint(),
+            Inner::Stream(s) => match s.framing {
+                Framing::Length(n) => SizeHint::with_exact(n),
+                _ => SizeHint::default(),
+            },
         }
     }
 }

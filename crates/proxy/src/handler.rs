@@ -9,17 +9,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 
 use crate::body::{InstanceGuard, ProxyBody, Streaming};
 use crate::error::ProxyError;
-use crate::headers::{self, Forwarding, X_CUTOVER_PREVIEW};
+use crate::h1::{BodyWriteError, Conn, Head, HeadError, Prefixed};
+use crate::headers::{self, BodyFraming, Forwarding, X_CUTOVER_PREVIEW};
 use crate::server::{OpenGuard, Shared};
 use crate::table::{now_ms, Colour, Generation, GenerationGuard, Pool};
-use crate::upstream::{self, ConnectError, UpBody};
+use crate::upstream;
 
 /// Per client connection: what every request on it shares.
 pub(crate) struct ConnCtx {
@@ -66,24 +67,6 @@ fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
-/// What a request keeps of itself so it can be sent again when its connection dies before any
-/// response byte arrived. Only bodiless idempotent requests get one.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: http::HeaderMap,
-}
-
-impl Replay {
-    fn request(&self) -> Request<UpBody> {
-        let mut r = Request::new(UpBody::Empty);
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
-}
-
 async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
     let shared = &ctx.shared;
     if shared.shutdown.is_cancelled() {
@@ -103,53 +86,49 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
     let (service_name, balance) = (&svc.name, svc.balance);
     let gen_guard = pool.generation.enter_request();
 
-    // The upstream speaks HTTP/1.1 in origin-form with a Host header.
     let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
         req.headers().get(header::UPGRADE).cloned()
     } else {
         None
     };
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    if req.version() != Version::HTTP_11 {
-        if let Some(auth) = req.uri().authority() {
-            if !req.headers().contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                    req.headers_mut().insert(header::HOST, v);
-                }
-            }
-        }
-        *req.version_mut() = Version::HTTP_11;
-    }
-    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let origin: Uri = pq.parse().map_err(|_| ProxyError::BadRequest("request target is not a valid path"))?;
-        *req.uri_mut() = origin;
-    }
-    let proto = headers::proto_http();
-    headers::request_to_upstream(
-        req.headers_mut(),
-        &Forwarding { client_ip: &ctx.client_ip, proto: &proto },
-        upgrade.clone(),
+    let (parts, mut body) = req.into_parts();
+    let framing = if body.is_end_stream() {
+        BodyFraming::None
+    } else if parts.headers.contains_key(header::CONTENT_LENGTH) && parts.version == Version::HTTP_11 {
+        BodyFraming::Length
+    } else {
+        BodyFraming::Chunked
+    };
+    // The upstream request head, encoded once; a replay sends the same bytes again.
+    let mut head = Vec::with_capacity(512);
+    headers::encode_request(
+        &mut head,
+        &parts,
+        &Forwarding { client_ip: &ctx.client_ip, proto: "http" },
+        upgrade.as_ref(),
+        framing,
     );
-
-    let (parts, body) = req.into_parts();
-    let replay = (shared.config.retry_idempotent && upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream())
-        .then(|| Replay { method: parts.method.clone(), uri: parts.uri.clone(), headers: parts.headers.clone() });
-    let up_req = Request::from_parts(parts, UpBody::Client(body));
+    let replayable = shared.config.retry_idempotent
+        && upgrade.is_none()
+        && framing == BodyFraming::None
+        && is_idempotent(&parts.method);
+    let req = Outgoing { head: &head, body: &mut body, framing, replayable, head_request: parts.method == Method::HEAD };
 
     let gen = gen_guard.gen.clone();
     let sent = tokio::select! {
         biased;
-        r = send(ctx, service_name, pool, colour, balance, up_req, replay) => r,
+        r = send(ctx, service_name, pool, colour, balance, req) => r,
         _ = gen.deadline.cancelled() => {
             return Err(ProxyError::DrainDeadline { service: service_name.to_string(), colour: colour.as_str() });
         }
     };
-    let Sent { mut resp, tx, instance_id, addr, instance } = sent?;
+    let Sent { head: resp_head, conn, instance_id, addr, instance } = sent?;
 
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    headers::response_to_client(resp.headers_mut(), switching && client_upgrade.is_some());
-    if switching {
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = resp_head.status;
+    *resp.headers_mut() = resp_head.headers;
+    if resp_head.status == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             return Err(ProxyError::Upstream {
                 service: service_name.to_string(),
@@ -157,22 +136,21 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
                 reason: "switched protocols without being asked to".into(),
             });
         };
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        spawn_tunnel(client_upgrade, upstream_upgrade, Generation::into_upgraded(gen_guard), instance, OpenGuard::new(&ctx.shared));
-        drop(tx);
-        let (parts, _) = resp.into_parts();
-        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+        let upstream = Prefixed { prefix: conn.buf.freeze(), io: conn.io };
+        spawn_tunnel(client_upgrade, upstream, Generation::into_upgraded(gen_guard), instance, OpenGuard::new(&ctx.shared));
+        return Ok(resp);
     }
-
-    let (parts, body) = resp.into_parts();
-    let body = ProxyBody::streaming(Streaming {
-        body,
+    *resp.body_mut() = ProxyBody::streaming(Streaming {
+        conn,
+        framing: resp_head.framing,
+        reusable: resp_head.keep_alive,
+        instance_id,
+        pool_size: shared.config.upstream_pool_size,
         gen: gen_guard,
         _instance: instance,
-        conn: Some((instance_id, tx, shared.config.upstream_pool_size)),
         deadline: None,
     });
-    Ok(Response::from_parts(parts, body))
+    Ok(resp)
 }
 
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
@@ -184,50 +162,61 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
             .any(|v| v.to_str().map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))).unwrap_or(false))
 }
 
+/// A request on its way upstream: its encoded head and the client's body.
+struct Outgoing<'a> {
+    head: &'a [u8],
+    body: &'a mut Incoming,
+    framing: BodyFraming,
+    /// Bodiless and idempotent: may be sent again if the connection breaks before an answer.
+    replayable: bool,
+    head_request: bool,
+}
+
 struct Sent {
-    resp: Response<Incoming>,
-    tx: upstream::Sender,
+    head: Head,
+    conn: Conn,
     instance_id: u64,
     addr: SocketAddr,
     instance: InstanceGuard,
 }
 
+/// What became of one attempt on one connection.
+enum Attempt {
+    Answered(Head),
+    /// Nothing reached the upstream, or it closed without answering a request that may be sent
+    /// again: try another connection.
+    Retry { reason: String, instance_failed: bool },
+    Failed(ProxyError),
+}
+
 /// Sends the request to an instance of the pool. A connect failure ejects the instance for a
-/// moment and moves on to a sibling (nothing was sent). A pooled connection found dead before
-/// the request was written is replaced. A failure after the request was written is final, unless
-/// the request is a bodiless idempotent one with a `replay` copy.
+/// moment and moves on to a sibling (nothing was sent). A pooled connection that turns out dead
+/// before the request was written is replaced. A failure after the request was written is
+/// final, unless the request is bodiless and idempotent.
 async fn send(
     ctx: &ConnCtx,
     service: &Arc<str>,
     pool: &Pool,
     colour: Colour,
     balance: crate::table::Balance,
-    req: Request<UpBody>,
-    replay: Option<Replay>,
+    mut req: Outgoing<'_>,
 ) -> Result<Sent, ProxyError> {
     let cfg = &ctx.shared.config;
-    let mut req = Some(req);
     let mut skip: u64 = 0;
     let mut last: Option<ProxyError> = None;
-    // Every instance once, plus a few for dead pooled connections and replays.
+    // Every instance once, plus a few for stale pooled connections.
     let max_attempts = pool.instances.len() + 3;
     for _ in 0..max_attempts {
         let Some(idx) = pool.pick(balance, skip, now_ms()) else { break };
         let inst = &pool.instances[idx];
-        let mut tx = match upstream::checkout(inst.id) {
-            Some(mut tx) => match tx.ready().await {
-                Ok(()) => tx,
-                Err(_) => continue, // closed while idle; try again (pooled or new)
-            },
+        let mut conn = match upstream::checkout(inst.id) {
+            Some(c) => c,
             None => match upstream::connect(inst.addr, cfg.connect_timeout).await {
-                Ok(tx) => tx,
+                Ok(c) => c,
                 Err(e) => {
-                    if !matches!(e, ConnectError::Handshake(_)) {
-                        // Passive ejection: skip it for a while unless nothing else is left.
-                        inst.state
-                            .ejected_until_ms
-                            .store(now_ms() + cfg.connect_timeout.as_millis().max(1000) as u64 * 2, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    // Passive ejection: skip it for a while unless nothing else is left.
+                    let until = now_ms() + cfg.connect_timeout.as_millis().max(1000) as u64 * 2;
+                    inst.state.ejected_until_ms.store(until, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(service = %service, %colour, addr = %inst.addr, error = %e, "connect failed, trying a sibling");
                     if idx < 64 {
                         skip |= 1 << idx;
@@ -238,36 +227,105 @@ async fn send(
             },
         };
         let guard = InstanceGuard::new(&inst.state);
-        let Some(r) = req.take() else { break };
-        let result = tokio::time::timeout(cfg.upstream_timeout, tx.try_send_request(r)).await;
-        match result {
-            Ok(Ok(resp)) => {
-                return Ok(Sent { resp, tx, instance_id: inst.id, addr: inst.addr, instance: guard });
+        let reused = conn.reused;
+        match attempt(&mut conn, &mut req, cfg.upstream_timeout).await {
+            Attempt::Answered(head) => {
+                return Ok(Sent { head, conn, instance_id: inst.id, addr: inst.addr, instance: guard });
             }
-            Ok(Err(mut e)) => {
-                if let Some(r) = e.take_message() {
-                    // Not written: the pooled connection died under us. Same request, new connection.
-                    req = Some(r);
-                    continue;
-                }
-                let reason = e.into_error().to_string();
-                if let Some(rp) = &replay {
-                    tracing::debug!(service = %service, %colour, addr = %inst.addr, error = %reason, "upstream failed before answering; replaying idempotent request");
+            Attempt::Retry { reason, instance_failed } => {
+                tracing::debug!(service = %service, %colour, addr = %inst.addr, error = %reason, reused, "upstream connection failed before answering; sending again");
+                // A stale keep-alive connection says nothing about the instance; a fresh one does.
+                if instance_failed || !reused {
                     if idx < 64 {
                         skip |= 1 << idx;
                     }
-                    req = Some(rp.request());
-                    last = Some(ProxyError::Upstream { service: service.to_string(), addr: inst.addr, reason });
-                    continue;
                 }
+                last = Some(ProxyError::Upstream { service: service.to_string(), addr: inst.addr, reason });
+            }
+            Attempt::Failed(ProxyError::Upstream { reason, .. }) => {
                 return Err(ProxyError::Upstream { service: service.to_string(), addr: inst.addr, reason });
             }
-            Err(_) => {
+            Attempt::Failed(ProxyError::Timeout { .. }) => {
                 return Err(ProxyError::Timeout { service: service.to_string(), addr: inst.addr });
             }
+            Attempt::Failed(e) => return Err(e),
         }
     }
     Err(last.unwrap_or_else(|| ProxyError::NoInstance { service: service.to_string(), colour: colour.as_str() }))
+}
+
+fn upstream_error(reason: impl ToString) -> ProxyError {
+    // Service and address are filled in by `send`.
+    ProxyError::Upstream { service: String::new(), addr: SocketAddr::from(([0, 0, 0, 0], 0)), reason: reason.to_string() }
+}
+
+/// One try on one connection: write the head (and stream the body, watching for an early
+/// answer), then wait for the response head within `timeout`.
+async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Duration) -> Attempt {
+    if let Err(e) = conn.io.write_all(req.head).await {
+        // The head did not get through, so the upstream cannot act on it: safe to send again.
+        return Attempt::Retry { reason: e.to_string(), instance_failed: false };
+    }
+    let head_request = req.head_request;
+    if req.framing == BodyFraming::None {
+        return match tokio::time::timeout(timeout, crate::h1::read_head_from(&mut conn.io, &mut conn.buf, head_request)).await {
+            Ok(Ok(head)) => Attempt::Answered(head),
+            // The send side decides from `reused` whether to blame the instance.
+            Ok(Err(HeadError::ClosedBeforeResponse(e))) if req.replayable => {
+                Attempt::Retry { reason: e.to_string(), instance_failed: false }
+            }
+            Ok(Err(e)) => Attempt::Failed(upstream_error(e)),
+            Err(_) => Attempt::Failed(ProxyError::Timeout { service: String::new(), addr: SocketAddr::from(([0, 0, 0, 0], 0)) }),
+        };
+    }
+
+    // With a body: write it while watching for the response, which may come early (an upstream
+    // refusing an upload answers before reading it all).
+    let chunked = req.framing == BodyFraming::Chunked;
+    let Conn { io, buf, .. } = conn;
+    let (mut rd, mut wr) = io.split();
+    let write = Conn::write_body(&mut wr, req.body, chunked);
+    tokio::pin!(write);
+    let mut early: Option<Head> = None;
+    {
+        let read = read_head_split(&mut rd, buf, head_request);
+        tokio::pin!(read);
+        tokio::select! {
+            w = &mut write => match w {
+                Ok(()) => {}
+                Err(BodyWriteError::Client(e)) => return Attempt::Failed(ProxyError::BadRequest(client_body_error(&e))),
+                Err(BodyWriteError::Upstream(e)) => return Attempt::Failed(upstream_error(e)),
+            },
+            h = &mut read => match h {
+                Ok(head) => early = Some(head),
+                Err(e) => return Attempt::Failed(upstream_error(e)),
+            },
+        }
+    }
+    if let Some(mut head) = early {
+        // Answered before the body was sent: the rest of the body stays unsent, so the
+        // connection's framing is broken and it cannot be reused.
+        head.keep_alive = false;
+        return Attempt::Answered(head);
+    }
+    match tokio::time::timeout(timeout, read_head_split(&mut rd, buf, head_request)).await {
+        Ok(Ok(head)) => Attempt::Answered(head),
+        Ok(Err(e)) => Attempt::Failed(upstream_error(e)),
+        Err(_) => Attempt::Failed(ProxyError::Timeout { service: String::new(), addr: SocketAddr::from(([0, 0, 0, 0], 0)) }),
+    }
+}
+
+fn client_body_error(_e: &hyper::Error) -> &'static str {
+    "the request body could not be read from the client"
+}
+
+/// `Conn::read_head` over the read half of a split connection.
+async fn read_head_split(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    buf: &mut bytes::BytesMut,
+    head_request: bool,
+) -> Result<Head, HeadError> {
+    crate::h1::read_head_from(rd, buf, head_request).await
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways until
@@ -276,21 +334,20 @@ async fn send(
 /// the same instant.
 fn spawn_tunnel(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    mut upstream: Prefixed,
     guard: GenerationGuard,
     instance: InstanceGuard,
     open: OpenGuard,
 ) {
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
+        let client = match client.await {
+            Ok(c) => c,
             Err(e) => {
-                tracing::debug!(error = %e, "upgrade did not complete");
+                tracing::debug!(error = %e, "client upgrade did not complete");
                 return;
             }
         };
         let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
         let gen = guard.gen.clone();
         let deadline = async {
             gen.deadline.cancelled().await;

@@ -1,10 +1,15 @@
-//! Header rewriting between client and upstream: hop-by-hop headers out, forwarding headers in,
-//! a request id kept or made. W3C `traceparent`/`tracestate` are end-to-end and pass untouched.
+//! The request head as the upstream receives it, written straight from the client's request:
+//! hop-by-hop headers and the preview token left out, forwarding headers added, a request id
+//! kept or made. W3C `traceparent`/`tracestate` are end-to-end and pass untouched.
+//!
+//! Encoding once into bytes (rather than editing the header map and letting a client library
+//! serialize it) is what makes a replay cheap: the same bytes can be sent again.
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -15,69 +20,18 @@ pub static X_CUTOVER_PREVIEW: HeaderName = HeaderName::from_static("x-cutover-pr
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-const HTTP: HeaderValue = HeaderValue::from_static("http");
-const UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
-
 /// Longest client-supplied request id that is passed on; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
-const HOP_CONNECTION: u8 = 1;
-const HOP_OTHER: u8 = 2;
-const HOP_PREVIEW: u8 = 4;
-
-/// One pass over the header names: which kinds of headers to remove are present. Most requests
-/// and responses carry none (or only `Connection`), so this spares a hash lookup per name.
-fn scan(h: &HeaderMap) -> u8 {
-    let mut found = 0;
-    for name in h.keys() {
-        if name == header::CONNECTION {
-            found |= HOP_CONNECTION;
-        } else if name == header::TE
-            || name == header::TRAILER
-            || name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == KEEP_ALIVE
-            || name == PROXY_CONNECTION
-        {
-            found |= HOP_OTHER;
-        } else if name == X_CUTOVER_PREVIEW {
-            found |= HOP_PREVIEW;
-        }
-    }
-    found
-}
-
-/// Removes the headers that describe one connection rather than the message (RFC 9110 7.6.1),
-/// including any the `Connection` header itself names.
-fn strip_hop_by_hop(h: &mut HeaderMap, found: u8) {
-    if found & HOP_CONNECTION != 0 {
-        // Extra names in Connection are rare; only then is anything allocated.
-        let mut named: Vec<HeaderName> = Vec::new();
-        for conn in h.get_all(header::CONNECTION) {
-            let Ok(list) = conn.to_str() else { continue };
-            for name in list.split(',') {
-                let name = name.trim();
-                if name.is_empty() || ["close", "keep-alive", "upgrade"].iter().any(|n| name.eq_ignore_ascii_case(n)) {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    named.push(name);
-                }
-            }
-        }
-        h.remove(header::CONNECTION);
-        for name in named {
-            h.remove(name);
-        }
-    }
-    if found & HOP_OTHER != 0 {
-        h.remove(&KEEP_ALIVE);
-        h.remove(&PROXY_CONNECTION);
-        h.remove(header::TE);
-        h.remove(header::TRAILER);
-        h.remove(header::TRANSFER_ENCODING);
-        h.remove(header::UPGRADE);
-    }
+/// How the request body is framed on the way upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyFraming {
+    /// No body.
+    None,
+    /// The client's `Content-Length` is passed on and the bytes copied as they come.
+    Length,
+    /// Length unknown (HTTP/1 chunked or HTTP/2 without a length): chunked upstream.
+    Chunked,
 }
 
 /// What the proxy adds to a request on its way upstream.
@@ -85,69 +39,129 @@ pub(crate) struct Forwarding<'a> {
     /// The client address, already formatted (once per connection).
     pub client_ip: &'a HeaderValue,
     /// The protocol the client spoke to the proxy.
-    pub proto: &'a HeaderValue,
+    pub proto: &'static str,
 }
 
-/// Rewrites a client request's headers for the upstream. `upgrade` is the protocol the client
-/// asked to switch to, which is kept (with `Connection: upgrade`) so the upstream can accept it.
-pub(crate) fn request_to_upstream(h: &mut HeaderMap, fwd: &Forwarding<'_>, upgrade: Option<HeaderValue>) {
-    let found = scan(h);
-    strip_hop_by_hop(h, found);
-    if found & HOP_PREVIEW != 0 {
-        h.remove(&X_CUTOVER_PREVIEW);
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::EXPECT // the proxy streams the body without waiting; see encode_request
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == X_CUTOVER_PREVIEW
+}
+
+/// Header names listed in `Connection` (other than the standard tokens) are hop-by-hop too.
+/// Rare; only then is anything allocated.
+fn named_in_connection(parts: &Parts) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for v in parts.headers.get_all(header::CONNECTION) {
+        let Ok(list) = v.to_str() else { continue };
+        for t in list.split(',').map(str::trim) {
+            if t.is_empty() || ["close", "keep-alive", "upgrade"].iter().any(|s| t.eq_ignore_ascii_case(s)) {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                named.push(n);
+            }
+        }
+    }
+    named
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the HTTP/1.1 request head for the upstream into `out`. `upgrade` is the protocol the
+/// client asked to switch to, kept (with `Connection: upgrade`) so the upstream can accept it.
+/// `Expect: 100-continue` is answered by the proxy itself and not forwarded.
+pub(crate) fn encode_request(
+    out: &mut Vec<u8>,
+    parts: &Parts,
+    fwd: &Forwarding<'_>,
+    upgrade: Option<&HeaderValue>,
+    body: BodyFraming,
+) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    match parts.uri.path_and_query() {
+        Some(pq) if !pq.as_str().is_empty() => out.extend_from_slice(pq.as_str().as_bytes()),
+        _ => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let named = if parts.headers.contains_key(header::CONNECTION) { named_in_connection(parts) } else { Vec::new() };
+    let mut host: Option<&HeaderValue> = None;
+    let mut xff_seen = false;
+    let mut request_id_kept = false;
+    for (name, value) in &parts.headers {
+        if is_hop_by_hop(name) || (!named.is_empty() && named.contains(name)) {
+            continue;
+        }
+        if name == header::HOST {
+            if host.is_some() {
+                continue; // one Host only
+            }
+            host = Some(value);
+        } else if name == X_FORWARDED_FOR {
+            // Folded into one chain below.
+            xff_seen = true;
+            continue;
+        } else if name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST {
+            continue; // the proxy's own view replaces the client's claim
+        } else if name == X_REQUEST_ID {
+            let sane = value.len() <= MAX_REQUEST_ID && !value.is_empty() && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
+            if !sane || request_id_kept {
+                continue;
+            }
+            request_id_kept = true;
+        } else if name == header::CONTENT_LENGTH && body != BodyFraming::Length {
+            continue;
+        }
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    // HTTP/2 requests carry the host in the URI authority.
+    let authority;
+    if host.is_none() {
+        if let Some(a) = parts.uri.authority() {
+            authority = a.as_str().as_bytes();
+            put_header(out, b"host", authority);
+        }
+    }
+
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if xff_seen {
+        for v in parts.headers.get_all(&X_FORWARDED_FOR) {
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(fwd.client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    put_header(out, b"x-forwarded-proto", fwd.proto.as_bytes());
+    match (host, parts.uri.authority()) {
+        (Some(h), _) => put_header(out, b"x-forwarded-host", h.as_bytes()),
+        (None, Some(a)) => put_header(out, b"x-forwarded-host", a.as_str().as_bytes()),
+        (None, None) => {}
+    }
+    if !request_id_kept {
+        put_header(out, b"x-request-id", &new_request_id());
     }
     if let Some(proto) = upgrade {
-        h.insert(header::CONNECTION, UPGRADE);
-        h.insert(header::UPGRADE, proto);
+        put_header(out, b"connection", b"upgrade");
+        put_header(out, b"upgrade", proto.as_bytes());
     }
-
-    match h.entry(&X_FORWARDED_FOR) {
-        header::Entry::Vacant(v) => {
-            v.insert(fwd.client_ip.clone());
-        }
-        header::Entry::Occupied(mut o) => {
-            // Join the existing chain into one value: "a, b, client".
-            let mut joined = Vec::with_capacity(64);
-            for v in o.iter() {
-                if !joined.is_empty() {
-                    joined.extend_from_slice(b", ");
-                }
-                joined.extend_from_slice(v.as_bytes());
-            }
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(fwd.client_ip.as_bytes());
-            match HeaderValue::from_bytes(&joined) {
-                Ok(v) => {
-                    o.insert(v);
-                }
-                Err(_) => {
-                    o.insert(fwd.client_ip.clone());
-                }
-            }
-        }
+    if body == BodyFraming::Chunked {
+        put_header(out, b"transfer-encoding", b"chunked");
     }
-    h.insert(&X_FORWARDED_PROTO, fwd.proto.clone());
-    if let Some(host) = h.get(header::HOST).cloned() {
-        h.insert(&X_FORWARDED_HOST, host);
-    }
-
-    let keep = h
-        .get(&X_REQUEST_ID)
-        .map(|v| v.len() <= MAX_REQUEST_ID && !v.is_empty() && v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
-        .unwrap_or(false);
-    if !keep {
-        h.insert(&X_REQUEST_ID, new_request_id());
-    }
-}
-
-/// Rewrites an upstream response's headers for the client. A `101 Switching Protocols` keeps its
-/// `Upgrade` and `Connection` headers: they are the handshake.
-pub(crate) fn response_to_client(h: &mut HeaderMap, switching: bool) {
-    if switching {
-        return;
-    }
-    let found = scan(h);
-    strip_hop_by_hop(h, found);
+    out.extend_from_slice(b"\r\n");
 }
 
 thread_local! {
@@ -156,20 +170,6 @@ thread_local! {
         hasher.write_u64(std::process::id() as u64);
         hasher.finish() | 1
     });
-}
-
-/// 32 hex digits from a per-thread xorshift generator seeded randomly: unique enough to join log
-/// lines, cheap enough for every request.
-pub(crate) fn new_request_id() -> HeaderValue {
-    let (a, b) = (random_u64(), random_u64());
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 32];
-    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
-        buf[2 * i] = HEX[(byte >> 4) as usize];
-        buf[2 * i + 1] = HEX[(byte & 15) as usize];
-    }
-    // Only hex digits: always a valid header value.
-    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
 }
 
 /// A per-thread xorshift64 step: fast, not cryptographic.
@@ -184,77 +184,112 @@ pub(crate) fn random_u64() -> u64 {
     })
 }
 
-pub(crate) fn proto_http() -> HeaderValue {
-    HTTP
+/// 32 hex digits from the per-thread generator: unique enough to join log lines, cheap enough
+/// for every request.
+pub(crate) fn new_request_id() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let (a, b) = (random_u64(), random_u64());
+    let mut buf = [0u8; 32];
+    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
+        buf[2 * i] = HEX[(byte >> 4) as usize];
+        buf[2 * i + 1] = HEX[(byte & 15) as usize];
+    }
+    buf
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fwd_headers(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    /// Encodes a request built by `f` and parses the result back into (name, value) pairs.
+    fn encode(b: http::request::Builder, body: BodyFraming, upgrade: Option<&str>) -> (String, Vec<(String, String)>) {
+        let (parts, _) = b.body(()).unwrap().into_parts();
         let ip = HeaderValue::from_static("10.1.2.3");
-        let proto = proto_http();
-        request_to_upstream(h, &Forwarding { client_ip: &ip, proto: &proto }, upgrade);
+        let mut out = Vec::new();
+        let up = upgrade.map(|u| HeaderValue::from_str(u).unwrap());
+        encode_request(&mut out, &parts, &Forwarding { client_ip: &ip, proto: "http" }, up.as_ref(), body);
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(&out).unwrap().is_complete(), "{}", String::from_utf8_lossy(&out));
+        let line = format!("{} {}", req.method.unwrap(), req.path.unwrap());
+        let hs = req.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
+        (line, hs)
+    }
+
+    fn get<'a>(hs: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+        hs.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
     }
 
     #[test]
     fn strips_hop_by_hop_and_named_connection_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("traceparent", HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
-        h.insert(&X_CUTOVER_PREVIEW, HeaderValue::from_static("tok"));
-        h.insert(header::HOST, HeaderValue::from_static("shop.example"));
-        fwd_headers(&mut h, None);
-        for gone in ["connection", "keep-alive", "x-secret", "te", "transfer-encoding", "proxy-connection", "upgrade", "x-cutover-preview"] {
-            assert!(h.get(gone).is_none(), "{gone} should be removed");
+        let b = http::Request::get("/p?q=1")
+            .header("host", "shop.example")
+            .header("connection", "keep-alive, x-secret")
+            .header("keep-alive", "timeout=5")
+            .header("x-secret", "1")
+            .header("te", "trailers")
+            .header("transfer-encoding", "chunked")
+            .header("proxy-connection", "keep-alive")
+            .header("upgrade", "websocket")
+            .header("expect", "100-continue")
+            .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .header("x-cutover-preview", "tok");
+        let (line, hs) = encode(b, BodyFraming::None, None);
+        assert_eq!(line, "GET /p?q=1");
+        for gone in ["connection", "keep-alive", "x-secret", "te", "transfer-encoding", "proxy-connection", "upgrade", "x-cutover-preview", "expect"] {
+            assert!(get(&hs, gone).is_empty(), "{gone} should be removed");
         }
-        assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "shop.example");
-        assert_eq!(h["x-request-id"].len(), 32);
+        assert_eq!(get(&hs, "traceparent"), ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]);
+        assert_eq!(get(&hs, "x-forwarded-for"), ["10.1.2.3"]);
+        assert_eq!(get(&hs, "x-forwarded-proto"), ["http"]);
+        assert_eq!(get(&hs, "x-forwarded-host"), ["shop.example"]);
+        assert_eq!(get(&hs, "host"), ["shop.example"]);
+        assert_eq!(get(&hs, "x-request-id")[0].len(), 32);
     }
 
     #[test]
-    fn appends_to_forwarded_for_chain_and_keeps_request_id() {
-        let mut h = HeaderMap::new();
-        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
-        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
-        fwd_headers(&mut h, None);
-        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
-        assert_eq!(h["x-request-id"], "abc-123");
+    fn folds_forwarded_for_chain_and_keeps_request_id() {
+        let b = http::Request::get("/")
+            .header("x-forwarded-for", "1.1.1.1")
+            .header("x-forwarded-for", "2.2.2.2")
+            .header("x-forwarded-proto", "https")
+            .header("x-request-id", "abc-123");
+        let (_, hs) = encode(b, BodyFraming::None, None);
+        assert_eq!(get(&hs, "x-forwarded-for"), ["1.1.1.1, 2.2.2.2, 10.1.2.3"]);
+        assert_eq!(get(&hs, "x-forwarded-proto"), ["http"], "client claims are replaced");
+        assert_eq!(get(&hs, "x-request-id"), ["abc-123"]);
     }
 
     #[test]
     fn replaces_unusable_request_id() {
-        let mut h = HeaderMap::new();
-        h.insert("x-request-id", HeaderValue::from_str(&"a".repeat(500)).unwrap());
-        fwd_headers(&mut h, None);
-        assert_eq!(h["x-request-id"].len(), 32);
-        let mut h = HeaderMap::new();
-        h.insert("x-request-id", HeaderValue::from_static("has space"));
-        fwd_headers(&mut h, None);
-        assert_ne!(h["x-request-id"], "has space");
+        let long = "a".repeat(500);
+        let (_, hs) = encode(http::Request::get("/").header("x-request-id", long.as_str()), BodyFraming::None, None);
+        assert_eq!(get(&hs, "x-request-id").len(), 1);
+        assert_eq!(get(&hs, "x-request-id")[0].len(), 32);
     }
 
     #[test]
-    fn keeps_upgrade_when_asked() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        let proto = h.get(header::UPGRADE).cloned();
-        fwd_headers(&mut h, proto);
-        assert_eq!(h["connection"], "upgrade");
-        assert_eq!(h["upgrade"], "websocket");
+    fn http2_authority_becomes_host() {
+        let b = http::Request::get("http://shop.example:8443/x").version(http::Version::HTTP_2);
+        let (line, hs) = encode(b, BodyFraming::None, None);
+        assert_eq!(line, "GET /x");
+        assert_eq!(get(&hs, "host"), ["shop.example:8443"]);
+        assert_eq!(get(&hs, "x-forwarded-host"), ["shop.example:8443"]);
+    }
+
+    #[test]
+    fn body_framing_and_upgrade() {
+        let b = http::Request::post("/up").header("content-length", "5");
+        let (_, hs) = encode(b, BodyFraming::Length, None);
+        assert_eq!(get(&hs, "content-length"), ["5"]);
+        assert!(get(&hs, "transfer-encoding").is_empty());
+        let b = http::Request::post("/up").header("transfer-encoding", "chunked");
+        let (_, hs) = encode(b, BodyFraming::Chunked, None);
+        assert_eq!(get(&hs, "transfer-encoding"), ["chunked"]);
+        let b = http::Request::get("/ws").header("connection", "Upgrade").header("upgrade", "websocket");
+        let (_, hs) = encode(b, BodyFraming::None, Some("websocket"));
+        assert_eq!(get(&hs, "connection"), ["upgrade"]);
+        assert_eq!(get(&hs, "upgrade"), ["websocket"]);
     }
 
     #[test]
@@ -262,17 +297,6 @@ mod tests {
         let a = new_request_id();
         let b = new_request_id();
         assert_ne!(a, b);
-        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
-    }
-
-    #[test]
-    fn response_keeps_handshake_headers_only_on_101() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        response_to_client(&mut h, true);
-        assert!(h.contains_key("upgrade"));
-        response_to_client(&mut h, false);
-        assert!(!h.contains_key("upgrade") && !h.contains_key("connection"));
+        assert!(a.iter().all(|c| c.is_ascii_hexdigit()));
     }
 }

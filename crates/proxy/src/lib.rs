@@ -9,6 +9,7 @@
 mod body;
 mod config;
 mod error;
+mod h1;
 mod handler;
 mod headers;
 mod server;

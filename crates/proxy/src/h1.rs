@@ -1,0 +1,569 @@
+//! The upstream side of the proxy: a small HTTP/1.1 client driven inline by the request.
+//!
+//! The request's own task writes the request head, streams the body, reads the response head
+//! and later (through the response body) the response body, all on one socket it owns for the
+//! duration. There is no connection task and no channel between the request and its upstream
+//! connection; when the response has been read to its end the connection goes back to the
+//! worker's pool. Header names and values of the response are slices of the read buffer.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest response head accepted from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// An open connection to an upstream instance.
+pub(crate) struct Conn {
+    pub(crate) io: TcpStream,
+    /// Bytes read but not yet consumed.
+    pub(crate) buf: BytesMut,
+    /// Whether the connection has carried a request before (a failure on it may be a stale
+    /// keep-alive connection rather than a dead instance).
+    pub(crate) reused: bool,
+}
+
+/// How the body of a response is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    Empty,
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes the connection; the connection cannot be reused.
+    Close,
+}
+
+/// Where a chunked decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk with this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: expecting trailer lines up to an empty line.
+    Trailers,
+}
+
+/// A parsed response head.
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: Framing,
+    /// The upstream allows another request on this connection after this response.
+    pub(crate) keep_alive: bool,
+}
+
+/// Why reading a response head failed.
+#[derive(Debug)]
+pub(crate) enum HeadError {
+    /// The connection ended before any byte of a response: the request may not have been seen.
+    ClosedBeforeResponse(io::Error),
+    /// The connection failed part way through the head.
+    Io(io::Error),
+    /// The bytes are not an HTTP/1 response (or one we refuse).
+    Invalid(&'static str),
+}
+
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadError::ClosedBeforeResponse(e) => write!(f, "connection closed before the response ({e})"),
+            HeadError::Io(e) => write!(f, "reading the response head: {e}"),
+            HeadError::Invalid(what) => write!(f, "invalid response: {what}"),
+        }
+    }
+}
+
+impl Conn {
+    pub(crate) fn new(io: TcpStream) -> Conn {
+        Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), reused: false }
+    }
+
+    /// True when an idle pooled connection is still usable: nothing arrived on it since the last
+    /// response (an idle connection that turns readable was closed by the upstream, or sent
+    /// bytes nobody asked for). Normally costs no system call: the readiness the event loop
+    /// already knows is consulted first.
+    pub(crate) fn idle_ok(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Streams a client's request body to the upstream, chunk-encoded when its length is unknown.
+    pub(crate) async fn write_body<W: AsyncWrite + Unpin>(
+        out: &mut W,
+        body: &mut Incoming,
+        chunked: bool,
+    ) -> Result<(), BodyWriteError> {
+        use http_body_util::BodyExt;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(BodyWriteError::Client)?;
+            let Ok(data) = frame.into_data() else { continue }; // trailers are not forwarded
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                let mut line = Vec::with_capacity(20);
+                write_hex(&mut line, data.len() as u64);
+                line.extend_from_slice(b"\r\n");
+                out.write_all(&line).await.map_err(BodyWriteError::Upstream)?;
+                out.write_all(&data).await.map_err(BodyWriteError::Upstream)?;
+                out.write_all(b"\r\n").await.map_err(BodyWriteError::Upstream)?;
+            } else {
+                out.write_all(&data).await.map_err(BodyWriteError::Upstream)?;
+            }
+        }
+        if chunked {
+            out.write_all(b"0\r\n\r\n").await.map_err(BodyWriteError::Upstream)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the next piece of body from the buffer (reading more from the socket when needed).
+    /// `Ready(None)` is the end of the body.
+    pub(crate) fn poll_body(&mut self, framing: &mut Framing, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        loop {
+            match framing {
+                Framing::Empty => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    *framing = Framing::Empty;
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if !self.buf.is_empty() {
+                        let n = (*left).min(self.buf.len() as u64) as usize;
+                        *left -= n as u64;
+                        return Poll::Ready(Some(Ok(self.buf.split_to(n).freeze())));
+                    }
+                }
+                Framing::Close => {
+                    if !self.buf.is_empty() {
+                        return Poll::Ready(Some(Ok(self.buf.split().freeze())));
+                    }
+                }
+                Framing::Chunked(state) => match decode_chunk(&mut self.buf, state) {
+                    Ok(ChunkStep::Data(b)) => return Poll::Ready(Some(Ok(b))),
+                    Ok(ChunkStep::Done) => {
+                        *framing = Framing::Empty;
+                        return Poll::Ready(None);
+                    }
+                    Ok(ChunkStep::NeedMore) => {}
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                },
+            }
+            // Need more bytes.
+            self.buf.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Ok(0)) => {
+                    if *framing == Framing::Close {
+                        *framing = Framing::Empty;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed the connection in the middle of the body",
+                    ))));
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// Reads until a complete response head is buffered in `buf` and parses it. Informational
+/// responses other than 101 are skipped.
+pub(crate) async fn read_head_from<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Head, HeadError> {
+    let mut any_byte = !buf.is_empty();
+    loop {
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(buf, head_request)? {
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                    continue;
+                }
+                return Ok(head);
+            }
+            if buf.len() > MAX_HEAD {
+                return Err(HeadError::Invalid("response head too large"));
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        match io.read_buf(buf).await {
+            Ok(0) if !any_byte => return Err(HeadError::ClosedBeforeResponse(io::ErrorKind::UnexpectedEof.into())),
+            Ok(0) => return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => any_byte = true,
+            Err(e) if !any_byte => return Err(HeadError::ClosedBeforeResponse(e)),
+            Err(e) => return Err(HeadError::Io(e)),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum BodyWriteError {
+    /// The client's body failed (disconnect, bad chunking, length mismatch).
+    Client(hyper::Error),
+    Upstream(io::Error),
+}
+
+enum ChunkStep {
+    Data(Bytes),
+    Done,
+    NeedMore,
+}
+
+fn invalid(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Advances a chunked decoder over the buffered bytes.
+fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> io::Result<ChunkStep> {
+    loop {
+        match state {
+            Chunk::Size => {
+                let Some(eol) = find_crlf(buf) else {
+                    if buf.len() > 4096 {
+                        return Err(invalid("chunk size line too long"));
+                    }
+                    return Ok(ChunkStep::NeedMore);
+                };
+                let line = &buf[..eol];
+                let digits = line.split(|&b| b == b';').next().unwrap_or(b"");
+                let digits = trim_ows(digits);
+                if digits.is_empty() || digits.len() > 16 {
+                    return Err(invalid("bad chunk size"));
+                }
+                let mut size: u64 = 0;
+                for &d in digits {
+                    let v = match d {
+                        b'0'..=b'9' => d - b'0',
+                        b'a'..=b'f' => d - b'a' + 10,
+                        b'A'..=b'F' => d - b'A' + 10,
+                        _ => return Err(invalid("bad chunk size")),
+                    };
+                    size = size * 16 + v as u64;
+                }
+                buf.advance(eol + 2);
+                *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+            }
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(ChunkStep::NeedMore);
+                }
+                let n = (*left).min(buf.len() as u64) as usize;
+                *left -= n as u64;
+                if *left == 0 {
+                    *state = Chunk::DataEnd;
+                }
+                return Ok(ChunkStep::Data(buf.split_to(n).freeze()));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(ChunkStep::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(invalid("missing CRLF after chunk"));
+                }
+                buf.advance(2);
+                *state = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                let Some(eol) = find_crlf(buf) else {
+                    if buf.len() > MAX_HEAD {
+                        return Err(invalid("trailers too large"));
+                    }
+                    return Ok(ChunkStep::NeedMore);
+                };
+                buf.advance(eol + 2);
+                if eol == 0 {
+                    return Ok(ChunkStep::Done);
+                }
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+pub(crate) fn write_hex(out: &mut Vec<u8>, mut n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = HEX[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    value.split(|&b| b == b',').any(|t| trim_ows(t).eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Parses a complete response head off the front of `buf`, or returns `None` if more bytes are
+/// needed. Hop-by-hop headers are dropped here (their meaning is used for framing and reuse),
+/// except on a 101 response, whose `Connection`/`Upgrade` are the handshake.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, HeadError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::Invalid("too many headers")),
+        Err(_) => return Err(HeadError::Invalid("malformed response head")),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| HeadError::Invalid("bad status code"))?;
+    let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let base = buf.as_ptr() as usize;
+
+    // Offsets first (the slices borrow `buf`), then split the head off as shared bytes.
+    let mut spans: [(usize, usize, usize, usize); MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
+    let count = resp.headers.len();
+    for (i, h) in resp.headers.iter().enumerate() {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        spans[i] = (n, h.name.len(), v, h.value.len());
+    }
+    let head = buf.split_to(len).freeze();
+
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut chunked = false;
+    let mut other_coding = false;
+    let mut length: Option<u64> = None;
+    let mut named_in_connection: Vec<HeaderName> = Vec::new();
+    for &(n, nl, v, vl) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| HeadError::Invalid("bad header name"))?;
+        let raw = &head[v..v + vl];
+        if name == header::CONNECTION {
+            if has_token(raw, "close") {
+                keep_alive = false;
+            } else if has_token(raw, "keep-alive") {
+                keep_alive = true;
+            }
+            for t in raw.split(|&b| b == b',') {
+                let t = trim_ows(t);
+                if !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"upgrade") {
+                    if let Ok(extra) = HeaderName::from_bytes(t) {
+                        named_in_connection.push(extra);
+                    }
+                }
+            }
+            if !switching {
+                continue;
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            // The last coding decides: chunked means chunked framing.
+            let last = raw.split(|&b| b == b',').next_back().map(trim_ows).unwrap_or(b"");
+            if last.eq_ignore_ascii_case(b"chunked") {
+                chunked = true;
+                other_coding = false;
+            } else {
+                other_coding = true;
+            }
+            continue;
+        } else if name == header::CONTENT_LENGTH {
+            let parsed = std::str::from_utf8(raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
+            match (parsed, length) {
+                (None, _) => return Err(HeadError::Invalid("bad content-length")),
+                (Some(a), Some(b)) if a != b => return Err(HeadError::Invalid("conflicting content-length")),
+                (Some(a), _) => length = Some(a),
+            }
+        } else if name == header::UPGRADE && !switching {
+            continue;
+        } else if name == header::TE || name == header::TRAILER || name.as_str() == "keep-alive" || name.as_str() == "proxy-connection" {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| HeadError::Invalid("bad header value"))?;
+        headers.append(name, value);
+    }
+    for extra in named_in_connection {
+        if !switching {
+            headers.remove(extra);
+        }
+    }
+
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::Empty
+    } else if chunked {
+        // A message with both is framed by chunking; the length must not be passed on.
+        headers.remove(header::CONTENT_LENGTH);
+        Framing::Chunked(Chunk::Size)
+    } else if other_coding {
+        headers.remove(header::CONTENT_LENGTH);
+        keep_alive = false;
+        Framing::Close
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        keep_alive = false;
+        Framing::Close
+    };
+    Ok(Some(Head { status, headers, framing, keep_alive }))
+}
+
+/// The upstream end of a tunnel after a 101 response: whatever the upstream sent right after
+/// its head (already in the read buffer) is read first, then the socket.
+pub(crate) struct Prefixed {
+    pub(crate) prefix: Bytes,
+    pub(crate) io: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(out.remaining());
+            out.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Head {
+        let mut b = BytesMut::from(raw.as_bytes());
+        parse_head(&mut b, false).unwrap().unwrap()
+    }
+
+    #[test]
+    fn parses_length_framed_response_and_strips_hop_by_hop() {
+        let h = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-App: a\r\n\r\n");
+        assert_eq!(h.status, 200);
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(h.keep_alive);
+        assert_eq!(h.headers["x-app"], "a");
+        for gone in ["connection", "x-hop", "keep-alive"] {
+            assert!(!h.headers.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn framing_rules() {
+        assert!(matches!(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n").framing, Framing::Chunked(_)));
+        let h = parse("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        let h = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n");
+        assert!(!h.keep_alive);
+        let h = parse("HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(h.framing, Framing::Empty);
+        let h = parse("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        assert!(!h.keep_alive);
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..]);
+        assert!(parse_head(&mut b, false).is_err());
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
+        assert!(parse_head(&mut b, false).unwrap().is_none());
+    }
+
+    #[test]
+    fn decodes_chunks_split_anywhere() {
+        let raw = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        for split in 0..raw.len() {
+            let mut buf = BytesMut::new();
+            let mut state = Chunk::Size;
+            let mut out = Vec::new();
+            let mut fed = 0;
+            let mut done = false;
+            for stage in [split, raw.len()] {
+                buf.extend_from_slice(&raw[fed..stage]);
+                fed = stage;
+                loop {
+                    match decode_chunk(&mut buf, &mut state).unwrap() {
+                        ChunkStep::Data(b) => out.extend_from_slice(&b),
+                        ChunkStep::Done => {
+                            done = true;
+                            break;
+                        }
+                        ChunkStep::NeedMore => break,
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            assert!(done, "split at {split}");
+            buf.extend_from_slice(&raw[fed..]); // bytes after the body stay for the next response
+            assert_eq!(out, b"hello world");
+            assert_eq!(&buf[..], b"NEXT");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_chunks() {
+        let mut state = Chunk::Size;
+        assert!(decode_chunk(&mut BytesMut::from(&b"zz\r\n"[..]), &mut state).is_err());
+        let mut state = Chunk::Size;
+        assert!(decode_chunk(&mut BytesMut::from(&b"2\r\nabXX"[..]), &mut state).and_then(|_| decode_chunk(&mut BytesMut::from(&b"XX"[..]), &mut Chunk::DataEnd)).is_err());
+    }
+
+    #[test]
+    fn hex_lengths() {
+        for (n, s) in [(0u64, "0"), (10, "a"), (255, "ff"), (4096, "1000")] {
+            let mut v = Vec::new();
+            write_hex(&mut v, n);
+            assert_eq!(v, s.as_bytes());
+        }
+    }
+}
