@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 100;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// An open connection to an upstream instance.
@@ -344,9 +344,10 @@ fn has_token(value: &[u8], token: &str) -> bool {
 /// needed. Hop-by-hop headers are dropped here (their meaning is used for framing and reuse),
 /// except on a 101 response, whose `Connection`/`Upgrade` are the handshake.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+    // Uninitialised slots: zeroing a hundred headers for every response costs more than parsing.
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::Invalid("too many headers")),
@@ -359,12 +360,13 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
     let base = buf.as_ptr() as usize;
 
     // Offsets first (the slices borrow `buf`), then split the head off as shared bytes.
-    let mut spans: [(usize, usize, usize, usize); MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let count = resp.headers.len();
     for (i, h) in resp.headers.iter().enumerate() {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        spans[i] = (n, h.name.len(), v, h.value.len());
+        // A head is at most MAX_HEAD bytes, so offsets fit in u32.
+        let n = (h.name.as_ptr() as usize - base) as u32;
+        let v = (h.value.as_ptr() as usize - base) as u32;
+        spans[i] = (n, h.name.len() as u32, v, h.value.len() as u32);
     }
     let head = buf.split_to(len).freeze();
 
@@ -375,6 +377,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
     let mut length: Option<u64> = None;
     let mut named_in_connection: Vec<HeaderName> = Vec::new();
     for &(n, nl, v, vl) in &spans[..count] {
+        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| HeadError::Invalid("bad header name"))?;
         let raw = &head[v..v + vl];
         if name == header::CONNECTION {
