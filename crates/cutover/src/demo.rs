@@ -1,6 +1,7 @@
 //! `cutover demo-app`: a tiny web app to deploy. It answers every path with its version and
-//! colour, and `/up` with "ok" for health checks. It stops on SIGTERM after finishing what it
-//! is serving.
+//! colour (after `?delay=MS` milliseconds if asked, to show draining), and `/up` with "ok" for
+//! health checks. On SIGTERM it stops accepting, finishes what it is serving (for at most 30 s)
+//! and exits.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -38,6 +39,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         eprintln!("demo-app {} ({}) listening on {}", args.version, args.colour, listener.local_addr()?);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let stop = tokio_util_like::Stop::default();
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 r = listener.accept() => {
@@ -45,10 +47,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                     let _ = stream.set_nodelay(true);
                     let body = body.clone();
                     let stop = stop.clone();
-                    tokio::spawn(async move {
+                    conns.spawn(async move {
                         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                             let body = body.clone();
                             async move {
+                                let delay = req.uri().query().and_then(|q| {
+                                    q.split('&').find_map(|kv| kv.strip_prefix("delay=")).and_then(|v| v.parse::<u64>().ok())
+                                });
+                                if let Some(ms) = delay {
+                                    tokio::time::sleep(std::time::Duration::from_millis(ms.min(600_000))).await;
+                                }
                                 let resp = if req.uri().path() == "/up" {
                                     Response::new(Full::new(Bytes::from_static(b"ok\n")))
                                 } else {
@@ -72,7 +80,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                     stop.fire();
                     break;
                 }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
+        }
+        drop(listener);
+        let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            eprintln!("demo-app: connections still open after 30 s; exiting anyway");
         }
         Ok(ExitCode::SUCCESS)
     })
