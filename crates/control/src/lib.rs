@@ -1,0 +1,7 @@
+//! cutover's control plane: everything that decides. It reads the configuration, runs the
+//! deployment lifecycle of each service, and produces the route tables the data plane switches to.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod lifecycle;

@@ -1,0 +1,1 @@
+//! The deployment lifecycle of one service as an explicit state machine.
