@@ -21,8 +21,8 @@ pub struct ProxyConfig {
     /// Time a client has to send a complete request head. On HTTP/1 this also bounds how long a
     /// keep-alive connection may sit idle between requests.
     pub client_header_timeout: Duration,
-    /// A client connection with no bytes moving either way and no request in flight for this long
-    /// is closed.
+    /// A client connection with no bytes moving either way and no request in flight is closed
+    /// after between one and two times this long (the check runs once per period).
     pub idle_timeout: Duration,
     /// Time to establish a TCP connection to an upstream instance.
     pub connect_timeout: Duration,
