@@ -7,7 +7,6 @@
 //! When the colour's drain deadline fires mid-stream the body ends with an error, which makes
 //! the server cut the client's stream (HTTP/1: close the connection; HTTP/2: reset the stream).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,8 +14,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::deadline::Registration;
 use crate::h1::{Conn, Framing};
 use crate::table::{GenerationGuard, InstanceState};
 use crate::upstream;
@@ -58,9 +57,9 @@ pub(crate) struct Streaming {
     pub(crate) pool_size: usize,
     pub(crate) gen: GenerationGuard,
     pub(crate) _instance: InstanceGuard,
-    /// Created only when the body has to wait for the upstream, so that short responses never
-    /// register with the drain token.
-    pub(crate) deadline: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Registered only when the body has to wait for the upstream, so that short responses never
+    /// touch the drain registry.
+    pub(crate) deadline: Registration,
 }
 
 pub struct ProxyBody {
@@ -115,7 +114,7 @@ impl Body for ProxyBody {
                 Poll::Ready(frame)
             }
             Inner::Stream(s) => {
-                if s.gen.gen.deadline.is_cancelled() {
+                if s.gen.gen.expired.load(std::sync::atomic::Ordering::Acquire) {
                     this.inner = Inner::Done;
                     return Poll::Ready(Some(Err(BodyError::DrainDeadline)));
                 }
@@ -141,10 +140,7 @@ impl Body for ProxyBody {
                         Poll::Ready(None)
                     }
                     Poll::Pending => {
-                        let deadline = s
-                            .deadline
-                            .get_or_insert_with(|| Box::pin(s.gen.gen.deadline.clone().cancelled_owned()));
-                        if deadline.as_mut().poll(cx).is_ready() {
+                        if s.deadline.poll_expired(&s.gen.gen, cx).is_ready() {
                             this.inner = Inner::Done;
                             return Poll::Ready(Some(Err(BodyError::DrainDeadline)));
                         }

@@ -119,7 +119,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
     let sent = tokio::select! {
         biased;
         r = send(ctx, service_name, pool, colour, balance, req) => r,
-        _ = gen.deadline.cancelled() => {
+        _ = crate::deadline::expired(&gen) => {
             return Err(ProxyError::DrainDeadline { service: service_name.to_string(), colour: colour.as_str() });
         }
     };
@@ -148,7 +148,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
         pool_size: shared.config.upstream_pool_size,
         gen: gen_guard,
         _instance: instance,
-        deadline: None,
+        deadline: Default::default(),
     });
     Ok(resp)
 }
@@ -350,7 +350,7 @@ fn spawn_tunnel(
         let mut client = hyper_util::rt::TokioIo::new(client);
         let gen = guard.gen.clone();
         let deadline = async {
-            gen.deadline.cancelled().await;
+            crate::deadline::expired(&gen).await;
             let window = gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed);
             if window > 0 {
                 let offset = crate::headers::random_u64() % window;

@@ -8,6 +8,7 @@
 
 mod body;
 mod config;
+mod deadline;
 mod error;
 mod h1;
 mod handler;

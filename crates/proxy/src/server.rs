@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     /// Cancelled when the proxy begins to shut down.
     pub(crate) shutdown: CancellationToken,
+    /// One per worker: generations whose drain deadline passed (see `deadline`).
+    expired_tx: Vec<tokio::sync::mpsc::UnboundedSender<Arc<Generation>>>,
     conn_limit: Arc<Semaphore>,
     /// Client connections and upgraded tunnels still open, over all workers.
     open: AtomicUsize,
@@ -210,7 +212,10 @@ impl Proxy {
             }
         }
 
+        let (expired_tx, mut expired_rx): (Vec<_>, Vec<_>) =
+            (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
         let shared = Arc::new(Shared {
+            expired_tx,
             table: ArcSwap::from_pointee(table),
             conn_limit: Arc::new(Semaphore::new(config.max_connections.max(1))),
             config,
@@ -222,9 +227,10 @@ impl Proxy {
         let mut handles = Vec::new();
         for (i, listeners) in per_worker.into_iter().enumerate() {
             let worker_shared = shared.clone();
+            let rx = expired_rx.remove(0);
             let h = std::thread::Builder::new()
                 .name(format!("cutover-worker-{i}"))
-                .spawn(move || worker(worker_shared, listeners));
+                .spawn(move || worker(worker_shared, listeners, rx));
             match h {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -298,6 +304,7 @@ impl Proxy {
         })?;
         let Some(old) = old else { unreachable!("with_service ran the closure") };
         old.close_window_ms.store(close_window.as_millis() as u64, Ordering::Relaxed);
+        old.draining.store(true, Ordering::SeqCst);
 
         let empty = |g: &Generation| g.in_flight() == 0 && g.upgraded() == 0;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -306,7 +313,10 @@ impl Proxy {
         }
         let cut_requests = old.in_flight();
         let closed_upgrades = old.upgraded();
-        old.deadline.cancel();
+        old.expired.store(true, Ordering::Release);
+        for tx in &self.shared.expired_tx {
+            let _ = tx.send(old.clone());
+        }
         // The cuts themselves take a moment; tunnels close within the window.
         let grace = tokio::time::Instant::now() + close_window + Duration::from_secs(2);
         wait_until(&old, grace, empty).await;
@@ -353,7 +363,11 @@ async fn wait_until(g: &Generation, deadline: tokio::time::Instant, done: impl F
     }
 }
 
-fn worker(shared: Arc<Shared>, listeners: Vec<(std::net::TcpListener, bool)>) {
+fn worker(
+    shared: Arc<Shared>,
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    expired: tokio::sync::mpsc::UnboundedReceiver<Arc<Generation>>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -363,6 +377,7 @@ fn worker(shared: Arc<Shared>, listeners: Vec<(std::net::TcpListener, bool)>) {
         }
     };
     rt.block_on(async move {
+        tokio::spawn(crate::deadline::wake_expired(expired));
         for (std_listener, preview) in listeners {
             match TcpListener::from_std(std_listener) {
                 Ok(l) => {

@@ -11,12 +11,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::error::TableError;
 
@@ -118,34 +117,44 @@ impl Instance {
 pub struct Generation {
     pub(crate) in_flight: AtomicUsize,
     pub(crate) upgraded: AtomicUsize,
-    /// Woken whenever one of the two counters drops to zero.
+    /// Set while a drain waits on this generation; only then do finishing requests notify
+    /// `idle` (so an undrained colour's requests never touch its lock).
+    pub(crate) draining: AtomicBool,
+    /// Woken whenever one of the two counters drops to zero during a drain.
     pub(crate) idle: Notify,
-    /// Cancelled at the drain deadline: requests still waiting for their upstream answer 504,
-    /// streams are cut, upgraded connections close within the drain window.
-    pub(crate) deadline: CancellationToken,
+    /// Set at the drain deadline: requests still waiting for their upstream answer 504, streams
+    /// are cut, upgraded connections close within the drain window (see `deadline`).
+    pub(crate) expired: AtomicBool,
     /// The spread window (milliseconds) that upgraded connections use when `deadline` fires.
     pub(crate) close_window_ms: AtomicU64,
 }
 
 impl Generation {
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     pub fn upgraded(&self) -> usize {
-        self.upgraded.load(Ordering::Acquire)
+        self.upgraded.load(Ordering::SeqCst)
+    }
+
+    /// Called when one of the counters reached zero.
+    fn maybe_notify(&self) {
+        if self.draining.load(Ordering::SeqCst) {
+            self.idle.notify_waiters();
+        }
     }
 
     pub(crate) fn enter_request(self: &Arc<Self>) -> GenerationGuard {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
         GenerationGuard { gen: self.clone(), upgraded: false }
     }
 
     /// Turns a request guard into the guard of the upgraded connection that replaced it.
     pub(crate) fn into_upgraded(mut guard: GenerationGuard) -> GenerationGuard {
-        guard.gen.upgraded.fetch_add(1, Ordering::AcqRel);
-        if guard.gen.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            guard.gen.idle.notify_waiters();
+        guard.gen.upgraded.fetch_add(1, Ordering::SeqCst);
+        if guard.gen.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            guard.gen.maybe_notify();
         }
         guard.upgraded = true;
         guard
@@ -162,8 +171,8 @@ pub(crate) struct GenerationGuard {
 impl Drop for GenerationGuard {
     fn drop(&mut self) {
         let counter = if self.upgraded { &self.gen.upgraded } else { &self.gen.in_flight };
-        if counter.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.gen.idle.notify_waiters();
+        if counter.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.gen.maybe_notify();
         }
     }
 }

@@ -475,3 +475,27 @@ async fn upstream_sees_forwarding_headers() {
     let h = blue.seen.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(h["x-request-id"].len(), 32, "generated when missing");
 }
+
+/// A stream still open at the drain deadline is cut there (the client sees the stream end in an
+/// error), not left running on the old colour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_stream_is_cut_at_drain_deadline() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    c.tx.ready().await.unwrap();
+    let resp = c.tx.send_request(Request::get("/sse").header("host", "web.test").body(empty()).unwrap()).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "data: first from blue\n\n");
+
+    proxy.switch("web", Colour::Green).unwrap();
+    let t = Instant::now();
+    let report = proxy.drain("web", Colour::Blue, Duration::from_millis(500), Duration::from_millis(100)).await.unwrap();
+    assert!(!report.completed);
+    assert_eq!(report.cut_requests, 1);
+    let end = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("stream ends after the deadline");
+    assert!(matches!(end, Some(Err(_)) | None), "stream cut, not continued: {end:?}");
+    assert!(t.elapsed() < Duration::from_secs(4));
+}
