@@ -1,1 +1,2647 @@
-//! The configuration file (`cutover.toml`).
+//! The configuration file (`cutover.toml`): its shape, its defaults, and its validation.
+//!
+//! This module owns turning text into a [`Config`] that the rest of the control plane can trust:
+//! every value parsed, in range and consistent with the others. It never touches the network,
+//! processes or the state directory (it does not even check that files exist), so `cutover serve`
+//! can refuse a bad file before anything starts.
+//!
+//! Errors point at the exact place to fix: `cutover.toml:12:11: services.web.health.interval:
+//! "5 sec" is not a duration; write ...`. To get there the text goes through three passes:
+//! 1. into a key index (every key's dotted path and byte span); a failure here is a TOML syntax
+//!    error;
+//! 2. into raw structs whose leaves are `toml::Spanned<toml::Value>`, so that unknown keys
+//!    (`deny_unknown_fields`) are rejected and every value keeps its position;
+//! 3. by hand-written checks that turn the raw values into typed ones with our own messages.
+//!
+//! Tables are deliberately not wrapped in `Spanned`: toml 0.8 fails to deserialize a `Spanned`
+//! table that was written with dotted keys (`services.web.command = "..."`). The key index gives
+//! their positions instead.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cutover_proxy::{Balance, ListenerConfig, ProxyConfig};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::{Spanned, Value};
+
+/// A commented, valid configuration showing every key. Shown in the docs and by
+/// `cutover quickstart`; `example_parses` keeps it valid.
+pub const EXAMPLE: &str = r#"# cutover.toml: what cutover serves and how it releases it.
+# Durations are a whole number followed by ms, s, m or h ("500ms", "30s", "5m", "1h").
+# Relative paths are relative to the directory of this file.
+
+[server]
+# Where live traffic arrives: one address or a list, as IP:PORT.
+listen = "0.0.0.0:8080"
+# Optional: a listener that always answers from the colour that is not live yet, to try a
+# release before it is promoted. Keep it private.
+preview_listen = "127.0.0.1:8081"
+# The admin API used by the cutover CLI: a unix socket (mode 0600), or IP:PORT for TCP, which
+# then needs a bearer token read from token_file.
+admin = "unix:.cutover/admin.sock"
+# admin = "127.0.0.1:9901"
+# token_file = ".cutover/admin.token"
+# Releases, deployment history, instance logs.
+state_dir = ".cutover"
+# Proxy threads, each with its own event loop.
+workers = 1
+
+# A service answers the Host names it lists; the one service without hosts gets the rest.
+[services.web]
+# The process driver: cutover starts `instances` copies of this command per colour, each on a
+# free loopback port given as {port} and in $PORT. Here: the demo app built into cutover.
+command = "cutover demo-app --port {port}"
+instances = 2
+# GET `path` on each instance every `interval`: `healthy` successes in a row put an instance in
+# rotation, `unhealthy` failures in a row take it out. The timeout must be shorter than the
+# interval.
+health = { path = "/up", interval = "1s", timeout = "500ms", healthy = 2, unhealthy = 3 }
+# Requests still running on the old colour after a switch get this long to finish.
+drain_timeout = "30s"
+# WebSockets and streams left at the drain deadline are closed spread over this window.
+close_window = "5s"
+# After a promotion the old colour stays running this long, so that a rollback is instant.
+keep_warm = "1h"
+# Before any user sees a release: this command runs against the preview route and must exit 0.
+# It gets CUTOVER_PREVIEW_URL and CUTOVER_PREVIEW_TOKEN (send it as X-Cutover-Preview).
+validate = { smoke = "curl -fsS -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\" $CUTOVER_PREVIEW_URL/up", timeout = "60s" }
+# Promote by itself once validated (after `delay`), or wait for `cutover promote`.
+promote = { auto = true, delay = "0s" }
+# After a promotion: roll back by itself if, within `duration` and once `min_requests` have
+# been served, more than max_error_rate of them fail or their p99 latency exceeds max_p99.
+watch = { duration = "5m", max_error_rate = 0.01, max_p99 = "500ms", min_requests = 100 }
+# "least-in-flight" or "round-robin".
+balance = "least-in-flight"
+
+# Without a command a service uses the static driver: its instances run elsewhere (systemd,
+# containers, other hosts) and each deploy names them:
+#   cutover deploy api --version v2 --upstream 10.0.0.5:8080 --upstream 10.0.0.6:8080
+[services.api]
+hosts = ["api.example.com"]
+health = { path = "/healthz" }
+
+# Optional: limits and timeouts of the proxy (these are the defaults).
+[proxy]
+client_header_timeout = "10s"
+idle_timeout = "60s"
+connect_timeout = "2s"
+upstream_timeout = "60s"
+upstream_idle_timeout = "30s"
+upstream_pool_size = 256
+max_connections = 10000
+max_header_bytes = 16384
+shutdown_timeout = "30s"
+retry_idempotent = true
+"#;
+
+/// Most instances a process-driven service may ask for; more on one host is a typo.
+pub const MAX_INSTANCES: u32 = 64;
+
+/// A complete, validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `[server]`: listeners, admin API, state directory.
+    pub server: ServerConfig,
+    /// `[proxy]`: limits and timeouts of the data plane.
+    pub proxy: ProxySettings,
+    /// `[services.NAME]`, sorted by name. Never empty.
+    pub services: Vec<ServiceConfig>,
+    /// The directory relative paths were resolved against (the config file's directory for
+    /// [`Config::load`], empty, i.e. the current directory, for [`Config::parse`]). Commands
+    /// (`command`, `validate.smoke`) are meant to run from here, so that `./web` in the file means
+    /// the same thing as `state_dir = ".cutover"`.
+    pub dir: PathBuf,
+}
+
+/// `[server]`. The whole table is optional.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    /// `listen`: one address or a list, IP:PORT. Default `["0.0.0.0:8080"]`. Never empty.
+    pub listen: Vec<SocketAddr>,
+    /// `preview_listen`: one address or a list. Default none: the unreleased colour is then
+    /// reachable only with the preview token header.
+    pub preview_listen: Vec<SocketAddr>,
+    /// `admin`: `"unix:PATH"` or `"IP:PORT"`. Default `unix:<state_dir>/admin.sock`.
+    pub admin: Admin,
+    /// `token_file`: the admin bearer token; required when `admin` is TCP, unused otherwise.
+    /// Not read here. Default none.
+    pub token_file: Option<PathBuf>,
+    /// `state_dir`: SQLite state, instance logs, the default admin socket. Default `.cutover`.
+    pub state_dir: PathBuf,
+    /// `workers`: proxy threads, 1 to 256. Default 1.
+    pub workers: usize,
+}
+
+/// Where the admin API listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admin {
+    /// A unix socket, created with mode 0600: only this user can drive cutover.
+    Unix(PathBuf),
+    /// A TCP listener; every request must carry the bearer token from `token_file`.
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Admin::Unix(path) => write!(f, "unix:{}", path.display()),
+            Admin::Tcp(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+/// `[proxy]`: limits and timeouts of the data plane. Every key is optional and defaults to
+/// [`ProxyConfig::default`]'s value (currently: 10s, 60s, 2s, 60s, 30s, 256, 10000, 16384, 30s,
+/// true in field order). See [`ProxyConfig`] for what each one does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// Time a client has to send a request head; also the keep-alive idle limit on HTTP/1.
+    pub client_header_timeout: Duration,
+    /// A client connection with nothing moving and nothing in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Time to connect to an upstream instance.
+    pub connect_timeout: Duration,
+    /// Time from sending a request upstream to its response head.
+    pub upstream_timeout: Duration,
+    /// Idle upstream keep-alive connections are closed after this.
+    pub upstream_idle_timeout: Duration,
+    /// Idle upstream connections kept per instance and worker, 0 to 65536.
+    pub upstream_pool_size: usize,
+    /// Client connections at once, 1 to 1000000.
+    pub max_connections: usize,
+    /// Largest request head in bytes, 1024 to 1048576.
+    pub max_header_bytes: usize,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Replay idempotent, bodiless requests whose upstream connection failed before a response.
+    pub retry_idempotent: bool,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        // One source of truth for the numbers: the proxy's own defaults.
+        let p = ProxyConfig::default();
+        ProxySettings {
+            client_header_timeout: p.client_header_timeout,
+            idle_timeout: p.idle_timeout,
+            connect_timeout: p.connect_timeout,
+            upstream_timeout: p.upstream_timeout,
+            upstream_idle_timeout: p.upstream_idle_timeout,
+            upstream_pool_size: p.upstream_pool_size,
+            max_connections: p.max_connections,
+            max_header_bytes: p.max_header_bytes,
+            shutdown_timeout: p.shutdown_timeout,
+            retry_idempotent: p.retry_idempotent,
+        }
+    }
+}
+
+/// `[services.NAME]`. Every key is optional.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceConfig {
+    /// The table's name: 1 to 63 of `a-z`, `0-9`, `-`, not starting with `-`. It becomes a
+    /// metric label, a file name and a CLI argument.
+    pub name: String,
+    /// `hosts`: one host or a list, lower-cased, without port. Empty (the default) makes this
+    /// the default service, which answers every host no other service claims; at most one.
+    pub hosts: Vec<String>,
+    /// `command` (and `instances`): how the instances of a colour run.
+    pub driver: Driver,
+    /// `health`: active health checks of every instance.
+    pub health: HealthConfig,
+    /// `drain_timeout`: how long requests in flight on the old colour may take to finish after a
+    /// switch. Default 30s; 0s cuts them at once.
+    pub drain_timeout: Duration,
+    /// `close_window`: upgraded connections and streams still open at the drain deadline are
+    /// closed at instants spread over this window, not all at once. Default 5s.
+    pub close_window: Duration,
+    /// `keep_warm`: how long the old colour keeps running after a promotion, so that a rollback
+    /// is instant; after it the rollback is a cold redeploy. Default 1h; 0s retires it as soon as
+    /// the watch passes.
+    pub keep_warm: Duration,
+    /// `validate`: the smoke command run against the preview route. Default none: a release is
+    /// validated by its health checks alone.
+    pub validate: Option<ValidateConfig>,
+    /// `promote`: automatic or manual promotion.
+    pub promote: PromoteConfig,
+    /// `watch`: the post-promotion window with automatic rollback.
+    pub watch: WatchConfig,
+    /// `balance`: `"least-in-flight"` (default) or `"round-robin"`.
+    pub balance: Balance,
+}
+
+impl ServiceConfig {
+    /// True for the service that answers hosts no other service claims.
+    pub fn is_default(&self) -> bool {
+        self.hosts.is_empty()
+    }
+}
+
+/// How a service's instances are run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// `command` given: cutover starts `instances` copies of it per colour, each on a free
+    /// loopback port passed as `{port}` in the command and as `PORT` in the environment.
+    /// A command that uses neither is accepted: many frameworks read `PORT` by themselves.
+    Process {
+        /// The command line, `{port}` not yet substituted.
+        command: String,
+        /// `instances`: copies per colour, 1 to [`MAX_INSTANCES`]. Default 1; use 2 or more so
+        /// that one crashing instance does not fail requests while it restarts.
+        instances: u32,
+    },
+    /// No `command`: the instances run elsewhere and each deploy names their addresses.
+    Static,
+}
+
+/// `health = { ... }`: active checks of each instance, before and after promotion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// `path`: requested with GET; starts with `/`. Default `/`.
+    pub path: String,
+    /// `interval`: time between checks of one instance, above 0. Default 1s.
+    pub interval: Duration,
+    /// `timeout`: a check not answered in time fails. Shorter than `interval`, so that at most
+    /// one check per instance is in flight. Default half the interval.
+    pub timeout: Duration,
+    /// `healthy`: successes in a row that make an instance healthy, 1 to 100. Default 2.
+    pub healthy: u32,
+    /// `unhealthy`: failures in a row that take it out of rotation, 1 to 100. Default 3.
+    pub unhealthy: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            path: "/".to_string(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            healthy: 2,
+            unhealthy: 3,
+        }
+    }
+}
+
+/// `validate = { ... }`: the smoke test of a release, run against the preview route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidateConfig {
+    /// `smoke` (required in the table): exit status 0 passes. Runs with `CUTOVER_PREVIEW_URL`
+    /// and `CUTOVER_PREVIEW_TOKEN` in its environment.
+    pub smoke: String,
+    /// `timeout`: a smoke command still running after this fails (and is killed). Above 0.
+    /// Default 60s.
+    pub timeout: Duration,
+}
+
+/// `promote = { ... }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromoteConfig {
+    /// `auto`: promote once validated. Default true; false waits for `cutover promote`.
+    pub auto: bool,
+    /// `delay`: time between validation and an automatic promotion. Default 0s. Only with
+    /// `auto = true`.
+    pub delay: Duration,
+}
+
+impl Default for PromoteConfig {
+    fn default() -> Self {
+        PromoteConfig {
+            auto: true,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// `watch = { ... }`: the window after a promotion in which the new colour is judged, from the
+/// proxy's own counters, and rolled back automatically if it fails.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WatchConfig {
+    /// `duration`: length of the window. Default 5m; 0s skips the watch.
+    pub duration: Duration,
+    /// `max_error_rate`: failed requests over requests, 0 to 1. Default 0.01.
+    pub max_error_rate: f64,
+    /// `max_p99`: the 99th percentile latency above which the release is rolled back. Above 0.
+    /// Default none: latency is not judged (a sensible bound depends on the app).
+    pub max_p99: Option<Duration>,
+    /// `min_requests`: error rate and latency are judged only after this many requests, so that
+    /// one early failure is not a 100% error rate. At least 1. Default 100.
+    pub min_requests: u64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            duration: Duration::from_secs(300),
+            max_error_rate: 0.01,
+            max_p99: None,
+            min_requests: 100,
+        }
+    }
+}
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+const DEFAULT_STATE_DIR: &str = ".cutover";
+const DEFAULT_INSTANCES: u32 = 1;
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_CLOSE_WINDOW: Duration = Duration::from_secs(5);
+const DEFAULT_KEEP_WARM: Duration = Duration::from_secs(3600);
+const DEFAULT_SMOKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where in a file something is. Lines and columns count from 1; columns count characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// Why a configuration was refused. Display is the whole message for the user; every config
+/// error is a usage error (the binary exits with 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read the config file: {source}; check the path, or name another file with -c FILE", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The text is not TOML. `key` is a best guess from the surrounding lines, when there is one.
+    #[error("{location}: {}{message}", key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default())]
+    Syntax {
+        location: Location,
+        key: Option<String>,
+        message: String,
+    },
+    /// Valid TOML that is not a valid configuration: an unknown key, a value of the wrong type or
+    /// out of range, or keys that contradict each other. `key` is where the fix belongs.
+    #[error("{location}: {key}: {message}")]
+    Invalid {
+        location: Location,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// Where the error is, unless the file could not be read at all.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Syntax { location, .. } | ConfigError::Invalid { location, .. } => {
+                Some(location)
+            }
+        }
+    }
+
+    /// The dotted key the error is about (`services.web.health.interval`), when known.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Syntax { key, .. } => key.as_deref(),
+            ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths in it (`state_dir`, `admin`,
+    /// `token_file`) are resolved against the file's directory, which becomes [`Config::dir`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        Checker::new(&text, &path.display().to_string())?.config(dir)
+    }
+
+    /// Validates config text. `file_name` only appears in messages; relative paths stay as
+    /// written (relative to the current directory) and [`Config::dir`] is empty.
+    pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigError> {
+        Checker::new(text, file_name)?.config(Path::new(""))
+    }
+
+    /// The configuration of [`EXAMPLE`].
+    pub fn example() -> Config {
+        // Cannot fail: the test `example_parses` parses exactly this text.
+        Config::parse(EXAMPLE, "example").expect("EXAMPLE is a valid config")
+    }
+
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The data plane's configuration: listeners, workers and the `[proxy]` settings.
+    pub fn proxy_config(&self) -> ProxyConfig {
+        let live = self.server.listen.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: false,
+        });
+        let preview = self
+            .server
+            .preview_listen
+            .iter()
+            .map(|&addr| ListenerConfig {
+                addr,
+                preview: true,
+            });
+        let p = &self.proxy;
+        ProxyConfig {
+            listeners: live.chain(preview).collect(),
+            workers: self.server.workers,
+            client_header_timeout: p.client_header_timeout,
+            idle_timeout: p.idle_timeout,
+            connect_timeout: p.connect_timeout,
+            upstream_timeout: p.upstream_timeout,
+            upstream_idle_timeout: p.upstream_idle_timeout,
+            upstream_pool_size: p.upstream_pool_size,
+            max_connections: p.max_connections,
+            max_header_bytes: p.max_header_bytes,
+            shutdown_timeout: p.shutdown_timeout,
+            retry_idempotent: p.retry_idempotent,
+        }
+    }
+}
+
+const DURATION_HINT: &str = "write a whole number followed by ms, s, m or h, e.g. \"500ms\"";
+
+/// Parses a duration as written in the config: a whole number directly followed by `ms`, `s`,
+/// `m` or `h` ("250ms", "30s", "5m", "1h"). No spaces, signs, fractions or other units. The error
+/// is a complete sentence for the user, without the key.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let millis_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("{text:?} is not a duration; {DURATION_HINT}")),
+    };
+    if number.is_empty() {
+        return Err(format!("{text:?} is not a duration; {DURATION_HINT}"));
+    }
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(millis_per_unit))
+        .map(Duration::from_millis)
+        .ok_or_else(|| {
+            format!("{text:?} is too long a duration; write at most a few days, e.g. \"72h\"")
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shape: what serde reads. Leaves keep their spans and any TOML type; checks come later.
+
+type Leaf = Option<Spanned<Value>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    proxy: RawProxy,
+    services: Option<BTreeMap<Spanned<String>, RawService>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, expecting = "a table, e.g. [server]")]
+struct RawServer {
+    listen: Option<Spanned<RawList>>,
+    preview_listen: Option<Spanned<RawList>>,
+    admin: Leaf,
+    token_file: Leaf,
+    state_dir: Leaf,
+    workers: Leaf,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, expecting = "a table, e.g. [proxy]")]
+struct RawProxy {
+    client_header_timeout: Leaf,
+    idle_timeout: Leaf,
+    connect_timeout: Leaf,
+    upstream_timeout: Leaf,
+    upstream_idle_timeout: Leaf,
+    upstream_pool_size: Leaf,
+    max_connections: Leaf,
+    max_header_bytes: Leaf,
+    shutdown_timeout: Leaf,
+    retry_idempotent: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, e.g. [services.web]")]
+struct RawService {
+    hosts: Option<Spanned<RawList>>,
+    command: Leaf,
+    instances: Leaf,
+    health: Option<RawHealth>,
+    drain_timeout: Leaf,
+    close_window: Leaf,
+    keep_warm: Leaf,
+    validate: Option<RawValidate>,
+    promote: Option<RawPromote>,
+    watch: Option<RawWatch>,
+    balance: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. health = { path = \"/up\", interval = \"1s\" }"
+)]
+struct RawHealth {
+    path: Leaf,
+    interval: Leaf,
+    timeout: Leaf,
+    healthy: Leaf,
+    unhealthy: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. validate = { smoke = \"./smoke.sh\" }"
+)]
+struct RawValidate {
+    smoke: Leaf,
+    timeout: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. promote = { auto = false }"
+)]
+struct RawPromote {
+    auto: Leaf,
+    delay: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. watch = { duration = \"5m\", max_error_rate = 0.01 }"
+)]
+struct RawWatch {
+    duration: Leaf,
+    max_error_rate: Leaf,
+    max_p99: Leaf,
+    min_requests: Leaf,
+}
+
+/// "One or a list": a single string, or an array whose elements keep their own spans.
+/// Anything else is kept as a description for the error message.
+enum RawList {
+    One(String),
+    Many(Vec<Spanned<Value>>),
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for RawList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawList, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<RawList, E> {
+                Ok(RawList::One(s.to_string()))
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<RawList, E> {
+                Ok(RawList::Other(b.to_string()))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<RawList, E> {
+                Ok(RawList::Other(n.to_string()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<RawList, E> {
+                Ok(RawList::Other(n.to_string()))
+            }
+            fn visit_f64<E>(self, x: f64) -> Result<RawList, E> {
+                Ok(RawList::Other(x.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawList, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<Value>>()? {
+                    items.push(item);
+                }
+                Ok(RawList::Many(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawList, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(RawList::Other("a table".to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key index: every key's dotted path and the span of the key itself, in document order.
+
+struct CollectKeys<'a> {
+    prefix: String,
+    out: &'a mut Vec<(String, Range<usize>)>,
+}
+
+impl<'de> DeserializeSeed<'de> for CollectKeys<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CollectKeys<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any TOML value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(CollectKeys {
+                prefix: self.prefix.clone(),
+                out: &mut *self.out,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        loop {
+            // toml hands a date-time to deserialize_any as a one-entry map whose key has no
+            // span; it is a leaf, so stop there.
+            let key = match map.next_key::<Spanned<String>>() {
+                Ok(Some(key)) => key,
+                Ok(None) | Err(_) => return Ok(()),
+            };
+            let path = if self.prefix.is_empty() {
+                key.get_ref().clone()
+            } else {
+                format!("{}.{}", self.prefix, key.get_ref())
+            };
+            self.out.push((path.clone(), key.span()));
+            map.next_value_seed(CollectKeys {
+                prefix: path,
+                out: &mut *self.out,
+            })?;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks.
+
+struct Checker<'a> {
+    text: &'a str,
+    file: &'a str,
+    keys: Vec<(String, Range<usize>)>,
+}
+
+impl<'a> Checker<'a> {
+    /// Parses the key index; a failure is a TOML syntax error.
+    fn new(text: &'a str, file: &'a str) -> Result<Checker<'a>, ConfigError> {
+        let mut keys = Vec::new();
+        let parsed = CollectKeys {
+            prefix: String::new(),
+            out: &mut keys,
+        }
+        .deserialize(toml::Deserializer::new(text));
+        let mut checker = Checker { text, file, keys };
+        if let Err(e) = parsed {
+            let offset = e.span().map_or(0, |s| s.start);
+            let rest_of_line = text
+                .get(offset..)
+                .and_then(|t| t.lines().next())
+                .unwrap_or("");
+            let line_before = text
+                .get(..offset)
+                .and_then(|t| t.rsplit('\n').next())
+                .unwrap_or("");
+            return Err(ConfigError::Syntax {
+                location: checker.location(offset),
+                key: guess_key(text, offset),
+                message: syntax_message(e.message(), rest_of_line, line_before.contains('=')),
+            });
+        }
+        checker.keys.sort_by_key(|(_, span)| span.start);
+        Ok(checker)
+    }
+
+    fn location(&self, offset: usize) -> Location {
+        let (line, column) = line_col(self.text, offset);
+        Location {
+            file: self.file.to_string(),
+            line,
+            column,
+        }
+    }
+
+    fn invalid(&self, offset: usize, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            location: self.location(offset),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        self.invalid(value.span().start, key, message)
+    }
+
+    /// Where `path` is written; for a key that is not written, where its nearest written
+    /// ancestor is (e.g. the `[services.api]` header for a missing `services.api.hosts`).
+    fn key_offset(&self, path: &str) -> usize {
+        let mut path = path;
+        loop {
+            if let Some((_, span)) = self.keys.iter().find(|(p, _)| p == path) {
+                return span.start;
+            }
+            match path.rfind('.') {
+                Some(dot) => path = &path[..dot],
+                None => return 0,
+            }
+        }
+    }
+
+    /// The key an offset belongs to: the key written there, or else the last key written
+    /// before it (whose value the offset is in).
+    fn key_at(&self, offset: usize) -> Option<&str> {
+        if let Some((path, _)) = self.keys.iter().find(|(_, span)| span.contains(&offset)) {
+            return Some(path);
+        }
+        self.keys
+            .iter()
+            .take_while(|(_, span)| span.start <= offset)
+            .last()
+            .map(|(p, _)| p.as_str())
+    }
+
+    /// Turns a serde error of the raw pass (unknown key, table of the wrong type) into ours.
+    fn schema_error(&self, e: toml::de::Error) -> ConfigError {
+        let offset = e.span().map_or(0, |s| s.start);
+        let key = self.key_at(offset).unwrap_or("(top level)").to_string();
+        let message = e.message();
+        let message = if message.starts_with("unknown field") {
+            unknown_key_message(message)
+        } else {
+            format!(
+                "{}; see `cutover quickstart` or the docs for an example config",
+                message.replace('\n', ", ")
+            )
+        };
+        self.invalid(offset, &key, message)
+    }
+
+    fn config(&self, dir: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(self.text).map_err(|e| self.schema_error(e))?;
+        let server = self.server(&raw.server, dir)?;
+        let proxy = self.proxy(&raw.proxy)?;
+
+        let raw_services = raw.services.unwrap_or_default();
+        if raw_services.is_empty() {
+            return Err(self.invalid(
+                self.key_offset("services"),
+                "services",
+                "no services are defined; add one, e.g. a [services.web] table with command = \"./web --port {port}\"",
+            ));
+        }
+        // File order, so that "a second default" and "already claimed" point at the later one.
+        let mut in_file_order: Vec<_> = raw_services.iter().collect();
+        in_file_order.sort_by_key(|(name, _)| name.span().start);
+        let mut default: Option<(&str, usize)> = None;
+        let mut claimed: BTreeMap<String, (String, usize)> = BTreeMap::new();
+        let mut services = Vec::new();
+        for (name, raw_service) in in_file_order {
+            let (service, host_offsets) = self.service(name, raw_service)?;
+            let key = format!("services.{}.hosts", service.name);
+            if service.is_default() {
+                let here = raw_service
+                    .hosts
+                    .as_ref()
+                    .map_or(name.span().start, |h| h.span().start);
+                if let Some((first, first_offset)) = default {
+                    return Err(self.invalid(
+                        here,
+                        &key,
+                        format!(
+                            "services.{first} (line {}) is already the default service (no hosts), and there can \
+                             be only one; give one of them hosts = [\"...\"]",
+                            self.location(first_offset).line
+                        ),
+                    ));
+                }
+                default = Some((name.get_ref(), here));
+            }
+            for (host, offset) in service.hosts.iter().zip(host_offsets) {
+                if let Some((owner, owner_offset)) = claimed.get(host) {
+                    let message = if *owner == service.name {
+                        format!("{host:?} is listed twice; remove one")
+                    } else {
+                        format!(
+                            "{host:?} is already claimed by services.{owner} (line {}); a host belongs to one \
+                             service only, remove it from one of them",
+                            self.location(*owner_offset).line
+                        )
+                    };
+                    return Err(self.invalid(offset, &key, message));
+                }
+                claimed.insert(host.clone(), (service.name.clone(), offset));
+            }
+            services.push(service);
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Config {
+            server,
+            proxy,
+            services,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn server(&self, raw: &RawServer, dir: &Path) -> Result<ServerConfig, ConfigError> {
+        let listen = match &raw.listen {
+            None => vec![(DEFAULT_LISTEN.parse().expect("a valid literal address"), 0)],
+            Some(list) => self.addresses(list, "server.listen", false)?,
+        };
+        let preview_listen = match &raw.preview_listen {
+            None => Vec::new(),
+            Some(list) => self.addresses(list, "server.preview_listen", true)?,
+        };
+        // Two listeners on one port would either fail to bind at start or, with SO_REUSEPORT,
+        // silently share connections between live and preview traffic.
+        let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
+        for (key, list) in [
+            ("server.listen", &listen),
+            ("server.preview_listen", &preview_listen),
+        ] {
+            for &(addr, offset) in list {
+                if let Some((other, other_key)) = seen.iter().find(|(a, _)| overlaps(*a, addr)) {
+                    return Err(self.invalid(
+                        offset,
+                        key,
+                        format!("{addr} collides with {other} in {other_key}; give each listener its own port"),
+                    ));
+                }
+                seen.push((addr, key));
+            }
+        }
+
+        let state_dir = match &raw.state_dir {
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+            Some(v) => self.path(v, "server.state_dir", "state_dir = \".cutover\"")?,
+        };
+        let token_file = match &raw.token_file {
+            None => None,
+            Some(v) => Some(dir.join(self.path(
+                v,
+                "server.token_file",
+                "token_file = \".cutover/admin.token\"",
+            )?)),
+        };
+        let admin = match &raw.admin {
+            None => Admin::Unix(dir.join(&state_dir).join("admin.sock")),
+            Some(v) => {
+                let text =
+                    self.string(v, "server.admin", "admin = \"unix:.cutover/admin.sock\"")?;
+                let admin = if let Some(path) = text.strip_prefix("unix:") {
+                    if path.is_empty() {
+                        return Err(self.at(v, "server.admin", "the unix socket path is empty; write e.g. \"unix:.cutover/admin.sock\""));
+                    }
+                    Admin::Unix(dir.join(path))
+                } else {
+                    match text.parse::<SocketAddr>() {
+                        Ok(addr) => Admin::Tcp(addr),
+                        Err(_) => {
+                            return Err(self.at(
+                                v,
+                                "server.admin",
+                                format!(
+                                    "{text:?} is not an admin address; write \"unix:PATH\" for a unix socket or \
+                                     IP:PORT for TCP, e.g. \"127.0.0.1:9901\" (host names are not resolved)"
+                                ),
+                            ))
+                        }
+                    }
+                };
+                if let Admin::Tcp(addr) = admin {
+                    if token_file.is_none() {
+                        return Err(self.at(
+                            v,
+                            "server.token_file",
+                            format!(
+                                "missing: the admin API on TCP ({addr}) requires a bearer token; add token_file = \
+                                 \".cutover/admin.token\" to [server], or use admin = \"unix:.cutover/admin.sock\""
+                            ),
+                        ));
+                    }
+                    if let Some((other, other_key)) = seen.iter().find(|(a, _)| overlaps(*a, addr))
+                    {
+                        return Err(self.at(
+                            v,
+                            "server.admin",
+                            format!("{addr} collides with {other} in {other_key}; give the admin API its own port"),
+                        ));
+                    }
+                }
+                admin
+            }
+        };
+        let workers = match &raw.workers {
+            None => 1,
+            Some(v) => {
+                self.int(v, "server.workers", 1, 256, "a proxy needs a worker thread")? as usize
+            }
+        };
+        Ok(ServerConfig {
+            listen: listen.into_iter().map(|(a, _)| a).collect(),
+            preview_listen: preview_listen.into_iter().map(|(a, _)| a).collect(),
+            admin,
+            token_file,
+            state_dir: dir.join(state_dir),
+            workers,
+        })
+    }
+
+    fn proxy(&self, raw: &RawProxy) -> Result<ProxySettings, ConfigError> {
+        let d = ProxySettings::default();
+        let timeout = |v: &Leaf, key: &str, default: Duration| match v {
+            None => Ok(default),
+            Some(v) => self.positive_duration(v, &format!("proxy.{key}")),
+        };
+        let count = |v: &Leaf, key: &str, default: usize, min: i64, max: i64, why: &str| match v {
+            None => Ok(default),
+            Some(v) => self
+                .int(v, &format!("proxy.{key}"), min, max, why)
+                .map(|n| n as usize),
+        };
+        Ok(ProxySettings {
+            client_header_timeout: timeout(
+                &raw.client_header_timeout,
+                "client_header_timeout",
+                d.client_header_timeout,
+            )?,
+            idle_timeout: timeout(&raw.idle_timeout, "idle_timeout", d.idle_timeout)?,
+            connect_timeout: timeout(&raw.connect_timeout, "connect_timeout", d.connect_timeout)?,
+            upstream_timeout: timeout(
+                &raw.upstream_timeout,
+                "upstream_timeout",
+                d.upstream_timeout,
+            )?,
+            upstream_idle_timeout: timeout(
+                &raw.upstream_idle_timeout,
+                "upstream_idle_timeout",
+                d.upstream_idle_timeout,
+            )?,
+            upstream_pool_size: count(
+                &raw.upstream_pool_size,
+                "upstream_pool_size",
+                d.upstream_pool_size,
+                0,
+                65_536,
+                "0 keeps no idle connection",
+            )?,
+            max_connections: count(
+                &raw.max_connections,
+                "max_connections",
+                d.max_connections,
+                1,
+                1_000_000,
+                "the proxy must accept at least one connection",
+            )?,
+            max_header_bytes: count(
+                &raw.max_header_bytes,
+                "max_header_bytes",
+                d.max_header_bytes,
+                1024,
+                1 << 20,
+                "ordinary browsers send heads of a few KiB",
+            )?,
+            shutdown_timeout: match &raw.shutdown_timeout {
+                None => d.shutdown_timeout,
+                Some(v) => self.duration(v, "proxy.shutdown_timeout")?,
+            },
+            retry_idempotent: match &raw.retry_idempotent {
+                None => d.retry_idempotent,
+                Some(v) => self.boolean(v, "proxy.retry_idempotent")?,
+            },
+        })
+    }
+
+    /// A service, and the offsets of its hosts (for "already claimed" errors).
+    fn service(
+        &self,
+        name: &Spanned<String>,
+        raw: &RawService,
+    ) -> Result<(ServiceConfig, Vec<usize>), ConfigError> {
+        let p = format!("services.{}", name.get_ref());
+        check_service_name(name.get_ref()).map_err(|m| self.at(name, &p, m))?;
+        let name = name.get_ref().clone();
+
+        let mut hosts = Vec::new();
+        let mut host_offsets = Vec::new();
+        if let Some(list) = &raw.hosts {
+            for (text, offset) in self.strings(
+                list,
+                &format!("{p}.hosts"),
+                true,
+                "hosts = [\"shop.example.com\"]",
+            )? {
+                let host = check_host(&text)
+                    .map_err(|m| self.invalid(offset, &format!("{p}.hosts"), m))?;
+                hosts.push(host);
+                host_offsets.push(offset);
+            }
+        }
+
+        let driver = match &raw.command {
+            Some(v) => {
+                let command = self.string(
+                    v,
+                    &format!("{p}.command"),
+                    "command = \"./web --port {port}\"",
+                )?;
+                if command.trim().is_empty() {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.command"),
+                        "is empty; write the command that starts one instance, e.g. \"./web --port {port}\", or \
+                         remove the key to run instances elsewhere (static driver)",
+                    ));
+                }
+                let instances = match &raw.instances {
+                    None => DEFAULT_INSTANCES,
+                    Some(v) => self.int(
+                        v,
+                        &format!("{p}.instances"),
+                        1,
+                        MAX_INSTANCES as i64,
+                        "each colour needs at least one instance",
+                    )? as u32,
+                };
+                Driver::Process { command, instances }
+            }
+            None => {
+                if let Some(v) = &raw.instances {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.instances"),
+                        "applies only to services with a command: without one, each deploy names its upstreams; \
+                         add command = \"...\" or remove instances",
+                    ));
+                }
+                Driver::Static
+            }
+        };
+
+        let health = match &raw.health {
+            None => HealthConfig::default(),
+            Some(h) => self.health(h, &format!("{p}.health"))?,
+        };
+        let duration_or = |v: &Leaf, key: &str, default: Duration| match v {
+            None => Ok(default),
+            Some(v) => self.duration(v, &format!("{p}.{key}")),
+        };
+        let drain_timeout =
+            duration_or(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?;
+        let close_window = duration_or(&raw.close_window, "close_window", DEFAULT_CLOSE_WINDOW)?;
+        let keep_warm = duration_or(&raw.keep_warm, "keep_warm", DEFAULT_KEEP_WARM)?;
+
+        let validate = match &raw.validate {
+            None => None,
+            Some(v) => Some(self.validate(v, &format!("{p}.validate"))?),
+        };
+        let promote = match &raw.promote {
+            None => PromoteConfig::default(),
+            Some(v) => self.promote(v, &format!("{p}.promote"))?,
+        };
+        let watch = match &raw.watch {
+            None => WatchConfig::default(),
+            Some(v) => self.watch(v, &format!("{p}.watch"))?,
+        };
+        let balance = match &raw.balance {
+            None => Balance::default(),
+            Some(v) => match self.string(v, &format!("{p}.balance"), "balance = \"least-in-flight\"")?.as_str() {
+                "least-in-flight" => Balance::LeastInFlight,
+                "round-robin" => Balance::RoundRobin,
+                other => {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.balance"),
+                        format!("{other:?} is not a balancing method; write \"least-in-flight\" or \"round-robin\""),
+                    ))
+                }
+            },
+        };
+        let service = ServiceConfig {
+            name,
+            hosts,
+            driver,
+            health,
+            drain_timeout,
+            close_window,
+            keep_warm,
+            validate,
+            promote,
+            watch,
+            balance,
+        };
+        Ok((service, host_offsets))
+    }
+
+    fn health(&self, raw: &RawHealth, p: &str) -> Result<HealthConfig, ConfigError> {
+        let d = HealthConfig::default();
+        let path = match &raw.path {
+            None => d.path,
+            Some(v) => {
+                let path = self.string(v, &format!("{p}.path"), "path = \"/up\"")?;
+                if !path.starts_with('/')
+                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.path"),
+                        format!("{path:?} is not a request path; write one that starts with / and has no spaces, e.g. \"/up\""),
+                    ));
+                }
+                path
+            }
+        };
+        let interval = match &raw.interval {
+            None => d.interval,
+            Some(v) => self.positive_duration(v, &format!("{p}.interval"))?,
+        };
+        let timeout = match &raw.timeout {
+            None => interval / 2,
+            // A timeout longer than the interval is allowed: checks of one instance never
+            // overlap (the next starts when the previous has finished or timed out).
+            Some(v) => {
+                let timeout = self.positive_duration(v, &format!("{p}.timeout"))?;
+                timeout
+            }
+        };
+        let threshold = |v: &Leaf, key: &str, default: u32, why: &str| match v {
+            None => Ok(default),
+            Some(v) => self
+                .int(v, &format!("{p}.{key}"), 1, 100, why)
+                .map(|n| n as u32),
+        };
+        Ok(HealthConfig {
+            path,
+            interval,
+            timeout,
+            healthy: threshold(
+                &raw.healthy,
+                "healthy",
+                d.healthy,
+                "it counts successful checks in a row",
+            )?,
+            unhealthy: threshold(
+                &raw.unhealthy,
+                "unhealthy",
+                d.unhealthy,
+                "it counts failed checks in a row",
+            )?,
+        })
+    }
+
+    fn validate(&self, raw: &RawValidate, p: &str) -> Result<ValidateConfig, ConfigError> {
+        let smoke =
+            match &raw.smoke {
+                None => return Err(self.invalid(
+                    self.key_offset(p),
+                    &format!("{p}.smoke"),
+                    "missing: validate needs the command to run against the preview route, e.g. \
+                     validate = { smoke = \"./smoke.sh\" }; or remove validate",
+                )),
+                Some(v) => {
+                    let smoke = self.string(v, &format!("{p}.smoke"), "smoke = \"./smoke.sh\"")?;
+                    if smoke.trim().is_empty() {
+                        return Err(self.at(
+                            v,
+                            &format!("{p}.smoke"),
+                            "is empty; write a command, e.g. \"./smoke.sh\", or remove validate",
+                        ));
+                    }
+                    smoke
+                }
+            };
+        let timeout = match &raw.timeout {
+            None => DEFAULT_SMOKE_TIMEOUT,
+            Some(v) => self.positive_duration(v, &format!("{p}.timeout"))?,
+        };
+        Ok(ValidateConfig { smoke, timeout })
+    }
+
+    fn promote(&self, raw: &RawPromote, p: &str) -> Result<PromoteConfig, ConfigError> {
+        let auto = match &raw.auto {
+            None => true,
+            Some(v) => self.boolean(v, &format!("{p}.auto"))?,
+        };
+        let delay = match &raw.delay {
+            None => Duration::ZERO,
+            Some(v) => {
+                let delay = self.duration(v, &format!("{p}.delay"))?;
+                if !auto {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.delay"),
+                        "applies only to automatic promotion, and auto = false; remove delay or set auto = true",
+                    ));
+                }
+                delay
+            }
+        };
+        Ok(PromoteConfig { auto, delay })
+    }
+
+    fn watch(&self, raw: &RawWatch, p: &str) -> Result<WatchConfig, ConfigError> {
+        let d = WatchConfig::default();
+        let duration = match &raw.duration {
+            None => d.duration,
+            Some(v) => self.duration(v, &format!("{p}.duration"))?,
+        };
+        let max_error_rate = match &raw.max_error_rate {
+            None => d.max_error_rate,
+            Some(v) => {
+                let key = format!("{p}.max_error_rate");
+                let rate = match v.get_ref() {
+                    Value::Float(x) => *x,
+                    Value::Integer(n) => *n as f64,
+                    other => {
+                        return Err(self.at(
+                            v,
+                            &key,
+                            format!(
+                            "{} is not a number; write a fraction from 0 to 1, e.g. 0.01 for 1%",
+                            describe(other)
+                        ),
+                        ))
+                    }
+                };
+                if !(0.0..=1.0).contains(&rate) {
+                    return Err(self.at(
+                        v,
+                        &key,
+                        format!("{rate} is not a fraction from 0 to 1; write e.g. 0.01 for 1% of requests"),
+                    ));
+                }
+                rate
+            }
+        };
+        let max_p99 = match &raw.max_p99 {
+            None => None,
+            Some(v) => Some(self.positive_duration(v, &format!("{p}.max_p99"))?),
+        };
+        let min_requests = match &raw.min_requests {
+            None => d.min_requests,
+            Some(v) => self.int(
+                v,
+                &format!("{p}.min_requests"),
+                1,
+                i64::MAX,
+                "an error rate needs at least one request",
+            )? as u64,
+        };
+        Ok(WatchConfig {
+            duration,
+            max_error_rate,
+            max_p99,
+            min_requests,
+        })
+    }
+
+    // -- leaves --
+
+    fn string(&self, v: &Spanned<Value>, key: &str, example: &str) -> Result<String, ConfigError> {
+        match v.get_ref() {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(self.at(
+                v,
+                key,
+                format!(
+                    "{} is not a string; write it in quotes, e.g. {example}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    fn path(&self, v: &Spanned<Value>, key: &str, example: &str) -> Result<PathBuf, ConfigError> {
+        let text = self.string(v, key, example)?;
+        if text.is_empty() {
+            return Err(self.at(
+                v,
+                key,
+                format!("the path is empty; write one, e.g. {example}"),
+            ));
+        }
+        Ok(PathBuf::from(text))
+    }
+
+    fn boolean(&self, v: &Spanned<Value>, key: &str) -> Result<bool, ConfigError> {
+        match v.get_ref() {
+            Value::Boolean(b) => Ok(*b),
+            other => Err(self.at(
+                v,
+                key,
+                format!(
+                    "{} is not true or false; write true or false without quotes",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    /// A whole number in `min..=max`; `why` explains the minimum.
+    fn int(
+        &self,
+        v: &Spanned<Value>,
+        key: &str,
+        min: i64,
+        max: i64,
+        why: &str,
+    ) -> Result<i64, ConfigError> {
+        let range = if max == i64::MAX {
+            format!("{min} or more")
+        } else {
+            format!("from {min} to {max}")
+        };
+        match v.get_ref() {
+            Value::Integer(n) if (min..=max).contains(n) => Ok(*n),
+            Value::Integer(n) if *n < min => Err(self.at(
+                v,
+                key,
+                format!("{n} is too small ({why}); write a whole number {range}"),
+            )),
+            Value::Integer(n) => Err(self.at(
+                v,
+                key,
+                format!("{n} is too large; write a whole number {range}"),
+            )),
+            other => Err(self.at(
+                v,
+                key,
+                format!(
+                    "{} is not a whole number; write a number {range} without quotes",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    fn duration(&self, v: &Spanned<Value>, key: &str) -> Result<Duration, ConfigError> {
+        match v.get_ref() {
+            Value::String(s) => parse_duration(s).map_err(|m| self.at(v, key, m)),
+            other => Err(self.at(
+                v,
+                key,
+                format!("{} is not a duration; write a quoted whole number followed by ms, s, m or h, e.g. \"500ms\"", describe(other)),
+            )),
+        }
+    }
+
+    fn positive_duration(&self, v: &Spanned<Value>, key: &str) -> Result<Duration, ConfigError> {
+        let d = self.duration(v, key)?;
+        if d.is_zero() {
+            let shown = describe(v.get_ref());
+            return Err(self.at(
+                v,
+                key,
+                format!("{shown} is zero; write a duration longer than 0, e.g. \"500ms\""),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// One string or a list of strings, each with its offset.
+    fn strings(
+        &self,
+        v: &Spanned<RawList>,
+        key: &str,
+        allow_empty: bool,
+        example: &str,
+    ) -> Result<Vec<(String, usize)>, ConfigError> {
+        let items = match v.get_ref() {
+            RawList::One(s) => vec![(s.clone(), v.span().start)],
+            RawList::Many(items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match item.get_ref() {
+                        Value::String(s) => out.push((s.clone(), item.span().start)),
+                        other => {
+                            return Err(self.at(
+                                item,
+                                key,
+                                format!(
+                                "{} is not a string; write each entry in quotes, e.g. {example}",
+                                describe(other)
+                            ),
+                            ))
+                        }
+                    }
+                }
+                out
+            }
+            RawList::Other(what) => {
+                return Err(self.at(
+                    v,
+                    key,
+                    format!("{what} is not a string or a list of strings; write e.g. {example}"),
+                ))
+            }
+        };
+        if items.is_empty() && !allow_empty {
+            return Err(self.at(
+                v,
+                key,
+                format!("the list is empty; give at least one, e.g. {example}"),
+            ));
+        }
+        Ok(items)
+    }
+
+    fn addresses(
+        &self,
+        v: &Spanned<RawList>,
+        key: &str,
+        allow_empty: bool,
+    ) -> Result<Vec<(SocketAddr, usize)>, ConfigError> {
+        let example = if allow_empty {
+            "\"127.0.0.1:8081\""
+        } else {
+            "\"0.0.0.0:8080\""
+        };
+        let mut out = Vec::new();
+        for (text, offset) in self.strings(v, key, allow_empty, example)? {
+            let addr = text.parse::<SocketAddr>().map_err(|_| {
+                self.invalid(
+                    offset,
+                    key,
+                    format!(
+                        "{text:?} is not an address; write IP:PORT, e.g. {example} or \"[::]:8080\" (host names \
+                         are not resolved)"
+                    ),
+                )
+            })?;
+            if out.iter().any(|(a, _)| *a == addr) {
+                return Err(self.invalid(
+                    offset,
+                    key,
+                    format!("{addr} is listed twice; remove one"),
+                ));
+            }
+            out.push((addr, offset));
+        }
+        Ok(out)
+    }
+}
+
+/// Whether two listeners would take the same port (port 0 asks for a fresh port each time).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn check_service_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !name.is_empty() && name.len() <= 63 && ok_chars && !name.starts_with('-') {
+        return Ok(());
+    }
+    let suggestion: String = name
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>()
+        .trim_matches('-')
+        .chars()
+        .take(63)
+        .collect();
+    let mut message = format!(
+        "{name:?} is not a valid service name; use 1 to 63 lower-case letters, digits and '-', not starting \
+         with '-' (names become metric labels and file names)"
+    );
+    if !suggestion.is_empty() {
+        message.push_str(&format!(", e.g. [services.{suggestion}]"));
+    }
+    Err(message)
+}
+
+/// A host as the proxy matches it: lower case, no port. Returns the normalised host.
+fn check_host(text: &str) -> Result<String, String> {
+    let host = text.to_ascii_lowercase();
+    let hint =
+        "write a DNS name or IPv4 address without scheme, port or path, e.g. \"shop.example.com\"";
+    if host.contains('*') {
+        return Err(format!(
+            "{text:?}: wildcards are not supported; list each host"
+        ));
+    }
+    if host.contains(':')
+        && !host.contains("://")
+        && host
+            .rsplit(':')
+            .next()
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "{text:?} has a port; hosts are matched without it, {hint}"
+        ));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!("{text:?} is not a host name; {hint}"));
+    }
+    Ok(host)
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Integer(n) => n.to_string(),
+        Value::Float(x) => x.to_string(),
+        Value::Boolean(b) => b.to_string(),
+        Value::Datetime(d) => d.to_string(),
+        Value::Array(_) => "an array".to_string(),
+        Value::Table(_) => "a table".to_string(),
+    }
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" for people.
+fn unknown_key_message(serde_message: &str) -> String {
+    // Backticked words: the unknown key first, then the valid ones.
+    let mut names = serde_message.split('`').skip(1).step_by(2);
+    let unknown = names.next().unwrap_or("");
+    let valid: Vec<&str> = names.collect();
+    let mut message = format!("unknown key {unknown:?}");
+    if let Some(near) = valid
+        .iter()
+        .filter(|v| edit_distance(unknown, v) <= 2)
+        .min_by_key(|v| edit_distance(unknown, v))
+    {
+        message.push_str(&format!(" (did you mean {near:?}?)"));
+    }
+    if valid.is_empty() {
+        message.push_str("; remove it");
+    } else {
+        message.push_str(&format!(
+            "; the keys here are {}; correct the spelling or remove it",
+            valid.join(", ")
+        ));
+    }
+    message
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// `at_error` is the text from the error's position to the end of its line; `after_equals` says
+/// whether an `=` precedes it on that line (the error is in a value).
+fn syntax_message(toml_message: &str, at_error: &str, after_equals: bool) -> String {
+    let what = toml_message.trim().replace('\n', ", ");
+    // An unquoted word where a value belongs (`command = ./web`) gets a message that depends on
+    // its first character ("invalid string", "invalid floating-point number", ...).
+    let bare_word = after_equals
+        && at_error.starts_with(|c: char| c.is_ascii_alphabetic() || "./~$".contains(c))
+        && !["true", "false", "inf", "nan"]
+            .iter()
+            .any(|w| at_error.starts_with(w));
+    let hint = if what.starts_with("invalid string") || bare_word {
+        "text values need quotes, e.g. command = \"./web --port {port}\""
+    } else if what.contains("duplicate key") {
+        "each key and table may appear once; remove or merge the repeated one"
+    } else {
+        "fix the TOML syntax here (https://toml.io)"
+    };
+    format!("invalid TOML: {what}; {hint}")
+}
+
+/// For a syntax error, the key it is most likely about: the table header above the error line,
+/// and the key assigned on that line, when the error comes after its `=`.
+fn guess_key(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[line_start..line_end];
+    let is_key = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.\"' ".contains(c))
+    };
+    if line.trim_start().starts_with('[') {
+        return None; // the header itself is broken
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .and_then(|l| l.trim_start_matches('[').split(']').next())
+        .map(|h| h.trim().to_string())
+        .filter(|h| is_key(h));
+    let key = line.split_once('=').and_then(|(k, _)| {
+        let k = k.trim();
+        (offset - line_start > line.find('=').unwrap_or(usize::MAX) && is_key(k))
+            .then(|| k.to_string())
+    });
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (t, k) => k.or(t),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "cutover.toml")
+    }
+
+    /// Asserts that `text` is refused at `line:col` about `key`, with a message that contains
+    /// `words`, and that Display is exactly "cutover.toml:LINE:COL: KEY: ...".
+    #[track_caller]
+    fn refused(text: &str, line: usize, column: usize, key: &str, words: &str) -> String {
+        let e = match parse(text) {
+            Ok(_) => panic!("accepted, expected an error about {key}:\n{text}"),
+            Err(e) => e,
+        };
+        let shown = e.to_string();
+        let loc = e.location().expect("has a location");
+        assert_eq!((loc.line, loc.column), (line, column), "{shown}");
+        assert_eq!(e.key(), Some(key), "{shown}");
+        assert!(
+            shown.starts_with(&format!("cutover.toml:{line}:{column}: {key}: ")),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(words),
+            "{shown:?} does not contain {words:?}"
+        );
+        shown
+    }
+
+    const MINIMAL: &str = "[services.web]\ncommand = \"./web --port {port}\"\n";
+
+    #[test]
+    fn example_parses() {
+        let config = Config::example();
+        assert_eq!(config.services.len(), 2);
+        let web = config.service("web").unwrap();
+        assert!(web.is_default());
+        assert!(matches!(&web.driver, Driver::Process { instances: 2, .. }));
+        assert!(web.validate.is_some());
+        assert_eq!(config.service("api").unwrap().driver, Driver::Static);
+        // The [proxy] section of the example claims to show the defaults.
+        assert_eq!(config.proxy, ProxySettings::default());
+    }
+
+    #[test]
+    fn full_config_round_trips() {
+        let text = r#"
+[server]
+listen = ["0.0.0.0:8080", "[::]:8443"]
+preview_listen = "127.0.0.1:8081"
+admin = "127.0.0.1:9901"
+token_file = "secrets/admin.token"
+state_dir = "/var/lib/cutover"
+workers = 2
+
+[proxy]
+client_header_timeout = "5s"
+idle_timeout = "2m"
+connect_timeout = "250ms"
+upstream_timeout = "30s"
+upstream_idle_timeout = "20s"
+upstream_pool_size = 0
+max_connections = 500
+max_header_bytes = 8192
+shutdown_timeout = "0s"
+retry_idempotent = false
+
+[services.web]
+hosts = ["Shop.Example.com", "www.example.com"]
+command = "./web --port {port}"
+instances = 3
+health = { path = "/up", interval = "2s", timeout = "1s", healthy = 1, unhealthy = 5 }
+drain_timeout = "45s"
+close_window = "10s"
+keep_warm = "30m"
+validate = { smoke = "./smoke.sh", timeout = "90s" }
+promote = { auto = true, delay = "1m" }
+watch = { duration = "10m", max_error_rate = 0.05, max_p99 = "750ms", min_requests = 20 }
+balance = "round-robin"
+
+[services.admin-ui]
+promote = { auto = false }
+watch = { max_error_rate = 0 }
+"#;
+        let config = parse(text).unwrap();
+        let expected = Config {
+            server: ServerConfig {
+                listen: vec![
+                    "0.0.0.0:8080".parse().unwrap(),
+                    "[::]:8443".parse().unwrap(),
+                ],
+                preview_listen: vec!["127.0.0.1:8081".parse().unwrap()],
+                admin: Admin::Tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901)),
+                token_file: Some(PathBuf::from("secrets/admin.token")),
+                state_dir: PathBuf::from("/var/lib/cutover"),
+                workers: 2,
+            },
+            proxy: ProxySettings {
+                client_header_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(120),
+                connect_timeout: Duration::from_millis(250),
+                upstream_timeout: Duration::from_secs(30),
+                upstream_idle_timeout: Duration::from_secs(20),
+                upstream_pool_size: 0,
+                max_connections: 500,
+                max_header_bytes: 8192,
+                shutdown_timeout: Duration::ZERO,
+                retry_idempotent: false,
+            },
+            services: vec![
+                ServiceConfig {
+                    name: "admin-ui".to_string(),
+                    hosts: vec![],
+                    driver: Driver::Static,
+                    health: HealthConfig::default(),
+                    drain_timeout: Duration::from_secs(30),
+                    close_window: Duration::from_secs(5),
+                    keep_warm: Duration::from_secs(3600),
+                    validate: None,
+                    promote: PromoteConfig {
+                        auto: false,
+                        delay: Duration::ZERO,
+                    },
+                    watch: WatchConfig {
+                        max_error_rate: 0.0,
+                        ..WatchConfig::default()
+                    },
+                    balance: Balance::LeastInFlight,
+                },
+                ServiceConfig {
+                    name: "web".to_string(),
+                    hosts: vec![
+                        "shop.example.com".to_string(),
+                        "www.example.com".to_string(),
+                    ],
+                    driver: Driver::Process {
+                        command: "./web --port {port}".to_string(),
+                        instances: 3,
+                    },
+                    health: HealthConfig {
+                        path: "/up".to_string(),
+                        interval: Duration::from_secs(2),
+                        timeout: Duration::from_secs(1),
+                        healthy: 1,
+                        unhealthy: 5,
+                    },
+                    drain_timeout: Duration::from_secs(45),
+                    close_window: Duration::from_secs(10),
+                    keep_warm: Duration::from_secs(1800),
+                    validate: Some(ValidateConfig {
+                        smoke: "./smoke.sh".to_string(),
+                        timeout: Duration::from_secs(90),
+                    }),
+                    promote: PromoteConfig {
+                        auto: true,
+                        delay: Duration::from_secs(60),
+                    },
+                    watch: WatchConfig {
+                        duration: Duration::from_secs(600),
+                        max_error_rate: 0.05,
+                        max_p99: Some(Duration::from_millis(750)),
+                        min_requests: 20,
+                    },
+                    balance: Balance::RoundRobin,
+                },
+            ],
+            dir: PathBuf::new(),
+        };
+        assert_eq!(config, expected);
+
+        let proxy = config.proxy_config();
+        let listeners: Vec<_> = proxy
+            .listeners
+            .iter()
+            .map(|l| (l.addr.to_string(), l.preview))
+            .collect();
+        assert_eq!(
+            listeners,
+            [
+                ("0.0.0.0:8080".to_string(), false),
+                ("[::]:8443".to_string(), false),
+                ("127.0.0.1:8081".to_string(), true)
+            ]
+        );
+        assert_eq!(
+            (proxy.workers, proxy.max_connections, proxy.retry_idempotent),
+            (2, 500, false)
+        );
+    }
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(
+            config.server,
+            ServerConfig {
+                listen: vec!["0.0.0.0:8080".parse().unwrap()],
+                preview_listen: vec![],
+                admin: Admin::Unix(PathBuf::from(".cutover/admin.sock")),
+                token_file: None,
+                state_dir: PathBuf::from(".cutover"),
+                workers: 1,
+            }
+        );
+        assert_eq!(config.proxy, ProxySettings::default());
+        let web = &config.services[0];
+        assert_eq!(config.services.len(), 1);
+        assert_eq!(web.name, "web");
+        assert!(web.is_default());
+        assert_eq!(
+            web.driver,
+            Driver::Process {
+                command: "./web --port {port}".to_string(),
+                instances: 1
+            }
+        );
+        assert_eq!(
+            web.health,
+            HealthConfig {
+                path: "/".to_string(),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+                healthy: 2,
+                unhealthy: 3,
+            }
+        );
+        assert_eq!(web.drain_timeout, Duration::from_secs(30));
+        assert_eq!(web.close_window, Duration::from_secs(5));
+        assert_eq!(web.keep_warm, Duration::from_secs(3600));
+        assert_eq!(web.validate, None);
+        assert_eq!(
+            web.promote,
+            PromoteConfig {
+                auto: true,
+                delay: Duration::ZERO
+            }
+        );
+        assert_eq!(
+            web.watch,
+            WatchConfig {
+                duration: Duration::from_secs(300),
+                max_error_rate: 0.01,
+                max_p99: None,
+                min_requests: 100
+            }
+        );
+        assert_eq!(web.balance, Balance::LeastInFlight);
+    }
+
+    #[test]
+    fn partial_tables_keep_the_other_defaults() {
+        let config = parse(
+            "[server]\nstate_dir = \"run\"\n[services.web]\ncommand = \"x\"\nhealth = { interval = \"100ms\" }\n\
+             validate = { smoke = \"true\" }\nwatch = { max_p99 = \"1s\" }\n",
+        )
+        .unwrap();
+        // The admin socket follows state_dir; the health timeout follows the interval.
+        assert_eq!(
+            config.server.admin,
+            Admin::Unix(PathBuf::from("run/admin.sock"))
+        );
+        let web = &config.services[0];
+        assert_eq!(web.health.interval, Duration::from_millis(100));
+        assert_eq!(web.health.timeout, Duration::from_millis(50));
+        assert_eq!(web.health.path, "/");
+        assert_eq!(
+            web.validate.as_ref().unwrap().timeout,
+            Duration::from_secs(60)
+        );
+        assert_eq!(web.watch.max_p99, Some(Duration::from_secs(1)));
+        assert_eq!(web.watch.duration, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn service_without_command_is_static() {
+        let config = parse("[services.api]\nhosts = \"api.example.com\"\n").unwrap();
+        assert_eq!(config.services[0].driver, Driver::Static);
+        assert_eq!(config.services[0].hosts, ["api.example.com"]);
+    }
+
+    #[test]
+    fn command_without_port_placeholder_is_accepted() {
+        // The port is also in $PORT, which many frameworks read by themselves.
+        let config = parse("[services.web]\ncommand = \"bundle exec puma\"\n").unwrap();
+        assert!(
+            matches!(&config.services[0].driver, Driver::Process { command, .. } if command == "bundle exec puma")
+        );
+    }
+
+    #[test]
+    fn dotted_keys_are_read_and_located() {
+        let config =
+            parse("services.web.command = \"./web\"\nservices.web.health.path = \"/up\"\n")
+                .unwrap();
+        assert_eq!(config.services[0].health.path, "/up");
+        refused(
+            "services.web.command = \"./web\"\nservices.web.health.interval = \"1 s\"\n",
+            2,
+            32,
+            "services.web.health.interval",
+            "is not a duration",
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_position_and_key() {
+        let shown = refused_syntax("[services.web]\ncommand = ./web\n", 2, 11);
+        assert_eq!(shown.1.as_deref(), Some("services.web.command"));
+        assert!(
+            shown
+                .0
+                .contains("cutover.toml:2:11: services.web.command: invalid TOML: "),
+            "{}",
+            shown.0
+        );
+        assert!(shown.0.contains("text values need quotes"), "{}", shown.0);
+
+        let shown = refused_syntax("[services.web]\ncommand = \"a\"\ncommand = \"b\"\n", 3, 1);
+        assert!(shown.0.contains("duplicate key `command`"), "{}", shown.0);
+        assert!(shown.0.contains("may appear once"), "{}", shown.0);
+        assert!(!shown.0.contains("need quotes"), "{}", shown.0);
+        assert_eq!(shown.1.as_deref(), Some("services.web"));
+
+        let shown = refused_syntax("[services.web\n", 1, 14);
+        assert_eq!(shown.1, None);
+        assert!(
+            shown.0.starts_with("cutover.toml:1:14: invalid TOML: "),
+            "{}",
+            shown.0
+        );
+    }
+
+    /// (Display, key) of a syntax error at line:col.
+    #[track_caller]
+    fn refused_syntax(text: &str, line: usize, column: usize) -> (String, Option<String>) {
+        match parse(text) {
+            Err(e @ ConfigError::Syntax { .. }) => {
+                let loc = e.location().unwrap();
+                assert_eq!((loc.line, loc.column), (line, column), "{e}");
+                (e.to_string(), e.key().map(str::to_string))
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_a_suggestion() {
+        let shown = refused(
+            "[services.web]\ncommand = \"x\"\nhelth = { path = \"/up\" }\n",
+            3,
+            1,
+            "services.web.helth",
+            "unknown key \"helth\"",
+        );
+        assert!(shown.contains("did you mean \"health\"?"), "{shown}");
+        assert!(shown.contains("command, instances, health"), "{shown}");
+        refused(
+            "[services.web]\ncommand = \"x\"\nhealth = { path = \"/up\", intervall = \"1s\" }\n",
+            3,
+            26,
+            "services.web.health.intervall",
+            "did you mean \"interval\"?",
+        );
+        refused(
+            "[servers]\nlisten = \"0.0.0.0:80\"\n",
+            1,
+            2,
+            "servers",
+            "did you mean \"server\"?",
+        );
+        refused(
+            &format!("{MINIMAL}[proxy]\nmax_conns = 5\n"),
+            4,
+            1,
+            "proxy.max_conns",
+            "unknown key",
+        );
+    }
+
+    #[test]
+    fn wrong_table_types_name_the_key() {
+        refused(
+            "[services.web]\ncommand = \"x\"\nhealth = \"/up\"\n",
+            3,
+            10,
+            "services.web.health",
+            "expected a table, e.g. health = {",
+        );
+        refused("services = 3\n", 1, 12, "services", "invalid type");
+    }
+
+    #[test]
+    fn bad_durations() {
+        let at = |value: &str| {
+            format!("[services.web]\ncommand = \"x\"\nhealth = {{ path = \"/up\", interval = {value} }}\n")
+        };
+        let shown = refused(&at("\"5 sec\""), 3, 37, "services.web.health.interval", "\"5 sec\" is not a duration; write a whole number followed by ms, s, m or h, e.g. \"500ms\"");
+        assert_eq!(
+            shown,
+            "cutover.toml:3:37: services.web.health.interval: \"5 sec\" is not a duration; write a whole number \
+             followed by ms, s, m or h, e.g. \"500ms\""
+        );
+        refused(
+            &at("\"1.5s\""),
+            3,
+            37,
+            "services.web.health.interval",
+            "\"1.5s\" is not a duration",
+        );
+        refused(
+            &at("\"-1s\""),
+            3,
+            37,
+            "services.web.health.interval",
+            "\"-1s\" is not a duration",
+        );
+        refused(
+            &at("\"10\""),
+            3,
+            37,
+            "services.web.health.interval",
+            "\"10\" is not a duration",
+        );
+        refused(
+            &at("\"5d\""),
+            3,
+            37,
+            "services.web.health.interval",
+            "\"5d\" is not a duration",
+        );
+        refused(
+            &at("5"),
+            3,
+            37,
+            "services.web.health.interval",
+            "5 is not a duration; write a quoted whole number",
+        );
+        refused(
+            &at("\"0s\""),
+            3,
+            37,
+            "services.web.health.interval",
+            "\"0s\" is zero; write a duration longer than 0",
+        );
+        refused(
+            &at("\"99999999999999999999h\""),
+            3,
+            37,
+            "services.web.health.interval",
+            "too long a duration",
+        );
+        refused(
+            &at("1979-05-27"),
+            3,
+            37,
+            "services.web.health.interval",
+            "1979-05-27 is not a duration",
+        );
+        refused(
+            "[services.web]\ndrain_timeout = \"30 s\"\n",
+            2,
+            17,
+            "services.web.drain_timeout",
+            "not a duration",
+        );
+        refused(
+            &format!("{MINIMAL}[proxy]\nconnect_timeout = \"0ms\"\n"),
+            4,
+            19,
+            "proxy.connect_timeout",
+            "is zero",
+        );
+    }
+
+    #[test]
+    fn parse_duration_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in [
+            "", "s", "5", " 5s", "5s ", "5 sec", "1.5s", "-1s", "+1s", "5S", "1h30m",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn bad_addresses() {
+        refused(
+            "[server]\nlisten = \"localhost:8080\"\n",
+            2,
+            10,
+            "server.listen",
+            "is not an address; write IP:PORT",
+        );
+        refused(
+            "[server]\nlisten = [\"0.0.0.0:8080\",\n  \":9090\"]\n",
+            3,
+            3,
+            "server.listen",
+            "\":9090\" is not an address",
+        );
+        refused(
+            "[server]\nlisten = [\"0.0.0.0:8080\", 8080]\n",
+            2,
+            27,
+            "server.listen",
+            "8080 is not a string",
+        );
+        refused(
+            "[server]\nlisten = 8080\n",
+            2,
+            10,
+            "server.listen",
+            "8080 is not a string or a list of strings",
+        );
+        refused(
+            "[server]\npreview_listen = \"127.0.0.1\"\n",
+            2,
+            18,
+            "server.preview_listen",
+            "is not an address",
+        );
+        refused(
+            "[server]\nadmin = \"localhost:9901\"\n",
+            2,
+            9,
+            "server.admin",
+            "write \"unix:PATH\" for a unix socket or IP:PORT",
+        );
+        refused(
+            "[server]\nadmin = \"unix:\"\n",
+            2,
+            9,
+            "server.admin",
+            "path is empty",
+        );
+    }
+
+    #[test]
+    fn empty_listen_list() {
+        refused(
+            &format!("[server]\nlisten = []\n{MINIMAL}"),
+            2,
+            10,
+            "server.listen",
+            "the list is empty",
+        );
+        // No preview listener is fine.
+        assert!(parse(&format!("[server]\npreview_listen = []\n{MINIMAL}"))
+            .unwrap()
+            .server
+            .preview_listen
+            .is_empty());
+    }
+
+    #[test]
+    fn colliding_listeners() {
+        refused(
+            &format!("[server]\nlisten = [\"0.0.0.0:8080\", \"0.0.0.0:8080\"]\n{MINIMAL}"),
+            2,
+            27,
+            "server.listen",
+            "listed twice",
+        );
+        refused(
+            &format!("[server]\nlisten = \"0.0.0.0:8080\"\npreview_listen = \"127.0.0.1:8080\"\n{MINIMAL}"),
+            3,
+            18,
+            "server.preview_listen",
+            "collides with 0.0.0.0:8080 in server.listen",
+        );
+        refused(
+            &format!("[server]\nadmin = \"127.0.0.1:8080\"\ntoken_file = \"t\"\n{MINIMAL}"),
+            2,
+            9,
+            "server.admin",
+            "collides with 0.0.0.0:8080",
+        );
+        // Port 0 means "any free port": two of them do not collide.
+        parse(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\npreview_listen = \"127.0.0.1:0\"\n{MINIMAL}"
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn tcp_admin_needs_a_token_file() {
+        let shown = refused(
+            &format!("[server]\nadmin = \"127.0.0.1:9901\"\n{MINIMAL}"),
+            2,
+            9,
+            "server.token_file",
+            "requires a bearer token; add token_file",
+        );
+        assert!(shown.contains("127.0.0.1:9901"), "{shown}");
+        let config = parse(&format!(
+            "[server]\nadmin = \"unix:/run/cutover.sock\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.server.admin,
+            Admin::Unix(PathBuf::from("/run/cutover.sock"))
+        );
+        assert_eq!(config.server.admin.to_string(), "unix:/run/cutover.sock");
+    }
+
+    #[test]
+    fn zero_instances_and_thresholds() {
+        refused(
+            "[services.web]\ncommand = \"x\"\ninstances = 0\n",
+            3,
+            13,
+            "services.web.instances",
+            "0 is too small",
+        );
+        refused(
+            "[services.web]\ncommand = \"x\"\ninstances = 65\n",
+            3,
+            13,
+            "services.web.instances",
+            "65 is too large; write a whole number from 1 to 64",
+        );
+        refused(
+            "[services.web]\ncommand = \"x\"\ninstances = \"2\"\n",
+            3,
+            13,
+            "services.web.instances",
+            "\"2\" is not a whole number",
+        );
+        refused(
+            "[services.web]\ncommand = \"x\"\nhealth = { healthy = 0 }\n",
+            3,
+            22,
+            "services.web.health.healthy",
+            "0 is too small",
+        );
+        refused(
+            "[services.web]\ncommand = \"x\"\nhealth = { unhealthy = 0 }\n",
+            3,
+            24,
+            "services.web.health.unhealthy",
+            "0 is too small",
+        );
+        refused(
+            "[server]\nworkers = 0\n",
+            2,
+            11,
+            "server.workers",
+            "0 is too small",
+        );
+    }
+
+    #[test]
+    fn instances_without_command() {
+        refused(
+            "[services.api]\ninstances = 2\n",
+            2,
+            13,
+            "services.api.instances",
+            "applies only to services with a command",
+        );
+        refused(
+            "[services.api]\ncommand = \"  \"\n",
+            2,
+            11,
+            "services.api.command",
+            "is empty",
+        );
+    }
+
+    #[test]
+    fn health_timeout_may_exceed_interval() {
+        let c = Config::parse("[services.web]\ncommand = \"x\"\nhealth = { interval = \"1s\", timeout = \"2s\" }\n", "cutover.toml").unwrap();
+        let h = &c.service("web").unwrap().health;
+        assert_eq!((h.interval, h.timeout), (Duration::from_secs(1), Duration::from_secs(2)));
+        refused(
+            "[services.web]\ncommand = \"x\"\nhealth = { path = \"up\" }\n",
+            3,
+            19,
+            "services.web.health.path",
+            "starts with /",
+        );
+    }
+
+    #[test]
+    fn error_rate_must_be_a_fraction() {
+        let at = |v: &str| {
+            format!("[services.web]\ncommand = \"x\"\nwatch = {{ max_error_rate = {v} }}\n")
+        };
+        refused(
+            &at("1.5"),
+            3,
+            28,
+            "services.web.watch.max_error_rate",
+            "1.5 is not a fraction from 0 to 1",
+        );
+        refused(
+            &at("-0.1"),
+            3,
+            28,
+            "services.web.watch.max_error_rate",
+            "not a fraction",
+        );
+        refused(
+            &at("nan"),
+            3,
+            28,
+            "services.web.watch.max_error_rate",
+            "not a fraction",
+        );
+        refused(
+            &at("\"1%\""),
+            3,
+            28,
+            "services.web.watch.max_error_rate",
+            "\"1%\" is not a number",
+        );
+        assert_eq!(
+            parse(&at("1")).unwrap().services[0].watch.max_error_rate,
+            1.0
+        );
+        refused(
+            "[services.web]\ncommand = \"x\"\nwatch = { min_requests = 0 }\n",
+            3,
+            26,
+            "services.web.watch.min_requests",
+            "write a whole number 1 or more",
+        );
+    }
+
+    #[test]
+    fn two_default_services() {
+        let text = "[services.web]\ncommand = \"x\"\n\n[services.api]\ncommand = \"y\"\n";
+        // "api" sorts first by name but comes second in the file: the error is on it.
+        let shown = refused(
+            text,
+            4,
+            11,
+            "services.api.hosts",
+            "services.web (line 1) is already the default service",
+        );
+        assert!(shown.contains("give one of them hosts"), "{shown}");
+        refused(
+            "[services.web]\ncommand = \"x\"\n[services.api]\nhosts = []\n",
+            4,
+            9,
+            "services.api.hosts",
+            "already the default",
+        );
+    }
+
+    #[test]
+    fn a_host_belongs_to_one_service() {
+        let text = "[services.web]\nhosts = [\"shop.example.com\"]\n\n[services.shop]\nhosts = [\"www.example.com\", \"SHOP.example.com\"]\n";
+        refused(
+            text,
+            5,
+            29,
+            "services.shop.hosts",
+            "\"shop.example.com\" is already claimed by services.web (line 2)",
+        );
+        refused(
+            "[services.web]\nhosts = [\"a.example\", \"a.example\"]\n",
+            2,
+            23,
+            "services.web.hosts",
+            "listed twice",
+        );
+        refused(
+            "[services.web]\nhosts = [\"shop.example.com:443\"]\n",
+            2,
+            10,
+            "services.web.hosts",
+            "has a port",
+        );
+        refused(
+            "[services.web]\nhosts = [\"*.example.com\"]\n",
+            2,
+            10,
+            "services.web.hosts",
+            "wildcards",
+        );
+        refused(
+            "[services.web]\nhosts = [\"https://example.com/\"]\n",
+            2,
+            10,
+            "services.web.hosts",
+            "is not a host name",
+        );
+    }
+
+    #[test]
+    fn service_names_are_labels() {
+        let shown = refused(
+            "[services.Web_App]\ncommand = \"x\"\n",
+            1,
+            11,
+            "services.Web_App",
+            "is not a valid service name",
+        );
+        assert!(shown.contains("e.g. [services.web-app]"), "{shown}");
+        refused(
+            "[services.\"-x\"]\ncommand = \"x\"\n",
+            1,
+            11,
+            "services.-x",
+            "not starting with '-'",
+        );
+        refused(
+            "[services]\n\"\" = { command = \"x\" }\n",
+            2,
+            1,
+            "services.",
+            "is not a valid service name",
+        );
+    }
+
+    #[test]
+    fn no_services() {
+        refused("", 1, 1, "services", "no services are defined");
+        refused(
+            "[server]\nworkers = 1\n\n[services]\n",
+            4,
+            2,
+            "services",
+            "no services are defined",
+        );
+    }
+
+    #[test]
+    fn promote_and_validate_consistency() {
+        refused(
+            "[services.web]\ncommand = \"x\"\npromote = { auto = false, delay = \"5s\" }\n",
+            3,
+            35,
+            "services.web.promote.delay",
+            "auto = false",
+        );
+        refused(
+            "[services.web]\ncommand = \"x\"\npromote = { auto = \"yes\" }\n",
+            3,
+            20,
+            "services.web.promote.auto",
+            "not true or false",
+        );
+        refused(
+            "[services.web]\ncommand = \"x\"\nvalidate = { timeout = \"60s\" }\n",
+            3,
+            1,
+            "services.web.validate.smoke",
+            "missing",
+        );
+        refused(
+            "[services.web]\ncommand = \"x\"\nbalance = \"random\"\n",
+            3,
+            11,
+            "services.web.balance",
+            "\"least-in-flight\" or \"round-robin\"",
+        );
+    }
+
+    #[test]
+    fn positions_count_characters_and_lines() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 3), (2, 1));
+        assert_eq!(line_col("ab\ncd", 5), (2, 3));
+        assert_eq!(line_col("é = \"x\"", 4), (1, 4)); // "é" is two bytes, one column
+        assert_eq!(line_col("a\r\nb", 3), (2, 1));
+        // A comment with non-ASCII text before the error does not shift the column.
+        refused(
+            "# café ☕\n[services.web]\ncommand = \"x\" # «ok»\ninstances = 0\n",
+            4,
+            13,
+            "services.web.instances",
+            "0 is too small",
+        );
+    }
+
+    #[test]
+    fn load_resolves_paths_against_the_file() {
+        let dir = std::env::temp_dir().join(format!("cutover-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cutover.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nadmin = \"127.0.0.1:9901\"\ntoken_file = \"admin.token\"\n{MINIMAL}"
+            ),
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.dir, dir);
+        assert_eq!(config.server.state_dir, dir.join(".cutover"));
+        assert_eq!(config.server.token_file, Some(dir.join("admin.token")));
+
+        std::fs::write(&path, "[services.web]\ninstances = 0\ncommand = \"x\"\n").unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!(
+                "{}:2:13: services.web.instances: ",
+                path.display()
+            )),
+            "{e}"
+        );
+
+        let missing = dir.join("nope.toml");
+        let e = Config::load(&missing).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert!(
+            e.to_string().starts_with(&format!(
+                "{}: cannot read the config file: ",
+                missing.display()
+            )),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 mod demo;
-mod duration;
 mod quickstart;
 
 use std::net::SocketAddr;
@@ -14,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use cutover_proxy::{Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
 
-use crate::duration::parse_duration;
+use cutover_control::config::parse_duration;
 
 #[derive(Parser)]
 #[command(name = "cutover", version, about = "Blue-green deployments behind an atomic switching proxy")]

@@ -22,7 +22,7 @@ pub struct QuickstartArgs {
     #[arg(long, default_value_t = 8)]
     clients: usize,
     /// How long traffic runs on each state (v1, v2, back to v1).
-    #[arg(long, default_value = "2s", value_parser = crate::duration::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = cutover_control::config::parse_duration)]
     phase: Duration,
 }
 

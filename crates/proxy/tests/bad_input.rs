@@ -87,8 +87,10 @@ async fn slowloris_is_cut_and_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upstream_down_is_502_and_empty_service_is_503() {
-    // A port with nothing listening: bind, note, close.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // A port that refuses connections: bound (so no other test can take it) but not listening.
+    let reserved = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    reserved.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let dead = reserved.local_addr().unwrap().as_socket().unwrap();
     let live = Upstream::start("blue").await;
 
     let mut down = Service::new("down");
