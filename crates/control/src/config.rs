@@ -372,10 +372,7 @@ impl fmt::Display for Location {
 pub enum ConfigError {
     /// The file could not be read.
     #[error("{}: cannot read the config file: {source}; check the path, or name another file with -c FILE", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// The text is not TOML. `key` is a best guess from the surrounding lines, when there is one.
     #[error("{location}: {}{message}", key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default())]
     Syntax {
@@ -398,9 +395,7 @@ impl ConfigError {
     pub fn location(&self) -> Option<&Location> {
         match self {
             ConfigError::Read { .. } => None,
-            ConfigError::Syntax { location, .. } | ConfigError::Invalid { location, .. } => {
-                Some(location)
-            }
+            ConfigError::Syntax { location, .. } | ConfigError::Invalid { location, .. } => Some(location),
         }
     }
 
@@ -446,18 +441,16 @@ impl Config {
 
     /// The data plane's configuration: listeners, workers and the `[proxy]` settings.
     pub fn proxy_config(&self) -> ProxyConfig {
-        let live = self.server.listen.iter().map(|&addr| ListenerConfig {
-            addr,
-            preview: false,
-        });
+        let live = self
+            .server
+            .listen
+            .iter()
+            .map(|&addr| ListenerConfig { addr, preview: false });
         let preview = self
             .server
             .preview_listen
             .iter()
-            .map(|&addr| ListenerConfig {
-                addr,
-                preview: true,
-            });
+            .map(|&addr| ListenerConfig { addr, preview: true });
         let p = &self.proxy;
         ProxyConfig {
             listeners: live.chain(preview).collect(),
@@ -499,9 +492,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok()
         .and_then(|n| n.checked_mul(millis_per_unit))
         .map(Duration::from_millis)
-        .ok_or_else(|| {
-            format!("{text:?} is too long a duration; write at most a few days, e.g. \"72h\"")
-        })
+        .ok_or_else(|| format!("{text:?} is too long a duration; write at most a few days, e.g. \"72h\""))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,10 +576,7 @@ struct RawValidate {
 }
 
 #[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a table, e.g. promote = { auto = false }"
-)]
+#[serde(deny_unknown_fields, expecting = "a table, e.g. promote = { auto = false }")]
 struct RawPromote {
     auto: Leaf,
     delay: Leaf,
@@ -741,14 +729,8 @@ impl<'a> Checker<'a> {
         let mut checker = Checker { text, file, keys };
         if let Err(e) = parsed {
             let offset = e.span().map_or(0, |s| s.start);
-            let rest_of_line = text
-                .get(offset..)
-                .and_then(|t| t.lines().next())
-                .unwrap_or("");
-            let line_before = text
-                .get(..offset)
-                .and_then(|t| t.rsplit('\n').next())
-                .unwrap_or("");
+            let rest_of_line = text.get(offset..).and_then(|t| t.lines().next()).unwrap_or("");
+            let line_before = text.get(..offset).and_then(|t| t.rsplit('\n').next()).unwrap_or("");
             return Err(ConfigError::Syntax {
                 location: checker.location(offset),
                 key: guess_key(text, offset),
@@ -847,10 +829,7 @@ impl<'a> Checker<'a> {
             let (service, host_offsets) = self.service(name, raw_service)?;
             let key = format!("services.{}.hosts", service.name);
             if service.is_default() {
-                let here = raw_service
-                    .hosts
-                    .as_ref()
-                    .map_or(name.span().start, |h| h.span().start);
+                let here = raw_service.hosts.as_ref().map_or(name.span().start, |h| h.span().start);
                 if let Some((first, first_offset)) = default {
                     return Err(self.invalid(
                         here,
@@ -902,10 +881,7 @@ impl<'a> Checker<'a> {
         // Two listeners on one port would either fail to bind at start or, with SO_REUSEPORT,
         // silently share connections between live and preview traffic.
         let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
-        for (key, list) in [
-            ("server.listen", &listen),
-            ("server.preview_listen", &preview_listen),
-        ] {
+        for (key, list) in [("server.listen", &listen), ("server.preview_listen", &preview_listen)] {
             for &(addr, offset) in list {
                 if let Some((other, other_key)) = seen.iter().find(|(a, _)| overlaps(*a, addr)) {
                     return Err(self.invalid(
@@ -924,20 +900,19 @@ impl<'a> Checker<'a> {
         };
         let token_file = match &raw.token_file {
             None => None,
-            Some(v) => Some(dir.join(self.path(
-                v,
-                "server.token_file",
-                "token_file = \".cutover/admin.token\"",
-            )?)),
+            Some(v) => Some(dir.join(self.path(v, "server.token_file", "token_file = \".cutover/admin.token\"")?)),
         };
         let admin = match &raw.admin {
             None => Admin::Unix(dir.join(&state_dir).join("admin.sock")),
             Some(v) => {
-                let text =
-                    self.string(v, "server.admin", "admin = \"unix:.cutover/admin.sock\"")?;
+                let text = self.string(v, "server.admin", "admin = \"unix:.cutover/admin.sock\"")?;
                 let admin = if let Some(path) = text.strip_prefix("unix:") {
                     if path.is_empty() {
-                        return Err(self.at(v, "server.admin", "the unix socket path is empty; write e.g. \"unix:.cutover/admin.sock\""));
+                        return Err(self.at(
+                            v,
+                            "server.admin",
+                            "the unix socket path is empty; write e.g. \"unix:.cutover/admin.sock\"",
+                        ));
                     }
                     Admin::Unix(dir.join(path))
                 } else {
@@ -966,8 +941,7 @@ impl<'a> Checker<'a> {
                             ),
                         ));
                     }
-                    if let Some((other, other_key)) = seen.iter().find(|(a, _)| overlaps(*a, addr))
-                    {
+                    if let Some((other, other_key)) = seen.iter().find(|(a, _)| overlaps(*a, addr)) {
                         return Err(self.at(
                             v,
                             "server.admin",
@@ -980,9 +954,7 @@ impl<'a> Checker<'a> {
         };
         let workers = match &raw.workers {
             None => 1,
-            Some(v) => {
-                self.int(v, "server.workers", 1, 256, "a proxy needs a worker thread")? as usize
-            }
+            Some(v) => self.int(v, "server.workers", 1, 256, "a proxy needs a worker thread")? as usize,
         };
         Ok(ServerConfig {
             listen: listen.into_iter().map(|(a, _)| a).collect(),
@@ -1002,9 +974,7 @@ impl<'a> Checker<'a> {
         };
         let count = |v: &Leaf, key: &str, default: usize, min: i64, max: i64, why: &str| match v {
             None => Ok(default),
-            Some(v) => self
-                .int(v, &format!("proxy.{key}"), min, max, why)
-                .map(|n| n as usize),
+            Some(v) => self.int(v, &format!("proxy.{key}"), min, max, why).map(|n| n as usize),
         };
         Ok(ProxySettings {
             client_header_timeout: timeout(
@@ -1014,11 +984,7 @@ impl<'a> Checker<'a> {
             )?,
             idle_timeout: timeout(&raw.idle_timeout, "idle_timeout", d.idle_timeout)?,
             connect_timeout: timeout(&raw.connect_timeout, "connect_timeout", d.connect_timeout)?,
-            upstream_timeout: timeout(
-                &raw.upstream_timeout,
-                "upstream_timeout",
-                d.upstream_timeout,
-            )?,
+            upstream_timeout: timeout(&raw.upstream_timeout, "upstream_timeout", d.upstream_timeout)?,
             upstream_idle_timeout: timeout(
                 &raw.upstream_idle_timeout,
                 "upstream_idle_timeout",
@@ -1060,11 +1026,7 @@ impl<'a> Checker<'a> {
     }
 
     /// A service, and the offsets of its hosts (for "already claimed" errors).
-    fn service(
-        &self,
-        name: &Spanned<String>,
-        raw: &RawService,
-    ) -> Result<(ServiceConfig, Vec<usize>), ConfigError> {
+    fn service(&self, name: &Spanned<String>, raw: &RawService) -> Result<(ServiceConfig, Vec<usize>), ConfigError> {
         let p = format!("services.{}", name.get_ref());
         check_service_name(name.get_ref()).map_err(|m| self.at(name, &p, m))?;
         let name = name.get_ref().clone();
@@ -1072,14 +1034,8 @@ impl<'a> Checker<'a> {
         let mut hosts = Vec::new();
         let mut host_offsets = Vec::new();
         if let Some(list) = &raw.hosts {
-            for (text, offset) in self.strings(
-                list,
-                &format!("{p}.hosts"),
-                true,
-                "hosts = [\"shop.example.com\"]",
-            )? {
-                let host = check_host(&text)
-                    .map_err(|m| self.invalid(offset, &format!("{p}.hosts"), m))?;
+            for (text, offset) in self.strings(list, &format!("{p}.hosts"), true, "hosts = [\"shop.example.com\"]")? {
+                let host = check_host(&text).map_err(|m| self.invalid(offset, &format!("{p}.hosts"), m))?;
                 hosts.push(host);
                 host_offsets.push(offset);
             }
@@ -1087,11 +1043,7 @@ impl<'a> Checker<'a> {
 
         let driver = match &raw.command {
             Some(v) => {
-                let command = self.string(
-                    v,
-                    &format!("{p}.command"),
-                    "command = \"./web --port {port}\"",
-                )?;
+                let command = self.string(v, &format!("{p}.command"), "command = \"./web --port {port}\"")?;
                 if command.trim().is_empty() {
                     return Err(self.at(
                         v,
@@ -1133,8 +1085,7 @@ impl<'a> Checker<'a> {
             None => Ok(default),
             Some(v) => self.duration(v, &format!("{p}.{key}")),
         };
-        let drain_timeout =
-            duration_or(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?;
+        let drain_timeout = duration_or(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?;
         let close_window = duration_or(&raw.close_window, "close_window", DEFAULT_CLOSE_WINDOW)?;
         let keep_warm = duration_or(&raw.keep_warm, "keep_warm", DEFAULT_KEEP_WARM)?;
 
@@ -1152,7 +1103,10 @@ impl<'a> Checker<'a> {
         };
         let balance = match &raw.balance {
             None => Balance::default(),
-            Some(v) => match self.string(v, &format!("{p}.balance"), "balance = \"least-in-flight\"")?.as_str() {
+            Some(v) => match self
+                .string(v, &format!("{p}.balance"), "balance = \"least-in-flight\"")?
+                .as_str()
+            {
                 "least-in-flight" => Balance::LeastInFlight,
                 "round-robin" => Balance::RoundRobin,
                 other => {
@@ -1186,9 +1140,7 @@ impl<'a> Checker<'a> {
             None => d.path,
             Some(v) => {
                 let path = self.string(v, &format!("{p}.path"), "path = \"/up\"")?;
-                if !path.starts_with('/')
-                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
+                if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
                     return Err(self.at(
                         v,
                         &format!("{p}.path"),
@@ -1213,9 +1165,7 @@ impl<'a> Checker<'a> {
         };
         let threshold = |v: &Leaf, key: &str, default: u32, why: &str| match v {
             None => Ok(default),
-            Some(v) => self
-                .int(v, &format!("{p}.{key}"), 1, 100, why)
-                .map(|n| n as u32),
+            Some(v) => self.int(v, &format!("{p}.{key}"), 1, 100, why).map(|n| n as u32),
         };
         Ok(HealthConfig {
             path,
@@ -1237,26 +1187,27 @@ impl<'a> Checker<'a> {
     }
 
     fn validate(&self, raw: &RawValidate, p: &str) -> Result<ValidateConfig, ConfigError> {
-        let smoke =
-            match &raw.smoke {
-                None => return Err(self.invalid(
+        let smoke = match &raw.smoke {
+            None => {
+                return Err(self.invalid(
                     self.key_offset(p),
                     &format!("{p}.smoke"),
                     "missing: validate needs the command to run against the preview route, e.g. \
                      validate = { smoke = \"./smoke.sh\" }; or remove validate",
-                )),
-                Some(v) => {
-                    let smoke = self.string(v, &format!("{p}.smoke"), "smoke = \"./smoke.sh\"")?;
-                    if smoke.trim().is_empty() {
-                        return Err(self.at(
-                            v,
-                            &format!("{p}.smoke"),
-                            "is empty; write a command, e.g. \"./smoke.sh\", or remove validate",
-                        ));
-                    }
-                    smoke
+                ))
+            }
+            Some(v) => {
+                let smoke = self.string(v, &format!("{p}.smoke"), "smoke = \"./smoke.sh\"")?;
+                if smoke.trim().is_empty() {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.smoke"),
+                        "is empty; write a command, e.g. \"./smoke.sh\", or remove validate",
+                    ));
                 }
-            };
+                smoke
+            }
+        };
         let timeout = match &raw.timeout {
             None => DEFAULT_SMOKE_TIMEOUT,
             Some(v) => self.positive_duration(v, &format!("{p}.timeout"))?,
@@ -1304,9 +1255,9 @@ impl<'a> Checker<'a> {
                             v,
                             &key,
                             format!(
-                            "{} is not a number; write a fraction from 0 to 1, e.g. 0.01 for 1%",
-                            describe(other)
-                        ),
+                                "{} is not a number; write a fraction from 0 to 1, e.g. 0.01 for 1%",
+                                describe(other)
+                            ),
                         ))
                     }
                 };
@@ -1361,11 +1312,7 @@ impl<'a> Checker<'a> {
     fn path(&self, v: &Spanned<Value>, key: &str, example: &str) -> Result<PathBuf, ConfigError> {
         let text = self.string(v, key, example)?;
         if text.is_empty() {
-            return Err(self.at(
-                v,
-                key,
-                format!("the path is empty; write one, e.g. {example}"),
-            ));
+            return Err(self.at(v, key, format!("the path is empty; write one, e.g. {example}")));
         }
         Ok(PathBuf::from(text))
     }
@@ -1385,14 +1332,7 @@ impl<'a> Checker<'a> {
     }
 
     /// A whole number in `min..=max`; `why` explains the minimum.
-    fn int(
-        &self,
-        v: &Spanned<Value>,
-        key: &str,
-        min: i64,
-        max: i64,
-        why: &str,
-    ) -> Result<i64, ConfigError> {
+    fn int(&self, v: &Spanned<Value>, key: &str, min: i64, max: i64, why: &str) -> Result<i64, ConfigError> {
         let range = if max == i64::MAX {
             format!("{min} or more")
         } else {
@@ -1405,11 +1345,7 @@ impl<'a> Checker<'a> {
                 key,
                 format!("{n} is too small ({why}); write a whole number {range}"),
             )),
-            Value::Integer(n) => Err(self.at(
-                v,
-                key,
-                format!("{n} is too large; write a whole number {range}"),
-            )),
+            Value::Integer(n) => Err(self.at(v, key, format!("{n} is too large; write a whole number {range}"))),
             other => Err(self.at(
                 v,
                 key,
@@ -1427,7 +1363,10 @@ impl<'a> Checker<'a> {
             other => Err(self.at(
                 v,
                 key,
-                format!("{} is not a duration; write a quoted whole number followed by ms, s, m or h, e.g. \"500ms\"", describe(other)),
+                format!(
+                    "{} is not a duration; write a quoted whole number followed by ms, s, m or h, e.g. \"500ms\"",
+                    describe(other)
+                ),
             )),
         }
     }
@@ -1465,9 +1404,9 @@ impl<'a> Checker<'a> {
                                 item,
                                 key,
                                 format!(
-                                "{} is not a string; write each entry in quotes, e.g. {example}",
-                                describe(other)
-                            ),
+                                    "{} is not a string; write each entry in quotes, e.g. {example}",
+                                    describe(other)
+                                ),
                             ))
                         }
                     }
@@ -1483,11 +1422,7 @@ impl<'a> Checker<'a> {
             }
         };
         if items.is_empty() && !allow_empty {
-            return Err(self.at(
-                v,
-                key,
-                format!("the list is empty; give at least one, e.g. {example}"),
-            ));
+            return Err(self.at(v, key, format!("the list is empty; give at least one, e.g. {example}")));
         }
         Ok(items)
     }
@@ -1516,11 +1451,7 @@ impl<'a> Checker<'a> {
                 )
             })?;
             if out.iter().any(|(a, _)| *a == addr) {
-                return Err(self.invalid(
-                    offset,
-                    key,
-                    format!("{addr} is listed twice; remove one"),
-                ));
+                return Err(self.invalid(offset, key, format!("{addr} is listed twice; remove one")));
             }
             out.push((addr, offset));
         }
@@ -1530,9 +1461,7 @@ impl<'a> Checker<'a> {
 
 /// Whether two listeners would take the same port (port 0 asks for a fresh port each time).
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn check_service_name(name: &str) -> Result<(), String> {
@@ -1570,12 +1499,9 @@ fn check_service_name(name: &str) -> Result<(), String> {
 /// A host as the proxy matches it: lower case, no port. Returns the normalised host.
 fn check_host(text: &str) -> Result<String, String> {
     let host = text.to_ascii_lowercase();
-    let hint =
-        "write a DNS name or IPv4 address without scheme, port or path, e.g. \"shop.example.com\"";
+    let hint = "write a DNS name or IPv4 address without scheme, port or path, e.g. \"shop.example.com\"";
     if host.contains('*') {
-        return Err(format!(
-            "{text:?}: wildcards are not supported; list each host"
-        ));
+        return Err(format!("{text:?}: wildcards are not supported; list each host"));
     }
     if host.contains(':')
         && !host.contains("://")
@@ -1584,15 +1510,10 @@ fn check_host(text: &str) -> Result<String, String> {
             .next()
             .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
     {
-        return Err(format!(
-            "{text:?} has a port; hosts are matched without it, {hint}"
-        ));
+        return Err(format!("{text:?} has a port; hosts are matched without it, {hint}"));
     }
     let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
         return Err(format!("{text:?} is not a host name; {hint}"));
@@ -1644,9 +1565,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
         let mut diagonal = row[0];
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
-            let next = (diagonal + usize::from(ca != *cb))
-                .min(row[j] + 1)
-                .min(row[j + 1] + 1);
+            let next = (diagonal + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
             diagonal = row[j + 1];
             row[j + 1] = next;
         }
@@ -1662,9 +1581,7 @@ fn syntax_message(toml_message: &str, at_error: &str, after_equals: bool) -> Str
     // its first character ("invalid string", "invalid floating-point number", ...).
     let bare_word = after_equals
         && at_error.starts_with(|c: char| c.is_ascii_alphabetic() || "./~$".contains(c))
-        && !["true", "false", "inf", "nan"]
-            .iter()
-            .any(|w| at_error.starts_with(w));
+        && !["true", "false", "inf", "nan"].iter().any(|w| at_error.starts_with(w));
     let hint = if what.starts_with("invalid string") || bare_word {
         "text values need quotes, e.g. command = \"./web --port {port}\""
     } else if what.contains("duplicate key") {
@@ -1682,11 +1599,7 @@ fn guess_key(text: &str, offset: usize) -> Option<String> {
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
     let line = &text[line_start..line_end];
-    let is_key = |k: &str| {
-        !k.is_empty()
-            && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.\"' ".contains(c))
-    };
+    let is_key = |k: &str| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_.\"' ".contains(c));
     if line.trim_start().starts_with('[') {
         return None; // the header itself is broken
     }
@@ -1700,8 +1613,7 @@ fn guess_key(text: &str, offset: usize) -> Option<String> {
         .filter(|h| is_key(h));
     let key = line.split_once('=').and_then(|(k, _)| {
         let k = k.trim();
-        (offset - line_start > line.find('=').unwrap_or(usize::MAX) && is_key(k))
-            .then(|| k.to_string())
+        (offset - line_start > line.find('=').unwrap_or(usize::MAX) && is_key(k)).then(|| k.to_string())
     });
     match (table, key) {
         (Some(t), Some(k)) => Some(format!("{t}.{k}")),
@@ -1746,10 +1658,7 @@ mod tests {
             shown.starts_with(&format!("cutover.toml:{line}:{column}: {key}: ")),
             "{shown}"
         );
-        assert!(
-            shown.contains(words),
-            "{shown:?} does not contain {words:?}"
-        );
+        assert!(shown.contains(words), "{shown:?} does not contain {words:?}");
         shown
     }
 
@@ -1811,10 +1720,7 @@ watch = { max_error_rate = 0 }
         let config = parse(text).unwrap();
         let expected = Config {
             server: ServerConfig {
-                listen: vec![
-                    "0.0.0.0:8080".parse().unwrap(),
-                    "[::]:8443".parse().unwrap(),
-                ],
+                listen: vec!["0.0.0.0:8080".parse().unwrap(), "[::]:8443".parse().unwrap()],
                 preview_listen: vec!["127.0.0.1:8081".parse().unwrap()],
                 admin: Admin::Tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901)),
                 token_file: Some(PathBuf::from("secrets/admin.token")),
@@ -1855,10 +1761,7 @@ watch = { max_error_rate = 0 }
                 },
                 ServiceConfig {
                     name: "web".to_string(),
-                    hosts: vec![
-                        "shop.example.com".to_string(),
-                        "www.example.com".to_string(),
-                    ],
+                    hosts: vec!["shop.example.com".to_string(), "www.example.com".to_string()],
                     driver: Driver::Process {
                         command: "./web --port {port}".to_string(),
                         instances: 3,
@@ -1981,18 +1884,12 @@ watch = { max_error_rate = 0 }
         )
         .unwrap();
         // The admin socket follows state_dir; the health timeout follows the interval.
-        assert_eq!(
-            config.server.admin,
-            Admin::Unix(PathBuf::from("run/admin.sock"))
-        );
+        assert_eq!(config.server.admin, Admin::Unix(PathBuf::from("run/admin.sock")));
         let web = &config.services[0];
         assert_eq!(web.health.interval, Duration::from_millis(100));
         assert_eq!(web.health.timeout, Duration::from_millis(50));
         assert_eq!(web.health.path, "/");
-        assert_eq!(
-            web.validate.as_ref().unwrap().timeout,
-            Duration::from_secs(60)
-        );
+        assert_eq!(web.validate.as_ref().unwrap().timeout, Duration::from_secs(60));
         assert_eq!(web.watch.max_p99, Some(Duration::from_secs(1)));
         assert_eq!(web.watch.duration, Duration::from_secs(300));
     }
@@ -2008,16 +1905,12 @@ watch = { max_error_rate = 0 }
     fn command_without_port_placeholder_is_accepted() {
         // The port is also in $PORT, which many frameworks read by themselves.
         let config = parse("[services.web]\ncommand = \"bundle exec puma\"\n").unwrap();
-        assert!(
-            matches!(&config.services[0].driver, Driver::Process { command, .. } if command == "bundle exec puma")
-        );
+        assert!(matches!(&config.services[0].driver, Driver::Process { command, .. } if command == "bundle exec puma"));
     }
 
     #[test]
     fn dotted_keys_are_read_and_located() {
-        let config =
-            parse("services.web.command = \"./web\"\nservices.web.health.path = \"/up\"\n")
-                .unwrap();
+        let config = parse("services.web.command = \"./web\"\nservices.web.health.path = \"/up\"\n").unwrap();
         assert_eq!(config.services[0].health.path, "/up");
         refused(
             "services.web.command = \"./web\"\nservices.web.health.interval = \"1 s\"\n",
@@ -2049,11 +1942,7 @@ watch = { max_error_rate = 0 }
 
         let shown = refused_syntax("[services.web\n", 1, 14);
         assert_eq!(shown.1, None);
-        assert!(
-            shown.0.starts_with("cutover.toml:1:14: invalid TOML: "),
-            "{}",
-            shown.0
-        );
+        assert!(shown.0.starts_with("cutover.toml:1:14: invalid TOML: "), "{}", shown.0);
     }
 
     /// (Display, key) of a syntax error at line:col.
@@ -2120,7 +2009,13 @@ watch = { max_error_rate = 0 }
         let at = |value: &str| {
             format!("[services.web]\ncommand = \"x\"\nhealth = {{ path = \"/up\", interval = {value} }}\n")
         };
-        let shown = refused(&at("\"5 sec\""), 3, 37, "services.web.health.interval", "\"5 sec\" is not a duration; write a whole number followed by ms, s, m or h, e.g. \"500ms\"");
+        let shown = refused(
+            &at("\"5 sec\""),
+            3,
+            37,
+            "services.web.health.interval",
+            "\"5 sec\" is not a duration; write a whole number followed by ms, s, m or h, e.g. \"500ms\"",
+        );
         assert_eq!(
             shown,
             "cutover.toml:3:37: services.web.health.interval: \"5 sec\" is not a duration; write a whole number \
@@ -2205,9 +2100,7 @@ watch = { max_error_rate = 0 }
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in [
-            "", "s", "5", " 5s", "5s ", "5 sec", "1.5s", "-1s", "+1s", "5S", "1h30m",
-        ] {
+        for bad in ["", "s", "5", " 5s", "5s ", "5 sec", "1.5s", "-1s", "+1s", "5S", "1h30m"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -2256,13 +2149,7 @@ watch = { max_error_rate = 0 }
             "server.admin",
             "write \"unix:PATH\" for a unix socket or IP:PORT",
         );
-        refused(
-            "[server]\nadmin = \"unix:\"\n",
-            2,
-            9,
-            "server.admin",
-            "path is empty",
-        );
+        refused("[server]\nadmin = \"unix:\"\n", 2, 9, "server.admin", "path is empty");
     }
 
     #[test]
@@ -2322,14 +2209,8 @@ watch = { max_error_rate = 0 }
             "requires a bearer token; add token_file",
         );
         assert!(shown.contains("127.0.0.1:9901"), "{shown}");
-        let config = parse(&format!(
-            "[server]\nadmin = \"unix:/run/cutover.sock\"\n{MINIMAL}"
-        ))
-        .unwrap();
-        assert_eq!(
-            config.server.admin,
-            Admin::Unix(PathBuf::from("/run/cutover.sock"))
-        );
+        let config = parse(&format!("[server]\nadmin = \"unix:/run/cutover.sock\"\n{MINIMAL}")).unwrap();
+        assert_eq!(config.server.admin, Admin::Unix(PathBuf::from("/run/cutover.sock")));
         assert_eq!(config.server.admin.to_string(), "unix:/run/cutover.sock");
     }
 
@@ -2370,13 +2251,7 @@ watch = { max_error_rate = 0 }
             "services.web.health.unhealthy",
             "0 is too small",
         );
-        refused(
-            "[server]\nworkers = 0\n",
-            2,
-            11,
-            "server.workers",
-            "0 is too small",
-        );
+        refused("[server]\nworkers = 0\n", 2, 11, "server.workers", "0 is too small");
     }
 
     #[test]
@@ -2399,9 +2274,16 @@ watch = { max_error_rate = 0 }
 
     #[test]
     fn health_timeout_may_exceed_interval() {
-        let c = Config::parse("[services.web]\ncommand = \"x\"\nhealth = { interval = \"1s\", timeout = \"2s\" }\n", "cutover.toml").unwrap();
+        let c = Config::parse(
+            "[services.web]\ncommand = \"x\"\nhealth = { interval = \"1s\", timeout = \"2s\" }\n",
+            "cutover.toml",
+        )
+        .unwrap();
         let h = &c.service("web").unwrap().health;
-        assert_eq!((h.interval, h.timeout), (Duration::from_secs(1), Duration::from_secs(2)));
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_secs(1), Duration::from_secs(2))
+        );
         refused(
             "[services.web]\ncommand = \"x\"\nhealth = { path = \"up\" }\n",
             3,
@@ -2413,9 +2295,7 @@ watch = { max_error_rate = 0 }
 
     #[test]
     fn error_rate_must_be_a_fraction() {
-        let at = |v: &str| {
-            format!("[services.web]\ncommand = \"x\"\nwatch = {{ max_error_rate = {v} }}\n")
-        };
+        let at = |v: &str| format!("[services.web]\ncommand = \"x\"\nwatch = {{ max_error_rate = {v} }}\n");
         refused(
             &at("1.5"),
             3,
@@ -2430,13 +2310,7 @@ watch = { max_error_rate = 0 }
             "services.web.watch.max_error_rate",
             "not a fraction",
         );
-        refused(
-            &at("nan"),
-            3,
-            28,
-            "services.web.watch.max_error_rate",
-            "not a fraction",
-        );
+        refused(&at("nan"), 3, 28, "services.web.watch.max_error_rate", "not a fraction");
         refused(
             &at("\"1%\""),
             3,
@@ -2444,10 +2318,7 @@ watch = { max_error_rate = 0 }
             "services.web.watch.max_error_rate",
             "\"1%\" is not a number",
         );
-        assert_eq!(
-            parse(&at("1")).unwrap().services[0].watch.max_error_rate,
-            1.0
-        );
+        assert_eq!(parse(&at("1")).unwrap().services[0].watch.max_error_rate, 1.0);
         refused(
             "[services.web]\ncommand = \"x\"\nwatch = { min_requests = 0 }\n",
             3,
@@ -2612,9 +2483,7 @@ watch = { max_error_rate = 0 }
         let path = dir.join("cutover.toml");
         std::fs::write(
             &path,
-            format!(
-                "[server]\nadmin = \"127.0.0.1:9901\"\ntoken_file = \"admin.token\"\n{MINIMAL}"
-            ),
+            format!("[server]\nadmin = \"127.0.0.1:9901\"\ntoken_file = \"admin.token\"\n{MINIMAL}"),
         )
         .unwrap();
         let config = Config::load(&path).unwrap();
@@ -2625,10 +2494,8 @@ watch = { max_error_rate = 0 }
         std::fs::write(&path, "[services.web]\ninstances = 0\ncommand = \"x\"\n").unwrap();
         let e = Config::load(&path).unwrap_err();
         assert!(
-            e.to_string().starts_with(&format!(
-                "{}:2:13: services.web.instances: ",
-                path.display()
-            )),
+            e.to_string()
+                .starts_with(&format!("{}:2:13: services.web.instances: ", path.display())),
             "{e}"
         );
 
@@ -2636,10 +2503,8 @@ watch = { max_error_rate = 0 }
         let e = Config::load(&missing).unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }));
         assert!(
-            e.to_string().starts_with(&format!(
-                "{}: cannot read the config file: ",
-                missing.display()
-            )),
+            e.to_string()
+                .starts_with(&format!("{}: cannot read the config file: ", missing.display())),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -180,11 +180,7 @@ pub enum Reason {
     /// The health checker reports no healthy instance of the colour.
     Unhealthy(String),
     /// Too many failed requests on the new colour during the watch.
-    ErrorRate {
-        errors: u64,
-        requests: u64,
-        max: f64,
-    },
+    ErrorRate { errors: u64, requests: u64, max: f64 },
     /// The new colour's p99 latency during the watch was above the maximum.
     Latency { p99: Duration, max: Duration },
 }
@@ -197,11 +193,7 @@ impl fmt::Display for Reason {
             Reason::HealthDeadline(d) => write!(f, "instances not healthy within {d:?}"),
             Reason::SmokeFailed(why) => write!(f, "smoke command failed: {why}"),
             Reason::Unhealthy(why) => write!(f, "no healthy instance: {why}"),
-            Reason::ErrorRate {
-                errors,
-                requests,
-                max,
-            } => write!(
+            Reason::ErrorRate { errors, requests, max } => write!(
                 f,
                 "{errors} of {requests} requests failed, above the maximum error rate {max}"
             ),
@@ -239,10 +231,7 @@ pub enum Phase {
     /// No deployment in progress. Next: `Deploy` starts one (retiring the warm colour first, since
     /// the new release needs that colour); `Rollback` switches back to the warm colour at once, or
     /// without one redeploys the previous release (cold); `KeepWarmElapsed` retires the warm colour.
-    Stable {
-        warm: Option<Warm>,
-        last: Option<Ended>,
-    },
+    Stable { warm: Option<Warm>, last: Option<Ended> },
     /// The deployment's instances were started. Next: `InstancesHealthy` moves to `Validating`;
     /// `ProvisionFailed`, `HealthDeadlinePassed` or `Abort` stop them and end in `Stable`.
     Provisioning(Deployment),
@@ -336,10 +325,7 @@ pub enum Event {
     AutoPromoteDue { id: DeploymentId },
     /// Driver, periodically after [`Action::StartWatch`] (and once more just before the window
     /// ends): the new colour's counters since the switch.
-    WatchSample {
-        id: DeploymentId,
-        sample: WatchSample,
-    },
+    WatchSample { id: DeploymentId, sample: WatchSample },
     /// Timer [`Timer::WatchWindow`]: the watch window ended without a failure.
     WatchWindowElapsed { id: DeploymentId },
     /// Timer [`Timer::KeepWarm`]: `id` is the deployment whose promotion left the colour warm.
@@ -467,20 +453,14 @@ pub enum Action {
     Drain { colour: Colour },
     /// Run the smoke command against `colour`'s preview route; report [`Event::SmokePassed`] or
     /// [`Event::SmokeFailed`] for `deployment`.
-    RunSmoke {
-        deployment: DeploymentId,
-        colour: Colour,
-    },
+    RunSmoke { deployment: DeploymentId, colour: Colour },
     /// Kill the smoke command of `deployment` if it still runs; its result no longer matters.
     CancelSmoke { deployment: DeploymentId },
     /// Install a route table whose active colour is `colour`: from now on every new request goes
     /// there (in-flight ones finish where they started).
     SwitchTo { colour: Colour },
     /// Start sampling `colour`'s counters from now on; raise [`Event::WatchSample`].
-    StartWatch {
-        deployment: DeploymentId,
-        colour: Colour,
-    },
+    StartWatch { deployment: DeploymentId, colour: Colour },
     /// Stop sampling for `deployment`.
     StopWatch { deployment: DeploymentId },
     /// Arm `timer` to fire `after` from now, for `deployment`.
@@ -667,9 +647,7 @@ impl LifecycleError {
             | LifecycleError::RollbackDuringDeployment { .. }
             | LifecycleError::NothingToRollBack { .. } => ErrorKind::Refused,
             LifecycleError::Stale { .. } | LifecycleError::Late { .. } => ErrorKind::Stale,
-            LifecycleError::Unexpected { .. } | LifecycleError::ReusedId { .. } => {
-                ErrorKind::Internal
-            }
+            LifecycleError::Unexpected { .. } | LifecycleError::ReusedId { .. } => ErrorKind::Internal,
         }
     }
 }
@@ -705,10 +683,7 @@ impl State {
             live: None,
             previous: None,
             last_id: None,
-            phase: Phase::Stable {
-                warm: None,
-                last: None,
-            },
+            phase: Phase::Stable { warm: None, last: None },
         }
     }
 
@@ -770,14 +745,14 @@ impl State {
             Event::Abort => self.abort(),
             Event::Rollback { id, plan } => self.rollback(id, plan),
             Event::KeepWarmElapsed { id } => self.keep_warm_elapsed(id),
-            Event::InstancesHealthy { id }
-            | Event::ProvisionFailed { id, .. }
-            | Event::HealthDeadlinePassed { id } => self.report(id, 0, event),
+            Event::InstancesHealthy { id } | Event::ProvisionFailed { id, .. } | Event::HealthDeadlinePassed { id } => {
+                self.report(id, 0, event)
+            }
             Event::SmokePassed { id } | Event::SmokeFailed { id, .. } => self.report(id, 1, event),
             Event::AutoPromoteDue { id } => self.report(id, 2, event),
-            Event::Unhealthy { id, .. }
-            | Event::WatchSample { id, .. }
-            | Event::WatchWindowElapsed { id } => self.report(id, 3, event),
+            Event::Unhealthy { id, .. } | Event::WatchSample { id, .. } | Event::WatchWindowElapsed { id } => {
+                self.report(id, 3, event)
+            }
         }
     }
 
@@ -859,9 +834,7 @@ impl State {
                 colour: live.colour,
                 release: live.release.clone(),
             });
-            actions.push(Action::SwitchTo {
-                colour: live.colour,
-            });
+            actions.push(Action::SwitchTo { colour: live.colour });
         }
         for colour in [Colour::Blue, Colour::Green] {
             if self.live.as_ref().is_some_and(|l| l.colour == colour) {
@@ -986,12 +959,10 @@ impl State {
                 version: d.release.version.clone(),
                 phase: self.phase.name(),
             }),
-            Phase::Stable { .. } | Phase::Watching { .. } => {
-                Err(LifecycleError::NothingToPromote {
-                    service: self.service.clone(),
-                    status: self.status(),
-                })
-            }
+            Phase::Stable { .. } | Phase::Watching { .. } => Err(LifecycleError::NothingToPromote {
+                service: self.service.clone(),
+                status: self.status(),
+            }),
         }
     }
 
@@ -1062,9 +1033,7 @@ impl State {
 
     fn abort(&self) -> Result<Transition, LifecycleError> {
         match &self.phase {
-            Phase::Provisioning(d) | Phase::ReadyToPromote(d) => {
-                Ok(self.abort_with(d, Reason::Requested, false))
-            }
+            Phase::Provisioning(d) | Phase::ReadyToPromote(d) => Ok(self.abort_with(d, Reason::Requested, false)),
             Phase::Validating(d) => Ok(self.abort_with(d, Reason::Requested, true)),
             Phase::Watching { deployment: d, .. } => Err(LifecycleError::AlreadyPromoted {
                 service: self.service.clone(),
@@ -1130,9 +1099,7 @@ impl State {
                 Ok(self.roll_back(w.promoted_by, &bad.release, &to, Reason::Requested, false))
             }
             Phase::Stable { warm: None, .. } => match (&self.live, &self.previous) {
-                (Some(_), Some(previous)) => {
-                    self.deploy(id, previous.clone(), plan, Cause::ColdRollback)
-                }
+                (Some(_), Some(previous)) => self.deploy(id, previous.clone(), plan, Cause::ColdRollback),
                 _ => Err(self.nothing_to_roll_back()),
             },
             Phase::Provisioning(d) | Phase::Validating(d) | Phase::ReadyToPromote(d) => {
@@ -1161,14 +1128,7 @@ impl State {
     /// Instant rollback: live traffic back to the warm `to` first (it is the urgent part), then
     /// drain and stop the rejected colour (the one live now). `id` is the deployment that made the
     /// rejected release live.
-    fn roll_back(
-        &self,
-        id: DeploymentId,
-        rejected: &Release,
-        to: &Live,
-        reason: Reason,
-        watching: bool,
-    ) -> Transition {
+    fn roll_back(&self, id: DeploymentId, rejected: &Release, to: &Live, reason: Reason, watching: bool) -> Transition {
         let bad = to.colour.other();
         let mut actions = vec![
             Action::Record(Record::RolledBack {
@@ -1201,10 +1161,7 @@ impl State {
 
     fn keep_warm_elapsed(&self, id: DeploymentId) -> Result<Transition, LifecycleError> {
         match &self.phase {
-            Phase::Stable {
-                warm: Some(w),
-                last,
-            } if w.promoted_by == id => {
+            Phase::Stable { warm: Some(w), last } if w.promoted_by == id => {
                 let state = State {
                     phase: Phase::Stable {
                         warm: None,
@@ -1222,12 +1179,7 @@ impl State {
     }
 
     /// Reports and timers of deployment `id`, meaningful up to phase order `last`.
-    fn report(
-        &self,
-        id: DeploymentId,
-        last: u8,
-        event: Event,
-    ) -> Result<Transition, LifecycleError> {
+    fn report(&self, id: DeploymentId, last: u8, event: Event) -> Result<Transition, LifecycleError> {
         if self.phase.deployment().map(|d| d.id) != Some(id) {
             return Err(self.stale(event.name(), id));
         }
@@ -1313,9 +1265,7 @@ impl State {
         }
         let delay = match (d.cause, &d.plan.promote) {
             (Cause::ColdRollback, _) => return self.promote(d, validated),
-            (Cause::Deploy, Promotion::Auto { delay }) if delay.is_zero() => {
-                return self.promote(d, validated)
-            }
+            (Cause::Deploy, Promotion::Auto { delay }) if delay.is_zero() => return self.promote(d, validated),
             (Cause::Deploy, Promotion::Auto { delay }) => Some(*delay),
             (Cause::Deploy, Promotion::Manual) => None,
         };
@@ -1340,13 +1290,7 @@ impl State {
 
     /// Judge a watch sample: nothing until `min_requests`, then error rate and p99 against the
     /// plan's thresholds; a breach rolls back at once.
-    fn judge(
-        &self,
-        d: &Deployment,
-        rollback_to: &Live,
-        judged: bool,
-        sample: WatchSample,
-    ) -> Transition {
+    fn judge(&self, d: &Deployment, rollback_to: &Live, judged: bool, sample: WatchSample) -> Transition {
         let policy = &d.plan.watch;
         if sample.requests < policy.min_requests {
             return state_transition(self.clone(), Vec::new());
@@ -1395,11 +1339,7 @@ impl State {
             Action::Record(Record::WentLive {
                 id: d.id,
                 live,
-                watch: if judged {
-                    Watched::Judged
-                } else {
-                    Watched::Unjudged
-                },
+                watch: if judged { Watched::Judged } else { Watched::Unjudged },
             }),
             Action::StopWatch { deployment: d.id },
         ];
@@ -1508,9 +1448,7 @@ mod tests {
         plan(Promotion::Manual)
     }
     fn auto() -> Plan {
-        plan(Promotion::Auto {
-            delay: Duration::ZERO,
-        })
+        plan(Promotion::Auto { delay: Duration::ZERO })
     }
     fn delayed() -> Plan {
         plan(Promotion::Auto {
@@ -1648,10 +1586,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(
-            t.state,
-            base(None, None, 1, Phase::Provisioning(d1.clone()))
-        );
+        assert_eq!(t.state, base(None, None, 1, Phase::Provisioning(d1.clone())));
 
         let t = ok(&t.state, healthy(1));
         assert_eq!(t.state.live, None);
@@ -1666,9 +1601,7 @@ mod tests {
                     live: at(Colour::Blue, "v1"),
                     watch: Watched::Skipped
                 }),
-                Action::SwitchTo {
-                    colour: Colour::Blue
-                },
+                Action::SwitchTo { colour: Colour::Blue },
             ]
         );
         assert_eq!(
@@ -1712,12 +1645,7 @@ mod tests {
         );
         assert_eq!(
             t.state,
-            base(
-                Some(at(Colour::Blue, "v1")),
-                None,
-                2,
-                Phase::Provisioning(d2(manual()))
-            )
+            base(Some(at(Colour::Blue, "v1")), None, 2, Phase::Provisioning(d2(manual())))
         );
     }
 
@@ -1730,12 +1658,8 @@ mod tests {
                 record(Record::Retired {
                     live: at(Colour::Blue, "v1")
                 }),
-                Action::Drain {
-                    colour: Colour::Blue
-                },
-                Action::StopInstances {
-                    colour: Colour::Blue
-                },
+                Action::Drain { colour: Colour::Blue },
+                Action::StopInstances { colour: Colour::Blue },
                 record(Record::Started {
                     id: id(3),
                     release: rel("v3"),
@@ -1825,12 +1749,7 @@ mod tests {
         );
         assert_eq!(
             t.state,
-            base(
-                Some(at(Colour::Blue, "v1")),
-                None,
-                2,
-                Phase::Validating(d2(manual()))
-            )
+            base(Some(at(Colour::Blue, "v1")), None, 2, Phase::Validating(d2(manual())))
         );
     }
 
@@ -1855,19 +1774,14 @@ mod tests {
         if cancel_smoke {
             expected.push(Action::CancelSmoke { deployment: id(2) });
         }
-        expected.push(Action::StopInstances {
-            colour: Colour::Green,
-        });
+        expected.push(Action::StopInstances { colour: Colour::Green });
         assert_eq!(t.actions, expected);
         assert_eq!(t.state, aborted_2(reason));
     }
 
     #[test]
     fn health_deadline_aborts_and_stops_green_with_live_untouched() {
-        let t = ok(
-            &provisioning(manual()),
-            Event::HealthDeadlinePassed { id: id(2) },
-        );
+        let t = ok(&provisioning(manual()), Event::HealthDeadlinePassed { id: id(2) });
         assert_aborted(&t, Reason::HealthDeadline(Duration::from_secs(30)), false);
     }
 
@@ -1880,11 +1794,7 @@ mod tests {
                 reason: "command not found".into(),
             },
         );
-        assert_aborted(
-            &t,
-            Reason::ProvisionFailed("command not found".into()),
-            false,
-        );
+        assert_aborted(&t, Reason::ProvisionFailed("command not found".into()), false);
     }
 
     // ----- Validating -----
@@ -1966,9 +1876,7 @@ mod tests {
                 id: id(2),
                 colour: Colour::Green,
             }),
-            Action::SwitchTo {
-                colour: Colour::Green,
-            },
+            Action::SwitchTo { colour: Colour::Green },
             Action::StartWatch {
                 deployment: id(2),
                 colour: Colour::Green,
@@ -2122,21 +2030,9 @@ mod tests {
 
     #[test]
     fn abort_stops_an_unpromoted_deployment_with_live_untouched() {
-        assert_aborted(
-            &ok(&provisioning(manual()), Event::Abort),
-            Reason::Requested,
-            false,
-        );
-        assert_aborted(
-            &ok(&validating(manual()), Event::Abort),
-            Reason::Requested,
-            true,
-        );
-        assert_aborted(
-            &ok(&ready(manual()), Event::Abort),
-            Reason::Requested,
-            false,
-        );
+        assert_aborted(&ok(&provisioning(manual()), Event::Abort), Reason::Requested, false);
+        assert_aborted(&ok(&validating(manual()), Event::Abort), Reason::Requested, true);
+        assert_aborted(&ok(&ready(manual()), Event::Abort), Reason::Requested, false);
     }
 
     #[test]
@@ -2207,16 +2103,10 @@ mod tests {
                     to: at(Colour::Blue, "v1"),
                     reason: reason.clone()
                 }),
-                Action::SwitchTo {
-                    colour: Colour::Blue
-                },
+                Action::SwitchTo { colour: Colour::Blue },
                 Action::StopWatch { deployment: id(2) },
-                Action::Drain {
-                    colour: Colour::Green
-                },
-                Action::StopInstances {
-                    colour: Colour::Green
-                },
+                Action::Drain { colour: Colour::Green },
+                Action::StopInstances { colour: Colour::Green },
             ]
         );
         assert_eq!(
@@ -2332,12 +2222,8 @@ mod tests {
                 record(Record::Retired {
                     live: at(Colour::Blue, "v1")
                 }),
-                Action::Drain {
-                    colour: Colour::Blue
-                },
-                Action::StopInstances {
-                    colour: Colour::Blue
-                },
+                Action::Drain { colour: Colour::Blue },
+                Action::StopInstances { colour: Colour::Blue },
             ]
         );
         assert_eq!(t.state.warm(), None);
@@ -2378,15 +2264,9 @@ mod tests {
                     to: at(Colour::Blue, "v1"),
                     reason: Reason::Requested
                 }),
-                Action::SwitchTo {
-                    colour: Colour::Blue
-                },
-                Action::Drain {
-                    colour: Colour::Green
-                },
-                Action::StopInstances {
-                    colour: Colour::Green
-                },
+                Action::SwitchTo { colour: Colour::Blue },
+                Action::Drain { colour: Colour::Green },
+                Action::StopInstances { colour: Colour::Green },
             ]
         );
         assert_eq!(
@@ -2508,10 +2388,7 @@ mod tests {
         .state;
         for (state, status) in [
             (State::new(S), "nothing was ever live"),
-            (
-                first_live(),
-                "live blue@v1, no earlier release to return to",
-            ),
+            (first_live(), "live blue@v1, no earlier release to return to"),
             (rolled_back, "live blue@v1, no earlier release to return to"),
         ] {
             let e = err(
@@ -2545,11 +2422,7 @@ mod tests {
 
     #[test]
     fn rollback_during_an_unpromoted_deployment_points_to_abort() {
-        for state in [
-            provisioning(manual()),
-            validating(manual()),
-            ready(manual()),
-        ] {
+        for state in [provisioning(manual()), validating(manual()), ready(manual())] {
             let e = err(
                 &state,
                 Event::Rollback {
@@ -2594,12 +2467,8 @@ mod tests {
                 record(Record::Retired {
                     live: at(Colour::Blue, "v1")
                 }),
-                Action::Drain {
-                    colour: Colour::Blue
-                },
-                Action::StopInstances {
-                    colour: Colour::Blue
-                },
+                Action::Drain { colour: Colour::Blue },
+                Action::StopInstances { colour: Colour::Blue },
             ]
         );
         assert_eq!(
@@ -2678,10 +2547,7 @@ mod tests {
             (provisioning(delayed()), "AAAUUUUUUU"),
             (validating(delayed()), "LLLAAAUUUU"),
             (ready(delayed()), "LLLLLAAUUU"),
-            (
-                ok(&ready(delayed()), Event::Promote { id: None }).state,
-                "LLLLLALAAU",
-            ),
+            (ok(&ready(delayed()), Event::Promote { id: None }).state, "LLLLLALAAU"),
         ] {
             let phase = state.phase.name();
             for (event, want) in reports(2).into_iter().zip(expected.chars()) {
@@ -2769,9 +2635,7 @@ mod tests {
                     colour: Colour::Green,
                     release: rel("v2")
                 },
-                Action::SwitchTo {
-                    colour: Colour::Green
-                },
+                Action::SwitchTo { colour: Colour::Green },
                 Action::Adopt {
                     colour: Colour::Blue,
                     release: rel("v1")
@@ -2793,12 +2657,8 @@ mod tests {
                     colour: Colour::Green,
                     release: rel("v2")
                 },
-                Action::SwitchTo {
-                    colour: Colour::Green
-                },
-                Action::StopInstances {
-                    colour: Colour::Blue
-                },
+                Action::SwitchTo { colour: Colour::Green },
+                Action::StopInstances { colour: Colour::Blue },
             ]
         );
         assert_eq!(t.state, stable_cold());
@@ -2807,12 +2667,8 @@ mod tests {
         assert_eq!(
             t.actions,
             vec![
-                Action::StopInstances {
-                    colour: Colour::Blue
-                },
-                Action::StopInstances {
-                    colour: Colour::Green
-                },
+                Action::StopInstances { colour: Colour::Blue },
+                Action::StopInstances { colour: Colour::Green },
             ]
         );
         assert_eq!(t.state, State::new(S));
@@ -2820,11 +2676,7 @@ mod tests {
 
     #[test]
     fn recovery_marks_an_unpromoted_deployment_interrupted_and_stops_its_colour() {
-        for state in [
-            provisioning(manual()),
-            validating(manual()),
-            ready(manual()),
-        ] {
+        for state in [provisioning(manual()), validating(manual()), ready(manual())] {
             let t = state.recover();
             assert_eq!(
                 t.actions,
@@ -2837,12 +2689,8 @@ mod tests {
                         colour: Colour::Blue,
                         release: rel("v1")
                     },
-                    Action::SwitchTo {
-                        colour: Colour::Blue
-                    },
-                    Action::StopInstances {
-                        colour: Colour::Green
-                    },
+                    Action::SwitchTo { colour: Colour::Blue },
+                    Action::StopInstances { colour: Colour::Green },
                 ]
             );
             assert_eq!(
@@ -2872,21 +2720,14 @@ mod tests {
                     id: id(1),
                     phase: "validating"
                 }),
-                Action::StopInstances {
-                    colour: Colour::Blue
-                },
-                Action::StopInstances {
-                    colour: Colour::Green
-                },
+                Action::StopInstances { colour: Colour::Blue },
+                Action::StopInstances { colour: Colour::Green },
             ]
         );
         assert_eq!(t.state.live, None);
         assert_eq!(t.state.last_id, Some(id(1)));
         // The next deployment is still a first one, on blue, with a newer id.
-        assert_eq!(
-            err(&t.state, deploy(1, "v1", manual())).kind(),
-            ErrorKind::Internal
-        );
+        assert_eq!(err(&t.state, deploy(1, "v1", manual())).kind(), ErrorKind::Internal);
         let next = ok(&t.state, deploy(2, "v1", manual())).state;
         assert_eq!(next.in_progress().map(|d| d.colour), Some(Colour::Blue));
     }
@@ -2904,9 +2745,7 @@ mod tests {
                     colour: Colour::Green,
                     release: rel("v2")
                 },
-                Action::SwitchTo {
-                    colour: Colour::Green
-                },
+                Action::SwitchTo { colour: Colour::Green },
                 Action::Adopt {
                     colour: Colour::Blue,
                     release: rel("v1")
@@ -2941,10 +2780,7 @@ mod tests {
 
     #[test]
     fn ordinary_transitions_are_not_rollbacks() {
-        assert_eq!(
-            ok(&first_live(), deploy(2, "v2", manual())).rollback_kind(),
-            None
-        );
+        assert_eq!(ok(&first_live(), deploy(2, "v2", manual())).rollback_kind(), None);
         assert_eq!(ok(&ready(manual()), Event::Abort).rollback_kind(), None);
     }
 }
@@ -3040,13 +2876,9 @@ mod property_tests {
             for inst in self.instances.iter_mut().flatten() {
                 match *event {
                     Event::InstancesHealthy { id } if inst.started_by == id => inst.healthy = true,
-                    Event::SmokePassed { id } if inst.started_by == id && inst.healthy => {
-                        inst.validated = true
-                    }
+                    Event::SmokePassed { id } if inst.started_by == id && inst.healthy => inst.validated = true,
                     // The health checker reports on the deployment in progress only.
-                    Event::Unhealthy { id, .. } if inst.started_by == id && tracked == Some(id) => {
-                        inst.healthy = false
-                    }
+                    Event::Unhealthy { id, .. } if inst.started_by == id && tracked == Some(id) => inst.healthy = false,
                     _ => {}
                 }
             }
@@ -3055,9 +2887,7 @@ mod property_tests {
         /// The history entries, written with the state before any action runs.
         fn commit(&mut self, record: &Record, before: &State) {
             match record {
-                Record::Started {
-                    id, colour, cause, ..
-                } => {
+                Record::Started { id, colour, cause, .. } => {
                     assert!(
                         self.tracked.is_none(),
                         "deployment {id} started while {:?} is in progress",
@@ -3075,10 +2905,7 @@ mod property_tests {
                     }
                 }
                 Record::Promoted { id, .. } => {
-                    let t = self
-                        .tracked
-                        .as_mut()
-                        .expect("promoted without a deployment");
+                    let t = self.tracked.as_mut().expect("promoted without a deployment");
                     assert_eq!(t.id, *id);
                     t.promoted = true;
                 }
@@ -3104,11 +2931,7 @@ mod property_tests {
                     }
                 }
                 Record::RolledBack { id, to, reason } => {
-                    let bad = before
-                        .live
-                        .as_ref()
-                        .expect("rollback with nothing live")
-                        .colour;
+                    let bad = before.live.as_ref().expect("rollback with nothing live").colour;
                     assert_eq!(to.colour, bad.other());
                     // From Watching it ends the deployment in progress; from Stable there is none.
                     if let Some(t) = self.tracked.take() {
@@ -3173,9 +2996,7 @@ mod property_tests {
                     assert_ne!(self.routed, Some(*colour), "draining the live colour");
                 }
                 Action::RunSmoke { deployment, colour } => {
-                    let inst = self.instances[slot(*colour)]
-                        .as_ref()
-                        .expect("smoke on nothing");
+                    let inst = self.instances[slot(*colour)].as_ref().expect("smoke on nothing");
                     assert_eq!(inst.started_by, *deployment);
                     assert!(inst.healthy, "smoke before health");
                 }
@@ -3198,10 +3019,8 @@ mod property_tests {
                     assert_eq!(self.routed, Some(*colour));
                     assert_eq!(self.tracked.as_ref().map(|t| t.id), Some(*deployment));
                 }
-                Action::CancelSmoke { .. }
-                | Action::StopWatch { .. }
-                | Action::ArmTimer { .. }
-                | Action::Record(_) => {}
+                Action::CancelSmoke { .. } | Action::StopWatch { .. } | Action::ArmTimer { .. } | Action::Record(_) => {
+                }
             }
         }
 
@@ -3232,9 +3051,7 @@ mod property_tests {
             if let Some(w) = state.warm() {
                 expected[slot(w.colour)] = Some(w.release);
             }
-            if let Phase::Provisioning(d) | Phase::Validating(d) | Phase::ReadyToPromote(d) =
-                &state.phase
-            {
+            if let Phase::Provisioning(d) | Phase::Validating(d) | Phase::ReadyToPromote(d) = &state.phase {
                 expected[slot(d.colour)] = Some(d.release.clone());
             }
             let running = self.instances.clone().map(|i| i.map(|i| i.release));
@@ -3242,10 +3059,7 @@ mod property_tests {
             // Invariant 4: aborted, interrupted and rolled-back deployments were stopped.
             assert_eq!(self.cleanup, vec![]);
             // Invariant 2: one deployment in progress, the one the history says.
-            assert_eq!(
-                self.tracked.as_ref().map(|t| t.id),
-                state.in_progress().map(|d| d.id)
-            );
+            assert_eq!(self.tracked.as_ref().map(|t| t.id), state.in_progress().map(|d| d.id));
             // Invariant 3: a deployment that ended before promotion left live traffic as it was.
             if let Some(live) = self.expect_live.take() {
                 assert_eq!(state.live, live);
@@ -3264,9 +3078,7 @@ mod property_tests {
     fn random_plan(rng: &mut Rng) -> Plan {
         let promote = match rng.below(3) {
             0 => Promotion::Manual,
-            1 => Promotion::Auto {
-                delay: Duration::ZERO,
-            },
+            1 => Promotion::Auto { delay: Duration::ZERO },
             _ => Promotion::Auto {
                 delay: Duration::from_secs(30),
             },

@@ -16,7 +16,11 @@ use cutover_proxy::{Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTab
 use cutover_control::config::parse_duration;
 
 #[derive(Parser)]
-#[command(name = "cutover", version, about = "Blue-green deployments behind an atomic switching proxy")]
+#[command(
+    name = "cutover",
+    version,
+    about = "Blue-green deployments behind an atomic switching proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,7 +74,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -94,9 +99,22 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     svc.green = Pool::new(None, args.green.iter().copied().map(Instance::new).collect());
     svc.preview_token = args.preview_token.as_deref().map(|t| Arc::from(t.as_bytes()));
     let table = RouteTable::new(vec![svc])?;
-    let mut listeners: Vec<ListenerConfig> = args.listen.iter().map(|&addr| ListenerConfig { addr, preview: false }).collect();
-    listeners.extend(args.preview_listen.iter().map(|&addr| ListenerConfig { addr, preview: true }));
-    let config = ProxyConfig { listeners, workers: args.workers, max_connections: args.max_connections, ..Default::default() };
+    let mut listeners: Vec<ListenerConfig> = args
+        .listen
+        .iter()
+        .map(|&addr| ListenerConfig { addr, preview: false })
+        .collect();
+    listeners.extend(
+        args.preview_listen
+            .iter()
+            .map(|&addr| ListenerConfig { addr, preview: true }),
+    );
+    let config = ProxyConfig {
+        listeners,
+        workers: args.workers,
+        max_connections: args.max_connections,
+        ..Default::default()
+    };
     let proxy = match Proxy::start(config, table) {
         Ok(p) => Arc::new(p),
         Err(e) => {

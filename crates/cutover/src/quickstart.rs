@@ -46,7 +46,15 @@ fn start_app(version: &str, colour: Colour) -> anyhow::Result<(App, SocketAddr)>
     let port = free_port()?;
     let exe = std::env::current_exe().context("cannot find the cutover executable")?;
     let child = Command::new(exe)
-        .args(["demo-app", "--port", &port.to_string(), "--version", version, "--colour", colour.as_str()])
+        .args([
+            "demo-app",
+            "--port",
+            &port.to_string(),
+            "--version",
+            version,
+            "--colour",
+            colour.as_str(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -112,7 +120,10 @@ async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>
             }
         };
         while !stop.load(Ordering::Relaxed) {
-            let req = Request::get("/").header("host", "quickstart").body(Empty::<Bytes>::new()).expect("static request");
+            let req = Request::get("/")
+                .header("host", "quickstart")
+                .body(Empty::<Bytes>::new())
+                .expect("static request");
             let result = async {
                 let resp = tx.send_request(req).await?;
                 let status = resp.status();
@@ -123,11 +134,16 @@ async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>
             match result {
                 Ok((status, body)) if status.is_success() => {
                     local.ok += 1;
-                    *local.served.entry(String::from_utf8_lossy(&body).trim().to_string()).or_default() += 1;
+                    *local
+                        .served
+                        .entry(String::from_utf8_lossy(&body).trim().to_string())
+                        .or_default() += 1;
                 }
                 Ok((status, body)) => {
                     local.failed += 1;
-                    local.first_error.get_or_insert(format!("{status}: {}", String::from_utf8_lossy(&body).trim()));
+                    local
+                        .first_error
+                        .get_or_insert(format!("{status}: {}", String::from_utf8_lossy(&body).trim()));
                 }
                 Err(e) => {
                     local.failed += 1;
@@ -149,19 +165,28 @@ async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>
 }
 
 pub fn run(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(quickstart(args))
 }
 
 async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
-    println!("cutover quickstart: one service, two colours, {} keep-alive clients\n", args.clients);
+    println!(
+        "cutover quickstart: one service, two colours, {} keep-alive clients\n",
+        args.clients
+    );
 
     let mut svc = Service::new("demo");
     svc.preview_token = Some(Arc::from(PREVIEW_TOKEN.as_bytes()));
     let table = RouteTable::new(vec![svc])?;
     let config = ProxyConfig {
-        listeners: vec![ListenerConfig { addr: "127.0.0.1:0".parse()?, preview: false }],
+        listeners: vec![ListenerConfig {
+            addr: "127.0.0.1:0".parse()?,
+            preview: false,
+        }],
         ..Default::default()
     };
     let proxy = Arc::new(Proxy::start(config, table)?);
@@ -171,26 +196,31 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
     // v1 on blue: the first release goes live once healthy.
     let (_blue, blue_addr) = start_app("v1", Colour::Blue)?;
     let took = wait_healthy(blue_addr, Duration::from_secs(10)).await?;
-    proxy.update(|t| t.with_service("demo", |s| {
-        s.blue = s.blue.with_instances(Some("v1"), vec![Instance::new(blue_addr)]);
-        s.active = Colour::Blue;
-        Ok(())
-    }))?;
+    proxy.update(|t| {
+        t.with_service("demo", |s| {
+            s.blue = s.blue.with_instances(Some("v1"), vec![Instance::new(blue_addr)]);
+            s.active = Colour::Blue;
+            Ok(())
+        })
+    })?;
     println!("  v1 started on blue ({blue_addr}), healthy after {took:.0?}, live");
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let clients: Vec<_> =
-        (0..args.clients).map(|_| tokio::spawn(client(front, stop.clone(), tally.clone()))).collect();
+    let clients: Vec<_> = (0..args.clients)
+        .map(|_| tokio::spawn(client(front, stop.clone(), tally.clone())))
+        .collect();
     tokio::time::sleep(args.phase).await;
 
     // v2 on green, checked through the preview route before anyone sees it.
     let (_green, green_addr) = start_app("v2", Colour::Green)?;
     let took = wait_healthy(green_addr, Duration::from_secs(10)).await?;
-    proxy.update(|t| t.with_service("demo", |s| {
-        s.green = s.green.with_instances(Some("v2"), vec![Instance::new(green_addr)]);
-        Ok(())
-    }))?;
+    proxy.update(|t| {
+        t.with_service("demo", |s| {
+            s.green = s.green.with_instances(Some("v2"), vec![Instance::new(green_addr)]);
+            Ok(())
+        })
+    })?;
     println!("  v2 started on green ({green_addr}), healthy after {took:.0?}");
     let (status, body) = get(front, "/", Some(PREVIEW_TOKEN)).await?;
     if status != 200 || body != "v2 green" {
@@ -200,12 +230,17 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
     println!("  preview route answers '{body}' while live traffic still gets '{live}'");
 
     let mut switches = Vec::new();
-    for (label, to) in [("switch to green (v2)", Colour::Green), ("rollback to blue (v1)", Colour::Blue)] {
+    for (label, to) in [
+        ("switch to green (v2)", Colour::Green),
+        ("rollback to blue (v1)", Colour::Blue),
+    ] {
         let from = to.other();
         let s = Instant::now();
         proxy.switch("demo", to)?;
         let switch_took = s.elapsed();
-        let drain = proxy.drain("demo", from, Duration::from_secs(30), Duration::from_secs(1)).await?;
+        let drain = proxy
+            .drain("demo", from, Duration::from_secs(30), Duration::from_secs(1))
+            .await?;
         println!(
             "  {label}: switch {:.1?}, old colour drained in {:.1?} ({} cut)",
             switch_took, drain.elapsed, drain.cut_requests

@@ -19,7 +19,11 @@ impl Drop for Proc {
 
 impl Proc {
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.0.id().to_string()]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill -{sig} failed");
     }
 
@@ -52,7 +56,10 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -70,20 +77,41 @@ fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn demo_app(version: &str, colour: &str) -> (Proc, SocketAddr) {
     let port = free_port();
     let child = Command::new(BIN)
-        .args(["demo-app", "--port", &port.to_string(), "--version", version, "--colour", colour])
+        .args([
+            "demo-app",
+            "--port",
+            &port.to_string(),
+            "--version",
+            version,
+            "--colour",
+            colour,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let a = addr(port);
-    assert!(wait_until(Duration::from_secs(10), || get(a, "/up").map(|r| r.0 == 200).unwrap_or(false)), "demo app up");
+    assert!(
+        wait_until(Duration::from_secs(10), || get(a, "/up")
+            .map(|r| r.0 == 200)
+            .unwrap_or(false)),
+        "demo app up"
+    );
     (Proc(child), a)
 }
 
 fn proxy(blue: SocketAddr, green: SocketAddr) -> (Proc, SocketAddr) {
     let port = free_port();
     let child = Command::new(BIN)
-        .args(["proxy", "--listen", &format!("127.0.0.1:{port}"), "--blue", &blue.to_string(), "--green", &green.to_string()])
+        .args([
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--blue",
+            &blue.to_string(),
+            "--green",
+            &green.to_string(),
+        ])
         .args(["--drain-timeout", "10s"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -102,7 +130,9 @@ fn sigusr1_switches_and_sigterm_finishes_in_flight_requests() {
     assert_eq!(get(front, "/").unwrap(), (200, "v1 blue\n".to_string()));
 
     p.signal("USR1");
-    assert!(wait_until(Duration::from_secs(5), || get(front, "/").map(|r| r.1 == "v2 green\n").unwrap_or(false)));
+    assert!(wait_until(Duration::from_secs(5), || get(front, "/")
+        .map(|r| r.1 == "v2 green\n")
+        .unwrap_or(false)));
 
     // A slow request in flight when SIGTERM arrives still gets its whole answer.
     let slow = std::thread::spawn(move || get(front, "/?delay=1500"));
@@ -110,7 +140,11 @@ fn sigusr1_switches_and_sigterm_finishes_in_flight_requests() {
     p.signal("TERM");
     let (status, body) = slow.join().unwrap().unwrap();
     assert_eq!((status, body.as_str()), (200, "v2 green\n"));
-    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0), "clean exit after SIGTERM");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "clean exit after SIGTERM"
+    );
     assert!(TcpStream::connect(front).is_err(), "listener closed");
 }
 
@@ -119,7 +153,15 @@ fn port_in_use_is_refused_with_exit_code_2() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let out = Command::new(BIN)
-        .args(["proxy", "--listen", &format!("127.0.0.1:{port}"), "--blue", "127.0.0.1:1", "--green", "127.0.0.1:2"])
+        .args([
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--blue",
+            "127.0.0.1:1",
+            "--green",
+            "127.0.0.1:2",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -129,11 +171,32 @@ fn port_in_use_is_refused_with_exit_code_2() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let out = Command::new(BIN).args(["proxy", "--listen", "127.0.0.1:0", "--blue", "nowhere", "--green", "127.0.0.1:2"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--blue",
+            "nowhere",
+            "--green",
+            "127.0.0.1:2",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"));
     let out = Command::new(BIN)
-        .args(["proxy", "--listen", "127.0.0.1:0", "--blue", "127.0.0.1:1", "--green", "127.0.0.1:2", "--drain-timeout", "soon"])
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--blue",
+            "127.0.0.1:1",
+            "--green",
+            "127.0.0.1:2",
+            "--drain-timeout",
+            "soon",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -142,12 +205,22 @@ fn bad_flags_are_usage_errors() {
 
 #[test]
 fn quickstart_reports_no_failed_request() {
-    let mut child = Command::new(BIN).args(["quickstart", "--phase", "1s"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["quickstart", "--phase", "1s"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut out = String::new();
     child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{out}");
-    let line = out.lines().find(|l| l.trim_start().starts_with("failed")).expect("report has a failed line");
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("failed"))
+        .expect("report has a failed line");
     assert_eq!(line.split_whitespace().last(), Some("0"), "{out}");
-    assert!(out.contains("served by v1 blue") && out.contains("served by v2 green"), "{out}");
+    assert!(
+        out.contains("served by v1 blue") && out.contains("served by v2 green"),
+        "{out}"
+    );
 }

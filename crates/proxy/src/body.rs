@@ -75,7 +75,13 @@ enum Inner {
 impl ProxyBody {
     pub fn full(data: impl Into<Bytes>) -> ProxyBody {
         let data = data.into();
-        ProxyBody { inner: if data.is_empty() { Inner::Done } else { Inner::Full(Some(data)) } }
+        ProxyBody {
+            inner: if data.is_empty() {
+                Inner::Done
+            } else {
+                Inner::Full(Some(data))
+            },
+        }
     }
 
     pub fn empty() -> ProxyBody {
@@ -88,7 +94,9 @@ impl ProxyBody {
             finish(s);
             return ProxyBody::empty();
         }
-        ProxyBody { inner: Inner::Stream(Box::new(s)) }
+        ProxyBody {
+            inner: Inner::Stream(Box::new(s)),
+        }
     }
 }
 

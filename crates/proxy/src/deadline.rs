@@ -97,7 +97,10 @@ pub(crate) struct Expired<'a> {
 }
 
 pub(crate) fn expired(gen: &Generation) -> Expired<'_> {
-    Expired { gen, reg: Registration::default() }
+    Expired {
+        gen,
+        reg: Registration::default(),
+    }
 }
 
 impl Future for Expired<'_> {
@@ -113,7 +116,13 @@ pub(crate) async fn wake_expired(mut rx: mpsc::UnboundedReceiver<Arc<Generation>
     while let Some(gen) = rx.recv().await {
         let k = key(&gen);
         let wakers: Vec<Waker> = WAITERS.with(|w| {
-            w.borrow().slots.iter().flatten().filter(|(g, _)| *g == k).map(|(_, waker)| waker.clone()).collect()
+            w.borrow()
+                .slots
+                .iter()
+                .flatten()
+                .filter(|(g, _)| *g == k)
+                .map(|(_, waker)| waker.clone())
+                .collect()
         });
         for w in wakers {
             w.wake();

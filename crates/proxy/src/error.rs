@@ -17,10 +17,18 @@ pub enum ProxyError {
     /// Upstream side: every usable instance refused or timed out at connect (retryable: nothing
     /// was sent).
     #[error("service {service}: could not connect to any instance (last tried {addr}: {reason})")]
-    Connect { service: String, addr: SocketAddr, reason: String },
+    Connect {
+        service: String,
+        addr: SocketAddr,
+        reason: String,
+    },
     /// Upstream side: the connection failed after the request was (partly) sent.
     #[error("service {service}: upstream {addr} failed: {reason}")]
-    Upstream { service: String, addr: SocketAddr, reason: String },
+    Upstream {
+        service: String,
+        addr: SocketAddr,
+        reason: String,
+    },
     /// Upstream side: no response head within the upstream timeout.
     #[error("service {service}: upstream {addr} did not answer in time")]
     Timeout { service: String, addr: SocketAddr },
@@ -39,13 +47,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoInstance { .. } | ProxyError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoInstance { .. } | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::Timeout { .. } | ProxyError::DrainDeadline { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::Timeout { .. } | ProxyError::DrainDeadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -60,7 +64,11 @@ pub enum TableError {
     #[error("service '{0}' is defined twice")]
     DuplicateService(String),
     #[error("host '{host}' is claimed by both service '{first}' and service '{second}'")]
-    DuplicateHost { host: String, first: String, second: String },
+    DuplicateHost {
+        host: String,
+        first: String,
+        second: String,
+    },
     #[error("services '{0}' and '{1}' both have no hosts; only one service can be the default")]
     TwoDefaults(String, String),
     #[error("'{0}' is not a colour: use 'blue' or 'green'")]

@@ -87,7 +87,11 @@ impl std::fmt::Display for HeadError {
 
 impl Conn {
     pub(crate) fn new(io: TcpStream) -> Conn {
-        Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), reused: false }
+        Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            reused: false,
+        }
     }
 
     /// True when an idle pooled connection is still usable: nothing arrived on it since the last
@@ -337,7 +341,9 @@ pub(crate) fn write_hex(out: &mut Vec<u8>, mut n: u64) {
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
-    value.split(|&b| b == b',').any(|t| trim_ows(t).eq_ignore_ascii_case(token.as_bytes()))
+    value
+        .split(|&b| b == b',')
+        .any(|t| trim_ows(t).eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Parses a complete response head off the front of `buf`, or returns `None` if more bytes are
@@ -355,7 +361,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
     };
     let code = resp.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| HeadError::Invalid("bad status code"))?;
-    let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let base = buf.as_ptr() as usize;
 
@@ -388,7 +398,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
             }
             for t in raw.split(|&b| b == b',') {
                 let t = trim_ows(t);
-                if !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"upgrade") {
+                if !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"upgrade")
+                {
                     if let Ok(extra) = HeaderName::from_bytes(t) {
                         named_in_connection.push(extra);
                     }
@@ -416,10 +430,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
             }
         } else if name == header::UPGRADE && !switching {
             continue;
-        } else if name == header::TE || name == header::TRAILER || name.as_str() == "keep-alive" || name.as_str() == "proxy-connection" {
+        } else if name == header::TE
+            || name == header::TRAILER
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
+        {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| HeadError::Invalid("bad header value"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+            .map_err(|_| HeadError::Invalid("bad header value"))?;
         headers.append(name, value);
     }
     for extra in named_in_connection {
@@ -448,7 +467,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
         keep_alive = false;
         Framing::Close
     };
-    Ok(Some(Head { status, headers, framing, keep_alive }))
+    Ok(Some(Head {
+        status,
+        headers,
+        framing,
+        keep_alive,
+    }))
 }
 
 /// The upstream end of a tunnel after a 101 response: whatever the upstream sent right after
@@ -505,7 +529,10 @@ mod tests {
 
     #[test]
     fn framing_rules() {
-        assert!(matches!(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n").framing, Framing::Chunked(_)));
+        assert!(matches!(
+            parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n").framing,
+            Framing::Chunked(_)
+        ));
         let h = parse("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         let h = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n");
@@ -558,7 +585,9 @@ mod tests {
         let mut state = Chunk::Size;
         assert!(decode_chunk(&mut BytesMut::from(&b"zz\r\n"[..]), &mut state).is_err());
         let mut state = Chunk::Size;
-        assert!(decode_chunk(&mut BytesMut::from(&b"2\r\nabXX"[..]), &mut state).and_then(|_| decode_chunk(&mut BytesMut::from(&b"XX"[..]), &mut Chunk::DataEnd)).is_err());
+        assert!(decode_chunk(&mut BytesMut::from(&b"2\r\nabXX"[..]), &mut state)
+            .and_then(|_| decode_chunk(&mut BytesMut::from(&b"XX"[..]), &mut Chunk::DataEnd))
+            .is_err());
     }
 
     #[test]

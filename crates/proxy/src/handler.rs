@@ -31,7 +31,10 @@ pub(crate) struct ConnCtx {
     pub(crate) activity: Arc<crate::server::Activity>,
 }
 
-pub(crate) async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+pub(crate) async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let _busy = ctx.activity.request();
     Ok(match proxy(&ctx, req).await {
         Ok(resp) => resp,
@@ -44,8 +47,12 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     msg.push('\n');
     let mut resp = Response::new(ProxyBody::full(msg));
     *resp.status_mut() = e.status();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -64,7 +71,10 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
@@ -81,7 +91,11 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
         Some(v) => svc.preview_matches(v.as_bytes()),
         None => false,
     };
-    let colour = if ctx.preview_listener || preview { svc.active.other() } else { svc.active };
+    let colour = if ctx.preview_listener || preview {
+        svc.active.other()
+    } else {
+        svc.active
+    };
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
     let gen_guard = pool.generation.enter_request();
@@ -105,7 +119,10 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
     headers::encode_request(
         &mut head,
         &parts,
-        &Forwarding { client_ip: &ctx.client_ip, proto: "http" },
+        &Forwarding {
+            client_ip: &ctx.client_ip,
+            proto: "http",
+        },
         upgrade.as_ref(),
         framing,
     );
@@ -113,7 +130,13 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
         && upgrade.is_none()
         && framing == BodyFraming::None
         && is_idempotent(&parts.method);
-    let req = Outgoing { head: &head, body: &mut body, framing, replayable, head_request: parts.method == Method::HEAD };
+    let req = Outgoing {
+        head: &head,
+        body: &mut body,
+        framing,
+        replayable,
+        head_request: parts.method == Method::HEAD,
+    };
 
     let gen = gen_guard.gen.clone();
     let sent = tokio::select! {
@@ -123,7 +146,13 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
             return Err(ProxyError::DrainDeadline { service: service_name.to_string(), colour: colour.as_str() });
         }
     };
-    let Sent { head: resp_head, conn, instance_id, addr, instance } = sent?;
+    let Sent {
+        head: resp_head,
+        conn,
+        instance_id,
+        addr,
+        instance,
+    } = sent?;
 
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = resp_head.status;
@@ -136,8 +165,17 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
                 reason: "switched protocols without being asked to".into(),
             });
         };
-        let upstream = Prefixed { prefix: conn.buf.freeze(), io: conn.io };
-        spawn_tunnel(client_upgrade, upstream, Generation::into_upgraded(gen_guard), instance, OpenGuard::new(&ctx.shared));
+        let upstream = Prefixed {
+            prefix: conn.buf.freeze(),
+            io: conn.io,
+        };
+        spawn_tunnel(
+            client_upgrade,
+            upstream,
+            Generation::into_upgraded(gen_guard),
+            instance,
+            OpenGuard::new(&ctx.shared),
+        );
         return Ok(resp);
     }
     *resp.body_mut() = ProxyBody::streaming(Streaming {
@@ -155,11 +193,11 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
 
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
     req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| v.to_str().map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))).unwrap_or(false))
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+                .unwrap_or(false)
+        })
 }
 
 /// A request on its way upstream: its encoded head and the client's body.
@@ -185,7 +223,10 @@ enum Attempt {
     Answered(Head),
     /// Nothing reached the upstream, or it closed without answering a request that may be sent
     /// again: try another connection.
-    Retry { reason: String, instance_failed: bool },
+    Retry {
+        reason: String,
+        instance_failed: bool,
+    },
     Failed(ProxyError),
 }
 
@@ -207,7 +248,9 @@ async fn send(
     // Every instance once, plus a few for stale pooled connections.
     let max_attempts = pool.instances.len() + 3;
     for _ in 0..max_attempts {
-        let Some(idx) = pool.pick(balance, skip, now_ms()) else { break };
+        let Some(idx) = pool.pick(balance, skip, now_ms()) else {
+            break;
+        };
         let inst = &pool.instances[idx];
         let mut conn = match upstream::checkout(inst.id) {
             Some(c) => c,
@@ -216,12 +259,18 @@ async fn send(
                 Err(e) => {
                     // Passive ejection: skip it for a while unless nothing else is left.
                     let until = now_ms() + cfg.connect_timeout.as_millis().max(1000) as u64 * 2;
-                    inst.state.ejected_until_ms.store(until, std::sync::atomic::Ordering::Relaxed);
+                    inst.state
+                        .ejected_until_ms
+                        .store(until, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(service = %service, %colour, addr = %inst.addr, error = %e, "connect failed, trying a sibling");
                     if idx < 64 {
                         skip |= 1 << idx;
                     }
-                    last = Some(ProxyError::Connect { service: service.to_string(), addr: inst.addr, reason: e.to_string() });
+                    last = Some(ProxyError::Connect {
+                        service: service.to_string(),
+                        addr: inst.addr,
+                        reason: e.to_string(),
+                    });
                     continue;
                 }
             },
@@ -230,9 +279,18 @@ async fn send(
         let reused = conn.reused;
         match attempt(&mut conn, &mut req, cfg.upstream_timeout).await {
             Attempt::Answered(head) => {
-                return Ok(Sent { head, conn, instance_id: inst.id, addr: inst.addr, instance: guard });
+                return Ok(Sent {
+                    head,
+                    conn,
+                    instance_id: inst.id,
+                    addr: inst.addr,
+                    instance: guard,
+                });
             }
-            Attempt::Retry { reason, instance_failed } => {
+            Attempt::Retry {
+                reason,
+                instance_failed,
+            } => {
                 tracing::debug!(service = %service, %colour, addr = %inst.addr, error = %reason, reused, "upstream connection failed before answering; sending again");
                 // A stale keep-alive connection says nothing about the instance; a fresh one does.
                 if instance_failed || !reused {
@@ -240,23 +298,41 @@ async fn send(
                         skip |= 1 << idx;
                     }
                 }
-                last = Some(ProxyError::Upstream { service: service.to_string(), addr: inst.addr, reason });
+                last = Some(ProxyError::Upstream {
+                    service: service.to_string(),
+                    addr: inst.addr,
+                    reason,
+                });
             }
             Attempt::Failed(ProxyError::Upstream { reason, .. }) => {
-                return Err(ProxyError::Upstream { service: service.to_string(), addr: inst.addr, reason });
+                return Err(ProxyError::Upstream {
+                    service: service.to_string(),
+                    addr: inst.addr,
+                    reason,
+                });
             }
             Attempt::Failed(ProxyError::Timeout { .. }) => {
-                return Err(ProxyError::Timeout { service: service.to_string(), addr: inst.addr });
+                return Err(ProxyError::Timeout {
+                    service: service.to_string(),
+                    addr: inst.addr,
+                });
             }
             Attempt::Failed(e) => return Err(e),
         }
     }
-    Err(last.unwrap_or_else(|| ProxyError::NoInstance { service: service.to_string(), colour: colour.as_str() }))
+    Err(last.unwrap_or_else(|| ProxyError::NoInstance {
+        service: service.to_string(),
+        colour: colour.as_str(),
+    }))
 }
 
 fn upstream_error(reason: impl ToString) -> ProxyError {
     // Service and address are filled in by `send`.
-    ProxyError::Upstream { service: String::new(), addr: SocketAddr::from(([0, 0, 0, 0], 0)), reason: reason.to_string() }
+    ProxyError::Upstream {
+        service: String::new(),
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        reason: reason.to_string(),
+    }
 }
 
 /// One try on one connection: write the head (and stream the body, watching for an early
@@ -264,18 +340,30 @@ fn upstream_error(reason: impl ToString) -> ProxyError {
 async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Duration) -> Attempt {
     if let Err(e) = conn.io.write_all(req.head).await {
         // The head did not get through, so the upstream cannot act on it: safe to send again.
-        return Attempt::Retry { reason: e.to_string(), instance_failed: false };
+        return Attempt::Retry {
+            reason: e.to_string(),
+            instance_failed: false,
+        };
     }
     let head_request = req.head_request;
     if req.framing == BodyFraming::None {
-        return match tokio::time::timeout(timeout, crate::h1::read_head_from(&mut conn.io, &mut conn.buf, head_request)).await {
+        return match tokio::time::timeout(
+            timeout,
+            crate::h1::read_head_from(&mut conn.io, &mut conn.buf, head_request),
+        )
+        .await
+        {
             Ok(Ok(head)) => Attempt::Answered(head),
             // The send side decides from `reused` whether to blame the instance.
-            Ok(Err(HeadError::ClosedBeforeResponse(e))) if req.replayable => {
-                Attempt::Retry { reason: e.to_string(), instance_failed: false }
-            }
+            Ok(Err(HeadError::ClosedBeforeResponse(e))) if req.replayable => Attempt::Retry {
+                reason: e.to_string(),
+                instance_failed: false,
+            },
             Ok(Err(e)) => Attempt::Failed(upstream_error(e)),
-            Err(_) => Attempt::Failed(ProxyError::Timeout { service: String::new(), addr: SocketAddr::from(([0, 0, 0, 0], 0)) }),
+            Err(_) => Attempt::Failed(ProxyError::Timeout {
+                service: String::new(),
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            }),
         };
     }
 
@@ -311,7 +399,10 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Du
     match tokio::time::timeout(timeout, read_head_split(&mut rd, buf, head_request)).await {
         Ok(Ok(head)) => Attempt::Answered(head),
         Ok(Err(e)) => Attempt::Failed(upstream_error(e)),
-        Err(_) => Attempt::Failed(ProxyError::Timeout { service: String::new(), addr: SocketAddr::from(([0, 0, 0, 0], 0)) }),
+        Err(_) => Attempt::Failed(ProxyError::Timeout {
+            service: String::new(),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }),
     }
 }
 

@@ -61,7 +61,11 @@ fn named_in_connection(parts: &Parts) -> Vec<HeaderName> {
     for v in parts.headers.get_all(header::CONNECTION) {
         let Ok(list) = v.to_str() else { continue };
         for t in list.split(',').map(str::trim) {
-            if t.is_empty() || ["close", "keep-alive", "upgrade"].iter().any(|s| t.eq_ignore_ascii_case(s)) {
+            if t.is_empty()
+                || ["close", "keep-alive", "upgrade"]
+                    .iter()
+                    .any(|s| t.eq_ignore_ascii_case(s))
+            {
                 continue;
             }
             if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
@@ -97,7 +101,11 @@ pub(crate) fn encode_request(
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
-    let named = if parts.headers.contains_key(header::CONNECTION) { named_in_connection(parts) } else { Vec::new() };
+    let named = if parts.headers.contains_key(header::CONNECTION) {
+        named_in_connection(parts)
+    } else {
+        Vec::new()
+    };
     let mut host: Option<&HeaderValue> = None;
     let mut xff_seen = false;
     let mut request_id_kept = false;
@@ -117,7 +125,9 @@ pub(crate) fn encode_request(
         } else if name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST {
             continue; // the proxy's own view replaces the client's claim
         } else if name == X_REQUEST_ID {
-            let sane = value.len() <= MAX_REQUEST_ID && !value.is_empty() && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
+            let sane = value.len() <= MAX_REQUEST_ID
+                && !value.is_empty()
+                && value.as_bytes().iter().all(|b| b.is_ascii_graphic());
             if !sane || request_id_kept {
                 continue;
             }
@@ -207,12 +217,34 @@ mod tests {
         let ip = HeaderValue::from_static("10.1.2.3");
         let mut out = Vec::new();
         let up = upgrade.map(|u| HeaderValue::from_str(u).unwrap());
-        encode_request(&mut out, &parts, &Forwarding { client_ip: &ip, proto: "http" }, up.as_ref(), body);
+        encode_request(
+            &mut out,
+            &parts,
+            &Forwarding {
+                client_ip: &ip,
+                proto: "http",
+            },
+            up.as_ref(),
+            body,
+        );
         let mut slots = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut slots);
-        assert!(req.parse(&out).unwrap().is_complete(), "{}", String::from_utf8_lossy(&out));
+        assert!(
+            req.parse(&out).unwrap().is_complete(),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
         let line = format!("{} {}", req.method.unwrap(), req.path.unwrap());
-        let hs = req.headers.iter().map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned())).collect();
+        let hs = req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
         (line, hs)
     }
 
@@ -236,10 +268,23 @@ mod tests {
             .header("x-cutover-preview", "tok");
         let (line, hs) = encode(b, BodyFraming::None, None);
         assert_eq!(line, "GET /p?q=1");
-        for gone in ["connection", "keep-alive", "x-secret", "te", "transfer-encoding", "proxy-connection", "upgrade", "x-cutover-preview", "expect"] {
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "transfer-encoding",
+            "proxy-connection",
+            "upgrade",
+            "x-cutover-preview",
+            "expect",
+        ] {
             assert!(get(&hs, gone).is_empty(), "{gone} should be removed");
         }
-        assert_eq!(get(&hs, "traceparent"), ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]);
+        assert_eq!(
+            get(&hs, "traceparent"),
+            ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]
+        );
         assert_eq!(get(&hs, "x-forwarded-for"), ["10.1.2.3"]);
         assert_eq!(get(&hs, "x-forwarded-proto"), ["http"]);
         assert_eq!(get(&hs, "x-forwarded-host"), ["shop.example"]);
@@ -263,7 +308,11 @@ mod tests {
     #[test]
     fn replaces_unusable_request_id() {
         let long = "a".repeat(500);
-        let (_, hs) = encode(http::Request::get("/").header("x-request-id", long.as_str()), BodyFraming::None, None);
+        let (_, hs) = encode(
+            http::Request::get("/").header("x-request-id", long.as_str()),
+            BodyFraming::None,
+            None,
+        );
         assert_eq!(get(&hs, "x-request-id").len(), 1);
         assert_eq!(get(&hs, "x-request-id")[0].len(), 32);
     }
@@ -286,7 +335,9 @@ mod tests {
         let b = http::Request::post("/up").header("transfer-encoding", "chunked");
         let (_, hs) = encode(b, BodyFraming::Chunked, None);
         assert_eq!(get(&hs, "transfer-encoding"), ["chunked"]);
-        let b = http::Request::get("/ws").header("connection", "Upgrade").header("upgrade", "websocket");
+        let b = http::Request::get("/ws")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket");
         let (_, hs) = encode(b, BodyFraming::None, Some("websocket"));
         assert_eq!(get(&hs, "connection"), ["upgrade"]);
         assert_eq!(get(&hs, "upgrade"), ["websocket"]);

@@ -118,7 +118,11 @@ impl AsyncWrite for Tracked {
         Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.activity.io.store(true, Ordering::Relaxed);
         Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
@@ -171,7 +175,11 @@ pub struct Proxy {
 }
 
 fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
-    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
     let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     if reuse_port {
@@ -203,7 +211,9 @@ impl Proxy {
         let mut addrs = Vec::new();
         for l in &config.listeners {
             let first = bind(l.addr, reuse).map_err(|source| StartError::Bind { addr: l.addr, source })?;
-            let actual = first.local_addr().map_err(|source| StartError::Bind { addr: l.addr, source })?;
+            let actual = first
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr: l.addr, source })?;
             addrs.push(actual);
             per_worker[0].push((first, l.preview));
             for w in per_worker.iter_mut().skip(1) {
@@ -242,7 +252,12 @@ impl Proxy {
                 }
             }
         }
-        Ok(Proxy { shared, addrs, workers: Mutex::new(handles), update: Mutex::new(()) })
+        Ok(Proxy {
+            shared,
+            addrs,
+            workers: Mutex::new(handles),
+            update: Mutex::new(()),
+        })
     }
 
     /// The bound addresses, in the order of `ProxyConfig::listeners` (useful with port 0).
@@ -302,14 +317,22 @@ impl Proxy {
                 Ok(())
             })
         })?;
-        let Some(old) = old else { unreachable!("with_service ran the closure") };
-        old.close_window_ms.store(close_window.as_millis() as u64, Ordering::Relaxed);
+        let Some(old) = old else {
+            unreachable!("with_service ran the closure")
+        };
+        old.close_window_ms
+            .store(close_window.as_millis() as u64, Ordering::Relaxed);
         old.draining.store(true, Ordering::SeqCst);
 
         let empty = |g: &Generation| g.in_flight() == 0 && g.upgraded() == 0;
         let deadline = tokio::time::Instant::now() + timeout;
         if wait_until(&old, deadline, empty).await {
-            return Ok(DrainReport { elapsed: start.elapsed(), completed: true, cut_requests: 0, closed_upgrades: 0 });
+            return Ok(DrainReport {
+                elapsed: start.elapsed(),
+                completed: true,
+                cut_requests: 0,
+                closed_upgrades: 0,
+            });
         }
         let cut_requests = old.in_flight();
         let closed_upgrades = old.upgraded();
@@ -320,7 +343,12 @@ impl Proxy {
         // The cuts themselves take a moment; tunnels close within the window.
         let grace = tokio::time::Instant::now() + close_window + Duration::from_secs(2);
         wait_until(&old, grace, empty).await;
-        Ok(DrainReport { elapsed: start.elapsed(), completed: false, cut_requests, closed_upgrades })
+        Ok(DrainReport {
+            elapsed: start.elapsed(),
+            completed: false,
+            cut_requests,
+            closed_upgrades,
+        })
     }
 
     /// Begins a graceful shutdown: no new connections; open ones finish their current request.
@@ -389,7 +417,8 @@ fn worker(
                 }
             }
         }
-        let sweep_every = (shared.config.upstream_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let sweep_every =
+            (shared.config.upstream_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let idle = shared.config.upstream_idle_timeout;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sweep_every);
@@ -505,14 +534,24 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         _ => return, // closed or silent: nothing to answer
     };
     let activity = Arc::new(Activity::default());
-    let client_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-    let ctx = Arc::new(ConnCtx { shared: shared.clone(), client_ip, preview_listener: preview, activity: activity.clone() });
-    let io = TokioIo::new(Tracked { stream, activity: activity.clone() });
+    let client_ip =
+        HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        client_ip,
+        preview_listener: preview,
+        activity: activity.clone(),
+    });
+    let io = TokioIo::new(Tracked {
+        stream,
+        activity: activity.clone(),
+    });
     let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
 
     if is_h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new()).max_header_list_size(cfg.max_header_bytes as u32);
+        b.timer(TokioTimer::new())
+            .max_header_list_size(cfg.max_header_bytes as u32);
         drive(&shared, &activity, b.serve_connection(io, svc)).await;
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();

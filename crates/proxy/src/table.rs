@@ -147,7 +147,10 @@ impl Generation {
 
     pub(crate) fn enter_request(self: &Arc<Self>) -> GenerationGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        GenerationGuard { gen: self.clone(), upgraded: false }
+        GenerationGuard {
+            gen: self.clone(),
+            upgraded: false,
+        }
     }
 
     /// Turns a request guard into the guard of the upgraded connection that replaced it.
@@ -170,7 +173,11 @@ pub(crate) struct GenerationGuard {
 
 impl Drop for GenerationGuard {
     fn drop(&mut self) {
-        let counter = if self.upgraded { &self.gen.upgraded } else { &self.gen.in_flight };
+        let counter = if self.upgraded {
+            &self.gen.upgraded
+        } else {
+            &self.gen.in_flight
+        };
         if counter.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.gen.maybe_notify();
         }
@@ -211,7 +218,11 @@ impl Pool {
 
     /// Replaces the instances, keeping the drain generation and the counters.
     pub fn with_instances(&self, version: Option<&str>, instances: Vec<Instance>) -> Pool {
-        Pool { version: version.map(Arc::from), instances: instances.into(), ..self.clone() }
+        Pool {
+            version: version.map(Arc::from),
+            instances: instances.into(),
+            ..self.clone()
+        }
     }
 
     /// The generation that requests entering this colour now are counted in.
@@ -358,7 +369,11 @@ impl RouteTable {
                 }
             }
         }
-        Ok(RouteTable { services, by_host, default })
+        Ok(RouteTable {
+            services,
+            by_host,
+            default,
+        })
     }
 
     pub fn services(&self) -> &[Service] {
@@ -419,8 +434,7 @@ mod tests {
 
     #[test]
     fn routes_by_host_any_case_and_falls_back_to_default() {
-        let t = RouteTable::new(vec![svc("shop", &["shop.example.com"]), svc("fallback", &[])])
-            .unwrap();
+        let t = RouteTable::new(vec![svc("shop", &["shop.example.com"]), svc("fallback", &[])]).unwrap();
         assert_eq!(&*t.route(Some("shop.example.com")).unwrap().name, "shop");
         assert_eq!(&*t.route(Some("SHOP.Example.com")).unwrap().name, "shop");
         assert_eq!(&*t.route(Some("other")).unwrap().name, "fallback");
@@ -481,8 +495,9 @@ mod tests {
     fn round_robin_alternates() {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let pool = Pool::new(None, vec![Instance::new(addr), Instance::new(addr)]);
-        let picks: Vec<_> =
-            (0..4).map(|_| pool.pick(Balance::RoundRobin, 0, now_ms()).unwrap()).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|_| pool.pick(Balance::RoundRobin, 0, now_ms()).unwrap())
+            .collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
     }
 
@@ -491,11 +506,12 @@ mod tests {
         let t = RouteTable::new(vec![svc("a", &[])]).unwrap();
         let g = t.service("a").unwrap().blue.generation().clone();
         let guard = g.enter_request();
-        let t2 = t.with_service("a", |s| {
-            s.active = Colour::Green;
-            Ok(())
-        })
-        .unwrap();
+        let t2 = t
+            .with_service("a", |s| {
+                s.active = Colour::Green;
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(t2.service("a").unwrap().blue.in_flight(), 1);
         drop(guard);
         assert_eq!(t2.service("a").unwrap().blue.in_flight(), 0);

@@ -44,7 +44,10 @@ pub(crate) fn checkin(instance: u64, conn: Conn, max_idle: usize) {
         let mut pools = p.borrow_mut();
         let idle = pools.entry(instance).or_default();
         if idle.len() < max_idle {
-            idle.push(Idle { conn, since: Instant::now() });
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
         }
     })
 }

@@ -36,12 +36,21 @@ async fn malformed_and_oversized_requests() {
     assert_eq!(status_line(&resp), "HTTP/1.1 400 Bad Request", "{resp}");
     assert!(took < Duration::from_secs(1));
 
-    let (resp, _) = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", Duration::from_secs(3)).await;
+    let (resp, _) = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
     assert_eq!(status_line(&resp), "HTTP/1.1 400 Bad Request", "{resp}");
 
     let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
     let (resp, took) = raw(addr, big.as_bytes(), Duration::from_secs(3)).await;
-    assert_eq!(status_line(&resp), "HTTP/1.1 431 Request Header Fields Too Large", "{resp}");
+    assert_eq!(
+        status_line(&resp),
+        "HTTP/1.1 431 Request Header Fields Too Large",
+        "{resp}"
+    );
     assert!(took < Duration::from_secs(1));
 
     assert_eq!(blue.requests(), 0, "nothing bad reached the upstream");
@@ -80,7 +89,10 @@ async fn slowloris_is_cut_and_others_are_served() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (took, out) = slow.await.unwrap();
-    assert!(took < Duration::from_secs(5), "slow client cut after the 1 s header timeout, took {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "slow client cut after the 1 s header timeout, took {took:?}"
+    );
     assert!(!out.starts_with(b"HTTP/1.1 200"), "the slow request was never served");
     assert_eq!(blue.requests(), 20);
 }
@@ -89,7 +101,9 @@ async fn slowloris_is_cut_and_others_are_served() {
 async fn upstream_down_is_502_and_empty_service_is_503() {
     // A port that refuses connections: bound (so no other test can take it) but not listening.
     let reserved = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    reserved.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    reserved
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
     let dead = reserved.local_addr().unwrap().as_socket().unwrap();
     let live = Upstream::start("blue").await;
 
@@ -109,7 +123,10 @@ async fn upstream_down_is_502_and_empty_service_is_503() {
     let t = Instant::now();
     let (status, _, body) = c.request(req("down.test")).await.unwrap();
     assert_eq!(status, 502, "{body:?}");
-    assert!(String::from_utf8_lossy(&body).contains("down"), "names the service: {body:?}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("down"),
+        "names the service: {body:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(1));
 
     let (status, _, body) = c.request(req("empty.test")).await.unwrap();
@@ -150,7 +167,10 @@ async fn idle_connections_are_closed() {
     assert_eq!(c.get("/").await.unwrap().0, 200);
     // A slow request longer than the idle timeout is not idle.
     assert_eq!(c.get("/slow?ms=1000&size=10").await.unwrap().0, 200);
-    assert!(eventually(Duration::from_secs(3), || proxy.open_connections() == 0).await, "idle connection closed");
+    assert!(
+        eventually(Duration::from_secs(3), || proxy.open_connections() == 0).await,
+        "idle connection closed"
+    );
     assert!(c.tx.is_closed() || c.get("/").await.is_err());
 }
 
@@ -172,10 +192,16 @@ async fn max_connections_holds_extra_clients_back() {
         c.get("/").await.unwrap().0
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!third.is_finished(), "third client served while two connections are open");
+    assert!(
+        !third.is_finished(),
+        "third client served while two connections are open"
+    );
     assert_eq!(proxy.open_connections(), 2);
     drop(a);
-    let status = tokio::time::timeout(Duration::from_secs(3), third).await.expect("served once a slot is free").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(3), third)
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
     assert_eq!(status, 200);
 }
 
@@ -188,7 +214,16 @@ async fn shutdown_finishes_in_flight_requests() {
         let mut c = H1::connect(addr).await.unwrap();
         c.get("/slow?ms=1000&size=5000").await.unwrap()
     });
-    assert!(eventually(Duration::from_secs(5), || proxy.table().service("web").unwrap().blue.in_flight() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .table()
+            .service("web")
+            .unwrap()
+            .blue
+            .in_flight()
+            == 1)
+        .await
+    );
     proxy.shutdown();
     // New connections are refused once the listeners are gone.
     assert!(eventually(Duration::from_secs(3), || std::net::TcpStream::connect(addr).is_err()).await);

@@ -46,12 +46,18 @@ async fn flips_under_keepalive_load_drop_nothing() {
                         match colour_of(&body) {
                             Some(col) if status == 200 => {
                                 if !log.was_live(col, start, end) {
-                                    failures.lock().unwrap().push(format!("{col} answered but was not live"));
+                                    failures
+                                        .lock()
+                                        .unwrap()
+                                        .push(format!("{col} answered but was not live"));
                                 }
                                 seen[(col == Colour::Green) as usize] += 1;
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
-                            _ => failures.lock().unwrap().push(format!("{status} {:?}", String::from_utf8_lossy(&body))),
+                            _ => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{status} {:?}", String::from_utf8_lossy(&body))),
                         }
                     }
                     Err(e) => {
@@ -80,12 +86,25 @@ async fn flips_under_keepalive_load_drop_nothing() {
         per_colour[1] += seen[1];
     }
     let failures = failures.lock().unwrap();
-    assert!(failures.is_empty(), "{} failures, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     assert!(log.len() >= 200, "only {} switches", log.len());
     let total = ok.load(Ordering::Relaxed);
     assert!(total > 1000, "too little traffic to mean anything: {total}");
-    assert!(per_colour[0] > 0 && per_colour[1] > 0, "both colours served: {per_colour:?}");
-    eprintln!("{total} requests over {} switches, blue {} green {}", log.len(), per_colour[0], per_colour[1]);
+    assert!(
+        per_colour[0] > 0 && per_colour[1] > 0,
+        "both colours served: {per_colour:?}"
+    );
+    eprintln!(
+        "{total} requests over {} switches, blue {} green {}",
+        log.len(),
+        per_colour[0],
+        per_colour[1]
+    );
 }
 
 /// 2. A slow request started on blue completes with its full body after a switch, and the drain
@@ -101,19 +120,34 @@ async fn slow_request_finishes_on_old_colour() {
         let mut c = H1::connect(addr).await.unwrap();
         c.get("/slow?ms=2000&size=200000").await.unwrap()
     });
-    assert!(eventually(Duration::from_secs(5), || proxy.table().service("web").unwrap().blue.in_flight() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .table()
+            .service("web")
+            .unwrap()
+            .blue
+            .in_flight()
+            == 1)
+        .await
+    );
     proxy.switch("web", Colour::Green).unwrap();
     let mut c = H1::connect(addr).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().2, "green");
 
-    let report = proxy.drain("web", Colour::Blue, Duration::from_secs(10), Duration::from_millis(100)).await.unwrap();
+    let report = proxy
+        .drain("web", Colour::Blue, Duration::from_secs(10), Duration::from_millis(100))
+        .await
+        .unwrap();
     let (status, _, body) = slow.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(body.len(), 200_000);
     assert!(body.starts_with(b"blue "));
     assert!(report.completed, "{report:?}");
     assert_eq!(report.cut_requests, 0);
-    assert!(report.elapsed >= Duration::from_millis(1000), "drain waited for the slow request: {report:?}");
+    assert!(
+        report.elapsed >= Duration::from_millis(1000),
+        "drain waited for the slow request: {report:?}"
+    );
 }
 
 /// A request still waiting on its upstream at the drain deadline gets 504.
@@ -127,15 +161,35 @@ async fn drain_deadline_answers_504() {
         let mut c = H1::connect(addr).await.unwrap();
         c.get("/slow?ms=8000").await.unwrap()
     });
-    assert!(eventually(Duration::from_secs(5), || proxy.table().service("web").unwrap().blue.in_flight() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .table()
+            .service("web")
+            .unwrap()
+            .blue
+            .in_flight()
+            == 1)
+        .await
+    );
     proxy.switch("web", Colour::Green).unwrap();
     let t = Instant::now();
-    let report = proxy.drain("web", Colour::Blue, Duration::from_millis(500), Duration::from_millis(100)).await.unwrap();
+    let report = proxy
+        .drain(
+            "web",
+            Colour::Blue,
+            Duration::from_millis(500),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
     let (status, _, body) = slow.await.unwrap();
     assert_eq!(status, 504, "{:?}", String::from_utf8_lossy(&body));
     assert!(!report.completed);
     assert_eq!(report.cut_requests, 1);
-    assert!(t.elapsed() < Duration::from_secs(4), "cut at the deadline, not when the upstream finished");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "cut at the deadline, not when the upstream finished"
+    );
 }
 
 /// 3. On one client connection, the request after a switch reaches the new colour.
@@ -153,11 +207,11 @@ async fn keepalive_connection_is_not_pinned() {
     assert!(!c.tx.is_closed(), "all three requests on the same connection");
 }
 
-async fn ws_connect(
-    addr: std::net::SocketAddr,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+async fn ws_connect(addr: std::net::SocketAddr) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream).await.expect("websocket handshake");
+    let (ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+        .await
+        .expect("websocket handshake");
     assert_eq!(resp.status(), 101);
     ws
 }
@@ -165,7 +219,10 @@ async fn ws_connect(
 async fn ws_echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) -> String {
     ws.send(Message::text(text)).await.unwrap();
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time") {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time")
+        {
             Some(Ok(Message::Text(t))) => return t.to_string(),
             Some(Ok(_)) => continue,
             other => panic!("websocket ended: {other:?}"),
@@ -192,7 +249,14 @@ async fn websocket_stays_until_drain_deadline() {
     assert_eq!(proxy.table().service("web").unwrap().blue.generation().upgraded(), 1);
     let p = proxy.clone();
     let drain = tokio::spawn(async move {
-        p.drain("web", Colour::Blue, Duration::from_millis(800), Duration::from_millis(300)).await.unwrap()
+        p.drain(
+            "web",
+            Colour::Blue,
+            Duration::from_millis(800),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap()
     });
     // Before the deadline the old socket still works.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -260,7 +324,10 @@ async fn large_upload_crosses_switch_intact() {
     drop(tx);
     let (status, _, body) = upload.await.unwrap();
     assert_eq!(status, 200);
-    assert_eq!(String::from_utf8_lossy(&body), format!("blue {expected} {}", CHUNK * CHUNKS));
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!("blue {expected} {}", CHUNK * CHUNKS)
+    );
     let mut c = H1::connect(addr).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().2, "green");
 }
@@ -273,11 +340,10 @@ async fn sse_events_are_not_buffered() {
     let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
     let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
     c.tx.ready().await.unwrap();
-    let resp = c
-        .tx
-        .send_request(Request::get("/sse").header("host", "web.test").body(empty()).unwrap())
-        .await
-        .unwrap();
+    let resp =
+        c.tx.send_request(Request::get("/sse").header("host", "web.test").body(empty()).unwrap())
+            .await
+            .unwrap();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
     let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
@@ -288,7 +354,11 @@ async fn sse_events_are_not_buffered() {
     assert_eq!(first.into_data().unwrap(), "data: first from blue\n\n");
     // Only now does the upstream send the rest and end the stream.
     blue.sse_release.notify_one();
-    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect()).await.unwrap().unwrap().to_bytes();
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
     assert_eq!(rest, "data: last\n\n");
 }
 
@@ -308,7 +378,8 @@ async fn http2_clients_across_switches() {
         let tx = h2_connect(addr).await.unwrap();
         // Several concurrent streams on each connection.
         for _ in 0..8 {
-            let (mut tx, stop, failures, ok, log) = (tx.clone(), stop.clone(), failures.clone(), ok.clone(), log.clone());
+            let (mut tx, stop, failures, ok, log) =
+                (tx.clone(), stop.clone(), failures.clone(), ok.clone(), log.clone());
             tasks.push(tokio::spawn(async move {
                 for _ in 0..1_000_000 {
                     if stop.load(Ordering::Relaxed) {
@@ -353,7 +424,12 @@ async fn http2_clients_across_switches() {
         t.await.unwrap();
     }
     let failures = failures.lock().unwrap();
-    assert!(failures.is_empty(), "{} failures, first {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failures, first {:?}",
+        failures.len(),
+        failures.first()
+    );
     assert!(ok.load(Ordering::Relaxed) > 500, "{}", ok.load(Ordering::Relaxed));
     assert!(log.len() > 50);
 }
@@ -382,7 +458,10 @@ async fn killed_instance_is_ejected_and_retried() {
                 }
                 match c.get("/").await {
                     Ok((s, _, body)) if s == 200 && body == "blue" => n += 1,
-                    Ok((s, _, body)) => failures.lock().unwrap().push(format!("{s} {}", String::from_utf8_lossy(&body))),
+                    Ok((s, _, body)) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{s} {}", String::from_utf8_lossy(&body))),
                     Err(e) => {
                         failures.lock().unwrap().push(format!("transport {e}"));
                         c = H1::connect(addr).await.unwrap();
@@ -406,7 +485,12 @@ async fn killed_instance_is_ejected_and_retried() {
         total += t.await.unwrap();
     }
     let failures = failures.lock().unwrap();
-    assert!(failures.is_empty(), "{} failures, first {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failures, first {:?}",
+        failures.len(),
+        failures.first()
+    );
     assert_eq!(b2.requests(), killed_at, "nothing reached the killed instance");
     assert!(b1.requests() + b3.requests() > others_before, "siblings kept serving");
     assert!(total > 1000);
@@ -419,7 +503,10 @@ async fn preview_route() {
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
     let mut cfg = test_config();
-    cfg.listeners.push(cutover_proxy::ListenerConfig { addr: "127.0.0.1:0".parse().unwrap(), preview: true });
+    cfg.listeners.push(cutover_proxy::ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        preview: true,
+    });
     let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[0];
     let preview_addr = proxy.local_addrs()[1];
@@ -443,7 +530,11 @@ async fn preview_route() {
     let mut p = H1::connect(preview_addr).await.unwrap();
     assert_eq!(p.get("/").await.unwrap().2, "green");
     proxy.switch("web", Colour::Green).unwrap();
-    assert_eq!(p.get("/").await.unwrap().2, "blue", "preview listener follows the inactive colour");
+    assert_eq!(
+        p.get("/").await.unwrap().2,
+        "blue",
+        "preview listener follows the inactive colour"
+    );
     assert_eq!(c.request(get(Some("let-me-preview"))).await.unwrap().2, "blue");
 }
 
@@ -468,7 +559,10 @@ async fn upstream_sees_forwarding_headers() {
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "shop.example:8080");
     assert_eq!(h["host"], "shop.example:8080");
-    assert_eq!(h["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    assert_eq!(
+        h["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
     assert_eq!(h["x-request-id"], "req-42");
     assert!(h.get("x-hop").is_none());
     c.get("/headers").await.unwrap();
@@ -485,17 +579,30 @@ async fn open_stream_is_cut_at_drain_deadline() {
     let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
     let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
     c.tx.ready().await.unwrap();
-    let resp = c.tx.send_request(Request::get("/sse").header("host", "web.test").body(empty()).unwrap()).await.unwrap();
+    let resp =
+        c.tx.send_request(Request::get("/sse").header("host", "web.test").body(empty()).unwrap())
+            .await
+            .unwrap();
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "data: first from blue\n\n");
 
     proxy.switch("web", Colour::Green).unwrap();
     let t = Instant::now();
-    let report = proxy.drain("web", Colour::Blue, Duration::from_millis(500), Duration::from_millis(100)).await.unwrap();
+    let report = proxy
+        .drain(
+            "web",
+            Colour::Blue,
+            Duration::from_millis(500),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
     assert!(!report.completed);
     assert_eq!(report.cut_requests, 1);
-    let end = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("stream ends after the deadline");
+    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("stream ends after the deadline");
     assert!(matches!(end, Some(Err(_)) | None), "stream cut, not continued: {end:?}");
     assert!(t.elapsed() < Duration::from_secs(4));
 }

@@ -78,7 +78,13 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, colour, seen, sse_release, kill }
+        Upstream {
+            addr,
+            colour,
+            seen,
+            sse_release,
+            kill,
+        }
     }
 
     /// Drops the listener and every open connection at once.
@@ -156,7 +162,8 @@ async fn upstream_handle(
                 let _ = tx.send(Bytes::from_static(b"data: last\n\n")).await;
             });
             let mut r = Response::new(ChannelBody(rx).boxed());
-            r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
             r
         }
         "/ws" => {
@@ -180,7 +187,11 @@ async fn upstream_handle(
                 while let Some(Ok(msg)) = ws.next().await {
                     if msg.is_text() {
                         let reply = format!("{colour}: {}", msg.to_text().unwrap_or(""));
-                        if ws.send(tokio_tungstenite::tungstenite::Message::text(reply)).await.is_err() {
+                        if ws
+                            .send(tokio_tungstenite::tungstenite::Message::text(reply))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     } else if msg.is_close() {
@@ -222,7 +233,10 @@ impl Body for ChannelBody {
 /// Proxy settings for tests: one listener on a free port, short timeouts.
 pub fn test_config() -> ProxyConfig {
     ProxyConfig {
-        listeners: vec![ListenerConfig { addr: "127.0.0.1:0".parse().unwrap(), preview: false }],
+        listeners: vec![ListenerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            preview: false,
+        }],
         workers: 2,
         client_header_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_millis(500),
@@ -260,10 +274,14 @@ impl H1 {
     }
 
     pub async fn get(&mut self, path: &str) -> anyhow_like::Result<(StatusCode, http::HeaderMap, Bytes)> {
-        self.request(Request::get(path).header("host", "web.test").body(empty()).unwrap()).await
+        self.request(Request::get(path).header("host", "web.test").body(empty()).unwrap())
+            .await
     }
 
-    pub async fn request(&mut self, req: Request<BoxBody>) -> anyhow_like::Result<(StatusCode, http::HeaderMap, Bytes)> {
+    pub async fn request(
+        &mut self,
+        req: Request<BoxBody>,
+    ) -> anyhow_like::Result<(StatusCode, http::HeaderMap, Bytes)> {
         self.tx.ready().await?;
         let resp = self.tx.send_request(req).await?;
         let (parts, body) = resp.into_parts();
@@ -296,7 +314,9 @@ pub struct SwitchLog {
 impl SwitchLog {
     pub fn new(initial: Colour) -> SwitchLog {
         let t = Instant::now();
-        SwitchLog { inner: Arc::new(Mutex::new(vec![(t, t, initial)])) }
+        SwitchLog {
+            inner: Arc::new(Mutex::new(vec![(t, t, initial)])),
+        }
     }
 
     pub fn switch(&self, proxy: &Proxy, service: &str, to: Colour) {
