@@ -5,3 +5,6 @@
 
 pub mod config;
 pub mod lifecycle;
+pub mod health;
+pub mod process;
+pub mod store;

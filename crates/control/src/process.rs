@@ -1,0 +1,1 @@
+//! The process driver: runs, supervises and stops the instances of a service.

@@ -1,0 +1,1 @@
+//! The state store: services, releases, deployments and their history in SQLite.
