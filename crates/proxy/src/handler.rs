@@ -19,7 +19,7 @@ use crate::error::ProxyError;
 use crate::h1::{BodyWriteError, Conn, Head, HeadError, Prefixed};
 use crate::headers::{self, BodyFraming, Forwarding, X_CUTOVER_PREVIEW};
 use crate::server::{OpenGuard, Shared};
-use crate::table::{now_ms, Colour, Generation, GenerationGuard, Pool};
+use crate::table::{now_ms, Colour, Generation, GenerationGuard, Pool, PoolState};
 use crate::upstream;
 
 /// Per client connection: what every request on it shares.
@@ -36,10 +36,17 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let _busy = ctx.activity.request();
-    Ok(match proxy(&ctx, req).await {
+    let start = std::time::Instant::now();
+    // Set once the request has a colour; its counters get the outcome.
+    let mut counted: Option<Arc<PoolState>> = None;
+    let resp = match proxy(&ctx, req, &mut counted).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
-    })
+    };
+    if let Some(pool) = counted {
+        pool.stats.record(resp.status().as_u16(), start.elapsed());
+    }
+    Ok(resp)
 }
 
 pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
@@ -77,7 +84,11 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+async fn proxy(
+    ctx: &ConnCtx,
+    mut req: Request<Incoming>,
+    counted: &mut Option<Arc<PoolState>>,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let shared = &ctx.shared;
     if shared.shutdown.is_cancelled() {
         return Err(ProxyError::ShuttingDown);
@@ -99,6 +110,7 @@ async fn proxy(ctx: &ConnCtx, mut req: Request<Incoming>) -> Result<Response<Pro
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
     let gen_guard = pool.generation.enter_request();
+    *counted = Some(pool.state.clone());
 
     let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
         req.headers().get(header::UPGRADE).cloned()

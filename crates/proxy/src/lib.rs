@@ -14,6 +14,7 @@ mod h1;
 mod handler;
 mod headers;
 mod server;
+mod stats;
 mod table;
 mod upstream;
 
@@ -22,4 +23,5 @@ pub use config::{ListenerConfig, ProxyConfig};
 pub use error::{ProxyError, TableError};
 pub use headers::X_CUTOVER_PREVIEW;
 pub use server::{DrainReport, Proxy, StartError};
+pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
 pub use table::{Balance, Colour, Generation, Instance, Pool, RouteTable, Service};

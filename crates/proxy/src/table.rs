@@ -184,10 +184,11 @@ impl Drop for GenerationGuard {
     }
 }
 
-/// Round-robin cursor of a pool; shared by successive tables.
+/// Round-robin cursor and request counters of a pool; shared by successive tables.
 #[derive(Debug, Default)]
 pub(crate) struct PoolState {
     pub(crate) cursor: AtomicUsize,
+    pub(crate) stats: crate::stats::ColourStats,
 }
 
 /// The instances of one colour of one service.
@@ -228,6 +229,11 @@ impl Pool {
     /// The generation that requests entering this colour now are counted in.
     pub fn generation(&self) -> &Arc<Generation> {
         &self.generation
+    }
+
+    /// Requests answered on this colour so far (status classes, latency to the response head).
+    pub fn stats(&self) -> crate::stats::StatsSnapshot {
+        self.state.stats.snapshot()
     }
 
     /// Requests in flight in the current generation of this colour.

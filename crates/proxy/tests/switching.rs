@@ -606,3 +606,30 @@ async fn open_stream_is_cut_at_drain_deadline() {
     assert!(matches!(end, Some(Err(_)) | None), "stream cut, not continued: {end:?}");
     assert!(t.elapsed() < Duration::from_secs(4));
 }
+
+/// Each colour counts exactly the requests it answered, by status class, across a switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn colour_counters_add_up_across_a_switch() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    for _ in 0..50 {
+        assert_eq!(c.get("/").await.unwrap().2, "blue");
+    }
+    proxy.switch("web", Colour::Green).unwrap();
+    for _ in 0..30 {
+        assert_eq!(c.get("/").await.unwrap().2, "green");
+    }
+    green.kill();
+    // Nothing listens for green any more: answered 502 by the proxy, counted against green.
+    assert_eq!(c.get("/").await.unwrap().0, 502);
+    let t = proxy.table();
+    let (b, g) = (
+        t.service("web").unwrap().blue.stats(),
+        t.service("web").unwrap().green.stats(),
+    );
+    assert_eq!((b.requests(), b.by_class[1], b.errors()), (50, 50, 0));
+    assert_eq!((g.requests(), g.by_class[1], g.errors()), (31, 30, 1));
+    assert!(g.quantile(0.99).is_some());
+}
