@@ -266,8 +266,9 @@ pub struct HealthConfig {
     pub path: String,
     /// `interval`: time between checks of one instance, above 0. Default 1s.
     pub interval: Duration,
-    /// `timeout`: a check not answered in time fails. Shorter than `interval`, so that at most
-    /// one check per instance is in flight. Default half the interval.
+    /// `timeout`: a check not answered in time fails. May be longer than `interval`: checks of
+    /// one instance never overlap, the next starts when the previous ended. Default half the
+    /// interval.
     pub timeout: Duration,
     /// `healthy`: successes in a row that make an instance healthy, 1 to 100. Default 2.
     pub healthy: u32,
