@@ -58,9 +58,9 @@ workers = 1
 command = "cutover demo-app --port {port}"
 instances = 2
 # GET `path` on each instance every `interval`: `healthy` successes in a row put an instance in
-# rotation, `unhealthy` failures in a row take it out. The timeout must be shorter than the
-# interval.
-health = { path = "/up", interval = "1s", timeout = "500ms", healthy = 2, unhealthy = 3 }
+# rotation, `unhealthy` failures in a row take it out. A new release whose instances are not all
+# healthy within `deadline` is aborted.
+health = { path = "/up", interval = "1s", timeout = "500ms", healthy = 2, unhealthy = 3, deadline = "60s" }
 # Requests still running on the old colour after a switch get this long to finish.
 drain_timeout = "30s"
 # WebSockets and streams left at the drain deadline are closed spread over this window.
@@ -274,6 +274,9 @@ pub struct HealthConfig {
     pub healthy: u32,
     /// `unhealthy`: failures in a row that take it out of rotation, 1 to 100. Default 3.
     pub unhealthy: u32,
+    /// `deadline`: how long a new release's instances have to become healthy before the
+    /// deployment is aborted. Above 0. Default 60s.
+    pub deadline: Duration,
 }
 
 impl Default for HealthConfig {
@@ -284,6 +287,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_millis(500),
             healthy: 2,
             unhealthy: 3,
+            deadline: Duration::from_secs(60),
         }
     }
 }
@@ -564,6 +568,7 @@ struct RawHealth {
     timeout: Leaf,
     healthy: Leaf,
     unhealthy: Leaf,
+    deadline: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1184,6 +1189,10 @@ impl<'a> Checker<'a> {
                 d.unhealthy,
                 "it counts failed checks in a row",
             )?,
+            deadline: match &raw.deadline {
+                None => d.deadline,
+                Some(v) => self.positive_duration(v, &format!("{p}.deadline"))?,
+            },
         })
     }
 
@@ -1705,7 +1714,7 @@ retry_idempotent = false
 hosts = ["Shop.Example.com", "www.example.com"]
 command = "./web --port {port}"
 instances = 3
-health = { path = "/up", interval = "2s", timeout = "1s", healthy = 1, unhealthy = 5 }
+health = { path = "/up", interval = "2s", timeout = "1s", healthy = 1, unhealthy = 5, deadline = "90s" }
 drain_timeout = "45s"
 close_window = "10s"
 keep_warm = "30m"
@@ -1773,6 +1782,7 @@ watch = { max_error_rate = 0 }
                         timeout: Duration::from_secs(1),
                         healthy: 1,
                         unhealthy: 5,
+                        deadline: Duration::from_secs(90),
                     },
                     drain_timeout: Duration::from_secs(45),
                     close_window: Duration::from_secs(10),
@@ -1852,6 +1862,7 @@ watch = { max_error_rate = 0 }
                 timeout: Duration::from_millis(500),
                 healthy: 2,
                 unhealthy: 3,
+                deadline: Duration::from_secs(60),
             }
         );
         assert_eq!(web.drain_timeout, Duration::from_secs(30));

@@ -743,6 +743,7 @@ mod tests {
                 timeout: Duration::from_millis(timeout_ms),
                 healthy,
                 unhealthy,
+                deadline: Duration::from_secs(60),
             },
         }
     }

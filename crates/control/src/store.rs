@@ -1,1 +1,2830 @@
-//! The state store: services, releases, deployments and their history in SQLite.
+//! The state store: services, releases, deployments and their history in SQLite
+//! (`<state_dir>/cutover.db`).
+//!
+//! This module owns everything cutover must remember across a restart, even after `kill -9`: the
+//! committed lifecycle [`State`] of each service, the deployment history with every
+//! [`Record`] the lifecycle emitted, the audit log of who asked for what, the deployment id
+//! counter, and the instances the process driver started (so that a restarted daemon can adopt
+//! them). It never decides anything: it stores what the lifecycle and the drivers hand it and
+//! gives it back unchanged. It never talks to the proxy.
+//!
+//! # Durability
+//! The database runs in WAL mode with `synchronous=FULL`: when [`Store::commit`] returns, the
+//! transaction is on disk and survives a crash of the process or of the machine. A commit is one
+//! `BEGIN IMMEDIATE` transaction holding the new state snapshot, the records and the audit row;
+//! a process killed at any instant leaves either all of it or none of it. That is the contract
+//! the lifecycle's crash recovery is built on (see `lifecycle.rs`, "How the driver uses it").
+//!
+//! # Schema (version 1, in `PRAGMA user_version`; `PRAGMA application_id` = 0x63757476 "cutv")
+//! All tables are `STRICT`. Timestamps are unix milliseconds (`INTEGER`), durations are
+//! nanoseconds (`INTEGER`, so at most about 292 years), colours are `'blue'` / `'green'`.
+//! Enumerations are stored as fixed lower-case codes that belong to the schema version, not to
+//! the Rust names, so renaming a variant never changes what is on disk.
+//!
+//! - `services`: one row per service, the last committed [`State`] as explicit columns:
+//!   `name` (primary key), `updated_at`, `live_colour`, `live_version`, `previous_version`,
+//!   `last_id`, `phase` (`stable | provisioning | validating | ready_to_promote | watching`);
+//!   for `stable`: `warm_colour`, `warm_version`, `warm_promoted_by`, `warm_keep_warm_ns` and the
+//!   last ended deployment `ended_id`, `ended_version`, `ended_outcome` plus the reason columns;
+//!   for the phases with a deployment: `dep_id`, `dep_version`, `dep_colour`, `dep_cause`
+//!   (`deploy | cold_rollback`) and its plan `plan_health_deadline_ns`, `plan_promote`
+//!   (`manual | auto`), `plan_promote_delay_ns`, `plan_watch_ns`, `plan_min_requests`,
+//!   `plan_max_error_rate` (`REAL`), `plan_max_p99_ns` (NULL: no latency check),
+//!   `plan_keep_warm_ns`; for `watching` also `rollback_colour`, `rollback_version`, `judged`.
+//!   Columns a phase does not use are NULL.
+//! - The reason columns, shared by `services`, `deployments` and `transitions`, hold a
+//!   [`Reason`]: `reason` (`requested | provision_failed | health_deadline | smoke_failed |
+//!   unhealthy | error_rate | latency`), `reason_text` (the message of the three with one),
+//!   `reason_ns` (health deadline, or p99), `reason_max_ns` (latency maximum), `reason_errors`,
+//!   `reason_requests`, `reason_max_rate` (error rate).
+//! - `releases`: `(service, version)` primary key, `first_seen`: every version ever deployed.
+//! - `deployments`: `(service, id)` primary key, `version`, `colour`, `cause`, `started_at`,
+//!   `promoted_at`, `ended_at`, `outcome` (`went_live | aborted | rolled_back | interrupted`,
+//!   NULL while in progress) plus the reason columns. Maintained from the records: `Started`
+//!   inserts the row, `Promoted` sets `promoted_at`, the ending records set the outcome (an
+//!   instant rollback after the watch turns `went_live` into `rolled_back`: the last word wins;
+//!   `transitions` keeps every word).
+//! - `transitions`: `seq` (AUTOINCREMENT, so never reused), `at`, `service`, `deployment`, `kind`
+//!   (the [`Record`] variant) and its fields: `colour`, `version`, `cause`, `auto_after_ns`,
+//!   `watched`, `phase`, the reason columns. `Retired` names no deployment; it is filed under the
+//!   service's newest deployment (`State::last_id` of the committed state): the one whose watch
+//!   ended (keep-warm over or zero) or that needed the colour.
+//! - `audit`: `seq`, `at`, `actor`, `service`, `action`, `arguments`, `result`.
+//! - `deployment_ids`: `service` primary key, `last`: the highest id handed out.
+//! - `instances`: `(service, colour, idx)` primary key, `version`, `pid`, `pgid`, `port`,
+//!   `started_at`: written by the process driver.
+//!
+//! Foreign keys tie `deployments`, `releases` and `transitions` to `services`, and
+//! `transitions.(service, deployment)` to `deployments`. They are deferred to the end of the
+//! transaction because a commit's records are not in dependency order (a new deployment's
+//! `Retired` comes before its `Started`). A violation fails the whole commit.
+//!
+//! # Integers
+//! SQLite integers are signed 64-bit. A `u64` above `i64::MAX`, a duration of more than about 292
+//! years or a NaN rate cannot be stored exactly; [`Store::commit`] refuses them (nothing is
+//! written) rather than store something that would not read back equal.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cutover_proxy::Colour;
+use rusqlite::types::{FromSql, Value};
+use rusqlite::{params, params_from_iter, Connection, ErrorCode, Row, Transaction, TransactionBehavior};
+
+use crate::lifecycle::{
+    Cause, Deployment, DeploymentId, Ended, Live, Outcome, Phase, Plan, Promotion, Reason, Record, Release, State,
+    Warm, WatchPolicy, Watched,
+};
+
+/// The database file's name inside the state directory.
+pub const DB_FILE: &str = "cutover.db";
+
+/// The schema version this code reads and writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// `PRAGMA application_id` of a cutover database: "cutv". Tells our file from another program's
+/// SQLite database that happens to sit at the same path.
+const APPLICATION_ID: i64 = 0x6375_7476;
+
+/// How long a statement waits for a lock held by another connection before failing. Only another
+/// process can hold one (this process has a single connection); a daemon's commit takes
+/// milliseconds, so waiting longer than this means something is wrong.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `MIGRATIONS[n]` takes a database from version `n` to `n + 1`. Version 0 is an empty file.
+const MIGRATIONS: [&str; 1] = [SCHEMA_V1];
+
+const SCHEMA_V1: &str = "
+CREATE TABLE services (
+    name TEXT PRIMARY KEY NOT NULL,
+    updated_at INTEGER NOT NULL,
+    live_colour TEXT CHECK (live_colour IN ('blue', 'green')),
+    live_version TEXT,
+    previous_version TEXT,
+    last_id INTEGER CHECK (last_id >= 0),
+    phase TEXT NOT NULL
+        CHECK (phase IN ('stable', 'provisioning', 'validating', 'ready_to_promote', 'watching')),
+    warm_colour TEXT CHECK (warm_colour IN ('blue', 'green')),
+    warm_version TEXT,
+    warm_promoted_by INTEGER,
+    warm_keep_warm_ns INTEGER,
+    ended_id INTEGER,
+    ended_version TEXT,
+    ended_outcome TEXT CHECK (ended_outcome IN ('went_live', 'aborted', 'rolled_back', 'interrupted')),
+    reason TEXT CHECK (reason IN ('requested', 'provision_failed', 'health_deadline', 'smoke_failed',
+                                  'unhealthy', 'error_rate', 'latency')),
+    reason_text TEXT,
+    reason_ns INTEGER,
+    reason_max_ns INTEGER,
+    reason_errors INTEGER,
+    reason_requests INTEGER,
+    reason_max_rate REAL,
+    dep_id INTEGER,
+    dep_version TEXT,
+    dep_colour TEXT CHECK (dep_colour IN ('blue', 'green')),
+    dep_cause TEXT CHECK (dep_cause IN ('deploy', 'cold_rollback')),
+    plan_health_deadline_ns INTEGER,
+    plan_promote TEXT CHECK (plan_promote IN ('manual', 'auto')),
+    plan_promote_delay_ns INTEGER,
+    plan_watch_ns INTEGER,
+    plan_min_requests INTEGER,
+    plan_max_error_rate REAL,
+    plan_max_p99_ns INTEGER,
+    plan_keep_warm_ns INTEGER,
+    rollback_colour TEXT CHECK (rollback_colour IN ('blue', 'green')),
+    rollback_version TEXT,
+    judged INTEGER CHECK (judged IN (0, 1)),
+    CHECK ((live_colour IS NULL) = (live_version IS NULL)),
+    CHECK ((phase = 'stable') = (dep_id IS NULL)),
+    CHECK ((phase = 'watching') = (rollback_colour IS NOT NULL))
+) STRICT;
+
+CREATE TABLE releases (
+    service TEXT NOT NULL REFERENCES services (name) DEFERRABLE INITIALLY DEFERRED,
+    version TEXT NOT NULL,
+    first_seen INTEGER NOT NULL,
+    PRIMARY KEY (service, version)
+) STRICT;
+
+CREATE TABLE deployments (
+    service TEXT NOT NULL REFERENCES services (name) DEFERRABLE INITIALLY DEFERRED,
+    id INTEGER NOT NULL CHECK (id >= 0),
+    version TEXT NOT NULL,
+    colour TEXT NOT NULL CHECK (colour IN ('blue', 'green')),
+    cause TEXT NOT NULL CHECK (cause IN ('deploy', 'cold_rollback')),
+    started_at INTEGER NOT NULL,
+    promoted_at INTEGER,
+    ended_at INTEGER,
+    outcome TEXT CHECK (outcome IN ('went_live', 'aborted', 'rolled_back', 'interrupted')),
+    reason TEXT CHECK (reason IN ('requested', 'provision_failed', 'health_deadline', 'smoke_failed',
+                                  'unhealthy', 'error_rate', 'latency')),
+    reason_text TEXT,
+    reason_ns INTEGER,
+    reason_max_ns INTEGER,
+    reason_errors INTEGER,
+    reason_requests INTEGER,
+    reason_max_rate REAL,
+    CHECK ((outcome IS NULL) = (ended_at IS NULL)),
+    PRIMARY KEY (service, id)
+) STRICT;
+
+CREATE TABLE transitions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    service TEXT NOT NULL REFERENCES services (name) DEFERRABLE INITIALLY DEFERRED,
+    deployment INTEGER,
+    kind TEXT NOT NULL CHECK (kind IN ('started', 'healthy', 'validated', 'awaiting_promotion', 'promoted',
+                                       'went_live', 'aborted', 'rolled_back', 'interrupted',
+                                       'watch_restarted', 'retired')),
+    colour TEXT CHECK (colour IN ('blue', 'green')),
+    version TEXT,
+    cause TEXT CHECK (cause IN ('deploy', 'cold_rollback')),
+    auto_after_ns INTEGER,
+    watched TEXT CHECK (watched IN ('skipped', 'judged', 'unjudged')),
+    phase TEXT,
+    reason TEXT CHECK (reason IN ('requested', 'provision_failed', 'health_deadline', 'smoke_failed',
+                                  'unhealthy', 'error_rate', 'latency')),
+    reason_text TEXT,
+    reason_ns INTEGER,
+    reason_max_ns INTEGER,
+    reason_errors INTEGER,
+    reason_requests INTEGER,
+    reason_max_rate REAL,
+    FOREIGN KEY (service, deployment) REFERENCES deployments (service, id) DEFERRABLE INITIALLY DEFERRED
+) STRICT;
+
+CREATE INDEX transitions_by_deployment ON transitions (service, deployment, seq);
+
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    service TEXT,
+    action TEXT NOT NULL,
+    arguments TEXT NOT NULL,
+    result TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE deployment_ids (
+    service TEXT PRIMARY KEY NOT NULL,
+    last INTEGER NOT NULL CHECK (last > 0)
+) STRICT;
+
+CREATE TABLE instances (
+    service TEXT NOT NULL,
+    colour TEXT NOT NULL CHECK (colour IN ('blue', 'green')),
+    idx INTEGER NOT NULL CHECK (idx >= 0),
+    version TEXT NOT NULL,
+    pid INTEGER NOT NULL CHECK (pid > 0),
+    pgid INTEGER NOT NULL CHECK (pgid > 0),
+    port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    started_at INTEGER NOT NULL,
+    PRIMARY KEY (service, colour, idx)
+) STRICT;
+";
+
+/// The `services` columns that hold the state snapshot (all but `name` and `updated_at`). Every
+/// commit writes all of them, NULL where the new phase has no value, so nothing of an earlier
+/// phase lingers.
+const STATE_COLUMNS: [&str; 34] = [
+    "live_colour",
+    "live_version",
+    "previous_version",
+    "last_id",
+    "phase",
+    "warm_colour",
+    "warm_version",
+    "warm_promoted_by",
+    "warm_keep_warm_ns",
+    "ended_id",
+    "ended_version",
+    "ended_outcome",
+    "reason",
+    "reason_text",
+    "reason_ns",
+    "reason_max_ns",
+    "reason_errors",
+    "reason_requests",
+    "reason_max_rate",
+    "dep_id",
+    "dep_version",
+    "dep_colour",
+    "dep_cause",
+    "plan_health_deadline_ns",
+    "plan_promote",
+    "plan_promote_delay_ns",
+    "plan_watch_ns",
+    "plan_min_requests",
+    "plan_max_error_rate",
+    "plan_max_p99_ns",
+    "plan_keep_warm_ns",
+    "rollback_colour",
+    "rollback_version",
+    "judged",
+];
+
+const REASON_COLUMNS: [&str; 7] = [
+    "reason",
+    "reason_text",
+    "reason_ns",
+    "reason_max_ns",
+    "reason_errors",
+    "reason_requests",
+    "reason_max_rate",
+];
+
+/// [`Phase::name`] of every phase, so that a stored [`Record::Interrupted`] gets its
+/// `&'static str` back.
+const PHASE_NAMES: [&str; 5] = ["stable", "provisioning", "validating", "ready to promote", "watching"];
+
+/// Why the store failed. Every message names the database file and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "state directory {}: cannot create it: {source}; check that its parent exists and is \
+         writable, or set server.state_dir to another directory",
+        path.display()
+    )]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "state database {}: cannot open it: {source}; check that it is a readable and writable \
+         file and that the disk is not full",
+        path.display()
+    )]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error(
+        "state database {}: not a SQLite database, or damaged beyond reading ({detail}); move it \
+         aside (cutover then starts with an empty state) or restore it from a backup",
+        path.display()
+    )]
+    NotADatabase { path: PathBuf, detail: String },
+    #[error(
+        "state database {}: a SQLite database of another program (application id {found:#x}), not \
+         cutover's; it was left untouched: point server.state_dir at another directory, or move the \
+         file aside",
+        path.display()
+    )]
+    Foreign { path: PathBuf, found: i64 },
+    #[error(
+        "state database {}: schema version {found} is newer than this cutover knows (version \
+         {known}); it was written by a newer cutover: run that version, or restore a backup made \
+         before the upgrade",
+        path.display()
+    )]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+    #[error(
+        "state database {}: corrupt: {detail}; restore it from a backup, or move it aside (cutover \
+         then starts with an empty state and forgets its history)",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "state database {}: cannot {what}; the state directory must be on a local file system \
+         (WAL mode needs shared memory): set server.state_dir to a local directory",
+        path.display()
+    )]
+    Unsupported { path: PathBuf, what: String },
+    #[error(
+        "state database {}: locked by another process ({source}); is a second `cutover serve` using \
+         the same state directory? Stop it, then retry",
+        path.display()
+    )]
+    Locked { path: PathBuf, source: rusqlite::Error },
+    #[error(
+        "state database {}: {op} failed: {source}; nothing was changed by it; check free disk space \
+         and the permissions of the state directory, then retry",
+        path.display()
+    )]
+    Sqlite {
+        path: PathBuf,
+        op: String,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "state database {}: cannot store {what} of service {service} exactly; nothing was written; \
+         use a smaller value",
+        path.display()
+    )]
+    Unrepresentable {
+        path: PathBuf,
+        service: String,
+        what: String,
+    },
+    #[error(
+        "state database {}: refused the commit of service {service}: {detail}; nothing was \
+         written; this is a bug in cutover, please report it",
+        path.display()
+    )]
+    Rejected {
+        path: PathBuf,
+        service: String,
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later as is (another process held the lock).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Locked { .. })
+    }
+}
+
+/// Who asked for what, appended to the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Audit {
+    /// `"cli"`, `"api:<token name>"`, `"auto"` (timers and driver reports), ...
+    pub actor: String,
+    /// The service concerned; in [`Store::commit`], `None` means the committed service.
+    pub service: Option<String>,
+    /// `"deploy"`, `"promote"`, `"rollback"`, ...
+    pub action: String,
+    /// The request's arguments as the caller wants them shown (e.g. `--version v2`).
+    pub arguments: String,
+    /// What came of it: `"ok"`, the error message, ...
+    pub result: String,
+}
+
+/// One row of the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Position in the log; increases, never reused.
+    pub seq: u64,
+    /// Unix milliseconds precision.
+    pub at: SystemTime,
+    pub audit: Audit,
+}
+
+/// One deployment as `cutover history` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeploymentSummary {
+    pub id: DeploymentId,
+    pub release: Release,
+    pub colour: Colour,
+    pub cause: Cause,
+    pub started_at: SystemTime,
+    /// When live traffic switched to it (not for a first deployment, which goes live directly).
+    pub promoted_at: Option<SystemTime>,
+    /// `None` while it is in progress.
+    pub ended_at: Option<SystemTime>,
+    pub outcome: Option<Outcome>,
+}
+
+/// One stored [`Record`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransitionEntry {
+    /// Position in the service's history; increases, never reused.
+    pub seq: u64,
+    pub at: SystemTime,
+    /// The deployment it is filed under (for `Retired`, see the module doc).
+    pub deployment: Option<DeploymentId>,
+    pub record: Record,
+}
+
+/// An instance the process driver started, as it needs it to adopt the instance after a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredInstance {
+    pub service: String,
+    pub colour: Colour,
+    /// The instance's slot on its colour, 0 .. instances.
+    pub index: u32,
+    pub release: Release,
+    pub pid: u32,
+    /// Its process group (the whole group is signalled on stop).
+    pub pgid: u32,
+    pub port: u16,
+    /// Stored with millisecond precision. Lets the driver tell its instance from an unrelated
+    /// process that reused the pid.
+    pub started_at: SystemTime,
+}
+
+/// The open state database. One per daemon; share it behind an `Arc`. Every method is one short
+/// transaction (the ones that write wait for the disk), so call them from blocking code
+/// (`spawn_blocking`) in async contexts.
+pub struct Store {
+    path: PathBuf,
+    /// The single connection. A mutex rather than a pool: writes are serialised by SQLite anyway,
+    /// and one connection keeps "commit, then read it back" trivially consistent.
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens `<state_dir>/cutover.db`, creating the directory and an empty database if missing,
+    /// and brings its schema up to [`SCHEMA_VERSION`]. A file that is not a cutover database, is
+    /// corrupt, or was written by a newer cutover is refused and left untouched.
+    pub fn open(state_dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let dir = state_dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(DB_FILE);
+        let mut conn = Connection::open(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let fail = |op: &str| {
+            let path = path.clone();
+            let op = op.to_string();
+            move |e| classify(&path, op, e)
+        };
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(fail("set the busy timeout"))?;
+
+        // Read page 1 before changing anything: a file that is not ours is refused untouched.
+        let (app_id, version, objects) = conn
+            .query_row(
+                "SELECT (SELECT application_id FROM pragma_application_id()),
+                        (SELECT user_version FROM pragma_user_version()),
+                        (SELECT COUNT(*) FROM sqlite_master)",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+            )
+            .map_err(fail("read the schema version"))?;
+        let from = match (app_id, version) {
+            (0, 0) if objects == 0 => 0,
+            (APPLICATION_ID, v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::TooNew {
+                    path,
+                    found: v,
+                    known: SCHEMA_VERSION,
+                })
+            }
+            (APPLICATION_ID, v) if v >= 1 => v,
+            (APPLICATION_ID, v) => {
+                return Err(StoreError::Corrupt {
+                    path,
+                    detail: format!("cutover's application id with schema version {v}"),
+                })
+            }
+            (found, _) => return Err(StoreError::Foreign { path, found }),
+        };
+
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(fail("switch to WAL mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Unsupported {
+                path,
+                what: format!("switch to WAL mode (journal mode stays {mode:?})"),
+            });
+        }
+        // FULL: a commit syncs the WAL before it returns, so it survives power loss, not only
+        // the death of the process.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(fail("set synchronous=FULL"))?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(fail("enable foreign keys"))?;
+
+        if from < SCHEMA_VERSION {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(fail("begin the schema migration"))?;
+            for (n, migration) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+                tx.execute_batch(migration)
+                    .map_err(fail(&format!("migrate the schema to version {}", n + 1)))?;
+            }
+            // Both pragmas are transactional: a crash here leaves the empty file of before.
+            tx.pragma_update(None, "application_id", APPLICATION_ID)
+                .map_err(fail("set the application id"))?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(fail("set the schema version"))?;
+            tx.commit().map_err(fail("commit the schema migration"))?;
+            tracing::info!(path = %path.display(), from, to = SCHEMA_VERSION, "state database schema created or migrated");
+        }
+
+        let problems = {
+            let mut stmt = conn.prepare("PRAGMA quick_check(5)").map_err(fail("check integrity"))?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(fail("check integrity"))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(fail("check integrity"))?
+        };
+        if problems != ["ok"] {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: problems.join("; "),
+            });
+        }
+        Ok(Store {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hands out a deployment id for `service`, higher than any it handed out or stored before,
+    /// durably (a restart never hands out the same id twice). Ids start at 1.
+    pub fn next_deployment_id(&self, service: &str) -> Result<DeploymentId, StoreError> {
+        let fail = self.fail(format!("allocate a deployment id for service {service}"));
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&fail)?;
+        // The counter alone would do for ids it handed out; the other two cover states and
+        // deployments committed with ids from elsewhere.
+        let highest: Option<i64> = tx
+            .query_row(
+                "SELECT MAX(v) FROM (
+                    SELECT last AS v FROM deployment_ids WHERE service = ?1
+                    UNION ALL SELECT last_id FROM services WHERE name = ?1
+                    UNION ALL SELECT MAX(id) FROM deployments WHERE service = ?1)",
+                [service],
+                |r| r.get(0),
+            )
+            .map_err(&fail)?;
+        let Some(next) = highest.unwrap_or(0).checked_add(1) else {
+            return Err(StoreError::Unrepresentable {
+                path: self.path.clone(),
+                service: service.to_string(),
+                what: "a deployment id above the largest integer SQLite holds".to_string(),
+            });
+        };
+        tx.execute(
+            "INSERT INTO deployment_ids (service, last) VALUES (?1, ?2)
+             ON CONFLICT (service) DO UPDATE SET last = excluded.last",
+            params![service, next],
+        )
+        .map_err(&fail)?;
+        tx.commit().map_err(&fail)?;
+        // `next` >= 1 (highest is a checked non-negative max + 1, or 1).
+        Ok(DeploymentId(next.unsigned_abs()))
+    }
+
+    /// Commits `state` as the service's current state together with `records` (appended to its
+    /// history, in order) and `audit`, in one transaction: after a crash at any instant either
+    /// all of it is stored or none of it. On `Err` nothing was written.
+    ///
+    /// `records` is usually `transition.records()`.
+    pub fn commit<'r>(
+        &self,
+        service: &str,
+        state: &State,
+        records: impl IntoIterator<Item = &'r Record>,
+        audit: Option<Audit>,
+    ) -> Result<(), StoreError> {
+        if state.service != service {
+            return Err(self.rejected(
+                service,
+                format!("the state to commit belongs to service {:?}", state.service),
+            ));
+        }
+        let now = now_ms();
+        let unfit = |what: Unfit| StoreError::Unrepresentable {
+            path: self.path.clone(),
+            service: service.to_string(),
+            what: what.0,
+        };
+        let mut cols = encode_state(state).map_err(unfit)?;
+        cols.text("name", service);
+        cols.int("updated_at", now);
+
+        let fail = self.fail(format!("commit of service {service}"));
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&fail)?;
+        insert(&tx, "services", &cols, Some("name")).map_err(&fail)?;
+        for record in records {
+            store_record(&tx, service, state.last_id, record, now).map_err(|e| match e {
+                Failure::Sql(e) => self.commit_error(service, e),
+                Failure::Unfit(what) => unfit(what),
+                Failure::Rejected(detail) => self.rejected(service, detail),
+            })?;
+        }
+        if let Some(audit) = audit {
+            insert_audit(&tx, &audit, Some(service), now).map_err(&fail)?;
+        }
+        // Deferred foreign keys are checked here; on failure `tx` rolls back when dropped.
+        tx.commit().map_err(|e| self.commit_error(service, e))
+    }
+
+    /// Appends to the audit log on its own, for requests that changed no state (refused ones).
+    pub fn append_audit(&self, audit: &Audit) -> Result<(), StoreError> {
+        let conn = self.lock();
+        insert_audit(&conn, audit, None, now_ms()).map_err(self.fail("append to the audit log"))?;
+        Ok(())
+    }
+
+    /// The last committed state of `service`, `None` if it was never committed.
+    pub fn load(&self, service: &str) -> Result<Option<State>, StoreError> {
+        let conn = self.lock();
+        let op = format!("load the state of service {service}");
+        let mut stmt = conn
+            .prepare_cached("SELECT * FROM services WHERE name = ?1")
+            .map_err(self.fail(op.clone()))?;
+        let mut rows = stmt.query([service]).map_err(self.fail(op.clone()))?;
+        match rows.next().map_err(self.fail(op))? {
+            Some(row) => Ok(Some(self.decode("services", service, decode_state(row))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every service's last committed state, by name: what the daemon recovers at startup.
+    pub fn load_all(&self) -> Result<Vec<(String, State)>, StoreError> {
+        let conn = self.lock();
+        let fail = self.fail("load the state of all services");
+        let mut stmt = conn
+            .prepare_cached("SELECT * FROM services ORDER BY name")
+            .map_err(&fail)?;
+        let mut rows = stmt.query([]).map_err(&fail)?;
+        let mut all = Vec::new();
+        while let Some(row) = rows.next().map_err(&fail)? {
+            let name: String = row.get("name").map_err(&fail)?;
+            let state = self.decode("services", &name, decode_state(row))?;
+            all.push((name, state));
+        }
+        Ok(all)
+    }
+
+    /// The service's most recent `limit` deployments, newest first.
+    pub fn history(&self, service: &str, limit: usize) -> Result<Vec<DeploymentSummary>, StoreError> {
+        let conn = self.lock();
+        let fail = self.fail(format!("read the history of service {service}"));
+        let mut stmt = conn
+            .prepare_cached("SELECT * FROM deployments WHERE service = ?1 ORDER BY id DESC LIMIT ?2")
+            .map_err(&fail)?;
+        let mut rows = stmt.query(params![service, clamp(limit)]).map_err(&fail)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(&fail)? {
+            out.push(self.decode("deployments", service, decode_deployment(row))?);
+        }
+        Ok(out)
+    }
+
+    /// Every record of one deployment, in the order they were committed.
+    pub fn transitions(&self, service: &str, deployment: DeploymentId) -> Result<Vec<TransitionEntry>, StoreError> {
+        let conn = self.lock();
+        let fail = self.fail(format!(
+            "read the transitions of deployment {deployment} of service {service}"
+        ));
+        let Ok(id) = i64::try_from(deployment.0) else {
+            return Ok(Vec::new()); // Never stored: commit refuses such ids.
+        };
+        let mut stmt = conn
+            .prepare_cached("SELECT * FROM transitions WHERE service = ?1 AND deployment = ?2 ORDER BY seq")
+            .map_err(&fail)?;
+        let mut rows = stmt.query(params![service, id]).map_err(&fail)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(&fail)? {
+            out.push(self.decode("transitions", service, decode_transition(row))?);
+        }
+        Ok(out)
+    }
+
+    /// The service's releases with the time each was first deployed, oldest first.
+    pub fn releases(&self, service: &str) -> Result<Vec<(Release, SystemTime)>, StoreError> {
+        let conn = self.lock();
+        let fail = self.fail(format!("read the releases of service {service}"));
+        let mut stmt = conn
+            .prepare_cached("SELECT version, first_seen FROM releases WHERE service = ?1 ORDER BY first_seen, version")
+            .map_err(&fail)?;
+        let rows = stmt
+            .query_map([service], |r| {
+                Ok((Release::new(r.get::<_, String>(0)?), from_ms(r.get(1)?)))
+            })
+            .map_err(&fail)?;
+        rows.collect::<Result<_, _>>().map_err(&fail)
+    }
+
+    /// The most recent `limit` audit entries, newest first.
+    pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.lock();
+        let fail = self.fail("read the audit log");
+        let mut stmt = conn
+            .prepare_cached("SELECT * FROM audit ORDER BY seq DESC LIMIT ?1")
+            .map_err(&fail)?;
+        let mut rows = stmt.query([clamp(limit)]).map_err(&fail)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(&fail)? {
+            out.push(self.decode("audit", "", decode_audit(row))?);
+        }
+        Ok(out)
+    }
+
+    /// Records a started instance, replacing whatever was recorded in its slot
+    /// (service, colour, index) before.
+    pub fn record_instance(&self, instance: &StoredInstance) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let i = instance;
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO instances (service, colour, idx, version, pid, pgid, port, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                i.service,
+                i.colour.as_str(),
+                i.index,
+                i.release.version,
+                i.pid,
+                i.pgid,
+                i.port,
+                to_ms(i.started_at)
+            ])
+        })
+        .map_err(self.fail(format!("record instance {} of {} on {}", i.index, i.service, i.colour)))?;
+        Ok(())
+    }
+
+    /// Forgets one instance; `false` if none was recorded in that slot.
+    pub fn remove_instance(&self, service: &str, colour: Colour, index: u32) -> Result<bool, StoreError> {
+        let conn = self.lock();
+        let n = conn
+            .execute(
+                "DELETE FROM instances WHERE service = ?1 AND colour = ?2 AND idx = ?3",
+                params![service, colour.as_str(), index],
+            )
+            .map_err(self.fail(format!("remove instance {index} of {service} on {colour}")))?;
+        Ok(n > 0)
+    }
+
+    /// Forgets every instance of `service` on `colour`; returns how many there were.
+    pub fn remove_instances(&self, service: &str, colour: Colour) -> Result<usize, StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "DELETE FROM instances WHERE service = ?1 AND colour = ?2",
+            params![service, colour.as_str()],
+        )
+        .map_err(self.fail(format!("remove the instances of {service} on {colour}")))
+    }
+
+    /// The recorded instances of `service`, blue first, by index.
+    pub fn instances(&self, service: &str) -> Result<Vec<StoredInstance>, StoreError> {
+        let conn = self.lock();
+        let fail = self.fail(format!("read the instances of service {service}"));
+        let mut stmt = conn
+            .prepare_cached("SELECT * FROM instances WHERE service = ?1 ORDER BY colour, idx")
+            .map_err(&fail)?;
+        let mut rows = stmt.query([service]).map_err(&fail)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(&fail)? {
+            out.push(self.decode("instances", service, decode_instance(row))?);
+        }
+        Ok(out)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while the lock was held cannot leave a half-written transaction: a dropped
+        // `Transaction` rolls back. The connection is fine to use.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fail(&self, op: impl Into<String>) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        let op = op.into();
+        move |e| classify(&self.path, op.clone(), e)
+    }
+
+    fn rejected(&self, service: &str, detail: String) -> StoreError {
+        StoreError::Rejected {
+            path: self.path.clone(),
+            service: service.to_string(),
+            detail,
+        }
+    }
+
+    /// A constraint violation in a commit is a bug of the caller (e.g. a reused deployment id),
+    /// not a problem of the disk.
+    fn commit_error(&self, service: &str, e: rusqlite::Error) -> StoreError {
+        if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) {
+            self.rejected(service, e.to_string())
+        } else {
+            classify(&self.path, format!("commit of service {service}"), e)
+        }
+    }
+
+    fn decode<T>(&self, table: &str, key: &str, result: Result<T, Bad>) -> Result<T, StoreError> {
+        result.map_err(|bad| match bad {
+            Bad::Sql(e) => classify(&self.path, format!("read table {table}"), e),
+            Bad::Invalid(what) => StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("table {table}, row of {key:?}: {what}"),
+            },
+        })
+    }
+}
+
+fn classify(path: &Path, op: String, e: rusqlite::Error) -> StoreError {
+    let path = path.to_path_buf();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::NotADatabase {
+            path,
+            detail: e.to_string(),
+        },
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path,
+            detail: e.to_string(),
+        },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked { path, source: e },
+        _ => StoreError::Sqlite { path, op, source: e },
+    }
+}
+
+fn clamp(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time
+
+fn now_ms() -> i64 {
+    to_ms(SystemTime::now())
+}
+
+fn to_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+fn from_ms(ms: i64) -> SystemTime {
+    let d = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        UNIX_EPOCH + d
+    } else {
+        UNIX_EPOCH - d
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing: a row is a list of (column, value); the SQL is built from the column names, which
+// are all constants of this file.
+
+/// A value that SQLite cannot hold exactly; the message names it.
+#[derive(Debug)]
+struct Unfit(String);
+
+/// Why storing a record failed.
+enum Failure {
+    Sql(rusqlite::Error),
+    Unfit(Unfit),
+    Rejected(String),
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(e: rusqlite::Error) -> Failure {
+        Failure::Sql(e)
+    }
+}
+
+impl From<Unfit> for Failure {
+    fn from(u: Unfit) -> Failure {
+        Failure::Unfit(u)
+    }
+}
+
+#[derive(Default)]
+struct Cols(Vec<(&'static str, Value)>);
+
+impl Cols {
+    fn nulls(names: &[&'static str]) -> Cols {
+        Cols(names.iter().map(|n| (*n, Value::Null)).collect())
+    }
+
+    fn put(&mut self, name: &'static str, value: Value) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    fn text(&mut self, name: &'static str, s: &str) {
+        self.put(name, Value::Text(s.to_owned()));
+    }
+
+    fn int(&mut self, name: &'static str, n: i64) {
+        self.put(name, Value::Integer(n));
+    }
+
+    fn uint(&mut self, name: &'static str, n: u64) -> Result<(), Unfit> {
+        let n = i64::try_from(n).map_err(|_| {
+            Unfit(format!(
+                "{name} = {n} (above the largest storable integer, {})",
+                i64::MAX
+            ))
+        })?;
+        self.int(name, n);
+        Ok(())
+    }
+
+    fn id(&mut self, name: &'static str, id: DeploymentId) -> Result<(), Unfit> {
+        self.uint(name, id.0)
+    }
+
+    fn dur(&mut self, name: &'static str, d: Duration) -> Result<(), Unfit> {
+        let ns = i64::try_from(d.as_nanos()).map_err(|_| {
+            Unfit(format!(
+                "{name} = {d:?} (longer than the longest storable duration, about 292 years)"
+            ))
+        })?;
+        self.int(name, ns);
+        Ok(())
+    }
+
+    fn real(&mut self, name: &'static str, x: f64) -> Result<(), Unfit> {
+        if x.is_nan() {
+            return Err(Unfit(format!("{name} = NaN (not a number)")));
+        }
+        self.put(name, Value::Real(x));
+        Ok(())
+    }
+
+    fn colour(&mut self, name: &'static str, c: Colour) {
+        self.text(name, c.as_str());
+    }
+
+    fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.0.iter().map(|(n, _)| *n)
+    }
+}
+
+/// `INSERT INTO table (cols) VALUES (...)`, an upsert on `key` when given.
+fn insert(conn: &Connection, table: &str, cols: &Cols, key: Option<&str>) -> rusqlite::Result<usize> {
+    let names: Vec<_> = cols.names().collect();
+    let marks: Vec<_> = (1..=names.len()).map(|i| format!("?{i}")).collect();
+    let mut sql = format!(
+        "INSERT INTO {table} ({}) VALUES ({})",
+        names.join(", "),
+        marks.join(", ")
+    );
+    if let Some(key) = key {
+        let set: Vec<_> = names
+            .iter()
+            .filter(|n| **n != key)
+            .map(|n| format!("{n} = excluded.{n}"))
+            .collect();
+        sql.push_str(&format!(" ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", ")));
+    }
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(cols.0.iter().map(|(_, v)| v)))
+}
+
+fn cause_code(c: Cause) -> &'static str {
+    match c {
+        Cause::Deploy => "deploy",
+        Cause::ColdRollback => "cold_rollback",
+    }
+}
+
+fn watched_code(w: Watched) -> &'static str {
+    match w {
+        Watched::Skipped => "skipped",
+        Watched::Judged => "judged",
+        Watched::Unjudged => "unjudged",
+    }
+}
+
+fn outcome_code(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::WentLive => "went_live",
+        Outcome::Aborted(_) => "aborted",
+        Outcome::RolledBack(_) => "rolled_back",
+        Outcome::Interrupted => "interrupted",
+    }
+}
+
+/// The reason columns: all of them, NULL but for the ones `reason` uses.
+fn reason_cols(cols: &mut Cols, reason: Option<&Reason>) -> Result<(), Unfit> {
+    for name in REASON_COLUMNS {
+        cols.put(name, Value::Null);
+    }
+    let Some(reason) = reason else { return Ok(()) };
+    let code = match reason {
+        Reason::Requested => "requested",
+        Reason::ProvisionFailed(why) => {
+            cols.text("reason_text", why);
+            "provision_failed"
+        }
+        Reason::HealthDeadline(d) => {
+            cols.dur("reason_ns", *d)?;
+            "health_deadline"
+        }
+        Reason::SmokeFailed(why) => {
+            cols.text("reason_text", why);
+            "smoke_failed"
+        }
+        Reason::Unhealthy(why) => {
+            cols.text("reason_text", why);
+            "unhealthy"
+        }
+        Reason::ErrorRate { errors, requests, max } => {
+            cols.uint("reason_errors", *errors)?;
+            cols.uint("reason_requests", *requests)?;
+            cols.real("reason_max_rate", *max)?;
+            "error_rate"
+        }
+        Reason::Latency { p99, max } => {
+            cols.dur("reason_ns", *p99)?;
+            cols.dur("reason_max_ns", *max)?;
+            "latency"
+        }
+    };
+    cols.text("reason", code);
+    Ok(())
+}
+
+fn outcome_reason(o: &Outcome) -> Option<&Reason> {
+    match o {
+        Outcome::Aborted(r) | Outcome::RolledBack(r) => Some(r),
+        Outcome::WentLive | Outcome::Interrupted => None,
+    }
+}
+
+/// The `services` columns of a state (without `name` and `updated_at`).
+fn encode_state(state: &State) -> Result<Cols, Unfit> {
+    let mut c = Cols::nulls(&STATE_COLUMNS);
+    if let Some(live) = &state.live {
+        c.colour("live_colour", live.colour);
+        c.text("live_version", &live.release.version);
+    }
+    if let Some(previous) = &state.previous {
+        c.text("previous_version", &previous.version);
+    }
+    if let Some(id) = state.last_id {
+        c.id("last_id", id)?;
+    }
+    let deployment = match &state.phase {
+        Phase::Stable { warm, last } => {
+            c.text("phase", "stable");
+            if let Some(w) = warm {
+                c.colour("warm_colour", w.colour);
+                c.text("warm_version", &w.release.version);
+                c.id("warm_promoted_by", w.promoted_by)?;
+                c.dur("warm_keep_warm_ns", w.keep_warm)?;
+            }
+            if let Some(e) = last {
+                c.id("ended_id", e.id)?;
+                c.text("ended_version", &e.release.version);
+                c.text("ended_outcome", outcome_code(&e.outcome));
+                reason_cols(&mut c, outcome_reason(&e.outcome))?;
+            }
+            None
+        }
+        Phase::Provisioning(d) => {
+            c.text("phase", "provisioning");
+            Some(d)
+        }
+        Phase::Validating(d) => {
+            c.text("phase", "validating");
+            Some(d)
+        }
+        Phase::ReadyToPromote(d) => {
+            c.text("phase", "ready_to_promote");
+            Some(d)
+        }
+        Phase::Watching {
+            deployment,
+            rollback_to,
+            judged,
+        } => {
+            c.text("phase", "watching");
+            c.colour("rollback_colour", rollback_to.colour);
+            c.text("rollback_version", &rollback_to.release.version);
+            c.int("judged", i64::from(*judged));
+            Some(deployment)
+        }
+    };
+    if let Some(d) = deployment {
+        c.id("dep_id", d.id)?;
+        c.text("dep_version", &d.release.version);
+        c.colour("dep_colour", d.colour);
+        c.text("dep_cause", cause_code(d.cause));
+        let p = &d.plan;
+        c.dur("plan_health_deadline_ns", p.health_deadline)?;
+        match p.promote {
+            Promotion::Manual => c.text("plan_promote", "manual"),
+            Promotion::Auto { delay } => {
+                c.text("plan_promote", "auto");
+                c.dur("plan_promote_delay_ns", delay)?;
+            }
+        }
+        c.dur("plan_watch_ns", p.watch.duration)?;
+        c.uint("plan_min_requests", p.watch.min_requests)?;
+        c.real("plan_max_error_rate", p.watch.max_error_rate)?;
+        if let Some(max) = p.watch.max_p99 {
+            c.dur("plan_max_p99_ns", max)?;
+        }
+        c.dur("plan_keep_warm_ns", p.keep_warm)?;
+    }
+    Ok(c)
+}
+
+/// Appends one record to `transitions` and keeps `deployments` and `releases` up to date.
+/// `last_id` is the committed state's, under which `Retired` is filed.
+fn store_record(
+    tx: &Transaction<'_>,
+    service: &str,
+    last_id: Option<DeploymentId>,
+    record: &Record,
+    now: i64,
+) -> Result<(), Failure> {
+    let mut t = Cols::default();
+    t.int("at", now);
+    t.text("service", service);
+    // What the record does to its deployment's row: nothing, set `promoted_at`, or end it.
+    let mut ends: Option<(&'static str, Option<&Reason>)> = None;
+    let mut promotes = false;
+    let (kind, id) = match record {
+        Record::Started {
+            id,
+            release,
+            colour,
+            cause,
+        } => {
+            let mut d = Cols::default();
+            d.text("service", service);
+            d.id("id", *id)?;
+            d.text("version", &release.version);
+            d.colour("colour", *colour);
+            d.text("cause", cause_code(*cause));
+            d.int("started_at", now);
+            insert(tx, "deployments", &d, None)?;
+            tx.prepare_cached(
+                "INSERT INTO releases (service, version, first_seen) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![service, release.version, now])?;
+            t.text("version", &release.version);
+            t.colour("colour", *colour);
+            t.text("cause", cause_code(*cause));
+            ("started", Some(*id))
+        }
+        Record::Healthy { id } => ("healthy", Some(*id)),
+        Record::Validated { id } => ("validated", Some(*id)),
+        Record::AwaitingPromotion { id, auto_after } => {
+            if let Some(after) = auto_after {
+                t.dur("auto_after_ns", *after)?;
+            }
+            ("awaiting_promotion", Some(*id))
+        }
+        Record::Promoted { id, colour } => {
+            t.colour("colour", *colour);
+            promotes = true;
+            ("promoted", Some(*id))
+        }
+        Record::WentLive { id, live, watch } => {
+            t.colour("colour", live.colour);
+            t.text("version", &live.release.version);
+            t.text("watched", watched_code(*watch));
+            ends = Some(("went_live", None));
+            ("went_live", Some(*id))
+        }
+        Record::Aborted { id, reason } => {
+            reason_cols(&mut t, Some(reason))?;
+            ends = Some(("aborted", Some(reason)));
+            ("aborted", Some(*id))
+        }
+        Record::RolledBack { id, to, reason } => {
+            t.colour("colour", to.colour);
+            t.text("version", &to.release.version);
+            reason_cols(&mut t, Some(reason))?;
+            ends = Some(("rolled_back", Some(reason)));
+            ("rolled_back", Some(*id))
+        }
+        Record::Interrupted { id, phase } => {
+            t.text("phase", phase);
+            ends = Some(("interrupted", None));
+            ("interrupted", Some(*id))
+        }
+        Record::WatchRestarted { id } => ("watch_restarted", Some(*id)),
+        Record::Retired { live } => {
+            t.colour("colour", live.colour);
+            t.text("version", &live.release.version);
+            // Possibly a deployment started later in this same commit: left to the deferred
+            // foreign key, not checked here.
+            ("retired", last_id)
+        }
+    };
+    t.text("kind", kind);
+    if let Some(id) = id {
+        t.id("deployment", id)?;
+    }
+    if let (Some(id), false) = (id, matches!(record, Record::Started { .. } | Record::Retired { .. })) {
+        let sql_id = i64::try_from(id.0).map_err(|_| Unfit(format!("deployment id {id}")))?;
+        // Every statement below matches exactly one row of a started deployment.
+        let changed = if let Some((outcome, reason)) = ends {
+            let mut d = Cols::default();
+            d.text("outcome", outcome);
+            d.int("ended_at", now);
+            reason_cols(&mut d, reason)?;
+            let set: Vec<_> = d
+                .names()
+                .enumerate()
+                .map(|(i, n)| format!("{n} = ?{}", i + 1))
+                .collect();
+            let n = d.0.len();
+            let sql = format!(
+                "UPDATE deployments SET {} WHERE service = ?{} AND id = ?{}",
+                set.join(", "),
+                n + 1,
+                n + 2
+            );
+            let mut values: Vec<Value> = d.0.into_iter().map(|(_, v)| v).collect();
+            values.push(Value::Text(service.to_string()));
+            values.push(Value::Integer(sql_id));
+            tx.prepare_cached(&sql)?.execute(params_from_iter(values))?
+        } else if promotes {
+            tx.prepare_cached("UPDATE deployments SET promoted_at = ?1 WHERE service = ?2 AND id = ?3")?
+                .execute(params![now, service, sql_id])?
+        } else {
+            tx.prepare_cached("SELECT COUNT(*) FROM deployments WHERE service = ?1 AND id = ?2")?
+                .query_row(params![service, sql_id], |r| r.get::<_, i64>(0))?
+                .unsigned_abs() as usize
+        };
+        if changed != 1 {
+            return Err(Failure::Rejected(format!(
+                "record {kind} of deployment {id}, which was never started"
+            )));
+        }
+    }
+    insert(tx, "transitions", &t, None)?;
+    Ok(())
+}
+
+fn insert_audit(conn: &Connection, audit: &Audit, service: Option<&str>, now: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "INSERT INTO audit (at, actor, service, action, arguments, result) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        now,
+        audit.actor,
+        audit.service.as_deref().or(service),
+        audit.action,
+        audit.arguments,
+        audit.result
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading. Columns are read by name; a value the schema allows but this code does not know is
+// reported as corruption, never guessed.
+
+enum Bad {
+    Sql(rusqlite::Error),
+    Invalid(String),
+}
+
+impl From<rusqlite::Error> for Bad {
+    fn from(e: rusqlite::Error) -> Bad {
+        Bad::Sql(e)
+    }
+}
+
+fn opt<T: FromSql>(row: &Row<'_>, col: &str) -> Result<Option<T>, Bad> {
+    Ok(row.get::<_, Option<T>>(col)?)
+}
+
+fn req<T: FromSql>(row: &Row<'_>, col: &str) -> Result<T, Bad> {
+    opt(row, col)?.ok_or_else(|| Bad::Invalid(format!("{col} is NULL")))
+}
+
+fn opt_uint(row: &Row<'_>, col: &str) -> Result<Option<u64>, Bad> {
+    match opt::<i64>(row, col)? {
+        None => Ok(None),
+        Some(n) => u64::try_from(n)
+            .map(Some)
+            .map_err(|_| Bad::Invalid(format!("{col} = {n} is negative"))),
+    }
+}
+
+fn req_uint(row: &Row<'_>, col: &str) -> Result<u64, Bad> {
+    opt_uint(row, col)?.ok_or_else(|| Bad::Invalid(format!("{col} is NULL")))
+}
+
+fn req_id(row: &Row<'_>, col: &str) -> Result<DeploymentId, Bad> {
+    req_uint(row, col).map(DeploymentId)
+}
+
+fn opt_dur(row: &Row<'_>, col: &str) -> Result<Option<Duration>, Bad> {
+    Ok(opt_uint(row, col)?.map(Duration::from_nanos))
+}
+
+fn req_dur(row: &Row<'_>, col: &str) -> Result<Duration, Bad> {
+    req_uint(row, col).map(Duration::from_nanos)
+}
+
+fn req_release(row: &Row<'_>, col: &str) -> Result<Release, Bad> {
+    req::<String>(row, col).map(Release::new)
+}
+
+fn parse_colour(col: &str, s: &str) -> Result<Colour, Bad> {
+    s.parse().map_err(|_| unknown(col, s))
+}
+
+fn req_colour(row: &Row<'_>, col: &str) -> Result<Colour, Bad> {
+    parse_colour(col, &req::<String>(row, col)?)
+}
+
+fn unknown(col: &str, value: &str) -> Bad {
+    Bad::Invalid(format!("{col} = {value:?} is not a value this cutover knows"))
+}
+
+/// A colour and a version that are both set or both NULL.
+fn opt_live(row: &Row<'_>, colour: &str, version: &str) -> Result<Option<Live>, Bad> {
+    match (opt::<String>(row, colour)?, opt::<String>(row, version)?) {
+        (None, None) => Ok(None),
+        (Some(c), Some(v)) => Ok(Some(Live {
+            colour: parse_colour(colour, &c)?,
+            release: Release::new(v),
+        })),
+        _ => Err(Bad::Invalid(format!("{colour} and {version} are not both set"))),
+    }
+}
+
+fn req_live(row: &Row<'_>, colour: &str, version: &str) -> Result<Live, Bad> {
+    opt_live(row, colour, version)?.ok_or_else(|| Bad::Invalid(format!("{colour} is NULL")))
+}
+
+fn decode_cause(row: &Row<'_>, col: &str) -> Result<Cause, Bad> {
+    match req::<String>(row, col)?.as_str() {
+        "deploy" => Ok(Cause::Deploy),
+        "cold_rollback" => Ok(Cause::ColdRollback),
+        other => Err(unknown(col, other)),
+    }
+}
+
+fn decode_reason(row: &Row<'_>) -> Result<Reason, Bad> {
+    Ok(match req::<String>(row, "reason")?.as_str() {
+        "requested" => Reason::Requested,
+        "provision_failed" => Reason::ProvisionFailed(req(row, "reason_text")?),
+        "health_deadline" => Reason::HealthDeadline(req_dur(row, "reason_ns")?),
+        "smoke_failed" => Reason::SmokeFailed(req(row, "reason_text")?),
+        "unhealthy" => Reason::Unhealthy(req(row, "reason_text")?),
+        "error_rate" => Reason::ErrorRate {
+            errors: req_uint(row, "reason_errors")?,
+            requests: req_uint(row, "reason_requests")?,
+            max: req(row, "reason_max_rate")?,
+        },
+        "latency" => Reason::Latency {
+            p99: req_dur(row, "reason_ns")?,
+            max: req_dur(row, "reason_max_ns")?,
+        },
+        other => return Err(unknown("reason", other)),
+    })
+}
+
+fn decode_outcome(row: &Row<'_>, col: &str) -> Result<Option<Outcome>, Bad> {
+    let Some(code) = opt::<String>(row, col)? else {
+        return Ok(None);
+    };
+    Ok(Some(match code.as_str() {
+        "went_live" => Outcome::WentLive,
+        "aborted" => Outcome::Aborted(decode_reason(row)?),
+        "rolled_back" => Outcome::RolledBack(decode_reason(row)?),
+        "interrupted" => Outcome::Interrupted,
+        other => return Err(unknown(col, other)),
+    }))
+}
+
+fn decode_state(row: &Row<'_>) -> Result<State, Bad> {
+    let phase_code: String = req(row, "phase")?;
+    let deployment = || -> Result<Deployment, Bad> {
+        let promote = match req::<String>(row, "plan_promote")?.as_str() {
+            "manual" => Promotion::Manual,
+            "auto" => Promotion::Auto {
+                delay: req_dur(row, "plan_promote_delay_ns")?,
+            },
+            other => return Err(unknown("plan_promote", other)),
+        };
+        Ok(Deployment {
+            id: req_id(row, "dep_id")?,
+            release: req_release(row, "dep_version")?,
+            colour: req_colour(row, "dep_colour")?,
+            plan: Plan {
+                health_deadline: req_dur(row, "plan_health_deadline_ns")?,
+                promote,
+                watch: WatchPolicy {
+                    duration: req_dur(row, "plan_watch_ns")?,
+                    min_requests: req_uint(row, "plan_min_requests")?,
+                    max_error_rate: req(row, "plan_max_error_rate")?,
+                    max_p99: opt_dur(row, "plan_max_p99_ns")?,
+                },
+                keep_warm: req_dur(row, "plan_keep_warm_ns")?,
+            },
+            cause: decode_cause(row, "dep_cause")?,
+        })
+    };
+    let phase = match phase_code.as_str() {
+        "stable" => {
+            let warm = match opt_live(row, "warm_colour", "warm_version")? {
+                None => None,
+                Some(live) => Some(Warm {
+                    colour: live.colour,
+                    release: live.release,
+                    promoted_by: req_id(row, "warm_promoted_by")?,
+                    keep_warm: req_dur(row, "warm_keep_warm_ns")?,
+                }),
+            };
+            let last = match opt_uint(row, "ended_id")? {
+                None => None,
+                Some(id) => Some(Ended {
+                    id: DeploymentId(id),
+                    release: req_release(row, "ended_version")?,
+                    outcome: decode_outcome(row, "ended_outcome")?
+                        .ok_or_else(|| Bad::Invalid("ended_outcome is NULL".to_string()))?,
+                }),
+            };
+            Phase::Stable { warm, last }
+        }
+        "provisioning" => Phase::Provisioning(deployment()?),
+        "validating" => Phase::Validating(deployment()?),
+        "ready_to_promote" => Phase::ReadyToPromote(deployment()?),
+        "watching" => Phase::Watching {
+            deployment: deployment()?,
+            rollback_to: req_live(row, "rollback_colour", "rollback_version")?,
+            judged: match req::<i64>(row, "judged")? {
+                0 => false,
+                1 => true,
+                n => return Err(unknown("judged", &n.to_string())),
+            },
+        },
+        other => return Err(unknown("phase", other)),
+    };
+    Ok(State {
+        service: req(row, "name")?,
+        live: opt_live(row, "live_colour", "live_version")?,
+        previous: opt::<String>(row, "previous_version")?.map(Release::new),
+        last_id: opt_uint(row, "last_id")?.map(DeploymentId),
+        phase,
+    })
+}
+
+fn decode_transition(row: &Row<'_>) -> Result<TransitionEntry, Bad> {
+    let kind: String = req(row, "kind")?;
+    let deployment = opt_uint(row, "deployment")?.map(DeploymentId);
+    let id = || deployment.ok_or_else(|| Bad::Invalid(format!("a {kind} record without deployment")));
+    let record = match kind.as_str() {
+        "started" => Record::Started {
+            id: id()?,
+            release: req_release(row, "version")?,
+            colour: req_colour(row, "colour")?,
+            cause: decode_cause(row, "cause")?,
+        },
+        "healthy" => Record::Healthy { id: id()? },
+        "validated" => Record::Validated { id: id()? },
+        "awaiting_promotion" => Record::AwaitingPromotion {
+            id: id()?,
+            auto_after: opt_dur(row, "auto_after_ns")?,
+        },
+        "promoted" => Record::Promoted {
+            id: id()?,
+            colour: req_colour(row, "colour")?,
+        },
+        "went_live" => Record::WentLive {
+            id: id()?,
+            live: req_live(row, "colour", "version")?,
+            watch: match req::<String>(row, "watched")?.as_str() {
+                "skipped" => Watched::Skipped,
+                "judged" => Watched::Judged,
+                "unjudged" => Watched::Unjudged,
+                other => return Err(unknown("watched", other)),
+            },
+        },
+        "aborted" => Record::Aborted {
+            id: id()?,
+            reason: decode_reason(row)?,
+        },
+        "rolled_back" => Record::RolledBack {
+            id: id()?,
+            to: req_live(row, "colour", "version")?,
+            reason: decode_reason(row)?,
+        },
+        "interrupted" => {
+            let phase: String = req(row, "phase")?;
+            Record::Interrupted {
+                id: id()?,
+                phase: PHASE_NAMES
+                    .into_iter()
+                    .find(|p| *p == phase)
+                    .ok_or_else(|| unknown("phase", &phase))?,
+            }
+        }
+        "watch_restarted" => Record::WatchRestarted { id: id()? },
+        "retired" => Record::Retired {
+            live: req_live(row, "colour", "version")?,
+        },
+        other => return Err(unknown("kind", other)),
+    };
+    Ok(TransitionEntry {
+        seq: req_uint(row, "seq")?,
+        at: from_ms(req(row, "at")?),
+        deployment,
+        record,
+    })
+}
+
+fn decode_deployment(row: &Row<'_>) -> Result<DeploymentSummary, Bad> {
+    Ok(DeploymentSummary {
+        id: req_id(row, "id")?,
+        release: req_release(row, "version")?,
+        colour: req_colour(row, "colour")?,
+        cause: decode_cause(row, "cause")?,
+        started_at: from_ms(req(row, "started_at")?),
+        promoted_at: opt(row, "promoted_at")?.map(from_ms),
+        ended_at: opt(row, "ended_at")?.map(from_ms),
+        outcome: decode_outcome(row, "outcome")?,
+    })
+}
+
+fn decode_audit(row: &Row<'_>) -> Result<AuditEntry, Bad> {
+    Ok(AuditEntry {
+        seq: req_uint(row, "seq")?,
+        at: from_ms(req(row, "at")?),
+        audit: Audit {
+            actor: req(row, "actor")?,
+            service: opt(row, "service")?,
+            action: req(row, "action")?,
+            arguments: req(row, "arguments")?,
+            result: req(row, "result")?,
+        },
+    })
+}
+
+fn decode_instance(row: &Row<'_>) -> Result<StoredInstance, Bad> {
+    let int = |col: &str| -> Result<u32, Bad> {
+        let n: i64 = req(row, col)?;
+        u32::try_from(n).map_err(|_| Bad::Invalid(format!("{col} = {n} is out of range")))
+    };
+    let port = int("port")?;
+    Ok(StoredInstance {
+        service: req(row, "service")?,
+        colour: req_colour(row, "colour")?,
+        index: int("idx")?,
+        release: req_release(row, "version")?,
+        pid: int("pid")?,
+        pgid: int("pgid")?,
+        port: u16::try_from(port).map_err(|_| Bad::Invalid(format!("port = {port} is out of range")))?,
+        started_at: from_ms(req(row, "started_at")?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::lifecycle::{Event, WatchSample};
+
+    fn rel(v: &str) -> Release {
+        Release::new(v)
+    }
+
+    fn at(colour: Colour, v: &str) -> Live {
+        Live {
+            colour,
+            release: rel(v),
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Store {
+        Store::open(dir.path()).expect("open the store")
+    }
+
+    fn audit(actor: &str, action: &str, arguments: &str) -> Audit {
+        Audit {
+            actor: actor.to_string(),
+            service: None,
+            action: action.to_string(),
+            arguments: arguments.to_string(),
+            result: "ok".to_string(),
+        }
+    }
+
+    /// Plans with every promotion, with and without a latency check, and extreme values.
+    fn plans() -> Vec<Plan> {
+        vec![
+            Plan {
+                health_deadline: Duration::from_secs(30),
+                promote: Promotion::Manual,
+                watch: WatchPolicy {
+                    duration: Duration::from_secs(300),
+                    min_requests: 0,
+                    max_error_rate: 0.0,
+                    max_p99: None,
+                },
+                keep_warm: Duration::ZERO,
+            },
+            Plan {
+                health_deadline: Duration::from_millis(1500),
+                promote: Promotion::Auto { delay: Duration::ZERO },
+                watch: WatchPolicy {
+                    duration: Duration::from_secs(60),
+                    min_requests: 100,
+                    max_error_rate: 0.01,
+                    max_p99: Some(Duration::from_millis(500)),
+                },
+                keep_warm: Duration::from_secs(3600),
+            },
+            Plan {
+                // The longest duration the store holds.
+                health_deadline: Duration::from_nanos(i64::MAX as u64),
+                promote: Promotion::Auto {
+                    delay: Duration::new(1, 7),
+                },
+                watch: WatchPolicy {
+                    duration: Duration::new(0, 1),
+                    min_requests: i64::MAX as u64,
+                    max_error_rate: 0.1 + 0.2,
+                    max_p99: Some(Duration::new(0, 999_999_999)),
+                },
+                keep_warm: Duration::from_secs(200 * 365 * 24 * 3600),
+            },
+        ]
+    }
+
+    fn reasons() -> Vec<Reason> {
+        vec![
+            Reason::Requested,
+            Reason::ProvisionFailed("exited with status 127: \"./web\" not found\nline 2 ünïcödé".to_string()),
+            Reason::HealthDeadline(Duration::new(30, 1)),
+            Reason::SmokeFailed(String::new()),
+            Reason::Unhealthy("0 of 2 instances healthy; 'quotes'".to_string()),
+            Reason::ErrorRate {
+                errors: 7,
+                requests: i64::MAX as u64,
+                max: 1.0 / 3.0,
+            },
+            Reason::Latency {
+                p99: Duration::new(0, 512_345_678),
+                max: Duration::from_millis(500),
+            },
+        ]
+    }
+
+    fn outcomes() -> Vec<Outcome> {
+        let mut all = vec![Outcome::WentLive, Outcome::Interrupted];
+        all.extend(reasons().into_iter().map(Outcome::Aborted));
+        all.extend(reasons().into_iter().map(Outcome::RolledBack));
+        all
+    }
+
+    /// Every state shape: each phase, with and without its optional parts, every outcome and
+    /// reason, every plan and cause.
+    fn all_states(service: &str) -> Vec<State> {
+        let state = |live: Option<Live>, previous: Option<&str>, last_id: Option<u64>, phase: Phase| State {
+            service: service.to_string(),
+            live,
+            previous: previous.map(rel),
+            last_id: last_id.map(DeploymentId),
+            phase,
+        };
+        let warm = Warm {
+            colour: Colour::Blue,
+            release: rel("v3"),
+            promoted_by: DeploymentId(4),
+            keep_warm: Duration::from_secs(3600),
+        };
+        let mut all = vec![State::new(service)];
+        all.push(state(
+            Some(at(Colour::Green, "v4")),
+            Some("v3"),
+            Some(4),
+            Phase::Stable {
+                warm: Some(warm.clone()),
+                last: None,
+            },
+        ));
+        for (n, outcome) in outcomes().into_iter().enumerate() {
+            for warm in [None, Some(warm.clone())] {
+                all.push(state(
+                    Some(at(Colour::Green, "v4")),
+                    (n % 2 == 0).then_some("v3"),
+                    Some(4),
+                    Phase::Stable {
+                        warm,
+                        last: Some(Ended {
+                            id: DeploymentId(4),
+                            release: rel("v4"),
+                            outcome: outcome.clone(),
+                        }),
+                    },
+                ));
+            }
+        }
+        for (n, plan) in plans().into_iter().enumerate() {
+            for cause in [Cause::Deploy, Cause::ColdRollback] {
+                let d = Deployment {
+                    id: DeploymentId(10 + n as u64),
+                    release: rel(&format!("v{n}")),
+                    colour: if n % 2 == 0 { Colour::Green } else { Colour::Blue },
+                    plan: plan.clone(),
+                    cause,
+                };
+                let live = Some(at(d.colour.other(), "v1"));
+                let id = Some(d.id.0);
+                all.push(state(None, None, id, Phase::Provisioning(d.clone())));
+                all.push(state(live.clone(), Some("v0"), id, Phase::Provisioning(d.clone())));
+                all.push(state(live.clone(), None, id, Phase::Validating(d.clone())));
+                all.push(state(live.clone(), Some("v0"), id, Phase::ReadyToPromote(d.clone())));
+                for judged in [false, true] {
+                    all.push(state(
+                        Some(at(d.colour, &d.release.version)),
+                        Some("v1"),
+                        id,
+                        Phase::Watching {
+                            deployment: d.clone(),
+                            rollback_to: at(d.colour.other(), "v1"),
+                            judged,
+                        },
+                    ));
+                }
+            }
+        }
+        all
+    }
+
+    /// Steps the lifecycle and commits the transition, as the daemon does.
+    fn step(store: &Store, state: &mut State, event: Event) -> crate::lifecycle::Transition {
+        let name = event.name();
+        let t = state
+            .step(event)
+            .unwrap_or_else(|e| panic!("{name} refused in {state}: {e}"));
+        store
+            .commit(&state.service, &t.state, t.records(), Some(audit("cli", name, "")))
+            .unwrap_or_else(|e| panic!("commit of {name}: {e}"));
+        *state = t.state.clone();
+        t
+    }
+
+    fn records_of(entries: &[TransitionEntry]) -> Vec<Record> {
+        entries.iter().map(|e| e.record.clone()).collect()
+    }
+
+    #[test]
+    fn every_state_shape_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let states = all_states("web");
+        assert_eq!(states.len(), 2 + 2 * 16 + 3 * 2 * 6);
+        let names: BTreeSet<_> = states.iter().map(|s| s.phase.name()).collect();
+        assert_eq!(names, PHASE_NAMES.into_iter().collect());
+        // One service through every shape in turn: nothing of an earlier phase lingers.
+        for (n, state) in states.iter().enumerate() {
+            store.commit("web", state, &[], None).unwrap();
+            assert_eq!(store.load("web").unwrap().as_ref(), Some(state), "state {n}");
+        }
+        // Each shape in its own service, read back at once at startup.
+        let mut expected = Vec::new();
+        for (n, state) in states.into_iter().enumerate() {
+            let service = format!("s{n:03}");
+            let state = State {
+                service: service.clone(),
+                ..state
+            };
+            store.commit(&service, &state, &[], None).unwrap();
+            expected.push((service, state));
+        }
+        expected.push(("web".to_string(), store.load("web").unwrap().unwrap()));
+        assert_eq!(store.load_all().unwrap(), expected);
+        drop(store);
+        assert_eq!(open(&dir).load_all().unwrap(), expected);
+        assert_eq!(open(&dir).load("never-committed").unwrap(), None);
+    }
+
+    #[test]
+    fn every_record_round_trips_in_order_under_its_deployment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let id1 = DeploymentId(1);
+        let id2 = DeploymentId(2);
+        let mut first = vec![
+            Record::Started {
+                id: id1,
+                release: rel("v1"),
+                colour: Colour::Blue,
+                cause: Cause::Deploy,
+            },
+            Record::Healthy { id: id1 },
+            Record::Validated { id: id1 },
+            Record::AwaitingPromotion {
+                id: id1,
+                auto_after: None,
+            },
+            Record::AwaitingPromotion {
+                id: id1,
+                auto_after: Some(Duration::new(60, 5)),
+            },
+            Record::Promoted {
+                id: id1,
+                colour: Colour::Blue,
+            },
+        ];
+        for watch in [Watched::Skipped, Watched::Judged, Watched::Unjudged] {
+            first.push(Record::WentLive {
+                id: id1,
+                live: at(Colour::Blue, "v1"),
+                watch,
+            });
+        }
+        for reason in reasons() {
+            first.push(Record::Aborted {
+                id: id1,
+                reason: reason.clone(),
+            });
+            first.push(Record::RolledBack {
+                id: id1,
+                to: at(Colour::Green, "v0"),
+                reason,
+            });
+        }
+        for phase in PHASE_NAMES {
+            first.push(Record::Interrupted { id: id1, phase });
+        }
+        first.push(Record::WatchRestarted { id: id1 });
+        // A new deployment that needed the warm colour: its Retired comes before its Started.
+        let second = vec![
+            Record::Retired {
+                live: at(Colour::Green, "v0"),
+            },
+            Record::Started {
+                id: id2,
+                release: rel("v2"),
+                colour: Colour::Green,
+                cause: Cause::ColdRollback,
+            },
+        ];
+        let mut state = State::new("web");
+        state.last_id = Some(id2);
+        let before = to_ms(SystemTime::now());
+        store.commit("web", &state, first.iter().chain(&second), None).unwrap();
+        let after = to_ms(SystemTime::now());
+
+        let got = store.transitions("web", id1).unwrap();
+        assert_eq!(records_of(&got), first);
+        let got2 = store.transitions("web", id2).unwrap();
+        assert_eq!(records_of(&got2), second);
+        let all: Vec<_> = got.iter().chain(&got2).collect();
+        for e in &all {
+            assert!((before..=after).contains(&to_ms(e.at)), "{e:?}");
+        }
+        let seqs: Vec<_> = got.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=first.len() as u64).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|e| e.deployment).collect::<BTreeSet<_>>(),
+            [Some(id1)].into()
+        );
+        assert_eq!(
+            got2.iter().map(|e| e.deployment).collect::<Vec<_>>(),
+            [Some(id2), Some(id2)]
+        );
+        assert_eq!(store.transitions("web", DeploymentId(3)).unwrap(), vec![]);
+        assert_eq!(store.transitions("other", id1).unwrap(), vec![]);
+        // The last ending record of deployment 1 was Interrupted.
+        let history = store.history("web", 10).unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[1].outcome, Some(Outcome::Interrupted));
+        assert!(history[1].promoted_at.is_some());
+    }
+
+    #[test]
+    fn history_transitions_and_releases_follow_the_lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let manual = plans().remove(0);
+        let mut s = State::new("web");
+        let before = SystemTime::now() - Duration::from_millis(1);
+
+        let id1 = store.next_deployment_id("web").unwrap();
+        step(
+            &store,
+            &mut s,
+            Event::Deploy {
+                id: id1,
+                release: rel("v1"),
+                plan: manual.clone(),
+            },
+        );
+        step(&store, &mut s, Event::InstancesHealthy { id: id1 });
+        step(&store, &mut s, Event::SmokePassed { id: id1 });
+
+        let id2 = store.next_deployment_id("web").unwrap();
+        step(
+            &store,
+            &mut s,
+            Event::Deploy {
+                id: id2,
+                release: rel("v2"),
+                plan: manual.clone(),
+            },
+        );
+        step(&store, &mut s, Event::InstancesHealthy { id: id2 });
+        step(&store, &mut s, Event::SmokePassed { id: id2 });
+        step(&store, &mut s, Event::Promote { id: None });
+        step(&store, &mut s, Event::WatchWindowElapsed { id: id2 });
+        // keep_warm is zero in this plan: blue was retired when the watch passed. A rollback is a
+        // cold one: deployment 3 redeploys v1, promoted once validated.
+        let id3 = store.next_deployment_id("web").unwrap();
+        step(
+            &store,
+            &mut s,
+            Event::Rollback {
+                id: id3,
+                plan: manual.clone(),
+            },
+        );
+        step(&store, &mut s, Event::InstancesHealthy { id: id3 });
+        step(&store, &mut s, Event::SmokePassed { id: id3 });
+        // Watching blue@v1 with green@v2 running: this rollback is instant, back to green.
+        step(
+            &store,
+            &mut s,
+            Event::Rollback {
+                id: DeploymentId(99),
+                plan: manual.clone(),
+            },
+        );
+        assert_eq!(s.live, Some(at(Colour::Green, "v2")));
+
+        let id4 = store.next_deployment_id("web").unwrap();
+        step(
+            &store,
+            &mut s,
+            Event::Deploy {
+                id: id4,
+                release: rel("v4"),
+                plan: manual.clone(),
+            },
+        );
+        step(
+            &store,
+            &mut s,
+            Event::ProvisionFailed {
+                id: id4,
+                reason: "exit 1".to_string(),
+            },
+        );
+
+        let id5 = store.next_deployment_id("web").unwrap();
+        step(
+            &store,
+            &mut s,
+            Event::Deploy {
+                id: id5,
+                release: rel("v5"),
+                plan: manual.clone(),
+            },
+        );
+        step(&store, &mut s, Event::InstancesHealthy { id: id5 });
+        // The daemon dies; the restart recovers from what was committed.
+        drop(store);
+        let store = open(&dir);
+        let loaded = store.load("web").unwrap().unwrap();
+        assert_eq!(loaded, s);
+        let t = loaded.recover();
+        store.commit("web", &t.state, t.records(), None).unwrap();
+        let after = SystemTime::now() + Duration::from_millis(1);
+
+        assert_eq!([id1, id2, id3, id4, id5].map(|i| i.0), [1, 2, 3, 4, 5]);
+        let history = store.history("web", 10).unwrap();
+        let summary: Vec<_> = history
+            .iter()
+            .map(|d| {
+                (
+                    d.id.0,
+                    d.release.version.as_str(),
+                    d.colour,
+                    d.cause,
+                    d.promoted_at.is_some(),
+                    d.outcome.clone(),
+                )
+            })
+            .collect();
+        use Colour::{Blue, Green};
+        assert_eq!(
+            summary,
+            vec![
+                (5, "v5", Blue, Cause::Deploy, false, Some(Outcome::Interrupted)),
+                (
+                    4,
+                    "v4",
+                    Blue,
+                    Cause::Deploy,
+                    false,
+                    Some(Outcome::Aborted(Reason::ProvisionFailed("exit 1".into())))
+                ),
+                (
+                    3,
+                    "v1",
+                    Blue,
+                    Cause::ColdRollback,
+                    true,
+                    Some(Outcome::RolledBack(Reason::Requested))
+                ),
+                (2, "v2", Green, Cause::Deploy, true, Some(Outcome::WentLive)),
+                (1, "v1", Blue, Cause::Deploy, false, Some(Outcome::WentLive)),
+            ]
+        );
+        for d in &history {
+            let ended = d.ended_at.expect("every deployment ended");
+            assert!(
+                before <= d.started_at && d.started_at <= ended && ended <= after,
+                "{d:?}"
+            );
+        }
+        assert_eq!(store.history("web", 2).unwrap(), history[..2].to_vec());
+        assert_eq!(store.history("api", 10).unwrap(), vec![]);
+
+        assert_eq!(
+            records_of(&store.transitions("web", id2).unwrap()),
+            vec![
+                Record::Started {
+                    id: id2,
+                    release: rel("v2"),
+                    colour: Green,
+                    cause: Cause::Deploy
+                },
+                Record::Healthy { id: id2 },
+                Record::Validated { id: id2 },
+                Record::AwaitingPromotion {
+                    id: id2,
+                    auto_after: None
+                },
+                Record::Promoted { id: id2, colour: Green },
+                Record::WentLive {
+                    id: id2,
+                    live: at(Green, "v2"),
+                    watch: Watched::Unjudged
+                },
+                Record::Retired { live: at(Blue, "v1") },
+            ]
+        );
+        assert_eq!(
+            records_of(&store.transitions("web", id5).unwrap()),
+            vec![
+                Record::Started {
+                    id: id5,
+                    release: rel("v5"),
+                    colour: Blue,
+                    cause: Cause::Deploy
+                },
+                Record::Healthy { id: id5 },
+                Record::Interrupted {
+                    id: id5,
+                    phase: "validating"
+                },
+            ]
+        );
+        let releases: Vec<_> = store
+            .releases("web")
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| r.version)
+            .collect();
+        assert_eq!(releases, ["v1", "v2", "v4", "v5"]);
+        assert_eq!(store.audit_log(100).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn deployment_ids_increase_per_service_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        assert_eq!(store.next_deployment_id("web").unwrap(), DeploymentId(1));
+        assert_eq!(store.next_deployment_id("web").unwrap(), DeploymentId(2));
+        assert_eq!(store.next_deployment_id("api").unwrap(), DeploymentId(1));
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.next_deployment_id("web").unwrap(), DeploymentId(3));
+        assert_eq!(store.next_deployment_id("api").unwrap(), DeploymentId(2));
+        // A state committed with an id from elsewhere still moves the counter past it.
+        let mut state = State::new("db");
+        state.last_id = Some(DeploymentId(41));
+        store.commit("db", &state, &[], None).unwrap();
+        assert_eq!(store.next_deployment_id("db").unwrap(), DeploymentId(42));
+        drop(store);
+        assert_eq!(open(&dir).next_deployment_id("db").unwrap(), DeploymentId(43));
+    }
+
+    /// Everything a failed commit could have touched.
+    fn snapshot(store: &Store) -> impl PartialEq + std::fmt::Debug {
+        let transitions: Vec<_> = (1..=3)
+            .map(|id| store.transitions("web", DeploymentId(id)).unwrap())
+            .collect();
+        (
+            store.load_all().unwrap(),
+            store.history("web", 100).unwrap(),
+            transitions,
+            store.releases("web").unwrap(),
+            store.audit_log(100).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_commit_that_fails_midway_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let path = store.path().display().to_string();
+        let plan = plans().remove(1);
+        let mut s = State::new("web");
+        step(
+            &store,
+            &mut s,
+            Event::Deploy {
+                id: DeploymentId(1),
+                release: rel("v1"),
+                plan: plan.clone(),
+            },
+        );
+        step(&store, &mut s, Event::InstancesHealthy { id: DeploymentId(1) });
+        step(&store, &mut s, Event::SmokePassed { id: DeploymentId(1) });
+        let before = snapshot(&store);
+        let deploy = s
+            .step(Event::Deploy {
+                id: DeploymentId(2),
+                release: rel("v2"),
+                plan: plan.clone(),
+            })
+            .unwrap();
+        let started = deploy.records().cloned().collect::<Vec<_>>();
+        assert_eq!(started.len(), 1);
+        let try_commit = |state: &State, records: &[Record]| {
+            let err = store
+                .commit("web", state, records, Some(audit("cli", "deploy", "v2")))
+                .unwrap_err();
+            assert_eq!(snapshot(&store), before, "after {err}");
+            err.to_string()
+        };
+        let rejected = |detail: &str| {
+            format!(
+                "state database {path}: refused the commit of service web: {detail}; nothing was written; \
+                 this is a bug in cutover, please report it"
+            )
+        };
+
+        // A record of a deployment that was never started, after the state and a good record.
+        let mut records = started.clone();
+        records.push(Record::Healthy { id: DeploymentId(7) });
+        assert_eq!(
+            try_commit(&deploy.state, &records),
+            rejected("record healthy of deployment 7, which was never started")
+        );
+        // A reused deployment id: the deployments table's primary key.
+        let mut records = started.clone();
+        records.push(Record::Started {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            colour: Colour::Green,
+            cause: Cause::Deploy,
+        });
+        assert_eq!(
+            try_commit(&deploy.state, &records),
+            rejected("UNIQUE constraint failed: deployments.service, deployments.id")
+        );
+        // Retired filed under a deployment that does not exist: the deferred foreign key fails
+        // the COMMIT itself.
+        let mut state = deploy.state.clone();
+        state.last_id = Some(DeploymentId(9));
+        let records = [
+            started[0].clone(),
+            Record::Retired {
+                live: at(Colour::Blue, "v1"),
+            },
+        ];
+        assert_eq!(try_commit(&state, &records), rejected("FOREIGN KEY constraint failed"));
+        // A value SQLite cannot hold, in the last record.
+        let mut records = started.clone();
+        records.push(Record::Aborted {
+            id: DeploymentId(2),
+            reason: Reason::ErrorRate {
+                errors: u64::MAX,
+                requests: 1,
+                max: 0.5,
+            },
+        });
+        assert_eq!(
+            try_commit(&deploy.state, &records),
+            format!(
+                "state database {path}: cannot store reason_errors = 18446744073709551615 (above the largest \
+                 storable integer, 9223372036854775807) of service web exactly; nothing was written; use a \
+                 smaller value"
+            )
+        );
+        // The store is still usable, and the good commit goes through.
+        store.commit("web", &deploy.state, deploy.records(), None).unwrap();
+        assert_eq!(store.load("web").unwrap(), Some(deploy.state));
+        assert_eq!(records_of(&store.transitions("web", DeploymentId(2)).unwrap()), started);
+    }
+
+    #[test]
+    fn values_sqlite_cannot_hold_are_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let path = store.path().display().to_string();
+        let mut d = Deployment {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            colour: Colour::Blue,
+            plan: plans().remove(0),
+            cause: Cause::Deploy,
+        };
+        d.plan.keep_warm = Duration::from_nanos(i64::MAX as u64 + 1);
+        let state = State {
+            phase: Phase::Provisioning(d.clone()),
+            ..State::new("web")
+        };
+        let err = store.commit("web", &state, &[], None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state database {path}: cannot store plan_keep_warm_ns = 9223372036.854775808s (longer than the \
+                 longest storable duration, about 292 years) of service web exactly; nothing was written; use a \
+                 smaller value"
+            )
+        );
+        assert!(matches!(err, StoreError::Unrepresentable { .. }));
+        assert!(!err.is_retryable());
+        d.plan.keep_warm = Duration::ZERO;
+        d.plan.watch.max_error_rate = f64::NAN;
+        let state = State {
+            phase: Phase::Validating(d),
+            ..State::new("web")
+        };
+        let err = store.commit("web", &state, &[], None).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot store plan_max_error_rate = NaN (not a number) of service web"),
+            "{err}"
+        );
+        assert_eq!(store.load_all().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_state_of_another_service_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let err = store.commit("web", &State::new("api"), &[], None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state database {}: refused the commit of service web: the state to commit belongs to service \
+                 \"api\"; nothing was written; this is a bug in cutover, please report it",
+                store.path().display()
+            )
+        );
+        assert_eq!(store.load_all().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn reopening_after_drop_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let plan = plans().remove(1);
+        let mut s = State::new("web");
+        step(
+            &store,
+            &mut s,
+            Event::Deploy {
+                id: DeploymentId(1),
+                release: rel("v1"),
+                plan: plan.clone(),
+            },
+        );
+        step(&store, &mut s, Event::InstancesHealthy { id: DeploymentId(1) });
+        step(&store, &mut s, Event::SmokePassed { id: DeploymentId(1) });
+        step(
+            &store,
+            &mut s,
+            Event::Deploy {
+                id: DeploymentId(2),
+                release: rel("v2"),
+                plan,
+            },
+        );
+        let instance = StoredInstance {
+            service: "web".to_string(),
+            colour: Colour::Green,
+            index: 0,
+            release: rel("v2"),
+            pid: 4242,
+            pgid: 4242,
+            port: 40123,
+            started_at: from_ms(1_700_000_000_123),
+        };
+        store.record_instance(&instance).unwrap();
+        store.append_audit(&audit("api:ops", "status", "")).unwrap();
+        let everything = |store: &Store| {
+            (
+                store.load_all().unwrap(),
+                store.history("web", 100).unwrap(),
+                store.transitions("web", DeploymentId(1)).unwrap(),
+                store.transitions("web", DeploymentId(2)).unwrap(),
+                store.releases("web").unwrap(),
+                store.audit_log(100).unwrap(),
+                store.instances("web").unwrap(),
+            )
+        };
+        let before = everything(&store);
+        assert_eq!(before.0, vec![("web".to_string(), s.clone())]);
+        assert_eq!(
+            (before.1.len(), before.2.len(), before.3.len(), before.5.len()),
+            (2, 4, 1, 5)
+        );
+        assert_eq!(before.6, vec![instance]);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(everything(&store), before);
+        assert_eq!(store.next_deployment_id("web").unwrap(), DeploymentId(3));
+    }
+
+    #[test]
+    fn a_fresh_database_has_the_documented_settings_and_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("nested/state")).unwrap();
+        assert_eq!(store.path(), dir.path().join("nested/state/cutover.db"));
+        let conn = store.lock();
+        let pragma = |name: &str| -> String {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, Value>(0))
+                .map(|v| match v {
+                    Value::Integer(n) => n.to_string(),
+                    Value::Text(s) => s,
+                    other => format!("{other:?}"),
+                })
+                .unwrap()
+        };
+        assert_eq!(pragma("journal_mode"), "wal");
+        assert_eq!(pragma("synchronous"), "2"); // FULL
+        assert_eq!(pragma("foreign_keys"), "1");
+        assert_eq!(pragma("busy_timeout"), "5000");
+        assert_eq!(pragma("user_version"), "1");
+        assert_eq!(pragma("application_id"), APPLICATION_ID.to_string());
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            tables,
+            [
+                "audit",
+                "deployment_ids",
+                "deployments",
+                "instances",
+                "releases",
+                "services",
+                "sqlite_sequence",
+                "transitions"
+            ]
+        );
+        fn shared<T: Send + Sync>() {}
+        shared::<Store>();
+    }
+
+    #[test]
+    fn a_newer_schema_version_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        drop(open(&dir));
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 2)
+            .unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state database {}: schema version 2 is newer than this cutover knows (version 1); it was \
+                 written by a newer cutover: run that version, or restore a backup made before the upgrade",
+                path.display()
+            )
+        );
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+    }
+
+    #[test]
+    fn a_garbage_file_is_refused_untouched_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let garbage = "this is not a database, it is a shopping list\n".repeat(100);
+        std::fs::write(&path, &garbage).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state database {}: not a SQLite database, or damaged beyond reading (file is not a database); \
+                 move it aside (cutover then starts with an empty state) or restore it from a backup",
+                path.display()
+            )
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), garbage);
+        let mut files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        files.sort();
+        assert_eq!(files, [DB_FILE]);
+    }
+
+    #[test]
+    fn another_programs_database_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE recipes (name TEXT); INSERT INTO recipes VALUES ('soup');")
+            .unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state database {}: a SQLite database of another program (application id 0x0), not cutover's; \
+                 it was left untouched: point server.state_dir at another directory, or move the file aside",
+                path.display()
+            )
+        );
+        let conn = Connection::open(&path).unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "delete");
+    }
+
+    #[test]
+    fn a_damaged_database_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let store = open(&dir);
+        for n in 0..200 {
+            store
+                .append_audit(&audit("cli", "status", &"x".repeat(n * 10)))
+                .unwrap();
+        }
+        drop(store);
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 8 * 4096, "{} bytes", bytes.len());
+        // Keep page 1 (header and schema), scribble over everything after it.
+        for (i, b) in bytes.iter_mut().enumerate().skip(4096) {
+            *b = (i % 251) as u8;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        assert!(
+            message.starts_with(&format!("state database {}: corrupt: ", path.display())),
+            "{message}"
+        );
+        assert!(message.ends_with("restore it from a backup, or move it aside (cutover then starts with an empty state and forgets its history)"), "{message}");
+    }
+
+    #[test]
+    fn an_uncreatable_state_directory_is_reported_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        let state_dir = dir.path().join("file/state");
+        let err = Store::open(&state_dir).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state directory {}: cannot create it: Not a directory (os error 20); check that its parent \
+                 exists and is writable, or set server.state_dir to another directory",
+                state_dir.display()
+            )
+        );
+    }
+
+    #[test]
+    fn instances_are_recorded_replaced_listed_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let instance = |service: &str, colour, index, pid| StoredInstance {
+            service: service.to_string(),
+            colour,
+            index,
+            release: rel("v7"),
+            pid,
+            pgid: pid,
+            port: 30000 + pid as u16,
+            started_at: from_ms(1_700_000_000_000 + i64::from(pid)),
+        };
+        let g1 = instance("web", Colour::Green, 1, 11);
+        let g0 = instance("web", Colour::Green, 0, 10);
+        let b0 = instance("web", Colour::Blue, 0, 20);
+        let other = instance("api", Colour::Blue, 0, 30);
+        for i in [&g1, &g0, &b0, &other] {
+            store.record_instance(i).unwrap();
+        }
+        assert_eq!(
+            store.instances("web").unwrap(),
+            vec![b0.clone(), g0.clone(), g1.clone()]
+        );
+        // A restarted instance replaces its slot.
+        let g0b = StoredInstance {
+            pid: 12,
+            pgid: 12,
+            port: 65535,
+            ..g0.clone()
+        };
+        store.record_instance(&g0b).unwrap();
+        assert_eq!(store.instances("web").unwrap(), vec![b0.clone(), g0b, g1.clone()]);
+        assert!(store.remove_instance("web", Colour::Blue, 0).unwrap());
+        assert!(!store.remove_instance("web", Colour::Blue, 0).unwrap());
+        assert_eq!(store.remove_instances("web", Colour::Green).unwrap(), 2);
+        assert_eq!(store.instances("web").unwrap(), vec![]);
+        assert_eq!(store.instances("api").unwrap(), vec![other]);
+        // Port 0 is not a port an instance listens on.
+        let err = store
+            .record_instance(&StoredInstance { port: 0, ..g1 })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CHECK constraint failed"), "{err}");
+    }
+
+    #[test]
+    fn audit_entries_come_back_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let t0 = to_ms(SystemTime::now());
+        let refused = Audit {
+            result: "service web: nothing to abort".to_string(),
+            ..audit("cli", "abort", "")
+        };
+        store.append_audit(&refused).unwrap();
+        store
+            .commit(
+                "web",
+                &State::new("web"),
+                &[],
+                Some(audit("api:deployer", "deploy", "--version v1")),
+            )
+            .unwrap();
+        let elsewhere = Audit {
+            service: Some("api".to_string()),
+            ..audit("auto", "keep-warm timer", "")
+        };
+        store
+            .commit("web", &State::new("web"), &[], Some(elsewhere.clone()))
+            .unwrap();
+        let t1 = to_ms(SystemTime::now());
+        let log = store.audit_log(10).unwrap();
+        let got: Vec<_> = log.iter().map(|e| (e.seq, e.audit.clone())).collect();
+        let deployed = Audit {
+            service: Some("web".to_string()),
+            ..audit("api:deployer", "deploy", "--version v1")
+        };
+        assert_eq!(got, vec![(3, elsewhere), (2, deployed), (1, refused)]);
+        assert!(log.iter().all(|e| (t0..=t1).contains(&to_ms(e.at))));
+        assert_eq!(store.audit_log(1).unwrap(), log[..1].to_vec());
+    }
+
+    #[test]
+    fn stored_phase_names_are_the_lifecycles() {
+        let d = Deployment {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            colour: Colour::Blue,
+            plan: plans().remove(0),
+            cause: Cause::Deploy,
+        };
+        let phases = [
+            Phase::Stable { warm: None, last: None },
+            Phase::Provisioning(d.clone()),
+            Phase::Validating(d.clone()),
+            Phase::ReadyToPromote(d.clone()),
+            Phase::Watching {
+                deployment: d,
+                rollback_to: at(Colour::Green, "v0"),
+                judged: false,
+            },
+        ];
+        assert_eq!(phases.map(|p| p.name()), PHASE_NAMES);
+    }
+
+    // ----- kill -9 -----
+
+    /// Set in the child process of the crash test: the state directory to commit into.
+    const CRASH_CHILD: &str = "CUTOVER_STORE_CRASH_CHILD";
+    /// Upper bound of the child's loop; it is killed long before.
+    const CRASH_STEPS: u64 = 20_000;
+
+    fn crash_plan() -> Plan {
+        Plan {
+            health_deadline: Duration::from_secs(10),
+            promote: Promotion::Auto { delay: Duration::ZERO },
+            watch: WatchPolicy {
+                duration: Duration::from_secs(60),
+                min_requests: 10,
+                max_error_rate: 0.05,
+                max_p99: Some(Duration::from_millis(300)),
+            },
+            keep_warm: Duration::from_secs(3600),
+        }
+    }
+
+    /// The crash test's script: releases on repeat, every third failing its smoke test. A new
+    /// deployment retires the warm colour, so commits carry records of two deployments.
+    fn scripted_event(state: &State, next_id: impl FnOnce() -> DeploymentId) -> Event {
+        match &state.phase {
+            Phase::Stable { .. } => {
+                let id = next_id();
+                Event::Deploy {
+                    id,
+                    release: Release::new(format!("v{id}")),
+                    plan: crash_plan(),
+                }
+            }
+            Phase::Provisioning(d) => Event::InstancesHealthy { id: d.id },
+            Phase::Validating(d) if d.id.0 % 3 == 0 => Event::SmokeFailed {
+                id: d.id,
+                reason: format!("exit {}", d.id),
+            },
+            Phase::Validating(d) => Event::SmokePassed { id: d.id },
+            Phase::ReadyToPromote(d) => Event::Promote { id: Some(d.id) },
+            Phase::Watching {
+                deployment,
+                judged: false,
+                ..
+            } => Event::WatchSample {
+                id: deployment.id,
+                sample: WatchSample {
+                    requests: 100,
+                    errors: 1,
+                    p99: Some(Duration::from_millis(20)),
+                },
+            },
+            Phase::Watching { deployment, .. } => Event::WatchWindowElapsed { id: deployment.id },
+        }
+    }
+
+    /// State, number of records and of deployments after `steps` scripted commits, computed
+    /// without a database (ids 1, 2, ... as a fresh store hands them out).
+    fn replay(steps: u64) -> (State, usize, u64) {
+        let mut state = State::new("web");
+        let (mut records, mut ids) = (0, 0);
+        for _ in 0..steps {
+            let t = state.step(scripted_event(&state, || {
+                ids += 1;
+                DeploymentId(ids)
+            }));
+            let t = t.expect("scripted event refused");
+            records += t.records().count();
+            state = t.state;
+        }
+        (state, records, ids)
+    }
+
+    fn crash_child(dir: &str) {
+        let store = Store::open(dir).expect("child: open");
+        let mut state = State::new("web");
+        let mut out = std::io::stdout();
+        for seq in 1..=CRASH_STEPS {
+            let event = scripted_event(&state, || store.next_deployment_id("web").expect("child: id"));
+            let action = event.name();
+            let t = state.step(event).expect("child: scripted event refused");
+            let audit = audit("auto", action, &format!("step {seq}"));
+            store
+                .commit("web", &t.state, t.records(), Some(audit))
+                .expect("child: commit");
+            state = t.state;
+            // Only after commit returned: every number printed is durable. A failed write means
+            // the parent is gone: stop.
+            writeln!(out, "committed {seq}")
+                .and_then(|()| out.flush())
+                .expect("child: stdout");
+        }
+    }
+
+    #[test]
+    fn kill_9_during_commits_loses_nothing_committed_and_keeps_no_half() {
+        if let Ok(dir) = std::env::var(CRASH_CHILD) {
+            return crash_child(&dir);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let test = format!(
+            "{}::kill_9_during_commits_loses_nothing_committed_and_keeps_no_half",
+            module_path!().split_once("::").map_or("", |(_, rest)| rest)
+        );
+        let stderr_path = dir.path().join("child.stderr");
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+            .env(CRASH_CHILD, dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(n) = line.strip_prefix("committed ") {
+                    if tx.send(n.parse::<u64>().unwrap()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        // Let it get going (its start-up may be slow on a loaded machine), then let it run for a
+        // while and kill it wherever it is: mid-commit, mid-fsync, between commits.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = 0;
+        while seen < 20 {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(n) => seen = n,
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("child committed {seen} steps before {e}; its stderr:\n{}", stderr());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "child ended by itself: {status}; stderr:\n{}",
+            stderr()
+        );
+        reader.join().unwrap();
+        let last = rx.try_iter().last().unwrap_or(seen).max(seen);
+        assert!(last < CRASH_STEPS);
+
+        let store = Store::open(dir.path()).expect("reopen after kill -9");
+        // The commit of step last + 1 may have completed before the child could print it.
+        let committed = store.audit_log(usize::MAX).unwrap().len() as u64;
+        assert!(
+            committed == last || committed == last + 1,
+            "{committed} commits, {last} reported"
+        );
+        let (state, records, deployments) = replay(committed);
+        assert_eq!(
+            store.load("web").unwrap(),
+            Some(state.clone()),
+            "after {committed} commits"
+        );
+        let history = store.history("web", usize::MAX).unwrap();
+        assert_eq!(history.len() as u64, deployments);
+        let stored: usize = history
+            .iter()
+            .map(|d| store.transitions("web", d.id).unwrap().len())
+            .sum();
+        assert_eq!(stored, records, "records of {committed} commits");
+        // And it carries on from there.
+        let event = scripted_event(&state, || store.next_deployment_id("web").unwrap());
+        let t = state.step(event).unwrap();
+        store.commit("web", &t.state, t.records(), None).unwrap();
+        assert_eq!(store.load("web").unwrap(), Some(t.state));
+        eprintln!("killed after {last} reported commits; {committed} stored, {records} records");
+    }
+}
