@@ -3,8 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod config;
-pub mod lifecycle;
+pub mod daemon;
 pub mod health;
+pub mod lifecycle;
 pub mod process;
 pub mod store;

@@ -1,7 +1,10 @@
-//! The `cutover` command: the standalone proxy, the demo app and the quickstart.
+//! The `cutover` command: the daemon and the commands that drive it, the standalone proxy, the
+//! demo app and the quickstart.
 
 #![forbid(unsafe_code)]
 
+mod client;
+mod commands;
 mod demo;
 mod quickstart;
 
@@ -28,6 +31,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: the proxy, the deployment controller and the admin API.
+    Serve(commands::ServeArgs),
+    /// Deploy a version of a service to its idle colour and follow it until live (exit 0) or
+    /// failed, aborted or rolled back (exit 1).
+    Deploy(commands::DeployArgs),
+    /// Promote the validated deployment that waits for it (manual promotion).
+    Promote(commands::ServiceArgs),
+    /// Send live traffic back to the previous release: instantly while its colour is warm,
+    /// otherwise by redeploying it.
+    Rollback(commands::ServiceArgs),
+    /// Stop a deployment that has not been promoted; live traffic is untouched.
+    Abort(commands::ServiceArgs),
+    /// Each service's live colour, versions, deployment in progress and instance health.
+    Status(commands::StatusArgs),
+    /// Past deployments of a service and how they ended.
+    History(commands::HistoryArgs),
+    /// The output of a service's instances.
+    Logs(commands::LogsArgs),
     /// Run the proxy alone in front of fixed blue and green upstreams.
     ///
     /// Blue is live at start. SIGUSR1 switches the live colour and drains the old one;
@@ -80,16 +101,30 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Serve(args) => commands::serve(args),
+        Command::Deploy(args) => commands::deploy(args),
+        Command::Promote(args) => commands::action("promote", args),
+        Command::Rollback(args) => commands::action("rollback", args),
+        Command::Abort(args) => commands::action("abort", args),
+        Command::Status(args) => commands::status(args),
+        Command::History(args) => commands::history(args),
+        Command::Logs(args) => commands::logs(args),
         Command::Proxy(args) => run_proxy(args),
         Command::DemoApp(args) => demo::run(args),
         Command::Quickstart(args) => quickstart::run(args),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => match e.downcast_ref::<client::Exit>() {
+            Some(exit) => {
+                eprintln!("error: {}", exit.message);
+                ExitCode::from(exit.code)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 

@@ -1,0 +1,341 @@
+//! The admin API: HTTP/JSON under `/v1/`, on a unix socket (mode 0600: the file system is the
+//! access control) and optionally on TCP, where every request must carry the bearer token.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /v1/status` | every service: live colour and version, warm colour, deployment in progress, instances |
+//! | `GET /v1/services/{name}` | one service |
+//! | `POST /v1/services/{name}/deploy` | `{"version": "v2", "upstreams": ["10.0.0.5:8080"]}` → `202 {"deployment": 7}` |
+//! | `POST /v1/services/{name}/promote` | promote the validated deployment waiting for it |
+//! | `POST /v1/services/{name}/rollback` | `{"kind": "instant"}` or `{"kind": "cold", "deployment": 8}` |
+//! | `POST /v1/services/{name}/abort` | stop an unpromoted deployment |
+//! | `GET /v1/services/{name}/history?limit=20` | past deployments, newest first |
+//! | `GET /v1/events` | server-sent events: one JSON [`crate::daemon::Notice`] per event |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad request or refused in this state), 401 (missing or
+//! wrong token), 404 (unknown service), 409 (a deployment is in progress), 503 (shutting down),
+//! 500 (the state store failed).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::{CommandError, Daemon};
+use crate::lifecycle::ErrorKind;
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(ErrorBody { error: message.into() })).into_response()
+}
+
+impl IntoResponse for CommandError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            CommandError::UnknownService(_) => StatusCode::NOT_FOUND,
+            CommandError::Lifecycle(e) => match e.kind() {
+                ErrorKind::Conflict => StatusCode::CONFLICT,
+                ErrorKind::Refused | ErrorKind::Stale => StatusCode::BAD_REQUEST,
+                ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            CommandError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CommandError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            CommandError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, self.to_string())
+    }
+}
+
+/// Who is asking, for the audit log.
+#[derive(Clone)]
+struct Caller(&'static str);
+
+#[derive(Clone)]
+struct Api {
+    daemon: Daemon,
+}
+
+/// The router, without authentication; [`serve_unix`] and [`serve_tcp`] add what their
+/// transport needs.
+fn router(daemon: Daemon, caller: &'static str) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/services/{name}", get(service))
+        .route("/v1/services/{name}/deploy", post(deploy))
+        .route("/v1/services/{name}/promote", post(promote))
+        .route("/v1/services/{name}/rollback", post(rollback))
+        .route("/v1/services/{name}/abort", post(abort))
+        .route("/v1/services/{name}/history", get(history))
+        .route("/v1/events", get(events))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/status") })
+        .layer(axum::Extension(Caller(caller)))
+        .with_state(Api { daemon })
+}
+
+#[derive(Serialize)]
+struct StatusBody {
+    services: Vec<crate::daemon::ServiceView>,
+    preview_token: String,
+}
+
+async fn status(State(api): State<Api>) -> Json<StatusBody> {
+    Json(StatusBody {
+        services: api.daemon.status(),
+        preview_token: api.daemon.preview_token().to_string(),
+    })
+}
+
+async fn service(State(api): State<Api>, UrlPath(name): UrlPath<String>) -> Response {
+    match api.daemon.status().into_iter().find(|s| s.name == name) {
+        Some(s) => Json(s).into_response(),
+        None => CommandError::UnknownService(name).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    version: String,
+    #[serde(default)]
+    upstreams: Vec<String>,
+}
+
+async fn deploy(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<DeployBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{}; send {{\"version\": \"v2\"}} (and \"upstreams\" for a static service)",
+                    e.body_text()
+                ),
+            )
+        }
+    };
+    let mut upstreams = Vec::new();
+    for u in &body.upstreams {
+        match u.parse::<SocketAddr>() {
+            Ok(a) => upstreams.push(a),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("upstream '{u}' is not an address; write IP:PORT, e.g. 10.0.0.5:8080"),
+                )
+            }
+        }
+    }
+    match api.daemon.deploy(&name, &body.version, upstreams, caller.0).await {
+        Ok(id) => (StatusCode::ACCEPTED, Json(serde_json::json!({ "deployment": id }))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn promote(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    match api.daemon.promote(&name, caller.0).await {
+        Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn abort(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    match api.daemon.abort(&name, caller.0).await {
+        Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn rollback(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    match api.daemon.rollback(&name, caller.0).await {
+        Ok(done) => Json(done).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct HistoryEntry {
+    id: u64,
+    version: String,
+    colour: String,
+    cause: String,
+    started_at: u64,
+    promoted_at: Option<u64>,
+    ended_at: Option<u64>,
+    outcome: Option<String>,
+}
+
+fn ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn history(State(api): State<Api>, UrlPath(name): UrlPath<String>, Query(q): Query<HistoryQuery>) -> Response {
+    match api.daemon.history(&name, q.limit.unwrap_or(20).min(1000)).await {
+        Ok(list) => Json(
+            list.into_iter()
+                .map(|d| HistoryEntry {
+                    id: d.id.0,
+                    version: d.release.version,
+                    colour: d.colour.to_string(),
+                    cause: format!("{:?}", d.cause).to_lowercase(),
+                    started_at: ms(d.started_at),
+                    promoted_at: d.promoted_at.map(ms),
+                    ended_at: d.ended_at.map(ms),
+                    outcome: d.outcome.map(|o| outcome_text(&o)),
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn outcome_text(o: &crate::lifecycle::Outcome) -> String {
+    use crate::lifecycle::Outcome;
+    match o {
+        Outcome::WentLive => "went live".into(),
+        Outcome::Aborted(r) => format!("aborted: {r}"),
+        Outcome::RolledBack(r) => format!("rolled back: {r}"),
+        Outcome::Interrupted => "interrupted".into(),
+    }
+}
+
+async fn events(State(api): State<Api>) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let rx = api.daemon.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(n) => {
+                    let ev = SseEvent::default()
+                        .event(n.kind.clone())
+                        .json_data(&n)
+                        .unwrap_or_default();
+                    return Some((Ok(ev), rx));
+                }
+                // A slow reader missed some; tell it and go on.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                    let ev = SseEvent::default().event("lagged").data(k.to_string());
+                    return Some((Ok(ev), rx));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// Constant-time comparison of the presented bearer token.
+fn token_ok(presented: &[u8], expected: &[u8]) -> bool {
+    presented.len() == expected.len() && presented.iter().zip(expected).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+}
+
+async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(p) if token_ok(p.as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "wrong token; use the one in the daemon's token_file",
+        ),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs `Authorization: Bearer <token>` (the daemon's token_file)",
+        ),
+    }
+}
+
+/// Serves the API on a unix socket created with mode 0600 (a stale socket file is replaced).
+pub async fn serve_unix(daemon: Daemon, path: &Path) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        // Refuse to take over a socket another daemon still answers on.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running daemon; stop it first", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    // Created with a restrictive umask-independent mode right after bind, before anyone can use it.
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let app = router(daemon, "cli");
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
+}
+
+/// Serves the API on TCP; every request needs the bearer token.
+pub async fn serve_tcp(
+    daemon: Daemon,
+    addr: SocketAddr,
+    token: String,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = router(daemon, "api").layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token));
+    Ok((
+        local,
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_ok(b"abc", b"abc"));
+        assert!(!token_ok(b"abd", b"abc"));
+        assert!(!token_ok(b"ab", b"abc"));
+        assert!(!token_ok(b"", b"abc"));
+    }
+}

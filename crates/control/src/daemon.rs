@@ -1,0 +1,1355 @@
+//! The daemon: the proxy, the state store, and one actor per service that runs its lifecycle.
+//!
+//! Each service has an actor task that owns its [`State`]. Everything that can change the state
+//! reaches the actor as a message: user commands (deploy, promote, rollback, abort) and reports
+//! from the work it started (instances healthy, smoke result, watch samples, timers). The actor
+//! handles one message at a time: it steps the state machine, commits the new state with its
+//! records in one store transaction, then carries out the actions in order (see
+//! [`crate::lifecycle`]). The proxy never waits for the actor; the actor only stores tables.
+//!
+//! What must never happen, and why it cannot: live traffic on an unvalidated colour (the state
+//! machine only switches to validated colours, and the route table's active colour is only ever
+//! set from the committed `live`); two deployments of one service at once (one actor, one state).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cutover_proxy::{Colour, Instance, Proxy, RouteTable, Service, StatsSnapshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, Driver, ServiceConfig};
+use crate::health::{CheckSpec, HealthChecker, HealthSnapshot};
+use crate::lifecycle::{
+    Action, DeploymentId, Event, LifecycleError, Plan, Promotion, Record, Release, RollbackKind, State, Timer,
+    Transition, WatchPolicy, WatchSample,
+};
+use crate::process::{InstanceSpec, ProcessGroup, Recorded};
+use crate::store::{Audit, Store, StoredInstance};
+
+/// Something that happened, for the event stream, `cutover deploy`'s progress and the logs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Notice {
+    /// Increases by one per notice over the daemon's life.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at: u64,
+    pub service: String,
+    pub deployment: Option<u64>,
+    /// Short machine-readable kind: `started`, `healthy`, `validated`, `awaiting-promotion`,
+    /// `promoted`, `went-live`, `aborted`, `rolled-back`, `interrupted`, `retired`, `switch`,
+    /// `drained`, `instances`, `unhealthy`, `smoke`, `watch`.
+    pub kind: String,
+    /// One line for people.
+    pub message: String,
+    /// True for the notices that end a deployment (went-live, aborted, rolled-back, interrupted).
+    pub terminal: bool,
+}
+
+/// A service as `cutover status` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub live: Option<ColourView>,
+    pub warm: Option<ColourView>,
+    pub phase: String,
+    pub deployment: Option<DeploymentView>,
+    pub summary: String,
+    pub instances: Vec<InstanceView>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ColourView {
+    pub colour: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeploymentView {
+    pub id: u64,
+    pub version: String,
+    pub colour: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InstanceView {
+    pub colour: String,
+    pub addr: String,
+    pub healthy: bool,
+    pub in_flight: usize,
+}
+
+/// Errors of a daemon command, as the API and CLI report them.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("unknown service '{0}': check the name against `cutover status` or the config file")]
+    UnknownService(String),
+    #[error("{0}")]
+    Lifecycle(#[from] LifecycleError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("state store: {0}")]
+    Store(String),
+}
+
+/// What a rollback did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RollbackDone {
+    /// `instant` (the previous colour was warm) or `cold` (a redeploy of the previous release).
+    pub kind: String,
+    pub deployment: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Proxy(#[from] cutover_proxy::StartError),
+    #[error("{0}")]
+    Table(#[from] cutover_proxy::TableError),
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+enum Msg {
+    /// A user command or a report; `reply` gets the transition or why it was refused.
+    Event {
+        event: Event,
+        audit: Option<Audit>,
+        reply: Option<oneshot::Sender<Result<Transition, CommandError>>>,
+    },
+    /// `cutover deploy`: the id is allocated by the actor, which also keeps the static upstreams.
+    Deploy {
+        version: String,
+        upstreams: Vec<SocketAddr>,
+        actor: String,
+        reply: oneshot::Sender<Result<u64, CommandError>>,
+    },
+    Rollback {
+        actor: String,
+        reply: oneshot::Sender<Result<RollbackDone, CommandError>>,
+    },
+    /// The health of a colour's instances changed.
+    Health { colour: Colour, snapshot: HealthSnapshot },
+    /// The daemon stops: stop every instance of the service (the state stays as committed, so the
+    /// next start brings the live release back up).
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+struct Shared {
+    config: Config,
+    proxy: Arc<Proxy>,
+    store: Arc<Store>,
+    notices: broadcast::Sender<Notice>,
+    seq: Mutex<u64>,
+    views: Mutex<BTreeMap<String, ServiceView>>,
+    preview_token: String,
+}
+
+impl Shared {
+    fn notice(&self, service: &str, deployment: Option<DeploymentId>, kind: &str, message: String, terminal: bool) {
+        let seq = {
+            let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+            *s += 1;
+            *s
+        };
+        tracing::info!(service, deployment = deployment.map(|d| d.0), kind, "{message}");
+        let _ = self.notices.send(Notice {
+            seq,
+            at: unix_ms(SystemTime::now()),
+            service: service.to_string(),
+            deployment: deployment.map(|d| d.0),
+            kind: kind.to_string(),
+            message,
+            terminal,
+        });
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The running daemon. Cheap to clone.
+#[derive(Clone)]
+pub struct Daemon {
+    shared: Arc<Shared>,
+    actors: Arc<BTreeMap<String, mpsc::Sender<Msg>>>,
+}
+
+impl Daemon {
+    /// Opens the store, starts the proxy on the configured listeners, recovers every service from
+    /// its last committed state and starts its actor. Fails with nothing left running.
+    pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        let state_dir = config.server.state_dir.clone();
+        let store = {
+            let dir = state_dir.clone();
+            tokio::task::spawn_blocking(move || Store::open(dir))
+                .await
+                .expect("store open does not panic")?
+        };
+        let store = Arc::new(store);
+        let preview_token = preview_token(&state_dir)?;
+
+        let mut services = Vec::new();
+        for svc in &config.services {
+            let mut s = Service::new(&svc.name);
+            s.hosts = svc.hosts.clone();
+            s.balance = svc.balance;
+            s.preview_token = Some(Arc::from(preview_token.as_bytes()));
+            services.push(s);
+        }
+        let proxy = Arc::new(Proxy::start(config.proxy_config(), RouteTable::new(services)?)?);
+        let (notices, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            config,
+            proxy,
+            store,
+            notices,
+            seq: Mutex::new(0),
+            views: Mutex::new(BTreeMap::new()),
+            preview_token,
+        });
+
+        let mut actors = BTreeMap::new();
+        for svc in shared.config.services.clone() {
+            let loaded = {
+                let (store, name) = (shared.store.clone(), svc.name.clone());
+                tokio::task::spawn_blocking(move || store.load(&name))
+                    .await
+                    .expect("load does not panic")?
+            };
+            let state = loaded.unwrap_or_else(|| State::new(&svc.name));
+            let (tx, rx) = mpsc::channel(256);
+            let mut actor = Actor {
+                shared: shared.clone(),
+                cfg: svc.clone(),
+                state,
+                runs: [None, None],
+                statics: BTreeMap::new(),
+                smoke: None,
+                watch: None,
+                tx: tx.clone(),
+            };
+            actor.recover().await;
+            tokio::spawn(actor.run(rx));
+            actors.insert(svc.name.clone(), tx);
+        }
+        Ok(Daemon {
+            shared,
+            actors: Arc::new(actors),
+        })
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.shared.proxy
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    pub fn preview_token(&self) -> &str {
+        &self.shared.preview_token
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.shared.notices.subscribe()
+    }
+
+    /// Every service, in name order.
+    pub fn status(&self) -> Vec<ServiceView> {
+        let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<ServiceView> = views.values().cloned().collect();
+        let table = self.shared.proxy.table();
+        for v in &mut out {
+            v.instances = instance_views(&table, &v.name);
+        }
+        out
+    }
+
+    fn actor(&self, service: &str) -> Result<&mpsc::Sender<Msg>, CommandError> {
+        self.actors
+            .get(service)
+            .ok_or_else(|| CommandError::UnknownService(service.to_string()))
+    }
+
+    /// Starts a deployment of `version`; returns its id once the first step is committed.
+    pub async fn deploy(
+        &self,
+        service: &str,
+        version: &str,
+        upstreams: Vec<SocketAddr>,
+        actor: &str,
+    ) -> Result<u64, CommandError> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::Deploy {
+            version: version.to_string(),
+            upstreams,
+            actor: actor.to_string(),
+            reply,
+        };
+        self.actor(service)?
+            .send(msg)
+            .await
+            .map_err(|_| CommandError::ShuttingDown)?;
+        rx.await.map_err(|_| CommandError::ShuttingDown)?
+    }
+
+    pub async fn promote(&self, service: &str, actor: &str) -> Result<(), CommandError> {
+        self.command(service, Event::Promote { id: None }, actor, "promote")
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn abort(&self, service: &str, actor: &str) -> Result<(), CommandError> {
+        self.command(service, Event::Abort, actor, "abort").await.map(|_| ())
+    }
+
+    pub async fn rollback(&self, service: &str, actor: &str) -> Result<RollbackDone, CommandError> {
+        let (reply, rx) = oneshot::channel();
+        self.actor(service)?
+            .send(Msg::Rollback {
+                actor: actor.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| CommandError::ShuttingDown)?;
+        rx.await.map_err(|_| CommandError::ShuttingDown)?
+    }
+
+    async fn command(
+        &self,
+        service: &str,
+        event: Event,
+        actor: &str,
+        action: &str,
+    ) -> Result<Transition, CommandError> {
+        let (reply, rx) = oneshot::channel();
+        let audit = Audit {
+            actor: actor.to_string(),
+            service: None,
+            action: action.to_string(),
+            arguments: String::new(),
+            result: "ok".to_string(),
+        };
+        self.actor(service)?
+            .send(Msg::Event {
+                event,
+                audit: Some(audit),
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| CommandError::ShuttingDown)?;
+        rx.await.map_err(|_| CommandError::ShuttingDown)?
+    }
+
+    /// The last `limit` deployments of a service, newest first.
+    pub async fn history(
+        &self,
+        service: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::store::DeploymentSummary>, CommandError> {
+        self.actor(service)?;
+        let (store, name) = (self.shared.store.clone(), service.to_string());
+        tokio::task::spawn_blocking(move || store.history(&name, limit))
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))?
+            .map_err(|e| CommandError::Store(e.to_string()))
+    }
+
+    /// Stops the daemon: the proxy finishes what it is serving and closes, then every instance
+    /// is stopped. The committed state is kept: the next start brings the live releases back.
+    /// (A crash, unlike this, leaves instances running, and the next start adopts them.)
+    pub async fn stop(&self) {
+        self.shared.proxy.shutdown();
+        let proxy = self.shared.proxy.clone();
+        let _ = tokio::task::spawn_blocking(move || proxy.join()).await;
+        for tx in self.actors.values() {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(Msg::Shutdown { reply }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+}
+
+/// The preview token: random, kept in `<state_dir>/preview.token` (mode 0600) so that it survives
+/// restarts and a smoke script or a person can read it.
+fn preview_token(state_dir: &std::path::Path) -> Result<String, StartError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("preview.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let mut bytes = [0u8; 16];
+    let f = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    f.map_err(|source| StartError::Io {
+        path: "/dev/urandom".into(),
+        source,
+    })?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let io = |source| StartError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    writeln!(file, "{token}").map_err(io)?;
+    Ok(token)
+}
+
+fn instance_views(table: &RouteTable, service: &str) -> Vec<InstanceView> {
+    let Some(svc) = table.service(service) else {
+        return Vec::new();
+    };
+    [Colour::Blue, Colour::Green]
+        .iter()
+        .flat_map(|&c| {
+            svc.pool(c).instances.iter().map(move |i| InstanceView {
+                colour: c.to_string(),
+                addr: i.addr.to_string(),
+                healthy: i.healthy,
+                in_flight: i.in_flight(),
+            })
+        })
+        .collect()
+}
+
+/// The instances of one colour and their health checks.
+struct Run {
+    release: Release,
+    instances: Instances,
+    health: HealthChecker,
+    forward: JoinHandle<()>,
+}
+
+enum Instances {
+    Process(ProcessGroup),
+    Static(Vec<SocketAddr>),
+}
+
+impl Instances {
+    fn addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Instances::Process(g) => g.instances().iter().map(|i| i.addr()).collect(),
+            Instances::Static(a) => a.clone(),
+        }
+    }
+}
+
+fn slot(c: Colour) -> usize {
+    match c {
+        Colour::Blue => 0,
+        Colour::Green => 1,
+    }
+}
+
+struct Actor {
+    shared: Arc<Shared>,
+    cfg: ServiceConfig,
+    state: State,
+    runs: [Option<Run>; 2],
+    /// Upstream addresses given with `cutover deploy` for a static service, by deployment.
+    statics: BTreeMap<DeploymentId, Vec<SocketAddr>>,
+    smoke: Option<(DeploymentId, JoinHandle<()>)>,
+    watch: Option<(DeploymentId, JoinHandle<()>)>,
+    /// For the actor's own background work to report back.
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Actor {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn plan(&self) -> Plan {
+        Plan {
+            health_deadline: self.cfg.health.deadline,
+            promote: if self.cfg.promote.auto {
+                Promotion::Auto {
+                    delay: self.cfg.promote.delay,
+                }
+            } else {
+                Promotion::Manual
+            },
+            watch: WatchPolicy {
+                duration: self.cfg.watch.duration,
+                min_requests: self.cfg.watch.min_requests,
+                max_error_rate: self.cfg.watch.max_error_rate,
+                max_p99: self.cfg.watch.max_p99,
+            },
+            keep_warm: self.cfg.keep_warm,
+        }
+    }
+
+    async fn recover(&mut self) {
+        let t = self.state.recover();
+        let audit = Audit {
+            actor: "daemon".into(),
+            service: None,
+            action: "recover".into(),
+            arguments: String::new(),
+            result: "ok".into(),
+        };
+        if let Err(e) = self.commit(&t, Some(audit)).await {
+            tracing::error!(service = self.name(), error = %e, "cannot commit the recovered state");
+        }
+        self.state = t.state.clone();
+        self.sync_table();
+        self.execute(t.actions).await;
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Event { event, audit, reply } => {
+                    let r = self.step(event, audit).await;
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                }
+                Msg::Deploy {
+                    version,
+                    upstreams,
+                    actor,
+                    reply,
+                } => {
+                    let r = self.deploy(version, upstreams, actor).await;
+                    let _ = reply.send(r);
+                }
+                Msg::Rollback { actor, reply } => {
+                    let r = self.rollback(actor).await;
+                    let _ = reply.send(r);
+                }
+                Msg::Health { colour, snapshot } => self.health_changed(colour, snapshot).await,
+                Msg::Shutdown { reply } => {
+                    if let Some((_, task)) = self.smoke.take() {
+                        task.abort();
+                    }
+                    if let Some((_, task)) = self.watch.take() {
+                        task.abort();
+                    }
+                    for colour in [Colour::Blue, Colour::Green] {
+                        if let Some(run) = self.runs[slot(colour)].take() {
+                            run.forward.abort();
+                            run.health.stop().await;
+                            if let Instances::Process(g) = &run.instances {
+                                if let Err(e) = g.stop().await {
+                                    tracing::error!(service = self.name(), %colour, error = %e, "instances did not stop");
+                                }
+                            }
+                            let (store, name) = (self.shared.store.clone(), self.name().to_string());
+                            let _ = tokio::task::spawn_blocking(move || store.remove_instances(&name, colour)).await;
+                        }
+                    }
+                    let _ = reply.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn deploy(
+        &mut self,
+        version: String,
+        upstreams: Vec<SocketAddr>,
+        actor: String,
+    ) -> Result<u64, CommandError> {
+        let version = version.trim().to_string();
+        if version.is_empty() || version.len() > 128 || version.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(CommandError::BadRequest(format!(
+                "service {}: '{version}' is not a usable version; give a short name without spaces, e.g. v2 or 1.4.0",
+                self.name()
+            )));
+        }
+        match (&self.cfg.driver, upstreams.is_empty()) {
+            (Driver::Static, true) => return Err(CommandError::BadRequest(format!(
+                "service {} runs elsewhere (no `command` in the config): name its instances with --upstream HOST:PORT",
+                self.name()
+            ))),
+            (Driver::Process { .. }, false) => {
+                return Err(CommandError::BadRequest(format!(
+                    "service {} is started by cutover from its `command`; --upstream is only for services without one",
+                    self.name()
+                )))
+            }
+            _ => {}
+        }
+        if let Some(d) = self.state.in_progress() {
+            // Refused before an id is spent; the state machine gives the same answer.
+            let probe = Event::Deploy {
+                id: DeploymentId(d.id.0 + 1),
+                release: Release::new(&version),
+                plan: self.plan(),
+            };
+            if let Err(e) = self.state.step(probe) {
+                return Err(e.into());
+            }
+        }
+        let id = {
+            let (store, name) = (self.shared.store.clone(), self.name().to_string());
+            tokio::task::spawn_blocking(move || store.next_deployment_id(&name))
+                .await
+                .map_err(|e| CommandError::Store(e.to_string()))?
+                .map_err(|e| CommandError::Store(e.to_string()))?
+        };
+        if !upstreams.is_empty() {
+            self.statics.insert(id, upstreams.clone());
+        }
+        let audit = Audit {
+            actor,
+            service: None,
+            action: "deploy".into(),
+            arguments: if upstreams.is_empty() {
+                format!("--version {version}")
+            } else {
+                let list: Vec<String> = upstreams.iter().map(|u| format!("--upstream {u}")).collect();
+                format!("--version {version} {}", list.join(" "))
+            },
+            result: "ok".into(),
+        };
+        self.step(
+            Event::Deploy {
+                id,
+                release: Release::new(&version),
+                plan: self.plan(),
+            },
+            Some(audit),
+        )
+        .await?;
+        Ok(id.0)
+    }
+
+    async fn rollback(&mut self, actor: String) -> Result<RollbackDone, CommandError> {
+        let id = if self.state.warm().is_none() && !matches!(self.state.phase, crate::lifecycle::Phase::Watching { .. })
+        {
+            // A cold rollback is a new deployment: it needs a fresh id.
+            let (store, name) = (self.shared.store.clone(), self.name().to_string());
+            tokio::task::spawn_blocking(move || store.next_deployment_id(&name))
+                .await
+                .map_err(|e| CommandError::Store(e.to_string()))?
+                .map_err(|e| CommandError::Store(e.to_string()))?
+        } else {
+            self.state.last_id.unwrap_or(DeploymentId(0))
+        };
+        let audit = Audit {
+            actor,
+            service: None,
+            action: "rollback".into(),
+            arguments: String::new(),
+            result: "ok".into(),
+        };
+        let t = self
+            .step(Event::Rollback { id, plan: self.plan() }, Some(audit))
+            .await?;
+        let kind = match t.rollback_kind() {
+            Some(RollbackKind::Cold) => "cold",
+            _ => "instant",
+        };
+        Ok(RollbackDone {
+            kind: kind.into(),
+            deployment: (kind == "cold").then_some(id.0),
+        })
+    }
+
+    /// One transition: step, commit, then execute.
+    async fn step(&mut self, event: Event, audit: Option<Audit>) -> Result<Transition, CommandError> {
+        let name = event.name();
+        let t = match self.state.step(event) {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(mut audit) = audit {
+                    audit.service = Some(self.name().to_string());
+                    audit.result = e.to_string();
+                    let store = self.shared.store.clone();
+                    let _ = tokio::task::spawn_blocking(move || store.append_audit(&audit)).await;
+                }
+                if e.kind() == crate::lifecycle::ErrorKind::Stale {
+                    tracing::debug!(service = self.name(), event = name, "{e}");
+                }
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.commit(&t, audit).await {
+            // Not committed: nothing is carried out, so the state stays what the store has.
+            tracing::error!(service = self.name(), event = name, error = %e, "cannot commit; the step is not carried out");
+            return Err(CommandError::Store(e.to_string()));
+        }
+        self.state = t.state.clone();
+        self.sync_table();
+        self.execute(t.actions.clone()).await;
+        Ok(t)
+    }
+
+    async fn commit(&self, t: &Transition, audit: Option<Audit>) -> Result<(), crate::store::StoreError> {
+        let store = self.shared.store.clone();
+        let (state, records): (State, Vec<Record>) = (t.state.clone(), t.records().cloned().collect());
+        let name = self.name().to_string();
+        tokio::task::spawn_blocking(move || store.commit(&name, &state, records.iter(), audit))
+            .await
+            .expect("commit does not panic")
+    }
+
+    /// Makes the route table's active colour and versions follow the committed state, and
+    /// refreshes the status view.
+    fn sync_table(&self) {
+        let live = self.state.live.clone();
+        let name = self.name().to_string();
+        let versions: [Option<String>; 2] = [0, 1].map(|i| self.runs[i].as_ref().map(|r| r.release.version.clone()));
+        let r = self.shared.proxy.update(|t| {
+            t.with_service(&name, |s| {
+                if let Some(live) = &live {
+                    s.active = live.colour;
+                }
+                for c in [Colour::Blue, Colour::Green] {
+                    let v = versions[slot(c)].clone();
+                    let pool = s.pool_mut(c);
+                    pool.version = v.map(|v| Arc::from(v.as_str()));
+                }
+                Ok(())
+            })
+        });
+        if let Err(e) = r {
+            tracing::error!(service = %name, error = %e, "cannot update the route table");
+        }
+        let view = ServiceView {
+            name: name.clone(),
+            live: self.state.live.as_ref().map(|l| ColourView {
+                colour: l.colour.to_string(),
+                version: l.release.version.clone(),
+            }),
+            warm: self.state.warm().map(|l| ColourView {
+                colour: l.colour.to_string(),
+                version: l.release.version.clone(),
+            }),
+            phase: self.state.phase.name().to_string(),
+            deployment: self.state.in_progress().map(|d| DeploymentView {
+                id: d.id.0,
+                version: d.release.version.clone(),
+                colour: d.colour.to_string(),
+            }),
+            summary: self.state.status(),
+            instances: Vec::new(),
+        };
+        self.shared
+            .views
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, view);
+    }
+
+    /// Sets a colour's instances (with their current health) in the route table.
+    fn set_pool(&self, colour: Colour, addrs: &[SocketAddr], health: Option<&HealthSnapshot>) {
+        let name = self.name().to_string();
+        let version = self.runs[slot(colour)].as_ref().map(|r| r.release.version.clone());
+        let r = self.shared.proxy.update(|t| {
+            t.with_service(&name, |s| {
+                let old = s.pool(colour).clone();
+                // Keep the same Instance (and its counters and pooled connections) for an address
+                // that stays; only its health flag changes.
+                let instances = addrs
+                    .iter()
+                    .map(|a| {
+                        let mut i = old
+                            .instances
+                            .iter()
+                            .find(|i| i.addr == *a)
+                            .cloned()
+                            .unwrap_or_else(|| Instance::new(*a));
+                        i.healthy = health.and_then(|h| h.get(*a)).map(|h| h.healthy).unwrap_or(false);
+                        i
+                    })
+                    .collect();
+                *s.pool_mut(colour) = old.with_instances(version.as_deref(), instances);
+                Ok(())
+            })
+        });
+        if let Err(e) = r {
+            tracing::error!(service = %name, error = %e, "cannot update the route table");
+        }
+    }
+
+    async fn execute(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Record(record) => self.announce(&record),
+                Action::StartInstances {
+                    deployment,
+                    colour,
+                    release,
+                } => {
+                    if let Err(reason) = self.start_instances(deployment, colour, release).await {
+                        let _ = self.tx.try_send(Msg::Event {
+                            event: Event::ProvisionFailed { id: deployment, reason },
+                            audit: None,
+                            reply: None,
+                        });
+                    }
+                }
+                Action::Adopt { colour, release } => self.adopt(colour, release).await,
+                Action::StopInstances { colour } => self.stop_instances(colour).await,
+                Action::Drain { colour } => {
+                    let (timeout, window) = (self.cfg.drain_timeout, self.cfg.close_window);
+                    match self.shared.proxy.drain(self.name(), colour, timeout, window).await {
+                        Ok(r) => {
+                            let msg = if r.completed {
+                                format!("{colour} drained in {:.1?}", r.elapsed)
+                            } else {
+                                format!(
+                                    "{colour} drain deadline reached after {:.1?}: {} requests cut, {} upgraded connections closed",
+                                    r.elapsed, r.cut_requests, r.closed_upgrades
+                                )
+                            };
+                            self.shared.notice(self.name(), None, "drained", msg, false);
+                        }
+                        Err(e) => tracing::error!(service = self.name(), error = %e, "drain failed"),
+                    }
+                }
+                Action::RunSmoke { deployment, colour } => self.run_smoke(deployment, colour),
+                Action::CancelSmoke { deployment } => {
+                    if let Some((id, task)) = self.smoke.take() {
+                        if id == deployment {
+                            task.abort(); // kill_on_drop ends the command with the task
+                        } else {
+                            self.smoke = Some((id, task));
+                        }
+                    }
+                }
+                Action::SwitchTo { colour } => {
+                    let t0 = Instant::now();
+                    let r = self.shared.proxy.switch(self.name(), colour);
+                    match r {
+                        Ok(()) => {
+                            let version = self.runs[slot(colour)]
+                                .as_ref()
+                                .map(|r| r.release.version.clone())
+                                .unwrap_or_default();
+                            self.shared.notice(
+                                self.name(),
+                                None,
+                                "switch",
+                                format!("live traffic switched to {colour} ({version}) in {:.1?}", t0.elapsed()),
+                                false,
+                            );
+                        }
+                        Err(e) => tracing::error!(service = self.name(), error = %e, "switch failed"),
+                    }
+                }
+                Action::StartWatch { deployment, colour } => self.start_watch(deployment, colour),
+                Action::StopWatch { deployment } => {
+                    if let Some((id, task)) = self.watch.take() {
+                        if id == deployment {
+                            task.abort();
+                        } else {
+                            self.watch = Some((id, task));
+                        }
+                    }
+                }
+                Action::ArmTimer {
+                    deployment,
+                    timer,
+                    after,
+                } => {
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let event = match timer {
+                            Timer::HealthDeadline => Event::HealthDeadlinePassed { id: deployment },
+                            Timer::AutoPromote => Event::AutoPromoteDue { id: deployment },
+                            Timer::WatchWindow => Event::WatchWindowElapsed { id: deployment },
+                            Timer::KeepWarm => Event::KeepWarmElapsed { id: deployment },
+                        };
+                        let _ = tx
+                            .send(Msg::Event {
+                                event,
+                                audit: None,
+                                reply: None,
+                            })
+                            .await;
+                    });
+                }
+            }
+        }
+    }
+
+    fn announce(&self, record: &Record) {
+        let (id, kind, message, terminal) = match record {
+            Record::Started {
+                id,
+                release,
+                colour,
+                cause,
+            } => (
+                Some(*id),
+                "started",
+                format!("deployment {id} of {release} started on {colour} ({cause:?})"),
+                false,
+            ),
+            Record::Healthy { id } => (
+                Some(*id),
+                "healthy",
+                format!("deployment {id}: all instances healthy"),
+                false,
+            ),
+            Record::Validated { id } => (
+                Some(*id),
+                "validated",
+                format!("deployment {id}: smoke test passed"),
+                false,
+            ),
+            Record::AwaitingPromotion { id, auto_after } => (
+                Some(*id),
+                "awaiting-promotion",
+                match auto_after {
+                    Some(d) => format!("deployment {id}: promotion in {d:?}"),
+                    None => format!("deployment {id}: waiting for `cutover promote {}`", self.name()),
+                },
+                false,
+            ),
+            Record::Promoted { id, colour } => (
+                Some(*id),
+                "promoted",
+                format!("deployment {id} promoted to {colour}"),
+                false,
+            ),
+            Record::WentLive { id, live, watch } => (
+                Some(*id),
+                "went-live",
+                format!("deployment {id}: {live} is live ({watch:?})"),
+                true,
+            ),
+            Record::Aborted { id, reason } => {
+                (Some(*id), "aborted", format!("deployment {id} aborted: {reason}"), true)
+            }
+            Record::RolledBack { id, to, reason } => (
+                Some(*id),
+                "rolled-back",
+                format!("deployment {id} rolled back to {to}: {reason}"),
+                true,
+            ),
+            Record::Interrupted { id, phase } => (
+                Some(*id),
+                "interrupted",
+                format!("deployment {id} was interrupted while {phase}"),
+                true,
+            ),
+            Record::WatchRestarted { id } => (
+                Some(*id),
+                "watch",
+                format!("deployment {id}: watching again after a restart"),
+                false,
+            ),
+            Record::Retired { live } => (None, "retired", format!("{live} retired"), false),
+        };
+        self.shared.notice(self.name(), id, kind, message, terminal);
+    }
+
+    fn spec(&self, colour: Colour, release: &Release, command: &str, instances: u32) -> InstanceSpec {
+        let config = &self.shared.config;
+        InstanceSpec {
+            service: self.name().to_string(),
+            colour,
+            version: release.version.clone(),
+            command: command.to_string(),
+            instances,
+            workdir: if config.dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                config.dir.clone()
+            },
+            state_dir: config.server.state_dir.clone(),
+            grace: crate::process::DEFAULT_GRACE,
+            backoff: Default::default(),
+        }
+    }
+
+    async fn start_instances(
+        &mut self,
+        deployment: DeploymentId,
+        colour: Colour,
+        release: Release,
+    ) -> Result<(), String> {
+        self.stop_instances(colour).await; // whatever was left there is not this release
+        let instances = match &self.cfg.driver {
+            Driver::Process { command, instances } => {
+                let spec = self.spec(colour, &release, command, *instances);
+                let group = ProcessGroup::start(spec).await.map_err(|e| e.to_string())?;
+                self.record_instances(colour, &release, &group.recorded()).await;
+                Instances::Process(group)
+            }
+            Driver::Static => match self.statics.remove(&deployment) {
+                Some(addrs) => Instances::Static(addrs),
+                None => return Err("no upstream addresses for this deployment (was the daemon restarted?)".into()),
+            },
+        };
+        self.begin_run(colour, release, instances);
+        self.shared.notice(
+            self.name(),
+            Some(deployment),
+            "instances",
+            format!(
+                "{} instances started on {colour}",
+                self.runs[slot(colour)]
+                    .as_ref()
+                    .map_or(0, |r| r.instances.addrs().len())
+            ),
+            false,
+        );
+        Ok(())
+    }
+
+    async fn record_instances(&self, colour: Colour, release: &Release, recorded: &[Recorded]) {
+        let store = self.shared.store.clone();
+        let rows: Vec<StoredInstance> = recorded
+            .iter()
+            .map(|r| StoredInstance {
+                service: self.name().to_string(),
+                colour,
+                index: r.index,
+                release: release.clone(),
+                pid: r.pid,
+                pgid: r.pgid,
+                port: r.port,
+                started_at: SystemTime::now(),
+            })
+            .collect();
+        let name = self.name().to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = store.remove_instances(&name, colour);
+            for row in rows {
+                if let Err(e) = store.record_instance(&row) {
+                    tracing::warn!(service = %name, error = %e, "cannot record an instance");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Starts health checks of a colour's instances and puts them in its pool (out of rotation
+    /// until healthy).
+    fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances) {
+        let addrs = instances.addrs();
+        if let Instances::Static(a) = &instances {
+            save_static(&self.shared.config.server.state_dir, self.name(), colour, a);
+        }
+        let health = HealthChecker::start(CheckSpec {
+            service: self.name().to_string(),
+            colour,
+            instances: addrs.clone(),
+            config: self.cfg.health.clone(),
+        });
+        let mut rx = health.subscribe();
+        let tx = self.tx.clone();
+        let forward = tokio::spawn(async move {
+            loop {
+                let snapshot = rx.borrow_and_update().clone();
+                if tx.send(Msg::Health { colour, snapshot }).await.is_err() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.runs[slot(colour)] = Some(Run {
+            release,
+            instances,
+            health,
+            forward,
+        });
+        self.set_pool(colour, &addrs, None);
+    }
+
+    async fn adopt(&mut self, colour: Colour, release: Release) {
+        match &self.cfg.driver {
+            Driver::Process { command, instances } => {
+                let spec = self.spec(colour, &release, command, *instances);
+                let recorded: Vec<Recorded> = {
+                    let (store, name) = (self.shared.store.clone(), self.name().to_string());
+                    let rows = tokio::task::spawn_blocking(move || store.instances(&name))
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                    rows.unwrap_or_default()
+                        .into_iter()
+                        .filter(|r| r.colour == colour && r.release == release)
+                        .map(|r| Recorded {
+                            index: r.index,
+                            pid: r.pid,
+                            pgid: r.pgid,
+                            port: r.port,
+                            start_time: None,
+                        })
+                        .collect()
+                };
+                match ProcessGroup::adopt(spec, recorded).await {
+                    Ok((group, report)) => {
+                        self.record_instances(colour, &release, &group.recorded()).await;
+                        self.shared.notice(
+                            self.name(),
+                            None,
+                            "instances",
+                            format!(
+                                "{colour} ({release}): {} instances adopted, {} restarted",
+                                report.adopted.len(),
+                                report.started.len()
+                            ),
+                            false,
+                        );
+                        self.begin_run(colour, release, Instances::Process(group));
+                    }
+                    Err(e) => tracing::error!(service = self.name(), %colour, error = %e, "cannot adopt instances"),
+                }
+            }
+            Driver::Static => match load_static(&self.shared.config.server.state_dir, self.name(), colour) {
+                Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs)),
+                None => tracing::error!(service = self.name(), %colour, "no recorded upstreams to adopt"),
+            },
+        }
+    }
+
+    async fn stop_instances(&mut self, colour: Colour) {
+        if let Some(run) = self.runs[slot(colour)].take() {
+            run.forward.abort();
+            run.health.stop().await;
+            if let Instances::Process(group) = &run.instances {
+                if let Err(e) = group.stop().await {
+                    tracing::error!(service = self.name(), %colour, error = %e, "instances did not stop");
+                }
+            }
+            self.shared.notice(
+                self.name(),
+                None,
+                "instances",
+                format!("{colour} ({}) stopped", run.release),
+                false,
+            );
+        } else if let Driver::Process { .. } = self.cfg.driver {
+            // Instances of an earlier daemon that were never adopted.
+            let (store, name) = (self.shared.store.clone(), self.name().to_string());
+            let rows = tokio::task::spawn_blocking(move || store.instances(&name))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            let recorded: Vec<Recorded> = rows
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| r.colour == colour)
+                .map(|r| Recorded {
+                    index: r.index,
+                    pid: r.pid,
+                    pgid: r.pgid,
+                    port: r.port,
+                    start_time: None,
+                })
+                .collect();
+            if !recorded.is_empty() {
+                let _ =
+                    crate::process::stop_recorded(self.name(), colour, &recorded, crate::process::DEFAULT_GRACE).await;
+            }
+        }
+        let (store, name) = (self.shared.store.clone(), self.name().to_string());
+        let _ = tokio::task::spawn_blocking(move || store.remove_instances(&name, colour)).await;
+        self.set_pool(colour, &[], None);
+    }
+
+    async fn health_changed(&mut self, colour: Colour, snapshot: HealthSnapshot) {
+        let Some(run) = &self.runs[slot(colour)] else { return };
+        let addrs = run.instances.addrs();
+        self.set_pool(colour, &addrs, Some(&snapshot));
+        // Only the colour of the deployment in progress reports to the lifecycle.
+        let Some(d) = self.state.in_progress().filter(|d| d.colour == colour).map(|d| d.id) else {
+            return;
+        };
+        let event = if snapshot.all_healthy() {
+            if matches!(self.state.phase, crate::lifecycle::Phase::Provisioning(_)) {
+                Some(Event::InstancesHealthy { id: d })
+            } else {
+                None
+            }
+        } else if !matches!(self.state.phase, crate::lifecycle::Phase::Provisioning(_))
+            && snapshot
+                .instances
+                .iter()
+                .any(|i| i.status == crate::health::Status::Unhealthy)
+        {
+            Some(Event::Unhealthy {
+                id: d,
+                reason: snapshot.describe_unhealthy(),
+            })
+        } else {
+            None
+        };
+        if let Some(event) = event {
+            let _ = self.step(event, None).await;
+        }
+    }
+
+    fn run_smoke(&mut self, deployment: DeploymentId, colour: Colour) {
+        let tx = self.tx.clone();
+        let Some(validate) = self.cfg.validate.clone() else {
+            let _ = self.tx.try_send(Msg::Event {
+                event: Event::SmokePassed { id: deployment },
+                audit: None,
+                reply: None,
+            });
+            return;
+        };
+        let server = &self.shared.config.server;
+        let front = server.preview_listen.first().or(server.listen.first()).copied();
+        let url = match front {
+            Some(a) if a.ip().is_unspecified() => format!("http://127.0.0.1:{}", a.port()),
+            Some(a) => format!("http://{a}"),
+            None => String::new(),
+        };
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(&validate.smoke)
+            .current_dir(if self.shared.config.dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                self.shared.config.dir.clone()
+            })
+            .env("CUTOVER_PREVIEW_URL", &url)
+            .env("CUTOVER_PREVIEW_TOKEN", &self.shared.preview_token)
+            .env(
+                "CUTOVER_PREVIEW_HOST",
+                self.cfg.hosts.first().cloned().unwrap_or_default(),
+            )
+            .env("CUTOVER_SERVICE", self.name())
+            .env("CUTOVER_COLOUR", colour.as_str())
+            .env(
+                "CUTOVER_VERSION",
+                self.runs[slot(colour)]
+                    .as_ref()
+                    .map(|r| r.release.version.clone())
+                    .unwrap_or_default(),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let shared = self.shared.clone();
+        let name = self.name().to_string();
+        let task = tokio::spawn(async move {
+            let event = match cmd.spawn() {
+                Err(e) => Event::SmokeFailed {
+                    id: deployment,
+                    reason: format!("cannot run `{}`: {e}", validate.smoke),
+                },
+                Ok(child) => match tokio::time::timeout(validate.timeout, child.wait_with_output()).await {
+                    Err(_) => Event::SmokeFailed {
+                        id: deployment,
+                        reason: format!("`{}` still running after {:?}", validate.smoke, validate.timeout),
+                    },
+                    Ok(Err(e)) => Event::SmokeFailed {
+                        id: deployment,
+                        reason: format!("`{}`: {e}", validate.smoke),
+                    },
+                    Ok(Ok(out)) if out.status.success() => Event::SmokePassed { id: deployment },
+                    Ok(Ok(out)) => {
+                        let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+                        text.push_str(&String::from_utf8_lossy(&out.stdout));
+                        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        Event::SmokeFailed {
+                            id: deployment,
+                            reason: format!("`{}` exited with {}: {}", validate.smoke, out.status, tail.join(" / ")),
+                        }
+                    }
+                },
+            };
+            if let Event::SmokeFailed { reason, .. } = &event {
+                shared.notice(&name, Some(deployment), "smoke", reason.clone(), false);
+            }
+            let _ = tx
+                .send(Msg::Event {
+                    event,
+                    audit: None,
+                    reply: None,
+                })
+                .await;
+        });
+        self.smoke = Some((deployment, task));
+    }
+
+    fn start_watch(&mut self, deployment: DeploymentId, colour: Colour) {
+        let proxy = self.shared.proxy.clone();
+        let name = self.name().to_string();
+        let tx = self.tx.clone();
+        let every = (self.cfg.watch.duration / 20).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let task = tokio::spawn(async move {
+            let stats = |p: &Proxy| -> StatsSnapshot {
+                p.table()
+                    .service(&name)
+                    .map(|s| s.pool(colour).stats())
+                    .unwrap_or_default()
+            };
+            let baseline = stats(&proxy);
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let w = stats(&proxy).since(&baseline);
+                let sample = WatchSample {
+                    requests: w.requests(),
+                    errors: w.errors(),
+                    p99: w.quantile(0.99),
+                };
+                if tx
+                    .send(Msg::Event {
+                        event: Event::WatchSample { id: deployment, sample },
+                        audit: None,
+                        reply: None,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        if let Some((_, old)) = self.watch.replace((deployment, task)) {
+            old.abort();
+        }
+    }
+}
+
+fn static_path(state_dir: &std::path::Path, service: &str, colour: Colour) -> PathBuf {
+    state_dir.join(format!("upstreams-{service}-{colour}.txt"))
+}
+
+/// Remembers a static colour's upstreams so that a restarted daemon routes to them again.
+fn save_static(state_dir: &std::path::Path, service: &str, colour: Colour, addrs: &[SocketAddr]) {
+    let path = static_path(state_dir, service, colour);
+    let tmp = path.with_extension("tmp");
+    let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+    if std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .is_err()
+    {
+        tracing::warn!(service, %colour, path = %path.display(), "cannot record the upstreams");
+    }
+}
+
+fn load_static(state_dir: &std::path::Path, service: &str, colour: Colour) -> Option<Vec<SocketAddr>> {
+    let text = std::fs::read_to_string(static_path(state_dir, service, colour)).ok()?;
+    let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    (!addrs.is_empty()).then_some(addrs)
+}

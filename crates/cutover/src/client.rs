@@ -1,0 +1,206 @@
+//! The CLI's side of the admin API: finds the endpoint from the config file, sends requests over
+//! the unix socket (or TCP with the token), and reads the event stream.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context as _};
+use bytes::Bytes;
+use cutover_control::config::{Admin, Config};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+/// A failure that maps to an exit code: 1 for a deployment that did not go live, 2 for a usage,
+/// configuration or connection problem.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow!(Exit {
+        code: 2,
+        message: message.into()
+    })
+}
+
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+pub struct Client {
+    endpoint: Endpoint,
+    token: Option<String>,
+}
+
+impl Client {
+    /// Reads `config` (or `./cutover.toml`) to find the admin endpoint.
+    pub fn from_config(config: Option<&Path>) -> anyhow::Result<Client> {
+        let path = config
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("cutover.toml"));
+        if !path.exists() {
+            return Err(usage(format!(
+                "{} not found: run this next to your cutover.toml or pass -c FILE",
+                path.display()
+            )));
+        }
+        let config = Config::load(&path).map_err(|e| usage(e.to_string()))?;
+        let (endpoint, token) = match &config.server.admin {
+            Admin::Unix(p) => (Endpoint::Unix(p.clone()), None),
+            Admin::Tcp(a) => {
+                let file = config
+                    .server
+                    .token_file
+                    .clone()
+                    .ok_or_else(|| usage("admin is TCP but token_file is not set"))?;
+                let token = std::fs::read_to_string(&file)
+                    .map_err(|e| usage(format!("cannot read the admin token from {}: {e}", file.display())))?;
+                (Endpoint::Tcp(*a), Some(token.trim().to_string()))
+            }
+        };
+        Ok(Client { endpoint, token })
+    }
+
+    fn where_(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(p) => p.display().to_string(),
+            Endpoint::Tcp(a) => a.to_string(),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+        let unreachable = |e: std::io::Error| {
+            usage(format!(
+                "cannot reach the cutover daemon at {} ({e}): is `cutover serve` running?",
+                self.where_()
+            ))
+        };
+        macro_rules! handshake {
+            ($stream:expr) => {{
+                let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new($stream)).await?;
+                tokio::spawn(conn);
+                tx
+            }};
+        }
+        Ok(match &self.endpoint {
+            Endpoint::Unix(p) => handshake!(tokio::net::UnixStream::connect(p).await.map_err(unreachable)?),
+            Endpoint::Tcp(a) => handshake!(tokio::net::TcpStream::connect(a).await.map_err(unreachable)?),
+        })
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<Request<Full<Bytes>>> {
+        let mut b = Request::builder().method(method).uri(path).header("host", "cutover");
+        if let Some(t) = &self.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let body = match body {
+            Some(v) => {
+                b = b.header("content-type", "application/json");
+                Bytes::from(serde_json::to_vec(&v)?)
+            }
+            None => Bytes::new(),
+        };
+        Ok(b.body(Full::new(body))?)
+    }
+
+    /// Sends one request; a non-2xx answer becomes an error carrying the daemon's message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut tx = self.connect().await?;
+        let resp = tx
+            .send_request(self.request(method, path, body)?)
+            .await
+            .context("admin request failed")?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message = value
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{status}"));
+        // Refusals (409, 400, 404, 401) are usage errors: nothing changed.
+        let code = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            1
+        } else {
+            2
+        };
+        Err(anyhow!(Exit { code, message }))
+    }
+
+    /// Opens the event stream; call before the request whose events you want to follow.
+    pub async fn events(&self) -> anyhow::Result<Events> {
+        let mut tx = self.connect().await?;
+        let resp = tx.send_request(self.request(Method::GET, "/v1/events", None)?).await?;
+        if !resp.status().is_success() {
+            return Err(usage(format!("the event stream answered {}", resp.status())));
+        }
+        Ok(Events {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+}
+
+/// Server-sent events, parsed into JSON values.
+pub struct Events {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl Events {
+    /// The next event's data, or `None` when the daemon closed the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<serde_json::Value>> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&block);
+                let data: String = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                match serde_json::from_str(&data) {
+                    Ok(v) => return Ok(Some(v)),
+                    Err(_) => continue,
+                }
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}

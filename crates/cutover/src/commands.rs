@@ -1,0 +1,413 @@
+//! `cutover serve` and the commands that talk to it: deploy, promote, rollback, abort, status,
+//! history, logs.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use cutover_control::config::{Admin, Config};
+use cutover_control::daemon::Daemon;
+use http::Method;
+
+use crate::client::{usage, Client, Exit};
+
+#[derive(clap::Args)]
+pub struct ConfigArg {
+    /// The config file (default ./cutover.toml).
+    #[arg(short = 'c', long = "config", global = true)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+pub struct DeployArgs {
+    /// The service to deploy (a [services.NAME] of the config).
+    pub service: String,
+    /// The version to deploy; given to the instances as $CUTOVER_VERSION.
+    #[arg(long)]
+    pub version: String,
+    /// For a service without `command`: an instance address HOST:PORT (repeatable).
+    #[arg(long = "upstream")]
+    pub upstreams: Vec<String>,
+    /// Return once the deployment has started instead of following it.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print each step as a JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+pub struct ServiceArgs {
+    /// The service.
+    pub service: String,
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// Print JSON: each service's live colour, versions and health.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+pub struct HistoryArgs {
+    pub service: String,
+    /// How many deployments to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    pub service: String,
+    /// Only this colour's instances.
+    #[arg(long)]
+    pub colour: Option<String>,
+    /// Lines from the end of each log.
+    #[arg(short = 'n', long, default_value_t = 40)]
+    pub lines: usize,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// `cutover serve`: everything wrong is refused before anything starts, with exit code 2.
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let path = args.config.config.unwrap_or_else(|| PathBuf::from("cutover.toml"));
+    let config = Config::load(&path).map_err(|e| usage(e.to_string()))?;
+    let token = match (&config.server.admin, &config.server.token_file) {
+        (Admin::Tcp(_), Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .map(|t| t.trim().to_string())
+                .ok()
+                .filter(|t| t.len() >= 16)
+                .ok_or_else(|| {
+                    usage(format!(
+                        "{}: server.token_file {} is missing or shorter than 16 characters; write a long random token into it",
+                        path.display(),
+                        file.display()
+                    ))
+                })?,
+        ),
+        _ => None,
+    };
+    runtime()?.block_on(async move {
+        let daemon = Daemon::start(config.clone())
+            .await
+            .map_err(|e| usage(format!("cannot start: {e}")))?;
+        let api = match &config.server.admin {
+            Admin::Unix(p) => cutover_control::api::serve_unix(daemon.clone(), p)
+                .await
+                .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", p.display())))?,
+            Admin::Tcp(a) => {
+                let token = token.clone().unwrap_or_default();
+                cutover_control::api::serve_tcp(daemon.clone(), *a, token)
+                    .await
+                    .map_err(|e| usage(format!("cannot serve the admin API on {a}: {e}")))?
+                    .1
+            }
+        };
+        for a in daemon.proxy().local_addrs() {
+            eprintln!("cutover serving on {a}; admin API on {}", config.server.admin);
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("cutover stopping: finishing requests, then stopping instances");
+        api.abort();
+        daemon.stop().await;
+        if let Admin::Unix(p) = &config.server.admin {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `cutover deploy`: starts a deployment and follows it to the end.
+pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    runtime()?.block_on(async move {
+        // Subscribe first, so that no step happens unseen between the request and the stream.
+        let mut events = if args.no_wait {
+            None
+        } else {
+            Some(client.events().await?)
+        };
+        let body = serde_json::json!({ "version": args.version, "upstreams": args.upstreams });
+        let path = format!("/v1/services/{}/deploy", args.service);
+        let t0 = Instant::now();
+        let answer = client.call(Method::POST, &path, Some(body)).await?;
+        let id = answer
+            .get("deployment")
+            .and_then(|d| d.as_u64())
+            .context("the daemon did not say which deployment")?;
+        let mut out = Progress::new(args.json, &args.service, id);
+        out.line(
+            &format!("deployment {id} of {} {} accepted", args.service, args.version),
+            None,
+        );
+        let Some(events) = events.as_mut() else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        loop {
+            let Some(ev) = events.next().await? else {
+                out.finish();
+                return Err(anyhow::anyhow!(Exit {
+                    code: 1,
+                    message: "the daemon closed the event stream".into()
+                }));
+            };
+            if ev.get("service").and_then(|s| s.as_str()) != Some(args.service.as_str()) {
+                continue;
+            }
+            let ev_id = ev.get("deployment").and_then(|d| d.as_u64());
+            if ev_id.is_some() && ev_id != Some(id) {
+                continue;
+            }
+            let message = ev.get("message").and_then(|m| m.as_str()).unwrap_or("").to_string();
+            out.line(&message, Some(&ev));
+            if ev.get("terminal").and_then(|t| t.as_bool()) == Some(true) && ev_id == Some(id) {
+                let kind = ev.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+                out.finish();
+                if kind == "went-live" {
+                    if !args.json {
+                        println!("{} {} is live ({:.1?})", args.service, args.version, t0.elapsed());
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                return Ok(ExitCode::from(1));
+            }
+        }
+    })
+}
+
+/// Step output: a spinner on a terminal, plain lines when piped, JSON lines with --json.
+struct Progress {
+    json: bool,
+    bar: Option<indicatif::ProgressBar>,
+    start: Instant,
+}
+
+impl Progress {
+    fn new(json: bool, service: &str, id: u64) -> Progress {
+        let bar = (!json && std::io::stdout().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar.set_message(format!("{service}: deployment {id}"));
+            bar
+        });
+        Progress {
+            json,
+            bar,
+            start: Instant::now(),
+        }
+    }
+
+    fn line(&mut self, text: &str, ev: Option<&serde_json::Value>) {
+        if self.json {
+            if let Some(ev) = ev {
+                println!("{ev}");
+            }
+            return;
+        }
+        let stamped = format!("[{:>6.1}s] {text}", self.start.elapsed().as_secs_f64());
+        match &self.bar {
+            Some(bar) => {
+                bar.println(stamped);
+                bar.set_message(text.to_string());
+            }
+            None => println!("{stamped}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// promote, abort and rollback.
+pub fn action(verb: &str, args: ServiceArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    runtime()?.block_on(async move {
+        let answer = client.call(Method::POST, &format!("/v1/services/{}/{verb}", args.service), None).await?;
+        if args.json {
+            println!("{answer}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        match verb {
+            "rollback" => match answer.get("kind").and_then(|k| k.as_str()) {
+                Some("instant") => println!("{}: rolled back instantly to the warm previous colour", args.service),
+                Some("cold") => println!(
+                    "{}: the previous colour was retired; redeploying the previous release as deployment {} (cold rollback)",
+                    args.service,
+                    answer.get("deployment").and_then(|d| d.as_u64()).unwrap_or(0)
+                ),
+                _ => println!("{}: rolled back", args.service),
+            },
+            "promote" => println!("{}: promoted", args.service),
+            _ => println!("{}: aborted; live traffic untouched", args.service),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    runtime()?.block_on(async move {
+        let answer = client.call(Method::GET, "/v1/status", None).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let empty = Vec::new();
+        for s in answer.get("services").and_then(|s| s.as_array()).unwrap_or(&empty) {
+            let name = s["name"].as_str().unwrap_or("?");
+            let live = match s.get("live").filter(|l| !l.is_null()) {
+                Some(l) => format!(
+                    "{}@{}",
+                    l["colour"].as_str().unwrap_or("?"),
+                    l["version"].as_str().unwrap_or("?")
+                ),
+                None => "nothing live".into(),
+            };
+            let warm = s.get("warm").filter(|w| !w.is_null()).map(|w| {
+                format!(
+                    ", warm {}@{}",
+                    w["colour"].as_str().unwrap_or("?"),
+                    w["version"].as_str().unwrap_or("?")
+                )
+            });
+            let instances = s["instances"].as_array().cloned().unwrap_or_default();
+            let healthy = instances
+                .iter()
+                .filter(|i| i["healthy"].as_bool() == Some(true))
+                .count();
+            println!(
+                "{name}: live {live}{}, {} ({healthy}/{} instances healthy)",
+                warm.unwrap_or_default(),
+                s["phase"].as_str().unwrap_or("?"),
+                instances.len()
+            );
+            if let Some(d) = s.get("deployment").filter(|d| !d.is_null()) {
+                println!(
+                    "  deployment {} of {} on {} in progress",
+                    d["id"],
+                    d["version"].as_str().unwrap_or("?"),
+                    d["colour"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    runtime()?.block_on(async move {
+        let path = format!("/v1/services/{}/history?limit={}", args.service, args.limit);
+        let answer = client.call(Method::GET, &path, None).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let empty = Vec::new();
+        let list = answer.as_array().unwrap_or(&empty);
+        if list.is_empty() {
+            println!("{}: no deployments yet", args.service);
+        }
+        for d in list {
+            println!(
+                "#{:<4} {:<12} {:<6} {:<14} {}",
+                d["id"],
+                d["version"].as_str().unwrap_or("?"),
+                d["colour"].as_str().unwrap_or("?"),
+                d["cause"].as_str().unwrap_or("?"),
+                d["outcome"].as_str().unwrap_or("in progress")
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `cutover logs`: the tail of each instance's log file, read from the state directory.
+pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let path = args
+        .config
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("cutover.toml"));
+    let config = Config::load(&path).map_err(|e| usage(e.to_string()))?;
+    if config.service(&args.service).is_none() {
+        return Err(usage(format!(
+            "unknown service '{}' in {}",
+            args.service,
+            path.display()
+        )));
+    }
+    let dir = config.server.state_dir.join("logs").join(&args.service);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|f| {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name.ends_with(".log")
+            && args
+                .colour
+                .as_deref()
+                .is_none_or(|c| name.starts_with(&format!("{c}-")))
+    });
+    files.sort();
+    if files.is_empty() {
+        println!("no logs for {} in {}", args.service, dir.display());
+    }
+    for f in files {
+        println!("==> {} <==", f.display());
+        print_tail(&f, args.lines)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_tail(path: &Path, n: usize) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    for l in &lines[lines.len().saturating_sub(n)..] {
+        println!("{l}");
+    }
+    Ok(())
+}
