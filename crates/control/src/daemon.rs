@@ -579,10 +579,12 @@ impl Actor {
             )));
         }
         match (&self.cfg.driver, upstreams.is_empty()) {
-            (Driver::Static, true) => return Err(CommandError::BadRequest(format!(
+            (Driver::Static, true) => {
+                return Err(CommandError::BadRequest(format!(
                 "service {} runs elsewhere (no `command` in the config): name its instances with --upstream HOST:PORT",
                 self.name()
-            ))),
+            )))
+            }
             (Driver::Process { .. }, false) => {
                 return Err(CommandError::BadRequest(format!(
                     "service {} is started by cutover from its `command`; --upstream is only for services without one",
@@ -754,8 +756,9 @@ impl Actor {
             .insert(name, view);
     }
 
-    /// Sets a colour's instances (with their current health) in the route table.
-    fn set_pool(&self, colour: Colour, addrs: &[SocketAddr], health: Option<&HealthSnapshot>) {
+    /// Sets a colour's instances (with their current health) in the route table. An instance the
+    /// checks have no verdict on yet keeps the flag it had, or gets `assume` if it is new.
+    fn set_pool(&self, colour: Colour, addrs: &[SocketAddr], health: Option<&HealthSnapshot>, assume: bool) {
         let name = self.name().to_string();
         let version = self.runs[slot(colour)].as_ref().map(|r| r.release.version.clone());
         let r = self.shared.proxy.update(|t| {
@@ -998,7 +1001,7 @@ impl Actor {
                 None => return Err("no upstream addresses for this deployment (was the daemon restarted?)".into()),
             },
         };
-        self.begin_run(colour, release, instances);
+        self.begin_run(colour, release, instances, false);
         self.shared.notice(
             self.name(),
             Some(deployment),
@@ -1043,7 +1046,11 @@ impl Actor {
 
     /// Starts health checks of a colour's instances and puts them in its pool (out of rotation
     /// until healthy).
-    fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances) {
+    ///
+    /// `assume_healthy` is for instances adopted after a restart on a colour that was serving:
+    /// they stay in rotation until the checks say otherwise, instead of the colour answering
+    /// 503 until the first check completes.
+    fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances, assume_healthy: bool) {
         let addrs = instances.addrs();
         if let Instances::Static(a) = &instances {
             save_static(&self.shared.config.server.state_dir, self.name(), colour, a);
@@ -1073,7 +1080,7 @@ impl Actor {
             health,
             forward,
         });
-        self.set_pool(colour, &addrs, None);
+        self.set_pool(colour, &addrs, None, assume_healthy);
     }
 
     async fn adopt(&mut self, colour: Colour, release: Release) {
@@ -1112,13 +1119,13 @@ impl Actor {
                             ),
                             false,
                         );
-                        self.begin_run(colour, release, Instances::Process(group));
+                        self.begin_run(colour, release, Instances::Process(group), true);
                     }
                     Err(e) => tracing::error!(service = self.name(), %colour, error = %e, "cannot adopt instances"),
                 }
             }
             Driver::Static => match load_static(&self.shared.config.server.state_dir, self.name(), colour) {
-                Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs)),
+                Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true),
                 None => tracing::error!(service = self.name(), %colour, "no recorded upstreams to adopt"),
             },
         }
@@ -1166,13 +1173,13 @@ impl Actor {
         }
         let (store, name) = (self.shared.store.clone(), self.name().to_string());
         let _ = tokio::task::spawn_blocking(move || store.remove_instances(&name, colour)).await;
-        self.set_pool(colour, &[], None);
+        self.set_pool(colour, &[], None, false);
     }
 
     async fn health_changed(&mut self, colour: Colour, snapshot: HealthSnapshot) {
         let Some(run) = &self.runs[slot(colour)] else { return };
         let addrs = run.instances.addrs();
-        self.set_pool(colour, &addrs, Some(&snapshot));
+        self.set_pool(colour, &addrs, Some(&snapshot), false);
         // Only the colour of the deployment in progress reports to the lifecycle.
         let Some(d) = self.state.in_progress().filter(|d| d.colour == colour).map(|d| d.id) else {
             return;

@@ -401,7 +401,11 @@ impl ProcessGroup {
                         unwanted.push(proc);
                     }
                 }
-                Found::Leftovers => {}
+                Found::Leftovers => {
+                    tracing::warn!(service = %spec.service, colour = %spec.colour, index = r.index, pid = r.pid,
+                        "recorded instance is gone but processes of its group remain; killing them");
+                    unwanted.push(Proc::adopted(&r));
+                }
                 Found::Gone => {}
             }
         }

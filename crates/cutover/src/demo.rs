@@ -2,6 +2,10 @@
 //! colour (after `?delay=MS` milliseconds if asked, to show draining), and `/up` with "ok" for
 //! health checks. On SIGTERM it stops accepting, finishes what it is serving (for at most 30 s)
 //! and exits.
+//!
+//! To rehearse failures, a version's name can ask for one: a version ending in `-unhealthy`
+//! answers `/up` with 503 (it never passes health checks), one ending in `-broken` answers every
+//! other path with 500 (it passes health checks and a lenient smoke test, then fails users).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -36,6 +40,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let addr = SocketAddr::new(args.host, args.port);
         let listener = TcpListener::bind(addr).await.with_context(|| format!("demo-app cannot listen on {addr}"))?;
         let body = Bytes::from(format!("{} {}\n", args.version, args.colour));
+        let unhealthy = args.version.ends_with("-unhealthy");
+        let broken = args.version.ends_with("-broken");
         eprintln!("demo-app {} ({}) listening on {}", args.version, args.colour, listener.local_addr()?);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let stop = tokio_util_like::Stop::default();
@@ -47,6 +53,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                     let _ = stream.set_nodelay(true);
                     let body = body.clone();
                     let stop = stop.clone();
+                    let (unhealthy, broken) = (unhealthy, broken);
                     conns.spawn(async move {
                         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                             let body = body.clone();
@@ -57,11 +64,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                                 if let Some(ms) = delay {
                                     tokio::time::sleep(std::time::Duration::from_millis(ms.min(600_000))).await;
                                 }
-                                let resp = if req.uri().path() == "/up" {
+                                let status = |code: u16| http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
+                                let mut resp = if req.uri().path() == "/up" {
                                     Response::new(Full::new(Bytes::from_static(b"ok\n")))
                                 } else {
                                     Response::new(Full::new(body))
                                 };
+                                if (req.uri().path() == "/up" && unhealthy) || (req.uri().path() != "/up" && broken) {
+                                    *resp.status_mut() = status(if unhealthy { 503 } else { 500 });
+                                }
                                 Ok::<_, std::convert::Infallible>(resp)
                             }
                         });

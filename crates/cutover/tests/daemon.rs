@@ -1,0 +1,586 @@
+//! `cutover serve` driven by the real CLI: deployments of the built-in demo app with real
+//! processes, real sockets, a real SQLite file, and clients sending traffic throughout.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cutover");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// A test's own directory, config and daemon. Every instance it starts carries a unique marker in
+/// its environment, so the test can find (or not find) its processes.
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    front: SocketAddr,
+    marker: String,
+    daemon: Option<Proc>,
+}
+
+impl Drop for Setup {
+    /// Stops the daemon as an operator would (SIGTERM stops the instances), then makes sure
+    /// nothing of this test is left running even if the test failed half way.
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = Command::new("kill").args(["-TERM", &d.0.id().to_string()]).status();
+            wait_until(Duration::from_secs(20), || d.0.try_wait().ok().flatten().is_some());
+        }
+        for pid in self.all_pids() {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
+impl Setup {
+    fn all_pids(&self) -> Vec<u32> {
+        self.pids_where(|_| true)
+    }
+
+    fn new(service_extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let marker = format!(
+            "CUTOVER_TEST_MARK={}",
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        let config = dir.path().join("cutover.toml");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n\n[services.web]\n\
+             command = \"{marker} {BIN} demo-app --port {{port}}\"\ninstances = 2\n\
+             health = {{ path = \"/up\", interval = \"100ms\", timeout = \"1s\", healthy = 1, unhealthy = 2, deadline = \"3s\" }}\n\
+             drain_timeout = \"3s\"\n{service_extra}\n"
+        );
+        std::fs::write(&config, text).unwrap();
+        Setup {
+            dir,
+            config,
+            front: SocketAddr::from(([127, 0, 0, 1], port)),
+            marker,
+            daemon: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let child = Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(
+                    self.dir
+                        .path()
+                        .join(format!("serve-{}.log", Instant::now().elapsed().as_nanos())),
+                )
+                .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        self.daemon = Some(Proc(child));
+        let cfg = self.config.clone();
+        assert!(
+            wait_until(Duration::from_secs(20), || cli(&cfg, &["status"]).status.success()),
+            "daemon answers status"
+        );
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.config, args)
+    }
+
+    /// Pids of this test's instances running `version` (from their environment).
+    fn pids(&self, version: &str) -> Vec<u32> {
+        let want = format!("CUTOVER_VERSION={version}");
+        self.pids_where(|vars| vars.iter().any(|x| *x == want.as_bytes()))
+    }
+
+    fn pids_where(&self, keep: impl Fn(&[&[u8]]) -> bool) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+            if vars.iter().any(|x| *x == self.marker.as_bytes()) && keep(&vars) {
+                pids.push(pid);
+            }
+        }
+        pids.sort();
+        pids
+    }
+
+    fn get(&self) -> Option<(u16, String)> {
+        get(self.front)
+    }
+
+    /// The daemons' logs so far, for failure messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut files: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files
+            .iter()
+            .filter(|f| f.file_name().unwrap().to_string_lossy().starts_with("serve-"))
+        {
+            out.push_str(&std::fs::read_to_string(f).unwrap_or_default());
+        }
+        out
+    }
+}
+
+fn cli(config: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args).arg("-c").arg(config);
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn get(addr: SocketAddr) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.get(9..12)?.parse().ok()?;
+    Some((status, out.split_once("\r\n\r\n")?.1.trim().to_string()))
+}
+
+/// Keep-alive clients sending GET / back to back; counts answers by body and every failure.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    served: Arc<Mutex<std::collections::BTreeMap<String, u64>>>,
+    total: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+        let total = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, failures, served, total) = (stop.clone(), failures.clone(), served.clone(), total.clone());
+                std::thread::spawn(move || {
+                    let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
+                    // Bounded by the flag and by a count.
+                    for _ in 0..1_000_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if conn.is_none() {
+                            match TcpStream::connect(addr) {
+                                Ok(s) => {
+                                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                                    conn = Some((BufReader::new(s.try_clone().unwrap()), s));
+                                }
+                                Err(e) => {
+                                    failures.lock().unwrap().push(format!("connect: {e}"));
+                                    std::thread::sleep(Duration::from_millis(50));
+                                    continue;
+                                }
+                            }
+                        }
+                        let (reader, writer) = conn.as_mut().unwrap();
+                        match exchange(reader, writer) {
+                            Ok((200, body)) => {
+                                *served.lock().unwrap().entry(body).or_default() += 1;
+                                total.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok((status, body)) => {
+                                failures.lock().unwrap().push(format!("{status} {body}"));
+                                total.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                failures.lock().unwrap().push(format!("transport: {e}"));
+                                conn = None;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failures,
+            served,
+            total,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (Vec<String>, std::collections::BTreeMap<String, u64>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        let served = self.served.lock().unwrap().clone();
+        (failures, served, self.total.load(Ordering::Relaxed))
+    }
+}
+
+fn exchange(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> std::io::Result<(u16, String)> {
+    writer.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status: u16 = line
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut length = 0usize;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
+}
+
+#[test]
+fn deploy_promote_rollback_cycle_under_load_drops_nothing() {
+    let mut s = Setup::new("keep_warm = \"1m\"\nwatch = { duration = \"1s\", min_requests = 10 }");
+    s.start();
+    let out = s.cli(&["deploy", "web", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(s.get(), Some((200, "v1 blue".into())));
+
+    let load = Load::start(s.front, 6);
+    assert!(wait_until(Duration::from_secs(5), || load
+        .total
+        .load(Ordering::Relaxed)
+        > 200));
+    let out = s.cli(&["deploy", "web", "--version", "v2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("web v2 is live"), "{}", text(&out));
+    let before_rollback = load.total.load(Ordering::Relaxed);
+    assert!(wait_until(Duration::from_secs(5), || load
+        .total
+        .load(Ordering::Relaxed)
+        > before_rollback + 200));
+    let out = s.cli(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("instantly"),
+        "warm blue makes it instant: {}",
+        text(&out)
+    );
+    let after = load.total.load(Ordering::Relaxed);
+    assert!(wait_until(Duration::from_secs(5), || load
+        .total
+        .load(Ordering::Relaxed)
+        > after + 200));
+    let (failures, served, total) = load.finish();
+
+    assert!(
+        failures.is_empty(),
+        "{} of {total} failed, first {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        served.get("v1 blue").copied().unwrap_or(0) > 0 && served.get("v2 green").copied().unwrap_or(0) > 0,
+        "{served:?}"
+    );
+    assert_eq!(s.get(), Some((200, "v1 blue".into())));
+    let history = text(&s.cli(&["history", "web"]));
+    assert!(
+        history.contains("rolled back") && history.contains("went live"),
+        "{history}"
+    );
+    // The rolled-back green is stopped.
+    assert!(
+        wait_until(Duration::from_secs(10), || s.pids("v2").is_empty()),
+        "green instances stopped"
+    );
+}
+
+#[test]
+fn unhealthy_green_is_aborted_and_its_processes_are_gone() {
+    let mut s = Setup::new("");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    let blue = s.pids("v1");
+    assert!(!blue.is_empty());
+    let out = s.cli(&["deploy", "web", "--version", "v2-unhealthy"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("aborted"), "{}", text(&out));
+    assert_eq!(s.get(), Some((200, "v1 blue".into())), "live traffic untouched");
+    assert!(
+        wait_until(Duration::from_secs(10), || s.pids("v2-unhealthy").is_empty()),
+        "green processes gone"
+    );
+    assert_eq!(s.pids("v1"), blue, "blue untouched");
+}
+
+#[test]
+fn failed_smoke_aborts_and_manual_promotion_waits_for_promote() {
+    let mut s = Setup::new(
+        "promote = { auto = false }\nwatch = { duration = \"1s\", min_requests = 1 }\n\
+         validate = { smoke = \"case $CUTOVER_VERSION in *-badsmoke) echo smoke says no; exit 3;; esac\" }",
+    );
+    s.start();
+    // The first release goes live once validated, even with manual promotion.
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+
+    let out = s.cli(&["deploy", "web", "--version", "v2-badsmoke"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("smoke says no"),
+        "the reason reaches the user: {}",
+        text(&out)
+    );
+    assert_eq!(s.get(), Some((200, "v1 blue".into())));
+
+    let config = s.config.clone();
+    let deploy = std::thread::spawn(move || cli(&config, &["deploy", "web", "--version", "v3"]));
+    assert!(wait_until(Duration::from_secs(10), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    assert_eq!(
+        s.get(),
+        Some((200, "v1 blue".into())),
+        "nothing switches before promote"
+    );
+    assert!(!deploy.is_finished());
+    let out = s.cli(&["promote", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = deploy.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(s.get(), Some((200, "v3 green".into())));
+}
+
+#[test]
+fn broken_green_is_rolled_back_automatically_with_the_reason() {
+    let mut s =
+        Setup::new("keep_warm = \"1m\"\nwatch = { duration = \"10s\", min_requests = 20, max_error_rate = 0.05 }");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    let load = Load::start(s.front, 4);
+    let t = Instant::now();
+    let out = s.cli(&["deploy", "web", "--version", "v2-broken"]);
+    let took = t.elapsed();
+    let (failures, _, _) = load.finish();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("rolled back"), "{}", text(&out));
+    assert!(
+        took < Duration::from_secs(10),
+        "rolled back within the watch window, took {took:?}"
+    );
+    assert!(
+        !failures.is_empty(),
+        "the broken release did fail requests while watched"
+    );
+    assert_eq!(s.get(), Some((200, "v1 blue".into())));
+    let history = text(&s.cli(&["history", "web"]));
+    assert!(
+        history.contains("rolled back") && history.contains("error rate"),
+        "reason recorded: {history}"
+    );
+}
+
+#[test]
+fn kill_9_during_a_deployment_then_restart() {
+    let mut s = Setup::new("promote = { auto = false }");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    let blue = s.pids("v1");
+    assert!(s
+        .cli(&["deploy", "web", "--version", "v2", "--no-wait"])
+        .status
+        .success());
+    assert!(wait_until(Duration::from_secs(10), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    assert!(!s.pids("v2").is_empty());
+
+    // kill -9: no chance to clean up.
+    s.daemon.take().map(|mut d| d.0.kill());
+    s.start();
+    let status = text(&s.cli(&["status"]));
+    assert!(status.contains("live blue@v1") && status.contains("stable"), "{status}");
+    assert_eq!(s.get(), Some((200, "v1 blue".into())), "{}", s.logs());
+    assert_eq!(
+        s.pids("v1"),
+        blue,
+        "running healthy blue instances adopted, not restarted"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || s.pids("v2").is_empty()),
+        "interrupted green cleaned up"
+    );
+    let history = text(&s.cli(&["history", "web"]));
+    assert!(
+        history.contains("interrupted") && history.contains("went live"),
+        "history intact: {history}"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    let mut s = Setup::new("promote = { auto = false }");
+    // Bad config: refused at start with file, line and exit code 2.
+    let bad = s.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[services.web]\ncommand = \"x\"\nhealth = { intervall = \"1s\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["serve", "-c"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("bad.toml:3:") && text(&out).contains("intervall"),
+        "{}",
+        text(&out)
+    );
+
+    s.start();
+    let out = s.cli(&["deploy", "nope", "--version", "v1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("unknown service 'nope'"), "{}", text(&out));
+
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    assert!(s
+        .cli(&["deploy", "web", "--version", "v2", "--no-wait"])
+        .status
+        .success());
+    let out = s.cli(&["deploy", "web", "--version", "v3"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("in progress"), "{}", text(&out));
+    let out = s.cli(&["deploy", "web", "--version", "has space"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(s.cli(&["abort", "web"]).status.success());
+    assert!(
+        wait_until(Duration::from_secs(10), || s.pids("v2").is_empty()),
+        "aborted green stopped"
+    );
+    assert_eq!(s.get(), Some((200, "v1 blue".into())));
+    assert!(s.pids("v3").is_empty(), "the refused deployment started nothing");
+}
+
+#[test]
+fn tcp_admin_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    std::fs::write(dir.path().join("token"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\ntoken_file = \"token\"\nstate_dir = \"state\"\n\
+             [services.web]\ncommand = \"{BIN} demo-app --port {{port}}\"\nhealth = {{ path = \"/up\", interval = \"100ms\" }}\n"
+        ),
+    )
+    .unwrap();
+    let _daemon = Proc(
+        Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || cli(&config, &["status"]).status.success()),
+        "CLI with the token works"
+    );
+    let raw = |auth: Option<&str>| {
+        let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+        let auth = auth
+            .map(|a| format!("Authorization: Bearer {a}\r\n"))
+            .unwrap_or_default();
+        write!(s, "POST /v1/services/web/deploy HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 17\r\nConnection: close\r\n\r\n{{\"version\":\"v9\"}}").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(raw(None).starts_with("HTTP/1.1 401"), "no token");
+    assert!(
+        raw(Some("wrong-token-wrong-token-wrong-tok")).starts_with("HTTP/1.1 401"),
+        "wrong token"
+    );
+    let history = text(&cli(&config, &["history", "web"]));
+    assert!(history.contains("no deployments yet"), "nothing happened: {history}");
+    std::fs::write(dir.path().join("token"), "another-token-that-is-long-enough\n").unwrap();
+    let out = cli(&config, &["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the CLI with a wrong token is refused: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn daemon_stop_and_retirement_leave_no_instance_running() {
+    let mut s = Setup::new("keep_warm = \"1s\"\nwatch = { duration = \"500ms\", min_requests = 1 }");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    assert!(s.cli(&["deploy", "web", "--version", "v2"]).status.success());
+    // Blue stays warm for 1 s after the watch, then is retired: drained and stopped.
+    assert!(
+        wait_until(Duration::from_secs(15), || s.pids("v1").is_empty()),
+        "retired blue stopped"
+    );
+    assert!(!s.pids("v2").is_empty());
+    let d = s.daemon.take().unwrap();
+    assert!(Command::new("kill")
+        .args(["-TERM", &d.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut d = d;
+    assert!(
+        wait_until(Duration::from_secs(20), || d.0.try_wait().unwrap().is_some()),
+        "daemon exits on SIGTERM"
+    );
+    assert!(s.pids("v2").is_empty(), "no instance survives the daemon stop");
+}
