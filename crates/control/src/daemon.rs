@@ -769,13 +769,13 @@ impl Actor {
                 let instances = addrs
                     .iter()
                     .map(|a| {
-                        let mut i = old
-                            .instances
-                            .iter()
-                            .find(|i| i.addr == *a)
-                            .cloned()
-                            .unwrap_or_else(|| Instance::new(*a));
-                        i.healthy = health.and_then(|h| h.get(*a)).map(|h| h.healthy).unwrap_or(false);
+                        let known = old.instances.iter().find(|i| i.addr == *a).cloned();
+                        let before = known.as_ref().map_or(assume, |i| i.healthy);
+                        let mut i = known.unwrap_or_else(|| Instance::new(*a));
+                        i.healthy = match health.and_then(|h| h.get(*a)) {
+                            Some(h) if h.status != crate::health::Status::Unknown => h.healthy,
+                            _ => before,
+                        };
                         i
                     })
                     .collect();
@@ -1029,7 +1029,7 @@ impl Actor {
                 pid: r.pid,
                 pgid: r.pgid,
                 port: r.port,
-                started_at: SystemTime::now(),
+                start_ticks: r.start_time,
             })
             .collect();
         let name = self.name().to_string();
@@ -1101,7 +1101,7 @@ impl Actor {
                             pid: r.pid,
                             pgid: r.pgid,
                             port: r.port,
-                            start_time: None,
+                            start_time: r.start_ticks,
                         })
                         .collect()
                 };
@@ -1163,7 +1163,7 @@ impl Actor {
                     pid: r.pid,
                     pgid: r.pgid,
                     port: r.port,
-                    start_time: None,
+                    start_time: r.start_ticks,
                 })
                 .collect();
             if !recorded.is_empty() {

@@ -1605,6 +1605,7 @@ mod tests {
         let old = leaders(&infos);
         // The daemon dies: nobody supervises the instances any more, and they keep running.
         let recorded = first.detach().await;
+        let _reaper = Reaper(recorded.clone());
         assert_eq!(recorded, first_records(&infos));
         assert!(old.iter().all(|p| p.running()));
 
@@ -1657,8 +1658,30 @@ mod tests {
         infos.iter().map(|i| i.recorded().unwrap()).collect()
     }
 
+    /// Kills, when dropped, the instances a test left without supervisor (detached, or spawned by
+    /// the test itself), so that a failing test does not leak processes. `classify` makes it a
+    /// no-op once they are gone, even if their pids were reused by another test meanwhile.
+    struct Reaper(Vec<Recorded>);
+
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            for r in &self.0 {
+                if !matches!(classify(r), Found::Gone) {
+                    let _ = signal_group(r.pgid, Some(Signal::SIGKILL));
+                }
+            }
+        }
+    }
+
+    /// A `sleep` in its own group that no driver started, and its record.
     fn spawn_sleep() -> (Child, Recorded) {
-        let child = Command::new("sleep").arg("1000").process_group(0).spawn().unwrap();
+        let child = Command::new("sleep")
+            .arg("1000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
         let pid = child.id();
         let record = Recorded {
             index: 0,
@@ -1681,6 +1704,7 @@ mod tests {
         }
         let old = leaders(&first.instances());
         let mut recorded = first.detach().await;
+        let mut reaper = Reaper(recorded.clone());
         assert_eq!(recorded.len(), 3);
 
         // Instance 1: its whole group died while no daemon ran.
@@ -1699,6 +1723,7 @@ mod tests {
         // A record whose pid now belongs to an unrelated process (another start time).
         let (mut stranger, mut reused) = spawn_sleep();
         reused.index = 4;
+        reaper.0.extend([extra.clone(), reused.clone()]);
         reused.start_time = reused.start_time.map(|t| t + 1);
         let extra_seen = Seen::new(extra.pid);
         let stranger_seen = Seen::new(stranger.id());
@@ -1751,6 +1776,7 @@ mod tests {
             pids.push(pid_file(dir.path().join(format!("bg-{n}"))).await);
         }
         let recorded = first.detach().await;
+        let _reaper = Reaper(recorded.clone());
         let grace = Duration::from_secs(60);
         assert_eq!(stop_recorded("web", Colour::Green, &recorded, grace).await.unwrap(), 2);
         assert!(pids.iter().all(|p| !p.running()), "{pids:?}");

@@ -52,7 +52,7 @@
 //! - `audit`: `seq`, `at`, `actor`, `service`, `action`, `arguments`, `result`.
 //! - `deployment_ids`: `service` primary key, `last`: the highest id handed out.
 //! - `instances`: `(service, colour, idx)` primary key, `version`, `pid`, `pgid`, `port`,
-//!   `started_at`: written by the process driver.
+//!   `start_ticks`: written by the process driver.
 //!
 //! Foreign keys tie `deployments`, `releases` and `transitions` to `services`, and
 //! `transitions.(service, deployment)` to `deployments`. They are deferred to the end of the
@@ -219,7 +219,7 @@ CREATE TABLE instances (
     pid INTEGER NOT NULL CHECK (pid > 0),
     pgid INTEGER NOT NULL CHECK (pgid > 0),
     port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
-    started_at INTEGER NOT NULL,
+    start_ticks INTEGER CHECK (start_ticks >= 0),
     PRIMARY KEY (service, colour, idx)
 ) STRICT;
 ";
@@ -433,9 +433,9 @@ pub struct StoredInstance {
     /// Its process group (the whole group is signalled on stop).
     pub pgid: u32,
     pub port: u16,
-    /// Stored with millisecond precision. Lets the driver tell its instance from an unrelated
-    /// process that reused the pid.
-    pub started_at: SystemTime,
+    /// The process's start time in clock ticks since boot (see `process::Recorded`): with the
+    /// pid it tells the instance from an unrelated process that reused the pid. `None` if unknown.
+    pub start_ticks: Option<u64>,
 }
 
 /// The open state database. One per daemon; share it behind an `Arc`. Every method is one short
@@ -759,7 +759,7 @@ impl Store {
         let conn = self.lock();
         let i = instance;
         conn.prepare_cached(
-            "INSERT OR REPLACE INTO instances (service, colour, idx, version, pid, pgid, port, started_at)
+            "INSERT OR REPLACE INTO instances (service, colour, idx, version, pid, pgid, port, start_ticks)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )
         .and_then(|mut stmt| {
@@ -771,7 +771,7 @@ impl Store {
                 i.pid,
                 i.pgid,
                 i.port,
-                to_ms(i.started_at)
+                i.start_ticks.map(|t| t.min(i64::MAX as u64) as i64)
             ])
         })
         .map_err(self.fail(format!("record instance {} of {} on {}", i.index, i.service, i.colour)))?;
@@ -1606,7 +1606,10 @@ fn decode_instance(row: &Row<'_>) -> Result<StoredInstance, Bad> {
         pid: int("pid")?,
         pgid: int("pgid")?,
         port: u16::try_from(port).map_err(|_| Bad::Invalid(format!("port = {port} is out of range")))?,
-        started_at: from_ms(req(row, "started_at")?),
+        start_ticks: row
+            .get::<_, Option<i64>>("start_ticks")
+            .map_err(|e| Bad::Invalid(format!("start_ticks: {e}")))?
+            .map(|t| t.max(0) as u64),
     })
 }
 
@@ -2353,7 +2356,7 @@ mod tests {
             pid: 4242,
             pgid: 4242,
             port: 40123,
-            started_at: from_ms(1_700_000_000_123),
+            start_ticks: Some(123_456_789),
         };
         store.record_instance(&instance).unwrap();
         store.append_audit(&audit("api:ops", "status", "")).unwrap();
@@ -2553,7 +2556,7 @@ mod tests {
             pid,
             pgid: pid,
             port: 30000 + pid as u16,
-            started_at: from_ms(1_700_000_000_000 + i64::from(pid)),
+            start_ticks: (pid % 2 == 0).then_some(1_000 + u64::from(pid)),
         };
         let g1 = instance("web", Colour::Green, 1, 11);
         let g0 = instance("web", Colour::Green, 0, 10);
