@@ -285,8 +285,16 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
     }
 }
 
-/// Serves the API on a unix socket created with mode 0600 (a stale socket file is replaced).
-pub async fn serve_unix(daemon: Daemon, path: &Path) -> std::io::Result<tokio::task::JoinHandle<()>> {
+/// A bound admin listener, created before anything else starts so that a busy address fails
+/// the start with nothing running.
+pub enum AdminListener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener, String),
+}
+
+/// Binds a unix socket with mode 0600 (a stale socket file, with no daemon answering on it, is
+/// replaced).
+pub fn bind_unix(path: &Path) -> std::io::Result<AdminListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -301,30 +309,33 @@ pub async fn serve_unix(daemon: Daemon, path: &Path) -> std::io::Result<tokio::t
         }
         std::fs::remove_file(path)?;
     }
-    // Created with a restrictive umask-independent mode right after bind, before anyone can use it.
     let listener = tokio::net::UnixListener::bind(path)?;
+    // Before the first accept: nobody can have connected through a wider mode.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let app = router(daemon, "cli");
-    Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    }))
+    Ok(AdminListener::Unix(listener))
 }
 
-/// Serves the API on TCP; every request needs the bearer token.
-pub async fn serve_tcp(
-    daemon: Daemon,
-    addr: SocketAddr,
-    token: String,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let app = router(daemon, "api").layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token));
-    Ok((
-        local,
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        }),
-    ))
+/// Binds the TCP admin address; every request on it will need `token`.
+pub async fn bind_tcp(addr: SocketAddr, token: String) -> std::io::Result<AdminListener> {
+    Ok(AdminListener::Tcp(tokio::net::TcpListener::bind(addr).await?, token))
+}
+
+/// Serves the API on a bound listener until the task is aborted.
+pub fn serve(listener: AdminListener, daemon: Daemon) -> tokio::task::JoinHandle<()> {
+    match listener {
+        AdminListener::Unix(l) => {
+            let app = router(daemon, "cli");
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app).await;
+            })
+        }
+        AdminListener::Tcp(l, token) => {
+            let app = router(daemon, "api").layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token));
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app).await;
+            })
+        }
+    }
 }
 
 #[cfg(test)]

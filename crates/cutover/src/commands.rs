@@ -119,21 +119,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     runtime()?.block_on(async move {
+        // The admin listener first: a busy address must fail the start before anything runs.
+        let listener = match &config.server.admin {
+            Admin::Unix(p) => cutover_control::api::bind_unix(p),
+            Admin::Tcp(a) => cutover_control::api::bind_tcp(*a, token.clone().unwrap_or_default()).await,
+        }
+        .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", config.server.admin)))?;
         let daemon = Daemon::start(config.clone())
             .await
             .map_err(|e| usage(format!("cannot start: {e}")))?;
-        let api = match &config.server.admin {
-            Admin::Unix(p) => cutover_control::api::serve_unix(daemon.clone(), p)
-                .await
-                .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", p.display())))?,
-            Admin::Tcp(a) => {
-                let token = token.clone().unwrap_or_default();
-                cutover_control::api::serve_tcp(daemon.clone(), *a, token)
-                    .await
-                    .map_err(|e| usage(format!("cannot serve the admin API on {a}: {e}")))?
-                    .1
-            }
-        };
+        let api = cutover_control::api::serve(listener, daemon.clone());
         for a in daemon.proxy().local_addrs() {
             eprintln!("cutover serving on {a}; admin API on {}", config.server.admin);
         }

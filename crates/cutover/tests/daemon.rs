@@ -583,4 +583,15 @@ fn daemon_stop_and_retirement_leave_no_instance_running() {
         "daemon exits on SIGTERM"
     );
     assert!(s.pids("v2").is_empty(), "no instance survives the daemon stop");
+
+    // Restarting with the proxy's port taken is refused, exit 2, and starts nothing.
+    let _taken = TcpListener::bind(s.front).unwrap();
+    let out = Command::new(BIN).args(["serve", "-c"]).arg(&s.config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains(&s.front.to_string()),
+        "names the address: {}",
+        text(&out)
+    );
+    assert!(s.pids("v2").is_empty(), "nothing started");
 }
