@@ -712,12 +712,17 @@ impl Actor {
     /// refreshes the status view.
     fn sync_table(&self) {
         let live = self.state.live.clone();
+        let first = self.state.in_progress().map(|d| d.colour);
         let name = self.name().to_string();
         let versions: [Option<String>; 2] = [0, 1].map(|i| self.runs[i].as_ref().map(|r| r.release.version.clone()));
         let r = self.shared.proxy.update(|t| {
             t.with_service(&name, |s| {
-                if let Some(live) = &live {
-                    s.active = live.colour;
+                match (&live, first) {
+                    (Some(live), _) => s.active = live.colour,
+                    // Nothing live yet: the preview route (the inactive colour) must lead to the
+                    // first release under validation, while live traffic gets 503.
+                    (None, Some(colour)) => s.active = colour.other(),
+                    (None, None) => {}
                 }
                 for c in [Colour::Blue, Colour::Green] {
                     let v = versions[slot(c)].clone();

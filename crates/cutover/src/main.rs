@@ -58,6 +58,9 @@ enum Command {
     DemoApp(demo::DemoArgs),
     /// Deploy a demo app blue, then green, under traffic, roll back, and report what clients saw.
     Quickstart(quickstart::QuickstartArgs),
+    /// The quickstart's smoke test: checks the preview route serves $CUTOVER_VERSION.
+    #[command(hide = true)]
+    SmokeCheck,
 }
 
 #[derive(clap::Args)]
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => run_proxy(args),
         Command::DemoApp(args) => demo::run(args),
         Command::Quickstart(args) => quickstart::run(args),
+        Command::SmokeCheck => quickstart::smoke_check(),
     };
     match result {
         Ok(code) => code,

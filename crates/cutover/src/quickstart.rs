@@ -1,17 +1,18 @@
-//! `cutover quickstart`: the first thing a new user runs. It starts the proxy on a free port,
-//! runs the demo app as v1 on blue, puts steady keep-alive traffic on it, starts v2 on green,
-//! checks it through the preview route, switches, rolls back, and reports what the clients saw.
+//! `cutover quickstart`: the first thing a new user runs. In a temporary directory it writes a
+//! config for the built-in demo app, starts the daemon on free ports, deploys v1, puts steady
+//! keep-alive traffic on it, deploys v2 to green (health checks, a smoke test through the preview
+//! route, the switch, the watch), rolls back, and reports what the clients saw. It cleans up after
+//! itself.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use bytes::Bytes;
-use cutover_proxy::{Colour, Instance, ListenerConfig, Proxy, ProxyConfig, RouteTable, Service};
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -26,41 +27,8 @@ pub struct QuickstartArgs {
     phase: Duration,
 }
 
-const PREVIEW_TOKEN: &str = "quickstart-preview";
-
-/// A demo-app child process, killed when dropped.
-struct App(Child);
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn start_app(version: &str, colour: Colour) -> anyhow::Result<(App, SocketAddr)> {
-    let port = free_port()?;
-    let exe = std::env::current_exe().context("cannot find the cutover executable")?;
-    let child = Command::new(exe)
-        .args([
-            "demo-app",
-            "--port",
-            &port.to_string(),
-            "--version",
-            version,
-            "--colour",
-            colour.as_str(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start the demo app")?;
-    Ok((App(child), SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
 /// One GET over a fresh connection; used for health and preview checks.
@@ -76,19 +44,6 @@ async fn get(addr: SocketAddr, path: &str, preview: Option<&str>) -> anyhow::Res
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
-}
-
-async fn wait_healthy(addr: SocketAddr, within: Duration) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        if let Ok((200, _)) = get(addr, "/up", None).await {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > within {
-            bail!("the demo app on {addr} did not become healthy within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[derive(Default)]
@@ -174,36 +129,51 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
 
 async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
+    let dir = std::env::temp_dir().join(format!("cutover-quickstart-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let exe = std::env::current_exe().context("cannot find the cutover executable")?;
+    let exe = exe.display();
+    let config_text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n\n\
+         [services.demo]\ncommand = \"{exe} demo-app --port {{port}}\"\ninstances = 2\n\
+         health = {{ path = \"/up\", interval = \"100ms\", timeout = \"1s\", healthy = 1, deadline = \"10s\" }}\n\
+         validate = {{ smoke = \"{exe} smoke-check\", timeout = \"10s\" }}\n\
+         watch = {{ duration = \"2s\", min_requests = 20, max_error_rate = 0.01 }}\n\
+         drain_timeout = \"5s\"\nkeep_warm = \"10m\"\n"
+    );
+    let config_path = dir.join("cutover.toml");
+    std::fs::write(&config_path, &config_text)?;
+    let config = cutover_control::config::Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
-        "cutover quickstart: one service, two colours, {} keep-alive clients\n",
+        "cutover quickstart: the demo app, two instances per colour, {} keep-alive clients",
         args.clients
     );
+    println!("  config {}", config_path.display());
 
-    let mut svc = Service::new("demo");
-    svc.preview_token = Some(Arc::from(PREVIEW_TOKEN.as_bytes()));
-    let table = RouteTable::new(vec![svc])?;
-    let config = ProxyConfig {
-        listeners: vec![ListenerConfig {
-            addr: "127.0.0.1:0".parse()?,
-            preview: false,
-        }],
-        ..Default::default()
-    };
-    let proxy = Arc::new(Proxy::start(config, table)?);
-    let front = proxy.local_addrs()[0];
-    println!("  proxy listening on http://{front}");
+    let daemon = cutover_control::daemon::Daemon::start(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Whatever happens below, the daemon stops its instances before the directory goes.
+    let result = run_steps(&daemon, &args, t0).await;
+    daemon.stop().await;
+    result
+}
 
-    // v1 on blue: the first release goes live once healthy.
-    let (_blue, blue_addr) = start_app("v1", Colour::Blue)?;
-    let took = wait_healthy(blue_addr, Duration::from_secs(10)).await?;
-    proxy.update(|t| {
-        t.with_service("demo", |s| {
-            s.blue = s.blue.with_instances(Some("v1"), vec![Instance::new(blue_addr)]);
-            s.active = Colour::Blue;
-            Ok(())
-        })
-    })?;
-    println!("  v1 started on blue ({blue_addr}), healthy after {took:.0?}, live");
+async fn run_steps(
+    daemon: &cutover_control::daemon::Daemon,
+    args: &QuickstartArgs,
+    t0: Instant,
+) -> anyhow::Result<ExitCode> {
+    let daemon = daemon.clone();
+    let front = daemon.proxy().local_addrs()[0];
+    println!("  daemon serving on http://{front}\n");
+    let mut notices = daemon.subscribe();
+
+    // v1 on blue: the first release goes live once healthy and validated.
+    let took = deploy(&daemon, &mut notices, "v1").await?;
+    println!("  v1 live on blue after {took:.1?}\n");
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -212,50 +182,22 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
         .collect();
     tokio::time::sleep(args.phase).await;
 
-    // v2 on green, checked through the preview route before anyone sees it.
-    let (_green, green_addr) = start_app("v2", Colour::Green)?;
-    let took = wait_healthy(green_addr, Duration::from_secs(10)).await?;
-    proxy.update(|t| {
-        t.with_service("demo", |s| {
-            s.green = s.green.with_instances(Some("v2"), vec![Instance::new(green_addr)]);
-            Ok(())
-        })
-    })?;
-    println!("  v2 started on green ({green_addr}), healthy after {took:.0?}");
-    let (status, body) = get(front, "/", Some(PREVIEW_TOKEN)).await?;
-    if status != 200 || body != "v2 green" {
-        bail!("preview of green answered {status} '{body}', expected 200 'v2 green'");
-    }
-    let (_, live) = get(front, "/", None).await?;
-    println!("  preview route answers '{body}' while live traffic still gets '{live}'");
+    // v2 on green: health checks, the smoke test through the preview route, the switch, the watch.
+    let took = deploy(&daemon, &mut notices, "v2").await?;
+    println!("  v2 live on green after {took:.1?} (including the 2 s watch)\n");
+    tokio::time::sleep(args.phase).await;
 
-    let mut switches = Vec::new();
-    for (label, to) in [
-        ("switch to green (v2)", Colour::Green),
-        ("rollback to blue (v1)", Colour::Blue),
-    ] {
-        let from = to.other();
-        let s = Instant::now();
-        proxy.switch("demo", to)?;
-        let switch_took = s.elapsed();
-        let drain = proxy
-            .drain("demo", from, Duration::from_secs(30), Duration::from_secs(1))
-            .await?;
-        println!(
-            "  {label}: switch {:.1?}, old colour drained in {:.1?} ({} cut)",
-            switch_took, drain.elapsed, drain.cut_requests
-        );
-        switches.push(switch_took);
-        tokio::time::sleep(args.phase).await;
-    }
+    let t = Instant::now();
+    let done = daemon.rollback("demo", "quickstart").await?;
+    println!("  rollback ({}) in {:.1?}", done.kind, t.elapsed());
+    follow(&mut notices, None, Duration::from_millis(200)).await;
+    tokio::time::sleep(args.phase).await;
 
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let _ = c.await;
     }
-    proxy.shutdown();
-    let p = proxy.clone();
-    tokio::task::spawn_blocking(move || p.join()).await?;
+    let (_, live) = get(front, "/", None).await?;
 
     let t = tally.lock().unwrap_or_else(|p| p.into_inner());
     println!("\nreport");
@@ -264,6 +206,7 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
     for (version, n) in &t.served {
         println!("  served by {:<8} {n}", version);
     }
+    println!("  live at the end   {live}");
     println!("  total time        {:.1?}", t0.elapsed());
     if let Some(e) = &t.first_error {
         println!("  first failure     {e}");
@@ -272,6 +215,71 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
         println!("\nFAILED: {} requests failed", t.failed);
         return Ok(ExitCode::from(1));
     }
-    println!("\nno request failed across {} switches", switches.len());
+    println!("\nno request failed across two switches");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deploys `version` and prints its steps until it is live; returns how long that took.
+async fn deploy(
+    daemon: &cutover_control::daemon::Daemon,
+    notices: &mut tokio::sync::broadcast::Receiver<cutover_control::daemon::Notice>,
+    version: &str,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let id = daemon.deploy("demo", version, Vec::new(), "quickstart").await?;
+    match follow(notices, Some(id), Duration::from_secs(30)).await {
+        Some(kind) if kind == "went-live" => Ok(t.elapsed()),
+        Some(kind) => anyhow::bail!("deployment {id} of {version} ended: {kind}"),
+        None => anyhow::bail!("deployment {id} of {version} did not finish in 30 s"),
+    }
+}
+
+/// Prints notices until deployment `id` ends (returning how), or until `quiet` passes without one
+/// when no deployment is followed.
+async fn follow(
+    notices: &mut tokio::sync::broadcast::Receiver<cutover_control::daemon::Notice>,
+    id: Option<u64>,
+    quiet: Duration,
+) -> Option<String> {
+    loop {
+        let n = match tokio::time::timeout(quiet, notices.recv()).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+            _ => return None,
+        };
+        println!("    {}", n.message);
+        if n.terminal && id.is_some() && n.deployment == id {
+            return Some(n.kind);
+        }
+    }
+}
+
+/// `cutover smoke-check`: the quickstart's smoke test. It asks the preview route (with the
+/// token the daemon gives it) for the release being validated and checks the answer names it.
+pub fn smoke_check() -> anyhow::Result<ExitCode> {
+    let url = std::env::var("CUTOVER_PREVIEW_URL").context("CUTOVER_PREVIEW_URL is not set")?;
+    let token = std::env::var("CUTOVER_PREVIEW_TOKEN").context("CUTOVER_PREVIEW_TOKEN is not set")?;
+    let version = std::env::var("CUTOVER_VERSION").unwrap_or_default();
+    let addr: SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .context("CUTOVER_PREVIEW_URL")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (status, body) = rt.block_on(get(addr, "/", Some(&token)))?;
+    if status == 200 && body.starts_with(&format!("{version} ")) {
+        println!("smoke: preview answers '{body}'");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("smoke: preview answered {status} '{body}', expected {version}");
+        Ok(ExitCode::from(1))
+    }
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
