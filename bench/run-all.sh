@@ -5,7 +5,7 @@
 # and keeping everything else in the file.
 #
 # Usage: bench/run-all.sh
-# Knobs (env): BENCHES="throughput switching memory"  BENCHMARKS_OUT=path (default: <repo>/BENCHMARKS.md)
+# Knobs (env): BENCHES="throughput switching memory deploy"  BENCHMARKS_OUT=path (default: <repo>/BENCHMARKS.md)
 #              Everything else (DURATION, ROUNDS, CONNECTIONS, CONTENDERS, CUTOVER_BIN, ...) is passed
 #              through to the scripts; note DURATION then applies to all three.
 # A script that fails leaves its old section untouched; the exit code is then 1.
@@ -13,7 +13,7 @@ set -uo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$BENCH_DIR/.." && pwd)
 OUT=${BENCHMARKS_OUT:-$REPO_ROOT/BENCHMARKS.md}
-BENCHES=${BENCHES:-throughput switching memory}
+BENCHES=${BENCHES:-throughput switching memory deploy}
 BT=(python3 "$BENCH_DIR/helpers/benchtool.py")
 
 for b in $BENCHES; do
