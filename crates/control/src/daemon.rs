@@ -142,6 +142,17 @@ enum Msg {
     Shutdown { reply: oneshot::Sender<()> },
 }
 
+impl Msg {
+    /// A report from the actor's own background work (no reply, no audit).
+    fn report(event: Event) -> Msg {
+        Msg::Event {
+            event,
+            audit: None,
+            reply: None,
+        }
+    }
+}
+
 struct Shared {
     config: Config,
     proxy: Arc<Proxy>,
@@ -803,11 +814,9 @@ impl Actor {
                     release,
                 } => {
                     if let Err(reason) = self.start_instances(deployment, colour, release).await {
-                        let _ = self.tx.try_send(Msg::Event {
-                            event: Event::ProvisionFailed { id: deployment, reason },
-                            audit: None,
-                            reply: None,
-                        });
+                        let _ = self
+                            .tx
+                            .try_send(Msg::report(Event::ProvisionFailed { id: deployment, reason }));
                     }
                 }
                 Action::Adopt { colour, release } => self.adopt(colour, release).await,
@@ -883,13 +892,7 @@ impl Actor {
                             Timer::WatchWindow => Event::WatchWindowElapsed { id: deployment },
                             Timer::KeepWarm => Event::KeepWarmElapsed { id: deployment },
                         };
-                        let _ = tx
-                            .send(Msg::Event {
-                                event,
-                                audit: None,
-                                reply: None,
-                            })
-                            .await;
+                        let _ = tx.send(Msg::report(event)).await;
                     });
                 }
             }
@@ -1216,11 +1219,7 @@ impl Actor {
     fn run_smoke(&mut self, deployment: DeploymentId, colour: Colour) {
         let tx = self.tx.clone();
         let Some(validate) = self.cfg.validate.clone() else {
-            let _ = self.tx.try_send(Msg::Event {
-                event: Event::SmokePassed { id: deployment },
-                audit: None,
-                reply: None,
-            });
+            let _ = self.tx.try_send(Msg::report(Event::SmokePassed { id: deployment }));
             return;
         };
         let server = &self.shared.config.server;
@@ -1290,13 +1289,7 @@ impl Actor {
             if let Event::SmokeFailed { reason, .. } = &event {
                 shared.notice(&name, Some(deployment), "smoke", reason.clone(), false);
             }
-            let _ = tx
-                .send(Msg::Event {
-                    event,
-                    audit: None,
-                    reply: None,
-                })
-                .await;
+            let _ = tx.send(Msg::report(event)).await;
         });
         self.smoke = Some((deployment, task));
     }
@@ -1325,11 +1318,7 @@ impl Actor {
                     p99: w.quantile(0.99),
                 };
                 if tx
-                    .send(Msg::Event {
-                        event: Event::WatchSample { id: deployment, sample },
-                        audit: None,
-                        reply: None,
-                    })
+                    .send(Msg::report(Event::WatchSample { id: deployment, sample }))
                     .await
                     .is_err()
                 {
