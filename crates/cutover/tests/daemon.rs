@@ -595,3 +595,92 @@ fn daemon_stop_and_retirement_leave_no_instance_running() {
     );
     assert!(s.pids("v2").is_empty(), "nothing started");
 }
+
+#[test]
+fn static_service_switches_between_named_upstreams() {
+    // Instances that something else runs: two demo apps started by the test.
+    let (a, b) = (free_port(), free_port());
+    let app = |port: u16, version: &str, colour: &str| {
+        Proc(
+            Command::new(BIN)
+                .args([
+                    "demo-app",
+                    "--port",
+                    &port.to_string(),
+                    "--version",
+                    version,
+                    "--colour",
+                    colour,
+                ])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let (_a, _b) = (app(a, "s1", "first"), app(b, "s2", "second"));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n[services.api]\n\
+             health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\nwatch = {{ duration = \"500ms\", min_requests = 1 }}\n"
+        ),
+    )
+    .unwrap();
+    let mut daemon = Proc(
+        Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || cli(&config, &["status"])
+        .status
+        .success()));
+    // The admin socket is private to the daemon's user.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("state/admin.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let out = cli(&config, &["deploy", "api", "--version", "v1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a static service needs --upstream: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("--upstream"), "{}", text(&out));
+    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    let ua = format!("127.0.0.1:{a}");
+    let ub = format!("127.0.0.1:{b}");
+    assert!(cli(&config, &["deploy", "api", "--version", "v1", "--upstream", &ua])
+        .status
+        .success());
+    assert_eq!(get(front), Some((200, "s1 first".into())));
+    assert!(cli(&config, &["deploy", "api", "--version", "v2", "--upstream", &ub])
+        .status
+        .success());
+    assert_eq!(get(front), Some((200, "s2 second".into())));
+    let out = cli(&config, &["rollback", "api"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(get(front), Some((200, "s1 first".into())));
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status();
+    assert!(wait_until(Duration::from_secs(20), || daemon
+        .0
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    assert_eq!(
+        get(SocketAddr::from(([127, 0, 0, 1], a))).map(|r| r.0),
+        Some(200),
+        "cutover never stops what it did not start"
+    );
+}
