@@ -20,9 +20,14 @@ declare -a BG_PIDS=()
 declare -A BG_NAME=() BG_LOG=()
 
 # bg_start NAME LOGFILE CMD... ; sets BG_LAST_PID.
+# With PIN=1, servers (backend and proxies) run on CPU 1 and wrk on CPU 0 (taskset), which
+# takes the scheduler's placement out of the comparison.
+SERVER_PIN=() WRK_PIN=()
+if [[ ${PIN:-0} == 1 ]]; then SERVER_PIN=(taskset -c 1) WRK_PIN=(taskset -c 0); fi
+
 bg_start() {
   local name=$1 logf=$2; shift 2
-  "$@" >"$logf" 2>&1 </dev/null &
+  "${SERVER_PIN[@]}" "$@" >"$logf" 2>&1 </dev/null &
   BG_LAST_PID=$!
   BG_PIDS+=("$BG_LAST_PID")
   BG_NAME[$BG_LAST_PID]=$name
@@ -361,7 +366,7 @@ run_wrk() {
   local d=${WRK_DURATION:-10}
   # In the background + wait, so that a signal to the script is handled at
   # once (the EXIT trap then stops wrk by pid).
-  timeout --kill-after=5 $((d + 30)) wrk "$@" >"$out" 2>&1 &
+  timeout --kill-after=5 $((d + 30)) "${WRK_PIN[@]}" wrk "$@" >"$out" 2>&1 &
   local p=$!
   bg_track wrk "$p"
   wait "$p"

@@ -51,8 +51,10 @@ for b in $BENCHES; do
   rc=$?
   CHILD=
   if ((rc == 0)) && [[ -s $TMP/$b.md ]]; then
-    "${BT[@]}" md-update --file "$OUT" --section "$b" --content "$TMP/$b.md" --title Benchmarks
-    echo "updated section '$b' in $OUT" >&2
+    section=$b
+    [[ $b == throughput && ${PIN:-0} == 1 ]] && section=throughput-pinned
+    "${BT[@]}" md-update --file "$OUT" --section "$section" --content "$TMP/$b.md" --title Benchmarks
+    echo "updated section '$section' in $OUT" >&2
   else
     echo "$b failed (exit $rc); its section in $OUT was left as it was" >&2
     failed+=("$b")

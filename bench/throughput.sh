@@ -24,7 +24,7 @@ done
 ((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
 for c in $CONTENDERS; do has "$c" direct cutover haproxy nginx || die "unknown contender '$c'"; done
-CMD="DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP CONTENDERS='$CONTENDERS' bench/throughput.sh"
+CMD="${PIN:+PIN=$PIN }DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP CONTENDERS='$CONTENDERS' bench/throughput.sh"
 
 bench_init throughput
 quiet_check
@@ -76,7 +76,7 @@ fi
 
 MD=$BENCH_TMP/section.md
 {
-  echo "## Throughput"
+  if [[ ${PIN:-0} == 1 ]]; then echo "## Throughput, pinned (servers on CPU 1, wrk on CPU 0)"; else echo "## Throughput"; fi
   echo
   meta_block "$CMD"
   echo
@@ -88,7 +88,7 @@ MD=$BENCH_TMP/section.md
   wants direct && desc+=("\"direct\" is wrk straight to the backend")
   (IFS=';'; echo "${desc[*]}." | sed 's/;/; /g')
   echo "Load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
-  echo "interleaved (${CONTENDERS// /, }) for $ROUNDS round(s); medians over rounds. All processes share the same $(nproc) CPUs."
+  echo "interleaved (${CONTENDERS// /, }) for $ROUNDS round(s); medians over rounds. $(if [[ ${PIN:-0} == 1 ]]; then echo "The backend and the proxy share CPU 1 (taskset), wrk has CPU 0."; else echo "All processes share the same $(nproc) CPUs."; fi)"
   echo
   "${BT[@]}" report-throughput "$RES" --order "$CONTENDERS"
 } >"$MD"
