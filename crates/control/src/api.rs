@@ -11,6 +11,7 @@
 //! | `POST /v1/services/{name}/abort` | stop an unpromoted deployment |
 //! | `GET /v1/services/{name}/history?limit=20` | past deployments, newest first |
 //! | `GET /v1/events` | server-sent events: one JSON [`crate::daemon::Notice`] per event |
+//! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request or refused in this state), 401 (missing or
 //! wrong token), 404 (unknown service), 409 (a deployment is in progress), 503 (shutting down),
@@ -66,12 +67,15 @@ struct Caller(&'static str);
 #[derive(Clone)]
 struct Api {
     daemon: Daemon,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The router, without authentication; [`serve_unix`] and [`serve_tcp`] add what their
 /// transport needs.
 fn router(daemon: Daemon, caller: &'static str) -> Router {
+    let metrics = Arc::new(crate::metrics::Metrics::new(daemon.clone()));
     Router::new()
+        .route("/metrics", get(metrics_text))
         .route("/v1/status", get(status))
         .route("/v1/services/{name}", get(service))
         .route("/v1/services/{name}/deploy", post(deploy))
@@ -82,7 +86,15 @@ fn router(daemon: Daemon, caller: &'static str) -> Router {
         .route("/v1/events", get(events))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/status") })
         .layer(axum::Extension(Caller(caller)))
-        .with_state(Api { daemon })
+        .with_state(Api { daemon, metrics })
+}
+
+async fn metrics_text(State(api): State<Api>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        api.metrics.render(),
+    )
+        .into_response()
 }
 
 #[derive(Serialize)]

@@ -8,5 +8,6 @@ pub mod config;
 pub mod daemon;
 pub mod health;
 pub mod lifecycle;
+pub mod metrics;
 pub mod process;
 pub mod store;

@@ -1,0 +1,232 @@
+//! `/metrics` in the Prometheus text format.
+//!
+//! Everything is read at scrape time from what already exists: the proxy's per-colour counters and
+//! gauges (through the current route table) and the daemon's status, plus two counters kept here
+//! from the daemon's event stream (switches, and deployments by how they ended). Recording on the
+//! request path is the proxy's three relaxed atomic increments; nothing here touches it.
+//!
+//! Label values come from the configuration (service names), the lifecycle (colours, results,
+//! versions given by the operator) or the drivers (instance addresses), never from client input.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use cutover_proxy::{Colour, LATENCY_BOUNDS_US};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::daemon::Daemon;
+
+#[derive(Default, Debug)]
+struct Counts {
+    /// service -> switches
+    switches: BTreeMap<String, u64>,
+    /// (service, result) -> deployments
+    deployments: BTreeMap<(String, String), u64>,
+}
+
+/// The metrics of one daemon.
+pub struct Metrics {
+    registry: Registry,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Metrics {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Metrics {
+    /// Starts counting the daemon's switches and deployment results.
+    pub fn new(daemon: Daemon) -> Metrics {
+        let counts = Arc::new(Mutex::new(Counts::default()));
+        let mut notices = daemon.subscribe();
+        let c = counts.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let n = match notices.recv().await {
+                    Ok(n) => n,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let mut counts = c.lock().unwrap_or_else(|p| p.into_inner());
+                if n.kind == "switch" {
+                    *counts.switches.entry(n.service.clone()).or_default() += 1;
+                }
+                if n.terminal {
+                    *counts
+                        .deployments
+                        .entry((n.service.clone(), n.kind.clone()))
+                        .or_default() += 1;
+                }
+            }
+        });
+        let mut registry = Registry::with_prefix("cutover");
+        registry.register_collector(Box::new(DaemonCollector { daemon, counts }));
+        Metrics { registry, task }
+    }
+
+    /// The current metrics, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+struct DaemonCollector {
+    daemon: Daemon,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl std::fmt::Debug for DaemonCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DaemonCollector")
+    }
+}
+
+impl Collector for DaemonCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let table = self.daemon.proxy().table();
+        let services: Vec<_> = table.services().iter().collect();
+        let colours = [Colour::Blue, Colour::Green];
+
+        let mut e = encoder.encode_descriptor(
+            "requests",
+            "Requests answered, by service, colour and status class (including the proxy's own 5xx)",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &services {
+            for c in colours {
+                let stats = s.pool(c).stats();
+                for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                    let labels = [("service", &*s.name), ("colour", c.as_str()), ("class", class)];
+                    ConstCounter::new(stats.by_class[i]).encode(e.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        let mut e = encoder.encode_descriptor(
+            "request_duration_seconds",
+            "Time from a request's head to its response head, by service and colour",
+            None,
+            MetricType::Histogram,
+        )?;
+        for s in &services {
+            for c in colours {
+                let stats = s.pool(c).stats();
+                // Per-bucket counts: the encoder makes them cumulative.
+                let buckets: Vec<(f64, u64)> = stats
+                    .latency
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        (
+                            LATENCY_BOUNDS_US
+                                .get(i)
+                                .map(|us| *us as f64 / 1e6)
+                                .unwrap_or(f64::INFINITY),
+                            *n,
+                        )
+                    })
+                    .collect();
+                let total: u64 = stats.latency.iter().sum();
+                let labels = [("service", &*s.name), ("colour", c.as_str())];
+                e.encode_family(&labels)?.encode_histogram::<()>(
+                    stats.latency_sum_us as f64 / 1e6,
+                    total,
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+
+        let mut e = encoder.encode_descriptor(
+            "in_flight_requests",
+            "Requests in flight on the colour's current generation",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &services {
+            for c in colours {
+                let labels = [("service", &*s.name), ("colour", c.as_str())];
+                ConstGauge::new(s.pool(c).in_flight() as i64).encode(e.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut e = encoder.encode_descriptor(
+            "upgraded_connections",
+            "Open upgraded connections (WebSocket) on the colour's current generation",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &services {
+            for c in colours {
+                let labels = [("service", &*s.name), ("colour", c.as_str())];
+                ConstGauge::new(s.pool(c).generation().upgraded() as i64).encode(e.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut e = encoder.encode_descriptor(
+            "instance_healthy",
+            "1 when the instance passes its health checks and is in rotation",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &services {
+            for c in colours {
+                for i in s.pool(c).instances.iter() {
+                    let addr = i.addr.to_string();
+                    let labels = [
+                        ("service", &*s.name),
+                        ("colour", c.as_str()),
+                        ("instance", addr.as_str()),
+                    ];
+                    ConstGauge::new(i.healthy as i64).encode(e.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        let mut e = encoder.encode_descriptor(
+            "live",
+            "The live colour and version of each service (value 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for view in self.daemon.status() {
+            if let Some(live) = &view.live {
+                let labels = [
+                    ("service", view.name.as_str()),
+                    ("colour", live.colour.as_str()),
+                    ("version", live.version.as_str()),
+                ];
+                ConstGauge::new(1i64).encode(e.encode_family(&labels)?)?;
+            }
+        }
+
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut e = encoder.encode_descriptor("switches", "Switches of the live colour", None, MetricType::Counter)?;
+        for s in &services {
+            let n = counts.switches.get(&*s.name).copied().unwrap_or(0);
+            ConstCounter::new(n).encode(e.encode_family(&[("service", &*s.name)])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "deployments",
+            "Deployments that ended, by result (went-live, aborted, rolled-back, interrupted)",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((service, result), n) in counts.deployments.iter() {
+            let labels = [("service", service.as_str()), ("result", result.as_str())];
+            ConstCounter::new(*n).encode(e.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! `/metrics` of a running daemon: scraped during load, its counters add up to the requests the
+//! clients saw, split by colour across a switch.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cutover");
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && self.0.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scrape(socket: &Path) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of the sample with exactly these labels, 0 when absent.
+fn sample(metrics: &str, name: &str, labels: &str) -> u64 {
+    let prefix = format!("{name}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+fn exchange(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> std::io::Result<(u16, String)> {
+    writer.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status: u16 = line.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut length = 0usize;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
+}
+
+#[test]
+fn counters_add_up_to_the_requests_sent_split_by_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n[services.web]\n\
+             command = \"{BIN} demo-app --port {{port}}\"\ninstances = 2\n\
+             health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\nwatch = {{ duration = \"500ms\", min_requests = 1 }}\n"
+        ),
+    )
+    .unwrap();
+    let _daemon = Daemon(
+        Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let socket = dir.path().join("state/admin.sock");
+    let cli = |args: &[&str]| Command::new(BIN).args(args).arg("-c").arg(&config).output().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cli(&["status"]).status.success() {
+        assert!(Instant::now() < deadline, "daemon up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(cli(&["deploy", "web", "--version", "v1"]).status.success());
+
+    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+                let s = TcpStream::connect(front).unwrap();
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                let mut writer = s;
+                for _ in 0..1_000_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (status, body) = exchange(&mut reader, &mut writer).unwrap();
+                    *seen.entry(format!("{status} {body}")).or_default() += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+
+    // Scraped while traffic flows: well-formed and moving.
+    std::thread::sleep(Duration::from_millis(300));
+    let during = scrape(&socket);
+    assert!(
+        sample(
+            &during,
+            "cutover_requests_total",
+            r#"service="web",colour="blue",class="2xx""#
+        ) > 0,
+        "{during}"
+    );
+    assert!(cli(&["deploy", "web", "--version", "v2"]).status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    for c in clients {
+        for (k, v) in c.join().unwrap() {
+            *seen.entry(k).or_default() += v;
+        }
+    }
+    let after = scrape(&socket);
+    let blue = seen.get("200 v1 blue").copied().unwrap_or(0);
+    let green = seen.get("200 v2 green").copied().unwrap_or(0);
+    assert_eq!(
+        blue + green,
+        seen.values().sum::<u64>(),
+        "every answer was a 200 from v1 or v2: {seen:?}"
+    );
+    assert!(blue > 0 && green > 0, "{seen:?}");
+    assert_eq!(
+        sample(
+            &after,
+            "cutover_requests_total",
+            r#"service="web",colour="blue",class="2xx""#
+        ),
+        blue
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "cutover_requests_total",
+            r#"service="web",colour="green",class="2xx""#
+        ),
+        green
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "cutover_request_duration_seconds_count",
+            r#"service="web",colour="green""#
+        ),
+        green
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "cutover_requests_total",
+            r#"service="web",colour="green",class="5xx""#
+        ),
+        0
+    );
+    assert_eq!(
+        sample(&after, "cutover_live", r#"service="web",colour="green",version="v2""#),
+        1
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "cutover_deployments_total",
+            r#"service="web",result="went-live""#
+        ),
+        2
+    );
+    assert!(
+        sample(&after, "cutover_switches_total", r#"service="web""#) >= 2,
+        "{after}"
+    );
+    assert_eq!(
+        after
+            .matches("cutover_instance_healthy{service=\"web\",colour=\"green\"")
+            .count(),
+        2
+    );
+}
