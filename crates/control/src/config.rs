@@ -97,6 +97,15 @@ max_connections = 10000
 max_header_bytes = 16384
 shutdown_timeout = "30s"
 retry_idempotent = true
+
+# Optional: POST a JSON event to each URL when a deployment starts, is promoted, is rolled back
+# or aborted. Delivery never holds up a deployment: a failed one is retried with growing pauses,
+# then logged and dropped.
+# [webhooks]
+# urls = ["http://127.0.0.1:9000/hook"]   # http:// only (no TLS yet)
+# timeout = "5s"                          # per attempt
+# retries = 3                             # attempts after the first
+# events = ["started", "promoted", "rolled-back", "aborted"]
 "#;
 
 /// Most instances a process-driven service may ask for; more on one host is a typo.
@@ -111,6 +120,8 @@ pub struct Config {
     pub proxy: ProxySettings,
     /// `[services.NAME]`, sorted by name. Never empty.
     pub services: Vec<ServiceConfig>,
+    /// `[webhooks]`: where to POST deployment events. Default: nowhere (no urls).
+    pub webhooks: WebhooksConfig,
     /// The directory relative paths were resolved against (the config file's directory for
     /// [`Config::load`], empty, i.e. the current directory, for [`Config::parse`]). Commands
     /// (`command`, `validate.smoke`) are meant to run from here, so that `./web` in the file means
@@ -349,6 +360,165 @@ impl Default for WatchConfig {
     }
 }
 
+/// Every notice kind the daemon announces (see [`crate::daemon::Notice::kind`]): what
+/// `[webhooks] events` may select.
+pub const NOTICE_KINDS: &[&str] = &[
+    "started",
+    "healthy",
+    "validated",
+    "awaiting-promotion",
+    "promoted",
+    "went-live",
+    "aborted",
+    "rolled-back",
+    "interrupted",
+    "retired",
+    "switch",
+    "drained",
+    "instances",
+    "unhealthy",
+    "smoke",
+    "watch",
+];
+
+/// The events webhooks receive when `events` is not given: the ones an operator acts on.
+pub const DEFAULT_WEBHOOK_EVENTS: &[&str] = &["started", "promoted", "rolled-back", "aborted"];
+
+/// Most retries of one webhook delivery: with the pause doubling after each failed attempt, ten
+/// retries already spread over minutes.
+pub const MAX_WEBHOOK_RETRIES: u32 = 10;
+
+/// `[webhooks]`: deployment events POSTed as JSON to a list of URLs. The whole table is optional;
+/// when it is written, `urls` is required (an empty list is allowed: it turns webhooks off).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhooksConfig {
+    /// `urls`: one URL or a list, `http://` only, no duplicates. Default none.
+    pub urls: Vec<WebhookUrl>,
+    /// `timeout`: one delivery attempt (connect, send, response head) not done within this
+    /// fails. Above 0. Default 5s.
+    pub timeout: Duration,
+    /// `retries`: attempts after the first failed one, 0 to [`MAX_WEBHOOK_RETRIES`]. Default 3.
+    pub retries: u32,
+    /// `events`: the notice kinds sent, each one of [`NOTICE_KINDS`], in the order written,
+    /// never empty. Default [`DEFAULT_WEBHOOK_EVENTS`].
+    pub events: Vec<String>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            urls: Vec::new(),
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            events: DEFAULT_WEBHOOK_EVENTS.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// Whether notices of `kind` are sent.
+    pub fn selects(&self, kind: &str) -> bool {
+        self.events.iter().any(|e| e == kind)
+    }
+}
+
+/// A webhook's URL, taken apart for the HTTP client: `http://HOST[:PORT][/PATH][?QUERY]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookUrl {
+    /// As written in the config; what logs show.
+    pub url: String,
+    /// Where to connect: a DNS name (resolved at each attempt) or an IP address (an IPv6
+    /// address without its brackets).
+    pub host: String,
+    /// The port; 80 when the URL has none.
+    pub port: u16,
+    /// The `Host` header: host and port as written.
+    pub authority: String,
+    /// Path and query, starting with `/`: the request target.
+    pub target: String,
+}
+
+impl fmt::Display for WebhookUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl WebhookUrl {
+    /// Parses a webhook URL. Only `http://` is accepted (cutover has no TLS client yet); user
+    /// names, passwords and fragments are refused rather than silently dropped. The error is a
+    /// complete sentence for the user, without the key.
+    pub fn parse(text: &str) -> Result<WebhookUrl, String> {
+        const EXAMPLE: &str = "\"http://127.0.0.1:9000/hook\"";
+        let not_http = || format!("{text:?} is not an http:// URL; write e.g. {EXAMPLE}");
+        let scheme_end = text.find("://").ok_or_else(not_http)?;
+        let scheme = &text[..scheme_end];
+        if scheme.eq_ignore_ascii_case("https") {
+            return Err(format!(
+                "{text:?}: https is not supported yet (cutover has no TLS client); use an http:// URL, e.g. a \
+                 relay on a private network or this host such as {EXAMPLE}"
+            ));
+        }
+        if !scheme.eq_ignore_ascii_case("http") {
+            return Err(not_http());
+        }
+        if text.contains('#') {
+            return Err(format!(
+                "{text:?} has a fragment (#...), which is never sent to the server; remove it"
+            ));
+        }
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a valid URL; write e.g. {EXAMPLE}"))?;
+        let authority = uri.authority().ok_or_else(not_http)?.as_str();
+        if authority.contains('@') {
+            return Err(format!(
+                "{text:?} has a user name or password, which cutover does not send; put a secret in the \
+                 path or query instead, or remove it"
+            ));
+        }
+        // The port is checked by hand: `http` reads "host:99999" as "no port".
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(rest) => {
+                let (ip, after) = rest.split_once(']').ok_or_else(not_http)?;
+                if ip.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err(format!("{text:?}: [{ip}] is not an IPv6 address"));
+                }
+                (ip, after.strip_prefix(':'))
+            }
+            None => match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        let port = match port {
+            None => 80,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => n,
+                _ => return Err(format!("{text:?}: {p:?} is not a port; write a number from 1 to 65535")),
+            },
+        };
+        let label_ok = |l: &str| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !authority.starts_with('[') && (host.len() > 253 || !host.split('.').all(label_ok)) {
+            return Err(format!("{text:?}: {host:?} is not a host name or IP address"));
+        }
+        Ok(WebhookUrl {
+            url: text.to_string(),
+            host: host.to_string(),
+            port,
+            authority: authority.to_string(),
+            target: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        })
+    }
+
+    /// Whether two URLs reach the same endpoint (host names compare without case).
+    fn same_endpoint(&self, other: &WebhookUrl) -> bool {
+        self.host.eq_ignore_ascii_case(&other.host) && self.port == other.port && self.target == other.target
+    }
+}
+
 const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 const DEFAULT_STATE_DIR: &str = ".cutover";
 const DEFAULT_INSTANCES: u32 = 1;
@@ -470,6 +640,8 @@ impl Config {
             max_header_bytes: p.max_header_bytes,
             shutdown_timeout: p.shutdown_timeout,
             retry_idempotent: p.retry_idempotent,
+            // Counting stays on in the daemon: the post-promotion watch reads the counters.
+            ..ProxyConfig::default()
         }
     }
 }
@@ -513,6 +685,7 @@ struct RawConfig {
     #[serde(default)]
     proxy: RawProxy,
     services: Option<BTreeMap<Spanned<String>, RawService>>,
+    webhooks: Option<RawWebhooks>,
 }
 
 #[derive(Deserialize, Default)]
@@ -539,6 +712,15 @@ struct RawProxy {
     max_header_bytes: Leaf,
     shutdown_timeout: Leaf,
     retry_idempotent: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, e.g. [webhooks]")]
+struct RawWebhooks {
+    urls: Option<Spanned<RawList>>,
+    timeout: Leaf,
+    retries: Leaf,
+    events: Option<Spanned<RawList>>,
 }
 
 #[derive(Deserialize)]
@@ -816,6 +998,10 @@ impl<'a> Checker<'a> {
         let raw: RawConfig = toml::from_str(self.text).map_err(|e| self.schema_error(e))?;
         let server = self.server(&raw.server, dir)?;
         let proxy = self.proxy(&raw.proxy)?;
+        let webhooks = match &raw.webhooks {
+            None => WebhooksConfig::default(),
+            Some(w) => self.webhooks(w)?,
+        };
 
         let raw_services = raw.services.unwrap_or_default();
         if raw_services.is_empty() {
@@ -871,6 +1057,7 @@ impl<'a> Checker<'a> {
             server,
             proxy,
             services,
+            webhooks,
             dir: dir.to_path_buf(),
         })
     }
@@ -1028,6 +1215,84 @@ impl<'a> Checker<'a> {
                 None => d.retry_idempotent,
                 Some(v) => self.boolean(v, "proxy.retry_idempotent")?,
             },
+        })
+    }
+
+    fn webhooks(&self, raw: &RawWebhooks) -> Result<WebhooksConfig, ConfigError> {
+        let d = WebhooksConfig::default();
+        let urls = match &raw.urls {
+            // A [webhooks] table without urls is most likely a misspelt key, not a wish for none.
+            None => {
+                return Err(self.invalid(
+                    self.key_offset("webhooks"),
+                    "webhooks.urls",
+                    "missing: [webhooks] needs the URLs to notify, e.g. urls = [\"http://127.0.0.1:9000/hook\"]; \
+                     or remove the table",
+                ))
+            }
+            Some(list) => {
+                let mut urls: Vec<WebhookUrl> = Vec::new();
+                let example = "urls = [\"http://127.0.0.1:9000/hook\"]";
+                for (text, offset) in self.strings(list, "webhooks.urls", true, example)? {
+                    let url = WebhookUrl::parse(&text).map_err(|m| self.invalid(offset, "webhooks.urls", m))?;
+                    if let Some(first) = urls.iter().find(|u| u.same_endpoint(&url)) {
+                        let message = if first.url == url.url {
+                            format!("{text:?} is listed twice; remove one")
+                        } else {
+                            format!("{text:?} is the same endpoint as {:?}; remove one", first.url)
+                        };
+                        return Err(self.invalid(offset, "webhooks.urls", message));
+                    }
+                    urls.push(url);
+                }
+                urls
+            }
+        };
+        let timeout = match &raw.timeout {
+            None => d.timeout,
+            Some(v) => self.positive_duration(v, "webhooks.timeout")?,
+        };
+        let retries = match &raw.retries {
+            None => d.retries,
+            Some(v) => self.int(
+                v,
+                "webhooks.retries",
+                0,
+                MAX_WEBHOOK_RETRIES as i64,
+                "0 makes one attempt only",
+            )? as u32,
+        };
+        let events = match &raw.events {
+            None => d.events,
+            Some(list) => {
+                let mut events: Vec<String> = Vec::new();
+                let example = "events = [\"rolled-back\", \"aborted\"]";
+                for (text, offset) in self.strings(list, "webhooks.events", false, example)? {
+                    if !NOTICE_KINDS.contains(&text.as_str()) {
+                        let mut message = format!("{text:?} is not an event");
+                        if let Some(near) = NOTICE_KINDS
+                            .iter()
+                            .filter(|k| edit_distance(&text, k) <= 2)
+                            .min_by_key(|k| edit_distance(&text, k))
+                        {
+                            message.push_str(&format!(" (did you mean {near:?}?)"));
+                        }
+                        message.push_str(&format!("; the events are {}", NOTICE_KINDS.join(", ")));
+                        return Err(self.invalid(offset, "webhooks.events", message));
+                    }
+                    if events.contains(&text) {
+                        return Err(self.invalid(offset, "webhooks.events", format!("{text:?} is listed twice; remove one")));
+                    }
+                    events.push(text);
+                }
+                events
+            }
+        };
+        Ok(WebhooksConfig {
+            urls,
+            timeout,
+            retries,
+            events,
         })
     }
 

@@ -27,6 +27,15 @@ use cutover_control::config::parse_duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text` for people, `json` for one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -92,17 +101,31 @@ struct ProxyArgs {
     /// Maximum client connections at once.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Do not count requests per colour (only to measure what counting costs).
+    #[arg(long)]
+    no_metrics: bool,
+    /// Log one line per request: request id, colour, status, duration.
+    #[arg(long)]
+    access_log: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args),
         Command::Deploy(args) => commands::deploy(args),
@@ -152,6 +175,8 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         listeners,
         workers: args.workers,
         max_connections: args.max_connections,
+        record_stats: !args.no_metrics,
+        access_log: args.access_log,
         ..Default::default()
     };
     let proxy = match Proxy::start(config, table) {

@@ -43,6 +43,12 @@ pub struct ProxyConfig {
     /// Replays a request whose upstream connection failed before any response byte arrived,
     /// when its method is idempotent and it has no body. Connect failures are always retried.
     pub retry_idempotent: bool,
+    /// Counts every answered request per colour (status class, latency). The post-promotion
+    /// watch and the metrics read these counters; off only to measure what they cost.
+    pub record_stats: bool,
+    /// Logs one line per request (target `cutover::access`): request id, service, colour,
+    /// method, path, status and duration.
+    pub access_log: bool,
 }
 
 impl Default for ProxyConfig {
@@ -60,6 +66,8 @@ impl Default for ProxyConfig {
             max_header_bytes: 16 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             retry_idempotent: true,
+            record_stats: true,
+            access_log: false,
         }
     }
 }

@@ -37,16 +37,48 @@ pub(crate) async fn handle(
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let _busy = ctx.activity.request();
     let start = std::time::Instant::now();
+    let cfg = &ctx.shared.config;
+    let line = cfg
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path().to_string()));
     // Set once the request has a colour; its counters get the outcome.
-    let mut counted: Option<Arc<PoolState>> = None;
-    let resp = match proxy(&ctx, req, &mut counted).await {
+    let mut seen: Option<Seen> = None;
+    let resp = match proxy(&ctx, req, &mut seen).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
     };
-    if let Some(pool) = counted {
-        pool.stats.record(resp.status().as_u16(), start.elapsed());
+    if let Some(seen) = &seen {
+        if cfg.record_stats {
+            seen.pool.stats.record(resp.status().as_u16(), start.elapsed());
+        }
+    }
+    if let Some((method, path)) = line {
+        let (service, colour, id) = match &seen {
+            Some(s) => (&*s.service, s.colour.as_str(), s.request_id.as_deref().unwrap_or("-")),
+            None => ("-", "-", "-"),
+        };
+        tracing::info!(
+            target: "cutover::access",
+            request_id = id,
+            service,
+            colour,
+            %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            duration_us = start.elapsed().as_micros() as u64,
+            "request"
+        );
     }
     Ok(resp)
+}
+
+/// What `handle` learns about a request once it is routed.
+pub(crate) struct Seen {
+    pool: Arc<PoolState>,
+    service: Arc<str>,
+    colour: Colour,
+    /// Only with the access log on.
+    request_id: Option<String>,
 }
 
 pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
@@ -87,7 +119,7 @@ fn is_idempotent(m: &Method) -> bool {
 async fn proxy(
     ctx: &ConnCtx,
     mut req: Request<Incoming>,
-    counted: &mut Option<Arc<PoolState>>,
+    seen: &mut Option<Seen>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let shared = &ctx.shared;
     if shared.shutdown.is_cancelled() {
@@ -110,7 +142,12 @@ async fn proxy(
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
     let gen_guard = pool.generation.enter_request();
-    *counted = Some(pool.state.clone());
+    *seen = Some(Seen {
+        pool: pool.state.clone(),
+        service: svc.name.clone(),
+        colour,
+        request_id: None,
+    });
 
     let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
         req.headers().get(header::UPGRADE).cloned()
@@ -128,7 +165,7 @@ async fn proxy(
     };
     // The upstream request head, encoded once; a replay sends the same bytes again.
     let mut head = Vec::with_capacity(512);
-    headers::encode_request(
+    let generated = headers::encode_request(
         &mut head,
         &parts,
         &Forwarding {
@@ -138,6 +175,18 @@ async fn proxy(
         upgrade.as_ref(),
         framing,
     );
+    if shared.config.access_log {
+        if let Some(seen) = seen.as_mut() {
+            seen.request_id = match &generated {
+                Some(id) => Some(String::from_utf8_lossy(id).into_owned()),
+                None => parts
+                    .headers
+                    .get(&headers::X_REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            };
+        }
+    }
     let replayable = shared.config.retry_idempotent
         && upgrade.is_none()
         && framing == BodyFraming::None

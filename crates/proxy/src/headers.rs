@@ -85,14 +85,15 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Writes the HTTP/1.1 request head for the upstream into `out`. `upgrade` is the protocol the
 /// client asked to switch to, kept (with `Connection: upgrade`) so the upstream can accept it.
-/// `Expect: 100-continue` is answered by the proxy itself and not forwarded.
+/// `Expect: 100-continue` is answered by the proxy itself and not forwarded. Returns the request
+/// id it made up, if the client's could not be kept.
 pub(crate) fn encode_request(
     out: &mut Vec<u8>,
     parts: &Parts,
     fwd: &Forwarding<'_>,
     upgrade: Option<&HeaderValue>,
     body: BodyFraming,
-) {
+) -> Option<[u8; 32]> {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     match parts.uri.path_and_query() {
@@ -161,8 +162,9 @@ pub(crate) fn encode_request(
         (None, Some(a)) => put_header(out, b"x-forwarded-host", a.as_str().as_bytes()),
         (None, None) => {}
     }
-    if !request_id_kept {
-        put_header(out, b"x-request-id", &new_request_id());
+    let generated = (!request_id_kept).then(new_request_id);
+    if let Some(id) = &generated {
+        put_header(out, b"x-request-id", id);
     }
     if let Some(proto) = upgrade {
         put_header(out, b"connection", b"upgrade");
@@ -172,6 +174,7 @@ pub(crate) fn encode_request(
         put_header(out, b"transfer-encoding", b"chunked");
     }
     out.extend_from_slice(b"\r\n");
+    generated
 }
 
 thread_local! {
