@@ -345,18 +345,23 @@ ensure_cutover() {
   [[ -x $CUTOVER_BIN ]] || die "cutover binary not found at $CUTOVER_BIN (build it, or set CUTOVER_BIN)"
 }
 
-# start_cutover PORT BLUE_ADDRS GREEN_ADDRS : sets CUTOVER_PID
+# start_cutover PORT BLUE_ADDRS GREEN_ADDRS [NAME [ARGS...]] : sets CUTOVER_PID (for the
+# default NAME "cutover"); NAME and ARGS start a second instance with other flags.
 start_cutover() {
-  local port=$1 blue=$2 green=$3 d=$BENCH_TMP/cutover
+  local port=$1 blue=$2 green=$3 name=${4:-cutover}
+  shift $(( $# < 4 ? $# : 4 ))
+  local d=$BENCH_TMP/$name
   mkdir -p "$d"
   local -a extra=()
   # shellcheck disable=SC2206
   [[ -n ${CUTOVER_EXTRA_ARGS:-} ]] && extra=($CUTOVER_EXTRA_ARGS)
-  bg_start cutover "$d/cutover.log" "$CUTOVER_BIN" proxy --listen "127.0.0.1:$port" \
-    --blue "$blue" --green "$green" --workers "${CUTOVER_WORKERS:-1}" "${extra[@]}"
-  CUTOVER_PID=$BG_LAST_PID
-  CUTOVER_LOG=$d/cutover.log
-  wait_ready cutover "$CUTOVER_PID" "$port" blue
+  bg_start "$name" "$d/cutover.log" "$CUTOVER_BIN" proxy --listen "127.0.0.1:$port" \
+    --blue "$blue" --green "$green" --workers "${CUTOVER_WORKERS:-1}" "${extra[@]}" "$@"
+  if [[ $name == cutover ]]; then
+    CUTOVER_PID=$BG_LAST_PID
+    CUTOVER_LOG=$d/cutover.log
+  fi
+  wait_ready "$name" "$BG_LAST_PID" "$port" blue
 }
 
 # ---- wrk ---------------------------------------------------------------------

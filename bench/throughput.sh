@@ -23,20 +23,21 @@ for v in DURATION ROUNDS THREADS CONNECTIONS WARMUP; do
 done
 ((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
-for c in $CONTENDERS; do has "$c" direct cutover haproxy nginx || die "unknown contender '$c'"; done
+for c in $CONTENDERS; do has "$c" direct cutover cutover-nometrics haproxy nginx || die "unknown contender '$c'"; done
 CMD="${PIN:+PIN=$PIN }DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP CONTENDERS='$CONTENDERS' bench/throughput.sh"
 
 bench_init throughput
 quiet_check
 wants cutover && ensure_cutover
 
-read -r P_BLUE P_GREEN P_CUT P_HA P_NG < <(free_ports 5)
-declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG)
+read -r P_BLUE P_GREEN P_CUT P_HA P_NG P_CNM < <(free_ports 6)
+declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG [cutover-nometrics]=$P_CNM)
 
 start_backend "$P_BLUE" "$P_GREEN"
 for c in $CONTENDERS; do
   case $c in
     cutover) start_cutover "$P_CUT" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" ;;
+    cutover-nometrics) start_cutover "$P_CNM" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-nometrics --no-metrics ;;
     haproxy) start_haproxy "$P_HA" "$P_BLUE" "$P_GREEN" ;;
     nginx) start_nginx_proxy "$P_NG" "$P_BLUE" ;;
   esac
@@ -76,13 +77,16 @@ fi
 
 MD=$BENCH_TMP/section.md
 {
-  if [[ ${PIN:-0} == 1 ]]; then echo "## Throughput, pinned (servers on CPU 1, wrk on CPU 0)"; else echo "## Throughput"; fi
+  if [[ -n ${TITLE:-} ]]; then echo "## $TITLE"
+  elif [[ ${PIN:-0} == 1 ]]; then echo "## Throughput, pinned (servers on CPU 1, wrk on CPU 0)"
+  else echo "## Throughput"; fi
   echo
   meta_block "$CMD"
   echo
   echo "Setup: nginx static backend (1 worker, fixed 60-byte body, access_log off). Each proxy runs one worker/thread:"
   desc=()
   wants cutover && desc+=("cutover \`proxy --workers ${CUTOVER_WORKERS:-1}${CUTOVER_EXTRA_ARGS:+ $CUTOVER_EXTRA_ARGS}\`")
+  wants cutover-nometrics && desc+=("cutover-nometrics: the same with \`--no-metrics\` (no per-colour counting)")
   wants haproxy && desc+=("HAProxy \`nbthread 1\`, \`http-reuse always\`")
   wants nginx && desc+=("nginx \`worker_processes 1\`, upstream keepalive 64")
   wants direct && desc+=("\"direct\" is wrk straight to the backend")

@@ -449,9 +449,11 @@ def cmd_report_throughput(a):
         return _ms_fmt(med.get(c, {}).get("p99")) if c in med else "n/a"
 
     pairs = [("cutover", "haproxy"), ("cutover", "nginx"), ("cutover", "direct"),
-             ("haproxy", "direct"), ("nginx", "direct")]
+             ("haproxy", "direct"), ("nginx", "direct"), ("cutover", "cutover-nometrics")]
     tab = []
     for x, y in pairs:
+        if x not in med or y not in med:
+            continue
         r = ratio(x, y)
         tab.append([f"{x} / {y}", "n/a" if r is None else f"{r:.3f}", f"{p99(x)} vs {p99(y)}"])
     print(_table(["ratio of median req/s", "value", "p99 side by side"], tab))
