@@ -17,13 +17,15 @@
 //! wrong token), 404 (unknown service), 409 (a deployment is in progress), 503 (shutting down),
 //! 500 (the state store failed).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path as UrlPath, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -75,6 +77,7 @@ struct Api {
 fn router(daemon: Daemon, caller: &'static str) -> Router {
     let metrics = Arc::new(crate::metrics::Metrics::new(daemon.clone()));
     Router::new()
+        .route("/", get(dashboard))
         .route("/metrics", get(metrics_text))
         .route("/v1/status", get(status))
         .route("/v1/services/{name}", get(service))
@@ -84,9 +87,49 @@ fn router(daemon: Daemon, caller: &'static str) -> Router {
         .route("/v1/services/{name}/abort", post(abort))
         .route("/v1/services/{name}/history", get(history))
         .route("/v1/events", get(events))
+        // Answered by the TCP listener's access layer; the unix socket needs no session.
+        .route(
+            "/v1/session",
+            post(|| async { error(StatusCode::NOT_FOUND, "sessions are for the TCP admin listener") }),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/status") })
         .layer(axum::Extension(Caller(caller)))
         .with_state(Api { daemon, metrics })
+}
+
+/// The dashboard: one page, embedded in the binary, that reads everything from this API.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// Cumulative request and error counts of every service's colours, for the dashboard's charts.
+fn traffic(daemon: &Daemon) -> serde_json::Value {
+    let table = daemon.proxy().table();
+    let services: Vec<serde_json::Value> = table
+        .services()
+        .iter()
+        .map(|s| {
+            let (b, g) = (s.blue.stats(), s.green.stats());
+            serde_json::json!({
+                "service": &*s.name,
+                "blue": { "requests": b.requests(), "errors": b.errors() },
+                "green": { "requests": g.requests(), "errors": g.errors() },
+            })
+        })
+        .collect();
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    serde_json::json!({ "at": at, "services": services })
 }
 
 async fn metrics_text(State(api): State<Api>) -> Response {
@@ -250,7 +293,7 @@ fn outcome_text(o: &crate::lifecycle::Outcome) -> String {
 
 async fn events(State(api): State<Api>) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let rx = api.daemon.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    let notices = futures_util::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await {
                 Ok(n) => {
@@ -269,7 +312,18 @@ async fn events(State(api): State<Api>) -> Sse<impl futures_util::Stream<Item = 
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    // A traffic sample per second (event `traffic`) feeds the dashboard's charts.
+    let tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let daemon = api.daemon.clone();
+    let samples = futures_util::stream::unfold((tick, daemon), |(mut tick, daemon)| async move {
+        tick.tick().await;
+        let ev = SseEvent::default()
+            .event("traffic")
+            .json_data(traffic(&daemon))
+            .unwrap_or_default();
+        Some((Ok(ev), (tick, daemon)))
+    });
+    Sse::new(futures_util::stream::select(notices, samples)).keep_alive(KeepAlive::default())
 }
 
 /// Constant-time comparison of the presented bearer token.
@@ -277,7 +331,45 @@ fn token_ok(presented: &[u8], expected: &[u8]) -> bool {
     presented.len() == expected.len() && presented.iter().zip(expected).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
 }
 
-async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+/// Who may use the TCP listener: bearer-token holders, and browsers with a session made from the
+/// token (`POST /v1/session`).
+struct Access {
+    token: String,
+    /// Session id -> expiry. Sessions live in memory: a restart signs everyone out.
+    sessions: Mutex<HashMap<String, Instant>>,
+}
+
+const SESSION_COOKIE: &str = "cutover_session";
+const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+impl Access {
+    fn session_ok(&self, req: &Request) -> bool {
+        let Some(id) = req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().strip_prefix(SESSION_COOKIE).and_then(|r| r.strip_prefix('=')))
+            .next()
+        else {
+            return false;
+        };
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        sessions.retain(|_, expiry| *expiry > now);
+        sessions.keys().any(|k| token_ok(k.as_bytes(), id.as_bytes()))
+    }
+}
+
+async fn require_token(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if req.method() == Method::GET && path == "/" {
+        return next.run(req).await; // the page itself holds no data; it asks for the token
+    }
+    if req.method() == Method::POST && path == "/v1/session" {
+        return login(&access, req).await;
+    }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -285,16 +377,66 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(p) if token_ok(p.as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(p) if token_ok(p.as_bytes(), access.token.as_bytes()) => next.run(req).await,
         Some(_) => error(
             StatusCode::UNAUTHORIZED,
             "wrong token; use the one in the daemon's token_file",
         ),
+        None if access.session_ok(&req) => {
+            // A cookie goes along with cross-site requests too; SameSite=Strict stops most, and a
+            // custom header (which a cross-site form cannot set) stops the rest.
+            let safe = matches!(*req.method(), Method::GET | Method::HEAD);
+            if !safe && !req.headers().contains_key("x-cutover-request") {
+                return error(StatusCode::FORBIDDEN, "missing X-Cutover-Request header");
+            }
+            next.run(req).await
+        }
         None => error(
             StatusCode::UNAUTHORIZED,
             "this endpoint needs `Authorization: Bearer <token>` (the daemon's token_file)",
         ),
     }
+}
+
+/// `POST /v1/session {"token": "..."}`: a session cookie for the dashboard.
+async fn login(access: &Access, req: Request) -> Response {
+    #[derive(Deserialize)]
+    struct Login {
+        token: String,
+    }
+    if !req.headers().contains_key("x-cutover-request") {
+        return error(StatusCode::FORBIDDEN, "missing X-Cutover-Request header");
+    }
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), 4096).await else {
+        return error(StatusCode::BAD_REQUEST, "send {\"token\": \"...\"}");
+    };
+    let Ok(login) = serde_json::from_slice::<Login>(&bytes) else {
+        return error(StatusCode::BAD_REQUEST, "send {\"token\": \"...\"}");
+    };
+    if !token_ok(login.token.trim().as_bytes(), access.token.as_bytes()) {
+        return error(StatusCode::UNAUTHORIZED, "wrong token");
+    }
+    let id = session_id();
+    access
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), Instant::now() + SESSION_LIFETIME);
+    let cookie = format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        SESSION_LIFETIME.as_secs()
+    );
+    ([(header::SET_COOKIE, cookie)], Json(serde_json::json!({ "ok": true }))).into_response()
+}
+
+fn session_id() -> String {
+    let mut bytes = [0u8; 32];
+    // /dev/urandom is always there on the systems cutover runs on; without it, refuse to make ids.
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_ok();
+    assert!(ok, "/dev/urandom is needed for session ids");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A bound admin listener, created before anything else starts so that a busy address fails
@@ -342,7 +484,11 @@ pub fn serve(listener: AdminListener, daemon: Daemon) -> tokio::task::JoinHandle
             })
         }
         AdminListener::Tcp(l, token) => {
-            let app = router(daemon, "api").layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token));
+            let access = Arc::new(Access {
+                token,
+                sessions: Mutex::new(HashMap::new()),
+            });
+            let app = router(daemon, "api").layer(axum::middleware::from_fn_with_state(access, require_token));
             tokio::spawn(async move {
                 let _ = axum::serve(l, app).await;
             })
