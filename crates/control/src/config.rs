@@ -1281,7 +1281,11 @@ impl<'a> Checker<'a> {
                         return Err(self.invalid(offset, "webhooks.events", message));
                     }
                     if events.contains(&text) {
-                        return Err(self.invalid(offset, "webhooks.events", format!("{text:?} is listed twice; remove one")));
+                        return Err(self.invalid(
+                            offset,
+                            "webhooks.events",
+                            format!("{text:?} is listed twice; remove one"),
+                        ));
                     }
                     events.push(text);
                 }
@@ -1950,6 +1954,189 @@ mod tests {
         assert_eq!(config.service("api").unwrap().driver, Driver::Static);
         // The [proxy] section of the example claims to show the defaults.
         assert_eq!(config.proxy, ProxySettings::default());
+        // [webhooks] is commented out.
+        assert_eq!(config.webhooks, WebhooksConfig::default());
+        assert!(config.webhooks.urls.is_empty());
+    }
+
+    #[test]
+    fn example_webhooks_table_parses_when_uncommented() {
+        let start = EXAMPLE.find("# [webhooks]\n").expect("the example shows [webhooks]");
+        let block: String = EXAMPLE[start..]
+            .lines()
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        assert_eq!(block.lines().count(), 5, "{block}");
+        let config = parse(&format!("{EXAMPLE}{block}")).unwrap();
+        let hooks = config.webhooks;
+        assert_eq!(hooks.urls.len(), 1);
+        assert_eq!(hooks.urls[0].url, "http://127.0.0.1:9000/hook");
+        // The example shows the defaults.
+        assert_eq!(WebhooksConfig { urls: vec![], ..hooks }, WebhooksConfig::default());
+    }
+
+    #[test]
+    fn webhooks_defaults_and_partial_table() {
+        let config = parse(&format!("{MINIMAL}[webhooks]\nurls = \"http://127.0.0.1:9000\"\n")).unwrap();
+        let hooks = &config.webhooks;
+        assert_eq!(hooks.timeout, Duration::from_secs(5));
+        assert_eq!(hooks.retries, 3);
+        assert_eq!(hooks.events, ["started", "promoted", "rolled-back", "aborted"]);
+        assert!(hooks.selects("rolled-back") && !hooks.selects("went-live") && !hooks.selects("healthy"));
+        assert_eq!(hooks.urls[0].target, "/");
+        assert_eq!((hooks.urls[0].host.as_str(), hooks.urls[0].port), ("127.0.0.1", 9000));
+        // An empty list turns webhooks off.
+        assert!(parse(&format!("{MINIMAL}[webhooks]\nurls = []\n"))
+            .unwrap()
+            .webhooks
+            .urls
+            .is_empty());
+        // One event as a string, dotted keys, IPv6, upper-case scheme.
+        let config = parse(&format!(
+            "webhooks.urls = [\"HTTP://[::1]:9000/h\"]\nwebhooks.events = \"aborted\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(config.webhooks.events, ["aborted"]);
+        let url = &config.webhooks.urls[0];
+        assert_eq!(
+            (url.host.as_str(), url.port, url.authority.as_str(), url.target.as_str()),
+            ("::1", 9000, "[::1]:9000", "/h")
+        );
+        assert_eq!(url.to_string(), "HTTP://[::1]:9000/h");
+    }
+
+    #[test]
+    fn bad_webhook_urls() {
+        let at = |v: &str| format!("{MINIMAL}[webhooks]\nurls = [\"http://127.0.0.1:9000/a\", {v}]\n");
+        let shown = refused(
+            &at("\"https://hooks.example.com/x\""),
+            4,
+            36,
+            "webhooks.urls",
+            "\"https://hooks.example.com/x\": https is not supported yet",
+        );
+        assert!(shown.contains("use an http:// URL"), "{shown}");
+        refused(
+            &at("\"ftp://h/x\""),
+            4,
+            36,
+            "webhooks.urls",
+            "\"ftp://h/x\" is not an http:// URL; write e.g. \"http://127.0.0.1:9000/hook\"",
+        );
+        refused(
+            &at("\"hooks.example.com/x\""),
+            4,
+            36,
+            "webhooks.urls",
+            "is not an http:// URL",
+        );
+        refused(&at("\"http://\""), 4, 36, "webhooks.urls", "is not a valid URL");
+        refused(
+            &at("\"http://u:p@h/x\""),
+            4,
+            36,
+            "webhooks.urls",
+            "has a user name or password",
+        );
+        refused(&at("\"http://h/x#top\""), 4, 36, "webhooks.urls", "has a fragment");
+        refused(
+            &at("\"http://h:99999/\""),
+            4,
+            36,
+            "webhooks.urls",
+            "\"99999\" is not a port",
+        );
+        refused(&at("\"http://h:0/\""), 4, 36, "webhooks.urls", "\"0\" is not a port");
+        refused(&at("\"http://h:/\""), 4, 36, "webhooks.urls", "\"\" is not a port");
+        refused(
+            &at("\"http://a..b/\""),
+            4,
+            36,
+            "webhooks.urls",
+            "\"a..b\" is not a host name",
+        );
+        refused(
+            &at("\"http://[::g]/\""),
+            4,
+            36,
+            "webhooks.urls",
+            "is not an IPv6 address",
+        );
+        refused(&at("9000"), 4, 36, "webhooks.urls", "9000 is not a string");
+        refused(
+            &at("\"http://127.0.0.1:9000/a\""),
+            4,
+            36,
+            "webhooks.urls",
+            "is listed twice",
+        );
+        refused(
+            &at("\"HTTP://127.0.0.1:9000/a\""),
+            4,
+            36,
+            "webhooks.urls",
+            "is the same endpoint as \"http://127.0.0.1:9000/a\"",
+        );
+        refused(
+            &format!("{MINIMAL}[webhooks]\nurls = 5\n"),
+            4,
+            8,
+            "webhooks.urls",
+            "5 is not a string or a list of strings",
+        );
+    }
+
+    #[test]
+    fn bad_webhook_settings() {
+        let hooks = |rest: &str| format!("{MINIMAL}[webhooks]\nurls = [\"http://127.0.0.1:9000\"]\n{rest}\n");
+        refused(
+            &format!("{MINIMAL}\n[webhooks]\ntimeout = \"5s\"\n"),
+            4,
+            2,
+            "webhooks.urls",
+            "missing: [webhooks] needs the URLs to notify",
+        );
+        refused(&hooks("timeout = \"0s\""), 5, 11, "webhooks.timeout", "is zero");
+        refused(&hooks("timeout = 5"), 5, 11, "webhooks.timeout", "5 is not a duration");
+        refused(
+            &hooks("retries = 11"),
+            5,
+            11,
+            "webhooks.retries",
+            "11 is too large; write a whole number from 0 to 10",
+        );
+        refused(&hooks("retries = -1"), 5, 11, "webhooks.retries", "-1 is too small");
+        let shown = refused(
+            &hooks("events = [\"started\", \"rolledback\"]"),
+            5,
+            22,
+            "webhooks.events",
+            "\"rolledback\" is not an event (did you mean \"rolled-back\"?)",
+        );
+        assert!(shown.contains("the events are started, healthy, "), "{shown}");
+        refused(
+            &hooks("events = [\"aborted\", \"aborted\"]"),
+            5,
+            22,
+            "webhooks.events",
+            "\"aborted\" is listed twice",
+        );
+        refused(&hooks("events = []"), 5, 10, "webhooks.events", "the list is empty");
+        refused(
+            &hooks("event = [\"aborted\"]"),
+            5,
+            1,
+            "webhooks.event",
+            "did you mean \"events\"?",
+        );
+        refused(
+            &format!("webhooks = \"http://127.0.0.1:9000\"\n{MINIMAL}"),
+            1,
+            12,
+            "webhooks",
+            "expected a table, e.g. [webhooks]",
+        );
     }
 
     #[test]
@@ -1991,6 +2178,12 @@ balance = "round-robin"
 [services.admin-ui]
 promote = { auto = false }
 watch = { max_error_rate = 0 }
+
+[webhooks]
+urls = ["http://127.0.0.1:9000/hook", "http://hooks.internal/cutover?token=abc"]
+timeout = "2s"
+retries = 0
+events = ["went-live", "rolled-back"]
 "#;
         let config = parse(text).unwrap();
         let expected = Config {
@@ -2069,6 +2262,27 @@ watch = { max_error_rate = 0 }
                     balance: Balance::RoundRobin,
                 },
             ],
+            webhooks: WebhooksConfig {
+                urls: vec![
+                    WebhookUrl {
+                        url: "http://127.0.0.1:9000/hook".to_string(),
+                        host: "127.0.0.1".to_string(),
+                        port: 9000,
+                        authority: "127.0.0.1:9000".to_string(),
+                        target: "/hook".to_string(),
+                    },
+                    WebhookUrl {
+                        url: "http://hooks.internal/cutover?token=abc".to_string(),
+                        host: "hooks.internal".to_string(),
+                        port: 80,
+                        authority: "hooks.internal".to_string(),
+                        target: "/cutover?token=abc".to_string(),
+                    },
+                ],
+                timeout: Duration::from_secs(2),
+                retries: 0,
+                events: vec!["went-live".to_string(), "rolled-back".to_string()],
+            },
             dir: PathBuf::new(),
         };
         assert_eq!(config, expected);

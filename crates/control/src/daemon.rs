@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cutover_proxy::{Colour, Instance, Proxy, RouteTable, Service, StatsSnapshot};
@@ -29,6 +29,7 @@ use crate::lifecycle::{
 };
 use crate::process::{InstanceSpec, ProcessGroup, Recorded};
 use crate::store::{Audit, Store, StoredInstance};
+use crate::webhooks::Webhooks;
 
 /// Something that happened, for the event stream, `cutover deploy`'s progress and the logs.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -161,6 +162,8 @@ struct Shared {
     seq: Mutex<u64>,
     views: Mutex<BTreeMap<String, ServiceView>>,
     preview_token: String,
+    /// Set once the actors are started; stopped last in [`Daemon::stop`].
+    webhooks: OnceLock<Webhooks>,
 }
 
 impl Shared {
@@ -218,6 +221,8 @@ impl Daemon {
         }
         let proxy = Arc::new(Proxy::start(config.proxy_config(), RouteTable::new(services)?)?);
         let (notices, _) = broadcast::channel(1024);
+        // Subscribed before the actors recover, so that webhooks see their notices too.
+        let webhook_notices = notices.subscribe();
         let shared = Arc::new(Shared {
             config,
             proxy,
@@ -226,6 +231,7 @@ impl Daemon {
             seq: Mutex::new(0),
             views: Mutex::new(BTreeMap::new()),
             preview_token,
+            webhooks: OnceLock::new(),
         });
 
         let mut actors = BTreeMap::new();
@@ -252,6 +258,9 @@ impl Daemon {
             tokio::spawn(actor.run(rx));
             actors.insert(svc.name.clone(), tx);
         }
+        let _ = shared
+            .webhooks
+            .set(Webhooks::start(shared.config.webhooks.clone(), webhook_notices));
         Ok(Daemon {
             shared,
             actors: Arc::new(actors),
@@ -387,6 +396,10 @@ impl Daemon {
             if tx.send(Msg::Shutdown { reply }).await.is_ok() {
                 let _ = rx.await;
             }
+        }
+        // Last, so that the notices of the shutdown itself are still sent.
+        if let Some(webhooks) = self.shared.webhooks.get() {
+            webhooks.stop().await;
         }
     }
 }

@@ -11,3 +11,4 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod process;
 pub mod store;
+pub mod webhooks;

@@ -684,3 +684,166 @@ fn static_service_switches_between_named_upstreams() {
         "cutover never stops what it did not start"
     );
 }
+
+/// A webhook receiver on a listener the test bound: it records each request's headers and JSON
+/// body and answers 200, or (`hang`) accepts connections and never answers. Dropping it closes
+/// its listener and every connection, so a daemon stopping after it is not kept waiting.
+struct HookServer {
+    stop: Arc<AtomicBool>,
+    requests: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+    connections: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HookServer {
+    fn start(listener: TcpListener, hang: bool) -> HookServer {
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (flag, log, count) = (stop.clone(), requests.clone(), connections.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                if hang {
+                    held.push(stream);
+                    continue;
+                }
+                stream.set_nonblocking(false).unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0u8; length];
+                if reader.read_exact(&mut body).is_ok() {
+                    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                    log.lock().unwrap().push((head, json));
+                }
+                let _ = (&stream).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        HookServer {
+            stop,
+            requests,
+            connections,
+            thread: Some(thread),
+        }
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.requests.lock().unwrap().iter().map(|(_, b)| b.clone()).collect()
+    }
+}
+
+impl Drop for HookServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn webhooks_report_the_rollback_with_its_reason_and_dead_receivers_delay_nothing() {
+    let healthy_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hanging_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (healthy_addr, hanging_addr) = (
+        healthy_listener.local_addr().unwrap(),
+        hanging_listener.local_addr().unwrap(),
+    );
+    // A port whose listener is gone: connections to it are refused.
+    let down = format!("http://127.0.0.1:{}/down", free_port());
+    let mut s = Setup::new(&format!(
+        "keep_warm = \"1m\"\nwatch = {{ duration = \"10s\", min_requests = 20, max_error_rate = 0.05 }}\n\n\
+         [webhooks]\nurls = [\"{down}\", \"http://{hanging_addr}/hang\", \"http://{healthy_addr}/hook\"]\n\
+         timeout = \"60s\"\nretries = 3\n"
+    ));
+    // Declared after `s`, so dropped before it: the daemon's stop is not kept waiting by them.
+    let healthy = HookServer::start(healthy_listener, false);
+    let hanging = HookServer::start(hanging_listener, true);
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    let load = Load::start(s.front, 4);
+    let t = Instant::now();
+    let out = s.cli(&["deploy", "web", "--version", "v2-broken"]);
+    let took = t.elapsed();
+    load.finish();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("rolled back"), "{}", text(&out));
+    assert!(
+        took < Duration::from_secs(10),
+        "rolled back within the watch window despite the dead receivers, took {took:?}"
+    );
+
+    let rolled_back = |e: &serde_json::Value| e["deployment"] == 2 && e["event"] == "rolled-back";
+    assert!(
+        wait_until(Duration::from_secs(10), || healthy.events().iter().any(rolled_back)),
+        "{:?}\n{}",
+        healthy.events(),
+        s.logs()
+    );
+    let events = healthy.events();
+    let second: Vec<&str> = events
+        .iter()
+        .filter(|e| e["deployment"] == 2)
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(second, ["started", "promoted", "rolled-back"], "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| ["started", "promoted", "rolled-back", "aborted"].contains(&e["event"].as_str().unwrap())),
+        "only the default events: {events:?}"
+    );
+    let event = events.iter().find(|e| rolled_back(e)).unwrap();
+    assert_eq!(event["service"], "web");
+    let reason = event["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("error rate"), "{event}");
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("deployment 2 rolled back to blue@v1: ") && message.ends_with(reason),
+        "{event}"
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let at = event["at"].as_u64().unwrap();
+    assert!(at <= now_ms && at + 120_000 > now_ms, "{event}");
+    let (head, _) = healthy.requests.lock().unwrap()[0].clone();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("post /hook http/1.1\r\n"), "{head}");
+    assert!(head.contains("content-type: application/json\r\n"), "{head}");
+    assert!(head.contains("user-agent: cutover/"), "{head}");
+
+    // Meanwhile the receiver that never answers still holds the first event it was sent: it
+    // delayed neither the rollback nor the healthy receiver.
+    assert_eq!(hanging.connections.load(Ordering::Relaxed), 1);
+    // The refused one is retried, and its failures logged with the URL.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let logs = s.logs();
+            logs.lines().any(|l| {
+                l.contains("webhook delivery failed; retrying") && l.contains(&down) && l.contains("connection refused")
+            })
+        }),
+        "{}",
+        s.logs()
+    );
+}
