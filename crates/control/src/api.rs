@@ -294,23 +294,18 @@ fn outcome_text(o: &crate::lifecycle::Outcome) -> String {
 async fn events(State(api): State<Api>) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let rx = api.daemon.subscribe();
     let notices = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(n) => {
-                    let ev = SseEvent::default()
-                        .event(n.kind.clone())
-                        .json_data(&n)
-                        .unwrap_or_default();
-                    return Some((Ok(ev), rx));
-                }
-                // A slow reader missed some; tell it and go on.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
-                    let ev = SseEvent::default().event("lagged").data(k.to_string());
-                    return Some((Ok(ev), rx));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        let ev = match rx.recv().await {
+            Ok(n) => SseEvent::default()
+                .event(n.kind.clone())
+                .json_data(&n)
+                .unwrap_or_default(),
+            // A slow reader missed some; tell it and go on.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                SseEvent::default().event("lagged").data(k.to_string())
             }
-        }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(ev), rx))
     });
     // A traffic sample per second (event `traffic`) feeds the dashboard's charts.
     let tick = tokio::time::interval(std::time::Duration::from_secs(1));

@@ -118,7 +118,7 @@ impl Setup {
     /// Pids of this test's instances running `version` (from their environment).
     fn pids(&self, version: &str) -> Vec<u32> {
         let want = format!("CUTOVER_VERSION={version}");
-        self.pids_where(|vars| vars.iter().any(|x| *x == want.as_bytes()))
+        self.pids_where(|vars| vars.contains(&want.as_bytes()))
     }
 
     fn pids_where(&self, keep: impl Fn(&[&[u8]]) -> bool) -> Vec<u32> {
@@ -131,7 +131,7 @@ impl Setup {
                 continue;
             };
             let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-            if vars.iter().any(|x| *x == self.marker.as_bytes()) && keep(&vars) {
+            if vars.contains(&self.marker.as_bytes()) && keep(&vars) {
                 pids.push(pid);
             }
         }

@@ -428,9 +428,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
                 (Some(a), Some(b)) if a != b => return Err(HeadError::Invalid("conflicting content-length")),
                 (Some(a), _) => length = Some(a),
             }
-        } else if name == header::UPGRADE && !switching {
-            continue;
-        } else if name == header::TE
+        } else if (name == header::UPGRADE && !switching)
+            || name == header::TE
             || name == header::TRAILER
             || name.as_str() == "keep-alive"
             || name.as_str() == "proxy-connection"

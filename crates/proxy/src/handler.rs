@@ -354,10 +354,8 @@ async fn send(
             } => {
                 tracing::debug!(service = %service, %colour, addr = %inst.addr, error = %reason, reused, "upstream connection failed before answering; sending again");
                 // A stale keep-alive connection says nothing about the instance; a fresh one does.
-                if instance_failed || !reused {
-                    if idx < 64 {
-                        skip |= 1 << idx;
-                    }
+                if (instance_failed || !reused) && idx < 64 {
+                    skip |= 1 << idx;
                 }
                 last = Some(ProxyError::Upstream {
                     service: service.to_string(),

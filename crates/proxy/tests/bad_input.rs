@@ -1,5 +1,6 @@
-//! 10. Bad input and failing upstreams: each gets its defined answer quickly, and the proxy keeps
-//! serving everyone else meanwhile. Also limits and graceful shutdown.
+//! Bad input and failing upstreams (the tenth case of the data plane's list): each gets its
+//! defined answer quickly, and the proxy keeps serving everyone else meanwhile. Also limits and
+//! graceful shutdown.
 
 mod support;
 

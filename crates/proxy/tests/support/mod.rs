@@ -341,7 +341,7 @@ impl SwitchLog {
             // `c` may be live from just before its store until the next store completed.
             let from = before;
             let until = log.get(i + 1).map(|&(_, after, _)| after);
-            let overlaps = from <= end && until.map_or(true, |u| u >= start);
+            let overlaps = from <= end && until.is_none_or(|u| u >= start);
             if overlaps {
                 return true;
             }
