@@ -201,6 +201,15 @@ impl Daemon {
     /// Opens the store, starts the proxy on the configured listeners, recovers every service from
     /// its last committed state and starts its actor. Fails with nothing left running.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        Daemon::start_with(config, |_| {}).await
+    }
+
+    /// [`Daemon::start`], with a last word on the proxy's settings (e.g. the access log, which
+    /// `cutover serve --access-log` turns on).
+    pub async fn start_with(
+        config: Config,
+        adjust: impl FnOnce(&mut cutover_proxy::ProxyConfig),
+    ) -> Result<Daemon, StartError> {
         let state_dir = config.server.state_dir.clone();
         let store = {
             let dir = state_dir.clone();
@@ -219,7 +228,9 @@ impl Daemon {
             s.preview_token = Some(Arc::from(preview_token.as_bytes()));
             services.push(s);
         }
-        let proxy = Arc::new(Proxy::start(config.proxy_config(), RouteTable::new(services)?)?);
+        let mut proxy_config = config.proxy_config();
+        adjust(&mut proxy_config);
+        let proxy = Arc::new(Proxy::start(proxy_config, RouteTable::new(services)?)?);
         let (notices, _) = broadcast::channel(1024);
         // Subscribed before the actors recover, so that webhooks see their notices too.
         let webhook_notices = notices.subscribe();

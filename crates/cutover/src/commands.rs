@@ -22,6 +22,10 @@ pub struct ConfigArg {
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
+    /// Log one line per proxied request: request id, service, colour, method, path, status,
+    /// duration (target `cutover::access`).
+    #[arg(long)]
+    pub access_log: bool,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -100,7 +104,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `cutover serve`: everything wrong is refused before anything starts, with exit code 2.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let path = args.config.config.unwrap_or_else(|| PathBuf::from("cutover.toml"));
+    let path = args
+        .config
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("cutover.toml"));
     let config = Config::load(&path).map_err(|e| usage(e.to_string()))?;
     let token = match (&config.server.admin, &config.server.token_file) {
         (Admin::Tcp(_), Some(file)) => Some(
@@ -125,7 +133,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Admin::Tcp(a) => cutover_control::api::bind_tcp(*a, token.clone().unwrap_or_default()).await,
         }
         .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", config.server.admin)))?;
-        let daemon = Daemon::start(config.clone())
+        let access_log = args.access_log;
+        let daemon = Daemon::start_with(config.clone(), |p| p.access_log = access_log)
             .await
             .map_err(|e| usage(format!("cannot start: {e}")))?;
         let api = cutover_control::api::serve(listener, daemon.clone());

@@ -84,11 +84,12 @@ fn counters_add_up_to_the_requests_sent_split_by_colour() {
         ),
     )
     .unwrap();
+    let log = dir.path().join("serve.log");
     let _daemon = Daemon(
         Command::new(BIN)
-            .args(["serve", "-c"])
+            .args(["--log-format", "json", "serve", "--access-log", "-c"])
             .arg(&config)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -205,5 +206,28 @@ fn counters_add_up_to_the_requests_sent_split_by_colour() {
             .matches("cutover_instance_healthy{service=\"web\",colour=\"green\"")
             .count(),
         2
+    );
+
+    // The JSON access log has a line per request, with its id, colour and status.
+    let access: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "cutover::access")
+        .collect();
+    let green_lines = access.iter().filter(|v| v["fields"]["colour"] == "green").count() as u64;
+    assert!(
+        green_lines >= green,
+        "{green_lines} access lines for green, {green} green answers"
+    );
+    let one = access.iter().find(|v| v["fields"]["colour"] == "green").unwrap();
+    assert_eq!(one["fields"]["status"], 200);
+    assert_eq!(one["fields"]["request_id"].as_str().map(str::len), Some(32));
+    // Every deployment step and switch is a JSON line too.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("\"kind\":\"switch\"") && l.contains("\"service\":\"web\"")),
+        "switch lines"
     );
 }
