@@ -847,3 +847,33 @@ fn webhooks_report_the_rollback_with_its_reason_and_dead_receivers_delay_nothing
         s.logs()
     );
 }
+
+#[test]
+fn rollback_after_retirement_is_a_cold_redeploy() {
+    let mut s = Setup::new("keep_warm = \"0s\"\nwatch = { duration = \"300ms\", min_requests = 1 }");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    assert!(s.cli(&["deploy", "web", "--version", "v2"]).status.success());
+    // keep_warm 0: blue is retired as soon as v2 passed its watch.
+    assert!(
+        wait_until(Duration::from_secs(10), || s.pids("v1").is_empty()),
+        "blue retired"
+    );
+    let out = s.cli(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("cold rollback"),
+        "the CLI says which kind: {}",
+        text(&out)
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || s.get() == Some((200, "v1 blue".into()))),
+        "the previous release is redeployed and live again: {:?}",
+        s.get()
+    );
+    let history = text(&s.cli(&["history", "web"]));
+    assert!(
+        history.contains("coldrollback") || history.contains("cold"),
+        "{history}"
+    );
+}
