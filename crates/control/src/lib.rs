@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod health;
 pub mod lifecycle;
 pub mod metrics;
+mod oneshot;
 pub mod process;
 pub mod store;
 pub mod webhooks;

@@ -452,55 +452,8 @@ async fn attempt(url: &WebhookUrl, body: Bytes) -> Result<(), String> {
         .map_err(|e| format!("cannot build the request: {e}"))?;
     let stream = TcpStream::connect((url.host.as_str(), url.port))
         .await
-        .map_err(|e| format!("connect: {}", io_reason(&e)))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| hyper_reason(&e))?;
-    // The connection future does the I/O and is polled here alongside the request (not spawned),
-    // so that the timeout drops the socket with them.
-    let mut conn = std::pin::pin!(conn);
-    let mut send = std::pin::pin!(sender.send_request(request));
-    let response = tokio::select! {
-        biased;
-        response = &mut send => response,
-        // The connection ended (closed after the answer, or failed): the request's outcome is
-        // decided either way, so collect it rather than racing it.
-        _ = &mut conn => send.await,
-    }
-    .map_err(|e| hyper_reason(&e))?;
-    let status = response.status();
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("answered {status}"))
-    }
-}
-
-fn io_reason(e: &std::io::Error) -> String {
-    use std::io::ErrorKind;
-    match e.kind() {
-        ErrorKind::ConnectionRefused => "connection refused".to_string(),
-        ErrorKind::ConnectionReset => "connection reset".to_string(),
-        ErrorKind::ConnectionAborted => "connection aborted".to_string(),
-        ErrorKind::BrokenPipe => "connection closed while sending".to_string(),
-        _ => e.to_string(),
-    }
-}
-
-fn hyper_reason(e: &hyper::Error) -> String {
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io_reason(io);
-        }
-        source = err.source();
-    }
-    if e.is_incomplete_message() {
-        "connection closed before an answer".to_string()
-    } else {
-        e.to_string()
-    }
+        .map_err(|e| format!("connect: {}", crate::oneshot::io_reason(&e)))?;
+    crate::oneshot::exchange(stream, request).await
 }
 
 #[cfg(test)]
