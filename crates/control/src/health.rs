@@ -49,7 +49,6 @@ use bytes::Bytes;
 use cutover_proxy::Colour;
 use http::header::{CONNECTION, HOST, USER_AGENT};
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
