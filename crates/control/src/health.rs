@@ -501,6 +501,7 @@ async fn attempt(addr: SocketAddr, path: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper_util::rt::TokioIo;
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicU16, AtomicUsize};
     use std::sync::{Mutex, OnceLock};

@@ -458,6 +458,7 @@ async fn attempt(url: &WebhookUrl, body: Bytes) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper_util::rt::TokioIo;
     use std::convert::Infallible;
     use std::net::SocketAddr;
     use std::time::Instant;
