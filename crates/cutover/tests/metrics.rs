@@ -2,30 +2,17 @@
 //! clients saw, split by colour across a switch.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cutover");
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline && self.0.try_wait().ok().flatten().is_none() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::*;
 
 fn scrape(socket: &Path) -> String {
     let mut s = UnixStream::connect(socket).unwrap();
@@ -49,27 +36,6 @@ fn sample(metrics: &str, name: &str, labels: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn exchange(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> std::io::Result<(u16, String)> {
-    writer.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let status: u16 = line.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let mut length = 0usize;
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h)?;
-        if h == "\r\n" || h.is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body)?;
-    Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
-}
-
 #[test]
 fn counters_add_up_to_the_requests_sent_split_by_colour() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +51,7 @@ fn counters_add_up_to_the_requests_sent_split_by_colour() {
     )
     .unwrap();
     let log = dir.path().join("serve.log");
-    let _daemon = Daemon(
+    let _daemon = Stopping(
         Command::new(BIN)
             .args(["--log-format", "json", "serve", "--access-log", "-c"])
             .arg(&config)
