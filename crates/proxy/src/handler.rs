@@ -288,7 +288,15 @@ enum Attempt {
         reason: String,
         instance_failed: bool,
     },
-    Failed(ProxyError),
+    Failed(Failure),
+}
+
+/// Why an attempt failed for good; `send` names the service and instance.
+enum Failure {
+    Upstream(String),
+    Timeout,
+    /// The client's body broke off (disconnect, bad framing, wrong length).
+    ClientBody,
 }
 
 /// Sends the request to an instance of the pool. A connect failure ejects the instance for a
@@ -363,35 +371,30 @@ async fn send(
                     reason,
                 });
             }
-            Attempt::Failed(ProxyError::Upstream { reason, .. }) => {
+            Attempt::Failed(Failure::Upstream(reason)) => {
                 return Err(ProxyError::Upstream {
                     service: service.to_string(),
                     addr: inst.addr,
                     reason,
                 });
             }
-            Attempt::Failed(ProxyError::Timeout { .. }) => {
+            Attempt::Failed(Failure::Timeout) => {
                 return Err(ProxyError::Timeout {
                     service: service.to_string(),
                     addr: inst.addr,
                 });
             }
-            Attempt::Failed(e) => return Err(e),
+            Attempt::Failed(Failure::ClientBody) => {
+                return Err(ProxyError::BadRequest(
+                    "the request body could not be read from the client",
+                ));
+            }
         }
     }
     Err(last.unwrap_or_else(|| ProxyError::NoInstance {
         service: service.to_string(),
         colour: colour.as_str(),
     }))
-}
-
-fn upstream_error(reason: impl ToString) -> ProxyError {
-    // Service and address are filled in by `send`.
-    ProxyError::Upstream {
-        service: String::new(),
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        reason: reason.to_string(),
-    }
 }
 
 /// One try on one connection: write the head (and stream the body, watching for an early
@@ -418,11 +421,8 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Du
                 reason: e.to_string(),
                 instance_failed: false,
             },
-            Ok(Err(e)) => Attempt::Failed(upstream_error(e)),
-            Err(_) => Attempt::Failed(ProxyError::Timeout {
-                service: String::new(),
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            }),
+            Ok(Err(e)) => Attempt::Failed(Failure::Upstream(e.to_string())),
+            Err(_) => Attempt::Failed(Failure::Timeout),
         };
     }
 
@@ -435,17 +435,20 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Du
     tokio::pin!(write);
     let mut early: Option<Head> = None;
     {
-        let read = read_head_split(&mut rd, buf, head_request);
+        let read = crate::h1::read_head_from(&mut rd, buf, head_request);
         tokio::pin!(read);
         tokio::select! {
             w = &mut write => match w {
                 Ok(()) => {}
-                Err(BodyWriteError::Client(e)) => return Attempt::Failed(ProxyError::BadRequest(client_body_error(&e))),
-                Err(BodyWriteError::Upstream(e)) => return Attempt::Failed(upstream_error(e)),
+                Err(BodyWriteError::Client(e)) => {
+                    tracing::debug!(error = %e, "the client's request body broke off");
+                    return Attempt::Failed(Failure::ClientBody);
+                }
+                Err(BodyWriteError::Upstream(e)) => return Attempt::Failed(Failure::Upstream(e.to_string())),
             },
             h = &mut read => match h {
                 Ok(head) => early = Some(head),
-                Err(e) => return Attempt::Failed(upstream_error(e)),
+                Err(e) => return Attempt::Failed(Failure::Upstream(e.to_string())),
             },
         }
     }
@@ -455,27 +458,11 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Du
         head.keep_alive = false;
         return Attempt::Answered(head);
     }
-    match tokio::time::timeout(timeout, read_head_split(&mut rd, buf, head_request)).await {
+    match tokio::time::timeout(timeout, crate::h1::read_head_from(&mut rd, buf, head_request)).await {
         Ok(Ok(head)) => Attempt::Answered(head),
-        Ok(Err(e)) => Attempt::Failed(upstream_error(e)),
-        Err(_) => Attempt::Failed(ProxyError::Timeout {
-            service: String::new(),
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        }),
+        Ok(Err(e)) => Attempt::Failed(Failure::Upstream(e.to_string())),
+        Err(_) => Attempt::Failed(Failure::Timeout),
     }
-}
-
-fn client_body_error(_e: &hyper::Error) -> &'static str {
-    "the request body could not be read from the client"
-}
-
-/// `Conn::read_head` over the read half of a split connection.
-async fn read_head_split(
-    rd: &mut tokio::net::tcp::ReadHalf<'_>,
-    buf: &mut bytes::BytesMut,
-    head_request: bool,
-) -> Result<Head, HeadError> {
-    crate::h1::read_head_from(rd, buf, head_request).await
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways until
