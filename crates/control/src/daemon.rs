@@ -513,6 +513,40 @@ impl Actor {
         &self.cfg.name
     }
 
+    /// Runs `f` on the store, off the async threads: every store call waits for the disk.
+    async fn on_store<T: Send + 'static>(&self, f: impl FnOnce(&Store, &str) -> T + Send + 'static) -> T {
+        let (store, name) = (self.shared.store.clone(), self.name().to_string());
+        tokio::task::spawn_blocking(move || f(&store, &name))
+            .await
+            .expect("store calls do not panic")
+    }
+
+    /// What the store says about this service's instances on `colour` (and of `release`, if
+    /// given), as the process driver takes it for adoption or stopping.
+    async fn recorded(&self, colour: Colour, release: Option<&Release>) -> Vec<Recorded> {
+        let release = release.cloned();
+        let rows = self
+            .on_store(|store, name| store.instances(name))
+            .await
+            .unwrap_or_default();
+        rows.into_iter()
+            .filter(|r| r.colour == colour && release.as_ref().is_none_or(|v| &r.release == v))
+            .map(|r| Recorded {
+                index: r.index,
+                pid: r.pid,
+                pgid: r.pgid,
+                port: r.port,
+                start_time: r.start_ticks,
+            })
+            .collect()
+    }
+
+    async fn next_id(&self) -> Result<DeploymentId, CommandError> {
+        self.on_store(|store, name| store.next_deployment_id(name))
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))
+    }
+
     fn plan(&self) -> Plan {
         Plan {
             health_deadline: self.cfg.health.deadline,
@@ -589,8 +623,9 @@ impl Actor {
                                     tracing::error!(service = self.name(), %colour, error = %e, "instances did not stop");
                                 }
                             }
-                            let (store, name) = (self.shared.store.clone(), self.name().to_string());
-                            let _ = tokio::task::spawn_blocking(move || store.remove_instances(&name, colour)).await;
+                            let _ = self
+                                .on_store(move |store, name| store.remove_instances(name, colour))
+                                .await;
                         }
                     }
                     let _ = reply.send(());
@@ -639,13 +674,7 @@ impl Actor {
                 return Err(e.into());
             }
         }
-        let id = {
-            let (store, name) = (self.shared.store.clone(), self.name().to_string());
-            tokio::task::spawn_blocking(move || store.next_deployment_id(&name))
-                .await
-                .map_err(|e| CommandError::Store(e.to_string()))?
-                .map_err(|e| CommandError::Store(e.to_string()))?
-        };
+        let id = self.next_id().await?;
         if !upstreams.is_empty() {
             self.statics.insert(id, upstreams.clone());
         }
@@ -677,11 +706,7 @@ impl Actor {
         let id = if self.state.warm().is_none() && !matches!(self.state.phase, crate::lifecycle::Phase::Watching { .. })
         {
             // A cold rollback is a new deployment: it needs a fresh id.
-            let (store, name) = (self.shared.store.clone(), self.name().to_string());
-            tokio::task::spawn_blocking(move || store.next_deployment_id(&name))
-                .await
-                .map_err(|e| CommandError::Store(e.to_string()))?
-                .map_err(|e| CommandError::Store(e.to_string()))?
+            self.next_id().await?
         } else {
             self.state.last_id.unwrap_or(DeploymentId(0))
         };
@@ -714,8 +739,7 @@ impl Actor {
                 if let Some(mut audit) = audit {
                     audit.service = Some(self.name().to_string());
                     audit.result = e.to_string();
-                    let store = self.shared.store.clone();
-                    let _ = tokio::task::spawn_blocking(move || store.append_audit(&audit)).await;
+                    let _ = self.on_store(move |store, _| store.append_audit(&audit)).await;
                 }
                 if e.kind() == crate::lifecycle::ErrorKind::Stale {
                     tracing::debug!(service = self.name(), event = name, "{e}");
@@ -735,12 +759,9 @@ impl Actor {
     }
 
     async fn commit(&self, t: &Transition, audit: Option<Audit>) -> Result<(), crate::store::StoreError> {
-        let store = self.shared.store.clone();
         let (state, records): (State, Vec<Record>) = (t.state.clone(), t.records().cloned().collect());
-        let name = self.name().to_string();
-        tokio::task::spawn_blocking(move || store.commit(&name, &state, records.iter(), audit))
+        self.on_store(move |store, name| store.commit(name, &state, records.iter(), audit))
             .await
-            .expect("commit does not panic")
     }
 
     /// Makes the route table's active colour and versions follow the committed state, and
@@ -1050,7 +1071,6 @@ impl Actor {
     }
 
     async fn record_instances(&self, colour: Colour, release: &Release, recorded: &[Recorded]) {
-        let store = self.shared.store.clone();
         let rows: Vec<StoredInstance> = recorded
             .iter()
             .map(|r| StoredInstance {
@@ -1064,9 +1084,8 @@ impl Actor {
                 start_ticks: r.start_time,
             })
             .collect();
-        let name = self.name().to_string();
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = store.remove_instances(&name, colour);
+        self.on_store(move |store, name| {
+            let _ = store.remove_instances(name, colour);
             for row in rows {
                 if let Err(e) = store.record_instance(&row) {
                     tracing::warn!(service = %name, error = %e, "cannot record an instance");
@@ -1119,24 +1138,7 @@ impl Actor {
         match &self.cfg.driver {
             Driver::Process { command, instances } => {
                 let spec = self.spec(colour, &release, command, *instances);
-                let recorded: Vec<Recorded> = {
-                    let (store, name) = (self.shared.store.clone(), self.name().to_string());
-                    let rows = tokio::task::spawn_blocking(move || store.instances(&name))
-                        .await
-                        .ok()
-                        .and_then(Result::ok);
-                    rows.unwrap_or_default()
-                        .into_iter()
-                        .filter(|r| r.colour == colour && r.release == release)
-                        .map(|r| Recorded {
-                            index: r.index,
-                            pid: r.pid,
-                            pgid: r.pgid,
-                            port: r.port,
-                            start_time: r.start_ticks,
-                        })
-                        .collect()
-                };
+                let recorded = self.recorded(colour, Some(&release)).await;
                 match ProcessGroup::adopt(spec, recorded).await {
                     Ok((group, report)) => {
                         self.record_instances(colour, &release, &group.recorded()).await;
@@ -1181,30 +1183,15 @@ impl Actor {
             );
         } else if let Driver::Process { .. } = self.cfg.driver {
             // Instances of an earlier daemon that were never adopted.
-            let (store, name) = (self.shared.store.clone(), self.name().to_string());
-            let rows = tokio::task::spawn_blocking(move || store.instances(&name))
-                .await
-                .ok()
-                .and_then(Result::ok);
-            let recorded: Vec<Recorded> = rows
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|r| r.colour == colour)
-                .map(|r| Recorded {
-                    index: r.index,
-                    pid: r.pid,
-                    pgid: r.pgid,
-                    port: r.port,
-                    start_time: r.start_ticks,
-                })
-                .collect();
+            let recorded = self.recorded(colour, None).await;
             if !recorded.is_empty() {
                 let _ =
                     crate::process::stop_recorded(self.name(), colour, &recorded, crate::process::DEFAULT_GRACE).await;
             }
         }
-        let (store, name) = (self.shared.store.clone(), self.name().to_string());
-        let _ = tokio::task::spawn_blocking(move || store.remove_instances(&name, colour)).await;
+        let _ = self
+            .on_store(move |store, name| store.remove_instances(name, colour))
+            .await;
         self.set_pool(colour, &[], None, false);
     }
 
