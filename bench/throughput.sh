@@ -5,7 +5,7 @@
 # Usage: bench/throughput.sh
 # Knobs (env): DURATION=10 (s per wrk run)  ROUNDS=3  THREADS=2  CONNECTIONS=64
 #              WARMUP=2 (s of unrecorded wrk per contender before round 1; 0 = off)
-#              CONTENDERS="direct cutover haproxy nginx"
+#              CONTENDERS="direct cutover haproxy nginx" (also: cutover-nometrics, cutover-noyield)
 #              CUTOVER_BIN=path (skip cargo build)  CUTOVER_BUILD=0 (use existing target/release/cutover)
 #              OUT_MD=file (also write the markdown section there)  KEEP_TMP=1  REQUIRE_QUIET=1
 # Runs are interleaved: round 1 = direct, cutover, haproxy, nginx; round 2 = same; ...
@@ -23,21 +23,22 @@ for v in DURATION ROUNDS THREADS CONNECTIONS WARMUP; do
 done
 ((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
-for c in $CONTENDERS; do has "$c" direct cutover cutover-nometrics haproxy nginx || die "unknown contender '$c'"; done
+for c in $CONTENDERS; do has "$c" direct cutover cutover-nometrics cutover-noyield haproxy nginx || die "unknown contender '$c'"; done
 CMD="${PIN:+PIN=$PIN }DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP CONTENDERS='$CONTENDERS' bench/throughput.sh"
 
 bench_init throughput
 quiet_check
 wants cutover && ensure_cutover
 
-read -r P_BLUE P_GREEN P_CUT P_HA P_NG P_CNM < <(free_ports 6)
-declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG [cutover-nometrics]=$P_CNM)
+read -r P_BLUE P_GREEN P_CUT P_HA P_NG P_CNM P_CNY < <(free_ports 7)
+declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG [cutover-nometrics]=$P_CNM [cutover-noyield]=$P_CNY)
 
 start_backend "$P_BLUE" "$P_GREEN"
 for c in $CONTENDERS; do
   case $c in
     cutover) start_cutover "$P_CUT" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" ;;
     cutover-nometrics) start_cutover "$P_CNM" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-nometrics --no-metrics ;;
+    cutover-noyield) start_cutover "$P_CNY" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-noyield --yield-interval 0s ;;
     haproxy) start_haproxy "$P_HA" "$P_BLUE" "$P_GREEN" ;;
     nginx) start_nginx_proxy "$P_NG" "$P_BLUE" ;;
   esac
@@ -87,6 +88,7 @@ MD=$BENCH_TMP/section.md
   desc=()
   wants cutover && desc+=("cutover \`proxy --workers ${CUTOVER_WORKERS:-1}${CUTOVER_EXTRA_ARGS:+ $CUTOVER_EXTRA_ARGS}\`")
   wants cutover-nometrics && desc+=("cutover-nometrics: the same with \`--no-metrics\` (no per-colour counting)")
+  wants cutover-noyield && desc+=("cutover-noyield: the same with \`--yield-interval 0s\` (the worker never offers its CPU to waiting threads)")
   wants haproxy && desc+=("HAProxy \`nbthread 1\`, \`http-reuse always\`")
   wants nginx && desc+=("nginx \`worker_processes 1\`, upstream keepalive 64")
   wants direct && desc+=("\"direct\" is wrk straight to the backend")

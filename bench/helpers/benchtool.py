@@ -449,7 +449,8 @@ def cmd_report_throughput(a):
         return _ms_fmt(med.get(c, {}).get("p99")) if c in med else "n/a"
 
     pairs = [("cutover", "haproxy"), ("cutover", "nginx"), ("cutover", "direct"),
-             ("haproxy", "direct"), ("nginx", "direct"), ("cutover", "cutover-nometrics")]
+             ("haproxy", "direct"), ("nginx", "direct"), ("cutover", "cutover-nometrics"),
+             ("cutover", "cutover-noyield"), ("cutover-noyield", "haproxy")]
     tab = []
     for x, y in pairs:
         if x not in med or y not in med:

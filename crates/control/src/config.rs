@@ -97,6 +97,7 @@ max_connections = 10000
 max_header_bytes = 16384
 shutdown_timeout = "30s"
 retry_idempotent = true
+yield_interval = "1ms"   # lets processes waiting for the proxy's CPU run first; "0s" turns it off
 
 # Optional: POST a JSON event to each URL when a deployment starts, is promoted, is rolled back
 # or aborted. Delivery never holds up a deployment: a failed one is retried with growing pauses,
@@ -168,7 +169,7 @@ impl fmt::Display for Admin {
 
 /// `[proxy]`: limits and timeouts of the data plane. Every key is optional and defaults to
 /// [`ProxyConfig::default`]'s value (currently: 10s, 60s, 2s, 60s, 30s, 256, 10000, 16384, 30s,
-/// true in field order). See [`ProxyConfig`] for what each one does.
+/// true, 1ms in field order). See [`ProxyConfig`] for what each one does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxySettings {
     /// Time a client has to send a request head; also the keep-alive idle limit on HTTP/1.
@@ -191,6 +192,8 @@ pub struct ProxySettings {
     pub shutdown_timeout: Duration,
     /// Replay idempotent, bodiless requests whose upstream connection failed before a response.
     pub retry_idempotent: bool,
+    /// Back-to-back work after which a worker lets waiting threads on its CPU run; 0 to 1s.
+    pub yield_interval: Duration,
 }
 
 impl Default for ProxySettings {
@@ -208,6 +211,7 @@ impl Default for ProxySettings {
             max_header_bytes: p.max_header_bytes,
             shutdown_timeout: p.shutdown_timeout,
             retry_idempotent: p.retry_idempotent,
+            yield_interval: p.yield_interval,
         }
     }
 }
@@ -640,6 +644,7 @@ impl Config {
             max_header_bytes: p.max_header_bytes,
             shutdown_timeout: p.shutdown_timeout,
             retry_idempotent: p.retry_idempotent,
+            yield_interval: p.yield_interval,
             // Counting stays on in the daemon: the post-promotion watch reads the counters.
             ..ProxyConfig::default()
         }
@@ -712,6 +717,7 @@ struct RawProxy {
     max_header_bytes: Leaf,
     shutdown_timeout: Leaf,
     retry_idempotent: Leaf,
+    yield_interval: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1214,6 +1220,24 @@ impl<'a> Checker<'a> {
             retry_idempotent: match &raw.retry_idempotent {
                 None => d.retry_idempotent,
                 Some(v) => self.boolean(v, "proxy.retry_idempotent")?,
+            },
+            yield_interval: match &raw.yield_interval {
+                None => d.yield_interval,
+                Some(v) => {
+                    let interval = self.duration(v, "proxy.yield_interval")?;
+                    if interval > Duration::from_secs(1) {
+                        return Err(self.at(
+                            v,
+                            "proxy.yield_interval",
+                            format!(
+                                "{} is too long to make a difference (the kernel preempts after a few ms anyway); \
+                                 write \"0s\" to turn yielding off, or a duration up to \"1s\", e.g. \"1ms\"",
+                                describe(v.get_ref())
+                            ),
+                        ));
+                    }
+                    interval
+                }
             },
         })
     }
@@ -2161,6 +2185,7 @@ max_connections = 500
 max_header_bytes = 8192
 shutdown_timeout = "0s"
 retry_idempotent = false
+yield_interval = "0s"
 
 [services.web]
 hosts = ["Shop.Example.com", "www.example.com"]
@@ -2206,6 +2231,7 @@ events = ["went-live", "rolled-back"]
                 max_header_bytes: 8192,
                 shutdown_timeout: Duration::ZERO,
                 retry_idempotent: false,
+                yield_interval: Duration::ZERO,
             },
             services: vec![
                 ServiceConfig {
@@ -2582,6 +2608,24 @@ events = ["went-live", "rolled-back"]
             "proxy.connect_timeout",
             "is zero",
         );
+        refused(
+            &format!("{MINIMAL}[proxy]\nyield_interval = \"2s\"\n"),
+            4,
+            18,
+            "proxy.yield_interval",
+            "\"2s\" is too long to make a difference",
+        );
+        refused(
+            &format!("{MINIMAL}[proxy]\nyield_interval = 1\n"),
+            4,
+            18,
+            "proxy.yield_interval",
+            "1 is not a duration",
+        );
+        // Zero is allowed here: it turns yielding off.
+        let config = parse(&format!("{MINIMAL}[proxy]\nyield_interval = \"0s\"\n")).unwrap();
+        assert_eq!(config.proxy.yield_interval, Duration::ZERO);
+        assert_eq!(config.proxy_config().yield_interval, Duration::ZERO);
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub struct ProxyConfig {
     /// Logs one line per request (target `cutover::access`): request id, service, colour,
     /// method, path, status and duration.
     pub access_log: bool,
+    /// At most once per this interval, a worker starting a request first lets the other threads
+    /// waiting for its CPU run (`sched_yield`, which returns at once when none is waiting).
+    /// Without it, a process woken onto the proxy's CPU (an upstream instance on the same host,
+    /// a local client) can wait for the kernel's next tick, up to 4 ms at 250 Hz, and every
+    /// request it serves waits with it. Zero never yields.
+    pub yield_interval: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -68,6 +74,7 @@ impl Default for ProxyConfig {
             retry_idempotent: true,
             record_stats: true,
             access_log: false,
+            yield_interval: Duration::from_millis(1),
         }
     }
 }

@@ -376,6 +376,28 @@ impl Drop for Proxy {
     }
 }
 
+thread_local! {
+    /// When this worker thread last offered its CPU to other waiting threads.
+    static LAST_YIELD: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Called as each request starts, with its start time: at most once per `interval`, lets other
+/// runnable threads on this CPU go first (see [`ProxyConfig::yield_interval`]).
+/// Returns whether it yielded.
+pub(crate) fn share_cpu(now: Instant, interval: Duration) -> bool {
+    if interval.is_zero() {
+        return false;
+    }
+    LAST_YIELD.with(|last| {
+        if last.get().is_some_and(|t| now.saturating_duration_since(t) < interval) {
+            return false;
+        }
+        last.set(Some(now));
+        std::thread::yield_now();
+        true
+    })
+}
+
 /// Waits on the generation's notifications until `done` holds or the deadline passes.
 async fn wait_until(g: &Generation, deadline: tokio::time::Instant, done: impl Fn(&Generation) -> bool) -> bool {
     loop {
@@ -593,6 +615,34 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
                     watchdog.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_cpu_yields_at_most_once_per_interval() {
+        // Each test runs on its own thread, so the thread-local starts empty.
+        let interval = Duration::from_millis(1);
+        let t0 = Instant::now();
+        assert!(share_cpu(t0, interval), "the first request on a worker yields");
+        assert!(!share_cpu(t0 + Duration::from_micros(200), interval));
+        assert!(!share_cpu(t0 + Duration::from_micros(999), interval));
+        assert!(share_cpu(t0 + Duration::from_millis(1), interval));
+        assert!(!share_cpu(t0 + Duration::from_micros(1500), interval));
+        assert!(share_cpu(t0 + Duration::from_millis(5), interval));
+        // A clock reading older than the last yield (another task's start time) never yields.
+        assert!(!share_cpu(t0, interval));
+    }
+
+    #[test]
+    fn share_cpu_with_zero_interval_never_yields() {
+        let t0 = Instant::now();
+        for i in 0..10 {
+            assert!(!share_cpu(t0 + Duration::from_secs(i), Duration::ZERO));
         }
     }
 }
