@@ -6,6 +6,7 @@
 #
 # Usage: bench/run-all.sh
 # Knobs (env): BENCHES="throughput switching memory deploy"  BENCHMARKS_OUT=path (default: <repo>/BENCHMARKS.md)
+#              SECTION=name (write into that section instead of the benchmark's own; for one benchmark)
 #              Everything else (DURATION, ROUNDS, CONNECTIONS, CONTENDERS, CUTOVER_BIN, ...) is passed
 #              through to the scripts; note DURATION then applies to all three.
 # A script that fails leaves its old section untouched; the exit code is then 1.
@@ -51,8 +52,8 @@ for b in $BENCHES; do
   rc=$?
   CHILD=
   if ((rc == 0)) && [[ -s $TMP/$b.md ]]; then
-    section=$b
-    [[ $b == throughput && ${PIN:-0} == 1 ]] && section=throughput-pinned
+    section=${SECTION:-$b}
+    [[ -z ${SECTION:-} && $b == throughput && ${PIN:-0} == 1 ]] && section=throughput-pinned
     "${BT[@]}" md-update --file "$OUT" --section "$section" --content "$TMP/$b.md" --title Benchmarks
     echo "updated section '$section' in $OUT" >&2
   else
