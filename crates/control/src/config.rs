@@ -192,7 +192,7 @@ pub struct ProxySettings {
     pub shutdown_timeout: Duration,
     /// Replay idempotent, bodiless requests whose upstream connection failed before a response.
     pub retry_idempotent: bool,
-    /// Back-to-back work after which a worker lets waiting threads on its CPU run; 0 to 1s.
+    /// Work without a sleep after which a worker lets waiting threads on its CPU run; 0 to 1s.
     pub yield_interval: Duration,
 }
 

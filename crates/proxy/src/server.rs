@@ -376,26 +376,64 @@ impl Drop for Proxy {
     }
 }
 
-thread_local! {
-    /// When this worker thread last offered its CPU to other waiting threads.
-    static LAST_YIELD: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+/// When a worker has been running without a break, so that it should let the threads queued
+/// behind it on its CPU go first (see [`ProxyConfig::yield_interval`]).
+#[derive(Debug, Default)]
+struct CpuShare {
+    /// Start of the current stretch of work; `None` right after the worker slept.
+    busy_since: Option<Instant>,
+    /// When the worker last went to wait for events.
+    parked_at: Option<Instant>,
 }
 
-/// Called as each request starts, with its start time: at most once per `interval`, lets other
-/// runnable threads on this CPU go first (see [`ProxyConfig::yield_interval`]).
-/// Returns whether it yielded.
-pub(crate) fn share_cpu(now: Instant, interval: Duration) -> bool {
-    if interval.is_zero() {
-        return false;
+impl CpuShare {
+    /// A wait for events this long or longer means the worker slept: whatever was queued behind it
+    /// on its CPU has had its turn.
+    const SLEPT: Duration = Duration::from_micros(50);
+
+    fn park(&mut self, now: Instant) {
+        self.parked_at = Some(now);
     }
-    LAST_YIELD.with(|last| {
-        if last.get().is_some_and(|t| now.saturating_duration_since(t) < interval) {
+
+    fn unpark(&mut self, now: Instant) {
+        if self
+            .parked_at
+            .take()
+            .is_some_and(|t| now.saturating_duration_since(t) >= Self::SLEPT)
+        {
+            self.busy_since = None;
+        }
+    }
+
+    /// A request starts at `now`: whether to yield first.
+    fn should_yield(&mut self, now: Instant, interval: Duration) -> bool {
+        if interval.is_zero() {
             return false;
         }
-        last.set(Some(now));
+        match self.busy_since {
+            Some(t) if now.saturating_duration_since(t) < interval => false,
+            Some(_) => {
+                self.busy_since = Some(now);
+                true
+            }
+            None => {
+                self.busy_since = Some(now);
+                false
+            }
+        }
+    }
+}
+
+thread_local! {
+    static CPU_SHARE: std::cell::RefCell<CpuShare> = std::cell::RefCell::new(CpuShare::default());
+}
+
+/// Called as each request starts, with its start time: after `interval` of work without a sleep,
+/// lets the other runnable threads on this CPU go first.
+pub(crate) fn share_cpu(now: Instant, interval: Duration) {
+    if CPU_SHARE.with(|c| c.borrow_mut().should_yield(now, interval)) {
         std::thread::yield_now();
-        true
-    })
+    }
 }
 
 /// Waits on the generation's notifications until `done` holds or the deadline passes.
@@ -418,7 +456,12 @@ fn worker(
     listeners: Vec<(std::net::TcpListener, bool)>,
     expired: tokio::sync::mpsc::UnboundedReceiver<Arc<Generation>>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(|| CPU_SHARE.with(|c| c.borrow_mut().park(Instant::now())))
+        .on_thread_unpark(|| CPU_SHARE.with(|c| c.borrow_mut().unpark(Instant::now())))
+        .build();
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot build worker runtime; stopping the proxy");
@@ -624,25 +667,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn share_cpu_yields_at_most_once_per_interval() {
-        // Each test runs on its own thread, so the thread-local starts empty.
-        let interval = Duration::from_millis(1);
+    fn yields_after_an_interval_of_work_without_a_sleep() {
+        let ms = Duration::from_millis;
+        let interval = ms(1);
         let t0 = Instant::now();
-        assert!(share_cpu(t0, interval), "the first request on a worker yields");
-        assert!(!share_cpu(t0 + Duration::from_micros(200), interval));
-        assert!(!share_cpu(t0 + Duration::from_micros(999), interval));
-        assert!(share_cpu(t0 + Duration::from_millis(1), interval));
-        assert!(!share_cpu(t0 + Duration::from_micros(1500), interval));
-        assert!(share_cpu(t0 + Duration::from_millis(5), interval));
-        // A clock reading older than the last yield (another task's start time) never yields.
-        assert!(!share_cpu(t0, interval));
+        let mut c = CpuShare::default();
+        assert!(!c.should_yield(t0, interval), "the first request starts the stretch");
+        assert!(!c.should_yield(t0 + Duration::from_micros(999), interval));
+        assert!(c.should_yield(t0 + ms(1), interval), "1 ms of work: yield");
+        assert!(
+            !c.should_yield(t0 + Duration::from_micros(1500), interval),
+            "a new stretch began"
+        );
+        assert!(c.should_yield(t0 + ms(2), interval));
+        // Waiting for events that were already there is no sleep: the stretch goes on.
+        c.park(t0 + ms(2));
+        c.unpark(t0 + ms(2) + Duration::from_micros(5));
+        assert!(c.should_yield(t0 + ms(3), interval));
+        // A real sleep ends it: the next request starts a new one instead of yielding.
+        c.park(t0 + ms(3));
+        c.unpark(t0 + ms(10));
+        assert!(!c.should_yield(t0 + ms(10), interval));
+        assert!(!c.should_yield(t0 + ms(10) + Duration::from_micros(500), interval));
+        assert!(c.should_yield(t0 + ms(11), interval));
+        // A clock reading older than the stretch's start (another task's start time) never yields.
+        assert!(!c.should_yield(t0, interval));
     }
 
     #[test]
-    fn share_cpu_with_zero_interval_never_yields() {
+    fn zero_interval_never_yields() {
         let t0 = Instant::now();
+        let mut c = CpuShare::default();
         for i in 0..10 {
-            assert!(!share_cpu(t0 + Duration::from_secs(i), Duration::ZERO));
+            assert!(!c.should_yield(t0 + Duration::from_secs(i), Duration::ZERO));
         }
     }
 }
