@@ -67,18 +67,24 @@ snapshot() {
 
 RES=$BENCH_TMP/results.jsonl
 : >"$RES"
+read -r -a ORDER <<<"$CONTENDERS"
 for ((r = 1; r <= ROUNDS; r++)); do
-  for c in $CONTENDERS; do
+  n=${#ORDER[@]}
+  for ((i = 0; i < n; i++)); do
+    c=${ORDER[$(((r - 1 + i) % n))]} # the order rotates each round
     out=$BENCH_TMP/wrk-$c-$r.txt
     timeout --kill-after=5 $((DURATION + 30)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency \
       "http://127.0.0.1:${PORT[$c]}/" >"$out" 2>&1 &
     wp=$!
     bg_track wrk "$wp"
     sleep 2
-    snapshot "${PID[$c]}" "$BACKEND_WORKER" "$wp" >"$BENCH_TMP/before"
+    # wrk runs as the child of `timeout`.
+    wrk_pid=$(descendants "$wp" | head -1)
+    [[ -n $wrk_pid ]] || die "wrk did not start (see $out)"
+    snapshot "${PID[$c]}" "$BACKEND_WORKER" "$wrk_pid" >"$BENCH_TMP/before"
     t0=$(date +%s%N)
     sleep $((DURATION - 4))
-    snapshot "${PID[$c]}" "$BACKEND_WORKER" "$wp" >"$BENCH_TMP/after"
+    snapshot "${PID[$c]}" "$BACKEND_WORKER" "$wrk_pid" >"$BENCH_TMP/after"
     t1=$(date +%s%N)
     wait "$wp"
     bg_untrack "$wp"
@@ -121,7 +127,7 @@ MD=$BENCH_TMP/section.md
   echo "backend, every process free to run on either CPU), read from \`/proc\` over the middle $((DURATION - 4)) s of each run:"
   echo "CPU time per request (user / system) of the proxy, the backend and wrk; context switches per request"
   echo "(voluntary: the thread slept; involuntary: another thread took its CPU); the machine's idle CPU."
-  echo "Medians over $ROUNDS interleaved round(s)."
+  echo "Medians over $ROUNDS interleaved round(s), the order rotating each round."
   echo
   python3 - "$RES" "$CONTENDERS" <<'PY'
 import json, statistics, sys

@@ -8,7 +8,8 @@
 #              CONTENDERS="direct cutover haproxy nginx" (also: cutover-nometrics, cutover-noyield)
 #              CUTOVER_BIN=path (skip cargo build)  CUTOVER_BUILD=0 (use existing target/release/cutover)
 #              OUT_MD=file (also write the markdown section there)  KEEP_TMP=1  REQUIRE_QUIET=1
-# Runs are interleaved: round 1 = direct, cutover, haproxy, nginx; round 2 = same; ...
+# Runs are interleaved, and the order rotates each round so that no contender always runs right after
+# the same one: round 1 = direct, cutover, haproxy, nginx; round 2 = cutover, haproxy, nginx, direct; ...
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -54,8 +55,11 @@ if ((WARMUP > 0)); then
     WRK_DURATION=$WARMUP run_wrk "$BENCH_TMP/warmup-$c.txt" -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" "http://127.0.0.1:${PORT[$c]}/"
   done
 fi
+read -r -a ORDER <<<"$CONTENDERS"
 for ((r = 1; r <= ROUNDS; r++)); do
-  for c in $CONTENDERS; do
+  n=${#ORDER[@]}
+  for ((i = 0; i < n; i++)); do
+    c=${ORDER[$(((r - 1 + i) % n))]}
     out=$BENCH_TMP/wrk-$c-$r.txt
     WRK_DURATION=$DURATION run_wrk "$out" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$c]}/"
     "${BT[@]}" parse-wrk "$out" --tag "contender=$c" --tag "round=$r" >>"$RES"
@@ -94,7 +98,7 @@ MD=$BENCH_TMP/section.md
   wants direct && desc+=("\"direct\" is wrk straight to the backend")
   (IFS=';'; echo "${desc[*]}." | sed 's/;/; /g')
   echo "Load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
-  echo "interleaved (${CONTENDERS// /, }) for $ROUNDS round(s); medians over rounds. $(if [[ ${PIN:-0} == 1 ]]; then echo "The backend and the proxy share CPU 1 (taskset), wrk has CPU 0."; else echo "All processes share the same $(nproc) CPUs."; fi)"
+  echo "interleaved (${CONTENDERS// /, }, the order rotating by one each round) for $ROUNDS round(s); medians over rounds. $(if [[ ${PIN:-0} == 1 ]]; then echo "The backend and the proxy share CPU 1 (taskset), wrk has CPU 0."; else echo "All processes share the same $(nproc) CPUs."; fi)"
   echo
   "${BT[@]}" report-throughput "$RES" --order "$CONTENDERS"
 } >"$MD"
