@@ -32,7 +32,7 @@ use toml::{Spanned, Value};
 /// A commented, valid configuration showing every key. Shown in the docs and by
 /// `cutover quickstart`; `example_parses` keeps it valid.
 pub const EXAMPLE: &str = r#"# cutover.toml: what cutover serves and how it releases it.
-# Durations are a whole number followed by ms, s, m or h ("500ms", "30s", "5m", "1h").
+# Durations are a whole number followed by us, ms, s, m or h ("500ms", "30s", "5m", "1h").
 # Relative paths are relative to the directory of this file.
 
 [server]
@@ -651,7 +651,7 @@ impl Config {
     }
 }
 
-const DURATION_HINT: &str = "write a whole number followed by ms, s, m or h, e.g. \"500ms\"";
+const DURATION_HINT: &str = "write a whole number followed by us, ms, s, m or h, e.g. \"500ms\"";
 
 /// Parses a duration as written in the config: a whole number directly followed by `ms`, `s`,
 /// `m` or `h` ("250ms", "30s", "5m", "1h"). No spaces, signs, fractions or other units. The error
@@ -659,11 +659,12 @@ const DURATION_HINT: &str = "write a whole number followed by ms, s, m or h, e.g
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = text.split_at(digits);
-    let millis_per_unit: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
+    let micros_per_unit: u64 = match unit {
+        "us" => 1,
+        "ms" => 1_000,
+        "s" => 1_000_000,
+        "m" => 60_000_000,
+        "h" => 3_600_000_000,
         _ => return Err(format!("{text:?} is not a duration; {DURATION_HINT}")),
     };
     if number.is_empty() {
@@ -672,8 +673,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     number
         .parse::<u64>()
         .ok()
-        .and_then(|n| n.checked_mul(millis_per_unit))
-        .map(Duration::from_millis)
+        .and_then(|n| n.checked_mul(micros_per_unit))
+        .map(Duration::from_micros)
         .ok_or_else(|| format!("{text:?} is too long a duration; write at most a few days, e.g. \"72h\""))
 }
 
@@ -1667,7 +1668,7 @@ impl<'a> Checker<'a> {
                 v,
                 key,
                 format!(
-                    "{} is not a duration; write a quoted whole number followed by ms, s, m or h, e.g. \"500ms\"",
+                    "{} is not a duration; write a quoted whole number followed by us, ms, s, m or h, e.g. \"500ms\"",
                     describe(other)
                 ),
             )),
@@ -2531,12 +2532,12 @@ events = ["went-live", "rolled-back"]
             3,
             37,
             "services.web.health.interval",
-            "\"5 sec\" is not a duration; write a whole number followed by ms, s, m or h, e.g. \"500ms\"",
+            "\"5 sec\" is not a duration; write a whole number followed by us, ms, s, m or h, e.g. \"500ms\"",
         );
         assert_eq!(
             shown,
             "cutover.toml:3:37: services.web.health.interval: \"5 sec\" is not a duration; write a whole number \
-             followed by ms, s, m or h, e.g. \"500ms\""
+             followed by us, ms, s, m or h, e.g. \"500ms\""
         );
         refused(
             &at("\"1.5s\""),
@@ -2635,6 +2636,7 @@ events = ["went-live", "rolled-back"]
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
         for bad in ["", "s", "5", " 5s", "5s ", "5 sec", "1.5s", "-1s", "+1s", "5S", "1h30m"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }

@@ -376,14 +376,16 @@ impl Drop for Proxy {
     }
 }
 
-/// When a worker has been running without a break, so that it should let the threads queued
-/// behind it on its CPU go first (see [`ProxyConfig::yield_interval`]).
+/// When a worker has been running without a break long enough that a thread queued behind it on
+/// its CPU may be starving (see [`ProxyConfig::yield_interval`]).
 #[derive(Debug, Default)]
 struct CpuShare {
     /// Start of the current stretch of work; `None` right after the worker slept.
     busy_since: Option<Instant>,
     /// When the worker last went to wait for events.
     parked_at: Option<Instant>,
+    /// This thread's count of involuntary context switches when last looked at.
+    preempted: Option<u64>,
 }
 
 impl CpuShare {
@@ -405,8 +407,9 @@ impl CpuShare {
         }
     }
 
-    /// A request starts at `now`: whether to yield first.
-    fn should_yield(&mut self, now: Instant, interval: Duration) -> bool {
+    /// A request starts at `now`: whether to yield first. `preempted` reads the thread's count of
+    /// involuntary context switches; it is called at most once per `interval`.
+    fn should_yield(&mut self, now: Instant, interval: Duration, preempted: impl FnOnce() -> Option<u64>) -> bool {
         if interval.is_zero() {
             return false;
         }
@@ -414,7 +417,13 @@ impl CpuShare {
             Some(t) if now.saturating_duration_since(t) < interval => false,
             Some(_) => {
                 self.busy_since = Some(now);
-                true
+                // Taken off the CPU since the last look: the kernel is already sharing it, and
+                // yielding on top of that would only add switches. Otherwise whatever waits
+                // behind this thread has not run for a whole interval.
+                let count = preempted();
+                let shared = matches!((self.preempted, count), (Some(a), Some(b)) if b != a);
+                self.preempted = count;
+                !shared
             }
             None => {
                 self.busy_since = Some(now);
@@ -428,10 +437,15 @@ thread_local! {
     static CPU_SHARE: std::cell::RefCell<CpuShare> = std::cell::RefCell::new(CpuShare::default());
 }
 
-/// Called as each request starts, with its start time: after `interval` of work without a sleep,
-/// lets the other runnable threads on this CPU go first.
+/// Called as each request starts, with its start time: after `interval` of work without a sleep
+/// or a preemption, lets the other runnable threads on this CPU go first.
 pub(crate) fn share_cpu(now: Instant, interval: Duration) {
-    if CPU_SHARE.with(|c| c.borrow_mut().should_yield(now, interval)) {
+    let preempted = || {
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+            .ok()
+            .map(|u| u.involuntary_context_switches() as u64)
+    };
+    if CPU_SHARE.with(|c| c.borrow_mut().should_yield(now, interval, preempted)) {
         std::thread::yield_now();
     }
 }
@@ -667,31 +681,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn yields_after_an_interval_of_work_without_a_sleep() {
+    fn yields_after_an_interval_of_work_without_a_sleep_or_a_preemption() {
         let ms = Duration::from_millis;
         let interval = ms(1);
         let t0 = Instant::now();
         let mut c = CpuShare::default();
-        assert!(!c.should_yield(t0, interval), "the first request starts the stretch");
-        assert!(!c.should_yield(t0 + Duration::from_micros(999), interval));
-        assert!(c.should_yield(t0 + ms(1), interval), "1 ms of work: yield");
+        let reads = std::cell::Cell::new(0);
+        let count = |n: u64| {
+            let reads = &reads;
+            move || {
+                reads.set(reads.get() + 1);
+                Some(n)
+            }
+        };
         assert!(
-            !c.should_yield(t0 + Duration::from_micros(1500), interval),
+            !c.should_yield(t0, interval, count(7)),
+            "the first request starts the stretch"
+        );
+        assert!(!c.should_yield(t0 + Duration::from_micros(999), interval, count(7)));
+        assert!(
+            c.should_yield(t0 + ms(1), interval, count(7)),
+            "1 ms of work, no preemption: yield"
+        );
+        assert!(
+            !c.should_yield(t0 + Duration::from_micros(1500), interval, count(7)),
             "a new stretch began"
         );
-        assert!(c.should_yield(t0 + ms(2), interval));
+        assert!(c.should_yield(t0 + ms(2), interval, count(7)));
+        // Preempted during the last interval: the kernel is sharing the CPU already.
+        assert!(!c.should_yield(t0 + ms(3), interval, count(9)));
+        assert!(
+            c.should_yield(t0 + ms(4), interval, count(9)),
+            "then a whole interval without"
+        );
         // Waiting for events that were already there is no sleep: the stretch goes on.
-        c.park(t0 + ms(2));
-        c.unpark(t0 + ms(2) + Duration::from_micros(5));
-        assert!(c.should_yield(t0 + ms(3), interval));
+        c.park(t0 + ms(4));
+        c.unpark(t0 + ms(4) + Duration::from_micros(5));
+        assert!(c.should_yield(t0 + ms(5), interval, count(9)));
         // A real sleep ends it: the next request starts a new one instead of yielding.
-        c.park(t0 + ms(3));
-        c.unpark(t0 + ms(10));
-        assert!(!c.should_yield(t0 + ms(10), interval));
-        assert!(!c.should_yield(t0 + ms(10) + Duration::from_micros(500), interval));
-        assert!(c.should_yield(t0 + ms(11), interval));
+        c.park(t0 + ms(5));
+        c.unpark(t0 + ms(12));
+        assert!(!c.should_yield(t0 + ms(12), interval, count(9)));
+        assert!(!c.should_yield(t0 + ms(12) + Duration::from_micros(500), interval, count(9)));
+        assert!(c.should_yield(t0 + ms(13), interval, count(9)));
         // A clock reading older than the stretch's start (another task's start time) never yields.
-        assert!(!c.should_yield(t0, interval));
+        assert!(!c.should_yield(t0, interval, count(9)));
+        // The counter is read only where an interval ends: at ms 1, 2, 3, 4, 5 and 13.
+        assert_eq!(reads.get(), 6);
+    }
+
+    #[test]
+    fn without_a_preemption_count_it_still_yields() {
+        let t0 = Instant::now();
+        let mut c = CpuShare::default();
+        assert!(!c.should_yield(t0, Duration::from_millis(1), || None));
+        assert!(c.should_yield(t0 + Duration::from_millis(1), Duration::from_millis(1), || None));
+        assert!(c.should_yield(t0 + Duration::from_millis(2), Duration::from_millis(1), || None));
     }
 
     #[test]
@@ -699,7 +744,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = CpuShare::default();
         for i in 0..10 {
-            assert!(!c.should_yield(t0 + Duration::from_secs(i), Duration::ZERO));
+            assert!(!c.should_yield(t0 + Duration::from_secs(i), Duration::ZERO, || Some(i)));
         }
     }
 }
