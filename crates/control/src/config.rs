@@ -192,7 +192,8 @@ pub struct ProxySettings {
     pub shutdown_timeout: Duration,
     /// Replay idempotent, bodiless requests whose upstream connection failed before a response.
     pub retry_idempotent: bool,
-    /// Work without a sleep after which a worker lets waiting threads on its CPU run; 0 to 1s.
+    /// Work without a sleep or a preemption after which a worker lets waiting threads on its CPU
+    /// run; 0 to 1s.
     pub yield_interval: Duration,
 }
 

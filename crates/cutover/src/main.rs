@@ -107,8 +107,8 @@ struct ProxyArgs {
     /// Log one line per request: request id, colour, status, duration.
     #[arg(long)]
     access_log: bool,
-    /// After this long of requests without a sleep, let other threads waiting for the worker's
-    /// CPU run first ("0s" never does).
+    /// After this long of requests without a sleep or a preemption, let other threads waiting
+    /// for the worker's CPU run first ("0s" never does).
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     yield_interval: Duration,
 }

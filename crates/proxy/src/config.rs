@@ -49,12 +49,13 @@ pub struct ProxyConfig {
     /// Logs one line per request (target `cutover::access`): request id, service, colour,
     /// method, path, status and duration.
     pub access_log: bool,
-    /// A worker that has been taking requests for this long without sleeping lets the other
-    /// threads waiting for its CPU run before the next one (`sched_yield`, which returns at once
-    /// when none is waiting). Without it, a process woken onto the proxy's CPU (an upstream
-    /// instance on the same host, a local client) can wait for the kernel's next tick, up to 4 ms
-    /// at 250 Hz, and every request it serves waits with it. A worker that sleeps between requests
-    /// never yields. Zero turns it off.
+    /// A worker that has been taking requests for this long without sleeping and without being
+    /// preempted lets the other threads waiting for its CPU run before the next one
+    /// (`sched_yield`, which returns at once when none is waiting). Without it, a process woken
+    /// onto the proxy's CPU (an upstream instance on the same host, a local client) can wait for
+    /// the kernel's next tick, up to 4 ms at 250 Hz, and every request it serves waits with it.
+    /// A worker that sleeps between requests, or that the kernel already takes turns with, never
+    /// yields. Zero turns it off.
     pub yield_interval: Duration,
 }
 
