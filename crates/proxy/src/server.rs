@@ -419,7 +419,9 @@ impl CpuShare {
                 self.busy_since = Some(now);
                 // Taken off the CPU since the last look: the kernel is already sharing it, and
                 // yielding on top of that would only add switches. Otherwise whatever waits
-                // behind this thread has not run for a whole interval.
+                // behind this thread has not run for a whole interval. A yield that let another
+                // thread run counts as such a switch too, so with something always waiting the
+                // worker yields every other interval.
                 let count = preempted();
                 let shared = matches!((self.preempted, count), (Some(a), Some(b)) if b != a);
                 self.preempted = count;
