@@ -40,6 +40,18 @@ enum Endpoint {
     Tcp(SocketAddr),
 }
 
+/// The config file a command was given, or `./cutover.toml`.
+pub fn config_path(config: Option<&Path>) -> PathBuf {
+    config
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("cutover.toml"))
+}
+
+/// Reads and checks the config file; whatever is wrong with it is a usage error (exit 2).
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| usage(e.to_string()))
+}
+
 pub struct Client {
     endpoint: Endpoint,
     token: Option<String>,
@@ -48,16 +60,14 @@ pub struct Client {
 impl Client {
     /// Reads `config` (or `./cutover.toml`) to find the admin endpoint.
     pub fn from_config(config: Option<&Path>) -> anyhow::Result<Client> {
-        let path = config
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("cutover.toml"));
+        let path = config_path(config);
         if !path.exists() {
             return Err(usage(format!(
                 "{} not found: run this next to your cutover.toml or pass -c FILE",
                 path.display()
             )));
         }
-        let config = Config::load(&path).map_err(|e| usage(e.to_string()))?;
+        let config = load_config(&path)?;
         let (endpoint, token) = match &config.server.admin {
             Admin::Unix(p) => (Endpoint::Unix(p.clone()), None),
             Admin::Tcp(a) => {

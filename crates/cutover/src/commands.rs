@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use cutover_control::config::{Admin, Config};
+use cutover_control::config::Admin;
 use cutover_control::daemon::Daemon;
 use http::Method;
 
-use crate::client::{usage, Client, Exit};
+use crate::client::{config_path, load_config, usage, Client, Exit};
 
 #[derive(clap::Args)]
 pub struct ConfigArg {
@@ -104,12 +104,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `cutover serve`: everything wrong is refused before anything starts, with exit code 2.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let path = args
-        .config
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("cutover.toml"));
-    let config = Config::load(&path).map_err(|e| usage(e.to_string()))?;
+    let path = config_path(args.config.config.as_deref());
+    let config = load_config(&path)?;
     let token = match (&config.server.admin, &config.server.token_file) {
         (Admin::Tcp(_), Some(file)) => Some(
             std::fs::read_to_string(file)
@@ -368,12 +364,8 @@ pub fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
 
 /// `cutover logs`: the tail of each instance's log file, read from the state directory.
 pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
-    let path = args
-        .config
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("cutover.toml"));
-    let config = Config::load(&path).map_err(|e| usage(e.to_string()))?;
+    let path = config_path(args.config.config.as_deref());
+    let config = load_config(&path)?;
     if config.service(&args.service).is_none() {
         return Err(usage(format!(
             "unknown service '{}' in {}",

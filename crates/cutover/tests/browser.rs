@@ -149,14 +149,7 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
         ),
     )
     .unwrap();
-    let _daemon = Stopping(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = Stopping(spawn_serve(&config));
     let cli = |args: &[&str]| Command::new(BIN).args(args).arg("-c").arg(&config).output().unwrap();
     until(Duration::from_secs(20), "the daemon", || {
         cli(&["status"]).status.success().then_some(())

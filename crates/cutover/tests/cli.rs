@@ -2,22 +2,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 use common::*;
 
 /// A child process killed when dropped (a failing test leaves nothing behind).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 impl Proc {
     fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
@@ -62,20 +53,7 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 
 fn demo_app(version: &str, colour: &str) -> (Proc, SocketAddr) {
     let port = free_port();
-    let child = Command::new(BIN)
-        .args([
-            "demo-app",
-            "--port",
-            &port.to_string(),
-            "--version",
-            version,
-            "--colour",
-            colour,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_demo_app(port, version, colour);
     let a = addr(port);
     assert!(
         wait_until(Duration::from_secs(10), || get(a, "/up")

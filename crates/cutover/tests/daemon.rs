@@ -4,22 +4,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
 use common::*;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A test's own directory, config and daemon. Every instance it starts carries a unique marker in
 /// its environment, so the test can find (or not find) its processes.
@@ -482,14 +473,7 @@ fn tcp_admin_needs_the_token() {
         ),
     )
     .unwrap();
-    let _daemon = Proc(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = Proc(spawn_serve(&config));
     assert!(
         wait_until(Duration::from_secs(20), || cli(&config, &["status"]).status.success()),
         "CLI with the token works"
@@ -562,23 +546,7 @@ fn daemon_stop_and_retirement_leave_no_instance_running() {
 fn static_service_switches_between_named_upstreams() {
     // Instances that something else runs: two demo apps started by the test.
     let (a, b) = (free_port(), free_port());
-    let app = |port: u16, version: &str, colour: &str| {
-        Proc(
-            Command::new(BIN)
-                .args([
-                    "demo-app",
-                    "--port",
-                    &port.to_string(),
-                    "--version",
-                    version,
-                    "--colour",
-                    colour,
-                ])
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let app = |port: u16, version: &str, colour: &str| Proc(spawn_demo_app(port, version, colour));
     let (_a, _b) = (app(a, "s1", "first"), app(b, "s2", "second"));
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -591,14 +559,7 @@ fn static_service_switches_between_named_upstreams() {
         ),
     )
     .unwrap();
-    let mut daemon = Proc(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut daemon = Proc(spawn_serve(&config));
     assert!(wait_until(Duration::from_secs(20), || cli(&config, &["status"])
         .status
         .success()));

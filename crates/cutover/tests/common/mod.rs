@@ -1,11 +1,13 @@
-//! What the binary-level tests share: the binary, ports, waiting, a child that is stopped the
-//! way an operator would, and a keep-alive HTTP/1.1 exchange.
+//! What the binary-level tests share: the binary, ports, waiting, children killed or stopped the
+//! way an operator would, the daemon and demo app started from the binary, and a keep-alive
+//! HTTP/1.1 exchange.
 
 #![allow(dead_code)] // each test file uses a different part
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cutover");
@@ -24,6 +26,44 @@ pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(25));
     }
     false
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cutover demo-app` on `port`, its output discarded.
+pub fn spawn_demo_app(port: u16, version: &str, colour: &str) -> Child {
+    Command::new(BIN)
+        .args([
+            "demo-app",
+            "--port",
+            &port.to_string(),
+            "--version",
+            version,
+            "--colour",
+            colour,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `cutover serve -c CONFIG`, its log discarded.
+pub fn spawn_serve(config: &Path) -> Child {
+    Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// A child process stopped with SIGTERM when dropped (SIGKILL if it lingers past 20 s).
