@@ -7,7 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cutover_proxy::{Instance, Pool, RouteTable, Service};
+use cutover_proxy::{Colour, Instance, Pool, RouteTable, Service};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -215,16 +215,7 @@ async fn shutdown_finishes_in_flight_requests() {
         let mut c = H1::connect(addr).await.unwrap();
         c.get("/slow?ms=1000&size=5000").await.unwrap()
     });
-    assert!(
-        eventually(Duration::from_secs(5), || proxy
-            .table()
-            .service("web")
-            .unwrap()
-            .blue
-            .in_flight()
-            == 1)
-        .await
-    );
+    assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await);
     proxy.shutdown();
     // New connections are refused once the listeners are gone.
     assert!(eventually(Duration::from_secs(3), || std::net::TcpStream::connect(addr).is_err()).await);

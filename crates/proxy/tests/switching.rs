@@ -120,16 +120,7 @@ async fn slow_request_finishes_on_old_colour() {
         let mut c = H1::connect(addr).await.unwrap();
         c.get("/slow?ms=2000&size=200000").await.unwrap()
     });
-    assert!(
-        eventually(Duration::from_secs(5), || proxy
-            .table()
-            .service("web")
-            .unwrap()
-            .blue
-            .in_flight()
-            == 1)
-        .await
-    );
+    assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await);
     proxy.switch("web", Colour::Green).unwrap();
     let mut c = H1::connect(addr).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().2, "green");
@@ -161,16 +152,7 @@ async fn drain_deadline_answers_504() {
         let mut c = H1::connect(addr).await.unwrap();
         c.get("/slow?ms=8000").await.unwrap()
     });
-    assert!(
-        eventually(Duration::from_secs(5), || proxy
-            .table()
-            .service("web")
-            .unwrap()
-            .blue
-            .in_flight()
-            == 1)
-        .await
-    );
+    assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await);
     proxy.switch("web", Colour::Green).unwrap();
     let t = Instant::now();
     let report = proxy
@@ -339,11 +321,7 @@ async fn sse_events_are_not_buffered() {
     let green = Upstream::start("green").await;
     let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
     let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
-    c.tx.ready().await.unwrap();
-    let resp =
-        c.tx.send_request(Request::get("/sse").header("host", "web.test").body(empty()).unwrap())
-            .await
-            .unwrap();
+    let resp = c.open("/sse").await.unwrap();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
     let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
@@ -578,11 +556,7 @@ async fn open_stream_is_cut_at_drain_deadline() {
     let green = Upstream::start("green").await;
     let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
     let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
-    c.tx.ready().await.unwrap();
-    let resp =
-        c.tx.send_request(Request::get("/sse").header("host", "web.test").body(empty()).unwrap())
-            .await
-            .unwrap();
+    let resp = c.open("/sse").await.unwrap();
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "data: first from blue\n\n");

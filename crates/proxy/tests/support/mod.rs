@@ -274,8 +274,13 @@ impl H1 {
     }
 
     pub async fn get(&mut self, path: &str) -> anyhow_like::Result<(StatusCode, http::HeaderMap, Bytes)> {
-        self.request(Request::get(path).header("host", "web.test").body(empty()).unwrap())
-            .await
+        self.request(get_request(path)).await
+    }
+
+    /// A GET whose response comes back with its body unread, for streams.
+    pub async fn open(&mut self, path: &str) -> anyhow_like::Result<Response<Incoming>> {
+        self.tx.ready().await?;
+        Ok(self.tx.send_request(get_request(path)).await?)
     }
 
     pub async fn request(
@@ -288,6 +293,18 @@ impl H1 {
         let body = body.collect().await?.to_bytes();
         Ok((parts.status, parts.headers, body))
     }
+}
+
+fn get_request(path: &str) -> Request<BoxBody> {
+    Request::get(path).header("host", "web.test").body(empty()).unwrap()
+}
+
+/// Waits (5 s at most) until service `web`'s `colour` has `n` requests in flight.
+pub async fn in_flight_reaches(proxy: &Proxy, colour: Colour, n: usize) -> bool {
+    eventually(Duration::from_secs(5), || {
+        proxy.table().service("web").unwrap().pool(colour).in_flight() == n
+    })
+    .await
 }
 
 pub fn empty() -> BoxBody {
