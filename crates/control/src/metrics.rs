@@ -96,6 +96,12 @@ impl Collector for DaemonCollector {
         let table = self.daemon.proxy().table();
         let services: Vec<_> = table.services().iter().collect();
         let colours = [Colour::Blue, Colour::Green];
+        // One snapshot of each colour's counters serves both families, so that a scrape's request
+        // counts and histogram describe the same requests.
+        let snapshots: Vec<_> = services
+            .iter()
+            .flat_map(|s| colours.map(|c| (*s, c, s.pool(c).stats())))
+            .collect();
 
         let mut e = encoder.encode_descriptor(
             "requests",
@@ -103,13 +109,10 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Counter,
         )?;
-        for s in &services {
-            for c in colours {
-                let stats = s.pool(c).stats();
-                for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-                    let labels = [("service", &*s.name), ("colour", c.as_str()), ("class", class)];
-                    ConstCounter::new(stats.by_class[i]).encode(e.encode_family(&labels)?)?;
-                }
+        for (s, c, stats) in &snapshots {
+            for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                let labels = [("service", &*s.name), ("colour", c.as_str()), ("class", class)];
+                ConstCounter::new(stats.by_class[i]).encode(e.encode_family(&labels)?)?;
             }
         }
 
@@ -119,33 +122,30 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Histogram,
         )?;
-        for s in &services {
-            for c in colours {
-                let stats = s.pool(c).stats();
-                // Per-bucket counts: the encoder makes them cumulative.
-                let buckets: Vec<(f64, u64)> = stats
-                    .latency
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| {
-                        (
-                            LATENCY_BOUNDS_US
-                                .get(i)
-                                .map(|us| *us as f64 / 1e6)
-                                .unwrap_or(f64::INFINITY),
-                            *n,
-                        )
-                    })
-                    .collect();
-                let total: u64 = stats.latency.iter().sum();
-                let labels = [("service", &*s.name), ("colour", c.as_str())];
-                e.encode_family(&labels)?.encode_histogram::<()>(
-                    stats.latency_sum_us as f64 / 1e6,
-                    total,
-                    &buckets,
-                    None,
-                )?;
-            }
+        for (s, c, stats) in &snapshots {
+            // Per-bucket counts: the encoder makes them cumulative.
+            let buckets: Vec<(f64, u64)> = stats
+                .latency
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (
+                        LATENCY_BOUNDS_US
+                            .get(i)
+                            .map(|us| *us as f64 / 1e6)
+                            .unwrap_or(f64::INFINITY),
+                        *n,
+                    )
+                })
+                .collect();
+            let total: u64 = stats.latency.iter().sum();
+            let labels = [("service", &*s.name), ("colour", c.as_str())];
+            e.encode_family(&labels)?.encode_histogram::<()>(
+                stats.latency_sum_us as f64 / 1e6,
+                total,
+                &buckets,
+                None,
+            )?;
         }
 
         let mut e = encoder.encode_descriptor(
