@@ -355,7 +355,10 @@ start_cutover() {
   local -a extra=()
   # shellcheck disable=SC2206
   [[ -n ${CUTOVER_EXTRA_ARGS:-} ]] && extra=($CUTOVER_EXTRA_ARGS)
-  bg_start "$name" "$d/cutover.log" "$CUTOVER_BIN" proxy --listen "127.0.0.1:$port" \
+  local bin=$CUTOVER_BIN
+  # The alternative contender may run another build (ALT_BIN), for comparing two builds in one run.
+  [[ $name == cutover-alt && -n ${ALT_BIN:-} ]] && bin=$ALT_BIN
+  bg_start "$name" "$d/cutover.log" "$bin" proxy --listen "127.0.0.1:$port" \
     --blue "$blue" --green "$green" --workers "${CUTOVER_WORKERS:-1}" "${extra[@]}" "$@"
   if [[ $name == cutover ]]; then
     CUTOVER_PID=$BG_LAST_PID

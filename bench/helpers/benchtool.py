@@ -450,7 +450,8 @@ def cmd_report_throughput(a):
 
     pairs = [("cutover", "haproxy"), ("cutover", "nginx"), ("cutover", "direct"),
              ("haproxy", "direct"), ("nginx", "direct"), ("cutover", "cutover-nometrics"),
-             ("cutover", "cutover-noyield"), ("cutover-noyield", "haproxy")]
+             ("cutover", "cutover-noyield"), ("cutover-noyield", "haproxy"), ("cutover-alt", "haproxy"),
+             ("cutover-alt", "cutover")]
     tab = []
     for x, y in pairs:
         if x not in med or y not in med:
@@ -458,6 +459,25 @@ def cmd_report_throughput(a):
         r = ratio(x, y)
         tab.append([f"{x} / {y}", "n/a" if r is None else f"{r:.3f}", f"{p99(x)} vs {p99(y)}"])
     print(_table(["ratio of median req/s", "value", "p99 side by side"], tab))
+
+    # The same pairs round by round: both ran in the same round, minutes apart at most, so a
+    # round's ratio is less exposed to the machine's slow and fast phases than the medians are.
+    by = {(r["contender"], r["round"]): r for r in rows if r["ok"]}
+    rounds = sorted({r["round"] for r in rows})
+    tab = []
+    for x, y in pairs:
+        both = [(by[(x, n)], by[(y, n)]) for n in rounds if (x, n) in by and (y, n) in by]
+        if x not in med or y not in med or len(both) < 2:
+            continue
+        rr = [bx["rps"] / by_["rps"] for bx, by_ in both]
+        tab.append([
+            f"{x} / {y}", " / ".join(f"{v:.3f}" for v in rr), f"{sum(v >= 1 for v in rr)} of {len(rr)}",
+            f"{sum(bx['p99_ms'] <= by_['p99_ms'] for bx, by_ in both)} of {len(both)}",
+        ])
+    if tab:
+        print()
+        print(_table(["round by round", "req/s ratio per round", f"rounds with req/s at least the second's",
+                      "rounds with p99 at most the second's"], tab))
 
 
 def cmd_report_switching(a):
