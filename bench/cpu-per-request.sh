@@ -6,7 +6,7 @@
 #
 # Usage: bench/cpu-per-request.sh
 # Knobs (env): DURATION=10 (s per wrk run, >= 6)  ROUNDS=3  THREADS=2  CONNECTIONS=64
-#              CONTENDERS="cutover cutover-noyield haproxy" (also: nginx, cutover-nometrics)
+#              CONTENDERS="cutover cutover-nopreempt haproxy" (also: nginx, cutover-nometrics)
 #              CUTOVER_BIN=path  CUTOVER_BUILD=0  OUT_MD=file  KEEP_TMP=1
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -15,18 +15,18 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
-CONTENDERS=${CONTENDERS:-cutover cutover-noyield haproxy}
+CONTENDERS=${CONTENDERS:-cutover cutover-nopreempt haproxy}
 for v in DURATION ROUNDS THREADS CONNECTIONS; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
 done
 ((DURATION >= 6 && DURATION <= 600)) || die "DURATION must be 6..600 (the first and last 2 s are not read)"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
-for c in $CONTENDERS; do has "$c" cutover cutover-nometrics cutover-noyield haproxy nginx || die "unknown contender '$c'"; done
+for c in $CONTENDERS; do has "$c" cutover cutover-nometrics cutover-nopreempt haproxy nginx || die "unknown contender '$c'"; done
 CMD="DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS CONTENDERS='$CONTENDERS' bench/cpu-per-request.sh"
 
 bench_init cpu-per-request
 quiet_check
-wants cutover || wants cutover-noyield || wants cutover-nometrics && ensure_cutover
+wants cutover || wants cutover-nopreempt || wants cutover-nometrics && ensure_cutover
 
 read -r P_BLUE P_GREEN < <(free_ports 2)
 start_backend "$P_BLUE" "$P_GREEN"
@@ -39,7 +39,7 @@ for c in $CONTENDERS; do
   PORT[$c]=$p
   case $c in
     cutover) start_cutover "$p" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN"; PID[$c]=$CUTOVER_PID ;;
-    cutover-noyield) start_cutover "$p" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" "$c" --yield-interval 0s; PID[$c]=$BG_LAST_PID ;;
+    cutover-nopreempt) start_cutover "$p" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" "$c" --preempt-interval 0s; PID[$c]=$BG_LAST_PID ;;
     cutover-nometrics) start_cutover "$p" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" "$c" --no-metrics; PID[$c]=$BG_LAST_PID ;;
     haproxy) start_haproxy "$p" "$P_BLUE" "$P_GREEN"; PID[$c]=$HAPROXY_PID ;;
     nginx) start_nginx_proxy "$p" "$P_BLUE"; PID[$c]=$(descendants "$NGINX_PID" | head -1) ;;

@@ -5,8 +5,8 @@
 # Usage: bench/throughput.sh
 # Knobs (env): DURATION=10 (s per wrk run)  ROUNDS=3  THREADS=2  CONNECTIONS=64
 #              WARMUP=2 (s of unrecorded wrk per contender before round 1; 0 = off)
-#              CONTENDERS="direct cutover haproxy nginx" (also: cutover-nometrics, cutover-noyield,
-#              cutover-alt: cutover with the extra flags in ALT_ARGS, e.g. ALT_ARGS='--yield-interval 500us',
+#              CONTENDERS="direct cutover haproxy nginx" (also: cutover-nometrics, cutover-nopreempt,
+#              cutover-alt: cutover with the extra flags in ALT_ARGS, e.g. ALT_ARGS='--preempt-interval 1ms',
 #              and/or another build of cutover in ALT_BIN=path)
 #              CUTOVER_BIN=path (skip cargo build)  CUTOVER_BUILD=0 (use existing target/release/cutover)
 #              OUT_MD=file (also write the markdown section there)  KEEP_TMP=1  REQUIRE_QUIET=1
@@ -26,7 +26,7 @@ for v in DURATION ROUNDS THREADS CONNECTIONS WARMUP; do
 done
 ((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
-for c in $CONTENDERS; do has "$c" direct cutover cutover-nometrics cutover-noyield cutover-alt haproxy nginx || die "unknown contender '$c'"; done
+for c in $CONTENDERS; do has "$c" direct cutover cutover-nometrics cutover-nopreempt cutover-alt haproxy nginx || die "unknown contender '$c'"; done
 ALT_ARGS=${ALT_ARGS:-}
 ALT_BIN=${ALT_BIN:-}
 if wants cutover-alt && [[ -z $ALT_ARGS && -z $ALT_BIN ]]; then die "cutover-alt needs ALT_ARGS (flags it adds to cutover proxy) or ALT_BIN (another build)"; fi
@@ -37,15 +37,15 @@ bench_init throughput
 quiet_check
 wants cutover && ensure_cutover
 
-read -r P_BLUE P_GREEN P_CUT P_HA P_NG P_CNM P_CNY P_ALT < <(free_ports 8)
-declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG [cutover-nometrics]=$P_CNM [cutover-noyield]=$P_CNY [cutover-alt]=$P_ALT)
+read -r P_BLUE P_GREEN P_CUT P_HA P_NG P_CNM P_CNP P_ALT < <(free_ports 8)
+declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG [cutover-nometrics]=$P_CNM [cutover-nopreempt]=$P_CNP [cutover-alt]=$P_ALT)
 
 start_backend "$P_BLUE" "$P_GREEN"
 for c in $CONTENDERS; do
   case $c in
     cutover) start_cutover "$P_CUT" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" ;;
     cutover-nometrics) start_cutover "$P_CNM" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-nometrics --no-metrics ;;
-    cutover-noyield) start_cutover "$P_CNY" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-noyield --yield-interval 0s ;;
+    cutover-nopreempt) start_cutover "$P_CNP" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-nopreempt --preempt-interval 0s ;;
     # shellcheck disable=SC2086
     cutover-alt) start_cutover "$P_ALT" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-alt $ALT_ARGS ;;
     haproxy) start_haproxy "$P_HA" "$P_BLUE" "$P_GREEN" ;;
@@ -100,7 +100,7 @@ MD=$BENCH_TMP/section.md
   desc=()
   wants cutover && desc+=("cutover \`proxy --workers ${CUTOVER_WORKERS:-1}${CUTOVER_EXTRA_ARGS:+ $CUTOVER_EXTRA_ARGS}\`")
   wants cutover-nometrics && desc+=("cutover-nometrics: the same with \`--no-metrics\` (no per-colour counting)")
-  wants cutover-noyield && desc+=("cutover-noyield: the same with \`--yield-interval 0s\` (the worker never offers its CPU to waiting threads)")
+  wants cutover-nopreempt && desc+=("cutover-nopreempt: the same with \`--preempt-interval 0s\` (no preemption points: the kernel switches away from the worker only at its own ticks and wake-ups)")
   wants cutover-alt && desc+=("cutover-alt: ${ALT_BIN:+the build at \`$ALT_BIN\` ($(git -C "$(dirname "$ALT_BIN")" rev-parse --short HEAD 2>/dev/null || echo "unknown commit"))}${ALT_BIN:+${ALT_ARGS:+, }}${ALT_ARGS:+the same with \`$ALT_ARGS\`}")
   wants haproxy && desc+=("HAProxy \`nbthread 1\`, \`http-reuse always\`")
   wants nginx && desc+=("nginx \`worker_processes 1\`, upstream keepalive 64")

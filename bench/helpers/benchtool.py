@@ -450,7 +450,7 @@ def cmd_report_throughput(a):
 
     pairs = [("cutover", "haproxy"), ("cutover", "nginx"), ("cutover", "direct"),
              ("haproxy", "direct"), ("nginx", "direct"), ("cutover", "cutover-nometrics"),
-             ("cutover", "cutover-noyield"), ("cutover-noyield", "haproxy"), ("cutover-alt", "haproxy"),
+             ("cutover", "cutover-nopreempt"), ("cutover-nopreempt", "haproxy"), ("cutover-alt", "haproxy"),
              ("cutover-alt", "cutover")]
     tab = []
     for x, y in pairs:

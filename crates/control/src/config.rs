@@ -97,7 +97,7 @@ max_connections = 10000
 max_header_bytes = 16384
 shutdown_timeout = "30s"
 retry_idempotent = true
-yield_interval = "1ms"   # lets processes waiting for the proxy's CPU run first; "0s" turns it off
+preempt_interval = "2ms"   # longest a worker runs without a point where the kernel may switch to a waiting process; "0s": none
 
 # Optional: POST a JSON event to each URL when a deployment starts, is promoted, is rolled back
 # or aborted. Delivery never holds up a deployment: a failed one is retried with growing pauses,
@@ -192,9 +192,9 @@ pub struct ProxySettings {
     pub shutdown_timeout: Duration,
     /// Replay idempotent, bodiless requests whose upstream connection failed before a response.
     pub retry_idempotent: bool,
-    /// Work without a sleep or a preemption after which a worker lets waiting threads on its CPU
-    /// run; 0 to 1s.
-    pub yield_interval: Duration,
+    /// Longest a worker runs without a point where the kernel may hand its CPU to a waiting
+    /// thread; 0 (no points) to 1s.
+    pub preempt_interval: Duration,
 }
 
 impl Default for ProxySettings {
@@ -212,7 +212,7 @@ impl Default for ProxySettings {
             max_header_bytes: p.max_header_bytes,
             shutdown_timeout: p.shutdown_timeout,
             retry_idempotent: p.retry_idempotent,
-            yield_interval: p.yield_interval,
+            preempt_interval: p.preempt_interval,
         }
     }
 }
@@ -645,7 +645,7 @@ impl Config {
             max_header_bytes: p.max_header_bytes,
             shutdown_timeout: p.shutdown_timeout,
             retry_idempotent: p.retry_idempotent,
-            yield_interval: p.yield_interval,
+            preempt_interval: p.preempt_interval,
             // Counting stays on in the daemon: the post-promotion watch reads the counters.
             ..ProxyConfig::default()
         }
@@ -719,7 +719,7 @@ struct RawProxy {
     max_header_bytes: Leaf,
     shutdown_timeout: Leaf,
     retry_idempotent: Leaf,
-    yield_interval: Leaf,
+    preempt_interval: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1223,17 +1223,17 @@ impl<'a> Checker<'a> {
                 None => d.retry_idempotent,
                 Some(v) => self.boolean(v, "proxy.retry_idempotent")?,
             },
-            yield_interval: match &raw.yield_interval {
-                None => d.yield_interval,
+            preempt_interval: match &raw.preempt_interval {
+                None => d.preempt_interval,
                 Some(v) => {
-                    let interval = self.duration(v, "proxy.yield_interval")?;
+                    let interval = self.duration(v, "proxy.preempt_interval")?;
                     if interval > Duration::from_secs(1) {
                         return Err(self.at(
                             v,
-                            "proxy.yield_interval",
+                            "proxy.preempt_interval",
                             format!(
                                 "{} is too long to make a difference (the kernel preempts after a few ms anyway); \
-                                 write \"0s\" to turn yielding off, or a duration up to \"1s\", e.g. \"1ms\"",
+                                 write \"0s\" to turn the points off, or a duration up to \"1s\", e.g. \"2ms\"",
                                 describe(v.get_ref())
                             ),
                         ));
@@ -2187,7 +2187,7 @@ max_connections = 500
 max_header_bytes = 8192
 shutdown_timeout = "0s"
 retry_idempotent = false
-yield_interval = "0s"
+preempt_interval = "0s"
 
 [services.web]
 hosts = ["Shop.Example.com", "www.example.com"]
@@ -2233,7 +2233,7 @@ events = ["went-live", "rolled-back"]
                 max_header_bytes: 8192,
                 shutdown_timeout: Duration::ZERO,
                 retry_idempotent: false,
-                yield_interval: Duration::ZERO,
+                preempt_interval: Duration::ZERO,
             },
             services: vec![
                 ServiceConfig {
@@ -2611,23 +2611,23 @@ events = ["went-live", "rolled-back"]
             "is zero",
         );
         refused(
-            &format!("{MINIMAL}[proxy]\nyield_interval = \"2s\"\n"),
+            &format!("{MINIMAL}[proxy]\npreempt_interval = \"2s\"\n"),
             4,
-            18,
-            "proxy.yield_interval",
+            20,
+            "proxy.preempt_interval",
             "\"2s\" is too long to make a difference",
         );
         refused(
-            &format!("{MINIMAL}[proxy]\nyield_interval = 1\n"),
+            &format!("{MINIMAL}[proxy]\npreempt_interval = 1\n"),
             4,
-            18,
-            "proxy.yield_interval",
+            20,
+            "proxy.preempt_interval",
             "1 is not a duration",
         );
-        // Zero is allowed here: it turns yielding off.
-        let config = parse(&format!("{MINIMAL}[proxy]\nyield_interval = \"0s\"\n")).unwrap();
-        assert_eq!(config.proxy.yield_interval, Duration::ZERO);
-        assert_eq!(config.proxy_config().yield_interval, Duration::ZERO);
+        // Zero is allowed here: it turns the points off.
+        let config = parse(&format!("{MINIMAL}[proxy]\npreempt_interval = \"0s\"\n")).unwrap();
+        assert_eq!(config.proxy.preempt_interval, Duration::ZERO);
+        assert_eq!(config.proxy_config().preempt_interval, Duration::ZERO);
     }
 
     #[test]

@@ -107,10 +107,10 @@ struct ProxyArgs {
     /// Log one line per request: request id, colour, status, duration.
     #[arg(long)]
     access_log: bool,
-    /// After this long of requests without a sleep or a preemption, let other threads waiting
-    /// for the worker's CPU run first ("0s" never does).
-    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
-    yield_interval: Duration,
+    /// Longest a worker runs without a point where the kernel may hand its CPU to a waiting
+    /// thread ("0s": none).
+    #[arg(long, default_value = "2ms", value_parser = parse_duration)]
+    preempt_interval: Duration,
 }
 
 fn main() -> ExitCode {
@@ -181,7 +181,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         max_connections: args.max_connections,
         record_stats: !args.no_metrics,
         access_log: args.access_log,
-        yield_interval: args.yield_interval,
+        preempt_interval: args.preempt_interval,
         ..Default::default()
     };
     let proxy = match Proxy::start(config, table) {

@@ -49,14 +49,15 @@ pub struct ProxyConfig {
     /// Logs one line per request (target `cutover::access`): request id, service, colour,
     /// method, path, status and duration.
     pub access_log: bool,
-    /// A worker that has been taking requests for this long without sleeping and without being
-    /// preempted lets the other threads waiting for its CPU run before the next one
-    /// (`sched_yield`, which returns at once when none is waiting). Without it, a process woken
-    /// onto the proxy's CPU (an upstream instance on the same host, a local client) can wait for
-    /// the kernel's next tick, up to 4 ms at 250 Hz, and every request it serves waits with it.
-    /// A worker that sleeps between requests, or that the kernel already takes turns with, never
-    /// yields. Zero turns it off.
-    pub yield_interval: Duration,
+    /// Longest a worker runs without a preemption point: a system call that reads its own CPU
+    /// time, after which Linux switches to a waiting thread if the worker's time slice is used up.
+    /// Without one, the kernel applies the end of the slice at its next tick (every 4 ms at
+    /// 250 Hz), and a process woken onto the worker's CPU (an upstream on the same host, a local
+    /// client) waits that long while a worker that never sleeps serves everyone else. There is a
+    /// point after every pass over the ready events, and before a request when this long went by
+    /// since the last one. The worker never gives up the CPU itself: the kernel decides by its
+    /// usual rules. Zero turns the points off.
+    pub preempt_interval: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -76,7 +77,7 @@ impl Default for ProxyConfig {
             retry_idempotent: true,
             record_stats: true,
             access_log: false,
-            yield_interval: Duration::from_millis(1),
+            preempt_interval: Duration::from_millis(2),
         }
     }
 }

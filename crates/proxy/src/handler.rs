@@ -38,7 +38,7 @@ pub(crate) async fn handle(
     let _busy = ctx.activity.request();
     let start = std::time::Instant::now();
     let cfg = &ctx.shared.config;
-    crate::server::share_cpu(start, cfg.yield_interval);
+    crate::server::preempt_point(start, cfg.preempt_interval);
     let line = cfg
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_string()));

@@ -376,79 +376,56 @@ impl Drop for Proxy {
     }
 }
 
-/// When a worker has been running without a break long enough that a thread queued behind it on
-/// its CPU may be starving (see [`ProxyConfig::yield_interval`]).
+/// Where a worker gives the kernel a chance to hand its CPU to a waiting thread (see
+/// [`ProxyConfig::preempt_interval`]).
 #[derive(Debug, Default)]
-struct CpuShare {
-    /// Start of the current stretch of work; `None` right after the worker slept.
-    busy_since: Option<Instant>,
-    /// When the worker last went to wait for events.
-    parked_at: Option<Instant>,
-    /// This thread's count of involuntary context switches when last looked at.
-    preempted: Option<u64>,
+struct PreemptPoints {
+    /// When the worker last reported its CPU time.
+    last: Option<Instant>,
 }
 
-impl CpuShare {
-    /// A wait for events this long or longer means the worker slept: whatever was queued behind it
-    /// on its CPU has had its turn.
-    const SLEPT: Duration = Duration::from_micros(50);
-
-    fn park(&mut self, now: Instant) {
-        self.parked_at = Some(now);
-    }
-
-    fn unpark(&mut self, now: Instant) {
-        if self
-            .parked_at
-            .take()
-            .is_some_and(|t| now.saturating_duration_since(t) >= Self::SLEPT)
-        {
-            self.busy_since = None;
-        }
-    }
-
-    /// A request starts at `now`: whether to yield first. `preempted` reads the thread's count of
-    /// involuntary context switches; it is called at most once per `interval`.
-    fn should_yield(&mut self, now: Instant, interval: Duration, preempted: impl FnOnce() -> Option<u64>) -> bool {
+impl PreemptPoints {
+    /// The worker has been through every ready event and is about to wait for more: always a point.
+    fn pass_end(&mut self, now: Instant, interval: Duration) -> bool {
         if interval.is_zero() {
             return false;
         }
-        match self.busy_since {
+        self.last = Some(now);
+        true
+    }
+
+    /// A request starts: a point only when a whole interval went by without one, which happens
+    /// when events keep arriving faster than the worker gets through them.
+    fn request(&mut self, now: Instant, interval: Duration) -> bool {
+        if interval.is_zero() {
+            return false;
+        }
+        match self.last {
             Some(t) if now.saturating_duration_since(t) < interval => false,
-            Some(_) => {
-                self.busy_since = Some(now);
-                // Taken off the CPU since the last look: the kernel is already sharing it, and
-                // yielding on top of that would only add switches. Otherwise whatever waits
-                // behind this thread has not run for a whole interval. A yield that let another
-                // thread run counts as such a switch too, so with something always waiting the
-                // worker yields every other interval.
-                let count = preempted();
-                let shared = matches!((self.preempted, count), (Some(a), Some(b)) if b != a);
-                self.preempted = count;
-                !shared
-            }
-            None => {
-                self.busy_since = Some(now);
-                false
+            _ => {
+                self.last = Some(now);
+                true
             }
         }
     }
 }
 
 thread_local! {
-    static CPU_SHARE: std::cell::RefCell<CpuShare> = std::cell::RefCell::new(CpuShare::default());
+    static PREEMPT_POINTS: std::cell::RefCell<PreemptPoints> = std::cell::RefCell::new(PreemptPoints::default());
 }
 
-/// Called as each request starts, with its start time: after `interval` of work without a sleep
-/// or a preemption, lets the other runnable threads on this CPU go first.
-pub(crate) fn share_cpu(now: Instant, interval: Duration) {
-    let preempted = || {
-        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
-            .ok()
-            .map(|u| u.involuntary_context_switches() as u64)
-    };
-    if CPU_SHARE.with(|c| c.borrow_mut().should_yield(now, interval, preempted)) {
-        std::thread::yield_now();
+/// Reads this thread's CPU time. The value is not used: reading it makes the kernel bring the
+/// thread's run time up to date, and a thread past the end of its time slice, with another one
+/// waiting for the CPU, is switched out on the way back from the call, without waiting for
+/// the next tick.
+fn report_cpu_time() {
+    let _ = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID);
+}
+
+/// Called as each request starts, with its start time.
+pub(crate) fn preempt_point(now: Instant, interval: Duration) {
+    if PREEMPT_POINTS.with(|p| p.borrow_mut().request(now, interval)) {
+        report_cpu_time();
     }
 }
 
@@ -472,10 +449,15 @@ fn worker(
     listeners: Vec<(std::net::TcpListener, bool)>,
     expired: tokio::sync::mpsc::UnboundedReceiver<Arc<Generation>>,
 ) {
+    let preempt_interval = shared.config.preempt_interval;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_park(|| CPU_SHARE.with(|c| c.borrow_mut().park(Instant::now())))
-        .on_thread_unpark(|| CPU_SHARE.with(|c| c.borrow_mut().unpark(Instant::now())))
+        // Called when the run queue is empty, before the worker waits for events.
+        .on_thread_park(move || {
+            if PREEMPT_POINTS.with(|p| p.borrow_mut().pass_end(Instant::now(), preempt_interval)) {
+                report_cpu_time();
+            }
+        })
         .build();
     let rt = match rt {
         Ok(rt) => rt,
@@ -683,70 +665,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn yields_after_an_interval_of_work_without_a_sleep_or_a_preemption() {
-        let ms = Duration::from_millis;
-        let interval = ms(1);
+    fn a_pass_end_is_always_a_point_and_a_request_one_only_after_an_interval_without() {
+        let us = Duration::from_micros;
+        let interval = us(500);
         let t0 = Instant::now();
-        let mut c = CpuShare::default();
-        let reads = std::cell::Cell::new(0);
-        let count = |n: u64| {
-            let reads = &reads;
-            move || {
-                reads.set(reads.get() + 1);
-                Some(n)
-            }
-        };
+        let mut p = PreemptPoints::default();
+        assert!(p.request(t0, interval), "the first request: nothing reported yet");
+        assert!(!p.request(t0 + us(499), interval));
+        assert!(p.request(t0 + us(500), interval), "a whole interval without a point");
         assert!(
-            !c.should_yield(t0, interval, count(7)),
-            "the first request starts the stretch"
+            !p.request(t0 + us(600), interval),
+            "the interval starts again from there"
         );
-        assert!(!c.should_yield(t0 + Duration::from_micros(999), interval, count(7)));
-        assert!(
-            c.should_yield(t0 + ms(1), interval, count(7)),
-            "1 ms of work, no preemption: yield"
-        );
-        assert!(
-            !c.should_yield(t0 + Duration::from_micros(1500), interval, count(7)),
-            "a new stretch began"
-        );
-        assert!(c.should_yield(t0 + ms(2), interval, count(7)));
-        // Preempted during the last interval: the kernel is sharing the CPU already.
-        assert!(!c.should_yield(t0 + ms(3), interval, count(9)));
-        assert!(
-            c.should_yield(t0 + ms(4), interval, count(9)),
-            "then a whole interval without"
-        );
-        // Waiting for events that were already there is no sleep: the stretch goes on.
-        c.park(t0 + ms(4));
-        c.unpark(t0 + ms(4) + Duration::from_micros(5));
-        assert!(c.should_yield(t0 + ms(5), interval, count(9)));
-        // A real sleep ends it: the next request starts a new one instead of yielding.
-        c.park(t0 + ms(5));
-        c.unpark(t0 + ms(12));
-        assert!(!c.should_yield(t0 + ms(12), interval, count(9)));
-        assert!(!c.should_yield(t0 + ms(12) + Duration::from_micros(500), interval, count(9)));
-        assert!(c.should_yield(t0 + ms(13), interval, count(9)));
-        // A clock reading older than the stretch's start (another task's start time) never yields.
-        assert!(!c.should_yield(t0, interval, count(9)));
-        // The counter is read only where an interval ends: at ms 1, 2, 3, 4, 5 and 13.
-        assert_eq!(reads.get(), 6);
+        assert!(p.pass_end(t0 + us(700), interval), "every pass end is one");
+        assert!(p.pass_end(t0 + us(701), interval));
+        assert!(!p.request(t0 + us(1100), interval), "counted from the last pass end");
+        assert!(p.request(t0 + us(1201), interval));
+        // A start time older than the last point (a request that began before it) is not one.
+        assert!(!p.request(t0, interval));
     }
 
     #[test]
-    fn without_a_preemption_count_it_still_yields() {
+    fn zero_interval_turns_points_off() {
         let t0 = Instant::now();
-        let mut c = CpuShare::default();
-        assert!(!c.should_yield(t0, Duration::from_millis(1), || None));
-        assert!(c.should_yield(t0 + Duration::from_millis(1), Duration::from_millis(1), || None));
-        assert!(c.should_yield(t0 + Duration::from_millis(2), Duration::from_millis(1), || None));
-    }
-
-    #[test]
-    fn zero_interval_never_yields() {
-        let t0 = Instant::now();
-        let mut c = CpuShare::default();
+        let mut p = PreemptPoints::default();
         for i in 0..10 {
-            assert!(!c.should_yield(t0 + Duration::from_secs(i), Duration::ZERO, || Some(i)));
+            assert!(!p.request(t0 + Duration::from_secs(i), Duration::ZERO));
+            assert!(!p.pass_end(t0 + Duration::from_secs(i), Duration::ZERO));
         }
     }
 }
