@@ -70,7 +70,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(30),
-            upstream_pool_size: 256,
+            upstream_pool_size: 1024,
             max_connections: 10_000,
             max_header_bytes: 16 * 1024,
             shutdown_timeout: Duration::from_secs(30),
