@@ -16,9 +16,7 @@ ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 CONTENDERS=${CONTENDERS:-cutover cutover-nopreempt haproxy}
-for v in DURATION ROUNDS THREADS CONNECTIONS; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
-done
+whole_numbers DURATION ROUNDS THREADS CONNECTIONS
 ((DURATION >= 6 && DURATION <= 600)) || die "DURATION must be 6..600 (the first and last 2 s are not read)"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
 for c in $CONTENDERS; do has "$c" cutover cutover-nometrics cutover-nopreempt haproxy nginx || die "unknown contender '$c'"; done
@@ -37,13 +35,8 @@ declare -A PORT=() PID=()
 for c in $CONTENDERS; do
   read -r p < <(free_ports 1)
   PORT[$c]=$p
-  case $c in
-    cutover) start_cutover "$p" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN"; PID[$c]=$CUTOVER_PID ;;
-    cutover-nopreempt) start_cutover "$p" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" "$c" --preempt-interval 0s; PID[$c]=$BG_LAST_PID ;;
-    cutover-nometrics) start_cutover "$p" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" "$c" --no-metrics; PID[$c]=$BG_LAST_PID ;;
-    haproxy) start_haproxy "$p" "$P_BLUE" "$P_GREEN"; PID[$c]=$HAPROXY_PID ;;
-    nginx) start_nginx_proxy "$p" "$P_BLUE"; PID[$c]=$(descendants "$NGINX_PID" | head -1) ;;
-  esac
+  start_contender "$c" "$p" "$P_BLUE" "$P_GREEN"
+  PID[$c]=$CONTENDER_PID
 done
 
 # snapshot PID... -> one line per pid: "utime stime voluntary involuntary" summed over its threads.

@@ -367,6 +367,25 @@ start_cutover() {
   wait_ready "$name" "$BG_LAST_PID" "$port" blue
 }
 
+# start_contender NAME PORT BLUE_PORT GREEN_PORT : starts the proxy a contender name stands for
+# on PORT, in front of the backend, and sets CONTENDER_PID to the process that does its work
+# (for nginx the worker, not the master). The cutover variants differ only by their flags:
+# cutover-nometrics --no-metrics, cutover-nopreempt --preempt-interval 0s, cutover-alt $ALT_ARGS
+# (and $ALT_BIN, see start_cutover).
+start_contender() {
+  local name=$1 port=$2 blue=127.0.0.1:$3 green=127.0.0.1:$4
+  case $name in
+    cutover) start_cutover "$port" "$blue" "$green"; CONTENDER_PID=$CUTOVER_PID ;;
+    cutover-nometrics) start_cutover "$port" "$blue" "$green" "$name" --no-metrics; CONTENDER_PID=$BG_LAST_PID ;;
+    cutover-nopreempt) start_cutover "$port" "$blue" "$green" "$name" --preempt-interval 0s; CONTENDER_PID=$BG_LAST_PID ;;
+    # shellcheck disable=SC2086
+    cutover-alt) start_cutover "$port" "$blue" "$green" "$name" ${ALT_ARGS:-}; CONTENDER_PID=$BG_LAST_PID ;;
+    haproxy) start_haproxy "$port" "$3" "$4"; CONTENDER_PID=$HAPROXY_PID ;;
+    nginx) start_nginx_proxy "$port" "$3"; CONTENDER_PID=$(descendants "$NGINX_PID" | head -1) ;;
+    *) die "no proxy to start for contender '$name'" ;;
+  esac
+}
+
 # ---- wrk ---------------------------------------------------------------------
 # run_wrk OUTFILE ARGS... : bounded by `timeout`, output saved to OUTFILE.
 run_wrk() {
@@ -382,6 +401,14 @@ run_wrk() {
   bg_untrack "$p"
   ((rc == 0)) || warn "wrk exited with $rc (output: $out)"
   return 0
+}
+
+# whole_numbers VAR... : dies unless each named variable holds a whole number.
+whole_numbers() {
+  local v
+  for v in "$@"; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
+  done
 }
 
 has() { local x=$1; shift; local y; for y in "$@"; do [[ $x == "$y" ]] && return 0; done; return 1; }

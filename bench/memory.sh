@@ -15,9 +15,7 @@ DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-1000}
 THREADS=${THREADS:-2}
 CONTENDERS=${CONTENDERS:-cutover haproxy nginx}
-for v in DURATION CONNECTIONS THREADS; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
-done
+whole_numbers DURATION CONNECTIONS THREADS
 ((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
 for c in $CONTENDERS; do has "$c" cutover haproxy nginx || die "unknown contender '$c'"; done
 CMD="DURATION=$DURATION CONNECTIONS=$CONNECTIONS THREADS=$THREADS CONTENDERS='$CONTENDERS' bench/memory.sh"

@@ -22,9 +22,7 @@ THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 CONTENDERS=${CONTENDERS:-cutover nginx haproxy}
 CUTOVER_SWITCH_LOG_RE=${CUTOVER_SWITCH_LOG_RE:-switch}
-for v in DURATION INTERVAL_MS THREADS CONNECTIONS; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
-done
+whole_numbers DURATION INTERVAL_MS THREADS CONNECTIONS
 ((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
 ((INTERVAL_MS >= 10)) || die "INTERVAL_MS must be >= 10"
 for c in $CONTENDERS; do has "$c" cutover nginx haproxy || die "unknown contender '$c'"; done

@@ -21,9 +21,7 @@ THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 WARMUP=${WARMUP:-2}
 CONTENDERS=${CONTENDERS:-direct cutover haproxy nginx}
-for v in DURATION ROUNDS THREADS CONNECTIONS WARMUP; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
-done
+whole_numbers DURATION ROUNDS THREADS CONNECTIONS WARMUP
 ((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
 for c in $CONTENDERS; do has "$c" direct cutover cutover-nometrics cutover-nopreempt cutover-alt haproxy nginx || die "unknown contender '$c'"; done
@@ -42,15 +40,7 @@ declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG
 
 start_backend "$P_BLUE" "$P_GREEN"
 for c in $CONTENDERS; do
-  case $c in
-    cutover) start_cutover "$P_CUT" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" ;;
-    cutover-nometrics) start_cutover "$P_CNM" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-nometrics --no-metrics ;;
-    cutover-nopreempt) start_cutover "$P_CNP" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-nopreempt --preempt-interval 0s ;;
-    # shellcheck disable=SC2086
-    cutover-alt) start_cutover "$P_ALT" "127.0.0.1:$P_BLUE" "127.0.0.1:$P_GREEN" cutover-alt $ALT_ARGS ;;
-    haproxy) start_haproxy "$P_HA" "$P_BLUE" "$P_GREEN" ;;
-    nginx) start_nginx_proxy "$P_NG" "$P_BLUE" ;;
-  esac
+  [[ $c == direct ]] || start_contender "$c" "${PORT[$c]}" "$P_BLUE" "$P_GREEN"
 done
 log "all contenders serve the blue body; ports: backend blue=$P_BLUE green=$P_GREEN cutover=$P_CUT haproxy=$P_HA nginx=$P_NG"
 
