@@ -444,6 +444,17 @@ async fn wait_until(g: &Generation, deadline: tokio::time::Instant, done: impl F
     }
 }
 
+/// How many tasks a worker may run before it looks for new events without waiting.
+///
+/// tokio's default is 61. Under load, a worker rarely runs out of ready tasks before 61 runs, so it
+/// would pick up new events in the middle of a pass, without parking: the pass never ends, the
+/// pass-end preemption point (`on_thread_park`) is skipped, and the kernel gets its chance to
+/// switch only at the per-request points, after `preempt_interval`. A request costs a few
+/// microseconds, so a pass of this many tasks still takes about a millisecond or two; with 64
+/// clients (up to about 130 tasks made ready by one wait), every pass ends by running out of
+/// tasks and parking. Measured in BENCHMARKS.md ("Reading the numbers").
+const TASKS_PER_PASS: u32 = 256;
+
 fn worker(
     shared: Arc<Shared>,
     listeners: Vec<(std::net::TcpListener, bool)>,
@@ -451,6 +462,7 @@ fn worker(
 ) {
     let preempt_interval = shared.config.preempt_interval;
     let rt = tokio::runtime::Builder::new_current_thread()
+        .event_interval(TASKS_PER_PASS)
         .enable_all()
         // Called when the run queue is empty, before the worker waits for events.
         .on_thread_park(move || {
