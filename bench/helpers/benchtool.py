@@ -17,6 +17,7 @@ Subcommands:
 """
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -470,14 +471,24 @@ def cmd_report_throughput(a):
         if x not in med or y not in med or len(both) < 2:
             continue
         rr = [bx["rps"] / by_["rps"] for bx, by_ in both]
+        pr = [bx["p99_ms"] / by_["p99_ms"] for bx, by_ in both if bx["p99_ms"] and by_["p99_ms"]]
         tab.append([
-            f"{x} / {y}", " / ".join(f"{v:.3f}" for v in rr), f"{sum(v >= 1 for v in rr)} of {len(rr)}",
+            f"{x} / {y}", " / ".join(f"{v:.3f}" for v in rr), f"{_geomean(rr):.3f}",
+            f"{sum(v >= 1 for v in rr)} of {len(rr)}",
+            f"{_geomean(pr):.3f}" if pr else "n/a",
             f"{sum(bx['p99_ms'] <= by_['p99_ms'] for bx, by_ in both)} of {len(both)}",
         ])
     if tab:
         print()
-        print(_table(["round by round", "req/s ratio per round", f"rounds with req/s at least the second's",
+        print(_table(["round by round", "req/s ratio per round", "req/s ratio, geometric mean",
+                      "rounds with req/s at least the second's", "p99 ratio, geometric mean",
                       "rounds with p99 at most the second's"], tab))
+
+
+def _geomean(values):
+    """Geometric mean of positive ratios: the typical per-round ratio, where a round at 0.8 and
+    one at 1.25 cancel out."""
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def cmd_report_switching(a):
