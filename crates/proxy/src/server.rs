@@ -449,18 +449,20 @@ async fn wait_until(g: &Generation, deadline: tokio::time::Instant, done: impl F
 /// tokio's default is 61. Under load, a worker rarely runs out of ready tasks before 61 runs, so it
 /// would pick up new events in the middle of a pass, without parking: the pass never ends, the
 /// pass-end preemption point (`on_thread_park`) is skipped, and the kernel gets its chance to
-/// switch only at the per-request points, after `preempt_interval`. A request costs a few
-/// microseconds, so a pass of this many tasks still takes about a millisecond or two; with 64
-/// clients (up to about 130 tasks made ready by one wait), every pass ends by running out of
-/// tasks and parking. Measured in BENCHMARKS.md ("Reading the numbers").
+/// switch only at the per-request points, after `preempt_interval`. One wait makes at most
+/// [`EVENTS_PER_PASS`] sockets ready, each waking one task, so a pass normally ends by running out
+/// of tasks and parking well before this many runs. The limit matters only when tasks keep
+/// waking one another: after this many runs (a millisecond or two, at a few microseconds each)
+/// the worker still picks up timers and new events. Measured in BENCHMARKS.md ("Reading the
+/// numbers").
 const TASKS_PER_PASS: u32 = 256;
 
 /// How many ready sockets a worker takes from the kernel at a time (tokio's default is 1024).
 ///
 /// A pass normally sees a few dozen. After the worker was kept off its CPU for a while, though,
-/// every connection is ready at once, and a pass over all of them keeps wrk and the backend
-/// waiting for its whole length, which is where the longest request times came from. Taking at
-/// most this many splits such a burst into several passes, each ending with a preemption point;
+/// every connection is ready at once, and a pass over all of them holds up every thread queued
+/// for this CPU (clients, the upstream) for its whole length. Taking at most this many
+/// splits such a burst into several passes, each ending with a preemption point;
 /// sockets left over stay ready in the kernel for the next wait. Measured in BENCHMARKS.md
 /// ("Reading the numbers"): at 64 connections, 48 gave a p99 4-6% lower than 1024 and 0-6% more
 /// req/s; 40 and 64 made no clear difference. At 1,000 connections it changed nothing.
