@@ -463,10 +463,12 @@ const TASKS_PER_PASS: u32 = 256;
 /// every connection is ready at once, and a pass over all of them holds up every thread queued
 /// for this CPU (clients, the upstream) for its whole length. Taking at most this many
 /// splits such a burst into several passes, each ending with a preemption point;
-/// sockets left over stay ready in the kernel for the next wait. Measured in BENCHMARKS.md
-/// ("Reading the numbers"): at 64 connections, 48 gave a p99 4-6% lower than 1024 and 0-6% more
-/// req/s; 40 and 64 made no clear difference. At 1,000 connections it changed nothing.
-const EVENTS_PER_PASS: usize = 48;
+/// sockets left over stay ready in the kernel for the next wait. A shorter pass costs one more
+/// `epoll_wait` and CPU-time read per pass, well under a microsecond per request. Measured in
+/// BENCHMARKS.md ("Reading the numbers"): at 64 connections, 48 gave a p99 4-6% lower than
+/// 1024, and 16 another 5-7% lower than 48, each with slightly more req/s. At 1,000 connections
+/// neither changed req/s or p99 beyond the noise.
+const EVENTS_PER_PASS: usize = 16;
 
 fn worker(
     shared: Arc<Shared>,
