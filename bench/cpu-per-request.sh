@@ -24,7 +24,7 @@ CMD="DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS
 
 bench_init cpu-per-request
 quiet_check
-wants cutover || wants cutover-nopreempt || wants cutover-nometrics && ensure_cutover
+wants_cutover && ensure_cutover
 
 read -r P_BLUE P_GREEN < <(free_ports 2)
 start_backend "$P_BLUE" "$P_GREEN"

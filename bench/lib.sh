@@ -374,11 +374,11 @@ start_cutover() {
 # (and $ALT_BIN, see start_cutover).
 start_contender() {
   local name=$1 port=$2 blue=127.0.0.1:$3 green=127.0.0.1:$4
+  # shellcheck disable=SC2086  # ALT_ARGS is a list of flags
   case $name in
     cutover) start_cutover "$port" "$blue" "$green"; CONTENDER_PID=$CUTOVER_PID ;;
     cutover-nometrics) start_cutover "$port" "$blue" "$green" "$name" --no-metrics; CONTENDER_PID=$BG_LAST_PID ;;
     cutover-nopreempt) start_cutover "$port" "$blue" "$green" "$name" --preempt-interval 0s; CONTENDER_PID=$BG_LAST_PID ;;
-    # shellcheck disable=SC2086
     cutover-alt) start_cutover "$port" "$blue" "$green" "$name" ${ALT_ARGS:-}; CONTENDER_PID=$BG_LAST_PID ;;
     haproxy) start_haproxy "$port" "$3" "$4"; CONTENDER_PID=$HAPROXY_PID ;;
     nginx) start_nginx_proxy "$port" "$3"; CONTENDER_PID=$(descendants "$NGINX_PID" | head -1) ;;
@@ -415,6 +415,13 @@ has() { local x=$1; shift; local y; for y in "$@"; do [[ $x == "$y" ]] && return
 # wants NAME : NAME is in the space-separated $CONTENDERS list.
 # shellcheck disable=SC2086
 wants() { has "$1" $CONTENDERS; }
+# wants_cutover : some contender in $CONTENDERS runs cutover (cutover or one of its variants).
+wants_cutover() {
+  local c
+  # shellcheck disable=SC2086
+  for c in $CONTENDERS; do [[ $c == cutover* ]] && return 0; done
+  return 1
+}
 
 # Emit the "meta" block shared by every section. $1 = command string.
 meta_block() {

@@ -33,7 +33,7 @@ CMD="${PIN:+PIN=$PIN }${ALT_ARGS:+ALT_ARGS='$ALT_ARGS' }${ALT_BIN:+ALT_BIN=$ALT_
 
 bench_init throughput
 quiet_check
-wants cutover && ensure_cutover
+wants_cutover && ensure_cutover
 
 read -r P_BLUE P_GREEN P_CUT P_HA P_NG P_CNM P_CNP P_ALT < <(free_ports 8)
 declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG [cutover-nometrics]=$P_CNM [cutover-nopreempt]=$P_CNP [cutover-alt]=$P_ALT)

@@ -429,6 +429,13 @@ pub(crate) fn preempt_point(now: Instant, interval: Duration) {
     }
 }
 
+/// Called when the worker has run out of ready tasks, before it waits for events.
+fn pass_end_point(interval: Duration) {
+    if PREEMPT_POINTS.with(|p| p.borrow_mut().pass_end(Instant::now(), interval)) {
+        report_cpu_time();
+    }
+}
+
 /// Waits on the generation's notifications until `done` holds or the deadline passes.
 async fn wait_until(g: &Generation, deadline: tokio::time::Instant, done: impl Fn(&Generation) -> bool) -> bool {
     loop {
@@ -481,11 +488,7 @@ fn worker(
         .max_io_events_per_tick(EVENTS_PER_PASS)
         .enable_all()
         // Called when the run queue is empty, before the worker waits for events.
-        .on_thread_park(move || {
-            if PREEMPT_POINTS.with(|p| p.borrow_mut().pass_end(Instant::now(), preempt_interval)) {
-                report_cpu_time();
-            }
-        })
+        .on_thread_park(move || pass_end_point(preempt_interval))
         .build();
     let rt = match rt {
         Ok(rt) => rt,

@@ -51,11 +51,12 @@ async fn a_burst_from_every_connection_is_served_in_full() {
         })
         .collect();
 
-    let all = tokio::time::timeout(Duration::from_secs(30), join_all(tasks))
+    let all = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(tasks))
         .await
         .expect("every burst answered within 30 s");
     let mut slowest = Duration::ZERO;
     for (i, answers) in all.into_iter().enumerate() {
+        let answers = answers.expect("client task");
         assert_eq!(answers.len(), BURSTS, "client {i}");
         for (burst, (status, colour, took)) in answers.into_iter().enumerate() {
             assert_eq!(status, 200, "client {i}, burst {burst}");
@@ -74,12 +75,4 @@ async fn a_burst_from_every_connection_is_served_in_full() {
         "{} connections still open after the clients left",
         proxy.open_connections()
     );
-}
-
-async fn join_all<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(t.await.expect("client task"));
-    }
-    out
 }
