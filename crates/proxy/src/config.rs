@@ -18,8 +18,9 @@ pub struct ProxyConfig {
     /// Worker threads, each running its own event loop with its own accept socket
     /// (`SO_REUSEPORT`) and its own upstream connection pools.
     pub workers: usize,
-    /// Time a client has to send a complete request head. On HTTP/1 this also bounds how long a
-    /// keep-alive connection may sit idle between requests.
+    /// Time a client has to send a complete request head, counted from its first byte (and, on
+    /// a new connection, from the accept). A keep-alive connection waiting for its next request
+    /// is governed by `idle_timeout` instead.
     pub client_header_timeout: Duration,
     /// A client connection with no bytes moving either way and no request in flight is closed
     /// after between one and two times this long (the check runs once per period).

@@ -65,20 +65,29 @@ impl Drop for OpenGuard {
     }
 }
 
-/// What the idle watchdog of a client connection looks at.
+/// What the watchdog of a client connection looks at.
 #[derive(Default)]
 pub(crate) struct Activity {
     /// Set by every read or write; cleared by the watchdog when it looks.
     io: AtomicBool,
     requests: AtomicUsize,
+    /// HTTP/1: set when bytes arrive while no request is in flight, i.e. the head of the next
+    /// request has begun; cleared when that request starts.
+    head: AtomicBool,
 }
 
 pub(crate) struct RequestBusy<'a>(&'a Activity);
 
 impl Activity {
     pub(crate) fn request(&self) -> RequestBusy<'_> {
+        self.head.store(false, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         RequestBusy(self)
+    }
+
+    /// True while a request head has begun to arrive and is not complete yet.
+    fn head_pending(&self) -> bool {
+        self.head.load(Ordering::Relaxed)
     }
 
     /// True when nothing moved since the last look and no request is in flight.
@@ -94,18 +103,25 @@ impl Drop for RequestBusy<'_> {
     }
 }
 
-/// A client socket that notes every read and write for the idle watchdog.
+/// A client socket that notes every read and write for the watchdog.
 struct Tracked {
     stream: TcpStream,
     activity: Arc<Activity>,
+    /// HTTP/1: bytes that arrive between requests begin a request head.
+    heads: bool,
 }
 
 impl AsyncRead for Tracked {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         let r = Pin::new(&mut this.stream).poll_read(cx, buf);
         if r.is_ready() {
-            this.activity.io.store(true, Ordering::Relaxed);
+            let a = &this.activity;
+            a.io.store(true, Ordering::Relaxed);
+            if this.heads && buf.filled().len() > before && a.requests.load(Ordering::Relaxed) == 0 {
+                a.head.store(true, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -639,6 +655,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
     let io = TokioIo::new(Tracked {
         stream,
         activity: activity.clone(),
+        heads: !is_h2,
     });
     let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
 
@@ -649,8 +666,10 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         drive(&shared, &activity, b.serve_connection(io, svc)).await;
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(cfg.client_header_timeout)
+        // The header timeout is `drive`'s: hyper's would start when it begins waiting for the
+        // next request, so it would also close keep-alive connections idle for that long, and it
+        // arms a timer for every request.
+        b.header_read_timeout(None)
             .max_header_size(cfg.max_header_bytes)
             // One flattened send() per response instead of writev(): the copy of a response head
             // is cheaper than the vectored syscall path, measurably so on small responses.
@@ -660,35 +679,74 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
     }
 }
 
-/// Runs a connection to its end, asking it to finish gracefully at shutdown or when it has been
-/// idle for `idle_timeout`.
+/// Runs a connection to its end. Asks it to finish gracefully at shutdown or when it has been
+/// idle for `idle_timeout`, and closes it when a request head that has begun is not complete
+/// within `client_header_timeout` (HTTP/1).
+///
+/// A head that arrives whole is parsed in the same poll as the read that brought it, so the
+/// header deadline is armed only for heads that take more than one read; between requests, a
+/// keep-alive connection is governed by the idle timeout alone.
 async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
     tokio::pin!(conn);
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let idle = shared.config.idle_timeout;
+    let header_timeout = shared.config.client_header_timeout;
     let mut closing = false;
-    let mut watchdog = Box::pin(tokio::time::sleep(idle));
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "client connection ended with an error");
-                }
-                return;
+    let mut idle_check = tokio::time::Instant::now() + idle;
+    let mut head_deadline: Option<tokio::time::Instant> = None;
+    let mut watchdog = Box::pin(tokio::time::sleep_until(idle_check));
+    // The watchdog needs polling only to register it after a reset; afterwards its expiry wakes
+    // the task and `is_elapsed` tells.
+    let mut watchdog_armed = false;
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "client connection ended with an error");
             }
-            _ = shared.shutdown.cancelled(), if !closing => {
+            return Poll::Ready(());
+        }
+        if !closing && shutdown.as_mut().poll(cx).is_ready() {
+            closing = true;
+            conn.as_mut().graceful();
+            continue;
+        }
+        if !activity.head_pending() {
+            head_deadline = None;
+        } else if head_deadline.is_none() {
+            let d = tokio::time::Instant::now() + header_timeout;
+            head_deadline = Some(d);
+            if d < watchdog.deadline() {
+                watchdog.as_mut().reset(d);
+                watchdog_armed = false;
+            }
+        }
+        if watchdog_armed && !watchdog.is_elapsed() {
+            return Poll::Pending;
+        }
+        watchdog_armed = true;
+        if watchdog.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let now = tokio::time::Instant::now();
+        if head_deadline.is_some_and(|d| now >= d) {
+            tracing::debug!(
+                timeout = ?header_timeout,
+                "request head not complete within the client header timeout; closing the connection"
+            );
+            return Poll::Ready(());
+        }
+        if now >= idle_check {
+            if !closing && activity.idle_since_last_look() {
                 closing = true;
                 conn.as_mut().graceful();
             }
-            _ = watchdog.as_mut(), if !closing => {
-                if activity.idle_since_last_look() {
-                    closing = true;
-                    conn.as_mut().graceful();
-                } else {
-                    watchdog.as_mut().reset(tokio::time::Instant::now() + idle);
-                }
-            }
+            idle_check = now + idle;
         }
-    }
+        watchdog.as_mut().reset(head_deadline.map_or(idle_check, |d| d.min(idle_check)));
+        watchdog_armed = false;
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -176,6 +176,98 @@ async fn idle_connections_are_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_slow() {
+    // The header timeout counts from a request's first byte; the wait before it is the idle
+    // timeout's business.
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.client_header_timeout = Duration::from_millis(500);
+    cfg.idle_timeout = Duration::from_secs(20);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().2, "blue");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(proxy.open_connections(), 1, "the idle keep-alive connection is still open");
+    assert_eq!(c.get("/").await.unwrap().2, "blue", "and serves the next request");
+    assert_eq!(blue.requests(), 2);
+}
+
+/// Reads one response with a `Content-Length` body from a raw connection; `None` when the
+/// connection closes first.
+async fn read_response(s: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return Some(String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned());
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_request_head_is_timed_from_its_first_byte() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.client_header_timeout = Duration::from_millis(500);
+    cfg.idle_timeout = Duration::from_secs(20);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let head = b"GET / HTTP/1.1\r\nHost: web.test\r\nX-Filler: abcdefghijklmnop\r\n\r\n";
+
+    s.write_all(head).await.unwrap();
+    let first = read_response(&mut s).await.expect("first response");
+    assert!(first.starts_with("HTTP/1.1 200") && first.ends_with("blue"), "{first}");
+
+    // Idle for longer than the header timeout, then a head in two parts, 300 ms apart: each
+    // part well inside the timeout, so it is served.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.write_all(&head[..20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&head[20..]).await.unwrap();
+    let second = read_response(&mut s).await.expect("second response");
+    assert!(second.starts_with("HTTP/1.1 200") && second.ends_with("blue"), "{second}");
+
+    // A third head, one byte every 100 ms (about 6 s in all), on the same connection: cut about
+    // 500 ms after its first byte.
+    let t = Instant::now();
+    let (mut rd, mut wr) = s.into_split();
+    let dribble = tokio::spawn(async move {
+        for b in head.iter() {
+            if wr.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out)).await;
+    let took = t.elapsed();
+    dribble.abort();
+    assert!(out.is_empty(), "nothing answered: {}", String::from_utf8_lossy(&out));
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+        "closed {took:?} after the head's first byte"
+    );
+    assert_eq!(blue.requests(), 2);
+    assert!(
+        eventually(Duration::from_secs(2), || proxy.open_connections() == 0).await,
+        "the connection is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_connections_holds_extra_clients_back() {
     let blue = Upstream::start("blue").await;
     let mut cfg = test_config();
