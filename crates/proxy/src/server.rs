@@ -757,7 +757,9 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             }
             idle_check = now + idle;
         }
-        watchdog.as_mut().reset(head_deadline.map_or(idle_check, |d| d.min(idle_check)));
+        watchdog
+            .as_mut()
+            .reset(head_deadline.map_or(idle_check, |d| d.min(idle_check)));
         watchdog_armed = false;
     })
     .await

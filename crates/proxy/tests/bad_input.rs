@@ -187,7 +187,11 @@ async fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_slow()
     let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().2, "blue");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(proxy.open_connections(), 1, "the idle keep-alive connection is still open");
+    assert_eq!(
+        proxy.open_connections(),
+        1,
+        "the idle keep-alive connection is still open"
+    );
     assert_eq!(c.get("/").await.unwrap().2, "blue", "and serves the next request");
     assert_eq!(blue.requests(), 2);
 }
@@ -237,7 +241,10 @@ async fn every_request_head_is_timed_from_its_first_byte() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.write_all(&head[20..]).await.unwrap();
     let second = read_response(&mut s).await.expect("second response");
-    assert!(second.starts_with("HTTP/1.1 200") && second.ends_with("blue"), "{second}");
+    assert!(
+        second.starts_with("HTTP/1.1 200") && second.ends_with("blue"),
+        "{second}"
+    );
 
     // A third head, one byte every 100 ms (about 6 s in all), on the same connection: cut about
     // 500 ms after its first byte.
