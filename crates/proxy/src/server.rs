@@ -416,6 +416,12 @@ impl PreemptPoints {
         true
     }
 
+    /// The worker is back from its wait for events, with a new pass ahead: always a point. It
+    /// does not count for the spacing of the pass-end points.
+    fn pass_start(&self, interval: Duration) -> bool {
+        !interval.is_zero()
+    }
+
     /// A request starts: a point only when a whole interval went by without one, which happens
     /// when events keep arriving faster than the worker gets through them.
     fn request(&mut self, now: Instant, interval: Duration) -> bool {
@@ -455,6 +461,13 @@ fn report_cpu_time() {
 /// Called as each request starts, with its start time.
 pub(crate) fn preempt_point(now: Instant, interval: Duration) {
     if PREEMPT_POINTS.with(|p| p.borrow_mut().request(now, interval)) {
+        report_cpu_time();
+    }
+}
+
+/// Called when the worker is back from its wait for events, before it runs what they woke.
+fn pass_start_point(interval: Duration) {
+    if PREEMPT_POINTS.with(|p| p.borrow().pass_start(interval)) {
         report_cpu_time();
     }
 }
@@ -519,6 +532,8 @@ fn worker(
         .enable_all()
         // Called when the run queue is empty, before the worker waits for events.
         .on_thread_park(move || pass_end_point(preempt_interval))
+        // Called when the wait returns.
+        .on_thread_unpark(move || pass_start_point(preempt_interval))
         .build();
     let rt = match rt {
         Ok(rt) => rt,
@@ -792,6 +807,9 @@ mod tests {
         assert!(p.request(t0 + us(4251), interval));
         // A start time older than the last point (a request that began before it) is not one.
         assert!(!p.request(t0, interval));
+        // A pass start is always a point, and leaves the spacing of pass ends alone.
+        assert!(p.pass_start(interval));
+        assert!(!p.pass_end(t0 + us(4300), interval));
         // An interval shorter than the spacing spaces the pass-end points too.
         let short = us(100);
         let mut p = PreemptPoints::default();
@@ -804,6 +822,7 @@ mod tests {
     fn zero_interval_turns_points_off() {
         let t0 = Instant::now();
         let mut p = PreemptPoints::default();
+        assert!(!p.pass_start(Duration::ZERO));
         for i in 0..10 {
             assert!(!p.request(t0 + Duration::from_secs(i), Duration::ZERO));
             assert!(!p.pass_end(t0 + Duration::from_secs(i), Duration::ZERO));
