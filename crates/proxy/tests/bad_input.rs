@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cutover_proxy::{Colour, Instance, Pool, RouteTable, Service};
+use http::Request;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -272,6 +273,53 @@ async fn every_request_head_is_timed_from_its_first_byte() {
         eventually(Duration::from_secs(2), || proxy.open_connections() == 0).await,
         "the connection is gone"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_body_or_a_quiet_http2_connection_is_not_a_slow_head() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.client_header_timeout = Duration::from_millis(500);
+    cfg.idle_timeout = Duration::from_secs(20);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+
+    // HTTP/1: a 30-byte body sent 3 bytes every 150 ms, 1.5 s in all, after a whole head.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: web.test\r\nContent-Length: 30\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.write_all(b"abc").await.unwrap();
+    }
+    let resp = read_response(&mut s).await.expect("the upload is answered");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with(" 30") && resp.contains("blue "), "{resp}");
+
+    // HTTP/2: a connection with no request for longer than the header timeout, only the
+    // client's pings every 100 ms, keeps serving.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(100))
+        .keep_alive_while_idle(true)
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let get = || Request::get("http://web.test/").body(empty()).unwrap();
+    for _ in 0..2 {
+        let resp = h2.send_request(get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"blue");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    assert_eq!(blue.requests(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
