@@ -18,9 +18,9 @@ pub struct ProxyConfig {
     /// Worker threads, each running its own event loop with its own accept socket
     /// (`SO_REUSEPORT`) and its own upstream connection pools.
     pub workers: usize,
-    /// Time a client has to send a complete request head, counted from its first byte (and, on
-    /// a new connection, from the accept). A keep-alive connection waiting for its next request
-    /// is governed by `idle_timeout` instead.
+    /// Time a new connection has to send its first byte, and a request head to arrive whole
+    /// from its first byte. A keep-alive connection waiting for its next request is governed by
+    /// `idle_timeout` instead.
     pub client_header_timeout: Duration,
     /// A client connection with no bytes moving either way and no request in flight is closed
     /// after between one and two times this long (the check runs once per period).

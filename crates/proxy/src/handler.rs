@@ -248,6 +248,7 @@ async fn proxy(
         pool_size: shared.config.upstream_pool_size,
         gen: gen_guard,
         _instance: instance,
+        _responding: crate::server::Responding::new(&ctx.activity),
         deadline: Default::default(),
     });
     Ok(resp)

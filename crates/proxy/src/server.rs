@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -71,9 +71,13 @@ pub(crate) struct Activity {
     /// Set by every read or write; cleared by the watchdog when it looks.
     io: AtomicBool,
     requests: AtomicUsize,
-    /// HTTP/1: set when bytes arrive while no request is in flight, i.e. the head of the next
-    /// request has begun; cleared when that request starts.
+    /// Responses whose body is still streaming to the client.
+    responses: AtomicUsize,
+    /// HTTP/1: set when bytes arrive while no request is in flight and no response is
+    /// streaming, i.e. the head of the next request has begun; cleared when that request starts.
     head: AtomicBool,
+    /// How many heads have begun, so that the watchdog tells one from the next.
+    heads_begun: AtomicU32,
 }
 
 pub(crate) struct RequestBusy<'a>(&'a Activity);
@@ -85,9 +89,11 @@ impl Activity {
         RequestBusy(self)
     }
 
-    /// True while a request head has begun to arrive and is not complete yet.
-    fn head_pending(&self) -> bool {
-        self.head.load(Ordering::Relaxed)
+    /// The number of the request head that has begun to arrive and is not complete yet.
+    fn head_pending(&self) -> Option<u32> {
+        self.head
+            .load(Ordering::Relaxed)
+            .then(|| self.heads_begun.load(Ordering::Relaxed))
     }
 
     /// True when nothing moved since the last look and no request is in flight.
@@ -100,6 +106,24 @@ impl Activity {
 impl Drop for RequestBusy<'_> {
     fn drop(&mut self) {
         self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a response as streaming on its client connection until dropped (it travels with the
+/// body): bytes the client sends meanwhile (a pipelined request) do not start a head's clock,
+/// which could otherwise run out before the response ends and the next request can start.
+pub(crate) struct Responding(Arc<Activity>);
+
+impl Responding {
+    pub(crate) fn new(activity: &Arc<Activity>) -> Responding {
+        activity.responses.fetch_add(1, Ordering::Relaxed);
+        Responding(activity.clone())
+    }
+}
+
+impl Drop for Responding {
+    fn drop(&mut self) {
+        self.0.responses.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -119,7 +143,13 @@ impl AsyncRead for Tracked {
         if r.is_ready() {
             let a = &this.activity;
             a.io.store(true, Ordering::Relaxed);
-            if this.heads && buf.filled().len() > before && a.requests.load(Ordering::Relaxed) == 0 {
+            if this.heads
+                && buf.filled().len() > before
+                && !a.head.load(Ordering::Relaxed)
+                && a.requests.load(Ordering::Relaxed) == 0
+                && a.responses.load(Ordering::Relaxed) == 0
+            {
+                a.heads_begun.fetch_add(1, Ordering::Relaxed);
                 a.head.store(true, Ordering::Relaxed);
             }
         }
@@ -724,7 +754,8 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
     let header_timeout = shared.config.client_header_timeout;
     let mut closing = false;
     let mut idle_check = tokio::time::Instant::now() + idle;
-    let mut head_deadline: Option<tokio::time::Instant> = None;
+    // The deadline of the head that has begun, and that head's number.
+    let mut head_deadline: Option<(tokio::time::Instant, u32)> = None;
     let mut watchdog = Box::pin(tokio::time::sleep_until(idle_check));
     // The watchdog needs polling only to register it after a reset; afterwards its expiry wakes
     // the task and `is_elapsed` tells.
@@ -741,25 +772,32 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             conn.as_mut().graceful();
             continue;
         }
-        if !activity.head_pending() {
-            head_deadline = None;
-        } else if head_deadline.is_none() {
-            let d = tokio::time::Instant::now() + header_timeout;
-            head_deadline = Some(d);
-            if d < watchdog.deadline() {
-                watchdog.as_mut().reset(d);
-                watchdog_armed = false;
+        match activity.head_pending() {
+            None => head_deadline = None,
+            Some(n) if head_deadline.is_some_and(|(_, m)| m == n) => {}
+            Some(n) => {
+                let d = tokio::time::Instant::now() + header_timeout;
+                head_deadline = Some((d, n));
+                if d < watchdog.deadline() {
+                    watchdog.as_mut().reset(d);
+                    watchdog_armed = false;
+                }
             }
         }
         if watchdog_armed && !watchdog.is_elapsed() {
             return Poll::Pending;
         }
-        watchdog_armed = true;
-        if watchdog.as_mut().poll(cx).is_pending() {
+        // Outside the task's budget, so that a poll always registers the timer: a budget-limited
+        // poll would return without it, and the check above would then never poll it again.
+        if Pin::new(&mut tokio::task::unconstrained(watchdog.as_mut()))
+            .poll(cx)
+            .is_pending()
+        {
+            watchdog_armed = true;
             return Poll::Pending;
         }
         let now = tokio::time::Instant::now();
-        if head_deadline.is_some_and(|d| now >= d) {
+        if head_deadline.is_some_and(|(d, _)| now >= d) {
             tracing::debug!(
                 timeout = ?header_timeout,
                 "request head not complete within the client header timeout; closing the connection"
@@ -775,7 +813,7 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
         }
         watchdog
             .as_mut()
-            .reset(head_deadline.map_or(idle_check, |d| d.min(idle_check)));
+            .reset(head_deadline.map_or(idle_check, |(d, _)| d.min(idle_check)));
         watchdog_armed = false;
     })
     .await

@@ -323,6 +323,49 @@ async fn a_slow_body_or_a_quiet_http2_connection_is_not_a_slow_head() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_pipelined_during_a_long_response_waits_for_it_without_a_head_timeout() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.client_header_timeout = Duration::from_millis(500);
+    cfg.idle_timeout = Duration::from_secs(20);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"GET /sse HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // The stream's first event, then the next request while the stream is still open.
+    while !buf.windows(16).any(|w| w == b"data: first from") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("first event in time")
+            .unwrap();
+        assert!(n > 0, "closed before the first event");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n").await.unwrap();
+    // Longer than the header timeout: the pipelined request waits for the stream, it is not slow.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    blue.sse_release.notify_one();
+    let t = Instant::now();
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if text.contains("data: last") && text.matches("HTTP/1.1 200").count() == 2 && text.ends_with("blue") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "incomplete: {text}");
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("answers in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {text}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(blue.requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_connections_holds_extra_clients_back() {
     let blue = Upstream::start("blue").await;
     let mut cfg = test_config();
