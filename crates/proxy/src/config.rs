@@ -57,8 +57,8 @@ pub struct ProxyConfig {
     /// client) waits that long while a worker that never sleeps serves everyone else. There is a
     /// point whenever the worker comes back from its wait for events, one after a pass over the
     /// ready events when at least 250 µs (or this, if shorter) went by since the last such one,
-    /// and one before a request when this long went by since the last one. The worker never gives up the CPU itself: the kernel decides by its
-    /// usual rules. Zero turns the points off.
+    /// and one before a request when this long went by since the last one. The worker never
+    /// gives up the CPU itself: the kernel decides by its usual rules. Zero turns the points off.
     pub preempt_interval: Duration,
 }
 

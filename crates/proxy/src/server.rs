@@ -447,8 +447,8 @@ impl PreemptPoints {
     }
 
     /// The worker is back from its wait for events, with a new pass ahead: always a point. It
-    /// does not count for the spacing of the pass-end points.
-    fn pass_start(&self, interval: Duration) -> bool {
+    /// does not count for the spacing of the pass-end points, so it needs no state.
+    fn pass_start(interval: Duration) -> bool {
         !interval.is_zero()
     }
 
@@ -498,7 +498,7 @@ pub(crate) fn preempt_point(now: Instant, interval: Duration) {
 
 /// Called when the worker is back from its wait for events, before it runs what they woke.
 fn pass_start_point(interval: Duration) {
-    if PREEMPT_POINTS.with(|p| p.borrow().pass_start(interval)) {
+    if PreemptPoints::pass_start(interval) {
         report_cpu_time();
     }
 }
@@ -847,7 +847,7 @@ mod tests {
         // A start time older than the last point (a request that began before it) is not one.
         assert!(!p.request(t0, interval));
         // A pass start is always a point, and leaves the spacing of pass ends alone.
-        assert!(p.pass_start(interval));
+        assert!(PreemptPoints::pass_start(interval));
         assert!(!p.pass_end(t0 + us(4300), interval));
         // An interval shorter than the spacing spaces the pass-end points too.
         let short = us(100);
@@ -861,7 +861,7 @@ mod tests {
     fn zero_interval_turns_points_off() {
         let t0 = Instant::now();
         let mut p = PreemptPoints::default();
-        assert!(!p.pass_start(Duration::ZERO));
+        assert!(!PreemptPoints::pass_start(Duration::ZERO));
         for i in 0..10 {
             assert!(!p.request(t0 + Duration::from_secs(i), Duration::ZERO));
             assert!(!p.pass_end(t0 + Duration::from_secs(i), Duration::ZERO));

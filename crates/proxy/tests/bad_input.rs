@@ -180,11 +180,7 @@ async fn idle_connections_are_closed() {
 async fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_slow() {
     // The header timeout counts from a request's first byte; the wait before it is the idle
     // timeout's business.
-    let blue = Upstream::start("blue").await;
-    let mut cfg = test_config();
-    cfg.client_header_timeout = Duration::from_millis(500);
-    cfg.idle_timeout = Duration::from_secs(20);
-    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let (blue, proxy) = header_timeout_proxy().await;
     let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().2, "blue");
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -195,6 +191,28 @@ async fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_slow()
     );
     assert_eq!(c.get("/").await.unwrap().2, "blue", "and serves the next request");
     assert_eq!(blue.requests(), 2);
+}
+
+/// One blue upstream behind a proxy with a 500 ms header timeout and a 20 s idle timeout.
+async fn header_timeout_proxy() -> (Upstream, std::sync::Arc<cutover_proxy::Proxy>) {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.client_header_timeout = Duration::from_millis(500);
+    cfg.idle_timeout = Duration::from_secs(20);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    (blue, proxy)
+}
+
+/// Appends the next bytes from `s` to `buf`; fails, naming `what`, when none come within 5 s
+/// or the connection closes.
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>, what: &str) {
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 5 s"))
+        .unwrap();
+    assert!(n > 0, "{what}: closed early: {}", String::from_utf8_lossy(buf));
+    buf.extend_from_slice(&chunk[..n]);
 }
 
 /// Reads one response with a `Content-Length` body from a raw connection; `None` when the
@@ -223,11 +241,7 @@ async fn read_response(s: &mut TcpStream) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_request_head_is_timed_from_its_first_byte() {
-    let blue = Upstream::start("blue").await;
-    let mut cfg = test_config();
-    cfg.client_header_timeout = Duration::from_millis(500);
-    cfg.idle_timeout = Duration::from_secs(20);
-    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let (blue, proxy) = header_timeout_proxy().await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     let head = b"GET / HTTP/1.1\r\nHost: web.test\r\nX-Filler: abcdefghijklmnop\r\n\r\n";
 
@@ -277,11 +291,7 @@ async fn every_request_head_is_timed_from_its_first_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_body_or_a_quiet_http2_connection_is_not_a_slow_head() {
-    let blue = Upstream::start("blue").await;
-    let mut cfg = test_config();
-    cfg.client_header_timeout = Duration::from_millis(500);
-    cfg.idle_timeout = Duration::from_secs(20);
-    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let (blue, proxy) = header_timeout_proxy().await;
     let addr = proxy.local_addrs()[0];
 
     // HTTP/1: a 30-byte body sent 3 bytes every 150 ms, 1.5 s in all, after a whole head.
@@ -324,25 +334,15 @@ async fn a_slow_body_or_a_quiet_http2_connection_is_not_a_slow_head() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_pipelined_during_a_long_response_waits_for_it_without_a_head_timeout() {
-    let blue = Upstream::start("blue").await;
-    let mut cfg = test_config();
-    cfg.client_header_timeout = Duration::from_millis(500);
-    cfg.idle_timeout = Duration::from_secs(20);
-    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let (blue, proxy) = header_timeout_proxy().await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     s.write_all(b"GET /sse HTTP/1.1\r\nHost: web.test\r\n\r\n")
         .await
         .unwrap();
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     // The stream's first event, then the next request while the stream is still open.
     while !buf.windows(16).any(|w| w == b"data: first from") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("first event in time")
-            .unwrap();
-        assert!(n > 0, "closed before the first event");
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(&mut s, &mut buf, "the first event").await;
     }
     s.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n").await.unwrap();
     // Longer than the header timeout: the pipelined request waits for the stream, it is not slow.
@@ -355,12 +355,7 @@ async fn a_request_pipelined_during_a_long_response_waits_for_it_without_a_head_
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(5), "incomplete: {text}");
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("answers in time")
-            .unwrap();
-        assert!(n > 0, "closed early: {text}");
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(&mut s, &mut buf, "both answers").await;
     }
     assert_eq!(blue.requests(), 2);
 }
