@@ -18,6 +18,7 @@ use crate::body::{InstanceGuard, ProxyBody, Streaming};
 use crate::error::ProxyError;
 use crate::h1::{BodyWriteError, Conn, Head, HeadError, Prefixed};
 use crate::headers::{self, BodyFraming, Forwarding, X_CUTOVER_PREVIEW};
+use crate::pass::{Hold, Side};
 use crate::server::{OpenGuard, Shared};
 use crate::table::{now_ms, Colour, Generation, GenerationGuard, Pool, PoolState};
 use crate::upstream;
@@ -402,6 +403,7 @@ async fn send(
 /// One try on one connection: write the head (and stream the body, watching for an early
 /// answer), then wait for the response head within `timeout`.
 async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Duration) -> Attempt {
+    Hold::default().release(Side::Upstream).await;
     if let Err(e) = conn.io.write_all(req.head).await {
         // The head did not get through, so the upstream cannot act on it: safe to send again.
         return Attempt::Retry {

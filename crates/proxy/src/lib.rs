@@ -13,6 +13,7 @@ mod error;
 mod h1;
 mod handler;
 mod headers;
+mod pass;
 mod server;
 mod stats;
 mod table;

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ProxyConfig;
 use crate::error::TableError;
 use crate::handler::{self, ConnCtx};
+use crate::pass::{Hold, Side};
 use crate::table::{Colour, Generation, RouteTable};
 
 pub(crate) struct Shared {
@@ -133,6 +134,32 @@ struct Tracked {
     activity: Arc<Activity>,
     /// HTTP/1: bytes that arrive between requests begin a request head.
     heads: bool,
+    /// Holds each write to the end of the worker's pass (`crate::pass`).
+    hold: Hold,
+    /// The last write did not all fit into the socket: what follows is bulk data, sent as the
+    /// socket takes it, not held.
+    backed_up: bool,
+}
+
+impl Tracked {
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if !self.backed_up {
+            ready!(self.hold.poll_release(Side::Client, cx));
+        }
+        self.activity.io.store(true, Ordering::Relaxed);
+        let r = write(Pin::new(&mut self.stream), cx);
+        self.backed_up = match &r {
+            Poll::Ready(Ok(n)) => *n < len,
+            Poll::Ready(Err(_)) => false,
+            Poll::Pending => true,
+        };
+        r
+    }
 }
 
 impl AsyncRead for Tracked {
@@ -159,9 +186,7 @@ impl AsyncRead for Tracked {
 
 impl AsyncWrite for Tracked {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.activity.io.store(true, Ordering::Relaxed);
-        Pin::new(&mut this.stream).poll_write(cx, buf)
+        self.get_mut().poll_send(cx, buf.len(), |s, cx| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -169,9 +194,9 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.activity.io.store(true, Ordering::Relaxed);
-        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.get_mut()
+            .poll_send(cx, len, |s, cx| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -575,6 +600,8 @@ fn worker(
         }
     };
     rt.block_on(async move {
+        // First, so that it is in place before anything writes.
+        tokio::spawn(crate::pass::flusher());
         tokio::spawn(crate::deadline::wake_expired(expired));
         for (std_listener, preview) in listeners {
             match TcpListener::from_std(std_listener) {
@@ -716,6 +743,8 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         stream,
         activity: activity.clone(),
         heads: !is_h2,
+        hold: Hold::default(),
+        backed_up: false,
     });
     let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
 
