@@ -55,9 +55,10 @@ pub struct ProxyConfig {
     /// Without one, the kernel applies the end of the slice at its next tick (every 4 ms at
     /// 250 Hz), and a process woken onto the worker's CPU (an upstream on the same host, a local
     /// client) waits that long while a worker that never sleeps serves everyone else. There is a
-    /// point whenever the worker comes back from its wait for events, one after a pass over the
-    /// ready events when at least 250 µs (or this, if shorter) went by since the last such one,
-    /// and one before a request when this long went by since the last one. The worker never
+    /// point whenever the worker comes back from its wait for events, one before the writes a
+    /// pass held go out, one after a pass over the ready events when at least 250 µs (or this,
+    /// if shorter) went by since the last such one, and one before a request when this long went
+    /// by since the last one. The worker never
     /// gives up the CPU itself: the kernel decides by its usual rules. Zero turns the points off.
     pub preempt_interval: Duration,
 }

@@ -15,7 +15,8 @@
 //!
 //! The pass end is a task, the flusher. The first write held in a pass wakes it; woken tasks run
 //! in the order they were woken, so it runs after every task that was already ready, and then
-//! wakes the held writers, which run next and find their write released. A write is held for
+//! (after a preemption point, see `ProxyConfig::preempt_interval`) wakes the held writers, which
+//! run next and find their write released. A write is held for
 //! at most the rest of one pass. Nothing is held on a thread without a flusher (outside the
 //! proxy's workers), and a writer holds at most once per write: once released it writes. A client
 //! connection whose last write did not all fit into its socket (a large download to a slow
@@ -105,9 +106,9 @@ impl Hold {
     }
 }
 
-/// The worker's flusher: whenever it runs, it ends the pass for every held write. It never
-/// finishes; spawn one per worker runtime, before anything that writes.
-pub(crate) async fn flusher() {
+/// The worker's flusher: whenever it runs, it calls `before_release`, then ends the pass for every
+/// held write. It never finishes; spawn one per worker runtime, before anything that writes.
+pub(crate) async fn flusher(before_release: impl Fn()) {
     // Once the flusher is gone (its runtime shut down), nothing on this thread is held.
     struct Gone;
     impl Drop for Gone {
@@ -127,6 +128,7 @@ pub(crate) async fn flusher() {
     let mut upstream = Vec::new();
     let mut client = Vec::new();
     std::future::poll_fn(|cx| {
+        before_release();
         PASS.with(|p| {
             let mut p = p.borrow_mut();
             match &p.flusher {
@@ -163,7 +165,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let rt = runtime();
         rt.block_on(async {
-            tokio::spawn(flusher());
+            tokio::spawn(flusher(|| {}));
             tokio::task::yield_now().await;
             let mut tasks = Vec::new();
             for (name, side) in [
@@ -218,7 +220,7 @@ mod tests {
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut held = Hold::default();
         rt.block_on(async {
-            tokio::spawn(flusher());
+            tokio::spawn(flusher(|| {}));
             tokio::task::yield_now().await;
             let waker = Arc::new(Flag(flag.clone())).into();
             let mut cx = Context::from_waker(&waker);
