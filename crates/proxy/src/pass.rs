@@ -18,7 +18,8 @@
 //! (after a preemption point, see `ProxyConfig::preempt_interval`) wakes the held writers, which
 //! run next and find their write released. A write is held for
 //! at most the rest of one pass. Nothing is held on a thread without a flusher (outside the
-//! proxy's workers), and a writer holds at most once per write: once released it writes. A client
+//! proxy's workers). A writer released in a pass writes on unheld until the next pass starts, so a
+//! response that takes several writes (HTTP/2 frames, a tunnel's chunks) waits once. A client
 //! connection whose last write did not all fit into its socket (a large download to a slow
 //! reader) sends what follows as the socket takes it, unheld.
 //!
@@ -39,7 +40,7 @@ pub(crate) enum Side {
 
 #[derive(Default)]
 struct Pass {
-    /// Bumped each time the held writes are released; a writer held in an earlier one is free.
+    /// Bumped each time the held writes are released, and at the start of each pass.
     number: u64,
     /// The worker's flusher task; `None` outside a worker.
     flusher: Option<Waker>,
@@ -53,8 +54,21 @@ impl Pass {
             Side::Upstream => &mut self.upstream,
             Side::Client => &mut self.client,
         };
-        list.push(waker.clone());
+        // A task polled again (an HTTP/2 connection, once per stream) is on the list once.
+        if !list.last().is_some_and(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
+        }
     }
+}
+
+/// The worker is back from its wait for events: writers released in the last pass are held
+/// again from here on. Nothing is held at this moment (the worker waits only once the flusher
+/// has run), so nobody needs waking.
+pub(crate) fn pass_start() {
+    PASS.with(|p| {
+        let mut p = p.borrow_mut();
+        p.number = p.number.wrapping_add(1);
+    })
 }
 
 thread_local! {
@@ -63,36 +77,47 @@ thread_local! {
 
 /// One writer's place in the pass: where its next write stands.
 #[derive(Debug, Default)]
-pub(crate) struct Hold {
-    /// The pass the pending write was held in.
-    held_in: Option<u64>,
+pub(crate) struct Hold(State);
+
+#[derive(Debug, Default, Clone, Copy)]
+enum State {
+    #[default]
+    Idle,
+    /// A write waits, held while `Pass::number` is this.
+    Held(u64),
+    /// Released while `Pass::number` was this: until it changes (at the start of the next pass,
+    /// or when the flusher runs again), the writer writes on without waiting. A response that
+    /// takes several writes (HTTP/2 frames, a tunnel's chunks) waits once per pass, not once per
+    /// write.
+    Free(u64),
 }
 
 impl Hold {
-    /// Ready when the writer may write: after the pass it was first called in has ended. Call it
-    /// before each write; it holds each write once.
+    /// Ready when the writer may write: once the pass it was first called in has ended, and then
+    /// for the rest of the pass it was released in. Call it before each write.
     pub(crate) fn poll_release(&mut self, side: Side, cx: &mut Context<'_>) -> Poll<()> {
         PASS.with(|p| {
             let mut p = p.borrow_mut();
-            match self.held_in {
-                Some(n) if n != p.number => {
-                    self.held_in = None;
+            match self.0 {
+                State::Held(n) if n != p.number => {
+                    self.0 = State::Free(p.number);
                     Poll::Ready(())
                 }
-                // Polled again in the same pass: still held. The waker goes on the list again,
-                // in case the write has moved to another task since.
-                Some(_) => {
+                // Polled again before the flusher ran: still held. The waker goes on the list
+                // again if it is not the one there, in case the write has moved to another task.
+                State::Held(_) => {
                     p.hold(side, cx.waker());
                     Poll::Pending
                 }
-                None => {
+                State::Free(n) if n == p.number => Poll::Ready(()),
+                State::Idle | State::Free(_) => {
                     let Some(flusher) = &p.flusher else {
                         return Poll::Ready(());
                     };
                     if p.upstream.is_empty() && p.client.is_empty() {
                         flusher.wake_by_ref();
                     }
-                    self.held_in = Some(p.number);
+                    self.0 = State::Held(p.number);
                     p.hold(side, cx.waker());
                     Poll::Pending
                 }
@@ -181,7 +206,7 @@ mod tests {
                         let mut hold = Hold::default();
                         hold.release(side).await;
                         log.lock().unwrap().push(format!("{name} sent"));
-                        // The next write of the same writer is held again, to the next pass end.
+                        // The writer's next write in the same pass goes out at once.
                         hold.release(side).await;
                         log.lock().unwrap().push(format!("{name} sent again"));
                     }
@@ -200,13 +225,60 @@ mod tests {
                 "plain ready",
                 "client b ready",
                 "upstream sent",
-                "client a sent",
-                "client b sent",
                 "upstream sent again",
+                "client a sent",
                 "client a sent again",
+                "client b sent",
                 "client b sent again",
             ]
         );
+    }
+
+    #[test]
+    fn a_released_writer_is_free_until_the_next_pass_starts() {
+        runtime().block_on(async {
+            tokio::spawn(flusher(|| {}));
+            tokio::task::yield_now().await;
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut hold = Hold::default();
+            assert!(
+                hold.poll_release(Side::Client, &mut cx).is_pending(),
+                "a first write is held"
+            );
+            assert!(
+                hold.poll_release(Side::Client, &mut cx).is_pending(),
+                "until the flusher runs"
+            );
+            tokio::task::yield_now().await;
+            assert!(
+                hold.poll_release(Side::Client, &mut cx).is_ready(),
+                "released by the flusher"
+            );
+            for _ in 0..3 {
+                assert!(
+                    hold.poll_release(Side::Client, &mut cx).is_ready(),
+                    "free for the rest of the pass"
+                );
+            }
+            pass_start();
+            assert!(
+                hold.poll_release(Side::Client, &mut cx).is_pending(),
+                "held again in the next pass"
+            );
+            tokio::task::yield_now().await;
+            assert!(hold.poll_release(Side::Client, &mut cx).is_ready());
+            // A task polled again while held is on the list once.
+            let mut other = Hold::default();
+            pass_start();
+            std::future::poll_fn(|cx| {
+                for _ in 0..5 {
+                    assert!(other.poll_release(Side::Upstream, cx).is_pending());
+                }
+                Poll::Ready(())
+            })
+            .await;
+            assert_eq!(PASS.with(|p| p.borrow().upstream.len()), 1);
+        });
     }
 
     #[test]

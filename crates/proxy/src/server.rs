@@ -480,7 +480,7 @@ impl PreemptPoints {
     /// The pass is through and its held writes are about to go out (`crate::pass`): always a
     /// point. If the worker's slice is used up, the kernel can switch before the batch instead
     /// of in the middle of it. It does not count for the spacing of the pass-end points, which
-    /// it does not replace: measured in BENCHMARKS.md ("Reading the numbers"), with both 2-3%
+    /// it does not replace: measured in BENCHMARKS.md ("Reading the numbers"), with both 1-3%
     /// more req/s, and without the pass-end points none.
     fn before_sends(interval: Duration) -> bool {
         !interval.is_zero()
@@ -605,7 +605,10 @@ fn worker(
         // Called when the run queue is empty, before the worker waits for events.
         .on_thread_park(move || pass_end_point(preempt_interval))
         // Called when the wait returns.
-        .on_thread_unpark(move || pass_start_point(preempt_interval))
+        .on_thread_unpark(move || {
+            crate::pass::pass_start();
+            pass_start_point(preempt_interval)
+        })
         .build();
     let rt = match rt {
         Ok(rt) => rt,
