@@ -58,8 +58,8 @@ pub struct ProxyConfig {
     /// point whenever the worker comes back from its wait for events, one before the writes a
     /// pass held go out, one after a pass over the ready events when at least 250 µs (or this,
     /// if shorter) went by since the last such one, and one before a request when this long went
-    /// by since the last one. The worker never
-    /// gives up the CPU itself: the kernel decides by its usual rules. Zero turns the points off.
+    /// by since the last one. The worker never gives up the CPU itself: the kernel decides by its
+    /// usual rules. Zero turns the points off.
     pub preempt_interval: Duration,
 }
 

@@ -59,6 +59,22 @@ impl Pass {
             list.push(waker.clone());
         }
     }
+
+    /// Ends the pass for every held write: a new number, and the held writers moved into
+    /// `upstream` and `client` (empty), for [`wake_held`] once the borrow is released.
+    fn release_into(&mut self, upstream: &mut Vec<Waker>, client: &mut Vec<Waker>) {
+        self.number = self.number.wrapping_add(1);
+        std::mem::swap(&mut self.upstream, upstream);
+        std::mem::swap(&mut self.client, client);
+    }
+}
+
+/// Wakes released writers, upstream requests first. Called outside the borrow of `PASS`: a
+/// waker may run code that holds again.
+fn wake_held(upstream: &mut Vec<Waker>, client: &mut Vec<Waker>) {
+    for w in upstream.drain(..).chain(client.drain(..)) {
+        w.wake();
+    }
 }
 
 /// The worker is back from its wait for events: writers released in the last pass are held
@@ -138,15 +154,13 @@ pub(crate) async fn flusher(before_release: impl Fn()) {
     struct Gone;
     impl Drop for Gone {
         fn drop(&mut self) {
-            let held = PASS.try_with(|p| {
+            let (mut upstream, mut client) = (Vec::new(), Vec::new());
+            let _ = PASS.try_with(|p| {
                 let mut p = p.borrow_mut();
                 p.flusher = None;
-                p.number = p.number.wrapping_add(1);
-                (std::mem::take(&mut p.upstream), std::mem::take(&mut p.client))
+                p.release_into(&mut upstream, &mut client);
             });
-            if let Ok((upstream, client)) = held {
-                upstream.into_iter().chain(client).for_each(Waker::wake);
-            }
+            wake_held(&mut upstream, &mut client);
         }
     }
     let _gone = Gone;
@@ -160,14 +174,9 @@ pub(crate) async fn flusher(before_release: impl Fn()) {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => p.flusher = Some(cx.waker().clone()),
             }
-            p.number = p.number.wrapping_add(1);
-            std::mem::swap(&mut p.upstream, &mut upstream);
-            std::mem::swap(&mut p.client, &mut client);
+            p.release_into(&mut upstream, &mut client);
         });
-        // Woken outside the borrow: a waker may run code that holds again.
-        for w in upstream.drain(..).chain(client.drain(..)) {
-            w.wake();
-        }
+        wake_held(&mut upstream, &mut client);
         Poll::<()>::Pending
     })
     .await

@@ -471,18 +471,13 @@ impl PreemptPoints {
         true
     }
 
-    /// The worker is back from its wait for events, with a new pass ahead: always a point. It
-    /// does not count for the spacing of the pass-end points, so it needs no state.
-    fn pass_start(interval: Duration) -> bool {
-        !interval.is_zero()
-    }
-
-    /// The pass is through and its held writes are about to go out (`crate::pass`): always a
-    /// point. If the worker's slice is used up, the kernel can switch before the batch instead
-    /// of in the middle of it. It does not count for the spacing of the pass-end points, which
-    /// it does not replace: measured in BENCHMARKS.md ("Reading the numbers"), with both 1-3%
-    /// more req/s, and without the pass-end points none.
-    fn before_sends(interval: Duration) -> bool {
+    /// The worker is back from its wait for events, with a new pass ahead, or a pass is through
+    /// and its held writes are about to go out (`crate::pass`): always a point. Before the
+    /// writes, a worker whose slice is used up can be switched out before the batch instead of in
+    /// the middle of it. Neither counts for the spacing of the pass-end points, so they need no
+    /// state; nor do they replace them: measured in BENCHMARKS.md ("Reading the numbers"), the
+    /// point before the writes gave 1-3% more req/s with the pass-end points, and none without.
+    fn unspaced(interval: Duration) -> bool {
         !interval.is_zero()
     }
 
@@ -530,16 +525,10 @@ pub(crate) fn preempt_point(now: Instant, interval: Duration) {
     }
 }
 
-/// Called when the worker is back from its wait for events, before it runs what they woke.
-fn pass_start_point(interval: Duration) {
-    if PreemptPoints::pass_start(interval) {
-        report_cpu_time();
-    }
-}
-
-/// Called when a pass's held writes are about to go out.
-fn send_point(interval: Duration) {
-    if PreemptPoints::before_sends(interval) {
+/// Called when the worker is back from its wait for events, before it runs what they woke, and
+/// when a pass's held writes are about to go out.
+fn unspaced_point(interval: Duration) {
+    if PreemptPoints::unspaced(interval) {
         report_cpu_time();
     }
 }
@@ -607,7 +596,7 @@ fn worker(
         // Called when the wait returns.
         .on_thread_unpark(move || {
             crate::pass::pass_start();
-            pass_start_point(preempt_interval)
+            unspaced_point(preempt_interval)
         })
         .build();
     let rt = match rt {
@@ -620,7 +609,7 @@ fn worker(
     };
     rt.block_on(async move {
         // First, so that it is in place before anything writes.
-        tokio::spawn(crate::pass::flusher(move || send_point(preempt_interval)));
+        tokio::spawn(crate::pass::flusher(move || unspaced_point(preempt_interval)));
         tokio::spawn(crate::deadline::wake_expired(expired));
         for (std_listener, preview) in listeners {
             match TcpListener::from_std(std_listener) {
@@ -896,8 +885,7 @@ mod tests {
         assert!(!p.request(t0, interval));
         // A pass start, and the moment before held writes go out, are always points, and leave
         // the spacing of pass ends alone.
-        assert!(PreemptPoints::pass_start(interval));
-        assert!(PreemptPoints::before_sends(interval));
+        assert!(PreemptPoints::unspaced(interval));
         assert!(!p.pass_end(t0 + us(4300), interval));
         // An interval shorter than the spacing spaces the pass-end points too.
         let short = us(100);
@@ -911,8 +899,7 @@ mod tests {
     fn zero_interval_turns_points_off() {
         let t0 = Instant::now();
         let mut p = PreemptPoints::default();
-        assert!(!PreemptPoints::pass_start(Duration::ZERO));
-        assert!(!PreemptPoints::before_sends(Duration::ZERO));
+        assert!(!PreemptPoints::unspaced(Duration::ZERO));
         for i in 0..10 {
             assert!(!p.request(t0 + Duration::from_secs(i), Duration::ZERO));
             assert!(!p.pass_end(t0 + Duration::from_secs(i), Duration::ZERO));
