@@ -14,6 +14,7 @@ mod h1;
 mod handler;
 mod headers;
 mod pass;
+mod plain;
 mod server;
 mod stats;
 mod table;

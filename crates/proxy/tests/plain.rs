@@ -1,0 +1,225 @@
+//! HTTP/1.1 requests without a body, which the proxy serves without hyper: every kind of
+//! response framing reaches the client correctly, hop-by-hop fields stay behind, and a request
+//! that needs hyper (a body) hands the connection over mid-stream without losing a byte.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An upstream that answers each path with fixed bytes, to try every framing.
+async fn scripted_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    let path = line.split(' ').nth(1).unwrap_or("/");
+                    let (resp, close): (&[u8], bool) = match path {
+                        "/len" => (
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-App: a\r\n\r\nhello",
+                            false,
+                        ),
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-App: c\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                            false,
+                        ),
+                        "/close" => (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end", true),
+                        "/nocontent" => (b"HTTP/1.1 204 No Content\r\nX-App: n\r\n\r\n", false),
+                        "/notmodified" => (b"HTTP/1.1 304 Not Modified\r\nETag: \"1\"\r\n\r\n", false),
+                        "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", false),
+                        "/echo" => {
+                            // The request head as the upstream saw it, as the body.
+                            let body = head.clone().into_bytes();
+                            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+                            r.extend_from_slice(&body);
+                            let _ = s.write_all(&r).await;
+                            continue;
+                        }
+                        _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
+                    };
+                    if s.write_all(resp).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn one_instance_table(addr: SocketAddr) -> cutover_proxy::RouteTable {
+    use cutover_proxy::{Instance, Pool, RouteTable, Service};
+    let mut s = Service::new("app");
+    s.blue = Pool::new(None, vec![Instance::new(addr)]);
+    RouteTable::new(vec![s]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_arrives_whole_on_one_keep_alive_connection() {
+    let upstream = scripted_upstream().await;
+    let proxy = start_proxy(test_config(), one_instance_table(upstream));
+    let addr = proxy.local_addrs()[0];
+    let mut c = H1::connect(addr).await.unwrap();
+
+    let (status, headers, body) = c.get("/len").await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
+    assert_eq!(headers["x-app"], "a");
+    // The upstream sent no Date: the proxy adds one.
+    assert!(httpdate::parse_http_date(headers["date"].to_str().unwrap()).is_ok(), "{headers:?}");
+    assert_eq!(headers["content-length"], "5");
+    for gone in ["x-hop", "keep-alive"] {
+        assert!(!headers.contains_key(gone), "{gone} passed on: {headers:?}");
+    }
+
+    let (status, headers, body) = c.get("/chunked").await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello world"[..]));
+    assert_eq!(headers["transfer-encoding"], "chunked");
+    assert_eq!(headers["x-app"], "c");
+
+    // The upstream ends this body by closing; the client gets it chunked and keeps its connection.
+    let (status, headers, body) = c.get("/close").await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"until the end"[..]));
+    assert_eq!(headers["transfer-encoding"], "chunked");
+    assert!(!headers.contains_key("connection"), "{headers:?}");
+
+    let (status, headers, body) = c.get("/nocontent").await.unwrap();
+    assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+    assert_eq!(headers["x-app"], "n");
+
+    let (status, headers, body) = c.get("/notmodified").await.unwrap();
+    assert_eq!((status, body.len()), (StatusCode::NOT_MODIFIED, 0));
+    assert_eq!(headers["etag"], "\"1\"");
+
+    let resp = c
+        .request(Request::builder().method(Method::HEAD).uri("/head").header("host", "x").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!((resp.0, resp.2.len()), (StatusCode::OK, 0));
+    assert_eq!(resp.1["content-length"], "100");
+
+    // Still the same connection, still in step.
+    let (status, _, body) = c.get("/len").await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
+}
+
+/// Reads one response with a length-delimited body off a raw socket.
+async fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Bytes) {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                })
+                .expect("a content-length");
+            if buf.len() >= end + len {
+                let body = Bytes::copy_from_slice(&buf[end..end + len]);
+                buf.drain(..end + len);
+                return (head, body);
+            }
+        }
+        let mut chunk = [0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(n > 0, "connection closed before the whole response; have {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_and_a_body_hands_the_connection_to_hyper() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+
+    // Three bodiless requests in one write, then an upload and two more requests in another.
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /headers HTTP/1.1\r\nHost: x\r\nX-Request-Id: plain-1\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let (head, body) = read_one(&mut s, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert_eq!(&body[..], b"blue");
+    }
+    let seen = blue.seen.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["x-request-id"], "plain-1");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "x");
+
+    let upload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut more = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", upload.len()).into_bytes();
+    more.extend_from_slice(&upload);
+    more.extend_from_slice(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\nGET /e HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(&more).await.unwrap();
+    use sha2::Digest;
+    let want = format!("blue {} {}", hex(&sha2::Sha256::digest(&upload)), upload.len());
+    let (head, body) = read_one(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(String::from_utf8_lossy(&body), want);
+    let (_, body) = read_one(&mut s, &mut buf).await;
+    assert_eq!(&body[..], b"blue");
+    let (head, body) = read_one(&mut s, &mut buf).await;
+    assert_eq!(&body[..], b"blue");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    // And then the proxy closes.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0))), "{n:?} {rest:?}");
+    assert_eq!(blue.requests(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bodiless_request_to_a_closed_upstream_gets_a_502_and_the_connection_goes_on() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap(); // closed on drop
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(&read_one(&mut s, &mut buf).await.1[..], b"blue");
+
+    proxy.update(|_| Ok(one_instance_table(dead))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let (head, body) = read_one(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{head}");
+    assert!(head.contains("content-type: text/plain; charset=utf-8"), "{head}");
+    assert!(head.contains("date: "), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("could not connect"), "{body:?}");
+
+    proxy.update(|_| Ok(table(&[&blue], &[&green]))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(&read_one(&mut s, &mut buf).await.1[..], b"blue");
+}
