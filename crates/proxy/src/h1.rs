@@ -436,7 +436,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let drop_length = |fields: &mut Vec<Field>| fields.retain(|f| !f.name(&raw).eq_ignore_ascii_case(b"content-length"));
+    let drop_length =
+        |fields: &mut Vec<Field>| fields.retain(|f| !f.name(&raw).eq_ignore_ascii_case(b"content-length"));
     let framing = if no_body {
         Framing::Empty
     } else if chunked {
@@ -526,8 +527,9 @@ impl Head {
         let mut headers = HeaderMap::with_capacity(self.fields.len());
         for f in &self.fields {
             let name = HeaderName::from_bytes(f.name(&self.raw)).map_err(|_| HeadError::Invalid("bad header name"))?;
-            let value = HeaderValue::from_maybe_shared(self.raw.slice(f.value as usize..(f.value + f.value_len) as usize))
-                .map_err(|_| HeadError::Invalid("bad header value"))?;
+            let value =
+                HeaderValue::from_maybe_shared(self.raw.slice(f.value as usize..(f.value + f.value_len) as usize))
+                    .map_err(|_| HeadError::Invalid("bad header value"))?;
             headers.append(name, value);
         }
         Ok(headers)

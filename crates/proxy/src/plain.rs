@@ -106,7 +106,8 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: &mut TcpStream) -> Next {
                 conn.out.extend_from_slice(b"HTTP/1.1 ");
                 conn.out.extend_from_slice(status.as_str().as_bytes());
                 conn.out.push(b' ');
-                conn.out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+                conn.out
+                    .extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
                 conn.out.extend_from_slice(b"\r\n");
                 fwd.head.write_fields(&mut conn.out);
                 // A response passed on gets a Date if it has none (RFC 9110, 6.6.1), as hyper does.
@@ -122,10 +123,9 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: &mut TcpStream) -> Next {
                     conn.out.extend_from_slice(b"connection: close\r\n");
                 }
                 conn.out.extend_from_slice(b"\r\n");
-                let body = ProxyBody::streaming(fwd.into_streaming(
-                    cfg.upstream_pool_size,
-                    crate::server::Responding::new(&ctx.activity),
-                ));
+                let body = ProxyBody::streaming(
+                    fwd.into_streaming(cfg.upstream_pool_size, crate::server::Responding::new(&ctx.activity)),
+                );
                 conn.body(body, chunked).await
             }
             Err(e) => {
@@ -259,7 +259,12 @@ fn take_head(buf: &mut BytesMut, max_header_bytes: usize) -> Taken {
     let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_FIELDS];
     let count = req.headers.len();
     for (i, f) in req.headers.iter().enumerate() {
-        spans[i] = (f.name.as_ptr() as usize - base, f.name.len(), f.value.as_ptr() as usize - base, f.value.len());
+        spans[i] = (
+            f.name.as_ptr() as usize - base,
+            f.name.len(),
+            f.value.as_ptr() as usize - base,
+            f.value.len(),
+        );
     }
     // Names and values share the head's bytes.
     let head = buf.split_to(len).freeze();
@@ -427,7 +432,8 @@ impl Client<'_> {
         self.out.extend_from_slice(b"HTTP/1.1 ");
         self.out.extend_from_slice(status.as_str().as_bytes());
         self.out.push(b' ');
-        self.out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        self.out
+            .extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         self.out.extend_from_slice(
             b"\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\ncontent-length: ",
         );

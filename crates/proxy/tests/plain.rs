@@ -19,7 +19,9 @@ async fn scripted_upstream() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -88,7 +90,10 @@ async fn every_response_framing_arrives_whole_on_one_keep_alive_connection() {
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
     assert_eq!(headers["x-app"], "a");
     // The upstream sent no Date: the proxy adds one.
-    assert!(httpdate::parse_http_date(headers["date"].to_str().unwrap()).is_ok(), "{headers:?}");
+    assert!(
+        httpdate::parse_http_date(headers["date"].to_str().unwrap()).is_ok(),
+        "{headers:?}"
+    );
     assert_eq!(headers["content-length"], "5");
     for gone in ["x-hop", "keep-alive"] {
         assert!(!headers.contains_key(gone), "{gone} passed on: {headers:?}");
@@ -114,7 +119,14 @@ async fn every_response_framing_arrives_whole_on_one_keep_alive_connection() {
     assert_eq!(headers["etag"], "\"1\"");
 
     let resp = c
-        .request(Request::builder().method(Method::HEAD).uri("/head").header("host", "x").body(empty()).unwrap())
+        .request(
+            Request::builder()
+                .method(Method::HEAD)
+                .uri("/head")
+                .header("host", "x")
+                .body(empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!((resp.0, resp.2.len()), (StatusCode::OK, 0));
@@ -134,7 +146,8 @@ async fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Bytes) {
                 .lines()
                 .find_map(|l| {
                     let (n, v) = l.split_once(':')?;
-                    n.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                    n.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
                 })
                 .expect("a content-length");
             if buf.len() >= end + len {
@@ -148,7 +161,11 @@ async fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Bytes) {
             .await
             .expect("a response within 5 s")
             .unwrap();
-        assert!(n > 0, "connection closed before the whole response; have {:?}", String::from_utf8_lossy(buf));
+        assert!(
+            n > 0,
+            "connection closed before the whole response; have {:?}",
+            String::from_utf8_lossy(buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -178,9 +195,15 @@ async fn pipelined_requests_are_answered_in_order_and_a_body_hands_the_connectio
     assert_eq!(seen["x-forwarded-host"], "x");
 
     let upload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    let mut more = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", upload.len()).into_bytes();
+    let mut more = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        upload.len()
+    )
+    .into_bytes();
     more.extend_from_slice(&upload);
-    more.extend_from_slice(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\nGET /e HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    more.extend_from_slice(
+        b"GET /d HTTP/1.1\r\nHost: x\r\n\r\nGET /e HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     s.write_all(&more).await.unwrap();
     use sha2::Digest;
     let want = format!("blue {} {}", hex(&sha2::Sha256::digest(&upload)), upload.len());
