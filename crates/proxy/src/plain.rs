@@ -63,7 +63,8 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: &mut TcpStream) -> Next {
     let mut conn = Client {
         stream,
         buf: BytesMut::with_capacity(8 * 1024),
-        out: Vec::with_capacity(4 * 1024),
+        // Grows to the size of the responses it carries, and keeps it.
+        out: Vec::new(),
         hold: Hold::default(),
         backed_up: false,
     };
@@ -133,7 +134,12 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: &mut TcpStream) -> Next {
                 conn.error(&e, close).await
             }
         };
-        if !ok || close {
+        if !ok {
+            return Next::Close;
+        }
+        if close {
+            // The response is out; a FIN tells the client no more follows.
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut *conn.stream).await;
             return Next::Close;
         }
     }
