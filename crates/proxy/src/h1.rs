@@ -541,9 +541,13 @@ impl Head {
     }
 
     /// Appends the fields passed on to `out`, each as a `name: value` line, as the upstream
-    /// spelled them. The parser has already checked every name and value.
-    pub(crate) fn write_fields(&self, out: &mut Vec<u8>) {
+    /// spelled them, leaving out Content-Length if `without_length`. The parser has already
+    /// checked every name and value.
+    pub(crate) fn write_fields(&self, out: &mut Vec<u8>, without_length: bool) {
         for f in &self.fields {
+            if without_length && f.name(&self.raw).eq_ignore_ascii_case(b"content-length") {
+                continue;
+            }
             out.extend_from_slice(f.name(&self.raw));
             out.extend_from_slice(b": ");
             out.extend_from_slice(f.value(&self.raw));
@@ -605,8 +609,11 @@ mod tests {
             assert!(!map.contains_key(gone), "{gone}");
         }
         let mut lines = Vec::new();
-        h.write_fields(&mut lines);
+        h.write_fields(&mut lines, false);
         assert_eq!(lines, b"Content-Length: 5\r\nX-App: a\r\n");
+        lines.clear();
+        h.write_fields(&mut lines, true);
+        assert_eq!(lines, b"X-App: a\r\n");
     }
 
     #[test]

@@ -39,6 +39,11 @@ use crate::pass::{Hold, Side};
 const MAX_FIELDS: usize = 64;
 /// Body bytes gathered before they are written out, when the upstream sends faster than that.
 const WRITE_AT: usize = 64 * 1024;
+/// A response buffer grown past this by a large response is let go once the response is out,
+/// so that an idle keep-alive connection does not keep it.
+const KEEP_OUT: usize = 16 * 1024;
+/// Longest request target taken here; hyper answers a longer one with 414.
+const MAX_TARGET: usize = 65_534;
 
 /// How the connection goes on after this loop.
 pub(crate) enum Next {
@@ -87,7 +92,17 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: &mut TcpStream) -> Next {
             .access_log
             .then(|| (plain.parts.method.clone(), plain.parts.uri.path().to_string()));
         let mut seen: Option<Seen> = None;
-        let result = handler::forward(&ctx, &plain.parts, None, None, &mut seen).await;
+        let head_request = plain.parts.method == Method::HEAD;
+        // A client that goes away while its request waits for the upstream ends the request.
+        let mut watch = Watch::On;
+        let result = tokio::select! {
+            biased;
+            r = handler::forward(&ctx, &plain.parts, None, None, &mut seen) => r,
+            _ = poll_fn(|cx| watch.poll_gone(conn.stream, cx)) => {
+                tracing::debug!("client closed the connection before the response; dropping the request");
+                return Next::Close;
+            }
+        };
         let close = plain.close || shared.shutdown.is_cancelled();
         drop(plain);
         let ok = match result {
@@ -98,7 +113,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: &mut TcpStream) -> Next {
                     reason: "switched protocols without being asked to".into(),
                 };
                 handler::record(cfg, seen.as_ref(), e.status().as_u16(), start, line);
-                conn.error(&e, close).await
+                conn.error(&e, close, head_request).await
             }
             Ok(fwd) => {
                 let status = fwd.head.status;
@@ -110,7 +125,18 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: &mut TcpStream) -> Next {
                 conn.out
                     .extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
                 conn.out.extend_from_slice(b"\r\n");
-                fwd.head.write_fields(&mut conn.out);
+                // A length-framed body goes out with the length the proxy framed it by, whatever
+                // the upstream wrote (a repeated field, a sign, a Connection header naming it).
+                let length = match fwd.head.framing {
+                    Framing::Length(n) => Some(n),
+                    _ => None,
+                };
+                fwd.head.write_fields(&mut conn.out, length.is_some());
+                if let Some(n) = length {
+                    conn.out.extend_from_slice(b"content-length: ");
+                    conn.out.extend_from_slice(n.to_string().as_bytes());
+                    conn.out.extend_from_slice(b"\r\n");
+                }
                 // A response passed on gets a Date if it has none (RFC 9110, 6.6.1), as hyper does.
                 if !fwd.head.has_field(b"date") {
                     put_date(&mut conn.out);
@@ -127,15 +153,20 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: &mut TcpStream) -> Next {
                 let body = ProxyBody::streaming(
                     fwd.into_streaming(cfg.upstream_pool_size, crate::server::Responding::new(&ctx.activity)),
                 );
-                conn.body(body, chunked).await
+                conn.body(body, chunked, &mut watch).await
             }
             Err(e) => {
                 handler::record(cfg, seen.as_ref(), e.status().as_u16(), start, line);
-                conn.error(&e, close).await
+                conn.error(&e, close, head_request).await
             }
         };
         if !ok {
             return Next::Close;
+        }
+        // The idle timeout runs from the end of the response.
+        idle.touch();
+        if conn.out.capacity() > KEEP_OUT {
+            conn.out = Vec::new();
         }
         if close {
             // The response is out; a FIN tells the client no more follows.
@@ -261,6 +292,9 @@ fn take_head(buf: &mut BytesMut, max_header_bytes: usize) -> Taken {
     }
     let base = buf.as_ptr() as usize;
     let path = req.path.unwrap_or("/");
+    if path.len() > MAX_TARGET {
+        return Taken::Hyper;
+    }
     let path_at = (path.as_ptr() as usize - base, path.len());
     let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_FIELDS];
     let count = req.headers.len();
@@ -378,19 +412,31 @@ impl Client<'_> {
     }
 
     /// Streams the body after the head in `out`. False when the connection cannot go on.
-    async fn body(&mut self, mut body: ProxyBody, chunked: bool) -> bool {
+    async fn body(&mut self, mut body: ProxyBody, chunked: bool, watch: &mut Watch) -> bool {
         enum Step {
             Frame(Option<Result<http_body::Frame<Bytes>, crate::body::BodyError>>),
             Flush,
+            Gone,
         }
         loop {
+            let stream = &*self.stream;
+            let pending = !self.out.is_empty();
             let step = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Step::Frame(f)),
-                Poll::Pending if !self.out.is_empty() => Poll::Ready(Step::Flush),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending if pending => Poll::Ready(Step::Flush),
+                // A stream that waits on its upstream (server-sent events, a long poll) ends when
+                // the client goes away.
+                Poll::Pending => match watch.poll_gone(stream, cx) {
+                    Poll::Ready(()) => Poll::Ready(Step::Gone),
+                    Poll::Pending => Poll::Pending,
+                },
             })
             .await;
             match step {
+                Step::Gone => {
+                    tracing::debug!("client closed the connection during the response; dropping it");
+                    return false;
+                }
                 Step::Flush => {
                     if self.flush().await.is_err() {
                         return false;
@@ -431,7 +477,8 @@ impl Client<'_> {
     }
 
     /// Answers with the proxy's own error response. False when the connection cannot go on.
-    async fn error(&mut self, e: &ProxyError, close: bool) -> bool {
+    /// The answer to a HEAD request has the length of the message but not the message.
+    async fn error(&mut self, e: &ProxyError, close: bool, head_request: bool) -> bool {
         let text = handler::error_text(e);
         let status = e.status();
         self.out.clear();
@@ -450,7 +497,9 @@ impl Client<'_> {
         self.out.extend_from_slice(b"\r\n");
         put_date(&mut self.out);
         self.out.extend_from_slice(b"\r\n");
-        self.out.extend_from_slice(text.as_bytes());
+        if !head_request {
+            self.out.extend_from_slice(text.as_bytes());
+        }
         self.flush().await.is_ok()
     }
 }
@@ -474,4 +523,31 @@ fn put_date(out: &mut Vec<u8>) {
         out.extend_from_slice(&d.1);
         out.extend_from_slice(b"\r\n");
     });
+}
+
+/// Watches the client socket while a request is in flight, for the client going away.
+pub(crate) enum Watch {
+    On,
+    /// The client sent more (a pipelined request): it is still there, and its bytes wait for
+    /// the next read.
+    Off,
+}
+
+impl Watch {
+    /// Ready when the client has closed its side or the socket failed. Reads nothing.
+    fn poll_gone(&mut self, stream: &TcpStream, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if matches!(self, Watch::Off) {
+            return Poll::Pending;
+        }
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let mut probe = tokio::io::ReadBuf::uninit(&mut probe);
+        match stream.poll_peek(cx, &mut probe) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {
+                *self = Watch::Off;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }

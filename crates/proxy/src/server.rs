@@ -169,7 +169,7 @@ impl AsyncRead for Tracked {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = if this.prefix.is_empty() {
+        let r = if this.prefix.is_empty() || buf.remaining() == 0 {
             Pin::new(&mut this.stream).poll_read(cx, buf)
         } else {
             let n = this.prefix.len().min(buf.remaining());

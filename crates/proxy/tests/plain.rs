@@ -52,6 +52,9 @@ async fn scripted_upstream() -> SocketAddr {
                         "/nocontent" => (b"HTTP/1.1 204 No Content\r\nX-App: n\r\n\r\n", false),
                         "/notmodified" => (b"HTTP/1.1 304 Not Modified\r\nETag: \"1\"\r\n\r\n", false),
                         "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", false),
+                        // A length the upstream names as hop-by-hop, and a repeated one with a sign.
+                        "/namedlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello", false),
+                        "/oddlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\nContent-Length: 5\r\n\r\nhello", false),
                         "/echo" => {
                             // The request head as the upstream saw it, as the body.
                             let body = head.clone().into_bytes();
@@ -131,6 +134,14 @@ async fn every_response_framing_arrives_whole_on_one_keep_alive_connection() {
         .unwrap();
     assert_eq!((resp.0, resp.2.len()), (StatusCode::OK, 0));
     assert_eq!(resp.1["content-length"], "100");
+
+    // Whatever the upstream wrote, the client gets one length, the one the body was framed by.
+    for path in ["/namedlength", "/oddlength"] {
+        let (status, headers, body) = c.get(path).await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]), "{path}");
+        let lengths: Vec<_> = headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"], "{path}: {headers:?}");
+    }
 
     // Still the same connection, still in step.
     let (status, _, body) = c.get("/len").await.unwrap();
@@ -245,4 +256,80 @@ async fn a_bodiless_request_to_a_closed_upstream_gets_a_502_and_the_connection_g
     proxy.update(|_| Ok(table(&[&blue], &[&green]))).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     assert_eq!(&read_one(&mut s, &mut buf).await.1[..], b"blue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_request_answered_by_the_proxy_gets_no_body() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+    // No instance on the live colour: the proxy answers 503 itself, twice on one connection.
+    proxy.update(|_| Ok(table(&[], &[&green]))).unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while buf.windows(4).filter(|w| w == b"\r\n\r\n").count() < 2 || !buf.ends_with(b"\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let second = text
+        .find("HTTP/1.1 503")
+        .and_then(|i| text[i + 1..].find("HTTP/1.1 503").map(|j| i + 1 + j));
+    let second = second.unwrap_or_else(|| panic!("two 503 answers expected: {text:?}"));
+    let first = &text[..second];
+    assert!(first.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{first}");
+    assert!(first.ends_with("\r\n\r\n"), "the HEAD answer has a body: {first:?}");
+    assert!(text[second..].contains("no live instance"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_timeout_runs_from_the_end_of_a_slow_response() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let mut cfg = test_config();
+    cfg.idle_timeout = Duration::from_millis(400);
+    let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    // The response takes longer than the idle timeout; the connection must still carry the next
+    // request sent right after it.
+    let (status, _, body) = c.get("/slow?ms=900&size=10").await.unwrap();
+    assert_eq!((status, &body[..5]), (StatusCode::OK, &b"blue "[..]));
+    let (status, _, body) = c.get("/").await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"blue"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_ends_its_request() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /slow?ms=8000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        in_flight_reaches(&proxy, cutover_proxy::Colour::Blue, 1).await,
+        "the request is in flight"
+    );
+    drop(s);
+    let t = std::time::Instant::now();
+    assert!(
+        in_flight_reaches(&proxy, cutover_proxy::Colour::Blue, 0).await,
+        "the request ended"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "it ended when the client left, not with the upstream: {:?}",
+        t.elapsed()
+    );
 }
