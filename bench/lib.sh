@@ -336,6 +336,8 @@ ensure_cutover() {
   local tdir=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
   CUTOVER_BIN=$tdir/release/cutover
   if [[ ${CUTOVER_BUILD:-1} != 0 ]]; then
+    # The source the binary is built from, named now: the tree may change while the run goes on.
+    CUTOVER_REV=$(cutover_version)
     log "building: cargo build --release -p cutover (log: $BENCH_TMP/cargo.log)"
     if ! (cd "$REPO_ROOT" && cargo build --release -p cutover) >"$BENCH_TMP/cargo.log" 2>&1; then
       tail -40 "$BENCH_TMP/cargo.log" >&2
@@ -432,6 +434,6 @@ meta_block() {
 - Versions: $(peer_versions)
 EOF
   if [[ -n ${CUTOVER_BIN:-} ]]; then
-    echo "- cutover: \`$CUTOVER_BIN\`, $(cutover_version)"
+    echo "- cutover: \`$CUTOVER_BIN\`, ${CUTOVER_REV:-$(cutover_version)}"
   fi
 }
