@@ -11,8 +11,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::StatusCode;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -58,10 +58,7 @@ pub(crate) enum Chunk {
 /// A parsed response head.
 pub(crate) struct Head {
     pub(crate) status: StatusCode,
-    /// The head as received.
-    raw: Bytes,
-    /// The header fields passed on to the client (hop-by-hop ones left out).
-    fields: Vec<Field>,
+    pub(crate) headers: HeaderMap,
     pub(crate) framing: Framing,
     /// The upstream allows another request on this connection after this response.
     pub(crate) keep_alive: bool,
@@ -343,11 +340,15 @@ pub(crate) fn write_hex(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| trim_ows(t).eq_ignore_ascii_case(token.as_bytes()))
+}
+
 /// Parses a complete response head off the front of `buf`, or returns `None` if more bytes are
 /// needed. Hop-by-hop headers are dropped here (their meaning is used for framing and reuse),
-/// except on a 101 response, whose `Connection`/`Upgrade` are the handshake. The fields passed on
-/// stay where they are in the received bytes: [`Head::header_map`] makes a header map of them for
-/// hyper, [`Head::write_fields`] copies them out as they came.
+/// except on a 101 response, whose `Connection`/`Upgrade` are the handshake.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, HeadError> {
     // Uninitialised slots: zeroing a hundred headers for every response costs more than parsing.
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -360,39 +361,57 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
     };
     let code = resp.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| HeadError::Invalid("bad status code"))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut keep_alive = resp.version != Some(0);
+    let base = buf.as_ptr() as usize;
+
+    // Offsets first (the slices borrow `buf`), then split the head off as shared bytes.
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let count = resp.headers.len();
+    for (i, h) in resp.headers.iter().enumerate() {
+        // A head is at most MAX_HEAD bytes, so offsets fit in u32.
+        let n = (h.name.as_ptr() as usize - base) as u32;
+        let v = (h.value.as_ptr() as usize - base) as u32;
+        spans[i] = (n, h.name.len() as u32, v, h.value.len() as u32);
+    }
+    let head = buf.split_to(len).freeze();
+
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut keep_alive = version == Version::HTTP_11;
     let mut chunked = false;
     let mut other_coding = false;
     let mut length: Option<u64> = None;
-    let mut named_in_connection = false;
-    let base = buf.as_ptr() as usize;
-    let mut fields: Vec<Field> = Vec::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        let raw = h.value;
-        if name.eq_ignore_ascii_case(b"connection") {
-            let (mut close, mut keep) = (false, false);
+    let mut named_in_connection: Vec<HeaderName> = Vec::new();
+    for &(n, nl, v, vl) in &spans[..count] {
+        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
+        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| HeadError::Invalid("bad header name"))?;
+        let raw = &head[v..v + vl];
+        if name == header::CONNECTION {
+            if has_token(raw, "close") {
+                keep_alive = false;
+            } else if has_token(raw, "keep-alive") {
+                keep_alive = true;
+            }
             for t in raw.split(|&b| b == b',') {
                 let t = trim_ows(t);
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    keep = true;
-                } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"upgrade") {
-                    named_in_connection = true;
+                if !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"upgrade")
+                {
+                    if let Ok(extra) = HeaderName::from_bytes(t) {
+                        named_in_connection.push(extra);
+                    }
                 }
-            }
-            // `close` wins over `keep-alive` in the same header.
-            if close {
-                keep_alive = false;
-            } else if keep {
-                keep_alive = true;
             }
             if !switching {
                 continue;
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if name == header::TRANSFER_ENCODING {
             // The last coding decides: chunked means chunked framing.
             let last = raw.split(|&b| b == b',').next_back().map(trim_ows).unwrap_or(b"");
             if last.eq_ignore_ascii_case(b"chunked") {
@@ -402,50 +421,49 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
                 other_coding = true;
             }
             continue;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let parsed = std::str::from_utf8(raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        } else if name == header::CONTENT_LENGTH {
+            // Digits only (RFC 9110, 8.6): no sign, no list. Repeated equal values stand for
+            // one, and the client gets that one, written below.
+            let digits = trim_ows(raw);
+            let parsed = (!digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+                .flatten();
             match (parsed, length) {
                 (None, _) => return Err(HeadError::Invalid("bad content-length")),
                 (Some(a), Some(b)) if a != b => return Err(HeadError::Invalid("conflicting content-length")),
                 (Some(a), _) => length = Some(a),
             }
-        } else if (!switching && name.eq_ignore_ascii_case(b"upgrade"))
-            || name.eq_ignore_ascii_case(b"te")
-            || name.eq_ignore_ascii_case(b"trailer")
-            || name.eq_ignore_ascii_case(b"keep-alive")
-            || name.eq_ignore_ascii_case(b"proxy-connection")
+            continue;
+        } else if (name == header::UPGRADE && !switching)
+            || name == header::TE
+            || name == header::TRAILER
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
         {
             continue;
         }
-        // A head is at most MAX_HEAD bytes, so offsets fit in u32.
-        fields.push(Field {
-            name: (h.name.as_ptr() as usize - base) as u32,
-            name_len: name.len() as u32,
-            value: (raw.as_ptr() as usize - base) as u32,
-            value_len: raw.len() as u32,
-        });
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+            .map_err(|_| HeadError::Invalid("bad header value"))?;
+        headers.append(name, value);
     }
-    let raw = buf.split_to(len).freeze();
-    if named_in_connection && !switching {
-        // Fields the Connection header names are hop-by-hop too.
-        let named: Vec<&[u8]> = connection_tokens(&raw, &fields_all(&raw));
-        fields.retain(|f| !named.iter().any(|n| n.eq_ignore_ascii_case(f.name(&raw))));
+    for extra in named_in_connection {
+        if !switching {
+            headers.remove(extra);
+        }
     }
 
     let no_body = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let drop_length =
-        |fields: &mut Vec<Field>| fields.retain(|f| !f.name(&raw).eq_ignore_ascii_case(b"content-length"));
     let framing = if no_body {
         Framing::Empty
     } else if chunked {
         // A message with both is framed by chunking; the length must not be passed on.
-        drop_length(&mut fields);
+        headers.remove(header::CONTENT_LENGTH);
         Framing::Chunked(Chunk::Size)
     } else if other_coding {
-        drop_length(&mut fields);
+        headers.remove(header::CONTENT_LENGTH);
         keep_alive = false;
         Framing::Close
     } else if let Some(n) = length {
@@ -454,106 +472,17 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
         keep_alive = false;
         Framing::Close
     };
+    if let Some(n) = length {
+        if !chunked && !other_coding {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
     Ok(Some(Head {
         status,
-        raw,
-        fields,
+        headers,
         framing,
         keep_alive,
     }))
-}
-
-/// Where one header field of a response head lies in its bytes.
-#[derive(Debug, Clone, Copy)]
-struct Field {
-    name: u32,
-    name_len: u32,
-    value: u32,
-    value_len: u32,
-}
-
-impl Field {
-    fn name<'a>(&self, raw: &'a [u8]) -> &'a [u8] {
-        &raw[self.name as usize..(self.name + self.name_len) as usize]
-    }
-    fn value<'a>(&self, raw: &'a [u8]) -> &'a [u8] {
-        &raw[self.value as usize..(self.value + self.value_len) as usize]
-    }
-}
-
-/// Every field of a complete head, hop-by-hop ones included (only for the rare head whose
-/// Connection header names other fields).
-fn fields_all(raw: &[u8]) -> Vec<Field> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let _ = resp.parse(raw);
-    let base = raw.as_ptr() as usize;
-    resp.headers
-        .iter()
-        .map(|h| Field {
-            name: (h.name.as_ptr() as usize - base) as u32,
-            name_len: h.name.len() as u32,
-            value: (h.value.as_ptr() as usize - base) as u32,
-            value_len: h.value.len() as u32,
-        })
-        .collect()
-}
-
-/// The field names listed in the Connection headers among `fields`, other than the connection
-/// options themselves.
-fn connection_tokens<'a>(raw: &'a [u8], fields: &[Field]) -> Vec<&'a [u8]> {
-    let mut out = Vec::new();
-    for f in fields {
-        if !f.name(raw).eq_ignore_ascii_case(b"connection") {
-            continue;
-        }
-        for t in f.value(raw).split(|&b| b == b',') {
-            let t = trim_ows(t);
-            if !t.is_empty()
-                && !t.eq_ignore_ascii_case(b"close")
-                && !t.eq_ignore_ascii_case(b"keep-alive")
-                && !t.eq_ignore_ascii_case(b"upgrade")
-            {
-                out.push(t);
-            }
-        }
-    }
-    out
-}
-
-impl Head {
-    /// The fields passed on, as a header map (names lower-cased, values sharing the head's bytes).
-    pub(crate) fn header_map(&self) -> Result<HeaderMap, HeadError> {
-        let mut headers = HeaderMap::with_capacity(self.fields.len());
-        for f in &self.fields {
-            let name = HeaderName::from_bytes(f.name(&self.raw)).map_err(|_| HeadError::Invalid("bad header name"))?;
-            let value =
-                HeaderValue::from_maybe_shared(self.raw.slice(f.value as usize..(f.value + f.value_len) as usize))
-                    .map_err(|_| HeadError::Invalid("bad header value"))?;
-            headers.append(name, value);
-        }
-        Ok(headers)
-    }
-
-    /// Whether a field of this name is passed on.
-    pub(crate) fn has_field(&self, name: &[u8]) -> bool {
-        self.fields.iter().any(|f| f.name(&self.raw).eq_ignore_ascii_case(name))
-    }
-
-    /// Appends the fields passed on to `out`, each as a `name: value` line, as the upstream
-    /// spelled them, leaving out Content-Length if `without_length`. The parser has already
-    /// checked every name and value.
-    pub(crate) fn write_fields(&self, out: &mut Vec<u8>, without_length: bool) {
-        for f in &self.fields {
-            if without_length && f.name(&self.raw).eq_ignore_ascii_case(b"content-length") {
-                continue;
-            }
-            out.extend_from_slice(f.name(&self.raw));
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(f.value(&self.raw));
-            out.extend_from_slice(b"\r\n");
-        }
-    }
 }
 
 /// The upstream end of a tunnel after a 101 response: whatever the upstream sent right after
@@ -602,18 +531,10 @@ mod tests {
         assert_eq!(h.status, 200);
         assert_eq!(h.framing, Framing::Length(5));
         assert!(h.keep_alive);
-        let map = h.header_map().unwrap();
-        assert_eq!(map["x-app"], "a");
-        assert_eq!(map["content-length"], "5");
+        assert_eq!(h.headers["x-app"], "a");
         for gone in ["connection", "x-hop", "keep-alive"] {
-            assert!(!map.contains_key(gone), "{gone}");
+            assert!(!h.headers.contains_key(gone), "{gone}");
         }
-        let mut lines = Vec::new();
-        h.write_fields(&mut lines, false);
-        assert_eq!(lines, b"Content-Length: 5\r\nX-App: a\r\n");
-        lines.clear();
-        h.write_fields(&mut lines, true);
-        assert_eq!(lines, b"X-App: a\r\n");
     }
 
     #[test]
@@ -632,6 +553,16 @@ mod tests {
         assert!(!h.keep_alive);
         let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..]);
         assert!(parse_head(&mut b, false).is_err());
+        for bad in ["+5", "5, 5", "0x5", ""] {
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(
+                parse_head(&mut BytesMut::from(raw.as_bytes()), false).is_err(),
+                "{bad:?}"
+            );
+        }
+        let h = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(h.framing, Framing::Length(5));
+        assert_eq!(h.headers.get_all("content-length").iter().collect::<Vec<_>>(), ["5"]);
         let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
         assert!(parse_head(&mut b, false).unwrap().is_none());
     }

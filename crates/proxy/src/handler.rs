@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -50,25 +49,13 @@ pub(crate) async fn handle(
         Ok(resp) => resp,
         Err(e) => error_response(&e),
     };
-    record(cfg, seen.as_ref(), resp.status().as_u16(), start, line);
-    Ok(resp)
-}
-
-/// Counts a request's outcome for its colour and writes its access log line, if that is on.
-pub(crate) fn record(
-    cfg: &crate::config::ProxyConfig,
-    seen: Option<&Seen>,
-    status: u16,
-    start: std::time::Instant,
-    line: Option<(Method, String)>,
-) {
-    if let Some(seen) = seen {
+    if let Some(seen) = &seen {
         if cfg.record_stats {
-            seen.pool.stats.record(status, start.elapsed());
+            seen.pool.stats.record(resp.status().as_u16(), start.elapsed());
         }
     }
     if let Some((method, path)) = line {
-        let (service, colour, id) = match seen {
+        let (service, colour, id) = match &seen {
             Some(s) => (&*s.service, s.colour.as_str(), s.request_id.as_deref().unwrap_or("-")),
             None => ("-", "-", "-"),
         };
@@ -79,24 +66,27 @@ pub(crate) fn record(
             colour,
             %method,
             path = %path,
-            status,
+            status = resp.status().as_u16(),
             duration_us = start.elapsed().as_micros() as u64,
             "request"
         );
     }
+    Ok(resp)
 }
 
 /// What `handle` learns about a request once it is routed.
 pub(crate) struct Seen {
     pool: Arc<PoolState>,
-    pub(crate) service: Arc<str>,
+    service: Arc<str>,
     colour: Colour,
     /// Only with the access log on.
     request_id: Option<String>,
 }
 
 pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(error_text(e)));
+    let mut msg = e.to_string();
+    msg.push('\n');
+    let mut resp = Response::new(ProxyBody::full(msg));
     *resp.status_mut() = e.status();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -107,20 +97,13 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     resp
 }
 
-/// The body of the proxy's own answer to a failed request: what went wrong, on one line.
-pub(crate) fn error_text(e: &ProxyError) -> String {
-    let mut msg = e.to_string();
-    msg.push('\n');
-    msg
-}
-
 /// The host a request is for, without port: the URI authority (HTTP/2, absolute-form) or the
 /// Host header.
-fn request_host(parts: &Parts) -> Option<&str> {
-    if let Some(host) = parts.uri.host() {
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    if let Some(host) = req.uri().host() {
         return Some(host);
     }
-    let raw = parts.headers.get(header::HOST)?.to_str().ok()?;
+    let raw = req.headers().get(header::HOST)?.to_str().ok()?;
     if raw.starts_with('[') {
         // IPv6 literal: [::1]:8080
         return raw.find(']').map(|end| &raw[..=end]);
@@ -140,86 +123,6 @@ async fn proxy(
     mut req: Request<Incoming>,
     seen: &mut Option<Seen>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
-        req.headers().get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let (parts, mut body) = req.into_parts();
-    let fwd = forward(ctx, &parts, Some(&mut body), upgrade.as_ref(), seen).await?;
-    let headers = fwd.head.header_map().map_err(|e| ProxyError::Upstream {
-        service: seen.as_ref().map_or_else(String::new, |s| s.service.to_string()),
-        addr: fwd.addr,
-        reason: e.to_string(),
-    })?;
-    let mut resp = Response::new(ProxyBody::empty());
-    *resp.status_mut() = fwd.head.status;
-    *resp.headers_mut() = headers;
-    if fwd.head.status == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = client_upgrade else {
-            return Err(ProxyError::Upstream {
-                service: seen.as_ref().map_or_else(String::new, |s| s.service.to_string()),
-                addr: fwd.addr,
-                reason: "switched protocols without being asked to".into(),
-            });
-        };
-        let upstream = Prefixed {
-            prefix: fwd.conn.buf.freeze(),
-            io: fwd.conn.io,
-        };
-        spawn_tunnel(
-            client_upgrade,
-            upstream,
-            Generation::into_upgraded(fwd.gen_guard),
-            fwd.instance,
-            OpenGuard::new(&ctx.shared),
-        );
-        return Ok(resp);
-    }
-    *resp.body_mut() = ProxyBody::streaming(fwd.into_streaming(
-        ctx.shared.config.upstream_pool_size,
-        crate::server::Responding::new(&ctx.activity),
-    ));
-    Ok(resp)
-}
-
-/// A request an upstream has answered: the response head, and what its body needs.
-pub(crate) struct Forwarded {
-    pub(crate) head: Head,
-    pub(crate) conn: Conn,
-    pub(crate) instance_id: u64,
-    pub(crate) addr: SocketAddr,
-    pub(crate) instance: InstanceGuard,
-    pub(crate) gen_guard: GenerationGuard,
-}
-
-impl Forwarded {
-    /// The response body, streamed from the upstream connection.
-    pub(crate) fn into_streaming(self, pool_size: usize, responding: crate::server::Responding) -> Streaming {
-        Streaming {
-            conn: self.conn,
-            framing: self.head.framing,
-            reusable: self.head.keep_alive,
-            instance_id: self.instance_id,
-            pool_size,
-            gen: self.gen_guard,
-            _instance: self.instance,
-            _responding: responding,
-            deadline: Default::default(),
-        }
-    }
-}
-
-/// Routes a request, sends it to an instance of its colour (with `body`, if it has one) and
-/// waits for the response head. `upgrade` is the protocol the client asked to switch to.
-pub(crate) async fn forward(
-    ctx: &ConnCtx,
-    parts: &Parts,
-    body: Option<&mut Incoming>,
-    upgrade: Option<&HeaderValue>,
-    seen: &mut Option<Seen>,
-) -> Result<Forwarded, ProxyError> {
     let shared = &ctx.shared;
     if shared.shutdown.is_cancelled() {
         return Err(ProxyError::ShuttingDown);
@@ -228,8 +131,8 @@ pub(crate) async fn forward(
     // One table load per request. The request keeps this snapshot (one reference count) to the
     // end, so its colour and pool cannot change under it whatever is stored meanwhile.
     let table = shared.table.load_full();
-    let svc = table.route(request_host(parts)).ok_or(ProxyError::NoRoute)?;
-    let preview = match parts.headers.get(&X_CUTOVER_PREVIEW) {
+    let svc = table.route(request_host(&req)).ok_or(ProxyError::NoRoute)?;
+    let preview = match req.headers().get(&X_CUTOVER_PREVIEW) {
         Some(v) => svc.preview_matches(v.as_bytes()),
         None => false,
     };
@@ -248,24 +151,30 @@ pub(crate) async fn forward(
         request_id: None,
     });
 
-    let framing = match &body {
-        None => BodyFraming::None,
-        Some(b) if b.is_end_stream() => BodyFraming::None,
-        Some(_) if parts.headers.contains_key(header::CONTENT_LENGTH) && parts.version == Version::HTTP_11 => {
-            BodyFraming::Length
-        }
-        Some(_) => BodyFraming::Chunked,
+    let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
+        req.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (parts, mut body) = req.into_parts();
+    let framing = if body.is_end_stream() {
+        BodyFraming::None
+    } else if parts.headers.contains_key(header::CONTENT_LENGTH) && parts.version == Version::HTTP_11 {
+        BodyFraming::Length
+    } else {
+        BodyFraming::Chunked
     };
     // The upstream request head, encoded once; a replay sends the same bytes again.
     let mut head = Vec::with_capacity(512);
     let generated = headers::encode_request(
         &mut head,
-        parts,
+        &parts,
         &Forwarding {
             client_ip: &ctx.client_ip,
             proto: "http",
         },
-        upgrade,
+        upgrade.as_ref(),
         framing,
     );
     if shared.config.access_log {
@@ -286,7 +195,7 @@ pub(crate) async fn forward(
         && is_idempotent(&parts.method);
     let req = Outgoing {
         head: &head,
-        body,
+        body: &mut body,
         framing,
         replayable,
         head_request: parts.method == Method::HEAD,
@@ -301,20 +210,49 @@ pub(crate) async fn forward(
         }
     };
     let Sent {
-        head,
+        head: resp_head,
         conn,
         instance_id,
         addr,
         instance,
     } = sent?;
-    Ok(Forwarded {
-        head,
+
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = resp_head.status;
+    *resp.headers_mut() = resp_head.headers;
+    if resp_head.status == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ProxyError::Upstream {
+                service: service_name.to_string(),
+                addr,
+                reason: "switched protocols without being asked to".into(),
+            });
+        };
+        let upstream = Prefixed {
+            prefix: conn.buf.freeze(),
+            io: conn.io,
+        };
+        spawn_tunnel(
+            client_upgrade,
+            upstream,
+            Generation::into_upgraded(gen_guard),
+            instance,
+            OpenGuard::new(&ctx.shared),
+        );
+        return Ok(resp);
+    }
+    *resp.body_mut() = ProxyBody::streaming(Streaming {
         conn,
+        framing: resp_head.framing,
+        reusable: resp_head.keep_alive,
         instance_id,
-        addr,
-        instance,
-        gen_guard,
-    })
+        pool_size: shared.config.upstream_pool_size,
+        gen: gen_guard,
+        _instance: instance,
+        _responding: crate::server::Responding::new(&ctx.activity),
+        deadline: Default::default(),
+    });
+    Ok(resp)
 }
 
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
@@ -329,8 +267,7 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
 /// A request on its way upstream: its encoded head and the client's body.
 struct Outgoing<'a> {
     head: &'a [u8],
-    /// `None` for a request that has no body.
-    body: Option<&'a mut Incoming>,
+    body: &'a mut Incoming,
     framing: BodyFraming,
     /// Bodiless and idempotent: may be sent again if the connection breaks before an answer.
     replayable: bool,
@@ -498,10 +435,7 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Du
     let chunked = req.framing == BodyFraming::Chunked;
     let Conn { io, buf, .. } = conn;
     let (mut rd, mut wr) = io.split();
-    let Some(body) = req.body.as_deref_mut() else {
-        return Attempt::Failed(Failure::ClientBody);
-    };
-    let write = Conn::write_body(&mut wr, body, chunked);
+    let write = Conn::write_body(&mut wr, req.body, chunked);
     tokio::pin!(write);
     let mut early: Option<Head> = None;
     {

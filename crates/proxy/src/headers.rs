@@ -76,7 +76,7 @@ fn named_in_connection(parts: &Parts) -> Vec<HeaderName> {
     named
 }
 
-pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

@@ -14,7 +14,6 @@ mod h1;
 mod handler;
 mod headers;
 mod pass;
-mod plain;
 mod server;
 mod stats;
 mod table;

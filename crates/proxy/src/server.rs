@@ -21,7 +21,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::header::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -132,8 +131,6 @@ impl Drop for Responding {
 /// A client socket that notes every read and write for the watchdog.
 struct Tracked {
     stream: TcpStream,
-    /// Bytes already read off the socket (by `crate::plain`), read before the socket.
-    prefix: Bytes,
     activity: Arc<Activity>,
     /// HTTP/1: bytes that arrive between requests begin a request head.
     heads: bool,
@@ -169,13 +166,7 @@ impl AsyncRead for Tracked {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = if this.prefix.is_empty() || buf.remaining() == 0 {
-            Pin::new(&mut this.stream).poll_read(cx, buf)
-        } else {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            Poll::Ready(Ok(()))
-        };
+        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
         if r.is_ready() {
             let a = &this.activity;
             a.io.store(true, Ordering::Relaxed);
@@ -741,7 +732,7 @@ where
     }
 }
 
-async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, preview: bool) {
+async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview: bool) {
     let cfg = &shared.config;
     let is_h2 = match tokio::time::timeout(cfg.client_header_timeout, sniff_h2(&stream)).await {
         Ok(Ok(h2)) => h2,
@@ -756,18 +747,8 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, pre
         preview_listener: preview,
         activity: activity.clone(),
     });
-    // HTTP/1: bodiless requests are served without hyper until one comes that hyper must serve.
-    let prefix = if is_h2 {
-        Bytes::new()
-    } else {
-        match crate::plain::serve(ctx.clone(), &mut stream).await {
-            crate::plain::Next::Close => return,
-            crate::plain::Next::Hyper(rest) => rest,
-        }
-    };
     let io = TokioIo::new(Tracked {
         stream,
-        prefix,
         activity: activity.clone(),
         heads: !is_h2,
         hold: Hold::default(),
