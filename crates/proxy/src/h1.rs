@@ -385,6 +385,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
     let mut chunked = false;
     let mut other_coding = false;
     let mut length: Option<u64> = None;
+    // Where the first Content-Length value lies in `head`: the client gets it, once.
+    let mut length_at = 0..0;
     let mut named_in_connection: Vec<HeaderName> = Vec::new();
     for &(n, nl, v, vl) in &spans[..count] {
         let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
@@ -422,16 +424,20 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
             }
             continue;
         } else if name == header::CONTENT_LENGTH {
-            // Digits only (RFC 9110, 8.6): no sign, no list. Repeated equal values stand for
-            // one, and the client gets that one, written below.
+            // Digits only (RFC 9110, 8.6): no sign, no list; 19 digits cannot overflow. Repeated
+            // equal values stand for one, and the client gets the first, written below.
             let digits = trim_ows(raw);
             let parsed = (!digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit))
-                .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
-                .flatten();
+                .then(|| digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
             match (parsed, length) {
                 (None, _) => return Err(HeadError::Invalid("bad content-length")),
                 (Some(a), Some(b)) if a != b => return Err(HeadError::Invalid("conflicting content-length")),
-                (Some(a), _) => length = Some(a),
+                (Some(_), Some(_)) => {}
+                (Some(a), None) => {
+                    length = Some(a);
+                    let at = v + (digits.as_ptr() as usize - raw.as_ptr() as usize);
+                    length_at = at..at + digits.len();
+                }
             }
             continue;
         } else if (name == header::UPGRADE && !switching)
@@ -472,10 +478,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
         keep_alive = false;
         Framing::Close
     };
-    if let Some(n) = length {
-        if !chunked && !other_coding {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
+    if length.is_some() && !chunked && !other_coding {
+        // A slice of the head, like every other value: no allocation.
+        let value = HeaderValue::from_maybe_shared(head.slice(length_at))
+            .map_err(|_| HeadError::Invalid("bad content-length"))?;
+        headers.insert(header::CONTENT_LENGTH, value);
     }
     Ok(Some(Head {
         status,

@@ -57,14 +57,6 @@ async fn scripted_upstream() -> SocketAddr {
                         "/namedlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello", false),
                         "/oddlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello", false),
                         "/signedlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello", true),
-                        "/echo" => {
-                            // The request head as the upstream saw it, as the body.
-                            let body = head.clone().into_bytes();
-                            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-                            r.extend_from_slice(&body);
-                            let _ = s.write_all(&r).await;
-                            continue;
-                        }
                         _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
                     };
                     if s.write_all(resp).await.is_err() || close {
