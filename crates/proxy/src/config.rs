@@ -34,12 +34,13 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// Idle upstream connections kept per instance and worker.
     pub upstream_pool_size: usize,
-    /// Client connections accepted at once, over all workers; further clients wait in the
-    /// listen backlog.
+    /// Client connections open at once, over all workers, a connection upgraded to a tunnel
+    /// included until the tunnel closes; further clients wait in the listen backlog.
     pub max_connections: usize,
     /// Largest request head (request line and headers) accepted; larger gets 431.
     pub max_header_bytes: usize,
-    /// How long a graceful shutdown waits for in-flight requests.
+    /// How long a graceful shutdown waits for in-flight requests and open tunnels; tunnels
+    /// (WebSockets) are closed at random instants over its first half.
     pub shutdown_timeout: Duration,
     /// Replays a request whose upstream connection failed before any response byte arrived,
     /// when its method is idempotent and it has no body. Connect failures are always retried.

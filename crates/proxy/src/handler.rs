@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -19,7 +20,7 @@ use crate::error::ProxyError;
 use crate::h1::{BodyWriteError, Conn, Head, HeadError, Prefixed};
 use crate::headers::{self, BodyFraming, Forwarding, X_CUTOVER_PREVIEW};
 use crate::pass::{Hold, Side};
-use crate::server::{OpenGuard, Shared};
+use crate::server::{ConnSlot, Shared};
 use crate::table::{now_ms, Colour, Generation, GenerationGuard, Pool, PoolState};
 use crate::upstream;
 
@@ -30,6 +31,8 @@ pub(crate) struct ConnCtx {
     /// Requests on a preview listener always go to the inactive colour.
     pub(crate) preview_listener: bool,
     pub(crate) activity: Arc<crate::server::Activity>,
+    /// Held as long as the connection or a tunnel it became is open.
+    pub(crate) _slot: ConnSlot,
 }
 
 pub(crate) async fn handle(
@@ -118,8 +121,51 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
+/// Where a request goes: the table snapshot it keeps to its end, its service there (an index),
+/// its colour and its count in that colour's generation.
+struct Routed {
+    table: Arc<crate::table::RouteTable>,
+    service: usize,
+    colour: Colour,
+    gen: GenerationGuard,
+}
+
+/// Routes a request on `table` (just loaded from `current`) and counts it in.
+///
+/// A drain rotates a colour to a new generation in a new table, then waits for the old
+/// generation's count to reach zero. A request that loaded the table before that store and counts
+/// itself in after the drain looked would run on the drained colour unseen. So once counted, the
+/// request checks whether its generation is being drained (the ordering that makes this enough is
+/// on `Generation::enter_request`); if so it routes again on the table the drain stored. Twice
+/// at most: a third drain of the same colour within these few instructions is not waited out.
+fn enter(
+    current: &arc_swap::ArcSwap<crate::table::RouteTable>,
+    mut table: Arc<crate::table::RouteTable>,
+    host: Option<&str>,
+    colour_of: impl Fn(&crate::table::Service) -> Colour,
+) -> Result<Routed, ProxyError> {
+    let mut reloads = 0;
+    loop {
+        let service = table.route_index(host).ok_or(ProxyError::NoRoute)?;
+        let svc = &table.services()[service];
+        let colour = colour_of(svc);
+        let gen = svc.pool(colour).generation.enter_request();
+        if !gen.gen.is_draining() || reloads == 2 {
+            return Ok(Routed {
+                table,
+                service,
+                colour,
+                gen,
+            });
+        }
+        drop(gen);
+        reloads += 1;
+        table = current.load_full();
+    }
+}
+
 async fn proxy(
-    ctx: &ConnCtx,
+    ctx: &Arc<ConnCtx>,
     mut req: Request<Incoming>,
     seen: &mut Option<Seen>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -128,22 +174,27 @@ async fn proxy(
         return Err(ProxyError::ShuttingDown);
     }
 
-    // One table load per request. The request keeps this snapshot (one reference count) to the
-    // end, so its colour and pool cannot change under it whatever is stored meanwhile.
-    let table = shared.table.load_full();
-    let svc = table.route(request_host(&req)).ok_or(ProxyError::NoRoute)?;
-    let preview = match req.headers().get(&X_CUTOVER_PREVIEW) {
-        Some(v) => svc.preview_matches(v.as_bytes()),
-        None => false,
-    };
-    let colour = if ctx.preview_listener || preview {
-        svc.active.other()
-    } else {
-        svc.active
-    };
+    // One table load per request (two if a drain began meanwhile, see `enter`). The request
+    // keeps this snapshot (one reference count) to the end, so its colour and pool cannot change
+    // under it whatever is stored meanwhile.
+    let preview_header = req.headers().get(&X_CUTOVER_PREVIEW);
+    let routed = enter(&shared.table, shared.table.load_full(), request_host(&req), |svc| {
+        let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
+        if ctx.preview_listener || preview {
+            svc.active.other()
+        } else {
+            svc.active
+        }
+    })?;
+    let Routed {
+        table,
+        service,
+        colour,
+        gen: gen_guard,
+    } = routed;
+    let svc = &table.services()[service];
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
-    let gen_guard = pool.generation.enter_request();
     *seen = Some(Seen {
         pool: pool.state.clone(),
         service: svc.name.clone(),
@@ -158,10 +209,13 @@ async fn proxy(
     };
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, mut body) = req.into_parts();
+    // hyper knows the length when the client declared a valid one (HTTP/1 Content-Length, or
+    // HTTP/2 content-length, which it enforces against the DATA frames); the upstream gets it as
+    // declared. Otherwise the body goes upstream chunked.
     let framing = if body.is_end_stream() {
         BodyFraming::None
-    } else if parts.headers.contains_key(header::CONTENT_LENGTH) && parts.version == Version::HTTP_11 {
-        BodyFraming::Length
+    } else if let Some(n) = body.size_hint().exact() {
+        BodyFraming::Length(n)
     } else {
         BodyFraming::Chunked
     };
@@ -237,7 +291,7 @@ async fn proxy(
             upstream,
             Generation::into_upgraded(gen_guard),
             instance,
-            OpenGuard::new(&ctx.shared),
+            ctx.clone(),
         );
         return Ok(resp);
     }
@@ -324,6 +378,9 @@ async fn send(
             break;
         };
         let inst = &pool.instances[idx];
+        // Counted from the pick on, so that an instance whose connects hang (a full backlog, a
+        // host dropping SYNs) shows its waiting requests to the next pick instead of looking idle.
+        let guard = InstanceGuard::new(&inst.state);
         let mut conn = match upstream::checkout(inst.id) {
             Some(c) => c,
             None => match upstream::connect(inst.addr, cfg.connect_timeout).await {
@@ -347,7 +404,6 @@ async fn send(
                 }
             },
         };
-        let guard = InstanceGuard::new(&inst.state);
         let reused = conn.reused;
         match attempt(&mut conn, &mut req, cfg.upstream_timeout).await {
             Attempt::Answered(head) => {
@@ -432,7 +488,7 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Du
 
     // With a body: write it while watching for the response, which may come early (an upstream
     // refusing an upload answers before reading it all).
-    let chunked = req.framing == BodyFraming::Chunked;
+    let chunked = matches!(req.framing, BodyFraming::Chunked);
     let Conn { io, buf, .. } = conn;
     let (mut rd, mut wr) = io.split();
     let write = Conn::write_body(&mut wr, req.body, chunked);
@@ -478,7 +534,7 @@ fn spawn_tunnel(
     mut upstream: Prefixed,
     guard: GenerationGuard,
     instance: InstanceGuard,
-    open: OpenGuard,
+    conn: Arc<ConnCtx>,
 ) {
     tokio::spawn(async move {
         let client = match client.await {
@@ -490,12 +546,21 @@ fn spawn_tunnel(
         };
         let mut client = hyper_util::rt::TokioIo::new(client);
         let gen = guard.gen.clone();
-        let deadline = async {
-            crate::deadline::expired(&gen).await;
-            let window = gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed);
-            if window > 0 {
-                let offset = crate::headers::random_u64() % window;
-                tokio::time::sleep(std::time::Duration::from_millis(offset)).await;
+        // At the drain deadline of its colour, or at shutdown, a tunnel closes at a random
+        // instant of a window, so that its clients do not all come back at once.
+        let window = async {
+            tokio::select! {
+                _ = crate::deadline::expired(&gen) => {
+                    Duration::from_millis(gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed))
+                }
+                _ = conn.shared.shutdown.cancelled() => shutdown_close_window(conn.shared.config.shutdown_timeout),
+            }
+        };
+        let close = async {
+            let window = window.await;
+            if !window.is_zero() {
+                let offset = crate::headers::random_u64() % window.as_millis().max(1) as u64;
+                tokio::time::sleep(Duration::from_millis(offset)).await;
             }
         };
         tokio::select! {
@@ -504,13 +569,70 @@ fn spawn_tunnel(
                     tracing::debug!(error = %e, "upgraded connection ended with an error");
                 }
             }
-            _ = deadline => {
+            _ = close => {
                 let _ = client.shutdown().await;
                 let _ = upstream.shutdown().await;
             }
         }
         drop(instance);
         drop(guard);
-        drop(open);
+        // Last: the client connection's slot (`max_connections`) and its count for shutdown.
+        drop(conn);
     });
+}
+
+/// The window over which the tunnels still open at shutdown are closed: the first half of
+/// `shutdown_timeout`, so that the last of them has closed well before the workers stop waiting.
+pub(crate) fn shutdown_close_window(shutdown_timeout: Duration) -> Duration {
+    shutdown_timeout / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{Instance, Pool, RouteTable, Service};
+    use crate::{Proxy, ProxyConfig};
+
+    fn one_service() -> RouteTable {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut s = Service::new("web");
+        s.blue = Pool::new(Some("v1"), vec![Instance::new(addr)]);
+        s.green = Pool::new(Some("v2"), vec![Instance::new(addr)]);
+        RouteTable::new(vec![s]).unwrap()
+    }
+
+    /// The window `enter` closes: a request loads the table, a switch and a drain of the old
+    /// colour run to completion (nothing is counted yet), then the request counts itself in.
+    #[tokio::test]
+    async fn a_request_routed_on_a_table_from_before_a_drain_is_routed_again() {
+        let proxy = Proxy::start(ProxyConfig::default(), one_service()).unwrap();
+        let current = &proxy.shared().table;
+        let stale = current.load_full();
+        let drained = stale.services()[0].blue.generation().clone();
+        proxy.switch("web", Colour::Green).unwrap();
+        let report = proxy
+            .drain("web", Colour::Blue, Duration::from_secs(1), Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(report.completed, "nothing was counted in when the drain looked");
+
+        // Live traffic: blue on the old table, whose generation is drained; routed again, green.
+        let routed = enter(current, stale.clone(), None, |s| s.active).unwrap();
+        assert_eq!(routed.colour, Colour::Green);
+        assert!(Arc::ptr_eq(&routed.table, &current.load_full()));
+        assert!(Arc::ptr_eq(
+            &routed.gen.gen,
+            current.load().services()[0].green.generation()
+        ));
+        assert_eq!(routed.gen.gen.in_flight(), 1);
+        assert_eq!(drained.in_flight(), 0, "the drained generation lets go of the request");
+        drop(routed);
+
+        // A generation that is not being drained keeps the request on the table it loaded.
+        let routed = enter(current, stale.clone(), None, |s| s.active.other()).unwrap();
+        assert_eq!(routed.colour, Colour::Green);
+        assert!(Arc::ptr_eq(&routed.table, &stale));
+        assert_eq!(routed.gen.gen.in_flight(), 1);
+        proxy.shutdown();
+    }
 }

@@ -28,8 +28,9 @@ const MAX_REQUEST_ID: usize = 128;
 pub(crate) enum BodyFraming {
     /// No body.
     None,
-    /// The client's `Content-Length` is passed on and the bytes copied as they come.
-    Length,
+    /// A length the client declared and hyper holds the body to (HTTP/1 `Content-Length`,
+    /// HTTP/2 `content-length`): sent upstream as `Content-Length`, the bytes copied as they come.
+    Length(u64),
     /// Length unknown (HTTP/1 chunked or HTTP/2 without a length): chunked upstream.
     Chunked,
 }
@@ -83,6 +84,21 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends `n` in decimal.
+fn put_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// Writes the HTTP/1.1 request head for the upstream into `out`. `upgrade` is the protocol the
 /// client asked to switch to, kept (with `Connection: upgrade`) so the upstream can accept it.
 /// `Expect: 100-continue` is answered by the proxy itself and not forwarded. Returns the request
@@ -133,8 +149,8 @@ pub(crate) fn encode_request(
                 continue;
             }
             request_id_kept = true;
-        } else if name == header::CONTENT_LENGTH && body != BodyFraming::Length {
-            continue;
+        } else if name == header::CONTENT_LENGTH {
+            continue; // written below from the length hyper holds the body to, once
         }
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -170,8 +186,14 @@ pub(crate) fn encode_request(
         put_header(out, b"connection", b"upgrade");
         put_header(out, b"upgrade", proto.as_bytes());
     }
-    if body == BodyFraming::Chunked {
-        put_header(out, b"transfer-encoding", b"chunked");
+    match body {
+        BodyFraming::None => {}
+        BodyFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            put_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyFraming::Chunked => put_header(out, b"transfer-encoding", b"chunked"),
     }
     out.extend_from_slice(b"\r\n");
     generated
@@ -332,9 +354,22 @@ mod tests {
     #[test]
     fn body_framing_and_upgrade() {
         let b = http::Request::post("/up").header("content-length", "5");
-        let (_, hs) = encode(b, BodyFraming::Length, None);
+        let (_, hs) = encode(b, BodyFraming::Length(5), None);
         assert_eq!(get(&hs, "content-length"), ["5"]);
         assert!(get(&hs, "transfer-encoding").is_empty());
+        // One length, the one the body is held to, whatever the client's headers repeat.
+        for n in [0, 7, 10, 1_000_000, u64::MAX] {
+            let b = http::Request::post("/up")
+                .version(http::Version::HTTP_2)
+                .header("content-length", n.to_string())
+                .header("content-length", n.to_string());
+            let (_, hs) = encode(b, BodyFraming::Length(n), None);
+            assert_eq!(get(&hs, "content-length"), [n.to_string()]);
+        }
+        // A chunked body never carries a client's length along.
+        let b = http::Request::post("/up").header("content-length", "5");
+        let (_, hs) = encode(b, BodyFraming::Chunked, None);
+        assert!(get(&hs, "content-length").is_empty());
         let b = http::Request::post("/up").header("transfer-encoding", "chunked");
         let (_, hs) = encode(b, BodyFraming::Chunked, None);
         assert_eq!(get(&hs, "transfer-encoding"), ["chunked"]);

@@ -6,7 +6,8 @@
 //! cross-thread hand-off on the request path.
 //!
 //! Shutdown: `shutdown()` stops the accept loops and asks every connection to finish its current
-//! request and close (HTTP/1) or to send GOAWAY (HTTP/2). Each worker then waits for its
+//! request and close (HTTP/1) or to send GOAWAY (HTTP/2); tunnels (upgraded connections) close
+//! at random instants over the first half of `shutdown_timeout`. Each worker waits for its
 //! connections and tunnels up to `shutdown_timeout` before its runtime is dropped, which closes
 //! whatever is left.
 
@@ -48,11 +49,18 @@ pub(crate) struct Shared {
     open_changed: Notify,
 }
 
-/// Counts one open connection or tunnel in `Shared::open` until dropped.
-pub(crate) struct OpenGuard(Arc<Shared>);
+/// What a client connection holds from its accept to its end, including the life of a tunnel
+/// it became after an upgrade: its place under `max_connections` and its count for shutdown.
+pub(crate) struct ConnSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _open: OpenGuard,
+}
+
+/// Counts one open connection (or the tunnel it became) in `Shared::open` until dropped.
+struct OpenGuard(Arc<Shared>);
 
 impl OpenGuard {
-    pub(crate) fn new(shared: &Arc<Shared>) -> OpenGuard {
+    fn new(shared: &Arc<Shared>) -> OpenGuard {
         shared.open.fetch_add(1, Ordering::AcqRel);
         OpenGuard(shared.clone())
     }
@@ -69,8 +77,10 @@ impl Drop for OpenGuard {
 /// What the watchdog of a client connection looks at.
 #[derive(Default)]
 pub(crate) struct Activity {
-    /// Set by every read or write; cleared by the watchdog when it looks.
+    /// Set by every read or write that completes; cleared by the watchdog when it looks.
     io: AtomicBool,
+    /// The last write to the client found its socket full: the client is not reading.
+    write_blocked: AtomicBool,
     requests: AtomicUsize,
     /// Responses whose body is still streaming to the client.
     responses: AtomicUsize,
@@ -97,10 +107,9 @@ impl Activity {
             .then(|| self.heads_begun.load(Ordering::Relaxed))
     }
 
-    /// True when nothing moved since the last look and no request is in flight.
-    fn idle_since_last_look(&self) -> bool {
-        let moved = self.io.swap(false, Ordering::Relaxed);
-        !moved && self.requests.load(Ordering::Relaxed) == 0
+    /// Whether a read or write completed since the last look.
+    fn moved_since_last_look(&self) -> bool {
+        self.io.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -139,6 +148,8 @@ struct Tracked {
     /// The last write did not all fit into the socket: what follows is bulk data, sent as the
     /// socket takes it, not held.
     backed_up: bool,
+    /// The last write found the socket full (mirrored in `Activity::write_blocked`).
+    blocked: bool,
 }
 
 impl Tracked {
@@ -151,13 +162,19 @@ impl Tracked {
         if !self.backed_up {
             ready!(self.hold.poll_release(Side::Client, cx));
         }
-        self.activity.io.store(true, Ordering::Relaxed);
         let r = write(Pin::new(&mut self.stream), cx);
         self.backed_up = match &r {
             Poll::Ready(Ok(n)) => *n < len,
             Poll::Ready(Err(_)) => false,
             Poll::Pending => true,
         };
+        if r.is_ready() {
+            self.activity.io.store(true, Ordering::Relaxed);
+        }
+        if r.is_pending() != self.blocked {
+            self.blocked = r.is_pending();
+            self.activity.write_blocked.store(self.blocked, Ordering::Relaxed);
+        }
         r
     }
 }
@@ -268,6 +285,11 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener>
 impl Proxy {
     /// Binds every listener (once per worker) and starts the workers. Fails, with nothing left
     /// running, when any address cannot be bound.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     pub fn start(config: ProxyConfig, table: RouteTable) -> Result<Proxy, StartError> {
         if config.workers == 0 {
             return Err(StartError::Config("workers must be at least 1".into()));
@@ -664,9 +686,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, preview: bool) 
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let _open = OpenGuard::new(&shared);
-                    serve(shared, stream, peer, preview).await;
-                    drop(permit);
+                    let slot = ConnSlot {
+                        _permit: permit,
+                        _open: OpenGuard::new(&shared),
+                    };
+                    serve(shared, stream, peer, preview, slot).await;
                 });
             }
             Err(e) => {
@@ -732,7 +756,7 @@ where
     }
 }
 
-async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview: bool) {
+async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview: bool, slot: ConnSlot) {
     let cfg = &shared.config;
     let is_h2 = match tokio::time::timeout(cfg.client_header_timeout, sniff_h2(&stream)).await {
         Ok(Ok(h2)) => h2,
@@ -746,6 +770,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         client_ip,
         preview_listener: preview,
         activity: activity.clone(),
+        _slot: slot,
     });
     let io = TokioIo::new(Tracked {
         stream,
@@ -753,6 +778,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         heads: !is_h2,
         hold: Hold::default(),
         backed_up: false,
+        blocked: false,
     });
     let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
 
@@ -777,8 +803,10 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
 }
 
 /// Runs a connection to its end. Asks it to finish gracefully at shutdown or when it has been
-/// idle for `idle_timeout`, and closes it when a request head that has begun is not complete
-/// within `client_header_timeout` (HTTP/1).
+/// idle for `idle_timeout`, closes it when a request head that has begun is not complete
+/// within `client_header_timeout` (HTTP/1), and closes it when the client has taken no byte of
+/// a response for `idle_timeout` (its socket stayed full). A response that waits for its
+/// upstream (a quiet event stream) is not idle in that sense and is left alone.
 ///
 /// A head that arrives whole is parsed in the same poll as the read that brought it, so the
 /// header deadline is armed only for heads that take more than one read; between requests, a
@@ -842,7 +870,18 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             return Poll::Ready(());
         }
         if now >= idle_check {
-            if !closing && activity.idle_since_last_look() {
+            let moved = activity.moved_since_last_look();
+            if !moved && activity.write_blocked.load(Ordering::Relaxed) {
+                // A response (or the end of one) waits on a client that took no byte of it for a
+                // whole idle period: a reader that never reads would hold the connection, its
+                // request's upstream connection and a drain open for good.
+                tracing::debug!(
+                    timeout = ?idle,
+                    "the client read nothing of its response for the idle timeout; closing the connection"
+                );
+                return Poll::Ready(());
+            }
+            if !closing && !moved && activity.requests.load(Ordering::Relaxed) == 0 {
                 closing = true;
                 conn.as_mut().graceful();
             }

@@ -138,6 +138,11 @@ impl Generation {
         self.upgraded.load(Ordering::SeqCst)
     }
 
+    /// A drain has rotated this generation out and counts on what entered before.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Called when one of the counters reached zero.
     fn maybe_notify(&self) {
         if self.draining.load(Ordering::SeqCst) {
@@ -145,8 +150,12 @@ impl Generation {
         }
     }
 
+    /// Counts a request in. A drain marks the generation as draining (after storing the table
+    /// that rotates it out) before it reads the count, and the request reads the mark after
+    /// counting itself, all sequentially consistent: either the drain sees the request, or the
+    /// request sees the mark (`is_draining`) and routes again on the newer table.
     pub(crate) fn enter_request(self: &Arc<Self>) -> GenerationGuard {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         GenerationGuard {
             gen: self.clone(),
             upgraded: false,
@@ -407,6 +416,11 @@ impl RouteTable {
 
     /// The service for a request's host (without port, any case), or the default service.
     pub fn route(&self, host: Option<&str>) -> Option<&Service> {
+        self.route_index(host).map(|i| &self.services[i])
+    }
+
+    /// The index in `services()` of the service `route` returns.
+    pub(crate) fn route_index(&self, host: Option<&str>) -> Option<usize> {
         if let (Some(host), false) = (host, self.by_host.is_empty()) {
             let hit = if host.bytes().any(|b| b.is_ascii_uppercase()) {
                 self.by_host.get(&host.to_ascii_lowercase())
@@ -414,10 +428,10 @@ impl RouteTable {
                 self.by_host.get(host)
             };
             if let Some(&i) = hit {
-                return Some(&self.services[i]);
+                return Some(i);
             }
         }
-        self.default.map(|i| &self.services[i])
+        self.default
     }
 }
 

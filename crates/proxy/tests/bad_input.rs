@@ -391,6 +391,104 @@ async fn max_connections_holds_extra_clients_back() {
     assert_eq!(status, 200);
 }
 
+/// A WebSocket is a client connection for as long as it is open: after its upgrade it keeps its
+/// place under `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websockets_keep_their_place_under_max_connections() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.max_connections = 2;
+    cfg.workers = 1;
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    let mut a = ws_connect(addr).await;
+    let mut b = ws_connect(addr).await;
+    assert_eq!(ws_echo(&mut a, "a").await, "blue: a");
+    assert_eq!(ws_echo(&mut b, "b").await, "blue: b");
+    let third = tokio::spawn(async move {
+        let mut c = H1::connect(addr).await.unwrap();
+        c.get("/").await.unwrap().0
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "third client served while two websockets are open"
+    );
+    assert_eq!(proxy.open_connections(), 2);
+    // The client goes away: the tunnel ends and frees its place.
+    drop(a);
+    let status = tokio::time::timeout(Duration::from_secs(3), third)
+        .await
+        .expect("served once a websocket has closed")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(ws_echo(&mut b, "still").await, "blue: still");
+}
+
+/// At shutdown, open WebSockets are closed at instants spread over the first half of
+/// `shutdown_timeout`, requests in flight finish, and the proxy stops once all that is done rather
+/// than at the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_closes_websockets_spread_over_half_the_timeout() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.shutdown_timeout = Duration::from_secs(4);
+    let window = Duration::from_secs(2);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    let mut sockets = Vec::new();
+    for i in 0..10 {
+        let mut ws = ws_connect(addr).await;
+        assert_eq!(ws_echo(&mut ws, &i.to_string()).await, format!("blue: {i}"));
+        sockets.push(ws);
+    }
+    let slow = tokio::spawn(async move {
+        let mut c = H1::connect(addr).await.unwrap();
+        c.get("/slow?ms=500&size=1000").await.unwrap()
+    });
+    assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await);
+
+    let start = Instant::now();
+    proxy.shutdown();
+    let p = proxy.clone();
+    let stopped = tokio::task::spawn_blocking(move || {
+        p.join();
+        start.elapsed()
+    });
+    let closes: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                assert!(
+                    ws_closed_within(&mut ws, Duration::from_secs(4)).await,
+                    "closed at shutdown"
+                );
+                start.elapsed()
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for c in closes {
+        at.push(c.await.unwrap());
+    }
+    let (first, last) = (*at.iter().min().unwrap(), *at.iter().max().unwrap());
+    assert!(last < window + Duration::from_millis(500), "last close at {last:?}");
+    // Ten instants drawn over 2 s all fall within 0.5 s of each other with odds of about 4e-5.
+    assert!(
+        last - first >= window / 4,
+        "closes spread over the window, not all at once: {at:?}"
+    );
+    let (status, _, body) = slow.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 1000);
+    let stopped = stopped.await.unwrap();
+    assert!(
+        stopped < Duration::from_millis(3500),
+        "stopped {stopped:?} after shutdown began, once the tunnels had closed, not at the 4 s timeout"
+    );
+    assert_eq!(proxy.open_connections(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_finishes_in_flight_requests() {
     let blue = Upstream::start("blue").await;

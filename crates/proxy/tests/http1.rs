@@ -306,6 +306,63 @@ async fn the_idle_timeout_runs_from_the_end_of_a_slow_response() {
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"blue"[..]));
 }
 
+/// A client that stops reading its response is cut once it has taken no byte of it for the idle
+/// timeout: the request, its upstream connection and its colour's count are let go. An event
+/// stream that is quiet because its upstream has nothing to send is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout_but_a_quiet_stream_is_not() {
+    use http_body_util::BodyExt;
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let mut cfg = test_config();
+    let idle = Duration::from_millis(400);
+    cfg.idle_timeout = idle;
+    let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+
+    // 32 MiB that the client does not read: the sockets on the way fill up and stay full.
+    let size = 32 << 20;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let sent = std::time::Instant::now();
+    s.write_all(format!("GET /slow?ms=0&size={size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(in_flight_reaches(&proxy, cutover_proxy::Colour::Blue, 1).await);
+    assert!(
+        in_flight_reaches(&proxy, cutover_proxy::Colour::Blue, 0).await,
+        "the stalled response was let go"
+    );
+    assert!(
+        sent.elapsed() >= idle,
+        "not before a whole idle timeout: {:?}",
+        sent.elapsed()
+    );
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("the connection is still open after {got} bytes"),
+        }
+    }
+    assert!(got < size, "the response was cut, not completed: {got} bytes");
+
+    // An event stream whose upstream says nothing for three idle timeouts carries on.
+    let mut c = H1::connect(addr).await.unwrap();
+    let mut body = c.open("/sse").await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "data: first from blue\n\n");
+    tokio::time::sleep(idle * 3).await;
+    blue.sse_release.notify_one();
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("the rest of the stream in time")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(rest, "data: last\n\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_ends_its_request() {
     let blue = Upstream::start("blue").await;

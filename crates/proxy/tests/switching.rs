@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cutover_proxy::Colour;
-use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use support::*;
-use tokio_tungstenite::tungstenite::Message;
 
 /// 1. Keep-alive clients send continuously while the live colour flips 200+ times: no request
 /// fails and every response comes from a colour that was live during that request.
@@ -189,29 +187,6 @@ async fn keepalive_connection_is_not_pinned() {
     assert!(!c.tx.is_closed(), "all three requests on the same connection");
 }
 
-async fn ws_connect(addr: std::net::SocketAddr) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
-        .await
-        .expect("websocket handshake");
-    assert_eq!(resp.status(), 101);
-    ws
-}
-
-async fn ws_echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) -> String {
-    ws.send(Message::text(text)).await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("echo in time")
-        {
-            Some(Ok(Message::Text(t))) => return t.to_string(),
-            Some(Ok(_)) => continue,
-            other => panic!("websocket ended: {other:?}"),
-        }
-    }
-}
-
 /// 4. A WebSocket opened on blue keeps working after the switch until the drain deadline, then is
 /// closed; a new WebSocket goes to green.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -245,22 +220,130 @@ async fn websocket_stays_until_drain_deadline() {
     assert_eq!(ws_echo(&mut old, "before deadline").await, "blue: before deadline");
     let t = Instant::now();
     // After it, the proxy closes it: the stream ends (close frame or EOF) without us sending.
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match old.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "old websocket closed after the drain deadline");
+    assert!(
+        ws_closed_within(&mut old, Duration::from_secs(5)).await,
+        "old websocket closed after the drain deadline"
+    );
     let report = drain.await.unwrap();
     assert!(!report.completed);
     assert_eq!(report.closed_upgrades, 1);
     assert!(t.elapsed() < Duration::from_secs(3));
     // The green one is untouched.
     assert_eq!(ws_echo(&mut new, "after").await, "green: after");
+}
+
+/// WebSockets still open at the drain deadline close at instants spread over the close window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websockets_open_at_the_drain_deadline_close_spread_over_the_window() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+    let mut sockets = Vec::new();
+    for i in 0..10 {
+        let mut ws = ws_connect(addr).await;
+        assert_eq!(ws_echo(&mut ws, &i.to_string()).await, format!("blue: {i}"));
+        sockets.push(ws);
+    }
+    proxy.switch("web", Colour::Green).unwrap();
+    let (deadline, window) = (Duration::from_millis(300), Duration::from_secs(2));
+    let start = Instant::now();
+    let p = proxy.clone();
+    let drain = tokio::spawn(async move { p.drain("web", Colour::Blue, deadline, window).await.unwrap() });
+    let closes: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                assert!(
+                    ws_closed_within(&mut ws, Duration::from_secs(5)).await,
+                    "closed after the deadline"
+                );
+                start.elapsed()
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for c in closes {
+        at.push(c.await.unwrap());
+    }
+    let (first, last) = (*at.iter().min().unwrap(), *at.iter().max().unwrap());
+    assert!(first >= deadline, "none closed before the deadline: {at:?}");
+    assert!(
+        last < deadline + window + Duration::from_millis(500),
+        "last close at {last:?}"
+    );
+    // Ten instants drawn over 2 s all fall within 0.5 s of each other with odds of about 4e-5.
+    assert!(last - first >= window / 4, "closes spread over the window: {at:?}");
+    let report = drain.await.unwrap();
+    assert!(!report.completed);
+    assert_eq!(report.closed_upgrades, 10);
+}
+
+/// An instance whose connects hang (its accept queue is full, so the kernel drops the SYNs) counts
+/// the requests waiting on it from the moment they pick it: under least in-flight the load goes on
+/// to its sibling instead of piling onto an instance that looks idle until the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_whose_connects_hang_does_not_draw_the_load() {
+    // A listener with a backlog of 0 that never accepts: one connection fills its queue.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = socket.listen(0).unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let _filler = tokio::net::TcpStream::connect(hole_addr).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(hole_addr))
+            .await
+            .is_err(),
+        "a connect to the full listener hangs"
+    );
+
+    let live = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let mut cfg = test_config();
+    cfg.workers = 1;
+    cfg.connect_timeout = Duration::from_secs(2);
+    let mut svc = cutover_proxy::Service::new("web");
+    svc.blue = cutover_proxy::Pool::new(
+        Some("v1"),
+        vec![
+            cutover_proxy::Instance::new(hole_addr),
+            cutover_proxy::Instance::new(live.addr),
+        ],
+    );
+    svc.green = cutover_proxy::Pool::new(Some("v2"), vec![cutover_proxy::Instance::new(green.addr)]);
+    let proxy = start_proxy(cfg, cutover_proxy::RouteTable::new(vec![svc]).unwrap());
+    let addr = proxy.local_addrs()[0];
+
+    // Four clients send back to back for 1 s, half the connect timeout.
+    let start = Instant::now();
+    let within = Duration::from_secs(1);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = H1::connect(addr).await.unwrap();
+            let mut answered_in_time = 0u64;
+            while start.elapsed() < within {
+                let (status, _, body) = c.get("/").await.unwrap();
+                // A request that waited on the hole is sent again to the sibling after the
+                // connect timeout: late, but not failed.
+                assert_eq!((status.as_u16(), &body[..]), (200, &b"blue"[..]));
+                if start.elapsed() < within {
+                    answered_in_time += 1;
+                }
+            }
+            answered_in_time
+        }));
+    }
+    let mut answered = 0;
+    for t in tasks {
+        answered += t.await.unwrap();
+    }
+    // Counted only after the connect, every request would find the hole idle while the sibling is
+    // busy, and all four clients would be waiting on it within a few requests.
+    assert!(
+        answered >= 100,
+        "only {answered} requests answered in the first second: the clients waited on the hole"
+    );
 }
 
 /// 5. A 50 MB upload streamed across a switch arrives intact on blue.
@@ -474,6 +557,104 @@ async fn killed_instance_is_ejected_and_retried() {
     assert!(total > 1000);
 }
 
+/// An upstream that takes each request whole (head and body), counts it, and closes the
+/// connection without answering: the instance crashed while handling it.
+async fn swallowing_upstream(taken: Arc<Mutex<Vec<String>>>) -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let taken = taken.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < end + len {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let method = head.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                taken.lock().unwrap().push(method);
+                // Dropped here: closed without a response.
+            });
+        }
+    });
+    addr
+}
+
+/// Once an upstream has taken a request, only a bodiless idempotent one is sent again (to a
+/// sibling) when the connection breaks before any response byte; a request with a body or a
+/// non-idempotent method is answered 502 and never sent twice; `retry_idempotent = false` turns
+/// the replays off as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_bodiless_idempotent_requests_are_sent_again_after_the_upstream_took_them() {
+    let taken = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (a, b) = (
+        swallowing_upstream(taken.clone()).await,
+        swallowing_upstream(taken.clone()).await,
+    );
+    let green = Upstream::start("green").await;
+    let table = || {
+        let mut s = cutover_proxy::Service::new("web");
+        s.blue = cutover_proxy::Pool::new(
+            Some("v1"),
+            vec![cutover_proxy::Instance::new(a), cutover_proxy::Instance::new(b)],
+        );
+        s.green = cutover_proxy::Pool::new(Some("v2"), vec![cutover_proxy::Instance::new(green.addr)]);
+        cutover_proxy::RouteTable::new(vec![s]).unwrap()
+    };
+    let replaying = start_proxy(test_config(), table());
+    let mut cfg = test_config();
+    cfg.retry_idempotent = false;
+    let strict = start_proxy(cfg, table());
+
+    let cases: [(&cutover_proxy::Proxy, &str, &str, &'static [u8], usize); 7] = [
+        (&replaying, "POST", "/charge", b"amount=5", 1),
+        (&replaying, "POST", "/charge", b"", 1),
+        (&replaying, "PATCH", "/order/5", b"", 1),
+        (&replaying, "PUT", "/order/5", b"{}", 1),
+        (&replaying, "GET", "/order/5", b"", 2),
+        (&replaying, "DELETE", "/order/5", b"", 2),
+        (&strict, "GET", "/order/5", b"", 1),
+    ];
+    for (proxy, method, path, body, times) in cases {
+        taken.lock().unwrap().clear();
+        let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "web.test")
+            .body(full(Bytes::from_static(body)))
+            .unwrap();
+        let (status, _, text) = c.request(req).await.unwrap();
+        assert_eq!(status, 502, "{method} {path}: {text:?}");
+        let seen = taken.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![method.to_string(); times],
+            "{method} with a {}-byte body",
+            body.len()
+        );
+    }
+}
+
 /// 9. The preview header with the right token reaches green; a wrong or missing one reaches blue;
 /// the upstream never sees it. A preview listener serves only the inactive colour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -546,6 +727,82 @@ async fn upstream_sees_forwarding_headers() {
     c.get("/headers").await.unwrap();
     let h = blue.seen.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(h["x-request-id"].len(), 32, "generated when missing");
+}
+
+/// A request body with a declared length reaches the upstream with that length, whichever
+/// protocol the client spoke; one without goes chunked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_bodies_keep_their_declared_length_upstream() {
+    let blue = Upstream::start("blue").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    let body = b"twelve bytes";
+    let sum = hex(&Sha256::digest(body));
+    let framing = |h: &http::HeaderMap| {
+        (
+            h.get("content-length").map(|v| v.to_str().unwrap().to_string()),
+            h.get("transfer-encoding").map(|v| v.to_str().unwrap().to_string()),
+        )
+    };
+    let last = || {
+        blue.seen
+            .last_headers
+            .lock()
+            .unwrap()
+            .take()
+            .expect("upstream saw the upload")
+    };
+
+    // HTTP/2 with content-length.
+    let mut h2 = h2_connect(addr).await.unwrap();
+    let req = Request::post(format!("http://{addr}/upload"))
+        .header("content-length", "12")
+        .body(full(Bytes::from_static(body)))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(text, format!("blue {sum} 12"));
+    assert_eq!(framing(&last()), (Some("12".to_string()), None));
+
+    // HTTP/2 without: its DATA frames go upstream chunked.
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let req = Request::post(format!("http://{addr}/upload"))
+        .body(ChannelBody(rx).boxed())
+        .unwrap();
+    let pending = tokio::spawn({
+        let mut h2 = h2.clone();
+        async move {
+            h2.send_request(req)
+                .await
+                .unwrap()
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+        }
+    });
+    tx.send(Bytes::from_static(&body[..5])).await.unwrap();
+    tx.send(Bytes::from_static(&body[5..])).await.unwrap();
+    drop(tx);
+    assert_eq!(pending.await.unwrap(), format!("blue {sum} 12"));
+    assert_eq!(framing(&last()), (None, Some("chunked".to_string())));
+
+    // HTTP/1.0 with Content-Length.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.0\r\nHost: web.test\r\nContent-Length: 12\r\n\r\ntwelve bytes")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp))
+        .await
+        .expect("HTTP/1.0 answer and close in time")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.") && resp.contains(" 200 "), "{resp}");
+    assert!(resp.ends_with(&format!("blue {sum} 12")), "{resp}");
+    assert_eq!(framing(&last()), (Some("12".to_string()), None));
 }
 
 /// A stream still open at the drain deadline is cut there (the client sees the stream end in an

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cutover_proxy::{Colour, Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
+use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Empty, Full};
@@ -25,15 +26,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-fn full(s: impl Into<Bytes>) -> BoxBody {
+pub fn full(s: impl Into<Bytes>) -> BoxBody {
     Full::new(s.into()).map_err(|e: Infallible| match e {}).boxed()
 }
 
-/// What an upstream saw: request count and the headers of the last request to `/headers`.
+/// What an upstream saw: request count and the headers of the last request to `/headers` or
+/// `/upload`.
 #[derive(Default)]
 pub struct Seen {
     pub requests: AtomicU64,
@@ -134,6 +137,7 @@ async fn upstream_handle(
             Response::new(full(body))
         }
         "/upload" => {
+            *seen.last_headers.lock().unwrap() = Some(req.headers().clone());
             let mut hasher = Sha256::new();
             let mut len = 0u64;
             let mut body = req.into_body();
@@ -176,7 +180,6 @@ async fn upstream_handle(
             let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
             let on_upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
-                use futures_util::{SinkExt, StreamExt};
                 let Ok(up) = on_upgrade.await else { return };
                 let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
                     TokioIo::new(up),
@@ -187,11 +190,7 @@ async fn upstream_handle(
                 while let Some(Ok(msg)) = ws.next().await {
                     if msg.is_text() {
                         let reply = format!("{colour}: {}", msg.to_text().unwrap_or(""));
-                        if ws
-                            .send(tokio_tungstenite::tungstenite::Message::text(reply))
-                            .await
-                            .is_err()
-                        {
+                        if ws.send(Message::text(reply)).await.is_err() {
                             return;
                         }
                     } else if msg.is_close() {
@@ -396,4 +395,46 @@ pub fn counts() -> Arc<Mutex<HashMap<String, u64>>> {
 /// A tiny boxed-error result for test helpers.
 pub mod anyhow_like {
     pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Opens a WebSocket to the upstreams' echo at `/ws` through the proxy.
+pub async fn ws_connect(addr: SocketAddr) -> Ws {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends `text` and returns the echo ("COLOUR: text").
+pub async fn ws_echo(ws: &mut Ws, text: &str) -> String {
+    ws.send(Message::text(text)).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time")
+        {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(_)) => continue,
+            other => panic!("websocket ended: {other:?}"),
+        }
+    }
+}
+
+/// Waits until the proxy ends the WebSocket (close frame, EOF or reset) without the client
+/// closing it; false if it is still open after `within`.
+pub async fn ws_closed_within(ws: &mut Ws, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
 }
