@@ -21,7 +21,7 @@ use crate::h1::{BodyWriteError, Conn, Head, HeadError, Prefixed};
 use crate::headers::{self, BodyFraming, Forwarding, X_CUTOVER_PREVIEW};
 use crate::pass::{Hold, Side};
 use crate::server::{ConnSlot, Shared};
-use crate::table::{now_ms, Colour, Generation, GenerationGuard, Pool, PoolState};
+use crate::table::{now_ms, Colour, Generation, GenerationGuard, Pool, PoolState, RouteTable, Service};
 use crate::upstream;
 
 /// Per client connection: what every request on it shares.
@@ -124,7 +124,7 @@ fn is_idempotent(m: &Method) -> bool {
 /// Where a request goes: the table snapshot it keeps to its end, its service there (an index),
 /// its colour and its count in that colour's generation.
 struct Routed {
-    table: Arc<crate::table::RouteTable>,
+    table: Arc<RouteTable>,
     service: usize,
     colour: Colour,
     gen: GenerationGuard,
@@ -139,10 +139,10 @@ struct Routed {
 /// on `Generation::enter_request`); if so it routes again on the table the drain stored. Twice
 /// at most: a third drain of the same colour within these few instructions is not waited out.
 fn enter(
-    current: &arc_swap::ArcSwap<crate::table::RouteTable>,
-    mut table: Arc<crate::table::RouteTable>,
+    current: &arc_swap::ArcSwap<RouteTable>,
+    mut table: Arc<RouteTable>,
     host: Option<&str>,
-    colour_of: impl Fn(&crate::table::Service) -> Colour,
+    colour_of: impl Fn(&Service) -> Colour,
 ) -> Result<Routed, ProxyError> {
     let mut reloads = 0;
     loop {
@@ -590,7 +590,7 @@ pub(crate) fn shutdown_close_window(shutdown_timeout: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{Instance, Pool, RouteTable, Service};
+    use crate::table::Instance;
     use crate::{Proxy, ProxyConfig};
 
     fn one_service() -> RouteTable {
