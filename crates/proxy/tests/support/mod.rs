@@ -40,6 +40,8 @@ pub fn full(s: impl Into<Bytes>) -> BoxBody {
 #[derive(Default)]
 pub struct Seen {
     pub requests: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
     pub last_headers: Mutex<Option<http::HeaderMap>>,
 }
 
@@ -68,6 +70,7 @@ impl Upstream {
                     _ = k.cancelled() => return,
                 };
                 let _ = stream.set_nodelay(true);
+                s.connections.fetch_add(1, Ordering::Relaxed);
                 let (s, r, k) = (s.clone(), r.clone(), k.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| upstream_handle(colour, s.clone(), r.clone(), req));
@@ -97,6 +100,10 @@ impl Upstream {
 
     pub fn requests(&self) -> u64 {
         self.seen.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.seen.connections.load(Ordering::Relaxed)
     }
 }
 
