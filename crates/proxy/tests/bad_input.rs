@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use cutover_proxy::{Colour, Instance, Pool, RouteTable, Service};
 use http::Request;
+use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -58,6 +59,71 @@ async fn malformed_and_oversized_requests() {
     assert_eq!(blue.requests(), 0, "nothing bad reached the upstream");
     let mut c = H1::connect(addr).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().2, "blue");
+}
+
+/// Request framing that a proxy and its upstream could read differently (the ground of request
+/// smuggling) never reaches the upstream as sent: ambiguous framings get 400 and nothing goes
+/// upstream; a body both chunked and with a length is read as chunked, answered once, and the
+/// connection closed, so nothing sent after it on that connection is taken as a request. What
+/// the upstream gets is framed by the proxy itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ambiguous_request_framing_never_reaches_the_upstream() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+
+    let refused: [(&str, &[u8]); 7] = [
+        (
+            "two lengths",
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        ),
+        (
+            "a negative length",
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\nhello",
+        ),
+        (
+            "an unknown coding",
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: xchunked\r\n\r\nhello",
+        ),
+        (
+            "a space before the colon",
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\nhello",
+        ),
+        (
+            "chunked in HTTP/1.0",
+            b"POST /upload HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        ("a bare CR", b"GET / HTTP/1.1\r\nHost: x\rX-A: 1\r\n\r\n"),
+        (
+            "a folded header",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n",
+        ),
+    ];
+    for (what, bytes) in refused {
+        let (resp, took) = raw(addr, bytes, Duration::from_secs(3)).await;
+        assert_eq!(status_line(&resp), "HTTP/1.1 400 Bad Request", "{what}: {resp}");
+        assert!(took < Duration::from_secs(2), "{what}: answered and closed at once");
+    }
+    assert_eq!(blue.requests(), 0, "none of them reached the upstream");
+
+    // Chunked and a length: the chunks are the body (RFC 9112 6.3), the upstream gets them framed
+    // by the proxy, and the GET behind them is never served.
+    let (resp, took) = raw(
+        addr,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /headers HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(took < Duration::from_secs(2), "closed after the answer");
+    let expected = format!("blue {} 5", hex(&Sha256::digest(b"hello")));
+    assert_eq!(status_line(&resp), "HTTP/1.1 200 OK", "{resp}");
+    assert!(resp.ends_with(&expected), "{resp}");
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "one answer only: {resp}");
+    assert_eq!(blue.requests(), 1, "the request behind the body was not served");
+    let h = blue.seen.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(h["transfer-encoding"], "chunked");
+    assert!(h.get("content-length").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

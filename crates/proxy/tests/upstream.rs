@@ -41,7 +41,11 @@ async fn requests_reuse_the_upstream_connections_they_left_idle() {
         t.await.unwrap();
     }
     assert_eq!(blue.requests(), 300);
-    assert!(blue.connections() <= 8, "{} connections for 8 clients", blue.connections());
+    assert!(
+        blue.connections() <= 8,
+        "{} connections for 8 clients",
+        blue.connections()
+    );
     assert_eq!(green.connections(), 0);
 }
 
