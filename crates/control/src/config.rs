@@ -174,7 +174,9 @@ impl fmt::Display for Admin {
 pub struct ProxySettings {
     /// Time a client has to send a request head; also the keep-alive idle limit on HTTP/1.
     pub client_header_timeout: Duration,
-    /// A client connection with nothing moving and nothing in flight is closed after this.
+    /// A client connection with nothing moving and nothing in flight is closed after this; a
+    /// client that acknowledges no byte sent to it for this long (at least 1 s) is cut, and a
+    /// silent one is probed with TCP keepalive.
     pub idle_timeout: Duration,
     /// Time to connect to an upstream instance.
     pub connect_timeout: Duration,

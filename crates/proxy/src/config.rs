@@ -23,7 +23,10 @@ pub struct ProxyConfig {
     /// `idle_timeout` instead.
     pub client_header_timeout: Duration,
     /// A client connection with no bytes moving either way and no request in flight is closed
-    /// after between one and two times this long (the check runs once per period).
+    /// after between one and two times this long (the check runs once per period). Also, at
+    /// least 1 s, the kernel's limits on client sockets: a client that acknowledges none of the
+    /// bytes sent to it for this long is cut (`TCP_USER_TIMEOUT`), and one silent for this long
+    /// is probed (TCP keepalive), so that a vanished WebSocket client is noticed.
     pub idle_timeout: Duration,
     /// Time to establish a TCP connection to an upstream instance.
     pub connect_timeout: Duration,

@@ -213,7 +213,16 @@ async fn proxy(
     // HTTP/2 content-length, which it enforces against the DATA frames); the upstream gets it as
     // declared. Otherwise the body goes upstream chunked.
     let framing = if body.is_end_stream() {
-        BodyFraming::None
+        // An empty body declared as such keeps its `Content-Length: 0` where the method gives a
+        // body meaning (a POST or PUT without one may be refused with 411 otherwise).
+        if parts.method != Method::GET
+            && parts.method != Method::HEAD
+            && parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            BodyFraming::Length(0)
+        } else {
+            BodyFraming::None
+        }
     } else if let Some(n) = body.size_hint().exact() {
         BodyFraming::Length(n)
     } else {
@@ -243,10 +252,8 @@ async fn proxy(
             };
         }
     }
-    let replayable = shared.config.retry_idempotent
-        && upgrade.is_none()
-        && framing == BodyFraming::None
-        && is_idempotent(&parts.method);
+    let replayable =
+        shared.config.retry_idempotent && upgrade.is_none() && !framing.has_body() && is_idempotent(&parts.method);
     let req = Outgoing {
         head: &head,
         body: &mut body,
@@ -468,7 +475,7 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Du
         };
     }
     let head_request = req.head_request;
-    if req.framing == BodyFraming::None {
+    if !req.framing.has_body() {
         return match tokio::time::timeout(
             timeout,
             crate::h1::read_head_from(&mut conn.io, &mut conn.buf, head_request),
@@ -526,9 +533,10 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Du
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways until
-/// either side closes, or until the colour's drain deadline plus a random offset within the
-/// close window: spreading the closes keeps thousands of WebSocket clients from reconnecting in
-/// the same instant.
+/// either side closes, or until a random instant of a close window: the drain window after the
+/// colour's drain deadline, or the first half of `shutdown_timeout` after a shutdown begins,
+/// whichever instant comes first. Spreading the closes keeps thousands of WebSocket clients from
+/// reconnecting in the same instant.
 fn spawn_tunnel(
     client: hyper::upgrade::OnUpgrade,
     mut upstream: Prefixed,
@@ -546,21 +554,28 @@ fn spawn_tunnel(
         };
         let mut client = hyper_util::rt::TokioIo::new(client);
         let gen = guard.gen.clone();
-        // At the drain deadline of its colour, or at shutdown, a tunnel closes at a random
-        // instant of a window, so that its clients do not all come back at once.
-        let window = async {
-            tokio::select! {
-                _ = crate::deadline::expired(&gen) => {
-                    Duration::from_millis(gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed))
-                }
-                _ = conn.shared.shutdown.cancelled() => shutdown_close_window(conn.shared.config.shutdown_timeout),
-            }
-        };
+        let shared = &conn.shared;
         let close = async {
-            let window = window.await;
-            if !window.is_zero() {
-                let offset = crate::headers::random_u64() % window.as_millis().max(1) as u64;
-                tokio::time::sleep(Duration::from_millis(offset)).await;
+            // An instant drawn at random within `window` from now.
+            let draw = |window: Duration| {
+                let offset = crate::headers::random_u64() % (window.as_millis() as u64).max(1);
+                tokio::time::Instant::now() + Duration::from_millis(offset)
+            };
+            let at_drain = tokio::select! {
+                _ = crate::deadline::expired(&gen) => {
+                    draw(Duration::from_millis(gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed)))
+                }
+                _ = shared.shutdown.cancelled() => {
+                    tokio::time::sleep_until(draw(shutdown_close_window(shared.config.shutdown_timeout))).await;
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(at_drain) => {}
+                _ = shared.shutdown.cancelled() => {
+                    let at_shutdown = draw(shutdown_close_window(shared.config.shutdown_timeout));
+                    tokio::time::sleep_until(at_drain.min(at_shutdown)).await;
+                }
             }
         };
         tokio::select! {

@@ -35,6 +35,13 @@ pub(crate) enum BodyFraming {
     Chunked,
 }
 
+impl BodyFraming {
+    /// Whether body bytes follow the head (a declared length of 0 has none).
+    pub(crate) fn has_body(self) -> bool {
+        !matches!(self, BodyFraming::None | BodyFraming::Length(0))
+    }
+}
+
 /// What the proxy adds to a request on its way upstream.
 pub(crate) struct Forwarding<'a> {
     /// The client address, already formatted (once per connection).

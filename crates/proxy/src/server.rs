@@ -79,8 +79,6 @@ impl Drop for OpenGuard {
 pub(crate) struct Activity {
     /// Set by every read or write that completes; cleared by the watchdog when it looks.
     io: AtomicBool,
-    /// The last write to the client found its socket full: the client is not reading.
-    write_blocked: AtomicBool,
     requests: AtomicUsize,
     /// Responses whose body is still streaming to the client.
     responses: AtomicUsize,
@@ -148,8 +146,6 @@ struct Tracked {
     /// The last write did not all fit into the socket: what follows is bulk data, sent as the
     /// socket takes it, not held.
     backed_up: bool,
-    /// The last write found the socket full (mirrored in `Activity::write_blocked`).
-    blocked: bool,
 }
 
 impl Tracked {
@@ -170,10 +166,6 @@ impl Tracked {
         };
         if r.is_ready() {
             self.activity.io.store(true, Ordering::Relaxed);
-        }
-        if r.is_pending() != self.blocked {
-            self.blocked = r.is_pending();
-            self.activity.write_blocked.store(self.blocked, Ordering::Relaxed);
         }
         r
     }
@@ -262,7 +254,16 @@ pub struct Proxy {
     update: Mutex<()>,
 }
 
-fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+/// Binds a listening socket. The TCP settings made here are inherited by every connection it
+/// accepts, so they cost nothing per connection:
+/// - `TCP_USER_TIMEOUT` of `idle_timeout`: a client that acknowledges none of the bytes sent to
+///   it for that long (it stopped reading and its window stayed shut, or it vanished with data
+///   in flight) is cut by the kernel, and the write waiting on it fails. A slow reader that takes
+///   some bytes now and then is not; neither is a response waiting for its upstream.
+/// - TCP keepalive after `idle_timeout` of silence, so that a tunnel whose client vanished
+///   without a FIN (a lost network, an expired NAT entry) ends instead of keeping its slot under
+///   `max_connections` for good; a live peer answers the probes without its application.
+fn bind(addr: SocketAddr, reuse_port: bool, idle_timeout: Duration) -> io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -277,19 +278,22 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener>
         sock.set_only_v6(true)?;
     }
     sock.set_nonblocking(true)?;
+    let idle = idle_timeout.max(Duration::from_secs(1));
+    sock.set_tcp_user_timeout(Some(idle))?;
+    sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle))?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     Ok(sock.into())
 }
 
 impl Proxy {
-    /// Binds every listener (once per worker) and starts the workers. Fails, with nothing left
-    /// running, when any address cannot be bound.
     #[cfg(test)]
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
 
+    /// Binds every listener (once per worker) and starts the workers. Fails, with nothing left
+    /// running, when any address cannot be bound.
     pub fn start(config: ProxyConfig, table: RouteTable) -> Result<Proxy, StartError> {
         if config.workers == 0 {
             return Err(StartError::Config("workers must be at least 1".into()));
@@ -303,14 +307,16 @@ impl Proxy {
         let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..workers).map(|_| Vec::new()).collect();
         let mut addrs = Vec::new();
         for l in &config.listeners {
-            let first = bind(l.addr, reuse).map_err(|source| StartError::Bind { addr: l.addr, source })?;
+            let first =
+                bind(l.addr, reuse, config.idle_timeout).map_err(|source| StartError::Bind { addr: l.addr, source })?;
             let actual = first
                 .local_addr()
                 .map_err(|source| StartError::Bind { addr: l.addr, source })?;
             addrs.push(actual);
             per_worker[0].push((first, l.preview));
             for w in per_worker.iter_mut().skip(1) {
-                let s = bind(actual, true).map_err(|source| StartError::Bind { addr: actual, source })?;
+                let s = bind(actual, true, config.idle_timeout)
+                    .map_err(|source| StartError::Bind { addr: actual, source })?;
                 w.push((s, l.preview));
             }
         }
@@ -778,7 +784,6 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         heads: !is_h2,
         hold: Hold::default(),
         backed_up: false,
-        blocked: false,
     });
     let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
 
@@ -803,10 +808,9 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
 }
 
 /// Runs a connection to its end. Asks it to finish gracefully at shutdown or when it has been
-/// idle for `idle_timeout`, closes it when a request head that has begun is not complete
-/// within `client_header_timeout` (HTTP/1), and closes it when the client has taken no byte of
-/// a response for `idle_timeout` (its socket stayed full). A response that waits for its
-/// upstream (a quiet event stream) is not idle in that sense and is left alone.
+/// idle for `idle_timeout`, and closes it when a request head that has begun is not complete
+/// within `client_header_timeout` (HTTP/1). A client that stops taking the bytes sent to it is
+/// the kernel's to cut (see `bind`).
 ///
 /// A head that arrives whole is parsed in the same poll as the read that brought it, so the
 /// header deadline is armed only for heads that take more than one read; between requests, a
@@ -871,16 +875,6 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
         }
         if now >= idle_check {
             let moved = activity.moved_since_last_look();
-            if !moved && activity.write_blocked.load(Ordering::Relaxed) {
-                // A response (or the end of one) waits on a client that took no byte of it for a
-                // whole idle period: a reader that never reads would hold the connection, its
-                // request's upstream connection and a drain open for good.
-                tracing::debug!(
-                    timeout = ?idle,
-                    "the client read nothing of its response for the idle timeout; closing the connection"
-                );
-                return Poll::Ready(());
-            }
             if !closing && !moved && activity.requests.load(Ordering::Relaxed) == 0 {
                 closing = true;
                 conn.as_mut().graceful();

@@ -306,11 +306,12 @@ async fn the_idle_timeout_runs_from_the_end_of_a_slow_response() {
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"blue"[..]));
 }
 
-/// A client that stops reading its response is cut once it has taken no byte of it for the idle
-/// timeout: the request, its upstream connection and its colour's count are let go. An event
-/// stream that is quiet because its upstream has nothing to send is not cut.
+/// A client that stops reading its response is cut once it has acknowledged none of it for the
+/// idle timeout (at least 1 s, the kernel's `TCP_USER_TIMEOUT`): the request, its upstream
+/// connection and its colour's count are let go. A slow reader that keeps taking bytes is not
+/// cut, nor is an event stream that is quiet because its upstream has nothing to send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout_but_a_quiet_stream_is_not() {
+async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout_but_a_slow_one_or_a_quiet_stream_is_not() {
     use http_body_util::BodyExt;
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
@@ -347,6 +348,35 @@ async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout_but_a_quiet_s
         }
     }
     assert!(got < size, "the response was cut, not completed: {got} bytes");
+
+    // A reader of 64 KiB every 50 ms (1.3 MB/s, far below what the proxy could send) for three
+    // times the kernel's limit: its socket stays full throughout, and it goes on.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /slow?ms=0&size={size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let slow = std::time::Instant::now();
+    let mut got = 0usize;
+    while slow.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut chunk))
+            .await
+            .expect("bytes keep coming")
+            .unwrap();
+        assert!(
+            n > 0,
+            "cut after {got} bytes, {:?} into a slow but steady read",
+            slow.elapsed()
+        );
+        got += n;
+    }
+    assert!(got < size / 2, "the reader stayed slow: {got} bytes");
+    assert_eq!(
+        proxy.table().service("web").unwrap().blue.in_flight(),
+        1,
+        "still being served"
+    );
+    drop(s);
 
     // An event stream whose upstream says nothing for three idle timeouts carries on.
     let mut c = H1::connect(addr).await.unwrap();

@@ -279,6 +279,43 @@ async fn websockets_open_at_the_drain_deadline_close_spread_over_the_window() {
     assert_eq!(report.closed_upgrades, 10);
 }
 
+/// A shutdown that begins while WebSockets wait for their instant in a long drain window closes
+/// them within the shutdown's own window instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_during_a_drain_window_closes_its_websockets_within_the_shutdown_window() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let mut cfg = test_config();
+    cfg.shutdown_timeout = Duration::from_secs(2);
+    let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+    let mut sockets = Vec::new();
+    for i in 0..5 {
+        let mut ws = ws_connect(addr).await;
+        assert_eq!(ws_echo(&mut ws, &i.to_string()).await, format!("blue: {i}"));
+        sockets.push(ws);
+    }
+    proxy.switch("web", Colour::Green).unwrap();
+    let p = proxy.clone();
+    // A deadline right away, then a minute to spread the closes over.
+    let drain = tokio::spawn(async move {
+        p.drain("web", Colour::Blue, Duration::from_millis(100), Duration::from_secs(60))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    proxy.shutdown();
+    for mut ws in sockets {
+        assert!(
+            ws_closed_within(&mut ws, Duration::from_millis(2500)).await,
+            "closed within the shutdown window (1 s) rather than the drain's minute"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_millis(2500));
+    drain.abort();
+}
+
 /// An instance whose connects hang (its accept queue is full, so the kernel drops the SYNs) counts
 /// the requests waiting on it from the moment they pick it: under least in-flight the load goes on
 /// to its sibling instead of piling onto an instance that looks idle until the connect timeout.
@@ -803,6 +840,20 @@ async fn request_bodies_keep_their_declared_length_upstream() {
     assert!(resp.starts_with("HTTP/1.") && resp.contains(" 200 "), "{resp}");
     assert!(resp.ends_with(&format!("blue {sum} 12")), "{resp}");
     assert_eq!(framing(&last()), (Some("12".to_string()), None));
+
+    // An empty body declared as such: a POST keeps its `Content-Length: 0`.
+    let mut c = H1::connect(addr).await.unwrap();
+    let req = Request::post("/upload")
+        .header("host", "web.test")
+        .header("content-length", "0")
+        .body(empty())
+        .unwrap();
+    let (status, _, text) = c.request(req).await.unwrap();
+    assert_eq!(
+        (status.as_u16(), &text[..]),
+        (200, format!("blue {} 0", hex(&Sha256::digest(b""))).as_bytes())
+    );
+    assert_eq!(framing(&last()), (Some("0".to_string()), None));
 }
 
 /// A stream still open at the drain deadline is cut there (the client sees the stream end in an

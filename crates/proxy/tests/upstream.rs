@@ -63,6 +63,36 @@ async fn a_pool_size_of_zero_keeps_no_idle_connection() {
     assert_eq!(blue.connections(), 20, "a new connection for every request");
 }
 
+/// At most `upstream_pool_size` connections per instance stay open once their requests are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_keeps_at_most_its_size_of_idle_connections() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.workers = 1;
+    cfg.upstream_pool_size = 2;
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    // Eight requests at once, each held 300 ms by the upstream: eight connections.
+    let burst = || async move {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut c = H1::connect(addr).await.unwrap();
+                    c.get("/slow?ms=300&size=10").await.unwrap().0
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+    };
+    burst().await;
+    assert_eq!(blue.connections(), 8);
+    // Two of them were kept: the next burst reuses those and opens six.
+    burst().await;
+    assert_eq!(blue.connections(), 14);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_connections_are_dropped_after_the_upstream_idle_timeout() {
     let blue = Upstream::start("blue").await;
