@@ -474,15 +474,41 @@ def cmd_report_throughput(a):
         pr = [bx["p99_ms"] / by_["p99_ms"] for bx, by_ in both if bx["p99_ms"] and by_["p99_ms"]]
         tab.append([
             f"{x} / {y}", " / ".join(f"{v:.3f}" for v in rr), f"{_geomean(rr):.3f}",
+            _interval(rr),
             f"{sum(v >= 1 for v in rr)} of {len(rr)}",
             f"{_geomean(pr):.3f}" if pr else "n/a",
+            _interval(pr),
             f"{sum(bx['p99_ms'] <= by_['p99_ms'] for bx, by_ in both)} of {len(both)}",
         ])
     if tab:
         print()
         print(_table(["round by round", "req/s ratio per round", "req/s ratio, geometric mean",
-                      "rounds with req/s at least the second's", "p99 ratio, geometric mean",
+                      "req/s ratio, 95% interval", "rounds with req/s at least the second's",
+                      "p99 ratio, geometric mean", "p99 ratio, 95% interval",
                       "rounds with p99 at most the second's"], tab))
+        print()
+        print("The 95% intervals are Student's t intervals of the geometric mean, computed on the "
+              "logarithms of the per-round ratios, so they treat rounds as independent samples. "
+              "A ratio is shown to be above 1 only when its whole interval is.")
+
+
+# Two-sided 95% quantiles of Student's t distribution for 1 to 30 degrees of freedom.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def _interval(values):
+    """The 95% interval of the geometric mean of positive ratios, as "low-high"."""
+    n = len(values)
+    if n < 2:
+        return "n/a"
+    logs = [math.log(v) for v in values]
+    mean = sum(logs) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in logs) / (n - 1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.960
+    half = t * sd / math.sqrt(n)
+    return f"{math.exp(mean - half):.3f}-{math.exp(mean + half):.3f}"
 
 
 def _geomean(values):
