@@ -445,3 +445,48 @@ pub async fn ws_closed_within(ws: &mut Ws, within: Duration) -> bool {
     .await
     .is_ok()
 }
+
+/// Reads from `s` into `buf` until `buf` holds a whole head (up to a blank line) and returns its
+/// length; at least `more` bytes past it are read too. `None` if the peer closes first.
+pub async fn read_head_and(s: &mut TcpStream, buf: &mut Vec<u8>, more: impl Fn(&[u8]) -> usize) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut end = None;
+    loop {
+        if end.is_none() {
+            end = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        }
+        if let Some(e) = end {
+            if buf.len() >= e + more(&buf[..e]) {
+                return Some(e);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Waits for the proxy to close each WebSocket (every one within `within`) and returns when each
+/// closed, counted from `since`, in order.
+pub async fn ws_close_times(sockets: Vec<Ws>, since: Instant, within: Duration) -> Vec<Duration> {
+    let closes: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                assert!(
+                    ws_closed_within(&mut ws, within).await,
+                    "a websocket still open after {within:?}"
+                );
+                since.elapsed()
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for c in closes {
+        at.push(c.await.unwrap());
+    }
+    at.sort();
+    at
+}
