@@ -502,12 +502,7 @@ async fn shutdown_closes_websockets_spread_over_half_the_timeout() {
     let window = Duration::from_secs(2);
     let proxy = start_proxy(cfg, table(&[&blue], &[]));
     let addr = proxy.local_addrs()[0];
-    let mut sockets = Vec::new();
-    for i in 0..10 {
-        let mut ws = ws_connect(addr).await;
-        assert_eq!(ws_echo(&mut ws, &i.to_string()).await, format!("blue: {i}"));
-        sockets.push(ws);
-    }
+    let sockets = ws_open(addr, 10, "blue").await;
     let slow = tokio::spawn(async move {
         let mut c = H1::connect(addr).await.unwrap();
         c.get("/slow?ms=500&size=1000").await.unwrap()

@@ -239,12 +239,7 @@ async fn websockets_open_at_the_drain_deadline_close_spread_over_the_window() {
     let green = Upstream::start("green").await;
     let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[0];
-    let mut sockets = Vec::new();
-    for i in 0..10 {
-        let mut ws = ws_connect(addr).await;
-        assert_eq!(ws_echo(&mut ws, &i.to_string()).await, format!("blue: {i}"));
-        sockets.push(ws);
-    }
+    let sockets = ws_open(addr, 10, "blue").await;
     proxy.switch("web", Colour::Green).unwrap();
     let (deadline, window) = (Duration::from_millis(300), Duration::from_secs(2));
     let start = Instant::now();
@@ -274,12 +269,7 @@ async fn a_shutdown_during_a_drain_window_closes_its_websockets_within_the_shutd
     cfg.shutdown_timeout = Duration::from_secs(2);
     let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[0];
-    let mut sockets = Vec::new();
-    for i in 0..5 {
-        let mut ws = ws_connect(addr).await;
-        assert_eq!(ws_echo(&mut ws, &i.to_string()).await, format!("blue: {i}"));
-        sockets.push(ws);
-    }
+    let sockets = ws_open(addr, 5, "blue").await;
     proxy.switch("web", Colour::Green).unwrap();
     let p = proxy.clone();
     // A deadline right away, then a minute to spread the closes over.

@@ -416,6 +416,17 @@ pub async fn ws_connect(addr: SocketAddr) -> Ws {
     ws
 }
 
+/// Opens `n` WebSockets through the proxy and checks that each is answered by `colour`.
+pub async fn ws_open(addr: SocketAddr, n: usize, colour: &str) -> Vec<Ws> {
+    let mut sockets = Vec::new();
+    for i in 0..n {
+        let mut ws = ws_connect(addr).await;
+        assert_eq!(ws_echo(&mut ws, &i.to_string()).await, format!("{colour}: {i}"));
+        sockets.push(ws);
+    }
+    sockets
+}
+
 /// Sends `text` and returns the echo ("COLOUR: text").
 pub async fn ws_echo(ws: &mut Ws, text: &str) -> String {
     ws.send(Message::text(text)).await.unwrap();
