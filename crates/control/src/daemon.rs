@@ -80,6 +80,8 @@ pub struct InstanceView {
     pub colour: String,
     pub addr: String,
     pub healthy: bool,
+    /// Passed over by the proxy for a moment after a connection to it failed.
+    pub ejected: bool,
     pub in_flight: usize,
 }
 
@@ -460,6 +462,7 @@ fn instance_views(table: &RouteTable, service: &str) -> Vec<InstanceView> {
                 colour: c.to_string(),
                 addr: i.addr.to_string(),
                 healthy: i.healthy,
+                ejected: i.ejected(),
                 in_flight: i.in_flight(),
             })
         })

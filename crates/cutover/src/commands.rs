@@ -311,15 +311,18 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 )
             });
             let instances = s["instances"].as_array().cloned().unwrap_or_default();
-            let healthy = instances
-                .iter()
-                .filter(|i| i["healthy"].as_bool() == Some(true))
-                .count();
+            let count = |key: &str| instances.iter().filter(|i| i[key].as_bool() == Some(true)).count();
+            let (healthy, ejected) = (count("healthy"), count("ejected"));
             println!(
-                "{name}: live {live}{}, {} ({healthy}/{} instances healthy)",
+                "{name}: live {live}{}, {} ({healthy}/{} instances healthy{})",
                 warm.unwrap_or_default(),
                 s["phase"].as_str().unwrap_or("?"),
-                instances.len()
+                instances.len(),
+                if ejected > 0 {
+                    format!(", {ejected} ejected after a failed connect")
+                } else {
+                    String::new()
+                }
             );
             if let Some(d) = s.get("deployment").filter(|d| !d.is_null()) {
                 println!(

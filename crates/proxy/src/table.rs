@@ -108,6 +108,12 @@ impl Instance {
     pub(crate) fn is_ejected(&self, now_ms: u64) -> bool {
         self.state.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
+
+    /// Ejected for now: a connection to it failed a moment ago, so picks pass it over (unless
+    /// nothing else is left) until the ejection runs out.
+    pub fn ejected(&self) -> bool {
+        self.is_ejected(now_ms())
+    }
 }
 
 /// Tracks the requests and upgraded connections that entered a colour while this generation

@@ -545,6 +545,13 @@ async fn killed_instance_is_ejected_and_retried() {
     // Its connection tasks notice the kill on their next poll; after that nothing more counts.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let killed_at = b2.requests();
+    // The first refused connect ejected it: picks pass it over.
+    let ejected = |i: usize| proxy.table().service("web").unwrap().blue.instances[i].ejected();
+    assert!(
+        eventually(Duration::from_secs(2), || ejected(1)).await,
+        "the killed instance is ejected"
+    );
+    assert!(!ejected(0) && !ejected(2), "its siblings are not");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let others_before = b1.requests() + b3.requests();
     tokio::time::sleep(Duration::from_millis(500)).await;
