@@ -18,8 +18,8 @@ pub struct ProxyConfig {
     /// Worker threads, each running its own event loop with its own accept socket
     /// (`SO_REUSEPORT`) and its own upstream connection pools.
     pub workers: usize,
-    /// Time a new connection has to send its first byte, and a request head to arrive whole
-    /// from its first byte. A keep-alive connection waiting for its next request is governed by
+    /// Time a new connection has to send its first byte, and a request head (HTTP/2: a header
+    /// block) to arrive whole from its first byte. A keep-alive connection waiting for its next request is governed by
     /// `idle_timeout` instead.
     pub client_header_timeout: Duration,
     /// A client connection with no bytes moving either way and no request in flight is closed

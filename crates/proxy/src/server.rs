@@ -85,7 +85,10 @@ pub(crate) struct Activity {
     /// HTTP/1: set when bytes arrive while no request is in flight and no response is
     /// streaming, i.e. the head of the next request has begun; cleared when that request starts.
     head: AtomicBool,
-    /// How many heads have begun, so that the watchdog tells one from the next.
+    /// HTTP/2: a header block (or a frame header) has begun and is not complete yet.
+    block: AtomicBool,
+    /// How many heads (HTTP/2: header blocks) have begun, so that the watchdog tells one from
+    /// the next.
     heads_begun: AtomicU32,
 }
 
@@ -98,10 +101,10 @@ impl Activity {
         RequestBusy(self)
     }
 
-    /// The number of the request head that has begun to arrive and is not complete yet.
+    /// The number of the request head (HTTP/2: header block) that has begun to arrive and is
+    /// not complete yet.
     fn head_pending(&self) -> Option<u32> {
-        self.head
-            .load(Ordering::Relaxed)
+        (self.head.load(Ordering::Relaxed) || self.block.load(Ordering::Relaxed))
             .then(|| self.heads_begun.load(Ordering::Relaxed))
     }
 
@@ -135,12 +138,97 @@ impl Drop for Responding {
     }
 }
 
+/// HTTP/2: where the client's bytes stand among its frames, so that a header block is timed
+/// from its first byte as an HTTP/1 head is. Only frame boundaries are followed (the 9-byte frame
+/// headers); nothing is decoded, and a frame's payload is skipped without being looked at.
+struct H2Frames {
+    /// Bytes of the connection preface still to come.
+    preface: u8,
+    /// A frame header being read.
+    header: [u8; 9],
+    header_len: u8,
+    /// Payload bytes of the current frame still to come.
+    payload: u32,
+    /// The current frame ends its header block (HEADERS or CONTINUATION with END_HEADERS).
+    ends_block: bool,
+    /// A header block has begun (a HEADERS frame) and has not ended.
+    in_block: bool,
+    /// Whether a block or a frame header was open after the last bytes, and how many times one
+    /// has opened.
+    open: bool,
+    opened: u32,
+}
+
+impl H2Frames {
+    const HEADERS: u8 = 0x1;
+    const CONTINUATION: u8 = 0x9;
+    const END_HEADERS: u8 = 0x4;
+
+    fn new() -> H2Frames {
+        H2Frames {
+            preface: 24,
+            header: [0; 9],
+            header_len: 0,
+            payload: 0,
+            ends_block: false,
+            in_block: false,
+            open: false,
+            opened: 0,
+        }
+    }
+
+    /// Follows the next bytes the client sent.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.preface > 0 {
+                let n = bytes.len().min(self.preface as usize);
+                self.preface -= n as u8;
+                bytes = &bytes[n..];
+            } else if self.payload > 0 {
+                let n = bytes.len().min(self.payload as usize);
+                self.payload -= n as u32;
+                bytes = &bytes[n..];
+                if self.payload == 0 && self.ends_block {
+                    self.in_block = false;
+                    self.ends_block = false;
+                }
+            } else {
+                let at = self.header_len as usize;
+                let n = bytes.len().min(9 - at);
+                self.header[at..at + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n as u8;
+                bytes = &bytes[n..];
+                if self.header_len == 9 {
+                    self.header_len = 0;
+                    let h = self.header;
+                    self.payload = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+                    if h[3] == Self::HEADERS || h[3] == Self::CONTINUATION {
+                        self.in_block = true;
+                        self.ends_block = h[4] & Self::END_HEADERS != 0;
+                        if self.payload == 0 && self.ends_block {
+                            self.in_block = false;
+                            self.ends_block = false;
+                        }
+                    }
+                }
+            }
+            let open = self.in_block || self.header_len > 0;
+            if open && !self.open {
+                self.opened = self.opened.wrapping_add(1);
+            }
+            self.open = open;
+        }
+    }
+}
+
 /// A client socket that notes every read and write for the watchdog.
 struct Tracked {
     stream: TcpStream,
     activity: Arc<Activity>,
     /// HTTP/1: bytes that arrive between requests begin a request head.
     heads: bool,
+    /// HTTP/2: the frames the client's bytes are in.
+    frames: Option<Box<H2Frames>>,
     /// Holds each write to the end of the worker's pass (`crate::pass`).
     hold: Hold,
     /// The last write did not all fit into the socket: what follows is bulk data, sent as the
@@ -187,6 +275,11 @@ impl AsyncRead for Tracked {
             {
                 a.heads_begun.fetch_add(1, Ordering::Relaxed);
                 a.head.store(true, Ordering::Relaxed);
+            }
+            if let Some(frames) = &mut this.frames {
+                frames.feed(&buf.filled()[before..]);
+                a.heads_begun.store(frames.opened, Ordering::Relaxed);
+                a.block.store(frames.open, Ordering::Relaxed);
             }
         }
         r
@@ -782,6 +875,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         stream,
         activity: activity.clone(),
         heads: !is_h2,
+        frames: is_h2.then(|| Box::new(H2Frames::new())),
         hold: Hold::default(),
         backed_up: false,
     });
@@ -808,8 +902,8 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
 }
 
 /// Runs a connection to its end. Asks it to finish gracefully at shutdown or when it has been
-/// idle for `idle_timeout`, and closes it when a request head that has begun is not complete
-/// within `client_header_timeout` (HTTP/1). A client that stops taking the bytes sent to it is
+/// idle for `idle_timeout`, and closes it when a request head (HTTP/2: a header block) that has
+/// begun is not complete within `client_header_timeout`. A client that stops taking the bytes sent to it is
 /// the kernel's to cut (see `bind`).
 ///
 /// A head that arrives whole is parsed in the same poll as the read that brought it, so the
@@ -926,6 +1020,54 @@ mod tests {
         assert!(p.pass_end(t0, short));
         assert!(!p.pass_end(t0 + us(99), short));
         assert!(p.pass_end(t0 + us(100), short));
+    }
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 1];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn http2_header_blocks_are_followed_across_reads() {
+        let mut f = H2Frames::new();
+        let mut bytes = H2_PREFACE.to_vec();
+        bytes.extend(frame(0x4, 0, &[])); // SETTINGS
+        bytes.extend(frame(0x6, 0, &[0; 8])); // PING
+        f.feed(&bytes);
+        assert!(!f.open, "preface and whole frames leave nothing open");
+        // A HEADERS frame with END_HEADERS, whole in one read: never open at the end of a read.
+        f.feed(&frame(0x1, 0x4 | 0x1, &[0x82, 0x86, 0x84]));
+        assert!(!f.open);
+        // The same frame one byte at a time: open from its first byte to its last.
+        let headers = frame(0x1, 0x4 | 0x1, &[0x82, 0x86, 0x84]);
+        let before = f.opened;
+        for (i, b) in headers.iter().enumerate() {
+            f.feed(std::slice::from_ref(b));
+            assert_eq!(f.open, i + 1 < headers.len(), "after byte {i}");
+        }
+        assert_eq!(f.opened, before + 1, "one block, counted once");
+        // HEADERS without END_HEADERS leaves the block open through a DATA-free gap until the
+        // CONTINUATION that ends it.
+        f.feed(&frame(0x1, 0x1, &[0x82, 0x86]));
+        assert!(f.open);
+        f.feed(&frame(0x9, 0x4, &[0x84]));
+        assert!(!f.open);
+        // A body trickled in: DATA frames never open a block, whatever their pace.
+        let data = frame(0x0, 0x1, b"hello");
+        f.feed(&data[..9]);
+        assert!(!f.open, "inside a DATA payload");
+        f.feed(&data[9..]);
+        assert!(!f.open);
+        // Two blocks in one read, the second unfinished: it has a number of its own, so its time
+        // starts afresh (the watchdog re-arms when the number changes).
+        let before = f.opened;
+        let mut two = frame(0x1, 0x5, &[0x82]);
+        two.extend(&frame(0x1, 0x5, &[0x82, 0x86])[..10]);
+        f.feed(&two);
+        assert!(f.open);
+        assert_eq!(f.opened, before + 2, "each block opened once");
     }
 
     #[test]

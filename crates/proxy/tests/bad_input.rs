@@ -398,6 +398,71 @@ async fn a_slow_body_or_a_quiet_http2_connection_is_not_a_slow_head() {
     assert_eq!(blue.requests(), 3);
 }
 
+/// HTTP/2: a header block is timed from its first byte, as an HTTP/1 head is. A HEADERS frame
+/// sent a byte at a time, or a block kept open by a slow CONTINUATION frame, gets its connection
+/// closed (a quiet connection and a slow body do not; see the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_http2_header_block_is_cut_like_a_slow_head() {
+    let (blue, proxy) = header_timeout_proxy().await;
+    let addr = proxy.local_addrs()[0];
+    // Every frame here is on stream 1 but SETTINGS, which belongs to the connection (stream 0).
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let len = (payload.len() as u32).to_be_bytes();
+        let stream = u8::from(kind != 0x4);
+        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, stream];
+        f.extend_from_slice(payload);
+        f
+    };
+    // HPACK: GET, http, "/", and the authority web.test as a literal.
+    let block: &[u8] = &[
+        0x82, 0x86, 0x84, 0x41, 0x08, b'w', b'e', b'b', b'.', b't', b'e', b's', b't',
+    ];
+    let cases = [
+        ("a HEADERS frame byte by byte", Vec::new(), frame(0x1, 0x4 | 0x1, block)),
+        (
+            "a CONTINUATION frame byte by byte",
+            frame(0x1, 0x1, &block[..3]),
+            frame(0x9, 0x4, &block[3..]),
+        ),
+    ];
+    for (what, whole, trickled) in cases {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        s.write_all(&frame(0x4, 0, &[])[..]).await.unwrap(); // SETTINGS
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let (mut rd, mut wr) = s.into_split();
+        let dribble = tokio::spawn(async move {
+            let _ = wr.write_all(&whole).await;
+            // 200 ms a byte: 3.8 s or more for the whole frame.
+            for b in trickled {
+                if wr.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let closed = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = rd.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+            }
+        })
+        .await;
+        let took = t.elapsed();
+        dribble.abort();
+        assert!(closed.is_ok(), "{what}: the connection is still open after 3 s");
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(2000),
+            "{what}: closed {took:?} after the block began (header timeout 500 ms)"
+        );
+    }
+    assert_eq!(blue.requests(), 0, "neither block became a request");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_pipelined_during_a_long_response_waits_for_it_without_a_head_timeout() {
     let (blue, proxy) = header_timeout_proxy().await;
