@@ -89,6 +89,7 @@ health = { path = "/healthz" }
 [proxy]
 client_header_timeout = "10s"
 idle_timeout = "60s"
+send_timeout = "60s"      # a client that takes none of the bytes sent to it for this long is cut
 connect_timeout = "2s"
 upstream_timeout = "60s"
 upstream_idle_timeout = "30s"
@@ -175,9 +176,11 @@ pub struct ProxySettings {
     /// Time a client has to send a request head; also the keep-alive idle limit on HTTP/1.
     pub client_header_timeout: Duration,
     /// A client connection with nothing moving and nothing in flight is closed after this; a
-    /// client that acknowledges no byte sent to it for this long (at least 1 s) is cut, and a
-    /// silent one is probed with TCP keepalive.
+    /// silent one is probed with TCP keepalive from half of it on.
     pub idle_timeout: Duration,
+    /// A client that acknowledges no byte sent to it (data or keepalive probes) for this long is
+    /// cut; at least 1 s.
+    pub send_timeout: Duration,
     /// Time to connect to an upstream instance.
     pub connect_timeout: Duration,
     /// Time from sending a request upstream to its response head.
@@ -207,6 +210,7 @@ impl Default for ProxySettings {
         ProxySettings {
             client_header_timeout: p.client_header_timeout,
             idle_timeout: p.idle_timeout,
+            send_timeout: p.send_timeout,
             connect_timeout: p.connect_timeout,
             upstream_timeout: p.upstream_timeout,
             upstream_idle_timeout: p.upstream_idle_timeout,
@@ -640,6 +644,7 @@ impl Config {
             workers: self.server.workers,
             client_header_timeout: p.client_header_timeout,
             idle_timeout: p.idle_timeout,
+            send_timeout: p.send_timeout,
             connect_timeout: p.connect_timeout,
             upstream_timeout: p.upstream_timeout,
             upstream_idle_timeout: p.upstream_idle_timeout,
@@ -714,6 +719,7 @@ struct RawServer {
 struct RawProxy {
     client_header_timeout: Leaf,
     idle_timeout: Leaf,
+    send_timeout: Leaf,
     connect_timeout: Leaf,
     upstream_timeout: Leaf,
     upstream_idle_timeout: Leaf,
@@ -1187,6 +1193,7 @@ impl<'a> Checker<'a> {
                 d.client_header_timeout,
             )?,
             idle_timeout: timeout(&raw.idle_timeout, "idle_timeout", d.idle_timeout)?,
+            send_timeout: timeout(&raw.send_timeout, "send_timeout", d.send_timeout)?,
             connect_timeout: timeout(&raw.connect_timeout, "connect_timeout", d.connect_timeout)?,
             upstream_timeout: timeout(&raw.upstream_timeout, "upstream_timeout", d.upstream_timeout)?,
             upstream_idle_timeout: timeout(
@@ -2182,6 +2189,7 @@ workers = 2
 [proxy]
 client_header_timeout = "5s"
 idle_timeout = "2m"
+send_timeout = "45s"
 connect_timeout = "250ms"
 upstream_timeout = "30s"
 upstream_idle_timeout = "20s"
@@ -2228,6 +2236,7 @@ events = ["went-live", "rolled-back"]
             proxy: ProxySettings {
                 client_header_timeout: Duration::from_secs(5),
                 idle_timeout: Duration::from_secs(120),
+                send_timeout: Duration::from_secs(45),
                 connect_timeout: Duration::from_millis(250),
                 upstream_timeout: Duration::from_secs(30),
                 upstream_idle_timeout: Duration::from_secs(20),

@@ -23,11 +23,15 @@ pub struct ProxyConfig {
     /// `idle_timeout` instead.
     pub client_header_timeout: Duration,
     /// A client connection with no bytes moving either way and no request in flight is closed
-    /// after between one and two times this long (the check runs once per period). Also, at
-    /// least 1 s, the kernel's limits on client sockets: a client that acknowledges none of the
-    /// bytes sent to it for this long is cut (`TCP_USER_TIMEOUT`), and one silent for this long
-    /// is probed (TCP keepalive), so that a vanished WebSocket client is noticed.
+    /// after between one and two times this long (the check runs once per period). A client
+    /// connection silent for half this long is probed with TCP keepalive, about every eighth of
+    /// it, so that a tunnel whose client vanished is noticed (see `send_timeout`).
     pub idle_timeout: Duration,
+    /// A client that acknowledges none of the bytes sent to it for this long (it stopped reading,
+    /// or vanished with data or keepalive probes unanswered) is cut by the kernel
+    /// (`TCP_USER_TIMEOUT`, 1 s to 24 days). A slow reader that takes some bytes now and then
+    /// is not, nor is a response waiting for its upstream.
+    pub send_timeout: Duration,
     /// Time to establish a TCP connection to an upstream instance.
     pub connect_timeout: Duration,
     /// Time from sending a request upstream to receiving its response head.
@@ -74,6 +78,7 @@ impl Default for ProxyConfig {
             workers: 1,
             client_header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(30),

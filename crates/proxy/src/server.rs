@@ -87,6 +87,9 @@ pub(crate) struct Activity {
     head: AtomicBool,
     /// HTTP/2: a header block (or a frame header) has begun and is not complete yet.
     block: AtomicBool,
+    /// The last write to the client found its socket full. HTTP/2 stops reading frames while it
+    /// cannot write, so a header block may then sit whole but unread in the socket.
+    write_waiting: AtomicBool,
     /// How many heads (HTTP/2: header blocks) have begun, so that the watchdog tells one from
     /// the next.
     heads_begun: AtomicU32,
@@ -234,6 +237,8 @@ struct Tracked {
     /// The last write did not all fit into the socket: what follows is bulk data, sent as the
     /// socket takes it, not held.
     backed_up: bool,
+    /// The last write found the socket full (mirrored in `Activity::write_waiting`).
+    waiting: bool,
 }
 
 impl Tracked {
@@ -254,6 +259,10 @@ impl Tracked {
         };
         if r.is_ready() {
             self.activity.io.store(true, Ordering::Relaxed);
+        }
+        if r.is_pending() != self.waiting {
+            self.waiting = r.is_pending();
+            self.activity.write_waiting.store(self.waiting, Ordering::Relaxed);
         }
         r
     }
@@ -349,14 +358,16 @@ pub struct Proxy {
 
 /// Binds a listening socket. The TCP settings made here are inherited by every connection it
 /// accepts, so they cost nothing per connection:
-/// - `TCP_USER_TIMEOUT` of `idle_timeout`: a client that acknowledges none of the bytes sent to
+/// - `TCP_USER_TIMEOUT` of `send_timeout`: a client that acknowledges none of the bytes sent to
 ///   it for that long (it stopped reading and its window stayed shut, or it vanished with data
 ///   in flight) is cut by the kernel, and the write waiting on it fails. A slow reader that takes
 ///   some bytes now and then is not; neither is a response waiting for its upstream.
-/// - TCP keepalive after `idle_timeout` of silence, so that a tunnel whose client vanished
-///   without a FIN (a lost network, an expired NAT entry) ends instead of keeping its slot under
-///   `max_connections` for good; a live peer answers the probes without its application.
-fn bind(addr: SocketAddr, reuse_port: bool, idle_timeout: Duration) -> io::Result<std::net::TcpListener> {
+/// - TCP keepalive from half of `idle_timeout` of silence on, about every eighth of it, so that a
+///   tunnel whose client vanished without a FIN (a lost network, an expired NAT entry) ends once
+///   its probes have gone unanswered for `send_timeout`, instead of keeping its slot under
+///   `max_connections` for good. A live peer's kernel answers the probes, and since several go
+///   out before the send timeout, one lost probe does not end a live connection.
+fn bind(addr: SocketAddr, reuse_port: bool, config: &ProxyConfig) -> io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -371,9 +382,19 @@ fn bind(addr: SocketAddr, reuse_port: bool, idle_timeout: Duration) -> io::Resul
         sock.set_only_v6(true)?;
     }
     sock.set_nonblocking(true)?;
-    let idle = idle_timeout.max(Duration::from_secs(1));
-    sock.set_tcp_user_timeout(Some(idle))?;
-    sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle))?;
+    // The kernel's limits: the user timeout is a positive C int of milliseconds (24 days), and
+    // keepalive times are whole seconds up to 32767.
+    let send = config
+        .send_timeout
+        .clamp(Duration::from_secs(1), Duration::from_millis(i32::MAX as u64));
+    sock.set_tcp_user_timeout(Some(send))?;
+    let secs = |d: Duration| Duration::from_secs(d.as_secs().clamp(1, 32_767));
+    let idle = config.idle_timeout;
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(secs(idle / 2))
+            .with_interval(secs(idle / 8)),
+    )?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     Ok(sock.into())
@@ -400,16 +421,14 @@ impl Proxy {
         let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..workers).map(|_| Vec::new()).collect();
         let mut addrs = Vec::new();
         for l in &config.listeners {
-            let first =
-                bind(l.addr, reuse, config.idle_timeout).map_err(|source| StartError::Bind { addr: l.addr, source })?;
+            let first = bind(l.addr, reuse, &config).map_err(|source| StartError::Bind { addr: l.addr, source })?;
             let actual = first
                 .local_addr()
                 .map_err(|source| StartError::Bind { addr: l.addr, source })?;
             addrs.push(actual);
             per_worker[0].push((first, l.preview));
             for w in per_worker.iter_mut().skip(1) {
-                let s = bind(actual, true, config.idle_timeout)
-                    .map_err(|source| StartError::Bind { addr: actual, source })?;
+                let s = bind(actual, true, &config).map_err(|source| StartError::Bind { addr: actual, source })?;
                 w.push((s, l.preview));
             }
         }
@@ -878,6 +897,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, preview
         frames: is_h2.then(|| Box::new(H2Frames::new())),
         hold: Hold::default(),
         backed_up: false,
+        waiting: false,
     });
     let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
 
@@ -960,7 +980,12 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             return Poll::Pending;
         }
         let now = tokio::time::Instant::now();
-        if head_deadline.is_some_and(|(d, _)| now >= d) {
+        if head_deadline.is_some_and(|(d, _)| now >= d) && activity.write_waiting.load(Ordering::Relaxed) {
+            // The client is not taking what is sent to it, and HTTP/2 reads no frames meanwhile:
+            // the rest of the head may be in the socket already. Its time starts again; a client
+            // that reads nothing at all is the send timeout's to cut.
+            head_deadline = head_deadline.map(|(_, n)| (now + header_timeout, n));
+        } else if head_deadline.is_some_and(|(d, _)| now >= d) {
             tracing::debug!(
                 timeout = ?header_timeout,
                 "request head not complete within the client header timeout; closing the connection"

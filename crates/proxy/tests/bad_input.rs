@@ -522,6 +522,19 @@ async fn max_connections_holds_extra_clients_back() {
     assert_eq!(status, 200);
 }
 
+/// Timeouts beyond what the kernel's socket options hold (keepalive times up to 32767 s, a user
+/// timeout up to 24 days) are clamped, not refused: the proxy starts and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn very_long_timeouts_still_start_the_proxy() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.idle_timeout = Duration::from_secs(10 * 3600 * 24);
+    cfg.send_timeout = Duration::from_secs(100 * 3600 * 24);
+    let proxy = cutover_proxy::Proxy::start(cfg, table(&[&blue], &[])).expect("starts");
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().2, "blue");
+}
+
 /// A WebSocket is a client connection for as long as it is open: after its upgrade it keeps its
 /// place under `max_connections`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

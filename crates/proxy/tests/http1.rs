@@ -300,17 +300,19 @@ async fn the_idle_timeout_runs_from_the_end_of_a_slow_response() {
 }
 
 /// A client that stops reading its response is cut once it has acknowledged none of it for the
-/// idle timeout (at least 1 s, the kernel's `TCP_USER_TIMEOUT`): the request, its upstream
-/// connection and its colour's count are let go. A slow reader that keeps taking bytes is not
-/// cut, nor is an event stream that is quiet because its upstream has nothing to send.
+/// send timeout (the kernel's `TCP_USER_TIMEOUT`): the request, its upstream connection and its
+/// colour's count are let go. A slow reader that keeps taking bytes is not cut, nor is an event
+/// stream that is quiet because its upstream has nothing to send (the idle timeout, shorter
+/// still, leaves it alone too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout_but_a_slow_one_or_a_quiet_stream_is_not() {
+async fn a_client_that_stops_reading_is_cut_after_the_send_timeout_but_a_slow_one_or_a_quiet_stream_is_not() {
     use http_body_util::BodyExt;
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
     let mut cfg = test_config();
-    let idle = Duration::from_millis(400);
-    cfg.idle_timeout = idle;
+    let limit = Duration::from_secs(1);
+    cfg.send_timeout = limit;
+    cfg.idle_timeout = Duration::from_millis(400);
     let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[0];
 
@@ -327,8 +329,8 @@ async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout_but_a_slow_on
         "the stalled response was let go"
     );
     assert!(
-        sent.elapsed() >= idle,
-        "not before a whole idle timeout: {:?}",
+        sent.elapsed() >= limit,
+        "not before a whole send timeout: {:?}",
         sent.elapsed()
     );
     let mut got = 0usize;
@@ -371,12 +373,12 @@ async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout_but_a_slow_on
     );
     drop(s);
 
-    // An event stream whose upstream says nothing for three idle timeouts carries on.
+    // An event stream whose upstream says nothing for three send timeouts carries on.
     let mut c = H1::connect(addr).await.unwrap();
     let mut body = c.open("/sse").await.unwrap().into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, "data: first from blue\n\n");
-    tokio::time::sleep(idle * 3).await;
+    tokio::time::sleep(limit * 3).await;
     blue.sse_release.notify_one();
     let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
         .await
