@@ -50,6 +50,10 @@ async fn scripted_upstream() -> SocketAddr {
                         "/namedlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello", false),
                         "/oddlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello", false),
                         "/signedlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello", true),
+                        // Bodies the upstream breaks off: a length it does not reach, chunks without
+                        // the last one.
+                        "/cutlength" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part of it", true),
+                        "/cutchunked" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", true),
                         _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
                     };
                     if s.write_all(resp).await.is_err() || close {
@@ -168,6 +172,45 @@ async fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Bytes) {
         );
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// A body the upstream breaks off never reaches the client as a complete response: over HTTP/1
+/// the client connection is closed without the rest of the length or the last chunk (or before
+/// the head, when the break arrives with it), over HTTP/2 the stream is reset. Either way the
+/// client sees an error, not a short success, and the request stops counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_upstream_breaks_off_ends_in_an_error_for_the_client() {
+    use http_body_util::BodyExt;
+    let up = scripted_upstream().await;
+    let proxy = start_proxy(test_config(), one_instance_table(up));
+    let addr = proxy.local_addrs()[0];
+    let within = Duration::from_secs(5);
+    for path in ["/cutlength", "/cutchunked"] {
+        let mut c = H1::connect(addr).await.unwrap();
+        let outcome = tokio::time::timeout(within, async {
+            let resp = c.open(path).await?;
+            anyhow_like::Result::Ok(resp.into_body().collect().await?)
+        })
+        .await
+        .expect("ends in time");
+        assert!(outcome.is_err(), "{path} over HTTP/1: a short body passed for a whole one");
+
+        let mut h2 = h2_connect(addr).await.unwrap();
+        let outcome = tokio::time::timeout(within, async {
+            let req = Request::get(format!("http://{addr}{path}")).body(empty()).unwrap();
+            let resp = h2.send_request(req).await?;
+            resp.into_body().collect().await
+        })
+        .await
+        .expect("ends in time");
+        assert!(outcome.is_err(), "{path} over HTTP/2: a short body passed for a whole one");
+        // The HTTP/2 connection itself carries on.
+        let req = Request::get(format!("http://{addr}/len")).body(empty()).unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "hello");
+    }
+    let in_flight = proxy.table().service("app").unwrap().blue.in_flight();
+    assert_eq!(in_flight, 0, "the broken requests stopped counting");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
