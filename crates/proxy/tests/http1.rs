@@ -193,7 +193,10 @@ async fn a_body_the_upstream_breaks_off_ends_in_an_error_for_the_client() {
         })
         .await
         .expect("ends in time");
-        assert!(outcome.is_err(), "{path} over HTTP/1: a short body passed for a whole one");
+        assert!(
+            outcome.is_err(),
+            "{path} over HTTP/1: a short body passed for a whole one"
+        );
 
         let mut h2 = h2_connect(addr).await.unwrap();
         let outcome = tokio::time::timeout(within, async {
@@ -203,7 +206,10 @@ async fn a_body_the_upstream_breaks_off_ends_in_an_error_for_the_client() {
         })
         .await
         .expect("ends in time");
-        assert!(outcome.is_err(), "{path} over HTTP/2: a short body passed for a whole one");
+        assert!(
+            outcome.is_err(),
+            "{path} over HTTP/2: a short body passed for a whole one"
+        );
         // The HTTP/2 connection itself carries on.
         let req = Request::get(format!("http://{addr}/len")).body(empty()).unwrap();
         let resp = h2.send_request(req).await.unwrap();

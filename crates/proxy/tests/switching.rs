@@ -431,6 +431,70 @@ async fn sse_events_are_not_buffered() {
     assert_eq!(rest, "data: last\n\n");
 }
 
+/// HTTP/2 streams share a connection without holding each other up: while the client leaves a
+/// 20 MiB download unread, small requests on the same connection are answered; the download and
+/// a 20 MiB streamed upload then arrive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_streams_move_large_bodies_both_ways_without_holding_each_other_up() {
+    let blue = Upstream::start("blue").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    let h2 = h2_connect(addr).await.unwrap();
+    let size: usize = 20 << 20;
+
+    let mut big = h2.clone();
+    let req = Request::get(format!("http://{addr}/slow?ms=0&size={size}"))
+        .body(empty())
+        .unwrap();
+    let resp = big.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut download = resp.into_body();
+    let first = download.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"blue "));
+
+    // The download waits, unread, with its flow-control window used up; others go on.
+    let started = Instant::now();
+    for _ in 0..20 {
+        let mut small = h2.clone();
+        let req = Request::get(format!("http://{addr}/")).body(empty()).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(2), small.send_request(req))
+            .await
+            .expect("a small request is not held up by the unread download")
+            .unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "blue");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let mut got = first.len();
+    while let Some(frame) = download.frame().await {
+        got += frame.unwrap().into_data().map_or(0, |d| d.len());
+    }
+    assert_eq!(got, size, "the download arrives whole");
+
+    // A 20 MiB upload in 64 KiB chunks on the same connection.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut up = h2.clone();
+    let req = Request::post(format!("http://{addr}/upload"))
+        .body(ChannelBody(rx).boxed())
+        .unwrap();
+    let pending = tokio::spawn(async move {
+        let resp = up.send_request(req).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
+    });
+    let mut hasher = Sha256::new();
+    for i in 0..(size / (64 << 10)) {
+        let chunk = Bytes::from(vec![(i % 251) as u8; 64 << 10]);
+        hasher.update(&chunk);
+        tx.send(chunk).await.unwrap();
+    }
+    drop(tx);
+    let answer = tokio::time::timeout(Duration::from_secs(30), pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, format!("blue {} {size}", hex(&hasher.finalize())));
+}
+
 /// 7. HTTP/2 clients across switches: zero failures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http2_clients_across_switches() {
