@@ -112,6 +112,129 @@ fn sigusr1_switches_and_sigterm_finishes_in_flight_requests() {
     assert!(TcpStream::connect(front).is_err(), "listener closed");
 }
 
+/// The resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// Reads a request or response head byte by byte (so nothing after it is consumed); `None` if
+/// the peer closes first.
+fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).ok()? == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Bodies stream through the proxy process without piling up in it: 128 MiB each way, with the
+/// receiving side not reading for a while, and the proxy's resident memory stays under 64 MiB.
+#[test]
+fn large_bodies_stream_through_without_being_buffered() {
+    const SIZE: u64 = 128 << 20;
+    const LIMIT_KIB: u64 = 64 << 10;
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap();
+    // A download it sends as fast as it may, an upload it reads only after a pause; anything
+    // else (the readiness probe) gets a short answer.
+    std::thread::spawn(move || {
+        for conn in upstream.incoming() {
+            let Ok(mut s) = conn else { return };
+            std::thread::spawn(move || loop {
+                // The proxy closes idle pooled connections: that ends this one.
+                let Some(head) = read_head(&mut s) else { return };
+                if head.starts_with("GET /big ") {
+                    write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").unwrap();
+                    let chunk = vec![7u8; 64 << 10];
+                    for _ in 0..SIZE / (64 << 10) {
+                        s.write_all(&chunk).unwrap();
+                    }
+                } else if head.starts_with("POST /big ") {
+                    assert!(
+                        head.to_ascii_lowercase().contains(&format!("content-length: {SIZE}")),
+                        "{head}"
+                    );
+                    std::thread::sleep(Duration::from_millis(1500));
+                    let mut got = 0u64;
+                    let mut buf = vec![0u8; 1 << 16];
+                    while got < SIZE {
+                        let n = s.read(&mut buf).unwrap();
+                        assert!(n > 0, "upload broke off after {got} bytes");
+                        got += n as u64;
+                    }
+                    let text = got.to_string();
+                    write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len()).unwrap();
+                } else {
+                    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap();
+                }
+            });
+        }
+    });
+    let (p, front) = proxy(up, up);
+    let pid = p.0.id();
+    let idle = rss_kib(pid);
+
+    // Download: the head, then nothing read for 1.5 s while the upstream pushes.
+    let mut c = TcpStream::connect(front).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(c, "GET /big HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let head = read_head(&mut c).expect("the download's head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let stalled = rss_kib(pid);
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut peak = stalled;
+    while got < SIZE {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "download broke off after {got} bytes");
+        got += n as u64;
+        if got % (16 << 20) < n as u64 {
+            peak = peak.max(rss_kib(pid));
+        }
+    }
+    assert_eq!(got, SIZE);
+
+    // Upload: 128 MiB sent while the upstream does not read for 1.5 s.
+    let mut u = TcpStream::connect(front).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = u.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        write!(w, "POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: {SIZE}\r\n\r\n").unwrap();
+        let chunk = vec![9u8; 64 << 10];
+        for _ in 0..SIZE / (64 << 10) {
+            w.write_all(&chunk).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    peak = peak.max(rss_kib(pid));
+    writer.join().unwrap();
+    let head = read_head(&mut u).expect("the upload's answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut answer = vec![0u8; SIZE.to_string().len()];
+    u.read_exact(&mut answer).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        SIZE.to_string(),
+        "bytes the upstream got"
+    );
+
+    eprintln!("proxy resident memory: {idle} KiB idle, {stalled} KiB with the download unread, {peak} KiB at the most");
+    assert!(
+        stalled < LIMIT_KIB && peak < LIMIT_KIB,
+        "resident memory: {idle} KiB idle, {stalled} KiB with the download unread, {peak} KiB at the most"
+    );
+}
+
 #[test]
 fn port_in_use_is_refused_with_exit_code_2() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
