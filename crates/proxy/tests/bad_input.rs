@@ -463,6 +463,56 @@ async fn a_slow_http2_header_block_is_cut_like_a_slow_head() {
     assert_eq!(blue.requests(), 0, "neither block became a request");
 }
 
+/// HTTP/2 reads no frames while it cannot write. A header block that began before the client
+/// stopped taking a large response may have its rest waiting unread in the socket, so its clock
+/// starts again while the writes wait; such a client is the send timeout's to cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http2_header_block_is_not_timed_while_the_client_takes_no_writes() {
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.workers = 1;
+    cfg.client_header_timeout = Duration::from_millis(500);
+    cfg.idle_timeout = Duration::from_secs(20);
+    cfg.send_timeout = Duration::from_secs(3);
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let frame = |kind: u8, flags: u8, stream: u8, payload: &[u8]| {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, stream];
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE and a connection WINDOW_UPDATE at their largest: the proxy
+    // may send far more than the sockets hold.
+    bytes.extend(frame(0x4, 0, 0, &[0x00, 0x04, 0x7f, 0xff, 0xff, 0xff]));
+    bytes.extend(frame(0x8, 0, 0, &[0x7f, 0xff, 0x00, 0x00]));
+    // Stream 1: GET a 64 MiB body, HPACK literals for the path and authority.
+    let path = b"/slow?ms=0&size=67108864";
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, 0x08]);
+    block.extend_from_slice(b"web.test");
+    bytes.extend(frame(0x1, 0x4 | 0x1, 1, &block));
+    // Stream 3: the first bytes of a HEADERS frame, in the same write; the rest never comes.
+    bytes.extend(&frame(0x1, 0x4 | 0x1, 3, &[0x82, 0x86, 0x84])[..5]);
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(&bytes).await.unwrap();
+    // Nothing is read from here on.
+
+    assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await, "the download started");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        proxy.open_connections(),
+        1,
+        "not cut at the header timeout while its writes wait"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || proxy.open_connections() == 0).await,
+        "cut once it has taken nothing for the send timeout"
+    );
+    drop(s);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_pipelined_during_a_long_response_waits_for_it_without_a_head_timeout() {
     let (blue, proxy) = header_timeout_proxy().await;
