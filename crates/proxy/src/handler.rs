@@ -178,7 +178,12 @@ async fn proxy(
     // keeps this snapshot (one reference count) to the end, so its colour and pool cannot change
     // under it whatever is stored meanwhile.
     let preview_header = req.headers().get(&X_CUTOVER_PREVIEW);
-    let routed = enter(&shared.table, shared.table.load_full(), request_host(&req), |svc| {
+    let Routed {
+        table,
+        service,
+        colour,
+        gen: gen_guard,
+    } = enter(&shared.table, shared.table.load_full(), request_host(&req), |svc| {
         let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
         if ctx.preview_listener || preview {
             svc.active.other()
@@ -186,12 +191,6 @@ async fn proxy(
             svc.active
         }
     })?;
-    let Routed {
-        table,
-        service,
-        colour,
-        gen: gen_guard,
-    } = routed;
     let svc = &table.services()[service];
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
@@ -465,7 +464,7 @@ async fn send(
 
 /// One try on one connection: write the head (and stream the body, watching for an early
 /// answer), then wait for the response head within `timeout`.
-async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: std::time::Duration) -> Attempt {
+async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: Duration) -> Attempt {
     Hold::default().release(Side::Upstream).await;
     if let Err(e) = conn.io.write_all(req.head).await {
         // The head did not get through, so the upstream cannot act on it: safe to send again.
@@ -561,22 +560,21 @@ fn spawn_tunnel(
                 let offset = crate::headers::random_u64() % (window.as_millis() as u64).max(1);
                 tokio::time::Instant::now() + Duration::from_millis(offset)
             };
+            let at_shutdown = || draw(shutdown_close_window(shared.config.shutdown_timeout));
             let at_drain = tokio::select! {
                 _ = crate::deadline::expired(&gen) => {
-                    draw(Duration::from_millis(gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed)))
+                    Some(draw(Duration::from_millis(gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed))))
                 }
-                _ = shared.shutdown.cancelled() => {
-                    tokio::time::sleep_until(draw(shutdown_close_window(shared.config.shutdown_timeout))).await;
-                    return;
-                }
+                _ = shared.shutdown.cancelled() => None,
             };
-            tokio::select! {
-                _ = tokio::time::sleep_until(at_drain) => {}
-                _ = shared.shutdown.cancelled() => {
-                    let at_shutdown = draw(shutdown_close_window(shared.config.shutdown_timeout));
-                    tokio::time::sleep_until(at_drain.min(at_shutdown)).await;
-                }
-            }
+            let at = match at_drain {
+                None => at_shutdown(),
+                Some(at) => tokio::select! {
+                    _ = tokio::time::sleep_until(at) => at,
+                    _ = shared.shutdown.cancelled() => at.min(at_shutdown()),
+                },
+            };
+            tokio::time::sleep_until(at).await;
         };
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
@@ -598,7 +596,7 @@ fn spawn_tunnel(
 
 /// The window over which the tunnels still open at shutdown are closed: the first half of
 /// `shutdown_timeout`, so that the last of them has closed well before the workers stop waiting.
-pub(crate) fn shutdown_close_window(shutdown_timeout: Duration) -> Duration {
+fn shutdown_close_window(shutdown_timeout: Duration) -> Duration {
     shutdown_timeout / 2
 }
 

@@ -980,17 +980,18 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             return Poll::Pending;
         }
         let now = tokio::time::Instant::now();
-        if head_deadline.is_some_and(|(d, _)| now >= d) && activity.write_waiting.load(Ordering::Relaxed) {
+        if let Some((_, n)) = head_deadline.filter(|&(d, _)| now >= d) {
+            if !activity.write_waiting.load(Ordering::Relaxed) {
+                tracing::debug!(
+                    timeout = ?header_timeout,
+                    "request head not complete within the client header timeout; closing the connection"
+                );
+                return Poll::Ready(());
+            }
             // The client is not taking what is sent to it, and HTTP/2 reads no frames meanwhile:
             // the rest of the head may be in the socket already. Its time starts again; a client
             // that reads nothing at all is the send timeout's to cut.
-            head_deadline = head_deadline.map(|(_, n)| (now + header_timeout, n));
-        } else if head_deadline.is_some_and(|(d, _)| now >= d) {
-            tracing::debug!(
-                timeout = ?header_timeout,
-                "request head not complete within the client header timeout; closing the connection"
-            );
-            return Poll::Ready(());
+            head_deadline = Some((now + header_timeout, n));
         }
         if now >= idle_check {
             let moved = activity.moved_since_last_look();

@@ -406,13 +406,7 @@ async fn a_slow_http2_header_block_is_cut_like_a_slow_head() {
     let (blue, proxy) = header_timeout_proxy().await;
     let addr = proxy.local_addrs()[0];
     // Every frame here is on stream 1 but SETTINGS, which belongs to the connection (stream 0).
-    let frame = |kind: u8, flags: u8, payload: &[u8]| {
-        let len = (payload.len() as u32).to_be_bytes();
-        let stream = u8::from(kind != 0x4);
-        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, stream];
-        f.extend_from_slice(payload);
-        f
-    };
+    let frame = |kind: u8, flags: u8, payload: &[u8]| h2_frame(kind, flags, u8::from(kind != 0x4), payload);
     // HPACK: GET, http, "/", and the authority web.test as a literal.
     let block: &[u8] = &[
         0x82, 0x86, 0x84, 0x41, 0x08, b'w', b'e', b'b', b'.', b't', b'e', b's', b't',
@@ -475,26 +469,20 @@ async fn an_http2_header_block_is_not_timed_while_the_client_takes_no_writes() {
     cfg.idle_timeout = Duration::from_secs(20);
     cfg.send_timeout = Duration::from_secs(3);
     let proxy = start_proxy(cfg, table(&[&blue], &[]));
-    let frame = |kind: u8, flags: u8, stream: u8, payload: &[u8]| {
-        let len = (payload.len() as u32).to_be_bytes();
-        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, stream];
-        f.extend_from_slice(payload);
-        f
-    };
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     // SETTINGS_INITIAL_WINDOW_SIZE and a connection WINDOW_UPDATE at their largest: the proxy
     // may send far more than the sockets hold.
-    bytes.extend(frame(0x4, 0, 0, &[0x00, 0x04, 0x7f, 0xff, 0xff, 0xff]));
-    bytes.extend(frame(0x8, 0, 0, &[0x7f, 0xff, 0x00, 0x00]));
+    bytes.extend(h2_frame(0x4, 0, 0, &[0x00, 0x04, 0x7f, 0xff, 0xff, 0xff]));
+    bytes.extend(h2_frame(0x8, 0, 0, &[0x7f, 0xff, 0x00, 0x00]));
     // Stream 1: GET a 64 MiB body, HPACK literals for the path and authority.
     let path = b"/slow?ms=0&size=67108864";
     let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
     block.extend_from_slice(path);
     block.extend_from_slice(&[0x01, 0x08]);
     block.extend_from_slice(b"web.test");
-    bytes.extend(frame(0x1, 0x4 | 0x1, 1, &block));
+    bytes.extend(h2_frame(0x1, 0x4 | 0x1, 1, &block));
     // Stream 3: the first bytes of a HEADERS frame, in the same write; the rest never comes.
-    bytes.extend(&frame(0x1, 0x4 | 0x1, 3, &[0x82, 0x86, 0x84])[..5]);
+    bytes.extend(&h2_frame(0x1, 0x4 | 0x1, 3, &[0x82, 0x86, 0x84])[..5]);
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     s.write_all(&bytes).await.unwrap();
     // Nothing is read from here on.
@@ -553,18 +541,21 @@ async fn max_connections_holds_extra_clients_back() {
     let mut b = H1::connect(addr).await.unwrap();
     assert_eq!(a.get("/").await.unwrap().0, 200);
     assert_eq!(b.get("/").await.unwrap().0, 200);
-    // The third waits in the backlog until a slot frees.
+    third_client_waits_for_a_slot(&proxy, "connections", move || drop(a)).await;
+}
+
+/// With two connections open under `max_connections = 2`, a third client waits in the listen
+/// backlog, and is served once `free` closes one of the two.
+async fn third_client_waits_for_a_slot(proxy: &cutover_proxy::Proxy, open: &str, free: impl FnOnce()) {
+    let addr = proxy.local_addrs()[0];
     let third = tokio::spawn(async move {
         let mut c = H1::connect(addr).await.unwrap();
         c.get("/").await.unwrap().0
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !third.is_finished(),
-        "third client served while two connections are open"
-    );
+    assert!(!third.is_finished(), "third client served while two {open} are open");
     assert_eq!(proxy.open_connections(), 2);
-    drop(a);
+    free();
     let status = tokio::time::timeout(Duration::from_secs(3), third)
         .await
         .expect("served once a slot is free")
@@ -599,23 +590,8 @@ async fn websockets_keep_their_place_under_max_connections() {
     let mut b = ws_connect(addr).await;
     assert_eq!(ws_echo(&mut a, "a").await, "blue: a");
     assert_eq!(ws_echo(&mut b, "b").await, "blue: b");
-    let third = tokio::spawn(async move {
-        let mut c = H1::connect(addr).await.unwrap();
-        c.get("/").await.unwrap().0
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !third.is_finished(),
-        "third client served while two websockets are open"
-    );
-    assert_eq!(proxy.open_connections(), 2);
     // The client goes away: the tunnel ends and frees its place.
-    drop(a);
-    let status = tokio::time::timeout(Duration::from_secs(3), third)
-        .await
-        .expect("served once a websocket has closed")
-        .unwrap();
-    assert_eq!(status, 200);
+    third_client_waits_for_a_slot(&proxy, "websockets", move || drop(a)).await;
     assert_eq!(ws_echo(&mut b, "still").await, "blue: still");
 }
 

@@ -646,14 +646,7 @@ async fn swallowing_upstream(taken: Arc<Mutex<Vec<String>>>) -> std::net::Socket
             let taken = taken.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let length = |head: &[u8]| {
-                    String::from_utf8_lossy(head)
-                        .to_ascii_lowercase()
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
-                        .unwrap_or(0)
-                };
-                let Some(end) = read_head_and(&mut s, &mut buf, length).await else {
+                let Some(end) = read_head_and(&mut s, &mut buf, content_length).await else {
                     return;
                 };
                 let head = String::from_utf8_lossy(&buf[..end]).into_owned();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,37 +122,21 @@ async fn expect_100_continue_is_answered_by_the_proxy() {
         .await
         .unwrap();
     let mut buf = Vec::new();
-    let interim = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                return String::from_utf8_lossy(&buf.drain(..i + 4).collect::<Vec<_>>()).into_owned();
-            }
-            let mut chunk = [0u8; 1024];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before the interim answer");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-    .expect("100 Continue before the body is sent");
+    let end = tokio::time::timeout(Duration::from_secs(2), read_head_and(&mut s, &mut buf, |_| 0))
+        .await
+        .expect("100 Continue before the body is sent")
+        .expect("closed before the interim answer");
+    let interim = String::from_utf8_lossy(&buf.drain(..end).collect::<Vec<_>>()).into_owned();
     assert!(interim.starts_with("HTTP/1.1 100 Continue\r\n"), "{interim}");
 
     s.write_all(b"twelve bytes").await.unwrap();
     let expected = format!("blue {} 12", hex(&Sha256::digest(b"twelve bytes")));
-    let answer = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            if text.ends_with(&expected) {
-                return text;
-            }
-            let mut chunk = [0u8; 1024];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before the answer: {text}");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-    .expect("the upload's answer");
+    let end = tokio::time::timeout(Duration::from_secs(5), read_head_and(&mut s, &mut buf, content_length))
+        .await
+        .expect("the upload's answer")
+        .expect("closed before the answer");
+    let answer = String::from_utf8_lossy(&buf[..end + content_length(&buf[..end])]).into_owned();
+    assert!(answer.ends_with(&expected), "{answer}");
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     let h = blue.seen.last_headers.lock().unwrap().clone().unwrap();
     assert!(h.get("expect").is_none(), "the expectation stays with the proxy");

@@ -501,3 +501,20 @@ pub async fn ws_close_times(sockets: Vec<Ws>, since: Instant, within: Duration) 
     at.sort();
     at
 }
+
+/// The value of a head's `Content-Length`, 0 without one.
+pub fn content_length(head: &[u8]) -> usize {
+    String::from_utf8_lossy(head)
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0)
+}
+
+/// One raw HTTP/2 frame: its 9-byte header (length, type, flags, stream) and payload.
+pub fn h2_frame(kind: u8, flags: u8, stream: u8, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, stream];
+    f.extend_from_slice(payload);
+    f
+}
