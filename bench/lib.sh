@@ -245,9 +245,21 @@ EOF
   EXTRA_LOG=$d/error.log wait_ready backend "$BACKEND_PID" "$gp" green
 }
 
-# start_nginx_proxy PORT LIVE_BACKEND_PORT : sets NGINX_PID NGINX_CONF NGINX_ERRLOG
+# start_nginx_proxy PORT LIVE_BACKEND_PORT [EXPECT] [NAME] : sets NGINX_PID NGINX_CONF NGINX_ERRLOG.
+# A NAME ending in -headers adds the request headers cutover adds (see peer_headers_note).
 start_nginx_proxy() {
-  local port=$1 up=$2 d=$BENCH_TMP/nginx-proxy
+  local port=$1 up=$2 name=${4:-nginx} d=$BENCH_TMP/${4:-nginx-proxy}
+  local map="" hdrs=""
+  if [[ $name == *-headers ]]; then
+    # shellcheck disable=SC2016  # nginx variables, for nginx to expand
+    map='map $http_x_request_id $fwd_request_id { "" $request_id; default $http_x_request_id; }'
+    # shellcheck disable=SC2016
+    hdrs='proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $fwd_request_id;'
+  fi
   mkdir -p "$d/tmp"
   NGINX_CONF=$d/nginx.conf NGINX_ERRLOG=$d/error.log
   cat >"$NGINX_CONF" <<EOF
@@ -261,6 +273,7 @@ $(nginx_common_paths "$d")
     access_log off;
     keepalive_requests 1000000;
     keepalive_timeout 300s;
+    $map
     upstream be {
         server 127.0.0.1:$up; # live
         keepalive 64;
@@ -272,13 +285,30 @@ $(nginx_common_paths "$d")
             proxy_pass http://be;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            $hdrs
         }
     }
 }
 EOF
-  bg_start nginx "$d/stdout.log" nginx -p "$d" -e "$d/error.log" -c "$NGINX_CONF" -g 'daemon off;'
+  bg_start "$name" "$d/stdout.log" nginx -p "$d" -e "$d/error.log" -c "$NGINX_CONF" -g 'daemon off;'
   NGINX_PID=$BG_LAST_PID
-  EXTRA_LOG=$NGINX_ERRLOG wait_ready nginx "$NGINX_PID" "$port" "${3:-blue}"
+  EXTRA_LOG=$NGINX_ERRLOG wait_ready "$name" "$NGINX_PID" "$port" "${3:-blue}"
+}
+
+# Markdown: what the -headers peers add, and why.
+peer_headers_note() {
+  cat <<'MD'
+cutover adds four request headers on every request it forwards: `X-Forwarded-For` (the chain with
+the client's address appended), `X-Forwarded-Proto`, `X-Forwarded-Host`, and an `X-Request-Id` kept
+from the client or made (32 random hex digits). HAProxy and nginx add none of them unless told to,
+and the backend then has fewer headers to read. The -headers peers are told to:
+HAProxy with `option forwardfor`, `http-request set-header` for `X-Forwarded-Proto` and
+`X-Forwarded-Host`, and `X-Request-Id %[uuid]` unless the request has one; nginx with
+`proxy_set_header` for `Host $http_host` (cutover passes the client's Host on),
+`X-Forwarded-For $proxy_add_x_forwarded_for`, `X-Forwarded-Proto $scheme`,
+`X-Forwarded-Host $http_host`, and `X-Request-Id` from a `map` that keeps the client's or takes
+`$request_id`.
+MD
 }
 
 # Each proxied connection needs two fds; leave headroom below the fd limit.
@@ -290,8 +320,16 @@ haproxy_maxconn() {
 
 # start_haproxy PORT BLUE_PORT GREEN_PORT : backend `be` has server blue (live)
 # and server green (disabled). Sets HAPROXY_PID HAPROXY_SOCK.
+# start_haproxy PORT BLUE_PORT GREEN_PORT [NAME] : sets HAPROXY_PID HAPROXY_SOCK.
+# A NAME ending in -headers adds the request headers cutover adds (see peer_headers_note).
 start_haproxy() {
-  local port=$1 bp=$2 gp=$3 d=$BENCH_TMP/haproxy
+  local port=$1 bp=$2 gp=$3 name=${4:-haproxy} d=$BENCH_TMP/${4:-haproxy} hdrs=""
+  if [[ $name == *-headers ]]; then
+    hdrs='option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)] if { req.hdr(host) -m found }
+    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }'
+  fi
   mkdir -p "$d"
   HAPROXY_SOCK=$d/admin.sock
   cat >"$d/haproxy.cfg" <<EOF
@@ -312,6 +350,7 @@ defaults
 
 frontend fe
     bind 127.0.0.1:$port
+    $hdrs
     default_backend be
 
 backend be
@@ -319,9 +358,9 @@ backend be
     server green 127.0.0.1:$gp disabled
 EOF
   haproxy -c -f "$d/haproxy.cfg" >"$d/check.log" 2>&1 || { cat "$d/check.log" >&2; die "haproxy config check failed"; }
-  bg_start haproxy "$d/haproxy.log" haproxy -f "$d/haproxy.cfg" -db
+  bg_start "$name" "$d/haproxy.log" haproxy -f "$d/haproxy.cfg" -db
   HAPROXY_PID=$BG_LAST_PID
-  wait_ready haproxy "$HAPROXY_PID" "$port" blue
+  wait_ready "$name" "$HAPROXY_PID" "$port" blue
 }
 
 # ---- cutover -----------------------------------------------------------------
@@ -382,8 +421,8 @@ start_contender() {
     cutover-nometrics) start_cutover "$port" "$blue" "$green" "$name" --no-metrics; CONTENDER_PID=$BG_LAST_PID ;;
     cutover-nopreempt) start_cutover "$port" "$blue" "$green" "$name" --preempt-interval 0s; CONTENDER_PID=$BG_LAST_PID ;;
     cutover-alt) start_cutover "$port" "$blue" "$green" "$name" ${ALT_ARGS:-}; CONTENDER_PID=$BG_LAST_PID ;;
-    haproxy) start_haproxy "$port" "$3" "$4"; CONTENDER_PID=$HAPROXY_PID ;;
-    nginx) start_nginx_proxy "$port" "$3"; CONTENDER_PID=$(descendants "$NGINX_PID" | head -1) ;;
+    haproxy | haproxy-headers) start_haproxy "$port" "$3" "$4" "$name"; CONTENDER_PID=$HAPROXY_PID ;;
+    nginx | nginx-headers) start_nginx_proxy "$port" "$3" blue "$name"; CONTENDER_PID=$(descendants "$NGINX_PID" | head -1) ;;
     *) die "no proxy to start for contender '$name'" ;;
   esac
 }

@@ -5,7 +5,8 @@
 # Usage: bench/throughput.sh
 # Knobs (env): DURATION=10 (s per wrk run)  ROUNDS=3  THREADS=2  CONNECTIONS=64
 #              WARMUP=2 (s of unrecorded wrk per contender before round 1; 0 = off)
-#              CONTENDERS="direct cutover haproxy nginx" (also: cutover-nometrics, cutover-nopreempt,
+#              CONTENDERS="direct cutover haproxy nginx" (also: haproxy-headers and nginx-headers, configured
+#              to add the request headers cutover adds; cutover-nometrics, cutover-nopreempt,
 #              cutover-alt: cutover with the extra flags in ALT_ARGS, e.g. ALT_ARGS='--preempt-interval 1ms',
 #              and/or another build of cutover in ALT_BIN=path)
 #              CUTOVER_BIN=path (skip cargo build)  CUTOVER_BUILD=0 (use existing target/release/cutover)
@@ -24,7 +25,7 @@ CONTENDERS=${CONTENDERS:-direct cutover haproxy nginx}
 whole_numbers DURATION ROUNDS THREADS CONNECTIONS WARMUP
 ((DURATION >= 1 && DURATION <= 600)) || die "DURATION must be 1..600"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
-for c in $CONTENDERS; do has "$c" direct cutover cutover-nometrics cutover-nopreempt cutover-alt haproxy nginx || die "unknown contender '$c'"; done
+for c in $CONTENDERS; do has "$c" direct cutover cutover-nometrics cutover-nopreempt cutover-alt haproxy nginx haproxy-headers nginx-headers || die "unknown contender '$c'"; done
 ALT_ARGS=${ALT_ARGS:-}
 ALT_BIN=${ALT_BIN:-}
 if wants cutover-alt && [[ -z $ALT_ARGS && -z $ALT_BIN ]]; then die "cutover-alt needs ALT_ARGS (flags it adds to cutover proxy) or ALT_BIN (another build)"; fi
@@ -35,8 +36,8 @@ bench_init throughput
 quiet_check
 wants_cutover && ensure_cutover
 
-read -r P_BLUE P_GREEN P_CUT P_HA P_NG P_CNM P_CNP P_ALT < <(free_ports 8)
-declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG [cutover-nometrics]=$P_CNM [cutover-nopreempt]=$P_CNP [cutover-alt]=$P_ALT)
+read -r P_BLUE P_GREEN P_CUT P_HA P_NG P_CNM P_CNP P_ALT P_HAH P_NGH < <(free_ports 10)
+declare -A PORT=([direct]=$P_BLUE [cutover]=$P_CUT [haproxy]=$P_HA [nginx]=$P_NG [cutover-nometrics]=$P_CNM [cutover-nopreempt]=$P_CNP [cutover-alt]=$P_ALT [haproxy-headers]=$P_HAH [nginx-headers]=$P_NGH)
 
 start_backend "$P_BLUE" "$P_GREEN"
 for c in $CONTENDERS; do
@@ -94,11 +95,14 @@ MD=$BENCH_TMP/section.md
   wants cutover-alt && desc+=("cutover-alt: ${ALT_BIN:+the build at \`$ALT_BIN\` ($(git -C "$(dirname "$ALT_BIN")" rev-parse --short HEAD 2>/dev/null || echo "unknown commit"))}${ALT_BIN:+${ALT_ARGS:+, }}${ALT_ARGS:+the same with \`$ALT_ARGS\`}")
   wants haproxy && desc+=("HAProxy \`nbthread 1\`, \`http-reuse always\`")
   wants nginx && desc+=("nginx \`worker_processes 1\`, upstream keepalive 64")
+  wants haproxy-headers && desc+=("haproxy-headers: the same HAProxy, configured to add the request headers cutover adds")
+  wants nginx-headers && desc+=("nginx-headers: the same nginx, configured to add the request headers cutover adds")
   wants direct && desc+=("\"direct\" is wrk straight to the backend")
   (IFS=';'; echo "${desc[*]}." | sed 's/;/; /g')
   echo "Load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
   echo "interleaved (${CONTENDERS// /, }, the order rotating by one each round) for $ROUNDS round(s); medians over rounds. $(if [[ ${PIN:-0} == 1 ]]; then echo "The backend and the proxy share CPU 1 (taskset), wrk has CPU 0."; else echo "All processes share the same $(nproc) CPUs."; fi)"
   echo
+  if wants haproxy-headers || wants nginx-headers; then echo; peer_headers_note; fi
   "${BT[@]}" report-throughput "$RES" --order "$CONTENDERS"
 } >"$MD"
 

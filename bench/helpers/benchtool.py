@@ -452,7 +452,9 @@ def cmd_report_throughput(a):
     pairs = [("cutover", "haproxy"), ("cutover", "nginx"), ("cutover", "direct"),
              ("haproxy", "direct"), ("nginx", "direct"), ("cutover", "cutover-nometrics"),
              ("cutover", "cutover-nopreempt"), ("cutover-nopreempt", "haproxy"), ("cutover-alt", "haproxy"),
-             ("cutover-alt", "cutover")]
+             ("cutover-alt", "cutover"), ("cutover", "haproxy-headers"), ("cutover", "nginx-headers"),
+             ("haproxy-headers", "haproxy"), ("nginx-headers", "nginx"), ("haproxy-headers", "direct"),
+             ("nginx-headers", "direct")]
     tab = []
     for x, y in pairs:
         if x not in med or y not in med:
