@@ -6,7 +6,8 @@
 #
 # Usage: bench/cpu-per-request.sh
 # Knobs (env): DURATION=10 (s per wrk run, >= 6)  ROUNDS=3  THREADS=2  CONNECTIONS=64
-#              CONTENDERS="cutover cutover-nopreempt haproxy" (also: nginx, cutover-nometrics)
+#              CONTENDERS="cutover cutover-nopreempt haproxy" (also: nginx, cutover-nometrics, and
+#              haproxy-headers and nginx-headers, configured to add the request headers cutover adds)
 #              CUTOVER_BIN=path  CUTOVER_BUILD=0  OUT_MD=file  KEEP_TMP=1
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -19,7 +20,7 @@ CONTENDERS=${CONTENDERS:-cutover cutover-nopreempt haproxy}
 whole_numbers DURATION ROUNDS THREADS CONNECTIONS
 ((DURATION >= 6 && DURATION <= 600)) || die "DURATION must be 6..600 (the first and last 2 s are not read)"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20"
-for c in $CONTENDERS; do has "$c" cutover cutover-nometrics cutover-nopreempt haproxy nginx || die "unknown contender '$c'"; done
+for c in $CONTENDERS; do has "$c" cutover cutover-nometrics cutover-nopreempt haproxy nginx haproxy-headers nginx-headers || die "unknown contender '$c'"; done
 CMD="DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS CONTENDERS='$CONTENDERS' bench/cpu-per-request.sh"
 
 bench_init cpu-per-request
@@ -121,6 +122,7 @@ MD=$BENCH_TMP/section.md
   echo "CPU time per request (user / system) of the proxy, the backend and wrk; context switches per request"
   echo "(voluntary: the thread slept; involuntary: another thread took its CPU); the machine's idle CPU."
   echo "Medians over $ROUNDS interleaved round(s), the order rotating each round."
+  if wants haproxy-headers || wants nginx-headers; then echo; peer_headers_note; fi
   echo
   python3 - "$RES" "$CONTENDERS" <<'PY'
 import json, statistics, sys

@@ -102,7 +102,7 @@ MD=$BENCH_TMP/section.md
   echo "Load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
   echo "interleaved (${CONTENDERS// /, }, the order rotating by one each round) for $ROUNDS round(s); medians over rounds. $(if [[ ${PIN:-0} == 1 ]]; then echo "The backend and the proxy share CPU 1 (taskset), wrk has CPU 0."; else echo "All processes share the same $(nproc) CPUs."; fi)"
   echo
-  if wants haproxy-headers || wants nginx-headers; then echo; peer_headers_note; fi
+  if wants haproxy-headers || wants nginx-headers; then peer_headers_note; echo; fi
   "${BT[@]}" report-throughput "$RES" --order "$CONTENDERS"
 } >"$MD"
 
