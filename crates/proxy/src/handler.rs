@@ -292,9 +292,14 @@ async fn proxy(
             prefix: conn.buf.freeze(),
             io: conn.io,
         };
+        let websocket = resp
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         spawn_tunnel(
             client_upgrade,
             upstream,
+            websocket,
             Generation::into_upgraded(gen_guard),
             instance,
             ctx.clone(),
@@ -532,13 +537,14 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: Duration) -> 
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways until
-/// either side closes, or until a random instant of a close window: the drain window after the
+/// both sides close, or until a random instant of a close window: the drain window after the
 /// colour's drain deadline, or the first half of `shutdown_timeout` after a shutdown begins,
 /// whichever instant comes first. Spreading the closes keeps thousands of WebSocket clients from
-/// reconnecting in the same instant.
+/// reconnecting in the same instant. How a tunnel is closed: `crate::tunnel`.
 fn spawn_tunnel(
     client: hyper::upgrade::OnUpgrade,
-    mut upstream: Prefixed,
+    upstream: Prefixed,
+    websocket: bool,
     guard: GenerationGuard,
     instance: InstanceGuard,
     conn: Arc<ConnCtx>,
@@ -551,7 +557,7 @@ fn spawn_tunnel(
                 return;
             }
         };
-        let mut client = hyper_util::rt::TokioIo::new(client);
+        let client = hyper_util::rt::TokioIo::new(client);
         let gen = guard.gen.clone();
         let shared = &conn.shared;
         let close = async {
@@ -576,17 +582,7 @@ fn spawn_tunnel(
             };
             tokio::time::sleep_until(at).await;
         };
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upgraded connection ended with an error");
-                }
-            }
-            _ = close => {
-                let _ = client.shutdown().await;
-                let _ = upstream.shutdown().await;
-            }
-        }
+        crate::tunnel::run(client, upstream, websocket, close).await;
         drop(instance);
         drop(guard);
         // Last: the client connection's slot (`max_connections`) and its count for shutdown.

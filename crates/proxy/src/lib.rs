@@ -17,6 +17,7 @@ mod pass;
 mod server;
 mod stats;
 mod table;
+mod tunnel;
 mod upstream;
 
 pub use body::{BodyError, ProxyBody};

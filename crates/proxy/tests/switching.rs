@@ -219,15 +219,25 @@ async fn websocket_stays_until_drain_deadline() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(ws_echo(&mut old, "before deadline").await, "blue: before deadline");
     let t = Instant::now();
-    // After it, the proxy closes it: the stream ends (close frame or EOF) without us sending.
-    assert!(
-        ws_closed_within(&mut old, Duration::from_secs(5)).await,
-        "old websocket closed after the drain deadline"
+    // After it, the proxy closes it with a Close frame saying "going away", to the client and
+    // to the application on blue.
+    assert_eq!(
+        ws_close_code(&mut old, Duration::from_secs(5)).await,
+        Some(Some(1001)),
+        "old websocket closed with 1001 after the drain deadline"
     );
     let report = drain.await.unwrap();
     assert!(!report.completed);
     assert_eq!(report.closed_upgrades, 1);
     assert!(t.elapsed() < Duration::from_secs(3));
+    drop(old);
+    assert!(
+        eventually(Duration::from_secs(3), || blue.seen.ws_events.lock().unwrap().len()
+            >= 2)
+        .await,
+        "blue's socket ends"
+    );
+    assert_eq!(*blue.seen.ws_events.lock().unwrap(), ["close 1001", "end"]);
     // The green one is untouched.
     assert_eq!(ws_echo(&mut new, "after").await, "green: after");
 }
@@ -257,6 +267,166 @@ async fn websockets_open_at_the_drain_deadline_close_spread_over_the_window() {
     let report = drain.await.unwrap();
     assert!(!report.completed);
     assert_eq!(report.closed_upgrades, 10);
+}
+
+/// A raw WebSocket through the proxy: the handshake written by hand, so that frames can be cut
+/// anywhere.
+async fn raw_ws(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let end = read_head_and(&mut s, &mut head, |_| 0).await.expect("a response head");
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert_eq!(end, head.len(), "nothing after the 101 yet");
+    s
+}
+
+/// A masked binary frame of `len` bytes: its header and payload.
+fn masked_binary(len: usize) -> (Vec<u8>, Vec<u8>) {
+    let key = [0x11, 0x22, 0x33, 0x44];
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(len as u64).to_be_bytes());
+    head.extend_from_slice(&key);
+    let payload = (0..len).map(|i| (i as u8) ^ key[i % 4]).collect();
+    (head, payload)
+}
+
+/// Reads the first 4 bytes the proxy sends, and then waits for the end of the stream.
+async fn close_frame_then_eof(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut frame = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut frame))
+        .await
+        .expect("a close frame in time")
+        .expect("a close frame");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("the end of the stream in time")
+        .expect("a FIN, not a reset");
+    assert!(rest.is_empty(), "nothing after the close frame: {rest:?}");
+    frame.to_vec()
+}
+
+/// A close that comes while the client is in the middle of a frame: the client gets its Close
+/// at once (nothing was under way toward it); the upstream gets the rest of the frame, sent later
+/// within the grace, and then its Close, not half a frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_the_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let mut s = raw_ws(proxy.local_addrs()[0]).await;
+    let (head, payload) = masked_binary(200_000);
+    s.write_all(&head).await.unwrap();
+    s.write_all(&payload[..100_000]).await.unwrap();
+
+    proxy.switch("web", Colour::Green).unwrap();
+    let start = Instant::now();
+    let p = proxy.clone();
+    // The deadline in 200 ms, with no window: the close instant is the deadline.
+    let drain = tokio::spawn(async move {
+        p.drain("web", Colour::Blue, Duration::from_millis(200), Duration::ZERO)
+            .await
+            .unwrap()
+    });
+    let (mut r, mut w) = s.into_split();
+    let client_side = tokio::spawn(async move {
+        let mut frame = [0u8; 4];
+        r.read_exact(&mut frame).await.unwrap();
+        (frame, start.elapsed(), r)
+    });
+    let (frame, at, mut r) = tokio::time::timeout(Duration::from_secs(3), client_side)
+        .await
+        .expect("a close frame in time")
+        .unwrap();
+    assert_eq!(frame, [0x88, 0x02, 0x03, 0xe9], "Close, 1001");
+    assert!(
+        at >= Duration::from_millis(200) && at < Duration::from_millis(800),
+        "{at:?}"
+    );
+    assert!(
+        blue.seen.ws_events.lock().unwrap().is_empty(),
+        "half a frame is not a message"
+    );
+
+    // 300 ms later, within the grace, the rest of the frame.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.write_all(&payload[100_000..]).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut rest))
+        .await
+        .expect("the end of the stream in time")
+        .expect("a FIN");
+    assert!(rest.is_empty());
+    drop((r, w));
+    assert!(
+        eventually(Duration::from_secs(3), || blue.seen.ws_events.lock().unwrap().len()
+            >= 3)
+        .await,
+        "{:?}",
+        blue.seen.ws_events.lock().unwrap()
+    );
+    assert_eq!(
+        *blue.seen.ws_events.lock().unwrap(),
+        ["binary 200000", "close 1001", "end"]
+    );
+    assert_eq!(drain.await.unwrap().closed_upgrades, 1);
+}
+
+/// A frame that does not end within the grace after the close instant: the upstream gets no
+/// Close in the middle of it (that would corrupt the frame), only the end of the stream, once the
+/// grace is over. The client still gets its Close at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frame_that_does_not_end_within_the_grace_ends_with_a_fin_alone() {
+    use tokio::io::AsyncWriteExt;
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let mut s = raw_ws(proxy.local_addrs()[0]).await;
+    let (head, payload) = masked_binary(200_000);
+    s.write_all(&head).await.unwrap();
+    s.write_all(&payload[..100_000]).await.unwrap();
+
+    proxy.switch("web", Colour::Green).unwrap();
+    let start = Instant::now();
+    let p = proxy.clone();
+    let drain = tokio::spawn(async move {
+        p.drain("web", Colour::Blue, Duration::from_millis(200), Duration::ZERO)
+            .await
+            .unwrap()
+    });
+    assert_eq!(close_frame_then_eof(&mut s).await, [0x88, 0x02, 0x03, 0xe9]);
+    assert!(start.elapsed() < Duration::from_millis(800), "{:?}", start.elapsed());
+    // The upstream's socket ends once the grace (1 s) after the close instant (200 ms) is over.
+    assert!(
+        eventually(Duration::from_secs(4), || !blue
+            .seen
+            .ws_events
+            .lock()
+            .unwrap()
+            .is_empty())
+        .await,
+        "blue's socket ends"
+    );
+    let ended = start.elapsed();
+    assert!(
+        ended >= Duration::from_millis(1100) && ended < Duration::from_millis(2500),
+        "ended {ended:?} after the drain began"
+    );
+    let events = blue.seen.ws_events.lock().unwrap().clone();
+    assert!(
+        !events.iter().any(|e| e.starts_with("close") || e.starts_with("binary")),
+        "{events:?}"
+    );
+    assert_eq!(drain.await.unwrap().closed_upgrades, 1);
 }
 
 /// A shutdown that begins while WebSockets wait for their instant in a long drain window closes

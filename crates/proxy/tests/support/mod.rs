@@ -43,6 +43,9 @@ pub struct Seen {
     /// Connections accepted.
     pub connections: AtomicU64,
     pub last_headers: Mutex<Option<http::HeaderMap>>,
+    /// What WebSockets received, in order: "binary LEN", "close CODE" (0: no code), and how each
+    /// ended: "end" (closed cleanly) or "error".
+    pub ws_events: Mutex<Vec<String>>,
 }
 
 /// An upstream test server.
@@ -186,6 +189,7 @@ async fn upstream_handle(
             };
             let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
             let on_upgrade = hyper::upgrade::on(&mut req);
+            let seen = seen.clone();
             tokio::spawn(async move {
                 let Ok(up) = on_upgrade.await else { return };
                 let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
@@ -194,14 +198,20 @@ async fn upstream_handle(
                     None,
                 )
                 .await;
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() {
-                        let reply = format!("{colour}: {}", msg.to_text().unwrap_or(""));
-                        if ws.send(Message::text(reply)).await.is_err() {
-                            return;
+                let event = |e: String| seen.ws_events.lock().unwrap().push(e);
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) => {
+                            if ws.send(Message::text(format!("{colour}: {t}"))).await.is_err() {
+                                return event("error".into());
+                            }
                         }
-                    } else if msg.is_close() {
-                        return;
+                        Some(Ok(Message::Binary(b))) => event(format!("binary {}", b.len())),
+                        // Polled on, the socket answers the close and then ends.
+                        Some(Ok(Message::Close(c))) => event(format!("close {}", c.map_or(0, |f| u16::from(f.code)))),
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) => return event("error".into()),
+                        None => return event("end".into()),
                     }
                 }
             });
@@ -442,19 +452,21 @@ pub async fn ws_echo(ws: &mut Ws, text: &str) -> String {
     }
 }
 
-/// Waits until the proxy ends the WebSocket (close frame, EOF or reset) without the client
-/// closing it; false if it is still open after `within`.
-pub async fn ws_closed_within(ws: &mut Ws, within: Duration) -> bool {
+/// Waits until the proxy ends the WebSocket and returns the status of the Close frame it sent:
+/// `Some(None)` if the stream ended without one (EOF or reset), `None` if it is still open after
+/// `within`.
+pub async fn ws_close_code(ws: &mut Ws, within: Duration) -> Option<Option<u16>> {
     tokio::time::timeout(within, async {
         loop {
             match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(Message::Close(c))) => return Some(c.map_or(0, |f| u16::from(f.code))),
+                None | Some(Err(_)) => return None,
                 Some(Ok(_)) => {}
             }
         }
     })
     .await
-    .is_ok()
+    .ok()
 }
 
 /// Reads from `s` into `buf` until `buf` holds a whole head (up to a blank line) and returns its
@@ -486,11 +498,14 @@ pub async fn ws_close_times(sockets: Vec<Ws>, since: Instant, within: Duration) 
         .into_iter()
         .map(|mut ws| {
             tokio::spawn(async move {
-                assert!(
-                    ws_closed_within(&mut ws, within).await,
-                    "a websocket still open after {within:?}"
+                let code = ws_close_code(&mut ws, within).await;
+                let at = since.elapsed();
+                assert_eq!(
+                    code,
+                    Some(Some(1001)),
+                    "each websocket gets a Close frame with 1001 (going away) within {within:?}"
                 );
-                since.elapsed()
+                at
             })
         })
         .collect();
