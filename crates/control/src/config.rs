@@ -194,7 +194,8 @@ pub struct ProxySettings {
     /// Largest request head in bytes, 1024 to 1048576.
     pub max_header_bytes: usize,
     /// How long a graceful shutdown waits for in-flight requests and open tunnels; tunnels are
-    /// closed at instants spread over its first half.
+    /// closed at instants spread over the first half of what it leaves after their 1 s closing
+    /// grace.
     pub shutdown_timeout: Duration,
     /// Replay idempotent, bodiless requests whose upstream connection failed before a response.
     pub retry_idempotent: bool,

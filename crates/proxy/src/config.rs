@@ -47,7 +47,8 @@ pub struct ProxyConfig {
     /// Largest request head (request line and headers) accepted; larger gets 431.
     pub max_header_bytes: usize,
     /// How long a graceful shutdown waits for in-flight requests and open tunnels; tunnels
-    /// (WebSockets) are closed at random instants over its first half.
+    /// (WebSockets) are closed at random instants over the first half of what it leaves after
+    /// their 1 s closing grace.
     pub shutdown_timeout: Duration,
     /// Replays a request whose upstream connection failed before any response byte arrived,
     /// when its method is idempotent and it has no body. Connect failures are always retried.

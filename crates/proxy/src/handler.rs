@@ -538,7 +538,7 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: Duration) -> 
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways until
 /// both sides close, or until a random instant of a close window: the drain window after the
-/// colour's drain deadline, or the first half of `shutdown_timeout` after a shutdown begins,
+/// colour's drain deadline, or the shutdown window (see [`shutdown_close_window`]) after a shutdown begins,
 /// whichever instant comes first. Spreading the closes keeps thousands of WebSocket clients from
 /// reconnecting in the same instant. How a tunnel is closed: `crate::tunnel`.
 fn spawn_tunnel(
@@ -566,21 +566,28 @@ fn spawn_tunnel(
                 let offset = crate::headers::random_u64() % (window.as_millis() as u64).max(1);
                 tokio::time::Instant::now() + Duration::from_millis(offset)
             };
-            let at_shutdown = || draw(shutdown_close_window(shared.config.shutdown_timeout));
-            let at_drain = tokio::select! {
-                _ = crate::deadline::expired(&gen) => {
-                    Some(draw(Duration::from_millis(gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed))))
-                }
-                _ = shared.shutdown.cancelled() => None,
+            // At shutdown: an instant of the shutdown window (or the drain's, if earlier), and
+            // the closing over before the workers stop waiting.
+            let at_shutdown = |drain_at: Option<tokio::time::Instant>| {
+                let timeout = shared.config.shutdown_timeout;
+                let stop = tokio::time::Instant::now().checked_add(timeout);
+                let at = draw(shutdown_close_window(timeout));
+                let at = drain_at.map_or(at, |d| d.min(at));
+                let end = at + crate::tunnel::CLOSE_GRACE;
+                (at, stop.map_or(end, |stop| end.min(stop)))
             };
-            let at = match at_drain {
-                None => at_shutdown(),
-                Some(at) => tokio::select! {
-                    _ = tokio::time::sleep_until(at) => at,
-                    _ = shared.shutdown.cancelled() => at.min(at_shutdown()),
-                },
+            let (at, end) = tokio::select! {
+                _ = crate::deadline::expired(&gen) => {
+                    let at = draw(Duration::from_millis(gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed)));
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => (at, at + crate::tunnel::CLOSE_GRACE),
+                        _ = shared.shutdown.cancelled() => at_shutdown(Some(at)),
+                    }
+                }
+                _ = shared.shutdown.cancelled() => at_shutdown(None),
             };
             tokio::time::sleep_until(at).await;
+            end
         };
         crate::tunnel::run(client, upstream, websocket, close).await;
         drop(instance);
@@ -590,10 +597,11 @@ fn spawn_tunnel(
     });
 }
 
-/// The window over which the tunnels still open at shutdown are closed: the first half of
-/// `shutdown_timeout`, so that the last of them has closed well before the workers stop waiting.
+/// The window over which the tunnels still open at shutdown are closed: the first half of what
+/// `shutdown_timeout` leaves after a tunnel's closing grace (`crate::tunnel::CLOSE_GRACE`), so
+/// that the last of them has closed well before the workers stop waiting.
 fn shutdown_close_window(shutdown_timeout: Duration) -> Duration {
-    shutdown_timeout / 2
+    shutdown_timeout.saturating_sub(crate::tunnel::CLOSE_GRACE) / 2
 }
 
 #[cfg(test)]

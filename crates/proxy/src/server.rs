@@ -7,7 +7,8 @@
 //!
 //! Shutdown: `shutdown()` stops the accept loops and asks every connection to finish its current
 //! request and close (HTTP/1) or to send GOAWAY (HTTP/2); tunnels (upgraded connections) close
-//! at random instants over the first half of `shutdown_timeout`. Each worker waits for its
+//! at random instants over the first half of `shutdown_timeout` less their closing grace (see
+//! `tunnel`). Each worker waits for its
 //! connections and tunnels up to `shutdown_timeout` before its runtime is dropped, which closes
 //! whatever is left.
 

@@ -1,14 +1,16 @@
 //! An upgraded connection: bytes copied both ways, and a clean close when the proxy ends it.
 //!
-//! A tunnel copies what each side sends to the other until either side closes; a FIN from one
-//! side is passed on to the other, and the tunnel ends when both directions have ended.
+//! A tunnel copies what each side sends to the other; a FIN from one side is passed on to the
+//! other, and the tunnel ends when both directions have ended. A read or write error on either
+//! side (a reset) ends the whole tunnel at once.
 //!
 //! The proxy ends a tunnel itself at an instant of a close window (after a drain deadline, or
 //! at shutdown). A WebSocket then gets a proper goodbye rather than a bare FIN, which its client
 //! would report as an abnormal closure (code 1006): each direction is brought to the end of the
 //! frame it is in, and a Close frame with status 1001 ("going away") goes to the client and
 //! to the upstream application, each followed by a FIN. A client library takes a 1001 as a
-//! reason to reconnect, and the reconnection reaches the live colour. Only frame headers are
+//! reason to reconnect, and the reconnection reaches the live colour. A side that was already
+//! sent a Close (its closing handshake is under way) gets no second one. Only frame headers are
 //! read on the way; payloads (masked, compressed or not) pass untouched. A direction that is not
 //! at the end of a frame within [`CLOSE_GRACE`], or an upgrade to another protocol, gets the
 //! FIN alone. Either way the tunnel then reads and drops what the two sides still send until
@@ -29,6 +31,9 @@ pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// The buffer of each direction (the size tokio's `copy_bidirectional` uses).
 const BUF: usize = 8 * 1024;
 
+/// The opcode of a Close frame.
+const OPCODE_CLOSE: u8 = 0x8;
+
 /// Status 1001, "going away": the server end is leaving.
 const GOING_AWAY: [u8; 2] = 1001u16.to_be_bytes();
 
@@ -40,84 +45,146 @@ enum Toward {
 }
 
 /// Copies `client` and `upstream` into each other until both directions end, or until `close`
-/// completes; then closes both as described in the module documentation. `websocket` says
-/// whether the upgrade was to the WebSocket protocol.
-pub(crate) async fn run<C, U>(client: C, upstream: U, websocket: bool, close: impl Future<Output = ()>)
+/// completes; then closes both as described in the module documentation. `close` gives the
+/// instant by which the closing must be over (normally [`CLOSE_GRACE`] from its own end).
+/// `websocket` says whether the upgrade was to the WebSocket protocol. A read or write error on
+/// either side ends the whole tunnel at once.
+pub(crate) async fn run<C, U>(client: C, upstream: U, websocket: bool, close: impl Future<Output = Instant>)
 where
     C: AsyncRead + AsyncWrite,
     U: AsyncRead + AsyncWrite,
 {
     let (client_r, client_w) = tokio::io::split(client);
     let (upstream_r, upstream_w) = tokio::io::split(upstream);
-    let closing = CancellationToken::new();
+    let closing = Closing::default();
+    let broken = CancellationToken::new();
     let copy = async {
         tokio::join!(
-            pump(upstream_r, client_w, Toward::Client, websocket, &closing),
-            pump(client_r, upstream_w, Toward::Upstream, websocket, &closing),
+            pump(upstream_r, client_w, Toward::Client, websocket, &closing, &broken),
+            pump(client_r, upstream_w, Toward::Upstream, websocket, &closing, &broken),
         )
     };
     tokio::pin!(copy);
     tokio::select! {
+        biased;
         _ = &mut copy => return,
-        _ = close => closing.cancel(),
+        _ = broken.cancelled() => return,
+        end = close => closing.begin(end),
     }
-    copy.await;
+    tokio::select! {
+        biased;
+        _ = &mut copy => {}
+        _ = broken.cancelled() => {}
+    }
 }
 
-/// One direction: copies `from` into `to` until `from` ends or `closing` is cancelled, then
-/// closes it.
-async fn pump<R, W>(mut from: R, mut to: W, toward: Toward, websocket: bool, closing: &CancellationToken)
-where
+/// The proxy's decision to close a tunnel, shared by its two directions.
+#[derive(Default)]
+struct Closing {
+    token: CancellationToken,
+    /// When the closing must be over.
+    end: std::sync::OnceLock<Instant>,
+}
+
+impl Closing {
+    fn begin(&self, end: Instant) {
+        let _ = self.end.set(end);
+        self.token.cancel();
+    }
+
+    fn end(&self) -> Instant {
+        self.end.get().copied().unwrap_or_else(|| Instant::now() + CLOSE_GRACE)
+    }
+}
+
+/// One direction: copies `from` into `to` until `from` ends or the closing begins, then closes
+/// it. A read or write error while copying cancels `broken`.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    toward: Toward,
+    websocket: bool,
+    closing: &Closing,
+    broken: &CancellationToken,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF];
     let mut frames = Frames::default();
-    // Whether the frames seen so far are known to have been passed on whole. A write cut short by
-    // the close leaves an unknown part of its bytes written.
-    let mut known = true;
+    // `buf[written..read]`: read from `from`, not yet written to `to`. Both the read and the
+    // write below are single calls, which either complete or leave nothing done when the closing
+    // interrupts them, so no byte is lost or doubled.
+    let (mut written, mut read) = (0, 0);
+    let cancelled = closing.token.cancelled();
+    tokio::pin!(cancelled);
     loop {
-        let n = tokio::select! {
-            biased;
-            _ = closing.cancelled() => break,
-            r = from.read(&mut buf) => match r {
-                Ok(0) | Err(_) => {
-                    // The end of this side's stream, passed on as a FIN.
-                    let _ = to.shutdown().await;
-                    return;
-                }
-                Ok(n) => n,
-            },
-        };
-        tokio::select! {
-            biased;
-            r = to.write_all(&buf[..n]) => {
-                if r.is_err() {
-                    return;
-                }
-            }
-            _ = closing.cancelled() => {
-                known = false;
-                break;
+        if written == read {
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => break,
+                r = from.read(&mut buf) => match r {
+                    Ok(0) => {
+                        // The end of this side's stream, passed on as a FIN; the other
+                        // direction goes on.
+                        let _ = to.shutdown().await;
+                        return;
+                    }
+                    Ok(n) => (written, read) = (0, n),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgraded connection ended with an error");
+                        broken.cancel();
+                        return;
+                    }
+                },
             }
         }
-        if websocket {
-            frames.advance(&buf[..n]);
+        tokio::select! {
+            biased;
+            _ = &mut cancelled => break,
+            r = to.write(&buf[written..read]) => match r {
+                Ok(n) if n > 0 => {
+                    if websocket {
+                        frames.advance(&buf[written..written + n]);
+                    }
+                    written += n;
+                }
+                Ok(_) => {
+                    broken.cancel();
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                    broken.cancel();
+                    return;
+                }
+            },
         }
     }
 
-    let grace_end = Instant::now() + CLOSE_GRACE;
-    let at_edge = websocket
-        && known
-        && timeout_at(grace_end, finish_frame(&mut from, &mut to, &mut frames, &mut buf))
+    let end = closing.end();
+    // The rest of the frame in flight, from what was read already and then from `from`; for
+    // another protocol, what was read already.
+    let upto = if websocket {
+        frames.finish(&buf[written..read]).unwrap_or(read - written)
+    } else {
+        read - written
+    };
+    let passed_on = timeout_at(end, to.write_all(&buf[written..written + upto]))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if websocket && passed_on {
+        let at_edge = timeout_at(end, finish_frame(&mut from, &mut to, &mut frames, &mut buf))
             .await
             .unwrap_or(false);
-    if at_edge {
-        let frame = close_frame(toward);
-        let _ = timeout_at(grace_end, to.write_all(&frame)).await;
+        // A peer that was sent a Close already is in its closing handshake: a second one
+        // would be a protocol error.
+        if at_edge && !frames.close_sent {
+            let _ = timeout_at(end, to.write_all(&close_frame(toward))).await;
+        }
     }
-    let _ = timeout_at(grace_end, to.shutdown()).await;
-    let _ = timeout_at(grace_end, async {
+    let _ = timeout_at(end, to.shutdown()).await;
+    let _ = timeout_at(end, async {
         while let Ok(n) = from.read(&mut buf).await {
             if n == 0 {
                 break;
@@ -177,6 +244,9 @@ struct Frames {
     have: usize,
     /// Payload bytes of the frame under way still to come.
     payload_left: u64,
+    /// A Close frame has been passed on (its header at least): the peer it went to is in its
+    /// closing handshake.
+    close_sent: bool,
 }
 
 impl Frames {
@@ -221,6 +291,7 @@ impl Frames {
             self.have += 1;
             i += 1;
             if self.have >= 2 && self.have == header_len(self.head[1]) {
+                self.close_sent |= self.head[0] & 0x0f == OPCODE_CLOSE;
                 self.payload_left = payload_len(&self.head[..self.have]);
                 self.have = 0;
                 if self.payload_left == 0 {

@@ -596,13 +596,13 @@ async fn websockets_keep_their_place_under_max_connections() {
 }
 
 /// At shutdown, open WebSockets are closed at instants spread over the first half of
-/// `shutdown_timeout`, requests in flight finish, and the proxy stops once all that is done rather
+/// `shutdown_timeout` less the 1 s closing grace, requests in flight finish, and the proxy stops once all that is done rather
 /// than at the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_closes_websockets_spread_over_half_the_timeout() {
     let blue = Upstream::start("blue").await;
     let mut cfg = test_config();
-    cfg.shutdown_timeout = Duration::from_secs(4);
+    cfg.shutdown_timeout = Duration::from_secs(5);
     let window = Duration::from_secs(2);
     let proxy = start_proxy(cfg, table(&[&blue], &[]));
     let addr = proxy.local_addrs()[0];
@@ -634,7 +634,7 @@ async fn shutdown_closes_websockets_spread_over_half_the_timeout() {
     let stopped = stopped.await.unwrap();
     assert!(
         stopped < Duration::from_millis(3500),
-        "stopped {stopped:?} after shutdown began, once the tunnels had closed, not at the 4 s timeout"
+        "stopped {stopped:?} after shutdown began, once the tunnels had closed, not at the 5 s timeout"
     );
     assert_eq!(proxy.open_connections(), 0);
 }

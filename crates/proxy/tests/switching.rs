@@ -226,18 +226,29 @@ async fn websocket_stays_until_drain_deadline() {
         Some(Some(1001)),
         "old websocket closed with 1001 after the drain deadline"
     );
+    // Polled on, the client answers the Close and sees the end of the stream.
+    let end = tokio::time::timeout(Duration::from_secs(2), futures_util::StreamExt::next(&mut old)).await;
+    assert!(matches!(end, Ok(None)), "the closing handshake completes: {end:?}");
     let report = drain.await.unwrap();
     assert!(!report.completed);
     assert_eq!(report.closed_upgrades, 1);
     assert!(t.elapsed() < Duration::from_secs(3));
-    drop(old);
     assert!(
         eventually(Duration::from_secs(3), || blue.seen.ws_events.lock().unwrap().len()
-            >= 2)
+            >= 5)
         .await,
         "blue's socket ends"
     );
-    assert_eq!(*blue.seen.ws_events.lock().unwrap(), ["close 1001", "end"]);
+    assert_eq!(
+        *blue.seen.ws_events.lock().unwrap(),
+        [
+            "text hello",
+            "text still there",
+            "text before deadline",
+            "close 1001",
+            "end"
+        ]
+    );
     // The green one is untouched.
     assert_eq!(ws_echo(&mut new, "after").await, "green: after");
 }
@@ -269,17 +280,16 @@ async fn websockets_open_at_the_drain_deadline_close_spread_over_the_window() {
     assert_eq!(report.closed_upgrades, 10);
 }
 
-/// A raw WebSocket through the proxy: the handshake written by hand, so that frames can be cut
-/// anywhere.
-async fn raw_ws(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+/// An upgrade through the proxy with a raw socket: the handshake written by hand, so that frames
+/// can be cut anywhere.
+async fn raw_upgrade(addr: std::net::SocketAddr, protocol: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let end = read_head_and(&mut s, &mut head, |_| 0).await.expect("a response head");
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
@@ -287,85 +297,128 @@ async fn raw_ws(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     s
 }
 
-/// A masked binary frame of `len` bytes: its header and payload.
-fn masked_binary(len: usize) -> (Vec<u8>, Vec<u8>) {
+/// A masked frame: its header and payload (`len` bytes of a counting pattern, or `text`).
+fn masked_frame(opcode: u8, len: usize, text: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
     let key = [0x11, 0x22, 0x33, 0x44];
-    let mut head = vec![0x82, 0x80 | 127];
-    head.extend_from_slice(&(len as u64).to_be_bytes());
+    let plain: Vec<u8> = text.map_or_else(|| (0..len).map(|i| i as u8).collect(), |t| t.to_vec());
+    let mut head = vec![0x80 | opcode];
+    if plain.len() < 126 {
+        head.push(0x80 | plain.len() as u8);
+    } else {
+        head.push(0x80 | 127);
+        head.extend_from_slice(&(plain.len() as u64).to_be_bytes());
+    }
     head.extend_from_slice(&key);
-    let payload = (0..len).map(|i| (i as u8) ^ key[i % 4]).collect();
+    let payload = plain.iter().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
     (head, payload)
 }
 
-/// Reads the first 4 bytes the proxy sends, and then waits for the end of the stream.
-async fn close_frame_then_eof(s: &mut tokio::net::TcpStream) -> Vec<u8> {
-    use tokio::io::AsyncReadExt;
-    let mut frame = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut frame))
-        .await
-        .expect("a close frame in time")
-        .expect("a close frame");
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
-        .await
-        .expect("the end of the stream in time")
-        .expect("a FIN, not a reset");
-    assert!(rest.is_empty(), "nothing after the close frame: {rest:?}");
-    frame.to_vec()
+/// An upstream that answers one upgrade to its protocol with a 101 and then keeps every byte it
+/// receives, until the end of the stream, whose instant it notes. It never closes first.
+struct RawUpgradeUpstream {
+    addr: std::net::SocketAddr,
+    received: Arc<Mutex<Vec<u8>>>,
+    ended: Arc<Mutex<Option<Instant>>>,
 }
 
-/// A close that comes while the client is in the middle of a frame: the client gets its Close
-/// at once (nothing was under way toward it); the upstream gets the rest of the frame, sent later
-/// within the grace, and then its Close, not half a frame.
+impl RawUpgradeUpstream {
+    async fn start(protocol: &'static str) -> RawUpgradeUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let ended = Arc::new(Mutex::new(None));
+        let (r, e) = (received.clone(), ended.clone());
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let end = read_head_and(&mut s, &mut buf, |_| 0)
+                .await
+                .expect("an upgrade request");
+            r.lock().unwrap().extend_from_slice(&buf[end..]);
+            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ==");
+            let resp = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            s.write_all(resp.as_bytes()).await.unwrap();
+            let mut chunk = vec![0u8; 64 * 1024];
+            while let Ok(n) = s.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                r.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+            *e.lock().unwrap() = Some(Instant::now());
+            // The socket stays open a while: only the proxy ends the connection.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(s);
+        });
+        RawUpgradeUpstream { addr, received, ended }
+    }
+
+    /// A table with this upstream as blue and `green` as green.
+    fn table(&self, green: &Upstream) -> cutover_proxy::RouteTable {
+        let mut s = cutover_proxy::Service::new("web");
+        s.blue = cutover_proxy::Pool::new(Some("v1"), vec![cutover_proxy::Instance::new(self.addr)]);
+        s.green = cutover_proxy::Pool::new(Some("v2"), vec![cutover_proxy::Instance::new(green.addr)]);
+        cutover_proxy::RouteTable::new(vec![s]).unwrap()
+    }
+}
+
+/// Switches to green and drains blue with the deadline `deadline` from now and no window, so
+/// that blue's tunnels close at the deadline.
+fn drain_blue_at(
+    proxy: &Arc<cutover_proxy::Proxy>,
+    deadline: Duration,
+) -> tokio::task::JoinHandle<cutover_proxy::DrainReport> {
+    proxy.switch("web", Colour::Green).unwrap();
+    let p = proxy.clone();
+    tokio::spawn(async move { p.drain("web", Colour::Blue, deadline, Duration::ZERO).await.unwrap() })
+}
+
+/// A close that comes while the client is in the middle of a frame: the client gets its Close at
+/// once (nothing was under way toward it); the upstream gets the rest of the frame, sent later
+/// within the grace, then its Close, and nothing the client sent after the frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_the_close() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
     let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
-    let mut s = raw_ws(proxy.local_addrs()[0]).await;
-    let (head, payload) = masked_binary(200_000);
-    s.write_all(&head).await.unwrap();
-    s.write_all(&payload[..100_000]).await.unwrap();
-
-    proxy.switch("web", Colour::Green).unwrap();
-    let start = Instant::now();
-    let p = proxy.clone();
-    // The deadline in 200 ms, with no window: the close instant is the deadline.
-    let drain = tokio::spawn(async move {
-        p.drain("web", Colour::Blue, Duration::from_millis(200), Duration::ZERO)
-            .await
-            .unwrap()
-    });
+    let s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
     let (mut r, mut w) = s.into_split();
-    let client_side = tokio::spawn(async move {
-        let mut frame = [0u8; 4];
-        r.read_exact(&mut frame).await.unwrap();
-        (frame, start.elapsed(), r)
-    });
-    let (frame, at, mut r) = tokio::time::timeout(Duration::from_secs(3), client_side)
+    let (head, payload) = masked_frame(0x2, 200_000, None);
+    w.write_all(&head).await.unwrap();
+    w.write_all(&payload[..100_000]).await.unwrap();
+
+    let start = Instant::now();
+    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let mut frame = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(3), r.read_exact(&mut frame))
         .await
         .expect("a close frame in time")
         .unwrap();
+    let at = start.elapsed();
     assert_eq!(frame, [0x88, 0x02, 0x03, 0xe9], "Close, 1001");
     assert!(
         at >= Duration::from_millis(200) && at < Duration::from_millis(800),
         "{at:?}"
     );
-    assert!(
-        blue.seen.ws_events.lock().unwrap().is_empty(),
-        "half a frame is not a message"
-    );
 
-    // 300 ms later, within the grace, the rest of the frame.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    w.write_all(&payload[100_000..]).await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut rest))
+    // Within the grace, the rest of the frame, and then a message the upstream must not get.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut rest = payload[100_000..].to_vec();
+    let (late_head, late) = masked_frame(0x1, 0, Some(b"late"));
+    rest.extend_from_slice(&late_head);
+    rest.extend_from_slice(&late);
+    w.write_all(&rest).await.unwrap();
+    let mut after = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut after))
         .await
         .expect("the end of the stream in time")
         .expect("a FIN");
-    assert!(rest.is_empty());
+    assert!(after.is_empty(), "nothing after the close frame: {after:?}");
     drop((r, w));
     assert!(
         eventually(Duration::from_secs(3), || blue.seen.ws_events.lock().unwrap().len()
@@ -381,51 +434,133 @@ async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_t
     assert_eq!(drain.await.unwrap().closed_upgrades, 1);
 }
 
-/// A frame that does not end within the grace after the close instant: the upstream gets no
-/// Close in the middle of it (that would corrupt the frame), only the end of the stream, once the
-/// grace is over. The client still gets its Close at once.
+/// A frame that does not end within the grace after the close instant: the upstream gets exactly
+/// the bytes the client sent, with no Close in the middle of the frame (that would corrupt it),
+/// and then the end of the stream, once the grace is over. The client still gets its Close at
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frame_that_does_not_end_within_the_grace_ends_with_a_fin_alone() {
-    use tokio::io::AsyncWriteExt;
-    let blue = Upstream::start("blue").await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = RawUpgradeUpstream::start("websocket").await;
     let green = Upstream::start("green").await;
-    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
-    let mut s = raw_ws(proxy.local_addrs()[0]).await;
-    let (head, payload) = masked_binary(200_000);
-    s.write_all(&head).await.unwrap();
-    s.write_all(&payload[..100_000]).await.unwrap();
-
-    proxy.switch("web", Colour::Green).unwrap();
-    let start = Instant::now();
-    let p = proxy.clone();
-    let drain = tokio::spawn(async move {
-        p.drain("web", Colour::Blue, Duration::from_millis(200), Duration::ZERO)
-            .await
-            .unwrap()
-    });
-    assert_eq!(close_frame_then_eof(&mut s).await, [0x88, 0x02, 0x03, 0xe9]);
-    assert!(start.elapsed() < Duration::from_millis(800), "{:?}", start.elapsed());
-    // The upstream's socket ends once the grace (1 s) after the close instant (200 ms) is over.
+    let proxy = start_proxy(test_config(), blue.table(&green));
+    let mut s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    let (head, payload) = masked_frame(0x2, 200_000, None);
+    let mut sent = head.clone();
+    sent.extend_from_slice(&payload[..100_000]);
+    s.write_all(&sent).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(4), || !blue
-            .seen
-            .ws_events
-            .lock()
-            .unwrap()
-            .is_empty())
+        eventually(Duration::from_secs(3), || blue.received.lock().unwrap().len()
+            == sent.len())
         .await,
-        "blue's socket ends"
+        "the upstream gets what was sent before the close"
     );
-    let ended = start.elapsed();
+
+    let start = Instant::now();
+    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
+        .await
+        .expect("the end of the stream in time")
+        .expect("a FIN");
+    assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
+    assert!(start.elapsed() < Duration::from_millis(800), "{:?}", start.elapsed());
+    // The upstream's stream ends once the grace (1 s) after the close instant (200 ms) is over.
+    assert!(
+        eventually(Duration::from_secs(4), || blue.ended.lock().unwrap().is_some()).await,
+        "blue's stream ends"
+    );
+    let ended = blue.ended.lock().unwrap().unwrap() - start;
     assert!(
         ended >= Duration::from_millis(1100) && ended < Duration::from_millis(2500),
         "ended {ended:?} after the drain began"
     );
-    let events = blue.seen.ws_events.lock().unwrap().clone();
+    assert!(*blue.received.lock().unwrap() == sent, "nothing added to the frame");
+    assert_eq!(drain.await.unwrap().closed_upgrades, 1);
+}
+
+/// A WebSocket whose application has begun the closing handshake (its Close went to the client,
+/// which has not answered) gets no second Close toward the client at the close instant: that
+/// would be a protocol error. The client sees the application's Close and then the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_already_sent_a_close_gets_no_second_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let mut s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    let (head, payload) = masked_frame(0x1, 0, Some(b"close-me"));
+    s.write_all(&head).await.unwrap();
+    s.write_all(&payload).await.unwrap();
+    let mut app_close = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut app_close))
+        .await
+        .expect("the application's close in time")
+        .unwrap();
+    assert_eq!(app_close, [0x88, 0x02, 0x0f, 0xa0], "Close, 4000");
+
+    let start = Instant::now();
+    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
+        .await
+        .expect("the end of the stream in time")
+        .expect("a FIN");
+    assert!(got.is_empty(), "no second close: {got:?}");
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+    assert_eq!(drain.await.unwrap().closed_upgrades, 1);
+}
+
+/// A client that resets its connection ends the whole tunnel at once: the upstream's side is
+/// closed too, rather than left open waiting for the upstream to close first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_from_the_client_ends_the_whole_tunnel() {
+    use tokio::io::AsyncWriteExt;
+    let blue = RawUpgradeUpstream::start("websocket").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), blue.table(&green));
+    let mut s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    let (head, payload) = masked_frame(0x1, 0, Some(b"hi"));
+    s.write_all(&head).await.unwrap();
+    s.write_all(&payload).await.unwrap();
+    assert!(eventually(Duration::from_secs(3), || blue.received.lock().unwrap().len() == 8).await);
+    assert_eq!(proxy.open_connections(), 1);
+    s.set_zero_linger().unwrap();
+    drop(s);
     assert!(
-        !events.iter().any(|e| e.starts_with("close") || e.starts_with("binary")),
-        "{events:?}"
+        eventually(Duration::from_secs(1), || proxy.open_connections() == 0).await,
+        "the tunnel ends"
     );
+    assert!(eventually(Duration::from_secs(1), || blue.ended.lock().unwrap().is_some()).await);
+}
+
+/// An upgrade to another protocol knows no frames: at its close instant both sides get the end
+/// of the stream and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_to_another_protocol_is_closed_with_a_fin_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = RawUpgradeUpstream::start("x-test").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), blue.table(&green));
+    let mut s = raw_upgrade(proxy.local_addrs()[0], "x-test").await;
+    s.write_all(b"hello").await.unwrap();
+    assert!(eventually(Duration::from_secs(3), || *blue.received.lock().unwrap() == b"hello").await);
+
+    let start = Instant::now();
+    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
+        .await
+        .expect("the end of the stream in time")
+        .expect("a FIN");
+    let at = start.elapsed();
+    assert!(got.is_empty(), "no bytes of the proxy's own: {got:?}");
+    assert!(
+        at >= Duration::from_millis(200) && at < Duration::from_millis(800),
+        "{at:?}"
+    );
+    assert!(eventually(Duration::from_secs(2), || blue.ended.lock().unwrap().is_some()).await);
+    assert_eq!(*blue.received.lock().unwrap(), b"hello");
     assert_eq!(drain.await.unwrap().closed_upgrades, 1);
 }
 
@@ -451,7 +586,7 @@ async fn a_shutdown_during_a_drain_window_closes_its_websockets_within_the_shutd
     tokio::time::sleep(Duration::from_millis(300)).await;
     let start = Instant::now();
     proxy.shutdown();
-    // Within the shutdown window (1 s) rather than the drain's minute.
+    // Within the shutdown window ((2 s - 1 s) / 2) rather than the drain's minute.
     let at = ws_close_times(sockets, start, Duration::from_millis(2500)).await;
     assert!(at[at.len() - 1] < Duration::from_millis(1500), "{at:?}");
     drain.abort();

@@ -43,8 +43,8 @@ pub struct Seen {
     /// Connections accepted.
     pub connections: AtomicU64,
     pub last_headers: Mutex<Option<http::HeaderMap>>,
-    /// What WebSockets received, in order: "binary LEN", "close CODE" (0: no code), and how each
-    /// ended: "end" (closed cleanly) or "error".
+    /// What WebSockets received, in order: "text TEXT", "binary LEN", "close CODE" (0: no code),
+    /// and how each ended: "end" (closed cleanly) or "error".
     pub ws_events: Mutex<Vec<String>>,
 }
 
@@ -201,7 +201,19 @@ async fn upstream_handle(
                 let event = |e: String| seen.ws_events.lock().unwrap().push(e);
                 loop {
                     match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.as_str() == "close-me" => {
+                            // The application closes first, with its own status.
+                            event(format!("text {t}"));
+                            let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                                code: 4000.into(),
+                                reason: "".into(),
+                            };
+                            if ws.close(Some(frame)).await.is_err() {
+                                return event("error".into());
+                            }
+                        }
                         Some(Ok(Message::Text(t))) => {
+                            event(format!("text {t}"));
                             if ws.send(Message::text(format!("{colour}: {t}"))).await.is_err() {
                                 return event("error".into());
                             }
