@@ -92,6 +92,8 @@ impl Closing {
         self.token.cancel();
     }
 
+    /// Set by `begin` before the token is cancelled, so always there for a pump that saw the
+    /// cancellation; the fallback only keeps this total.
     fn end(&self) -> Instant {
         self.end.get().copied().unwrap_or_else(|| Instant::now() + CLOSE_GRACE)
     }
@@ -150,6 +152,7 @@ async fn pump<R, W>(
                     written += n;
                 }
                 Ok(_) => {
+                    tracing::debug!("upgraded connection ended: a write took nothing");
                     broken.cancel();
                     return;
                 }

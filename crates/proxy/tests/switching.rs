@@ -229,6 +229,7 @@ async fn websocket_stays_until_drain_deadline() {
     // Polled on, the client answers the Close and sees the end of the stream.
     let end = tokio::time::timeout(Duration::from_secs(2), futures_util::StreamExt::next(&mut old)).await;
     assert!(matches!(end, Ok(None)), "the closing handshake completes: {end:?}");
+    drop(old);
     let report = drain.await.unwrap();
     assert!(!report.completed);
     assert_eq!(report.closed_upgrades, 1);
@@ -323,6 +324,11 @@ struct RawUpgradeUpstream {
 
 impl RawUpgradeUpstream {
     async fn start(protocol: &'static str) -> RawUpgradeUpstream {
+        Self::start_paused(protocol, Duration::ZERO).await
+    }
+
+    /// The same, not reading anything for `pause` after its 101.
+    async fn start_paused(protocol: &'static str, pause: Duration) -> RawUpgradeUpstream {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -342,6 +348,7 @@ impl RawUpgradeUpstream {
                  Sec-WebSocket-Accept: {accept}\r\n\r\n"
             );
             s.write_all(resp.as_bytes()).await.unwrap();
+            tokio::time::sleep(pause).await;
             let mut chunk = vec![0u8; 64 * 1024];
             while let Ok(n) = s.read(&mut chunk).await {
                 if n == 0 {
@@ -402,7 +409,7 @@ async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_t
     let at = start.elapsed();
     assert_eq!(frame, [0x88, 0x02, 0x03, 0xe9], "Close, 1001");
     assert!(
-        at >= Duration::from_millis(200) && at < Duration::from_millis(800),
+        at >= Duration::from_millis(200) && at < Duration::from_millis(1500),
         "{at:?}"
     );
 
@@ -464,7 +471,7 @@ async fn a_frame_that_does_not_end_within_the_grace_ends_with_a_fin_alone() {
         .expect("the end of the stream in time")
         .expect("a FIN");
     assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
-    assert!(start.elapsed() < Duration::from_millis(800), "{:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
     // The upstream's stream ends once the grace (1 s) after the close instant (200 ms) is over.
     assert!(
         eventually(Duration::from_secs(4), || blue.ended.lock().unwrap().is_some()).await,
@@ -483,7 +490,7 @@ async fn a_frame_that_does_not_end_within_the_grace_ends_with_a_fin_alone() {
 /// which has not answered) gets no second Close toward the client at the close instant: that
 /// would be a protocol error. The client sees the application's Close and then the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_already_sent_a_close_gets_no_second_one() {
+async fn a_client_sent_a_close_by_the_application_gets_no_second_one() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
@@ -511,7 +518,100 @@ async fn a_client_already_sent_a_close_gets_no_second_one() {
     assert_eq!(drain.await.unwrap().closed_upgrades, 1);
 }
 
-/// A client that resets its connection ends the whole tunnel at once: the upstream's side is
+/// The mirror case: the client has begun the closing handshake and the application has not
+/// answered. At the close instant the application gets no second Close; the client gets the
+/// answer it waits for, a Close 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_application_sent_a_close_by_the_client_gets_no_second_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = RawUpgradeUpstream::start("websocket").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), blue.table(&green));
+    let mut s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    let (head, payload) = masked_frame(0x8, 0, Some(&4001u16.to_be_bytes()));
+    let mut close = head;
+    close.extend_from_slice(&payload);
+    s.write_all(&close).await.unwrap();
+    assert!(eventually(Duration::from_secs(3), || *blue.received.lock().unwrap() == close).await);
+
+    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
+        .await
+        .expect("the end of the stream in time")
+        .expect("a FIN");
+    assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
+    drop(s);
+    assert!(eventually(Duration::from_secs(3), || blue.ended.lock().unwrap().is_some()).await);
+    assert!(
+        *blue.received.lock().unwrap() == close,
+        "no second close toward the application"
+    );
+    assert_eq!(drain.await.unwrap().closed_upgrades, 1);
+}
+
+/// A close that comes while the proxy's write of a frame to the upstream is stuck (the upstream
+/// reads nothing for 700 ms; the close instant is at 200 ms): what the proxy had read is not lost, the frame is finished, and
+/// the upstream gets exactly the frame and then a masked Close 1001, and not the message the
+/// client sent after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_close_while_a_write_to_the_upstream_is_stuck_loses_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (head, payload) = masked_frame(0x2, 4 << 20, None);
+    let mut frame = head;
+    frame.extend_from_slice(&payload);
+    let (late_head, late) = masked_frame(0x1, 0, Some(b"late"));
+    let blue = RawUpgradeUpstream::start_paused("websocket", Duration::from_millis(700)).await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), blue.table(&green));
+    let s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    let start = Instant::now();
+    let (mut r, mut w) = s.into_split();
+    let writer = {
+        let frame = frame.clone();
+        tokio::spawn(async move {
+            w.write_all(&frame).await.unwrap();
+            w.write_all(&late_head).await.unwrap();
+            w.write_all(&late).await.unwrap();
+            w
+        })
+    };
+    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // At most what came with the upgrade request's head: the frame is in flight at the close.
+    let early = blue.received.lock().unwrap().len();
+    assert!(
+        early < 64 << 10 && start.elapsed() < Duration::from_millis(600),
+        "the upstream has read {early} bytes already, {:?} in",
+        start.elapsed()
+    );
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut got))
+        .await
+        .expect("the end of the stream in time")
+        .expect("a FIN");
+    assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(
+        eventually(Duration::from_secs(4), || blue.received.lock().unwrap().len()
+            >= frame.len() + 8)
+        .await,
+        "the whole frame and a close: {} of {} bytes",
+        blue.received.lock().unwrap().len(),
+        frame.len() + 8
+    );
+    let _w = writer.await.unwrap();
+    let received = blue.received.lock().unwrap().clone();
+    assert_eq!(received.len(), frame.len() + 8, "nothing after the close");
+    assert!(received[..frame.len()] == frame[..], "the frame, byte for byte");
+    let close = &received[frame.len()..];
+    assert_eq!(&close[..2], &[0x88, 0x82], "a masked Close with two bytes of payload");
+    assert_eq!([close[6] ^ close[2], close[7] ^ close[3]], [0x03, 0xe9], "1001");
+    assert_eq!(drain.await.unwrap().closed_upgrades, 1);
+}
+
+/// A client that resets its connection ends the whole tunnel (well before the 5 s its upstream
+/// waits): the upstream's side is
 /// closed too, rather than left open waiting for the upstream to close first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reset_from_the_client_ends_the_whole_tunnel() {
@@ -528,10 +628,10 @@ async fn a_reset_from_the_client_ends_the_whole_tunnel() {
     s.set_zero_linger().unwrap();
     drop(s);
     assert!(
-        eventually(Duration::from_secs(1), || proxy.open_connections() == 0).await,
+        eventually(Duration::from_secs(3), || proxy.open_connections() == 0).await,
         "the tunnel ends"
     );
-    assert!(eventually(Duration::from_secs(1), || blue.ended.lock().unwrap().is_some()).await);
+    assert!(eventually(Duration::from_secs(3), || blue.ended.lock().unwrap().is_some()).await);
 }
 
 /// An upgrade to another protocol knows no frames: at its close instant both sides get the end
@@ -556,7 +656,7 @@ async fn an_upgrade_to_another_protocol_is_closed_with_a_fin_alone() {
     let at = start.elapsed();
     assert!(got.is_empty(), "no bytes of the proxy's own: {got:?}");
     assert!(
-        at >= Duration::from_millis(200) && at < Duration::from_millis(800),
+        at >= Duration::from_millis(200) && at < Duration::from_millis(1500),
         "{at:?}"
     );
     assert!(eventually(Duration::from_secs(2), || blue.ended.lock().unwrap().is_some()).await);
