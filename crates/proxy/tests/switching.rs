@@ -323,12 +323,8 @@ struct RawUpgradeUpstream {
 }
 
 impl RawUpgradeUpstream {
-    async fn start(protocol: &'static str) -> RawUpgradeUpstream {
-        Self::start_paused(protocol, Duration::ZERO).await
-    }
-
-    /// The same, not reading anything for `pause` after its 101.
-    async fn start_paused(protocol: &'static str, pause: Duration) -> RawUpgradeUpstream {
+    /// Reads nothing for `pause` after its 101.
+    async fn start(protocol: &'static str, pause: Duration) -> RawUpgradeUpstream {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -371,6 +367,35 @@ impl RawUpgradeUpstream {
         s.green = cutover_proxy::Pool::new(Some("v2"), vec![cutover_proxy::Instance::new(green.addr)]);
         cutover_proxy::RouteTable::new(vec![s]).unwrap()
     }
+}
+
+/// A raw upstream as blue (see [`RawUpgradeUpstream::start`]), a test upstream as green, a
+/// proxy in front, and a raw client upgraded to `protocol` through it.
+async fn raw_tunnel(
+    protocol: &'static str,
+    pause: Duration,
+) -> (
+    RawUpgradeUpstream,
+    Upstream,
+    Arc<cutover_proxy::Proxy>,
+    tokio::net::TcpStream,
+) {
+    let blue = RawUpgradeUpstream::start(protocol, pause).await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), blue.table(&green));
+    let s = raw_upgrade(proxy.local_addrs()[0], protocol).await;
+    (blue, green, proxy, s)
+}
+
+/// Everything the proxy still sends on `s`, up to its FIN (within 3 s).
+async fn rest_of_stream(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
+        .await
+        .expect("the end of the stream in time")
+        .expect("a FIN");
+    got
 }
 
 /// Switches to green and drains blue with the deadline `deadline` from now and no window, so
@@ -420,11 +445,7 @@ async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_t
     rest.extend_from_slice(&late_head);
     rest.extend_from_slice(&late);
     w.write_all(&rest).await.unwrap();
-    let mut after = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut after))
-        .await
-        .expect("the end of the stream in time")
-        .expect("a FIN");
+    let after = rest_of_stream(&mut r).await;
     assert!(after.is_empty(), "nothing after the close frame: {after:?}");
     drop((r, w));
     assert!(
@@ -447,11 +468,8 @@ async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_t
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frame_that_does_not_end_within_the_grace_ends_with_a_fin_alone() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let blue = RawUpgradeUpstream::start("websocket").await;
-    let green = Upstream::start("green").await;
-    let proxy = start_proxy(test_config(), blue.table(&green));
-    let mut s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    use tokio::io::AsyncWriteExt;
+    let (blue, _green, proxy, mut s) = raw_tunnel("websocket", Duration::ZERO).await;
     let (head, payload) = masked_frame(0x2, 200_000, None);
     let mut sent = head.clone();
     sent.extend_from_slice(&payload[..100_000]);
@@ -465,11 +483,7 @@ async fn a_frame_that_does_not_end_within_the_grace_ends_with_a_fin_alone() {
 
     let start = Instant::now();
     let drain = drain_blue_at(&proxy, Duration::from_millis(200));
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
-        .await
-        .expect("the end of the stream in time")
-        .expect("a FIN");
+    let got = rest_of_stream(&mut s).await;
     assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
     assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
     // The upstream's stream ends once the grace (1 s) after the close instant (200 ms) is over.
@@ -508,11 +522,7 @@ async fn a_client_sent_a_close_by_the_application_gets_no_second_one() {
 
     let start = Instant::now();
     let drain = drain_blue_at(&proxy, Duration::from_millis(200));
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
-        .await
-        .expect("the end of the stream in time")
-        .expect("a FIN");
+    let got = rest_of_stream(&mut s).await;
     assert!(got.is_empty(), "no second close: {got:?}");
     assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
     assert_eq!(drain.await.unwrap().closed_upgrades, 1);
@@ -523,11 +533,8 @@ async fn a_client_sent_a_close_by_the_application_gets_no_second_one() {
 /// answer it waits for, a Close 1001.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_application_sent_a_close_by_the_client_gets_no_second_one() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let blue = RawUpgradeUpstream::start("websocket").await;
-    let green = Upstream::start("green").await;
-    let proxy = start_proxy(test_config(), blue.table(&green));
-    let mut s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    use tokio::io::AsyncWriteExt;
+    let (blue, _green, proxy, mut s) = raw_tunnel("websocket", Duration::ZERO).await;
     let (head, payload) = masked_frame(0x8, 0, Some(&4001u16.to_be_bytes()));
     let mut close = head;
     close.extend_from_slice(&payload);
@@ -535,11 +542,7 @@ async fn an_application_sent_a_close_by_the_client_gets_no_second_one() {
     assert!(eventually(Duration::from_secs(3), || *blue.received.lock().unwrap() == close).await);
 
     let drain = drain_blue_at(&proxy, Duration::from_millis(200));
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
-        .await
-        .expect("the end of the stream in time")
-        .expect("a FIN");
+    let got = rest_of_stream(&mut s).await;
     assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
     drop(s);
     assert!(eventually(Duration::from_secs(3), || blue.ended.lock().unwrap().is_some()).await);
@@ -556,15 +559,12 @@ async fn an_application_sent_a_close_by_the_client_gets_no_second_one() {
 /// client sent after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_close_while_a_write_to_the_upstream_is_stuck_loses_nothing() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (head, payload) = masked_frame(0x2, 4 << 20, None);
     let mut frame = head;
     frame.extend_from_slice(&payload);
     let (late_head, late) = masked_frame(0x1, 0, Some(b"late"));
-    let blue = RawUpgradeUpstream::start_paused("websocket", Duration::from_millis(700)).await;
-    let green = Upstream::start("green").await;
-    let proxy = start_proxy(test_config(), blue.table(&green));
-    let s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    let (blue, _green, proxy, s) = raw_tunnel("websocket", Duration::from_millis(700)).await;
     let start = Instant::now();
     let (mut r, mut w) = s.into_split();
     let writer = {
@@ -585,11 +585,7 @@ async fn a_close_while_a_write_to_the_upstream_is_stuck_loses_nothing() {
         "the upstream has read {early} bytes already, {:?} in",
         start.elapsed()
     );
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), r.read_to_end(&mut got))
-        .await
-        .expect("the end of the stream in time")
-        .expect("a FIN");
+    let got = rest_of_stream(&mut r).await;
     assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
     assert!(start.elapsed() < Duration::from_secs(3));
     assert!(
@@ -616,10 +612,7 @@ async fn a_close_while_a_write_to_the_upstream_is_stuck_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reset_from_the_client_ends_the_whole_tunnel() {
     use tokio::io::AsyncWriteExt;
-    let blue = RawUpgradeUpstream::start("websocket").await;
-    let green = Upstream::start("green").await;
-    let proxy = start_proxy(test_config(), blue.table(&green));
-    let mut s = raw_upgrade(proxy.local_addrs()[0], "websocket").await;
+    let (blue, _green, proxy, mut s) = raw_tunnel("websocket", Duration::ZERO).await;
     let (head, payload) = masked_frame(0x1, 0, Some(b"hi"));
     s.write_all(&head).await.unwrap();
     s.write_all(&payload).await.unwrap();
@@ -638,21 +631,14 @@ async fn a_reset_from_the_client_ends_the_whole_tunnel() {
 /// of the stream and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upgrade_to_another_protocol_is_closed_with_a_fin_alone() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let blue = RawUpgradeUpstream::start("x-test").await;
-    let green = Upstream::start("green").await;
-    let proxy = start_proxy(test_config(), blue.table(&green));
-    let mut s = raw_upgrade(proxy.local_addrs()[0], "x-test").await;
+    use tokio::io::AsyncWriteExt;
+    let (blue, _green, proxy, mut s) = raw_tunnel("x-test", Duration::ZERO).await;
     s.write_all(b"hello").await.unwrap();
     assert!(eventually(Duration::from_secs(3), || *blue.received.lock().unwrap() == b"hello").await);
 
     let start = Instant::now();
     let drain = drain_blue_at(&proxy, Duration::from_millis(200));
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
-        .await
-        .expect("the end of the stream in time")
-        .expect("a FIN");
+    let got = rest_of_stream(&mut s).await;
     let at = start.elapsed();
     assert!(got.is_empty(), "no bytes of the proxy's own: {got:?}");
     assert!(
