@@ -398,7 +398,8 @@ async fn send(
                 Ok(c) => c,
                 Err(e) => {
                     // Passive ejection: skip it for a while unless nothing else is left.
-                    let until = now_ms() + cfg.connect_timeout.as_millis().max(1000) as u64 * 2;
+                    let until =
+                        now_ms().saturating_add(crate::server::millis(cfg.connect_timeout).max(1000).saturating_mul(2));
                     inst.state
                         .ejected_until_ms
                         .store(until, std::sync::atomic::Ordering::Relaxed);
@@ -563,8 +564,8 @@ fn spawn_tunnel(
         let close = async {
             // An instant drawn at random within `window` from now.
             let draw = |window: Duration| {
-                let offset = crate::headers::random_u64() % (window.as_millis() as u64).max(1);
-                tokio::time::Instant::now() + Duration::from_millis(offset)
+                let offset = crate::headers::random_u64() % crate::server::millis(window).max(1);
+                crate::server::instant_in(Duration::from_millis(offset))
             };
             // At shutdown: an instant of the shutdown window (or the drain's, if earlier), and
             // the closing over before the workers stop waiting.

@@ -532,12 +532,11 @@ impl Proxy {
         let Some(old) = old else {
             unreachable!("with_service ran the closure")
         };
-        old.close_window_ms
-            .store(close_window.as_millis() as u64, Ordering::Relaxed);
+        old.close_window_ms.store(millis(close_window), Ordering::Relaxed);
         old.draining.store(true, Ordering::SeqCst);
 
         let empty = |g: &Generation| g.in_flight() == 0 && g.upgraded() == 0;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = instant_in(timeout);
         if wait_until(&old, deadline, empty).await {
             return Ok(DrainReport {
                 elapsed: start.elapsed(),
@@ -553,7 +552,7 @@ impl Proxy {
             let _ = tx.send(old.clone());
         }
         // The cuts themselves take a moment; tunnels close within the window.
-        let grace = tokio::time::Instant::now() + close_window + Duration::from_secs(2);
+        let grace = instant_in(close_window.saturating_add(Duration::from_secs(2)));
         wait_until(&old, grace, empty).await;
         Ok(DrainReport {
             elapsed: start.elapsed(),
@@ -586,6 +585,19 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
     }
+}
+
+/// The instant `d` from now; for a duration past what an instant can hold ("for ever"), one a
+/// century away.
+pub(crate) fn instant_in(d: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// `d` in whole milliseconds, at most `u64::MAX`.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Where a worker gives the kernel a chance to hand its CPU to a waiting thread (see
@@ -775,7 +787,7 @@ fn worker(
         });
         shared.shutdown.cancelled().await;
         // Connections see the same token and close themselves; wait for them, bounded.
-        let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
+        let deadline = instant_in(shared.config.shutdown_timeout);
         loop {
             let changed = shared.open_changed.notified();
             tokio::pin!(changed);
@@ -937,7 +949,7 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
     let idle = shared.config.idle_timeout;
     let header_timeout = shared.config.client_header_timeout;
     let mut closing = false;
-    let mut idle_check = tokio::time::Instant::now() + idle;
+    let mut idle_check = instant_in(idle);
     // The deadline of the head that has begun, and that head's number.
     let mut head_deadline: Option<(tokio::time::Instant, u32)> = None;
     let mut watchdog = Box::pin(tokio::time::sleep_until(idle_check));
@@ -960,7 +972,7 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             None => head_deadline = None,
             Some(n) if head_deadline.is_some_and(|(_, m)| m == n) => {}
             Some(n) => {
-                let d = tokio::time::Instant::now() + header_timeout;
+                let d = instant_in(header_timeout);
                 head_deadline = Some((d, n));
                 if d < watchdog.deadline() {
                     watchdog.as_mut().reset(d);
@@ -1000,7 +1012,7 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
                 closing = true;
                 conn.as_mut().graceful();
             }
-            idle_check = now + idle;
+            idle_check = now.checked_add(idle).unwrap_or_else(|| instant_in(idle));
         }
         watchdog
             .as_mut()

@@ -576,6 +576,59 @@ async fn very_long_timeouts_still_start_the_proxy() {
     assert_eq!(c.get("/").await.unwrap().2, "blue");
 }
 
+/// The longest durations a caller can pass (`Duration::MAX`, "wait for ever") for every timeout
+/// neither panic nor stop requests, a drain or a shutdown from finishing once there is nothing
+/// left to wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_longest_durations_leave_drains_and_shutdown_working() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let mut cfg = test_config();
+    cfg.client_header_timeout = Duration::MAX;
+    cfg.idle_timeout = Duration::MAX;
+    cfg.send_timeout = Duration::MAX;
+    cfg.connect_timeout = Duration::MAX;
+    cfg.upstream_timeout = Duration::MAX;
+    cfg.upstream_idle_timeout = Duration::MAX;
+    cfg.shutdown_timeout = Duration::MAX;
+    // Green has an instance that refuses connections: its ejection lasts "for ever" too.
+    let refusing = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let t = table(&[&blue], &[&green])
+        .with_service("web", |s| {
+            s.green = Pool::new(Some("v2"), vec![Instance::new(refusing), Instance::new(green.addr)]);
+            Ok(())
+        })
+        .unwrap();
+    let proxy = start_proxy(cfg, t);
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().2, "blue");
+    proxy.switch("web", Colour::Green).unwrap();
+    for _ in 0..4 {
+        assert_eq!(c.get("/").await.unwrap().2, "green");
+    }
+    let report = tokio::time::timeout(
+        Duration::from_secs(3),
+        proxy.drain("web", Colour::Blue, Duration::MAX, Duration::MAX),
+    )
+    .await
+    .expect("an idle colour drains at once")
+    .unwrap();
+    assert!(report.completed);
+    assert_eq!(c.get("/").await.unwrap().2, "green");
+
+    proxy.shutdown();
+    let p = proxy.clone();
+    let joined = tokio::task::spawn_blocking(move || p.join());
+    tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .expect("stops once its connections have closed")
+        .unwrap();
+    assert_eq!(proxy.open_connections(), 0);
+}
+
 /// A WebSocket is a client connection for as long as it is open: after its upgrade it keeps its
 /// place under `max_connections`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
