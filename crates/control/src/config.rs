@@ -169,11 +169,11 @@ impl fmt::Display for Admin {
 }
 
 /// `[proxy]`: limits and timeouts of the data plane. Every key is optional and defaults to
-/// [`ProxyConfig::default`]'s value (currently: 10s, 60s, 2s, 60s, 30s, 256, 10000, 16384, 30s,
-/// true, 1ms in field order). See [`ProxyConfig`] for what each one does.
+/// [`ProxyConfig::default`]'s value (currently: 10s, 60s, 60s, 2s, 60s, 30s, 1024, 10000, 16384,
+/// 30s, true, 2ms in field order). See [`ProxyConfig`] for what each one does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxySettings {
-    /// Time a client has to send a request head; also the keep-alive idle limit on HTTP/1.
+    /// Time a client has to send a request head (HTTP/2: a header block), from its first byte.
     pub client_header_timeout: Duration,
     /// A client connection with nothing moving and nothing in flight is closed after this; a
     /// silent one is probed with TCP keepalive from half of it on.
