@@ -281,6 +281,98 @@ async fn websockets_open_at_the_drain_deadline_close_spread_over_the_window() {
     assert_eq!(report.closed_upgrades, 10);
 }
 
+/// WebSockets busy with messages of all sizes when their drain deadline comes: every message
+/// answered before the close is whole and in order, every client gets a Close 1001 and no
+/// protocol error, and the application sees each socket end cleanly with a Close 1001, whatever
+/// frame was under way at the close instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_websockets_closed_at_a_drain_deadline_end_cleanly_on_both_sides() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const SOCKETS: usize = 20;
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+    let mut clients = Vec::new();
+    for n in 0..SOCKETS {
+        let mut ws = ws_connect(addr).await;
+        clients.push(tokio::spawn(async move {
+            let sizes = [10usize, 3_000, 20_000, 70_000];
+            let mut answered = 0u32;
+            // Bounded: the proxy closes the socket within a few seconds; the count caps it anyway.
+            for i in 0..100_000u32 {
+                let fill = char::from(b'a' + ((n + i as usize) % 26) as u8);
+                let text = format!("{n}-{i}-{}", fill.to_string().repeat(sizes[i as usize % 4]));
+                if ws.send(Message::text(text.clone())).await.is_err() {
+                    break;
+                }
+                let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                    .await
+                    .expect("an answer or the close in time");
+                match reply {
+                    Some(Ok(Message::Text(t))) => {
+                        assert_eq!(t.as_str(), format!("blue: {text}"), "whole and in order");
+                        answered += 1;
+                    }
+                    Some(Ok(Message::Close(c))) => {
+                        let code = c.map(|f| u16::from(f.code));
+                        // Polled on, the client answers the Close and the stream ends.
+                        let end = tokio::time::timeout(Duration::from_secs(3), ws.next()).await;
+                        assert!(
+                            matches!(end, Ok(None)),
+                            "socket {n}: the closing handshake completes: {end:?}"
+                        );
+                        return (answered, code);
+                    }
+                    other => panic!("socket {n}: {other:?} after {answered} answers"),
+                }
+            }
+            panic!("socket {n} was never closed");
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.switch("web", Colour::Green).unwrap();
+    let report = proxy
+        .drain(
+            "web",
+            Colour::Blue,
+            Duration::from_millis(300),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.closed_upgrades, SOCKETS);
+    let mut total = 0;
+    for c in clients {
+        let (answered, code) = c.await.unwrap();
+        assert_eq!(code, Some(1001));
+        assert!(answered > 0, "messages went through before the close");
+        total += answered;
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            blue.seen
+                .ws_events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| *e == "end")
+                .count()
+                == SOCKETS
+        })
+        .await,
+        "every socket on blue ends cleanly"
+    );
+    let events = blue.seen.ws_events.lock().unwrap();
+    assert_eq!(events.iter().filter(|e| *e == "close 1001").count(), SOCKETS);
+    assert!(!events.iter().any(|e| e == "error"), "no protocol error on blue");
+    // Messages the application received and echoed; the last few echoes may have been dropped
+    // with the close, so blue saw at least as many as the clients got back.
+    let texts = events.iter().filter(|e| e.starts_with("text ")).count();
+    assert!(texts >= total as usize, "{texts} < {total}");
+}
+
 /// An upgrade through the proxy with a raw socket: the handshake written by hand, so that frames
 /// can be cut anywhere.
 async fn raw_upgrade(addr: std::net::SocketAddr, protocol: &str) -> tokio::net::TcpStream {
