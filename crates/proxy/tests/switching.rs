@@ -1395,6 +1395,62 @@ async fn open_stream_is_cut_at_drain_deadline() {
     assert!(t.elapsed() < Duration::from_secs(4));
 }
 
+/// A stream whose client has stopped reading when the drain deadline comes: if the server is
+/// waiting to write to the client at that moment, the stream cannot be cut then, and is cut as
+/// soon as the client reads again; otherwise it is cut at the deadline. Either way it never
+/// completes, and the drained colour is let go once it is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_whose_client_stopped_reading_is_cut_once_it_reads_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 32 << 20;
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let mut cfg = test_config();
+    cfg.send_timeout = Duration::from_secs(30);
+    let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
+    let mut s = tokio::net::TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(format!("GET /slow?ms=0&size={SIZE} HTTP/1.1\r\nHost: shop\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // The client reads nothing: the response fills the sockets and the proxy's write waits.
+    assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let drained = proxy.table().service("web").unwrap().blue.generation().clone();
+    proxy.switch("web", Colour::Green).unwrap();
+    let report = proxy
+        .drain(
+            "web",
+            Colour::Blue,
+            Duration::from_millis(300),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert!(!report.completed);
+    assert_eq!(report.cut_requests, 1);
+    assert!(drained.in_flight() <= 1);
+
+    // The client reads again: it gets what was already under way, then the end, not the rest.
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 1 << 20];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) => return "fin",
+                Ok(n) => got += n,
+                Err(_) => return "reset",
+            }
+        }
+    })
+    .await
+    .expect("the stream ends once the client reads");
+    assert!(got < SIZE, "cut after {got} bytes ({end}), not sent whole");
+    assert!(
+        eventually(Duration::from_secs(3), || drained.in_flight() == 0).await,
+        "the drained colour is let go"
+    );
+}
+
 /// Each colour counts exactly the requests it answered, by status class, across a switch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn colour_counters_add_up_across_a_switch() {
