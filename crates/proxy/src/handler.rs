@@ -577,15 +577,35 @@ fn spawn_tunnel(
                 let end = at + crate::tunnel::CLOSE_GRACE;
                 (at, stop.map_or(end, |stop| end.min(stop)))
             };
+            let at_drain = || {
+                draw(Duration::from_millis(
+                    gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed),
+                ))
+            };
             let (at, end) = tokio::select! {
                 _ = crate::deadline::expired(&gen) => {
-                    let at = draw(Duration::from_millis(gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed)));
+                    let at = at_drain();
                     tokio::select! {
                         _ = tokio::time::sleep_until(at) => (at, at + crate::tunnel::CLOSE_GRACE),
                         _ = shared.shutdown.cancelled() => at_shutdown(Some(at)),
                     }
                 }
-                _ = shared.shutdown.cancelled() => at_shutdown(None),
+                _ = shared.shutdown.cancelled() => {
+                    let (at, end) = at_shutdown(None);
+                    // A drain deadline that passes while the tunnel waits may bring its
+                    // instant forward.
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => (at, end),
+                        _ = crate::deadline::expired(&gen) => {
+                            let drain_at = at_drain();
+                            if drain_at < at {
+                                (drain_at, end.min(drain_at + crate::tunnel::CLOSE_GRACE))
+                            } else {
+                                (at, end)
+                            }
+                        }
+                    }
+                }
             };
             tokio::time::sleep_until(at).await;
             end

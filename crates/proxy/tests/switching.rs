@@ -281,6 +281,32 @@ async fn websockets_open_at_the_drain_deadline_close_spread_over_the_window() {
     assert_eq!(report.closed_upgrades, 10);
 }
 
+/// The other order: a shutdown with a long window is under way when a drain deadline passes. The
+/// WebSockets close at the drain's instant, the earlier one, not at the shutdown's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_deadline_during_a_shutdown_window_closes_websockets_at_its_own_instant() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let mut cfg = test_config();
+    // Closes at shutdown would be spread over (60 s - 1 s) / 2.
+    cfg.shutdown_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
+    let sockets = ws_open(proxy.local_addrs()[0], 5, "blue").await;
+    proxy.shutdown();
+    proxy.switch("web", Colour::Green).unwrap();
+    let start = Instant::now();
+    let p = proxy.clone();
+    let drain = tokio::spawn(async move {
+        p.drain("web", Colour::Blue, Duration::from_millis(200), Duration::ZERO)
+            .await
+            .unwrap()
+    });
+    let at = ws_close_times(sockets, start, Duration::from_secs(5)).await;
+    assert!(at[0] >= Duration::from_millis(200), "{at:?}");
+    assert!(at[at.len() - 1] < Duration::from_millis(1500), "{at:?}");
+    assert_eq!(drain.await.unwrap().closed_upgrades, 5);
+}
+
 /// WebSockets busy with messages of all sizes when their drain deadline comes: every message
 /// answered before the close is whole and in order, every client gets a Close 1001 and no
 /// protocol error, and the application sees each socket end cleanly with a Close 1001, whatever
