@@ -567,48 +567,29 @@ fn spawn_tunnel(
                 let offset = crate::headers::random_u64() % crate::server::millis(window).max(1);
                 crate::server::instant_in(Duration::from_millis(offset))
             };
-            // At shutdown: an instant of the shutdown window (or the drain's, if earlier), and
-            // the closing over before the workers stop waiting.
-            let at_shutdown = |drain_at: Option<tokio::time::Instant>| {
-                let timeout = shared.config.shutdown_timeout;
-                let stop = tokio::time::Instant::now().checked_add(timeout);
-                let at = draw(shutdown_close_window(timeout));
-                let at = drain_at.map_or(at, |d| d.min(at));
-                let end = at + crate::tunnel::CLOSE_GRACE;
-                (at, stop.map_or(end, |stop| end.min(stop)))
-            };
-            let at_drain = || {
-                draw(Duration::from_millis(
-                    gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed),
-                ))
-            };
-            let (at, end) = tokio::select! {
-                _ = crate::deadline::expired(&gen) => {
-                    let at = at_drain();
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => (at, at + crate::tunnel::CLOSE_GRACE),
-                        _ = shared.shutdown.cancelled() => at_shutdown(Some(at)),
+            // The earliest close instant drawn so far (none yet: for ever), and, once a shutdown
+            // has begun, the instant its workers stop waiting, which the closing must not outlast.
+            let mut at = crate::server::instant_in(Duration::MAX);
+            let mut stop = None;
+            let (mut drained, mut shutting_down) = (false, false);
+            loop {
+                tokio::select! {
+                    _ = crate::deadline::expired(&gen), if !drained => {
+                        drained = true;
+                        let window = gen.close_window_ms.load(std::sync::atomic::Ordering::Relaxed);
+                        at = at.min(draw(Duration::from_millis(window)));
                     }
-                }
-                _ = shared.shutdown.cancelled() => {
-                    let (at, end) = at_shutdown(None);
-                    // A drain deadline that passes while the tunnel waits may bring its
-                    // instant forward.
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => (at, end),
-                        _ = crate::deadline::expired(&gen) => {
-                            let drain_at = at_drain();
-                            if drain_at < at {
-                                (drain_at, end.min(drain_at + crate::tunnel::CLOSE_GRACE))
-                            } else {
-                                (at, end)
-                            }
-                        }
+                    _ = shared.shutdown.cancelled(), if !shutting_down => {
+                        shutting_down = true;
+                        let timeout = shared.config.shutdown_timeout;
+                        stop = Some(crate::server::instant_in(timeout));
+                        at = at.min(draw(shutdown_close_window(timeout)));
                     }
+                    _ = tokio::time::sleep_until(at) => break,
                 }
-            };
-            tokio::time::sleep_until(at).await;
-            end
+            }
+            let end = at + crate::tunnel::CLOSE_GRACE;
+            stop.map_or(end, |stop| end.min(stop))
         };
         crate::tunnel::run(client, upstream, websocket, close).await;
         drop(instance);

@@ -590,9 +590,13 @@ impl Drop for Proxy {
 /// The instant `d` from now; for a duration past what an instant can hold ("for ever"), one a
 /// century away.
 pub(crate) fn instant_in(d: Duration) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+    instant_after(tokio::time::Instant::now(), d)
+}
+
+/// `t + d`, or a century after `t` when that is past what an instant can hold.
+fn instant_after(t: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// `d` in whole milliseconds, at most `u64::MAX`.
@@ -1004,7 +1008,7 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             // The client is not taking what is sent to it, and HTTP/2 reads no frames meanwhile:
             // the rest of the head may be in the socket already. Its time starts again; a client
             // that reads nothing at all is the send timeout's to cut.
-            head_deadline = Some((now + header_timeout, n));
+            head_deadline = Some((instant_after(now, header_timeout), n));
         }
         if now >= idle_check {
             let moved = activity.moved_since_last_look();
@@ -1012,7 +1016,7 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
                 closing = true;
                 conn.as_mut().graceful();
             }
-            idle_check = now.checked_add(idle).unwrap_or_else(|| instant_in(idle));
+            idle_check = instant_after(now, idle);
         }
         watchdog
             .as_mut()

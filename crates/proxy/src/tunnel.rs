@@ -120,6 +120,10 @@ async fn pump<R, W>(
     let (mut written, mut read) = (0, 0);
     let cancelled = closing.token.cancelled();
     tokio::pin!(cancelled);
+    let broke = |e: std::io::Error| {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+        broken.cancel();
+    };
     loop {
         if written == read {
             tokio::select! {
@@ -133,11 +137,7 @@ async fn pump<R, W>(
                         return;
                     }
                     Ok(n) => (written, read) = (0, n),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "upgraded connection ended with an error");
-                        broken.cancel();
-                        return;
-                    }
+                    Err(e) => return broke(e),
                 },
             }
         }
@@ -151,16 +151,8 @@ async fn pump<R, W>(
                     }
                     written += n;
                 }
-                Ok(_) => {
-                    tracing::debug!("upgraded connection ended: a write took nothing");
-                    broken.cancel();
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "upgraded connection ended with an error");
-                    broken.cancel();
-                    return;
-                }
+                Ok(_) => return broke(std::io::ErrorKind::WriteZero.into()),
+                Err(e) => return broke(e),
             },
         }
     }

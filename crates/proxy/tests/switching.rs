@@ -151,15 +151,8 @@ async fn drain_deadline_answers_504() {
         c.get("/slow?ms=8000").await.unwrap()
     });
     assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await);
-    proxy.switch("web", Colour::Green).unwrap();
     let t = Instant::now();
-    let report = proxy
-        .drain(
-            "web",
-            Colour::Blue,
-            Duration::from_millis(500),
-            Duration::from_millis(100),
-        )
+    let report = drain_blue(&proxy, Duration::from_millis(500), Duration::from_millis(100))
         .await
         .unwrap();
     let (status, _, body) = slow.await.unwrap();
@@ -262,11 +255,9 @@ async fn websockets_open_at_the_drain_deadline_close_spread_over_the_window() {
     let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[0];
     let sockets = ws_open(addr, 10, "blue").await;
-    proxy.switch("web", Colour::Green).unwrap();
     let (deadline, window) = (Duration::from_millis(300), Duration::from_secs(2));
     let start = Instant::now();
-    let p = proxy.clone();
-    let drain = tokio::spawn(async move { p.drain("web", Colour::Blue, deadline, window).await.unwrap() });
+    let drain = drain_blue(&proxy, deadline, window);
     let at = ws_close_times(sockets, start, Duration::from_secs(5)).await;
     let (first, last) = (at[0], at[at.len() - 1]);
     assert!(first >= deadline, "none closed before the deadline: {at:?}");
@@ -293,14 +284,8 @@ async fn a_drain_deadline_during_a_shutdown_window_closes_websockets_at_its_own_
     let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
     let sockets = ws_open(proxy.local_addrs()[0], 5, "blue").await;
     proxy.shutdown();
-    proxy.switch("web", Colour::Green).unwrap();
     let start = Instant::now();
-    let p = proxy.clone();
-    let drain = tokio::spawn(async move {
-        p.drain("web", Colour::Blue, Duration::from_millis(200), Duration::ZERO)
-            .await
-            .unwrap()
-    });
+    let drain = drain_blue(&proxy, Duration::from_millis(200), Duration::ZERO);
     let at = ws_close_times(sockets, start, Duration::from_secs(5)).await;
     assert!(at[0] >= Duration::from_millis(200), "{at:?}");
     assert!(at[at.len() - 1] < Duration::from_millis(1500), "{at:?}");
@@ -358,14 +343,7 @@ async fn busy_websockets_closed_at_a_drain_deadline_end_cleanly_on_both_sides() 
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    proxy.switch("web", Colour::Green).unwrap();
-    let report = proxy
-        .drain(
-            "web",
-            Colour::Blue,
-            Duration::from_millis(300),
-            Duration::from_millis(500),
-        )
+    let report = drain_blue(&proxy, Duration::from_millis(300), Duration::from_millis(500))
         .await
         .unwrap();
     assert_eq!(report.closed_upgrades, SOCKETS);
@@ -516,15 +494,16 @@ async fn rest_of_stream(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> 
     got
 }
 
-/// Switches to green and drains blue with the deadline `deadline` from now and no window, so
-/// that blue's tunnels close at the deadline.
-fn drain_blue_at(
+/// Switches to green and drains blue, with the deadline `deadline` from now and the close window
+/// `window` (zero: blue's tunnels close at the deadline), in a task of its own.
+fn drain_blue(
     proxy: &Arc<cutover_proxy::Proxy>,
     deadline: Duration,
+    window: Duration,
 ) -> tokio::task::JoinHandle<cutover_proxy::DrainReport> {
     proxy.switch("web", Colour::Green).unwrap();
     let p = proxy.clone();
-    tokio::spawn(async move { p.drain("web", Colour::Blue, deadline, Duration::ZERO).await.unwrap() })
+    tokio::spawn(async move { p.drain("web", Colour::Blue, deadline, window).await.unwrap() })
 }
 
 /// A close that comes while the client is in the middle of a frame: the client gets its Close at
@@ -543,7 +522,7 @@ async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_t
     w.write_all(&payload[..100_000]).await.unwrap();
 
     let start = Instant::now();
-    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let drain = drain_blue(&proxy, Duration::from_millis(200), Duration::ZERO);
     let mut frame = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(3), r.read_exact(&mut frame))
         .await
@@ -600,7 +579,7 @@ async fn a_frame_that_does_not_end_within_the_grace_ends_with_a_fin_alone() {
     );
 
     let start = Instant::now();
-    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let drain = drain_blue(&proxy, Duration::from_millis(200), Duration::ZERO);
     let got = rest_of_stream(&mut s).await;
     assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
     assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
@@ -639,7 +618,7 @@ async fn a_client_sent_a_close_by_the_application_gets_no_second_one() {
     assert_eq!(app_close, [0x88, 0x02, 0x0f, 0xa0], "Close, 4000");
 
     let start = Instant::now();
-    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let drain = drain_blue(&proxy, Duration::from_millis(200), Duration::ZERO);
     let got = rest_of_stream(&mut s).await;
     assert!(got.is_empty(), "no second close: {got:?}");
     assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
@@ -659,7 +638,7 @@ async fn an_application_sent_a_close_by_the_client_gets_no_second_one() {
     s.write_all(&close).await.unwrap();
     assert!(eventually(Duration::from_secs(3), || *blue.received.lock().unwrap() == close).await);
 
-    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let drain = drain_blue(&proxy, Duration::from_millis(200), Duration::ZERO);
     let got = rest_of_stream(&mut s).await;
     assert_eq!(got, [0x88, 0x02, 0x03, 0xe9], "Close, 1001, then the end");
     drop(s);
@@ -694,7 +673,7 @@ async fn a_close_while_a_write_to_the_upstream_is_stuck_loses_nothing() {
             w
         })
     };
-    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let drain = drain_blue(&proxy, Duration::from_millis(200), Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(400)).await;
     // At most what came with the upgrade request's head: the frame is in flight at the close.
     let early = blue.received.lock().unwrap().len();
@@ -755,7 +734,7 @@ async fn an_upgrade_to_another_protocol_is_closed_with_a_fin_alone() {
     assert!(eventually(Duration::from_secs(3), || *blue.received.lock().unwrap() == b"hello").await);
 
     let start = Instant::now();
-    let drain = drain_blue_at(&proxy, Duration::from_millis(200));
+    let drain = drain_blue(&proxy, Duration::from_millis(200), Duration::ZERO);
     let got = rest_of_stream(&mut s).await;
     let at = start.elapsed();
     assert!(got.is_empty(), "no bytes of the proxy's own: {got:?}");
@@ -1401,15 +1380,8 @@ async fn open_stream_is_cut_at_drain_deadline() {
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "data: first from blue\n\n");
 
-    proxy.switch("web", Colour::Green).unwrap();
     let t = Instant::now();
-    let report = proxy
-        .drain(
-            "web",
-            Colour::Blue,
-            Duration::from_millis(500),
-            Duration::from_millis(100),
-        )
+    let report = drain_blue(&proxy, Duration::from_millis(500), Duration::from_millis(100))
         .await
         .unwrap();
     assert!(!report.completed);
@@ -1442,14 +1414,7 @@ async fn a_stream_whose_client_stopped_reading_is_cut_once_it_reads_again() {
     assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let drained = proxy.table().service("web").unwrap().blue.generation().clone();
-    proxy.switch("web", Colour::Green).unwrap();
-    let report = proxy
-        .drain(
-            "web",
-            Colour::Blue,
-            Duration::from_millis(300),
-            Duration::from_millis(100),
-        )
+    let report = drain_blue(&proxy, Duration::from_millis(300), Duration::from_millis(100))
         .await
         .unwrap();
     assert!(!report.completed);
