@@ -279,8 +279,9 @@ async fn a_drain_deadline_during_a_shutdown_window_closes_websockets_at_its_own_
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
     let mut cfg = test_config();
-    // Closes at shutdown would be spread over (60 s - 1 s) / 2.
-    cfg.shutdown_timeout = Duration::from_secs(60);
+    // Closes at shutdown would be spread over (24 h - 1 s) / 2: one of five landing within the
+    // drain's 200 ms has odds of about 2e-5 (with 60 s, about 3%, which a run did hit).
+    cfg.shutdown_timeout = Duration::from_secs(24 * 3600);
     let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
     let sockets = ws_open(proxy.local_addrs()[0], 5, "blue").await;
     proxy.shutdown();
