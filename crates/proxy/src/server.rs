@@ -840,21 +840,47 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, preview: bool) 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Tells HTTP/2 prior knowledge from HTTP/1 by the first bytes, without consuming them.
+///
+/// A client may send the preface a byte at a time, so a prefix of it ("P", "PR", ...) leaves the
+/// question open. Peeking does not consume, so the socket stays readable and a plain
+/// `peek().await` would return at once with the same bytes: the peek runs inside `try_io`, which
+/// clears the readiness when the bytes settle nothing, so the task sleeps until more arrive. The
+/// clearing is tied to the readiness event the peek saw, so bytes that arrive in between still
+/// wake it. A connection that sent a prefix and then its FIN stays readable forever: it can
+/// never become HTTP/2, so it is handed to HTTP/1, which answers it.
 async fn sniff_h2(stream: &TcpStream) -> io::Result<bool> {
-    let mut buf = [0u8; 24];
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
+
+    let mut buf = [0u8; H2_PREFACE.len()];
     loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        let ready = stream.ready(Interest::READABLE).await?;
+        let peeked = stream.try_io(Interest::READABLE, || {
+            let n = recv(
+                stream.as_raw_fd(),
+                &mut buf,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            )?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Ok(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Ok(true);
+            }
+            if ready.is_read_closed() {
+                return Ok(false);
+            }
+            // Nothing new to decide on: let the readiness go until more bytes arrive.
+            Err(io::ErrorKind::WouldBlock.into())
+        });
+        match peeked {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
         }
-        if buf[..n] != H2_PREFACE[..n] {
-            return Ok(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Ok(true);
-        }
-        // A prefix of the preface ("P", "PR", ...) arrived alone; wait for more.
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

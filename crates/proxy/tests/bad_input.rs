@@ -712,3 +712,80 @@ async fn shutdown_finishes_in_flight_requests() {
     tokio::task::spawn_blocking(move || p.join()).await.unwrap();
     assert_eq!(proxy.open_connections(), 0);
 }
+
+/// CPU time this process has used, over all its threads.
+fn process_cpu() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).expect("process CPU clock");
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+/// Connections that sent a prefix of the HTTP/2 preface ("P") and nothing more cost next to no
+/// CPU while they wait for the rest: the proxy sleeps until their next bytes arrive instead of
+/// looking again and again. Afterwards such a connection still becomes HTTP/2 when the rest of
+/// the preface follows, HTTP/1 when a request line follows, and is closed when it half-closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_holding_a_prefix_of_the_http2_preface_cost_no_cpu() {
+    const CONNS: usize = 2_000;
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let mut config = test_config();
+    config.client_header_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(config, table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+
+    let mut held = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"P").await.unwrap();
+        held.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.open_connections() < CONNS {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {CONNS} connections open",
+            proxy.open_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let every connection's first bytes be seen before measuring.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let window = Duration::from_secs(2);
+    let before = process_cpu();
+    tokio::time::sleep(window).await;
+    let used = process_cpu() - before;
+    assert!(
+        used < window / 20,
+        "{CONNS} connections holding \"P\" used {used:?} of CPU in {window:?} (allowed: under 5% of one core)"
+    );
+    assert_eq!(proxy.open_connections(), CONNS, "the waiting connections are kept");
+
+    // The rest of the preface makes one HTTP/2: the proxy answers with its SETTINGS frame.
+    let mut h2 = held.pop().unwrap();
+    h2.write_all(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[1..]).await.unwrap();
+    h2.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // empty SETTINGS
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), h2.read_exact(&mut frame))
+        .await
+        .expect("an HTTP/2 answer in time")
+        .unwrap();
+    assert_eq!(frame[3], 4, "the first frame is SETTINGS: {frame:?}");
+
+    // Anything else after the "P" is HTTP/1.
+    let mut h1 = held.pop().unwrap();
+    h1.write_all(b"UT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut h1).await.expect("an HTTP/1 answer");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    // A client that half-closes after the "P" is let go at once, not kept to the header timeout.
+    let mut half = held.pop().unwrap();
+    half.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), half.read_to_end(&mut out))
+        .await
+        .expect("the half-closed connection is closed well before the 60 s header timeout")
+        .unwrap();
+}
