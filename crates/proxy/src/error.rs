@@ -38,6 +38,10 @@ pub enum ProxyError {
     /// Client side: the request cannot be forwarded as it is.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// Client side: the request asks for something the proxy does not do (CONNECT, a transfer
+    /// coding it cannot pass on faithfully).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     /// The proxy is shutting down and no longer takes new requests.
     #[error("shutting down")]
     ShuttingDown,
@@ -51,6 +55,7 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } | ProxyError::DrainDeadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 }

@@ -48,9 +48,19 @@ pub(crate) async fn handle(
         .then(|| (req.method().clone(), req.uri().path().to_string()));
     // Set once the request has a colour; its counters get the outcome.
     let mut seen: Option<Seen> = None;
+    let http1 = req.version() < Version::HTTP_2;
     let resp = match proxy(&ctx, req, &mut seen).await {
         Ok(resp) => resp,
-        Err(e) => error_response(&e),
+        Err(e) => {
+            let mut resp = error_response(&e);
+            // A refused request's body was not read, and a refused CONNECT's client may already
+            // be sending tunnel bytes: nothing after it on the connection can be taken as a request.
+            if http1 && matches!(e, ProxyError::BadRequest(_) | ProxyError::NotImplemented(_)) {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
     };
     if let Some(seen) = &seen {
         if cfg.record_stats {
@@ -100,18 +110,39 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     resp
 }
 
-/// The host a request is for, without port: the URI authority (HTTP/2, absolute-form) or the
-/// Host header.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    if let Some(host) = req.uri().host() {
-        return Some(host);
+/// Refuses what cutover does not pass on faithfully, before anything is routed: CONNECT (a
+/// reverse proxy opens no tunnels to hosts its clients name) and transfer codings other than
+/// one `chunked` (hyper removes the chunked coding; a `gzip, chunked` body would reach the
+/// upstream as plain chunked with its gzip coding lost). RFC 9112 §6.1 asks for 501 for a coding
+/// a server does not understand; `chunked` twice is malformed (400).
+fn refuse_unsupported(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::NotImplemented(
+            "CONNECT is not supported by this reverse proxy",
+        ));
     }
-    let raw = req.headers().get(header::HOST)?.to_str().ok()?;
-    if raw.starts_with('[') {
-        // IPv6 literal: [::1]:8080
-        return raw.find(']').map(|end| &raw[..=end]);
+    let mut chunked = 0;
+    for v in parts.headers.get_all(header::TRANSFER_ENCODING) {
+        let Ok(v) = v.to_str() else {
+            return Err(ProxyError::NotImplemented(
+                "only the chunked transfer coding is supported",
+            ));
+        };
+        for coding in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(ProxyError::NotImplemented(
+                    "only the chunked transfer coding is supported",
+                ));
+            }
+            chunked += 1;
+        }
     }
-    Some(raw.rsplit_once(':').map_or(raw, |(h, _)| h))
+    if chunked > 1 {
+        return Err(ProxyError::BadRequest(
+            "the chunked transfer coding is applied more than once",
+        ));
+    }
+    Ok(())
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -166,7 +197,7 @@ fn enter(
 
 async fn proxy(
     ctx: &Arc<ConnCtx>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     seen: &mut Option<Seen>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let shared = &ctx.shared;
@@ -174,23 +205,42 @@ async fn proxy(
         return Err(ProxyError::ShuttingDown);
     }
 
+    let (mut parts, mut body) = req.into_parts();
+    refuse_unsupported(&parts)?;
+    let upgrade = if parts.version == Version::HTTP_11 && wants_upgrade(&parts) {
+        parts.headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    let client_upgrade = match upgrade {
+        Some(_) => parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+        None => None,
+    };
+    let authority =
+        headers::target_authority(&parts.uri, &parts.headers, parts.version).map_err(ProxyError::BadRequest)?;
+
     // One table load per request (two if a drain began meanwhile, see `enter`). The request
     // keeps this snapshot (one reference count) to the end, so its colour and pool cannot change
     // under it whatever is stored meanwhile.
-    let preview_header = req.headers().get(&X_CUTOVER_PREVIEW);
+    let preview_header = parts.headers.get(&X_CUTOVER_PREVIEW);
     let Routed {
         table,
         service,
         colour,
         gen: gen_guard,
-    } = enter(&shared.table, shared.table.load_full(), request_host(&req), |svc| {
-        let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
-        if ctx.preview_listener || preview {
-            svc.active.other()
-        } else {
-            svc.active
-        }
-    })?;
+    } = enter(
+        &shared.table,
+        shared.table.load_full(),
+        Some(headers::host_of(authority)),
+        |svc| {
+            let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
+            if ctx.preview_listener || preview {
+                svc.active.other()
+            } else {
+                svc.active
+            }
+        },
+    )?;
     let svc = &table.services()[service];
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
@@ -201,13 +251,6 @@ async fn proxy(
         request_id: None,
     });
 
-    let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
-        req.headers().get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let (parts, mut body) = req.into_parts();
     // hyper knows the length when the client declared a valid one (HTTP/1 Content-Length, or
     // HTTP/2 content-length, which it enforces against the DATA frames); the upstream gets it as
     // declared. Otherwise the body goes upstream chunked.
@@ -235,6 +278,7 @@ async fn proxy(
         &Forwarding {
             client_ip: &ctx.client_ip,
             proto: "http",
+            authority,
         },
         upgrade.as_ref(),
         framing,
@@ -320,9 +364,9 @@ async fn proxy(
     Ok(resp)
 }
 
-fn wants_upgrade(req: &Request<Incoming>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+fn wants_upgrade(parts: &http::request::Parts) -> bool {
+    parts.headers.contains_key(header::UPGRADE)
+        && parts.headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()
                 .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
                 .unwrap_or(false)

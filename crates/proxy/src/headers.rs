@@ -48,6 +48,99 @@ pub(crate) struct Forwarding<'a> {
     pub client_ip: &'a HeaderValue,
     /// The protocol the client spoke to the proxy.
     pub proto: &'static str,
+    /// The authority the request was routed by (see [`target_authority`]): the upstream gets it
+    /// as its `Host` and `X-Forwarded-Host`, whatever Host lines the client sent.
+    pub authority: &'a str,
+}
+
+/// The authority (`host[:port]`) a request is for, which both routes it and becomes the `Host`
+/// the upstream receives, so that the two can never disagree:
+/// - the request target's authority when it has one (HTTP/2 `:authority`, HTTP/1 absolute-form
+///   `GET http://host/path`), which replaces any Host header (RFC 9112 §3.2.2); an HTTP/2 request
+///   whose Host differs from its `:authority` is malformed (RFC 9113 §8.3.1);
+/// - otherwise its one Host header;
+/// - otherwise nothing (empty): allowed for HTTP/1.0 and HTTP/2 only.
+///
+/// More than one Host line, a Host that is not a `host[:port]`, user information in the target
+/// (`http://user@host/`), a scheme other than http or https, and an HTTP/1.1 request without a
+/// Host are refused (RFC 9112 §3.2: 400).
+pub(crate) fn target_authority<'a>(
+    uri: &'a http::Uri,
+    headers: &'a http::HeaderMap,
+    version: http::Version,
+) -> Result<&'a str, &'static str> {
+    let mut lines = headers.get_all(header::HOST).iter();
+    let host = lines.next();
+    if lines.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let host = match host {
+        Some(v) => match v.to_str() {
+            Ok(h) if is_authority(h) => Some(h),
+            _ => return Err("the Host header is not a host[:port]"),
+        },
+        None => None,
+    };
+    match uri.authority() {
+        Some(target) => {
+            let target = target.as_str();
+            if target.contains('@') {
+                return Err("the request target carries user information");
+            }
+            if !uri
+                .scheme_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"))
+            {
+                return Err("the request target's scheme is not http or https");
+            }
+            if version == http::Version::HTTP_2 && host.is_some_and(|h| !h.eq_ignore_ascii_case(target)) {
+                return Err("the Host header differs from the request's :authority");
+            }
+            Ok(target)
+        }
+        None => match host {
+            Some(h) => Ok(h),
+            None if version == http::Version::HTTP_11 => Err("an HTTP/1.1 request needs a Host header"),
+            None => Ok(""),
+        },
+    }
+}
+
+/// Whether `s` has only the characters of an RFC 3986 `host [ ":" port ]` (a registered name,
+/// an IPv4 address or a bracketed IPv6 literal): no spaces, no user information, no path.
+fn is_authority(s: &str) -> bool {
+    s.bytes().all(|b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
+}
+
+/// The host of an authority, without its port; an IPv6 literal keeps its brackets.
+pub(crate) fn host_of(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.find(']').map_or(authority, |end| &authority[..=end]);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -130,7 +223,6 @@ pub(crate) fn encode_request(
     } else {
         Vec::new()
     };
-    let mut host: Option<&HeaderValue> = None;
     let mut xff_seen = false;
     let mut request_id_kept = false;
     for (name, value) in &parts.headers {
@@ -138,10 +230,7 @@ pub(crate) fn encode_request(
             continue;
         }
         if name == header::HOST {
-            if host.is_some() {
-                continue; // one Host only
-            }
-            host = Some(value);
+            continue; // written below from the authority the request was routed by
         } else if name == X_FORWARDED_FOR {
             // Folded into one chain below.
             xff_seen = true;
@@ -161,14 +250,8 @@ pub(crate) fn encode_request(
         }
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    // HTTP/2 requests carry the host in the URI authority.
-    let authority;
-    if host.is_none() {
-        if let Some(a) = parts.uri.authority() {
-            authority = a.as_str().as_bytes();
-            put_header(out, b"host", authority);
-        }
-    }
+    // Always one Host, empty when the request named none (RFC 9112 §3.2).
+    put_header(out, b"host", fwd.authority.as_bytes());
 
     out.extend_from_slice(b"x-forwarded-for: ");
     if xff_seen {
@@ -180,10 +263,8 @@ pub(crate) fn encode_request(
     out.extend_from_slice(fwd.client_ip.as_bytes());
     out.extend_from_slice(b"\r\n");
     put_header(out, b"x-forwarded-proto", fwd.proto.as_bytes());
-    match (host, parts.uri.authority()) {
-        (Some(h), _) => put_header(out, b"x-forwarded-host", h.as_bytes()),
-        (None, Some(a)) => put_header(out, b"x-forwarded-host", a.as_str().as_bytes()),
-        (None, None) => {}
+    if !fwd.authority.is_empty() {
+        put_header(out, b"x-forwarded-host", fwd.authority.as_bytes());
     }
     let generated = (!request_id_kept).then(new_request_id);
     if let Some(id) = &generated {
@@ -246,6 +327,7 @@ mod tests {
     /// Encodes a request built by `f` and parses the result back into (name, value) pairs.
     fn encode(b: http::request::Builder, body: BodyFraming, upgrade: Option<&str>) -> (String, Vec<(String, String)>) {
         let (parts, _) = b.body(()).unwrap().into_parts();
+        let authority = target_authority(&parts.uri, &parts.headers, parts.version).expect("a routable request");
         let ip = HeaderValue::from_static("10.1.2.3");
         let mut out = Vec::new();
         let up = upgrade.map(|u| HeaderValue::from_str(u).unwrap());
@@ -255,6 +337,7 @@ mod tests {
             &Forwarding {
                 client_ip: &ip,
                 proto: "http",
+                authority,
             },
             up.as_ref(),
             body,
@@ -327,6 +410,7 @@ mod tests {
     #[test]
     fn folds_forwarded_for_chain_and_keeps_request_id() {
         let b = http::Request::get("/")
+            .header("host", "x")
             .header("x-forwarded-for", "1.1.1.1")
             .header("x-forwarded-for", "2.2.2.2")
             .header("x-forwarded-proto", "https")
@@ -341,7 +425,9 @@ mod tests {
     fn replaces_unusable_request_id() {
         let long = "a".repeat(500);
         let (_, hs) = encode(
-            http::Request::get("/").header("x-request-id", long.as_str()),
+            http::Request::get("/")
+                .header("host", "x")
+                .header("x-request-id", long.as_str()),
             BodyFraming::None,
             None,
         );
@@ -360,7 +446,9 @@ mod tests {
 
     #[test]
     fn body_framing_and_upgrade() {
-        let b = http::Request::post("/up").header("content-length", "5");
+        let b = http::Request::post("/up")
+            .header("host", "x")
+            .header("content-length", "5");
         let (_, hs) = encode(b, BodyFraming::Length(5), None);
         assert_eq!(get(&hs, "content-length"), ["5"]);
         assert!(get(&hs, "transfer-encoding").is_empty());
@@ -374,18 +462,97 @@ mod tests {
             assert_eq!(get(&hs, "content-length"), [n.to_string()]);
         }
         // A chunked body never carries a client's length along.
-        let b = http::Request::post("/up").header("content-length", "5");
+        let b = http::Request::post("/up")
+            .header("host", "x")
+            .header("content-length", "5");
         let (_, hs) = encode(b, BodyFraming::Chunked, None);
         assert!(get(&hs, "content-length").is_empty());
-        let b = http::Request::post("/up").header("transfer-encoding", "chunked");
+        let b = http::Request::post("/up")
+            .header("host", "x")
+            .header("transfer-encoding", "chunked");
         let (_, hs) = encode(b, BodyFraming::Chunked, None);
         assert_eq!(get(&hs, "transfer-encoding"), ["chunked"]);
         let b = http::Request::get("/ws")
+            .header("host", "x")
             .header("connection", "Upgrade")
             .header("upgrade", "websocket");
         let (_, hs) = encode(b, BodyFraming::None, Some("websocket"));
         assert_eq!(get(&hs, "connection"), ["upgrade"]);
         assert_eq!(get(&hs, "upgrade"), ["websocket"]);
+    }
+
+    #[test]
+    fn the_target_authority_routes_and_becomes_the_host() {
+        use http::Version;
+        let parts = |b: http::request::Builder| b.body(()).unwrap().into_parts().0;
+        let authority = |b| {
+            let p = parts(b);
+            target_authority(&p.uri, &p.headers, p.version).map(str::to_string)
+        };
+        // Absolute-form: the target's authority, not the Host line, and it is what goes upstream.
+        let absolute = || http::Request::get("http://api.example:8080/x").header("host", "web.example");
+        assert_eq!(authority(absolute()).as_deref(), Ok("api.example:8080"));
+        let (line, hs) = encode(absolute(), BodyFraming::None, None);
+        assert_eq!(line, "GET /x");
+        assert_eq!(get(&hs, "host"), ["api.example:8080"]);
+        assert_eq!(get(&hs, "x-forwarded-host"), ["api.example:8080"]);
+        // Origin-form: the one Host line.
+        assert_eq!(
+            authority(http::Request::get("/").header("host", "Web.Example:80")).as_deref(),
+            Ok("Web.Example:80")
+        );
+        assert_eq!(
+            authority(http::Request::get("/").header("host", "[::1]:8080")).as_deref(),
+            Ok("[::1]:8080")
+        );
+        // Without a Host: refused in HTTP/1.1, an empty Host in HTTP/1.0.
+        assert!(authority(http::Request::get("/")).is_err());
+        assert_eq!(
+            authority(http::Request::get("/").version(Version::HTTP_10)).as_deref(),
+            Ok("")
+        );
+        let (_, hs) = encode(
+            http::Request::get("/").version(Version::HTTP_10),
+            BodyFraming::None,
+            None,
+        );
+        assert_eq!(get(&hs, "host"), [""]);
+        assert!(get(&hs, "x-forwarded-host").is_empty());
+        // Refused: two Host lines, a Host that is not host[:port], user information, other schemes,
+        // an HTTP/2 Host that names another authority.
+        for bad in [
+            http::Request::get("/")
+                .header("host", "a.example")
+                .header("host", "b.example"),
+            http::Request::get("/")
+                .header("host", "a.example")
+                .header("host", "a.example"),
+            http::Request::get("/").header("host", "a example"),
+            http::Request::get("/").header("host", "user@a.example"),
+            http::Request::get("/").header("host", "a.example/path"),
+            http::Request::get("http://user:pw@a.example/"),
+            http::Request::get("ftp://a.example/"),
+            http::Request::get("http://a.example/")
+                .version(Version::HTTP_2)
+                .header("host", "b.example"),
+        ] {
+            let p = parts(bad);
+            assert!(target_authority(&p.uri, &p.headers, p.version).is_err(), "{p:?}");
+        }
+        // HTTP/2 with a Host equal to its :authority is fine.
+        let ok = http::Request::get("https://a.example/")
+            .version(Version::HTTP_2)
+            .header("host", "A.example");
+        assert_eq!(authority(ok).as_deref(), Ok("a.example"));
+    }
+
+    #[test]
+    fn a_host_named_in_connection_is_still_sent() {
+        let b = http::Request::get("/")
+            .header("host", "shop.example")
+            .header("connection", "host");
+        let (_, hs) = encode(b, BodyFraming::None, None);
+        assert_eq!(get(&hs, "host"), ["shop.example"]);
     }
 
     #[test]

@@ -789,3 +789,148 @@ async fn connections_holding_a_prefix_of_the_http2_preface_cost_no_cpu() {
         .expect("the half-closed connection is closed well before the 60 s header timeout")
         .unwrap();
 }
+
+/// Two services told apart by host: web.example (blue: `web`) and api.example (blue: `api`).
+fn two_hosts(web: &Upstream, api: &Upstream) -> RouteTable {
+    let mut services = Vec::new();
+    for (name, host, up) in [("web", "web.example", web), ("api", "api.example", api)] {
+        let mut s = Service::new(name);
+        s.hosts = vec![host.to_string()];
+        s.blue = Pool::new(Some("v1"), vec![Instance::new(up.addr)]);
+        services.push(s);
+    }
+    RouteTable::new(services).unwrap()
+}
+
+fn last_header(up: &Upstream, name: &str) -> Option<String> {
+    let seen = up.seen.last_headers.lock().unwrap();
+    let headers = seen.as_ref()?;
+    let mut all = headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let first = all.next();
+    assert!(all.next().is_none(), "one {name} line upstream");
+    first
+}
+
+/// The host a request is routed by is the host its upstream receives: an absolute-form target
+/// (`GET http://api.example/...`) routes to api and is forwarded with `Host: api.example`
+/// whatever Host line came with it; a Host named in `Connection` still goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_host_that_routes_a_request_is_the_host_its_upstream_gets() {
+    let web = Upstream::start("web").await;
+    let api = Upstream::start("api").await;
+    let proxy = start_proxy(test_config(), two_hosts(&web, &api));
+    let addr = proxy.local_addrs()[0];
+
+    let (resp, _) = raw(
+        addr,
+        b"GET http://api.example/headers HTTP/1.1\r\nHost: web.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(status_line(&resp), "HTTP/1.1 200 OK", "{resp}");
+    assert!(resp.ends_with("api"), "routed by the target's host: {resp}");
+    assert_eq!(last_header(&api, "host").as_deref(), Some("api.example"));
+    assert_eq!(last_header(&api, "x-forwarded-host").as_deref(), Some("api.example"));
+    assert_eq!(web.requests(), 0);
+
+    let (resp, _) = raw(
+        addr,
+        b"GET /headers HTTP/1.1\r\nHost: web.example\r\nConnection: close, host\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(resp.ends_with("web"), "{resp}");
+    assert_eq!(last_header(&web, "host").as_deref(), Some("web.example"));
+
+    // HTTP/1.0 may come without a Host: the default service (none here) or an empty Host.
+    let (resp, _) = raw(addr, b"GET /headers HTTP/1.0\r\n\r\n", Duration::from_secs(3)).await;
+    assert_eq!(status_line(&resp), "HTTP/1.0 404 Not Found", "{resp}");
+}
+
+/// Requests cutover would otherwise pass on differently from how it read them are refused,
+/// answered at once with the connection closed, and nothing reaches an upstream: two Host lines,
+/// a Host that is not a host (400), HTTP/1.1 without Host (400), transfer codings other than
+/// one chunked (501, 400 for chunked twice), CONNECT (501), a target with user information or
+/// another scheme (400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_that_cannot_be_forwarded_faithfully_are_refused() {
+    let web = Upstream::start("web").await;
+    let api = Upstream::start("api").await;
+    let proxy = start_proxy(test_config(), two_hosts(&web, &api));
+    let addr = proxy.local_addrs()[0];
+
+    let cases: [(&str, &[u8], &str); 10] = [
+        (
+            "two Host lines",
+            b"GET /headers HTTP/1.1\r\nHost: web.example\r\nHost: api.example\r\n\r\n",
+            "400 Bad Request",
+        ),
+        (
+            "a Host with a space",
+            b"GET /headers HTTP/1.1\r\nHost: web.example x\r\n\r\n",
+            "400 Bad Request",
+        ),
+        ("no Host in HTTP/1.1", b"GET /headers HTTP/1.1\r\n\r\n", "400 Bad Request"),
+        (
+            "gzip, chunked",
+            b"POST /upload HTTP/1.1\r\nHost: web.example\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "501 Not Implemented",
+        ),
+        (
+            "identity, chunked",
+            b"POST /upload HTTP/1.1\r\nHost: web.example\r\nTransfer-Encoding: identity, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "501 Not Implemented",
+        ),
+        (
+            "gzip then chunked on two lines",
+            b"POST /upload HTTP/1.1\r\nHost: web.example\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "501 Not Implemented",
+        ),
+        (
+            "chunked twice",
+            b"POST /upload HTTP/1.1\r\nHost: web.example\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "400 Bad Request",
+        ),
+        (
+            "CONNECT",
+            b"CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n",
+            "501 Not Implemented",
+        ),
+        (
+            "user information in the target",
+            b"GET http://user:pw@api.example/headers HTTP/1.1\r\nHost: api.example\r\n\r\n",
+            "400 Bad Request",
+        ),
+        (
+            "another scheme",
+            b"GET ftp://api.example/headers HTTP/1.1\r\nHost: api.example\r\n\r\n",
+            "400 Bad Request",
+        ),
+    ];
+    for (what, bytes, status) in cases {
+        // The connection is closed after the answer: read_to_end returns well before `within`.
+        let (resp, took) = raw(addr, bytes, Duration::from_secs(5)).await;
+        assert_eq!(status_line(&resp), format!("HTTP/1.1 {status}"), "{what}: {resp}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{what}: the connection was left open ({took:?})"
+        );
+    }
+    assert_eq!(
+        web.requests() + api.requests(),
+        0,
+        "nothing refused reached an upstream"
+    );
+
+    // Plain chunked still goes through.
+    let (resp, _) = raw(
+        addr,
+        b"POST /upload HTTP/1.1\r\nHost: web.example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(status_line(&resp), "HTTP/1.1 200 OK", "{resp}");
+}
