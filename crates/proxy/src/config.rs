@@ -34,7 +34,8 @@ pub struct ProxyConfig {
     pub send_timeout: Duration,
     /// Time to establish a TCP connection to an upstream instance.
     pub connect_timeout: Duration,
-    /// Time from sending a request upstream to receiving its response head.
+    /// Time from sending a request upstream to receiving its response head; also the longest
+    /// an upstream may take none of the request body being written to it.
     pub upstream_timeout: Duration,
     /// Idle upstream keep-alive connections are closed after this long; keep it below the
     /// upstream's own keep-alive timeout so that the proxy, not the upstream, closes them.
@@ -42,7 +43,9 @@ pub struct ProxyConfig {
     /// Idle upstream connections kept per instance and worker.
     pub upstream_pool_size: usize,
     /// Client connections open at once, over all workers, a connection upgraded to a tunnel
-    /// included until the tunnel closes; further clients wait in the listen backlog.
+    /// included until the tunnel closes; further clients wait in the listen backlog. At start
+    /// the soft open files limit is raised to the hard one, and a value whose connections
+    /// cannot fit in it is refused.
     pub max_connections: usize,
     /// Largest request head (request line and headers) accepted; larger gets 431.
     pub max_header_bytes: usize,

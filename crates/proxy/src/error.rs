@@ -22,6 +22,10 @@ pub enum ProxyError {
         addr: SocketAddr,
         reason: String,
     },
+    /// Proxy side: this host could not open an upstream connection (out of file descriptors,
+    /// memory or local ports). No instance is blamed; retryable.
+    #[error("service {service}: the proxy could not open an upstream connection ({reason})")]
+    Local { service: String, reason: String },
     /// Upstream side: the connection failed after the request was (partly) sent.
     #[error("service {service}: upstream {addr} failed: {reason}")]
     Upstream {
@@ -51,7 +55,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoInstance { .. } | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoInstance { .. } | ProxyError::Local { .. } | ProxyError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } | ProxyError::DrainDeadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -9,6 +9,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -114,10 +115,13 @@ impl Conn {
     }
 
     /// Streams a client's request body to the upstream, chunk-encoded when its length is unknown.
+    /// An upstream that takes none of a write for `stall` (it stopped reading and answers
+    /// nothing) fails the request; a client that sends slowly is not timed here.
     pub(crate) async fn write_body<W: AsyncWrite + Unpin>(
         out: &mut W,
         body: &mut Incoming,
         chunked: bool,
+        stall: Duration,
     ) -> Result<(), BodyWriteError> {
         use http_body_util::BodyExt;
         while let Some(frame) = body.frame().await {
@@ -130,15 +134,15 @@ impl Conn {
                 let mut line = Vec::with_capacity(20);
                 write_hex(&mut line, data.len() as u64);
                 line.extend_from_slice(b"\r\n");
-                out.write_all(&line).await.map_err(BodyWriteError::Upstream)?;
-                out.write_all(&data).await.map_err(BodyWriteError::Upstream)?;
-                out.write_all(b"\r\n").await.map_err(BodyWriteError::Upstream)?;
+                write_within(out, &line, stall).await?;
+                write_within(out, &data, stall).await?;
+                write_within(out, b"\r\n", stall).await?;
             } else {
-                out.write_all(&data).await.map_err(BodyWriteError::Upstream)?;
+                write_within(out, &data, stall).await?;
             }
         }
         if chunked {
-            out.write_all(b"0\r\n\r\n").await.map_err(BodyWriteError::Upstream)?;
+            write_within(out, b"0\r\n\r\n", stall).await?;
         }
         Ok(())
     }
@@ -232,6 +236,17 @@ pub(crate) enum BodyWriteError {
     /// The client's body failed (disconnect, bad chunking, length mismatch).
     Client(hyper::Error),
     Upstream(io::Error),
+    /// The upstream took none of a write for the upstream timeout.
+    UpstreamStalled,
+}
+
+/// Writes all of `bytes` unless the upstream makes no room for them for `stall`. The timer is
+/// armed only when the write has to wait.
+async fn write_within<W: AsyncWrite + Unpin>(out: &mut W, bytes: &[u8], stall: Duration) -> Result<(), BodyWriteError> {
+    match tokio::time::timeout(stall, out.write_all(bytes)).await {
+        Ok(r) => r.map_err(BodyWriteError::Upstream),
+        Err(_) => Err(BodyWriteError::UpstreamStalled),
+    }
 }
 
 enum ChunkStep {

@@ -436,10 +436,19 @@ async fn send(
         // Counted from the pick on, so that an instance whose connects hang (a full backlog, a
         // host dropping SYNs) shows its waiting requests to the next pick instead of looking idle.
         let guard = InstanceGuard::new(&inst.state);
-        let mut conn = match upstream::checkout(inst.id) {
+        let mut conn = match upstream::checkout(inst.id, cfg.upstream_idle_timeout) {
             Some(c) => c,
-            None => match upstream::connect(inst.addr, cfg.connect_timeout).await {
+            None => match upstream::connect(inst.addr, cfg).await {
                 Ok(c) => c,
+                Err(e) if e.is_local() => {
+                    // This host is short of descriptors, memory or ports: a sibling would fail
+                    // the same way, and the instance is not to blame.
+                    tracing::warn!(service = %service, %colour, addr = %inst.addr, error = %e, "no upstream connection could be opened on this host");
+                    return Err(ProxyError::Local {
+                        service: service.to_string(),
+                        reason: e.to_string(),
+                    });
+                }
                 Err(e) => {
                     // Passive ejection: skip it for a while unless nothing else is left.
                     let until =
@@ -547,7 +556,7 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: Duration) -> 
     let chunked = matches!(req.framing, BodyFraming::Chunked);
     let Conn { io, buf, .. } = conn;
     let (mut rd, mut wr) = io.split();
-    let write = Conn::write_body(&mut wr, req.body, chunked);
+    let write = Conn::write_body(&mut wr, req.body, chunked, timeout);
     tokio::pin!(write);
     let mut early: Option<Head> = None;
     {
@@ -561,6 +570,7 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: Duration) -> 
                     return Attempt::Failed(Failure::ClientBody);
                 }
                 Err(BodyWriteError::Upstream(e)) => return Attempt::Failed(Failure::Upstream(e.to_string())),
+                Err(BodyWriteError::UpstreamStalled) => return Attempt::Failed(Failure::Timeout),
             },
             h = &mut read => match h {
                 Ok(head) => early = Some(head),

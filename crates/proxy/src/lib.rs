@@ -13,6 +13,7 @@ mod error;
 mod h1;
 mod handler;
 mod headers;
+mod limits;
 mod pass;
 mod server;
 mod stats;
@@ -27,3 +28,13 @@ pub use headers::X_CUTOVER_PREVIEW;
 pub use server::{DrainReport, Proxy, StartError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
 pub use table::{Balance, Colour, Generation, Instance, Pool, RouteTable, Service};
+
+/// Whether a socket error is this host's own shortage (file descriptors, memory, buffers, local
+/// ports) rather than anything the peer did. Such a failure says nothing about the peer: the
+/// proxy never ejects an instance for it, and a health check that meets one judges nothing.
+pub fn is_local_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM | nix::libc::EADDRNOTAVAIL)
+    )
+}

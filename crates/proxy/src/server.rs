@@ -357,17 +357,8 @@ pub struct Proxy {
     update: Mutex<()>,
 }
 
-/// Binds a listening socket. The TCP settings made here are inherited by every connection it
-/// accepts, so they cost nothing per connection:
-/// - `TCP_USER_TIMEOUT` of `send_timeout`: a client that acknowledges none of the bytes sent to
-///   it for that long (it stopped reading and its window stayed shut, or it vanished with data
-///   in flight) is cut by the kernel, and the write waiting on it fails. A slow reader that takes
-///   some bytes now and then is not; neither is a response waiting for its upstream.
-/// - TCP keepalive from half of `idle_timeout` of silence on, about every eighth of it, so that a
-///   tunnel whose client vanished without a FIN (a lost network, an expired NAT entry) ends once
-///   its probes have gone unanswered for `send_timeout`, instead of keeping its slot under
-///   `max_connections` for good. A live peer's kernel answers the probes, and since several go
-///   out before the send timeout, one lost probe does not end a live connection.
+/// Binds a listening socket. The TCP settings of [`set_liveness`] made here are inherited by
+/// every connection it accepts, so they cost nothing per connection.
 fn bind(addr: SocketAddr, reuse_port: bool, config: &ProxyConfig) -> io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
@@ -383,6 +374,25 @@ fn bind(addr: SocketAddr, reuse_port: bool, config: &ProxyConfig) -> io::Result<
         sock.set_only_v6(true)?;
     }
     sock.set_nonblocking(true)?;
+    set_liveness(socket2::SockRef::from(&sock), config)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
+/// The TCP settings that let the kernel end a connection whose peer is gone, on client
+/// connections (set on the listeners) and upstream connections alike:
+/// - `TCP_USER_TIMEOUT` of `send_timeout`: a peer that acknowledges none of the bytes sent to
+///   it for that long (it stopped reading and its window stayed shut, or it vanished with data
+///   in flight) is cut by the kernel, and the write waiting on it fails. A slow reader that takes
+///   some bytes now and then is not; neither is a client whose response waits for its upstream.
+/// - TCP keepalive from half of `idle_timeout` of silence on, about every eighth of it, so that a
+///   connection whose peer vanished without a FIN (a lost network, an expired NAT entry, a host
+///   that went down) ends once its probes have gone unanswered for `send_timeout`, instead of
+///   keeping its slot under `max_connections` or its request waiting for good. A live peer's
+///   kernel answers the probes, and since several go out before the send timeout, one lost probe
+///   does not end a live connection.
+pub(crate) fn set_liveness(sock: socket2::SockRef<'_>, config: &ProxyConfig) -> io::Result<()> {
     // The kernel's limits: the user timeout is a positive C int of milliseconds (24 days), and
     // keepalive times are whole seconds up to 32767.
     let send = config
@@ -395,10 +405,7 @@ fn bind(addr: SocketAddr, reuse_port: bool, config: &ProxyConfig) -> io::Result<
         &socket2::TcpKeepalive::new()
             .with_time(secs(idle / 2))
             .with_interval(secs(idle / 8)),
-    )?;
-    sock.bind(&addr.into())?;
-    sock.listen(4096)?;
-    Ok(sock.into())
+    )
 }
 
 impl Proxy {
@@ -416,6 +423,7 @@ impl Proxy {
         if config.max_header_bytes < 1024 {
             return Err(StartError::Config("max_header_bytes must be at least 1024".into()));
         }
+        crate::limits::fit_descriptors(config.max_connections)?;
         let workers = config.workers;
         let reuse = workers > 1;
         // listeners[w] = the sockets of worker w, one per configured listener.

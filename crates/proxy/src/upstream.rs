@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use crate::config::ProxyConfig;
 use crate::h1::Conn;
 
 struct Idle {
@@ -23,13 +24,15 @@ thread_local! {
     static POOLS: RefCell<HashMap<u64, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
-/// Takes an idle connection to the instance, if this worker has one that is still open.
-pub(crate) fn checkout(instance: u64) -> Option<Conn> {
+/// Takes an idle connection to the instance, if this worker has one that is still open and has
+/// not sat idle for `max_idle` (the sweep runs only now and then; past that age the upstream
+/// may be closing it as the request goes out).
+pub(crate) fn checkout(instance: u64, max_idle: Duration) -> Option<Conn> {
     POOLS.with(|p| {
         let mut pools = p.borrow_mut();
         let idle = pools.get_mut(&instance)?;
         while let Some(mut c) = idle.pop() {
-            if c.conn.idle_ok() {
+            if c.since.elapsed() < max_idle && c.conn.idle_ok() {
                 c.conn.reused = true;
                 return Some(c.conn);
             }
@@ -72,6 +75,14 @@ pub(crate) enum ConnectError {
     TimedOut,
 }
 
+impl ConnectError {
+    /// The failure is this host's, not the instance's: out of file descriptors, memory, buffers
+    /// or local ports. It says nothing about the instance, which must not be ejected for it.
+    pub(crate) fn is_local(&self) -> bool {
+        matches!(self, ConnectError::Refused(e) if crate::is_local_error(e))
+    }
+}
+
 impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -81,13 +92,74 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-/// Opens a new connection to an instance.
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// Opens a new connection to an instance, with the same keepalive and user timeout as client
+/// connections (see `server::set_liveness`): an upstream host that vanishes while a response
+/// streams, or stops acknowledging what is written to it, is noticed by the kernel.
+pub(crate) async fn connect(addr: SocketAddr, config: &ProxyConfig) -> Result<Conn, ConnectError> {
+    let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Refused(e)),
         Err(_) => return Err(ConnectError::TimedOut),
     };
     let _ = stream.set_nodelay(true);
+    if let Err(e) = crate::server::set_liveness(socket2::SockRef::from(&stream), config) {
+        tracing::debug!(%addr, error = %e, "could not set keepalive on an upstream connection");
+    }
     Ok(Conn::new(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn listener() -> (tokio::net::TcpListener, SocketAddr) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (l, addr)
+    }
+
+    /// Upstream connections get the same liveness settings as client connections: a user
+    /// timeout of `send_timeout` and keepalive probes.
+    #[tokio::test]
+    async fn upstream_connections_have_keepalive_and_a_user_timeout() {
+        let (_l, addr) = listener().await;
+        let config = ProxyConfig {
+            send_timeout: Duration::from_secs(7),
+            idle_timeout: Duration::from_secs(40),
+            ..Default::default()
+        };
+        let conn = connect(addr, &config).await.unwrap();
+        let sock = socket2::SockRef::from(&conn.io);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(7)));
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(20));
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), Duration::from_secs(5));
+    }
+
+    /// A pooled connection that sat idle for the idle timeout is not handed out, even before
+    /// the sweep has come by; a younger one is.
+    #[tokio::test]
+    async fn a_connection_idle_past_the_timeout_is_not_checked_out() {
+        let (l, addr) = listener().await;
+        let config = ProxyConfig::default();
+        let accept = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                held.push(l.accept().await.unwrap().0);
+            }
+            held
+        });
+        let old = connect(addr, &config).await.unwrap();
+        let young = connect(addr, &config).await.unwrap();
+        let _held = accept.await.unwrap();
+        checkin(7, old, 8);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(
+            checkout(7, Duration::from_millis(40)).is_none(),
+            "60 ms idle is past 40 ms"
+        );
+        checkin(7, young, 8);
+        let c = checkout(7, Duration::from_millis(40)).expect("a fresh connection is handed out");
+        assert!(c.reused);
+    }
 }

@@ -934,3 +934,87 @@ async fn requests_that_cannot_be_forwarded_faithfully_are_refused() {
     .await;
     assert_eq!(status_line(&resp), "HTTP/1.1 200 OK", "{resp}");
 }
+
+/// An upstream that takes the request head, then reads nothing more and never answers: the
+/// client gets 504 once the upstream has taken none of the body for `upstream_timeout`. A
+/// client that sends its body slowly to an upstream that reads it is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_that_stops_reading_the_body_times_out() {
+    let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stuck_addr = stuck.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = stuck.accept().await {
+            let mut head = [0u8; 512];
+            let _ = s.read(&mut head).await;
+            held.push(s); // open, unread, unanswered
+        }
+    });
+    let green = Upstream::start("green").await;
+    let mut s = Service::new("web");
+    s.blue = Pool::new(Some("v1"), vec![Instance::new(stuck_addr)]);
+    s.green = Pool::new(Some("v2"), vec![Instance::new(green.addr)]);
+    s.preview_token = Some(std::sync::Arc::from(&b"let-me-preview"[..]));
+    let mut config = test_config();
+    config.upstream_timeout = Duration::from_secs(1);
+    config.client_header_timeout = Duration::from_secs(10);
+    let proxy = start_proxy(config, RouteTable::new(vec![s]).unwrap());
+    let addr = proxy.local_addrs()[0];
+
+    const LEN: usize = 64 << 20;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = c.split();
+    let t = Instant::now();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {LEN}\r\n\r\n");
+    let write = async {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let chunk = vec![b'x'; 1 << 16];
+        for _ in 0..LEN / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut buf).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(8), async {
+        tokio::select! {
+            _ = write => {}
+            _ = read => {}
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "no answer in 8 s: the request is pinned by an upstream that stopped reading"
+    );
+    let resp = String::from_utf8_lossy(&got);
+    assert_eq!(status_line(&resp), "HTTP/1.1 504 Gateway Timeout", "{resp}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "not before the upstream timeout: {:?}",
+        t.elapsed()
+    );
+
+    // A slow client (2 s for its body, twice the upstream timeout) to an upstream that reads.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nX-Cutover-Preview: let-me-preview\r\nContent-Length: 10\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.write_all(b"y").await.unwrap();
+    }
+    let resp = read_response(&mut c).await.expect("an answer");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with(" 10"), "the whole body arrived: {resp}");
+}
