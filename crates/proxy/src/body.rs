@@ -58,7 +58,7 @@ pub(crate) struct Streaming {
     pub(crate) gen: GenerationGuard,
     pub(crate) _instance: InstanceGuard,
     /// Marks the response as streaming on the client connection until the body ends.
-    pub(crate) _responding: crate::server::Responding,
+    pub(crate) _responding: crate::conn::Responding,
     /// Registered only when the body has to wait for the upstream, so that short responses never
     /// touch the drain registry.
     pub(crate) deadline: Registration,

@@ -16,24 +16,14 @@ use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 
 use crate::body::{InstanceGuard, ProxyBody, Streaming};
+use crate::clock::{instant_in, millis};
+use crate::conn::{ConnCtx, Responding};
 use crate::error::ProxyError;
 use crate::h1::{BodyWriteError, Conn, Head, HeadError, Prefixed};
 use crate::headers::{self, BodyFraming, Forwarding, X_CUTOVER_PREVIEW};
 use crate::pass::{Hold, Side};
-use crate::server::{ConnSlot, Shared};
 use crate::table::{now_ms, Colour, Generation, GenerationGuard, Pool, PoolState, RouteTable, Service};
 use crate::upstream;
-
-/// Per client connection: what every request on it shares.
-pub(crate) struct ConnCtx {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) client_ip: HeaderValue,
-    /// Requests on a preview listener always go to the inactive colour.
-    pub(crate) preview_listener: bool,
-    pub(crate) activity: Arc<crate::server::Activity>,
-    /// Held as long as the connection or a tunnel it became is open.
-    pub(crate) _slot: ConnSlot,
-}
 
 pub(crate) async fn handle(
     ctx: Arc<ConnCtx>,
@@ -42,7 +32,7 @@ pub(crate) async fn handle(
     let _busy = ctx.activity.request();
     let start = std::time::Instant::now();
     let cfg = &ctx.shared.config;
-    crate::server::preempt_point(start, cfg.preempt_interval);
+    crate::preempt::preempt_point(start, cfg.preempt_interval);
     let line = cfg
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_string()));
@@ -358,7 +348,7 @@ async fn proxy(
         pool_size: shared.config.upstream_pool_size,
         gen: gen_guard,
         _instance: instance,
-        _responding: crate::server::Responding::new(&ctx.activity),
+        _responding: Responding::new(&ctx.activity),
         deadline: Default::default(),
     });
     Ok(resp)
@@ -451,8 +441,7 @@ async fn send(
                 }
                 Err(e) => {
                     // Passive ejection: skip it for a while unless nothing else is left.
-                    let until =
-                        now_ms().saturating_add(crate::server::millis(cfg.connect_timeout).max(1000).saturating_mul(2));
+                    let until = now_ms().saturating_add(millis(cfg.connect_timeout).max(1000).saturating_mul(2));
                     inst.state
                         .ejected_until_ms
                         .store(until, std::sync::atomic::Ordering::Relaxed);
@@ -618,12 +607,12 @@ fn spawn_tunnel(
         let close = async {
             // An instant drawn at random within `window` from now.
             let draw = |window: Duration| {
-                let offset = crate::headers::random_u64() % crate::server::millis(window).max(1);
-                crate::server::instant_in(Duration::from_millis(offset))
+                let offset = crate::headers::random_u64() % millis(window).max(1);
+                instant_in(Duration::from_millis(offset))
             };
             // The earliest close instant drawn so far (none yet: for ever), and, once a shutdown
             // has begun, the instant its workers stop waiting, which the closing must not outlast.
-            let mut at = crate::server::instant_in(Duration::MAX);
+            let mut at = instant_in(Duration::MAX);
             let mut stop = None;
             let (mut drained, mut shutting_down) = (false, false);
             loop {
@@ -636,7 +625,7 @@ fn spawn_tunnel(
                     _ = shared.shutdown.cancelled(), if !shutting_down => {
                         shutting_down = true;
                         let timeout = shared.config.shutdown_timeout;
-                        stop = Some(crate::server::instant_in(timeout));
+                        stop = Some(instant_in(timeout));
                         at = at.min(draw(shutdown_close_window(timeout)));
                     }
                     _ = tokio::time::sleep_until(at) => break,

@@ -7,25 +7,34 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod clock;
 mod config;
+mod conn;
 mod deadline;
+mod drain;
 mod error;
 mod h1;
+mod h2;
 mod handler;
 mod headers;
 mod limits;
+mod listen;
 mod pass;
-mod server;
+mod preempt;
+mod proxy;
+mod shared;
 mod stats;
 mod table;
 mod tunnel;
 mod upstream;
+mod worker;
 
 pub use body::{BodyError, ProxyBody};
 pub use config::{ListenerConfig, ProxyConfig};
+pub use drain::DrainReport;
 pub use error::{ProxyError, TableError};
 pub use headers::X_CUTOVER_PREVIEW;
-pub use server::{DrainReport, Proxy, StartError};
+pub use proxy::{Proxy, StartError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
 pub use table::{Balance, Colour, Generation, Instance, Pool, RouteTable, Service};
 

@@ -8,7 +8,7 @@
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
 
-use crate::server::StartError;
+use crate::proxy::StartError;
 
 /// Descriptors kept for everything that is not a proxied connection: listeners, the runtime's
 /// event queues, logs, the state store, health checks, the admin API.

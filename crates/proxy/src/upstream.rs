@@ -93,7 +93,7 @@ impl std::fmt::Display for ConnectError {
 }
 
 /// Opens a new connection to an instance, with the same keepalive and user timeout as client
-/// connections (see `server::set_liveness`): an upstream host that vanishes while a response
+/// connections (see `listen::set_liveness`): an upstream host that vanishes while a response
 /// streams, or stops acknowledging what is written to it, is noticed by the kernel.
 pub(crate) async fn connect(addr: SocketAddr, config: &ProxyConfig) -> Result<Conn, ConnectError> {
     let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
@@ -102,7 +102,7 @@ pub(crate) async fn connect(addr: SocketAddr, config: &ProxyConfig) -> Result<Co
         Err(_) => return Err(ConnectError::TimedOut),
     };
     let _ = stream.set_nodelay(true);
-    if let Err(e) = crate::server::set_liveness(socket2::SockRef::from(&stream), config) {
+    if let Err(e) = crate::listen::set_liveness(socket2::SockRef::from(&stream), config) {
         tracing::debug!(%addr, error = %e, "could not set keepalive on an upstream connection");
     }
     Ok(Conn::new(stream))

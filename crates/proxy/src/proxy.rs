@@ -1,0 +1,181 @@
+//! The `Proxy` handle the control plane drives: start, table updates and switches, drains
+//! (`drain`), shutdown. Listeners are in `listen`, workers in `worker`, client connections in
+//! `conn`, the request path in `handler`.
+//!
+//! `workers` threads each run a single-threaded tokio runtime with their own accept socket per
+//! listener (`SO_REUSEPORT`, so the kernel spreads connections) and their own upstream pools:
+//! a connection is accepted, served and its upstream requests made on one thread, with no
+//! cross-thread hand-off on the request path.
+//!
+//! Shutdown: `shutdown()` stops the accept loops and asks every connection to finish its current
+//! request and close (HTTP/1) or to send GOAWAY (HTTP/2); tunnels (upgraded connections) close
+//! at random instants over the first half of `shutdown_timeout` less their closing grace (see
+//! `tunnel`). Each worker waits for its
+//! connections and tunnels up to `shutdown_timeout` before its runtime is dropped, which closes
+//! whatever is left.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ProxyConfig;
+use crate::error::TableError;
+use crate::listen::bind;
+use crate::shared::Shared;
+use crate::table::{Colour, RouteTable};
+use crate::worker::worker;
+
+/// A proxy could not start; nothing was left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot start worker thread: {0}")]
+    Thread(io::Error),
+    #[error("invalid proxy settings: {0}")]
+    Config(String),
+}
+
+/// A running proxy. Cheap to share behind an `Arc`; every method is safe to call from any thread.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    addrs: Vec<SocketAddr>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Serializes table updates (read-modify-write); the request path never touches it.
+    update: Mutex<()>,
+}
+
+impl Proxy {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Binds every listener (once per worker) and starts the workers. Fails, with nothing left
+    /// running, when any address cannot be bound.
+    pub fn start(config: ProxyConfig, table: RouteTable) -> Result<Proxy, StartError> {
+        if config.workers == 0 {
+            return Err(StartError::Config("workers must be at least 1".into()));
+        }
+        if config.max_header_bytes < 1024 {
+            return Err(StartError::Config("max_header_bytes must be at least 1024".into()));
+        }
+        crate::limits::fit_descriptors(config.max_connections)?;
+        let workers = config.workers;
+        let reuse = workers > 1;
+        // listeners[w] = the sockets of worker w, one per configured listener.
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::new();
+        for l in &config.listeners {
+            let first = bind(l.addr, reuse, &config).map_err(|source| StartError::Bind { addr: l.addr, source })?;
+            let actual = first
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr: l.addr, source })?;
+            addrs.push(actual);
+            per_worker[0].push((first, l.preview));
+            for w in per_worker.iter_mut().skip(1) {
+                let s = bind(actual, true, &config).map_err(|source| StartError::Bind { addr: actual, source })?;
+                w.push((s, l.preview));
+            }
+        }
+
+        let (expired_tx, mut expired_rx): (Vec<_>, Vec<_>) =
+            (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+        let shared = Arc::new(Shared {
+            expired_tx,
+            table: ArcSwap::from_pointee(table),
+            conn_limit: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            config,
+            shutdown: CancellationToken::new(),
+            open: AtomicUsize::new(0),
+            open_changed: Notify::new(),
+        });
+
+        let mut handles = Vec::new();
+        for (i, listeners) in per_worker.into_iter().enumerate() {
+            let worker_shared = shared.clone();
+            let rx = expired_rx.remove(0);
+            let h = std::thread::Builder::new()
+                .name(format!("cutover-worker-{i}"))
+                .spawn(move || worker(worker_shared, listeners, rx));
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    shared.shutdown.cancel();
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return Err(StartError::Thread(e));
+                }
+            }
+        }
+        Ok(Proxy {
+            shared,
+            addrs,
+            workers: Mutex::new(handles),
+            update: Mutex::new(()),
+        })
+    }
+
+    /// The bound addresses, in the order of `ProxyConfig::listeners` (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The table requests are routed with right now.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.shared.table.load_full()
+    }
+
+    /// Replaces the table by `f(current)`. Updates are serialized; when `f` fails nothing changes.
+    pub fn update<F>(&self, f: F) -> Result<Arc<RouteTable>, TableError>
+    where
+        F: FnOnce(&RouteTable) -> Result<RouteTable, TableError>,
+    {
+        let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Arc::new(f(&self.shared.table.load())?);
+        self.shared.table.store(next.clone());
+        Ok(next)
+    }
+
+    /// Makes `to` the live colour of `service` in one store. Requests already routed keep their
+    /// colour; every request whose head arrives after this returns goes to `to`.
+    pub fn switch(&self, service: &str, to: Colour) -> Result<(), TableError> {
+        self.update(|t| {
+            t.with_service(service, |s| {
+                s.active = to;
+                Ok(())
+            })
+        })
+        .map(|_| ())
+    }
+
+    /// Begins a graceful shutdown: no new connections; open ones finish their current request.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// Waits (blocking the thread) until every worker has stopped. Call after `shutdown`.
+    pub fn join(&self) {
+        let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
+    /// Client connections and upgraded tunnels open right now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open_connections()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
