@@ -8,17 +8,15 @@
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
 
-use crate::proxy::StartError;
-
 /// Descriptors kept for everything that is not a proxied connection: listeners, the runtime's
 /// event queues, logs, the state store, health checks, the admin API.
 const RESERVE: u64 = 256;
 
 /// Raises the soft limit on open files to the hard limit, and refuses a `max_connections` whose
 /// client connections alone cannot fit. Returns the limit now in force.
-pub(crate) fn fit_descriptors(max_connections: usize) -> Result<u64, StartError> {
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
-        .map_err(|e| StartError::Config(format!("cannot read the open files limit: {e}")))?;
+pub(crate) fn fit_descriptors(max_connections: usize) -> Result<u64, String> {
+    let (soft, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("cannot read the open files limit: {e}"))?;
     let limit = if soft < hard {
         match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             Ok(()) => hard,
@@ -39,13 +37,13 @@ pub(crate) fn fit_descriptors(max_connections: usize) -> Result<u64, StartError>
     };
     let clients = max_connections as u64;
     if limit != RLIM_INFINITY && limit < clients.saturating_add(RESERVE) {
-        return Err(StartError::Config(format!(
+        return Err(format!(
             "max_connections = {clients} does not fit in the {} open files this process may have \
              (RLIMIT_NOFILE): lower max_connections to at most {} or raise the limit \
              (systemd: LimitNOFILE=; a shell: ulimit -n)",
             limit_shown(limit),
             limit.saturating_sub(RESERVE) / 2
-        )));
+        ));
     }
     if limit != RLIM_INFINITY && limit < clients.saturating_mul(2).saturating_add(RESERVE) {
         tracing::warn!(

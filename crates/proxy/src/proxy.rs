@@ -65,7 +65,7 @@ impl Proxy {
         if config.max_header_bytes < 1024 {
             return Err(StartError::Config("max_header_bytes must be at least 1024".into()));
         }
-        crate::limits::fit_descriptors(config.max_connections)?;
+        crate::limits::fit_descriptors(config.max_connections).map_err(StartError::Config)?;
         let workers = config.workers;
         let reuse = workers > 1;
         // listeners[w] = the sockets of worker w, one per configured listener.
