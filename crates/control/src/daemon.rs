@@ -7,6 +7,10 @@
 //! records in one store transaction, then carries out the actions in order (see
 //! [`crate::lifecycle`]). The proxy never waits for the actor; the actor only stores tables.
 //!
+//! A process group's instance changes reach the actor too ([`Actor::instances_changed`]): an
+//! instance restarted on another port is health-checked and routed at its new address, the store
+//! records the processes that run now.
+//!
 //! What must never happen, and why it cannot: live traffic on an unvalidated colour (the state
 //! machine only switches to validated colours, and the route table's active colour is only ever
 //! set from the committed `live`); two deployments of one service at once (one actor, one state).
@@ -27,7 +31,7 @@ use crate::lifecycle::{
     Action, DeploymentId, Event, LifecycleError, Plan, Promotion, Record, Release, RollbackKind, State, Timer,
     Transition, WatchPolicy, WatchSample,
 };
-use crate::process::{InstanceSpec, ProcessGroup, Recorded};
+use crate::process::{InstanceInfo, InstanceSpec, ProcessGroup, Recorded};
 use crate::store::{Audit, Store, StoredInstance};
 use crate::webhooks::Webhooks;
 
@@ -140,6 +144,13 @@ enum Msg {
     },
     /// The health of a colour's instances changed.
     Health { colour: Colour, snapshot: HealthSnapshot },
+    /// The process driver's view of a colour's instances changed (an exit, a restart, a port
+    /// move), for the run `run` ([`Run::id`]): a report about a run since replaced is dropped.
+    Instances {
+        colour: Colour,
+        run: u64,
+        instances: Vec<InstanceInfo>,
+    },
     /// The daemon stops: stop every instance of the service (the state stays as committed, so the
     /// next start brings the live release back up).
     Shutdown { reply: oneshot::Sender<()> },
@@ -265,6 +276,7 @@ impl Daemon {
                 statics: BTreeMap::new(),
                 smoke: None,
                 watch: None,
+                last_run: 0,
                 tx: tx.clone(),
             };
             actor.recover().await;
@@ -471,10 +483,31 @@ fn instance_views(table: &RouteTable, service: &str) -> Vec<InstanceView> {
 
 /// The instances of one colour and their health checks.
 struct Run {
+    /// Tells this run's reports from those of an earlier run of the same colour still queued.
+    id: u64,
     release: Release,
     instances: Instances,
+    /// The addresses the health checks and the colour's pool have. For a process group they
+    /// follow its instances: a restart finding an instance's port taken moves it to another.
+    addrs: Vec<SocketAddr>,
+    /// What the store holds for a process group's instances, so that only changes are written.
+    recorded: Vec<Recorded>,
     health: HealthChecker,
+    /// Forwards the health snapshots to the actor.
     forward: JoinHandle<()>,
+    /// Forwards a process group's instance changes to the actor; `None` for static upstreams.
+    follow: Option<JoinHandle<()>>,
+}
+
+impl Run {
+    /// Stops forwarding: nothing of this run reaches the actor any more (what is queued is
+    /// dropped by [`Run::id`] or is harmless).
+    fn stop_forwarding(&self) {
+        self.forward.abort();
+        if let Some(follow) = &self.follow {
+            follow.abort();
+        }
+    }
 }
 
 enum Instances {
@@ -507,6 +540,8 @@ struct Actor {
     statics: BTreeMap<DeploymentId, Vec<SocketAddr>>,
     smoke: Option<(DeploymentId, JoinHandle<()>)>,
     watch: Option<(DeploymentId, JoinHandle<()>)>,
+    /// The last [`Run::id`] given out.
+    last_run: u64,
     /// For the actor's own background work to report back.
     tx: mpsc::Sender<Msg>,
 }
@@ -610,6 +645,7 @@ impl Actor {
                     let _ = reply.send(r);
                 }
                 Msg::Health { colour, snapshot } => self.health_changed(colour, snapshot).await,
+                Msg::Instances { colour, run, instances } => self.instances_changed(colour, run, instances).await,
                 Msg::Shutdown { reply } => {
                     if let Some((_, task)) = self.smoke.take() {
                         task.abort();
@@ -619,7 +655,7 @@ impl Actor {
                     }
                     for colour in [Colour::Blue, Colour::Green] {
                         if let Some(run) = self.runs[slot(colour)].take() {
-                            run.forward.abort();
+                            run.stop_forwarding();
                             run.health.stop().await;
                             if let Instances::Process(g) = &run.instances {
                                 if let Err(e) = g.stop().await {
@@ -1049,7 +1085,6 @@ impl Actor {
             Driver::Process { command, instances } => {
                 let spec = self.spec(colour, &release, command, *instances);
                 let group = ProcessGroup::start(spec).await.map_err(|e| e.to_string())?;
-                self.record_instances(colour, &release, &group.recorded()).await;
                 Instances::Process(group)
             }
             Driver::Static => match self.statics.remove(&deployment) {
@@ -1057,7 +1092,7 @@ impl Actor {
                 None => return Err("no upstream addresses for this deployment (was the daemon restarted?)".into()),
             },
         };
-        self.begin_run(colour, release, instances, false);
+        self.begin_run(colour, release, instances, false).await;
         self.shared.notice(
             self.name(),
             Some(deployment),
@@ -1099,16 +1134,46 @@ impl Actor {
     }
 
     /// Starts health checks of a colour's instances and puts them in its pool (out of rotation
-    /// until healthy).
+    /// until healthy); records a process group's instances for adoption and follows their changes
+    /// ([`Actor::instances_changed`]).
     ///
     /// `assume_healthy` is for instances adopted after a restart on a colour that was serving:
     /// they stay in rotation until the checks say otherwise, instead of the colour answering
     /// 503 until the first check completes.
-    fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances, assume_healthy: bool) {
-        let addrs = instances.addrs();
-        if let Instances::Static(a) = &instances {
-            save_static(&self.shared.config.server.state_dir, self.name(), colour, a);
-        }
+    async fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances, assume_healthy: bool) {
+        self.last_run += 1;
+        let id = self.last_run;
+        let (addrs, recorded, follow) = match &instances {
+            Instances::Static(a) => {
+                save_static(&self.shared.config.server.state_dir, self.name(), colour, a);
+                (a.clone(), Vec::new(), None)
+            }
+            Instances::Process(group) => {
+                // Subscribed before the first read: a change after it is forwarded, none is lost.
+                let mut rx = group.subscribe();
+                let now = rx.borrow_and_update().clone();
+                let recorded: Vec<Recorded> = now.iter().filter_map(InstanceInfo::recorded).collect();
+                self.record_instances(colour, &release, &recorded).await;
+                let tx = self.tx.clone();
+                let follow = tokio::spawn(async move {
+                    while rx.changed().await.is_ok() {
+                        let instances = rx.borrow_and_update().clone();
+                        if tx
+                            .send(Msg::Instances {
+                                colour,
+                                run: id,
+                                instances,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                (now.iter().map(InstanceInfo::addr).collect(), recorded, Some(follow))
+            }
+        };
         let health = HealthChecker::start(CheckSpec {
             service: self.name().to_string(),
             colour,
@@ -1129,10 +1194,14 @@ impl Actor {
             }
         });
         self.runs[slot(colour)] = Some(Run {
+            id,
             release,
             instances,
+            addrs: addrs.clone(),
+            recorded,
             health,
             forward,
+            follow,
         });
         self.set_pool(colour, &addrs, None, assume_healthy);
     }
@@ -1144,7 +1213,6 @@ impl Actor {
                 let recorded = self.recorded(colour, Some(&release)).await;
                 match ProcessGroup::adopt(spec, recorded).await {
                     Ok((group, report)) => {
-                        self.record_instances(colour, &release, &group.recorded()).await;
                         self.shared.notice(
                             self.name(),
                             None,
@@ -1156,13 +1224,13 @@ impl Actor {
                             ),
                             false,
                         );
-                        self.begin_run(colour, release, Instances::Process(group), true);
+                        self.begin_run(colour, release, Instances::Process(group), true).await;
                     }
                     Err(e) => tracing::error!(service = self.name(), %colour, error = %e, "cannot adopt instances"),
                 }
             }
             Driver::Static => match load_static(&self.shared.config.server.state_dir, self.name(), colour) {
-                Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true),
+                Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true).await,
                 None => tracing::error!(service = self.name(), %colour, "no recorded upstreams to adopt"),
             },
         }
@@ -1170,7 +1238,7 @@ impl Actor {
 
     async fn stop_instances(&mut self, colour: Colour) {
         if let Some(run) = self.runs[slot(colour)].take() {
-            run.forward.abort();
+            run.stop_forwarding();
             run.health.stop().await;
             if let Instances::Process(group) = &run.instances {
                 if let Err(e) = group.stop().await {
@@ -1200,7 +1268,7 @@ impl Actor {
 
     async fn health_changed(&mut self, colour: Colour, snapshot: HealthSnapshot) {
         let Some(run) = &self.runs[slot(colour)] else { return };
-        let addrs = run.instances.addrs();
+        let addrs = run.addrs.clone();
         self.set_pool(colour, &addrs, Some(&snapshot), false);
         // Only the colour of the deployment in progress reports to the lifecycle.
         let Some(d) = self.state.in_progress().filter(|d| d.colour == colour).map(|d| d.id) else {
@@ -1227,6 +1295,48 @@ impl Actor {
         };
         if let Some(event) = event {
             let _ = self.step(event, None).await;
+        }
+    }
+
+    /// A process group's instances changed. An instance restarted on another port (its own was
+    /// taken) has its new address checked and routed instead of the old one: the route table
+    /// takes it out of rotation until the checks find it healthy, as any new instance. Changed
+    /// pids and ports are recorded, so that a restarted daemon adopts the processes that run now.
+    async fn instances_changed(&mut self, colour: Colour, run_id: u64, instances: Vec<InstanceInfo>) {
+        let Some(run) = self.runs[slot(colour)].as_mut().filter(|r| r.id == run_id) else {
+            return;
+        };
+        let addrs: Vec<SocketAddr> = instances.iter().map(InstanceInfo::addr).collect();
+        let moved: Vec<(u32, SocketAddr, SocketAddr)> = instances
+            .iter()
+            .zip(&run.addrs)
+            .filter(|(i, old)| i.addr() != **old)
+            .map(|(i, old)| (i.index, *old, i.addr()))
+            .collect();
+        let snapshot = (addrs != run.addrs).then(|| {
+            run.health.set_instances(addrs.clone());
+            run.addrs = addrs.clone();
+            run.health.snapshot()
+        });
+        let recorded: Vec<Recorded> = instances.iter().filter_map(InstanceInfo::recorded).collect();
+        let record = (recorded != run.recorded).then(|| {
+            run.recorded = recorded.clone();
+            run.release.clone()
+        });
+        if let Some(snapshot) = snapshot {
+            self.set_pool(colour, &addrs, Some(&snapshot), false);
+            for (index, from, to) in moved {
+                self.shared.notice(
+                    self.name(),
+                    None,
+                    "instances",
+                    format!("{colour} instance {index} restarted on {to}: {from} was taken by another program"),
+                    false,
+                );
+            }
+        }
+        if let Some(release) = record {
+            self.record_instances(colour, &release, &recorded).await;
         }
     }
 
