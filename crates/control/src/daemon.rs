@@ -9,7 +9,8 @@
 //!
 //! A process group's instance changes reach the actor too ([`Actor::instances_changed`]): an
 //! instance restarted on another port is health-checked and routed at its new address, the store
-//! records the processes that run now.
+//! records the processes that run now, and a release whose instances keep exiting at once is
+//! aborted without waiting for the health deadline.
 //!
 //! What must never happen, and why it cannot: live traffic on an unvalidated colour (the state
 //! machine only switches to validated colours, and the route table's active colour is only ever
@@ -28,7 +29,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, Driver, ServiceConfig};
 use crate::health::{CheckSpec, HealthChecker, HealthSnapshot};
 use crate::lifecycle::{
-    Action, DeploymentId, Event, LifecycleError, Plan, Promotion, Record, Release, RollbackKind, State, Timer,
+    Action, DeploymentId, Event, LifecycleError, Phase, Plan, Promotion, Record, Release, RollbackKind, State, Timer,
     Transition, WatchPolicy, WatchSample,
 };
 use crate::process::{InstanceInfo, InstanceSpec, ProcessGroup, Recorded};
@@ -1302,6 +1303,8 @@ impl Actor {
     /// taken) has its new address checked and routed instead of the old one: the route table
     /// takes it out of rotation until the checks find it healthy, as any new instance. Changed
     /// pids and ports are recorded, so that a restarted daemon adopts the processes that run now.
+    /// An instance of the release being provisioned that keeps exiting at once fails the
+    /// deployment without waiting for the health deadline.
     async fn instances_changed(&mut self, colour: Colour, run_id: u64, instances: Vec<InstanceInfo>) {
         let Some(run) = self.runs[slot(colour)].as_mut().filter(|r| r.id == run_id) else {
             return;
@@ -1337,6 +1340,13 @@ impl Actor {
         }
         if let Some(release) = record {
             self.record_instances(colour, &release, &recorded).await;
+        }
+        let failed = match self.runs[slot(colour)].as_ref().map(|r| &r.instances) {
+            Some(Instances::Process(group)) => crash_loop(&self.state.phase, group.spec(), &instances),
+            _ => None,
+        };
+        if let Some(event) = failed {
+            let _ = self.step(event, None).await;
         }
     }
 
@@ -1456,6 +1466,60 @@ impl Actor {
     }
 }
 
+/// [`Event::ProvisionFailed`] when an instance of `spec`'s colour is crash-looping
+/// ([`InstanceInfo::crash_looping`]) while that colour is being provisioned: waiting would only
+/// wait out the health deadline. Once a colour was healthy, its exits are the health checks'
+/// business (and the driver restarts the instance), not a reason to abort.
+fn crash_loop(phase: &Phase, spec: &InstanceSpec, instances: &[InstanceInfo]) -> Option<Event> {
+    let Phase::Provisioning(d) = phase else {
+        return None;
+    };
+    if d.colour != spec.colour {
+        return None;
+    }
+    let i = instances.iter().find(|i| i.crash_looping())?;
+    Some(Event::ProvisionFailed {
+        id: d.id,
+        reason: crash_report(spec, i),
+    })
+}
+
+/// Why a crash-looping instance fails its deployment, for the user: how often and how it exited,
+/// what exit statuses 126 and 127 of `/bin/sh` mean, the last lines it wrote, and where the rest
+/// is. One line, like every reason: the output's lines are joined with " / ".
+fn crash_report(spec: &InstanceSpec, i: &InstanceInfo) -> String {
+    let (service, colour) = (&spec.service, spec.colour);
+    let mut text = format!(
+        "service {service} ({colour}): instance {} of `{}` exited {} times in a row, each within {:?} of its \
+         start (last: {})",
+        i.index,
+        spec.command,
+        i.quick_exits,
+        spec.backoff.reset_after,
+        i.last_exit.as_deref().unwrap_or("exited"),
+    );
+    match i.last_exit_code {
+        Some(127) => text.push_str(&format!(
+            "; exit status 127 means the shell found no such command: check `command`, which runs with \
+             /bin/sh -c in {}",
+            std::path::absolute(&spec.workdir)
+                .unwrap_or_else(|_| spec.workdir.clone())
+                .display()
+        )),
+        Some(126) => {
+            text.push_str("; exit status 126 means a command was found but cannot be run: check its permissions")
+        }
+        _ => {}
+    }
+    if i.last_output.is_empty() {
+        text.push_str("; it wrote nothing");
+    } else {
+        text.push_str(&format!("; its last output: {}", i.last_output.join(" / ")));
+    }
+    text.push_str(&format!("; see `cutover logs {service} --colour {colour}`"));
+    text
+}
+
 fn static_path(state_dir: &std::path::Path, service: &str, colour: Colour) -> PathBuf {
     state_dir.join(format!("upstreams-{service}-{colour}.txt"))
 }
@@ -1477,4 +1541,134 @@ fn load_static(state_dir: &std::path::Path, service: &str, colour: Colour) -> Op
     let text = std::fs::read_to_string(static_path(state_dir, service, colour)).ok()?;
     let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
     (!addrs.is_empty()).then_some(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{Promotion, WatchPolicy};
+    use crate::process::{InstanceState, CRASH_LOOP_EXITS};
+
+    fn spec(colour: Colour) -> InstanceSpec {
+        InstanceSpec {
+            service: "web".to_string(),
+            colour,
+            version: "v2".to_string(),
+            command: "./web --port {port}".to_string(),
+            instances: 2,
+            workdir: PathBuf::from("/srv/web"),
+            state_dir: PathBuf::from("/srv/web/.cutover"),
+            grace: Duration::from_secs(1),
+            backoff: Default::default(),
+        }
+    }
+
+    fn instance(index: u32, quick_exits: u32, code: Option<i32>, output: &[&str]) -> InstanceInfo {
+        InstanceInfo {
+            index,
+            port: 4000 + index as u16,
+            pid: None,
+            pgid: None,
+            start_time: None,
+            restarts: quick_exits,
+            state: InstanceState::Restarting,
+            adopted: false,
+            last_exit: Some(match code {
+                Some(c) => format!("exited with status {c}"),
+                None => "killed by SIGSEGV".to_string(),
+            }),
+            last_exit_code: code,
+            quick_exits,
+            last_output: output.iter().map(|l| l.to_string()).collect(),
+            log: PathBuf::from("/srv/web/.cutover/logs/web/green-0.log"),
+        }
+    }
+
+    fn step(state: &State, event: Event) -> State {
+        state.step(event).unwrap().state
+    }
+
+    /// web live on blue@v1, its deployment 2 of v2 provisioning on green.
+    fn provisioning() -> State {
+        let plan = Plan {
+            health_deadline: Duration::from_secs(60),
+            promote: Promotion::Auto { delay: Duration::ZERO },
+            watch: WatchPolicy {
+                duration: Duration::ZERO,
+                min_requests: 1,
+                max_error_rate: 0.01,
+                max_p99: None,
+            },
+            keep_warm: Duration::from_secs(3600),
+        };
+        let deploy = |id, version| Event::Deploy {
+            id: DeploymentId(id),
+            release: Release::new(version),
+            plan: plan.clone(),
+        };
+        let mut state = step(&State::new("web"), deploy(1, "v1"));
+        state = step(&state, Event::InstancesHealthy { id: DeploymentId(1) });
+        state = step(&state, Event::SmokePassed { id: DeploymentId(1) });
+        assert_eq!(state.live.as_ref().map(|l| l.colour), Some(Colour::Blue), "{state:?}");
+        let state = step(&state, deploy(2, "v2"));
+        assert!(matches!(&state.phase, Phase::Provisioning(d) if d.colour == Colour::Green));
+        state
+    }
+
+    #[test]
+    fn daemon_crash_loop_fails_only_the_colour_being_provisioned() {
+        let state = provisioning();
+        let looping = CRASH_LOOP_EXITS;
+        let not_found = ["/bin/sh: 1: ./web: not found"];
+        let green = [instance(0, 0, None, &[]), instance(1, looping, Some(127), &not_found)];
+        let Some(Event::ProvisionFailed { id, reason }) = crash_loop(&state.phase, &spec(Colour::Green), &green) else {
+            panic!("a crash loop while provisioning fails the deployment");
+        };
+        assert_eq!(id, DeploymentId(2));
+        assert_eq!(
+            reason,
+            "service web (green): instance 1 of `./web --port {port}` exited 3 times in a row, each within 10s \
+             of its start (last: exited with status 127); exit status 127 means the shell found no such \
+             command: check `command`, which runs with /bin/sh -c in /srv/web; its last output: /bin/sh: 1: \
+             ./web: not found; see `cutover logs web --colour green`"
+        );
+        // The new colour is provisioned, not the live one: blue's exits are restarts.
+        let blue = [
+            instance(0, looping, Some(1), &[]),
+            instance(1, looping + 5, Some(1), &[]),
+        ];
+        assert!(crash_loop(&state.phase, &spec(Colour::Blue), &blue).is_none());
+        // One quick exit short of a crash loop, or exits after longer runs.
+        let green = [
+            instance(0, looping - 1, Some(127), &not_found),
+            instance(1, 0, Some(1), &[]),
+        ];
+        assert!(crash_loop(&state.phase, &spec(Colour::Green), &green).is_none());
+
+        // Once the colour was healthy, it is validated, promoted and live: never aborted for it.
+        let crashing = [
+            instance(0, looping, None, &["panic", "at the disco"]),
+            instance(1, 0, None, &[]),
+        ];
+        let mut state = step(&state, Event::InstancesHealthy { id: DeploymentId(2) });
+        assert!(matches!(state.phase, Phase::Validating(_)));
+        assert!(crash_loop(&state.phase, &spec(Colour::Green), &crashing).is_none());
+        state = step(&state, Event::SmokePassed { id: DeploymentId(2) });
+        assert_eq!(state.live.as_ref().map(|l| l.colour), Some(Colour::Green), "{state:?}");
+        assert!(crash_loop(&state.phase, &spec(Colour::Green), &crashing).is_none());
+    }
+
+    #[test]
+    fn daemon_crash_report_says_what_126_means_and_when_nothing_was_written() {
+        let report = crash_report(&spec(Colour::Blue), &instance(0, 4, Some(126), &[]));
+        assert!(
+            report.contains("(last: exited with status 126); exit status 126 means a command was found but cannot be run: check its permissions; it wrote nothing; see `cutover logs web --colour blue`"),
+            "{report}"
+        );
+        let report = crash_report(&spec(Colour::Blue), &instance(0, 3, None, &["a", "b"]));
+        assert!(
+            report.contains("(last: killed by SIGSEGV); its last output: a / b; see"),
+            "{report}"
+        );
+    }
 }

@@ -810,6 +810,48 @@ fn rollback_after_retirement_is_a_cold_redeploy() {
 }
 
 #[test]
+fn a_release_whose_command_is_missing_fails_at_once_with_its_exit_status_and_output() {
+    // Versions ending in -missing run a command that does not exist. The health deadline is a
+    // minute away: only the instances' exits can end the deployment within the time asserted.
+    let mut s = Setup::with_service(&format!(
+        "command = 'case $CUTOVER_VERSION in *-missing) ./does-not-exist --port {{port}};; \
+         *) MARKER {BIN} demo-app --port {{port}};; esac'\ninstances = 2\n\
+         health = {{ path = \"/up\", interval = \"100ms\", timeout = \"1s\", healthy = 1, unhealthy = 2, deadline = \"60s\" }}\n\
+         drain_timeout = \"3s\"\n"
+    ));
+    s.start();
+    let out = s.cli(&["deploy", "web", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let t = Instant::now();
+    let out = s.cli(&["deploy", "web", "--version", "v2-missing"]);
+    let took = t.elapsed();
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("deployment 2 aborted: instances failed to start: service web (green): instance"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("(last: exited with status 127); exit status 127 means the shell found no such command"),
+        "the exit status and what it means: {shown}"
+    );
+    assert!(
+        shown.contains(
+            "its last output: /bin/sh: 1: ./does-not-exist: not found; see `cutover logs web --colour green`"
+        ),
+        "the instance's own words: {shown}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "failed long before the health deadline, took {took:?}"
+    );
+    assert_eq!(s.get(), Some((200, "v1 blue".into())), "live traffic untouched");
+    let history = text(&s.cli(&["history", "web"]));
+    assert!(history.contains("aborted"), "{history}");
+}
+
+#[test]
 fn an_instance_restarted_on_another_port_is_checked_and_routed_there() {
     // One instance, whose answer names the port it listens on.
     let mut s = Setup::with_service(&format!(
