@@ -59,7 +59,8 @@ command = "cutover demo-app --port {port}"
 instances = 2
 # GET `path` on each instance every `interval`: `healthy` successes in a row put an instance in
 # rotation, `unhealthy` failures in a row take it out. A new release whose instances are not all
-# healthy within `deadline` is aborted.
+# healthy within `deadline` is aborted; so is, at once, one with an instance that exits within
+# 10s of its start 3 times in a row before then (the deploy shows how it exited and its output).
 health = { path = "/up", interval = "1s", timeout = "500ms", healthy = 2, unhealthy = 3, deadline = "60s" }
 # Requests still running on the old colour after a switch get this long to finish.
 drain_timeout = "30s"
@@ -299,7 +300,9 @@ pub struct HealthConfig {
     /// `unhealthy`: failures in a row that take it out of rotation, 1 to 100. Default 3.
     pub unhealthy: u32,
     /// `deadline`: how long a new release's instances have to become healthy before the
-    /// deployment is aborted. Above 0. Default 60s.
+    /// deployment is aborted. Above 0. Default 60s. An instance that is crash-looping before
+    /// (it exited within 10s of its start [`crate::process::CRASH_LOOP_EXITS`] times in a row)
+    /// aborts the deployment at once.
     pub deadline: Duration,
 }
 

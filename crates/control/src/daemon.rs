@@ -7,6 +7,11 @@
 //! records in one store transaction, then carries out the actions in order (see
 //! [`crate::lifecycle`]). The proxy never waits for the actor; the actor only stores tables.
 //!
+//! A process group's instance changes reach the actor too ([`Actor::instances_changed`]): an
+//! instance restarted on another port is health-checked and routed at its new address, the store
+//! records the processes that run now, and a release whose instances keep exiting at once is
+//! aborted without waiting for the health deadline.
+//!
 //! What must never happen, and why it cannot: live traffic on an unvalidated colour (the state
 //! machine only switches to validated colours, and the route table's active colour is only ever
 //! set from the committed `live`); two deployments of one service at once (one actor, one state).
@@ -24,10 +29,10 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, Driver, ServiceConfig};
 use crate::health::{CheckSpec, HealthChecker, HealthSnapshot};
 use crate::lifecycle::{
-    Action, DeploymentId, Event, LifecycleError, Plan, Promotion, Record, Release, RollbackKind, State, Timer,
+    Action, DeploymentId, Event, LifecycleError, Phase, Plan, Promotion, Record, Release, RollbackKind, State, Timer,
     Transition, WatchPolicy, WatchSample,
 };
-use crate::process::{InstanceSpec, ProcessGroup, Recorded};
+use crate::process::{InstanceInfo, InstanceSpec, ProcessGroup, Recorded};
 use crate::store::{Audit, Store, StoredInstance};
 use crate::webhooks::Webhooks;
 
@@ -140,6 +145,13 @@ enum Msg {
     },
     /// The health of a colour's instances changed.
     Health { colour: Colour, snapshot: HealthSnapshot },
+    /// The process driver's view of a colour's instances changed (an exit, a restart, a port
+    /// move), for the run `run` ([`Run::id`]): a report about a run since replaced is dropped.
+    Instances {
+        colour: Colour,
+        run: u64,
+        instances: Vec<InstanceInfo>,
+    },
     /// The daemon stops: stop every instance of the service (the state stays as committed, so the
     /// next start brings the live release back up).
     Shutdown { reply: oneshot::Sender<()> },
@@ -265,6 +277,7 @@ impl Daemon {
                 statics: BTreeMap::new(),
                 smoke: None,
                 watch: None,
+                last_run: 0,
                 tx: tx.clone(),
             };
             actor.recover().await;
@@ -471,10 +484,31 @@ fn instance_views(table: &RouteTable, service: &str) -> Vec<InstanceView> {
 
 /// The instances of one colour and their health checks.
 struct Run {
+    /// Tells this run's reports from those of an earlier run of the same colour still queued.
+    id: u64,
     release: Release,
     instances: Instances,
+    /// The addresses the health checks and the colour's pool have. For a process group they
+    /// follow its instances: a restart finding an instance's port taken moves it to another.
+    addrs: Vec<SocketAddr>,
+    /// What the store holds for a process group's instances, so that only changes are written.
+    recorded: Vec<Recorded>,
     health: HealthChecker,
+    /// Forwards the health snapshots to the actor.
     forward: JoinHandle<()>,
+    /// Forwards a process group's instance changes to the actor; `None` for static upstreams.
+    follow: Option<JoinHandle<()>>,
+}
+
+impl Run {
+    /// Stops forwarding: nothing of this run reaches the actor any more (what is queued is
+    /// dropped by [`Run::id`] or is harmless).
+    fn stop_forwarding(&self) {
+        self.forward.abort();
+        if let Some(follow) = &self.follow {
+            follow.abort();
+        }
+    }
 }
 
 enum Instances {
@@ -507,6 +541,8 @@ struct Actor {
     statics: BTreeMap<DeploymentId, Vec<SocketAddr>>,
     smoke: Option<(DeploymentId, JoinHandle<()>)>,
     watch: Option<(DeploymentId, JoinHandle<()>)>,
+    /// The last [`Run::id`] given out.
+    last_run: u64,
     /// For the actor's own background work to report back.
     tx: mpsc::Sender<Msg>,
 }
@@ -610,6 +646,7 @@ impl Actor {
                     let _ = reply.send(r);
                 }
                 Msg::Health { colour, snapshot } => self.health_changed(colour, snapshot).await,
+                Msg::Instances { colour, run, instances } => self.instances_changed(colour, run, instances).await,
                 Msg::Shutdown { reply } => {
                     if let Some((_, task)) = self.smoke.take() {
                         task.abort();
@@ -619,7 +656,7 @@ impl Actor {
                     }
                     for colour in [Colour::Blue, Colour::Green] {
                         if let Some(run) = self.runs[slot(colour)].take() {
-                            run.forward.abort();
+                            run.stop_forwarding();
                             run.health.stop().await;
                             if let Instances::Process(g) = &run.instances {
                                 if let Err(e) = g.stop().await {
@@ -1049,7 +1086,6 @@ impl Actor {
             Driver::Process { command, instances } => {
                 let spec = self.spec(colour, &release, command, *instances);
                 let group = ProcessGroup::start(spec).await.map_err(|e| e.to_string())?;
-                self.record_instances(colour, &release, &group.recorded()).await;
                 Instances::Process(group)
             }
             Driver::Static => match self.statics.remove(&deployment) {
@@ -1057,7 +1093,7 @@ impl Actor {
                 None => return Err("no upstream addresses for this deployment (was the daemon restarted?)".into()),
             },
         };
-        self.begin_run(colour, release, instances, false);
+        self.begin_run(colour, release, instances, false).await;
         self.shared.notice(
             self.name(),
             Some(deployment),
@@ -1099,16 +1135,46 @@ impl Actor {
     }
 
     /// Starts health checks of a colour's instances and puts them in its pool (out of rotation
-    /// until healthy).
+    /// until healthy); records a process group's instances for adoption and follows their changes
+    /// ([`Actor::instances_changed`]).
     ///
     /// `assume_healthy` is for instances adopted after a restart on a colour that was serving:
     /// they stay in rotation until the checks say otherwise, instead of the colour answering
     /// 503 until the first check completes.
-    fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances, assume_healthy: bool) {
-        let addrs = instances.addrs();
-        if let Instances::Static(a) = &instances {
-            save_static(&self.shared.config.server.state_dir, self.name(), colour, a);
-        }
+    async fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances, assume_healthy: bool) {
+        self.last_run += 1;
+        let id = self.last_run;
+        let (addrs, recorded, follow) = match &instances {
+            Instances::Static(a) => {
+                save_static(&self.shared.config.server.state_dir, self.name(), colour, a);
+                (a.clone(), Vec::new(), None)
+            }
+            Instances::Process(group) => {
+                // Subscribed before the first read: a change after it is forwarded, none is lost.
+                let mut rx = group.subscribe();
+                let now = rx.borrow_and_update().clone();
+                let recorded: Vec<Recorded> = now.iter().filter_map(InstanceInfo::recorded).collect();
+                self.record_instances(colour, &release, &recorded).await;
+                let tx = self.tx.clone();
+                let follow = tokio::spawn(async move {
+                    while rx.changed().await.is_ok() {
+                        let instances = rx.borrow_and_update().clone();
+                        if tx
+                            .send(Msg::Instances {
+                                colour,
+                                run: id,
+                                instances,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                (now.iter().map(InstanceInfo::addr).collect(), recorded, Some(follow))
+            }
+        };
         let health = HealthChecker::start(CheckSpec {
             service: self.name().to_string(),
             colour,
@@ -1129,10 +1195,14 @@ impl Actor {
             }
         });
         self.runs[slot(colour)] = Some(Run {
+            id,
             release,
             instances,
+            addrs: addrs.clone(),
+            recorded,
             health,
             forward,
+            follow,
         });
         self.set_pool(colour, &addrs, None, assume_healthy);
     }
@@ -1144,7 +1214,6 @@ impl Actor {
                 let recorded = self.recorded(colour, Some(&release)).await;
                 match ProcessGroup::adopt(spec, recorded).await {
                     Ok((group, report)) => {
-                        self.record_instances(colour, &release, &group.recorded()).await;
                         self.shared.notice(
                             self.name(),
                             None,
@@ -1156,13 +1225,13 @@ impl Actor {
                             ),
                             false,
                         );
-                        self.begin_run(colour, release, Instances::Process(group), true);
+                        self.begin_run(colour, release, Instances::Process(group), true).await;
                     }
                     Err(e) => tracing::error!(service = self.name(), %colour, error = %e, "cannot adopt instances"),
                 }
             }
             Driver::Static => match load_static(&self.shared.config.server.state_dir, self.name(), colour) {
-                Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true),
+                Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true).await,
                 None => tracing::error!(service = self.name(), %colour, "no recorded upstreams to adopt"),
             },
         }
@@ -1170,7 +1239,7 @@ impl Actor {
 
     async fn stop_instances(&mut self, colour: Colour) {
         if let Some(run) = self.runs[slot(colour)].take() {
-            run.forward.abort();
+            run.stop_forwarding();
             run.health.stop().await;
             if let Instances::Process(group) = &run.instances {
                 if let Err(e) = group.stop().await {
@@ -1200,7 +1269,7 @@ impl Actor {
 
     async fn health_changed(&mut self, colour: Colour, snapshot: HealthSnapshot) {
         let Some(run) = &self.runs[slot(colour)] else { return };
-        let addrs = run.instances.addrs();
+        let addrs = run.addrs.clone();
         self.set_pool(colour, &addrs, Some(&snapshot), false);
         // Only the colour of the deployment in progress reports to the lifecycle.
         let Some(d) = self.state.in_progress().filter(|d| d.colour == colour).map(|d| d.id) else {
@@ -1226,6 +1295,57 @@ impl Actor {
             None
         };
         if let Some(event) = event {
+            let _ = self.step(event, None).await;
+        }
+    }
+
+    /// A process group's instances changed. An instance restarted on another port (its own was
+    /// taken) has its new address checked and routed instead of the old one: the route table
+    /// takes it out of rotation until the checks find it healthy, as any new instance. Changed
+    /// pids and ports are recorded, so that a restarted daemon adopts the processes that run now.
+    /// An instance of the release being provisioned that keeps exiting at once fails the
+    /// deployment without waiting for the health deadline.
+    async fn instances_changed(&mut self, colour: Colour, run_id: u64, instances: Vec<InstanceInfo>) {
+        let Some(run) = self.runs[slot(colour)].as_mut().filter(|r| r.id == run_id) else {
+            return;
+        };
+        let addrs: Vec<SocketAddr> = instances.iter().map(InstanceInfo::addr).collect();
+        let moved: Vec<(u32, SocketAddr, SocketAddr)> = instances
+            .iter()
+            .zip(&run.addrs)
+            .filter(|(i, old)| i.addr() != **old)
+            .map(|(i, old)| (i.index, *old, i.addr()))
+            .collect();
+        let snapshot = (addrs != run.addrs).then(|| {
+            run.health.set_instances(addrs.clone());
+            run.addrs = addrs.clone();
+            run.health.snapshot()
+        });
+        let recorded: Vec<Recorded> = instances.iter().filter_map(InstanceInfo::recorded).collect();
+        let record = (recorded != run.recorded).then(|| {
+            run.recorded = recorded.clone();
+            run.release.clone()
+        });
+        if let Some(snapshot) = snapshot {
+            self.set_pool(colour, &addrs, Some(&snapshot), false);
+            for (index, from, to) in moved {
+                self.shared.notice(
+                    self.name(),
+                    None,
+                    "instances",
+                    format!("{colour} instance {index} restarted on {to}: {from} was taken by another program"),
+                    false,
+                );
+            }
+        }
+        if let Some(release) = record {
+            self.record_instances(colour, &release, &recorded).await;
+        }
+        let failed = match self.runs[slot(colour)].as_ref().map(|r| &r.instances) {
+            Some(Instances::Process(group)) => crash_loop(&self.state.phase, group.spec(), &instances),
+            _ => None,
+        };
+        if let Some(event) = failed {
             let _ = self.step(event, None).await;
         }
     }
@@ -1346,6 +1466,60 @@ impl Actor {
     }
 }
 
+/// [`Event::ProvisionFailed`] when an instance of `spec`'s colour is crash-looping
+/// ([`InstanceInfo::crash_looping`]) while that colour is being provisioned: waiting would only
+/// wait out the health deadline. Once a colour was healthy, its exits are the health checks'
+/// business (and the driver restarts the instance), not a reason to abort.
+fn crash_loop(phase: &Phase, spec: &InstanceSpec, instances: &[InstanceInfo]) -> Option<Event> {
+    let Phase::Provisioning(d) = phase else {
+        return None;
+    };
+    if d.colour != spec.colour {
+        return None;
+    }
+    let i = instances.iter().find(|i| i.crash_looping())?;
+    Some(Event::ProvisionFailed {
+        id: d.id,
+        reason: crash_report(spec, i),
+    })
+}
+
+/// Why a crash-looping instance fails its deployment, for the user: how often and how it exited,
+/// what exit statuses 126 and 127 of `/bin/sh` mean, the last lines it wrote, and where the rest
+/// is. One line, like every reason: the output's lines are joined with " / ".
+fn crash_report(spec: &InstanceSpec, i: &InstanceInfo) -> String {
+    let (service, colour) = (&spec.service, spec.colour);
+    let mut text = format!(
+        "service {service} ({colour}): instance {} of `{}` exited {} times in a row, each within {:?} of its \
+         start (last: {})",
+        i.index,
+        spec.command,
+        i.quick_exits,
+        spec.backoff.reset_after,
+        i.last_exit.as_deref().unwrap_or("exited"),
+    );
+    match i.last_exit_code {
+        Some(127) => text.push_str(&format!(
+            "; exit status 127 means the shell found no such command: check `command`, which runs with \
+             /bin/sh -c in {}",
+            std::path::absolute(&spec.workdir)
+                .unwrap_or_else(|_| spec.workdir.clone())
+                .display()
+        )),
+        Some(126) => {
+            text.push_str("; exit status 126 means a command was found but cannot be run: check its permissions")
+        }
+        _ => {}
+    }
+    if i.last_output.is_empty() {
+        text.push_str("; it wrote nothing");
+    } else {
+        text.push_str(&format!("; its last output: {}", i.last_output.join(" / ")));
+    }
+    text.push_str(&format!("; see `cutover logs {service} --colour {colour}`"));
+    text
+}
+
 fn static_path(state_dir: &std::path::Path, service: &str, colour: Colour) -> PathBuf {
     state_dir.join(format!("upstreams-{service}-{colour}.txt"))
 }
@@ -1367,4 +1541,134 @@ fn load_static(state_dir: &std::path::Path, service: &str, colour: Colour) -> Op
     let text = std::fs::read_to_string(static_path(state_dir, service, colour)).ok()?;
     let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
     (!addrs.is_empty()).then_some(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{Promotion, WatchPolicy};
+    use crate::process::{InstanceState, CRASH_LOOP_EXITS};
+
+    fn spec(colour: Colour) -> InstanceSpec {
+        InstanceSpec {
+            service: "web".to_string(),
+            colour,
+            version: "v2".to_string(),
+            command: "./web --port {port}".to_string(),
+            instances: 2,
+            workdir: PathBuf::from("/srv/web"),
+            state_dir: PathBuf::from("/srv/web/.cutover"),
+            grace: Duration::from_secs(1),
+            backoff: Default::default(),
+        }
+    }
+
+    fn instance(index: u32, quick_exits: u32, code: Option<i32>, output: &[&str]) -> InstanceInfo {
+        InstanceInfo {
+            index,
+            port: 4000 + index as u16,
+            pid: None,
+            pgid: None,
+            start_time: None,
+            restarts: quick_exits,
+            state: InstanceState::Restarting,
+            adopted: false,
+            last_exit: Some(match code {
+                Some(c) => format!("exited with status {c}"),
+                None => "killed by SIGSEGV".to_string(),
+            }),
+            last_exit_code: code,
+            quick_exits,
+            last_output: output.iter().map(|l| l.to_string()).collect(),
+            log: PathBuf::from("/srv/web/.cutover/logs/web/green-0.log"),
+        }
+    }
+
+    fn step(state: &State, event: Event) -> State {
+        state.step(event).unwrap().state
+    }
+
+    /// web live on blue@v1, its deployment 2 of v2 provisioning on green.
+    fn provisioning() -> State {
+        let plan = Plan {
+            health_deadline: Duration::from_secs(60),
+            promote: Promotion::Auto { delay: Duration::ZERO },
+            watch: WatchPolicy {
+                duration: Duration::ZERO,
+                min_requests: 1,
+                max_error_rate: 0.01,
+                max_p99: None,
+            },
+            keep_warm: Duration::from_secs(3600),
+        };
+        let deploy = |id, version| Event::Deploy {
+            id: DeploymentId(id),
+            release: Release::new(version),
+            plan: plan.clone(),
+        };
+        let mut state = step(&State::new("web"), deploy(1, "v1"));
+        state = step(&state, Event::InstancesHealthy { id: DeploymentId(1) });
+        state = step(&state, Event::SmokePassed { id: DeploymentId(1) });
+        assert_eq!(state.live.as_ref().map(|l| l.colour), Some(Colour::Blue), "{state:?}");
+        let state = step(&state, deploy(2, "v2"));
+        assert!(matches!(&state.phase, Phase::Provisioning(d) if d.colour == Colour::Green));
+        state
+    }
+
+    #[test]
+    fn daemon_crash_loop_fails_only_the_colour_being_provisioned() {
+        let state = provisioning();
+        let looping = CRASH_LOOP_EXITS;
+        let not_found = ["/bin/sh: 1: ./web: not found"];
+        let green = [instance(0, 0, None, &[]), instance(1, looping, Some(127), &not_found)];
+        let Some(Event::ProvisionFailed { id, reason }) = crash_loop(&state.phase, &spec(Colour::Green), &green) else {
+            panic!("a crash loop while provisioning fails the deployment");
+        };
+        assert_eq!(id, DeploymentId(2));
+        assert_eq!(
+            reason,
+            "service web (green): instance 1 of `./web --port {port}` exited 3 times in a row, each within 10s \
+             of its start (last: exited with status 127); exit status 127 means the shell found no such \
+             command: check `command`, which runs with /bin/sh -c in /srv/web; its last output: /bin/sh: 1: \
+             ./web: not found; see `cutover logs web --colour green`"
+        );
+        // The new colour is provisioned, not the live one: blue's exits are restarts.
+        let blue = [
+            instance(0, looping, Some(1), &[]),
+            instance(1, looping + 5, Some(1), &[]),
+        ];
+        assert!(crash_loop(&state.phase, &spec(Colour::Blue), &blue).is_none());
+        // One quick exit short of a crash loop, or exits after longer runs.
+        let green = [
+            instance(0, looping - 1, Some(127), &not_found),
+            instance(1, 0, Some(1), &[]),
+        ];
+        assert!(crash_loop(&state.phase, &spec(Colour::Green), &green).is_none());
+
+        // Once the colour was healthy, it is validated, promoted and live: never aborted for it.
+        let crashing = [
+            instance(0, looping, None, &["panic", "at the disco"]),
+            instance(1, 0, None, &[]),
+        ];
+        let mut state = step(&state, Event::InstancesHealthy { id: DeploymentId(2) });
+        assert!(matches!(state.phase, Phase::Validating(_)));
+        assert!(crash_loop(&state.phase, &spec(Colour::Green), &crashing).is_none());
+        state = step(&state, Event::SmokePassed { id: DeploymentId(2) });
+        assert_eq!(state.live.as_ref().map(|l| l.colour), Some(Colour::Green), "{state:?}");
+        assert!(crash_loop(&state.phase, &spec(Colour::Green), &crashing).is_none());
+    }
+
+    #[test]
+    fn daemon_crash_report_says_what_126_means_and_when_nothing_was_written() {
+        let report = crash_report(&spec(Colour::Blue), &instance(0, 4, Some(126), &[]));
+        assert!(
+            report.contains("(last: exited with status 126); exit status 126 means a command was found but cannot be run: check its permissions; it wrote nothing; see `cutover logs web --colour blue`"),
+            "{report}"
+        );
+        let report = crash_report(&spec(Colour::Blue), &instance(0, 3, None, &["a", "b"]));
+        assert!(
+            report.contains("(last: killed by SIGSEGV); its last output: a / b; see"),
+            "{report}"
+        );
+    }
 }

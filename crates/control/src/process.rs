@@ -43,6 +43,16 @@
 //! is restarted while its port is held by someone else, it moves to a new port and
 //! [`InstanceInfo::port`] changes: subscribers must rebuild routes and health checks from it.
 //!
+//! # Crash loops
+//! An exit within [`Backoff::reset_after`] of the process's start is a quick exit;
+//! [`InstanceInfo::quick_exits`] counts them in a row (an exit after a longer run starts over at
+//! 0), and [`InstanceInfo::crash_looping`] says when there were [`CRASH_LOOP_EXITS`] of them. The
+//! driver restarts a crash-looping instance as any other (with backoff): whether that is worth
+//! waiting for is the caller's decision (the daemon gives up on a release whose instance does
+//! this before all of them were healthy). With each exit the driver keeps the last lines the
+//! process wrote to its log ([`InstanceInfo::last_output`], bounded), so that the failure can be
+//! shown where it is reported instead of only in `cutover logs`.
+//!
 //! # Shutdown
 //! [`ProcessGroup::stop`] stops and waits; [`ProcessGroup::detach`] hands the running processes
 //! over (as a crash would). Dropping a `ProcessGroup` without either stops its instances in the
@@ -53,7 +63,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -83,6 +93,20 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// on SIGCHLD because adopted processes are not our children and cannot be waited for at all;
 /// one `waitid` or one read of `/proc/<pid>/stat` per instance every 100 ms costs nothing.
 const POLL: Duration = Duration::from_millis(100);
+
+/// Quick exits in a row (each within [`Backoff::reset_after`] of its start) that make an instance
+/// crash-looping: with the default backoff, three exits take under a second for a command that
+/// fails at once, and a command that cannot start is not told apart from one that is slow to.
+pub const CRASH_LOOP_EXITS: u32 = 3;
+
+/// At most this many lines of a process's output are kept when it exits
+/// ([`InstanceInfo::last_output`]).
+pub const OUTPUT_TAIL_LINES: usize = 10;
+
+/// Only the end of a log is read for [`InstanceInfo::last_output`], and each line is cut at
+/// [`OUTPUT_LINE_CHARS`]: a process that writes megabytes before it dies costs one small read.
+const OUTPUT_TAIL_BYTES: u64 = 8 * 1024;
+const OUTPUT_LINE_CHARS: usize = 200;
 
 /// How long a group may take to disappear after SIGKILL before its members are reported as
 /// survivors (only a process stuck in the kernel takes this long).
@@ -197,6 +221,16 @@ pub struct InstanceInfo {
     /// How the last process ended ("exited with status 1", "killed by SIGKILL"), or why it could
     /// not be restarted. `None` while the first process runs.
     pub last_exit: Option<String>,
+    /// The status the last process exited with, if it exited by itself and it is known (not when
+    /// killed by a signal, nor for an adopted process, which is not our child).
+    pub last_exit_code: Option<i32>,
+    /// Exits in a row, each within [`Backoff::reset_after`] of its process's start; an exit after
+    /// a longer run sets it back to 0. See [`InstanceInfo::crash_looping`].
+    pub quick_exits: u32,
+    /// The last lines (at most [`OUTPUT_TAIL_LINES`], each cut at 200 characters, control
+    /// characters replaced) that the last process that exited wrote to its log, stdout and stderr
+    /// together; cutover's own marker lines are left out. Empty until a process exited.
+    pub last_output: Vec<String>,
     /// The log file ([`log_path`]), for `cutover logs`.
     pub log: PathBuf,
 }
@@ -205,6 +239,11 @@ impl InstanceInfo {
     /// The address to route to and health-check.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// Whether its processes keep exiting at once: [`CRASH_LOOP_EXITS`] quick exits in a row.
+    pub fn crash_looping(&self) -> bool {
+        self.quick_exits >= CRASH_LOOP_EXITS
     }
 
     /// What to persist so that a restarted daemon can adopt this instance; `None` without a
@@ -475,6 +514,9 @@ impl ProcessGroup {
                 state: InstanceState::Running,
                 adopted: s.adopted,
                 last_exit: None,
+                last_exit_code: None,
+                quick_exits: 0,
+                last_output: Vec::new(),
                 log: log_path(&spec.state_dir, &spec.service, spec.colour, s.index),
             })
             .collect();
@@ -492,6 +534,7 @@ impl ProcessGroup {
                     proc: slot.proc,
                     started: Instant::now(),
                     failures: 0,
+                    quick_exits: 0,
                     delay: Duration::ZERO,
                     info: info.clone(),
                 };
@@ -750,6 +793,52 @@ fn append_marker(path: &Path, text: &str) {
     }
 }
 
+/// Whether `line` is one of cutover's own lines in an instance log ([`append_marker`], [`spawn`]).
+fn is_marker(line: &str) -> bool {
+    // "=== " and a 20-character UTC timestamp come before it.
+    line.starts_with("=== ") && line.get(24..).is_some_and(|rest| rest.starts_with(" cutover: "))
+}
+
+/// The last lines the most recent process wrote to the log at `path` (see
+/// [`InstanceInfo::last_output`]); empty if the log cannot be read. Best effort, like the log.
+fn output_tail(path: &Path) -> Vec<String> {
+    let read = || -> io::Result<(Vec<u8>, bool)> {
+        let mut file = File::open(path)?;
+        let from = file.metadata()?.len().saturating_sub(OUTPUT_TAIL_BYTES);
+        file.seek(SeekFrom::Start(from))?;
+        let mut bytes = Vec::new();
+        file.take(OUTPUT_TAIL_BYTES).read_to_end(&mut bytes)?;
+        Ok((bytes, from > 0))
+    };
+    match read() {
+        Ok((bytes, cut)) => last_lines(&String::from_utf8_lossy(&bytes), cut),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The non-empty lines after the last marker of `text`, at most [`OUTPUT_TAIL_LINES`], each cut
+/// at [`OUTPUT_LINE_CHARS`] and with control characters replaced (they end up on terminals).
+/// `cut`: `text` starts in the middle of the log, so its first line is partial and left out.
+fn last_lines(text: &str, cut: bool) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().skip(usize::from(cut)).collect();
+    let own = lines.iter().rposition(|l| is_marker(l)).map_or(0, |m| m + 1);
+    let own: Vec<&str> = lines[own..].iter().copied().filter(|l| !l.trim().is_empty()).collect();
+    own[own.len().saturating_sub(OUTPUT_TAIL_LINES)..]
+        .iter()
+        .map(|line| {
+            let mut clean: String = line
+                .chars()
+                .take(OUTPUT_LINE_CHARS)
+                .map(|c| if c.is_control() && c != '\t' { '\u{fffd}' } else { c })
+                .collect();
+            if line.chars().nth(OUTPUT_LINE_CHARS).is_some() {
+                clean.push('…');
+            }
+            clean
+        })
+        .collect()
+}
+
 /// Spawns one instance process in its own group, output appended to its log.
 fn spawn(spec: &InstanceSpec, index: u32, port: u16, why: &str) -> Result<Proc, SpawnError> {
     let path = log_path(&spec.state_dir, &spec.service, spec.colour, index);
@@ -783,6 +872,14 @@ fn spawn(spec: &InstanceSpec, index: u32, port: u16, why: &str) -> Result<Proc, 
             SpawnError::Spawn(command, e)
         })?;
     Ok(Proc::child(child))
+}
+
+/// How an instance process ended.
+struct Exit {
+    /// [`InstanceInfo::last_exit`].
+    how: String,
+    /// [`InstanceInfo::last_exit_code`].
+    code: Option<i32>,
 }
 
 /// One instance process: our child, or adopted from an earlier cutover.
@@ -820,20 +917,24 @@ impl Proc {
         }
     }
 
-    /// `Some(how)` once the leader has exited. Does not reap it.
-    fn exit_status(&mut self) -> Option<String> {
+    /// `Some` once the leader has exited. Does not reap it.
+    fn exit_status(&mut self) -> Option<Exit> {
+        let how = |how: String| Exit { how, code: None };
         if self.child.is_none() {
             return (!alive(self.pid, self.start_time))
-                .then(|| "exited (status unknown: started by an earlier cutover)".to_string());
+                .then(|| how("exited (status unknown: started by an earlier cutover)".to_string()));
         }
         let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
         match waitid(Id::Pid(Pid::from_raw(self.pid as i32)), flags) {
-            Ok(WaitStatus::Exited(_, code)) => Some(format!("exited with status {code}")),
-            Ok(WaitStatus::Signaled(_, signal, _)) => Some(format!("killed by {signal}")),
+            Ok(WaitStatus::Exited(_, code)) => Some(Exit {
+                how: format!("exited with status {code}"),
+                code: Some(code),
+            }),
+            Ok(WaitStatus::Signaled(_, signal, _)) => Some(how(format!("killed by {signal}"))),
             Ok(_) => None,
             Err(Errno::EINTR) => None,
             // ECHILD: someone reaped it behind our back; it is gone either way.
-            Err(e) => Some(format!("exited (status lost: {e})")),
+            Err(e) => Some(how(format!("exited (status lost: {e})"))),
         }
     }
 
@@ -1126,6 +1227,9 @@ struct Supervisor {
     started: Instant,
     /// Quick exits in a row, for the backoff.
     failures: u32,
+    /// [`InstanceInfo::quick_exits`]. Not `failures`: that one also counts failed spawns, and
+    /// counts an exit after a long run as the first of a new series.
+    quick_exits: u32,
     /// The wait before the next restart attempt.
     delay: Duration,
     info: watch::Sender<Vec<InstanceInfo>>,
@@ -1188,16 +1292,23 @@ impl Supervisor {
     }
 
     /// The process exited on its own: clean up its group and schedule the restart.
-    async fn exited(&mut self, status: String) {
+    async fn exited(&mut self, exit: Exit) {
+        let Exit { how: status, code } = exit;
         let Some(proc) = self.proc.take() else { return };
         let pid = proc.pid;
         proc.clean_up_after_exit().await;
         let uptime = self.started.elapsed();
         if uptime >= self.spec.backoff.reset_after {
             self.failures = 0;
+            self.quick_exits = 0;
+        } else {
+            self.quick_exits = self.quick_exits.saturating_add(1);
         }
         self.delay = self.spec.backoff.delay(self.failures);
         self.failures = self.failures.saturating_add(1);
+        // Read before the exit marker is appended: the process's own lines are those after the
+        // last marker.
+        let output = output_tail(&self.log());
         tracing::warn!(service = %self.spec.service, colour = %self.spec.colour, index = self.index, pid,
             port = self.port.port, %status, ?uptime, delay = ?self.delay, "instance exited; restarting");
         append_marker(
@@ -1210,6 +1321,9 @@ impl Supervisor {
             i.pgid = None;
             i.start_time = None;
             i.last_exit = Some(status);
+            i.last_exit_code = code;
+            i.quick_exits = self.quick_exits;
+            i.last_output = output;
         });
     }
 
@@ -1251,7 +1365,10 @@ impl Supervisor {
                 tracing::warn!(service = %self.spec.service, colour = %self.spec.colour, index = self.index,
                     error = %e, delay = ?self.delay, "cannot restart instance");
                 let reason = format!("could not restart: {e}");
-                self.publish(|i| i.last_exit = Some(reason));
+                self.publish(|i| {
+                    i.last_exit = Some(reason);
+                    i.last_exit_code = None;
+                });
                 false
             }
         }
@@ -1556,6 +1673,76 @@ mod tests {
             stopping.elapsed()
         );
         assert_eq!(group.instances()[0].state, InstanceState::Stopped);
+    }
+
+    #[tokio::test]
+    async fn process_quick_exits_make_a_crash_loop_with_the_last_output_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each run writes its number to stdout and stderr and fails as a missing command does.
+        let command = "n=$(cat runs 2>/dev/null || echo 0); n=$((n + 1)); echo $n > runs; \
+                       echo \"out $n\"; echo; echo \"err $n\" >&2; exit 127";
+        let mut spec = spec(dir.path(), command, 1);
+        spec.backoff.initial = Duration::from_millis(20);
+        let group = ProcessGroup::start(spec).await.unwrap();
+        assert!(!group.instances()[0].crash_looping());
+        wait_until("a crash loop", 60, || group.instances()[0].crash_looping()).await;
+        let i = group.instances()[0].clone();
+        assert!(i.quick_exits >= CRASH_LOOP_EXITS, "{i:?}");
+        assert_eq!(i.last_exit.as_deref(), Some("exited with status 127"));
+        assert_eq!(i.last_exit_code, Some(127));
+        // Only the lines of the run that exited last (one per exit so far), without cutover's
+        // markers or blank lines.
+        let n = i.quick_exits;
+        assert_eq!(i.last_output, [format!("out {n}"), format!("err {n}")], "{i:?}");
+        group.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn process_exits_after_a_longer_run_are_not_a_crash_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path(), "echo up; sleep 0.3; kill -9 $$", 1);
+        spec.backoff = Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(20),
+            reset_after: Duration::from_millis(100),
+        };
+        let group = ProcessGroup::start(spec).await.unwrap();
+        wait_until("four exits", 60, || group.instances()[0].restarts >= 4).await;
+        let i = group.instances()[0].clone();
+        assert_eq!((i.quick_exits, i.crash_looping()), (0, false), "{i:?}");
+        assert_eq!(i.last_exit.as_deref(), Some("killed by SIGKILL"));
+        assert_eq!(i.last_exit_code, None);
+        assert_eq!(i.last_output, ["up"]);
+        group.stop().await.unwrap();
+    }
+
+    #[test]
+    fn process_last_output_is_bounded_and_leaves_out_markers() {
+        let marker = "=== 2026-01-02T03:04:05Z cutover: restarting web green-0 (v2) on 127.0.0.1:1: x";
+        let mut text = format!("old line\n{marker}\n");
+        for n in 1..=12 {
+            text.push_str(&format!("line {n}\n"));
+        }
+        text.push_str(&format!("{}\n\x1b[31mred\tx\r\n\n", "é".repeat(300)));
+        let lines = last_lines(&text, false);
+        assert_eq!(lines.len(), OUTPUT_TAIL_LINES);
+        assert_eq!(lines[0], "line 5");
+        assert_eq!(lines[8], format!("{}…", "é".repeat(OUTPUT_LINE_CHARS)));
+        assert_eq!(lines[9], "\u{fffd}[31mred\tx");
+        // A cut first line is left out; without any marker every line counts.
+        assert_eq!(last_lines("ial line\nwhole\n", true), ["whole"]);
+        assert_eq!(last_lines("a\nb\n", false), ["a", "b"]);
+        assert_eq!(last_lines(&format!("a\n{marker}\n"), false), Vec::<String>::new());
+        // Not a marker: the timestamp is missing, or the line is too short to hold one.
+        assert_eq!(last_lines("=== cutover: x\n===\n", false), ["=== cutover: x", "==="]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("big.log");
+        assert_eq!(output_tail(&log), Vec::<String>::new(), "no log");
+        let big: String = (0..5000).map(|n| format!("line {n}\n")).collect();
+        fs::write(&log, big).unwrap();
+        assert_eq!(output_tail(&log).last().map(String::as_str), Some("line 4999"));
+        assert_eq!(output_tail(&log).len(), OUTPUT_TAIL_LINES);
     }
 
     #[tokio::test]

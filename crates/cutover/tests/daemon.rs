@@ -42,6 +42,16 @@ impl Setup {
     }
 
     fn new(service_extra: &str) -> Setup {
+        Setup::with_service(&format!(
+            "command = \"MARKER {BIN} demo-app --port {{port}}\"\ninstances = 2\n\
+             health = {{ path = \"/up\", interval = \"100ms\", timeout = \"1s\", healthy = 1, unhealthy = 2, deadline = \"3s\" }}\n\
+             drain_timeout = \"3s\"\n{service_extra}\n"
+        ))
+    }
+
+    /// A config whose one service, `web`, is `service` (the keys of its table), with `MARKER`
+    /// replaced by the marker variable assignment.
+    fn with_service(service: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let marker = format!(
@@ -50,10 +60,8 @@ impl Setup {
         );
         let config = dir.path().join("cutover.toml");
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n\n[services.web]\n\
-             command = \"{marker} {BIN} demo-app --port {{port}}\"\ninstances = 2\n\
-             health = {{ path = \"/up\", interval = \"100ms\", timeout = \"1s\", healthy = 1, unhealthy = 2, deadline = \"3s\" }}\n\
-             drain_timeout = \"3s\"\n{service_extra}\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n\n[services.web]\n{}",
+            service.replace("MARKER", &marker)
         );
         std::fs::write(&config, text).unwrap();
         Setup {
@@ -799,4 +807,117 @@ fn rollback_after_retirement_is_a_cold_redeploy() {
         history.contains("coldrollback") || history.contains("cold"),
         "{history}"
     );
+}
+
+#[test]
+fn a_release_whose_command_is_missing_fails_at_once_with_its_exit_status_and_output() {
+    // Versions ending in -missing run a command that does not exist. The health deadline is a
+    // minute away: only the instances' exits can end the deployment within the time asserted.
+    let mut s = Setup::with_service(&format!(
+        "command = 'case $CUTOVER_VERSION in *-missing) ./does-not-exist --port {{port}};; \
+         *) MARKER {BIN} demo-app --port {{port}};; esac'\ninstances = 2\n\
+         health = {{ path = \"/up\", interval = \"100ms\", timeout = \"1s\", healthy = 1, unhealthy = 2, deadline = \"60s\" }}\n\
+         drain_timeout = \"3s\"\n"
+    ));
+    s.start();
+    let out = s.cli(&["deploy", "web", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let t = Instant::now();
+    let out = s.cli(&["deploy", "web", "--version", "v2-missing"]);
+    let took = t.elapsed();
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("deployment 2 aborted: instances failed to start: service web (green): instance"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("(last: exited with status 127); exit status 127 means the shell found no such command"),
+        "the exit status and what it means: {shown}"
+    );
+    assert!(
+        shown.contains(
+            "its last output: /bin/sh: 1: ./does-not-exist: not found; see `cutover logs web --colour green`"
+        ),
+        "the instance's own words: {shown}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "failed long before the health deadline, took {took:?}"
+    );
+    assert_eq!(s.get(), Some((200, "v1 blue".into())), "live traffic untouched");
+    let history = text(&s.cli(&["history", "web"]));
+    assert!(history.contains("aborted"), "{history}");
+}
+
+#[test]
+fn an_instance_restarted_on_another_port_is_checked_and_routed_there() {
+    // One instance, whose answer names the port it listens on.
+    let mut s = Setup::with_service(&format!(
+        "command = \"MARKER {BIN} demo-app --port {{port}} --version port-{{port}}\"\ninstances = 1\n\
+         health = {{ path = \"/up\", interval = \"100ms\", timeout = \"1s\", healthy = 1, unhealthy = 2 }}\n"
+    ));
+    s.start();
+    let out = s.cli(&["deploy", "web", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let served_by = |s: &Setup| -> Option<u16> {
+        match s.get()? {
+            (200, body) => body.strip_prefix("port-")?.strip_suffix(" blue")?.parse().ok(),
+            _ => None,
+        }
+    };
+    let old = served_by(&s).expect("served by the instance");
+
+    // The instance dies and another program takes its port before the restart, which then
+    // moves it elsewhere. When the restart is quicker, the instance is killed again.
+    let mut squatter = None;
+    for _ in 0..10 {
+        for pid in s.pids("v1") {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        wait_until(Duration::from_secs(5), || {
+            squatter = TcpListener::bind(("127.0.0.1", old)).ok();
+            squatter.is_some()
+        });
+        if squatter.is_some() {
+            break;
+        }
+    }
+    assert!(squatter.is_some(), "could not take port {old} before the restart");
+
+    // Requests reach the instance on its new port. It is in rotation only once the health checks
+    // found it healthy there (a new address starts out of rotation), and the old address, where
+    // nothing answers any more, is gone from the table.
+    assert!(
+        wait_until(Duration::from_secs(30), || served_by(&s).is_some_and(|p| p != old)),
+        "{}",
+        s.logs()
+    );
+    let new = served_by(&s).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&s.cli(&["status", "--json"]).stdout).unwrap();
+    let instances: Vec<(String, String, bool)> = status["services"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["colour"].as_str().unwrap().to_string(),
+                i["addr"].as_str().unwrap().to_string(),
+                i["healthy"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(instances, [("blue".to_string(), format!("127.0.0.1:{new}"), true)]);
+
+    // The move is recorded: after a kill -9 of the daemon the process on the new port is adopted
+    // and served from, not replaced by a fresh one while it runs on unsupervised.
+    let running = s.pids("v1");
+    assert_eq!(running.len(), 1, "{running:?}");
+    if let Some(mut d) = s.daemon.take() {
+        d.0.kill().unwrap();
+    }
+    s.start();
+    assert_eq!(served_by(&s), Some(new), "{}", s.logs());
+    assert_eq!(s.pids("v1"), running, "adopted, not restarted");
 }
