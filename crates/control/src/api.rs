@@ -14,17 +14,18 @@
 //! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request or refused in this state), 401 (missing or
-//! wrong token), 404 (unknown service), 409 (a deployment is in progress), 503 (shutting down),
-//! 500 (the state store failed).
+//! wrong token), 404 (unknown service), 409 (a deployment is in progress), 429 (too many wrong
+//! tokens from this address, with `Retry-After`; see [`crate::token_limiter`]), 503 (shutting
+//! down), 500 (the state store failed).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::daemon::{CommandError, Daemon};
 use crate::lifecycle::ErrorKind;
+use crate::token_limiter::{retry_after_secs, TokenLimiter, Verdict};
 
 #[derive(Serialize)]
 struct ErrorBody {
@@ -332,12 +334,37 @@ struct Access {
     token: String,
     /// Session id -> expiry. Sessions live in memory: a restart signs everyone out.
     sessions: Mutex<HashMap<String, Instant>>,
+    /// Slows down guessing: checked before the token is compared.
+    limiter: TokenLimiter,
 }
 
 const SESSION_COOKIE: &str = "cutover_session";
 const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 
 impl Access {
+    /// Compares `presented` with the token within the client's allowance of wrong tokens: `None`
+    /// if it is right, else the answer to send (401, or 429 with `Retry-After`).
+    fn refuse_token(&self, client: IpAddr, presented: &str, wrong: &'static str) -> Option<Response> {
+        let verdict = self.limiter.attempt(client, Instant::now(), || {
+            token_ok(presented.as_bytes(), self.token.as_bytes())
+        });
+        match verdict {
+            Verdict::Allowed => None,
+            Verdict::Wrong => Some(error(StatusCode::UNAUTHORIZED, wrong)),
+            Verdict::Limited(wait) => {
+                let secs = retry_after_secs(wait);
+                let mut answer = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many wrong tokens from {client}; try again in {secs} s"),
+                );
+                answer
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+                Some(answer)
+            }
+        }
+    }
+
     fn session_ok(&self, req: &Request) -> bool {
         let Some(id) = req
             .headers()
@@ -357,6 +384,14 @@ impl Access {
     }
 }
 
+/// The client's address, which the TCP listener records on every request.
+fn client(req: &Request) -> IpAddr {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
 async fn require_token(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if req.method() == Method::GET && path == "/" {
@@ -372,11 +407,10 @@ async fn require_token(State(access): State<Arc<Access>>, req: Request, next: Ne
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(p) if token_ok(p.as_bytes(), access.token.as_bytes()) => next.run(req).await,
-        Some(_) => error(
-            StatusCode::UNAUTHORIZED,
-            "wrong token; use the one in the daemon's token_file",
-        ),
+        Some(p) => match access.refuse_token(client(&req), p, "wrong token; use the one in the daemon's token_file") {
+            None => next.run(req).await,
+            Some(answer) => answer,
+        },
         None if access.session_ok(&req) => {
             // A cookie goes along with cross-site requests too; SameSite=Strict stops most, and a
             // custom header (which a cross-site form cannot set) stops the rest.
@@ -402,14 +436,15 @@ async fn login(access: &Access, req: Request) -> Response {
     if !req.headers().contains_key("x-cutover-request") {
         return error(StatusCode::FORBIDDEN, "missing X-Cutover-Request header");
     }
+    let client = client(&req);
     let Ok(bytes) = axum::body::to_bytes(req.into_body(), 4096).await else {
         return error(StatusCode::BAD_REQUEST, "send {\"token\": \"...\"}");
     };
     let Ok(login) = serde_json::from_slice::<Login>(&bytes) else {
         return error(StatusCode::BAD_REQUEST, "send {\"token\": \"...\"}");
     };
-    if !token_ok(login.token.trim().as_bytes(), access.token.as_bytes()) {
-        return error(StatusCode::UNAUTHORIZED, "wrong token");
+    if let Some(answer) = access.refuse_token(client, login.token.trim(), "wrong token") {
+        return answer;
     }
     let id = session_id();
     access
@@ -435,57 +470,122 @@ fn session_id() -> String {
 }
 
 /// A bound admin listener, created before anything else starts so that a busy address fails
-/// the start with nothing running.
-pub enum AdminListener {
-    Unix(tokio::net::UnixListener),
+/// the start with nothing running. A unix socket's file goes with it: dropping the listener (a
+/// start that fails later, a stop) removes the file.
+pub struct AdminListener(Bound);
+
+enum Bound {
+    Unix(tokio::net::UnixListener, SocketFile),
     Tcp(tokio::net::TcpListener, String),
 }
 
-/// Binds a unix socket with mode 0600 (a stale socket file, with no daemon answering on it, is
-/// replaced).
-pub fn bind_unix(path: &Path) -> std::io::Result<AdminListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// The admin socket's file, removed on drop if it is still the one this daemon bound (not a file
+/// someone put in its place since).
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == (self.dev, self.ino) {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
     }
-    if path.exists() {
+}
+
+/// Binds the admin unix socket at `path`, creating its directory (mode 0700) if missing. A stale
+/// socket file, with no daemon answering on it, is replaced; a live one is refused.
+///
+/// The socket is never reachable with a wider mode than 0600, whatever the umask and whoever
+/// can enter `path`'s directory: it is bound inside a fresh directory only this user can enter,
+/// made 0600 there, and only then linked to `path` (a link, unlike a rename, fails instead of
+/// replacing a socket another daemon published meanwhile).
+pub fn bind_unix(path: &Path) -> std::io::Result<AdminListener> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let in_use = || {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running daemon; stop it first", path.display()),
+        )
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    crate::private_dir::create(dir)?;
+    if path.symlink_metadata().is_ok() {
         // Refuse to take over a socket another daemon still answers on.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running daemon; stop it first", path.display()),
-            ));
+            return Err(in_use());
         }
         std::fs::remove_file(path)?;
     }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    // Before the first accept: nobody can have connected through a wider mode.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(AdminListener::Unix(listener))
+    let private = dir.join(format!(".cutover-bind-{}", std::process::id()));
+    let mut builder = std::fs::DirBuilder::new();
+    builder.mode(0o700);
+    if let Err(e) = builder.create(&private) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+        // Left by a start that died half way with the same pid: ours to clear. Created afresh
+        // below, so nothing another user placed there is ever used.
+        std::fs::remove_dir_all(&private)?;
+        builder.create(&private)?;
+    }
+    let bound = private.join("s");
+    let result = (|| {
+        let listener = tokio::net::UnixListener::bind(&bound)?;
+        std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::hard_link(&bound, path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => in_use(),
+            _ => e,
+        })?;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(AdminListener(Bound::Unix(
+            listener,
+            SocketFile {
+                path: path.to_path_buf(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+        )))
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    result
 }
 
 /// Binds the TCP admin address; every request on it will need `token`.
 pub async fn bind_tcp(addr: SocketAddr, token: String) -> std::io::Result<AdminListener> {
-    Ok(AdminListener::Tcp(tokio::net::TcpListener::bind(addr).await?, token))
+    Ok(AdminListener(Bound::Tcp(
+        tokio::net::TcpListener::bind(addr).await?,
+        token,
+    )))
 }
 
 /// Serves the API on a bound listener until the task is aborted.
 pub fn serve(listener: AdminListener, daemon: Daemon) -> tokio::task::JoinHandle<()> {
-    match listener {
-        AdminListener::Unix(l) => {
+    match listener.0 {
+        Bound::Unix(l, file) => {
             let app = router(daemon, "cli");
             tokio::spawn(async move {
+                let _file = file;
                 let _ = axum::serve(l, app).await;
             })
         }
-        AdminListener::Tcp(l, token) => {
+        Bound::Tcp(l, token) => {
             let access = Arc::new(Access {
                 token,
                 sessions: Mutex::new(HashMap::new()),
+                limiter: TokenLimiter::new(),
             });
             let app = router(daemon, "api").layer(axum::middleware::from_fn_with_state(access, require_token));
             tokio::spawn(async move {
-                let _ = axum::serve(l, app).await;
+                let _ = axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>()).await;
             })
         }
     }

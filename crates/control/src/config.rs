@@ -42,11 +42,11 @@ listen = "0.0.0.0:8080"
 # release before it is promoted. Keep it private.
 preview_listen = "127.0.0.1:8081"
 # The admin API used by the cutover CLI: a unix socket (mode 0600), or IP:PORT for TCP, which
-# then needs a bearer token read from token_file.
+# then needs a bearer token read from token_file (mode 0600, at least 16 characters).
 admin = "unix:.cutover/admin.sock"
 # admin = "127.0.0.1:9901"
 # token_file = ".cutover/admin.token"
-# Releases, deployment history, instance logs.
+# Releases, deployment history, instance logs. Created with mode 0700.
 state_dir = ".cutover"
 # Proxy threads, each with its own event loop.
 workers = 1
@@ -143,9 +143,10 @@ pub struct ServerConfig {
     /// `admin`: `"unix:PATH"` or `"IP:PORT"`. Default `unix:<state_dir>/admin.sock`.
     pub admin: Admin,
     /// `token_file`: the admin bearer token; required when `admin` is TCP, unused otherwise.
-    /// Not read here. Default none.
+    /// Not read here (see [`crate::token_file`]). Default none.
     pub token_file: Option<PathBuf>,
     /// `state_dir`: SQLite state, instance logs, the default admin socket. Default `.cutover`.
+    /// Created, and checked at start, by [`crate::private_dir::prepare_state_dir`].
     pub state_dir: PathBuf,
     /// `workers`: proxy threads, 1 to 256. Default 1.
     pub workers: usize,

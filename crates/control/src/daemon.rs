@@ -116,6 +116,8 @@ pub struct RollbackDone {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
+    StateDir(#[from] crate::private_dir::StateDirError),
+    #[error("{0}")]
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Proxy(#[from] cutover_proxy::StartError),
@@ -225,6 +227,7 @@ impl Daemon {
         adjust: impl FnOnce(&mut cutover_proxy::ProxyConfig),
     ) -> Result<Daemon, StartError> {
         let state_dir = config.server.state_dir.clone();
+        crate::private_dir::prepare_state_dir(&state_dir)?;
         let store = {
             let dir = state_dir.clone();
             tokio::task::spawn_blocking(move || Store::open(dir))

@@ -462,7 +462,7 @@ impl Store {
     /// corrupt, or was written by a newer cutover is refused and left untouched.
     pub fn open(state_dir: impl AsRef<Path>) -> Result<Store, StoreError> {
         let dir = state_dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+        crate::private_dir::create(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_path_buf(),
             source,
         })?;

@@ -76,9 +76,9 @@ impl Client {
                     .token_file
                     .clone()
                     .ok_or_else(|| usage("admin is TCP but token_file is not set"))?;
-                let token = std::fs::read_to_string(&file)
-                    .map_err(|e| usage(format!("cannot read the admin token from {}: {e}", file.display())))?;
-                (Endpoint::Tcp(*a), Some(token.trim().to_string()))
+                let token = cutover_control::token_file::read_token_file(&file)
+                    .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+                (Endpoint::Tcp(*a), Some(token))
             }
         };
         Ok(Client { endpoint, token })

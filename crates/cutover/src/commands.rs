@@ -108,22 +108,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(&path)?;
     let token = match (&config.server.admin, &config.server.token_file) {
         (Admin::Tcp(_), Some(file)) => Some(
-            std::fs::read_to_string(file)
-                .map(|t| t.trim().to_string())
-                .ok()
-                .filter(|t| t.len() >= 16)
-                .ok_or_else(|| {
-                    usage(format!(
-                        "{}: server.token_file {} is missing or shorter than 16 characters; write a long random token into it",
-                        path.display(),
-                        file.display()
-                    ))
-                })?,
+            cutover_control::token_file::read_token_file(file)
+                .map_err(|e| usage(format!("{}: {e}", path.display())))?,
         ),
         _ => None,
     };
+    // Before the admin socket, which by default lives in it.
+    cutover_control::private_dir::prepare_state_dir(&config.server.state_dir)
+        .map_err(|e| usage(format!("{}: {e}", path.display())))?;
     runtime()?.block_on(async move {
-        // The admin listener first: a busy address must fail the start before anything runs.
+        // The admin listener first: a busy address must fail the start before anything runs. If
+        // the start fails after it, dropping it removes the socket file again.
         let listener = match &config.server.admin {
             Admin::Unix(p) => cutover_control::api::bind_unix(p),
             Admin::Tcp(a) => cutover_control::api::bind_tcp(*a, token.clone().unwrap_or_default()).await,
@@ -146,10 +141,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         eprintln!("cutover stopping: finishing requests, then stopping instances");
         api.abort();
+        // Done once the listener (and with it the socket file) is dropped.
+        let _ = api.await;
         daemon.stop().await;
-        if let Admin::Unix(p) = &config.server.admin {
-            let _ = std::fs::remove_file(p);
-        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -137,7 +137,7 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
     let (port, admin, driver_port) = (free_port(), free_port(), free_port());
     let token = "browser-test-token-0123456789abcdef";
-    std::fs::write(dir.path().join("token"), token).unwrap();
+    write_private(&dir.path().join("token"), token);
     let config = dir.path().join("cutover.toml");
     std::fs::write(
         &config,

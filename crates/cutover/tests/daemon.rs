@@ -471,7 +471,7 @@ fn bad_requests_are_refused_and_change_nothing() {
 fn tcp_admin_needs_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let (port, admin) = (free_port(), free_port());
-    std::fs::write(dir.path().join("token"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    write_private(&dir.path().join("token"), "0123456789abcdef0123456789abcdef\n");
     let config = dir.path().join("cutover.toml");
     std::fs::write(
         &config,

@@ -28,6 +28,13 @@ pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Writes `text` to `path` readable by its owner only, as a token file must be.
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A child process killed when dropped.
 pub struct Proc(pub Child);
 
