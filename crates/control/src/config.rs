@@ -689,7 +689,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok()
         .and_then(|n| n.checked_mul(micros_per_unit))
         .map(Duration::from_micros)
-        .ok_or_else(|| format!("{text:?} is too long a duration; write at most a few days, e.g. \"72h\""))
+        // The state store keeps durations in signed 64-bit nanoseconds: a longer one would pass
+        // here and then fail every commit that carries it.
+        .filter(|d| *d <= crate::store::LONGEST_DURATION)
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is too long a duration (the longest cutover keeps is about 292 years, \"2562047h\"); \
+                 write at most a few days, e.g. \"72h\""
+            )
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

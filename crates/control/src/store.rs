@@ -83,6 +83,11 @@ pub const DB_FILE: &str = "cutover.db";
 /// The schema version this code reads and writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 1;
 
+/// The longest duration a state can hold: durations are stored as signed 64-bit nanoseconds.
+/// The config check refuses anything longer (`config::parse_duration`), so that a duration the
+/// config accepted never fails a commit later.
+pub const LONGEST_DURATION: Duration = Duration::from_nanos(i64::MAX as u64);
+
 /// `PRAGMA application_id` of a cutover database: "cutv". Tells our file from another program's
 /// SQLite database that happens to sit at the same path.
 const APPLICATION_ID: i64 = 0x6375_7476;
@@ -964,11 +969,14 @@ impl Cols {
     }
 
     fn dur(&mut self, name: &'static str, d: Duration) -> Result<(), Unfit> {
-        let ns = i64::try_from(d.as_nanos()).map_err(|_| {
-            Unfit(format!(
-                "{name} = {d:?} (longer than the longest storable duration, about 292 years)"
-            ))
-        })?;
+        let ns = i64::try_from(d.as_nanos())
+            .ok()
+            .filter(|_| d <= LONGEST_DURATION)
+            .ok_or_else(|| {
+                Unfit(format!(
+                    "{name} = {d:?} (longer than the longest storable duration, about 292 years)"
+                ))
+            })?;
         self.int(name, ns);
         Ok(())
     }
@@ -2262,6 +2270,54 @@ mod tests {
         store.commit("web", &deploy.state, deploy.records(), None).unwrap();
         assert_eq!(store.load("web").unwrap(), Some(deploy.state));
         assert_eq!(records_of(&store.transitions("web", DeploymentId(2)).unwrap()), started);
+    }
+
+    /// `keep_warm = "3000000h"` once passed the config check and then failed every commit: the
+    /// check and the store agree on the longest duration.
+    #[test]
+    fn every_duration_the_config_accepts_can_be_stored() {
+        use crate::config::{parse_duration, Config};
+        for too_long in ["3000000h", "2562048h", "153722868m", "9223372037s"] {
+            let err = parse_duration(too_long).unwrap_err();
+            assert!(err.contains("too long a duration"), "{too_long}: {err}");
+        }
+        let config = Config::parse(
+            "[services.web]\ncommand = \"x {port}\"\nkeep_warm = \"2562047h\"\n",
+            "cutover.toml",
+        )
+        .unwrap();
+        let longest = config.services[0].keep_warm;
+        assert_eq!(longest, Duration::from_secs(2_562_047 * 3600));
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut d = Deployment {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            colour: Colour::Blue,
+            plan: plans().remove(0),
+            cause: Cause::Deploy,
+        };
+        d.plan.keep_warm = longest;
+        d.plan.health_deadline = longest;
+        d.plan.watch.duration = longest;
+        let state = State {
+            phase: Phase::Provisioning(d),
+            ..State::new("web")
+        };
+        store
+            .commit("web", &state, &[], None)
+            .expect("the longest accepted duration is stored");
+        assert_eq!(store.load("web").unwrap(), Some(state));
+        let err = Config::parse(
+            "[services.web]\ncommand = \"x {port}\"\nkeep_warm = \"3000000h\"\n",
+            "cutover.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("keep_warm") && err.contains("too long a duration"),
+            "{err}"
+        );
     }
 
     #[test]
