@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in microseconds: roughly doubling from 100 µs to 60 s.
-/// These are the buckets the metrics endpoint exports; each is counted in [`SUB_BUCKETS`] equal
-/// parts so that quantiles can be estimated far more finely than the bounds are apart.
+/// These are the buckets the metrics endpoint exports; each is counted in 16 equal parts so that
+/// quantiles can be estimated far more finely than the bounds are apart.
 pub const LATENCY_BOUNDS_US: [u64; 20] = [
     100, 250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 125_000, 250_000, 500_000, 1_000_000, 2_000_000,
     4_000_000, 8_000_000, 16_000_000, 32_000_000, 60_000_000,
