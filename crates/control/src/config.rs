@@ -75,6 +75,8 @@ validate = { smoke = "curl -fsS -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\"
 promote = { auto = true, delay = "0s" }
 # After a promotion: roll back by itself if, within `duration` and once `min_requests` have
 # been served, more than max_error_rate of them fail or their p99 latency exceeds max_p99.
+# The p99 is estimated to within 6.25 % (from 250 µs to 60 s): a p99 more than 6.25 % below
+# max_p99 never rolls back, one more than 6.25 % above always does.
 watch = { duration = "5m", max_error_rate = 0.01, max_p99 = "500ms", min_requests = 100 }
 # "least-in-flight" or "round-robin".
 balance = "least-in-flight"
@@ -359,7 +361,9 @@ pub struct WatchConfig {
     /// `max_error_rate`: failed requests over requests, 0 to 1. Default 0.01.
     pub max_error_rate: f64,
     /// `max_p99`: the 99th percentile latency above which the release is rolled back. Above 0.
-    /// Default none: latency is not judged (a sensible bound depends on the app).
+    /// Default none: latency is not judged (a sensible bound depends on the app). The p99 is an
+    /// estimate within 6.25 % (see [`cutover_proxy::StatsSnapshot::quantile`]): a release whose
+    /// p99 is more than 6.25 % below the maximum stays, one more than 6.25 % above is rolled back.
     pub max_p99: Option<Duration>,
     /// `min_requests`: error rate and latency are judged only after this many requests, so that
     /// one early failure is not a 100% error rate. At least 1. Default 100.

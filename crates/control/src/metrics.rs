@@ -125,7 +125,7 @@ impl Collector for DaemonCollector {
         for (s, c, stats) in &snapshots {
             // Per-bucket counts: the encoder makes them cumulative.
             let buckets: Vec<(f64, u64)> = stats
-                .latency
+                .latency_buckets()
                 .iter()
                 .enumerate()
                 .map(|(i, n)| {
@@ -138,7 +138,7 @@ impl Collector for DaemonCollector {
                     )
                 })
                 .collect();
-            let total: u64 = stats.latency.iter().sum();
+            let total: u64 = buckets.iter().map(|(_, n)| n).sum();
             let labels = [("service", &*s.name), ("colour", c.as_str())];
             e.encode_family(&labels)?.encode_histogram::<()>(
                 stats.latency_sum_us as f64 / 1e6,

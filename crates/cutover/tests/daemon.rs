@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cutover_control::lifecycle::{DeploymentId, Reason, Record, Watched};
+
 mod common;
 use common::*;
 
@@ -171,7 +173,7 @@ fn get(addr: SocketAddr) -> Option<(u16, String)> {
     Some((status, out.split_once("\r\n\r\n")?.1.trim().to_string()))
 }
 
-/// Keep-alive clients sending GET / back to back; counts answers by body and every failure.
+/// Keep-alive clients sending GETs back to back; counts answers by body and every failure.
 struct Load {
     stop: Arc<AtomicBool>,
     failures: Arc<Mutex<Vec<String>>>,
@@ -182,6 +184,12 @@ struct Load {
 
 impl Load {
     fn start(addr: SocketAddr, clients: usize) -> Load {
+        Load::start_at(addr, clients, "/", Duration::from_secs(600))
+    }
+
+    /// Clients sending GET `target` (path and query) until stopped or `within` passed.
+    fn start_at(addr: SocketAddr, clients: usize, target: &str, within: Duration) -> Load {
+        let until = Instant::now() + within;
         let stop = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
@@ -189,11 +197,12 @@ impl Load {
         let threads = (0..clients)
             .map(|_| {
                 let (stop, failures, served, total) = (stop.clone(), failures.clone(), served.clone(), total.clone());
+                let target = target.to_string();
                 std::thread::spawn(move || {
                     let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
-                    // Bounded by the flag and by a count.
+                    // Bounded by the flag, by a count and by time.
                     for _ in 0..1_000_000 {
-                        if stop.load(Ordering::Relaxed) {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > until {
                             return;
                         }
                         if conn.is_none() {
@@ -210,7 +219,7 @@ impl Load {
                             }
                         }
                         let (reader, writer) = conn.as_mut().unwrap();
-                        match exchange(reader, writer) {
+                        match exchange_at(reader, writer, &target) {
                             Ok((200, body)) => {
                                 *served.lock().unwrap().entry(body).or_default() += 1;
                                 total.fetch_add(1, Ordering::Relaxed);
@@ -387,6 +396,84 @@ fn broken_green_is_rolled_back_automatically_with_the_reason() {
         history.contains("rolled back") && history.contains("error rate"),
         "reason recorded: {history}"
     );
+}
+
+/// Deploys v2 of the demo app while 24 keep-alive clients ask for answers delayed by `delay_ms`,
+/// under a watch of 5 s with `max_p99 = "750ms"`; v1 answered them before the switch. Returns the
+/// deploy's output, the clients' failures and the record of how the deployment ended.
+fn release_answering_after(delay_ms: u64) -> (Output, Vec<String>, Record) {
+    let min_requests = 30;
+    let mut s = Setup::new(&format!(
+        "keep_warm = \"1m\"\nwatch = {{ duration = \"5s\", min_requests = {min_requests}, max_p99 = \"750ms\" }}"
+    ));
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    let clients = 24;
+    let load = Load::start_at(
+        s.front,
+        clients,
+        &format!("/?delay={delay_ms}"),
+        Duration::from_secs(60),
+    );
+    // Every client is waiting on its answers before the switch, so the new colour is busy at once.
+    assert!(
+        wait_until(Duration::from_secs(10), || load.total.load(Ordering::Relaxed)
+            >= clients as u64),
+        "the slow answers come"
+    );
+    let out = s.cli(&["deploy", "web", "--version", "v2"]);
+    let (failures, served, _) = load.finish();
+    // The watch can only have judged the latency if the new colour served `min_requests`.
+    assert!(
+        served.get("v2 green").copied().unwrap_or(0) >= min_requests,
+        "{served:?}; {}",
+        text(&out)
+    );
+    let store = cutover_control::store::Store::open(s.dir.path().join("state")).unwrap();
+    let ended = store
+        .transitions("web", DeploymentId(2))
+        .unwrap()
+        .into_iter()
+        .map(|t| t.record)
+        .find(|r| matches!(r, Record::WentLive { .. } | Record::RolledBack { .. }))
+        .unwrap_or_else(|| panic!("deployment 2 ended; {}", s.logs()));
+    (out, failures, ended)
+}
+
+#[test]
+fn p99_of_600ms_under_a_750ms_maximum_stays_live() {
+    let (out, failures, ended) = release_answering_after(600);
+    assert!(
+        matches!(
+            ended,
+            Record::WentLive {
+                watch: Watched::Judged,
+                ..
+            }
+        ),
+        "went live after its latency was judged: {ended:?}; {}",
+        text(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+#[test]
+fn p99_of_900ms_under_a_750ms_maximum_rolls_back() {
+    let (out, failures, ended) = release_answering_after(900);
+    let Record::RolledBack {
+        reason: Reason::Latency { p99, max },
+        ..
+    } = ended
+    else {
+        panic!("rolled back for its latency: {ended:?}; {}", text(&out));
+    };
+    assert_eq!(max, Duration::from_millis(750));
+    // Every answer took 900 ms or more; the estimate is at most 6.25 % below.
+    assert!(p99 >= Duration::from_micros(843_750), "{p99:?}");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("rolled back"), "{}", text(&out));
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 #[test]

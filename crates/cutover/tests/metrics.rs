@@ -151,6 +151,28 @@ fn counters_add_up_to_the_requests_sent_split_by_colour() {
         ),
         0
     );
+    // The histogram keeps its bounds (100 µs to 60 s, then infinity), cumulative, ending at the
+    // count: the finer counting behind the watch's p99 is summed into them.
+    let green_buckets: Vec<(&str, u64)> = after
+        .lines()
+        .filter_map(|l| l.strip_prefix(r#"cutover_request_duration_seconds_bucket{le=""#))
+        .filter_map(|rest| rest.split_once(r#"",service="web",colour="green"} "#))
+        .map(|(le, value)| (le, value.trim().parse::<f64>().unwrap() as u64))
+        .collect();
+    let bounds: Vec<&str> = green_buckets.iter().map(|(le, _)| *le).collect();
+    assert_eq!(
+        bounds,
+        [
+            "0.0001", "0.00025", "0.0005", "0.001", "0.002", "0.004", "0.008", "0.016", "0.032", "0.064", "0.125",
+            "0.25", "0.5", "1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "60.0", "inf"
+        ],
+        "{after}"
+    );
+    assert!(
+        green_buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "cumulative: {green_buckets:?}"
+    );
+    assert_eq!(green_buckets.last().map(|(_, n)| *n), Some(green));
     assert_eq!(
         sample(&after, "cutover_live", r#"service="web",colour="green",version="v2""#),
         1

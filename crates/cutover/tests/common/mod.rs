@@ -87,7 +87,16 @@ impl Drop for Stopping {
 
 /// One GET / on a keep-alive connection; returns the status and the body.
 pub fn exchange(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> std::io::Result<(u16, String)> {
-    writer.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    exchange_at(reader, writer, "/")
+}
+
+/// One GET of `target` (path and query) on a keep-alive connection; returns the status and the body.
+pub fn exchange_at(
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut TcpStream,
+    target: &str,
+) -> std::io::Result<(u16, String)> {
+    writer.write_all(format!("GET {target} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())?;
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let status: u16 = line
