@@ -417,7 +417,12 @@ async fn run(shared: Arc<Shared>, addr: SocketAddr, alive: Arc<AtomicBool>) {
         let result = check_once(addr, &config.path, config.timeout).await;
         let change = match &result {
             Ok(()) => tracker.record(true, ""),
-            Err(reason) => tracker.record(false, reason),
+            Err(CheckFailure::Instance(reason)) => tracker.record(false, reason),
+            Err(CheckFailure::Local(reason)) => {
+                tracing::warn!(service = %shared.service, colour = %shared.colour, %addr, %reason,
+                    "health check not made; the instance keeps its status");
+                None
+            }
         };
         let now_ms = unix_ms();
         let mut published = false;
@@ -470,32 +475,63 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a health check did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckFailure {
+    /// The instance failed it: refused, reset, silent past the timeout, or answered other than
+    /// 2xx. Counts towards `unhealthy`.
+    Instance(String),
+    /// This host could not make the check (out of file descriptors, memory or local ports).
+    /// It says nothing about the instance: not counted either way.
+    Local(String),
+}
+
+impl std::fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckFailure::Instance(r) | CheckFailure::Local(r) => f.write_str(r),
+        }
+    }
+}
+
 /// One health check: `GET path` on a fresh HTTP/1.1 connection to `addr` with `Host: addr` and
 /// `Connection: close`; `timeout` covers connect and response head. A 2xx passes; anything else
 /// fails with a short reason naming the address, e.g.
 /// `GET http://127.0.0.1:4001/up: answered 503 Service Unavailable`.
-pub async fn check_once(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
+pub async fn check_once(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), CheckFailure> {
     match tokio::time::timeout(timeout, attempt(addr, path)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(why)) => Err(format!("GET http://{addr}{path}: {why}")),
-        Err(_) => Err(format!("GET http://{addr}{path}: no answer within {timeout:?}")),
+        Ok(Err(CheckFailure::Instance(why))) => Err(CheckFailure::Instance(format!("GET http://{addr}{path}: {why}"))),
+        Ok(Err(CheckFailure::Local(why))) => Err(CheckFailure::Local(format!(
+            "GET http://{addr}{path}: this host could not connect: {why}"
+        ))),
+        Err(_) => Err(CheckFailure::Instance(format!(
+            "GET http://{addr}{path}: no answer within {timeout:?}"
+        ))),
     }
 }
 
-async fn attempt(addr: SocketAddr, path: &str) -> Result<(), String> {
+async fn attempt(addr: SocketAddr, path: &str) -> Result<(), CheckFailure> {
     if !path.starts_with('/') {
-        return Err("the health path must start with /".to_string());
+        return Err(CheckFailure::Instance("the health path must start with /".to_string()));
     }
     let request = http::Request::get(path)
         .header(HOST, addr.to_string())
         .header(CONNECTION, "close")
         .header(USER_AGENT, concat!("cutover-health/", env!("CARGO_PKG_VERSION")))
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("bad request path: {e}"))?;
-    let stream = TcpStream::connect(addr)
+        .map_err(|e| CheckFailure::Instance(format!("bad request path: {e}")))?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| {
+        let reason = crate::oneshot::io_reason(&e);
+        if cutover_proxy::is_local_error(&e) {
+            CheckFailure::Local(reason)
+        } else {
+            CheckFailure::Instance(format!("connect: {reason}"))
+        }
+    })?;
+    crate::oneshot::exchange(stream, request)
         .await
-        .map_err(|e| format!("connect: {}", crate::oneshot::io_reason(&e)))?;
-    crate::oneshot::exchange(stream, request).await
+        .map_err(CheckFailure::Instance)
 }
 
 #[cfg(test)]
@@ -880,11 +916,17 @@ mod tests {
         assert_eq!(check_once(up.addr, "/up", Duration::from_secs(5)).await, Ok(()));
         for status in [301, 404, 500, 503] {
             up.status.store(status, Ordering::SeqCst);
-            let err = check_once(up.addr, "/up", Duration::from_secs(5)).await.unwrap_err();
+            let err = check_once(up.addr, "/up", Duration::from_secs(5))
+                .await
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(&format!("http://{}/up", up.addr)), "{err}");
             assert!(err.contains(&format!("answered {status}")), "{err}");
         }
-        let err = check_once(up.addr, "up", Duration::from_secs(5)).await.unwrap_err();
+        let err = check_once(up.addr, "up", Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("must start with /"), "{err}");
     }
 
@@ -972,7 +1014,10 @@ mod tests {
             listener.local_addr().unwrap()
         };
         let err = check_once(addr, "/up", Duration::from_secs(5)).await.unwrap_err();
-        assert_eq!(err, format!("GET http://{addr}/up: connect: connection refused"));
+        assert_eq!(
+            err,
+            CheckFailure::Instance(format!("GET http://{addr}/up: connect: connection refused"))
+        );
 
         let checker = HealthChecker::start(spec(vec![addr], 50, 5000, 1, 2));
         wait_for("unhealthy", || health_of(&checker, addr).status == Status::Unhealthy).await;
@@ -993,7 +1038,10 @@ mod tests {
         let t0 = std::time::Instant::now();
         let err = check_once(other.addr, "/up", timeout).await.unwrap_err();
         assert!(t0.elapsed() >= timeout);
-        assert_eq!(err, format!("GET http://{}/up: no answer within 200ms", other.addr));
+        assert_eq!(
+            err,
+            CheckFailure::Instance(format!("GET http://{}/up: no answer within 200ms", other.addr))
+        );
 
         // The timeout is four intervals: checks that were started on the interval's clock
         // regardless of the previous one would overlap by four.

@@ -1,0 +1,84 @@
+//! Health checks that this host cannot make. A test binary of its own: it uses up every file
+//! descriptor of the process for a moment.
+
+use std::time::{Duration, Instant};
+
+use cutover_control::config::HealthConfig;
+use cutover_control::health::{check_once, CheckFailure, CheckSpec, HealthChecker, Status};
+use cutover_proxy::Colour;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An instance that answers every check with 200.
+async fn healthy_instance() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Out of file descriptors, a check cannot even open its socket: that is this host's failure,
+/// reported as such, and the instance keeps its status however many checks it misses. Once
+/// descriptors are free again, checks pass as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_this_host_cannot_make_leave_the_instance_healthy() {
+    let addr = healthy_instance().await;
+    let checker = HealthChecker::start(CheckSpec {
+        service: "web".into(),
+        colour: Colour::Green,
+        instances: vec![addr],
+        config: HealthConfig {
+            path: "/up".into(),
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(500),
+            healthy: 1,
+            unhealthy: 1,
+            deadline: Duration::from_secs(60),
+        },
+    });
+    let status = || checker.snapshot().get(addr).map(|h| h.status);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status() != Some(Status::Healthy) {
+        assert!(
+            Instant::now() < deadline,
+            "never healthy: {:?}",
+            checker.snapshot().get(addr)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut hog = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        hog.push(f);
+    }
+    let direct = check_once(addr, "/up", Duration::from_secs(1)).await;
+    // 25 intervals with no descriptor to spare; one failed check would make it unhealthy.
+    let until = Instant::now() + Duration::from_millis(500);
+    let mut seen = Vec::new();
+    while Instant::now() < until {
+        seen.push(status());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(hog);
+    match direct {
+        Err(CheckFailure::Local(reason)) => assert!(reason.contains("Too many open files"), "{reason}"),
+        other => panic!("out of descriptors, a check is this host's failure, not {other:?}"),
+    }
+    assert!(seen.iter().all(|s| *s == Some(Status::Healthy)), "{seen:?}");
+    let health = checker.snapshot().get(addr).cloned().unwrap();
+    assert_eq!(health.consecutive_fail, 0, "{health:?}");
+    assert_eq!(check_once(addr, "/up", Duration::from_secs(1)).await, Ok(()));
+}
