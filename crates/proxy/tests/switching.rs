@@ -1095,9 +1095,6 @@ async fn killed_instance_is_ejected_and_retried() {
     }
     assert!(eventually(Duration::from_secs(5), || b2.requests() > 200).await);
     b2.kill();
-    // Its connection tasks notice the kill on their next poll; after that nothing more counts.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let killed_at = b2.requests();
     // The first refused connect ejected it: picks pass it over.
     let ejected = |i: usize| proxy.table().service("web").unwrap().blue.instances[i].ejected();
     assert!(
@@ -1105,9 +1102,26 @@ async fn killed_instance_is_ejected_and_retried() {
         "the killed instance is ejected"
     );
     assert!(!ejected(0) && !ejected(2), "its siblings are not");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Something listens on its address again and counts every connection it is offered: while
+    // the instance is ejected, none comes.
+    let attempts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let listener = loop {
+        match tokio::net::TcpListener::bind(b2.addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let counted = attempts.clone();
+    let counter = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            drop(s);
+        }
+    });
     let others_before = b1.requests() + b3.requests();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(ejected(1), "still ejected while this is checked");
+    counter.abort();
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for t in tasks {
@@ -1120,7 +1134,11 @@ async fn killed_instance_is_ejected_and_retried() {
         failures.len(),
         failures.first()
     );
-    assert_eq!(b2.requests(), killed_at, "nothing reached the killed instance");
+    assert_eq!(
+        attempts.load(Ordering::Relaxed),
+        0,
+        "no connection was made to the ejected instance"
+    );
     assert!(b1.requests() + b3.requests() > others_before, "siblings kept serving");
     assert!(total > 1000);
 }
@@ -1394,12 +1412,12 @@ async fn open_stream_is_cut_at_drain_deadline() {
     assert!(t.elapsed() < Duration::from_secs(4));
 }
 
-/// A stream whose client has stopped reading when the drain deadline comes: if the server is
-/// waiting to write to the client at that moment, the stream cannot be cut then, and is cut as
-/// soon as the client reads again; otherwise it is cut at the deadline. Either way it never
-/// completes, and the drained colour is let go once it is cut.
+/// A stream whose client has stopped reading when the drain deadline comes: it is cut at the
+/// deadline, or, if the connection's writer is waiting on the client and does not take from the
+/// stream then, as soon as the client reads again. Either way the client gets what was already
+/// under way and then the end, never the whole response, and the drained colour is let go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stream_whose_client_stopped_reading_is_cut_once_it_reads_again() {
+async fn a_stream_whose_client_stopped_reading_is_cut_at_the_deadline_or_once_it_reads_again() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const SIZE: usize = 32 << 20;
     let blue = Upstream::start("blue").await;
@@ -1420,7 +1438,14 @@ async fn a_stream_whose_client_stopped_reading_is_cut_once_it_reads_again() {
         .unwrap();
     assert!(!report.completed);
     assert_eq!(report.cut_requests, 1);
-    assert!(drained.in_flight() <= 1);
+    // Cut at the deadline (the colour is let go now, the client learns of it when it reads), or,
+    // when the connection's writer was waiting on the client and did not take from the stream at
+    // the deadline, still counted: then it must be cut as soon as the client reads again.
+    let cut_at_deadline = match drained.in_flight() {
+        0 => true,
+        1 => false,
+        n => panic!("{n} requests counted on the drained colour, one was sent"),
+    };
 
     // The client reads again: it gets what was already under way, then the end, not the rest.
     let mut got = 0usize;
@@ -1437,10 +1462,12 @@ async fn a_stream_whose_client_stopped_reading_is_cut_once_it_reads_again() {
     .await
     .expect("the stream ends once the client reads");
     assert!(got < SIZE, "cut after {got} bytes ({end}), not sent whole");
-    assert!(
-        eventually(Duration::from_secs(3), || drained.in_flight() == 0).await,
-        "the drained colour is let go"
-    );
+    if !cut_at_deadline {
+        assert!(
+            eventually(Duration::from_secs(1), || drained.in_flight() == 0).await,
+            "cut and let go once the client read again"
+        );
+    }
 }
 
 /// Each colour counts exactly the requests it answered, by status class, across a switch.
