@@ -465,9 +465,11 @@ async fn an_http2_header_block_is_not_timed_while_the_client_takes_no_writes() {
     let blue = Upstream::start("blue").await;
     let mut cfg = test_config();
     cfg.workers = 1;
-    cfg.client_header_timeout = Duration::from_millis(500);
+    // Margins for a loaded machine: the download must have filled the sockets before the head
+    // timeout could end the connection, and the send timeout must not come first.
+    cfg.client_header_timeout = Duration::from_secs(2);
     cfg.idle_timeout = Duration::from_secs(20);
-    cfg.send_timeout = Duration::from_secs(3);
+    cfg.send_timeout = Duration::from_secs(6);
     let proxy = start_proxy(cfg, table(&[&blue], &[]));
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     // SETTINGS_INITIAL_WINDOW_SIZE and a connection WINDOW_UPDATE at their largest: the proxy
@@ -483,19 +485,25 @@ async fn an_http2_header_block_is_not_timed_while_the_client_takes_no_writes() {
     bytes.extend(h2_frame(0x1, 0x4 | 0x1, 1, &block));
     // Stream 3: the first bytes of a HEADERS frame, in the same write; the rest never comes.
     bytes.extend(&h2_frame(0x1, 0x4 | 0x1, 3, &[0x82, 0x86, 0x84])[..5]);
-    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    // A small receive buffer, so that the proxy's writes back up after little data.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = tokio::net::TcpSocket::from_std_stream(sock.into())
+        .connect(proxy.local_addrs()[0])
+        .await
+        .unwrap();
     s.write_all(&bytes).await.unwrap();
     // Nothing is read from here on.
 
     assert!(in_flight_reaches(&proxy, Colour::Blue, 1).await, "the download started");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     assert_eq!(
         proxy.open_connections(),
         1,
         "not cut at the header timeout while its writes wait"
     );
     assert!(
-        eventually(Duration::from_secs(10), || proxy.open_connections() == 0).await,
+        eventually(Duration::from_secs(15), || proxy.open_connections() == 0).await,
         "cut once it has taken nothing for the send timeout"
     );
     drop(s);
