@@ -446,7 +446,12 @@ async fn login(access: &Access, req: Request) -> Response {
     if let Some(answer) = access.refuse_token(client, login.token.trim(), "wrong token") {
         return answer;
     }
-    let id = session_id();
+    let Some(id) = session_id() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no random bytes for a session id (getrandom failed); try again, or use the token as a bearer token",
+        );
+    };
     access
         .sessions
         .lock()
@@ -459,14 +464,13 @@ async fn login(access: &Access, req: Request) -> Response {
     ([(header::SET_COOKIE, cookie)], Json(serde_json::json!({ "ok": true }))).into_response()
 }
 
-fn session_id() -> String {
+/// 32 random bytes from the kernel (`getrandom(2)`: no file to open, never blocks once the
+/// system's pool is initialised), in hex. `None` if the kernel refuses, and the sign-in fails
+/// with an error instead of ending the process.
+fn session_id() -> Option<String> {
     let mut bytes = [0u8; 32];
-    // /dev/urandom is always there on the systems cutover runs on; without it, refuse to make ids.
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .is_ok();
-    assert!(ok, "/dev/urandom is needed for session ids");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    getrandom::getrandom(&mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A bound admin listener, created before anything else starts so that a busy address fails
@@ -594,6 +598,15 @@ pub fn serve(listener: AdminListener, daemon: Daemon) -> tokio::task::JoinHandle
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_ids_are_64_hex_digits_and_differ() {
+        let a = session_id().unwrap();
+        let b = session_id().unwrap();
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn token_comparison() {

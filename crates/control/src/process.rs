@@ -396,15 +396,34 @@ impl ProcessGroup {
     /// with nothing left running, if any of them cannot be spawned.
     pub async fn start(spec: InstanceSpec) -> Result<ProcessGroup, DriverError> {
         check(&spec)?;
-        let mut slots = Vec::new();
-        for index in 0..spec.instances {
-            match start_slot(&spec, index, None) {
-                Ok(slot) => slots.push(slot),
-                Err(e) => {
-                    kill_slots(slots).await;
-                    return Err(e);
+        // Opening logs and forking block: done on a blocking thread, not the daemon's.
+        let for_spawn = spec.clone();
+        let spawned = off_async(move || {
+            let mut slots = Vec::new();
+            for index in 0..for_spawn.instances {
+                match start_slot(&for_spawn, index, None) {
+                    Ok(slot) => slots.push(slot),
+                    Err(e) => return (slots, Some(e)),
                 }
             }
+            (slots, None)
+        })
+        .await;
+        let (slots, failed) = match spawned {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(DriverError::Spawn {
+                    service: spec.service.clone(),
+                    colour: spec.colour,
+                    index: 0,
+                    command: spec.command.clone(),
+                    source: io::Error::other(e.to_string()),
+                })
+            }
+        };
+        if let Some(e) = failed {
+            kill_slots(slots).await;
+            return Err(e);
         }
         Ok(ProcessGroup::launch(spec, slots))
     }
@@ -999,8 +1018,8 @@ async fn terminate_all(procs: &mut [Proc], grace: Duration) -> Vec<u32> {
         p.signal(Signal::SIGCONT);
     }
     if !wait_gone(procs, grace).await {
-        for p in procs.iter() {
-            let left = p.members();
+        let left_over = members_of(procs).await;
+        for (p, left) in procs.iter().zip(left_over) {
             if !left.is_empty() {
                 tracing::warn!(pgid = p.pgid, pids = ?left, grace = ?grace, "still running after the grace period; sending SIGKILL");
                 p.signal(Signal::SIGKILL);
@@ -1009,8 +1028,9 @@ async fn terminate_all(procs: &mut [Proc], grace: Duration) -> Vec<u32> {
         wait_gone(procs, KILL_WAIT).await;
     }
     let mut survivors = Vec::new();
-    for p in procs.iter_mut() {
-        survivors.extend(p.members());
+    let left_over = members_of(procs).await;
+    for (p, left) in procs.iter_mut().zip(left_over) {
+        survivors.extend(left);
         p.reap();
         p.settled = true;
     }
@@ -1022,7 +1042,7 @@ async fn wait_gone(procs: &mut [Proc], limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(5);
     loop {
-        if procs.iter().all(|p| p.members().is_empty()) {
+        if members_of(procs).await.iter().all(Vec::is_empty) {
             return true;
         }
         let now = Instant::now();
@@ -1046,6 +1066,22 @@ fn signal_group(pgid: u32, signal: Option<Signal>) -> nix::Result<()> {
         return Err(Errno::ESRCH);
     }
     killpg(pgid, signal)
+}
+
+/// Runs `f` on a blocking thread: for what reads all of /proc, opens files or forks, so that the
+/// daemon's async threads (health checks, the admin API, timers) never wait on it.
+async fn off_async<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(f).await
+}
+
+/// The live members of each group in `procs`, in order, read off the async threads. A scan that
+/// could not run reports its groups as still alive, so that nothing is taken for gone unseen.
+async fn members_of(procs: &[Proc]) -> Vec<Vec<u32>> {
+    let pgids: Vec<u32> = procs.iter().map(|p| p.pgid).collect();
+    let fallback = pgids.iter().map(|&g| vec![g]).collect();
+    off_async(move || pgids.into_iter().map(group_members).collect())
+        .await
+        .unwrap_or(fallback)
 }
 
 /// The live (not zombie) processes of group `pgid`.
@@ -1275,7 +1311,7 @@ async fn supervise(mut sup: Supervisor, mut control: watch::Receiver<Control>) -
                     _ = sleep_until(until) => break,
                 }
             }
-            if sup.restart() {
+            if sup.restart().await {
                 break;
             }
         }
@@ -1329,7 +1365,7 @@ impl Supervisor {
 
     /// Starts a new process, on the same port unless someone else took it. False if it failed
     /// (the next attempt waits longer).
-    fn restart(&mut self) -> bool {
+    async fn restart(&mut self) -> bool {
         if TcpListener::bind((Ipv4Addr::LOCALHOST, self.port.port)).is_err() {
             match PortLease::free() {
                 Ok(lease) => {
@@ -1341,7 +1377,11 @@ impl Supervisor {
                     index = self.index, error = %e, "port taken and no free port; trying the old one"),
             }
         }
-        match spawn(&self.spec, self.index, self.port.port, "restarting") {
+        let (spec, index, port) = (self.spec.clone(), self.index, self.port.port);
+        let spawned = off_async(move || spawn(&spec, index, port, "restarting"))
+            .await
+            .unwrap_or_else(|e| Err(SpawnError::Spawn(String::new(), io::Error::other(e.to_string()))));
+        match spawned {
             Ok(proc) => {
                 let (pid, start_time, port) = (proc.pid, proc.start_time, self.port.port);
                 self.proc = Some(proc);
