@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use cutover_control::config::HealthConfig;
 use cutover_control::health::{check_once, CheckFailure, CheckSpec, HealthChecker, Status};
 use cutover_proxy::Colour;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An instance that answers every check with 200.
@@ -60,9 +61,14 @@ async fn checks_this_host_cannot_make_leave_the_instance_healthy() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // A soft limit of 4096 keeps the number of descriptors to use up small whatever the hard
+    // limit is (it may be a million).
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, 4096.min(hard), hard).unwrap();
     let mut hog = Vec::new();
     while let Ok(f) = std::fs::File::open("/dev/null") {
         hog.push(f);
+        assert!(hog.len() <= 4096, "open never failed");
     }
     let direct = check_once(addr, "/up", Duration::from_secs(1)).await;
     // 25 intervals with no descriptor to spare; one failed check would make it unhealthy.
