@@ -10,7 +10,7 @@
 //! | `POST /v1/services/{name}/rollback` | `{"kind": "instant"}` or `{"kind": "cold", "deployment": 8}` |
 //! | `POST /v1/services/{name}/abort` | stop an unpromoted deployment |
 //! | `GET /v1/services/{name}/history?limit=20` | past deployments, newest first |
-//! | `GET /v1/events` | server-sent events: one JSON [`crate::daemon::Notice`] per event |
+//! | `GET /v1/events` | server-sent events: one JSON [`crate::events::Notice`] per event |
 //! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request or refused in this state), 401 (missing or
@@ -298,7 +298,7 @@ async fn events(State(api): State<Api>) -> Sse<impl futures_util::Stream<Item = 
     let notices = futures_util::stream::unfold(rx, |mut rx| async move {
         let ev = match rx.recv().await {
             Ok(n) => SseEvent::default()
-                .event(n.kind.clone())
+                .event(n.kind.as_str())
                 .json_data(&n)
                 .unwrap_or_default(),
             // A slow reader missed some; tell it and go on.

@@ -27,6 +27,8 @@ use std::time::Duration;
 use cutover_proxy::{Balance, ListenerConfig, ProxyConfig};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+
+use crate::events::EventKind;
 use toml::{Spanned, Value};
 
 /// A commented, valid configuration showing every key. Shown in the docs and by
@@ -381,29 +383,13 @@ impl Default for WatchConfig {
     }
 }
 
-/// Every notice kind the daemon announces (see [`crate::daemon::Notice::kind`]): what
-/// `[webhooks] events` may select.
-pub const NOTICE_KINDS: &[&str] = &[
-    "started",
-    "healthy",
-    "validated",
-    "awaiting-promotion",
-    "promoted",
-    "went-live",
-    "aborted",
-    "rolled-back",
-    "interrupted",
-    "retired",
-    "switch",
-    "drained",
-    "instances",
-    "unhealthy",
-    "smoke",
-    "watch",
-];
-
 /// The events webhooks receive when `events` is not given: the ones an operator acts on.
-pub const DEFAULT_WEBHOOK_EVENTS: &[&str] = &["started", "promoted", "rolled-back", "aborted"];
+pub const DEFAULT_WEBHOOK_EVENTS: &[EventKind] = &[
+    EventKind::Started,
+    EventKind::Promoted,
+    EventKind::RolledBack,
+    EventKind::Aborted,
+];
 
 /// Most retries of one webhook delivery: with the pause doubling after each failed attempt, ten
 /// retries already spread over minutes.
@@ -420,9 +406,9 @@ pub struct WebhooksConfig {
     pub timeout: Duration,
     /// `retries`: attempts after the first failed one, 0 to [`MAX_WEBHOOK_RETRIES`]. Default 3.
     pub retries: u32,
-    /// `events`: the notice kinds sent, each one of [`NOTICE_KINDS`], in the order written,
-    /// never empty. Default [`DEFAULT_WEBHOOK_EVENTS`].
-    pub events: Vec<String>,
+    /// `events`: the event kinds sent (see [`EventKind::as_str`] for their names), in the order
+    /// written, never empty. Default [`DEFAULT_WEBHOOK_EVENTS`].
+    pub events: Vec<EventKind>,
 }
 
 impl Default for WebhooksConfig {
@@ -431,15 +417,15 @@ impl Default for WebhooksConfig {
             urls: Vec::new(),
             timeout: Duration::from_secs(5),
             retries: 3,
-            events: DEFAULT_WEBHOOK_EVENTS.iter().map(|e| e.to_string()).collect(),
+            events: DEFAULT_WEBHOOK_EVENTS.to_vec(),
         }
     }
 }
 
 impl WebhooksConfig {
     /// Whether notices of `kind` are sent.
-    pub fn selects(&self, kind: &str) -> bool {
-        self.events.iter().any(|e| e == kind)
+    pub fn selects(&self, kind: EventKind) -> bool {
+        self.events.contains(&kind)
     }
 }
 
@@ -1318,29 +1304,29 @@ impl<'a> Checker<'a> {
         let events = match &raw.events {
             None => d.events,
             Some(list) => {
-                let mut events: Vec<String> = Vec::new();
+                let mut events: Vec<EventKind> = Vec::new();
                 let example = "events = [\"rolled-back\", \"aborted\"]";
                 for (text, offset) in self.strings(list, "webhooks.events", false, example)? {
-                    if !NOTICE_KINDS.contains(&text.as_str()) {
+                    let Some(kind) = EventKind::from_name(&text) else {
+                        let names = || EventKind::ALL.iter().map(|k| k.as_str());
                         let mut message = format!("{text:?} is not an event");
-                        if let Some(near) = NOTICE_KINDS
-                            .iter()
+                        if let Some(near) = names()
                             .filter(|k| edit_distance(&text, k) <= 2)
                             .min_by_key(|k| edit_distance(&text, k))
                         {
                             message.push_str(&format!(" (did you mean {near:?}?)"));
                         }
-                        message.push_str(&format!("; the events are {}", NOTICE_KINDS.join(", ")));
+                        message.push_str(&format!("; the events are {}", names().collect::<Vec<_>>().join(", ")));
                         return Err(self.invalid(offset, "webhooks.events", message));
-                    }
-                    if events.contains(&text) {
+                    };
+                    if events.contains(&kind) {
                         return Err(self.invalid(
                             offset,
                             "webhooks.events",
                             format!("{text:?} is listed twice; remove one"),
                         ));
                     }
-                    events.push(text);
+                    events.push(kind);
                 }
                 events
             }
@@ -2035,8 +2021,20 @@ mod tests {
         let hooks = &config.webhooks;
         assert_eq!(hooks.timeout, Duration::from_secs(5));
         assert_eq!(hooks.retries, 3);
-        assert_eq!(hooks.events, ["started", "promoted", "rolled-back", "aborted"]);
-        assert!(hooks.selects("rolled-back") && !hooks.selects("went-live") && !hooks.selects("healthy"));
+        assert_eq!(
+            hooks.events,
+            [
+                EventKind::Started,
+                EventKind::Promoted,
+                EventKind::RolledBack,
+                EventKind::Aborted
+            ]
+        );
+        assert!(
+            hooks.selects(EventKind::RolledBack)
+                && !hooks.selects(EventKind::WentLive)
+                && !hooks.selects(EventKind::Healthy)
+        );
         assert_eq!(hooks.urls[0].target, "/");
         assert_eq!((hooks.urls[0].host.as_str(), hooks.urls[0].port), ("127.0.0.1", 9000));
         // An empty list turns webhooks off.
@@ -2050,7 +2048,7 @@ mod tests {
             "webhooks.urls = [\"HTTP://[::1]:9000/h\"]\nwebhooks.events = \"aborted\"\n{MINIMAL}"
         ))
         .unwrap();
-        assert_eq!(config.webhooks.events, ["aborted"]);
+        assert_eq!(config.webhooks.events, [EventKind::Aborted]);
         let url = &config.webhooks.urls[0];
         assert_eq!(
             (url.host.as_str(), url.port, url.authority.as_str(), url.target.as_str()),
@@ -2167,7 +2165,7 @@ mod tests {
             "webhooks.events",
             "\"rolledback\" is not an event (did you mean \"rolled-back\"?)",
         );
-        assert!(shown.contains("the events are started, healthy, "), "{shown}");
+        assert!(shown.contains("the events are started, instances, healthy, unhealthy, "), "{shown}");
         refused(
             &hooks("events = [\"aborted\", \"aborted\"]"),
             5,
@@ -2338,7 +2336,7 @@ events = ["went-live", "rolled-back"]
                 ],
                 timeout: Duration::from_secs(2),
                 retries: 0,
-                events: vec!["went-live".to_string(), "rolled-back".to_string()],
+                events: vec![EventKind::WentLive, EventKind::RolledBack],
             },
             dir: PathBuf::new(),
         };

@@ -36,24 +36,7 @@ use crate::process::{InstanceInfo, InstanceSpec, ProcessGroup, Recorded};
 use crate::store::{Audit, Store, StoredInstance};
 use crate::webhooks::Webhooks;
 
-/// Something that happened, for the event stream, `cutover deploy`'s progress and the logs.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Notice {
-    /// Increases by one per notice over the daemon's life.
-    pub seq: u64,
-    /// Unix milliseconds.
-    pub at: u64,
-    pub service: String,
-    pub deployment: Option<u64>,
-    /// Short machine-readable kind: `started`, `healthy`, `validated`, `awaiting-promotion`,
-    /// `promoted`, `went-live`, `aborted`, `rolled-back`, `interrupted`, `retired`, `switch`,
-    /// `drained`, `instances`, `unhealthy`, `smoke`, `watch`.
-    pub kind: String,
-    /// One line for people.
-    pub message: String,
-    /// True for the notices that end a deployment (went-live, aborted, rolled-back, interrupted).
-    pub terminal: bool,
-}
+pub use crate::events::{EventKind, Notice};
 
 /// A service as `cutover status` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -183,21 +166,35 @@ struct Shared {
 }
 
 impl Shared {
-    fn notice(&self, service: &str, deployment: Option<DeploymentId>, kind: &str, message: String, terminal: bool) {
+    fn notice(
+        &self,
+        service: &str,
+        deployment: Option<DeploymentId>,
+        kind: EventKind,
+        message: String,
+        reason: Option<String>,
+    ) {
         let seq = {
             let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
             *s += 1;
             *s
         };
-        tracing::info!(service, deployment = deployment.map(|d| d.0), kind, "{message}");
+        tracing::info!(
+            service,
+            deployment = deployment.map(|d| d.0),
+            kind = kind.as_str(),
+            reason,
+            "{message}"
+        );
         let _ = self.notices.send(Notice {
             seq,
             at: unix_ms(SystemTime::now()),
             service: service.to_string(),
             deployment: deployment.map(|d| d.0),
-            kind: kind.to_string(),
+            kind,
             message,
-            terminal,
+            reason,
+            terminal: kind.ends_deployment(),
         });
     }
 }
@@ -501,6 +498,8 @@ struct Run {
     forward: JoinHandle<()>,
     /// Forwards a process group's instance changes to the actor; `None` for static upstreams.
     follow: Option<JoinHandle<()>>,
+    /// Instances announced as out of rotation, so that each going out is announced once.
+    out_of_rotation: std::collections::HashSet<SocketAddr>,
 }
 
 impl Run {
@@ -921,7 +920,7 @@ impl Actor {
                                     r.elapsed, r.cut_requests, r.closed_upgrades
                                 )
                             };
-                            self.shared.notice(self.name(), None, "drained", msg, false);
+                            self.shared.notice(self.name(), None, EventKind::Drained, msg, None);
                         }
                         Err(e) => tracing::error!(service = self.name(), error = %e, "drain failed"),
                     }
@@ -948,9 +947,9 @@ impl Actor {
                             self.shared.notice(
                                 self.name(),
                                 None,
-                                "switch",
+                                EventKind::Switch,
                                 format!("live traffic switched to {colour} ({version}) in {:.1?}", t0.elapsed()),
-                                false,
+                                None,
                             );
                         }
                         Err(e) => tracing::error!(service = self.name(), error = %e, "switch failed"),
@@ -988,7 +987,7 @@ impl Actor {
     }
 
     fn announce(&self, record: &Record) {
-        let (id, kind, message, terminal) = match record {
+        let (id, kind, message, reason) = match record {
             Record::Started {
                 id,
                 release,
@@ -996,67 +995,70 @@ impl Actor {
                 cause,
             } => (
                 Some(*id),
-                "started",
+                EventKind::Started,
                 format!("deployment {id} of {release} started on {colour} ({cause:?})"),
-                false,
+                None,
             ),
             Record::Healthy { id } => (
                 Some(*id),
-                "healthy",
+                EventKind::Healthy,
                 format!("deployment {id}: all instances healthy"),
-                false,
+                None,
             ),
             Record::Validated { id } => (
                 Some(*id),
-                "validated",
+                EventKind::Validated,
                 format!("deployment {id}: smoke test passed"),
-                false,
+                None,
             ),
             Record::AwaitingPromotion { id, auto_after } => (
                 Some(*id),
-                "awaiting-promotion",
+                EventKind::AwaitingPromotion,
                 match auto_after {
                     Some(d) => format!("deployment {id}: promotion in {d:?}"),
                     None => format!("deployment {id}: waiting for `cutover promote {}`", self.name()),
                 },
-                false,
+                None,
             ),
             Record::Promoted { id, colour } => (
                 Some(*id),
-                "promoted",
+                EventKind::Promoted,
                 format!("deployment {id} promoted to {colour}"),
-                false,
+                None,
             ),
             Record::WentLive { id, live, watch } => (
                 Some(*id),
-                "went-live",
+                EventKind::WentLive,
                 format!("deployment {id}: {live} is live ({watch:?})"),
-                true,
+                None,
             ),
-            Record::Aborted { id, reason } => {
-                (Some(*id), "aborted", format!("deployment {id} aborted: {reason}"), true)
-            }
+            Record::Aborted { id, reason } => (
+                Some(*id),
+                EventKind::Aborted,
+                format!("deployment {id} aborted: {reason}"),
+                Some(reason.to_string()),
+            ),
             Record::RolledBack { id, to, reason } => (
                 Some(*id),
-                "rolled-back",
+                EventKind::RolledBack,
                 format!("deployment {id} rolled back to {to}: {reason}"),
-                true,
+                Some(reason.to_string()),
             ),
             Record::Interrupted { id, phase } => (
                 Some(*id),
-                "interrupted",
+                EventKind::Interrupted,
                 format!("deployment {id} was interrupted while {phase}"),
-                true,
+                None,
             ),
             Record::WatchRestarted { id } => (
                 Some(*id),
-                "watch",
+                EventKind::Watch,
                 format!("deployment {id}: watching again after a restart"),
-                false,
+                None,
             ),
-            Record::Retired { live } => (None, "retired", format!("{live} retired"), false),
+            Record::Retired { live } => (None, EventKind::Retired, format!("{live} retired"), None),
         };
-        self.shared.notice(self.name(), id, kind, message, terminal);
+        self.shared.notice(self.name(), id, kind, message, reason);
     }
 
     fn spec(&self, colour: Colour, release: &Release, command: &str, instances: u32) -> InstanceSpec {
@@ -1100,14 +1102,14 @@ impl Actor {
         self.shared.notice(
             self.name(),
             Some(deployment),
-            "instances",
+            EventKind::Instances,
             format!(
                 "{} instances started on {colour}",
                 self.runs[slot(colour)]
                     .as_ref()
                     .map_or(0, |r| r.instances.addrs().len())
             ),
-            false,
+            None,
         );
         Ok(())
     }
@@ -1206,6 +1208,7 @@ impl Actor {
             health,
             forward,
             follow,
+            out_of_rotation: Default::default(),
         });
         self.set_pool(colour, &addrs, None, assume_healthy);
     }
@@ -1220,13 +1223,13 @@ impl Actor {
                         self.shared.notice(
                             self.name(),
                             None,
-                            "instances",
+                            EventKind::Instances,
                             format!(
                                 "{colour} ({release}): {} instances adopted, {} restarted",
                                 report.adopted.len(),
                                 report.started.len()
                             ),
-                            false,
+                            None,
                         );
                         self.begin_run(colour, release, Instances::Process(group), true).await;
                     }
@@ -1252,9 +1255,9 @@ impl Actor {
             self.shared.notice(
                 self.name(),
                 None,
-                "instances",
+                EventKind::Instances,
                 format!("{colour} ({}) stopped", run.release),
-                false,
+                None,
             );
         } else if let Driver::Process { .. } = self.cfg.driver {
             // Instances of an earlier daemon that were never adopted.
@@ -1271,8 +1274,31 @@ impl Actor {
     }
 
     async fn health_changed(&mut self, colour: Colour, snapshot: HealthSnapshot) {
-        let Some(run) = &self.runs[slot(colour)] else { return };
+        let Some(run) = &mut self.runs[slot(colour)] else {
+            return;
+        };
         let addrs = run.addrs.clone();
+        // Each instance the checks take out of rotation is announced once, with the failure.
+        let mut gone_out = Vec::new();
+        for i in &snapshot.instances {
+            if i.status == crate::health::Status::Unhealthy {
+                if run.out_of_rotation.insert(i.addr) {
+                    gone_out.push((i.addr, i.last_error.clone().unwrap_or_default()));
+                }
+            } else {
+                run.out_of_rotation.remove(&i.addr);
+            }
+        }
+        let release = run.release.clone();
+        for (addr, reason) in gone_out {
+            self.shared.notice(
+                self.name(),
+                None,
+                EventKind::Unhealthy,
+                format!("{colour} ({release}) instance {addr} is out of rotation: {reason}"),
+                Some(reason),
+            );
+        }
         self.set_pool(colour, &addrs, Some(&snapshot), false);
         // Only the colour of the deployment in progress reports to the lifecycle.
         let Some(d) = self.state.in_progress().filter(|d| d.colour == colour).map(|d| d.id) else {
@@ -1335,9 +1361,9 @@ impl Actor {
                 self.shared.notice(
                     self.name(),
                     None,
-                    "instances",
+                    EventKind::Instances,
                     format!("{colour} instance {index} restarted on {to}: {from} was taken by another program"),
-                    false,
+                    None,
                 );
             }
         }
@@ -1424,7 +1450,13 @@ impl Actor {
                 },
             };
             if let Event::SmokeFailed { reason, .. } = &event {
-                shared.notice(&name, Some(deployment), "smoke", reason.clone(), false);
+                shared.notice(
+                    &name,
+                    Some(deployment),
+                    EventKind::Smoke,
+                    reason.clone(),
+                    Some(reason.clone()),
+                );
             }
             let _ = tx.send(Msg::report(event)).await;
         });

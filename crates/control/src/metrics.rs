@@ -55,13 +55,13 @@ impl Metrics {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
                 let mut counts = c.lock().unwrap_or_else(|p| p.into_inner());
-                if n.kind == "switch" {
+                if n.kind == crate::events::EventKind::Switch {
                     *counts.switches.entry(n.service.clone()).or_default() += 1;
                 }
                 if n.terminal {
                     *counts
                         .deployments
-                        .entry((n.service.clone(), n.kind.clone()))
+                        .entry((n.service.clone(), n.kind.as_str().to_string()))
                         .or_default() += 1;
                 }
             }

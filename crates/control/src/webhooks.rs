@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{WebhookUrl, WebhooksConfig};
-use crate::daemon::Notice;
+use crate::events::{EventKind, Notice};
 
 /// Events waiting per URL. A receiver down for a while misses the oldest ones beyond this rather
 /// than the daemon holding an unbounded backlog for it.
@@ -66,34 +66,14 @@ pub struct WebhookEvent {
 impl WebhookEvent {
     pub fn from_notice(notice: &Notice) -> WebhookEvent {
         WebhookEvent {
-            event: notice.kind.clone(),
+            event: notice.kind.as_str().to_string(),
             service: notice.service.clone(),
             deployment: notice.deployment,
             message: notice.message.clone(),
-            reason: reason_of(&notice.kind, notice.deployment, &notice.message).map(str::to_string),
+            reason: notice.reason.clone(),
             at: notice.at,
         }
     }
-}
-
-/// The reason carried by a rolled-back or aborted notice. A [`Notice`] has no field for it: it is
-/// the end of the message the daemon writes, `deployment 7 aborted: REASON` and `deployment 7
-/// rolled back to blue@v1: REASON`. A version has no whitespace, so the first ": " after the
-/// colour and version is the separator. If the daemon's wording changes this finds nothing and
-/// the event goes out without a reason (the daemon test of webhooks then fails).
-fn reason_of<'m>(kind: &str, deployment: Option<u64>, message: &'m str) -> Option<&'m str> {
-    let id = deployment?;
-    let reason = match kind {
-        "aborted" => message.strip_prefix(&format!("deployment {id} aborted: "))?,
-        "rolled-back" => {
-            message
-                .strip_prefix(&format!("deployment {id} rolled back to "))?
-                .split_once(": ")?
-                .1
-        }
-        _ => return None,
-    };
-    (!reason.is_empty()).then_some(reason)
 }
 
 /// Delivery counters of one URL since [`Webhooks::start`].
@@ -179,7 +159,7 @@ impl Webhooks {
         if !targets.is_empty() {
             tracing::info!(
                 urls = %config.urls.iter().map(|u| u.url.as_str()).collect::<Vec<_>>().join(" "),
-                events = %config.events.join(","),
+                events = %config.events.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","),
                 "sending webhooks"
             );
             tasks.push(tokio::spawn(dispatch(
@@ -273,7 +253,7 @@ fn stopping(stop: &watch::Receiver<bool>) -> bool {
 /// stopped (then it queues what was already published) or the daemon is gone.
 async fn dispatch(
     targets: Vec<Arc<Target>>,
-    events: Vec<String>,
+    events: Vec<EventKind>,
     mut notices: broadcast::Receiver<Notice>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -484,15 +464,22 @@ mod tests {
     }
 
     fn notice(service: &str, deployment: Option<u64>, kind: &str, message: &str) -> Notice {
+        let kind = EventKind::from_name(kind).expect("a known kind");
         Notice {
             seq: 0,
             at: 1_700_000_000_000 + deployment.unwrap_or(0),
             service: service.to_string(),
             deployment,
-            kind: kind.to_string(),
+            kind,
             message: message.to_string(),
-            terminal: matches!(kind, "went-live" | "aborted" | "rolled-back" | "interrupted"),
+            reason: None,
+            terminal: kind.ends_deployment(),
         }
+    }
+
+    fn with_reason(mut n: Notice, reason: &str) -> Notice {
+        n.reason = Some(reason.to_string());
+        n
     }
 
     /// Polls `f` every 10 ms until it holds or `within` has passed.
@@ -654,53 +641,44 @@ mod tests {
 
     #[test]
     fn webhook_event_carries_the_reason_of_rollbacks_and_aborts() {
-        let rolled_back = notice(
-            "web",
-            Some(7),
-            "rolled-back",
-            "deployment 7 rolled back to blue@v1:2: 30 of 100 requests failed, above the maximum error rate 0.05",
+        let reason = "30 of 100 requests failed, above the maximum error rate 0.05";
+        let rolled_back = with_reason(
+            notice(
+                "web",
+                Some(7),
+                "rolled-back",
+                "deployment 7 rolled back to blue@v1:2 (the failure is in reason)",
+            ),
+            reason,
         );
         let event = WebhookEvent::from_notice(&rolled_back);
-        assert_eq!(
-            event.reason.as_deref(),
-            Some("30 of 100 requests failed, above the maximum error rate 0.05")
-        );
         assert_eq!(
             serde_json::to_value(&event).unwrap(),
             json!({
                 "event": "rolled-back",
                 "service": "web",
                 "deployment": 7,
-                "message": "deployment 7 rolled back to blue@v1:2: 30 of 100 requests failed, above the maximum error rate 0.05",
-                "reason": "30 of 100 requests failed, above the maximum error rate 0.05",
+                "message": "deployment 7 rolled back to blue@v1:2 (the failure is in reason)",
+                "reason": reason,
                 "at": 1_700_000_000_007u64,
             })
         );
-        let aborted = notice(
-            "web",
-            Some(8),
-            "aborted",
-            "deployment 8 aborted: smoke command failed: `x` exited with 3: no",
+        // The reason is the notice's field, whatever its message says.
+        let aborted = with_reason(
+            notice("web", Some(8), "aborted", "deployment 8 aborted"),
+            "smoke failed",
         );
         assert_eq!(
             WebhookEvent::from_notice(&aborted).reason.as_deref(),
-            Some("smoke command failed: `x` exited with 3: no")
+            Some("smoke failed")
         );
-        // Other kinds, another deployment's message, or an unexpected wording: no reason.
-        let started = notice(
+        let worded = notice(
             "web",
-            Some(9),
-            "started",
-            "deployment 9 of v3 started on green (Deploy)",
-        );
-        assert_eq!(WebhookEvent::from_notice(&started).reason, None);
-        let other = notice(
-            "web",
-            Some(9),
+            Some(8),
             "aborted",
             "deployment 8 aborted: requested by the operator",
         );
-        assert_eq!(WebhookEvent::from_notice(&other).reason, None);
+        assert_eq!(WebhookEvent::from_notice(&worded).reason, None);
         // No deployment: the key is absent, not null.
         let retired = serde_json::to_value(WebhookEvent::from_notice(&notice(
             "web",
@@ -726,7 +704,7 @@ mod tests {
         );
         let custom = Webhooks::start(
             WebhooksConfig {
-                events: vec!["went-live".to_string(), "retired".to_string()],
+                events: vec![EventKind::WentLive, EventKind::Retired],
                 ..config(vec![url(few.addr, "/")], Duration::from_secs(5), 0)
             },
             tx.subscribe(),
@@ -741,18 +719,24 @@ mod tests {
             notice("web", Some(7), "healthy", "deployment 7: all instances healthy"),
             notice("web", Some(7), "promoted", "deployment 7 promoted to green"),
             notice("web", Some(7), "went-live", "deployment 7: green@v2 is live"),
-            notice(
-                "web",
-                Some(7),
-                "rolled-back",
-                "deployment 7 rolled back to blue@v1: 30 of 100 requests failed, above the maximum error rate 0.05",
+            with_reason(
+                notice(
+                    "web",
+                    Some(7),
+                    "rolled-back",
+                    "deployment 7 rolled back to blue@v1: 30 of 100 requests failed, above the maximum error rate 0.05",
+                ),
+                "30 of 100 requests failed, above the maximum error rate 0.05",
             ),
             notice("api", Some(8), "started", "deployment 8 of v5 started on blue (Deploy)"),
-            notice(
-                "api",
-                Some(8),
-                "aborted",
-                "deployment 8 aborted: requested by the operator",
+            with_reason(
+                notice(
+                    "api",
+                    Some(8),
+                    "aborted",
+                    "deployment 8 aborted: requested by the operator",
+                ),
+                "requested by the operator",
             ),
             notice("web", None, "retired", "blue@v1 retired"),
         ];
@@ -983,7 +967,7 @@ mod tests {
         let (tx, _) = broadcast::channel(1024);
         let hooks = Webhooks::start(
             WebhooksConfig {
-                events: vec!["started".to_string()],
+                events: vec![EventKind::Started],
                 ..config(vec![url(receiver.addr, "/")], Duration::from_secs(60), 0)
             },
             tx.subscribe(),

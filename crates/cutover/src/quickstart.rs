@@ -249,7 +249,7 @@ async fn follow(
         };
         println!("    {}", n.message);
         if n.terminal && id.is_some() && n.deployment == id {
-            return Some(n.kind);
+            return Some(n.kind.as_str().to_string());
         }
     }
 }

@@ -866,6 +866,55 @@ fn webhooks_report_the_rollback_with_its_reason_and_dead_receivers_delay_nothing
     );
 }
 
+/// An instance taken out of rotation by its health checks is announced as an `unhealthy` event
+/// with the failure as its reason: the webhooks (and the event stream) get it as data.
+#[test]
+fn an_instance_taken_out_of_rotation_is_announced_with_its_reason() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_addr = listener.local_addr().unwrap();
+    let app_port = free_port();
+    let mut app = Proc(spawn_demo_app(app_port, "s1", "first"));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n[services.api]\n\
+             health = {{ path = \"/up\", interval = \"100ms\", healthy = 1, unhealthy = 2 }}\n\
+             watch = {{ duration = \"300ms\", min_requests = 1 }}\n\
+             [webhooks]\nurls = [\"http://{hook_addr}/hook\"]\nevents = [\"unhealthy\"]\n"
+        ),
+    )
+    .unwrap();
+    let hooks = HookServer::start(listener, false);
+    let _daemon = Proc(spawn_serve(&config));
+    assert!(wait_until(Duration::from_secs(20), || cli(&config, &["status"])
+        .status
+        .success()));
+    let upstream = format!("127.0.0.1:{app_port}");
+    let out = cli(&config, &["deploy", "api", "--version", "v1", "--upstream", &upstream]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(hooks.events().is_empty(), "nothing unhealthy yet: {:?}", hooks.events());
+
+    let _ = app.0.kill();
+    let _ = app.0.wait();
+    assert!(
+        wait_until(Duration::from_secs(10), || !hooks.events().is_empty()),
+        "no unhealthy event"
+    );
+    // Once per instance going out, however many checks fail after.
+    std::thread::sleep(Duration::from_millis(500));
+    let events = hooks.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["event"], "unhealthy");
+    assert_eq!(e["service"], "api");
+    assert!(e["message"].as_str().unwrap().contains(&upstream), "{e}");
+    let reason = e["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(&upstream) && reason.contains("refused"), "{e}");
+}
+
 #[test]
 fn rollback_after_retirement_is_a_cold_redeploy() {
     let mut s = Setup::new("keep_warm = \"0s\"\nwatch = { duration = \"300ms\", min_requests = 1 }");
