@@ -95,6 +95,21 @@ pub struct LogsArgs {
     pub config: ConfigArg,
 }
 
+/// `cutover config example`: the commented example config, valid as it is.
+pub fn config_example() -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`| head`) is not an error worth a message.
+    match out
+        .write_all(cutover_control::config::EXAMPLE.as_bytes())
+        .and_then(|()| out.flush())
+    {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e).context("cannot write the example config"),
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -130,7 +145,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| usage(format!("cannot start: {e}")))?;
         let api = cutover_control::api::serve(listener, daemon.clone());
         for a in daemon.proxy().local_addrs() {
-            eprintln!("cutover serving on {a}; admin API on {}", config.server.admin);
+            tracing::info!(listen = %a, admin = %config.server.admin, "cutover serving on {a}; admin API on {}", config.server.admin);
         }
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
@@ -139,7 +154,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        eprintln!("cutover stopping: finishing requests, then stopping instances");
+        tracing::info!("cutover stopping: finishing requests, then stopping instances");
         api.abort();
         // Done once the listener (and with it the socket file) is dropped.
         let _ = api.await;
@@ -166,14 +181,19 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
             .get("deployment")
             .and_then(|d| d.as_u64())
             .context("the daemon did not say which deployment")?;
-        let mut out = Progress::new(args.json, &args.service, id);
-        out.line(
-            &format!("deployment {id} of {} {} accepted", args.service, args.version),
-            None,
-        );
         let Some(events) = events.as_mut() else {
+            if args.json {
+                println!("{answer}");
+            } else {
+                println!(
+                    "deployment {id} of {} {} started; follow it with `cutover status`",
+                    args.service, args.version
+                );
+            }
             return Ok(ExitCode::SUCCESS);
         };
+        // The daemon's own "started" event is the first line.
+        let mut out = Progress::new(args.json, &args.service, id);
         loop {
             let Some(ev) = events.next().await? else {
                 out.finish();

@@ -255,6 +255,11 @@ fn deploy_promote_rollback_cycle_under_load_drops_nothing() {
     let out = s.cli(&["deploy", "web", "--version", "v1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(s.get(), Some((200, "v1 blue".into())));
+    // One opening line, the daemon's, not a second one that says the same.
+    let shown = text(&out);
+    let opening: Vec<&str> = shown.lines().filter(|l| l.contains("deployment 1 of")).collect();
+    assert_eq!(opening.len(), 1, "{shown}");
+    assert!(shown.lines().next().unwrap().contains("started on blue"), "{shown}");
 
     let load = Load::start(s.front, 6);
     assert!(wait_until(Duration::from_secs(5), || load
