@@ -997,7 +997,12 @@ impl Actor {
             } => (
                 Some(*id),
                 "started",
-                format!("deployment {id} of {release} started on {colour} ({cause:?})"),
+                match cause {
+                    crate::lifecycle::Cause::Deploy => format!("deployment {id} of {release} started on {colour}"),
+                    crate::lifecycle::Cause::ColdRollback => format!(
+                        "deployment {id} of {release} started on {colour}: a cold rollback, the previous release redeployed"
+                    ),
+                },
                 false,
             ),
             Record::Healthy { id } => (
@@ -1009,7 +1014,10 @@ impl Actor {
             Record::Validated { id } => (
                 Some(*id),
                 "validated",
-                format!("deployment {id}: smoke test passed"),
+                match &self.cfg.validate {
+                    Some(_) => format!("deployment {id}: smoke test passed"),
+                    None => format!("deployment {id}: validated (no smoke test configured, only health checks)"),
+                },
                 false,
             ),
             Record::AwaitingPromotion { id, auto_after } => (
@@ -1030,7 +1038,7 @@ impl Actor {
             Record::WentLive { id, live, watch } => (
                 Some(*id),
                 "went-live",
-                format!("deployment {id}: {live} is live ({watch:?})"),
+                format!("deployment {id}: {live} is live; {}", watch_verdict(*watch, &self.cfg.watch)),
                 true,
             ),
             Record::Aborted { id, reason } => {
@@ -1544,6 +1552,36 @@ fn load_static(state_dir: &std::path::Path, service: &str, colour: Colour) -> Op
     let text = std::fs::read_to_string(static_path(state_dir, service, colour)).ok()?;
     let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
     (!addrs.is_empty()).then_some(addrs)
+}
+
+/// What the watch of a deployment that went live judged, and against what, in words.
+fn watch_verdict(watch: crate::lifecycle::Watched, cfg: &crate::config::WatchConfig) -> String {
+    let limits = {
+        let mut rate = format!("{:.2}", cfg.max_error_rate * 100.0);
+        while rate.ends_with('0') {
+            rate.pop();
+        }
+        let rate = rate.trim_end_matches('.');
+        match cfg.max_p99 {
+            Some(p99) => format!("error rate at most {rate}% and p99 latency at most {p99:?}"),
+            None => format!("error rate at most {rate}%"),
+        }
+    };
+    use crate::lifecycle::Watched;
+    match watch {
+        Watched::Skipped => {
+            "the first release: nothing was live to compare it with or roll back to, so it went live once validated, without a watch".into()
+        }
+        Watched::Judged => format!(
+            "watched for {:?}: its requests (at least {}) were judged against {limits}, and passed",
+            cfg.duration, cfg.min_requests
+        ),
+        Watched::Unjudged if cfg.duration.is_zero() => "no watch (watch.duration is 0s)".into(),
+        Watched::Unjudged => format!(
+            "watched for {:?}, but it served fewer than {} requests, too few to judge against {limits}: only its health was watched",
+            cfg.duration, cfg.min_requests
+        ),
+    }
 }
 
 #[cfg(test)]

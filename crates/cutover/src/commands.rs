@@ -282,15 +282,43 @@ pub fn action(verb: &str, args: ServiceArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         match verb {
-            "rollback" => match answer.get("kind").and_then(|k| k.as_str()) {
-                Some("instant") => println!("{}: rolled back instantly to the warm previous colour", args.service),
-                Some("cold") => println!(
-                    "{}: the previous colour was retired; redeploying the previous release as deployment {} (cold rollback)",
-                    args.service,
-                    answer.get("deployment").and_then(|d| d.as_u64()).unwrap_or(0)
-                ),
-                _ => println!("{}: rolled back", args.service),
-            },
+            "rollback" => {
+                // The answer says how; the status says what is live now (or being redeployed).
+                let status = client.call(Method::GET, "/v1/status", None).await.ok();
+                let service = status.as_ref().and_then(|s| {
+                    s.get("services")?
+                        .as_array()?
+                        .iter()
+                        .find(|v| v["name"].as_str() == Some(args.service.as_str()))
+                        .cloned()
+                });
+                let at = |v: Option<&serde_json::Value>| {
+                    v.filter(|v| !v.is_null()).map(|v| {
+                        format!(
+                            "{}@{}",
+                            v["colour"].as_str().unwrap_or("?"),
+                            v["version"].as_str().unwrap_or("?")
+                        )
+                    })
+                };
+                let live = at(service.as_ref().and_then(|s| s.get("live")));
+                let redeploying = at(service.as_ref().and_then(|s| s.get("deployment")));
+                match answer.get("kind").and_then(|k| k.as_str()) {
+                    Some("instant") => println!(
+                        "{}: rolled back instantly to the warm previous colour; live now: {}",
+                        args.service,
+                        live.as_deref().unwrap_or("see `cutover status`")
+                    ),
+                    Some("cold") => println!(
+                        "{}: the previous colour was retired; redeploying the previous release{} as deployment {} (cold rollback); live until it is validated: {}",
+                        args.service,
+                        redeploying.map(|r| format!(" ({r})")).unwrap_or_default(),
+                        answer.get("deployment").and_then(|d| d.as_u64()).unwrap_or(0),
+                        live.as_deref().unwrap_or("see `cutover status`")
+                    ),
+                    _ => println!("{}: rolled back", args.service),
+                }
+            }
             "promote" => println!("{}: promoted", args.service),
             _ => println!("{}: aborted; live traffic untouched", args.service),
         }
@@ -311,11 +339,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             let name = s["name"].as_str().unwrap_or("?");
             let live = match s.get("live").filter(|l| !l.is_null()) {
                 Some(l) => format!(
-                    "{}@{}",
+                    "live {}@{}",
                     l["colour"].as_str().unwrap_or("?"),
                     l["version"].as_str().unwrap_or("?")
                 ),
-                None => "nothing live".into(),
+                None => "no release yet".into(),
             };
             let warm = s.get("warm").filter(|w| !w.is_null()).map(|w| {
                 format!(
@@ -328,7 +356,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             let count = |key: &str| instances.iter().filter(|i| i[key].as_bool() == Some(true)).count();
             let (healthy, ejected) = (count("healthy"), count("ejected"));
             println!(
-                "{name}: live {live}{}, {} ({healthy}/{} instances healthy{})",
+                "{name}: {live}{}, {} ({healthy}/{} instances healthy{})",
                 warm.unwrap_or_default(),
                 s["phase"].as_str().unwrap_or("?"),
                 instances.len(),
@@ -338,13 +366,17 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     String::new()
                 }
             );
-            if let Some(d) = s.get("deployment").filter(|d| !d.is_null()) {
-                println!(
+            match s.get("deployment").filter(|d| !d.is_null()) {
+                Some(d) => println!(
                     "  deployment {} of {} on {} in progress",
                     d["id"],
                     d["version"].as_str().unwrap_or("?"),
                     d["colour"].as_str().unwrap_or("?")
-                );
+                ),
+                None if s.get("live").is_none_or(|l| l.is_null()) => {
+                    println!("  deploy its first release with `cutover deploy {name} --version VERSION`")
+                }
+                None => {}
             }
         }
         Ok(ExitCode::SUCCESS)

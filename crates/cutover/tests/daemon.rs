@@ -926,3 +926,57 @@ fn an_instance_restarted_on_another_port_is_checked_and_routed_there() {
     assert_eq!(served_by(&s), Some(new), "{}", s.logs());
     assert_eq!(s.pids("v1"), running, "adopted, not restarted");
 }
+
+#[test]
+fn messages_say_what_happened_in_plain_words() {
+    let mut s = Setup::new("keep_warm = \"1m\"\nwatch = { duration = \"500ms\", min_requests = 5 }");
+    s.start();
+    // Before the first deployment: the proxy and `status` say there is no release yet, and how
+    // to deploy one.
+    let (code, body) = s.get().unwrap();
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("service web has no release yet") && body.contains("cutover deploy web --version"),
+        "{body}"
+    );
+    let status = text(&s.cli(&["status"]));
+    assert!(
+        status.starts_with("web: no release yet") && status.contains("cutover deploy web --version"),
+        "{status}"
+    );
+
+    // No smoke test is configured, so none is said to have passed; the first release is not
+    // watched, and the words say why.
+    let out = text(&s.cli(&["deploy", "web", "--version", "v1"]));
+    assert!(
+        out.contains("deployment 1: validated (no smoke test configured") && !out.contains("smoke test passed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("deployment 1: blue@v1 is live; the first release: nothing was live to compare it with"),
+        "{out}"
+    );
+    assert!(!out.contains("(Skipped)") && !out.contains("(Deploy)"), "{out}");
+
+    // Under traffic the watch judges the new colour's requests against the limits.
+    let load = Load::start(s.front, 2);
+    let out = text(&s.cli(&["deploy", "web", "--version", "v2"]));
+    load.finish();
+    assert!(
+        out.contains("green@v2 is live; watched for 500ms: its requests (at least 5) were judged against error rate at most 1%, and passed"),
+        "{out}"
+    );
+    // Without traffic it could not judge them, and says so.
+    let out = text(&s.cli(&["deploy", "web", "--version", "v3"]));
+    assert!(
+        out.contains("blue@v3 is live; watched for 500ms, but it served fewer than 5 requests, too few to judge against error rate at most 1%: only its health was watched"),
+        "{out}"
+    );
+
+    // A rollback names what is live now.
+    let out = s.cli(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("live now: green@v2"), "{}", text(&out));
+    let status = text(&s.cli(&["status"]));
+    assert!(status.starts_with("web: live green@v2"), "{status}");
+}
