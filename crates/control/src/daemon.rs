@@ -748,8 +748,17 @@ impl Actor {
     async fn rollback(&mut self, actor: String) -> Result<RollbackDone, CommandError> {
         let id = if self.state.warm().is_none() && !matches!(self.state.phase, crate::lifecycle::Phase::Watching { .. })
         {
-            // A cold rollback is a new deployment: it needs a fresh id.
-            self.next_id().await?
+            // A cold rollback is a new deployment: it needs a fresh id, spent only when the
+            // state machine would take it (it refuses the same with any id; the refusal is then
+            // made and audited below), so a refused rollback leaves no gap in the ids.
+            let probe = DeploymentId(self.state.last_id.map_or(0, |d| d.0) + 1);
+            match self.state.step(Event::Rollback {
+                id: probe,
+                plan: self.plan(),
+            }) {
+                Ok(_) => self.next_id().await?,
+                Err(_) => probe,
+            }
         } else {
             self.state.last_id.unwrap_or(DeploymentId(0))
         };

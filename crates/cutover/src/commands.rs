@@ -2,7 +2,7 @@
 //! history, logs.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -86,11 +86,15 @@ pub struct HistoryArgs {
 pub struct LogsArgs {
     pub service: String,
     /// Only this colour's instances.
-    #[arg(long)]
-    pub colour: Option<String>,
+    #[arg(long, value_enum)]
+    pub colour: Option<LogColour>,
     /// Lines from the end of each log.
     #[arg(short = 'n', long, default_value_t = 40)]
     pub lines: usize,
+    /// Keep printing what the instances write (and the logs of instances started meanwhile)
+    /// until interrupted.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -108,6 +112,12 @@ pub fn config_example() -> anyhow::Result<ExitCode> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e).context("cannot write the example config"),
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogColour {
+    Blue,
+    Green,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -383,35 +393,145 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `cutover history`: from the daemon, or when none runs, from the state database directly
+/// (read-only).
 pub fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
     let client = Client::from_config(args.config.config.as_deref())?;
-    runtime()?.block_on(async move {
-        let path = format!("/v1/services/{}/history?limit={}", args.service, args.limit);
-        let answer = client.call(Method::GET, &path, None).await?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&answer)?);
-            return Ok(ExitCode::SUCCESS);
-        }
-        let empty = Vec::new();
-        let list = answer.as_array().unwrap_or(&empty);
-        if list.is_empty() {
-            println!("{}: no deployments yet", args.service);
-        }
-        for d in list {
-            println!(
-                "#{:<4} {:<12} {:<6} {:<14} {}",
-                d["id"],
-                d["version"].as_str().unwrap_or("?"),
-                d["colour"].as_str().unwrap_or("?"),
-                d["cause"].as_str().unwrap_or("?"),
-                d["outcome"].as_str().unwrap_or("in progress")
+    let path = config_path(args.config.config.as_deref());
+    let config = load_config(&path)?;
+    if config.service(&args.service).is_none() {
+        return Err(usage(format!(
+            "unknown service '{}' in {}",
+            args.service,
+            path.display()
+        )));
+    }
+    let url = format!("/v1/services/{}/history?limit={}", args.service, args.limit);
+    let answer = match runtime()?.block_on(client.call(Method::GET, &url, None)) {
+        Ok(answer) => answer,
+        Err(e) if crate::client::is_unreachable(&e) => {
+            let state_dir = &config.server.state_dir;
+            let db = state_dir.join(cutover_control::store::DB_FILE);
+            eprintln!(
+                "no daemon answers at {}; reading {} directly",
+                client.where_(),
+                db.display()
             );
+            if db.exists() {
+                let store =
+                    cutover_control::store::Store::open_read_only(state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let list = store
+                    .history(&args.service, args.limit)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                cutover_control::api::history_json(list)
+            } else {
+                serde_json::Value::Array(Vec::new())
+            }
         }
-        Ok(ExitCode::SUCCESS)
-    })
+        Err(e) => return Err(e),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let empty = Vec::new();
+    let list = answer.as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        println!("{}: no deployments yet", args.service);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut rows = vec![[
+        "#".to_string(),
+        "started (UTC)".into(),
+        "took".into(),
+        "version".into(),
+        "colour".into(),
+        "cause".into(),
+        "outcome".into(),
+    ]];
+    for d in list {
+        let started = d["started_at"].as_u64().unwrap_or(0);
+        let (took, outcome) = match d["ended_at"].as_u64() {
+            Some(end) => (
+                format_duration(end.saturating_sub(started)),
+                d["outcome"].as_str().unwrap_or("?").to_string(),
+            ),
+            None => (
+                format!("{} so far", format_duration(now.saturating_sub(started))),
+                "in progress".into(),
+            ),
+        };
+        rows.push([
+            format!("#{}", d["id"]),
+            format_utc(started),
+            took,
+            d["version"].as_str().unwrap_or("?").into(),
+            d["colour"].as_str().unwrap_or("?").into(),
+            match d["cause"].as_str().unwrap_or("?") {
+                "coldrollback" => "cold rollback".into(),
+                other => other.to_string(),
+            },
+            outcome,
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-/// `cutover logs`: the tail of each instance's log file, read from the state directory.
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` in UTC.
+fn format_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A span of milliseconds for people: `0.4s`, `12.0s`, `3m05s`, `2h07m`.
+fn format_duration(ms: u64) -> String {
+    let secs = ms / 1000;
+    match secs {
+        0..=59 => format!("{:.1}s", ms as f64 / 1000.0),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// `cutover logs`: the tail of each instance's log file, read from the state directory, and with
+/// `--follow` what is written to them afterwards.
 pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let path = config_path(args.config.config.as_deref());
     let config = load_config(&path)?;
@@ -423,36 +543,103 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
         )));
     }
     let dir = config.server.state_dir.join("logs").join(&args.service);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    files.retain(|f| {
-        let name = f
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        name.ends_with(".log")
-            && args
-                .colour
-                .as_deref()
-                .is_none_or(|c| name.starts_with(&format!("{c}-")))
+    let prefix = args.colour.map(|c| match c {
+        LogColour::Blue => "blue-",
+        LogColour::Green => "green-",
     });
-    files.sort();
-    if files.is_empty() {
-        println!("no logs for {} in {}", args.service, dir.display());
+    let list = || -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|f| {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.ends_with(".log") && prefix.is_none_or(|p| name.starts_with(p))
+        });
+        files.sort();
+        files
+    };
+    let mut out = std::io::stdout().lock();
+    let result = (|| -> std::io::Result<()> {
+        use std::io::Write as _;
+        let files = list();
+        if files.is_empty() {
+            writeln!(out, "no logs for {} in {}", args.service, dir.display())?;
+        }
+        // Where each file was read up to; `--follow` goes on from there.
+        let mut read_to = std::collections::BTreeMap::new();
+        let mut shown: Option<PathBuf> = None;
+        for f in files {
+            writeln!(out, "==> {} <==", f.display())?;
+            let text = std::fs::read(&f).unwrap_or_default();
+            let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let whole = String::from_utf8_lossy(&text[..end]);
+            let lines: Vec<&str> = whole.lines().collect();
+            for l in &lines[lines.len().saturating_sub(args.lines)..] {
+                writeln!(out, "{l}")?;
+            }
+            read_to.insert(f.clone(), end as u64);
+            shown = Some(f);
+        }
+        out.flush()?;
+        if !args.follow {
+            return Ok(());
+        }
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            for f in list() {
+                let from = read_to.get(&f).copied().unwrap_or(0);
+                let Ok(meta) = std::fs::metadata(&f) else { continue };
+                // Shorter than what was read: the file was started anew.
+                let from = if meta.len() < from { 0 } else { from };
+                if meta.len() == from {
+                    read_to.insert(f, from);
+                    continue;
+                }
+                let mut text = Vec::new();
+                if let Ok(mut file) = std::fs::File::open(&f) {
+                    use std::io::{Read as _, Seek as _};
+                    if file.seek(std::io::SeekFrom::Start(from)).is_err() {
+                        continue;
+                    }
+                    let _ = file.take(meta.len() - from).read_to_end(&mut text);
+                }
+                // Whole lines only; a line being written is printed once it ends.
+                let Some(last) = text.iter().rposition(|&b| b == b'\n') else {
+                    read_to.insert(f, from);
+                    continue;
+                };
+                if shown.as_ref() != Some(&f) {
+                    writeln!(out, "==> {} <==", f.display())?;
+                    shown = Some(f.clone());
+                }
+                out.write_all(String::from_utf8_lossy(&text[..=last]).as_bytes())?;
+                out.flush()?;
+                read_to.insert(f, from + last as u64 + 1);
+            }
+        }
+    })();
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // The reader went away (`| head`): nothing more to do.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(anyhow::anyhow!("cannot print the logs of {}: {e}", args.service)),
     }
-    for f in files {
-        println!("==> {} <==", f.display());
-        print_tail(&f, args.lines)?;
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
-fn print_tail(path: &Path, n: usize) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let lines: Vec<&str> = text.lines().collect();
-    for l in &lines[lines.len().saturating_sub(n)..] {
-        println!("{l}");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times_and_durations_read_as_people_write_them() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00");
+        assert_eq!(format_utc(1_709_251_199_999), "2024-02-29 23:59:59");
+        assert_eq!(format_utc(1_709_251_200_000), "2024-03-01 00:00:00");
+        assert_eq!(format_duration(412), "0.4s");
+        assert_eq!(format_duration(185_000), "3m05s");
+        assert_eq!(format_duration(7_620_000), "2h07m");
     }
-    Ok(())
 }

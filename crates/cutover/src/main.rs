@@ -54,7 +54,12 @@ enum Command {
     Abort(commands::ServiceArgs),
     /// Each service's live colour, versions, deployment in progress and instance health.
     Status(commands::StatusArgs),
-    /// Past deployments of a service and how they ended.
+    /// Past deployments of a service: when each started, how long it took, how it ended.
+    ///
+    /// Read from the daemon, or from the state database when no daemon runs. Deployment ids are
+    /// handed out per service, in order, when a deployment (or a cold rollback) is accepted;
+    /// refused commands use none. A number is skipped only when an accepted deployment could not
+    /// be stored (a full disk, say), which that command reported as an error.
     History(commands::HistoryArgs),
     /// The output of a service's instances.
     Logs(commands::LogsArgs),

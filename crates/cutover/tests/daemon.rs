@@ -980,3 +980,128 @@ fn messages_say_what_happened_in_plain_words() {
     let status = text(&s.cli(&["status"]));
     assert!(status.starts_with("web: live green@v2"), "{status}");
 }
+
+/// The column each cell of `row` starts at, cells being separated by two spaces or more.
+fn columns(row: &str) -> Vec<usize> {
+    let mut starts = vec![0];
+    let b = row.as_bytes();
+    for i in 2..b.len() {
+        if b[i] != b' ' && b[i - 1] == b' ' && b[i - 2] == b' ' {
+            starts.push(i);
+        }
+    }
+    starts
+}
+
+#[test]
+fn history_shows_times_in_aligned_columns_and_reads_the_store_without_a_daemon() {
+    let mut s = Setup::new("watch = { duration = \"0s\" }\nkeep_warm = \"0s\"");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    // Refused commands use no deployment id.
+    let out = s.cli(&["rollback", "web"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = s.cli(&["deploy", "web", "--version", "has space"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    for v in 2..=10 {
+        let out = s.cli(&["deploy", "web", "--version", &format!("v{v}")]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = s.cli(&["history", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let online = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = online.lines().collect();
+    assert_eq!(rows.len(), 11, "a header and ten deployments: {online}");
+    assert!(
+        rows[0].starts_with("#") && rows[0].contains("started (UTC)") && rows[0].contains("took"),
+        "{online}"
+    );
+    // Newest first, ids without gaps, every column aligned across #10 and #9.
+    for (row, id) in rows[1..].iter().zip((1..=10).rev()) {
+        assert!(row.starts_with(&format!("#{id} ")), "{online}");
+        assert_eq!(columns(row), columns(rows[0]), "aligned: {online}");
+        let cells: Vec<&str> = row.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        let [_, started, took, version, _, _, outcome] = cells[..] else {
+            panic!("seven cells: {row}")
+        };
+        assert!(
+            started.len() == 19 && started.starts_with("20") && started.as_bytes()[10] == b' ',
+            "{row}"
+        );
+        assert!(
+            took.ends_with('s') && took.trim_end_matches('s').parse::<f64>().is_ok(),
+            "{row}"
+        );
+        assert_eq!(version, format!("v{id}"));
+        assert_eq!(outcome, "went live");
+    }
+
+    // kill -9: with no daemon the history comes from the SQLite file, the same as before.
+    s.daemon.take().map(|mut d| d.0.kill());
+    let out = s.cli(&["history", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), online);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no daemon answers") && said.contains("cutover.db"),
+        "{said}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&s.cli(&["history", "web", "--json"]).stdout).unwrap();
+    assert_eq!(json.as_array().map(Vec::len), Some(10), "{json}");
+
+    // `logs`: a colour that is not one is a usage error naming the valid ones.
+    let out = s.cli(&["logs", "web", "--colour", "purple"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("purple") && text(&out).contains("blue") && text(&out).contains("green"),
+        "{}",
+        text(&out)
+    );
+    // `logs --follow` prints what is written after it started, in files old and new.
+    let logs = s.dir.path().join("state/logs/web");
+    let mut child = Command::new(BIN)
+        .args(["logs", "web", "--follow", "-c"])
+        .arg(&s.config)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let follower = Proc(child);
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let mut seen = seen.lock().unwrap();
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), || seen
+        .lock()
+        .unwrap()
+        .contains("blue-0.log <==")));
+    let append = |file: &str, line: &str| {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(file))
+            .unwrap();
+        f.write_all(line.as_bytes()).unwrap();
+    };
+    append("blue-0.log", "written after the start\n");
+    append("green-9.log", "a new instance's first line\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let seen = seen.lock().unwrap();
+            seen.contains("\nwritten after the start\n")
+                && seen.contains("green-9.log <==\na new instance's first line\n")
+        }),
+        "{}",
+        seen.lock().unwrap()
+    );
+    drop(follower);
+    reader.join().unwrap();
+}
