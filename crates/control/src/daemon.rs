@@ -1587,7 +1587,7 @@ fn watch_verdict(watch: crate::lifecycle::Watched, cfg: &crate::config::WatchCon
         ),
         Watched::Unjudged if cfg.duration.is_zero() => "no watch (watch.duration is 0s)".into(),
         Watched::Unjudged => format!(
-            "watched for {:?}, but it served fewer than {} requests, too few to judge against {limits}: only its health was watched",
+            "watched for {:?}, but it served too few requests (at least {} needed) to be judged against {limits}: only its health was watched",
             cfg.duration, cfg.min_requests
         ),
     }

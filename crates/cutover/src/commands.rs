@@ -46,6 +46,10 @@ pub struct DeployArgs {
     /// Print each step as a JSON line.
     #[arg(long)]
     pub json: bool,
+    /// If the daemon stops while the deployment is followed, how long to wait for it to come
+    /// back and go on following.
+    #[arg(long, default_value = "60s", value_parser = cutover_control::config::parse_duration)]
+    pub reconnect_timeout: Duration,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -204,15 +208,72 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
         };
         // The daemon's own "started" event is the first line.
         let mut out = Progress::new(args.json, &args.service, id);
+        let service = args.service.as_str();
+        let live_line = |t0: Instant| format!("{} {} is live ({:.1?})", service, args.version, t0.elapsed());
         loop {
-            let Some(ev) = events.next().await? else {
-                out.finish();
-                return Err(anyhow::anyhow!(Exit {
-                    code: 1,
-                    message: "the daemon closed the event stream".into()
-                }));
+            let ev = match events.next().await {
+                Ok(Some(ev)) => ev,
+                // The stream ends (or breaks off mid-chunk) when the daemon stops or dies.
+                Ok(None) | Err(_) => {
+                    let note = |kind: &str, message: String| {
+                        let ev = serde_json::json!({
+                            "kind": kind, "service": service, "deployment": id, "message": message,
+                        });
+                        (message, ev)
+                    };
+                    let (text, ev) = note(
+                        "daemon-stopped",
+                        format!(
+                            "the daemon stopped (connection closed) while following deployment #{id}; \
+                             waiting up to {:?} for it to come back",
+                            args.reconnect_timeout
+                        ),
+                    );
+                    out.line(&text, Some(&ev));
+                    let Some(stream) = reconnect(&client, args.reconnect_timeout).await? else {
+                        out.finish();
+                        return Err(anyhow::anyhow!(Exit {
+                            code: 1,
+                            message: format!(
+                                "the daemon did not come back within {:?}; what became of deployment #{id} is \
+                                 unknown here: see `cutover history {service}` (it reads the state database \
+                                 without a daemon) and the daemon's log",
+                                args.reconnect_timeout
+                            ),
+                        }));
+                    };
+                    *events = stream;
+                    // Subscribed again first, so nothing after this answer goes unseen.
+                    let (outcome, live) = where_it_stands(&client, service, id).await?;
+                    let Some(outcome) = outcome else {
+                        let (text, ev) = note(
+                            "daemon-back",
+                            format!("the daemon is back; deployment #{id} is still in progress, following it"),
+                        );
+                        out.line(&text, Some(&ev));
+                        continue;
+                    };
+                    let live = live.map(|l| format!("; live now: {l}")).unwrap_or_default();
+                    let outcome = match outcome.as_str() {
+                        "interrupted" => "interrupted: the daemon stopped before it was promoted, so its \
+                                          instances were stopped and live traffic stayed where it was"
+                            .to_string(),
+                        other => other.to_string(),
+                    };
+                    let kind = if outcome == "went live" { "went-live" } else { "ended" };
+                    let (text, ev) = note(kind, format!("the daemon is back; deployment #{id} {outcome}{live}"));
+                    out.line(&text, Some(&ev));
+                    out.finish();
+                    if kind == "went-live" {
+                        if !args.json {
+                            println!("{}", live_line(t0));
+                        }
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    return Ok(ExitCode::from(1));
+                }
             };
-            if ev.get("service").and_then(|s| s.as_str()) != Some(args.service.as_str()) {
+            if ev.get("service").and_then(|s| s.as_str()) != Some(service) {
                 continue;
             }
             let ev_id = ev.get("deployment").and_then(|d| d.as_u64());
@@ -226,7 +287,7 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
                 out.finish();
                 if kind == "went-live" {
                     if !args.json {
-                        println!("{} {} is live ({:.1?})", args.service, args.version, t0.elapsed());
+                        println!("{}", live_line(t0));
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -234,6 +295,48 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// Opens the event stream again once the daemon answers, trying with a short backoff for up to
+/// `within`; `None` if it did not come back in time.
+async fn reconnect(client: &Client, within: Duration) -> anyhow::Result<Option<crate::client::Events>> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match client.events().await {
+            Ok(events) => return Ok(Some(events)),
+            // A daemon that is starting may accept before it serves: try again.
+            Err(e) if crate::client::is_unreachable(&e) || e.downcast_ref::<hyper::Error>().is_some() => {}
+            Err(e) => return Err(e),
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How deployment `id` of `service` ended (`None` while in progress), and what is live.
+async fn where_it_stands(client: &Client, service: &str, id: u64) -> anyhow::Result<(Option<String>, Option<String>)> {
+    let history = client
+        .call(Method::GET, &format!("/v1/services/{service}/history?limit=1000"), None)
+        .await?;
+    let outcome = history
+        .as_array()
+        .and_then(|list| list.iter().find(|d| d["id"].as_u64() == Some(id)))
+        .and_then(|d| d["outcome"].as_str().map(str::to_string));
+    let status = client.call(Method::GET, "/v1/status", None).await.ok();
+    let live = status.as_ref().and_then(|s| {
+        let svc = s["services"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"].as_str() == Some(service))?;
+        let live = svc.get("live").filter(|l| !l.is_null())?;
+        Some(format!("{}@{}", live["colour"].as_str()?, live["version"].as_str()?))
+    });
+    Ok((outcome, live))
 }
 
 /// Step output: a spinner on a terminal, plain lines when piped, JSON lines with --json.

@@ -969,7 +969,7 @@ fn messages_say_what_happened_in_plain_words() {
     // Without traffic it could not judge them, and says so.
     let out = text(&s.cli(&["deploy", "web", "--version", "v3"]));
     assert!(
-        out.contains("blue@v3 is live; watched for 500ms, but it served fewer than 5 requests, too few to judge against error rate at most 1%: only its health was watched"),
+        out.contains("blue@v3 is live; watched for 500ms, but it served too few requests (at least 5 needed) to be judged against error rate at most 1%: only its health was watched"),
         "{out}"
     );
 
@@ -1104,4 +1104,152 @@ fn history_shows_times_in_aligned_columns_and_reads_the_store_without_a_daemon()
     );
     drop(follower);
     reader.join().unwrap();
+}
+
+/// `cutover deploy -c CONFIG ARGS` running in the background, its stdout and stderr collected.
+struct Following {
+    child: Proc,
+    output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Following {
+    fn start(config: &Path, args: &[&str]) -> Following {
+        let mut child = Command::new(BIN)
+            .arg("deploy")
+            .args(args)
+            .arg("-c")
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        let readers = [stdout, stderr]
+            .into_iter()
+            .map(|pipe| {
+                let output = output.clone();
+                std::thread::spawn(move || {
+                    for line in BufReader::new(pipe).lines() {
+                        let Ok(line) = line else { return };
+                        let mut o = output.lock().unwrap();
+                        o.push_str(&line);
+                        o.push('\n');
+                    }
+                })
+            })
+            .collect();
+        Following {
+            child: Proc(child),
+            output,
+            readers,
+        }
+    }
+
+    fn shown(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits for the command to end (at most `within`); returns its exit code and output.
+    fn finish(mut self, within: Duration) -> (Option<i32>, String) {
+        let mut code = None;
+        wait_until(within, || match self.child.0.try_wait().unwrap() {
+            Some(status) => {
+                code = status.code();
+                true
+            }
+            None => false,
+        });
+        if code.is_some() {
+            for r in std::mem::take(&mut self.readers) {
+                r.join().unwrap();
+            }
+        }
+        (code, self.shown())
+    }
+}
+
+impl Setup {
+    /// Stops the daemon with `signal` and waits for it to exit.
+    fn stop_daemon(&mut self, signal: &str) {
+        let mut d = self.daemon.take().unwrap();
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &d.0.id().to_string()])
+            .status();
+        assert!(
+            wait_until(Duration::from_secs(20), || d.0.try_wait().unwrap().is_some()),
+            "daemon exits on SIG{signal}"
+        );
+    }
+}
+
+#[test]
+fn deploy_follows_the_deployment_across_a_daemon_restart() {
+    let mut s = Setup::new("promote = { auto = false }\nwatch = { duration = \"3s\", min_requests = 1 }");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+
+    // Stopped while the deployment waits for promotion: on restart it is marked interrupted,
+    // which the CLI reports once the daemon is back, exiting 1.
+    let deploy = Following::start(&s.config, &["web", "--version", "v2"]);
+    assert!(wait_until(Duration::from_secs(10), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    s.stop_daemon("TERM");
+    assert!(
+        wait_until(Duration::from_secs(10), || deploy.shown().contains(
+            "the daemon stopped (connection closed) while following deployment #2; waiting up to 60s"
+        )),
+        "{}",
+        deploy.shown()
+    );
+    s.start();
+    let (code, shown) = deploy.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(
+        shown.contains("the daemon is back; deployment #2 interrupted: the daemon stopped before it was promoted")
+            && shown.contains("live now: blue@v1"),
+        "{shown}"
+    );
+    assert!(!shown.contains("error reading a body"), "{shown}");
+
+    // Killed while the new release is watched: the watch starts again after the restart, and the
+    // CLI follows it to the end.
+    let deploy = Following::start(&s.config, &["web", "--version", "v3"]);
+    assert!(wait_until(Duration::from_secs(10), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    assert!(s.cli(&["promote", "web"]).status.success());
+    assert!(wait_until(Duration::from_secs(10), || deploy
+        .shown()
+        .contains("promoted")));
+    s.stop_daemon("KILL");
+    assert!(
+        wait_until(Duration::from_secs(10), || deploy
+            .shown()
+            .contains("the daemon stopped")),
+        "{}",
+        deploy.shown()
+    );
+    s.start();
+    let (code, shown) = deploy.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains("deployment #3 is still in progress, following it")
+            && shown.contains("deployment 3: green@v3 is live; watched for 3s")
+            && shown.contains("web v3 is live"),
+        "{shown}"
+    );
+
+    // A daemon that does not come back: exit 1, saying where to look.
+    let deploy = Following::start(&s.config, &["web", "--version", "v4", "--reconnect-timeout", "1s"]);
+    assert!(wait_until(Duration::from_secs(10), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    s.stop_daemon("KILL");
+    let (code, shown) = deploy.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(
+        shown.contains("the daemon did not come back within 1s") && shown.contains("cutover history web"),
+        "{shown}"
+    );
 }
