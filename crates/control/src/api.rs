@@ -264,23 +264,28 @@ fn ms(t: std::time::SystemTime) -> u64 {
 
 async fn history(State(api): State<Api>, UrlPath(name): UrlPath<String>, Query(q): Query<HistoryQuery>) -> Response {
     match api.daemon.history(&name, q.limit.unwrap_or(20).min(1000)).await {
-        Ok(list) => Json(
-            list.into_iter()
-                .map(|d| HistoryEntry {
-                    id: d.id.0,
-                    version: d.release.version,
-                    colour: d.colour.to_string(),
-                    cause: format!("{:?}", d.cause).to_lowercase(),
-                    started_at: ms(d.started_at),
-                    promoted_at: d.promoted_at.map(ms),
-                    ended_at: d.ended_at.map(ms),
-                    outcome: d.outcome.map(|o| outcome_text(&o)),
-                })
-                .collect::<Vec<_>>(),
-        )
-        .into_response(),
+        Ok(list) => Json(history_json(list)).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// The history as `GET /v1/services/{name}/history` answers it; the CLI builds the same from
+/// the state database when no daemon runs.
+pub fn history_json(list: Vec<crate::store::DeploymentSummary>) -> serde_json::Value {
+    let entries: Vec<HistoryEntry> = list
+        .into_iter()
+        .map(|d| HistoryEntry {
+            id: d.id.0,
+            version: d.release.version,
+            colour: d.colour.to_string(),
+            cause: format!("{:?}", d.cause).to_lowercase(),
+            started_at: ms(d.started_at),
+            promoted_at: d.promoted_at.map(ms),
+            ended_at: d.ended_at.map(ms),
+            outcome: d.outcome.map(|o| outcome_text(&o)),
+        })
+        .collect();
+    serde_json::to_value(entries).unwrap_or_default()
 }
 
 fn outcome_text(o: &crate::lifecycle::Outcome) -> String {

@@ -31,8 +31,8 @@ use serde::Deserialize;
 use crate::events::EventKind;
 use toml::{Spanned, Value};
 
-/// A commented, valid configuration showing every key. Shown in the docs and by
-/// `cutover quickstart`; `example_parses` keeps it valid.
+/// A commented, valid configuration showing every key, printed by `cutover config example`;
+/// `example_parses` keeps it valid.
 pub const EXAMPLE: &str = r#"# cutover.toml: what cutover serves and how it releases it.
 # Durations are a whole number followed by us, ms, s, m or h ("500ms", "30s", "5m", "1h").
 # Relative paths are relative to the directory of this file.

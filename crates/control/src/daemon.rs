@@ -747,8 +747,17 @@ impl Actor {
     async fn rollback(&mut self, actor: String) -> Result<RollbackDone, CommandError> {
         let id = if self.state.warm().is_none() && !matches!(self.state.phase, crate::lifecycle::Phase::Watching { .. })
         {
-            // A cold rollback is a new deployment: it needs a fresh id.
-            self.next_id().await?
+            // A cold rollback is a new deployment: it needs a fresh id, spent only when the
+            // state machine would take it (it refuses the same with any id; the refusal is then
+            // made and audited below), so a refused rollback leaves no gap in the ids.
+            let probe = DeploymentId(self.state.last_id.map_or(0, |d| d.0) + 1);
+            match self.state.step(Event::Rollback {
+                id: probe,
+                plan: self.plan(),
+            }) {
+                Ok(_) => self.next_id().await?,
+                Err(_) => probe,
+            }
         } else {
             self.state.last_id.unwrap_or(DeploymentId(0))
         };
@@ -996,7 +1005,12 @@ impl Actor {
             } => (
                 Some(*id),
                 EventKind::Started,
-                format!("deployment {id} of {release} started on {colour} ({cause:?})"),
+                match cause {
+                    crate::lifecycle::Cause::Deploy => format!("deployment {id} of {release} started on {colour}"),
+                    crate::lifecycle::Cause::ColdRollback => format!(
+                        "deployment {id} of {release} started on {colour}: a cold rollback, the previous release redeployed"
+                    ),
+                },
                 None,
             ),
             Record::Healthy { id } => (
@@ -1008,7 +1022,10 @@ impl Actor {
             Record::Validated { id } => (
                 Some(*id),
                 EventKind::Validated,
-                format!("deployment {id}: smoke test passed"),
+                match &self.cfg.validate {
+                    Some(_) => format!("deployment {id}: smoke test passed"),
+                    None => format!("deployment {id}: validated (no smoke test configured, only health checks)"),
+                },
                 None,
             ),
             Record::AwaitingPromotion { id, auto_after } => (
@@ -1029,7 +1046,7 @@ impl Actor {
             Record::WentLive { id, live, watch } => (
                 Some(*id),
                 EventKind::WentLive,
-                format!("deployment {id}: {live} is live ({watch:?})"),
+                format!("deployment {id}: {live} is live; {}", watch_verdict(*watch, &self.cfg.watch)),
                 None,
             ),
             Record::Aborted { id, reason } => (
@@ -1576,6 +1593,36 @@ fn load_static(state_dir: &std::path::Path, service: &str, colour: Colour) -> Op
     let text = std::fs::read_to_string(static_path(state_dir, service, colour)).ok()?;
     let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
     (!addrs.is_empty()).then_some(addrs)
+}
+
+/// What the watch of a deployment that went live judged, and against what, in words.
+fn watch_verdict(watch: crate::lifecycle::Watched, cfg: &crate::config::WatchConfig) -> String {
+    let limits = {
+        let mut rate = format!("{:.2}", cfg.max_error_rate * 100.0);
+        while rate.ends_with('0') {
+            rate.pop();
+        }
+        let rate = rate.trim_end_matches('.');
+        match cfg.max_p99 {
+            Some(p99) => format!("error rate at most {rate}% and p99 latency at most {p99:?}"),
+            None => format!("error rate at most {rate}%"),
+        }
+    };
+    use crate::lifecycle::Watched;
+    match watch {
+        Watched::Skipped => {
+            "the first release: nothing was live to compare it with or roll back to, so it went live once validated, without a watch".into()
+        }
+        Watched::Judged => format!(
+            "watched for {:?}: its requests (at least {}) were judged against {limits}, and passed",
+            cfg.duration, cfg.min_requests
+        ),
+        Watched::Unjudged if cfg.duration.is_zero() => "no watch (watch.duration is 0s)".into(),
+        Watched::Unjudged => format!(
+            "watched for {:?}, but it served too few requests (at least {} needed) to be judged against {limits}: only its health was watched",
+            cfg.duration, cfg.min_requests
+        ),
+    }
 }
 
 #[cfg(test)]

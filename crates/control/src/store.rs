@@ -564,6 +564,56 @@ impl Store {
         })
     }
 
+    /// Opens `<state_dir>/cutover.db` for reading only, as the CLI does when no daemon runs: it
+    /// creates, migrates and changes nothing (a daemon that starts meanwhile is not disturbed),
+    /// and refuses a file that is not a cutover database of a schema version this code reads.
+    pub fn open_read_only(state_dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let path = state_dir.as_ref().join(DB_FILE);
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let fail = |op: &str| {
+            let path = path.clone();
+            let op = op.to_string();
+            move |e| classify(&path, op, e)
+        };
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(fail("set the busy timeout"))?;
+        let (app_id, version) = conn
+            .query_row(
+                "SELECT (SELECT application_id FROM pragma_application_id()),
+                        (SELECT user_version FROM pragma_user_version())",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .map_err(fail("read the schema version"))?;
+        match (app_id, version) {
+            (APPLICATION_ID, v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::TooNew {
+                    path,
+                    found: v,
+                    known: SCHEMA_VERSION,
+                })
+            }
+            (APPLICATION_ID, v) if v == SCHEMA_VERSION => {}
+            (APPLICATION_ID, v) => {
+                return Err(StoreError::Corrupt {
+                    path,
+                    detail: format!("cutover's application id with schema version {v}"),
+                })
+            }
+            (found, _) => return Err(StoreError::Foreign { path, found }),
+        }
+        Ok(Store {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -2160,6 +2210,36 @@ mod tests {
         assert_eq!(store.next_deployment_id("db").unwrap(), DeploymentId(42));
         drop(store);
         assert_eq!(open(&dir).next_deployment_id("db").unwrap(), DeploymentId(43));
+    }
+
+    #[test]
+    fn a_read_only_store_reads_what_the_writer_committed_and_creates_or_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // No database: refused, and none is made.
+        assert!(Store::open_read_only(dir.path()).is_err());
+        assert!(!dir.path().join(DB_FILE).exists());
+
+        let writer = open(&dir);
+        let mut state = State::new("web");
+        state.last_id = Some(DeploymentId(7));
+        writer.commit("web", &state, &[], None).unwrap();
+        // Read while the writer holds the file open, as `cutover history` may during a start.
+        let reader = Store::open_read_only(dir.path()).unwrap();
+        assert_eq!(reader.load("web").unwrap(), Some(state.clone()));
+        assert!(reader.next_deployment_id("web").is_err(), "it writes nothing");
+        drop(writer);
+        assert_eq!(reader.load("web").unwrap(), Some(state));
+
+        // Another program's database is refused as the writer refuses it.
+        let other = tempfile::tempdir().unwrap();
+        Connection::open(other.path().join(DB_FILE))
+            .unwrap()
+            .execute_batch("CREATE TABLE recipes (name TEXT);")
+            .unwrap();
+        assert!(matches!(
+            Store::open_read_only(other.path()),
+            Err(StoreError::Foreign { .. })
+        ));
     }
 
     /// Everything a failed commit could have touched.

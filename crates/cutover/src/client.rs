@@ -35,6 +35,22 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
     })
 }
 
+/// Attached to the error of a command that found no daemon at the admin endpoint, so that a
+/// command able to do without one (`history`) or to wait for one (`deploy`) can tell it apart.
+#[derive(Debug)]
+pub struct Unreachable;
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no cutover daemon answers")
+    }
+}
+
+/// The daemon could not be reached at all (nothing was sent).
+pub fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unreachable>().is_some()
+}
+
 enum Endpoint {
     Unix(PathBuf),
     Tcp(SocketAddr),
@@ -84,7 +100,8 @@ impl Client {
         Ok(Client { endpoint, token })
     }
 
-    fn where_(&self) -> String {
+    /// Where the daemon is expected: the socket path or the TCP address.
+    pub fn where_(&self) -> String {
         match &self.endpoint {
             Endpoint::Unix(p) => p.display().to_string(),
             Endpoint::Tcp(a) => a.to_string(),
@@ -97,6 +114,7 @@ impl Client {
                 "cannot reach the cutover daemon at {} ({e}): is `cutover serve` running?",
                 self.where_()
             ))
+            .context(Unreachable)
         };
         macro_rules! handshake {
             ($stream:expr) => {{

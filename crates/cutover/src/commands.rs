@@ -2,7 +2,7 @@
 //! history, logs.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,10 @@ pub struct DeployArgs {
     /// Print each step as a JSON line.
     #[arg(long)]
     pub json: bool,
+    /// If the daemon stops while the deployment is followed, how long to wait for it to come
+    /// back and go on following.
+    #[arg(long, default_value = "60s", value_parser = cutover_control::config::parse_duration)]
+    pub reconnect_timeout: Duration,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -86,13 +90,38 @@ pub struct HistoryArgs {
 pub struct LogsArgs {
     pub service: String,
     /// Only this colour's instances.
-    #[arg(long)]
-    pub colour: Option<String>,
+    #[arg(long, value_enum)]
+    pub colour: Option<LogColour>,
     /// Lines from the end of each log.
     #[arg(short = 'n', long, default_value_t = 40)]
     pub lines: usize,
+    /// Keep printing what the instances write (and the logs of instances started meanwhile)
+    /// until interrupted.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
     #[command(flatten)]
     pub config: ConfigArg,
+}
+
+/// `cutover config example`: the commented example config, valid as it is.
+pub fn config_example() -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`| head`) is not an error worth a message.
+    match out
+        .write_all(cutover_control::config::EXAMPLE.as_bytes())
+        .and_then(|()| out.flush())
+    {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e).context("cannot write the example config"),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogColour {
+    Blue,
+    Green,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -130,7 +159,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| usage(format!("cannot start: {e}")))?;
         let api = cutover_control::api::serve(listener, daemon.clone());
         for a in daemon.proxy().local_addrs() {
-            eprintln!("cutover serving on {a}; admin API on {}", config.server.admin);
+            tracing::info!(listen = %a, admin = %config.server.admin, "cutover serving on {a}; admin API on {}", config.server.admin);
         }
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
@@ -139,7 +168,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        eprintln!("cutover stopping: finishing requests, then stopping instances");
+        tracing::info!("cutover stopping: finishing requests, then stopping instances");
         api.abort();
         // Done once the listener (and with it the socket file) is dropped.
         let _ = api.await;
@@ -166,23 +195,85 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
             .get("deployment")
             .and_then(|d| d.as_u64())
             .context("the daemon did not say which deployment")?;
-        let mut out = Progress::new(args.json, &args.service, id);
-        out.line(
-            &format!("deployment {id} of {} {} accepted", args.service, args.version),
-            None,
-        );
         let Some(events) = events.as_mut() else {
+            if args.json {
+                println!("{answer}");
+            } else {
+                println!(
+                    "deployment {id} of {} {} started; follow it with `cutover status`",
+                    args.service, args.version
+                );
+            }
             return Ok(ExitCode::SUCCESS);
         };
+        // The daemon's own "started" event is the first line.
+        let mut out = Progress::new(args.json, &args.service, id);
+        let service = args.service.as_str();
+        let live_line = |t0: Instant| format!("{} {} is live ({:.1?})", service, args.version, t0.elapsed());
         loop {
-            let Some(ev) = events.next().await? else {
-                out.finish();
-                return Err(anyhow::anyhow!(Exit {
-                    code: 1,
-                    message: "the daemon closed the event stream".into()
-                }));
+            let ev = match events.next().await {
+                Ok(Some(ev)) => ev,
+                // The stream ends (or breaks off mid-chunk) when the daemon stops or dies.
+                Ok(None) | Err(_) => {
+                    let note = |kind: &str, message: String| {
+                        let ev = serde_json::json!({
+                            "kind": kind, "service": service, "deployment": id, "message": message,
+                        });
+                        (message, ev)
+                    };
+                    let (text, ev) = note(
+                        "daemon-stopped",
+                        format!(
+                            "the daemon stopped (connection closed) while following deployment #{id}; \
+                             waiting up to {:?} for it to come back",
+                            args.reconnect_timeout
+                        ),
+                    );
+                    out.line(&text, Some(&ev));
+                    let Some(stream) = reconnect(&client, args.reconnect_timeout).await? else {
+                        out.finish();
+                        return Err(anyhow::anyhow!(Exit {
+                            code: 1,
+                            message: format!(
+                                "the daemon did not come back within {:?}; what became of deployment #{id} is \
+                                 unknown here: see `cutover history {service}` (it reads the state database \
+                                 without a daemon) and the daemon's log",
+                                args.reconnect_timeout
+                            ),
+                        }));
+                    };
+                    *events = stream;
+                    // Subscribed again first, so nothing after this answer goes unseen.
+                    let (outcome, live) = where_it_stands(&client, service, id).await?;
+                    let Some(outcome) = outcome else {
+                        let (text, ev) = note(
+                            "daemon-back",
+                            format!("the daemon is back; deployment #{id} is still in progress, following it"),
+                        );
+                        out.line(&text, Some(&ev));
+                        continue;
+                    };
+                    let live = live.map(|l| format!("; live now: {l}")).unwrap_or_default();
+                    let outcome = match outcome.as_str() {
+                        "interrupted" => "interrupted: the daemon stopped before it was promoted, so its \
+                                          instances were stopped and live traffic stayed where it was"
+                            .to_string(),
+                        other => other.to_string(),
+                    };
+                    let kind = if outcome == "went live" { "went-live" } else { "ended" };
+                    let (text, ev) = note(kind, format!("the daemon is back; deployment #{id} {outcome}{live}"));
+                    out.line(&text, Some(&ev));
+                    out.finish();
+                    if kind == "went-live" {
+                        if !args.json {
+                            println!("{}", live_line(t0));
+                        }
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    return Ok(ExitCode::from(1));
+                }
             };
-            if ev.get("service").and_then(|s| s.as_str()) != Some(args.service.as_str()) {
+            if ev.get("service").and_then(|s| s.as_str()) != Some(service) {
                 continue;
             }
             let ev_id = ev.get("deployment").and_then(|d| d.as_u64());
@@ -196,7 +287,7 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
                 out.finish();
                 if kind == "went-live" {
                     if !args.json {
-                        println!("{} {} is live ({:.1?})", args.service, args.version, t0.elapsed());
+                        println!("{}", live_line(t0));
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -204,6 +295,48 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// Opens the event stream again once the daemon answers, trying with a short backoff for up to
+/// `within`; `None` if it did not come back in time.
+async fn reconnect(client: &Client, within: Duration) -> anyhow::Result<Option<crate::client::Events>> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match client.events().await {
+            Ok(events) => return Ok(Some(events)),
+            // A daemon that is starting may accept before it serves: try again.
+            Err(e) if crate::client::is_unreachable(&e) || e.downcast_ref::<hyper::Error>().is_some() => {}
+            Err(e) => return Err(e),
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How deployment `id` of `service` ended (`None` while in progress), and what is live.
+async fn where_it_stands(client: &Client, service: &str, id: u64) -> anyhow::Result<(Option<String>, Option<String>)> {
+    let history = client
+        .call(Method::GET, &format!("/v1/services/{service}/history?limit=1000"), None)
+        .await?;
+    let outcome = history
+        .as_array()
+        .and_then(|list| list.iter().find(|d| d["id"].as_u64() == Some(id)))
+        .and_then(|d| d["outcome"].as_str().map(str::to_string));
+    let status = client.call(Method::GET, "/v1/status", None).await.ok();
+    let live = status.as_ref().and_then(|s| {
+        let svc = s["services"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"].as_str() == Some(service))?;
+        let live = svc.get("live").filter(|l| !l.is_null())?;
+        Some(format!("{}@{}", live["colour"].as_str()?, live["version"].as_str()?))
+    });
+    Ok((outcome, live))
 }
 
 /// Step output: a spinner on a terminal, plain lines when piped, JSON lines with --json.
@@ -262,15 +395,43 @@ pub fn action(verb: &str, args: ServiceArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         match verb {
-            "rollback" => match answer.get("kind").and_then(|k| k.as_str()) {
-                Some("instant") => println!("{}: rolled back instantly to the warm previous colour", args.service),
-                Some("cold") => println!(
-                    "{}: the previous colour was retired; redeploying the previous release as deployment {} (cold rollback)",
-                    args.service,
-                    answer.get("deployment").and_then(|d| d.as_u64()).unwrap_or(0)
-                ),
-                _ => println!("{}: rolled back", args.service),
-            },
+            "rollback" => {
+                // The answer says how; the status says what is live now (or being redeployed).
+                let status = client.call(Method::GET, "/v1/status", None).await.ok();
+                let service = status.as_ref().and_then(|s| {
+                    s.get("services")?
+                        .as_array()?
+                        .iter()
+                        .find(|v| v["name"].as_str() == Some(args.service.as_str()))
+                        .cloned()
+                });
+                let at = |v: Option<&serde_json::Value>| {
+                    v.filter(|v| !v.is_null()).map(|v| {
+                        format!(
+                            "{}@{}",
+                            v["colour"].as_str().unwrap_or("?"),
+                            v["version"].as_str().unwrap_or("?")
+                        )
+                    })
+                };
+                let live = at(service.as_ref().and_then(|s| s.get("live")));
+                let redeploying = at(service.as_ref().and_then(|s| s.get("deployment")));
+                match answer.get("kind").and_then(|k| k.as_str()) {
+                    Some("instant") => println!(
+                        "{}: rolled back instantly to the warm previous colour; live now: {}",
+                        args.service,
+                        live.as_deref().unwrap_or("see `cutover status`")
+                    ),
+                    Some("cold") => println!(
+                        "{}: the previous colour was retired; redeploying the previous release{} as deployment {} (cold rollback); live until it is validated: {}",
+                        args.service,
+                        redeploying.map(|r| format!(" ({r})")).unwrap_or_default(),
+                        answer.get("deployment").and_then(|d| d.as_u64()).unwrap_or(0),
+                        live.as_deref().unwrap_or("see `cutover status`")
+                    ),
+                    _ => println!("{}: rolled back", args.service),
+                }
+            }
             "promote" => println!("{}: promoted", args.service),
             _ => println!("{}: aborted; live traffic untouched", args.service),
         }
@@ -291,11 +452,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             let name = s["name"].as_str().unwrap_or("?");
             let live = match s.get("live").filter(|l| !l.is_null()) {
                 Some(l) => format!(
-                    "{}@{}",
+                    "live {}@{}",
                     l["colour"].as_str().unwrap_or("?"),
                     l["version"].as_str().unwrap_or("?")
                 ),
-                None => "nothing live".into(),
+                None => "no release yet".into(),
             };
             let warm = s.get("warm").filter(|w| !w.is_null()).map(|w| {
                 format!(
@@ -308,7 +469,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             let count = |key: &str| instances.iter().filter(|i| i[key].as_bool() == Some(true)).count();
             let (healthy, ejected) = (count("healthy"), count("ejected"));
             println!(
-                "{name}: live {live}{}, {} ({healthy}/{} instances healthy{})",
+                "{name}: {live}{}, {} ({healthy}/{} instances healthy{})",
                 warm.unwrap_or_default(),
                 s["phase"].as_str().unwrap_or("?"),
                 instances.len(),
@@ -318,48 +479,162 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     String::new()
                 }
             );
-            if let Some(d) = s.get("deployment").filter(|d| !d.is_null()) {
-                println!(
+            match s.get("deployment").filter(|d| !d.is_null()) {
+                Some(d) => println!(
                     "  deployment {} of {} on {} in progress",
                     d["id"],
                     d["version"].as_str().unwrap_or("?"),
                     d["colour"].as_str().unwrap_or("?")
-                );
+                ),
+                None if s.get("live").is_none_or(|l| l.is_null()) => {
+                    println!("  deploy its first release with `cutover deploy {name} --version VERSION`")
+                }
+                None => {}
             }
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
+/// `cutover history`: from the daemon, or when none runs, from the state database directly
+/// (read-only).
 pub fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
     let client = Client::from_config(args.config.config.as_deref())?;
-    runtime()?.block_on(async move {
-        let path = format!("/v1/services/{}/history?limit={}", args.service, args.limit);
-        let answer = client.call(Method::GET, &path, None).await?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&answer)?);
-            return Ok(ExitCode::SUCCESS);
-        }
-        let empty = Vec::new();
-        let list = answer.as_array().unwrap_or(&empty);
-        if list.is_empty() {
-            println!("{}: no deployments yet", args.service);
-        }
-        for d in list {
-            println!(
-                "#{:<4} {:<12} {:<6} {:<14} {}",
-                d["id"],
-                d["version"].as_str().unwrap_or("?"),
-                d["colour"].as_str().unwrap_or("?"),
-                d["cause"].as_str().unwrap_or("?"),
-                d["outcome"].as_str().unwrap_or("in progress")
+    let path = config_path(args.config.config.as_deref());
+    let config = load_config(&path)?;
+    if config.service(&args.service).is_none() {
+        return Err(usage(format!(
+            "unknown service '{}' in {}",
+            args.service,
+            path.display()
+        )));
+    }
+    let url = format!("/v1/services/{}/history?limit={}", args.service, args.limit);
+    let answer = match runtime()?.block_on(client.call(Method::GET, &url, None)) {
+        Ok(answer) => answer,
+        Err(e) if crate::client::is_unreachable(&e) => {
+            let state_dir = &config.server.state_dir;
+            let db = state_dir.join(cutover_control::store::DB_FILE);
+            eprintln!(
+                "no daemon answers at {}; reading {} directly",
+                client.where_(),
+                db.display()
             );
+            if db.exists() {
+                let store =
+                    cutover_control::store::Store::open_read_only(state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let list = store
+                    .history(&args.service, args.limit)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                cutover_control::api::history_json(list)
+            } else {
+                serde_json::Value::Array(Vec::new())
+            }
         }
-        Ok(ExitCode::SUCCESS)
-    })
+        Err(e) => return Err(e),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let empty = Vec::new();
+    let list = answer.as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        println!("{}: no deployments yet", args.service);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut rows = vec![[
+        "#".to_string(),
+        "started (UTC)".into(),
+        "took".into(),
+        "version".into(),
+        "colour".into(),
+        "cause".into(),
+        "outcome".into(),
+    ]];
+    for d in list {
+        let started = d["started_at"].as_u64().unwrap_or(0);
+        let (took, outcome) = match d["ended_at"].as_u64() {
+            Some(end) => (
+                format_duration(end.saturating_sub(started)),
+                d["outcome"].as_str().unwrap_or("?").to_string(),
+            ),
+            None => (
+                format!("{} so far", format_duration(now.saturating_sub(started))),
+                "in progress".into(),
+            ),
+        };
+        rows.push([
+            format!("#{}", d["id"]),
+            format_utc(started),
+            took,
+            d["version"].as_str().unwrap_or("?").into(),
+            d["colour"].as_str().unwrap_or("?").into(),
+            match d["cause"].as_str().unwrap_or("?") {
+                "coldrollback" => "cold rollback".into(),
+                other => other.to_string(),
+            },
+            outcome,
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-/// `cutover logs`: the tail of each instance's log file, read from the state directory.
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` in UTC.
+fn format_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A span of milliseconds for people: `0.4s`, `12.0s`, `3m05s`, `2h07m`.
+fn format_duration(ms: u64) -> String {
+    let secs = ms / 1000;
+    match secs {
+        0..=59 => format!("{:.1}s", ms as f64 / 1000.0),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// `cutover logs`: the tail of each instance's log file, read from the state directory, and with
+/// `--follow` what is written to them afterwards.
 pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let path = config_path(args.config.config.as_deref());
     let config = load_config(&path)?;
@@ -371,36 +646,103 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
         )));
     }
     let dir = config.server.state_dir.join("logs").join(&args.service);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    files.retain(|f| {
-        let name = f
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        name.ends_with(".log")
-            && args
-                .colour
-                .as_deref()
-                .is_none_or(|c| name.starts_with(&format!("{c}-")))
+    let prefix = args.colour.map(|c| match c {
+        LogColour::Blue => "blue-",
+        LogColour::Green => "green-",
     });
-    files.sort();
-    if files.is_empty() {
-        println!("no logs for {} in {}", args.service, dir.display());
+    let list = || -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|f| {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.ends_with(".log") && prefix.is_none_or(|p| name.starts_with(p))
+        });
+        files.sort();
+        files
+    };
+    let mut out = std::io::stdout().lock();
+    let result = (|| -> std::io::Result<()> {
+        use std::io::Write as _;
+        let files = list();
+        if files.is_empty() {
+            writeln!(out, "no logs for {} in {}", args.service, dir.display())?;
+        }
+        // Where each file was read up to; `--follow` goes on from there.
+        let mut read_to = std::collections::BTreeMap::new();
+        let mut shown: Option<PathBuf> = None;
+        for f in files {
+            writeln!(out, "==> {} <==", f.display())?;
+            let text = std::fs::read(&f).unwrap_or_default();
+            let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let whole = String::from_utf8_lossy(&text[..end]);
+            let lines: Vec<&str> = whole.lines().collect();
+            for l in &lines[lines.len().saturating_sub(args.lines)..] {
+                writeln!(out, "{l}")?;
+            }
+            read_to.insert(f.clone(), end as u64);
+            shown = Some(f);
+        }
+        out.flush()?;
+        if !args.follow {
+            return Ok(());
+        }
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            for f in list() {
+                let from = read_to.get(&f).copied().unwrap_or(0);
+                let Ok(meta) = std::fs::metadata(&f) else { continue };
+                // Shorter than what was read: the file was started anew.
+                let from = if meta.len() < from { 0 } else { from };
+                if meta.len() == from {
+                    read_to.insert(f, from);
+                    continue;
+                }
+                let mut text = Vec::new();
+                if let Ok(mut file) = std::fs::File::open(&f) {
+                    use std::io::{Read as _, Seek as _};
+                    if file.seek(std::io::SeekFrom::Start(from)).is_err() {
+                        continue;
+                    }
+                    let _ = file.take(meta.len() - from).read_to_end(&mut text);
+                }
+                // Whole lines only; a line being written is printed once it ends.
+                let Some(last) = text.iter().rposition(|&b| b == b'\n') else {
+                    read_to.insert(f, from);
+                    continue;
+                };
+                if shown.as_ref() != Some(&f) {
+                    writeln!(out, "==> {} <==", f.display())?;
+                    shown = Some(f.clone());
+                }
+                out.write_all(String::from_utf8_lossy(&text[..=last]).as_bytes())?;
+                out.flush()?;
+                read_to.insert(f, from + last as u64 + 1);
+            }
+        }
+    })();
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // The reader went away (`| head`): nothing more to do.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(anyhow::anyhow!("cannot print the logs of {}: {e}", args.service)),
     }
-    for f in files {
-        println!("==> {} <==", f.display());
-        print_tail(&f, args.lines)?;
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
-fn print_tail(path: &Path, n: usize) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let lines: Vec<&str> = text.lines().collect();
-    for l in &lines[lines.len().saturating_sub(n)..] {
-        println!("{l}");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times_and_durations_read_as_people_write_them() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00");
+        assert_eq!(format_utc(1_709_251_199_999), "2024-02-29 23:59:59");
+        assert_eq!(format_utc(1_709_251_200_000), "2024-03-01 00:00:00");
+        assert_eq!(format_duration(412), "0.4s");
+        assert_eq!(format_duration(185_000), "3m05s");
+        assert_eq!(format_duration(7_620_000), "2h07m");
     }
-    Ok(())
 }

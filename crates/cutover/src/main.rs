@@ -54,10 +54,18 @@ enum Command {
     Abort(commands::ServiceArgs),
     /// Each service's live colour, versions, deployment in progress and instance health.
     Status(commands::StatusArgs),
-    /// Past deployments of a service and how they ended.
+    /// Past deployments of a service: when each started, how long it took, how it ended.
+    ///
+    /// Read from the daemon, or from the state database when no daemon runs. Deployment ids are
+    /// handed out per service, in order, when a deployment (or a cold rollback) is accepted;
+    /// refused commands use none. A number is skipped only when an accepted deployment could not
+    /// be stored (a full disk, say), which that command reported as an error.
     History(commands::HistoryArgs),
     /// The output of a service's instances.
     Logs(commands::LogsArgs),
+    /// Configuration helpers.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Run the proxy alone in front of fixed blue and green upstreams.
     ///
     /// Blue is live at start. SIGUSR1 switches the live colour and drains the old one;
@@ -70,6 +78,14 @@ enum Command {
     /// The quickstart's smoke test: checks the preview route serves $CUTOVER_VERSION.
     #[command(hide = true)]
     SmokeCheck,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print a complete cutover.toml with every key, its default and what it does, as comments.
+    ///
+    /// Start a config with `cutover config example > cutover.toml`.
+    Example,
 }
 
 #[derive(clap::Args)]
@@ -115,21 +131,7 @@ struct ProxyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-    };
-    match cli.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter())
-            .with_writer(std::io::stderr)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter())
-            .with_writer(std::io::stderr)
-            .init(),
-    }
+    init_logging(cli.log_format, &cli.command);
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args),
         Command::Deploy(args) => commands::deploy(args),
@@ -139,6 +141,7 @@ fn main() -> ExitCode {
         Command::Status(args) => commands::status(args),
         Command::History(args) => commands::history(args),
         Command::Logs(args) => commands::logs(args),
+        Command::Config(ConfigCommand::Example) => commands::config_example(),
         Command::Proxy(args) => run_proxy(args),
         Command::DemoApp(args) => demo::run(args),
         Command::Quickstart(args) => quickstart::run(args),
@@ -146,16 +149,47 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => match e.downcast_ref::<client::Exit>() {
-            Some(exit) => {
-                eprintln!("error: {}", exit.message);
-                ExitCode::from(exit.code)
+        Err(e) => {
+            let (code, message) = match e.downcast_ref::<client::Exit>() {
+                Some(exit) => (exit.code, exit.message.clone()),
+                None => (1, format!("{e:#}")),
+            };
+            match cli.log_format {
+                // One JSON object like every other line a JSON reader gets on stderr.
+                LogFormat::Json => tracing::error!(exit_code = code, "{message}"),
+                LogFormat::Text => eprintln!("error: {message}"),
             }
-            None => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Logs go to stderr, coloured only for a person at a terminal who did not ask otherwise
+/// (`NO_COLOR` set to anything but the empty string), so that redirected logs stay plain text.
+fn init_logging(format: LogFormat, command: &Command) {
+    // The quickstart prints each step itself; its in-process daemon's info lines would say
+    // every step a second time.
+    let default = match command {
+        Command::Quickstart(_) => "warn",
+        _ => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    match format {
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .with_writer(std::io::stderr)
+                .init()
+        }
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
     }
 }
 
@@ -186,13 +220,10 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     };
     let proxy = match Proxy::start(config, table) {
         Ok(p) => Arc::new(p),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(2));
-        }
+        Err(e) => return Err(client::usage(e.to_string())),
     };
     for addr in proxy.local_addrs() {
-        eprintln!("cutover proxy listening on {addr}");
+        tracing::info!(%addr, "cutover proxy listening on {addr}");
     }
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -226,7 +257,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 _ = int.recv() => break,
             }
         }
-        eprintln!("cutover proxy shutting down ({switches} colour changes)");
+        tracing::info!(switches, "cutover proxy shutting down ({switches} colour changes)");
         anyhow::Ok(())
     })?;
     proxy.shutdown();

@@ -294,13 +294,27 @@ fn bad_flags_are_usage_errors() {
 fn quickstart_reports_no_failed_request() {
     let mut child = Command::new(BIN)
         .args(["quickstart", "--phase", "1s"])
+        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut err = String::new();
+        stderr.read_to_string(&mut err).unwrap();
+        err
+    });
     let mut out = String::new();
     child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     let status = child.wait().unwrap();
-    assert!(status.success(), "{out}");
+    let err = err.join().unwrap();
+    assert!(status.success(), "{out}{err}");
+    // Each step is said once, not once by the daemon's log and again by the quickstart.
+    let all = format!("{out}{err}");
+    for step in ["deployment 2: all instances healthy", "live traffic switched to green"] {
+        assert_eq!(all.matches(step).count(), 1, "{step:?} said once: {all}");
+    }
     let line = out
         .lines()
         .find(|l| l.trim_start().starts_with("failed"))
@@ -310,4 +324,130 @@ fn quickstart_reports_no_failed_request() {
         out.contains("served by v1 blue") && out.contains("served by v2 green"),
         "{out}"
     );
+}
+
+/// A config with one static service (nothing to start) on a free port, in `dir`.
+fn static_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let config = dir.join("cutover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"state\"\n\n[services.web]\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `cutover serve` with `flags`, stopped with SIGTERM once it answers; returns its stderr.
+fn serve_stderr(config: &std::path::Path, flags: &[&str], env: &[(&str, &str)]) -> String {
+    let mut child = Command::new(BIN)
+        .args(flags)
+        .args(["serve", "-c"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        stderr.read_to_string(&mut out).unwrap();
+        out
+    });
+    let up = wait_until(Duration::from_secs(20), || {
+        Command::new(BIN)
+            .args(["status", "-c"])
+            .arg(config)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let mut p = Proc(child);
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), Some(0));
+    let out = reader.join().unwrap();
+    assert!(up, "the daemon answered: {out}");
+    out
+}
+
+#[test]
+fn logs_into_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = static_config(dir.path());
+    let err = serve_stderr(&config, &[], &[]);
+    assert!(err.contains("cutover serving on"), "{err}");
+    assert!(!err.contains("\x1b["), "ANSI codes in redirected stderr: {err:?}");
+}
+
+#[test]
+fn json_logs_are_json_on_every_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = static_config(dir.path());
+    let err = serve_stderr(&config, &["--log-format", "json"], &[("NO_COLOR", "1")]);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}\n{err}")))
+        .collect();
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        lines.iter().any(|v| message(v).starts_with("cutover serving on ")),
+        "{err}"
+    );
+    assert!(
+        lines.iter().any(|v| message(v).starts_with("cutover stopping")),
+        "{err}"
+    );
+
+    // A refusal, too, is one JSON line, and still exits 2.
+    let out = Command::new(BIN)
+        .args(["--log-format", "json", "status", "-c"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err:?}"));
+    assert!(message(&line).contains("missing.toml not found"), "{err}");
+    assert_eq!(line["level"], "ERROR", "{err}");
+}
+
+#[test]
+fn config_example_prints_the_whole_commented_example() {
+    let out = Command::new(BIN).args(["config", "example"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("# cutover.toml"), "{text}");
+    for key in [
+        "[server]",
+        "listen",
+        "state_dir",
+        "health",
+        "validate",
+        "watch",
+        "keep_warm",
+        "webhooks",
+    ] {
+        assert!(text.contains(key), "the example mentions {key}");
+    }
+    // It is a config as it stands: the daemon accepts it (checked here by `logs`, which loads
+    // and checks the file without a daemon).
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(&config, &text).unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("[services.")?.strip_suffix(']'))
+        .collect();
+    let service = names.first().expect("the example has a service");
+    let out = Command::new(BIN)
+        .args(["logs", service, "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -264,6 +264,11 @@ fn deploy_promote_rollback_cycle_under_load_drops_nothing() {
     let out = s.cli(&["deploy", "web", "--version", "v1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(s.get(), Some((200, "v1 blue".into())));
+    // One opening line, the daemon's, not a second one that says the same.
+    let shown = text(&out);
+    let opening: Vec<&str> = shown.lines().filter(|l| l.contains("deployment 1 of")).collect();
+    assert_eq!(opening.len(), 1, "{shown}");
+    assert!(shown.lines().next().unwrap().contains("started on blue"), "{shown}");
 
     let load = Load::start(s.front, 6);
     assert!(wait_until(Duration::from_secs(5), || load
@@ -1056,4 +1061,331 @@ fn an_instance_restarted_on_another_port_is_checked_and_routed_there() {
     s.start();
     assert_eq!(served_by(&s), Some(new), "{}", s.logs());
     assert_eq!(s.pids("v1"), running, "adopted, not restarted");
+}
+
+#[test]
+fn messages_say_what_happened_in_plain_words() {
+    let mut s = Setup::new("keep_warm = \"1m\"\nwatch = { duration = \"500ms\", min_requests = 5 }");
+    s.start();
+    // Before the first deployment: the proxy and `status` say there is no release yet, and how
+    // to deploy one.
+    let (code, body) = s.get().unwrap();
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("service web has no release yet") && body.contains("cutover deploy web --version"),
+        "{body}"
+    );
+    let status = text(&s.cli(&["status"]));
+    assert!(
+        status.starts_with("web: no release yet") && status.contains("cutover deploy web --version"),
+        "{status}"
+    );
+
+    // No smoke test is configured, so none is said to have passed; the first release is not
+    // watched, and the words say why.
+    let out = text(&s.cli(&["deploy", "web", "--version", "v1"]));
+    assert!(
+        out.contains("deployment 1: validated (no smoke test configured") && !out.contains("smoke test passed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("deployment 1: blue@v1 is live; the first release: nothing was live to compare it with"),
+        "{out}"
+    );
+    assert!(!out.contains("(Skipped)") && !out.contains("(Deploy)"), "{out}");
+
+    // Under traffic the watch judges the new colour's requests against the limits.
+    let load = Load::start(s.front, 2);
+    let out = text(&s.cli(&["deploy", "web", "--version", "v2"]));
+    load.finish();
+    assert!(
+        out.contains("green@v2 is live; watched for 500ms: its requests (at least 5) were judged against error rate at most 1%, and passed"),
+        "{out}"
+    );
+    // Without traffic it could not judge them, and says so.
+    let out = text(&s.cli(&["deploy", "web", "--version", "v3"]));
+    assert!(
+        out.contains("blue@v3 is live; watched for 500ms, but it served too few requests (at least 5 needed) to be judged against error rate at most 1%: only its health was watched"),
+        "{out}"
+    );
+
+    // A rollback names what is live now.
+    let out = s.cli(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("live now: green@v2"), "{}", text(&out));
+    let status = text(&s.cli(&["status"]));
+    assert!(status.starts_with("web: live green@v2"), "{status}");
+}
+
+/// The column each cell of `row` starts at, cells being separated by two spaces or more.
+fn columns(row: &str) -> Vec<usize> {
+    let mut starts = vec![0];
+    let b = row.as_bytes();
+    for i in 2..b.len() {
+        if b[i] != b' ' && b[i - 1] == b' ' && b[i - 2] == b' ' {
+            starts.push(i);
+        }
+    }
+    starts
+}
+
+#[test]
+fn history_shows_times_in_aligned_columns_and_reads_the_store_without_a_daemon() {
+    let mut s = Setup::new("watch = { duration = \"0s\" }\nkeep_warm = \"0s\"");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    // Refused commands use no deployment id.
+    let out = s.cli(&["rollback", "web"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = s.cli(&["deploy", "web", "--version", "has space"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    for v in 2..=10 {
+        let out = s.cli(&["deploy", "web", "--version", &format!("v{v}")]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = s.cli(&["history", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let online = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = online.lines().collect();
+    assert_eq!(rows.len(), 11, "a header and ten deployments: {online}");
+    assert!(
+        rows[0].starts_with("#") && rows[0].contains("started (UTC)") && rows[0].contains("took"),
+        "{online}"
+    );
+    // Newest first, ids without gaps, every column aligned across #10 and #9.
+    for (row, id) in rows[1..].iter().zip((1..=10).rev()) {
+        assert!(row.starts_with(&format!("#{id} ")), "{online}");
+        assert_eq!(columns(row), columns(rows[0]), "aligned: {online}");
+        let cells: Vec<&str> = row.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        let [_, started, took, version, _, _, outcome] = cells[..] else {
+            panic!("seven cells: {row}")
+        };
+        assert!(
+            started.len() == 19 && started.starts_with("20") && started.as_bytes()[10] == b' ',
+            "{row}"
+        );
+        assert!(
+            took.ends_with('s') && took.trim_end_matches('s').parse::<f64>().is_ok(),
+            "{row}"
+        );
+        assert_eq!(version, format!("v{id}"));
+        assert_eq!(outcome, "went live");
+    }
+
+    // kill -9: with no daemon the history comes from the SQLite file, the same as before.
+    s.daemon.take().map(|mut d| d.0.kill());
+    let out = s.cli(&["history", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), online);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no daemon answers") && said.contains("cutover.db"),
+        "{said}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&s.cli(&["history", "web", "--json"]).stdout).unwrap();
+    assert_eq!(json.as_array().map(Vec::len), Some(10), "{json}");
+
+    // `logs`: a colour that is not one is a usage error naming the valid ones.
+    let out = s.cli(&["logs", "web", "--colour", "purple"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("purple") && text(&out).contains("blue") && text(&out).contains("green"),
+        "{}",
+        text(&out)
+    );
+    // `logs --follow` prints what is written after it started, in files old and new.
+    let logs = s.dir.path().join("state/logs/web");
+    let mut child = Command::new(BIN)
+        .args(["logs", "web", "--follow", "-c"])
+        .arg(&s.config)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let follower = Proc(child);
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let mut seen = seen.lock().unwrap();
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), || seen
+        .lock()
+        .unwrap()
+        .contains("blue-0.log <==")));
+    let append = |file: &str, line: &str| {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(file))
+            .unwrap();
+        f.write_all(line.as_bytes()).unwrap();
+    };
+    append("blue-0.log", "written after the start\n");
+    append("green-9.log", "a new instance's first line\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let seen = seen.lock().unwrap();
+            seen.contains("\nwritten after the start\n")
+                && seen.contains("green-9.log <==\na new instance's first line\n")
+        }),
+        "{}",
+        seen.lock().unwrap()
+    );
+    drop(follower);
+    reader.join().unwrap();
+}
+
+/// `cutover deploy -c CONFIG ARGS` running in the background, its stdout and stderr collected.
+struct Following {
+    child: Proc,
+    output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Following {
+    fn start(config: &Path, args: &[&str]) -> Following {
+        let mut child = Command::new(BIN)
+            .arg("deploy")
+            .args(args)
+            .arg("-c")
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        let readers = [stdout, stderr]
+            .into_iter()
+            .map(|pipe| {
+                let output = output.clone();
+                std::thread::spawn(move || {
+                    for line in BufReader::new(pipe).lines() {
+                        let Ok(line) = line else { return };
+                        let mut o = output.lock().unwrap();
+                        o.push_str(&line);
+                        o.push('\n');
+                    }
+                })
+            })
+            .collect();
+        Following {
+            child: Proc(child),
+            output,
+            readers,
+        }
+    }
+
+    fn shown(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits for the command to end (at most `within`); returns its exit code and output.
+    fn finish(mut self, within: Duration) -> (Option<i32>, String) {
+        let mut code = None;
+        wait_until(within, || match self.child.0.try_wait().unwrap() {
+            Some(status) => {
+                code = status.code();
+                true
+            }
+            None => false,
+        });
+        if code.is_some() {
+            for r in std::mem::take(&mut self.readers) {
+                r.join().unwrap();
+            }
+        }
+        (code, self.shown())
+    }
+}
+
+impl Setup {
+    /// Stops the daemon with `signal` and waits for it to exit.
+    fn stop_daemon(&mut self, signal: &str) {
+        let mut d = self.daemon.take().unwrap();
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &d.0.id().to_string()])
+            .status();
+        assert!(
+            wait_until(Duration::from_secs(20), || d.0.try_wait().unwrap().is_some()),
+            "daemon exits on SIG{signal}"
+        );
+    }
+}
+
+#[test]
+fn deploy_follows_the_deployment_across_a_daemon_restart() {
+    let mut s = Setup::new("promote = { auto = false }\nwatch = { duration = \"3s\", min_requests = 1 }");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+
+    // Stopped while the deployment waits for promotion: on restart it is marked interrupted,
+    // which the CLI reports once the daemon is back, exiting 1.
+    let deploy = Following::start(&s.config, &["web", "--version", "v2"]);
+    assert!(wait_until(Duration::from_secs(10), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    s.stop_daemon("TERM");
+    assert!(
+        wait_until(Duration::from_secs(10), || deploy.shown().contains(
+            "the daemon stopped (connection closed) while following deployment #2; waiting up to 60s"
+        )),
+        "{}",
+        deploy.shown()
+    );
+    s.start();
+    let (code, shown) = deploy.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(
+        shown.contains("the daemon is back; deployment #2 interrupted: the daemon stopped before it was promoted")
+            && shown.contains("live now: blue@v1"),
+        "{shown}"
+    );
+    assert!(!shown.contains("error reading a body"), "{shown}");
+
+    // Killed while the new release is watched: the watch starts again after the restart, and the
+    // CLI follows it to the end.
+    let deploy = Following::start(&s.config, &["web", "--version", "v3"]);
+    assert!(wait_until(Duration::from_secs(10), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    assert!(s.cli(&["promote", "web"]).status.success());
+    assert!(wait_until(Duration::from_secs(10), || deploy
+        .shown()
+        .contains("promoted")));
+    s.stop_daemon("KILL");
+    assert!(
+        wait_until(Duration::from_secs(10), || deploy
+            .shown()
+            .contains("the daemon stopped")),
+        "{}",
+        deploy.shown()
+    );
+    s.start();
+    let (code, shown) = deploy.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains("deployment #3 is still in progress, following it")
+            && shown.contains("deployment 3: green@v3 is live; watched for 3s")
+            && shown.contains("web v3 is live"),
+        "{shown}"
+    );
+
+    // A daemon that does not come back: exit 1, saying where to look.
+    let deploy = Following::start(&s.config, &["web", "--version", "v4", "--reconnect-timeout", "1s"]);
+    assert!(wait_until(Duration::from_secs(10), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    s.stop_daemon("KILL");
+    let (code, shown) = deploy.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(
+        shown.contains("the daemon did not come back within 1s") && shown.contains("cutover history web"),
+        "{shown}"
+    );
 }

@@ -11,6 +11,10 @@ pub enum ProxyError {
     /// Client side: no service matches the request's host and there is no default service.
     #[error("no service is configured for this host")]
     NoRoute,
+    /// Upstream side: nothing was ever deployed to the service (neither colour has an instance);
+    /// the answer says how to deploy its first release.
+    #[error("service {service} has no release yet: deploy one with `cutover deploy {service} --version VERSION`")]
+    NoRelease { service: String },
     /// Upstream side: the chosen colour has no healthy instance.
     #[error("service {service}: no live instance on {colour}")]
     NoInstance { service: String, colour: &'static str },
@@ -55,9 +59,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoInstance { .. } | ProxyError::Local { .. } | ProxyError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoInstance { .. }
+            | ProxyError::NoRelease { .. }
+            | ProxyError::Local { .. }
+            | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } | ProxyError::DrainDeadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,

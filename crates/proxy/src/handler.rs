@@ -309,7 +309,7 @@ async fn proxy(
         instance_id,
         addr,
         instance,
-    } = sent?;
+    } = sent.map_err(|e| name_missing_release(e, svc))?;
 
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = resp_head.status;
@@ -508,6 +508,17 @@ async fn send(
         service: service.to_string(),
         colour: colour.as_str(),
     }))
+}
+
+/// A service with no instance on either colour has never had a release: say so, rather than
+/// blame the colour. Only failed requests pay for the check.
+fn name_missing_release(e: ProxyError, svc: &crate::table::Service) -> ProxyError {
+    match e {
+        ProxyError::NoInstance { service, .. } if svc.blue.instances.is_empty() && svc.green.instances.is_empty() => {
+            ProxyError::NoRelease { service }
+        }
+        e => e,
+    }
 }
 
 /// One try on one connection: write the head (and stream the body, watching for an early
