@@ -73,7 +73,8 @@ keep_warm = "1h"
 # Before any user sees a release: this command runs against the preview route and must exit 0.
 # It gets CUTOVER_PREVIEW_URL and CUTOVER_PREVIEW_TOKEN (send it as X-Cutover-Preview).
 validate = { smoke = "curl -fsS -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\" $CUTOVER_PREVIEW_URL/up", timeout = "60s" }
-# Promote by itself once validated (after `delay`), or wait for `cutover promote`.
+# Promote by itself once validated (after `delay`), or wait for `cutover promote`. A service's
+# first release has no live traffic to guard: it goes live once validated either way.
 promote = { auto = true, delay = "0s" }
 # After a promotion: roll back by itself if, within `duration` and once `min_requests` have
 # been served, more than max_error_rate of them fail or their p99 latency exceeds max_p99.
@@ -338,7 +339,8 @@ pub struct ValidateConfig {
 /// `promote = { ... }`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PromoteConfig {
-    /// `auto`: promote once validated. Default true; false waits for `cutover promote`.
+    /// `auto`: promote once validated. Default true; false waits for `cutover promote`, except for
+    /// a service's first release, which has no live traffic to guard and goes live once validated.
     pub auto: bool,
     /// `delay`: time between validation and an automatic promotion. Default 0s. Only with
     /// `auto = true`.
@@ -2165,7 +2167,10 @@ mod tests {
             "webhooks.events",
             "\"rolledback\" is not an event (did you mean \"rolled-back\"?)",
         );
-        assert!(shown.contains("the events are started, instances, healthy, unhealthy, "), "{shown}");
+        assert!(
+            shown.contains("the events are started, instances, healthy, unhealthy, "),
+            "{shown}"
+        );
         refused(
             &hooks("events = [\"aborted\", \"aborted\"]"),
             5,

@@ -1046,7 +1046,16 @@ impl Actor {
             Record::WentLive { id, live, watch } => (
                 Some(*id),
                 EventKind::WentLive,
-                format!("deployment {id}: {live} is live; {}", watch_verdict(*watch, &self.cfg.watch)),
+                format!(
+                    "deployment {id}: {live} is live; {}{}",
+                    watch_verdict(*watch, &self.cfg.watch),
+                    // Manual promotion guards live traffic; a first release has none to guard.
+                    if *watch == crate::lifecycle::Watched::Skipped && !self.cfg.promote.auto {
+                        " (promote = { auto = false } waits for `cutover promote` from the next release on)"
+                    } else {
+                        ""
+                    }
+                ),
                 None,
             ),
             Record::Aborted { id, reason } => (

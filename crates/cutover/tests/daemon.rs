@@ -345,8 +345,14 @@ fn failed_smoke_aborts_and_manual_promotion_waits_for_promote() {
          validate = { smoke = \"case $CUTOVER_VERSION in *-badsmoke) echo smoke says no; exit 3;; esac\" }",
     );
     s.start();
-    // The first release goes live once validated, even with manual promotion.
-    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    // The first release goes live once validated, even with manual promotion, and says so.
+    let out = s.cli(&["deploy", "web", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("promote = { auto = false } waits for `cutover promote` from the next release on"),
+        "{}",
+        text(&out)
+    );
 
     let out = s.cli(&["deploy", "web", "--version", "v2-badsmoke"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
