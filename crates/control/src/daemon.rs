@@ -1,11 +1,17 @@
 //! The daemon: the proxy, the state store, and one actor per service that runs its lifecycle.
 //!
 //! Each service has an actor task that owns its [`State`]. Everything that can change the state
-//! reaches the actor as a message: user commands (deploy, promote, rollback, abort) and reports
-//! from the work it started (instances healthy, smoke result, watch samples, timers). The actor
-//! handles one message at a time: it steps the state machine, commits the new state with its
-//! records in one store transaction, then carries out the actions in order (see
-//! [`crate::lifecycle`]). The proxy never waits for the actor; the actor only stores tables.
+//! reaches the actor as a message: user commands (deploy, promote, rollback, abort) in a bounded
+//! mailbox, and reports from the work it started (instances healthy, smoke result, watch samples,
+//! timers) on a channel of their own ([`Report`]). The actor handles one message at a time: it
+//! steps the state machine, commits the new state with its records in one store transaction,
+//! then carries out the actions in order (see [`crate::lifecycle`]). The proxy never waits for the
+//! actor; the actor only stores tables.
+//!
+//! Nothing slow runs inside the actor: drains (up to `drain_timeout` and the close window) and
+//! stops (up to the grace period) are queued on the colour's [`Lane`], a task that carries out one
+//! colour's slow work in order, so that commands are answered while a colour drains. Instances are
+//! started on a colour only once everything queued there before has finished.
 //!
 //! A process group's instance changes reach the actor too ([`Actor::instances_changed`]): an
 //! instance restarted on another port is health-checked and routed at its new address, the store
@@ -13,12 +19,14 @@
 //! aborted without waiting for the health deadline.
 //!
 //! What must never happen, and why it cannot: live traffic on an unvalidated colour (the state
-//! machine only switches to validated colours, and the route table's active colour is only ever
-//! set from the committed `live`); two deployments of one service at once (one actor, one state).
+//! machine only switches to validated colours, and once something is live the route table's
+//! active colour changes only in [`Action::SwitchTo`], one store after the commit of the `live`
+//! it names); two deployments of one service at once (one actor, one state).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -110,12 +118,13 @@ pub enum StartError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+/// A user command, from the API through [`Daemon`].
 enum Msg {
-    /// A user command or a report; `reply` gets the transition or why it was refused.
+    /// `reply` gets the transition or why it was refused.
     Event {
         event: Event,
         audit: Option<Audit>,
-        reply: Option<oneshot::Sender<Result<Transition, CommandError>>>,
+        reply: oneshot::Sender<Result<Transition, CommandError>>,
     },
     /// `cutover deploy`: the id is allocated by the actor, which also keeps the static upstreams.
     Deploy {
@@ -128,6 +137,25 @@ enum Msg {
         actor: String,
         reply: oneshot::Sender<Result<RollbackDone, CommandError>>,
     },
+    /// The daemon stops: stop every instance of the service (the state stays as committed, so the
+    /// next start brings the live release back up).
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// What the actor's own work tells it: smoke results, timers, watch samples, health and instance
+/// changes, and its lanes' progress.
+///
+/// Reports travel on an unbounded channel apart from the commands' mailbox, and the actor takes
+/// them first. A report must never be lost or wait behind commands: a dropped `SmokePassed`
+/// would leave a deployment validating forever (that phase has no timer), and a sender waiting
+/// for room behind a burst of commands would hold the deployment up as long. The channel stays
+/// small without a bound: reports come only from work the actor started (one per smoke run,
+/// timer, lane job, health or instance change, watch tick), and the actor, which never waits on
+/// anything slow, takes each at once. Commands keep their bounded mailbox: a flood of them makes
+/// their senders wait, never the actor's own work.
+enum Report {
+    /// A report for the state machine.
+    Event(Event),
     /// The health of a colour's instances changed.
     Health { colour: Colour, snapshot: HealthSnapshot },
     /// The process driver's view of a colour's instances changed (an exit, a restart, a port
@@ -137,20 +165,15 @@ enum Msg {
         run: u64,
         instances: Vec<InstanceInfo>,
     },
-    /// The daemon stops: stop every instance of the service (the state stays as committed, so the
-    /// next start brings the live release back up).
-    Shutdown { reply: oneshot::Sender<()> },
-}
-
-impl Msg {
-    /// A report from the actor's own background work (no reply, no audit).
-    fn report(event: Event) -> Msg {
-        Msg::Event {
-            event,
-            audit: None,
-            reply: None,
-        }
-    }
+    /// Everything queued on `colour`'s lane before [`Action::StartInstances`] of `deployment` is
+    /// done (the colour's earlier instances are drained and stopped): start `release` there, then
+    /// carry out `then`, the actions that followed the start in its transition.
+    ColourReady {
+        deployment: DeploymentId,
+        colour: Colour,
+        release: Release,
+        then: Vec<Action>,
+    },
 }
 
 struct Shared {
@@ -269,19 +292,23 @@ impl Daemon {
             };
             let state = loaded.unwrap_or_else(|| State::new(&svc.name));
             let (tx, rx) = mpsc::channel(256);
+            let (reports, reports_rx) = mpsc::unbounded_channel();
+            let lanes = [Colour::Blue, Colour::Green]
+                .map(|colour| Lane::start(shared.clone(), svc.name.clone(), colour, reports.clone()));
             let mut actor = Actor {
                 shared: shared.clone(),
                 cfg: svc.clone(),
                 state,
                 runs: [None, None],
+                lanes,
                 statics: BTreeMap::new(),
                 smoke: None,
                 watch: None,
                 last_run: 0,
-                tx: tx.clone(),
+                reports,
             };
             actor.recover().await;
-            tokio::spawn(actor.run(rx));
+            tokio::spawn(actor.run(rx, reports_rx));
             actors.insert(svc.name.clone(), tx);
         }
         let _ = shared
@@ -389,7 +416,7 @@ impl Daemon {
             .send(Msg::Event {
                 event,
                 audit: Some(audit),
-                reply: Some(reply),
+                reply,
             })
             .await
             .map_err(|_| CommandError::ShuttingDown)?;
@@ -534,19 +561,193 @@ fn slot(c: Colour) -> usize {
     }
 }
 
+/// Sets a colour's instances (with their current health) in the route table. An instance the
+/// checks have no verdict on yet keeps the flag it had, or gets `assume` if it is new.
+fn set_pool(
+    proxy: &Proxy,
+    service: &str,
+    colour: Colour,
+    version: Option<&str>,
+    addrs: &[SocketAddr],
+    health: Option<&HealthSnapshot>,
+    assume: bool,
+) {
+    let r = proxy.update(|t| {
+        t.with_service(service, |s| {
+            let old = s.pool(colour).clone();
+            // Keep the same Instance (and its counters and pooled connections) for an address
+            // that stays; only its health flag changes.
+            let instances = addrs
+                .iter()
+                .map(|a| {
+                    let known = old.instances.iter().find(|i| i.addr == *a).cloned();
+                    let before = known.as_ref().map_or(assume, |i| i.healthy);
+                    let mut i = known.unwrap_or_else(|| Instance::new(*a));
+                    i.healthy = match health.and_then(|h| h.get(*a)) {
+                        Some(h) if h.status != crate::health::Status::Unknown => h.healthy,
+                        _ => before,
+                    };
+                    i
+                })
+                .collect();
+            *s.pool_mut(colour) = old.with_instances(version, instances);
+            Ok(())
+        })
+    });
+    if let Err(e) = r {
+        tracing::error!(service, error = %e, "cannot update the route table");
+    }
+}
+
+/// One colour's slow work, carried out in order by a task of its own.
+///
+/// A drain waits up to `drain_timeout` and the close window, a stop up to the grace period:
+/// inside the actor they would hold every command and report of the service for most of a
+/// minute. The actor decides and queues; the lane only waits and reports. Order is kept per
+/// colour, which is the order that matters: a colour is drained before it is stopped, and a
+/// start on a colour comes after everything queued there before it ([`Job::Then`]), so a new
+/// release never starts next to the one being stopped on its colour. The two lanes run side by
+/// side: a rollback's drain of one colour does not delay anything on the other.
+///
+/// A crash meanwhile loses nothing that matters: the state was committed before the work was
+/// queued, and recovery stops every colour that is neither live nor warm.
+struct Lane {
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Jobs queued and not finished.
+    pending: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+enum Job {
+    /// Wait for what entered the colour to finish ([`Proxy::drain`]) and say how that went.
+    Drain { timeout: Duration, close_window: Duration },
+    /// Stop instances, then take them out of the route table and the store.
+    Stop(Stopping),
+    /// Everything queued before is done: hand the report to the actor.
+    Then(Report),
+    /// Finish what is queued, then end.
+    Close,
+}
+
+enum Stopping {
+    /// A run of this daemon, already taken out of the actor (it forwards nothing any more).
+    Run(Run),
+    /// Instances an earlier daemon recorded and this one never adopted.
+    Recorded(Vec<Recorded>),
+}
+
+impl Lane {
+    fn start(shared: Arc<Shared>, service: String, colour: Colour, reports: mpsc::UnboundedSender<Report>) -> Lane {
+        let (jobs, mut rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        let task = tokio::spawn(async move {
+            while let Some(job) = rx.recv().await {
+                let last = matches!(job, Job::Close);
+                match job {
+                    Job::Drain { timeout, close_window } => {
+                        drain(&shared, &service, colour, timeout, close_window).await
+                    }
+                    Job::Stop(stopping) => stop(&shared, &service, colour, stopping).await,
+                    Job::Then(report) => {
+                        // Fails only once the actor is gone, when nothing is to start any more.
+                        let _ = reports.send(report);
+                    }
+                    Job::Close => {}
+                }
+                left.fetch_sub(1, Ordering::SeqCst);
+                if last {
+                    return;
+                }
+            }
+        });
+        Lane { jobs, pending, task }
+    }
+
+    /// Queues `job`; returns how many jobs queued before it are not finished yet.
+    fn push(&self, job: Job) -> usize {
+        let before = self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.jobs.send(job).is_err() {
+            // The task ended, which it does only after `close`.
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        before
+    }
+
+    /// Lets the lane finish what is queued and waits for it. Called once, as the actor stops.
+    async fn close(&mut self) {
+        self.push(Job::Close);
+        if let Err(e) = (&mut self.task).await {
+            tracing::error!(error = %e, "a colour's drain and stop task failed");
+        }
+    }
+}
+
+async fn drain(shared: &Shared, service: &str, colour: Colour, timeout: Duration, close_window: Duration) {
+    match shared.proxy.drain(service, colour, timeout, close_window).await {
+        Ok(r) => {
+            let msg = if r.completed {
+                format!("{colour} drained in {:.1?}", r.elapsed)
+            } else {
+                format!(
+                    "{colour} drain deadline reached after {:.1?}: {} requests cut, {} upgraded connections closed",
+                    r.elapsed, r.cut_requests, r.closed_upgrades
+                )
+            };
+            shared.notice(service, None, EventKind::Drained, msg, None);
+        }
+        Err(e) => tracing::error!(service, error = %e, "drain failed"),
+    }
+}
+
+async fn stop(shared: &Shared, service: &str, colour: Colour, stopping: Stopping) {
+    match stopping {
+        Stopping::Run(run) => {
+            run.health.stop().await;
+            if let Instances::Process(group) = &run.instances {
+                if let Err(e) = group.stop().await {
+                    tracing::error!(service, %colour, error = %e, "instances did not stop");
+                }
+            }
+            shared.notice(
+                service,
+                None,
+                EventKind::Instances,
+                format!("{colour} ({}) stopped", run.release),
+                None,
+            );
+        }
+        Stopping::Recorded(recorded) => {
+            let grace = crate::process::DEFAULT_GRACE;
+            if let Err(e) = crate::process::stop_recorded(service, colour, &recorded, grace).await {
+                tracing::error!(service, %colour, error = %e, "instances did not stop");
+            }
+        }
+    }
+    let (store, name) = (shared.store.clone(), service.to_string());
+    match tokio::task::spawn_blocking(move || store.remove_instances(&name, colour)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(service, %colour, error = %e, "cannot forget the stopped instances"),
+        Err(e) => tracing::warn!(service, %colour, error = %e, "cannot forget the stopped instances"),
+    }
+    set_pool(&shared.proxy, service, colour, None, &[], None, false);
+}
+
 struct Actor {
     shared: Arc<Shared>,
     cfg: ServiceConfig,
     state: State,
     runs: [Option<Run>; 2],
+    /// Each colour's slow work (drains, stops), by [`slot`].
+    lanes: [Lane; 2],
     /// Upstream addresses given with `cutover deploy` for a static service, by deployment.
     statics: BTreeMap<DeploymentId, Vec<SocketAddr>>,
     smoke: Option<(DeploymentId, JoinHandle<()>)>,
     watch: Option<(DeploymentId, JoinHandle<()>)>,
     /// The last [`Run::id`] given out.
     last_run: u64,
-    /// For the actor's own background work to report back.
-    tx: mpsc::Sender<Msg>,
+    /// For the actor's own work to report back; see [`Report`].
+    reports: mpsc::UnboundedSender<Report>,
 }
 
 impl Actor {
@@ -621,60 +822,94 @@ impl Actor {
             tracing::error!(service = self.name(), error = %e, "cannot commit the recovered state");
         }
         self.state = t.state.clone();
-        self.sync_table();
+        self.committed();
         self.execute(t.actions).await;
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        while let Some(msg) = rx.recv().await {
-            match msg {
-                Msg::Event { event, audit, reply } => {
-                    let r = self.step(event, audit).await;
-                    if let Some(reply) = reply {
-                        let _ = reply.send(r);
-                    }
-                }
-                Msg::Deploy {
-                    version,
-                    upstreams,
-                    actor,
-                    reply,
-                } => {
-                    let r = self.deploy(version, upstreams, actor).await;
-                    let _ = reply.send(r);
-                }
-                Msg::Rollback { actor, reply } => {
-                    let r = self.rollback(actor).await;
-                    let _ = reply.send(r);
-                }
-                Msg::Health { colour, snapshot } => self.health_changed(colour, snapshot).await,
-                Msg::Instances { colour, run, instances } => self.instances_changed(colour, run, instances).await,
-                Msg::Shutdown { reply } => {
-                    if let Some((_, task)) = self.smoke.take() {
-                        task.abort();
-                    }
-                    if let Some((_, task)) = self.watch.take() {
-                        task.abort();
-                    }
-                    for colour in [Colour::Blue, Colour::Green] {
-                        if let Some(run) = self.runs[slot(colour)].take() {
-                            run.stop_forwarding();
-                            run.health.stop().await;
-                            if let Instances::Process(g) = &run.instances {
-                                if let Err(e) = g.stop().await {
-                                    tracing::error!(service = self.name(), %colour, error = %e, "instances did not stop");
-                                }
-                            }
-                            let _ = self
-                                .on_store(move |store, name| store.remove_instances(name, colour))
-                                .await;
+    /// Reports first (see [`Report`]), then commands, one at a time, until the daemon stops.
+    async fn run(mut self, mut commands: mpsc::Receiver<Msg>, mut reports: mpsc::UnboundedReceiver<Report>) {
+        loop {
+            tokio::select! {
+                biased;
+                // Never `None`: the actor holds a sender of its own.
+                Some(report) = reports.recv() => self.report_arrived(report).await,
+                msg = commands.recv() => match msg {
+                    Some(msg) => {
+                        if self.command(msg).await.is_break() {
+                            return;
                         }
                     }
-                    let _ = reply.send(());
-                    return;
-                }
+                    None => return,
+                },
             }
         }
+    }
+
+    async fn report_arrived(&mut self, report: Report) {
+        match report {
+            Report::Event(event) => {
+                let _ = self.step(event, None).await;
+            }
+            Report::Health { colour, snapshot } => self.health_changed(colour, snapshot).await,
+            Report::Instances { colour, run, instances } => self.instances_changed(colour, run, instances).await,
+            Report::ColourReady {
+                deployment,
+                colour,
+                release,
+                then,
+            } => self.colour_ready(deployment, colour, release, then).await,
+        }
+    }
+
+    /// Hands a report to the actor itself, for after the message it is handling.
+    fn report(&self, event: Event) {
+        // Cannot fail: the actor holds the receiver for as long as it runs.
+        let _ = self.reports.send(Report::Event(event));
+    }
+
+    /// Handles a command; `Break` once the daemon stops.
+    async fn command(&mut self, msg: Msg) -> std::ops::ControlFlow<()> {
+        match msg {
+            Msg::Event { event, audit, reply } => {
+                let r = self.step(event, audit).await;
+                let _ = reply.send(r);
+            }
+            Msg::Deploy {
+                version,
+                upstreams,
+                actor,
+                reply,
+            } => {
+                let r = self.deploy(version, upstreams, actor).await;
+                let _ = reply.send(r);
+            }
+            Msg::Rollback { actor, reply } => {
+                let r = self.rollback(actor).await;
+                let _ = reply.send(r);
+            }
+            Msg::Shutdown { reply } => {
+                if let Some((_, task)) = self.smoke.take() {
+                    task.abort();
+                }
+                if let Some((_, task)) = self.watch.take() {
+                    task.abort();
+                }
+                for colour in [Colour::Blue, Colour::Green] {
+                    if let Some(run) = self.runs[slot(colour)].take() {
+                        run.stop_forwarding();
+                        self.lanes[slot(colour)].push(Job::Stop(Stopping::Run(run)));
+                    }
+                }
+                // The lanes finish what was queued before (drains end at once: the proxy has
+                // stopped), so no instance outlives the daemon. Starts still queued only report
+                // to an actor that no longer listens.
+                let [blue, green] = &mut self.lanes;
+                tokio::join!(blue.close(), green.close());
+                let _ = reply.send(());
+                return std::ops::ControlFlow::Break(());
+            }
+        }
+        std::ops::ControlFlow::Continue(())
     }
 
     async fn deploy(
@@ -804,7 +1039,7 @@ impl Actor {
             return Err(CommandError::Store(e.to_string()));
         }
         self.state = t.state.clone();
-        self.sync_table();
+        self.committed();
         self.execute(t.actions.clone()).await;
         Ok(t)
     }
@@ -815,33 +1050,27 @@ impl Actor {
             .await
     }
 
-    /// Makes the route table's active colour and versions follow the committed state, and
-    /// refreshes the status view.
-    fn sync_table(&self) {
-        let live = self.state.live.clone();
-        let first = self.state.in_progress().map(|d| d.colour);
-        let name = self.name().to_string();
-        let versions: [Option<String>; 2] = [0, 1].map(|i| self.runs[i].as_ref().map(|r| r.release.version.clone()));
-        let r = self.shared.proxy.update(|t| {
-            t.with_service(&name, |s| {
-                match (&live, first) {
-                    (Some(live), _) => s.active = live.colour,
-                    // Nothing live yet: the preview route (the inactive colour) must lead to the
-                    // first release under validation, while live traffic gets 503.
-                    (None, Some(colour)) => s.active = colour.other(),
-                    (None, None) => {}
+    /// What follows every commit, before its actions: the status view shows the committed state,
+    /// and while nothing is live the preview route leads to the first release.
+    ///
+    /// The live colour is not set here: it changes only in [`Action::SwitchTo`], so that the one
+    /// table store that moves live traffic is the one timed and reported. The pools' instances,
+    /// health and versions follow the runs ([`Actor::set_pool`]), not the state.
+    fn committed(&self) {
+        if self.state.live.is_none() {
+            if let Some(d) = self.state.in_progress() {
+                // The preview route goes to the colour that is not active; live traffic goes to
+                // the active one, which has no instances while nothing is live, so gets 503.
+                if let Err(e) = self.shared.proxy.switch(self.name(), d.colour.other()) {
+                    tracing::error!(service = self.name(), error = %e, "cannot update the route table");
                 }
-                for c in [Colour::Blue, Colour::Green] {
-                    let v = versions[slot(c)].clone();
-                    let pool = s.pool_mut(c);
-                    pool.version = v.map(|v| Arc::from(v.as_str()));
-                }
-                Ok(())
-            })
-        });
-        if let Err(e) = r {
-            tracing::error!(service = %name, error = %e, "cannot update the route table");
+            }
         }
+        self.publish_view();
+    }
+
+    fn publish_view(&self) {
+        let name = self.name().to_string();
         let view = ServiceView {
             name: name.clone(),
             live: self.state.live.as_ref().map(|l| ColourView {
@@ -868,40 +1097,26 @@ impl Actor {
             .insert(name, view);
     }
 
-    /// Sets a colour's instances (with their current health) in the route table. An instance the
-    /// checks have no verdict on yet keeps the flag it had, or gets `assume` if it is new.
+    /// Sets a colour's instances (with their current health) in the route table; see [`set_pool`].
     fn set_pool(&self, colour: Colour, addrs: &[SocketAddr], health: Option<&HealthSnapshot>, assume: bool) {
-        let name = self.name().to_string();
         let version = self.runs[slot(colour)].as_ref().map(|r| r.release.version.clone());
-        let r = self.shared.proxy.update(|t| {
-            t.with_service(&name, |s| {
-                let old = s.pool(colour).clone();
-                // Keep the same Instance (and its counters and pooled connections) for an address
-                // that stays; only its health flag changes.
-                let instances = addrs
-                    .iter()
-                    .map(|a| {
-                        let known = old.instances.iter().find(|i| i.addr == *a).cloned();
-                        let before = known.as_ref().map_or(assume, |i| i.healthy);
-                        let mut i = known.unwrap_or_else(|| Instance::new(*a));
-                        i.healthy = match health.and_then(|h| h.get(*a)) {
-                            Some(h) if h.status != crate::health::Status::Unknown => h.healthy,
-                            _ => before,
-                        };
-                        i
-                    })
-                    .collect();
-                *s.pool_mut(colour) = old.with_instances(version.as_deref(), instances);
-                Ok(())
-            })
-        });
-        if let Err(e) = r {
-            tracing::error!(service = %name, error = %e, "cannot update the route table");
-        }
+        set_pool(
+            &self.shared.proxy,
+            self.name(),
+            colour,
+            version.as_deref(),
+            addrs,
+            health,
+            assume,
+        );
     }
 
+    /// Carries out a committed transition's actions in order. Drains and stops are queued on
+    /// their colour's lane; a start waits there for them, and the actions after it wait with it
+    /// ([`Report::ColourReady`]).
     async fn execute(&mut self, actions: Vec<Action>) {
-        for action in actions {
+        let mut actions = actions.into_iter();
+        while let Some(action) = actions.next() {
             match action {
                 Action::Record(record) => self.announce(&record),
                 Action::StartInstances {
@@ -909,30 +1124,31 @@ impl Actor {
                     colour,
                     release,
                 } => {
-                    if let Err(reason) = self.start_instances(deployment, colour, release).await {
-                        let _ = self
-                            .tx
-                            .try_send(Msg::report(Event::ProvisionFailed { id: deployment, reason }));
+                    self.stop_instances(colour).await; // whatever was left there is not this release
+                    let ready = Report::ColourReady {
+                        deployment,
+                        colour,
+                        release,
+                        then: actions.collect(),
+                    };
+                    if self.lanes[slot(colour)].push(Job::Then(ready)) > 0 {
+                        self.shared.notice(
+                            self.name(),
+                            Some(deployment),
+                            EventKind::Instances,
+                            format!("deployment {deployment}: {colour} is still draining or stopping; its instances start once it has stopped"),
+                            None,
+                        );
                     }
+                    return;
                 }
                 Action::Adopt { colour, release } => self.adopt(colour, release).await,
                 Action::StopInstances { colour } => self.stop_instances(colour).await,
                 Action::Drain { colour } => {
-                    let (timeout, window) = (self.cfg.drain_timeout, self.cfg.close_window);
-                    match self.shared.proxy.drain(self.name(), colour, timeout, window).await {
-                        Ok(r) => {
-                            let msg = if r.completed {
-                                format!("{colour} drained in {:.1?}", r.elapsed)
-                            } else {
-                                format!(
-                                    "{colour} drain deadline reached after {:.1?}: {} requests cut, {} upgraded connections closed",
-                                    r.elapsed, r.cut_requests, r.closed_upgrades
-                                )
-                            };
-                            self.shared.notice(self.name(), None, EventKind::Drained, msg, None);
-                        }
-                        Err(e) => tracing::error!(service = self.name(), error = %e, "drain failed"),
-                    }
+                    self.lanes[slot(colour)].push(Job::Drain {
+                        timeout: self.cfg.drain_timeout,
+                        close_window: self.cfg.close_window,
+                    });
                 }
                 Action::RunSmoke { deployment, colour } => self.run_smoke(deployment, colour),
                 Action::CancelSmoke { deployment } => {
@@ -945,21 +1161,26 @@ impl Actor {
                     }
                 }
                 Action::SwitchTo { colour } => {
+                    // The one store that moves live traffic, and what is timed: the state naming
+                    // `colour` live is committed already, so a crash from here on comes back to it.
                     let t0 = Instant::now();
                     let r = self.shared.proxy.switch(self.name(), colour);
+                    let took = t0.elapsed();
+                    let version = self.runs[slot(colour)]
+                        .as_ref()
+                        .map(|r| r.release.version.clone())
+                        .unwrap_or_default();
                     match r {
-                        Ok(()) => {
-                            let version = self.runs[slot(colour)]
-                                .as_ref()
-                                .map(|r| r.release.version.clone())
-                                .unwrap_or_default();
-                            self.shared.notice(
-                                self.name(),
-                                None,
-                                EventKind::Switch,
-                                format!("live traffic switched to {colour} ({version}) in {:.1?}", t0.elapsed()),
-                                None,
-                            );
+                        Ok(true) => self.shared.notice(
+                            self.name(),
+                            None,
+                            EventKind::Switch,
+                            format!("live traffic switched to {colour} ({version}) in {took:.1?}"),
+                            None,
+                        ),
+                        // After a restart, the fresh table may name the live colour already.
+                        Ok(false) => {
+                            tracing::info!(service = self.name(), %colour, version, "live traffic is on {colour}")
                         }
                         Err(e) => tracing::error!(service = self.name(), error = %e, "switch failed"),
                     }
@@ -979,7 +1200,7 @@ impl Actor {
                     timer,
                     after,
                 } => {
-                    let tx = self.tx.clone();
+                    let reports = self.reports.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(after).await;
                         let event = match timer {
@@ -988,7 +1209,7 @@ impl Actor {
                             Timer::WatchWindow => Event::WatchWindowElapsed { id: deployment },
                             Timer::KeepWarm => Event::KeepWarmElapsed { id: deployment },
                         };
-                        let _ = tx.send(Msg::report(event)).await;
+                        let _ = reports.send(Report::Event(event));
                     });
                 }
             }
@@ -1106,13 +1327,28 @@ impl Actor {
         }
     }
 
+    /// The colour's lane has stopped what ran there before: start `deployment`'s instances, unless
+    /// it ended meanwhile (an abort while the colour was still draining starts nothing, and its
+    /// timers in `then` would only be stale), then carry out the rest of its transition.
+    async fn colour_ready(&mut self, deployment: DeploymentId, colour: Colour, release: Release, then: Vec<Action>) {
+        let current = matches!(&self.state.phase, Phase::Provisioning(d) if d.id == deployment && d.colour == colour);
+        if !current {
+            tracing::debug!(service = self.name(), %deployment, %colour, "deployment ended before its colour was free");
+            return;
+        }
+        if let Err(reason) = self.start_instances(deployment, colour, release).await {
+            self.report(Event::ProvisionFailed { id: deployment, reason });
+        }
+        self.execute(then).await;
+    }
+
+    /// Starts a colour's instances; only once its lane is through with earlier ones.
     async fn start_instances(
         &mut self,
         deployment: DeploymentId,
         colour: Colour,
         release: Release,
     ) -> Result<(), String> {
-        self.stop_instances(colour).await; // whatever was left there is not this release
         let instances = match &self.cfg.driver {
             Driver::Process { command, instances } => {
                 let spec = self.spec(colour, &release, command, *instances);
@@ -1186,19 +1422,16 @@ impl Actor {
                 let now = rx.borrow_and_update().clone();
                 let recorded: Vec<Recorded> = now.iter().filter_map(InstanceInfo::recorded).collect();
                 self.record_instances(colour, &release, &recorded).await;
-                let tx = self.tx.clone();
+                let reports = self.reports.clone();
                 let follow = tokio::spawn(async move {
                     while rx.changed().await.is_ok() {
                         let instances = rx.borrow_and_update().clone();
-                        if tx
-                            .send(Msg::Instances {
-                                colour,
-                                run: id,
-                                instances,
-                            })
-                            .await
-                            .is_err()
-                        {
+                        let report = Report::Instances {
+                            colour,
+                            run: id,
+                            instances,
+                        };
+                        if reports.send(report).is_err() {
                             return;
                         }
                     }
@@ -1213,11 +1446,11 @@ impl Actor {
             config: self.cfg.health.clone(),
         });
         let mut rx = health.subscribe();
-        let tx = self.tx.clone();
+        let reports = self.reports.clone();
         let forward = tokio::spawn(async move {
             loop {
                 let snapshot = rx.borrow_and_update().clone();
-                if tx.send(Msg::Health { colour, snapshot }).await.is_err() {
+                if reports.send(Report::Health { colour, snapshot }).is_err() {
                     return;
                 }
                 if rx.changed().await.is_err() {
@@ -1269,34 +1502,29 @@ impl Actor {
         }
     }
 
+    /// Queues the stop of a colour's instances on its lane, which also takes them out of the route
+    /// table and the store once they are gone. The run leaves the actor now: nothing of it
+    /// reports any more, and a later start on the colour waits for the stop.
     async fn stop_instances(&mut self, colour: Colour) {
-        if let Some(run) = self.runs[slot(colour)].take() {
-            run.stop_forwarding();
-            run.health.stop().await;
-            if let Instances::Process(group) = &run.instances {
-                if let Err(e) = group.stop().await {
-                    tracing::error!(service = self.name(), %colour, error = %e, "instances did not stop");
+        let stopping = match self.runs[slot(colour)].take() {
+            Some(run) => {
+                run.stop_forwarding();
+                Stopping::Run(run)
+            }
+            None => {
+                if !matches!(self.cfg.driver, Driver::Process { .. }) {
+                    return;
                 }
+                // Instances of an earlier daemon that were never adopted. Read now: a start on the
+                // colour queued after this stop must not find its own instances in the list.
+                let recorded = self.recorded(colour, None).await;
+                if recorded.is_empty() {
+                    return;
+                }
+                Stopping::Recorded(recorded)
             }
-            self.shared.notice(
-                self.name(),
-                None,
-                EventKind::Instances,
-                format!("{colour} ({}) stopped", run.release),
-                None,
-            );
-        } else if let Driver::Process { .. } = self.cfg.driver {
-            // Instances of an earlier daemon that were never adopted.
-            let recorded = self.recorded(colour, None).await;
-            if !recorded.is_empty() {
-                let _ =
-                    crate::process::stop_recorded(self.name(), colour, &recorded, crate::process::DEFAULT_GRACE).await;
-            }
-        }
-        let _ = self
-            .on_store(move |store, name| store.remove_instances(name, colour))
-            .await;
-        self.set_pool(colour, &[], None, false);
+        };
+        self.lanes[slot(colour)].push(Job::Stop(stopping));
     }
 
     async fn health_changed(&mut self, colour: Colour, snapshot: HealthSnapshot) {
@@ -1406,11 +1634,11 @@ impl Actor {
     }
 
     fn run_smoke(&mut self, deployment: DeploymentId, colour: Colour) {
-        let tx = self.tx.clone();
         let Some(validate) = self.cfg.validate.clone() else {
-            let _ = self.tx.try_send(Msg::report(Event::SmokePassed { id: deployment }));
+            self.report(Event::SmokePassed { id: deployment });
             return;
         };
+        let reports = self.reports.clone();
         let server = &self.shared.config.server;
         let front = server.preview_listen.first().or(server.listen.first()).copied();
         let url = match front {
@@ -1484,7 +1712,7 @@ impl Actor {
                     Some(reason.clone()),
                 );
             }
-            let _ = tx.send(Msg::report(event)).await;
+            let _ = reports.send(Report::Event(event));
         });
         self.smoke = Some((deployment, task));
     }
@@ -1492,7 +1720,7 @@ impl Actor {
     fn start_watch(&mut self, deployment: DeploymentId, colour: Colour) {
         let proxy = self.shared.proxy.clone();
         let name = self.name().to_string();
-        let tx = self.tx.clone();
+        let reports = self.reports.clone();
         let every = (self.cfg.watch.duration / 20).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let task = tokio::spawn(async move {
             let stats = |p: &Proxy| -> StatsSnapshot {
@@ -1512,9 +1740,8 @@ impl Actor {
                     errors: w.errors(),
                     p99: w.quantile(0.99),
                 };
-                if tx
-                    .send(Msg::report(Event::WatchSample { id: deployment, sample }))
-                    .await
+                if reports
+                    .send(Report::Event(Event::WatchSample { id: deployment, sample }))
                     .is_err()
                 {
                     return;
@@ -1747,6 +1974,160 @@ mod tests {
         state = step(&state, Event::SmokePassed { id: DeploymentId(2) });
         assert_eq!(state.live.as_ref().map(|l| l.colour), Some(Colour::Green), "{state:?}");
         assert!(crash_loop(&state.phase, &spec(Colour::Green), &crashing).is_none());
+    }
+
+    /// An upstream that answers every request 200 "ok" and closes, for static services.
+    async fn upstream() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A daemon with one static service, `web`, whose table has the keys in `service`.
+    async fn static_daemon(dir: &std::path::Path, service: &str) -> Daemon {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nworkers = 1\n\n[services.web]\n\
+             health = {{ path = \"/up\", interval = \"50ms\", healthy = 1, unhealthy = 2, deadline = \"10s\" }}\n{service}\n",
+            dir.join("state").display()
+        );
+        Daemon::start(Config::parse(&text, "test.toml").unwrap()).await.unwrap()
+    }
+
+    /// Polls the service's status until `done` holds, for at most `within`.
+    async fn status_until(daemon: &Daemon, within: Duration, done: impl Fn(&ServiceView) -> bool) -> ServiceView {
+        let deadline = Instant::now() + within;
+        loop {
+            let view = daemon.status().into_iter().find(|v| v.name == "web").unwrap();
+            if done(&view) || Instant::now() > deadline {
+                return view;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn live(view: &ServiceView) -> Option<&str> {
+        view.live.as_ref().map(|l| l.colour.as_str())
+    }
+
+    /// A promotion moves live traffic in one table store, made by the switch, after the commit:
+    /// nothing stores the new live colour before it, and no second store follows it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn daemon_a_promotion_stores_one_table_and_that_store_is_the_switch() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = static_daemon(
+            dir.path(),
+            "promote = { auto = false }\nwatch = { duration = \"1h\", min_requests = 1000000 }",
+        )
+        .await;
+        daemon
+            .deploy("web", "v1", vec![upstream().await], "test")
+            .await
+            .unwrap();
+        let view = status_until(&daemon, Duration::from_secs(20), |v| live(v) == Some("blue")).await;
+        assert_eq!(live(&view), Some("blue"), "{view:?}");
+        daemon
+            .deploy("web", "v2", vec![upstream().await], "test")
+            .await
+            .unwrap();
+        let view = status_until(&daemon, Duration::from_secs(20), |v| v.phase == "ready to promote").await;
+        assert_eq!(view.phase, "ready to promote", "{view:?}");
+
+        let mut notices = daemon.subscribe();
+        let before = daemon.proxy().table();
+        assert_eq!(before.service("web").unwrap().active, Colour::Blue);
+        daemon.promote("web", "test").await.unwrap();
+        let after = daemon.proxy().table();
+        assert_eq!(after.service("web").unwrap().active, Colour::Green);
+        assert_eq!(
+            after.revision(),
+            before.revision() + 1,
+            "the promotion stored exactly one table, the one that moved live traffic"
+        );
+        // The switch notice reports that store (and only a store that switched is reported).
+        let switch = loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), notices.recv())
+                .await
+                .expect("a switch notice")
+                .unwrap();
+            if n.kind == "switch" {
+                break n;
+            }
+        };
+        assert!(
+            switch.message.starts_with("live traffic switched to green (v2) in "),
+            "{}",
+            switch.message
+        );
+        assert_eq!(
+            daemon.proxy().switch("web", Colour::Green).unwrap(),
+            false,
+            "green is live: switching to it again stores nothing"
+        );
+        daemon.stop().await;
+    }
+
+    /// The actor's own reports never wait behind commands nor get dropped when the commands'
+    /// mailbox is full: with hundreds of refused commands queued all the time, a first release
+    /// still gets through health checks and validation (no smoke command: the actor reports the
+    /// pass to itself) and goes live.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn daemon_reports_get_through_a_full_mailbox_of_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = static_daemon(dir.path(), "").await;
+        daemon
+            .deploy("web", "v1", vec![upstream().await], "test")
+            .await
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // More senders than the mailbox has room for, each sending again as soon as answered.
+        let flood: Vec<_> = (0..400)
+            .map(|_| {
+                let (daemon, stop, refused) = (daemon.clone(), stop.clone(), refused.clone());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if daemon.promote("web", "flood").await.is_err() {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let view = status_until(&daemon, Duration::from_secs(30), |v| {
+            live(v) == Some("blue") && v.phase == "stable"
+        })
+        .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in flood {
+            task.await.unwrap();
+        }
+        assert!(
+            refused.load(std::sync::atomic::Ordering::Relaxed) > 400,
+            "the mailbox was flooded throughout"
+        );
+        assert_eq!(
+            (live(&view), view.phase.as_str()),
+            (Some("blue"), "stable"),
+            "the deployment went on: {view:?}"
+        );
+        daemon.stop().await;
     }
 
     #[test]

@@ -21,9 +21,12 @@
 //! 2. `state.step(event)`. An `Err` changed nothing: show it to the user, or, for
 //!    [`ErrorKind::Stale`], log it and carry on (a late report of a finished step).
 //! 3. On `Ok(transition)`: commit `transition.state` together with its [`Action::Record`]s in one
-//!    store transaction, *then* execute the other actions in order, each finishing before the next
-//!    starts (a [`Action::Drain`] waits for in-flight requests up to `drain_timeout`). Events of one
-//!    service are handled one at a time.
+//!    store transaction, *then* execute the other actions in order. Actions on one colour finish
+//!    in order (a [`Action::Drain`] waits for in-flight requests up to `drain_timeout`, then the
+//!    [`Action::StopInstances`] after it runs, and only then an [`Action::StartInstances`] on that
+//!    colour and the actions after it); the driver may carry out drains and stops in the
+//!    background meanwhile, so that events keep being handled. Events of one service are handled
+//!    one at a time.
 //! 4. After a restart (even `kill -9`): load the last committed state and run [`State::recover`],
 //!    then commit and execute as in 3.
 //!
@@ -434,7 +437,8 @@ pub enum Record {
     },
 }
 
-/// Something the driver does. Within a transition they run in order, each finishing first.
+/// Something the driver does. Within a transition they run in order; see the module's step 3 for
+/// the drains and stops that may finish in the background.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Start the service's instances of `release` on `colour` and health-check them; report
@@ -1012,12 +1016,14 @@ impl State {
             colour: d.colour,
             release: d.release.clone(),
         };
+        // The switch before the record that ends the deployment: whoever waits for that record
+        // (`cutover deploy`) finds live traffic on the new release once it comes.
+        actions.push(Action::SwitchTo { colour: d.colour });
         actions.push(Action::Record(Record::WentLive {
             id: d.id,
             live: live.clone(),
             watch: Watched::Skipped,
         }));
-        actions.push(Action::SwitchTo { colour: d.colour });
         let state = State {
             live: Some(live),
             phase: Phase::Stable {
@@ -1127,18 +1133,18 @@ impl State {
         }
     }
 
-    /// Instant rollback: live traffic back to the warm `to` first (it is the urgent part), then
-    /// drain and stop the rejected colour (the one live now). `id` is the deployment that made the
-    /// rejected release live.
+    /// Instant rollback: live traffic back to the warm `to` first (it is the urgent part, and the
+    /// record that ends the deployment follows it), then drain and stop the rejected colour (the
+    /// one live now). `id` is the deployment that made the rejected release live.
     fn roll_back(&self, id: DeploymentId, rejected: &Release, to: &Live, reason: Reason, watching: bool) -> Transition {
         let bad = to.colour.other();
         let mut actions = vec![
+            Action::SwitchTo { colour: to.colour },
             Action::Record(Record::RolledBack {
                 id,
                 to: to.clone(),
                 reason: reason.clone(),
             }),
-            Action::SwitchTo { colour: to.colour },
         ];
         if watching {
             actions.push(Action::StopWatch { deployment: id });
@@ -1604,12 +1610,12 @@ mod tests {
             t.actions,
             vec![
                 record(Record::Validated { id: id(1) }),
+                Action::SwitchTo { colour: Colour::Blue },
                 record(Record::WentLive {
                     id: id(1),
                     live: at(Colour::Blue, "v1"),
                     watch: Watched::Skipped
                 }),
-                Action::SwitchTo { colour: Colour::Blue },
             ]
         );
         assert_eq!(
@@ -2106,12 +2112,12 @@ mod tests {
         assert_eq!(
             t.actions,
             vec![
+                Action::SwitchTo { colour: Colour::Blue },
                 record(Record::RolledBack {
                     id: id(2),
                     to: at(Colour::Blue, "v1"),
                     reason: reason.clone()
                 }),
-                Action::SwitchTo { colour: Colour::Blue },
                 Action::StopWatch { deployment: id(2) },
                 Action::Drain { colour: Colour::Green },
                 Action::StopInstances { colour: Colour::Green },
@@ -2267,12 +2273,12 @@ mod tests {
         assert_eq!(
             t.actions,
             vec![
+                Action::SwitchTo { colour: Colour::Blue },
                 record(Record::RolledBack {
                     id: id(2),
                     to: at(Colour::Blue, "v1"),
                     reason: Reason::Requested
                 }),
-                Action::SwitchTo { colour: Colour::Blue },
                 Action::Drain { colour: Colour::Green },
                 Action::StopInstances { colour: Colour::Green },
             ]

@@ -1395,3 +1395,114 @@ fn deploy_follows_the_deployment_across_a_daemon_restart() {
         "{shown}"
     );
 }
+
+#[test]
+fn commands_are_answered_at_once_while_the_rolled_back_colour_drains() {
+    // A request held open on green keeps green's drain going for 8 s of its 30 s drain_timeout.
+    let mut s = Setup::with_service(&format!(
+        "command = \"MARKER {BIN} demo-app --port {{port}}\"\ninstances = 1\n\
+         health = {{ path = \"/up\", interval = \"100ms\", timeout = \"1s\", healthy = 1, unhealthy = 2, deadline = \"20s\" }}\n\
+         drain_timeout = \"30s\"\npromote = {{ auto = false }}\nkeep_warm = \"1m\"\n\
+         watch = {{ duration = \"1m\", min_requests = 1000000 }}\n"
+    ));
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    assert!(s
+        .cli(&["deploy", "web", "--version", "v2", "--no-wait"])
+        .status
+        .success());
+    assert!(wait_until(Duration::from_secs(20), || text(&s.cli(&["status"]))
+        .contains("ready to promote")));
+    assert!(s.cli(&["promote", "web"]).status.success());
+    assert_eq!(s.get(), Some((200, "v2 green".into())));
+
+    let front = s.front;
+    let slow = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(front).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            c,
+            "GET /?delay=8000 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    });
+    let green_in_flight = |s: &Setup| -> u64 {
+        let status: serde_json::Value =
+            serde_json::from_slice(&s.cli(&["status", "--json"]).stdout).unwrap_or_default();
+        status["services"][0]["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["colour"] == "green")
+            .map(|i| i["in_flight"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || green_in_flight(&s) == 1),
+        "the slow request is on green"
+    );
+
+    // Each command is answered in well under the 8 s the drain is held for.
+    let timed = |args: &[&str]| {
+        let t = Instant::now();
+        let out = s.cli(args);
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "`cutover {}` took {took:?} while green drains: {}",
+            args.join(" "),
+            text(&out)
+        );
+        out
+    };
+    let out = timed(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("instantly"), "{}", text(&out));
+    assert_eq!(s.get(), Some((200, "v1 blue".into())), "live traffic is back at once");
+    let out = timed(&["status"]);
+    assert!(text(&out).contains("live blue@v1"), "{}", text(&out));
+    // A deployment to green while green still drains is accepted, and waits for green's stop.
+    let out = timed(&["deploy", "web", "--version", "v3", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = timed(&["promote", "web"]);
+    assert_eq!(out.status.code(), Some(2), "nothing to promote yet: {}", text(&out));
+    let out = timed(&["deploy", "web", "--version", "v4", "--no-wait"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("in progress"), "{}", text(&out));
+    let v3 = s.pids("v3");
+    assert!(
+        v3.is_empty() || s.pids("v2").is_empty(),
+        "v3 started next to the draining v2: {v3:?}"
+    );
+    let out = timed(&["abort", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The held request finished where it started, then green was stopped.
+    let answer = slow.join().unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("v2 green\n"),
+        "{answer}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || s.pids("v2").is_empty()),
+        "drained green stopped"
+    );
+    // The next deployment starts on green; by then the aborted v3, which was still waiting for
+    // green, has long been passed over without starting anything.
+    assert!(s
+        .cli(&["deploy", "web", "--version", "v5", "--no-wait"])
+        .status
+        .success());
+    assert!(
+        wait_until(Duration::from_secs(20), || text(&s.cli(&["status"]))
+            .contains("ready to promote")),
+        "{}",
+        s.logs()
+    );
+    assert!(s.pids("v3").is_empty(), "the aborted deployment started nothing");
+    assert!(!s.pids("v5").is_empty());
+    assert_eq!(s.get(), Some((200, "v1 blue".into())));
+}

@@ -138,21 +138,37 @@ impl Proxy {
         F: FnOnce(&RouteTable) -> Result<RouteTable, TableError>,
     {
         let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
-        let next = Arc::new(f(&self.shared.table.load())?);
-        self.shared.table.store(next.clone());
-        Ok(next)
+        let current = self.shared.table.load();
+        let next = f(&current)?;
+        Ok(self.store(&current, next))
     }
 
     /// Makes `to` the live colour of `service` in one store. Requests already routed keep their
-    /// colour; every request whose head arrives after this returns goes to `to`.
-    pub fn switch(&self, service: &str, to: Colour) -> Result<(), TableError> {
-        self.update(|t| {
-            t.with_service(service, |s| {
-                s.active = to;
-                Ok(())
-            })
-        })
-        .map(|_| ())
+    /// colour; every request whose head arrives after this returns goes to `to`. Returns false,
+    /// storing nothing, when `to` was live already.
+    pub fn switch(&self, service: &str, to: Colour) -> Result<bool, TableError> {
+        let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.shared.table.load();
+        let svc = current
+            .service(service)
+            .ok_or_else(|| TableError::UnknownService(service.to_string()))?;
+        if svc.active == to {
+            return Ok(false);
+        }
+        let next = current.with_service(service, |s| {
+            s.active = to;
+            Ok(())
+        })?;
+        self.store(&current, next);
+        Ok(true)
+    }
+
+    /// Stores `next` as the successor of `current`. Callers hold the update lock.
+    fn store(&self, current: &RouteTable, mut next: RouteTable) -> Arc<RouteTable> {
+        next.set_revision(current.revision().wrapping_add(1));
+        let next = Arc::new(next);
+        self.shared.table.store(next.clone());
+        next
     }
 
     /// Begins a graceful shutdown: no new connections; open ones finish their current request.
@@ -177,5 +193,37 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::Service;
+
+    #[tokio::test]
+    async fn a_switch_is_one_store_and_a_switch_to_the_live_colour_none() {
+        let table = RouteTable::new(vec![Service::new("web")]).unwrap();
+        let proxy = Proxy::start(ProxyConfig::default(), table).unwrap();
+        let start = proxy.table();
+        assert_eq!(
+            (start.revision(), start.service("web").unwrap().active),
+            (0, Colour::Blue)
+        );
+
+        assert!(!proxy.switch("web", Colour::Blue).unwrap(), "blue is live already");
+        assert!(Arc::ptr_eq(&proxy.table(), &start), "nothing was stored");
+
+        assert!(proxy.switch("web", Colour::Green).unwrap());
+        let switched = proxy.table();
+        assert_eq!(switched.revision(), 1);
+        assert_eq!(switched.service("web").unwrap().active, Colour::Green);
+
+        let updated = proxy.update(|t| t.with_service("web", |_| Ok(()))).unwrap();
+        assert!(Arc::ptr_eq(&updated, &proxy.table()));
+        assert_eq!(updated.revision(), 2, "every update is a store, changed or not");
+        assert!(proxy.switch("nope", Colour::Green).is_err());
+        assert_eq!(proxy.table().revision(), 2);
+        proxy.shutdown();
     }
 }

@@ -359,6 +359,8 @@ pub struct RouteTable {
     services: Vec<Service>,
     by_host: HashMap<String, usize>,
     default: Option<usize>,
+    /// How many tables the proxy stored before this one (see [`RouteTable::revision`]).
+    revision: u64,
 }
 
 impl RouteTable {
@@ -394,7 +396,19 @@ impl RouteTable {
             services,
             by_host,
             default,
+            revision: 0,
         })
+    }
+
+    /// 0 for the table a proxy starts with, one more for each table it stored since
+    /// ([`crate::Proxy::update`], [`crate::Proxy::switch`]). Two loads with the same revision saw
+    /// the same table; the difference between two revisions is how many stores came between them.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub(crate) fn set_revision(&mut self, revision: u64) {
+        self.revision = revision;
     }
 
     pub fn services(&self) -> &[Service] {
