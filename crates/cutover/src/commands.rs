@@ -146,6 +146,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     cutover_control::private_dir::prepare_state_dir(&config.server.state_dir)
         .map_err(|e| usage(format!("{}: {e}", path.display())))?;
     runtime()?.block_on(async move {
+        // Before anything answers: a SIGTERM sent once the daemon is seen to answer must stop it
+        // gracefully, not kill it with the default action.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
         // The admin listener first: a busy address must fail the start before anything runs. If
         // the start fails after it, dropping it removes the socket file again.
         let listener = match &config.server.admin {
@@ -161,9 +166,6 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         for a in daemon.proxy().local_addrs() {
             tracing::info!(listen = %a, admin = %config.server.admin, "cutover serving on {a}; admin API on {}", config.server.admin);
         }
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

@@ -63,7 +63,7 @@ enum Command {
     History(commands::HistoryArgs),
     /// The output of a service's instances.
     Logs(commands::LogsArgs),
-    /// Configuration helpers.
+    /// The config file: `cutover config example` prints a complete, commented one.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Run the proxy alone in front of fixed blue and green upstreams.

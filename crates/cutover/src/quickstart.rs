@@ -17,6 +17,29 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
+/// `println!` that returns the write error instead of panicking: when the reader of stdout goes
+/// away (`quickstart | head`), the quickstart stops its daemon and removes its directory like at
+/// any other failure, instead of dying with its demo instances left running.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, $($arg)*).and_then(|()| out.flush()).map_err(OutputClosed)
+    }};
+}
+
+/// Stdout could not be written (the reader closed the pipe): stop quietly.
+#[derive(Debug)]
+struct OutputClosed(std::io::Error);
+
+impl std::fmt::Display for OutputClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write the quickstart's output: {}", self.0)
+    }
+}
+
+impl std::error::Error for OutputClosed {}
+
 #[derive(clap::Args)]
 pub struct QuickstartArgs {
     /// Concurrent keep-alive clients.
@@ -128,6 +151,11 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
+    // Taken before anything starts, so that Ctrl-C (or a SIGTERM) never kills the process with
+    // instances running and the directory left behind: it ends the steps, then the cleanup runs.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let t0 = Instant::now();
     let dir = std::env::temp_dir().join(format!("cutover-quickstart-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
@@ -146,19 +174,52 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
     let config_path = dir.join("cutover.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = cutover_control::config::Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!(
-        "cutover quickstart: the demo app, two instances per colour, {} keep-alive clients",
-        args.clients
-    );
-    println!("  config {}", config_path.display());
-
-    let daemon = cutover_control::daemon::Daemon::start(config)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    // Whatever happens below, the daemon stops its instances before the directory goes.
-    let result = run_steps(&daemon, &args, t0).await;
+    let started = async {
+        say!(
+            "cutover quickstart: the demo app, two instances per colour, {} keep-alive clients",
+            args.clients
+        )?;
+        say!("  config {}", config_path.display())?;
+        cutover_control::daemon::Daemon::start(config)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let daemon = tokio::select! {
+        d = started => match d {
+            Ok(d) => d,
+            Err(e) => return quiet_if_closed(e),
+        },
+        _ = int.recv() => return Ok(interrupted(&dir, "SIGINT")),
+        _ = term.recv() => return Ok(interrupted(&dir, "SIGTERM")),
+    };
+    // Whatever happens below (a failure, a closed output, a signal), the daemon stops its
+    // instances before the directory goes.
+    let result = tokio::select! {
+        r = run_steps(&daemon, &args, t0) => r.or_else(quiet_if_closed),
+        _ = int.recv() => Ok(interrupted(&dir, "SIGINT")),
+        _ = term.recv() => Ok(interrupted(&dir, "SIGTERM")),
+    };
     daemon.stop().await;
     result
+}
+
+/// A closed stdout ends the quickstart without a message (whoever read it has gone) and with
+/// the status a shell gives a command killed by SIGPIPE; any other error is reported.
+fn quiet_if_closed(e: anyhow::Error) -> anyhow::Result<ExitCode> {
+    match e.downcast_ref::<OutputClosed>() {
+        Some(_) => Ok(ExitCode::from(128 + 13)),
+        None => Err(e),
+    }
+}
+
+/// Said on stderr (stdout may be what was closed) before the cleanup; the status a shell gives
+/// a command killed by SIGINT.
+fn interrupted(dir: &std::path::Path, signal: &str) -> ExitCode {
+    eprintln!(
+        "quickstart: {signal}: stopping the demo instances and removing {}",
+        dir.display()
+    );
+    ExitCode::from(128 + 2)
 }
 
 async fn run_steps(
@@ -168,12 +229,12 @@ async fn run_steps(
 ) -> anyhow::Result<ExitCode> {
     let daemon = daemon.clone();
     let front = daemon.proxy().local_addrs()[0];
-    println!("  daemon serving on http://{front}\n");
+    say!("  daemon serving on http://{front}\n")?;
     let mut notices = daemon.subscribe();
 
     // v1 on blue: the first release goes live once healthy and validated.
     let took = deploy(&daemon, &mut notices, "v1").await?;
-    println!("  v1 live on blue after {took:.1?}\n");
+    say!("  v1 live on blue after {took:.1?}\n")?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -184,13 +245,13 @@ async fn run_steps(
 
     // v2 on green: health checks, the smoke test through the preview route, the switch, the watch.
     let took = deploy(&daemon, &mut notices, "v2").await?;
-    println!("  v2 live on green after {took:.1?} (including the 2 s watch)\n");
+    say!("  v2 live on green after {took:.1?} (including the 2 s watch)\n")?;
     tokio::time::sleep(args.phase).await;
 
     let t = Instant::now();
     let done = daemon.rollback("demo", "quickstart").await?;
-    println!("  rollback ({}) in {:.1?}", done.kind, t.elapsed());
-    follow(&mut notices, None, Duration::from_millis(200)).await;
+    say!("  rollback ({}) in {:.1?}", done.kind, t.elapsed())?;
+    follow(&mut notices, None, Duration::from_millis(200)).await?;
     tokio::time::sleep(args.phase).await;
 
     stop.store(true, Ordering::Relaxed);
@@ -200,22 +261,22 @@ async fn run_steps(
     let (_, live) = get(front, "/", None).await?;
 
     let t = tally.lock().unwrap_or_else(|p| p.into_inner());
-    println!("\nreport");
-    println!("  requests sent     {}", t.ok + t.failed);
-    println!("  failed            {}", t.failed);
+    say!("\nreport")?;
+    say!("  requests sent     {}", t.ok + t.failed)?;
+    say!("  failed            {}", t.failed)?;
     for (version, n) in &t.served {
-        println!("  served by {:<8} {n}", version);
+        say!("  served by {:<8} {n}", version)?;
     }
-    println!("  live at the end   {live}");
-    println!("  total time        {:.1?}", t0.elapsed());
+    say!("  live at the end   {live}")?;
+    say!("  total time        {:.1?}", t0.elapsed())?;
     if let Some(e) = &t.first_error {
-        println!("  first failure     {e}");
+        say!("  first failure     {e}")?;
     }
     if t.failed > 0 {
-        println!("\nFAILED: {} requests failed", t.failed);
+        say!("\nFAILED: {} requests failed", t.failed)?;
         return Ok(ExitCode::from(1));
     }
-    println!("\nno request failed across two switches");
+    say!("\nno request failed across two switches")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -227,7 +288,7 @@ async fn deploy(
 ) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let id = daemon.deploy("demo", version, Vec::new(), "quickstart").await?;
-    match follow(notices, Some(id), Duration::from_secs(30)).await {
+    match follow(notices, Some(id), Duration::from_secs(30)).await? {
         Some(kind) if kind == "went-live" => Ok(t.elapsed()),
         Some(kind) => anyhow::bail!("deployment {id} of {version} ended: {kind}"),
         None => anyhow::bail!("deployment {id} of {version} did not finish in 30 s"),
@@ -235,21 +296,21 @@ async fn deploy(
 }
 
 /// Prints notices until deployment `id` ends (returning how), or until `quiet` passes without one
-/// when no deployment is followed.
+/// when no deployment is followed. Fails only when stdout is closed.
 async fn follow(
     notices: &mut tokio::sync::broadcast::Receiver<cutover_control::daemon::Notice>,
     id: Option<u64>,
     quiet: Duration,
-) -> Option<String> {
+) -> Result<Option<String>, OutputClosed> {
     loop {
         let n = match tokio::time::timeout(quiet, notices.recv()).await {
             Ok(Ok(n)) => n,
             Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
-            _ => return None,
+            _ => return Ok(None),
         };
-        println!("    {}", n.message);
+        say!("    {}", n.message)?;
         if n.terminal && id.is_some() && n.deployment == id {
-            return Some(n.kind.as_str().to_string());
+            return Ok(Some(n.kind.as_str().to_string()));
         }
     }
 }

@@ -451,3 +451,119 @@ fn config_example_prints_the_whole_commented_example() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Processes whose working directory, executable, command line or an open file lies under `dir`
+/// (the quickstart's instances write their logs there).
+fn processes_using(dir: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let mut paths: Vec<std::path::PathBuf> = ["cwd", "exe"]
+            .iter()
+            .filter_map(|l| std::fs::read_link(entry.path().join(l)).ok())
+            .collect();
+        if let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) {
+            paths.extend(fds.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()));
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if paths.iter().any(|p| p.to_string_lossy().starts_with(dir)) || String::from_utf8_lossy(&cmdline).contains(dir)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// After a quickstart that was cut short: its directory and every process of it are gone (the
+/// leftovers of a failure are killed so that they do not outlive the test).
+fn assert_cleaned_up(dir: &str, what: &str) {
+    let gone = wait_until(Duration::from_secs(10), || processes_using(dir).is_empty());
+    let left = processes_using(dir);
+    for pid in &left {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    let dir_left = std::path::Path::new(dir).exists();
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(gone, "{what}: processes of the quickstart left running: {left:?}");
+    assert!(!dir_left, "{what}: {dir} left behind");
+}
+
+/// The quickstart's directory, from its second line of output (`  config DIR/cutover.toml`).
+fn quickstart_dir(out: &str) -> String {
+    let config = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("config "))
+        .unwrap_or_else(|| panic!("no config line: {out}"));
+    config.strip_suffix("/cutover.toml").unwrap().to_string()
+}
+
+#[test]
+fn quickstart_cleans_up_when_its_output_closes() {
+    // Eleven lines take it to the first release live with traffic on it: the next write finds
+    // the pipe closed with blue's instances running. Three come before the daemon starts: the
+    // write after them finds the pipe closed while the first release is being deployed.
+    let scratch = tempfile::tempdir().unwrap();
+    let status_file = scratch.path().join("status");
+    for lines in [11, 3] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{{ '{BIN}' quickstart --phase 1s; echo $? > '{}'; }} | head -n {lines}",
+                status_file.display()
+            ))
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(shown.lines().count(), lines, "{shown}");
+        let dir = quickstart_dir(&shown);
+        assert_cleaned_up(&dir, &format!("quickstart | head -n {lines}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let status = std::fs::read_to_string(&status_file).unwrap();
+        // Stopped quietly, with the status of a command ended by SIGPIPE.
+        assert_eq!(status.trim(), "141", "{err}");
+        assert!(!err.contains("panicked") && !err.contains("error:"), "{err}");
+    }
+}
+
+#[test]
+fn quickstart_cleans_up_on_ctrl_c() {
+    let mut child = Command::new(BIN)
+        .args(["quickstart", "--phase", "5s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut quickstart = Proc(child);
+    // Interrupted once the first release is live and traffic runs: instances on blue.
+    let mut shown = String::new();
+    let mut lines = std::io::BufReader::new(stdout);
+    while !shown.contains("v1 live on blue") {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut lines, &mut line).unwrap() > 0,
+            "ended early: {shown}"
+        );
+        shown.push_str(&line);
+    }
+    let dir = quickstart_dir(&shown);
+    let me = quickstart.0.id();
+    let instances: Vec<u32> = processes_using(&dir).into_iter().filter(|&p| p != me).collect();
+    assert!(
+        instances.len() >= 2,
+        "two demo instances run before the interrupt: {instances:?}"
+    );
+    quickstart.signal("INT");
+    let code = quickstart.wait_exit(Duration::from_secs(30));
+    assert_cleaned_up(&dir, "quickstart interrupted");
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    assert_eq!(code, Some(130), "{shown}{err}");
+    assert!(
+        err.contains("SIGINT: stopping the demo instances and removing"),
+        "{err}"
+    );
+}
