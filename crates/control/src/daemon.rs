@@ -63,6 +63,8 @@ pub struct ServiceView {
     pub warm: Option<ColourView>,
     pub phase: String,
     pub deployment: Option<DeploymentView>,
+    /// The release a cold rollback would deploy again (when no colour is warm).
+    pub previous: Option<String>,
     pub summary: String,
     pub instances: Vec<InstanceView>,
 }
@@ -78,6 +80,17 @@ pub struct DeploymentView {
     pub id: u64,
     pub version: String,
     pub colour: String,
+}
+
+/// One stored step of a deployment, worded as its [`Notice`] was.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepView {
+    /// Unix milliseconds, when the step was committed.
+    pub at: u64,
+    /// The notice kind (`started`, `healthy`, ...).
+    pub kind: String,
+    pub message: String,
+    pub terminal: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -411,6 +424,30 @@ impl Daemon {
             .await
             .map_err(|e| CommandError::Store(e.to_string()))?
             .map_err(|e| CommandError::Store(e.to_string()))
+    }
+
+    /// The steps of deployment `id` of a service so far, oldest first; empty if it has none (no
+    /// such deployment). Read from the store, so a client that was not listening when they
+    /// happened (a page opened mid-deployment) sees them too.
+    pub async fn steps(&self, service: &str, id: u64) -> Result<Vec<StepView>, CommandError> {
+        self.actor(service)?;
+        let (store, name) = (self.shared.store.clone(), service.to_string());
+        let entries = tokio::task::spawn_blocking(move || store.transitions(&name, DeploymentId(id)))
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))?
+            .map_err(|e| CommandError::Store(e.to_string()))?;
+        Ok(entries
+            .iter()
+            .map(|t| {
+                let (_, kind, message, terminal) = Actor::describe(service, &t.record);
+                StepView {
+                    at: unix_ms(t.at),
+                    kind: kind.to_string(),
+                    message,
+                    terminal,
+                }
+            })
+            .collect())
     }
 
     /// Stops the daemon: the proxy finishes what it is serving and closes, then every instance
@@ -850,6 +887,7 @@ impl Actor {
                 version: d.release.version.clone(),
                 colour: d.colour.to_string(),
             }),
+            previous: self.state.previous.as_ref().map(|r| r.version.clone()),
             summary: self.state.status(),
             instances: Vec::new(),
         };
@@ -988,7 +1026,15 @@ impl Actor {
     }
 
     fn announce(&self, record: &Record) {
-        let (id, kind, message, terminal) = match record {
+        let (id, kind, message, terminal) = Actor::describe(self.name(), record);
+        self.shared.notice(self.name(), id, kind, message, terminal);
+    }
+
+    /// A record of `service` as its notice says it: deployment, kind, message, terminal. Also
+    /// words the stored transitions of a deployment, so that a step read back from the store reads
+    /// as it did when it happened.
+    fn describe(service: &str, record: &Record) -> (Option<DeploymentId>, &'static str, String, bool) {
+        match record {
             Record::Started {
                 id,
                 release,
@@ -1017,7 +1063,7 @@ impl Actor {
                 "awaiting-promotion",
                 match auto_after {
                     Some(d) => format!("deployment {id}: promotion in {d:?}"),
-                    None => format!("deployment {id}: waiting for `cutover promote {}`", self.name()),
+                    None => format!("deployment {id}: waiting for `cutover promote {service}`"),
                 },
                 false,
             ),
@@ -1055,8 +1101,7 @@ impl Actor {
                 false,
             ),
             Record::Retired { live } => (None, "retired", format!("{live} retired"), false),
-        };
-        self.shared.notice(self.name(), id, kind, message, terminal);
+        }
     }
 
     fn spec(&self, colour: Colour, release: &Release, command: &str, instances: u32) -> InstanceSpec {
