@@ -10,13 +10,14 @@
 //! | `POST /v1/services/{name}/rollback` | `{"kind": "instant"}` or `{"kind": "cold", "deployment": 8}` |
 //! | `POST /v1/services/{name}/abort` | stop an unpromoted deployment |
 //! | `GET /v1/services/{name}/history?limit=20` | past deployments, newest first |
+//! | `GET /v1/services/{name}/deployments/{id}` | `{"id": 7, "steps": [{"at", "kind", "message", "terminal"}]}`: its steps so far, oldest first |
 //! | `GET /v1/events` | server-sent events: one JSON [`crate::events::Notice`] per event |
 //! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request or refused in this state), 401 (missing or
-//! wrong token), 404 (unknown service), 409 (a deployment is in progress), 429 (too many wrong
-//! tokens from this address, with `Retry-After`; see [`crate::token_limiter`]), 503 (shutting
-//! down), 500 (the state store failed).
+//! wrong token), 404 (unknown service or deployment), 409 (a deployment is in progress), 429 (too
+//! many wrong tokens from this address, with `Retry-After`; see [`crate::token_limiter`]), 503
+//! (shutting down), 500 (the state store failed).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -88,6 +89,7 @@ fn router(daemon: Daemon, caller: &'static str) -> Router {
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/abort", post(abort))
         .route("/v1/services/{name}/history", get(history))
+        .route("/v1/services/{name}/deployments/{id}", get(deployment))
         .route("/v1/events", get(events))
         // Answered by the TCP listener's access layer; the unix socket needs no session.
         .route(
@@ -286,6 +288,24 @@ pub fn history_json(list: Vec<crate::store::DeploymentSummary>) -> serde_json::V
         })
         .collect();
     serde_json::to_value(entries).unwrap_or_default()
+}
+
+async fn deployment(State(api): State<Api>, UrlPath((name, id)): UrlPath<(String, String)>) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("'{id}' is not a deployment id; `cutover history {name}` lists them"),
+        );
+    };
+    match api.daemon.steps(&name, id).await {
+        // Every deployment has at least its `started` step.
+        Ok(steps) if steps.is_empty() => error(
+            StatusCode::NOT_FOUND,
+            format!("service {name} has no deployment {id}; `cutover history {name}` lists them"),
+        ),
+        Ok(steps) => Json(serde_json::json!({ "id": id, "steps": steps })).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn outcome_text(o: &crate::lifecycle::Outcome) -> String {

@@ -54,6 +54,8 @@ pub struct ServiceView {
     pub warm: Option<ColourView>,
     pub phase: String,
     pub deployment: Option<DeploymentView>,
+    /// The release a cold rollback would deploy again (when no colour is warm).
+    pub previous: Option<String>,
     pub summary: String,
     pub instances: Vec<InstanceView>,
 }
@@ -69,6 +71,17 @@ pub struct DeploymentView {
     pub id: u64,
     pub version: String,
     pub colour: String,
+}
+
+/// One stored step of a deployment, worded as its [`Notice`] was.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepView {
+    /// Unix milliseconds, when the step was committed.
+    pub at: u64,
+    /// The event kind (`started`, `healthy`, ...).
+    pub kind: EventKind,
+    pub message: String,
+    pub terminal: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -435,6 +448,33 @@ impl Daemon {
             .await
             .map_err(|e| CommandError::Store(e.to_string()))?
             .map_err(|e| CommandError::Store(e.to_string()))
+    }
+
+    /// The steps of deployment `id` of a service so far, oldest first; empty if it has none (no
+    /// such deployment). Read from the store, so a client that was not listening when they
+    /// happened (a page opened mid-deployment) sees them too.
+    pub async fn steps(&self, service: &str, id: u64) -> Result<Vec<StepView>, CommandError> {
+        self.actor(service)?;
+        let Some(cfg) = self.shared.config.services.iter().find(|s| s.name == service) else {
+            return Ok(Vec::new());
+        };
+        let (store, name) = (self.shared.store.clone(), service.to_string());
+        let entries = tokio::task::spawn_blocking(move || store.transitions(&name, DeploymentId(id)))
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))?
+            .map_err(|e| CommandError::Store(e.to_string()))?;
+        Ok(entries
+            .iter()
+            .map(|t| {
+                let (_, kind, message, _) = Actor::describe(cfg, &t.record);
+                StepView {
+                    at: unix_ms(t.at),
+                    kind,
+                    message,
+                    terminal: kind.ends_deployment(),
+                }
+            })
+            .collect())
     }
 
     /// Stops the daemon: the proxy finishes what it is serving and closes, then every instance
@@ -1087,6 +1127,7 @@ impl Actor {
                 version: d.release.version.clone(),
                 colour: d.colour.to_string(),
             }),
+            previous: self.state.previous.as_ref().map(|r| r.version.clone()),
             summary: self.state.status(),
             instances: Vec::new(),
         };
@@ -1217,7 +1258,16 @@ impl Actor {
     }
 
     fn announce(&self, record: &Record) {
-        let (id, kind, message, reason) = match record {
+        let (id, kind, message, reason) = Actor::describe(&self.cfg, record);
+        self.shared.notice(self.name(), id, kind, message, reason);
+    }
+
+    /// A record of the service configured as `cfg` as its notice says it: deployment, kind,
+    /// message, reason. Also words the stored transitions of a deployment, so that a step read
+    /// back from the store reads as it did when it happened.
+    fn describe(cfg: &ServiceConfig, record: &Record) -> (Option<DeploymentId>, EventKind, String, Option<String>) {
+        let service = cfg.name.as_str();
+        match record {
             Record::Started {
                 id,
                 release,
@@ -1243,7 +1293,7 @@ impl Actor {
             Record::Validated { id } => (
                 Some(*id),
                 EventKind::Validated,
-                match &self.cfg.validate {
+                match &cfg.validate {
                     Some(_) => format!("deployment {id}: smoke test passed"),
                     None => format!("deployment {id}: validated (no smoke test configured, only health checks)"),
                 },
@@ -1254,7 +1304,7 @@ impl Actor {
                 EventKind::AwaitingPromotion,
                 match auto_after {
                     Some(d) => format!("deployment {id}: promotion in {d:?}"),
-                    None => format!("deployment {id}: waiting for `cutover promote {}`", self.name()),
+                    None => format!("deployment {id}: waiting for `cutover promote {service}`"),
                 },
                 None,
             ),
@@ -1269,9 +1319,9 @@ impl Actor {
                 EventKind::WentLive,
                 format!(
                     "deployment {id}: {live} is live; {}{}",
-                    watch_verdict(*watch, &self.cfg.watch),
+                    watch_verdict(*watch, &cfg.watch),
                     // Manual promotion guards live traffic; a first release has none to guard.
-                    if *watch == crate::lifecycle::Watched::Skipped && !self.cfg.promote.auto {
+                    if *watch == crate::lifecycle::Watched::Skipped && !cfg.promote.auto {
                         " (promote = { auto = false } waits for `cutover promote` from the next release on)"
                     } else {
                         ""
@@ -1304,8 +1354,7 @@ impl Actor {
                 None,
             ),
             Record::Retired { live } => (None, EventKind::Retired, format!("{live} retired"), None),
-        };
-        self.shared.notice(self.name(), id, kind, message, reason);
+        }
     }
 
     fn spec(&self, colour: Colour, release: &Release, command: &str, instances: u32) -> InstanceSpec {

@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: headless Chromium driven through chromedriver (Debian's
-//! `chromium` and `chromium-driver`, which `./scripts/test.sh` installs when missing). Signs in
-//! with the token, watches a deploy started from the CLI, presses rollback and sees the page and
-//! the traffic move back.
+//! `chromium` and `chromium-driver`, which `./scripts/test.sh` installs when missing). The sign-in
+//! page says nothing about a connection; signed in, a deployment already waiting for promotion
+//! shows its steps so far; each service offers only the buttons that apply; the history has times.
+//! Then it watches a deploy started from the CLI, presses rollback and sees the page and the
+//! traffic move back.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -34,12 +36,23 @@ struct Browser {
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> std::io::Result<Value> {
+    http_as(addr, method, path, body, "").map(|(_, v)| v)
+}
+
+/// An HTTP exchange with `headers` (whole lines) added; returns the status and the JSON body.
+fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &str,
+) -> std::io::Result<(u16, Value)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     // Read the head, then exactly Content-Length bytes: chromedriver may keep the connection open.
@@ -68,7 +81,12 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> std
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Ok(serde_json::from_slice(&buf[head_end..(head_end + length).min(buf.len())]).unwrap_or(Value::Null))
+    let status = String::from_utf8_lossy(&buf[..head_end])
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = serde_json::from_slice(&buf[head_end..(head_end + length).min(buf.len())]).unwrap_or(Value::Null);
+    Ok((status, body))
 }
 
 impl Browser {
@@ -109,7 +127,37 @@ impl Browser {
             .as_str()
             .map(str::to_string)
     }
+
+    /// Runs `script` (a function body; `arguments` holds `args`) in the page; returns its value.
+    fn script(&self, script: &str, args: Value) -> Value {
+        self.call("POST", "/execute/sync", Some(json!({"script": script, "args": args})))
+    }
+
+    /// The phase a service's card shows and the `data-testid`s of its buttons, in page order, read
+    /// at once (a card is drawn whole, so the two belong together).
+    fn buttons(&self, service: &str) -> (String, Vec<String>) {
+        let v = self.script(
+            "const card = document.querySelector(`[data-service='${arguments[0]}']`);\
+             return card && [card.querySelector('[data-testid=phase]').textContent,\
+                             [...card.querySelectorAll('.actions button')].map(b => b.dataset.testid)]",
+            json!([service]),
+        );
+        serde_json::from_value(v).unwrap_or_default()
+    }
 }
+
+/// Run in every page before its own script: keeps each text the page shows (`__shown`) and each
+/// event stream it opens (`__sources`), so that a test can tell what the page said in passing.
+const RECORDER: &str = r#"
+window.__shown = [];
+new MutationObserver(() => { if (document.body) window.__shown.push(document.body.innerText); })
+  .observe(document, { subtree: true, childList: true, characterData: true, attributes: true });
+window.__sources = [];
+const NativeEventSource = window.EventSource;
+window.EventSource = class extends NativeEventSource {
+  constructor(...args) { super(...args); window.__sources.push(this); }
+};
+"#;
 
 impl Drop for Browser {
     fn drop(&mut self) {
@@ -139,13 +187,20 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
     let token = "browser-test-token-0123456789abcdef";
     write_private(&dir.path().join("token"), token);
     let config = dir.path().join("cutover.toml");
+    // `web` promotes itself; `manual`'s second release waits for a promote; `cold` retires the
+    // previous colour at once, so that only a cold rollback is left.
     std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\ntoken_file = \"token\"\nstate_dir = \"state\"\n\
              [services.web]\ncommand = \"{BIN} demo-app --port {{port}}\"\ninstances = 2\n\
              health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\n\
-             watch = {{ duration = \"4s\", min_requests = 1 }}\nkeep_warm = \"5m\"\n"
+             watch = {{ duration = \"4s\", min_requests = 1 }}\nkeep_warm = \"5m\"\n\
+             [services.manual]\nhosts = [\"manual.test\"]\ncommand = \"{BIN} demo-app --port {{port}}\"\ninstances = 1\n\
+             health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\npromote = {{ auto = false }}\n\
+             [services.cold]\nhosts = [\"cold.test\"]\ncommand = \"{BIN} demo-app --port {{port}}\"\ninstances = 1\n\
+             health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\n\
+             watch = {{ duration = \"300ms\", min_requests = 1 }}\nkeep_warm = \"0s\"\n"
         ),
     )
     .unwrap();
@@ -154,7 +209,54 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
     until(Duration::from_secs(20), "the daemon", || {
         cli(&["status"]).status.success().then_some(())
     });
-    assert!(cli(&["deploy", "web", "--version", "v1"]).status.success());
+    let deploys = |service: &str, versions: &[&str]| {
+        versions
+            .iter()
+            .all(|v| cli(&["deploy", service, "--version", v]).status.success())
+    };
+    std::thread::scope(|s| {
+        let web = s.spawn(|| deploys("web", &["v1"]));
+        // A first release goes live at once; the second waits for a promote that never comes.
+        let manual = s.spawn(|| {
+            deploys("manual", &["v1"])
+                && cli(&["deploy", "manual", "--version", "v2", "--no-wait"])
+                    .status
+                    .success()
+        });
+        let cold = s.spawn(|| deploys("cold", &["v1", "v2"]));
+        assert!(web.join().unwrap() && manual.join().unwrap() && cold.join().unwrap());
+    });
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    let service = |name: &str| {
+        http_as(admin_addr, "GET", &format!("/v1/services/{name}"), None, &bearer)
+            .unwrap()
+            .1
+    };
+    until(Duration::from_secs(15), "manual's v2 ready to promote", || {
+        (service("manual")["phase"] == "ready to promote").then_some(())
+    });
+    until(Duration::from_secs(15), "cold's v1 retired", || {
+        let cold = service("cold");
+        (cold["phase"] == "stable" && cold["warm"].is_null() && cold["previous"] == "v1").then_some(())
+    });
+    // Its steps so far, through the API (as the page reads them); an unknown deployment is 404.
+    let (code, steps) = http_as(admin_addr, "GET", "/v1/services/manual/deployments/2", None, &bearer).unwrap();
+    assert_eq!(code, 200, "{steps}");
+    let kinds: Vec<&str> = steps["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{steps}"))
+        .iter()
+        .filter_map(|s| s["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["started", "healthy", "validated", "awaiting-promotion"],
+        "{steps}"
+    );
+    assert!(steps["steps"][0]["at"].as_u64().is_some_and(|at| at > 0), "{steps}");
+    let (code, _) = http_as(admin_addr, "GET", "/v1/services/manual/deployments/9", None, &bearer).unwrap();
+    assert_eq!(code, 404);
 
     let _driver = Stopping(
         Command::new("/usr/bin/chromedriver")
@@ -169,8 +271,14 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
         TcpStream::connect(driver).ok()
     });
     let b = Browser::start(driver, &dir.path().join("profile"));
+    b.call(
+        "POST",
+        "/goog/cdp/execute",
+        Some(json!({"cmd": "Page.addScriptToEvaluateOnNewDocument", "params": {"source": RECORDER}})),
+    );
 
-    // Sign in with the token.
+    // The sign-in page: no event stream is left open (one refused for want of a session is
+    // closed), and nothing the page showed on the way spoke of reconnecting.
     b.call(
         "POST",
         "/url",
@@ -179,6 +287,21 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
     let field = until(Duration::from_secs(10), "the sign-in form", || {
         b.find("#login:not([hidden]) #token")
     });
+    until(Duration::from_secs(10), "the page's event streams closed", || {
+        b.script(
+            "return window.__sources.every(s => s.readyState === EventSource.CLOSED)",
+            json!([]),
+        )
+        .as_bool()
+        .filter(|closed| *closed)
+    });
+    let shown = b.script(
+        "return [...window.__shown, document.body.innerText].filter(t => /connecting/i.test(t))",
+        json!([]),
+    );
+    assert_eq!(shown, json!([]), "the sign-in page spoke of a connection");
+
+    // Sign in with the token.
     b.call("POST", &format!("/element/{field}/value"), Some(json!({"text": token})));
     let submit = b.find("#login-form button").unwrap();
     b.call("POST", &format!("/element/{submit}/click"), None);
@@ -186,6 +309,25 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
         b.text("[data-service=web] [data-testid=live]")
             .filter(|t| t.contains("blue") && t.contains("v1"))
     });
+
+    // Opened while manual's v2 waits: its steps so far are on the page, though the page heard
+    // none of them happen.
+    until(Duration::from_secs(10), "manual's steps so far on the page", || {
+        b.text("[data-service=manual] [data-testid=steps]")
+            .filter(|t| t.contains("started on green") && t.contains("waiting for `cutover promote manual`"))
+    });
+    // Only the buttons that apply: manual can be promoted or aborted; cold can be rolled back to
+    // its previous release; web (stable, nothing warm, no earlier release) has nothing to promote,
+    // abort or roll back to.
+    let buttons = |service: &str, phase: &str, want: &[&str]| {
+        let (shown, buttons) = b.buttons(service);
+        (shown == phase && buttons == want).then_some(())
+    };
+    until(Duration::from_secs(10), "promote and abort for manual", || {
+        buttons("manual", "ready to promote", &["promote", "abort"])
+    });
+    assert_eq!(b.buttons("web"), ("stable".to_string(), Vec::new()));
+    assert_eq!(b.buttons("cold"), ("stable".to_string(), vec!["rollback".to_string()]));
 
     // Traffic, and a deploy from the CLI that the page follows step by step.
     let front = SocketAddr::from(([127, 0, 0, 1], port));
@@ -220,6 +362,10 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
             .filter(|t| t.contains("green") && t.contains("v2"))
     });
     // Mid-deploy (watching the new colour): keep a picture of it.
+    b.script(
+        "document.querySelector('[data-service=web]').scrollIntoView()",
+        json!([]),
+    );
     if let Some(png) = b.call("GET", "/screenshot", None).as_str() {
         let bytes = base64_decode(png);
         let _ = std::fs::write(
@@ -229,6 +375,37 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
     }
     assert!(deploy.join().unwrap().status.success());
     assert_eq!(get(front).as_deref(), Some("v2 green"));
+
+    // Each step of v2's deployment was heard as it happened and read back with the status: it is
+    // listed once.
+    let steps = until(Duration::from_secs(10), "v2's last step on the page", || {
+        b.text("[data-service=web] [data-testid=steps]")
+            .filter(|t| t.contains("green@v2 is live"))
+    });
+    assert_eq!(steps.matches("of v2 started on green").count(), 1, "{steps}");
+    assert_eq!(steps.matches("all instances healthy").count(), 1, "{steps}");
+
+    // Stable with blue warm: rollback is the one button.
+    until(Duration::from_secs(10), "rollback alone for web", || {
+        buttons("web", "stable", &["rollback"])
+    });
+    // The history says when each deployment started and how long it took, or that it runs.
+    let row = |service: &str, id: u32, cell: &str| {
+        b.text(&format!(
+            "[data-service={service}] [data-testid=history] tr[data-deployment='{id}'] [data-testid={cell}]"
+        ))
+    };
+    until(Duration::from_secs(10), "web's history with times", || {
+        let (started, took) = (row("web", 2, "started")?, row("web", 2, "took")?);
+        let clock = started.split(|c: char| !c.is_ascii_digit() && c != ':').any(|w| {
+            let parts: Vec<&str> = w.split(':').collect();
+            parts.len() == 3 && parts.iter().all(|p| !p.is_empty())
+        });
+        // The watch (4 s) is part of it.
+        let seconds = took.strip_suffix(" s").and_then(|n| n.parse::<f64>().ok());
+        (clock && seconds.is_some_and(|s| s >= 4.0)).then_some(())
+    });
+    assert_eq!(row("manual", 2, "took").as_deref(), Some("running"));
 
     // Rollback from the page: confirm, then the page and the traffic move back.
     // The page re-renders as events arrive, so a found button can go stale: find and click again
