@@ -1,0 +1,1294 @@
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use super::*;
+use crate::lifecycle::{Event, WatchSample};
+
+fn rel(v: &str) -> Release {
+    Release::new(v)
+}
+
+fn at(colour: Colour, v: &str) -> Live {
+    Live {
+        colour,
+        release: rel(v),
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(dir.path()).expect("open the store")
+}
+
+fn audit(actor: &str, action: &str, arguments: &str) -> Audit {
+    Audit {
+        actor: actor.to_string(),
+        service: None,
+        action: action.to_string(),
+        arguments: arguments.to_string(),
+        result: "ok".to_string(),
+    }
+}
+
+/// Plans with every promotion, with and without a latency check, and extreme values.
+fn plans() -> Vec<Plan> {
+    vec![
+        Plan {
+            health_deadline: Duration::from_secs(30),
+            promote: Promotion::Manual,
+            watch: WatchPolicy {
+                duration: Duration::from_secs(300),
+                min_requests: 0,
+                max_error_rate: 0.0,
+                max_p99: None,
+            },
+            keep_warm: Duration::ZERO,
+        },
+        Plan {
+            health_deadline: Duration::from_millis(1500),
+            promote: Promotion::Auto { delay: Duration::ZERO },
+            watch: WatchPolicy {
+                duration: Duration::from_secs(60),
+                min_requests: 100,
+                max_error_rate: 0.01,
+                max_p99: Some(Duration::from_millis(500)),
+            },
+            keep_warm: Duration::from_secs(3600),
+        },
+        Plan {
+            // The longest duration the store holds.
+            health_deadline: Duration::from_nanos(i64::MAX as u64),
+            promote: Promotion::Auto {
+                delay: Duration::new(1, 7),
+            },
+            watch: WatchPolicy {
+                duration: Duration::new(0, 1),
+                min_requests: i64::MAX as u64,
+                max_error_rate: 0.1 + 0.2,
+                max_p99: Some(Duration::new(0, 999_999_999)),
+            },
+            keep_warm: Duration::from_secs(200 * 365 * 24 * 3600),
+        },
+    ]
+}
+
+fn reasons() -> Vec<Reason> {
+    vec![
+        Reason::Requested,
+        Reason::ProvisionFailed("exited with status 127: \"./web\" not found\nline 2 ünïcödé".to_string()),
+        Reason::HealthDeadline(Duration::new(30, 1)),
+        Reason::SmokeFailed(String::new()),
+        Reason::Unhealthy("0 of 2 instances healthy; 'quotes'".to_string()),
+        Reason::ErrorRate {
+            errors: 7,
+            requests: i64::MAX as u64,
+            max: 1.0 / 3.0,
+        },
+        Reason::Latency {
+            p99: Duration::new(0, 512_345_678),
+            max: Duration::from_millis(500),
+        },
+    ]
+}
+
+fn outcomes() -> Vec<Outcome> {
+    let mut all = vec![Outcome::WentLive, Outcome::Interrupted];
+    all.extend(reasons().into_iter().map(Outcome::Aborted));
+    all.extend(reasons().into_iter().map(Outcome::RolledBack));
+    all
+}
+
+/// Every state shape: each phase, with and without its optional parts, every outcome and
+/// reason, every plan and cause.
+fn all_states(service: &str) -> Vec<State> {
+    let state = |live: Option<Live>, previous: Option<&str>, last_id: Option<u64>, phase: Phase| State {
+        service: service.to_string(),
+        live,
+        previous: previous.map(rel),
+        last_id: last_id.map(DeploymentId),
+        phase,
+    };
+    let warm = Warm {
+        colour: Colour::Blue,
+        release: rel("v3"),
+        promoted_by: DeploymentId(4),
+        keep_warm: Duration::from_secs(3600),
+    };
+    let mut all = vec![State::new(service)];
+    all.push(state(
+        Some(at(Colour::Green, "v4")),
+        Some("v3"),
+        Some(4),
+        Phase::Stable {
+            warm: Some(warm.clone()),
+            last: None,
+        },
+    ));
+    for (n, outcome) in outcomes().into_iter().enumerate() {
+        for warm in [None, Some(warm.clone())] {
+            all.push(state(
+                Some(at(Colour::Green, "v4")),
+                (n % 2 == 0).then_some("v3"),
+                Some(4),
+                Phase::Stable {
+                    warm,
+                    last: Some(Ended {
+                        id: DeploymentId(4),
+                        release: rel("v4"),
+                        outcome: outcome.clone(),
+                    }),
+                },
+            ));
+        }
+    }
+    for (n, plan) in plans().into_iter().enumerate() {
+        for cause in [Cause::Deploy, Cause::ColdRollback] {
+            let d = Deployment {
+                id: DeploymentId(10 + n as u64),
+                release: rel(&format!("v{n}")),
+                colour: if n % 2 == 0 { Colour::Green } else { Colour::Blue },
+                plan: plan.clone(),
+                cause,
+            };
+            let live = Some(at(d.colour.other(), "v1"));
+            let id = Some(d.id.0);
+            all.push(state(None, None, id, Phase::Provisioning(d.clone())));
+            all.push(state(live.clone(), Some("v0"), id, Phase::Provisioning(d.clone())));
+            all.push(state(live.clone(), None, id, Phase::Validating(d.clone())));
+            all.push(state(live.clone(), Some("v0"), id, Phase::ReadyToPromote(d.clone())));
+            for judged in [false, true] {
+                all.push(state(
+                    Some(at(d.colour, &d.release.version)),
+                    Some("v1"),
+                    id,
+                    Phase::Watching {
+                        deployment: d.clone(),
+                        rollback_to: at(d.colour.other(), "v1"),
+                        judged,
+                    },
+                ));
+            }
+        }
+    }
+    all
+}
+
+/// Steps the lifecycle and commits the transition, as the daemon does.
+fn step(store: &Store, state: &mut State, event: Event) -> crate::lifecycle::Transition {
+    let name = event.name();
+    let t = state
+        .step(event)
+        .unwrap_or_else(|e| panic!("{name} refused in {state}: {e}"));
+    store
+        .commit(&state.service, &t.state, t.records(), Some(audit("cli", name, "")))
+        .unwrap_or_else(|e| panic!("commit of {name}: {e}"));
+    *state = t.state.clone();
+    t
+}
+
+fn records_of(entries: &[TransitionEntry]) -> Vec<Record> {
+    entries.iter().map(|e| e.record.clone()).collect()
+}
+
+#[test]
+fn every_state_shape_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let states = all_states("web");
+    assert_eq!(states.len(), 2 + 2 * 16 + 3 * 2 * 6);
+    let names: BTreeSet<_> = states.iter().map(|s| s.phase.name()).collect();
+    assert_eq!(names, PHASE_NAMES.into_iter().collect());
+    // One service through every shape in turn: nothing of an earlier phase lingers.
+    for (n, state) in states.iter().enumerate() {
+        store.commit("web", state, &[], None).unwrap();
+        assert_eq!(store.load("web").unwrap().as_ref(), Some(state), "state {n}");
+    }
+    // Each shape in its own service, read back at once at startup.
+    let mut expected = Vec::new();
+    for (n, state) in states.into_iter().enumerate() {
+        let service = format!("s{n:03}");
+        let state = State {
+            service: service.clone(),
+            ..state
+        };
+        store.commit(&service, &state, &[], None).unwrap();
+        expected.push((service, state));
+    }
+    expected.push(("web".to_string(), store.load("web").unwrap().unwrap()));
+    assert_eq!(store.load_all().unwrap(), expected);
+    drop(store);
+    assert_eq!(open(&dir).load_all().unwrap(), expected);
+    assert_eq!(open(&dir).load("never-committed").unwrap(), None);
+}
+
+#[test]
+fn every_record_round_trips_in_order_under_its_deployment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let id1 = DeploymentId(1);
+    let id2 = DeploymentId(2);
+    let mut first = vec![
+        Record::Started {
+            id: id1,
+            release: rel("v1"),
+            colour: Colour::Blue,
+            cause: Cause::Deploy,
+        },
+        Record::Healthy { id: id1 },
+        Record::Validated { id: id1 },
+        Record::AwaitingPromotion {
+            id: id1,
+            auto_after: None,
+        },
+        Record::AwaitingPromotion {
+            id: id1,
+            auto_after: Some(Duration::new(60, 5)),
+        },
+        Record::Promoted {
+            id: id1,
+            colour: Colour::Blue,
+        },
+    ];
+    for watch in [Watched::Skipped, Watched::Judged, Watched::Unjudged] {
+        first.push(Record::WentLive {
+            id: id1,
+            live: at(Colour::Blue, "v1"),
+            watch,
+        });
+    }
+    for reason in reasons() {
+        first.push(Record::Aborted {
+            id: id1,
+            reason: reason.clone(),
+        });
+        first.push(Record::RolledBack {
+            id: id1,
+            to: at(Colour::Green, "v0"),
+            reason,
+        });
+    }
+    for phase in PHASE_NAMES {
+        first.push(Record::Interrupted { id: id1, phase });
+    }
+    first.push(Record::WatchRestarted { id: id1 });
+    // A new deployment that needed the warm colour: its Retired comes before its Started.
+    let second = vec![
+        Record::Retired {
+            live: at(Colour::Green, "v0"),
+        },
+        Record::Started {
+            id: id2,
+            release: rel("v2"),
+            colour: Colour::Green,
+            cause: Cause::ColdRollback,
+        },
+    ];
+    let mut state = State::new("web");
+    state.last_id = Some(id2);
+    let before = to_ms(SystemTime::now());
+    store.commit("web", &state, first.iter().chain(&second), None).unwrap();
+    let after = to_ms(SystemTime::now());
+
+    let got = store.transitions("web", id1).unwrap();
+    assert_eq!(records_of(&got), first);
+    let got2 = store.transitions("web", id2).unwrap();
+    assert_eq!(records_of(&got2), second);
+    let all: Vec<_> = got.iter().chain(&got2).collect();
+    for e in &all {
+        assert!((before..=after).contains(&to_ms(e.at)), "{e:?}");
+    }
+    let seqs: Vec<_> = got.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=first.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|e| e.deployment).collect::<BTreeSet<_>>(),
+        [Some(id1)].into()
+    );
+    assert_eq!(
+        got2.iter().map(|e| e.deployment).collect::<Vec<_>>(),
+        [Some(id2), Some(id2)]
+    );
+    assert_eq!(store.transitions("web", DeploymentId(3)).unwrap(), vec![]);
+    assert_eq!(store.transitions("other", id1).unwrap(), vec![]);
+    // The last ending record of deployment 1 was Interrupted.
+    let history = store.history("web", 10).unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1].outcome, Some(Outcome::Interrupted));
+    assert!(history[1].promoted_at.is_some());
+}
+
+#[test]
+fn history_transitions_and_releases_follow_the_lifecycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let manual = plans().remove(0);
+    let mut s = State::new("web");
+    let before = SystemTime::now() - Duration::from_millis(1);
+
+    let id1 = store.next_deployment_id("web").unwrap();
+    step(
+        &store,
+        &mut s,
+        Event::Deploy {
+            id: id1,
+            release: rel("v1"),
+            plan: manual.clone(),
+        },
+    );
+    step(&store, &mut s, Event::InstancesHealthy { id: id1 });
+    step(&store, &mut s, Event::SmokePassed { id: id1 });
+
+    let id2 = store.next_deployment_id("web").unwrap();
+    step(
+        &store,
+        &mut s,
+        Event::Deploy {
+            id: id2,
+            release: rel("v2"),
+            plan: manual.clone(),
+        },
+    );
+    step(&store, &mut s, Event::InstancesHealthy { id: id2 });
+    step(&store, &mut s, Event::SmokePassed { id: id2 });
+    step(&store, &mut s, Event::Promote { id: None });
+    step(&store, &mut s, Event::WatchWindowElapsed { id: id2 });
+    // keep_warm is zero in this plan: blue was retired when the watch passed. A rollback is a
+    // cold one: deployment 3 redeploys v1, promoted once validated.
+    let id3 = store.next_deployment_id("web").unwrap();
+    step(
+        &store,
+        &mut s,
+        Event::Rollback {
+            id: id3,
+            plan: manual.clone(),
+        },
+    );
+    step(&store, &mut s, Event::InstancesHealthy { id: id3 });
+    step(&store, &mut s, Event::SmokePassed { id: id3 });
+    // Watching blue@v1 with green@v2 running: this rollback is instant, back to green.
+    step(
+        &store,
+        &mut s,
+        Event::Rollback {
+            id: DeploymentId(99),
+            plan: manual.clone(),
+        },
+    );
+    assert_eq!(s.live, Some(at(Colour::Green, "v2")));
+
+    let id4 = store.next_deployment_id("web").unwrap();
+    step(
+        &store,
+        &mut s,
+        Event::Deploy {
+            id: id4,
+            release: rel("v4"),
+            plan: manual.clone(),
+        },
+    );
+    step(
+        &store,
+        &mut s,
+        Event::ProvisionFailed {
+            id: id4,
+            reason: "exit 1".to_string(),
+        },
+    );
+
+    let id5 = store.next_deployment_id("web").unwrap();
+    step(
+        &store,
+        &mut s,
+        Event::Deploy {
+            id: id5,
+            release: rel("v5"),
+            plan: manual.clone(),
+        },
+    );
+    step(&store, &mut s, Event::InstancesHealthy { id: id5 });
+    // The daemon dies; the restart recovers from what was committed.
+    drop(store);
+    let store = open(&dir);
+    let loaded = store.load("web").unwrap().unwrap();
+    assert_eq!(loaded, s);
+    let t = loaded.recover();
+    store.commit("web", &t.state, t.records(), None).unwrap();
+    let after = SystemTime::now() + Duration::from_millis(1);
+
+    assert_eq!([id1, id2, id3, id4, id5].map(|i| i.0), [1, 2, 3, 4, 5]);
+    let history = store.history("web", 10).unwrap();
+    let summary: Vec<_> = history
+        .iter()
+        .map(|d| {
+            (
+                d.id.0,
+                d.release.version.as_str(),
+                d.colour,
+                d.cause,
+                d.promoted_at.is_some(),
+                d.outcome.clone(),
+            )
+        })
+        .collect();
+    use Colour::{Blue, Green};
+    assert_eq!(
+        summary,
+        vec![
+            (5, "v5", Blue, Cause::Deploy, false, Some(Outcome::Interrupted)),
+            (
+                4,
+                "v4",
+                Blue,
+                Cause::Deploy,
+                false,
+                Some(Outcome::Aborted(Reason::ProvisionFailed("exit 1".into())))
+            ),
+            (
+                3,
+                "v1",
+                Blue,
+                Cause::ColdRollback,
+                true,
+                Some(Outcome::RolledBack(Reason::Requested))
+            ),
+            (2, "v2", Green, Cause::Deploy, true, Some(Outcome::WentLive)),
+            (1, "v1", Blue, Cause::Deploy, false, Some(Outcome::WentLive)),
+        ]
+    );
+    for d in &history {
+        let ended = d.ended_at.expect("every deployment ended");
+        assert!(
+            before <= d.started_at && d.started_at <= ended && ended <= after,
+            "{d:?}"
+        );
+    }
+    assert_eq!(store.history("web", 2).unwrap(), history[..2].to_vec());
+    assert_eq!(store.history("api", 10).unwrap(), vec![]);
+
+    assert_eq!(
+        records_of(&store.transitions("web", id2).unwrap()),
+        vec![
+            Record::Started {
+                id: id2,
+                release: rel("v2"),
+                colour: Green,
+                cause: Cause::Deploy
+            },
+            Record::Healthy { id: id2 },
+            Record::Validated { id: id2 },
+            Record::AwaitingPromotion {
+                id: id2,
+                auto_after: None
+            },
+            Record::Promoted { id: id2, colour: Green },
+            Record::WentLive {
+                id: id2,
+                live: at(Green, "v2"),
+                watch: Watched::Unjudged
+            },
+            Record::Retired { live: at(Blue, "v1") },
+        ]
+    );
+    assert_eq!(
+        records_of(&store.transitions("web", id5).unwrap()),
+        vec![
+            Record::Started {
+                id: id5,
+                release: rel("v5"),
+                colour: Blue,
+                cause: Cause::Deploy
+            },
+            Record::Healthy { id: id5 },
+            Record::Interrupted {
+                id: id5,
+                phase: "validating"
+            },
+        ]
+    );
+    let releases: Vec<_> = store
+        .releases("web")
+        .unwrap()
+        .into_iter()
+        .map(|(r, _)| r.version)
+        .collect();
+    assert_eq!(releases, ["v1", "v2", "v4", "v5"]);
+    assert_eq!(store.audit_log(100).unwrap().len(), 16);
+}
+
+#[test]
+fn deployment_ids_increase_per_service_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    assert_eq!(store.next_deployment_id("web").unwrap(), DeploymentId(1));
+    assert_eq!(store.next_deployment_id("web").unwrap(), DeploymentId(2));
+    assert_eq!(store.next_deployment_id("api").unwrap(), DeploymentId(1));
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.next_deployment_id("web").unwrap(), DeploymentId(3));
+    assert_eq!(store.next_deployment_id("api").unwrap(), DeploymentId(2));
+    // A state committed with an id from elsewhere still moves the counter past it.
+    let mut state = State::new("db");
+    state.last_id = Some(DeploymentId(41));
+    store.commit("db", &state, &[], None).unwrap();
+    assert_eq!(store.next_deployment_id("db").unwrap(), DeploymentId(42));
+    drop(store);
+    assert_eq!(open(&dir).next_deployment_id("db").unwrap(), DeploymentId(43));
+}
+
+#[test]
+fn a_read_only_store_reads_what_the_writer_committed_and_creates_or_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // No database: refused, and none is made.
+    assert!(Store::open_read_only(dir.path()).is_err());
+    assert!(!dir.path().join(DB_FILE).exists());
+
+    let writer = open(&dir);
+    let mut state = State::new("web");
+    state.last_id = Some(DeploymentId(7));
+    writer.commit("web", &state, &[], None).unwrap();
+    // Read while the writer holds the file open, as `cutover history` may during a start.
+    let reader = Store::open_read_only(dir.path()).unwrap();
+    assert_eq!(reader.load("web").unwrap(), Some(state.clone()));
+    assert!(reader.next_deployment_id("web").is_err(), "it writes nothing");
+    drop(writer);
+    assert_eq!(reader.load("web").unwrap(), Some(state));
+
+    // Another program's database is refused as the writer refuses it.
+    let other = tempfile::tempdir().unwrap();
+    Connection::open(other.path().join(DB_FILE))
+        .unwrap()
+        .execute_batch("CREATE TABLE recipes (name TEXT);")
+        .unwrap();
+    assert!(matches!(
+        Store::open_read_only(other.path()),
+        Err(StoreError::Foreign { .. })
+    ));
+}
+
+/// Everything a failed commit could have touched.
+fn snapshot(store: &Store) -> impl PartialEq + std::fmt::Debug {
+    let transitions: Vec<_> = (1..=3)
+        .map(|id| store.transitions("web", DeploymentId(id)).unwrap())
+        .collect();
+    (
+        store.load_all().unwrap(),
+        store.history("web", 100).unwrap(),
+        transitions,
+        store.releases("web").unwrap(),
+        store.audit_log(100).unwrap(),
+    )
+}
+
+#[test]
+fn a_commit_that_fails_midway_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let path = store.path().display().to_string();
+    let plan = plans().remove(1);
+    let mut s = State::new("web");
+    step(
+        &store,
+        &mut s,
+        Event::Deploy {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            plan: plan.clone(),
+        },
+    );
+    step(&store, &mut s, Event::InstancesHealthy { id: DeploymentId(1) });
+    step(&store, &mut s, Event::SmokePassed { id: DeploymentId(1) });
+    let before = snapshot(&store);
+    let deploy = s
+        .step(Event::Deploy {
+            id: DeploymentId(2),
+            release: rel("v2"),
+            plan: plan.clone(),
+        })
+        .unwrap();
+    let started = deploy.records().cloned().collect::<Vec<_>>();
+    assert_eq!(started.len(), 1);
+    let try_commit = |state: &State, records: &[Record]| {
+        let err = store
+            .commit("web", state, records, Some(audit("cli", "deploy", "v2")))
+            .unwrap_err();
+        assert_eq!(snapshot(&store), before, "after {err}");
+        err.to_string()
+    };
+    let rejected = |detail: &str| {
+        format!(
+            "state database {path}: refused the commit of service web: {detail}; nothing was written; \
+                 this is a bug in cutover, please report it"
+        )
+    };
+
+    // A record of a deployment that was never started, after the state and a good record.
+    let mut records = started.clone();
+    records.push(Record::Healthy { id: DeploymentId(7) });
+    assert_eq!(
+        try_commit(&deploy.state, &records),
+        rejected("record healthy of deployment 7, which was never started")
+    );
+    // A reused deployment id: the deployments table's primary key.
+    let mut records = started.clone();
+    records.push(Record::Started {
+        id: DeploymentId(1),
+        release: rel("v1"),
+        colour: Colour::Green,
+        cause: Cause::Deploy,
+    });
+    assert_eq!(
+        try_commit(&deploy.state, &records),
+        rejected("UNIQUE constraint failed: deployments.service, deployments.id")
+    );
+    // Retired filed under a deployment that does not exist: the deferred foreign key fails
+    // the COMMIT itself.
+    let mut state = deploy.state.clone();
+    state.last_id = Some(DeploymentId(9));
+    let records = [
+        started[0].clone(),
+        Record::Retired {
+            live: at(Colour::Blue, "v1"),
+        },
+    ];
+    assert_eq!(try_commit(&state, &records), rejected("FOREIGN KEY constraint failed"));
+    // A value SQLite cannot hold, in the last record.
+    let mut records = started.clone();
+    records.push(Record::Aborted {
+        id: DeploymentId(2),
+        reason: Reason::ErrorRate {
+            errors: u64::MAX,
+            requests: 1,
+            max: 0.5,
+        },
+    });
+    assert_eq!(
+        try_commit(&deploy.state, &records),
+        format!(
+            "state database {path}: cannot store reason_errors = 18446744073709551615 (above the largest \
+                 storable integer, 9223372036854775807) of service web exactly; nothing was written; use a \
+                 smaller value"
+        )
+    );
+    // The store is still usable, and the good commit goes through.
+    store.commit("web", &deploy.state, deploy.records(), None).unwrap();
+    assert_eq!(store.load("web").unwrap(), Some(deploy.state));
+    assert_eq!(records_of(&store.transitions("web", DeploymentId(2)).unwrap()), started);
+}
+
+/// `keep_warm = "3000000h"` once passed the config check and then failed every commit: the
+/// check and the store agree on the longest duration.
+#[test]
+fn every_duration_the_config_accepts_can_be_stored() {
+    use crate::config::{parse_duration, Config};
+    for too_long in ["3000000h", "2562048h", "153722868m", "9223372037s"] {
+        let err = parse_duration(too_long).unwrap_err();
+        assert!(err.contains("too long a duration"), "{too_long}: {err}");
+    }
+    let config = Config::parse(
+        "[services.web]\ncommand = \"x {port}\"\nkeep_warm = \"2562047h\"\n",
+        "cutover.toml",
+    )
+    .unwrap();
+    let longest = config.services[0].keep_warm;
+    assert_eq!(longest, Duration::from_secs(2_562_047 * 3600));
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut d = Deployment {
+        id: DeploymentId(1),
+        release: rel("v1"),
+        colour: Colour::Blue,
+        plan: plans().remove(0),
+        cause: Cause::Deploy,
+    };
+    d.plan.keep_warm = longest;
+    d.plan.health_deadline = longest;
+    d.plan.watch.duration = longest;
+    let state = State {
+        phase: Phase::Provisioning(d),
+        ..State::new("web")
+    };
+    store
+        .commit("web", &state, &[], None)
+        .expect("the longest accepted duration is stored");
+    assert_eq!(store.load("web").unwrap(), Some(state));
+    let err = Config::parse(
+        "[services.web]\ncommand = \"x {port}\"\nkeep_warm = \"3000000h\"\n",
+        "cutover.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("keep_warm") && err.contains("too long a duration"),
+        "{err}"
+    );
+}
+
+#[test]
+fn values_sqlite_cannot_hold_are_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let path = store.path().display().to_string();
+    let mut d = Deployment {
+        id: DeploymentId(1),
+        release: rel("v1"),
+        colour: Colour::Blue,
+        plan: plans().remove(0),
+        cause: Cause::Deploy,
+    };
+    d.plan.keep_warm = Duration::from_nanos(i64::MAX as u64 + 1);
+    let state = State {
+        phase: Phase::Provisioning(d.clone()),
+        ..State::new("web")
+    };
+    let err = store.commit("web", &state, &[], None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "state database {path}: cannot store plan_keep_warm_ns = 9223372036.854775808s (longer than the \
+                 longest storable duration, about 292 years) of service web exactly; nothing was written; use a \
+                 smaller value"
+        )
+    );
+    assert!(matches!(err, StoreError::Unrepresentable { .. }));
+    assert!(!err.is_retryable());
+    d.plan.keep_warm = Duration::ZERO;
+    d.plan.watch.max_error_rate = f64::NAN;
+    let state = State {
+        phase: Phase::Validating(d),
+        ..State::new("web")
+    };
+    let err = store.commit("web", &state, &[], None).unwrap_err().to_string();
+    assert!(
+        err.contains("cannot store plan_max_error_rate = NaN (not a number) of service web"),
+        "{err}"
+    );
+    assert_eq!(store.load_all().unwrap(), vec![]);
+}
+
+#[test]
+fn a_state_of_another_service_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let err = store.commit("web", &State::new("api"), &[], None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "state database {}: refused the commit of service web: the state to commit belongs to service \
+                 \"api\"; nothing was written; this is a bug in cutover, please report it",
+            store.path().display()
+        )
+    );
+    assert_eq!(store.load_all().unwrap(), vec![]);
+}
+
+#[test]
+fn reopening_after_drop_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let plan = plans().remove(1);
+    let mut s = State::new("web");
+    step(
+        &store,
+        &mut s,
+        Event::Deploy {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            plan: plan.clone(),
+        },
+    );
+    step(&store, &mut s, Event::InstancesHealthy { id: DeploymentId(1) });
+    step(&store, &mut s, Event::SmokePassed { id: DeploymentId(1) });
+    step(
+        &store,
+        &mut s,
+        Event::Deploy {
+            id: DeploymentId(2),
+            release: rel("v2"),
+            plan,
+        },
+    );
+    let instance = StoredInstance {
+        service: "web".to_string(),
+        colour: Colour::Green,
+        index: 0,
+        release: rel("v2"),
+        pid: 4242,
+        pgid: 4242,
+        port: 40123,
+        start_ticks: Some(123_456_789),
+    };
+    store.record_instance(&instance).unwrap();
+    store.append_audit(&audit("api:ops", "status", "")).unwrap();
+    let everything = |store: &Store| {
+        (
+            store.load_all().unwrap(),
+            store.history("web", 100).unwrap(),
+            store.transitions("web", DeploymentId(1)).unwrap(),
+            store.transitions("web", DeploymentId(2)).unwrap(),
+            store.releases("web").unwrap(),
+            store.audit_log(100).unwrap(),
+            store.instances("web").unwrap(),
+        )
+    };
+    let before = everything(&store);
+    assert_eq!(before.0, vec![("web".to_string(), s.clone())]);
+    assert_eq!(
+        (before.1.len(), before.2.len(), before.3.len(), before.5.len()),
+        (2, 4, 1, 5)
+    );
+    assert_eq!(before.6, vec![instance]);
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(everything(&store), before);
+    assert_eq!(store.next_deployment_id("web").unwrap(), DeploymentId(3));
+}
+
+#[test]
+fn a_fresh_database_has_the_documented_settings_and_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("nested/state")).unwrap();
+    assert_eq!(store.path(), dir.path().join("nested/state/cutover.db"));
+    let conn = store.lock();
+    let pragma = |name: &str| -> String {
+        conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, Value>(0))
+            .map(|v| match v {
+                Value::Integer(n) => n.to_string(),
+                Value::Text(s) => s,
+                other => format!("{other:?}"),
+            })
+            .unwrap()
+    };
+    assert_eq!(pragma("journal_mode"), "wal");
+    assert_eq!(pragma("synchronous"), "2"); // FULL
+    assert_eq!(pragma("foreign_keys"), "1");
+    assert_eq!(pragma("busy_timeout"), "5000");
+    assert_eq!(pragma("user_version"), "1");
+    assert_eq!(pragma("application_id"), APPLICATION_ID.to_string());
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "audit",
+            "deployment_ids",
+            "deployments",
+            "instances",
+            "releases",
+            "services",
+            "sqlite_sequence",
+            "transitions"
+        ]
+    );
+    fn shared<T: Send + Sync>() {}
+    shared::<Store>();
+}
+
+#[test]
+fn a_newer_schema_version_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    drop(open(&dir));
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 2)
+        .unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "state database {}: schema version 2 is newer than this cutover knows (version 1); it was \
+                 written by a newer cutover: run that version, or restore a backup made before the upgrade",
+            path.display()
+        )
+    );
+    let version: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+}
+
+#[test]
+fn a_garbage_file_is_refused_untouched_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    let garbage = "this is not a database, it is a shopping list\n".repeat(100);
+    std::fs::write(&path, &garbage).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "state database {}: not a SQLite database, or damaged beyond reading (file is not a database); \
+                 move it aside (cutover then starts with an empty state) or restore it from a backup",
+            path.display()
+        )
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), garbage);
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    files.sort();
+    assert_eq!(files, [DB_FILE]);
+}
+
+#[test]
+fn another_programs_database_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE recipes (name TEXT); INSERT INTO recipes VALUES ('soup');")
+        .unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "state database {}: a SQLite database of another program (application id 0x0), not cutover's; \
+                 it was left untouched: point server.state_dir at another directory, or move the file aside",
+            path.display()
+        )
+    );
+    let conn = Connection::open(&path).unwrap();
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "delete");
+}
+
+#[test]
+fn a_damaged_database_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    let store = open(&dir);
+    for n in 0..200 {
+        store
+            .append_audit(&audit("cli", "status", &"x".repeat(n * 10)))
+            .unwrap();
+    }
+    drop(store);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 8 * 4096, "{} bytes", bytes.len());
+    // Keep page 1 (header and schema), scribble over everything after it.
+    for (i, b) in bytes.iter_mut().enumerate().skip(4096) {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(
+        message.starts_with(&format!("state database {}: corrupt: ", path.display())),
+        "{message}"
+    );
+    assert!(message.ends_with("restore it from a backup, or move it aside (cutover then starts with an empty state and forgets its history)"), "{message}");
+}
+
+#[test]
+fn an_uncreatable_state_directory_is_reported_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let state_dir = dir.path().join("file/state");
+    let err = Store::open(&state_dir).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "state directory {}: cannot create it: Not a directory (os error 20); check that its parent \
+                 exists and is writable, or set server.state_dir to another directory",
+            state_dir.display()
+        )
+    );
+}
+
+#[test]
+fn instances_are_recorded_replaced_listed_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let instance = |service: &str, colour, index, pid| StoredInstance {
+        service: service.to_string(),
+        colour,
+        index,
+        release: rel("v7"),
+        pid,
+        pgid: pid,
+        port: 30000 + pid as u16,
+        start_ticks: (pid % 2 == 0).then_some(1_000 + u64::from(pid)),
+    };
+    let g1 = instance("web", Colour::Green, 1, 11);
+    let g0 = instance("web", Colour::Green, 0, 10);
+    let b0 = instance("web", Colour::Blue, 0, 20);
+    let other = instance("api", Colour::Blue, 0, 30);
+    for i in [&g1, &g0, &b0, &other] {
+        store.record_instance(i).unwrap();
+    }
+    assert_eq!(
+        store.instances("web").unwrap(),
+        vec![b0.clone(), g0.clone(), g1.clone()]
+    );
+    // A restarted instance replaces its slot.
+    let g0b = StoredInstance {
+        pid: 12,
+        pgid: 12,
+        port: 65535,
+        ..g0.clone()
+    };
+    store.record_instance(&g0b).unwrap();
+    assert_eq!(store.instances("web").unwrap(), vec![b0.clone(), g0b, g1.clone()]);
+    assert!(store.remove_instance("web", Colour::Blue, 0).unwrap());
+    assert!(!store.remove_instance("web", Colour::Blue, 0).unwrap());
+    assert_eq!(store.remove_instances("web", Colour::Green).unwrap(), 2);
+    assert_eq!(store.instances("web").unwrap(), vec![]);
+    assert_eq!(store.instances("api").unwrap(), vec![other]);
+    // Port 0 is not a port an instance listens on.
+    let err = store
+        .record_instance(&StoredInstance { port: 0, ..g1 })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CHECK constraint failed"), "{err}");
+}
+
+#[test]
+fn audit_entries_come_back_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let t0 = to_ms(SystemTime::now());
+    let refused = Audit {
+        result: "service web: nothing to abort".to_string(),
+        ..audit("cli", "abort", "")
+    };
+    store.append_audit(&refused).unwrap();
+    store
+        .commit(
+            "web",
+            &State::new("web"),
+            &[],
+            Some(audit("api:deployer", "deploy", "--version v1")),
+        )
+        .unwrap();
+    let elsewhere = Audit {
+        service: Some("api".to_string()),
+        ..audit("auto", "keep-warm timer", "")
+    };
+    store
+        .commit("web", &State::new("web"), &[], Some(elsewhere.clone()))
+        .unwrap();
+    let t1 = to_ms(SystemTime::now());
+    let log = store.audit_log(10).unwrap();
+    let got: Vec<_> = log.iter().map(|e| (e.seq, e.audit.clone())).collect();
+    let deployed = Audit {
+        service: Some("web".to_string()),
+        ..audit("api:deployer", "deploy", "--version v1")
+    };
+    assert_eq!(got, vec![(3, elsewhere), (2, deployed), (1, refused)]);
+    assert!(log.iter().all(|e| (t0..=t1).contains(&to_ms(e.at))));
+    assert_eq!(store.audit_log(1).unwrap(), log[..1].to_vec());
+}
+
+#[test]
+fn stored_phase_names_are_the_lifecycles() {
+    let d = Deployment {
+        id: DeploymentId(1),
+        release: rel("v1"),
+        colour: Colour::Blue,
+        plan: plans().remove(0),
+        cause: Cause::Deploy,
+    };
+    let phases = [
+        Phase::Stable { warm: None, last: None },
+        Phase::Provisioning(d.clone()),
+        Phase::Validating(d.clone()),
+        Phase::ReadyToPromote(d.clone()),
+        Phase::Watching {
+            deployment: d,
+            rollback_to: at(Colour::Green, "v0"),
+            judged: false,
+        },
+    ];
+    assert_eq!(phases.map(|p| p.name()), PHASE_NAMES);
+}
+
+// ----- kill -9 -----
+
+/// Set in the child process of the crash test: the state directory to commit into.
+const CRASH_CHILD: &str = "CUTOVER_STORE_CRASH_CHILD";
+/// Upper bound of the child's loop; it is killed long before.
+const CRASH_STEPS: u64 = 20_000;
+
+fn crash_plan() -> Plan {
+    Plan {
+        health_deadline: Duration::from_secs(10),
+        promote: Promotion::Auto { delay: Duration::ZERO },
+        watch: WatchPolicy {
+            duration: Duration::from_secs(60),
+            min_requests: 10,
+            max_error_rate: 0.05,
+            max_p99: Some(Duration::from_millis(300)),
+        },
+        keep_warm: Duration::from_secs(3600),
+    }
+}
+
+/// The crash test's script: releases on repeat, every third failing its smoke test. A new
+/// deployment retires the warm colour, so commits carry records of two deployments.
+fn scripted_event(state: &State, next_id: impl FnOnce() -> DeploymentId) -> Event {
+    match &state.phase {
+        Phase::Stable { .. } => {
+            let id = next_id();
+            Event::Deploy {
+                id,
+                release: Release::new(format!("v{id}")),
+                plan: crash_plan(),
+            }
+        }
+        Phase::Provisioning(d) => Event::InstancesHealthy { id: d.id },
+        Phase::Validating(d) if d.id.0 % 3 == 0 => Event::SmokeFailed {
+            id: d.id,
+            reason: format!("exit {}", d.id),
+        },
+        Phase::Validating(d) => Event::SmokePassed { id: d.id },
+        Phase::ReadyToPromote(d) => Event::Promote { id: Some(d.id) },
+        Phase::Watching {
+            deployment,
+            judged: false,
+            ..
+        } => Event::WatchSample {
+            id: deployment.id,
+            sample: WatchSample {
+                requests: 100,
+                errors: 1,
+                p99: Some(Duration::from_millis(20)),
+            },
+        },
+        Phase::Watching { deployment, .. } => Event::WatchWindowElapsed { id: deployment.id },
+    }
+}
+
+/// State, number of records and of deployments after `steps` scripted commits, computed
+/// without a database (ids 1, 2, ... as a fresh store hands them out).
+fn replay(steps: u64) -> (State, usize, u64) {
+    let mut state = State::new("web");
+    let (mut records, mut ids) = (0, 0);
+    for _ in 0..steps {
+        let t = state.step(scripted_event(&state, || {
+            ids += 1;
+            DeploymentId(ids)
+        }));
+        let t = t.expect("scripted event refused");
+        records += t.records().count();
+        state = t.state;
+    }
+    (state, records, ids)
+}
+
+fn crash_child(dir: &str) {
+    let store = Store::open(dir).expect("child: open");
+    let mut state = State::new("web");
+    let mut out = std::io::stdout();
+    for seq in 1..=CRASH_STEPS {
+        let event = scripted_event(&state, || store.next_deployment_id("web").expect("child: id"));
+        let action = event.name();
+        let t = state.step(event).expect("child: scripted event refused");
+        let audit = audit("auto", action, &format!("step {seq}"));
+        store
+            .commit("web", &t.state, t.records(), Some(audit))
+            .expect("child: commit");
+        state = t.state;
+        // Only after commit returned: every number printed is durable. A failed write means
+        // the parent is gone: stop.
+        writeln!(out, "committed {seq}")
+            .and_then(|()| out.flush())
+            .expect("child: stdout");
+    }
+}
+
+#[test]
+fn kill_9_during_commits_loses_nothing_committed_and_keeps_no_half() {
+    if let Ok(dir) = std::env::var(CRASH_CHILD) {
+        return crash_child(&dir);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let test = format!(
+        "{}::kill_9_during_commits_loses_nothing_committed_and_keeps_no_half",
+        module_path!().split_once("::").map_or("", |(_, rest)| rest)
+    );
+    let stderr_path = dir.path().join("child.stderr");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(CRASH_CHILD, dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(n) = line.strip_prefix("committed ") {
+                if tx.send(n.parse::<u64>().unwrap()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // Let it get going (its start-up may be slow on a loaded machine), then let it run for a
+    // while and kill it wherever it is: mid-commit, mid-fsync, between commits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    while seen < 20 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(n) => seen = n,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("child committed {seen} steps before {e}; its stderr:\n{}", stderr());
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "child ended by itself: {status}; stderr:\n{}",
+        stderr()
+    );
+    reader.join().unwrap();
+    let last = rx.try_iter().last().unwrap_or(seen).max(seen);
+    assert!(last < CRASH_STEPS);
+
+    let store = Store::open(dir.path()).expect("reopen after kill -9");
+    // The commit of step last + 1 may have completed before the child could print it.
+    let committed = store.audit_log(usize::MAX).unwrap().len() as u64;
+    assert!(
+        committed == last || committed == last + 1,
+        "{committed} commits, {last} reported"
+    );
+    let (state, records, deployments) = replay(committed);
+    assert_eq!(
+        store.load("web").unwrap(),
+        Some(state.clone()),
+        "after {committed} commits"
+    );
+    let history = store.history("web", usize::MAX).unwrap();
+    assert_eq!(history.len() as u64, deployments);
+    let stored: usize = history
+        .iter()
+        .map(|d| store.transitions("web", d.id).unwrap().len())
+        .sum();
+    assert_eq!(stored, records, "records of {committed} commits");
+    // And it carries on from there.
+    let event = scripted_event(&state, || store.next_deployment_id("web").unwrap());
+    let t = state.step(event).unwrap();
+    store.commit("web", &t.state, t.records(), None).unwrap();
+    assert_eq!(store.load("web").unwrap(), Some(t.state));
+    eprintln!("killed after {last} reported commits; {committed} stored, {records} records");
+}
