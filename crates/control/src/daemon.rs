@@ -41,7 +41,7 @@ use crate::lifecycle::{
     Transition, WatchPolicy, WatchSample,
 };
 use crate::process::{InstanceInfo, InstanceSpec, ProcessGroup, Recorded};
-use crate::store::{Audit, Store, StoredInstance};
+use crate::store::{Audit, Store, StoreError, StoredInstance};
 use crate::webhooks::Webhooks;
 
 pub use crate::events::{EventKind, Notice};
@@ -263,12 +263,18 @@ impl Daemon {
         crate::private_dir::prepare_state_dir(&state_dir)?;
         let store = {
             let dir = state_dir.clone();
-            tokio::task::spawn_blocking(move || Store::open(dir))
-                .await
-                .expect("store open does not panic")?
+            off_async_store(move || Store::open(dir)).await?
         };
         let store = Arc::new(store);
-        let preview_token = preview_token(&state_dir)?;
+        let preview_token = {
+            let dir = state_dir.clone();
+            tokio::task::spawn_blocking(move || preview_token(&dir))
+                .await
+                .map_err(|e| StartError::Io {
+                    path: state_dir.join("preview.token"),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
 
         let mut services = Vec::new();
         for svc in &config.services {
@@ -299,9 +305,7 @@ impl Daemon {
         for svc in shared.config.services.clone() {
             let loaded = {
                 let (store, name) = (shared.store.clone(), svc.name.clone());
-                tokio::task::spawn_blocking(move || store.load(&name))
-                    .await
-                    .expect("load does not panic")?
+                off_async_store(move || store.load(&name)).await?
             };
             let state = loaded.unwrap_or_else(|| State::new(&svc.name));
             let (tx, rx) = mpsc::channel(256);
@@ -497,6 +501,17 @@ impl Daemon {
     }
 }
 
+/// Runs a store call on a blocking thread. A call that does not come back (its thread was
+/// cancelled because the runtime is shutting down) is an error like any other store failure,
+/// never a panic: the proxy shares this process and must not go down with it.
+async fn off_async_store<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Interrupted { detail: e.to_string() }))
+}
+
 /// The preview token: random, kept in `<state_dir>/preview.token` (mode 0600) so that it survives
 /// restarts and a smoke script or a person can read it.
 fn preview_token(state_dir: &std::path::Path) -> Result<String, StartError> {
@@ -510,10 +525,9 @@ fn preview_token(state_dir: &std::path::Path) -> Result<String, StartError> {
         }
     }
     let mut bytes = [0u8; 16];
-    let f = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    f.map_err(|source| StartError::Io {
-        path: "/dev/urandom".into(),
-        source,
+    getrandom::getrandom(&mut bytes).map_err(|e| StartError::Io {
+        path: "getrandom(2)".into(),
+        source: std::io::Error::other(e.to_string()),
     })?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let io = |source| StartError::Io {
@@ -796,11 +810,12 @@ impl Actor {
     }
 
     /// Runs `f` on the store, off the async threads: every store call waits for the disk.
-    async fn on_store<T: Send + 'static>(&self, f: impl FnOnce(&Store, &str) -> T + Send + 'static) -> T {
+    async fn on_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store, &str) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (store, name) = (self.shared.store.clone(), self.name().to_string());
-        tokio::task::spawn_blocking(move || f(&store, &name))
-            .await
-            .expect("store calls do not panic")
+        off_async_store(move || f(&store, &name)).await
     }
 
     /// What the store says about this service's instances on `colour` (and of `release`, if
@@ -1439,15 +1454,20 @@ impl Actor {
                 start_ticks: r.start_time,
             })
             .collect();
-        self.on_store(move |store, name| {
-            let _ = store.remove_instances(name, colour);
-            for row in rows {
-                if let Err(e) = store.record_instance(&row) {
-                    tracing::warn!(service = %name, error = %e, "cannot record an instance");
+        let recorded = self
+            .on_store(move |store, name| {
+                let _ = store.remove_instances(name, colour);
+                for row in rows {
+                    if let Err(e) = store.record_instance(&row) {
+                        tracing::warn!(service = %name, error = %e, "cannot record an instance");
+                    }
                 }
-            }
-        })
-        .await;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::warn!(service = self.name(), error = %e, "cannot record the instances");
+        }
     }
 
     /// Starts health checks of a colour's instances and puts them in its pool (out of rotation
@@ -1462,7 +1482,13 @@ impl Actor {
         let id = self.last_run;
         let (addrs, recorded, follow) = match &instances {
             Instances::Static(a) => {
-                save_static(&self.shared.config.server.state_dir, self.name(), colour, a);
+                let (dir, name, list) = (
+                    self.shared.config.server.state_dir.clone(),
+                    self.name().to_string(),
+                    a.clone(),
+                );
+                // A file write: on a blocking thread, and finished before the run begins.
+                let _ = tokio::task::spawn_blocking(move || save_static(&dir, &name, colour, &list)).await;
                 (a.clone(), Vec::new(), None)
             }
             Instances::Process(group) => {
@@ -1544,7 +1570,12 @@ impl Actor {
                     Err(e) => tracing::error!(service = self.name(), %colour, error = %e, "cannot adopt instances"),
                 }
             }
-            Driver::Static => match load_static(&self.shared.config.server.state_dir, self.name(), colour) {
+            Driver::Static => match {
+                let (dir, name) = (self.shared.config.server.state_dir.clone(), self.name().to_string());
+                tokio::task::spawn_blocking(move || load_static(&dir, &name, colour))
+                    .await
+                    .unwrap_or(None)
+            } {
                 Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true).await,
                 None => tracing::error!(service = self.name(), %colour, "no recorded upstreams to adopt"),
             },

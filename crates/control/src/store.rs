@@ -366,12 +366,16 @@ pub enum StoreError {
         service: String,
         detail: String,
     },
+    /// The call's blocking thread did not complete it (the daemon's runtime is shutting down).
+    /// Whether the call took effect is unknown; the state read at the next start is what counts.
+    #[error("state database: a call did not complete ({detail}); the daemon is stopping, or retry")]
+    Interrupted { detail: String },
 }
 
 impl StoreError {
     /// Whether the same call may succeed later as is (another process held the lock).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Locked { .. })
+        matches!(self, StoreError::Locked { .. } | StoreError::Interrupted { .. })
     }
 }
 

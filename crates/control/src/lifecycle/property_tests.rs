@@ -1,4 +1,3 @@
-
 use super::*;
 
 /// splitmix64: small, seeded, good enough to pick events.
