@@ -444,12 +444,19 @@ impl ProcessGroup {
         let mut adopted: Vec<Option<(Proc, u16)>> = (0..spec.instances).map(|_| None).collect();
         let mut ports: Vec<Option<u16>> = vec![None; spec.instances as usize];
         let mut unwanted = Vec::new();
-        for r in recorded {
+        // Classifying reads /proc (all of it, for a group whose leader is gone): off the async
+        // threads. Should that thread not come back, classify here rather than guess.
+        let copy = recorded.clone();
+        let classified = match off_async(move || copy.into_iter().map(|r| (classify(&r), r)).collect()).await {
+            Ok(c) => c,
+            Err(_) => recorded.into_iter().map(|r| (classify(&r), r)).collect::<Vec<_>>(),
+        };
+        for (found, r) in classified {
             let wanted = r.index < spec.instances && adopted[r.index as usize].is_none();
             if r.index < spec.instances && ports[r.index as usize].is_none() {
                 ports[r.index as usize] = Some(r.port);
             }
-            match classify(&r) {
+            match found {
                 Found::Alive => {
                     let proc = Proc::adopted(&r);
                     if wanted {
@@ -957,14 +964,11 @@ impl Proc {
         }
     }
 
-    /// Live members of the group (not zombies).
-    fn members(&self) -> Vec<u32> {
-        group_members(self.pgid)
-    }
-
     fn signal(&self, signal: Signal) {
-        // Only while members live: for adopted groups that is what keeps the number ours.
-        if !self.members().is_empty() {
+        // Only while the group exists: Linux gives no other group its number while any process
+        // of it (a zombie leader included) is left, so for adopted groups that is what keeps the
+        // number ours. `kill(-pgid, 0)` tells in one system call, without reading all of /proc.
+        if signal_group(self.pgid, None).is_ok() {
             if let Err(e) = signal_group(self.pgid, Some(signal)) {
                 if e != Errno::ESRCH {
                     tracing::warn!(pgid = self.pgid, %signal, error = %e, "cannot signal instance process group");
@@ -985,7 +989,11 @@ impl Proc {
 
     /// After the leader exited: kills what is left of its group, then reaps the leader.
     async fn clean_up_after_exit(mut self) {
-        if !self.members().is_empty() {
+        if members_of(std::slice::from_ref(&self))
+            .await
+            .iter()
+            .any(|m| !m.is_empty())
+        {
             tracing::debug!(pgid = self.pgid, "killing what is left of an exited instance's group");
             self.signal(Signal::SIGKILL);
             wait_gone(std::slice::from_mut(&mut self), KILL_WAIT).await;
