@@ -71,6 +71,9 @@ pub struct ProxyBody {
 enum Inner {
     Full(Option<Bytes>),
     Stream(Box<Streaming>),
+    /// A body from hyper's client (`crate::hyper_upstream`).
+    #[cfg(feature = "hyper-upstream")]
+    Hyper(Box<crate::hyper_upstream::Streaming>),
     Done,
 }
 
@@ -88,6 +91,13 @@ impl ProxyBody {
 
     pub fn empty() -> ProxyBody {
         ProxyBody { inner: Inner::Done }
+    }
+
+    #[cfg(feature = "hyper-upstream")]
+    pub(crate) fn hyper(s: crate::hyper_upstream::Streaming) -> ProxyBody {
+        ProxyBody {
+            inner: Inner::Hyper(Box::new(s)),
+        }
     }
 
     pub(crate) fn streaming(s: Streaming) -> ProxyBody {
@@ -122,6 +132,27 @@ impl Body for ProxyBody {
                 let frame = data.take().map(|d| Ok(Frame::data(d)));
                 this.inner = Inner::Done;
                 Poll::Ready(frame)
+            }
+            #[cfg(feature = "hyper-upstream")]
+            Inner::Hyper(s) => {
+                let r = s.poll_data(cx);
+                match &r {
+                    // hyper's server stops polling a body once it has its declared length: the
+                    // last data frame ends it.
+                    Poll::Ready(Some(Ok(_))) if s.is_end_stream() => {
+                        if let Inner::Hyper(s) = std::mem::replace(&mut this.inner, Inner::Done) {
+                            s.finish();
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Inner::Hyper(s) = std::mem::replace(&mut this.inner, Inner::Done) {
+                            s.finish();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => this.inner = Inner::Done,
+                    _ => {}
+                }
+                r
             }
             Inner::Stream(s) => {
                 if s.gen.gen.expired.load(std::sync::atomic::Ordering::Acquire) {
@@ -166,6 +197,8 @@ impl Body for ProxyBody {
             Inner::Done => true,
             Inner::Full(d) => d.is_none(),
             Inner::Stream(_) => false,
+            #[cfg(feature = "hyper-upstream")]
+            Inner::Hyper(_) => false,
         }
     }
 
@@ -177,6 +210,8 @@ impl Body for ProxyBody {
                 Framing::Length(n) => SizeHint::with_exact(n),
                 _ => SizeHint::default(),
             },
+            #[cfg(feature = "hyper-upstream")]
+            Inner::Hyper(s) => s.size_hint(),
         }
     }
 }

@@ -83,7 +83,7 @@ pub(crate) struct Seen {
     service: Arc<str>,
     colour: Colour,
     /// Only with the access log on.
-    request_id: Option<String>,
+    pub(crate) request_id: Option<String>,
 }
 
 pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
@@ -185,6 +185,9 @@ fn enter(
     }
 }
 
+// With `hyper-upstream`, the exchange below the routing goes through `crate::hyper_upstream`,
+// and what follows its `return` is not reached (it still compiles).
+#[cfg_attr(feature = "hyper-upstream", allow(unreachable_code, unused_mut))]
 async fn proxy(
     ctx: &Arc<ConnCtx>,
     req: Request<Incoming>,
@@ -260,6 +263,25 @@ async fn proxy(
     } else {
         BodyFraming::Chunked
     };
+    #[cfg(feature = "hyper-upstream")]
+    return crate::hyper_upstream::forward(
+        crate::hyper_upstream::Forward {
+            ctx,
+            parts: &parts,
+            body,
+            authority,
+            framing,
+            upgrade,
+            client_upgrade,
+            service: service_name,
+            pool,
+            colour,
+            balance,
+            gen: gen_guard,
+        },
+        seen,
+    )
+    .await;
     // The upstream request head, encoded once; a replay sends the same bytes again.
     let mut head = Vec::with_capacity(512);
     let generated = headers::encode_request(
@@ -596,14 +618,16 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: Duration) -> 
 /// colour's drain deadline, or the shutdown window (see [`shutdown_close_window`]) after a shutdown begins,
 /// whichever instant comes first. Spreading the closes keeps thousands of WebSocket clients from
 /// reconnecting in the same instant. How a tunnel is closed: `crate::tunnel`.
-fn spawn_tunnel(
+pub(crate) fn spawn_tunnel<U>(
     client: hyper::upgrade::OnUpgrade,
-    upstream: Prefixed,
+    upstream: U,
     websocket: bool,
     guard: GenerationGuard,
     instance: InstanceGuard,
     conn: Arc<ConnCtx>,
-) {
+) where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     tokio::spawn(async move {
         let client = match client.await {
             Ok(c) => c,

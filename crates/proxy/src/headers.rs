@@ -21,7 +21,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Longest client-supplied request id that is passed on; longer ones are replaced.
-const MAX_REQUEST_ID: usize = 128;
+pub(crate) const MAX_REQUEST_ID: usize = 128;
 
 /// How the request body is framed on the way upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +143,7 @@ pub(crate) fn host_of(authority: &str) -> &str {
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TE
         || name == header::TRAILER
@@ -157,7 +157,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Header names listed in `Connection` (other than the standard tokens) are hop-by-hop too.
 /// Rare; only then is anything allocated.
-fn named_in_connection(parts: &Parts) -> Vec<HeaderName> {
+pub(crate) fn named_in_connection(parts: &Parts) -> Vec<HeaderName> {
     let mut named = Vec::new();
     for v in parts.headers.get_all(header::CONNECTION) {
         let Ok(list) = v.to_str() else { continue };

@@ -17,6 +17,8 @@ mod h1;
 mod h2;
 mod handler;
 mod headers;
+#[cfg(feature = "hyper-upstream")]
+mod hyper_upstream;
 mod limits;
 mod listen;
 mod pass;

@@ -90,6 +90,8 @@ pub(crate) fn worker(
             loop {
                 tick.tick().await;
                 crate::upstream::sweep(idle);
+                #[cfg(feature = "hyper-upstream")]
+                crate::hyper_upstream::sweep(idle);
             }
         });
         shared.shutdown.cancelled().await;
