@@ -1458,8 +1458,16 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (Howard Hinnant's civil-from-days).
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
 fn utc_timestamp(secs: u64) -> String {
+    let ((year, month, day), (h, m, s)) = utc_civil(secs);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// `secs` since the epoch as a UTC date and time of day, ((year, month, day), (hour, minute,
+/// second)) in the proleptic Gregorian calendar (Howard Hinnant's civil-from-days). The log
+/// markers and `cutover history` both show times with it.
+pub fn utc_civil(secs: u64) -> ((i64, i64, i64), (u64, u64, u64)) {
     let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -1470,12 +1478,7 @@ fn utc_timestamp(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3_600,
-        rest % 3_600 / 60,
-        rest % 60
-    )
+    ((year, month, day), (rest / 3_600, rest % 3_600 / 60, rest % 60))
 }
 
 #[cfg(test)]
