@@ -114,8 +114,14 @@ impl ProxyBody {
 
 /// The body was read to its end: the connection goes back to the pool if the upstream keeps it
 /// open, and the request stops counting as in flight.
+///
+/// A request counted in a draining generation closes its connection instead: the drain closes
+/// the colour's idle connections once the generation is empty (see `drain`), and one pooled
+/// after that would stay open until the idle timeout. Requests entering the colour afterwards
+/// (preview traffic, or live traffic after a rollback) count in the new generation and pool as
+/// usual.
 fn finish(s: Streaming) {
-    if s.reusable && s.conn.buf.is_empty() {
+    if s.reusable && s.conn.buf.is_empty() && !s.gen.gen.is_draining() {
         upstream::checkin(s.instance_id, s.conn, s.pool_size);
     }
 }

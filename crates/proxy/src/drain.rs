@@ -1,5 +1,6 @@
 //! Draining a colour: waiting for what entered it to finish, and cutting what is left at the
-//! deadline (see `deadline` for how the cut reaches each worker).
+//! deadline (see `deadline` for how the cut reaches each worker). A drained colour's idle
+//! upstream connections are closed on every worker as the drain ends (see `upstream`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -40,10 +41,12 @@ impl Proxy {
         // Rotate the colour to a fresh generation: whatever enters from now on (preview traffic,
         // or live traffic after a rollback) is not this drain's business.
         let mut old: Option<Arc<Generation>> = None;
+        let mut instances: Arc<[u64]> = Arc::new([]);
         self.update(|t| {
             t.with_service(service, |s| {
                 let pool = s.pool_mut(colour);
                 old = Some(pool.generation.clone());
+                instances = pool.instances.iter().map(|i| i.id).collect();
                 pool.generation = Arc::new(Generation::default());
                 Ok(())
             })
@@ -57,6 +60,7 @@ impl Proxy {
         let empty = |g: &Generation| g.in_flight() == 0 && g.upgraded() == 0;
         let deadline = instant_in(timeout);
         if wait_until(&old, deadline, empty).await {
+            self.shared().close_idle(instances);
             return Ok(DrainReport {
                 elapsed: start.elapsed(),
                 completed: true,
@@ -73,6 +77,7 @@ impl Proxy {
         // The cuts themselves take a moment; tunnels close within the window.
         let grace = instant_in(close_window.saturating_add(Duration::from_secs(2)));
         wait_until(&old, grace, empty).await;
+        self.shared().close_idle(instances);
         Ok(DrainReport {
             elapsed: start.elapsed(),
             completed: false,

@@ -97,6 +97,16 @@ fn checkin(instance: u64, sender: Sender, max_idle: usize) {
     })
 }
 
+/// As `upstream::close_idle`, for this path's pools.
+pub(crate) fn close_idle(instances: &[u64]) {
+    POOLS.with(|p| {
+        let mut pools = p.borrow_mut();
+        for id in instances {
+            pools.remove(id);
+        }
+    })
+}
+
 /// As `upstream::sweep`, for this path's pools.
 pub(crate) fn sweep(max_idle: Duration) {
     let now = Instant::now();
@@ -603,7 +613,8 @@ pub(crate) struct Streaming {
 impl Streaming {
     pub(crate) fn finish(self) {
         if let Some(sender) = self.sender {
-            if !sender.is_closed() {
+            // As `body::finish`: a draining generation's connections are not pooled.
+            if !sender.is_closed() && !self.gen.gen.is_draining() {
                 checkin(self.instance_id, sender, self.pool_size);
             }
         }

@@ -14,6 +14,7 @@
 //! connections and tunnels up to `shutdown_timeout` before its runtime is dropped, which closes
 //! whatever is left.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -86,8 +87,11 @@ impl Proxy {
 
         let (expired_tx, mut expired_rx): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+        let (close_idle_tx, mut close_idle_rx): (Vec<_>, Vec<_>) =
+            (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
         let shared = Arc::new(Shared {
             expired_tx,
+            close_idle_tx,
             table: ArcSwap::from_pointee(table),
             conn_limit: Arc::new(Semaphore::new(config.max_connections.max(1))),
             config,
@@ -100,9 +104,10 @@ impl Proxy {
         for (i, listeners) in per_worker.into_iter().enumerate() {
             let worker_shared = shared.clone();
             let rx = expired_rx.remove(0);
+            let close_rx = close_idle_rx.remove(0);
             let h = std::thread::Builder::new()
                 .name(format!("cutover-worker-{i}"))
-                .spawn(move || worker(worker_shared, listeners, rx));
+                .spawn(move || worker(worker_shared, listeners, rx, close_rx));
             match h {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -164,10 +169,19 @@ impl Proxy {
     }
 
     /// Stores `next` as the successor of `current`. Callers hold the update lock.
+    ///
+    /// Instances of `current` that `next` no longer holds (a stopped colour, a replaced
+    /// instance) get no more requests, so every worker closes its idle connections to them now
+    /// rather than at the idle timeout. A request still in flight on one checks its connection
+    /// back in afterwards only if it was not counted in a draining generation; the periodic
+    /// sweep closes such a rare leftover.
     fn store(&self, current: &RouteTable, mut next: RouteTable) -> Arc<RouteTable> {
         next.set_revision(current.revision().wrapping_add(1));
+        let kept: HashSet<u64> = next.instance_ids().collect();
+        let gone: Arc<[u64]> = current.instance_ids().filter(|id| !kept.contains(id)).collect();
         let next = Arc::new(next);
         self.shared.table.store(next.clone());
+        self.shared.close_idle(gone);
         next
     }
 

@@ -18,6 +18,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// One per worker: generations whose drain deadline passed (see `deadline`).
     pub(crate) expired_tx: Vec<tokio::sync::mpsc::UnboundedSender<Arc<Generation>>>,
+    /// One per worker: instances whose idle upstream connections to close (see `upstream`).
+    pub(crate) close_idle_tx: Vec<tokio::sync::mpsc::UnboundedSender<Arc<[u64]>>>,
     pub(crate) conn_limit: Arc<Semaphore>,
     /// Client connections and upgraded tunnels still open, over all workers.
     pub(crate) open: AtomicUsize,
@@ -25,6 +27,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Asks every worker to close its idle connections to these instances.
+    pub(crate) fn close_idle(&self, instances: Arc<[u64]>) {
+        if instances.is_empty() {
+            return;
+        }
+        for tx in &self.close_idle_tx {
+            // Fails only once the worker has stopped, and its pools with it.
+            let _ = tx.send(instances.clone());
+        }
+    }
+
     /// Client connections and upgraded tunnels open right now.
     pub(crate) fn open_connections(&self) -> usize {
         self.open.load(Ordering::Acquire)

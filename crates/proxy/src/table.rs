@@ -415,6 +415,14 @@ impl RouteTable {
         &self.services
     }
 
+    /// The ids of every instance of every colour of every service.
+    pub(crate) fn instance_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.services
+            .iter()
+            .flat_map(|s| s.blue.instances.iter().chain(s.green.instances.iter()))
+            .map(|i| i.id)
+    }
+
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| &*s.name == name)
     }

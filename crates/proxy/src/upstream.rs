@@ -4,10 +4,18 @@
 //! takes no lock and no atomic. A pool entry is keyed by the instance id, never by address: an
 //! instance that is replaced gets fresh connections. A periodic sweep on each worker drops
 //! connections that closed or sat idle past the upstream idle timeout.
+//!
+//! Connections of instances that take no more traffic are closed at once instead of at the idle
+//! timeout: every deploy brings new instances (new ids, new pools), so with a deploy every second
+//! the pools of drained colours would otherwise hold thousands of descriptors. A drain that ends
+//! and a table store that removes instances send their ids to every worker (`close_idle_of`),
+//! and a connection coming back from a request counted in a draining generation is closed
+//! instead of pooled (see `body::finish`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -53,6 +61,30 @@ pub(crate) fn checkin(instance: u64, conn: Conn, max_idle: usize) {
             });
         }
     })
+}
+
+/// Closes this worker's idle connections to the given instances.
+pub(crate) fn close_idle(instances: &[u64]) {
+    POOLS.with(|p| {
+        let mut pools = p.borrow_mut();
+        for id in instances {
+            pools.remove(id);
+        }
+    })
+}
+
+/// Runs on every worker: closes the idle connections of each batch of instances it is sent.
+///
+/// Nothing marks the instances as closed for good: a drained colour stays in the table for an
+/// instant rollback, which goes back to the same instances, and their connections must be
+/// pooled again then. A batch arriving after such a rollback closes what the rollback's first
+/// requests pooled meanwhile, which costs those a reconnect and nothing else.
+pub(crate) async fn close_idle_of(mut rx: tokio::sync::mpsc::UnboundedReceiver<Arc<[u64]>>) {
+    while let Some(ids) = rx.recv().await {
+        close_idle(&ids);
+        #[cfg(feature = "hyper-upstream")]
+        crate::hyper_upstream::close_idle(&ids);
+    }
 }
 
 /// Drops this worker's connections that closed or idled longer than `max_idle`. Run

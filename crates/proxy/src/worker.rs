@@ -45,6 +45,7 @@ pub(crate) fn worker(
     shared: Arc<Shared>,
     listeners: Vec<(std::net::TcpListener, bool)>,
     expired: tokio::sync::mpsc::UnboundedReceiver<Arc<Generation>>,
+    close_idle: tokio::sync::mpsc::UnboundedReceiver<Arc<[u64]>>,
 ) {
     let preempt_interval = shared.config.preempt_interval;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -71,6 +72,7 @@ pub(crate) fn worker(
         // First, so that it is in place before anything writes.
         tokio::spawn(crate::pass::flusher(move || unspaced_point(preempt_interval)));
         tokio::spawn(crate::deadline::wake_expired(expired));
+        tokio::spawn(crate::upstream::close_idle_of(close_idle));
         for (std_listener, preview) in listeners {
             match TcpListener::from_std(std_listener) {
                 Ok(l) => {

@@ -42,6 +42,8 @@ pub struct Seen {
     pub requests: AtomicU64,
     /// Connections accepted.
     pub connections: AtomicU64,
+    /// Connections accepted and not closed yet.
+    pub open: AtomicU64,
     pub last_headers: Mutex<Option<http::HeaderMap>>,
     /// What WebSockets received, in order: "text TEXT", "binary LEN", "close CODE" (0: no code),
     /// and how each ended: "end" (closed cleanly) or "error".
@@ -76,6 +78,7 @@ impl Upstream {
                 s.connections.fetch_add(1, Ordering::Relaxed);
                 let (s, r, k) = (s.clone(), r.clone(), k.clone());
                 tokio::spawn(async move {
+                    let _open = OpenConnection::new(s.clone());
                     let svc = hyper::service::service_fn(move |req| upstream_handle(colour, s.clone(), r.clone(), req));
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -107,6 +110,27 @@ impl Upstream {
 
     pub fn connections(&self) -> u64 {
         self.seen.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections open right now (accepted, and neither side has closed them).
+    pub fn open_connections(&self) -> u64 {
+        self.seen.open.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts one accepted connection in `Seen::open` until its task ends, however it ends.
+struct OpenConnection(Arc<Seen>);
+
+impl OpenConnection {
+    fn new(seen: Arc<Seen>) -> OpenConnection {
+        seen.open.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(seen)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
