@@ -199,6 +199,8 @@ struct Shared {
     preview_token: String,
     /// Set once the actors are started; stopped last in [`Daemon::stop`].
     webhooks: OnceLock<Webhooks>,
+    /// Held for the daemon's life: no second daemon runs on this state directory.
+    _state_dir_lock: crate::private_dir::StateDirLock,
 }
 
 impl Shared {
@@ -261,6 +263,8 @@ impl Daemon {
     ) -> Result<Daemon, StartError> {
         let state_dir = config.server.state_dir.clone();
         crate::private_dir::prepare_state_dir(&state_dir)?;
+        // Before the store is opened or anything adopted: a second daemon goes no further.
+        let state_dir_lock = crate::private_dir::lock_state_dir(&state_dir)?;
         let store = {
             let dir = state_dir.clone();
             off_async_store(move || Store::open(dir)).await?
@@ -299,6 +303,7 @@ impl Daemon {
             views: Mutex::new(BTreeMap::new()),
             preview_token,
             webhooks: OnceLock::new(),
+            _state_dir_lock: state_dir_lock,
         });
 
         let mut actors = BTreeMap::new();

@@ -58,6 +58,15 @@ pub enum StateDirError {
     Writable { path: PathBuf, mode: u32 },
     #[error("state directory {}: cannot make it private (mode 0700): {source}", path.display())]
     Tighten { path: PathBuf, source: io::Error },
+    #[error(
+        "state directory {}: in use by another cutover daemon ({holder}); two daemons on one state \
+         directory would adopt and stop each other's instances. Stop that one first, or give this \
+         one another server.state_dir",
+        path.display()
+    )]
+    InUse { path: PathBuf, holder: String },
+    #[error("state directory {}: cannot lock {}: {source}", path.display(), LOCK_FILE)]
+    Lock { path: PathBuf, source: io::Error },
 }
 
 /// Makes sure the state directory exists and only this user can enter it.
@@ -175,5 +184,59 @@ mod tests {
         std::fs::write(&state, "").unwrap();
         let err = prepare_state_dir(&state).unwrap_err().to_string();
         assert!(err.contains(&state.display().to_string()), "{err}");
+    }
+}
+
+/// The file in the state directory a running daemon holds an exclusive `flock` on, with its pid.
+pub const LOCK_FILE: &str = "daemon.lock";
+
+/// The running daemon's hold on its state directory: one daemon per directory, whatever its
+/// admin transport. The kernel releases the lock when the process ends, kill -9 included, so a
+/// crashed daemon never blocks the next start.
+#[derive(Debug)]
+pub struct StateDirLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the state directory's lock, or says which daemon holds it.
+pub fn lock_state_dir(dir: &Path) -> Result<StateDirLock, StateDirError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let failed = |source: io::Error| StateDirError::Lock {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(failed)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            // The pid, for the message a second daemon gives.
+            let written = lock
+                .set_len(0)
+                .and_then(|_| lock.rewind())
+                .and_then(|_| writeln!(lock, "{}", std::process::id()));
+            written.map_err(failed)?;
+            Ok(StateDirLock { _lock: lock })
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let holder = match pid.trim().parse::<u32>() {
+                Ok(pid) => format!("pid {pid}"),
+                Err(_) => "its pid unknown".to_string(),
+            };
+            Err(StateDirError::InUse {
+                path: dir.to_path_buf(),
+                holder,
+            })
+        }
+        Err((_, e)) => Err(failed(io::Error::from(e))),
     }
 }

@@ -926,6 +926,63 @@ fn an_instance_taken_out_of_rotation_is_announced_with_its_reason() {
     assert!(reason.contains(&upstream) && reason.contains("refused"), "{e}");
 }
 
+/// Two daemons on one state directory would adopt and stop each other's instances. With the
+/// admin API on TCP nothing else stops the second (no shared socket path): the state directory's
+/// lock refuses it, exit 2 naming the running one, and the first goes on untouched.
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_private(&dir.path().join("token"), "0123456789abcdef0123456789abcdef\n");
+    let config_with = |name: &str, port: u16, admin: u16| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\ntoken_file = \"token\"\nstate_dir = \"state\"\n\
+                 [services.web]\ncommand = \"{BIN} demo-app --port {{port}}\"\n\
+                 health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let port = free_port();
+    let first = config_with("first.toml", port, free_port());
+    let second = config_with("second.toml", free_port(), free_port());
+    let mut daemon = Proc(spawn_serve(&first));
+    assert!(wait_until(Duration::from_secs(20), || cli(&first, &["status"])
+        .status
+        .success()));
+    let out = cli(&first, &["deploy", "web", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(get(front).map(|r| r.0), Some(200));
+
+    let mut refused = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(&second)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(10), || refused.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = refused.kill();
+    }
+    let out = refused.wait_with_output().unwrap();
+    let shown = text(&out);
+    assert!(exited, "the second daemon kept running: {shown}");
+    assert_eq!(out.status.code(), Some(2), "{shown}");
+    assert!(
+        shown.contains("in use by another cutover daemon") && shown.contains(&format!("pid {}", daemon.0.id())),
+        "{shown}"
+    );
+    // The first one serves on, its instance still running.
+    assert!(daemon.0.try_wait().unwrap().is_none());
+    assert_eq!(get(front).map(|r| r.0), Some(200));
+    assert!(cli(&first, &["status"]).status.success());
+}
+
 #[test]
 fn rollback_after_retirement_is_a_cold_redeploy() {
     let mut s = Setup::new("keep_warm = \"0s\"\nwatch = { duration = \"300ms\", min_requests = 1 }");
