@@ -290,7 +290,9 @@ impl Daemon {
         }
         let mut proxy_config = config.proxy_config();
         adjust(&mut proxy_config);
-        let proxy = Arc::new(Proxy::start(proxy_config, RouteTable::new(services)?)?);
+        // Bound now (a busy port fails the start before anything runs), accepting only once
+        // every service's committed live colour and instances are in the table, below.
+        let proxy = Arc::new(Proxy::start_closed(proxy_config, RouteTable::new(services)?)?);
         let (notices, _) = broadcast::channel(1024);
         // Subscribed before the actors recover, so that webhooks see their notices too.
         let webhook_notices = notices.subscribe();
@@ -336,6 +338,10 @@ impl Daemon {
         let _ = shared
             .webhooks
             .set(Webhooks::start(shared.config.webhooks.clone(), webhook_notices));
+        // Every actor has recovered: the committed live colours, versions and instances are in
+        // the table. Clients that connected meanwhile waited in the backlog; none was answered
+        // from the table as it was before.
+        shared.proxy.open();
         Ok(Daemon {
             shared,
             actors: Arc::new(actors),

@@ -983,6 +983,77 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
     assert!(cli(&first, &["status"]).status.success());
 }
 
+/// Right after a restart the proxy answers nothing until the committed live colour, its version
+/// and its instances are in the route table: clients that connect during the start-up window
+/// wait in the listen backlog, and are never told 503 or served by the colour that is not live.
+#[test]
+fn restarts_never_answer_from_an_incomplete_route_table() {
+    let mut s = Setup::new("keep_warm = \"10m\"\nwatch = { duration = \"200ms\", min_requests = 1 }");
+    s.start();
+    assert!(s.cli(&["deploy", "web", "--version", "v1"]).status.success());
+    assert!(s.cli(&["deploy", "web", "--version", "v2"]).status.success());
+    assert_eq!(s.get(), Some((200, "v2 green".into())));
+
+    // Clients connecting over and over, each answer recorded; refused connects (the daemon is
+    // down) are only counted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(Mutex::new(Vec::<(u16, String)>::new()));
+    let refused = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, answers, refused, front) = (stop.clone(), answers.clone(), refused.clone(), s.front);
+            std::thread::spawn(move || {
+                for _ in 0..1_000_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match get(front) {
+                        Some(a) => answers.lock().unwrap().push(a),
+                        None => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..8 {
+        s.daemon.take().map(|mut d| {
+            let _ = d.0.kill();
+            let _ = d.0.wait();
+        });
+        s.start();
+        let before = answers.lock().unwrap().len();
+        assert!(
+            wait_until(Duration::from_secs(5), || answers.lock().unwrap().len() > before + 20),
+            "served again after the restart"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let answers = answers.lock().unwrap();
+    let wrong: Vec<_> = answers
+        .iter()
+        .filter(|a| a != &&(200, "v2 green".to_string()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} answers were not v2 green, e.g. {:?}; {}",
+        wrong.len(),
+        answers.len(),
+        wrong.first(),
+        s.logs()
+    );
+    eprintln!(
+        "8 kill -9 restarts: {} answers, all v2 green; {} connects refused while the daemon was down",
+        answers.len(),
+        refused.load(Ordering::Relaxed)
+    );
+}
+
 #[test]
 fn rollback_after_retirement_is_a_cold_redeploy() {
     let mut s = Setup::new("keep_warm = \"0s\"\nwatch = { duration = \"300ms\", min_requests = 1 }");

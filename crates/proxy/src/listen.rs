@@ -63,6 +63,10 @@ pub(crate) fn set_liveness(sock: socket2::SockRef<'_>, config: &ProxyConfig) -> 
 }
 
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, preview: bool) {
+    tokio::select! {
+        _ = shared.opened.cancelled() => {}
+        _ = shared.shutdown.cancelled() => return,
+    }
     loop {
         let permit = tokio::select! {
             p = shared.conn_limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },

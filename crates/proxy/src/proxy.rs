@@ -60,6 +60,16 @@ impl Proxy {
     /// Binds every listener (once per worker) and starts the workers. Fails, with nothing left
     /// running, when any address cannot be bound.
     pub fn start(config: ProxyConfig, table: RouteTable) -> Result<Proxy, StartError> {
+        let proxy = Proxy::start_closed(config, table)?;
+        proxy.open();
+        Ok(proxy)
+    }
+
+    /// Like [`Proxy::start`], with every listener bound and listening but not yet accepting:
+    /// clients that connect wait in the listen backlog until [`Proxy::open`]. For a start that
+    /// must finish its route table first (a restart restoring the live colours and their
+    /// instances), so that no request is answered from an incomplete table.
+    pub fn start_closed(config: ProxyConfig, table: RouteTable) -> Result<Proxy, StartError> {
         if config.workers == 0 {
             return Err(StartError::Config("workers must be at least 1".into()));
         }
@@ -96,6 +106,7 @@ impl Proxy {
             conn_limit: Arc::new(Semaphore::new(config.max_connections.max(1))),
             config,
             shutdown: CancellationToken::new(),
+            opened: CancellationToken::new(),
             open: AtomicUsize::new(0),
             open_changed: Notify::new(),
         });
@@ -183,6 +194,12 @@ impl Proxy {
         self.shared.table.store(next.clone());
         self.shared.close_idle(gone);
         next
+    }
+
+    /// Lets the listeners accept: connections waiting in the backlog are served from the table
+    /// current from now on. Opening an open proxy does nothing.
+    pub fn open(&self) {
+        self.shared.opened.cancel();
     }
 
     /// Begins a graceful shutdown: no new connections; open ones finish their current request.

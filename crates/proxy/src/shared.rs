@@ -16,6 +16,9 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     /// Cancelled when the proxy begins to shut down.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the listeners may accept (see `Proxy::open`). Until then connections wait
+    /// in the kernel's listen backlog: they are neither refused nor answered.
+    pub(crate) opened: CancellationToken,
     /// One per worker: generations whose drain deadline passed (see `deadline`).
     pub(crate) expired_tx: Vec<tokio::sync::mpsc::UnboundedSender<Arc<Generation>>>,
     /// One per worker: instances whose idle upstream connections to close (see `upstream`).
