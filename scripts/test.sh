@@ -7,6 +7,8 @@ need_apt=()
 # Tools the test suite drives: a real Chromium and its WebDriver for the dashboard test.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+# promtool and a real Prometheus for the metrics tests (they start their own, on a free port).
+[ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ] || need_apt+=(prometheus)
 for pkg in "$@"; do need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then

@@ -12,7 +12,7 @@
 //! | `GET /v1/services/{name}/history?limit=20` | past deployments, newest first |
 //! | `GET /v1/services/{name}/deployments/{id}` | `{"id": 7, "steps": [{"at", "kind", "message", "terminal"}]}`: its steps so far, oldest first |
 //! | `GET /v1/events` | server-sent events: one JSON [`crate::events::Notice`] per event |
-//! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
+//! | `GET /metrics` | OpenMetrics 1.0.0 when `Accept` asks for it, else the Prometheus text format 0.0.4 (see [`crate::metrics`], [`crate::exposition`]) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request or refused in this state), 401 (missing or
 //! wrong token), 404 (unknown service or deployment), 409 (a deployment is in progress), 429 (too
@@ -136,10 +136,13 @@ fn traffic(daemon: &Daemon) -> serde_json::Value {
     serde_json::json!({ "at": at, "services": services })
 }
 
-async fn metrics_text(State(api): State<Api>) -> Response {
+/// The metrics in the format the scraper's `Accept` asks for (see [`crate::exposition`]).
+async fn metrics_text(State(api): State<Api>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::exposition::Format::negotiate(accept);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        api.metrics.render(),
+        [(header::CONTENT_TYPE, format.content_type()), (header::VARY, "accept")],
+        api.metrics.render(format),
     )
         .into_response()
 }

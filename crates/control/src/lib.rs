@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod exposition;
 pub mod health;
 pub mod lifecycle;
 pub mod metrics;

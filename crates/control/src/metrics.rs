@@ -1,4 +1,5 @@
-//! `/metrics` in the Prometheus text format.
+//! `/metrics`: what is counted and how it is read. The registry encodes OpenMetrics; the formats a
+//! scrape is answered in are [`crate::exposition`]'s.
 //!
 //! Everything is read at scrape time from what already exists: the proxy's per-colour counters and
 //! gauges (through the current route table) and the daemon's status, plus two counters kept here
@@ -20,6 +21,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::daemon::Daemon;
+use crate::exposition::Format;
 
 #[derive(Default, Debug)]
 struct Counts {
@@ -71,12 +73,15 @@ impl Metrics {
         Metrics { registry, task }
     }
 
-    /// The current metrics, in the Prometheus text format.
-    pub fn render(&self) -> String {
+    /// The current metrics, in `format`.
+    pub fn render(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text004 => crate::exposition::to_text_004(&out),
+        }
     }
 }
 
@@ -123,17 +128,15 @@ impl Collector for DaemonCollector {
             MetricType::Histogram,
         )?;
         for (s, c, stats) in &snapshots {
-            // Per-bucket counts: the encoder makes them cumulative.
+            // Per-bucket counts: the encoder makes them cumulative. The last bound is f64::MAX,
+            // which the encoder spells `+Inf` (infinity itself would come out as `inf`).
             let buckets: Vec<(f64, u64)> = stats
                 .latency_buckets()
                 .iter()
                 .enumerate()
                 .map(|(i, n)| {
                     (
-                        LATENCY_BOUNDS_US
-                            .get(i)
-                            .map(|us| *us as f64 / 1e6)
-                            .unwrap_or(f64::INFINITY),
+                        LATENCY_BOUNDS_US.get(i).map(|us| *us as f64 / 1e6).unwrap_or(f64::MAX),
                         *n,
                     )
                 })
