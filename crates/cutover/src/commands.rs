@@ -133,6 +133,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `cutover serve`: everything wrong is refused before anything starts, with exit code 2.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // First, while this is the only thread: it edits the environment.
+    let notifier = crate::sd_notify::Notifier::from_env();
     let path = config_path(args.config.config.as_deref());
     let config = load_config(&path)?;
     let token = match (&config.server.admin, &config.server.token_file) {
@@ -166,9 +168,25 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         for a in daemon.proxy().local_addrs() {
             tracing::info!(listen = %a, admin = %config.server.admin, "cutover serving on {a}; admin API on {}", config.server.admin);
         }
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        // Serving: the proxy accepts from a whole route table and the admin API answers.
+        let watchdog = notifier.as_ref().map(|n| {
+            n.send(&format!("READY=1\nMAINPID={}\nSTATUS=serving", std::process::id()));
+            n.watchdog_every()
+        });
+        let mut beat = tokio::time::interval(watchdog.flatten().unwrap_or(Duration::from_secs(3600)));
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = beat.tick(), if watchdog.flatten().is_some() => {
+                    if let Some(n) = &notifier {
+                        n.send("WATCHDOG=1");
+                    }
+                }
+            }
+        }
+        if let Some(n) = &notifier {
+            n.send("STOPPING=1\nSTATUS=stopping: finishing requests, then stopping instances");
         }
         tracing::info!("cutover stopping: finishing requests, then stopping instances");
         api.abort();

@@ -7,6 +7,7 @@ mod client;
 mod commands;
 mod demo;
 mod quickstart;
+mod sd_notify;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

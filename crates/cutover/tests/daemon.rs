@@ -1054,6 +1054,90 @@ fn restarts_never_answer_from_an_incomplete_route_table() {
     );
 }
 
+/// Under systemd (`Type=notify`), `serve` says `READY=1` once it serves, sends `WATCHDOG=1`
+/// every half of `WATCHDOG_USEC`, and says `STOPPING=1` when SIGTERM begins its stop; the
+/// instances it starts do not inherit the notification socket.
+#[test]
+fn serve_notifies_systemd_when_ready_while_alive_and_when_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let port = free_port();
+    let mark = format!("CUTOVER_TEST_NOTIFY={port}");
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n[services.web]\n\
+             command = \"env {mark} {BIN} demo-app --port {{port}}\"\ninstances = 1\n\
+             health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\n"
+        ),
+    )
+    .unwrap();
+    let mut daemon = Proc(
+        Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", dir.path().join("notify.sock"))
+            .env("WATCHDOG_USEC", "200000")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let recv = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification in time");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = recv();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(ready.contains(&format!("MAINPID={}", daemon.0.id())), "{ready}");
+    // Ready means serving: the admin API and the proxy answer at once.
+    assert!(cli(&config, &["status"]).status.success());
+    assert!(get(SocketAddr::from(([127, 0, 0, 1], port))).is_some());
+    let t = Instant::now();
+    let (mut beats, mut last) = (0, String::new());
+    while beats < 3 {
+        last = recv();
+        if last == "WATCHDOG=1" {
+            beats += 1;
+        }
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "3 watchdog beats took {:?}",
+        t.elapsed()
+    );
+    let out = cli(&config, &["deploy", "web", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The instance's environment carries no notification socket.
+    let instance = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("environ")).ok())
+        .find(|env| env.split(|&b| b == 0).any(|v| v == mark.as_bytes()))
+        .expect("the instance is running");
+    assert!(
+        !instance.split(|&b| b == 0).any(|v| v.starts_with(b"NOTIFY_SOCKET=")),
+        "the instance inherited NOTIFY_SOCKET ({last})"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status();
+    let stopping = loop {
+        let n = recv();
+        if n != "WATCHDOG=1" {
+            break n;
+        }
+    };
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    assert!(wait_until(Duration::from_secs(20), || daemon
+        .0
+        .try_wait()
+        .unwrap()
+        .is_some()));
+}
+
 #[test]
 fn rollback_after_retirement_is_a_cold_redeploy() {
     let mut s = Setup::new("keep_warm = \"0s\"\nwatch = { duration = \"300ms\", min_requests = 1 }");
