@@ -480,11 +480,7 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let fail = |op: &str| {
-            let path = path.clone();
-            let op = op.to_string();
-            move |e| classify(&path, op, e)
-        };
+        let fail = |op: &str| failed(&path, op);
         conn.busy_timeout(BUSY_TIMEOUT).map_err(fail("set the busy timeout"))?;
 
         // Read page 1 before changing anything: a file that is not ours is refused untouched.
@@ -581,11 +577,7 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let fail = |op: &str| {
-            let path = path.clone();
-            let op = op.to_string();
-            move |e| classify(&path, op, e)
-        };
+        let fail = |op: &str| failed(&path, op);
         conn.busy_timeout(BUSY_TIMEOUT).map_err(fail("set the busy timeout"))?;
         let (app_id, version) = conn
             .query_row(
@@ -912,6 +904,12 @@ impl Store {
             },
         })
     }
+}
+
+/// What `op` on the database at `path` failing becomes, for `map_err`.
+fn failed(path: &Path, op: &str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    let (path, op) = (path.to_path_buf(), op.to_string());
+    move |e| classify(&path, op, e)
 }
 
 fn classify(path: &Path, op: String, e: rusqlite::Error) -> StoreError {

@@ -230,6 +230,17 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
         let mut out = Progress::new(args.json, &args.service, id);
         let service = args.service.as_str();
         let live_line = |t0: Instant| format!("{} {} is live ({:.1?})", service, args.version, t0.elapsed());
+        // The deployment ended: exit 0 if it went live (with the live line), 1 otherwise.
+        let end = |out: &mut Progress, went_live: bool| {
+            out.finish();
+            if !went_live {
+                return ExitCode::from(1);
+            }
+            if !args.json {
+                println!("{}", live_line(t0));
+            }
+            ExitCode::SUCCESS
+        };
         loop {
             let ev = match events.next().await {
                 Ok(Some(ev)) => ev,
@@ -283,14 +294,7 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
                     let kind = if outcome == "went live" { "went-live" } else { "ended" };
                     let (text, ev) = note(kind, format!("the daemon is back; deployment #{id} {outcome}{live}"));
                     out.line(&text, Some(&ev));
-                    out.finish();
-                    if kind == "went-live" {
-                        if !args.json {
-                            println!("{}", live_line(t0));
-                        }
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    return Ok(ExitCode::from(1));
+                    return Ok(end(&mut out, kind == "went-live"));
                 }
             };
             if ev.get("service").and_then(|s| s.as_str()) != Some(service) {
@@ -304,14 +308,7 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
             out.line(&message, Some(&ev));
             if ev.get("terminal").and_then(|t| t.as_bool()) == Some(true) && ev_id == Some(id) {
                 let kind = ev.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-                out.finish();
-                if kind == "went-live" {
-                    if !args.json {
-                        println!("{}", live_line(t0));
-                    }
-                    return Ok(ExitCode::SUCCESS);
-                }
-                return Ok(ExitCode::from(1));
+                return Ok(end(&mut out, kind == "went-live"));
             }
         }
     })
