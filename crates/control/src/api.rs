@@ -35,7 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::{CommandError, Daemon};
+use crate::daemon::{AtShutdown, CommandError, Daemon, ServeRequest, UpgradeFailed};
 use crate::lifecycle::ErrorKind;
 use crate::token_limiter::{retry_after_secs, TokenLimiter, Verdict};
 
@@ -60,6 +60,7 @@ impl IntoResponse for CommandError {
             CommandError::BadRequest(_) => StatusCode::BAD_REQUEST,
             CommandError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             CommandError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            CommandError::Conflict(_) => StatusCode::CONFLICT,
         };
         error(status, self.to_string())
     }
@@ -91,6 +92,8 @@ fn router(daemon: Daemon, caller: &'static str) -> Router {
         .route("/v1/services/{name}/history", get(history))
         .route("/v1/services/{name}/deployments/{id}", get(deployment))
         .route("/v1/events", get(events))
+        .route("/v1/daemon/upgrade", post(upgrade))
+        .route("/v1/daemon/shutdown", post(shutdown))
         // Answered by the TCP listener's access layer; the unix socket needs no session.
         .route(
             "/v1/session",
@@ -240,6 +243,113 @@ async fn rollback(
 ) -> Response {
     match api.daemon.rollback(&name, caller.0).await {
         Ok(done) => Json(done).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeBody {
+    /// Absolute path of the new binary; absent: the file this daemon was started from.
+    binary: Option<String>,
+    /// How long the new daemon has to serve; default 60 s.
+    timeout_ms: Option<u64>,
+}
+
+/// The longest a new daemon may take to serve: long enough for every instance's first check.
+const UPGRADE_TIMEOUT_MAX: Duration = Duration::from_secs(600);
+
+/// `cutover upgrade`: answered once the new daemon serves (or the old one serves on, with the
+/// reason it failed).
+async fn upgrade(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: Result<Json<UpgradeBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{}; send {{}} or {{\"binary\": \"/usr/local/bin/cutover\", \"timeout_ms\": 60000}}",
+                    e.body_text()
+                ),
+            )
+        }
+    };
+    let binary = match body.binary {
+        None => None,
+        Some(b) if Path::new(&b).is_absolute() => Some(PathBuf::from(b)),
+        Some(b) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("binary '{b}' is not an absolute path; the daemon does not share your working directory"),
+            )
+        }
+    };
+    let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(60_000));
+    if timeout.is_zero() || timeout > UPGRADE_TIMEOUT_MAX {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "timeout_ms must be above 0 and at most {}",
+                UPGRADE_TIMEOUT_MAX.as_millis()
+            ),
+        );
+    }
+    tracing::info!(actor = caller.0, binary = ?binary, "upgrade requested");
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if let Err(e) = api
+        .daemon
+        .request(ServeRequest::Upgrade { binary, timeout, reply })
+        .await
+    {
+        return e.into_response();
+    }
+    match answer.await {
+        Ok(Ok(done)) => Json(done).into_response(),
+        Ok(Err(UpgradeFailed::Refused(reason))) => error(StatusCode::CONFLICT, reason),
+        // The new daemon, not this one, failed: as a gateway whose upstream did.
+        Ok(Err(UpgradeFailed::Failed(reason))) => error(StatusCode::BAD_GATEWAY, reason),
+        Err(_) => CommandError::ShuttingDown.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownBody {
+    #[serde(default)]
+    stop_instances: bool,
+}
+
+/// `cutover shutdown`: the daemon stops as at SIGTERM; answered as the stop begins.
+async fn shutdown(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: Result<Json<ShutdownBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{}; send {{}} or {{\"stop_instances\": true}}", e.body_text()),
+            )
+        }
+    };
+    let instances = if body.stop_instances {
+        AtShutdown::Stop
+    } else {
+        AtShutdown::Leave
+    };
+    tracing::info!(
+        actor = caller.0,
+        stop_instances = body.stop_instances,
+        "shutdown requested"
+    );
+    match api.daemon.request(ServeRequest::Shutdown { instances }).await {
+        Ok(()) => (StatusCode::ACCEPTED, Json(serde_json::json!({ "stopping": true }))).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -512,16 +622,34 @@ enum Bound {
 }
 
 /// The admin socket's file, removed on drop if it is still the one this daemon bound (not a file
-/// someone put in its place since).
+/// someone put in its place since), unless it was handed over with the socket
+/// ([`AdminServer::stop`]).
 struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    handed_over: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SocketFile {
+    fn of(path: &Path) -> std::io::Result<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            handed_over: Default::default(),
+        })
+    }
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;
+        if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
             if (meta.dev(), meta.ino()) == (self.dev, self.ino) {
                 let _ = std::fs::remove_file(&self.path);
@@ -538,7 +666,7 @@ impl Drop for SocketFile {
 /// made 0600 there, and only then linked to `path` (a link, unlike a rename, fails instead of
 /// replacing a socket another daemon published meanwhile).
 pub fn bind_unix(path: &Path) -> std::io::Result<AdminListener> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let in_use = || {
         std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
@@ -577,15 +705,7 @@ pub fn bind_unix(path: &Path) -> std::io::Result<AdminListener> {
             std::io::ErrorKind::AlreadyExists => in_use(),
             _ => e,
         })?;
-        let meta = std::fs::symlink_metadata(path)?;
-        Ok(AdminListener(Bound::Unix(
-            listener,
-            SocketFile {
-                path: path.to_path_buf(),
-                dev: meta.dev(),
-                ino: meta.ino(),
-            },
-        )))
+        Ok(AdminListener(Bound::Unix(listener, SocketFile::of(path)?)))
     })();
     let _ = std::fs::remove_dir_all(&private);
     result
@@ -599,15 +719,75 @@ pub async fn bind_tcp(addr: SocketAddr, token: String) -> std::io::Result<AdminL
     )))
 }
 
-/// Serves the API on a bound listener until the task is aborted.
-pub fn serve(listener: AdminListener, daemon: Daemon) -> tokio::task::JoinHandle<()> {
+impl AdminListener {
+    /// The admin unix socket at `path`, listening already: handed over by the daemon this one
+    /// replaces, or by systemd. (A socket bound through a link, as [`bind_unix`] does, no longer
+    /// knows its path; the caller matched it to the config.)
+    pub fn inherited_unix(listener: std::os::unix::net::UnixListener, path: &Path) -> std::io::Result<AdminListener> {
+        use std::os::unix::fs::FileTypeExt;
+        if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            return Err(std::io::Error::other(format!(
+                "the admin socket was handed over, but {} is not a socket any more",
+                path.display()
+            )));
+        }
+        let file = SocketFile::of(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(AdminListener(Bound::Unix(
+            tokio::net::UnixListener::from_std(listener)?,
+            file,
+        )))
+    }
+
+    /// The TCP admin address, listening already (see [`AdminListener::inherited_unix`]).
+    pub fn inherited_tcp(listener: std::net::TcpListener, token: String) -> std::io::Result<AdminListener> {
+        listener.set_nonblocking(true)?;
+        Ok(AdminListener(Bound::Tcp(
+            tokio::net::TcpListener::from_std(listener)?,
+            token,
+        )))
+    }
+
+    /// A new descriptor of the listening socket, for the daemon that takes over.
+    pub fn duplicate(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        match &self.0 {
+            Bound::Unix(l, _) => l.as_fd().try_clone_to_owned(),
+            Bound::Tcp(l, _) => l.as_fd().try_clone_to_owned(),
+        }
+    }
+}
+
+/// The admin API being served.
+pub struct AdminServer {
+    task: tokio::task::JoinHandle<()>,
+    /// The unix socket's [`SocketFile::handed_over`].
+    handed_over: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl AdminServer {
+    /// Stops serving; once this returns the listener is closed. `handed_over`: another daemon
+    /// serves on the same socket now, so its file stays.
+    pub async fn stop(self, handed_over: bool) {
+        if let (true, Some(flag)) = (handed_over, &self.handed_over) {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Serves the API on a bound listener until stopped.
+pub fn serve(listener: AdminListener, daemon: Daemon) -> AdminServer {
     match listener.0 {
         Bound::Unix(l, file) => {
             let app = router(daemon, "cli");
-            tokio::spawn(async move {
+            let handed_over = Some(file.handed_over.clone());
+            let task = tokio::spawn(async move {
                 let _file = file;
                 let _ = axum::serve(l, app).await;
-            })
+            });
+            AdminServer { task, handed_over }
         }
         Bound::Tcp(l, token) => {
             let access = Arc::new(Access {
@@ -616,9 +796,13 @@ pub fn serve(listener: AdminListener, daemon: Daemon) -> tokio::task::JoinHandle
                 limiter: TokenLimiter::new(),
             });
             let app = router(daemon, "api").layer(axum::middleware::from_fn_with_state(access, require_token));
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let _ = axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>()).await;
-            })
+            });
+            AdminServer {
+                task,
+                handed_over: None,
+            }
         }
     }
 }

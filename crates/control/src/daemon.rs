@@ -107,6 +107,9 @@ pub enum CommandError {
     ShuttingDown,
     #[error("state store: {0}")]
     Store(String),
+    /// Not now, or not here: the message says why and what to do.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// What a rollback did.
@@ -150,9 +153,109 @@ enum Msg {
         actor: String,
         reply: oneshot::Sender<Result<RollbackDone, CommandError>>,
     },
-    /// The daemon stops: stop every instance of the service (the state stays as committed, so the
-    /// next start brings the live release back up).
-    Shutdown { reply: oneshot::Sender<()> },
+    /// The daemon stops. With [`AtShutdown::Leave`] the instances keep running, recorded for the
+    /// next daemon to adopt; with [`AtShutdown::Stop`] every instance is stopped. Either way the
+    /// state stays as committed, so the next start brings the live release back.
+    Shutdown {
+        instances: AtShutdown,
+        reply: oneshot::Sender<()>,
+    },
+    /// A handover begins ([`Daemon::park`]): refused while a deployment is in progress;
+    /// otherwise the instances are left running and recorded, and the actor waits for `resume`
+    /// (`true`: go on from the committed state; `false` or dropped: end).
+    Park {
+        reply: oneshot::Sender<Result<(), CommandError>>,
+        resume: oneshot::Receiver<bool>,
+    },
+}
+
+/// What the admin API asks of the `cutover serve` process itself, which alone holds the listening
+/// sockets and decides when the process ends.
+pub enum ServeRequest {
+    /// `cutover upgrade`: hand the sockets and the instances over to a new daemon started from
+    /// `binary` (`None`: the file this process was started from), which must be serving within
+    /// `timeout`.
+    Upgrade {
+        binary: Option<PathBuf>,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<Upgraded, UpgradeFailed>>,
+    },
+    /// `cutover shutdown`: stop as at SIGTERM, doing with the instances as asked.
+    Shutdown { instances: AtShutdown },
+}
+
+/// Why an upgrade did not happen; this daemon serves and manages on either way.
+#[derive(Clone, Debug)]
+pub enum UpgradeFailed {
+    /// Not now (a deployment in progress): nothing was started.
+    Refused(String),
+    /// The new daemon could not be started or did not serve in time.
+    Failed(String),
+}
+
+/// A new daemon serves in place of this one.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Upgraded {
+    pub pid: u32,
+    pub previous_pid: u32,
+    pub binary: PathBuf,
+}
+
+/// The daemon's control, parked for a handover ([`Daemon::park`]): the proxy serves on from its
+/// route table, the instances run on, nothing is checked or decided, and the state directory
+/// is free for the successor.
+pub struct Parked {
+    daemon: Daemon,
+    resumes: Vec<oneshot::Sender<bool>>,
+}
+
+impl Parked {
+    /// The handover failed: take the state directory back and let every service's control go
+    /// on from its committed state, adopting its instances as after a restart.
+    pub async fn resume(self) -> Result<(), StartError> {
+        let dir = self.daemon.shared.config.server.state_dir.clone();
+        let relocked = tokio::task::spawn_blocking(move || crate::private_dir::lock_state_dir(&dir))
+            .await
+            .map_err(|e| StartError::Io {
+                path: self.daemon.shared.config.server.state_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            });
+        let result = match relocked {
+            Ok(Ok(lock)) => {
+                *self
+                    .daemon
+                    .shared
+                    .state_dir_lock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(lock);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(StartError::from(e)),
+            Err(e) => Err(e),
+        };
+        // Even without the lock: the successor is gone, and the services must be managed.
+        for resume in self.resumes {
+            let _ = resume.send(true);
+        }
+        result
+    }
+
+    /// The successor serves: every service's control ends here, leaving its instances to it.
+    pub fn finish(self) {
+        for resume in self.resumes {
+            let _ = resume.send(false);
+        }
+    }
+}
+
+/// What a stopping daemon does with the instances it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtShutdown {
+    /// Leave them running and recorded: the next daemon adopts them, and a restart costs the
+    /// applications nothing (the default for `cutover serve`).
+    Leave,
+    /// Stop them all (`cutover serve --stop-instances`, `cutover shutdown --stop-instances`).
+    Stop,
 }
 
 /// What the actor's own work tells it: smoke results, timers, watch samples, health and instance
@@ -199,8 +302,11 @@ struct Shared {
     preview_token: String,
     /// Set once the actors are started; stopped last in [`Daemon::stop`].
     webhooks: OnceLock<Webhooks>,
-    /// Held for the daemon's life: no second daemon runs on this state directory.
-    _state_dir_lock: crate::private_dir::StateDirLock,
+    /// Held while this daemon's control runs: no second daemon runs on this state directory.
+    /// Let go only while handing over to a successor ([`Daemon::park`]).
+    state_dir_lock: Mutex<Option<crate::private_dir::StateDirLock>>,
+    /// Where requests only `cutover serve` can carry out go (see [`Daemon::serve_requests`]).
+    requests: OnceLock<mpsc::Sender<ServeRequest>>,
 }
 
 impl Shared {
@@ -261,6 +367,18 @@ impl Daemon {
         config: Config,
         adjust: impl FnOnce(&mut cutover_proxy::ProxyConfig),
     ) -> Result<Daemon, StartError> {
+        Daemon::start_inheriting(config, adjust, Vec::new()).await
+    }
+
+    /// [`Daemon::start_with`], the proxy taking over listening sockets that are open already
+    /// (from systemd, or from the daemon this one replaces) for the listeners whose addresses
+    /// they have; see [`Proxy::start_closed_with`]. A socket no listener names is closed, with a
+    /// warning.
+    pub async fn start_inheriting(
+        config: Config,
+        adjust: impl FnOnce(&mut cutover_proxy::ProxyConfig),
+        inherited: Vec<std::net::TcpListener>,
+    ) -> Result<Daemon, StartError> {
         let state_dir = config.server.state_dir.clone();
         crate::private_dir::prepare_state_dir(&state_dir)?;
         // Before the store is opened or anything adopted: a second daemon goes no further.
@@ -292,7 +410,18 @@ impl Daemon {
         adjust(&mut proxy_config);
         // Bound now (a busy port fails the start before anything runs), accepting only once
         // every service's committed live colour and instances are in the table, below.
-        let proxy = Arc::new(Proxy::start_closed(proxy_config, RouteTable::new(services)?)?);
+        let (proxy, unused) = Proxy::start_closed_with(proxy_config, RouteTable::new(services)?, inherited)?;
+        for socket in unused {
+            let addr = socket
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into());
+            tracing::warn!(
+                listen = %addr,
+                "a listening socket on {addr} was passed to cutover, but no `[server] listen` or `preview_listen` names it; it is closed"
+            );
+        }
+        let proxy = Arc::new(proxy);
         let (notices, _) = broadcast::channel(1024);
         // Subscribed before the actors recover, so that webhooks see their notices too.
         let webhook_notices = notices.subscribe();
@@ -305,7 +434,8 @@ impl Daemon {
             views: Mutex::new(BTreeMap::new()),
             preview_token,
             webhooks: OnceLock::new(),
-            _state_dir_lock: state_dir_lock,
+            state_dir_lock: Mutex::new(Some(state_dir_lock)),
+            requests: OnceLock::new(),
         });
 
         let mut actors = BTreeMap::new();
@@ -362,6 +492,54 @@ impl Daemon {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
         self.shared.notices.subscribe()
+    }
+
+    /// The requests for `cutover serve` itself ([`ServeRequest`]); `None` after the first call.
+    /// Without a taker (a daemon run inside another program), they are refused.
+    pub fn serve_requests(&self) -> Option<mpsc::Receiver<ServeRequest>> {
+        let (tx, rx) = mpsc::channel(4);
+        self.shared.requests.set(tx).ok().map(|_| rx)
+    }
+
+    /// Passes a request to `cutover serve`.
+    pub async fn request(&self, request: ServeRequest) -> Result<(), CommandError> {
+        let Some(tx) = self.shared.requests.get() else {
+            return Err(CommandError::Conflict(
+                "this daemon runs inside another program, not as `cutover serve`: it cannot be upgraded or shut down over the API".into(),
+            ));
+        };
+        tx.send(request).await.map_err(|_| CommandError::ShuttingDown)
+    }
+
+    /// Parks every service's control for a handover to a successor daemon: nothing is started,
+    /// stopped, checked or switched any more, the instances keep running, recorded for the
+    /// successor to adopt, and the state directory's lock is let go. The proxy goes on serving
+    /// from its route table. Refused, with everything as it was, while a deployment is in
+    /// progress. [`Parked::resume`] undoes it; [`Parked::finish`] ends the control for good.
+    pub async fn park(&self) -> Result<Parked, CommandError> {
+        let mut parked = Parked {
+            daemon: self.clone(),
+            resumes: Vec::new(),
+        };
+        for tx in self.actors.values() {
+            let (reply, answer) = oneshot::channel();
+            let (resume, resumed) = oneshot::channel();
+            let r = match tx.send(Msg::Park { reply, resume: resumed }).await {
+                Ok(()) => answer.await.unwrap_or(Err(CommandError::ShuttingDown)),
+                Err(_) => Err(CommandError::ShuttingDown),
+            };
+            match r {
+                Ok(()) => parked.resumes.push(resume),
+                Err(e) => {
+                    for resume in parked.resumes {
+                        let _ = resume.send(true);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        *self.shared.state_dir_lock.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(parked)
     }
 
     /// Every service, in name order.
@@ -492,16 +670,17 @@ impl Daemon {
             .collect())
     }
 
-    /// Stops the daemon: the proxy finishes what it is serving and closes, then every instance
-    /// is stopped. The committed state is kept: the next start brings the live releases back.
-    /// (A crash, unlike this, leaves instances running, and the next start adopts them.)
-    pub async fn stop(&self) {
+    /// Stops the daemon: the proxy finishes what it is serving and closes, then each service's
+    /// control stops, leaving its instances running or stopping them (see [`AtShutdown`]). The
+    /// committed state is kept: the next start brings the live releases back, adopting what was
+    /// left running. (A crash leaves instances running too.)
+    pub async fn stop(&self, instances: AtShutdown) {
         self.shared.proxy.shutdown();
         let proxy = self.shared.proxy.clone();
         let _ = tokio::task::spawn_blocking(move || proxy.join()).await;
         for tx in self.actors.values() {
             let (reply, rx) = oneshot::channel();
-            if tx.send(Msg::Shutdown { reply }).await.is_ok() {
+            if tx.send(Msg::Shutdown { instances, reply }).await.is_ok() {
                 let _ = rx.await;
             }
         }
@@ -627,7 +806,8 @@ fn slot(c: Colour) -> usize {
 }
 
 /// Sets a colour's instances (with their current health) in the route table. An instance the
-/// checks have no verdict on yet keeps the flag it had, or gets `assume` if it is new.
+/// checks have no verdict on yet keeps the flag it had or, if it is new, is in rotation only if
+/// it is one of `known_healthy`.
 fn set_pool(
     proxy: &Proxy,
     service: &str,
@@ -635,7 +815,7 @@ fn set_pool(
     version: Option<&str>,
     addrs: &[SocketAddr],
     health: Option<&HealthSnapshot>,
-    assume: bool,
+    known_healthy: &[SocketAddr],
 ) {
     let r = proxy.update(|t| {
         t.with_service(service, |s| {
@@ -646,7 +826,7 @@ fn set_pool(
                 .iter()
                 .map(|a| {
                     let known = old.instances.iter().find(|i| i.addr == *a).cloned();
-                    let before = known.as_ref().map_or(assume, |i| i.healthy);
+                    let before = known.as_ref().map_or(known_healthy.contains(a), |i| i.healthy);
                     let mut i = known.unwrap_or_else(|| Instance::new(*a));
                     i.healthy = match health.and_then(|h| h.get(*a)) {
                         Some(h) if h.status != crate::health::Status::Unknown => h.healthy,
@@ -696,7 +876,7 @@ enum Job {
 
 enum Stopping {
     /// A run of this daemon, already taken out of the actor (it forwards nothing any more).
-    Run(Run),
+    Run(Box<Run>),
     /// Instances an earlier daemon recorded and this one never adopted.
     Recorded(Vec<Recorded>),
 }
@@ -795,7 +975,7 @@ async fn stop(shared: &Shared, service: &str, colour: Colour, stopping: Stopping
         Ok(Err(e)) => tracing::warn!(service, %colour, error = %e, "cannot forget the stopped instances"),
         Err(e) => tracing::warn!(service, %colour, error = %e, "cannot forget the stopped instances"),
     }
-    set_pool(&shared.proxy, service, colour, None, &[], None, false);
+    set_pool(&shared.proxy, service, colour, None, &[], None, &[]);
 }
 
 struct Actor {
@@ -953,7 +1133,33 @@ impl Actor {
                 let r = self.rollback(actor).await;
                 let _ = reply.send(r);
             }
-            Msg::Shutdown { reply } => {
+            Msg::Park { reply, resume } => {
+                if let Some(d) = self.state.in_progress() {
+                    let _ = reply.send(Err(CommandError::Conflict(format!(
+                        "service {}: deployment {} of {} is in progress; wait until it ends (`cutover status`) or abort it (`cutover abort {}`), then upgrade",
+                        self.name(),
+                        d.id.0,
+                        d.release,
+                        self.name()
+                    ))));
+                    return std::ops::ControlFlow::Continue(());
+                }
+                for colour in [Colour::Blue, Colour::Green] {
+                    if let Some(run) = self.runs[slot(colour)].take() {
+                        run.stop_forwarding();
+                        self.leave_running(colour, run).await;
+                    }
+                }
+                let _ = reply.send(Ok(()));
+                if resume.await.unwrap_or(false) {
+                    self.recover().await;
+                    return std::ops::ControlFlow::Continue(());
+                }
+                let [blue, green] = &mut self.lanes;
+                tokio::join!(blue.close(), green.close());
+                return std::ops::ControlFlow::Break(());
+            }
+            Msg::Shutdown { instances, reply } => {
                 if let Some((_, task)) = self.smoke.take() {
                     task.abort();
                 }
@@ -963,12 +1169,18 @@ impl Actor {
                 for colour in [Colour::Blue, Colour::Green] {
                     if let Some(run) = self.runs[slot(colour)].take() {
                         run.stop_forwarding();
-                        self.lanes[slot(colour)].push(Job::Stop(Stopping::Run(run)));
+                        match instances {
+                            AtShutdown::Stop => {
+                                self.lanes[slot(colour)].push(Job::Stop(Stopping::Run(Box::new(run))));
+                            }
+                            AtShutdown::Leave => self.leave_running(colour, run).await,
+                        }
                     }
                 }
                 // The lanes finish what was queued before (drains end at once: the proxy has
-                // stopped), so no instance outlives the daemon. Starts still queued only report
-                // to an actor that no longer listens.
+                // stopped): stops of retired colours complete. Starts still queued only report to
+                // an actor that no longer listens, which stops what they started: a release being
+                // provisioned is aborted by the next start's recovery anyway.
                 let [blue, green] = &mut self.lanes;
                 tokio::join!(blue.close(), green.close());
                 let _ = reply.send(());
@@ -1165,7 +1377,13 @@ impl Actor {
     }
 
     /// Sets a colour's instances (with their current health) in the route table; see [`set_pool`].
-    fn set_pool(&self, colour: Colour, addrs: &[SocketAddr], health: Option<&HealthSnapshot>, assume: bool) {
+    fn set_pool(
+        &self,
+        colour: Colour,
+        addrs: &[SocketAddr],
+        health: Option<&HealthSnapshot>,
+        known_healthy: &[SocketAddr],
+    ) {
         let version = self.runs[slot(colour)].as_ref().map(|r| r.release.version.clone());
         set_pool(
             &self.shared.proxy,
@@ -1174,7 +1392,7 @@ impl Actor {
             version.as_deref(),
             addrs,
             health,
-            assume,
+            known_healthy,
         );
     }
 
@@ -1485,10 +1703,12 @@ impl Actor {
     /// until healthy); records a process group's instances for adoption and follows their changes
     /// ([`Actor::instances_changed`]).
     ///
-    /// `assume_healthy` is for instances adopted after a restart on a colour that was serving:
-    /// they stay in rotation until the checks say otherwise, instead of the colour answering
-    /// 503 until the first check completes.
-    async fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances, assume_healthy: bool) {
+    /// `adopted` is for instances taken over after a restart: each is checked once at once, and
+    /// only those that pass are in rotation before the periodic checks have a verdict. A colour
+    /// that was serving keeps serving from its first request after a restart, and an instance
+    /// that is down (or was started again because its process was gone) gets no request until it
+    /// proves itself, as under the daemon before the restart.
+    async fn begin_run(&mut self, colour: Colour, release: Release, instances: Instances, adopted: bool) {
         self.last_run += 1;
         let id = self.last_run;
         let (addrs, recorded, follow) = match &instances {
@@ -1555,7 +1775,59 @@ impl Actor {
             follow,
             out_of_rotation: Default::default(),
         });
-        self.set_pool(colour, &addrs, None, assume_healthy);
+        let known_healthy = if adopted {
+            self.passing_now(&addrs).await
+        } else {
+            Vec::new()
+        };
+        self.set_pool(colour, &addrs, None, &known_healthy);
+    }
+
+    /// Lets go of a run without stopping its instances, as a crash would but in order: the checks
+    /// stop, the supervisors hand over their processes, and the store records exactly those, for
+    /// the next daemon to adopt.
+    async fn leave_running(&mut self, colour: Colour, run: Run) {
+        run.health.stop().await;
+        if let Instances::Process(group) = run.instances {
+            let recorded = group.detach().await;
+            self.record_instances(colour, &run.release, &recorded).await;
+            self.shared.notice(
+                self.name(),
+                None,
+                EventKind::Instances,
+                format!(
+                    "{colour} ({}): {} instances left running for the next start",
+                    run.release,
+                    recorded.len()
+                ),
+                None,
+            );
+        }
+    }
+
+    /// The addresses among `addrs` that pass one health check now (all checked at once, each
+    /// within the check timeout).
+    async fn passing_now(&self, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+        let (path, timeout) = (self.cfg.health.path.clone(), self.cfg.health.timeout);
+        let checks = addrs.iter().map(|&a| {
+            let path = path.clone();
+            tokio::spawn(async move { crate::health::check_once(a, &path, timeout).await.is_ok().then_some(a) })
+        });
+        let mut passing = Vec::new();
+        for check in checks.collect::<Vec<_>>() {
+            if let Ok(Some(a)) = check.await {
+                passing.push(a);
+            }
+        }
+        if passing.len() < addrs.len() {
+            tracing::warn!(
+                service = self.name(),
+                "{} of {} adopted instances did not pass a check at once; they get requests once healthy",
+                addrs.len() - passing.len(),
+                addrs.len()
+            );
+        }
+        passing
     }
 
     async fn adopt(&mut self, colour: Colour, release: Release) {
@@ -1581,15 +1853,16 @@ impl Actor {
                     Err(e) => tracing::error!(service = self.name(), %colour, error = %e, "cannot adopt instances"),
                 }
             }
-            Driver::Static => match {
+            Driver::Static => {
                 let (dir, name) = (self.shared.config.server.state_dir.clone(), self.name().to_string());
-                tokio::task::spawn_blocking(move || load_static(&dir, &name, colour))
+                let recorded = tokio::task::spawn_blocking(move || load_static(&dir, &name, colour))
                     .await
-                    .unwrap_or(None)
-            } {
-                Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true).await,
-                None => tracing::error!(service = self.name(), %colour, "no recorded upstreams to adopt"),
-            },
+                    .unwrap_or(None);
+                match recorded {
+                    Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true).await,
+                    None => tracing::error!(service = self.name(), %colour, "no recorded upstreams to adopt"),
+                }
+            }
         }
     }
 
@@ -1600,7 +1873,7 @@ impl Actor {
         let stopping = match self.runs[slot(colour)].take() {
             Some(run) => {
                 run.stop_forwarding();
-                Stopping::Run(run)
+                Stopping::Run(Box::new(run))
             }
             None => {
                 if !matches!(self.cfg.driver, Driver::Process { .. }) {
@@ -1644,7 +1917,7 @@ impl Actor {
                 Some(reason),
             );
         }
-        self.set_pool(colour, &addrs, Some(&snapshot), false);
+        self.set_pool(colour, &addrs, Some(&snapshot), &[]);
         // Only the colour of the deployment in progress reports to the lifecycle.
         let Some(d) = self.state.in_progress().filter(|d| d.colour == colour).map(|d| d.id) else {
             return;
@@ -1701,7 +1974,7 @@ impl Actor {
             run.release.clone()
         });
         if let Some(snapshot) = snapshot {
-            self.set_pool(colour, &addrs, Some(&snapshot), false);
+            self.set_pool(colour, &addrs, Some(&snapshot), &[]);
             for (index, from, to) in moved {
                 self.shared.notice(
                     self.name(),
@@ -2166,12 +2439,11 @@ mod tests {
             "{}",
             switch.message
         );
-        assert_eq!(
-            daemon.proxy().switch("web", Colour::Green).unwrap(),
-            false,
+        assert!(
+            !daemon.proxy().switch("web", Colour::Green).unwrap(),
             "green is live: switching to it again stores nothing"
         );
-        daemon.stop().await;
+        daemon.stop(AtShutdown::Stop).await;
     }
 
     /// The actor's own reports never wait behind commands nor get dropped when the commands'
@@ -2218,7 +2490,7 @@ mod tests {
             (Some("blue"), "stable"),
             "the deployment went on: {view:?}"
         );
-        daemon.stop().await;
+        daemon.stop(AtShutdown::Stop).await;
     }
 
     #[test]

@@ -172,8 +172,9 @@ impl Client {
             .and_then(|e| e.as_str())
             .map(str::to_string)
             .unwrap_or_else(|| format!("{status}"));
-        // Refusals (409, 400, 404, 401) are usage errors: nothing changed.
-        let code = if status == StatusCode::INTERNAL_SERVER_ERROR {
+        // Refusals (409, 400, 404, 401) are usage errors: nothing changed. A 502 says the daemon
+        // tried and something it started failed (a new daemon, for `cutover upgrade`).
+        let code = if status == StatusCode::INTERNAL_SERVER_ERROR || status == StatusCode::BAD_GATEWAY {
             1
         } else {
             2

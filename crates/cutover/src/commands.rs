@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use cutover_control::config::Admin;
-use cutover_control::daemon::Daemon;
+use cutover_control::daemon::{AtShutdown, Daemon, ServeRequest, UpgradeFailed, Upgraded};
 use http::Method;
 
 use crate::client::{config_path, load_config, usage, Client, Exit};
@@ -26,6 +26,11 @@ pub struct ServeArgs {
     /// duration (target `cutover::access`).
     #[arg(long)]
     pub access_log: bool,
+    /// At SIGTERM or SIGINT, stop the instances too (a full teardown). Without it they keep
+    /// running, and the next `cutover serve` adopts them: a restart costs the applications
+    /// nothing.
+    #[arg(long)]
+    pub stop_instances: bool,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -61,6 +66,33 @@ pub struct ServiceArgs {
     /// Print the daemon's answer as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    /// The new binary (default: the file the running daemon was started from, e.g. after a
+    /// package upgrade replaced it).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// How long the new daemon has to serve (load the state, adopt and check the instances)
+    /// before the upgrade is given up and the running daemon serves on.
+    #[arg(long, default_value = "60s", value_parser = cutover_control::config::parse_duration)]
+    pub timeout: Duration,
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+pub struct ShutdownArgs {
+    /// Stop the instances too (a full teardown). Without it they keep running for the next
+    /// `cutover serve` to adopt.
+    #[arg(long)]
+    pub stop_instances: bool,
     #[command(flatten)]
     pub config: ConfigArg,
 }
@@ -133,8 +165,43 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `cutover serve`: everything wrong is refused before anything starts, with exit code 2.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    // First, while this is the only thread: it edits the environment.
+    // First, while this is the only thread: these edit the environment.
     let notifier = crate::sd_notify::Notifier::from_env();
+    let handover = crate::sd_notify::Notifier::handover_from_env();
+    let inherited = crate::handover::take_inherited();
+    let start = Start {
+        binary: crate::handover::own_binary().ok(),
+        argv: std::env::args_os().skip(1).collect(),
+    };
+    let result = inherited.and_then(|inherited| serve_with(args, notifier, inherited, start, handover.as_ref()));
+    if let (Err(e), Some(h)) = (&result, &handover) {
+        // The daemon that started this one reports why it did not take over.
+        h.send(&format!("STATUS={e:#}"));
+    }
+    result
+}
+
+/// How this process was started, for starting its successor the same way.
+struct Start {
+    binary: Option<PathBuf>,
+    argv: Vec<std::ffi::OsString>,
+}
+
+/// How the serve loop ended.
+enum Ending {
+    /// SIGTERM, SIGINT or `cutover shutdown`.
+    Stop(AtShutdown),
+    /// A new daemon serves in this one's place.
+    HandedOver,
+}
+
+fn serve_with(
+    args: ServeArgs,
+    notifier: Option<crate::sd_notify::Notifier>,
+    inherited: crate::handover::Inherited,
+    start: Start,
+    handover: Option<&crate::sd_notify::Notifier>,
+) -> anyhow::Result<ExitCode> {
     let path = config_path(args.config.config.as_deref());
     let config = load_config(&path)?;
     let token = match (&config.server.admin, &config.server.token_file) {
@@ -153,46 +220,234 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let crate::handover::Inherited { mut tcp, mut unix } = inherited;
+        let admin_inherited = match &config.server.admin {
+            Admin::Unix(p) => match unix.len() {
+                0 => None,
+                1 => Some(
+                    cutover_control::api::AdminListener::inherited_unix(unix.remove(0), p)
+                        .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", config.server.admin)))?,
+                ),
+                n => return Err(usage(format!("{n} unix sockets were passed with LISTEN_FDS; pass at most one, the admin socket"))),
+            },
+            Admin::Tcp(a) => {
+                if !unix.is_empty() {
+                    return Err(usage(format!(
+                        "a unix socket was passed with LISTEN_FDS, but the admin API is on TCP {a}; pass only the sockets the config names"
+                    )));
+                }
+                match tcp.iter().position(|l| l.local_addr().ok() == Some(*a)) {
+                    Some(i) => Some(
+                        cutover_control::api::AdminListener::inherited_tcp(tcp.remove(i), token.clone().unwrap_or_default())
+                            .map_err(|e| usage(format!("cannot serve the admin API on {a}: {e}")))?,
+                    ),
+                    None => None,
+                }
+            }
+        };
         // The admin listener first: a busy address must fail the start before anything runs. If
         // the start fails after it, dropping it removes the socket file again.
-        let listener = match &config.server.admin {
-            Admin::Unix(p) => cutover_control::api::bind_unix(p),
-            Admin::Tcp(a) => cutover_control::api::bind_tcp(*a, token.clone().unwrap_or_default()).await,
-        }
-        .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", config.server.admin)))?;
+        let listener = match admin_inherited {
+            Some(l) => l,
+            None => match &config.server.admin {
+                Admin::Unix(p) => cutover_control::api::bind_unix(p),
+                Admin::Tcp(a) => cutover_control::api::bind_tcp(*a, token.clone().unwrap_or_default()).await,
+            }
+            .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", config.server.admin)))?,
+        };
+        // Kept for a successor: the same socket, so that no command finds it missing.
+        let admin_socket = listener
+            .duplicate()
+            .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", config.server.admin)))?;
         let access_log = args.access_log;
-        let daemon = Daemon::start_with(config.clone(), |p| p.access_log = access_log)
+        let daemon = Daemon::start_inheriting(config.clone(), |p| p.access_log = access_log, tcp)
             .await
             .map_err(|e| usage(format!("cannot start: {e}")))?;
+        let mut requests = daemon.serve_requests();
         let api = cutover_control::api::serve(listener, daemon.clone());
         for a in daemon.proxy().local_addrs() {
             tracing::info!(listen = %a, admin = %config.server.admin, "cutover serving on {a}; admin API on {}", config.server.admin);
         }
         // Serving: the proxy accepts from a whole route table and the admin API answers.
+        let ready = format!("READY=1\nMAINPID={}\nSTATUS=serving", std::process::id());
+        if let Some(h) = handover {
+            h.send(&ready);
+        }
         let watchdog = notifier.as_ref().map(|n| {
-            n.send(&format!("READY=1\nMAINPID={}\nSTATUS=serving", std::process::id()));
+            n.send(&ready);
             n.watchdog_every()
         });
         let mut beat = tokio::time::interval(watchdog.flatten().unwrap_or(Duration::from_secs(3600)));
-        loop {
+        let at_signal = if args.stop_instances {
+            AtShutdown::Stop
+        } else {
+            AtShutdown::Leave
+        };
+        let upgrade = |binary: Option<PathBuf>, timeout: Duration| {
+            upgrade(&daemon, binary, timeout, &start, &admin_socket, notifier.as_ref(), &config.server.state_dir)
+        };
+        let ending = loop {
             tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => break Ending::Stop(at_signal),
+                _ = int.recv() => break Ending::Stop(at_signal),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: handing over to a new daemon started from {}", start.binary.as_deref().map_or("?".into(), |b| b.display().to_string()));
+                    match upgrade(None, HUP_UPGRADE_TIMEOUT).await {
+                        Ok(done) => {
+                            tracing::info!(pid = done.pid, "handed over to the new daemon (pid {})", done.pid);
+                            break Ending::HandedOver;
+                        }
+                        Err(UpgradeFailed::Refused(e) | UpgradeFailed::Failed(e)) => {
+                            tracing::error!(error = %e, "the handover failed; this daemon serves on")
+                        }
+                    }
+                }
+                Some(request) = async { match &mut requests { Some(r) => r.recv().await, None => None } } => match request {
+                    ServeRequest::Upgrade { binary, timeout, reply } => match upgrade(binary, timeout).await {
+                        Ok(done) => {
+                            tracing::info!(pid = done.pid, "handed over to the new daemon (pid {})", done.pid);
+                            let _ = reply.send(Ok(done));
+                            break Ending::HandedOver;
+                        }
+                        Err(e) => {
+                            let (UpgradeFailed::Refused(why) | UpgradeFailed::Failed(why)) = &e;
+                            tracing::error!(error = %why, "the upgrade failed; this daemon serves on");
+                            let _ = reply.send(Err(e));
+                        }
+                    },
+                    ServeRequest::Shutdown { instances } => break Ending::Stop(instances),
+                },
                 _ = beat.tick(), if watchdog.flatten().is_some() => {
                     if let Some(n) = &notifier {
                         n.send("WATCHDOG=1");
                     }
                 }
             }
+        };
+        match ending {
+            Ending::Stop(instances) => {
+                let what = match instances {
+                    AtShutdown::Leave => "finishing requests; instances keep running for the next start",
+                    AtShutdown::Stop => "finishing requests, then stopping instances",
+                };
+                if let Some(n) = &notifier {
+                    n.send(&format!("STOPPING=1\nSTATUS=stopping: {what}"));
+                }
+                tracing::info!("cutover stopping: {what}");
+                api.stop(false).await;
+                daemon.stop(instances).await;
+            }
+            Ending::HandedOver => {
+                // The successor speaks for the unit now (it sent READY=1 with its MAINPID).
+                tracing::info!("finishing what this daemon serves; the new one accepts");
+                api.stop(true).await;
+                daemon.stop(AtShutdown::Leave).await;
+            }
         }
-        if let Some(n) = &notifier {
-            n.send("STOPPING=1\nSTATUS=stopping: finishing requests, then stopping instances");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// How long a new daemon started by SIGHUP has to serve.
+const HUP_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Hands this daemon over to a new one started from `binary` (default: this process's own
+/// binary), with the same arguments, every listening socket and the instances; see
+/// `crate::handover`. On failure this daemon serves and manages on, and the reason is returned.
+async fn upgrade(
+    daemon: &Daemon,
+    binary: Option<PathBuf>,
+    timeout: Duration,
+    start: &Start,
+    admin_socket: &std::os::fd::OwnedFd,
+    notifier: Option<&crate::sd_notify::Notifier>,
+    state_dir: &std::path::Path,
+) -> Result<Upgraded, UpgradeFailed> {
+    let binary = match binary.or_else(|| start.binary.clone()) {
+        Some(b) => crate::handover::check_binary(&b).map_err(UpgradeFailed::Failed)?,
+        None => {
+            return Err(UpgradeFailed::Failed(
+                "cannot tell which file this daemon runs; name the new binary with --binary".into(),
+            ))
         }
-        tracing::info!("cutover stopping: finishing requests, then stopping instances");
-        api.abort();
-        // Done once the listener (and with it the socket file) is dropped.
-        let _ = api.await;
-        daemon.stop().await;
+    };
+    let mut sockets: Vec<std::os::fd::OwnedFd> = daemon
+        .proxy()
+        .listening_sockets()
+        .map_err(|e| UpgradeFailed::Failed(format!("cannot pass the listening sockets on: {e}")))?
+        .into_iter()
+        .map(std::os::fd::OwnedFd::from)
+        .collect();
+    sockets.push(
+        admin_socket
+            .try_clone()
+            .map_err(|e| UpgradeFailed::Failed(format!("cannot pass the admin socket on: {e}")))?,
+    );
+    let parked = daemon.park().await.map_err(|e| UpgradeFailed::Refused(e.to_string()))?;
+    if let Some(n) = notifier {
+        n.send("RELOADING=1\nSTATUS=handing over to a new daemon");
+    }
+    match crate::handover::hand_over(&binary, &start.argv, sockets, state_dir, notifier, timeout).await {
+        Ok(done) => {
+            parked.finish();
+            Ok(Upgraded {
+                pid: done.pid,
+                previous_pid: std::process::id(),
+                binary,
+            })
+        }
+        Err(reason) => {
+            if let Err(e) = parked.resume().await {
+                tracing::error!(error = %e, "cannot take the state directory back; the services are managed without its lock");
+            }
+            if let Some(n) = notifier {
+                n.send("READY=1\nSTATUS=serving (the handover failed)");
+            }
+            Err(UpgradeFailed::Failed(reason))
+        }
+    }
+}
+
+/// `cutover upgrade`: the running daemon hands over to a new binary; exit 0 once it serves, 1
+/// (the old daemon serving on) if it did not.
+pub fn upgrade_daemon(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
+    let binary = match &args.binary {
+        Some(b) => Some(std::fs::canonicalize(b).map_err(|e| usage(format!("--binary {}: {e}", b.display())))?),
+        None => None,
+    };
+    let client = Client::from_config(args.config.config.as_deref())?;
+    let mut body = serde_json::json!({ "timeout_ms": args.timeout.as_millis() as u64 });
+    if let Some(b) = &binary {
+        body["binary"] = serde_json::Value::String(b.to_string_lossy().into_owned());
+    }
+    runtime()?.block_on(async move {
+        let answer = client.call(Method::POST, "/v1/daemon/upgrade", Some(body)).await?;
+        if args.json {
+            println!("{answer}");
+        } else {
+            println!(
+                "upgraded: pid {} serves now ({}); pid {} finishes its requests and exits",
+                answer["pid"],
+                answer["binary"].as_str().unwrap_or("?"),
+                answer["previous_pid"]
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `cutover shutdown`: the daemon stops as at SIGTERM.
+pub fn shutdown(args: ShutdownArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    let body = serde_json::json!({ "stop_instances": args.stop_instances });
+    runtime()?.block_on(async move {
+        client.call(Method::POST, "/v1/daemon/shutdown", Some(body)).await?;
+        if args.stop_instances {
+            println!("stopping: the daemon finishes its requests, then stops every instance");
+        } else {
+            println!("stopping: the daemon finishes its requests; instances keep running for the next `cutover serve`");
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -1,7 +1,9 @@
 //! `cutover demo-app`: a tiny web app to deploy. It answers every path with its version and
-//! colour (after `?delay=MS` milliseconds if asked, to show draining), and `/up` with "ok" for
-//! health checks. On SIGTERM it stops accepting, finishes what it is serving (for at most 30 s)
-//! and exits.
+//! colour (after `?delay=MS` milliseconds if asked, to show draining), `/up` with "ok" for
+//! health checks, and `/ws` as a WebSocket that echoes each text message prefixed with its
+//! version and colour. `--start-delay` makes it take that long before it listens, like an app
+//! that loads for a while. On SIGTERM it stops accepting, finishes what it is serving (for at
+//! most 30 s; open WebSockets get Close 1001) and exits.
 //!
 //! To rehearse failures, a version's name can ask for one: a version ending in `-unhealthy`
 //! answers `/up` with 503 (it never passes health checks), one ending in `-broken` answers every
@@ -32,14 +34,19 @@ pub struct DemoArgs {
     /// Colour to report.
     #[arg(long, env = "CUTOVER_COLOUR", default_value = "blue")]
     colour: String,
+    /// How long to wait before listening, e.g. 2s.
+    #[arg(long, default_value = "0s", value_parser = cutover_control::config::parse_duration)]
+    start_delay: std::time::Duration,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
+        tokio::time::sleep(args.start_delay).await;
         let addr = SocketAddr::new(args.host, args.port);
         let listener = TcpListener::bind(addr).await.with_context(|| format!("demo-app cannot listen on {addr}"))?;
-        let body = Bytes::from(format!("{} {}\n", args.version, args.colour));
+        let name: std::sync::Arc<str> = format!("{} {}", args.version, args.colour).into();
+        let body = Bytes::from(format!("{name}\n"));
         let unhealthy = args.version.ends_with("-unhealthy");
         let broken = args.version.ends_with("-broken");
         eprintln!("demo-app {} ({}) listening on {}", args.version, args.colour, listener.local_addr()?);
@@ -53,11 +60,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                     let _ = stream.set_nodelay(true);
                     let body = body.clone();
                     let stop = stop.clone();
+                    let name = name.clone();
                     let (unhealthy, broken) = (unhealthy, broken);
                     conns.spawn(async move {
-                        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let ws_stop = stop.clone();
+                        let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                             let body = body.clone();
+                            let (name, stop) = (name.clone(), ws_stop.clone());
                             async move {
+                                if req.uri().path() == "/ws" {
+                                    return Ok(websocket(&mut req, name, stop));
+                                }
                                 let delay = req.uri().query().and_then(|q| {
                                     q.split('&').find_map(|kv| kv.strip_prefix("delay=")).and_then(|v| v.parse::<u64>().ok())
                                 });
@@ -76,7 +89,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                                 Ok::<_, std::convert::Infallible>(resp)
                             }
                         });
-                        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .with_upgrades();
                         tokio::pin!(conn);
                         tokio::select! {
                             _ = conn.as_mut() => {}
@@ -104,6 +119,62 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Answers a WebSocket handshake on `/ws` and echoes each text message as "NAME: text" until the
+/// client closes or the app stops (Close 1001). Anything else on `/ws` gets 400.
+fn websocket(
+    req: &mut http::Request<hyper::body::Incoming>,
+    name: std::sync::Arc<str>,
+    stop: tokio_util_like::Stop,
+) -> Response<Full<Bytes>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Message, Role};
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let wants = req
+        .headers()
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = key.filter(|_| wants) else {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"/ws takes a WebSocket handshake\n")));
+        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+        return resp;
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        loop {
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        if ws.send(Message::text(format!("{name}: {t}"))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => {}
+                },
+                _ = stop.wait() => {
+                    let frame = CloseFrame { code: CloseCode::Away, reason: "stopping".into() };
+                    let _ = ws.close(Some(frame)).await;
+                    return;
+                }
+            }
+        }
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+    headers.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
+    if let Ok(v) = http::HeaderValue::from_str(&accept) {
+        headers.insert("sec-websocket-accept", v);
+    }
+    resp
 }
 
 /// A one-shot broadcast "stop" signal for the app's connections.

@@ -6,6 +6,7 @@
 mod client;
 mod commands;
 mod demo;
+mod handover;
 mod quickstart;
 mod sd_notify;
 
@@ -42,7 +43,18 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: the proxy, the deployment controller and the admin API.
+    ///
+    /// SIGTERM or SIGINT stops it gracefully: requests in flight finish, and the instances keep
+    /// running for the next start to adopt (`--stop-instances` stops them too). SIGHUP hands
+    /// over to a new daemon started from the same binary, as `cutover upgrade` does. Listening
+    /// sockets passed with systemd's LISTEN_FDS are used instead of binding.
     Serve(commands::ServeArgs),
+    /// Replace the running daemon with a new binary without refusing a connection: the new
+    /// daemon takes the listening sockets and the instances, and the old one exits once it has
+    /// finished its requests. Exit 1, the old daemon serving on, if the new one does not serve.
+    Upgrade(commands::UpgradeArgs),
+    /// Stop the daemon as SIGTERM does; `--stop-instances` also stops every instance.
+    Shutdown(commands::ShutdownArgs),
     /// Deploy a version of a service to its idle colour and follow it until live (exit 0) or
     /// failed, aborted or rolled back (exit 1).
     Deploy(commands::DeployArgs),
@@ -135,6 +147,8 @@ fn main() -> ExitCode {
     init_logging(cli.log_format, &cli.command);
     let result = match cli.command {
         Command::Serve(args) => commands::serve(args),
+        Command::Upgrade(args) => commands::upgrade_daemon(args),
+        Command::Shutdown(args) => commands::shutdown(args),
         Command::Deploy(args) => commands::deploy(args),
         Command::Promote(args) => commands::action("promote", args),
         Command::Rollback(args) => commands::action("rollback", args),

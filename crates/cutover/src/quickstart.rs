@@ -199,7 +199,7 @@ async fn quickstart(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
         _ = int.recv() => Ok(interrupted(&dir, "SIGINT")),
         _ = term.recv() => Ok(interrupted(&dir, "SIGTERM")),
     };
-    daemon.stop().await;
+    daemon.stop(cutover_control::daemon::AtShutdown::Stop).await;
     result
 }
 

@@ -1019,10 +1019,10 @@ fn restarts_never_answer_from_an_incomplete_route_table() {
         })
         .collect();
     for _ in 0..8 {
-        s.daemon.take().map(|mut d| {
+        if let Some(mut d) = s.daemon.take() {
             let _ = d.0.kill();
             let _ = d.0.wait();
-        });
+        }
         s.start();
         let before = answers.lock().unwrap().len();
         assert!(

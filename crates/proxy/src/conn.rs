@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -209,6 +210,16 @@ impl AsyncWrite for Tracked {
     }
 }
 
+/// How long an HTTP/1 keep-alive connection idle at shutdown is kept open for its client's next
+/// request, which is then answered with `Connection: close` (see [`drive`]). Long enough for a
+/// client in a request loop to send one; short enough that a stop without a successor is not
+/// held up by connections nobody uses.
+pub(crate) const IDLE_LINGER_AT_SHUTDOWN: Duration = Duration::from_millis(500);
+
+/// How often a connection lingering at shutdown with a request in flight looks again whether it
+/// has become idle, in case no read or write wakes it.
+const LINGER_RECHECK: Duration = Duration::from_millis(50);
+
 /// A server connection that can be asked to finish gracefully.
 trait Graceful: Future<Output = Result<(), hyper::Error>> {
     fn graceful(self: Pin<&mut Self>);
@@ -287,7 +298,7 @@ pub(crate) async fn serve<H, F, B>(
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .max_header_list_size(cfg.max_header_bytes as u32);
-        drive(&shared, &activity, b.serve_connection(io, svc)).await;
+        drive(&shared, &activity, false, b.serve_connection(io, svc)).await;
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         // The header timeout is `drive`'s: hyper's would start when it begins waiting for the
@@ -299,7 +310,7 @@ pub(crate) async fn serve<H, F, B>(
             // is cheaper than the vectored syscall path, measurably so on small responses.
             .writev(false)
             .keep_alive(true);
-        drive(&shared, &activity, b.serve_connection(io, svc).with_upgrades()).await;
+        drive(&shared, &activity, true, b.serve_connection(io, svc).with_upgrades()).await;
     }
 }
 
@@ -308,13 +319,24 @@ pub(crate) async fn serve<H, F, B>(
 /// begun is not complete within `client_header_timeout`. A client that stops taking the bytes sent to it is
 /// the kernel's to cut (see `bind`).
 ///
+/// At shutdown, HTTP/2 gets its GOAWAY at once: the client knows which streams were taken and
+/// opens a new connection for the rest. An HTTP/1 connection has no such signal, and closing one
+/// that looks idle races with the request its client may be sending on it at that instant. So:
+/// a response still streaming gets the connection closed after it; a request in flight or
+/// arriving later is answered with `Connection: close` (see `handler::handle`) and the connection
+/// ends after it, so a busy client learns from the response itself to connect again (to the
+/// next daemon, after a handover or a restart under socket activation); a connection idle for
+/// [`IDLE_LINGER_AT_SHUTDOWN`] after the shutdown began is closed then.
+///
 /// A head that arrives whole is parsed in the same poll as the read that brought it, so the
 /// header deadline is armed only for heads that take more than one read; between requests, a
 /// keep-alive connection is governed by the idle timeout alone.
-async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
+async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, http1: bool, conn: C) {
     tokio::pin!(conn);
     let shutdown = shared.shutdown.cancelled();
     tokio::pin!(shutdown);
+    // HTTP/1: once the shutdown has begun, when a connection still idle is closed.
+    let mut linger_until: Option<tokio::time::Instant> = None;
     let idle = shared.config.idle_timeout;
     let header_timeout = shared.config.client_header_timeout;
     let mut closing = false;
@@ -332,10 +354,30 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             }
             return Poll::Ready(());
         }
-        if !closing && shutdown.as_mut().poll(cx).is_ready() {
-            closing = true;
-            conn.as_mut().graceful();
-            continue;
+        if !closing && linger_until.is_none() && shutdown.as_mut().poll(cx).is_ready() {
+            if !http1 {
+                closing = true;
+                conn.as_mut().graceful();
+                continue;
+            }
+            let until = instant_in(IDLE_LINGER_AT_SHUTDOWN.min(shared.config.shutdown_timeout));
+            linger_until = Some(until);
+            if until < watchdog.deadline() {
+                watchdog.as_mut().reset(until);
+                watchdog_armed = false;
+            }
+        }
+        if let (false, Some(until)) = (closing, linger_until) {
+            // A response streaming now went out with keep-alive: the connection ends after it.
+            // A request in flight is answered with `Connection: close`; one that has not begun
+            // by `until` is not waited for.
+            let streaming = activity.responses.load(Ordering::Relaxed) > 0;
+            let busy = activity.requests.load(Ordering::Relaxed) > 0 || activity.head_pending().is_some();
+            if streaming || (!busy && tokio::time::Instant::now() >= until) {
+                closing = true;
+                conn.as_mut().graceful();
+                continue;
+            }
         }
         match activity.head_pending() {
             None => head_deadline = None,
@@ -383,9 +425,12 @@ async fn drive<C: Graceful>(shared: &Shared, activity: &Activity, conn: C) {
             }
             idle_check = instant_after(now, idle);
         }
-        watchdog
-            .as_mut()
-            .reset(head_deadline.map_or(idle_check, |(d, _)| d.min(idle_check)));
+        let next = head_deadline.map_or(idle_check, |(d, _)| d.min(idle_check));
+        let next = match linger_until {
+            Some(until) if !closing => next.min(until.max(now + LINGER_RECHECK)),
+            _ => next,
+        };
+        watchdog.as_mut().reset(next);
         watchdog_armed = false;
     })
     .await

@@ -50,19 +50,15 @@ pub enum ProxyError {
     /// coding it cannot pass on faithfully).
     #[error("not implemented: {0}")]
     NotImplemented(&'static str),
-    /// The proxy is shutting down and no longer takes new requests.
-    #[error("shutting down")]
-    ShuttingDown,
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoInstance { .. }
-            | ProxyError::NoRelease { .. }
-            | ProxyError::Local { .. }
-            | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoInstance { .. } | ProxyError::NoRelease { .. } | ProxyError::Local { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } | ProxyError::DrainDeadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -39,7 +39,7 @@ pub(crate) async fn handle(
     // Set once the request has a colour; its counters get the outcome.
     let mut seen: Option<Seen> = None;
     let http1 = req.version() < Version::HTTP_2;
-    let resp = match proxy(&ctx, req, &mut seen).await {
+    let mut resp = match proxy(&ctx, req, &mut seen).await {
         Ok(resp) => resp,
         Err(e) => {
             let mut resp = error_response(&e);
@@ -52,6 +52,12 @@ pub(crate) async fn handle(
             resp
         }
     };
+    // Shutting down: an HTTP/1 client learns from this response to take its next request
+    // elsewhere (see `conn::drive`); an upgrade goes on until the shutdown closes it.
+    if http1 && ctx.shared.shutdown.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(seen) = &seen {
         if cfg.record_stats {
             seen.pool.stats.record(resp.status().as_u16(), start.elapsed());
@@ -194,9 +200,6 @@ async fn proxy(
     seen: &mut Option<Seen>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let shared = &ctx.shared;
-    if shared.shutdown.is_cancelled() {
-        return Err(ProxyError::ShuttingDown);
-    }
 
     let (mut parts, mut body) = req.into_parts();
     refuse_unsupported(&parts)?;

@@ -34,6 +34,13 @@ pub(crate) fn bind(addr: SocketAddr, reuse_port: bool, config: &ProxyConfig) -> 
     Ok(sock.into())
 }
 
+/// Readies a listening socket opened elsewhere (systemd, the daemon this one replaces) as
+/// [`bind`] would have: non-blocking, with the connection settings of [`set_liveness`].
+pub(crate) fn adopt_socket(sock: &std::net::TcpListener, config: &ProxyConfig) -> io::Result<()> {
+    sock.set_nonblocking(true)?;
+    set_liveness(socket2::SockRef::from(sock), config)
+}
+
 /// The TCP settings that let the kernel end a connection whose peer is gone, on client
 /// connections (set on the listeners) and upstream connections alike:
 /// - `TCP_USER_TIMEOUT` of `send_timeout`: a peer that acknowledges none of the bytes sent to

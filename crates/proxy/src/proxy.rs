@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxyConfig;
 use crate::error::TableError;
-use crate::listen::bind;
+use crate::listen::{adopt_socket, bind};
 use crate::shared::Shared;
 use crate::table::{Colour, RouteTable};
 use crate::worker::worker;
@@ -47,6 +47,8 @@ pub enum StartError {
 pub struct Proxy {
     shared: Arc<Shared>,
     addrs: Vec<SocketAddr>,
+    /// A handle on every listening socket until the shutdown; see [`Proxy::listening_sockets`].
+    sockets: Mutex<Vec<std::net::TcpListener>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// Serializes table updates (read-modify-write); the request path never touches it.
     update: Mutex<()>,
@@ -70,6 +72,20 @@ impl Proxy {
     /// must finish its route table first (a restart restoring the live colours and their
     /// instances), so that no request is answered from an incomplete table.
     pub fn start_closed(config: ProxyConfig, table: RouteTable) -> Result<Proxy, StartError> {
+        let (proxy, _) = Proxy::start_closed_with(config, table, Vec::new())?;
+        Ok(proxy)
+    }
+
+    /// Like [`Proxy::start_closed`], taking over listening sockets opened elsewhere (by systemd's
+    /// socket activation, or by the daemon this one replaces) instead of binding: a configured
+    /// listener takes every inherited socket whose local address it names, and every worker
+    /// accepts from each of them; a listener with none is bound as usual. The inherited sockets
+    /// that no listener names are handed back, untouched.
+    pub fn start_closed_with(
+        config: ProxyConfig,
+        table: RouteTable,
+        inherited: Vec<std::net::TcpListener>,
+    ) -> Result<(Proxy, Vec<std::net::TcpListener>), StartError> {
         if config.workers == 0 {
             return Err(StartError::Config("workers must be at least 1".into()));
         }
@@ -79,21 +95,40 @@ impl Proxy {
         crate::limits::fit_descriptors(config.max_connections).map_err(StartError::Config)?;
         let workers = config.workers;
         let reuse = workers > 1;
+        let mut inherited: Vec<(Option<SocketAddr>, std::net::TcpListener)> =
+            inherited.into_iter().map(|l| (l.local_addr().ok(), l)).collect();
         // listeners[w] = the sockets of worker w, one per configured listener.
         let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..workers).map(|_| Vec::new()).collect();
+        // One handle on every socket, for `listening_sockets`.
+        let mut sockets = Vec::new();
         let mut addrs = Vec::new();
         for l in &config.listeners {
-            let first = bind(l.addr, reuse, &config).map_err(|source| StartError::Bind { addr: l.addr, source })?;
-            let actual = first
-                .local_addr()
-                .map_err(|source| StartError::Bind { addr: l.addr, source })?;
+            let bind_err = |addr, source| StartError::Bind { addr, source };
+            let (mine, rest): (Vec<_>, Vec<_>) = inherited.into_iter().partition(|(a, _)| *a == Some(l.addr));
+            inherited = rest;
+            if !mine.is_empty() {
+                for (_, s) in mine {
+                    adopt_socket(&s, &config).map_err(|e| bind_err(l.addr, e))?;
+                    for w in per_worker.iter_mut() {
+                        w.push((s.try_clone().map_err(|e| bind_err(l.addr, e))?, l.preview));
+                    }
+                    sockets.push(s);
+                }
+                addrs.push(l.addr);
+                continue;
+            }
+            let first = bind(l.addr, reuse, &config).map_err(|source| bind_err(l.addr, source))?;
+            let actual = first.local_addr().map_err(|source| bind_err(l.addr, source))?;
             addrs.push(actual);
+            sockets.push(first.try_clone().map_err(|e| bind_err(actual, e))?);
             per_worker[0].push((first, l.preview));
             for w in per_worker.iter_mut().skip(1) {
-                let s = bind(actual, true, &config).map_err(|source| StartError::Bind { addr: actual, source })?;
+                let s = bind(actual, true, &config).map_err(|source| bind_err(actual, source))?;
+                sockets.push(s.try_clone().map_err(|e| bind_err(actual, e))?);
                 w.push((s, l.preview));
             }
         }
+        let unused = inherited.into_iter().map(|(_, l)| l).collect();
 
         let (expired_tx, mut expired_rx): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
@@ -130,12 +165,22 @@ impl Proxy {
                 }
             }
         }
-        Ok(Proxy {
+        let proxy = Proxy {
             shared,
             addrs,
+            sockets: Mutex::new(sockets),
             workers: Mutex::new(handles),
             update: Mutex::new(()),
-        })
+        };
+        Ok((proxy, unused))
+    }
+
+    /// A new handle on every listening socket (each worker's, when they have one each), for
+    /// handing them to the process that takes over from this one. Empty once the shutdown began:
+    /// the sockets are then this process's to close.
+    pub fn listening_sockets(&self) -> io::Result<Vec<std::net::TcpListener>> {
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        sockets.iter().map(|s| s.try_clone()).collect()
     }
 
     /// The bound addresses, in the order of `ProxyConfig::listeners` (useful with port 0).
@@ -205,6 +250,9 @@ impl Proxy {
     /// Begins a graceful shutdown: no new connections; open ones finish their current request.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
+        // Without a successor holding them, the sockets close with the accept loops, and
+        // clients are refused at once instead of waiting in a backlog nobody accepts from.
+        self.sockets.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Waits (blocking the thread) until every worker has stopped. Call after `shutdown`.
