@@ -360,6 +360,8 @@ done
 
 # ---- report ------------------------------------------------------------------
 MD=$BENCH_TMP/section.md
+AB_NOTE=
+((${#WHO[@]} > 1)) && AB_NOTE=" The two binaries take turns in each mode, ${LABEL[before]} then ${LABEL[after]}, $ROUNDS time(s)."
 {
   echo "## Restarts of cutover itself"
   echo
@@ -383,9 +385,10 @@ fails when it is refused, reset, cut (eof), times out (${REQUEST_TIMEOUT} s), or
 v1; "(retryable)" marks a reset or eof on a reused HTTP/1.1 connection before any byte of the answer,
 which a client that resends idempotent requests would not show to its user; an HTTP/2 "goaway" is a
 stream the server's GOAWAY says it did not process. The *gap* of a restart is the longest time in
-which no request of any client succeeded, around that restart. After warming up ${WARMUP} s, the daemon
-is restarted $RESTARTS times; each restart waits until GET / answers from v1 again, then ${SPACING} s.
-With two binaries, each mode runs before, after, before, after, ... ($ROUNDS rounds).
+which no request of any client succeeded, around that restart. The failed counts grow with how fast
+the clients ask again (an error answered at once is followed by the next request at once), so
+compare the kinds and the gap more than the counts. After warming up ${WARMUP} s, the daemon
+is restarted $RESTARTS times; each restart waits until GET / answers from v1 again, then ${SPACING} s.$AB_NOTE
 Modes: **kill9** \`kill -9\` of the daemon, started again at once (its instances live on, to be
 adopted); **term** SIGTERM, wait for the exit, start again (a graceful stop stops the instances);
 **socket** a holder (\`bench/helpers/socket_holder.py\`) owns the listening socket and runs
