@@ -66,7 +66,8 @@ impl Site {
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n\n[proxy]\nshutdown_timeout = \"6s\"\n\n\
                  [services.web]\ncommand = \"{marker} {BIN} demo-app --port {{port}} {app_args}\"\ninstances = 2\n\
-                 health = {{ path = \"/up\", interval = \"200ms\", timeout = \"1s\", healthy = 1, unhealthy = 2, deadline = \"20s\" }}\n"
+                 health = {{ path = \"/up\", interval = \"200ms\", timeout = \"1s\", healthy = 1, unhealthy = 2, deadline = \"20s\" }}\n\
+                 watch = {{ duration = \"300ms\", min_requests = 1 }}\n"
             ),
         )
         .unwrap();
