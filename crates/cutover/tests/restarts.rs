@@ -236,8 +236,8 @@ struct Seen {
     refused: u64,
     /// HTTP/1.1 connections ended by a `Connection: close` answer, HTTP/2 ones by GOAWAY.
     told_to_reconnect: u64,
-    /// HTTP/2 requests that never left the client because their connection had ended, sent
-    /// again on a new one.
+    /// HTTP/2 requests the server did not process (their connection had ended, or they came
+    /// after its GOAWAY), sent again on a new connection.
     unsent_retried: u64,
     /// WebSockets: echoes received, and how each ended.
     echoes: u64,
@@ -479,14 +479,21 @@ async fn h2_client(front: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<See
                 seen.lock().unwrap().ok(format!("{status} {body}"));
                 conn = Some(sender);
             }
-            // Never sent: the connection ended (GOAWAY) before the request went out. An HTTP
-            // client sends it again on a new connection (hyper-util's pooled client does so by
-            // itself), and so does this one.
-            Ok(Err(e)) if e.is_canceled() => seen.lock().unwrap().unsent_retried += 1,
-            Ok(Err(e)) => seen.lock().unwrap().fail(format!("HTTP/2: {e}")),
+            // Not processed: the connection ended before the request went out, or the stream
+            // came after the server's GOAWAY. An HTTP/2 client sends it again on a new
+            // connection, and so does this one.
+            Ok(Err(e)) if e.is_canceled() || refused_by_goaway(&e) => seen.lock().unwrap().unsent_retried += 1,
+            Ok(Err(e)) => seen.lock().unwrap().fail(format!("HTTP/2: {e:?}")),
             Err(_) => seen.lock().unwrap().fail("HTTP/2: no answer within 20 s".into()),
         }
     }
+}
+
+/// The stream was opened after the server's GOAWAY named the last stream it would process: it
+/// was not processed, and RFC 9113 §8.7 lets a client send it again.
+fn refused_by_goaway(e: &hyper::Error) -> bool {
+    let h2 = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>());
+    h2.is_some_and(|h2| h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 /// A WebSocket sending a message every 100 ms and checking each echo; when the daemon closes it
@@ -622,7 +629,7 @@ fn ten_upgrades_in_a_row_under_load_lose_nothing() {
     );
     let seen = load.finish();
     let summary = format!(
-        "{} answers, {} told to reconnect, {} HTTP/2 requests unsent and sent again, {} refused, {} echoes, {} WebSockets opened, {} closed with 1001, longest gap {:?}",
+        "{} answers, {} told to reconnect, {} HTTP/2 requests not processed and sent again, {} refused, {} echoes, {} WebSockets opened, {} closed with 1001, longest gap {:?}",
         seen.total(),
         seen.told_to_reconnect,
         seen.unsent_retried,
