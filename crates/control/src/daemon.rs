@@ -744,7 +744,7 @@ impl Lane {
                 // the `Then` a start waits for) still run. Unwind safety: a job shares nothing
                 // with the next but the pending count, an atomic.
                 if let Err(payload) = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(done)).await {
-                    let reason = supervise::panic_message(payload.as_ref());
+                    let reason = crate::panics::message(payload.as_ref());
                     tracing::error!(service, %colour, panic = %reason, "a drain or stop of the colour panicked");
                     shared.notice(
                         &service,

@@ -35,7 +35,6 @@
 //! stops it. Such a group is not (or no longer) live, and the recovery stops what the store still
 //! records on colours that are neither live nor warm.
 
-use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +75,7 @@ pub(super) async fn service(
         let Err(payload) = outcome else {
             return; // stopped as asked
         };
-        let reason = panic_message(payload.as_ref());
+        let reason = crate::panics::message(payload.as_ref());
         let delay = backoff.after_fault(started.elapsed());
         tracing::error!(service = %cfg.name, panic = %reason, restart_in = ?delay,
             "the service's control task panicked; its instances keep serving and it restarts from the committed state");
@@ -171,17 +170,6 @@ impl Actor {
     }
 }
 
-/// The text of a panic's payload (what `panic!` was given), or a placeholder for other payloads.
-pub(super) fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&'static str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic without a message".to_string()
-    }
-}
-
 /// How long to wait before restarting an actor that panicked.
 ///
 /// [`RestartBackoff::FIRST`] after a fault of an actor that had run for at least
@@ -240,17 +228,5 @@ mod tests {
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
         assert_eq!(b.after_fault(RestartBackoff::STABLE), RestartBackoff::FIRST);
         assert_eq!(b.after_fault(quick), Duration::from_secs(2));
-    }
-
-    #[test]
-    fn panic_messages_are_read_from_str_and_string_payloads() {
-        let caught = |f: fn()| std::panic::catch_unwind(f).unwrap_err();
-        assert_eq!(panic_message(caught(|| panic!("plain")).as_ref()), "plain");
-        assert_eq!(
-            panic_message(caught(|| panic!("formatted {}", 7)).as_ref()),
-            "formatted 7"
-        );
-        let other = caught(|| std::panic::panic_any(7u8));
-        assert_eq!(panic_message(other.as_ref()), "a panic without a message");
     }
 }
