@@ -928,9 +928,9 @@ impl Actor {
         self.execute(t.actions).await;
     }
 
-    /// Reports first (see [`Report`]), then commands, one at a time, until the daemon stops. The
-    /// channels are lent by the supervisor, which keeps them across a restart after a panic
-    /// ([`supervise::service`]).
+    /// Reports first (see [`Report`]), then commands, one at a time, until the daemon stops. Both
+    /// receivers are lent by the supervisor ([`supervise::service`]): the mailbox outlives a
+    /// panic and is lent to the next actor; the reports channel is this actor's own.
     async fn run(&mut self, commands: &mut mpsc::Receiver<Msg>, reports: &mut mpsc::UnboundedReceiver<Report>) {
         loop {
             tokio::select! {

@@ -166,7 +166,15 @@ impl Actor {
         // another actor acts on the same colours (a stop finishing later would clear the pool
         // and the records of what the next actor starts there).
         let [blue, green] = &mut self.lanes;
-        tokio::join!(blue.close(), green.close());
+        tokio::join!(finish(blue), finish(green));
+    }
+}
+
+/// Closes a lane and waits for what it has queued, unless it is closed already (by a panic late
+/// in a shutdown, after the lanes were closed): a finished task must not be awaited again.
+async fn finish(lane: &mut Lane) {
+    if !lane.task.is_finished() {
+        lane.close().await;
     }
 }
 
