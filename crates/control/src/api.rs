@@ -58,7 +58,7 @@ impl IntoResponse for CommandError {
                 ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
             CommandError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            CommandError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            CommandError::ShuttingDown | CommandError::Faulted(_) => StatusCode::SERVICE_UNAVAILABLE,
             CommandError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             CommandError::Conflict(_) => StatusCode::CONFLICT,
         };

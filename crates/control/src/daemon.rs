@@ -46,6 +46,8 @@ use crate::webhooks::Webhooks;
 
 pub use crate::events::{EventKind, Notice};
 
+mod supervise;
+
 /// A service as `cutover status` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ServiceView {
@@ -105,6 +107,13 @@ pub enum CommandError {
     BadRequest(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The service's actor panicked while it handled the command, which may or may not have
+    /// taken effect; the actor is being restarted (see `daemon/supervise.rs`).
+    #[error(
+        "service {0}: the command was cut short by a fault in the daemon's control of the service, which restarts \
+         from its committed state; see `cutover status {0}` and the daemon's log, then try again"
+    )]
+    Faulted(String),
     #[error("state store: {0}")]
     Store(String),
     /// Not now, or not here: the message says why and what to do.
@@ -462,7 +471,7 @@ impl Daemon {
                 reports,
             };
             actor.recover().await;
-            tokio::spawn(actor.run(rx, reports_rx));
+            tokio::spawn(supervise::service(actor, rx, reports_rx));
             actors.insert(svc.name.clone(), tx);
         }
         let _ = shared
@@ -559,6 +568,15 @@ impl Daemon {
             .ok_or_else(|| CommandError::UnknownService(service.to_string()))
     }
 
+    /// Why a command sent to `service` got no answer: the daemon stops (the mailbox is closed),
+    /// or the actor failed while handling it (the supervisor still holds the mailbox).
+    fn unanswered(&self, service: &str) -> CommandError {
+        match self.actors.get(service) {
+            Some(tx) if !tx.is_closed() => CommandError::Faulted(service.to_string()),
+            _ => CommandError::ShuttingDown,
+        }
+    }
+
     /// Starts a deployment of `version`; returns its id once the first step is committed.
     pub async fn deploy(
         &self,
@@ -578,7 +596,7 @@ impl Daemon {
             .send(msg)
             .await
             .map_err(|_| CommandError::ShuttingDown)?;
-        rx.await.map_err(|_| CommandError::ShuttingDown)?
+        rx.await.map_err(|_| self.unanswered(service))?
     }
 
     pub async fn promote(&self, service: &str, actor: &str) -> Result<(), CommandError> {
@@ -600,7 +618,7 @@ impl Daemon {
             })
             .await
             .map_err(|_| CommandError::ShuttingDown)?;
-        rx.await.map_err(|_| CommandError::ShuttingDown)?
+        rx.await.map_err(|_| self.unanswered(service))?
     }
 
     async fn command(
@@ -626,7 +644,7 @@ impl Daemon {
             })
             .await
             .map_err(|_| CommandError::ShuttingDown)?;
-        rx.await.map_err(|_| CommandError::ShuttingDown)?
+        rx.await.map_err(|_| self.unanswered(service))?
     }
 
     /// The last `limit` deployments of a service, newest first.
@@ -889,16 +907,34 @@ impl Lane {
         let task = tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
                 let last = matches!(job, Job::Close);
-                match job {
-                    Job::Drain { timeout, close_window } => {
-                        drain(&shared, &service, colour, timeout, close_window).await
+                let done = async {
+                    match job {
+                        Job::Drain { timeout, close_window } => {
+                            drain(&shared, &service, colour, timeout, close_window).await
+                        }
+                        Job::Stop(stopping) => stop(&shared, &service, colour, stopping).await,
+                        Job::Then(report) => {
+                            // Fails only once the actor is gone, when nothing is to start any more.
+                            let _ = reports.send(report);
+                        }
+                        Job::Close => {}
                     }
-                    Job::Stop(stopping) => stop(&shared, &service, colour, stopping).await,
-                    Job::Then(report) => {
-                        // Fails only once the actor is gone, when nothing is to start any more.
-                        let _ = reports.send(report);
-                    }
-                    Job::Close => {}
+                };
+                // A job that panics is one failed job, not a dead lane: the jobs after it (and
+                // the `Then` a start waits for) still run. Unwind safety: a job shares nothing
+                // with the next but the pending count, an atomic.
+                if let Err(payload) = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(done)).await {
+                    let reason = crate::panics::message(payload.as_ref());
+                    tracing::error!(service, %colour, panic = %reason, "a drain or stop of the colour panicked");
+                    shared.notice(
+                        &service,
+                        None,
+                        EventKind::Fault,
+                        format!(
+                            "a drain or stop of {service} {colour} failed ({reason}); the colour's next jobs go on"
+                        ),
+                        Some(reason),
+                    );
                 }
                 left.fetch_sub(1, Ordering::SeqCst);
                 if last {
@@ -1072,8 +1108,10 @@ impl Actor {
         self.execute(t.actions).await;
     }
 
-    /// Reports first (see [`Report`]), then commands, one at a time, until the daemon stops.
-    async fn run(mut self, mut commands: mpsc::Receiver<Msg>, mut reports: mpsc::UnboundedReceiver<Report>) {
+    /// Reports first (see [`Report`]), then commands, one at a time, until the daemon stops. Both
+    /// receivers are lent by the supervisor ([`supervise::service`]): the mailbox outlives a
+    /// panic and is lent to the next actor; the reports channel is this actor's own.
+    async fn run(&mut self, commands: &mut mpsc::Receiver<Msg>, reports: &mut mpsc::UnboundedReceiver<Report>) {
         loop {
             tokio::select! {
                 biased;
@@ -1197,6 +1235,7 @@ impl Actor {
         actor: String,
     ) -> Result<u64, CommandError> {
         let version = version.trim().to_string();
+        supervise::inject_fault(self.name(), &version);
         if version.is_empty() || version.len() > 128 || version.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(CommandError::BadRequest(format!(
                 "service {}: '{version}' is not a usable version; give a short name without spaces, e.g. v2 or 1.4.0",

@@ -41,6 +41,9 @@ pub enum EventKind {
     Drained,
     /// The smoke test failed (`reason`).
     Smoke,
+    /// A control-plane task of the service failed (`reason`: its panic message) and is being
+    /// restarted from the committed state; its instances and live traffic were left as they were.
+    Fault,
 }
 
 impl EventKind {
@@ -62,6 +65,7 @@ impl EventKind {
         EventKind::Interrupted,
         EventKind::Drained,
         EventKind::Retired,
+        EventKind::Fault,
     ];
 
     /// The name on the wire and in `[webhooks] events`.
@@ -83,6 +87,7 @@ impl EventKind {
             EventKind::Retired => "retired",
             EventKind::Drained => "drained",
             EventKind::Smoke => "smoke",
+            EventKind::Fault => "fault",
         }
     }
 

@@ -368,7 +368,7 @@ impl HealthChecker {
         for addr in wanted {
             if !self.tasks.contains_key(&addr) {
                 let alive = Arc::new(AtomicBool::new(true));
-                let handle = tokio::spawn(run(self.shared.clone(), addr, alive.clone()));
+                let handle = tokio::spawn(run_restarting(self.shared.clone(), addr, alive.clone()));
                 self.tasks.insert(addr, Task { handle, alive });
             }
         }
@@ -399,6 +399,25 @@ impl Drop for HealthChecker {
             task.alive.store(false, Ordering::SeqCst);
             task.handle.abort();
         }
+    }
+}
+
+/// [`run`], started again an interval after it panics: a bug in one check must not leave the
+/// instance unchecked for the colour's life. The instance keeps the status it had (the new loop's
+/// first verdict replaces it), and the panic is logged as an error.
+async fn run_restarting(shared: Arc<Shared>, addr: SocketAddr, alive: Arc<AtomicBool>) {
+    use futures_util::FutureExt;
+    loop {
+        // Unwind safety: the loop's own state (the tracker) is dropped with it; what it shares
+        // (the snapshot, behind the watch channel's lock, and `alive`) is whole between checks.
+        let checks = std::panic::AssertUnwindSafe(run(shared.clone(), addr, alive.clone()));
+        let Err(payload) = checks.catch_unwind().await else {
+            return;
+        };
+        let panic = crate::panics::message(payload.as_ref());
+        tracing::error!(service = %shared.service, colour = %shared.colour, %addr, %panic,
+            "health check task panicked; checking the instance again after one interval");
+        tokio::time::sleep(shared.config.interval.max(Duration::from_millis(100))).await;
     }
 }
 

@@ -12,6 +12,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod metrics;
 mod oneshot;
+mod panics;
 pub mod private_dir;
 pub mod process;
 pub mod store;

@@ -2,8 +2,9 @@
 //! scrape is answered in are [`crate::exposition`]'s.
 //!
 //! Everything is read at scrape time from what already exists: the proxy's per-colour counters and
-//! gauges (through the current route table) and the daemon's status, plus two counters kept here
-//! from the daemon's event stream (switches, and deployments by how they ended). Recording on the
+//! gauges (through the current route table) and the daemon's status, plus three counters kept here
+//! from the daemon's event stream (switches, deployments by how they ended, and faults of the
+//! control plane). Recording on the
 //! request path is the proxy's three relaxed atomic increments; nothing here touches it.
 //!
 //! Label values come from the configuration (service names), the lifecycle (colours, results,
@@ -29,6 +30,8 @@ struct Counts {
     switches: BTreeMap<String, u64>,
     /// (service, result) -> deployments
     deployments: BTreeMap<(String, String), u64>,
+    /// service -> control-plane faults ([`crate::events::EventKind::Fault`])
+    faults: BTreeMap<String, u64>,
 }
 
 /// The metrics of one daemon.
@@ -44,7 +47,7 @@ impl Drop for Metrics {
 }
 
 impl Metrics {
-    /// Starts counting the daemon's switches and deployment results.
+    /// Starts counting the daemon's switches, deployment results and faults.
     pub fn new(daemon: Daemon) -> Metrics {
         let counts = Arc::new(Mutex::new(Counts::default()));
         let mut notices = daemon.subscribe();
@@ -59,6 +62,9 @@ impl Metrics {
                 let mut counts = c.lock().unwrap_or_else(|p| p.into_inner());
                 if n.kind == crate::events::EventKind::Switch {
                     *counts.switches.entry(n.service.clone()).or_default() += 1;
+                }
+                if n.kind == crate::events::EventKind::Fault {
+                    *counts.faults.entry(n.service.clone()).or_default() += 1;
                 }
                 if n.terminal {
                     *counts
@@ -229,6 +235,16 @@ impl Collector for DaemonCollector {
         for ((service, result), n) in counts.deployments.iter() {
             let labels = [("service", service.as_str()), ("result", result.as_str())];
             ConstCounter::new(*n).encode(e.encode_family(&labels)?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "control_faults",
+            "Panics in the control of a service (its actor restarted from the committed state; live traffic untouched)",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &services {
+            let n = counts.faults.get(&*s.name).copied().unwrap_or(0);
+            ConstCounter::new(n).encode(e.encode_family(&[("service", &*s.name)])?)?;
         }
         Ok(())
     }

@@ -59,6 +59,9 @@
 //! background (the supervisors see the control channel close); if the runtime itself goes away
 //! first, each instance's group is sent SIGKILL on the spot, so no instance outlives a daemon that
 //! shuts down, only one that is killed.
+//!
+//! A supervisor that panics kills its process the same way (its `Proc` is dropped); a new
+//! supervisor takes over the instance and starts it again after the backoff, as after an exit.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -564,7 +567,7 @@ impl ProcessGroup {
                     delay: Duration::ZERO,
                     info: info.clone(),
                 };
-                tokio::spawn(supervise(sup, control.subscribe()))
+                tokio::spawn(supervise_restarting(sup, control.subscribe()))
             })
             .collect();
         ProcessGroup {
@@ -613,7 +616,7 @@ impl ProcessGroup {
             match result {
                 Ok(Outcome::Stopped(pids)) => survivors.extend(pids),
                 Ok(Outcome::Detached(_)) => {}
-                // A panicking supervisor dropped its process, whose Drop sent SIGKILL to the group.
+                // Panics are caught by `supervise_restarting`; this is a cancelled task.
                 Err(e) => tracing::error!(service = %self.spec.service, colour = %self.spec.colour, error = %e,
                     "instance supervisor failed"),
             }
@@ -1287,24 +1290,84 @@ fn order(changed: Result<(), watch::error::RecvError>, control: &mut watch::Rece
     }
 }
 
+/// [`supervise`], and after a panic a new supervisor for the same instance.
+///
+/// The panicking supervisor's process was killed as its [`Proc`] was dropped (a process nobody
+/// watches must not run on). The new one starts the instance again after the backoff, as after
+/// an exit: a bug in the driver costs the instance a restart, not its place in the group for the
+/// rest of the group's life. Logged as an error, and published as the instance's last exit.
+async fn supervise_restarting(sup: Supervisor, control: watch::Receiver<Control>) -> Outcome {
+    use futures_util::FutureExt;
+    let (spec, position, index, info) = (sup.spec.clone(), sup.position, sup.index, sup.info.clone());
+    let mut panics: u32 = 0;
+    let mut next = sup;
+    loop {
+        // A clone sees every order given since the group started, so none given while the
+        // panicking supervisor ran is missed. Unwind safety: a supervisor shares only the info
+        // channel, whose value is whole between its locked updates.
+        let run = std::panic::AssertUnwindSafe(supervise(next, control.clone()));
+        let payload = match run.catch_unwind().await {
+            Ok(outcome) => return outcome,
+            Err(payload) => payload,
+        };
+        let reason = crate::panics::message(payload.as_ref());
+        let delay = spec.backoff.delay(panics);
+        panics = panics.saturating_add(1);
+        tracing::error!(service = %spec.service, colour = %spec.colour, index, panic = %reason, ?delay,
+            "instance supervisor panicked; its process was killed and the instance restarts");
+        match *control.borrow() {
+            Control::Stop => return Outcome::Stopped(Vec::new()),
+            Control::Detach => return Outcome::Detached(None),
+            Control::Run => {}
+        }
+        // The port the instance had last (it may have moved since the group started).
+        let port = info.borrow().get(position).map_or(0, |i| i.port);
+        next = Supervisor {
+            spec: spec.clone(),
+            position,
+            index,
+            port: PortLease::claim(port),
+            proc: None,
+            started: Instant::now(),
+            failures: panics,
+            quick_exits: 0,
+            delay,
+            info: info.clone(),
+        };
+        next.publish(|i| {
+            i.state = InstanceState::Restarting;
+            i.pid = None;
+            i.pgid = None;
+            i.start_time = None;
+            i.last_exit = Some(format!("its supervisor failed ({reason}) and killed it"));
+            i.last_exit_code = None;
+        });
+    }
+}
+
 async fn supervise(mut sup: Supervisor, mut control: watch::Receiver<Control>) -> Outcome {
     loop {
-        // Running: wait for the process to exit, or for an order.
-        let status = loop {
-            tokio::select! {
-                changed = control.changed() => match order(changed, &mut control) {
-                    Control::Stop => return sup.stop().await,
-                    Control::Detach => return sup.detach(),
-                    Control::Run => {}
-                },
-                _ = sleep(POLL) => {
-                    if let Some(status) = sup.proc.as_mut().and_then(Proc::exit_status) {
-                        break status;
+        // Running: wait for the process to exit, or for an order. A supervisor that took over
+        // from one that panicked has no process yet: it begins with the restart.
+        if sup.proc.is_some() {
+            let status = loop {
+                tokio::select! {
+                    changed = control.changed() => match order(changed, &mut control) {
+                        Control::Stop => return sup.stop().await,
+                        Control::Detach => return sup.detach(),
+                        Control::Run => {}
+                    },
+                    _ = sleep(POLL) => {
+                        #[cfg(test)]
+                        tests::panic_if_asked(&sup.spec, sup.index);
+                        if let Some(status) = sup.proc.as_mut().and_then(Proc::exit_status) {
+                            break status;
+                        }
                     }
                 }
-            }
-        };
-        sup.exited(status).await;
+            };
+            sup.exited(status).await;
+        }
         // Restarting: wait out the backoff (an order cuts it short), then spawn; a failed spawn
         // backs off again.
         loop {
@@ -1549,6 +1612,61 @@ mod tests {
     }
 
     const HTTP: &str = "exec python3 -m http.server {port} --bind 127.0.0.1";
+
+    /// Supervisors to panic once, at their next poll, by state directory (each test has its own)
+    /// and instance index.
+    static PANIC_ONCE: std::sync::Mutex<Vec<(PathBuf, u32)>> = std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn panic_if_asked(spec: &InstanceSpec, index: u32) {
+        let mut asked = PANIC_ONCE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = asked.iter().position(|(dir, i)| *dir == spec.state_dir && *i == index) {
+            asked.remove(at);
+            drop(asked);
+            panic!("asked to panic by the test");
+        }
+    }
+
+    #[tokio::test]
+    async fn process_a_supervisor_that_panics_is_replaced_and_its_instance_restarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path(), HTTP, 2);
+        let group = ProcessGroup::start(spec.clone()).await.unwrap();
+        let before = group.instances();
+        wait_until("both instances to accept connections", 30, || {
+            before.iter().all(|i| accepts(i.port))
+        })
+        .await;
+        let old = leaders(&before);
+
+        PANIC_ONCE.lock().unwrap().push((spec.state_dir.clone(), 0));
+        wait_until("instance 0 to run again under a new supervisor", 30, || {
+            let i = &group.instances()[0];
+            i.state == InstanceState::Running && i.pid.is_some() && i.pid != before[0].pid
+        })
+        .await;
+        let after = group.instances();
+        assert!(!old[0].running(), "the panicking supervisor's process was killed");
+        assert_eq!(after[0].port, before[0].port, "restarted on its port");
+        assert!(
+            after[0]
+                .last_exit
+                .as_deref()
+                .is_some_and(|e| e.contains("asked to panic by the test")),
+            "{:?}",
+            after[0].last_exit
+        );
+        assert_eq!(after[1], before[1], "the other instance is untouched");
+        wait_until("the restarted instance to accept connections", 30, || {
+            accepts(after[0].port)
+        })
+        .await;
+
+        // The new supervisor obeys orders as the first did.
+        let now = leaders(&after);
+        group.stop().await.unwrap();
+        assert!(now.iter().chain(&old).all(|p| !p.running()));
+        assert!(group.instances().iter().all(|i| i.state == InstanceState::Stopped));
+    }
 
     #[tokio::test]
     async fn process_start_gives_each_instance_a_port_env_and_log() {

@@ -257,7 +257,7 @@ async fn dispatch(
     mut notices: broadcast::Receiver<Notice>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let route = |notice: &Notice| {
+    let queue = |notice: &Notice| {
         if !events.contains(&notice.kind) {
             return;
         }
@@ -272,6 +272,13 @@ async fn dispatch(
         });
         for target in &targets {
             target.push(delivery.clone());
+        }
+    };
+    // A notice whose routing panics is one event lost, not the end of the webhooks.
+    let route = |notice: &Notice| {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| queue(notice))).is_err() {
+            tracing::error!(event = %notice.kind, service = %notice.service,
+                "routing a webhook event panicked; the event is dropped");
         }
     };
     let lagged = |missed: u64| {
@@ -355,8 +362,17 @@ impl Target {
 
 /// The delivery task of one URL: its events in order, each with its retries.
 async fn deliver_all(target: Arc<Target>, timeout: Duration, retries: u32, mut stop: watch::Receiver<bool>) {
+    use futures_util::FutureExt;
     while let Some(delivery) = target.next().await {
-        deliver(&target, &delivery, timeout, retries, &mut stop).await;
+        // A delivery that panics is one event given up, not the end of this URL's deliveries.
+        // Unwind safety: the target's state is atomics and a queue behind a mutex whose poisoning
+        // every user passes over.
+        let attempt = std::panic::AssertUnwindSafe(deliver(&target, &delivery, timeout, retries, &mut stop));
+        if attempt.catch_unwind().await.is_err() {
+            target.given_up.fetch_add(1, Ordering::SeqCst);
+            tracing::error!(url = %target.url, event = %delivery.event, service = %delivery.service,
+                "delivering a webhook panicked; the event is dropped");
+        }
         target.busy.store(false, Ordering::SeqCst);
     }
 }
