@@ -154,6 +154,29 @@ watch = { duration = "0s", min_requests = 1 }
 EOF
 }
 
+# SIGTERM to `pid` and wait for it to exit (SIGKILL after `timeout` s), leaving its children be.
+# Sets STOP_MS and STOP_HOW as `stop_pid` does.
+stop_daemon_only() {
+  local pid=$1 timeout=${2:-5} i t0
+  STOP_MS=0 STOP_HOW=gone
+  alive "$pid" || { wait "$pid" 2>/dev/null; bg_untrack "$pid"; return 0; }
+  t0=$(date +%s%N)
+  kill -TERM "$pid" 2>/dev/null
+  STOP_HOW=term
+  for ((i = 0; i < timeout * 20; i++)); do
+    alive "$pid" || break
+    sleep 0.05
+  done
+  if alive "$pid"; then
+    warn "${BG_NAME[$pid]:-pid $pid} did not exit ${timeout}s after SIGTERM; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null
+    STOP_HOW=kill
+  fi
+  STOP_MS=$((($(date +%s%N) - t0) / 1000000))
+  wait "$pid" 2>/dev/null
+  bg_untrack "$pid"
+}
+
 start_daemon() {
   S_STARTS=$((S_STARTS + 1))
   bg_start "serve ($S_MODE, ${LABEL[$S_WHO]})" "$S_DIR/serve-$S_STARTS.log" \
@@ -179,7 +202,7 @@ serve_pids() {
   local f c pid
   for f in /proc/[0-9]*/cmdline; do
     c=$({ tr '\0' ' ' <"$f"; } 2>/dev/null) || continue
-    [[ $c == *" serve "* && $c == *"$S_CFG"* && $c != *upgrade* ]] || continue
+    [[ $c == *" serve "* && $c == *"$S_CFG"* && $c != *" upgrade "* ]] || continue
     pid=${f#/proc/}; pid=${pid%/cmdline}
     alive "$pid" || continue
     # field 22 of stat: start time in clock ticks since boot (after the ")" of the command name)
@@ -230,7 +253,9 @@ restart_kill9() {
 }
 
 restart_term() {
-  stop_pid "$DAEMON_PID" 60
+  # The daemon only: its instances outlive a graceful stop (on binaries that leave them
+  # running) and are the next start's to adopt; `stop_pid` would also kill its descendants.
+  stop_daemon_only "$DAEMON_PID" 60
   [[ $STOP_HOW == kill ]] && warn "the daemon needed SIGKILL to stop"
   log "daemon exited ${STOP_MS} ms after SIGTERM"
   start_daemon
@@ -390,7 +415,7 @@ the clients ask again (an error answered at once is followed by the next request
 compare the kinds and the gap more than the counts. After warming up ${WARMUP} s, the daemon
 is restarted $RESTARTS times; each restart waits until GET / answers from v1 again, then ${SPACING} s.$AB_NOTE
 Modes: **kill9** \`kill -9\` of the daemon, started again at once (its instances live on, to be
-adopted); **term** SIGTERM, wait for the exit, start again (a graceful stop stops the instances);
+adopted); **term** SIGTERM, wait for the exit, start again (the before binary stops its instances at a graceful stop; the after binary leaves them running, to be adopted);
 **socket** a holder (\`bench/helpers/socket_holder.py\`) owns the listening socket and runs
 \`cutover serve\` with it as fd 3 (\`LISTEN_FDS=1\`, \`LISTEN_FDNAMES=proxy\`, \`LISTEN_PID\`), restarted
 by SIGTERM and a new start while the socket stays open; **upgrade** \`cutover upgrade --config\`.

@@ -832,3 +832,39 @@ fn under_socket_activation_a_restart_refuses_no_connection() {
     );
     assert_eq!(site.instance_pids(), instances, "the instances were adopted each time");
 }
+
+/// While a deployment is in progress (here: validated, waiting for `cutover promote`) an upgrade
+/// is refused, exit 2, with the deployment named and what to do; nothing is started or changed,
+/// and the deployment goes on afterwards.
+#[test]
+fn an_upgrade_is_refused_while_a_deployment_is_in_progress() {
+    let mut site = Site::new("");
+    let text_config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(&site.config, format!("{text_config}promote = {{ auto = false }}\n")).unwrap();
+    site.start();
+    site.deploy("v1");
+    let daemon_pid = site.daemon.as_ref().unwrap().id();
+    let out = site.cli(&["deploy", "web", "--version", "v2", "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        wait_until(Duration::from_secs(20), || text(&site.cli(&["status", "--json"]))
+            .contains("ready to promote")),
+        "v2 waits for promotion: {}",
+        text(&site.cli(&["status"]))
+    );
+    let out = site.cli(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("deployment 2 of v2 is in progress") && text(&out).contains("cutover abort web"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(site.daemon_pids(), vec![daemon_pid], "no new daemon was started");
+    let out = site.cli(&["promote", "web"]);
+    assert!(out.status.success(), "the deployment goes on: {}", text(&out));
+    assert!(
+        wait_until(Duration::from_secs(20), || get_once(site.front).as_deref()
+            == Some("v2 green")),
+        "v2 goes live"
+    );
+}
