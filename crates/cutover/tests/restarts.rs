@@ -233,6 +233,8 @@ struct Seen {
     answers: BTreeMap<String, u64>,
     /// Everything counted against the daemon, in words.
     failures: Vec<String>,
+    /// Connects refused, and new connections reset before anything was read (the listener they
+    /// waited in closed); also in `failures`, as "connect: ...".
     refused: u64,
     /// HTTP/1.1 connections ended by a `Connection: close` answer, HTTP/2 ones by GOAWAY.
     told_to_reconnect: u64,
@@ -391,6 +393,10 @@ async fn h1_client(front: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<See
     let mut conn: Option<TcpStream> = None;
     let mut buf = Vec::new();
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        // A connection the kernel completed in the listener's backlog, but that no daemon took
+        // before the listener closed, is reset before anything is read: to the client, the
+        // same as a refused connect.
+        let fresh = conn.is_none();
         let mut s = match conn.take() {
             Some(s) => s,
             None => match TcpStream::connect(front).await {
@@ -420,6 +426,8 @@ async fn h1_client(front: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<See
                     conn = Some(s);
                 }
             }
+            Ok(Ok(None)) if fresh => refused(&seen, std::io::Error::other("closed by a closing listener")),
+            Ok(Err(e)) if fresh && e.kind() == std::io::ErrorKind::ConnectionReset => refused(&seen, e),
             Ok(Ok(None)) => seen
                 .lock()
                 .unwrap()
@@ -435,6 +443,9 @@ async fn h2_client(front: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<See
     type Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
     let mut conn: Option<Sender> = None;
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        // As for HTTP/1.1: a new connection reset before its first answer waited in the backlog
+        // of a listener that closed.
+        let fresh = conn.is_none();
         let mut sender = match conn.take() {
             Some(s) => s,
             None => {
@@ -483,10 +494,16 @@ async fn h2_client(front: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<See
             // came after the server's GOAWAY. An HTTP/2 client sends it again on a new
             // connection, and so does this one.
             Ok(Err(e)) if e.is_canceled() || refused_by_goaway(&e) => seen.lock().unwrap().unsent_retried += 1,
+            Ok(Err(e)) if fresh && reset(&e) => refused(&seen, std::io::Error::other(e.to_string())),
             Ok(Err(e)) => seen.lock().unwrap().fail(format!("HTTP/2: {e:?}")),
             Err(_) => seen.lock().unwrap().fail("HTTP/2: no answer within 20 s".into()),
         }
     }
+}
+
+fn reset(e: &hyper::Error) -> bool {
+    let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
 /// The stream was opened after the server's GOAWAY named the last stream it would process: it
