@@ -2430,7 +2430,8 @@ mod tests {
     }
 
     /// A promotion moves live traffic in one table store, made by the switch, after the commit:
-    /// nothing stores the new live colour before it, and no second store follows it.
+    /// nothing stores the new live colour before it, and no second store switches again (the
+    /// old colour's drain stores one that leaves the live colour as it is).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn daemon_a_promotion_stores_one_table_and_that_store_is_the_switch() {
         let dir = tempfile::tempdir().unwrap();
@@ -2458,10 +2459,13 @@ mod tests {
         daemon.promote("web", "test").await.unwrap();
         let after = daemon.proxy().table();
         assert_eq!(after.service("web").unwrap().active, Colour::Green);
-        assert_eq!(
-            after.revision(),
-            before.revision() + 1,
-            "the promotion stored exactly one table, the one that moved live traffic"
+        // One store moved live traffic; the only other one allowed is the old colour's drain
+        // beginning on its lane (a new generation for blue, `active` untouched), which may or
+        // may not have come by now.
+        let stores = after.revision() - before.revision();
+        assert!(
+            stores == 1 || stores == 2,
+            "the promotion stored one table that moved live traffic, and at most blue's drain after it: {stores} stores"
         );
         // The switch notice reports that store (and only a store that switched is reported).
         let switch = loop {

@@ -972,7 +972,9 @@ impl State {
         }
     }
 
-    /// Switch live traffic to a validated deployment. `actions` come first (records so far).
+    /// Switch live traffic to a validated deployment and drain the old colour, which stays warm
+    /// (running, receiving nothing) for an instant rollback. `actions` come first (records so
+    /// far).
     fn promote(&self, d: &Deployment, mut actions: Vec<Action>) -> Transition {
         let Some(old) = &self.live else {
             return self.go_live_first(d, actions);
@@ -983,6 +985,9 @@ impl State {
                 colour: d.colour,
             }),
             Action::SwitchTo { colour: d.colour },
+            // The old colour keeps its instances (warm, for an instant rollback) but not its
+            // users: what it is still serving is drained now, not when it retires.
+            Action::Drain { colour: old.colour },
             Action::StartWatch {
                 deployment: d.id,
                 colour: d.colour,

@@ -461,6 +461,8 @@ fn promoted_actions(leading: Vec<Action>) -> Vec<Action> {
             colour: Colour::Green,
         }),
         Action::SwitchTo { colour: Colour::Green },
+        // Blue stays warm, but what it still serves is drained now.
+        Action::Drain { colour: Colour::Blue },
         Action::StartWatch {
             deployment: id(2),
             colour: Colour::Green,
