@@ -4,8 +4,10 @@
 //! An upstream body carries the request's accounting with it: the request counts as in flight
 //! (for its colour's drain and its instance's load) until the last frame has passed, and the
 //! upstream connection goes back to the worker's pool only if the body was read to its end.
-//! When the colour's drain deadline fires mid-stream the body ends with an error, which makes
-//! the server cut the client's stream (HTTP/1: close the connection; HTTP/2: reset the stream).
+//! When the colour's drain deadline fires mid-stream, the body goes on until an instant drawn at
+//! random over the drain's close window (as upgraded connections do, so that clients such as
+//! EventSource do not all reconnect at once), then ends with an error, which makes the server
+//! cut the client's stream (HTTP/1: close the connection; HTTP/2: reset the stream).
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -62,6 +64,26 @@ pub(crate) struct Streaming {
     /// Registered only when the body has to wait for the upstream, so that short responses never
     /// touch the drain registry.
     pub(crate) deadline: Registration,
+    /// Once the drain deadline has passed: when this stream is cut.
+    pub(crate) cut_at: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Streaming {
+    /// Whether the stream's instant to be cut has come. The first time it finds the drain
+    /// deadline passed, it draws that instant within the close window and arms its timer.
+    fn cut_due(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.cut_at.is_none() {
+            if !self.gen.gen.expired.load(Ordering::Acquire) {
+                return false;
+            }
+            let window = self.gen.gen.close_window_ms.load(Ordering::Relaxed).max(1);
+            let offset = std::time::Duration::from_millis(crate::headers::random_u64() % window);
+            self.cut_at = Some(Box::pin(tokio::time::sleep_until(crate::clock::instant_in(offset))));
+        }
+        self.cut_at
+            .as_mut()
+            .is_some_and(|t| std::future::Future::poll(t.as_mut(), cx).is_ready())
+    }
 }
 
 pub struct ProxyBody {
@@ -161,7 +183,7 @@ impl Body for ProxyBody {
                 r
             }
             Inner::Stream(s) => {
-                if s.gen.gen.expired.load(std::sync::atomic::Ordering::Acquire) {
+                if s.cut_due(cx) {
                     this.inner = Inner::Done;
                     return Poll::Ready(Some(Err(BodyError::DrainDeadline)));
                 }
@@ -187,7 +209,12 @@ impl Body for ProxyBody {
                         Poll::Ready(None)
                     }
                     Poll::Pending => {
-                        if s.deadline.poll_expired(&s.gen.gen, cx).is_ready() {
+                        // Woken at the deadline (registered only now: a body that never waits
+                        // never registers), then by its own timer.
+                        if s.cut_at.is_none() && s.deadline.poll_expired(&s.gen.gen, cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        if s.cut_due(cx) {
                             this.inner = Inner::Done;
                             return Poll::Ready(Some(Err(BodyError::DrainDeadline)));
                         }

@@ -375,6 +375,7 @@ async fn proxy(
         _instance: instance,
         _responding: Responding::new(&ctx.activity),
         deadline: Default::default(),
+        cut_at: None,
     });
     Ok(resp)
 }

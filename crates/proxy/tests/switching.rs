@@ -1388,6 +1388,54 @@ async fn request_bodies_keep_their_declared_length_upstream() {
 
 /// A stream still open at the drain deadline is cut there (the client sees the stream end in an
 /// error), not left running on the old colour.
+/// Streams (SSE) still open at the drain deadline are cut at instants spread over the close
+/// window, as WebSockets are, so that their clients do not all reconnect at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_open_at_the_drain_deadline_are_cut_spread_over_the_window() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let addr = proxy.local_addrs()[0];
+    let mut bodies = Vec::new();
+    for _ in 0..20 {
+        let mut c = H1::connect(addr).await.unwrap();
+        let resp = c.open("/sse").await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "data: first from blue\n\n");
+        bodies.push((c, body));
+    }
+    let (deadline, window) = (Duration::from_millis(300), Duration::from_secs(2));
+    let start = Instant::now();
+    let drain = drain_blue(&proxy, deadline, window);
+    let ends: Vec<_> = bodies
+        .into_iter()
+        .map(|(c, mut body)| {
+            tokio::spawn(async move {
+                let _c = c;
+                let end = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                    .await
+                    .expect("the stream ends within the window");
+                assert!(matches!(end, Some(Err(_)) | None), "stream cut, not continued: {end:?}");
+                start.elapsed()
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for e in ends {
+        at.push(e.await.unwrap());
+    }
+    at.sort();
+    let (first, last) = (at[0], at[at.len() - 1]);
+    assert!(first >= deadline, "none cut before the deadline: {at:?}");
+    assert!(last < deadline + window + Duration::from_millis(500), "last cut at {last:?}");
+    // Twenty instants drawn over 2 s all fall within 1 s of each other with odds of about 2e-5.
+    assert!(last - first >= window / 2, "cuts spread over at least half the window: {at:?}");
+    let report = drain.await.unwrap();
+    assert!(!report.completed);
+    assert_eq!(report.cut_requests, 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn open_stream_is_cut_at_drain_deadline() {
     let blue = Upstream::start("blue").await;
