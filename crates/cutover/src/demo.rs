@@ -1,8 +1,9 @@
 //! `cutover demo-app`: a tiny web app to deploy. It answers every path with its version and
 //! colour (after `?delay=MS` milliseconds if asked, to show draining), `/up` with "ok" for
-//! health checks, and `/ws` as a WebSocket that echoes each text message prefixed with its
-//! version and colour. `--start-delay` makes it take that long before it listens, like an app
-//! that loads for a while. On SIGTERM it stops accepting, finishes what it is serving (for at
+//! health checks, `/ws` as a WebSocket that echoes each text message prefixed with its version
+//! and colour, and `/sse` as an event stream (`data: VERSION COLOUR N` every 100 ms).
+//! `--start-delay` makes it take that long before it listens, like an app that loads for a
+//! while. On SIGTERM it stops accepting, finishes what it is serving (for at
 //! most 30 s; open WebSockets get Close 1001) and exits.
 //!
 //! To rehearse failures, a version's name can ask for one: a version ending in `-unhealthy`
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::Response;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -69,7 +70,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                             let (name, stop) = (name.clone(), ws_stop.clone());
                             async move {
                                 if req.uri().path() == "/ws" {
-                                    return Ok(websocket(&mut req, name, stop));
+                                    return Ok(websocket(&mut req, name, stop).map(|b| b.boxed()));
+                                }
+                                if req.uri().path() == "/sse" {
+                                    return Ok(events(name));
                                 }
                                 let delay = req.uri().query().and_then(|q| {
                                     q.split('&').find_map(|kv| kv.strip_prefix("delay=")).and_then(|v| v.parse::<u64>().ok())
@@ -79,9 +83,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                                 }
                                 let status = |code: u16| http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
                                 let mut resp = if req.uri().path() == "/up" {
-                                    Response::new(Full::new(Bytes::from_static(b"ok\n")))
+                                    Response::new(Full::new(Bytes::from_static(b"ok\n")).boxed())
                                 } else {
-                                    Response::new(Full::new(body))
+                                    Response::new(Full::new(body).boxed())
                                 };
                                 if (req.uri().path() == "/up" && unhealthy) || (req.uri().path() != "/up" && broken) {
                                     *resp.status_mut() = status(if unhealthy { 503 } else { 500 });
@@ -174,6 +178,35 @@ fn websocket(
     if let Ok(v) = http::HeaderValue::from_str(&accept) {
         headers.insert("sec-websocket-accept", v);
     }
+    resp
+}
+
+/// `/sse`: a server-sent event stream, `data: NAME N` every 100 ms, for as long as the client
+/// reads (and the app runs).
+fn events(
+    name: std::sync::Arc<str>,
+) -> Response<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>> {
+    use http_body_util::BodyExt;
+    let stream = futures_util::stream::unfold(0u64, move |n| {
+        let name = name.clone();
+        async move {
+            if n > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let event = Bytes::from(format!("data: {name} {n}\n\n"));
+            Some((
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(event)),
+                n + 1,
+            ))
+        }
+    });
+    let mut resp = Response::new(http_body_util::StreamBody::new(stream).boxed());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    resp.headers_mut()
+        .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     resp
 }
 

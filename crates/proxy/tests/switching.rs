@@ -1428,9 +1428,15 @@ async fn streams_open_at_the_drain_deadline_are_cut_spread_over_the_window() {
     at.sort();
     let (first, last) = (at[0], at[at.len() - 1]);
     assert!(first >= deadline, "none cut before the deadline: {at:?}");
-    assert!(last < deadline + window + Duration::from_millis(500), "last cut at {last:?}");
+    assert!(
+        last < deadline + window + Duration::from_millis(500),
+        "last cut at {last:?}"
+    );
     // Twenty instants drawn over 2 s all fall within 1 s of each other with odds of about 2e-5.
-    assert!(last - first >= window / 2, "cuts spread over at least half the window: {at:?}");
+    assert!(
+        last - first >= window / 2,
+        "cuts spread over at least half the window: {at:?}"
+    );
     let report = drain.await.unwrap();
     assert!(!report.completed);
     assert_eq!(report.cut_requests, 20);
