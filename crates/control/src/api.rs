@@ -90,6 +90,9 @@ fn router(daemon: Daemon, caller: &'static str) -> Router {
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/abort", post(abort))
         .route("/v1/services/{name}/history", get(history))
+        .route("/v1/services/{name}/pause", post(pause))
+        .route("/v1/services/{name}/resume", post(resume))
+        .route("/v1/services/{name}/maintenance", post(maintenance))
         .route("/v1/services/{name}/deployments/{id}", get(deployment))
         .route("/v1/events", get(events))
         .route("/v1/daemon/upgrade", post(upgrade))
@@ -243,6 +246,82 @@ async fn rollback(
 ) -> Response {
     match api.daemon.rollback(&name, caller.0).await {
         Ok(done) => Json(done).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    /// The longest one request waits, in milliseconds; default 30 s.
+    max_wait_ms: Option<u64>,
+}
+
+/// The longest a pause may hold one request.
+const PAUSE_MAX: Duration = Duration::from_secs(600);
+
+async fn pause(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<PauseBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{}; send {{}} or {{\"max_wait_ms\": 30000}}", e.body_text()),
+            )
+        }
+    };
+    let max_wait = Duration::from_millis(body.max_wait_ms.unwrap_or(30_000));
+    if max_wait.is_zero() || max_wait > PAUSE_MAX {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("max_wait_ms must be above 0 and at most {}", PAUSE_MAX.as_millis()),
+        );
+    }
+    match api.daemon.pause(&name, max_wait, caller.0) {
+        Ok(()) => Json(serde_json::json!({ "paused": true })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn resume(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    match api.daemon.resume(&name, caller.0).await {
+        Ok(()) => Json(serde_json::json!({ "resumed": true })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaintenanceBody {
+    message: String,
+}
+
+async fn maintenance(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<MaintenanceBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{}; send {{\"message\": \"Back in 10 minutes\"}}", e.body_text()),
+            )
+        }
+    };
+    match api.daemon.maintenance(&name, &body.message, caller.0).await {
+        Ok(()) => Json(serde_json::json!({ "maintenance": true })).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -60,6 +60,8 @@ pub struct ServiceView {
     pub previous: Option<String>,
     pub summary: String,
     pub instances: Vec<InstanceView>,
+    /// `paused`, or `maintenance: MESSAGE`, while live traffic is held.
+    pub hold: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -413,6 +415,11 @@ impl Daemon {
             s.hosts = svc.hosts.clone();
             s.balance = svc.balance;
             s.preview_token = Some(Arc::from(preview_token.as_bytes()));
+            // A maintenance set before the restart holds from the first request on.
+            if let Ok(message) = std::fs::read_to_string(maintenance_file(&state_dir, &svc.name)) {
+                tracing::warn!(service = %svc.name, "in maintenance since before the start: live requests get 503 until `cutover resume {}`", svc.name);
+                s.hold = Some(maintenance_hold(message.trim()));
+            }
             services.push(s);
         }
         let mut proxy_config = config.proxy_config();
@@ -551,6 +558,83 @@ impl Daemon {
         Ok(parked)
     }
 
+    /// `cutover pause`: holds `service`'s live requests until [`Daemon::resume`]; each waits at
+    /// most `max_wait`, then gets 503. The preview route is not held. Not kept across a restart
+    /// (a pause is for a few seconds of a write freeze).
+    pub fn pause(&self, service: &str, max_wait: Duration, actor: &str) -> Result<(), CommandError> {
+        self.actor(service)?;
+        let gate = Arc::new(cutover_proxy::PauseGate::new(max_wait));
+        self.hold(service, Some(cutover_proxy::Hold::Paused(gate)))?;
+        self.shared.notice(
+            service,
+            None,
+            EventKind::Hold,
+            format!("live traffic paused by {actor}: requests wait up to {max_wait:?}, then get 503"),
+            None,
+        );
+        Ok(())
+    }
+
+    /// `cutover resume`: lets held requests through (a pause or a maintenance ends).
+    pub async fn resume(&self, service: &str, actor: &str) -> Result<(), CommandError> {
+        self.actor(service)?;
+        self.save_maintenance(service, None).await?;
+        self.hold(service, None)?;
+        self.shared.notice(
+            service,
+            None,
+            EventKind::Hold,
+            format!("live traffic resumed by {actor}"),
+            None,
+        );
+        Ok(())
+    }
+
+    /// `cutover maintenance`: answers `service`'s live requests with 503, `message` and
+    /// `Retry-After` until [`Daemon::resume`]. Kept across restarts (in the state directory), so
+    /// that a restart in the middle of a maintenance does not let traffic in.
+    pub async fn maintenance(&self, service: &str, message: &str, actor: &str) -> Result<(), CommandError> {
+        self.actor(service)?;
+        let message = message.trim();
+        if message.is_empty() || message.len() > 2000 || message.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(CommandError::BadRequest(
+                "the maintenance message must be 1 to 2000 characters of text".into(),
+            ));
+        }
+        self.save_maintenance(service, Some(message)).await?;
+        self.hold(service, Some(maintenance_hold(message)))?;
+        self.shared.notice(
+            service,
+            None,
+            EventKind::Hold,
+            format!("in maintenance (set by {actor}): live requests get 503 \"{message}\""),
+            None,
+        );
+        Ok(())
+    }
+
+    fn hold(&self, service: &str, hold: Option<cutover_proxy::Hold>) -> Result<(), CommandError> {
+        self.shared
+            .proxy
+            .hold(service, hold)
+            .map_err(|e| CommandError::Store(e.to_string()))
+    }
+
+    async fn save_maintenance(&self, service: &str, message: Option<&str>) -> Result<(), CommandError> {
+        let path = maintenance_file(&self.shared.config.server.state_dir, service);
+        let message = message.map(str::to_string);
+        tokio::task::spawn_blocking(move || match message {
+            Some(m) => crate::private_dir::write_private_file(&path, m.as_bytes()),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        })
+        .await
+        .map_err(|e| CommandError::Store(e.to_string()))?
+        .map_err(|e| CommandError::Store(format!("cannot record the maintenance: {e}")))
+    }
+
     /// Every service, in name order.
     pub fn status(&self) -> Vec<ServiceView> {
         let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
@@ -558,6 +642,10 @@ impl Daemon {
         let table = self.shared.proxy.table();
         for v in &mut out {
             v.instances = instance_views(&table, &v.name);
+            v.hold = table.service(&v.name).and_then(|s| s.hold.as_ref()).map(|h| match h {
+                cutover_proxy::Hold::Paused(_) => "paused".to_string(),
+                cutover_proxy::Hold::Maintenance(page) => format!("maintenance: {}", page.message),
+            });
         }
         out
     }
@@ -718,6 +806,18 @@ async fn off_async_store<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(StoreError::Interrupted { detail: e.to_string() }))
+}
+
+/// Where a service's maintenance message is kept while it is in maintenance.
+fn maintenance_file(state_dir: &std::path::Path, service: &str) -> PathBuf {
+    state_dir.join(format!("maintenance-{service}.txt"))
+}
+
+fn maintenance_hold(message: &str) -> cutover_proxy::Hold {
+    cutover_proxy::Hold::Maintenance(Arc::new(cutover_proxy::MaintenancePage {
+        message: message.to_string(),
+        retry_after: Duration::from_secs(60),
+    }))
 }
 
 /// The preview token: random, kept in `<state_dir>/preview.token` (mode 0600) so that it survives
@@ -1407,6 +1507,7 @@ impl Actor {
             previous: self.state.previous.as_ref().map(|r| r.version.clone()),
             summary: self.state.status(),
             instances: Vec::new(),
+            hold: None,
         };
         self.shared
             .views

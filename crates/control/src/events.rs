@@ -44,6 +44,8 @@ pub enum EventKind {
     /// A control-plane task of the service failed (`reason`: its panic message) and is being
     /// restarted from the committed state; its instances and live traffic were left as they were.
     Fault,
+    /// The service's live traffic was paused, resumed, put in or taken out of maintenance.
+    Hold,
 }
 
 impl EventKind {
@@ -66,6 +68,7 @@ impl EventKind {
         EventKind::Drained,
         EventKind::Retired,
         EventKind::Fault,
+        EventKind::Hold,
     ];
 
     /// The name on the wire and in `[webhooks] events`.
@@ -88,6 +91,7 @@ impl EventKind {
             EventKind::Drained => "drained",
             EventKind::Smoke => "smoke",
             EventKind::Fault => "fault",
+            EventKind::Hold => "hold",
         }
     }
 

@@ -71,6 +71,28 @@ pub struct ServiceArgs {
 }
 
 #[derive(clap::Args)]
+pub struct PauseArgs {
+    /// The service.
+    pub service: String,
+    /// The longest one request waits before it gets 503.
+    #[arg(long, default_value = "30s", value_parser = cutover_control::config::parse_duration)]
+    pub max: Duration,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+pub struct MaintenanceArgs {
+    /// The service.
+    pub service: String,
+    /// What the page tells users, e.g. "Back at 14:00 UTC".
+    #[arg(long)]
+    pub message: String,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
 pub struct UpgradeArgs {
     /// The new binary (default: the file the running daemon was started from, e.g. after a
     /// package upgrade replaced it).
@@ -437,6 +459,52 @@ pub fn upgrade_daemon(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `cutover pause`, `cutover resume`, `cutover maintenance`: hold a service's live traffic.
+pub fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    let body = serde_json::json!({ "max_wait_ms": args.max.as_millis() as u64 });
+    runtime()?.block_on(async move {
+        client
+            .call(
+                Method::POST,
+                &format!("/v1/services/{}/pause", args.service),
+                Some(body),
+            )
+            .await?;
+        println!(
+            "{}: live traffic paused: requests wait (up to {:?} each, then 503) until `cutover resume {}`",
+            args.service, args.max, args.service
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn resume(args: ServiceArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    runtime()?.block_on(async move {
+        client
+            .call(Method::POST, &format!("/v1/services/{}/resume", args.service), None)
+            .await?;
+        println!("{}: live traffic flows again", args.service);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn maintenance(args: MaintenanceArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    let body = serde_json::json!({ "message": args.message });
+    runtime()?.block_on(async move {
+        client
+            .call(Method::POST, &format!("/v1/services/{}/maintenance", args.service), Some(body))
+            .await?;
+        println!(
+            "{}: in maintenance: live requests get 503 with your message and Retry-After (the preview route still works) until `cutover resume {}`",
+            args.service, args.service
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 /// `cutover shutdown`: the daemon stops as at SIGTERM.
 pub fn shutdown(args: ShutdownArgs) -> anyhow::Result<ExitCode> {
     let client = Client::from_config(args.config.config.as_deref())?;
@@ -751,6 +819,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     String::new()
                 }
             );
+            if let Some(hold) = s["hold"].as_str() {
+                println!("  live traffic held: {hold} (`cutover resume {name}` lets it through)");
+            }
             match s.get("deployment").filter(|d| !d.is_null()) {
                 Some(d) => println!(
                     "  deployment {} of {} on {} in progress",

@@ -55,6 +55,14 @@ enum Command {
     Upgrade(commands::UpgradeArgs),
     /// Stop the daemon as SIGTERM does; `--stop-instances` also stops every instance.
     Shutdown(commands::ShutdownArgs),
+    /// Hold a service's live requests (during a short write freeze, say): they wait until
+    /// `cutover resume`, each at most --max, then get 503. The preview route is not held.
+    Pause(commands::PauseArgs),
+    /// End a pause or a maintenance: held and new requests go through again.
+    Resume(commands::ServiceArgs),
+    /// Answer a service's live requests with 503, your message and Retry-After until `cutover
+    /// resume` (kept across daemon restarts). The preview route still reaches the instances.
+    Maintenance(commands::MaintenanceArgs),
     /// Deploy a version of a service to its idle colour and follow it until live (exit 0) or
     /// failed, aborted or rolled back (exit 1).
     Deploy(commands::DeployArgs),
@@ -149,6 +157,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => commands::serve(args),
         Command::Upgrade(args) => commands::upgrade_daemon(args),
         Command::Shutdown(args) => commands::shutdown(args),
+        Command::Pause(args) => commands::pause(args),
+        Command::Resume(args) => commands::resume(args),
+        Command::Maintenance(args) => commands::maintenance(args),
         Command::Deploy(args) => commands::deploy(args),
         Command::Promote(args) => commands::action("promote", args),
         Command::Rollback(args) => commands::action("rollback", args),

@@ -43,6 +43,9 @@ pub enum ProxyError {
     /// The colour was drained and this request outlived the drain deadline.
     #[error("service {service}: request cut at the drain deadline of {colour}")]
     DrainDeadline { service: String, colour: &'static str },
+    /// The service's live route is paused, and the request waited as long as a pause holds one.
+    #[error("service {service} is paused for a moment; try again shortly")]
+    Paused { service: String },
     /// Client side: the request cannot be forwarded as it is.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -56,9 +59,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoInstance { .. } | ProxyError::NoRelease { .. } | ProxyError::Local { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoInstance { .. }
+            | ProxyError::NoRelease { .. }
+            | ProxyError::Local { .. }
+            | ProxyError::Paused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } | ProxyError::DrainDeadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -49,6 +49,10 @@ pub(crate) async fn handle(
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            if matches!(e, ProxyError::Paused { .. }) {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             resp
         }
     };
@@ -169,26 +173,72 @@ fn enter(
     current: &arc_swap::ArcSwap<RouteTable>,
     mut table: Arc<RouteTable>,
     host: Option<&str>,
-    colour_of: impl Fn(&Service) -> Colour,
-) -> Result<Routed, ProxyError> {
+    colour_of: impl Fn(&Service) -> (Colour, bool),
+) -> Result<Entered, ProxyError> {
     let mut reloads = 0;
     loop {
         let service = table.route_index(host).ok_or(ProxyError::NoRoute)?;
         let svc = &table.services()[service];
-        let colour = colour_of(svc);
+        let (colour, live) = colour_of(svc);
+        // Held before it counts anywhere: a held request is in no colour's drain.
+        if let (true, Some(hold)) = (live, &svc.hold) {
+            return Ok(Entered::Held(svc.name.clone(), hold.clone()));
+        }
         let gen = svc.pool(colour).generation.enter_request();
         if !gen.gen.is_draining() || reloads == 2 {
-            return Ok(Routed {
+            return Ok(Entered::Routed(Routed {
                 table,
                 service,
                 colour,
                 gen,
-            });
+            }));
         }
         drop(gen);
         reloads += 1;
         table = current.load_full();
     }
+}
+
+/// Where `enter` put a request.
+enum Entered {
+    Routed(Routed),
+    /// The service's live route is held (`crate::table::Hold`).
+    Held(Arc<str>, crate::table::Hold),
+}
+
+/// The answer to a request of a service in maintenance: 503 with the page's message, and
+/// `Retry-After`.
+fn maintenance_page(service: &str, page: &crate::table::MaintenancePage) -> Response<ProxyBody> {
+    let escaped: String = page
+        .message
+        .chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '&' => "&amp;".to_string(),
+            '"' => "&quot;".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    let body = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Maintenance</title></head>\n<body><h1>Down for maintenance</h1><p>{escaped}</p></body></html>\n"
+    );
+    let mut resp = Response::new(ProxyBody::full(body));
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(page.retry_after.as_secs().max(1)),
+    );
+    if let Ok(v) = HeaderValue::from_str(service) {
+        h.insert("x-cutover-maintenance", v);
+    }
+    resp
 }
 
 // With `hyper-upstream`, the exchange below the routing goes through `crate::hyper_upstream`,
@@ -219,24 +269,40 @@ async fn proxy(
     // keeps this snapshot (one reference count) to the end, so its colour and pool cannot change
     // under it whatever is stored meanwhile.
     let preview_header = parts.headers.get(&X_CUTOVER_PREVIEW);
+    let route = || {
+        enter(
+            &shared.table,
+            shared.table.load_full(),
+            Some(headers::host_of(authority)),
+            |svc| {
+                let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
+                if ctx.preview_listener || preview {
+                    (svc.active.other(), false)
+                } else {
+                    (svc.active, true)
+                }
+            },
+        )
+    };
     let Routed {
         table,
         service,
         colour,
         gen: gen_guard,
-    } = enter(
-        &shared.table,
-        shared.table.load_full(),
-        Some(headers::host_of(authority)),
-        |svc| {
-            let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
-            if ctx.preview_listener || preview {
-                svc.active.other()
-            } else {
-                svc.active
+    } = loop {
+        match route()? {
+            Entered::Routed(r) => break r,
+            Entered::Held(name, crate::table::Hold::Maintenance(page)) => return Ok(maintenance_page(&name, &page)),
+            // Routed again once the pause ends; past its longest wait, refused.
+            Entered::Held(name, crate::table::Hold::Paused(gate)) => {
+                if !gate.wait().await {
+                    return Err(ProxyError::Paused {
+                        service: name.to_string(),
+                    });
+                }
             }
-        },
-    )?;
+        }
+    };
     let svc = &table.services()[service];
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
@@ -691,6 +757,13 @@ fn shutdown_close_window(shutdown_timeout: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn as_routed(e: Entered) -> Routed {
+        match e {
+            Entered::Routed(r) => r,
+            Entered::Held(name, _) => panic!("service {name} is held"),
+        }
+    }
     use crate::table::Instance;
     use crate::{Proxy, ProxyConfig};
 
@@ -718,7 +791,7 @@ mod tests {
         assert!(report.completed, "nothing was counted in when the drain looked");
 
         // Live traffic: blue on the old table, whose generation is drained; routed again, green.
-        let routed = enter(current, stale.clone(), None, |s| s.active).unwrap();
+        let routed = as_routed(enter(current, stale.clone(), None, |s| (s.active, true)).unwrap());
         assert_eq!(routed.colour, Colour::Green);
         assert!(Arc::ptr_eq(&routed.table, &current.load_full()));
         assert!(Arc::ptr_eq(
@@ -730,7 +803,7 @@ mod tests {
         drop(routed);
 
         // A generation that is not being drained keeps the request on the table it loaded.
-        let routed = enter(current, stale.clone(), None, |s| s.active.other()).unwrap();
+        let routed = as_routed(enter(current, stale.clone(), None, |s| (s.active.other(), false)).unwrap());
         assert_eq!(routed.colour, Colour::Green);
         assert!(Arc::ptr_eq(&routed.table, &stale));
         assert_eq!(routed.gen.gen.in_flight(), 1);

@@ -38,7 +38,7 @@ pub use error::{ProxyError, TableError};
 pub use headers::X_CUTOVER_PREVIEW;
 pub use proxy::{Proxy, StartError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
-pub use table::{Balance, Colour, Generation, Instance, Pool, RouteTable, Service};
+pub use table::{Balance, Colour, Generation, Hold, Instance, MaintenancePage, PauseGate, Pool, RouteTable, Service};
 
 /// Whether a socket error is this host's own shortage (file descriptors, memory, buffers, local
 /// ports) rather than anything the peer did. Such a failure says nothing about the peer: the

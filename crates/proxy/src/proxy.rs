@@ -204,6 +204,25 @@ impl Proxy {
         Ok(self.store(&current, next))
     }
 
+    /// Holds `service`'s live requests (the preview route is never held) as `hold` says, or lets
+    /// them through again (`None`). Requests held by a pause that ends route at once, from the
+    /// table stored here.
+    pub fn hold(&self, service: &str, hold: Option<crate::table::Hold>) -> Result<(), TableError> {
+        let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.shared.table.load();
+        let mut before = None;
+        let next = current.with_service(service, |s| {
+            before = std::mem::replace(&mut s.hold, hold);
+            Ok(())
+        })?;
+        self.store(&current, next);
+        // After the store: a woken request routes from the table without this pause.
+        if let Some(crate::table::Hold::Paused(gate)) = before {
+            gate.release();
+        }
+        Ok(())
+    }
+
     /// Makes `to` the live colour of `service` in one store. Requests already routed keep their
     /// colour; every request whose head arrives after this returns goes to `to`. Returns false,
     /// storing nothing, when `to` was live already.

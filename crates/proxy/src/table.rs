@@ -310,6 +310,57 @@ pub struct Service {
     pub balance: Balance,
     /// A request carrying this token in `X-Cutover-Preview` goes to the inactive colour.
     pub preview_token: Option<Arc<[u8]>>,
+    /// Holds the live route's requests instead of routing them (the preview route is never
+    /// held): see [`Hold`].
+    pub hold: Option<Hold>,
+}
+
+/// What holds a service's live traffic instead of routing it.
+#[derive(Clone, Debug)]
+pub enum Hold {
+    /// `cutover pause`: requests wait until the pause ends, each at most the gate's `max_wait`,
+    /// then get 503.
+    Paused(Arc<PauseGate>),
+    /// `cutover maintenance`: requests get 503 with the page's message and `Retry-After`.
+    Maintenance(Arc<MaintenancePage>),
+}
+
+/// What the requests held by a pause wait on.
+#[derive(Debug)]
+pub struct PauseGate {
+    /// Set (to true) when the pause ends; every waiting request wakes and routes again.
+    released: tokio::sync::watch::Sender<bool>,
+    /// The longest one request waits.
+    pub max_wait: std::time::Duration,
+}
+
+impl PauseGate {
+    pub fn new(max_wait: std::time::Duration) -> PauseGate {
+        PauseGate {
+            released: tokio::sync::watch::Sender::new(false),
+            max_wait,
+        }
+    }
+
+    /// Wakes every request waiting on this gate (once the table without the pause is stored).
+    pub(crate) fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    /// Waits until the gate is released, for at most `max_wait`; true if it was.
+    pub(crate) async fn wait(&self) -> bool {
+        let mut rx = self.released.subscribe();
+        tokio::time::timeout(self.max_wait, rx.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// The answer of a service in maintenance.
+#[derive(Debug)]
+pub struct MaintenancePage {
+    pub message: String,
+    pub retry_after: std::time::Duration,
 }
 
 impl Service {
@@ -322,6 +373,7 @@ impl Service {
             green: Pool::default(),
             balance: Balance::default(),
             preview_token: None,
+            hold: None,
         }
     }
 
