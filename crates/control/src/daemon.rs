@@ -41,7 +41,7 @@ use crate::lifecycle::{
     Transition, WatchPolicy, WatchSample,
 };
 use crate::process::{InstanceInfo, InstanceSpec, ProcessGroup, Recorded};
-use crate::store::{Audit, Store, StoreError, StoredInstance};
+use crate::store::{Audit, LocalStore, Revision, StateStore, Store, StoreError, StoredInstance};
 use crate::webhooks::Webhooks;
 
 pub use crate::events::{EventKind, Notice};
@@ -306,7 +306,10 @@ enum Report {
 struct Shared {
     config: Config,
     proxy: Arc<Proxy>,
-    store: Arc<Store>,
+    /// The state all nodes share (one node: the SQLite file).
+    store: Arc<dyn StateStore>,
+    /// What only this host knows: the instances it started.
+    local: Arc<dyn LocalStore>,
     notices: broadcast::Sender<Notice>,
     seq: Mutex<u64>,
     views: Mutex<BTreeMap<String, ServiceView>>,
@@ -399,6 +402,8 @@ impl Daemon {
             off_async_store(move || Store::open(dir)).await?
         };
         let store = Arc::new(store);
+        let local: Arc<dyn LocalStore> = store.clone();
+        let store: Arc<dyn StateStore> = store;
         let preview_token = {
             let dir = state_dir.clone();
             tokio::task::spawn_blocking(move || preview_token(&dir))
@@ -416,7 +421,12 @@ impl Daemon {
             s.balance = svc.balance;
             s.preview_token = Some(Arc::from(preview_token.as_bytes()));
             // A maintenance set before the restart holds from the first request on.
-            if let Ok(message) = std::fs::read_to_string(maintenance_file(&state_dir, &svc.name)) {
+            let key = maintenance_key(&svc.name);
+            let kept = {
+                let store = store.clone();
+                off_async_store(move || store.get_value(&key)).await?
+            };
+            if let Some(message) = kept {
                 tracing::warn!(service = %svc.name, "in maintenance since before the start: live requests get 503 until `cutover resume {}`", svc.name);
                 s.hold = Some(maintenance_hold(message.trim()));
             }
@@ -445,6 +455,7 @@ impl Daemon {
             config,
             proxy,
             store,
+            local,
             notices,
             seq: Mutex::new(0),
             views: Mutex::new(BTreeMap::new()),
@@ -460,7 +471,7 @@ impl Daemon {
                 let (store, name) = (shared.store.clone(), svc.name.clone());
                 off_async_store(move || store.load(&name)).await?
             };
-            let state = loaded.unwrap_or_else(|| State::new(&svc.name));
+            let (state, revision) = loaded.unwrap_or_else(|| (State::new(&svc.name), Revision::NONE));
             let (tx, rx) = mpsc::channel(256);
             let (reports, reports_rx) = mpsc::unbounded_channel();
             let lanes = [Colour::Blue, Colour::Green]
@@ -469,6 +480,7 @@ impl Daemon {
                 shared: shared.clone(),
                 cfg: svc.clone(),
                 state,
+                revision,
                 runs: [None, None],
                 lanes,
                 statics: BTreeMap::new(),
@@ -621,18 +633,11 @@ impl Daemon {
     }
 
     async fn save_maintenance(&self, service: &str, message: Option<&str>) -> Result<(), CommandError> {
-        let path = maintenance_file(&self.shared.config.server.state_dir, service);
+        let (store, key) = (self.shared.store.clone(), maintenance_key(service));
         let message = message.map(str::to_string);
-        tokio::task::spawn_blocking(move || match message {
-            Some(m) => crate::private_dir::write_private_file(&path, m.as_bytes()),
-            None => match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        })
-        .await
-        .map_err(|e| CommandError::Store(e.to_string()))?
-        .map_err(|e| CommandError::Store(format!("cannot record the maintenance: {e}")))
+        off_async_store(move || store.set_value(&key, message.as_deref()))
+            .await
+            .map_err(|e| CommandError::Store(format!("cannot record the maintenance: {e}")))
     }
 
     /// Every service, in name order.
@@ -808,9 +813,9 @@ async fn off_async_store<T: Send + 'static>(
         .unwrap_or_else(|e| Err(StoreError::Interrupted { detail: e.to_string() }))
 }
 
-/// Where a service's maintenance message is kept while it is in maintenance.
-fn maintenance_file(state_dir: &std::path::Path, service: &str) -> PathBuf {
-    state_dir.join(format!("maintenance-{service}.txt"))
+/// The store's key of a service's maintenance message, set while it is in maintenance.
+fn maintenance_key(service: &str) -> String {
+    format!("maintenance/{service}")
 }
 
 fn maintenance_hold(message: &str) -> cutover_proxy::Hold {
@@ -1105,8 +1110,8 @@ async fn stop(shared: &Shared, service: &str, colour: Colour, stopping: Stopping
             }
         }
     }
-    let (store, name) = (shared.store.clone(), service.to_string());
-    match tokio::task::spawn_blocking(move || store.remove_instances(&name, colour)).await {
+    let (local, name) = (shared.local.clone(), service.to_string());
+    match tokio::task::spawn_blocking(move || local.remove_instances(&name, colour)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(service, %colour, error = %e, "cannot forget the stopped instances"),
         Err(e) => tracing::warn!(service, %colour, error = %e, "cannot forget the stopped instances"),
@@ -1118,6 +1123,8 @@ struct Actor {
     shared: Arc<Shared>,
     cfg: ServiceConfig,
     state: State,
+    /// The revision of `state` in the store: the next commit expects it.
+    revision: Revision,
     runs: [Option<Run>; 2],
     /// Each colour's slow work (drains, stops), by [`slot`].
     lanes: [Lane; 2],
@@ -1139,10 +1146,19 @@ impl Actor {
     /// Runs `f` on the store, off the async threads: every store call waits for the disk.
     async fn on_store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Store, &str) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&dyn StateStore, &str) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (store, name) = (self.shared.store.clone(), self.name().to_string());
-        off_async_store(move || f(&store, &name)).await
+        off_async_store(move || f(&*store, &name)).await
+    }
+
+    /// Runs `f` on this host's own store (instances), off the async threads.
+    async fn on_local<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn LocalStore, &str) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (local, name) = (self.shared.local.clone(), self.name().to_string());
+        off_async_store(move || f(&*local, &name)).await
     }
 
     /// What the store says about this service's instances on `colour` (and of `release`, if
@@ -1150,7 +1166,7 @@ impl Actor {
     async fn recorded(&self, colour: Colour, release: Option<&Release>) -> Vec<Recorded> {
         let release = release.cloned();
         let rows = self
-            .on_store(|store, name| store.instances(name))
+            .on_local(|local, name| local.instances(name))
             .await
             .unwrap_or_default();
         rows.into_iter()
@@ -1290,6 +1306,8 @@ impl Actor {
                 }
                 let _ = reply.send(Ok(()));
                 if resume.await.unwrap_or(false) {
+                    // The daemon that failed to take over may have committed meanwhile.
+                    self.reload().await;
                     self.recover().await;
                     return std::ops::ControlFlow::Continue(());
                 }
@@ -1461,10 +1479,38 @@ impl Actor {
         Ok(t)
     }
 
-    async fn commit(&self, t: &Transition, audit: Option<Audit>) -> Result<(), crate::store::StoreError> {
+    async fn commit(&mut self, t: &Transition, audit: Option<Audit>) -> Result<(), crate::store::StoreError> {
         let (state, records): (State, Vec<Record>) = (t.state.clone(), t.records().cloned().collect());
-        self.on_store(move |store, name| store.commit(name, &state, records.iter(), audit))
+        let expected = self.revision;
+        match self
+            .on_store(move |store, name| store.commit(name, expected, &state, &records, audit))
             .await
+        {
+            Ok(revision) => {
+                self.revision = revision;
+                Ok(())
+            }
+            Err(e @ StoreError::Conflict { .. }) => {
+                // Someone else committed: what this actor decided on is stale. It takes the
+                // stored state, so that the next decision is made on it.
+                self.reload().await;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the service's state and revision from the store (after a handover that failed, in
+    /// which the other daemon may have committed, or a conflicting commit).
+    async fn reload(&mut self) {
+        match self.on_store(|store, name| store.load(name)).await {
+            Ok(Some((state, revision))) => {
+                self.state = state;
+                self.revision = revision;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(service = self.name(), error = %e, "cannot reload the committed state"),
+        }
     }
 
     /// What follows every commit, before its actions: the status view shows the committed state,
@@ -1824,10 +1870,10 @@ impl Actor {
             })
             .collect();
         let recorded = self
-            .on_store(move |store, name| {
-                let _ = store.remove_instances(name, colour);
+            .on_local(move |local, name| {
+                let _ = local.remove_instances(name, colour);
                 for row in rows {
-                    if let Err(e) = store.record_instance(&row) {
+                    if let Err(e) = local.record_instance(&row) {
                         tracing::warn!(service = %name, error = %e, "cannot record an instance");
                     }
                 }

@@ -240,20 +240,3 @@ pub fn lock_state_dir(dir: &Path) -> Result<StateDirLock, StateDirError> {
         Err((_, e)) => Err(failed(io::Error::from(e))),
     }
 }
-
-/// Writes `bytes` to `path` (mode 0600) through a temporary file renamed into place, so that a
-/// crash leaves the old content or the new one, never a part.
-pub fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
-}

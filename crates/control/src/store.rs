@@ -15,7 +15,14 @@
 //! a process killed at any instant leaves either all of it or none of it. That is the contract
 //! the lifecycle's crash recovery is built on (see `lifecycle.rs`, "How the driver uses it").
 //!
-//! # Schema (version 1, in `PRAGMA user_version`; `PRAGMA application_id` = 0x63757476 "cutv")
+//! # The seam
+//! The daemon reaches this store only through two traits: [`StateStore`], what every node of a
+//! deployment shares (states compared and swapped on their [`Revision`], history, audit, ids,
+//! small values), and [`LocalStore`], what only this host knows (the instances it started).
+//! [`Store`] implements both for one node; a fleet's store implements [`StateStore`] and keeps
+//! [`Store`] as its local one. `shared_contract` in the tests is the contract both must keep.
+//!
+//! # Schema (version 2, in `PRAGMA user_version`; `PRAGMA application_id` = 0x63757476 "cutv")
 //! All tables are `STRICT`. Timestamps are unix milliseconds (`INTEGER`), durations are
 //! nanoseconds (`INTEGER`, so at most about 292 years), colours are `'blue'` / `'green'`.
 //! Enumerations are stored as fixed lower-case codes that belong to the schema version, not to
@@ -53,6 +60,9 @@
 //! - `deployment_ids`: `service` primary key, `last`: the highest id handed out.
 //! - `instances`: `(service, colour, idx)` primary key, `version`, `pid`, `pgid`, `port`,
 //!   `start_ticks`: written by the process driver.
+//! - Version 2 added `services.revision` (0 before the first commit, +1 at each; a commit names
+//!   the revision it expects) and `kv`: `key` primary key, `value`, `updated_at`, for small
+//!   cluster-wide values (a service's maintenance message, `maintenance/<service>`).
 //!
 //! Foreign keys tie `deployments`, `releases` and `transitions` to `services`, and
 //! `transitions.(service, deployment)` to `deployments`. They are deferred to the end of the
@@ -81,12 +91,22 @@ use crate::lifecycle::{
 pub const DB_FILE: &str = "cutover.db";
 
 /// The schema version this code reads and writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The longest duration a state can hold: durations are stored as signed 64-bit nanoseconds.
 /// The config check refuses anything longer (`config::parse_duration`), so that a duration the
 /// config accepted never fails a commit later.
 pub const LONGEST_DURATION: Duration = Duration::from_nanos(i64::MAX as u64);
+
+/// How many times a service's state has been committed: each commit compares the revision it
+/// was decided on with the stored one and writes the next ([`Store::commit_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Revision(pub u64);
+
+impl Revision {
+    /// The revision of a service that was never committed.
+    pub const NONE: Revision = Revision(0);
+}
 
 /// `PRAGMA application_id` of a cutover database: "cutv". Tells our file from another program's
 /// SQLite database that happens to sit at the same path.
@@ -98,7 +118,18 @@ const APPLICATION_ID: i64 = 0x6375_7476;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `MIGRATIONS[n]` takes a database from version `n` to `n + 1`. Version 0 is an empty file.
-const MIGRATIONS: [&str; 1] = [SCHEMA_V1];
+const MIGRATIONS: [&str; 2] = [SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2: each service's state carries the revision its commits compare and swap on, and
+/// small cluster-wide values (`kv`) leave their side files.
+const SCHEMA_V2: &str = "
+ALTER TABLE services ADD COLUMN revision INTEGER NOT NULL DEFAULT 0 CHECK (revision >= 0);
+CREATE TABLE kv (
+    key TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE services (
@@ -365,6 +396,18 @@ pub enum StoreError {
         path: PathBuf,
         service: String,
         detail: String,
+    },
+    /// A commit expected the service's state at one revision and found another: someone else
+    /// committed meanwhile (another daemon on the same store). Nothing was written.
+    #[error(
+        "state database {}: the state of service {service} changed underneath (expected revision {expected}, found {found}); nothing was written; reload it and decide again",
+        path.display()
+    )]
+    Conflict {
+        path: PathBuf,
+        service: String,
+        expected: u64,
+        found: u64,
     },
     /// The call's blocking thread did not complete it (the daemon's runtime is shutting down).
     /// Whether the call took effect is unknown; the state read at the next start is what counts.
@@ -665,6 +708,20 @@ impl Store {
         records: impl IntoIterator<Item = &'r Record>,
         audit: Option<Audit>,
     ) -> Result<(), StoreError> {
+        self.commit_at(service, None, state, records, audit).map(|_| ())
+    }
+
+    /// [`Store::commit`], only if the service's committed state is at revision `expected` (when
+    /// given; [`Revision::NONE`] for a service never committed): the compare and swap that
+    /// keeps two writers from overwriting each other. Returns the new revision.
+    pub fn commit_at<'r>(
+        &self,
+        service: &str,
+        expected: Option<Revision>,
+        state: &State,
+        records: impl IntoIterator<Item = &'r Record>,
+        audit: Option<Audit>,
+    ) -> Result<Revision, StoreError> {
         if state.service != service {
             return Err(self.rejected(
                 service,
@@ -686,6 +743,24 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&fail)?;
+        let found: i64 = tx
+            .query_row(
+                "SELECT COALESCE((SELECT revision FROM services WHERE name = ?1), 0)",
+                [service],
+                |r| r.get(0),
+            )
+            .map_err(&fail)?;
+        let found = Revision(found.unsigned_abs());
+        if let Some(expected) = expected.filter(|e| *e != found) {
+            return Err(StoreError::Conflict {
+                path: self.path.clone(),
+                service: service.to_string(),
+                expected: expected.0,
+                found: found.0,
+            });
+        }
+        let next = Revision(found.0 + 1);
+        cols.int("revision", next.0.min(i64::MAX as u64) as i64);
         insert(&tx, "services", &cols, Some("name")).map_err(&fail)?;
         for record in records {
             store_record(&tx, service, state.last_id, record, now).map_err(|e| match e {
@@ -698,7 +773,8 @@ impl Store {
             insert_audit(&tx, &audit, Some(service), now).map_err(&fail)?;
         }
         // Deferred foreign keys are checked here; on failure `tx` rolls back when dropped.
-        tx.commit().map_err(|e| self.commit_error(service, e))
+        tx.commit().map_err(|e| self.commit_error(service, e))?;
+        Ok(next)
     }
 
     /// Appends to the audit log on its own, for requests that changed no state (refused ones).
@@ -720,6 +796,54 @@ impl Store {
             Some(row) => Ok(Some(self.decode("services", service, decode_state(row))?)),
             None => Ok(None),
         }
+    }
+
+    /// The last committed state of `service` and its revision, `None` if it was never committed.
+    pub fn load_at(&self, service: &str) -> Result<Option<(State, Revision)>, StoreError> {
+        let conn = self.lock();
+        let op = format!("load the state of service {service}");
+        let mut stmt = conn
+            .prepare_cached("SELECT * FROM services WHERE name = ?1")
+            .map_err(self.fail(op.clone()))?;
+        let mut rows = stmt.query([service]).map_err(self.fail(op.clone()))?;
+        match rows.next().map_err(self.fail(op.clone()))? {
+            Some(row) => {
+                let revision: i64 = row.get("revision").map_err(self.fail(op))?;
+                let state = self.decode("services", service, decode_state(row))?;
+                Ok(Some((state, Revision(revision.unsigned_abs()))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A small cluster-wide value (`None` if never set).
+    pub fn get_value(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT value FROM kv WHERE key = ?1")
+            .map_err(self.fail(format!("read {key}")))?;
+        let mut rows = stmt.query([key]).map_err(self.fail(format!("read {key}")))?;
+        match rows.next().map_err(self.fail(format!("read {key}")))? {
+            Some(row) => Ok(Some(row.get(0).map_err(self.fail(format!("read {key}")))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a small cluster-wide value, durably.
+    pub fn set_value(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let fail = self.fail(format!("write {key}"));
+        match value {
+            Some(v) => conn
+                .execute(
+                    "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    params![key, v, now_ms()],
+                )
+                .map_err(fail)?,
+            None => conn.execute("DELETE FROM kv WHERE key = ?1", [key]).map_err(fail)?,
+        };
+        Ok(())
     }
 
     /// Every service's last committed state, by name: what the daemon recovers at startup.
@@ -1675,3 +1799,92 @@ fn decode_instance(row: &Row<'_>) -> Result<StoredInstance, Bad> {
 
 #[cfg(test)]
 mod tests;
+
+/// What every node of a deployment shares and must agree on: each service's committed state
+/// (compared and swapped on its [`Revision`]), the deployment history, the audit log, deployment
+/// ids, and small cluster-wide values. One node keeps it in SQLite ([`Store`]); the daemon only
+/// talks to it through this trait, so that another implementation (a fleet's etcd) can take its
+/// place, and one test suite runs against each (`store/tests.rs`, `shared_contract`).
+///
+/// Every call blocks on its storage: call it off the async threads.
+pub trait StateStore: Send + Sync + std::fmt::Debug {
+    /// A deployment id for `service`, higher than any handed out or stored before, durably.
+    fn next_deployment_id(&self, service: &str) -> Result<DeploymentId, StoreError>;
+    /// Commits `state` with its `records` and `audit` in one step, only if the service's state is
+    /// at revision `expected` ([`Revision::NONE`] if never committed); returns the new revision.
+    /// On `Err` nothing was written; [`StoreError::Conflict`] if the revision differed.
+    fn commit(
+        &self,
+        service: &str,
+        expected: Revision,
+        state: &State,
+        records: &[Record],
+        audit: Option<Audit>,
+    ) -> Result<Revision, StoreError>;
+    /// Appends to the audit log alone (a refused request).
+    fn append_audit(&self, audit: &Audit) -> Result<(), StoreError>;
+    /// The service's last committed state and its revision.
+    fn load(&self, service: &str) -> Result<Option<(State, Revision)>, StoreError>;
+    /// The service's most recent `limit` deployments, newest first.
+    fn history(&self, service: &str, limit: usize) -> Result<Vec<DeploymentSummary>, StoreError>;
+    /// Every record of one deployment, in commit order.
+    fn transitions(&self, service: &str, deployment: DeploymentId) -> Result<Vec<TransitionEntry>, StoreError>;
+    /// A small cluster-wide value, `None` if never set.
+    fn get_value(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Sets or (`None`) removes a small cluster-wide value.
+    fn set_value(&self, key: &str, value: Option<&str>) -> Result<(), StoreError>;
+}
+
+/// What only this host knows: the instances the process driver started here (pids, ports), for
+/// a restarted daemon to adopt. Never shared with other nodes.
+pub trait LocalStore: Send + Sync + std::fmt::Debug {
+    fn record_instance(&self, instance: &StoredInstance) -> Result<(), StoreError>;
+    fn remove_instances(&self, service: &str, colour: Colour) -> Result<usize, StoreError>;
+    fn instances(&self, service: &str) -> Result<Vec<StoredInstance>, StoreError>;
+}
+
+impl StateStore for Store {
+    fn next_deployment_id(&self, service: &str) -> Result<DeploymentId, StoreError> {
+        Store::next_deployment_id(self, service)
+    }
+    fn commit(
+        &self,
+        service: &str,
+        expected: Revision,
+        state: &State,
+        records: &[Record],
+        audit: Option<Audit>,
+    ) -> Result<Revision, StoreError> {
+        self.commit_at(service, Some(expected), state, records, audit)
+    }
+    fn append_audit(&self, audit: &Audit) -> Result<(), StoreError> {
+        Store::append_audit(self, audit)
+    }
+    fn load(&self, service: &str) -> Result<Option<(State, Revision)>, StoreError> {
+        self.load_at(service)
+    }
+    fn history(&self, service: &str, limit: usize) -> Result<Vec<DeploymentSummary>, StoreError> {
+        Store::history(self, service, limit)
+    }
+    fn transitions(&self, service: &str, deployment: DeploymentId) -> Result<Vec<TransitionEntry>, StoreError> {
+        Store::transitions(self, service, deployment)
+    }
+    fn get_value(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Store::get_value(self, key)
+    }
+    fn set_value(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        Store::set_value(self, key, value)
+    }
+}
+
+impl LocalStore for Store {
+    fn record_instance(&self, instance: &StoredInstance) -> Result<(), StoreError> {
+        Store::record_instance(self, instance)
+    }
+    fn remove_instances(&self, service: &str, colour: Colour) -> Result<usize, StoreError> {
+        Store::remove_instances(self, service, colour)
+    }
+    fn instances(&self, service: &str) -> Result<Vec<StoredInstance>, StoreError> {
+        Store::instances(self, service)
+    }
+}

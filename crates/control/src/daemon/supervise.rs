@@ -119,7 +119,7 @@ impl Actor {
             let (store, name) = (shared.store.clone(), cfg.name.clone());
             super::off_async_store(move || store.load(&name)).await?
         };
-        let state = loaded.unwrap_or_else(|| State::new(&cfg.name));
+        let (state, revision) = loaded.unwrap_or_else(|| (State::new(&cfg.name), crate::store::Revision::NONE));
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let lanes = [Colour::Blue, Colour::Green]
             .map(|colour| Lane::start(shared.clone(), cfg.name.clone(), colour, reports.clone()));
@@ -127,6 +127,7 @@ impl Actor {
             shared,
             cfg,
             state,
+            revision,
             runs: [None, None],
             lanes,
             statics: Default::default(),

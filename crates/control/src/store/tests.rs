@@ -864,7 +864,7 @@ fn a_fresh_database_has_the_documented_settings_and_tables() {
     assert_eq!(pragma("synchronous"), "2"); // FULL
     assert_eq!(pragma("foreign_keys"), "1");
     assert_eq!(pragma("busy_timeout"), "5000");
-    assert_eq!(pragma("user_version"), "1");
+    assert_eq!(pragma("user_version"), "2");
     assert_eq!(pragma("application_id"), APPLICATION_ID.to_string());
     let tables: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -880,6 +880,7 @@ fn a_fresh_database_has_the_documented_settings_and_tables() {
             "deployment_ids",
             "deployments",
             "instances",
+            "kv",
             "releases",
             "services",
             "sqlite_sequence",
@@ -897,13 +898,13 @@ fn a_newer_schema_version_is_refused_untouched() {
     drop(open(&dir));
     Connection::open(&path)
         .unwrap()
-        .pragma_update(None, "user_version", 2)
+        .pragma_update(None, "user_version", 3)
         .unwrap();
     let err = Store::open(dir.path()).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
-            "state database {}: schema version 2 is newer than this cutover knows (version 1); it was \
+            "state database {}: schema version 3 is newer than this cutover knows (version 2); it was \
                  written by a newer cutover: run that version, or restore a backup made before the upgrade",
             path.display()
         )
@@ -912,7 +913,7 @@ fn a_newer_schema_version_is_refused_untouched() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
 }
 
 #[test]
@@ -1290,4 +1291,87 @@ fn kill_9_during_commits_loses_nothing_committed_and_keeps_no_half() {
     store.commit("web", &t.state, t.records(), None).unwrap();
     assert_eq!(store.load("web").unwrap(), Some(t.state));
     eprintln!("killed after {last} reported commits; {committed} stored, {records} records");
+}
+
+/// The contract every [`StateStore`] keeps (one node's SQLite here; a fleet's store runs the
+/// same function): commits compare and swap on the revision, a conflicting commit writes
+/// nothing, values round-trip, deployment ids only grow.
+fn shared_contract(store: &dyn StateStore) {
+    let s = "web";
+    assert_eq!(store.load(s).unwrap(), None);
+    let mut state = State::new(s);
+    let first = store.commit(s, Revision::NONE, &state, &[], None).unwrap();
+    assert_eq!(first, Revision(1));
+    assert_eq!(store.load(s).unwrap(), Some((state.clone(), Revision(1))));
+    // A writer that decided on revision 0 (or on a future one) is refused, and nothing changes.
+    state.live = Some(at(Colour::Green, "v9"));
+    for stale in [Revision::NONE, Revision(2)] {
+        let err = store
+            .commit(s, stale, &state, &[], Some(audit("other", "deploy", "")))
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict { expected, found: 1, .. } if expected == stale.0),
+            "{err}"
+        );
+        assert!(err.to_string().contains("changed underneath"), "{err}");
+    }
+    assert_eq!(
+        store.load(s).unwrap().map(|(st, r)| (st.live, r)),
+        Some((None, Revision(1)))
+    );
+    assert_eq!(store.commit(s, Revision(1), &state, &[], None).unwrap(), Revision(2));
+    assert_eq!(
+        store.load(s).unwrap().map(|(st, _)| st.live),
+        Some(Some(at(Colour::Green, "v9")))
+    );
+    // Revisions are per service.
+    assert_eq!(
+        store
+            .commit("api", Revision::NONE, &State::new("api"), &[], None)
+            .unwrap(),
+        Revision(1)
+    );
+    // Values.
+    assert_eq!(store.get_value("preview-token").unwrap(), None);
+    store.set_value("preview-token", Some("abc")).unwrap();
+    store.set_value("preview-token", Some("def")).unwrap();
+    assert_eq!(store.get_value("preview-token").unwrap().as_deref(), Some("def"));
+    store.set_value("preview-token", None).unwrap();
+    assert_eq!(store.get_value("preview-token").unwrap(), None);
+    // Ids.
+    let a = store.next_deployment_id(s).unwrap();
+    let b = store.next_deployment_id(s).unwrap();
+    assert!(b > a);
+}
+
+#[test]
+fn sqlite_keeps_the_state_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    shared_contract(&open(&dir));
+}
+
+/// A version 1 database (before revisions) opens as version 2: its states keep their content,
+/// at revision 0, and the next commit expecting 0 goes through.
+#[test]
+fn a_version_1_database_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO services (name, updated_at, phase, last_id) VALUES ('web', 1, 'stable', 0)",
+            [],
+        )
+        .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let (state, revision) = store.load_at("web").unwrap().unwrap();
+    assert_eq!((state.service.as_str(), revision), ("web", Revision::NONE));
+    assert_eq!(
+        store.commit_at("web", Some(Revision::NONE), &state, [], None).unwrap(),
+        Revision(1)
+    );
 }
