@@ -404,15 +404,25 @@ impl Daemon {
         let store = Arc::new(store);
         let local: Arc<dyn LocalStore> = store.clone();
         let store: Arc<dyn StateStore> = store;
+        // The store's token is the one every node uses; the file is a copy for smoke scripts and
+        // people (and the token of a state directory from before the store kept it).
+        let stored_token = {
+            let store = store.clone();
+            off_async_store(move || store.get_value(PREVIEW_TOKEN_KEY)).await?
+        };
         let preview_token = {
             let dir = state_dir.clone();
-            tokio::task::spawn_blocking(move || preview_token(&dir))
+            tokio::task::spawn_blocking(move || preview_token(&dir, stored_token))
                 .await
                 .map_err(|e| StartError::Io {
                     path: state_dir.join("preview.token"),
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
+        {
+            let (store, token) = (store.clone(), preview_token.clone());
+            off_async_store(move || store.set_value(PREVIEW_TOKEN_KEY, Some(&token))).await?;
+        }
 
         let mut services = Vec::new();
         for svc in &config.services {
@@ -825,24 +835,35 @@ fn maintenance_hold(message: &str) -> cutover_proxy::Hold {
     }))
 }
 
-/// The preview token: random, kept in `<state_dir>/preview.token` (mode 0600) so that it survives
-/// restarts and a smoke script or a person can read it.
-fn preview_token(state_dir: &std::path::Path) -> Result<String, StartError> {
+/// The store's key of the preview token.
+const PREVIEW_TOKEN_KEY: &str = "preview-token";
+
+/// The preview token: the store's (`stored`), else the one in `<state_dir>/preview.token` (a
+/// state directory from before the store kept it), else a new random one. The file (mode 0600)
+/// is written whenever it does not hold that token, so that a smoke script or a person can
+/// read it.
+fn preview_token(state_dir: &std::path::Path, stored: Option<String>) -> Result<String, StartError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join("preview.token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        let t = t.trim().to_string();
-        if !t.is_empty() {
-            return Ok(t);
+    let in_file = std::fs::read_to_string(&path).ok().map(|t| t.trim().to_string());
+    let token = match (
+        stored.filter(|t| !t.is_empty()),
+        in_file.clone().filter(|t| !t.is_empty()),
+    ) {
+        (Some(t), _) | (None, Some(t)) => t,
+        (None, None) => {
+            let mut bytes = [0u8; 16];
+            getrandom::getrandom(&mut bytes).map_err(|e| StartError::Io {
+                path: "getrandom(2)".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
         }
+    };
+    if in_file.as_deref() == Some(token.as_str()) {
+        return Ok(token);
     }
-    let mut bytes = [0u8; 16];
-    getrandom::getrandom(&mut bytes).map_err(|e| StartError::Io {
-        path: "getrandom(2)".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let io = |source| StartError::Io {
         path: path.clone(),
         source,
@@ -1899,13 +1920,13 @@ impl Actor {
         let id = self.last_run;
         let (addrs, recorded, follow) = match &instances {
             Instances::Static(a) => {
-                let (dir, name, list) = (
-                    self.shared.config.server.state_dir.clone(),
-                    self.name().to_string(),
-                    a.clone(),
-                );
-                // A file write: on a blocking thread, and finished before the run begins.
-                let _ = tokio::task::spawn_blocking(move || save_static(&dir, &name, colour, &list)).await;
+                // Kept in the store, so that a restarted daemon (or another node) routes to them
+                // again; written before the run begins.
+                let text: String = a.iter().map(|a| format!("{a}\n")).collect();
+                let key = static_key(self.name(), colour);
+                if let Err(e) = self.on_store(move |store, _| store.set_value(&key, Some(&text))).await {
+                    tracing::warn!(service = self.name(), %colour, error = %e, "cannot record the upstreams");
+                }
                 (a.clone(), Vec::new(), None)
             }
             Instances::Process(group) => {
@@ -2040,10 +2061,22 @@ impl Actor {
                 }
             }
             Driver::Static => {
-                let (dir, name) = (self.shared.config.server.state_dir.clone(), self.name().to_string());
-                let recorded = tokio::task::spawn_blocking(move || load_static(&dir, &name, colour))
+                let key = static_key(self.name(), colour);
+                let stored = self
+                    .on_store(move |store, _| store.get_value(&key))
                     .await
-                    .unwrap_or(None);
+                    .ok()
+                    .flatten();
+                let recorded = match stored {
+                    Some(text) => Some(parse_static(&text)).filter(|a| !a.is_empty()),
+                    // A state directory from before the store kept them.
+                    None => {
+                        let (dir, name) = (self.shared.config.server.state_dir.clone(), self.name().to_string());
+                        tokio::task::spawn_blocking(move || load_static(&dir, &name, colour))
+                            .await
+                            .unwrap_or(None)
+                    }
+                };
                 match recorded {
                     Some(addrs) => self.begin_run(colour, release, Instances::Static(addrs), true).await,
                     None => tracing::error!(service = self.name(), %colour, "no recorded upstreams to adopt"),
@@ -2362,22 +2395,19 @@ fn static_path(state_dir: &std::path::Path, service: &str, colour: Colour) -> Pa
     state_dir.join(format!("upstreams-{service}-{colour}.txt"))
 }
 
-/// Remembers a static colour's upstreams so that a restarted daemon routes to them again.
-fn save_static(state_dir: &std::path::Path, service: &str, colour: Colour, addrs: &[SocketAddr]) {
-    let path = static_path(state_dir, service, colour);
-    let tmp = path.with_extension("tmp");
-    let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-    if std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .is_err()
-    {
-        tracing::warn!(service, %colour, path = %path.display(), "cannot record the upstreams");
-    }
+/// The store's key of a static colour's upstreams (one address per line).
+fn static_key(service: &str, colour: Colour) -> String {
+    format!("upstreams/{service}/{colour}")
 }
 
+fn parse_static(text: &str) -> Vec<SocketAddr> {
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// The upstreams a daemon from before the store kept them wrote beside it.
 fn load_static(state_dir: &std::path::Path, service: &str, colour: Colour) -> Option<Vec<SocketAddr>> {
     let text = std::fs::read_to_string(static_path(state_dir, service, colour)).ok()?;
-    let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let addrs = parse_static(&text);
     (!addrs.is_empty()).then_some(addrs)
 }
 

@@ -62,7 +62,9 @@
 //!   `start_ticks`: written by the process driver.
 //! - Version 2 added `services.revision` (0 before the first commit, +1 at each; a commit names
 //!   the revision it expects) and `kv`: `key` primary key, `value`, `updated_at`, for small
-//!   cluster-wide values (a service's maintenance message, `maintenance/<service>`).
+//!   cluster-wide values: `preview-token`, a static colour's upstreams
+//!   (`upstreams/<service>/<colour>`, one address per line), a service's maintenance message
+//!   (`maintenance/<service>`).
 //!
 //! Foreign keys tie `deployments`, `releases` and `transitions` to `services`, and
 //! `transitions.(service, deployment)` to `deployments`. They are deferred to the end of the
