@@ -10,10 +10,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxyConfig;
 use crate::table::{Generation, RouteTable};
+use crate::tls::CertificateSet;
 
 pub(crate) struct Shared {
     pub(crate) table: ArcSwap<RouteTable>,
     pub(crate) config: ProxyConfig,
+    /// The certificates TLS handshakes choose from, swapped whole by a reload (see `tls`).
+    pub(crate) certificates: Arc<ArcSwap<CertificateSet>>,
+    /// The settings of every TLS listener; `None` when there is none.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Cancelled when the proxy begins to shut down.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the listeners may accept (see `Proxy::open`). Until then connections wait
