@@ -452,10 +452,13 @@ impl Daemon {
         }
         let proxy = Arc::new(proxy);
         // Before the listeners accept (`open`, below): no handshake finds the set empty.
-        let certificate_watch = certificates.as_ref().map(|c| {
-            c.install(proxy.clone());
-            tokio::spawn(c.clone().watch())
-        });
+        let certificate_watch = match &certificates {
+            Some(c) => {
+                c.install(proxy.clone())?;
+                Some(tokio::spawn(c.clone().watch()))
+            }
+            None => None,
+        };
         let (notices, _) = broadcast::channel(1024);
         // Subscribed before the actors recover, so that webhooks see their notices too.
         let webhook_notices = notices.subscribe();

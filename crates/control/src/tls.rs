@@ -223,10 +223,14 @@ impl Certificates {
     }
 
     /// Hands the current certificates to `proxy`, as one set; reloads hand theirs to it too.
-    pub fn install(&self, proxy: Arc<Proxy>) {
+    pub fn install(&self, proxy: Arc<Proxy>) -> Result<(), LoadError> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        proxy.set_certificates(set_of(&entries));
+        let installed = proxy.set_certificates(set_of(&entries)).map_err(|e| LoadError {
+            key: "tls".into(),
+            message: e.to_string(),
+        });
         let _ = self.proxy.set(proxy);
+        installed
     }
 
     /// Loads again the sources whose files changed since the last attempt (every source with
@@ -288,7 +292,9 @@ impl Certificates {
             }
         }
         if let (true, Some(proxy)) = (changed, self.proxy.get()) {
-            proxy.set_certificates(set_of(&entries));
+            if let Err(e) = proxy.set_certificates(set_of(&entries)) {
+                tracing::error!(error = %e, "the reloaded certificates could not be handed to the proxy; the ones before are still served");
+            }
         }
         entries.iter().map(Entry::view).collect()
     }

@@ -37,7 +37,7 @@ pub use config::{ListenerConfig, ProxyConfig};
 pub use drain::DrainReport;
 pub use error::{ProxyError, TableError};
 pub use headers::X_CUTOVER_PREVIEW;
-pub use proxy::{Proxy, StartError};
+pub use proxy::{Proxy, StartError, TlsSetupError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
 pub use table::{Balance, Colour, Generation, Instance, Pool, RouteTable, Service};
 pub use tls::{CertificateError, CertificateFile, CertificateSet, TlsCertificate};

@@ -30,7 +30,7 @@ use crate::error::TableError;
 use crate::listen::{adopt_socket, bind};
 use crate::shared::Shared;
 use crate::table::{Colour, RouteTable};
-use crate::tls::CertificateSet;
+use crate::tls::{CertificateSet, TlsServer};
 use crate::worker::worker;
 
 /// A proxy could not start; nothing was left running.
@@ -43,6 +43,11 @@ pub enum StartError {
     #[error("invalid proxy settings: {0}")]
     Config(String),
 }
+
+/// TLS settings could not be built (rustls refused them); nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up TLS: {0}")]
+pub struct TlsSetupError(String);
 
 /// A running proxy. Cheap to share behind an `Arc`; every method is safe to call from any thread.
 pub struct Proxy {
@@ -136,17 +141,9 @@ impl Proxy {
             (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
         let (close_idle_tx, mut close_idle_rx): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
-        let certificates = Arc::new(ArcSwap::from_pointee(CertificateSet::new()));
-        let tls = if config.listeners.iter().any(|l| l.tls) {
-            let tls = crate::tls::server_config(certificates.clone())
-                .map_err(|e| StartError::Config(format!("cannot set up TLS: {e}")))?;
-            Some(tls)
-        } else {
-            None
-        };
+        let tls = TlsServer::new(CertificateSet::new()).map_err(|e| StartError::Config(format!("cannot set up TLS: {e}")))?;
         let shared = Arc::new(Shared {
-            certificates,
-            tls,
+            tls: ArcSwap::from_pointee(tls),
             expired_tx,
             close_idle_tx,
             table: ArcSwap::from_pointee(table),
@@ -254,15 +251,18 @@ impl Proxy {
     }
 
     /// Replaces the certificates TLS handshakes choose from, in one store: handshakes from now
-    /// on get the new set; connections set up before keep the certificate they were given.
-    /// Until the first call, TLS listeners have no certificate and every handshake fails.
-    pub fn set_certificates(&self, certificates: CertificateSet) {
-        self.shared.certificates.store(Arc::new(certificates));
+    /// on get the new set (sessions from before are not resumed); connections set up before keep
+    /// the certificate they were given. Until the first call, TLS listeners have no certificate
+    /// and every handshake fails.
+    pub fn set_certificates(&self, certificates: CertificateSet) -> Result<(), TlsSetupError> {
+        let server = TlsServer::new(certificates).map_err(|e| TlsSetupError(e.to_string()))?;
+        self.shared.tls.store(Arc::new(server));
+        Ok(())
     }
 
     /// The certificates TLS handshakes choose from right now.
     pub fn certificates(&self) -> Arc<CertificateSet> {
-        self.shared.certificates.load_full()
+        self.shared.tls.load().certificates.clone()
     }
 
     /// Lets the listeners accept: connections waiting in the backlog are served from the table

@@ -22,7 +22,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -199,9 +198,9 @@ impl CertificateSet {
     }
 }
 
-/// Chooses each handshake's certificate from the set current at its ClientHello.
+/// Chooses each handshake's certificate from the set it was built with.
 struct SniResolver {
-    certificates: Arc<ArcSwap<CertificateSet>>,
+    certificates: Arc<CertificateSet>,
 }
 
 impl fmt::Debug for SniResolver {
@@ -212,8 +211,7 @@ impl fmt::Debug for SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let set = self.certificates.load();
-        let chosen = set.choose(hello.server_name()).map(|c| c.key.clone());
+        let chosen = self.certificates.choose(hello.server_name()).map(|c| c.key.clone());
         if chosen.is_none() {
             tracing::debug!(
                 server_name = hello.server_name().unwrap_or("(none)"),
@@ -224,10 +222,28 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// What TLS handshakes are set up with: the certificates and the settings built around them.
+/// Swapped whole (`Shared::tls`) when the certificates change.
+pub(crate) struct TlsServer {
+    pub(crate) certificates: Arc<CertificateSet>,
+    pub(crate) config: Arc<ServerConfig>,
+}
+
+impl TlsServer {
+    /// Settings for `certificates`. Each set gets settings of its own, with a session cache of
+    /// its own: a client resuming a session from before a reload (which would skip the
+    /// certificate) makes a full handshake instead, and sees the new certificate.
+    pub(crate) fn new(certificates: CertificateSet) -> Result<TlsServer, rustls::Error> {
+        let certificates = Arc::new(certificates);
+        let config = server_config(certificates.clone())?;
+        Ok(TlsServer { certificates, config })
+    }
+}
+
 /// The server settings of every TLS listener of one proxy: TLS 1.3 and 1.2 with rustls' default
 /// cipher suites (ring), no client certificates, ALPN h2 then http/1.1, no 0-RTT data (it could
 /// be replayed), and certificates from `certificates`.
-pub(crate) fn server_config(certificates: Arc<ArcSwap<CertificateSet>>) -> Result<Arc<ServerConfig>, rustls::Error> {
+fn server_config(certificates: Arc<CertificateSet>) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
@@ -252,9 +268,8 @@ pub(crate) async fn serve_tls<H, F, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let Some(config) = shared.tls.clone() else {
-        return; // cannot happen: the proxy builds it when any listener is TLS
-    };
+    // The settings current at the accept: a reload after it does not change this handshake.
+    let config = shared.tls.load().config.clone();
     let timeout = shared.config.tls_handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let handshake = async {

@@ -89,7 +89,7 @@ fn a_broken_file_keeps_its_certificate_and_leaves_the_others_alone() {
     let a = write_cert(dir.path(), "web", "a.example", YEAR_2031);
     let proxy = proxy();
     let certs = Certificates::load(sources(dir.path())).unwrap();
-    certs.install(proxy.clone());
+    certs.install(proxy.clone()).unwrap();
     assert!(served(&proxy, "a.example").same_chain(&a));
     assert!(served(&proxy, "other.example").same_chain(&d));
 
@@ -154,7 +154,7 @@ fn a_valid_certificate_is_not_replaced_by_an_expired_one() {
     let a = write_cert(dir.path(), "web", "a.example", YEAR_2031);
     let proxy = proxy();
     let certs = Certificates::load(sources(dir.path())).unwrap();
-    certs.install(proxy.clone());
+    certs.install(proxy.clone()).unwrap();
     write_cert(dir.path(), "web", "a.example", 1_600_000_000); // 2020-09-13
     let views = certs.reload(false);
     let error = views.iter().find(|v| v.name == "web").unwrap().error.clone().expect("an error");
