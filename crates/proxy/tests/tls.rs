@@ -113,6 +113,14 @@ async fn h1_over(
     tx
 }
 
+/// `tx` once it can take the next request.
+async fn ready(
+    tx: &mut hyper::client::conn::http1::SendRequest<BoxBody>,
+) -> &mut hyper::client::conn::http1::SendRequest<BoxBody> {
+    tx.ready().await.expect("the connection can take a request");
+    tx
+}
+
 /// An HTTP/2 client over TLS.
 async fn h2_over(
     tls: TlsStream<TcpStream>,
@@ -163,11 +171,20 @@ fn two_hosts(a: &Upstream, b: &Upstream) -> RouteTable {
 // ---------------------------------------------------------------------------------------------
 // Tests.
 
+/// The tests of this file run one at a time: one of them measures the process's CPU time, which
+/// the others (a switch under load, a drain) would fill.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// SNI picks each host's certificate, and the default one for any other name; without a
 /// default, a name no certificate covers fails its handshake. Each certificate verifies with
 /// the client's CA for its name, and the request reaches the host's service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_each_hosts_certificate_and_the_default_for_other_names() {
+    let _serial = serial();
     let (up_a, up_b) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), two_hosts(&up_a, &up_b));
     let addr = proxy.local_addrs()[1];
@@ -203,6 +220,7 @@ async fn sni_picks_each_hosts_certificate_and_the_default_for_other_names() {
 /// choose h2 is not taken as HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_h2_and_http11_both_work_and_h2_comes_from_alpn_alone() {
+    let _serial = serial();
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[1];
@@ -223,14 +241,14 @@ async fn alpn_h2_and_http11_both_work_and_h2_comes_from_alpn_alone() {
     assert_eq!(alpn(&tls).as_deref(), Some(&b"http/1.1"[..]));
     let mut h1 = h1_over(tls).await;
     for _ in 0..3 {
-        let (status, version, body) = body_of(h1.send_request(get("web.test", "/")).await.unwrap()).await;
+        let (status, version, body) = body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await;
         assert_eq!((status, version, &body[..]), (StatusCode::OK, Version::HTTP_11, &b"blue"[..]));
     }
 
     let tls = tls_connect(addr, "web.test", ca.client(&[])).await.unwrap();
     assert_eq!(alpn(&tls), None);
     let mut h1 = h1_over(tls).await;
-    let (status, version, _) = body_of(h1.send_request(get("web.test", "/")).await.unwrap()).await;
+    let (status, version, _) = body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await;
     assert_eq!((status, version), (StatusCode::OK, Version::HTTP_11), "no ALPN: HTTP/1.1");
 
     // The HTTP/2 preface without ALPN h2: HTTP/1 refuses it, no HTTP/2 session starts.
@@ -248,6 +266,7 @@ async fn alpn_h2_and_http11_both_work_and_h2_comes_from_alpn_alone() {
 /// client claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_forwarded_proto_is_https_on_tls_listeners_only() {
+    let _serial = serial();
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let (plain, tls_addr) = (proxy.local_addrs()[0], proxy.local_addrs()[1]);
@@ -265,7 +284,7 @@ async fn x_forwarded_proto_is_https_on_tls_listeners_only() {
     };
 
     let mut h1 = h1_over(tls_connect(tls_addr, "web.test", ca.client(&[b"http/1.1"])).await.unwrap()).await;
-    let (status, _, _) = body_of(h1.send_request(claim(get("web.test", "/headers"))).await.unwrap()).await;
+    let (status, _, _) = body_of(ready(&mut h1).await.send_request(claim(get("web.test", "/headers"))).await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(proto(), ["https"], "HTTP/1.1 over TLS");
 
@@ -284,6 +303,7 @@ async fn x_forwarded_proto_is_https_on_tls_listeners_only() {
 /// 100+ times: no request fails and every response comes from a colour that was live during it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_switch_under_https_keep_alive_load_loses_nothing() {
+    let _serial = serial();
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[1];
@@ -392,6 +412,7 @@ async fn wss_echo(ws: &mut Wss, text: &str) -> String {
 /// window, and the application sees each end cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wss_websockets_drain_as_over_plain_tcp() {
+    let _serial = serial();
     use futures_util::StreamExt;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
@@ -473,6 +494,7 @@ async fn wss_websockets_drain_as_over_plain_tcp() {
 /// goes on with the certificate it got, request after request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_certificate_serves_new_connections_while_open_ones_continue() {
+    let _serial = serial();
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[1];
@@ -486,7 +508,7 @@ async fn a_new_certificate_serves_new_connections_while_open_ones_continue() {
     let old = tls_connect(addr, "web.test", client.clone()).await.unwrap();
     assert_eq!(presented(&old), first.der);
     let mut old = h1_over(old).await;
-    let (status, _, _) = body_of(old.send_request(get("web.test", "/")).await.unwrap()).await;
+    let (status, _, _) = body_of(ready(&mut old).await.send_request(get("web.test", "/")).await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);
 
     let mut set = CertificateSet::new();
@@ -495,8 +517,7 @@ async fn a_new_certificate_serves_new_connections_while_open_ones_continue() {
     let new = tls_connect(addr, "web.test", client.clone()).await.unwrap();
     assert_eq!(presented(&new), second.der, "a new connection gets the new certificate");
     for _ in 0..5 {
-        old.ready().await.expect("the old connection is still open");
-        let (status, _, body) = body_of(old.send_request(get("web.test", "/")).await.unwrap()).await;
+        let (status, _, body) = body_of(ready(&mut old).await.send_request(get("web.test", "/")).await.unwrap()).await;
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"blue"[..]));
     }
 }
@@ -512,6 +533,7 @@ fn process_cpu() -> Duration {
 /// `tls_handshake_timeout`, which frees their places for the clients waiting behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_waits() {
+    let _serial = serial();
     const STALLED: usize = 600;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let mut config = tls_config();
@@ -572,7 +594,7 @@ async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_wai
     let waiting = tokio::spawn(async move {
         let tls = tls_connect(addr, "web.test", client).await.expect("handshake after the cut");
         let mut h1 = h1_over(tls).await;
-        let (status, _, _) = body_of(h1.send_request(get("web.test", "/")).await.unwrap()).await;
+        let (status, _, _) = body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await;
         (status, Instant::now())
     });
 
@@ -612,6 +634,7 @@ async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_wai
 /// a TLS client reports as the port not speaking TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrong_protocol_on_either_port_gets_a_clear_answer() {
+    let _serial = serial();
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let (plain, tls_addr) = (proxy.local_addrs()[0], proxy.local_addrs()[1]);
@@ -661,13 +684,14 @@ async fn the_wrong_protocol_on_either_port_gets_a_clear_answer() {
     let mut c = H1::connect(plain).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().0, StatusCode::OK);
     let mut h1 = h1_over(tls_connect(tls_addr, "web.test", ca.client(&[])).await.unwrap()).await;
-    assert_eq!(body_of(h1.send_request(get("web.test", "/")).await.unwrap()).await.0, StatusCode::OK);
+    assert_eq!(body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await.0, StatusCode::OK);
 }
 
 /// A TLS listener takes over a listening socket passed at start (socket activation, or the
 /// daemon it replaces), as a plain one does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_listener_takes_over_an_inherited_socket() {
+    let _serial = serial();
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = inherited.local_addr().unwrap();
@@ -681,7 +705,7 @@ async fn a_tls_listener_takes_over_an_inherited_socket() {
     proxy.set_certificates(set).unwrap();
     proxy.open();
     let mut h1 = h1_over(tls_connect(addr, "web.test", ca.client(&[b"http/1.1"])).await.unwrap()).await;
-    let (status, _, body) = body_of(h1.send_request(get("web.test", "/")).await.unwrap()).await;
+    let (status, _, body) = body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"blue"[..]));
     proxy.shutdown();
 }
