@@ -666,26 +666,26 @@ impl Config {
 
     /// The data plane's configuration: listeners, workers and the `[proxy]` settings.
     pub fn proxy_config(&self) -> ProxyConfig {
-        let live = self
-            .server
-            .listen
-            .iter()
-            .map(|&addr| ListenerConfig { addr, preview: false, tls: false });
-        let preview = self
-            .server
-            .preview_listen
-            .iter()
-            .map(|&addr| ListenerConfig { addr, preview: true, tls: false });
-        let live_tls = self
-            .server
-            .listen_tls
-            .iter()
-            .map(|&addr| ListenerConfig { addr, preview: false, tls: true });
-        let preview_tls = self
-            .server
-            .preview_listen_tls
-            .iter()
-            .map(|&addr| ListenerConfig { addr, preview: true, tls: true });
+        let live = self.server.listen.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: false,
+            tls: false,
+        });
+        let preview = self.server.preview_listen.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: true,
+            tls: false,
+        });
+        let live_tls = self.server.listen_tls.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: false,
+            tls: true,
+        });
+        let preview_tls = self.server.preview_listen_tls.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: true,
+            tls: true,
+        });
         let p = &self.proxy;
         ProxyConfig {
             listeners: live.chain(preview).chain(live_tls).chain(preview_tls).collect(),

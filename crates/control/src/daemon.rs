@@ -741,7 +741,13 @@ impl Daemon {
     /// committed state is kept: the next start brings the live releases back, adopting what was
     /// left running. (A crash leaves instances running too.)
     pub async fn stop(&self, instances: AtShutdown) {
-        if let Some(watch) = self.shared.certificate_watch.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(watch) = self
+            .shared
+            .certificate_watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             watch.abort();
         }
         self.shared.proxy.shutdown();

@@ -231,7 +231,8 @@ impl Collector for DaemonCollector {
             )?;
             for c in certificates.iter() {
                 if let Some(ms) = c.not_after {
-                    ConstGauge::new((ms / 1000) as i64).encode(e.encode_family(&[("certificate", c.name.as_str())])?)?;
+                    ConstGauge::new((ms / 1000) as i64)
+                        .encode(e.encode_family(&[("certificate", c.name.as_str())])?)?;
                 }
             }
             let mut e = encoder.encode_descriptor(

@@ -466,7 +466,9 @@ pub fn shutdown(args: ShutdownArgs) -> anyhow::Result<ExitCode> {
 pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
     let client = Client::from_config(args.config.config.as_deref())?;
     runtime()?.block_on(async move {
-        let answer = client.call(Method::POST, "/v1/daemon/reload", Some(serde_json::json!({}))).await?;
+        let answer = client
+            .call(Method::POST, "/v1/daemon/reload", Some(serde_json::json!({})))
+            .await?;
         let failed = answer["failed"].as_u64().unwrap_or(0);
         if args.json {
             println!("{answer}");
@@ -479,7 +481,11 @@ pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
                 println!("{}", certificate_line(c));
             }
         }
-        Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        Ok(if failed > 0 {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        })
     })
 }
 

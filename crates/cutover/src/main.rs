@@ -224,13 +224,17 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let mut listeners: Vec<ListenerConfig> = args
         .listen
         .iter()
-        .map(|&addr| ListenerConfig { addr, preview: false, tls: false })
+        .map(|&addr| ListenerConfig {
+            addr,
+            preview: false,
+            tls: false,
+        })
         .collect();
-    listeners.extend(
-        args.preview_listen
-            .iter()
-            .map(|&addr| ListenerConfig { addr, preview: true, tls: false }),
-    );
+    listeners.extend(args.preview_listen.iter().map(|&addr| ListenerConfig {
+        addr,
+        preview: true,
+        tls: false,
+    }));
     let config = ProxyConfig {
         listeners,
         workers: args.workers,

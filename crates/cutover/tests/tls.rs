@@ -28,7 +28,9 @@ impl Ca {
     fn new(dir: &Path) -> Ca {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "cutover test CA");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cutover test CA");
         let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
         let pem = dir.join("ca.pem");
         std::fs::write(&pem, issuer.pem()).unwrap();
@@ -92,7 +94,10 @@ fn https_get(tls: &mut Tls, host: &str, path: &str) -> std::io::Result<(u16, Str
     let mut reader = BufReader::new(tls);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    let status: u16 = line.get(9..12).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let status: u16 = line
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
     let mut length = 0usize;
     loop {
         let mut h = String::new();
@@ -186,7 +191,13 @@ impl Site {
         )
         .unwrap();
         let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let child = Command::new(BIN).args(["serve", "-c"]).arg(&config).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
         let site = Site {
             dir,
             config,
@@ -210,7 +221,12 @@ impl Site {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN).args(args).arg("-c").arg(&self.config).output().unwrap()
+        Command::new(BIN)
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .output()
+            .unwrap()
     }
 
     fn log(&self) -> String {
@@ -303,11 +319,19 @@ fn sha256_hex(der: &[u8]) -> String {
             c.wait_with_output()
         })
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// SNI picks the right certificate for two hosts and the default for others, ALPN h2 and
@@ -321,7 +345,10 @@ fn curl_python_and_h2load_see_sni_alpn_and_https() {
         for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
             let out = site.curl(host, &[flag, "-w", " %{http_version}"]);
             assert!(out.status.success(), "curl {host} {flag}: {}", text(&out));
-            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{host}:{} https {version}", site.tls.port()));
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("{host}:{} https {version}", site.tls.port())
+            );
         }
     }
     // Python: the exact certificate per name, the ALPN choice, the body.
@@ -355,7 +382,7 @@ fn curl_python_and_h2load_see_sni_alpn_and_https() {
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        format!("This port speaks HTTPS, not plain HTTP: use https://a.test/cart\n 400")
+        "This port speaks HTTPS, not plain HTTP: use https://a.test/cart\n 400"
     );
     // TLS to the plain port: curl says the port does not speak TLS.
     let out = Command::new("curl")
@@ -387,59 +414,116 @@ fn replaced_and_broken_certificate_files_while_serving() {
     let a1 = site.cert("a");
     let mut old = tls_connect(site.tls, "a.test", &client).unwrap();
     assert_eq!(presented(&old), a1);
-    assert_eq!(https_get(&mut old, "a.test", "/").unwrap(), (200, format!("a.test https")));
+    assert_eq!(
+        https_get(&mut old, "a.test", "/").unwrap(),
+        (200, "a.test https".to_string())
+    );
 
     // Replaced on disk: picked up by the poll, no command.
     let a2 = site.reissue("a", "a.test");
     assert!(
         wait_until(Duration::from_secs(15), || {
-            tls_connect(site.tls, "a.test", &client).map(|t| presented(&t) == a2).unwrap_or(false)
+            tls_connect(site.tls, "a.test", &client)
+                .map(|t| presented(&t) == a2)
+                .unwrap_or(false)
         }),
         "new connections get the new certificate: {}",
         site.log()
     );
     for _ in 0..3 {
-        assert_eq!(https_get(&mut old, "a.test", "/").unwrap().0, 200, "the old connection continues");
+        assert_eq!(
+            https_get(&mut old, "a.test", "/").unwrap().0,
+            200,
+            "the old connection continues"
+        );
     }
     assert_eq!(presented(&old), a1, "with the certificate it was set up with");
 
     // b's certificate file broken: b keeps its certificate, a and the default are untouched.
     let b1 = site.cert("b");
-    std::fs::write(site.dir.path().join("b.pem"), "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        site.dir.path().join("b.pem"),
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     assert!(
         wait_until(Duration::from_secs(15), || {
-            site.status_json()["tls"].as_array().unwrap().iter().any(|c| c["name"] == "b" && c["error"].is_string())
+            site.status_json()["tls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == "b" && c["error"].is_string())
         }),
         "the error reaches the status: {}",
         site.log()
     );
     let status = site.status_json();
-    let b = status["tls"].as_array().unwrap().iter().find(|c| c["name"] == "b").unwrap().clone();
+    let b = status["tls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "b")
+        .unwrap()
+        .clone();
     assert!(b["error"].as_str().unwrap().contains("b.pem"), "{b}");
     for c in status["tls"].as_array().unwrap().iter().filter(|c| c["name"] != "b") {
         assert!(c["error"].is_null(), "{c}");
     }
     let shown = text(&site.cli(&["status"]));
-    assert!(shown.contains("tls b (b.test)") && shown.contains("NOT RELOADED") && shown.contains("b.pem"), "{shown}");
-    assert_eq!(presented(&tls_connect(site.tls, "b.test", &client).unwrap()), b1, "b keeps its certificate");
+    assert!(
+        shown.contains("tls b (b.test)") && shown.contains("NOT RELOADED") && shown.contains("b.pem"),
+        "{shown}"
+    );
+    assert_eq!(
+        presented(&tls_connect(site.tls, "b.test", &client).unwrap()),
+        b1,
+        "b keeps its certificate"
+    );
     assert_eq!(presented(&tls_connect(site.tls, "a.test", &client).unwrap()), a2);
-    assert_eq!(presented(&tls_connect(site.tls, "other.test", &client).unwrap()), site.cert("default"));
+    assert_eq!(
+        presented(&tls_connect(site.tls, "other.test", &client).unwrap()),
+        site.cert("default")
+    );
     let metrics = site.metrics();
-    assert!(metrics.contains("cutover_tls_certificate_load_failing{certificate=\"b\"} 1"), "{metrics}");
-    assert!(metrics.contains("cutover_tls_certificate_load_failing{certificate=\"a\"} 0"), "{metrics}");
-    assert!(metrics.contains("cutover_tls_certificate_errors_total{certificate=\"b\"} 1"), "{metrics}");
-    assert!(metrics.contains("cutover_tls_certificate_expiry_timestamp_seconds{certificate=\"a\"} "), "{metrics}");
-    assert!(site.log().contains("the certificate of b could not be loaded"), "{}", site.log());
+    assert!(
+        metrics.contains("cutover_tls_certificate_load_failing{certificate=\"b\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cutover_tls_certificate_load_failing{certificate=\"a\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cutover_tls_certificate_errors_total{certificate=\"b\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cutover_tls_certificate_expiry_timestamp_seconds{certificate=\"a\"} "),
+        "{metrics}"
+    );
+    assert!(
+        site.log().contains("the certificate of b could not be loaded"),
+        "{}",
+        site.log()
+    );
     let out = site.cli(&["reload"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("NOT RELOADED") && text(&out).contains("b.pem"), "{}", text(&out));
+    assert!(
+        text(&out).contains("NOT RELOADED") && text(&out).contains("b.pem"),
+        "{}",
+        text(&out)
+    );
 
     // Repaired and reloaded by command: served at once.
     let b2 = site.reissue("b", "b.test");
     let out = site.cli(&["reload"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(presented(&tls_connect(site.tls, "b.test", &client).unwrap()), b2);
-    assert!(site.status_json()["tls"].as_array().unwrap().iter().all(|c| c["error"].is_null()));
+    assert!(site.status_json()["tls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["error"].is_null()));
 }
 
 /// A certificate that cannot be loaded at start stops the start with exit 2, naming the file;
@@ -466,12 +550,19 @@ fn a_certificate_that_does_not_load_at_start_is_a_start_error() {
     let out = Command::new(BIN).args(["serve", "-c"]).arg(&config).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let shown = text(&out);
-    assert!(shown.contains("server.tls") && shown.contains("web.key") && shown.contains("no private key"), "{shown}");
+    assert!(
+        shown.contains("server.tls") && shown.contains("web.key") && shown.contains("no private key"),
+        "{shown}"
+    );
 
     write("");
     let out = Command::new(BIN).args(["serve", "-c"]).arg(&config).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("server.listen_tls: a TLS listener needs a certificate"), "{}", text(&out));
+    assert!(
+        text(&out).contains("server.listen_tls: a TLS listener needs a certificate"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// A deployment (v1 to v2, each its own demo-app instances) under HTTPS keep-alive load: every
@@ -495,10 +586,18 @@ fn a_deployment_under_https_keep_alive_load_loses_nothing() {
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-    let child = Command::new(BIN).args(["serve", "--stop-instances", "-c"]).arg(&config).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--stop-instances", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
     let _daemon = Stopping(child);
     let cli = |args: &[&str]| Command::new(BIN).args(args).arg("-c").arg(&config).output().unwrap();
-    assert!(wait_until(Duration::from_secs(20), || cli(&["status"]).status.success()));
+    assert!(wait_until(Duration::from_secs(20), || cli(&["status"])
+        .status
+        .success()));
     let out = cli(&["deploy", "web", "--version", "v1"]);
     assert!(out.status.success(), "{}", text(&out));
 
@@ -545,10 +644,21 @@ fn a_deployment_under_https_keep_alive_load_loses_nothing() {
         t.join().unwrap();
     }
     let failures = failures.lock().unwrap();
-    assert!(failures.is_empty(), "{} failures, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     let seen = seen.lock().unwrap();
-    let versions: Vec<_> = seen.keys().map(|k| k.split_whitespace().next().unwrap_or("").to_string()).collect();
-    assert!(seen.keys().any(|k| k.contains("v1")) && seen.keys().any(|k| k.contains("v2")), "both releases answered: {seen:?} {versions:?}");
+    let versions: Vec<_> = seen
+        .keys()
+        .map(|k| k.split_whitespace().next().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        seen.keys().any(|k| k.contains("v1")) && seen.keys().any(|k| k.contains("v2")),
+        "both releases answered: {seen:?} {versions:?}"
+    );
     assert!(seen.values().sum::<u64>() > 200, "{seen:?}");
     let _ = cli(&["shutdown", "--stop-instances"]);
 }

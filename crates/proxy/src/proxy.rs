@@ -141,7 +141,8 @@ impl Proxy {
             (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
         let (close_idle_tx, mut close_idle_rx): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
-        let tls = TlsServer::new(CertificateSet::new()).map_err(|e| StartError::Config(format!("cannot set up TLS: {e}")))?;
+        let tls =
+            TlsServer::new(CertificateSet::new()).map_err(|e| StartError::Config(format!("cannot set up TLS: {e}")))?;
         let shared = Arc::new(Shared {
             tls: ArcSwap::from_pointee(tls),
             expired_tx,

@@ -84,7 +84,9 @@ pub enum CertificateError {
     NoCertificate,
     #[error("is not valid PEM ({0}); it must hold \"-----BEGIN CERTIFICATE-----\" blocks")]
     CertificatePem(String),
-    #[error("holds no private key; it must be PEM with a \"-----BEGIN PRIVATE KEY-----\" (or RSA / EC PRIVATE KEY) block")]
+    #[error(
+        "holds no private key; it must be PEM with a \"-----BEGIN PRIVATE KEY-----\" (or RSA / EC PRIVATE KEY) block"
+    )]
     NoKey,
     #[error("is not valid PEM ({0}); it must hold a \"-----BEGIN PRIVATE KEY-----\" (or RSA / EC PRIVATE KEY) block")]
     KeyPem(String),
@@ -320,7 +322,11 @@ async fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
     loop {
         stream.ready(Interest::READABLE).await?;
         let peeked = stream.try_io(Interest::READABLE, || {
-            let n = recv(stream.as_raw_fd(), &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)?;
+            let n = recv(
+                stream.as_raw_fd(),
+                &mut buf,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            )?;
             Ok((n > 0).then_some(buf[0]))
         });
         match peeked {
@@ -416,7 +422,11 @@ mod tests {
         let e = TlsCertificate::from_pem(b"", key.as_bytes()).unwrap_err();
         assert!(matches!(e, CertificateError::NoCertificate), "{e}");
         let e = TlsCertificate::from_pem(key.as_bytes(), key.as_bytes()).unwrap_err();
-        assert_eq!(e.file(), CertificateFile::Cert, "a key where the certificate belongs: {e}");
+        assert_eq!(
+            e.file(),
+            CertificateFile::Cert,
+            "a key where the certificate belongs: {e}"
+        );
         let e = TlsCertificate::from_pem(cert.as_bytes(), cert.as_bytes()).unwrap_err();
         assert!(matches!(e, CertificateError::NoKey), "{e}");
         let broken = cert.replace("MII", "M!I");

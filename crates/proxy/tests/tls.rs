@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cutover_proxy::{CertificateSet, Colour, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service, TlsCertificate};
+use cutover_proxy::{
+    CertificateSet, Colour, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service, TlsCertificate,
+};
 use http::{Request, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -97,7 +99,9 @@ async fn tls_connect(
 }
 
 fn presented(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone().into_owned()
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0]
+        .clone()
+        .into_owned()
 }
 
 fn alpn(tls: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
@@ -105,10 +109,10 @@ fn alpn(tls: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
 }
 
 /// An HTTP/1.1 keep-alive client over TLS.
-async fn h1_over(
-    tls: TlsStream<TcpStream>,
-) -> hyper::client::conn::http1::SendRequest<BoxBody> {
-    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("h1 handshake");
+async fn h1_over(tls: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<BoxBody> {
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1 handshake");
     tokio::spawn(conn);
     tx
 }
@@ -122,9 +126,7 @@ async fn ready(
 }
 
 /// An HTTP/2 client over TLS.
-async fn h2_over(
-    tls: TlsStream<TcpStream>,
-) -> Result<hyper::client::conn::http2::SendRequest<BoxBody>, hyper::Error> {
+async fn h2_over(tls: TlsStream<TcpStream>) -> Result<hyper::client::conn::http2::SendRequest<BoxBody>, hyper::Error> {
     let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
     tokio::spawn(conn);
     Ok(tx)
@@ -173,18 +175,14 @@ fn two_hosts(a: &Upstream, b: &Upstream) -> RouteTable {
 
 /// The tests of this file run one at a time: one of them measures the process's CPU time, which
 /// the others (a switch under load, a drain) would fill.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// SNI picks each host's certificate, and the default one for any other name; without a
 /// default, a name no certificate covers fails its handshake. Each certificate verifies with
 /// the client's CA for its name, and the request reaches the host's service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_each_hosts_certificate_and_the_default_for_other_names() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let (up_a, up_b) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), two_hosts(&up_a, &up_b));
     let addr = proxy.local_addrs()[1];
@@ -204,12 +202,16 @@ async fn sni_picks_each_hosts_certificate_and_the_default_for_other_names() {
         assert_eq!((status, &body[..]), (StatusCode::OK, colour.as_bytes()), "{name}");
     }
     // No default: a name nobody covers gets an alert instead of some other host's certificate.
-    let e = tls_connect(addr, "other.test", client.clone()).await.expect_err("no certificate");
+    let e = tls_connect(addr, "other.test", client.clone())
+        .await
+        .expect_err("no certificate");
     assert!(e.to_string().contains("alert"), "{e}");
 
     set.set_default(default.load());
     proxy.set_certificates(set).unwrap();
-    let tls = tls_connect(addr, "other.test", client.clone()).await.expect("handshake");
+    let tls = tls_connect(addr, "other.test", client.clone())
+        .await
+        .expect("handshake");
     assert_eq!(presented(&tls), default.der, "other names get the default");
     let tls = tls_connect(addr, "A.TEST", client.clone()).await.expect("handshake");
     assert_eq!(presented(&tls), a.der, "names match without case");
@@ -220,7 +222,7 @@ async fn sni_picks_each_hosts_certificate_and_the_default_for_other_names() {
 /// choose h2 is not taken as HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_h2_and_http11_both_work_and_h2_comes_from_alpn_alone() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[1];
@@ -229,27 +231,40 @@ async fn alpn_h2_and_http11_both_work_and_h2_comes_from_alpn_alone() {
     set.set_default(ca.issue(&["web.test"]).load());
     proxy.set_certificates(set).unwrap();
 
-    let tls = tls_connect(addr, "web.test", ca.client(&[b"h2", b"http/1.1"])).await.unwrap();
+    let tls = tls_connect(addr, "web.test", ca.client(&[b"h2", b"http/1.1"]))
+        .await
+        .unwrap();
     assert_eq!(alpn(&tls).as_deref(), Some(&b"h2"[..]));
     let mut h2 = h2_over(tls).await.unwrap();
     for _ in 0..3 {
         let (status, version, body) = body_of(h2.send_request(get_h2("web.test", "/")).await.unwrap()).await;
-        assert_eq!((status, version, &body[..]), (StatusCode::OK, Version::HTTP_2, &b"blue"[..]));
+        assert_eq!(
+            (status, version, &body[..]),
+            (StatusCode::OK, Version::HTTP_2, &b"blue"[..])
+        );
     }
 
     let tls = tls_connect(addr, "web.test", ca.client(&[b"http/1.1"])).await.unwrap();
     assert_eq!(alpn(&tls).as_deref(), Some(&b"http/1.1"[..]));
     let mut h1 = h1_over(tls).await;
     for _ in 0..3 {
-        let (status, version, body) = body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await;
-        assert_eq!((status, version, &body[..]), (StatusCode::OK, Version::HTTP_11, &b"blue"[..]));
+        let (status, version, body) =
+            body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await;
+        assert_eq!(
+            (status, version, &body[..]),
+            (StatusCode::OK, Version::HTTP_11, &b"blue"[..])
+        );
     }
 
     let tls = tls_connect(addr, "web.test", ca.client(&[])).await.unwrap();
     assert_eq!(alpn(&tls), None);
     let mut h1 = h1_over(tls).await;
     let (status, version, _) = body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await;
-    assert_eq!((status, version), (StatusCode::OK, Version::HTTP_11), "no ALPN: HTTP/1.1");
+    assert_eq!(
+        (status, version),
+        (StatusCode::OK, Version::HTTP_11),
+        "no ALPN: HTTP/1.1"
+    );
 
     // The HTTP/2 preface without ALPN h2: HTTP/1 refuses it, no HTTP/2 session starts.
     let tls = tls_connect(addr, "web.test", ca.client(&[b"http/1.1"])).await.unwrap();
@@ -266,7 +281,7 @@ async fn alpn_h2_and_http11_both_work_and_h2_comes_from_alpn_alone() {
 /// client claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_forwarded_proto_is_https_on_tls_listeners_only() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let (plain, tls_addr) = (proxy.local_addrs()[0], proxy.local_addrs()[1]);
@@ -275,7 +290,16 @@ async fn x_forwarded_proto_is_https_on_tls_listeners_only() {
     set.set_default(ca.issue(&["web.test"]).load());
     proxy.set_certificates(set).unwrap();
     let proto = || {
-        blue.seen.last_headers.lock().unwrap().as_ref().unwrap().get_all("x-forwarded-proto").iter().cloned().collect::<Vec<_>>()
+        blue.seen
+            .last_headers
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .get_all("x-forwarded-proto")
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
     };
     let claim = |req: Request<BoxBody>| {
         let (mut parts, body) = req.into_parts();
@@ -283,12 +307,26 @@ async fn x_forwarded_proto_is_https_on_tls_listeners_only() {
         Request::from_parts(parts, body)
     };
 
-    let mut h1 = h1_over(tls_connect(tls_addr, "web.test", ca.client(&[b"http/1.1"])).await.unwrap()).await;
-    let (status, _, _) = body_of(ready(&mut h1).await.send_request(claim(get("web.test", "/headers"))).await.unwrap()).await;
+    let mut h1 = h1_over(
+        tls_connect(tls_addr, "web.test", ca.client(&[b"http/1.1"]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let (status, _, _) = body_of(
+        ready(&mut h1)
+            .await
+            .send_request(claim(get("web.test", "/headers")))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(proto(), ["https"], "HTTP/1.1 over TLS");
 
-    let mut h2 = h2_over(tls_connect(tls_addr, "web.test", ca.client(&[b"h2"])).await.unwrap()).await.unwrap();
+    let mut h2 = h2_over(tls_connect(tls_addr, "web.test", ca.client(&[b"h2"])).await.unwrap())
+        .await
+        .unwrap();
     let (status, _, _) = body_of(h2.send_request(claim(get_h2("web.test", "/headers"))).await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(proto(), ["https"], "HTTP/2 over TLS");
@@ -303,7 +341,7 @@ async fn x_forwarded_proto_is_https_on_tls_listeners_only() {
 /// 100+ times: no request fails and every response comes from a colour that was live during it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_switch_under_https_keep_alive_load_loses_nothing() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[1];
@@ -347,7 +385,10 @@ async fn a_switch_under_https_keep_alive_load_loses_nothing() {
                         match colour_of(&body) {
                             Some(col) if status == 200 => {
                                 if !log.was_live(col, start, Instant::now()) {
-                                    failures.lock().unwrap().push(format!("{col} answered but was not live"));
+                                    failures
+                                        .lock()
+                                        .unwrap()
+                                        .push(format!("{col} answered but was not live"));
                                 }
                                 seen[(col == Colour::Green) as usize] += 1;
                                 ok.fetch_add(1, Ordering::Relaxed);
@@ -377,11 +418,24 @@ async fn a_switch_under_https_keep_alive_load_loses_nothing() {
         per_colour[1] += seen[1];
     }
     let failures = failures.lock().unwrap();
-    assert!(failures.is_empty(), "{} failures, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     let total = ok.load(Ordering::Relaxed);
     assert!(total > 500, "too little traffic to mean anything: {total}");
-    assert!(per_colour[0] > 0 && per_colour[1] > 0, "both colours served: {per_colour:?}");
-    eprintln!("{total} HTTPS requests over {} switches, blue {} green {}", log.len(), per_colour[0], per_colour[1]);
+    assert!(
+        per_colour[0] > 0 && per_colour[1] > 0,
+        "both colours served: {per_colour:?}"
+    );
+    eprintln!(
+        "{total} HTTPS requests over {} switches, blue {} green {}",
+        log.len(),
+        per_colour[0],
+        per_colour[1]
+    );
 }
 
 type Wss = tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>;
@@ -397,9 +451,14 @@ async fn wss_connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Wss
 
 async fn wss_echo(ws: &mut Wss, text: &str) -> String {
     use futures_util::{SinkExt, StreamExt};
-    ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await.unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .unwrap();
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time") {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time")
+        {
             Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => return t.to_string(),
             Some(Ok(_)) => continue,
             other => panic!("websocket ended: {other:?}"),
@@ -412,7 +471,7 @@ async fn wss_echo(ws: &mut Wss, text: &str) -> String {
 /// window, and the application sees each end cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wss_websockets_drain_as_over_plain_tcp() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     use futures_util::StreamExt;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
@@ -431,7 +490,11 @@ async fn wss_websockets_drain_as_over_plain_tcp() {
     proxy.switch("web", Colour::Green).unwrap();
     let mut new = wss_connect(addr, client.clone()).await;
     assert_eq!(wss_echo(&mut new, "new").await, "green: new");
-    assert_eq!(wss_echo(&mut sockets[0], "still").await, "blue: still", "old ones stay on blue");
+    assert_eq!(
+        wss_echo(&mut sockets[0], "still").await,
+        "blue: still",
+        "old ones stay on blue"
+    );
 
     let (deadline, window) = (Duration::from_millis(500), Duration::from_secs(2));
     let start = Instant::now();
@@ -469,8 +532,14 @@ async fn wss_websockets_drain_as_over_plain_tcp() {
     }
     at.sort();
     assert!(at[0] >= deadline, "none closed before the deadline: {at:?}");
-    assert!(at[at.len() - 1] < deadline + window + Duration::from_millis(700), "{at:?}");
-    assert!(at[at.len() - 1] - at[0] >= window / 4, "closes spread over the window: {at:?}");
+    assert!(
+        at[at.len() - 1] < deadline + window + Duration::from_millis(700),
+        "{at:?}"
+    );
+    assert!(
+        at[at.len() - 1] - at[0] >= window / 4,
+        "closes spread over the window: {at:?}"
+    );
     let report = drain.await.unwrap();
     assert_eq!(report.closed_upgrades, 8);
     assert!(
@@ -487,14 +556,18 @@ async fn wss_websockets_drain_as_over_plain_tcp() {
         "every socket ends cleanly at the application: {:?}",
         blue.seen.ws_events.lock().unwrap()
     );
-    assert_eq!(wss_echo(&mut new, "after").await, "green: after", "the green one is untouched");
+    assert_eq!(
+        wss_echo(&mut new, "after").await,
+        "green: after",
+        "the green one is untouched"
+    );
 }
 
 /// A new certificate set is served to new handshakes at once, while a connection set up before
 /// goes on with the certificate it got, request after request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_certificate_serves_new_connections_while_open_ones_continue() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[1];
@@ -533,7 +606,7 @@ fn process_cpu() -> Duration {
 /// `tls_handshake_timeout`, which frees their places for the clients waiting behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_waits() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     const STALLED: usize = 600;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let mut config = tls_config();
@@ -558,7 +631,9 @@ async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_wai
         let config = ca.client(&[b"h2"]);
         tokio::spawn(async move {
             let name = ServerName::try_from("web.test").unwrap();
-            let _ = tokio_rustls::TlsConnector::from(config).connect(name, &mut client).await;
+            let _ = tokio_rustls::TlsConnector::from(config)
+                .connect(name, &mut client)
+                .await;
         });
         let mut buf = vec![0u8; 40];
         server.read_exact(&mut buf).await.unwrap();
@@ -576,7 +651,11 @@ async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_wai
         held.push(s);
     }
     while proxy.open_connections() < STALLED {
-        assert!(started.elapsed() < timeout, "{} of {STALLED} accepted", proxy.open_connections());
+        assert!(
+            started.elapsed() < timeout,
+            "{} of {STALLED} accepted",
+            proxy.open_connections()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("{STALLED} stalled connections open after {:?}", started.elapsed());
@@ -592,7 +671,9 @@ async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_wai
     // Every place is taken: a real client waits in the backlog until the stalled ones are cut.
     let client = ca.client(&[b"http/1.1"]);
     let waiting = tokio::spawn(async move {
-        let tls = tls_connect(addr, "web.test", client).await.expect("handshake after the cut");
+        let tls = tls_connect(addr, "web.test", client)
+            .await
+            .expect("handshake after the cut");
         let mut h1 = h1_over(tls).await;
         let (status, _, _) = body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await;
         (status, Instant::now())
@@ -625,7 +706,10 @@ async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_wai
     );
     let (status, served_at) = waiting.await.unwrap();
     assert_eq!(status, StatusCode::OK);
-    assert!(served_at >= earliest, "the waiting client was served only once places were freed");
+    assert!(
+        served_at >= earliest,
+        "the waiting client was served only once places were freed"
+    );
     assert!(eventually(Duration::from_secs(5), || proxy.open_connections() == 0).await);
 }
 
@@ -634,7 +718,7 @@ async fn a_stalled_handshake_is_cut_at_the_timeout_and_costs_no_cpu_while_it_wai
 /// a TLS client reports as the port not speaking TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrong_protocol_on_either_port_gets_a_clear_answer() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let proxy = start_proxy(tls_config(), table(&[&blue], &[&green]));
     let (plain, tls_addr) = (proxy.local_addrs()[0], proxy.local_addrs()[1]);
@@ -644,17 +728,30 @@ async fn the_wrong_protocol_on_either_port_gets_a_clear_answer() {
     proxy.set_certificates(set).unwrap();
 
     let mut s = TcpStream::connect(tls_addr).await.unwrap();
-    s.write_all(b"GET /cart?id=7 HTTP/1.1\r\nHost: shop.test:8443\r\nUser-Agent: test\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /cart?id=7 HTTP/1.1\r\nHost: shop.test:8443\r\nUser-Agent: test\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
     assert!(answer.contains("connection: close"), "{answer}");
-    assert!(answer.ends_with("This port speaks HTTPS, not plain HTTP: use https://shop.test:8443/cart?id=7\n"), "{answer}");
+    assert!(
+        answer.ends_with("This port speaks HTTPS, not plain HTTP: use https://shop.test:8443/cart?id=7\n"),
+        "{answer}"
+    );
     assert_eq!(blue.requests(), 0, "nothing was forwarded");
 
     // A real TLS client on the plain port fails its handshake as on any non-TLS port...
-    let e = tls_connect(plain, "web.test", ca.client(&[b"h2"])).await.expect_err("not TLS");
-    assert!(e.to_string().contains("corrupt message") || e.to_string().contains("InvalidContentType"), "{e}");
+    let e = tls_connect(plain, "web.test", ca.client(&[b"h2"]))
+        .await
+        .expect_err("not TLS");
+    assert!(
+        e.to_string().contains("corrupt message") || e.to_string().contains("InvalidContentType"),
+        "{e}"
+    );
     // ...and the bytes it was sent say what to do.
     let mut hello = Vec::new();
     {
@@ -662,7 +759,9 @@ async fn the_wrong_protocol_on_either_port_gets_a_clear_answer() {
         let config = ca.client(&[b"h2"]);
         tokio::spawn(async move {
             let name = ServerName::try_from("web.test").unwrap();
-            let _ = tokio_rustls::TlsConnector::from(config).connect(name, &mut client).await;
+            let _ = tokio_rustls::TlsConnector::from(config)
+                .connect(name, &mut client)
+                .await;
         });
         let mut buf = vec![0u8; 5];
         server.read_exact(&mut buf).await.unwrap();
@@ -675,28 +774,43 @@ async fn the_wrong_protocol_on_either_port_gets_a_clear_answer() {
     let mut s = TcpStream::connect(plain).await.unwrap();
     s.write_all(&hello).await.unwrap();
     let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
-    assert!(answer.ends_with("This port speaks plain HTTP, not HTTPS: use an http:// URL.\n"), "{answer}");
+    assert!(
+        answer.ends_with("This port speaks plain HTTP, not HTTPS: use an http:// URL.\n"),
+        "{answer}"
+    );
     assert_eq!(blue.requests(), 0, "nothing was forwarded");
 
     // Both ports still serve their own protocol.
     let mut c = H1::connect(plain).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().0, StatusCode::OK);
     let mut h1 = h1_over(tls_connect(tls_addr, "web.test", ca.client(&[])).await.unwrap()).await;
-    assert_eq!(body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap()).await.0, StatusCode::OK);
+    assert_eq!(
+        body_of(ready(&mut h1).await.send_request(get("web.test", "/")).await.unwrap())
+            .await
+            .0,
+        StatusCode::OK
+    );
 }
 
 /// A TLS listener takes over a listening socket passed at start (socket activation, or the
 /// daemon it replaces), as a plain one does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_listener_takes_over_an_inherited_socket() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let (blue, green) = (Upstream::start("blue").await, Upstream::start("green").await);
     let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = inherited.local_addr().unwrap();
     let mut config = test_config();
-    config.listeners = vec![ListenerConfig { addr, preview: false, tls: true }];
+    config.listeners = vec![ListenerConfig {
+        addr,
+        preview: false,
+        tls: true,
+    }];
     let (proxy, unused) = Proxy::start_closed_with(config, table(&[&blue], &[&green]), vec![inherited]).unwrap();
     assert!(unused.is_empty());
     let ca = Ca::new();

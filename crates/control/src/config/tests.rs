@@ -1147,8 +1147,14 @@ fn example_tls_lines_parse_when_uncommented() {
         })
         .collect();
     let config = Config::parse(&uncommented, "example").unwrap();
-    assert_eq!(config.server.listen_tls, vec!["0.0.0.0:8443".parse::<SocketAddr>().unwrap()]);
-    assert_eq!(config.server.preview_listen_tls, vec!["127.0.0.1:8444".parse::<SocketAddr>().unwrap()]);
+    assert_eq!(
+        config.server.listen_tls,
+        vec!["0.0.0.0:8443".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(
+        config.server.preview_listen_tls,
+        vec!["127.0.0.1:8444".parse::<SocketAddr>().unwrap()]
+    );
     assert_eq!(
         config.server.tls,
         Some(TlsFiles {
@@ -1156,7 +1162,10 @@ fn example_tls_lines_parse_when_uncommented() {
             key: PathBuf::from("certs/default.key")
         })
     );
-    assert_eq!(config.service("api").unwrap().tls.as_ref().unwrap().cert, PathBuf::from("certs/api.pem"));
+    assert_eq!(
+        config.service("api").unwrap().tls.as_ref().unwrap().cert,
+        PathBuf::from("certs/api.pem")
+    );
     assert_eq!(config.proxy.tls_handshake_timeout, Duration::from_secs(10));
 }
 
@@ -1193,7 +1202,10 @@ hosts = "api.example.com"
             key: PathBuf::from("/etc/keys/default.key"),
         })
     );
-    assert_eq!(config.service("web").unwrap().tls.as_ref().unwrap().key, dir.path().join("web.key"));
+    assert_eq!(
+        config.service("web").unwrap().tls.as_ref().unwrap().key,
+        dir.path().join("web.key")
+    );
     assert_eq!(config.service("api").unwrap().tls, None);
     assert_eq!(config.proxy.tls_handshake_timeout, Duration::from_secs(3));
     let proxy = config.proxy_config();

@@ -50,15 +50,24 @@ fn the_expiry_is_read_in_both_time_forms_and_garbage_gives_none() {
     }
     assert_eq!(not_after(b""), None);
     assert_eq!(not_after(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
-    assert_eq!(format_utc(UNIX_EPOCH + Duration::from_secs(YEAR_2031 as u64)), "2031-05-05 04:02:01 UTC");
+    assert_eq!(
+        format_utc(UNIX_EPOCH + Duration::from_secs(YEAR_2031 as u64)),
+        "2031-05-05 04:02:01 UTC"
+    );
     for days in [0u64, 59, 365 * 30 + 7, 30_000] {
         let ((y, m, d), _) = crate::process::utc_civil(days * 86_400);
-        assert_eq!(days_from_civil(y as i64, m as u32, d as u32), days as i64);
+        assert_eq!(days_from_civil(y, m as u32, d as u32), days as i64);
     }
 }
 
 fn proxy() -> Arc<Proxy> {
-    Arc::new(Proxy::start(ProxyConfig::default(), RouteTable::new(vec![Service::new("web")]).unwrap()).unwrap())
+    Arc::new(
+        Proxy::start(
+            ProxyConfig::default(),
+            RouteTable::new(vec![Service::new("web")]).unwrap(),
+        )
+        .unwrap(),
+    )
 }
 
 fn sources(dir: &Path) -> Vec<Source> {
@@ -123,8 +132,17 @@ fn a_broken_file_keeps_its_certificate_and_leaves_the_others_alone() {
     );
     std::fs::copy(&other, dir.path().join("web.key")).unwrap();
     let views = certs.reload(true);
-    let error = views.iter().find(|v| v.name == "web").unwrap().error.clone().expect("an error");
-    assert!(error.contains("web.pem") && error.contains("web.key") && error.contains("does not belong"), "{error}");
+    let error = views
+        .iter()
+        .find(|v| v.name == "web")
+        .unwrap()
+        .error
+        .clone()
+        .expect("an error");
+    assert!(
+        error.contains("web.pem") && error.contains("web.key") && error.contains("does not belong"),
+        "{error}"
+    );
     assert!(served(&proxy, "a.example").same_chain(&a));
 
     // Repaired: the new certificate is served, the error cleared, the count kept.
@@ -141,8 +159,17 @@ fn a_broken_file_keeps_its_certificate_and_leaves_the_others_alone() {
     // A file removed: an error, the certificate kept.
     std::fs::remove_file(dir.path().join("default.key")).unwrap();
     let views = certs.reload(false);
-    let error = views.iter().find(|v| v.name == "default").unwrap().error.clone().expect("an error");
-    assert!(error.contains("default.key") && error.contains("cannot read"), "{error}");
+    let error = views
+        .iter()
+        .find(|v| v.name == "default")
+        .unwrap()
+        .error
+        .clone()
+        .expect("an error");
+    assert!(
+        error.contains("default.key") && error.contains("cannot read"),
+        "{error}"
+    );
     assert!(served(&proxy, "other.example").same_chain(&d));
     proxy.shutdown();
 }
@@ -157,7 +184,13 @@ fn a_valid_certificate_is_not_replaced_by_an_expired_one() {
     certs.install(proxy.clone()).unwrap();
     write_cert(dir.path(), "web", "a.example", 1_600_000_000); // 2020-09-13
     let views = certs.reload(false);
-    let error = views.iter().find(|v| v.name == "web").unwrap().error.clone().expect("an error");
+    let error = views
+        .iter()
+        .find(|v| v.name == "web")
+        .unwrap()
+        .error
+        .clone()
+        .expect("an error");
     assert!(error.contains("expired on 2020-09-13"), "{error}");
     assert!(served(&proxy, "a.example").same_chain(&a));
     proxy.shutdown();
@@ -172,7 +205,10 @@ fn at_start_a_certificate_that_does_not_load_is_an_error_naming_its_file() {
     let proxy = proxy();
     let e = Certificates::load(sources(dir.path())).err().expect("an error");
     assert_eq!(e.key, "services.web.tls");
-    assert!(e.message.contains("web.key") && e.message.contains("no private key"), "{e}");
+    assert!(
+        e.message.contains("web.key") && e.message.contains("no private key"),
+        "{e}"
+    );
     // An expired one loads (with a warning): there is nothing better to serve.
     write_cert(dir.path(), "web", "a.example", 1_600_000_000);
     let certs = Certificates::load(sources(dir.path())).unwrap();
