@@ -547,7 +547,15 @@ fn a_certificate_that_does_not_load_at_start_is_a_start_error() {
         .unwrap()
     };
     write("tls = { cert = \"web.pem\", key = \"web.key\" }");
-    let out = Command::new(BIN).args(["serve", "-c"]).arg(&config).output().unwrap();
+    // Bounded: a daemon that starts instead of refusing is stopped after 30 s.
+    let serve = || {
+        Command::new("timeout")
+            .args(["30", BIN, "serve", "-c"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = serve();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let shown = text(&out);
     assert!(
@@ -556,7 +564,7 @@ fn a_certificate_that_does_not_load_at_start_is_a_start_error() {
     );
 
     write("");
-    let out = Command::new(BIN).args(["serve", "-c"]).arg(&config).output().unwrap();
+    let out = serve();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         text(&out).contains("server.listen_tls: a TLS listener needs a certificate"),
