@@ -9,6 +9,10 @@ need_apt=()
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 # promtool and a real Prometheus for the metrics tests (they start their own, on a free port).
 [ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ] || need_apt+=(prometheus)
+# Real TLS clients for the TLS tests: curl, Python's ssl module, h2load (HTTP/2 over TLS).
+command -v curl >/dev/null || need_apt+=(curl)
+command -v python3 >/dev/null || need_apt+=(python3)
+[ -x /usr/bin/h2load ] || need_apt+=(nghttp2-client)
 for pkg in "$@"; do need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then

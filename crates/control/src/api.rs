@@ -3,7 +3,7 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `GET /v1/status` | every service: live colour and version, warm colour, deployment in progress, instances |
+//! | `GET /v1/status` | every service: live colour and version, warm colour, deployment in progress, instances; and `tls`, the certificates served (expiry, load errors) |
 //! | `GET /v1/services/{name}` | one service |
 //! | `POST /v1/services/{name}/deploy` | `{"version": "v2", "upstreams": ["10.0.0.5:8080"]}` → `202 {"deployment": 7}` |
 //! | `POST /v1/services/{name}/promote` | promote the validated deployment waiting for it |
@@ -11,6 +11,7 @@
 //! | `POST /v1/services/{name}/abort` | stop an unpromoted deployment |
 //! | `GET /v1/services/{name}/history?limit=20` | past deployments, newest first |
 //! | `GET /v1/services/{name}/deployments/{id}` | `{"id": 7, "steps": [{"at", "kind", "message", "terminal"}]}`: its steps so far, oldest first |
+//! | `POST /v1/daemon/reload` | read every TLS certificate file again → `{"certificates": [...], "failed": 0}` (each that fails keeps its previous certificate) |
 //! | `GET /v1/events` | server-sent events: one JSON [`crate::events::Notice`] per event |
 //! | `GET /metrics` | OpenMetrics 1.0.0 when `Accept` asks for it, else the Prometheus text format 0.0.4 (see [`crate::metrics`], [`crate::exposition`]) |
 //!
@@ -97,6 +98,7 @@ fn router(daemon: Daemon, caller: &'static str) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/daemon/upgrade", post(upgrade))
         .route("/v1/daemon/shutdown", post(shutdown))
+        .route("/v1/daemon/reload", post(reload))
         // Answered by the TCP listener's access layer; the unix socket needs no session.
         .route(
             "/v1/session",
@@ -157,13 +159,26 @@ async fn metrics_text(State(api): State<Api>, headers: axum::http::HeaderMap) ->
 struct StatusBody {
     services: Vec<crate::daemon::ServiceView>,
     preview_token: String,
+    /// The TLS listeners' certificates; left out without TLS listeners.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tls: Vec<crate::tls::CertificateView>,
 }
 
 async fn status(State(api): State<Api>) -> Json<StatusBody> {
     Json(StatusBody {
         services: api.daemon.status(),
         preview_token: api.daemon.preview_token().to_string(),
+        tls: api.daemon.certificates(),
     })
+}
+
+/// `cutover reload`: every certificate file read again. 200 either way: a certificate that
+/// fails keeps its previous one and says why (`failed` counts them).
+async fn reload(State(api): State<Api>, axum::Extension(caller): axum::Extension<Caller>) -> Response {
+    tracing::info!(actor = caller.0, "certificate reload requested");
+    let certificates = api.daemon.reload_certificates().await;
+    let failed = certificates.iter().filter(|c| c.error.is_some()).count();
+    Json(serde_json::json!({ "certificates": certificates, "failed": failed })).into_response()
 }
 
 async fn service(State(api): State<Api>, UrlPath(name): UrlPath<String>) -> Response {

@@ -52,6 +52,14 @@ admin = "unix:.cutover/admin.sock"
 state_dir = ".cutover"
 # Proxy threads, each with its own event loop.
 workers = 1
+# HTTPS: listeners that terminate TLS (1.3 and 1.2; ALPN h2 and http/1.1), and the default
+# certificate, for names no service's certificate covers and clients that send no server name.
+# PEM files: the certificate first, then its intermediates; the key as PKCS#8, RSA or EC.
+# Changed files are picked up within seconds (or at once with `cutover reload`); files that fail
+# to load keep the certificate loaded before. A TLS listener needs at least one certificate.
+# listen_tls = "0.0.0.0:8443"
+# preview_listen_tls = "127.0.0.1:8444"
+# tls = { cert = "certs/default.pem", key = "certs/default.key" }
 
 # A service answers the Host names it lists; the one service without hosts gets the rest.
 [services.web]
@@ -90,6 +98,8 @@ balance = "least-in-flight"
 [services.api]
 hosts = ["api.example.com"]
 health = { path = "/healthz" }
+# The certificate TLS listeners present for this service's hosts (chosen by SNI).
+# tls = { cert = "certs/api.pem", key = "certs/api.key" }
 
 # Optional: limits and timeouts of the proxy (these are the defaults).
 [proxy]
@@ -105,6 +115,7 @@ max_header_bytes = 16384
 shutdown_timeout = "30s"
 retry_idempotent = true
 preempt_interval = "2ms"   # longest a worker runs without a point where the kernel may switch to a waiting process; "0s": none
+tls_handshake_timeout = "10s"   # a TLS client must finish its handshake within this from its connect
 
 # Optional: POST a JSON event to each URL when a deployment starts, is promoted, is rolled back
 # or aborted. Delivery never holds up a deployment: a failed one is retried with growing pauses,
@@ -155,6 +166,24 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// `workers`: proxy threads, 1 to 256. Default 1.
     pub workers: usize,
+    /// `listen_tls`: one address or a list, IP:PORT, where live traffic arrives over TLS
+    /// (HTTPS). Default none. Needs a certificate: `tls` here or on a service.
+    pub listen_tls: Vec<SocketAddr>,
+    /// `preview_listen_tls`: preview listeners over TLS. Default none.
+    pub preview_listen_tls: Vec<SocketAddr>,
+    /// `tls = { cert, key }`: the default certificate, for names no service's certificate
+    /// covers and for clients that send no SNI. Default none.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `tls = { cert = "...", key = "..." }`: a certificate chain and its private key, PEM files.
+/// Paths are resolved against the config file's directory. Not read here (see [`crate::tls`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `cert`: the server's certificate first, then its intermediates.
+    pub cert: PathBuf,
+    /// `key`: its private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key: PathBuf,
 }
 
 /// Where the admin API listens.
@@ -209,6 +238,8 @@ pub struct ProxySettings {
     /// Longest a worker runs without a point where the kernel may hand its CPU to a waiting
     /// thread; 0 (no points) to 1s.
     pub preempt_interval: Duration,
+    /// Time a connection to a TLS listener has to complete its handshake.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -228,6 +259,7 @@ impl Default for ProxySettings {
             shutdown_timeout: p.shutdown_timeout,
             retry_idempotent: p.retry_idempotent,
             preempt_interval: p.preempt_interval,
+            tls_handshake_timeout: p.tls_handshake_timeout,
         }
     }
 }
@@ -264,6 +296,10 @@ pub struct ServiceConfig {
     pub watch: WatchConfig,
     /// `balance`: `"least-in-flight"` (default) or `"round-robin"`.
     pub balance: Balance,
+    /// `tls = { cert, key }`: the certificate TLS listeners present for this service's `hosts`
+    /// (chosen by SNI). Default none: those names get the default certificate. Only for a
+    /// service with hosts.
+    pub tls: Option<TlsFiles>,
 }
 
 impl ServiceConfig {
@@ -618,6 +654,11 @@ impl Config {
         Config::parse(EXAMPLE, "example").expect("EXAMPLE is a valid config")
     }
 
+    /// Whether any listener speaks TLS.
+    pub fn has_tls_listeners(&self) -> bool {
+        !self.server.listen_tls.is_empty() || !self.server.preview_listen_tls.is_empty()
+    }
+
     /// The service called `name`.
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
@@ -625,19 +666,29 @@ impl Config {
 
     /// The data plane's configuration: listeners, workers and the `[proxy]` settings.
     pub fn proxy_config(&self) -> ProxyConfig {
-        let live = self
-            .server
-            .listen
-            .iter()
-            .map(|&addr| ListenerConfig { addr, preview: false });
-        let preview = self
-            .server
-            .preview_listen
-            .iter()
-            .map(|&addr| ListenerConfig { addr, preview: true });
+        let live = self.server.listen.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: false,
+            tls: false,
+        });
+        let preview = self.server.preview_listen.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: true,
+            tls: false,
+        });
+        let live_tls = self.server.listen_tls.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: false,
+            tls: true,
+        });
+        let preview_tls = self.server.preview_listen_tls.iter().map(|&addr| ListenerConfig {
+            addr,
+            preview: true,
+            tls: true,
+        });
         let p = &self.proxy;
         ProxyConfig {
-            listeners: live.chain(preview).collect(),
+            listeners: live.chain(preview).chain(live_tls).chain(preview_tls).collect(),
             workers: self.server.workers,
             client_header_timeout: p.client_header_timeout,
             idle_timeout: p.idle_timeout,
@@ -651,6 +702,7 @@ impl Config {
             shutdown_timeout: p.shutdown_timeout,
             retry_idempotent: p.retry_idempotent,
             preempt_interval: p.preempt_interval,
+            tls_handshake_timeout: p.tls_handshake_timeout,
             // Counting stays on in the daemon: the post-promotion watch reads the counters.
             ..ProxyConfig::default()
         }
@@ -717,6 +769,19 @@ struct RawServer {
     token_file: Leaf,
     state_dir: Leaf,
     workers: Leaf,
+    listen_tls: Option<Spanned<RawList>>,
+    preview_listen_tls: Option<Spanned<RawList>>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. tls = { cert = \"certs/shop.pem\", key = \"certs/shop.key\" }"
+)]
+struct RawTls {
+    cert: Leaf,
+    key: Leaf,
 }
 
 #[derive(Deserialize, Default)]
@@ -734,6 +799,7 @@ struct RawProxy {
     shutdown_timeout: Leaf,
     retry_idempotent: Leaf,
     preempt_interval: Leaf,
+    tls_handshake_timeout: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -759,6 +825,7 @@ struct RawService {
     promote: Option<RawPromote>,
     watch: Option<RawWatch>,
     balance: Leaf,
+    tls: Option<RawTls>,
 }
 
 #[derive(Deserialize)]
@@ -1040,7 +1107,7 @@ impl<'a> Checker<'a> {
         let mut claimed: BTreeMap<String, (String, usize)> = BTreeMap::new();
         let mut services = Vec::new();
         for (name, raw_service) in in_file_order {
-            let (service, host_offsets) = self.service(name, raw_service)?;
+            let (service, host_offsets) = self.service(name, raw_service, dir)?;
             let key = format!("services.{}.hosts", service.name);
             if service.is_default() {
                 let here = raw_service.hosts.as_ref().map_or(name.span().start, |h| h.span().start);
@@ -1075,6 +1142,7 @@ impl<'a> Checker<'a> {
             services.push(service);
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
+        self.tls_consistent(&server, &services)?;
         Ok(Config {
             server,
             proxy,
@@ -1093,10 +1161,23 @@ impl<'a> Checker<'a> {
             None => Vec::new(),
             Some(list) => self.addresses(list, "server.preview_listen", true)?,
         };
+        let listen_tls = match &raw.listen_tls {
+            None => Vec::new(),
+            Some(list) => self.addresses(list, "server.listen_tls", true)?,
+        };
+        let preview_listen_tls = match &raw.preview_listen_tls {
+            None => Vec::new(),
+            Some(list) => self.addresses(list, "server.preview_listen_tls", true)?,
+        };
         // Two listeners on one port would either fail to bind at start or, with SO_REUSEPORT,
-        // silently share connections between live and preview traffic.
+        // silently share connections between live and preview traffic (or TLS and plain).
         let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
-        for (key, list) in [("server.listen", &listen), ("server.preview_listen", &preview_listen)] {
+        for (key, list) in [
+            ("server.listen", &listen),
+            ("server.preview_listen", &preview_listen),
+            ("server.listen_tls", &listen_tls),
+            ("server.preview_listen_tls", &preview_listen_tls),
+        ] {
             for &(addr, offset) in list {
                 if let Some((other, other_key)) = seen.iter().find(|(a, _)| overlaps(*a, addr)) {
                     return Err(self.invalid(
@@ -1171,6 +1252,10 @@ impl<'a> Checker<'a> {
             None => 1,
             Some(v) => self.int(v, "server.workers", 1, 256, "a proxy needs a worker thread")? as usize,
         };
+        let tls = match &raw.tls {
+            None => None,
+            Some(t) => Some(self.tls_files(t, "server.tls", dir)?),
+        };
         Ok(ServerConfig {
             listen: listen.into_iter().map(|(a, _)| a).collect(),
             preview_listen: preview_listen.into_iter().map(|(a, _)| a).collect(),
@@ -1178,7 +1263,68 @@ impl<'a> Checker<'a> {
             token_file,
             state_dir: dir.join(state_dir),
             workers,
+            listen_tls: listen_tls.into_iter().map(|(a, _)| a).collect(),
+            preview_listen_tls: preview_listen_tls.into_iter().map(|(a, _)| a).collect(),
+            tls,
         })
+    }
+
+    /// TLS listeners need a certificate, and certificates need a TLS listener.
+    fn tls_consistent(&self, server: &ServerConfig, services: &[ServiceConfig]) -> Result<(), ConfigError> {
+        let listeners = !server.listen_tls.is_empty() || !server.preview_listen_tls.is_empty();
+        let with_tls = services.iter().find(|s| s.tls.is_some());
+        if listeners && server.tls.is_none() && with_tls.is_none() {
+            let key = if server.listen_tls.is_empty() {
+                "server.preview_listen_tls"
+            } else {
+                "server.listen_tls"
+            };
+            return Err(self.invalid(
+                self.key_offset(key),
+                key,
+                "a TLS listener needs a certificate, and none is configured; add a default one to [server], \
+                 e.g. tls = { cert = \"certs/default.pem\", key = \"certs/default.key\" }, or one per service \
+                 (the same key in [services.NAME], for its hosts)",
+            ));
+        }
+        if !listeners {
+            let key = match (&server.tls, with_tls) {
+                (Some(_), _) => Some("server.tls".to_string()),
+                (None, Some(s)) => Some(format!("services.{}.tls", s.name)),
+                (None, None) => None,
+            };
+            if let Some(key) = key {
+                return Err(self.invalid(
+                    self.key_offset(&key),
+                    &key,
+                    "a certificate is configured but no listener speaks TLS; add listen_tls = [\"0.0.0.0:443\"] \
+                     to [server], or remove the certificate",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `tls = { cert, key }`: both paths required, resolved against `dir`.
+    fn tls_files(&self, raw: &RawTls, p: &str, dir: &Path) -> Result<TlsFiles, ConfigError> {
+        let example = "tls = { cert = \"certs/shop.pem\", key = \"certs/shop.key\" }";
+        let mut paths = Vec::new();
+        for (name, leaf) in [("cert", &raw.cert), ("key", &raw.key)] {
+            let key = format!("{p}.{name}");
+            match leaf {
+                None => {
+                    return Err(self.invalid(
+                        self.key_offset(p),
+                        &key,
+                        format!("missing: a certificate needs both its PEM files, e.g. {example}"),
+                    ))
+                }
+                Some(v) => paths.push(dir.join(self.path(v, &key, example)?)),
+            }
+        }
+        let key = paths.pop().unwrap_or_default();
+        let cert = paths.pop().unwrap_or_default();
+        Ok(TlsFiles { cert, key })
     }
 
     fn proxy(&self, raw: &RawProxy) -> Result<ProxySettings, ConfigError> {
@@ -1238,6 +1384,11 @@ impl<'a> Checker<'a> {
                 None => d.retry_idempotent,
                 Some(v) => self.boolean(v, "proxy.retry_idempotent")?,
             },
+            tls_handshake_timeout: timeout(
+                &raw.tls_handshake_timeout,
+                "tls_handshake_timeout",
+                d.tls_handshake_timeout,
+            )?,
             preempt_interval: match &raw.preempt_interval {
                 None => d.preempt_interval,
                 Some(v) => {
@@ -1342,7 +1493,12 @@ impl<'a> Checker<'a> {
     }
 
     /// A service, and the offsets of its hosts (for "already claimed" errors).
-    fn service(&self, name: &Spanned<String>, raw: &RawService) -> Result<(ServiceConfig, Vec<usize>), ConfigError> {
+    fn service(
+        &self,
+        name: &Spanned<String>,
+        raw: &RawService,
+        dir: &Path,
+    ) -> Result<(ServiceConfig, Vec<usize>), ConfigError> {
         let p = format!("services.{}", name.get_ref());
         check_service_name(name.get_ref()).map_err(|m| self.at(name, &p, m))?;
         let name = name.get_ref().clone();
@@ -1434,9 +1590,24 @@ impl<'a> Checker<'a> {
                 }
             },
         };
+        let tls = match &raw.tls {
+            None => None,
+            Some(t) => {
+                if hosts.is_empty() {
+                    return Err(self.invalid(
+                        self.key_offset(&format!("{p}.tls")),
+                        &format!("{p}.tls"),
+                        "this service has no hosts, so no TLS server name (SNI) can choose its certificate; \
+                         give it hosts = [\"...\"], or make this the default certificate: [server] tls = { cert, key }",
+                    ));
+                }
+                Some(self.tls_files(t, &format!("{p}.tls"), dir)?)
+            }
+        };
         let service = ServiceConfig {
             name,
             hosts,
+            tls,
             driver,
             health,
             drain_timeout,

@@ -143,6 +143,8 @@ pub enum StartError {
     Table(#[from] cutover_proxy::TableError),
     #[error("cannot write {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Certificate(#[from] crate::tls::LoadError),
 }
 
 /// A user command, from the API through [`Daemon`].
@@ -321,6 +323,10 @@ struct Shared {
     state_dir_lock: Mutex<Option<crate::private_dir::StateDirLock>>,
     /// Where requests only `cutover serve` can carry out go (see [`Daemon::serve_requests`]).
     requests: OnceLock<mpsc::Sender<ServeRequest>>,
+    /// The TLS listeners' certificates; `None` without TLS listeners.
+    certificates: Option<Arc<crate::tls::Certificates>>,
+    /// Polls the certificate files for changes; ended by [`Daemon::stop`].
+    certificate_watch: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -442,6 +448,20 @@ impl Daemon {
             }
             services.push(s);
         }
+        // Before the proxy: a certificate that cannot be loaded fails the start, naming its file.
+        let certificates = if config.has_tls_listeners() {
+            let sources = crate::tls::Source::all(&config);
+            let loaded = tokio::task::spawn_blocking(move || crate::tls::Certificates::load(sources))
+                .await
+                .map_err(|e| crate::tls::LoadError {
+                    key: "tls".into(),
+                    message: format!("loading the certificates stopped: {e}"),
+                })??;
+            warn_uncovered_hosts(&config);
+            Some(Arc::new(loaded))
+        } else {
+            None
+        };
         let mut proxy_config = config.proxy_config();
         adjust(&mut proxy_config);
         // Bound now (a busy port fails the start before anything runs), accepting only once
@@ -458,6 +478,14 @@ impl Daemon {
             );
         }
         let proxy = Arc::new(proxy);
+        // Before the listeners accept (`open`, below): no handshake finds the set empty.
+        let certificate_watch = match &certificates {
+            Some(c) => {
+                c.install(proxy.clone())?;
+                Some(tokio::spawn(c.clone().watch()))
+            }
+            None => None,
+        };
         let (notices, _) = broadcast::channel(1024);
         // Subscribed before the actors recover, so that webhooks see their notices too.
         let webhook_notices = notices.subscribe();
@@ -473,6 +501,8 @@ impl Daemon {
             webhooks: OnceLock::new(),
             state_dir_lock: Mutex::new(Some(state_dir_lock)),
             requests: OnceLock::new(),
+            certificates,
+            certificate_watch: Mutex::new(certificate_watch),
         });
 
         let mut actors = BTreeMap::new();
@@ -650,6 +680,24 @@ impl Daemon {
             .map_err(|e| CommandError::Store(format!("cannot record the maintenance: {e}")))
     }
 
+    /// The TLS listeners' certificates as served now (empty without TLS listeners).
+    pub fn certificates(&self) -> Vec<crate::tls::CertificateView> {
+        self.shared.certificates.as_ref().map(|c| c.views()).unwrap_or_default()
+    }
+
+    /// Reads every certificate file again (`cutover reload`): each one that loads is served to
+    /// new TLS handshakes from now on, each one that fails keeps its previous certificate.
+    /// Returns every certificate as served afterwards, with the errors.
+    pub async fn reload_certificates(&self) -> Vec<crate::tls::CertificateView> {
+        let Some(certificates) = self.shared.certificates.clone() else {
+            return Vec::new();
+        };
+        let views = certificates.clone();
+        tokio::task::spawn_blocking(move || certificates.reload(true))
+            .await
+            .unwrap_or_else(|_| views.views())
+    }
+
     /// Every service, in name order.
     pub fn status(&self) -> Vec<ServiceView> {
         let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
@@ -796,6 +844,15 @@ impl Daemon {
     /// committed state is kept: the next start brings the live releases back, adopting what was
     /// left running. (A crash leaves instances running too.)
     pub async fn stop(&self, instances: AtShutdown) {
+        if let Some(watch) = self
+            .shared
+            .certificate_watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            watch.abort();
+        }
         self.shared.proxy.shutdown();
         let proxy = self.shared.proxy.clone();
         let _ = tokio::task::spawn_blocking(move || proxy.join()).await;
@@ -808,6 +865,30 @@ impl Daemon {
         // Last, so that the notices of the shutdown itself are still sent.
         if let Some(webhooks) = self.shared.webhooks.get() {
             webhooks.stop().await;
+        }
+    }
+}
+
+/// Warns of the hosts whose TLS handshakes will fail: those of a service without a certificate
+/// when there is no default certificate either.
+fn warn_uncovered_hosts(config: &Config) {
+    if config.server.tls.is_some() {
+        return;
+    }
+    for s in config.services.iter().filter(|s| s.tls.is_none()) {
+        if s.hosts.is_empty() {
+            tracing::warn!(
+                service = %s.name,
+                "there is no default certificate ([server] tls): TLS clients that send no server name, or a name no service's certificate covers, cannot reach {} over TLS",
+                s.name
+            );
+        } else {
+            tracing::warn!(
+                service = %s.name,
+                "services.{} has no certificate and there is no default one ([server] tls): TLS handshakes for {} fail",
+                s.name,
+                s.hosts.join(", ")
+            );
         }
     }
 }

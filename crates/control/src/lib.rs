@@ -16,6 +16,7 @@ mod panics;
 pub mod private_dir;
 pub mod process;
 pub mod store;
+pub mod tls;
 pub mod token_file;
 pub mod token_limiter;
 pub mod webhooks;

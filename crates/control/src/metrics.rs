@@ -2,7 +2,8 @@
 //! scrape is answered in are [`crate::exposition`]'s.
 //!
 //! Everything is read at scrape time from what already exists: the proxy's per-colour counters and
-//! gauges (through the current route table) and the daemon's status, plus three counters kept here
+//! gauges (through the current route table), the daemon's status and its TLS certificates
+//! (expiry, load failures), plus three counters kept here
 //! from the daemon's event stream (switches, deployments by how they ended, and faults of the
 //! control plane). Recording on the
 //! request path is the proxy's three relaxed atomic increments; nothing here touches it.
@@ -217,6 +218,41 @@ impl Collector for DaemonCollector {
                     ("version", live.version.as_str()),
                 ];
                 ConstGauge::new(1i64).encode(e.encode_family(&labels)?)?;
+            }
+        }
+
+        let certificates = self.daemon.certificates();
+        if !certificates.is_empty() {
+            let mut e = encoder.encode_descriptor(
+                "tls_certificate_expiry_timestamp_seconds",
+                "When the certificate served now expires (its notAfter), unix time, by certificate (\"default\" or the service)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for c in certificates.iter() {
+                if let Some(ms) = c.not_after {
+                    ConstGauge::new((ms / 1000) as i64)
+                        .encode(e.encode_family(&[("certificate", c.name.as_str())])?)?;
+                }
+            }
+            let mut e = encoder.encode_descriptor(
+                "tls_certificate_load_failing",
+                "1 while a certificate's files fail to load and the certificate loaded before is served instead",
+                None,
+                MetricType::Gauge,
+            )?;
+            for c in certificates.iter() {
+                ConstGauge::new(i64::from(c.error.is_some()))
+                    .encode(e.encode_family(&[("certificate", c.name.as_str())])?)?;
+            }
+            let mut e = encoder.encode_descriptor(
+                "tls_certificate_errors",
+                "Failed loads of a certificate's files since the daemon started (each kept the previous certificate)",
+                None,
+                MetricType::Counter,
+            )?;
+            for c in certificates.iter() {
+                ConstCounter::new(c.errors).encode(e.encode_family(&[("certificate", c.name.as_str())])?)?;
             }
         }
 

@@ -120,6 +120,15 @@ pub struct ShutdownArgs {
 }
 
 #[derive(clap::Args)]
+pub struct ReloadArgs {
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+#[derive(clap::Args)]
 pub struct StatusArgs {
     /// Print JSON: each service's live colour, versions and health.
     #[arg(long)]
@@ -520,6 +529,66 @@ pub fn shutdown(args: ShutdownArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `cutover reload`: the daemon reads every certificate file again; exit 1 when any failed (its
+/// host keeps the certificate loaded before).
+pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    runtime()?.block_on(async move {
+        let answer = client
+            .call(Method::POST, "/v1/daemon/reload", Some(serde_json::json!({})))
+            .await?;
+        let failed = answer["failed"].as_u64().unwrap_or(0);
+        if args.json {
+            println!("{answer}");
+        } else {
+            let certificates = answer["certificates"].as_array().cloned().unwrap_or_default();
+            if certificates.is_empty() {
+                println!("nothing to reload: no TLS listener is configured");
+            }
+            for c in &certificates {
+                println!("{}", certificate_line(c));
+            }
+        }
+        Ok(if failed > 0 {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        })
+    })
+}
+
+/// One certificate of `/v1/status` or `/v1/daemon/reload`, for people.
+fn certificate_line(c: &serde_json::Value) -> String {
+    let name = c["name"].as_str().unwrap_or("?");
+    let hosts = c["hosts"]
+        .as_array()
+        .map(|h| h.iter().filter_map(|h| h.as_str()).collect::<Vec<_>>().join(", "))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "names no other certificate covers".into());
+    let expiry = match c["not_after"].as_u64() {
+        Some(ms) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            if ms < now {
+                format!("EXPIRED on {}", format_utc(ms))
+            } else {
+                format!("expires {} (in {} days)", format_utc(ms), (ms - now) / 86_400_000)
+            }
+        }
+        None => "expiry unknown".into(),
+    };
+    let mut line = format!("tls {name} ({hosts}): {}, {expiry}", c["cert"].as_str().unwrap_or("?"));
+    if let Some(e) = c["error"].as_str() {
+        line.push_str(&format!(
+            "\n  NOT RELOADED: {e}\n  still serving the certificate loaded at {}",
+            format_utc(c["loaded_at"].as_u64().unwrap_or(0))
+        ));
+    }
+    line
+}
+
 /// `cutover deploy`: starts a deployment and follows it to the end.
 pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
     let client = Client::from_config(args.config.config.as_deref())?;
@@ -834,6 +903,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 }
                 None => {}
             }
+        }
+        for c in answer.get("tls").and_then(|t| t.as_array()).unwrap_or(&empty) {
+            println!("{}", certificate_line(c));
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -63,6 +63,12 @@ enum Command {
     /// Answer a service's live requests with 503, your message and Retry-After until `cutover
     /// resume` (kept across daemon restarts). The preview route still reaches the instances.
     Maintenance(commands::MaintenanceArgs),
+    /// Read the TLS certificate files again, without a restart: new TLS connections get each
+    /// certificate that loads; one that fails keeps the certificate loaded before (exit 1).
+    ///
+    /// Open connections keep theirs. The daemon also looks for changed files every few seconds
+    /// by itself. The rest of the config is read at start (`cutover upgrade` restarts with it).
+    Reload(commands::ReloadArgs),
     /// Deploy a version of a service to its idle colour and follow it until live (exit 0) or
     /// failed, aborted or rolled back (exit 1).
     Deploy(commands::DeployArgs),
@@ -160,6 +166,7 @@ fn main() -> ExitCode {
         Command::Pause(args) => commands::pause(args),
         Command::Resume(args) => commands::resume(args),
         Command::Maintenance(args) => commands::maintenance(args),
+        Command::Reload(args) => commands::reload(args),
         Command::Deploy(args) => commands::deploy(args),
         Command::Promote(args) => commands::action("promote", args),
         Command::Rollback(args) => commands::action("rollback", args),
@@ -228,13 +235,17 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let mut listeners: Vec<ListenerConfig> = args
         .listen
         .iter()
-        .map(|&addr| ListenerConfig { addr, preview: false })
+        .map(|&addr| ListenerConfig {
+            addr,
+            preview: false,
+            tls: false,
+        })
         .collect();
-    listeners.extend(
-        args.preview_listen
-            .iter()
-            .map(|&addr| ListenerConfig { addr, preview: true }),
-    );
+    listeners.extend(args.preview_listen.iter().map(|&addr| ListenerConfig {
+        addr,
+        preview: true,
+        tls: false,
+    }));
     let config = ProxyConfig {
         listeners,
         workers: args.workers,

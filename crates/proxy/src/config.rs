@@ -10,6 +10,9 @@ pub struct ListenerConfig {
     pub addr: SocketAddr,
     /// A preview listener routes every request to the inactive colour of its service.
     pub preview: bool,
+    /// A TLS listener terminates TLS with the certificate chosen by SNI from the set handed to
+    /// [`crate::Proxy::set_certificates`], and speaks HTTP/2 when ALPN chose `h2`.
+    pub tls: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +76,10 @@ pub struct ProxyConfig {
     /// by since the last one. The worker never gives up the CPU itself: the kernel decides by its
     /// usual rules. Zero turns the points off.
     pub preempt_interval: Duration,
+    /// Time a connection to a TLS listener has, from its accept, to complete its TLS handshake
+    /// (and, before it, to send its first byte). It counts under `max_connections` meanwhile;
+    /// waiting costs no CPU.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -94,6 +101,7 @@ impl Default for ProxyConfig {
             record_stats: true,
             access_log: false,
             preempt_interval: Duration::from_millis(2),
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::clock::{instant_after, instant_in};
-use crate::h2::{sniff_h2, H2Frames};
+use crate::h2::{sniff_h2, H2Frames, Sniffed};
 use crate::pass::{Hold, Side};
 use crate::shared::{OpenGuard, Shared};
 
@@ -32,6 +32,8 @@ pub(crate) struct ConnCtx {
     pub(crate) client_ip: HeaderValue,
     /// Requests on a preview listener always go to the inactive colour.
     pub(crate) preview_listener: bool,
+    /// The connection came through a TLS listener: forwarded as `X-Forwarded-Proto: https`.
+    pub(crate) tls: bool,
     pub(crate) activity: Arc<Activity>,
     /// Held as long as the connection or a tunnel it became is open.
     pub(crate) _slot: ConnSlot,
@@ -111,9 +113,10 @@ impl Drop for Responding {
     }
 }
 
-/// A client socket that notes every read and write for the watchdog.
-struct Tracked {
-    stream: TcpStream,
+/// A client socket (TCP, or the TLS session on it) that notes every read and write for the
+/// watchdog. It sees the plaintext: on TLS, HTTP/2 frames and HTTP/1 heads are followed alike.
+struct Tracked<S> {
+    stream: S,
     activity: Arc<Activity>,
     /// HTTP/1: bytes that arrive between requests begin a request head.
     heads: bool,
@@ -128,12 +131,12 @@ struct Tracked {
     waiting: bool,
 }
 
-impl Tracked {
+impl<S: AsyncRead + AsyncWrite + Unpin> Tracked<S> {
     fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
         len: usize,
-        write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+        write: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
         if !self.backed_up {
             ready!(self.hold.poll_release(Side::Client, cx));
@@ -155,7 +158,7 @@ impl Tracked {
     }
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
@@ -182,7 +185,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.get_mut().poll_send(cx, buf.len(), |s, cx| s.poll_write(cx, buf))
     }
@@ -253,8 +256,17 @@ where
     }
 }
 
-/// Serves one client connection to its end: HTTP/2 when it opens with the preface, HTTP/1
-/// otherwise, each request answered by `handle`.
+/// What a connection speaks once it is set up: decided by its first bytes on a plain listener,
+/// by ALPN on a TLS one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opening {
+    Http1,
+    Http2,
+}
+
+/// Serves one plain TCP client connection to its end: HTTP/2 when it opens with the preface,
+/// HTTP/1 otherwise, each request answered by `handle`. A TLS ClientHello (a client that took
+/// this port for an HTTPS one) is answered in plain HTTP and closed.
 pub(crate) async fn serve<H, F, B>(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -268,11 +280,61 @@ pub(crate) async fn serve<H, F, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let cfg = &shared.config;
-    let is_h2 = match tokio::time::timeout(cfg.client_header_timeout, sniff_h2(&stream)).await {
-        Ok(Ok(h2)) => h2,
+    let header_timeout = shared.config.client_header_timeout;
+    let opening = match tokio::time::timeout(header_timeout, sniff_h2(&stream)).await {
+        Ok(Ok(Sniffed::Http2)) => Opening::Http2,
+        Ok(Ok(Sniffed::Other(crate::tls::TLS_HANDSHAKE_RECORD))) => {
+            answer_tls_hello(stream, peer, instant_in(header_timeout)).await;
+            return;
+        }
+        Ok(Ok(Sniffed::Other(_))) => Opening::Http1,
         _ => return, // closed or silent: nothing to answer
     };
+    serve_io(shared, stream, peer, preview, false, opening, slot, handle).await
+}
+
+/// A TLS ClientHello on a plain listener. TLS has no way to say "use http://": clients show a
+/// TLS alert as a TLS problem ("protocol version", "handshake failure"), which sends people
+/// looking in the wrong place. Bytes that are not TLS at all are what every client reports as
+/// the port not speaking TLS (curl and Python: "wrong version number"; Firefox:
+/// SSL_ERROR_RX_RECORD_TOO_LONG), and a plain HTTP answer is such bytes, readable by anyone who
+/// looks at them: a 400 that says to use `http://`.
+async fn answer_tls_hello(stream: TcpStream, peer: SocketAddr, deadline: tokio::time::Instant) {
+    const BODY: &str = "This port speaks plain HTTP, not HTTPS: use an http:// URL.\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    tracing::debug!(%peer, "TLS handshake on a plain HTTP listener; answered 400 in plain HTTP");
+    // The ClientHello is read first, so that closing does not reset the connection over it.
+    let mut stream = stream;
+    let mut hello = [0u8; 4096];
+    let _ = tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(&mut stream, &mut hello)).await;
+    crate::tls::close_after(stream, answer.as_bytes(), deadline).await;
+}
+
+/// Serves one client connection, set up already (a TCP stream, or a TLS session after its
+/// handshake), to its end in the protocol `opening` says; each request is answered by `handle`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve_io<S, H, F, B>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    preview: bool,
+    tls: bool,
+    opening: Opening,
+    slot: ConnSlot,
+    handle: H,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Arc<ConnCtx>, Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let cfg = &shared.config;
+    let is_h2 = opening == Opening::Http2;
     let activity = Arc::new(Activity::default());
     let client_ip =
         HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -280,6 +342,7 @@ pub(crate) async fn serve<H, F, B>(
         shared: shared.clone(),
         client_ip,
         preview_listener: preview,
+        tls,
         activity: activity.clone(),
         _slot: slot,
     });

@@ -8,6 +8,16 @@ use tokio::net::TcpStream;
 
 pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// What a new plain connection's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sniffed {
+    /// The HTTP/2 prior-knowledge preface.
+    Http2,
+    /// Anything else, which begins with this byte (HTTP/1, or a TLS ClientHello sent to a
+    /// plain port).
+    Other(u8),
+}
+
 /// Tells HTTP/2 prior knowledge from HTTP/1 by the first bytes, without consuming them.
 ///
 /// A client may send the preface a byte at a time, so a prefix of it ("P", "PR", ...) leaves the
@@ -17,7 +27,7 @@ pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// clearing is tied to the readiness event the peek saw, so bytes that arrive in between still
 /// wake it. A connection that sent a prefix and then its FIN stays readable forever: it can
 /// never become HTTP/2, so it is handed to HTTP/1, which answers it.
-pub(crate) async fn sniff_h2(stream: &TcpStream) -> io::Result<bool> {
+pub(crate) async fn sniff_h2(stream: &TcpStream) -> io::Result<Sniffed> {
     use nix::sys::socket::{recv, MsgFlags};
     use std::os::fd::AsRawFd;
     use tokio::io::Interest;
@@ -35,13 +45,13 @@ pub(crate) async fn sniff_h2(stream: &TcpStream) -> io::Result<bool> {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             if buf[..n] != H2_PREFACE[..n] {
-                return Ok(false);
+                return Ok(Sniffed::Other(buf[0]));
             }
             if n == H2_PREFACE.len() {
-                return Ok(true);
+                return Ok(Sniffed::Http2);
             }
             if ready.is_read_closed() {
-                return Ok(false);
+                return Ok(Sniffed::Other(buf[0]));
             }
             // Nothing new to decide on: let the readiness go until more bytes arrive.
             Err(io::ErrorKind::WouldBlock.into())

@@ -358,7 +358,7 @@ async fn proxy(
         &parts,
         &Forwarding {
             client_ip: &ctx.client_ip,
-            proto: "http",
+            proto: if ctx.tls { "https" } else { "http" },
             authority,
         },
         upgrade.as_ref(),

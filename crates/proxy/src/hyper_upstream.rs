@@ -307,7 +307,7 @@ pub(crate) async fn forward(f: Forward<'_>, seen: &mut Option<Seen>) -> Result<R
     }
     let fwd = Forwarding {
         client_ip: &ctx.client_ip,
-        proto: "http",
+        proto: if ctx.tls { "https" } else { "http" },
         authority,
     };
     let build = |body: UpBody| -> Request<UpBody> {

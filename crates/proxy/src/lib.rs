@@ -27,6 +27,7 @@ mod proxy;
 mod shared;
 mod stats;
 mod table;
+mod tls;
 mod tunnel;
 mod upstream;
 mod worker;
@@ -36,9 +37,10 @@ pub use config::{ListenerConfig, ProxyConfig};
 pub use drain::DrainReport;
 pub use error::{ProxyError, TableError};
 pub use headers::X_CUTOVER_PREVIEW;
-pub use proxy::{Proxy, StartError};
+pub use proxy::{Proxy, StartError, TlsSetupError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
 pub use table::{Balance, Colour, Generation, Hold, Instance, MaintenancePage, PauseGate, Pool, RouteTable, Service};
+pub use tls::{CertificateError, CertificateFile, CertificateSet, TlsCertificate};
 
 /// Whether a socket error is this host's own shortage (file descriptors, memory, buffers, local
 /// ports) rather than anything the peer did. Such a failure says nothing about the peer: the

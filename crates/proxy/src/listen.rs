@@ -69,7 +69,10 @@ pub(crate) fn set_liveness(sock: socket2::SockRef<'_>, config: &ProxyConfig) -> 
     )
 }
 
-pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, preview: bool) {
+/// Accepts until the shutdown, each connection once it has its place under `max_connections`
+/// (waiting in the backlog until then), and serves each in a task of its own: HTTP on a plain
+/// listener, TLS then HTTP on a TLS one (`tls`).
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, preview: bool, tls: bool) {
     tokio::select! {
         _ = shared.opened.cancelled() => {}
         _ = shared.shutdown.cancelled() => return,
@@ -92,7 +95,11 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, prev
                         _permit: permit,
                         _open: OpenGuard::new(&shared),
                     };
-                    serve(shared, stream, peer, preview, slot, crate::handler::handle).await;
+                    if tls {
+                        crate::tls::serve_tls(shared, stream, peer, preview, slot, crate::handler::handle).await;
+                    } else {
+                        serve(shared, stream, peer, preview, slot, crate::handler::handle).await;
+                    }
                 });
             }
             Err(e) => {

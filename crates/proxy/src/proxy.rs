@@ -25,11 +25,12 @@ use arc_swap::ArcSwap;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ProxyConfig;
+use crate::config::{ListenerConfig, ProxyConfig};
 use crate::error::TableError;
 use crate::listen::{adopt_socket, bind};
 use crate::shared::Shared;
 use crate::table::{Colour, RouteTable};
+use crate::tls::{CertificateSet, TlsServer};
 use crate::worker::worker;
 
 /// A proxy could not start; nothing was left running.
@@ -42,6 +43,11 @@ pub enum StartError {
     #[error("invalid proxy settings: {0}")]
     Config(String),
 }
+
+/// TLS settings could not be built (rustls refused them); nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up TLS: {0}")]
+pub struct TlsSetupError(String);
 
 /// A running proxy. Cheap to share behind an `Arc`; every method is safe to call from any thread.
 pub struct Proxy {
@@ -98,7 +104,8 @@ impl Proxy {
         let mut inherited: Vec<(Option<SocketAddr>, std::net::TcpListener)> =
             inherited.into_iter().map(|l| (l.local_addr().ok(), l)).collect();
         // listeners[w] = the sockets of worker w, one per configured listener.
-        let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, ListenerConfig)>> =
+            (0..workers).map(|_| Vec::new()).collect();
         // One handle on every socket, for `listening_sockets`.
         let mut sockets = Vec::new();
         let mut addrs = Vec::new();
@@ -110,7 +117,7 @@ impl Proxy {
                 for (_, s) in mine {
                     adopt_socket(&s, &config).map_err(|e| bind_err(l.addr, e))?;
                     for w in per_worker.iter_mut() {
-                        w.push((s.try_clone().map_err(|e| bind_err(l.addr, e))?, l.preview));
+                        w.push((s.try_clone().map_err(|e| bind_err(l.addr, e))?, l.clone()));
                     }
                     sockets.push(s);
                 }
@@ -121,11 +128,11 @@ impl Proxy {
             let actual = first.local_addr().map_err(|source| bind_err(l.addr, source))?;
             addrs.push(actual);
             sockets.push(first.try_clone().map_err(|e| bind_err(actual, e))?);
-            per_worker[0].push((first, l.preview));
+            per_worker[0].push((first, l.clone()));
             for w in per_worker.iter_mut().skip(1) {
                 let s = bind(actual, true, &config).map_err(|source| bind_err(actual, source))?;
                 sockets.push(s.try_clone().map_err(|e| bind_err(actual, e))?);
-                w.push((s, l.preview));
+                w.push((s, l.clone()));
             }
         }
         let unused = inherited.into_iter().map(|(_, l)| l).collect();
@@ -134,7 +141,10 @@ impl Proxy {
             (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
         let (close_idle_tx, mut close_idle_rx): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+        let tls =
+            TlsServer::new(CertificateSet::new()).map_err(|e| StartError::Config(format!("cannot set up TLS: {e}")))?;
         let shared = Arc::new(Shared {
+            tls: ArcSwap::from_pointee(tls),
             expired_tx,
             close_idle_tx,
             table: ArcSwap::from_pointee(table),
@@ -258,6 +268,21 @@ impl Proxy {
         self.shared.table.store(next.clone());
         self.shared.close_idle(gone);
         next
+    }
+
+    /// Replaces the certificates TLS handshakes choose from, in one store: handshakes from now
+    /// on get the new set (sessions from before are not resumed); connections set up before keep
+    /// the certificate they were given. Until the first call, TLS listeners have no certificate
+    /// and every handshake fails.
+    pub fn set_certificates(&self, certificates: CertificateSet) -> Result<(), TlsSetupError> {
+        let server = TlsServer::new(certificates).map_err(|e| TlsSetupError(e.to_string()))?;
+        self.shared.tls.store(Arc::new(server));
+        Ok(())
+    }
+
+    /// The certificates TLS handshakes choose from right now.
+    pub fn certificates(&self) -> Arc<CertificateSet> {
+        self.shared.tls.load().certificates.clone()
     }
 
     /// Lets the listeners accept: connections waiting in the backlog are served from the table

@@ -10,10 +10,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxyConfig;
 use crate::table::{Generation, RouteTable};
+use crate::tls::TlsServer;
 
 pub(crate) struct Shared {
     pub(crate) table: ArcSwap<RouteTable>,
     pub(crate) config: ProxyConfig,
+    /// The certificates TLS handshakes choose from and the settings around them, swapped whole
+    /// by a reload (see `tls`).
+    pub(crate) tls: ArcSwap<TlsServer>,
     /// Cancelled when the proxy begins to shut down.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the listeners may accept (see `Proxy::open`). Until then connections wait

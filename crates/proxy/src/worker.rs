@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::clock::instant_in;
+use crate::config::ListenerConfig;
 use crate::listen::accept_loop;
 use crate::preempt::{pass_end_point, unspaced_point};
 use crate::shared::Shared;
@@ -43,7 +44,7 @@ const EVENTS_PER_PASS: usize = 16;
 /// `shutdown_timeout`).
 pub(crate) fn worker(
     shared: Arc<Shared>,
-    listeners: Vec<(std::net::TcpListener, bool)>,
+    listeners: Vec<(std::net::TcpListener, ListenerConfig)>,
     expired: tokio::sync::mpsc::UnboundedReceiver<Arc<Generation>>,
     close_idle: tokio::sync::mpsc::UnboundedReceiver<Arc<[u64]>>,
 ) {
@@ -73,10 +74,10 @@ pub(crate) fn worker(
         tokio::spawn(crate::pass::flusher(move || unspaced_point(preempt_interval)));
         tokio::spawn(crate::deadline::wake_expired(expired));
         tokio::spawn(crate::upstream::close_idle_of(close_idle));
-        for (std_listener, preview) in listeners {
+        for (std_listener, role) in listeners {
             match TcpListener::from_std(std_listener) {
                 Ok(l) => {
-                    tokio::spawn(accept_loop(shared.clone(), l, preview));
+                    tokio::spawn(accept_loop(shared.clone(), l, role.preview, role.tls));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot register listener; stopping the proxy");

@@ -1232,6 +1232,7 @@ async fn preview_route() {
     cfg.listeners.push(cutover_proxy::ListenerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
         preview: true,
+        tls: false,
     });
     let proxy = start_proxy(cfg, table(&[&blue], &[&green]));
     let addr = proxy.local_addrs()[0];

@@ -295,6 +295,9 @@ events = ["went-live", "rolled-back"]
             token_file: Some(PathBuf::from("secrets/admin.token")),
             state_dir: PathBuf::from("/var/lib/cutover"),
             workers: 2,
+            listen_tls: vec![],
+            preview_listen_tls: vec![],
+            tls: None,
         },
         proxy: ProxySettings {
             client_header_timeout: Duration::from_secs(5),
@@ -309,6 +312,7 @@ events = ["went-live", "rolled-back"]
             shutdown_timeout: Duration::ZERO,
             retry_idempotent: false,
             preempt_interval: Duration::ZERO,
+            tls_handshake_timeout: Duration::from_secs(10),
         },
         services: vec![
             ServiceConfig {
@@ -329,6 +333,7 @@ events = ["went-live", "rolled-back"]
                     ..WatchConfig::default()
                 },
                 balance: Balance::LeastInFlight,
+                tls: None,
             },
             ServiceConfig {
                 name: "web".to_string(),
@@ -363,6 +368,7 @@ events = ["went-live", "rolled-back"]
                     min_requests: 20,
                 },
                 balance: Balance::RoundRobin,
+                tls: None,
             },
         ],
         webhooks: WebhooksConfig {
@@ -422,6 +428,9 @@ fn minimal_config_gets_every_default() {
             token_file: None,
             state_dir: PathBuf::from(".cutover"),
             workers: 1,
+            listen_tls: vec![],
+            preview_listen_tls: vec![],
+            tls: None,
         }
     );
     assert_eq!(config.proxy, ProxySettings::default());
@@ -1120,4 +1129,194 @@ fn load_resolves_paths_against_the_file() {
         "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn example_tls_lines_parse_when_uncommented() {
+    let uncommented: String = EXAMPLE
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with("listen_tls")
+                    || rest.starts_with("preview_listen_tls")
+                    || rest.starts_with("tls =") =>
+            {
+                format!("{rest}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let config = Config::parse(&uncommented, "example").unwrap();
+    assert_eq!(
+        config.server.listen_tls,
+        vec!["0.0.0.0:8443".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(
+        config.server.preview_listen_tls,
+        vec!["127.0.0.1:8444".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(
+        config.server.tls,
+        Some(TlsFiles {
+            cert: PathBuf::from("certs/default.pem"),
+            key: PathBuf::from("certs/default.key")
+        })
+    );
+    assert_eq!(
+        config.service("api").unwrap().tls.as_ref().unwrap().cert,
+        PathBuf::from("certs/api.pem")
+    );
+    assert_eq!(config.proxy.tls_handshake_timeout, Duration::from_secs(10));
+}
+
+#[test]
+fn tls_listeners_certificates_and_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cutover.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "0.0.0.0:8080"
+listen_tls = ["127.0.0.1:8443", "[::1]:8443"]
+preview_listen_tls = "127.0.0.1:8444"
+tls = { cert = "certs/default.pem", key = "/etc/keys/default.key" }
+
+[proxy]
+tls_handshake_timeout = "3s"
+
+[services.web]
+hosts = ["shop.example.com"]
+tls = { cert = "web.pem", key = "web.key" }
+
+[services.api]
+hosts = "api.example.com"
+"#,
+    )
+    .unwrap();
+    let config = Config::load(&path).unwrap();
+    assert_eq!(
+        config.server.tls,
+        Some(TlsFiles {
+            cert: dir.path().join("certs/default.pem"),
+            key: PathBuf::from("/etc/keys/default.key"),
+        })
+    );
+    assert_eq!(
+        config.service("web").unwrap().tls.as_ref().unwrap().key,
+        dir.path().join("web.key")
+    );
+    assert_eq!(config.service("api").unwrap().tls, None);
+    assert_eq!(config.proxy.tls_handshake_timeout, Duration::from_secs(3));
+    let proxy = config.proxy_config();
+    let listeners: Vec<_> = proxy
+        .listeners
+        .iter()
+        .map(|l| (l.addr.to_string(), l.preview, l.tls))
+        .collect();
+    assert_eq!(
+        listeners,
+        [
+            ("0.0.0.0:8080".to_string(), false, false),
+            ("127.0.0.1:8443".to_string(), false, true),
+            ("[::1]:8443".to_string(), false, true),
+            ("127.0.0.1:8444".to_string(), true, true),
+        ]
+    );
+    assert_eq!(proxy.tls_handshake_timeout, Duration::from_secs(3));
+    assert!(config.has_tls_listeners());
+}
+
+#[test]
+fn tls_mistakes_are_refused_where_they_are_written() {
+    let web = "[services.web]\ncommand = \"./web\"\n";
+    // A TLS listener without any certificate.
+    refused(
+        &format!("[server]\nlisten_tls = \"0.0.0.0:8443\"\n{web}"),
+        2,
+        1,
+        "server.listen_tls",
+        "a TLS listener needs a certificate, and none is configured",
+    );
+    refused(
+        &format!("[server]\npreview_listen_tls = \"127.0.0.1:8444\"\n{web}"),
+        2,
+        1,
+        "server.preview_listen_tls",
+        "needs a certificate",
+    );
+    // A certificate without a TLS listener.
+    refused(
+        &format!("[server]\ntls = {{ cert = \"a.pem\", key = \"a.key\" }}\n{web}"),
+        2,
+        1,
+        "server.tls",
+        "no listener speaks TLS; add listen_tls",
+    );
+    refused(
+        "[services.web]\nhosts = \"a.example\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n",
+        3,
+        1,
+        "services.web.tls",
+        "no listener speaks TLS",
+    );
+    // Half a pair, an unknown key, a wrong type.
+    refused(
+        &format!("[server]\nlisten_tls = \"0.0.0.0:8443\"\ntls = {{ cert = \"a.pem\" }}\n{web}"),
+        3,
+        1,
+        "server.tls.key",
+        "missing: a certificate needs both its PEM files",
+    );
+    refused(
+        &format!("[server]\nlisten_tls = \"0.0.0.0:8443\"\ntls = {{ cert = \"a.pem\", key = \"a.key\", chain = \"c.pem\" }}\n{web}"),
+        3,
+        40,
+        "server.tls.chain",
+        "unknown key \"chain\"",
+    );
+    refused(
+        &format!("[server]\nlisten_tls = \"0.0.0.0:8443\"\ntls = {{ cert = 1, key = \"a.key\" }}\n{web}"),
+        3,
+        16,
+        "server.tls.cert",
+        "1 is not a string",
+    );
+    refused(
+        &format!("[server]\nlisten_tls = \"0.0.0.0:8443\"\ntls = {{ cert = \"\", key = \"a.key\" }}\n{web}"),
+        3,
+        16,
+        "server.tls.cert",
+        "the path is empty",
+    );
+    refused(
+        &format!("[server]\nlisten_tl = \"0.0.0.0:8443\"\n{web}"),
+        2,
+        1,
+        "server.listen_tl",
+        "did you mean \"listen_tls\"",
+    );
+    // A service certificate can only be chosen by its hosts.
+    refused(
+        "[server]\nlisten_tls = \"0.0.0.0:8443\"\n[services.web]\ncommand = \"./web\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n",
+        5,
+        1,
+        "services.web.tls",
+        "this service has no hosts",
+    );
+    // A TLS port shared with a plain one.
+    refused(
+        "[server]\nlisten = \"0.0.0.0:8443\"\nlisten_tls = \"127.0.0.1:8443\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n[services.web]\ncommand = \"./web\"\n",
+        3,
+        14,
+        "server.listen_tls",
+        "collides with 0.0.0.0:8443 in server.listen",
+    );
+    refused(
+        &format!("[server]\nlisten_tls = \"0.0.0.0:8443\"\ntls = {{ cert = \"a.pem\", key = \"a.key\" }}\n[proxy]\ntls_handshake_timeout = \"0s\"\n{web}"),
+        5,
+        25,
+        "proxy.tls_handshake_timeout",
+        "is zero",
+    );
 }

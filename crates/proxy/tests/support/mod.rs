@@ -288,6 +288,7 @@ pub fn test_config() -> ProxyConfig {
         listeners: vec![ListenerConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
             preview: false,
+            tls: false,
         }],
         workers: 2,
         client_header_timeout: Duration::from_secs(1),
