@@ -116,6 +116,7 @@ shutdown_timeout = "30s"
 retry_idempotent = true
 preempt_interval = "2ms"   # longest a worker runs without a point where the kernel may switch to a waiting process; "0s": none
 tls_handshake_timeout = "10s"   # a TLS client must finish its handshake within this from its connect
+trusted_proxies = []       # e.g. ["10.0.0.0/8"]: load balancers whose X-Forwarded-For/-Proto/-Host are believed; from anyone else they are replaced
 
 # Optional: POST a JSON event to each URL when a deployment starts, is promoted, is rolled back
 # or aborted. Delivery never holds up a deployment: a failed one is retried with growing pauses,
@@ -240,6 +241,8 @@ pub struct ProxySettings {
     pub preempt_interval: Duration,
     /// Time a connection to a TLS listener has to complete its handshake.
     pub tls_handshake_timeout: Duration,
+    /// `trusted_proxies`: address blocks whose `X-Forwarded-*` headers are believed. Default none.
+    pub trusted_proxies: Vec<cutover_proxy::Cidr>,
 }
 
 impl Default for ProxySettings {
@@ -260,6 +263,7 @@ impl Default for ProxySettings {
             retry_idempotent: p.retry_idempotent,
             preempt_interval: p.preempt_interval,
             tls_handshake_timeout: p.tls_handshake_timeout,
+            trusted_proxies: p.trusted_proxies,
         }
     }
 }
@@ -703,6 +707,7 @@ impl Config {
             retry_idempotent: p.retry_idempotent,
             preempt_interval: p.preempt_interval,
             tls_handshake_timeout: p.tls_handshake_timeout,
+            trusted_proxies: p.trusted_proxies.clone(),
             // Counting stays on in the daemon: the post-promotion watch reads the counters.
             ..ProxyConfig::default()
         }
@@ -800,6 +805,7 @@ struct RawProxy {
     retry_idempotent: Leaf,
     preempt_interval: Leaf,
     tls_handshake_timeout: Leaf,
+    trusted_proxies: Option<Spanned<RawList>>,
 }
 
 #[derive(Deserialize)]
@@ -1389,6 +1395,19 @@ impl<'a> Checker<'a> {
                 "tls_handshake_timeout",
                 d.tls_handshake_timeout,
             )?,
+            trusted_proxies: match &raw.trusted_proxies {
+                None => d.trusted_proxies,
+                Some(list) => {
+                    let example = "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]";
+                    let mut blocks = Vec::new();
+                    for (text, offset) in self.strings(list, "proxy.trusted_proxies", true, example)? {
+                        let block = cutover_proxy::Cidr::parse(text.trim())
+                            .map_err(|m| self.invalid(offset, "proxy.trusted_proxies", m))?;
+                        blocks.push(block);
+                    }
+                    blocks
+                }
+            },
             preempt_interval: match &raw.preempt_interval {
                 None => d.preempt_interval,
                 Some(v) => {

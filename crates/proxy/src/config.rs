@@ -80,6 +80,84 @@ pub struct ProxyConfig {
     /// (and, before it, to send its first byte). It counts under `max_connections` meanwhile;
     /// waiting costs no CPU.
     pub tls_handshake_timeout: Duration,
+    /// Peers whose `X-Forwarded-For`, `-Proto` and `-Host` are believed (a load balancer or
+    /// proxy in front): their chain is kept and the peer appended, their proto and host are
+    /// passed on. From any other peer those headers are replaced with what the proxy sees.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address block, e.g. `10.0.0.0/8` or `::1/128`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR/PREFIX` or a bare address (the one address). The error says what is wrong.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address block; write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{text:?}: the prefix length must be 0 to {max}")),
+            },
+        };
+        let cidr = Cidr { addr, prefix };
+        if cidr.network() != addr {
+            return Err(format!(
+                "{text:?} has bits set past its prefix; write the block's first address, {}/{prefix}",
+                cidr.network()
+            ));
+        }
+        Ok(cidr)
+    }
+
+    fn network(&self) -> std::net::IpAddr {
+        match self.addr {
+            std::net::IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                std::net::IpAddr::V4((u32::from(a) & mask).into())
+            }
+            std::net::IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                std::net::IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+
+    /// Whether `ip` is in the block (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(_), std::net::IpAddr::V4(_)) | (std::net::IpAddr::V6(_), std::net::IpAddr::V6(_)) => {
+                Cidr {
+                    addr: ip,
+                    prefix: self.prefix,
+                }
+                .network()
+                    == self.addr
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 impl Default for ProxyConfig {
@@ -102,6 +180,32 @@ impl Default for ProxyConfig {
             access_log: false,
             preempt_interval: Duration::from_millis(2),
             tls_handshake_timeout: Duration::from_secs(10),
+            trusted_proxies: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cidr;
+
+    #[test]
+    fn address_blocks_parse_and_match() {
+        let b = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(b.contains("10.200.3.4".parse().unwrap()));
+        assert!(
+            b.contains("::ffff:10.1.1.1".parse().unwrap()),
+            "an IPv4-mapped address is its IPv4 one"
+        );
+        assert!(!b.contains("11.0.0.1".parse().unwrap()));
+        assert!(!b.contains("::1".parse().unwrap()));
+        let one = Cidr::parse("192.0.2.7").unwrap();
+        assert!(one.contains("192.0.2.7".parse().unwrap()) && !one.contains("192.0.2.8".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:1::5".parse().unwrap()) && !v6.contains("2001:db9::".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.1/8").unwrap_err().contains("10.0.0.0/8"));
+        assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("0 to 32"));
+        assert!(Cidr::parse("example.com").unwrap_err().contains("not an address block"));
     }
 }

@@ -30,6 +30,8 @@ use crate::shared::{OpenGuard, Shared};
 pub(crate) struct ConnCtx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) client_ip: HeaderValue,
+    /// The peer is one of `trusted_proxies`: its `X-Forwarded-*` headers are believed.
+    pub(crate) trusted: bool,
     /// Requests on a preview listener always go to the inactive colour.
     pub(crate) preview_listener: bool,
     /// The connection came through a TLS listener: forwarded as `X-Forwarded-Proto: https`.
@@ -338,9 +340,11 @@ pub(crate) async fn serve_io<S, H, F, B>(
     let activity = Arc::new(Activity::default());
     let client_ip =
         HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    let trusted = cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
     let ctx = Arc::new(ConnCtx {
         shared: shared.clone(),
         client_ip,
+        trusted,
         preview_listener: preview,
         tls,
         activity: activity.clone(),

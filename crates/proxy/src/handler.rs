@@ -359,6 +359,7 @@ async fn proxy(
         &Forwarding {
             client_ip: &ctx.client_ip,
             proto: if ctx.tls { "https" } else { "http" },
+            trusted: ctx.trusted,
             authority,
         },
         upgrade.as_ref(),

@@ -48,6 +48,9 @@ pub(crate) struct Forwarding<'a> {
     pub client_ip: &'a HeaderValue,
     /// The protocol the client spoke to the proxy.
     pub proto: &'static str,
+    /// The peer is a trusted proxy: its `X-Forwarded-For` chain is kept (the peer appended), and
+    /// its `X-Forwarded-Proto` and `-Host` are passed on. From anyone else they are replaced.
+    pub trusted: bool,
     /// The authority the request was routed by (see [`target_authority`]): the upstream gets it
     /// as its `Host` and `X-Forwarded-Host`, whatever Host lines the client sent.
     pub authority: &'a str,
@@ -232,11 +235,13 @@ pub(crate) fn encode_request(
         if name == header::HOST {
             continue; // written below from the authority the request was routed by
         } else if name == X_FORWARDED_FOR {
-            // Folded into one chain below.
-            xff_seen = true;
+            // Folded into one chain below, from a trusted proxy only.
+            xff_seen = fwd.trusted;
             continue;
         } else if name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST {
-            continue; // the proxy's own view replaces the client's claim
+            // The proxy's own view replaces an untrusted client's claim; a trusted proxy's
+            // first value is passed on below.
+            continue;
         } else if name == X_REQUEST_ID {
             let sane = value.len() <= MAX_REQUEST_ID
                 && !value.is_empty()
@@ -262,9 +267,20 @@ pub(crate) fn encode_request(
     }
     out.extend_from_slice(fwd.client_ip.as_bytes());
     out.extend_from_slice(b"\r\n");
-    put_header(out, b"x-forwarded-proto", fwd.proto.as_bytes());
-    if !fwd.authority.is_empty() {
-        put_header(out, b"x-forwarded-host", fwd.authority.as_bytes());
+    let claimed = |name: &HeaderName| {
+        fwd.trusted
+            .then(|| parts.headers.get(name))
+            .flatten()
+            .filter(|v| !v.is_empty())
+    };
+    match claimed(&X_FORWARDED_PROTO) {
+        Some(proto) => put_header(out, b"x-forwarded-proto", proto.as_bytes()),
+        None => put_header(out, b"x-forwarded-proto", fwd.proto.as_bytes()),
+    }
+    match claimed(&X_FORWARDED_HOST) {
+        Some(host) => put_header(out, b"x-forwarded-host", host.as_bytes()),
+        None if !fwd.authority.is_empty() => put_header(out, b"x-forwarded-host", fwd.authority.as_bytes()),
+        None => {}
     }
     let generated = (!request_id_kept).then(new_request_id);
     if let Some(id) = &generated {
@@ -326,6 +342,16 @@ mod tests {
 
     /// Encodes a request built by `f` and parses the result back into (name, value) pairs.
     fn encode(b: http::request::Builder, body: BodyFraming, upgrade: Option<&str>) -> (String, Vec<(String, String)>) {
+        encode_from(b, body, upgrade, false)
+    }
+
+    /// [`encode`], the peer trusted or not.
+    fn encode_from(
+        b: http::request::Builder,
+        body: BodyFraming,
+        upgrade: Option<&str>,
+        trusted: bool,
+    ) -> (String, Vec<(String, String)>) {
         let (parts, _) = b.body(()).unwrap().into_parts();
         let authority = target_authority(&parts.uri, &parts.headers, parts.version).expect("a routable request");
         let ip = HeaderValue::from_static("10.1.2.3");
@@ -337,6 +363,7 @@ mod tests {
             &Forwarding {
                 client_ip: &ip,
                 proto: "http",
+                trusted,
                 authority,
             },
             up.as_ref(),
@@ -407,17 +434,32 @@ mod tests {
         assert_eq!(get(&hs, "x-request-id")[0].len(), 32);
     }
 
+    /// A trusted proxy's `X-Forwarded-For` chain is kept with the peer appended, and its
+    /// `X-Forwarded-Proto` and `-Host` are passed on; from anyone else all three are replaced.
     #[test]
-    fn folds_forwarded_for_chain_and_keeps_request_id() {
-        let b = http::Request::get("/")
-            .header("host", "x")
-            .header("x-forwarded-for", "1.1.1.1")
-            .header("x-forwarded-for", "2.2.2.2")
-            .header("x-forwarded-proto", "https")
-            .header("x-request-id", "abc-123");
-        let (_, hs) = encode(b, BodyFraming::None, None);
+    fn forwarded_headers_are_believed_from_trusted_proxies_only() {
+        let b = || {
+            http::Request::get("/")
+                .header("host", "x")
+                .header("x-forwarded-for", "1.1.1.1")
+                .header("x-forwarded-for", "2.2.2.2")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "shop.example")
+                .header("x-request-id", "abc-123")
+        };
+        let (_, hs) = encode_from(b(), BodyFraming::None, None, true);
         assert_eq!(get(&hs, "x-forwarded-for"), ["1.1.1.1, 2.2.2.2, 10.1.2.3"]);
+        assert_eq!(get(&hs, "x-forwarded-proto"), ["https"]);
+        assert_eq!(get(&hs, "x-forwarded-host"), ["shop.example"]);
+        assert_eq!(get(&hs, "x-request-id"), ["abc-123"]);
+        let (_, hs) = encode_from(b(), BodyFraming::None, None, false);
+        assert_eq!(
+            get(&hs, "x-forwarded-for"),
+            ["10.1.2.3"],
+            "an untrusted chain is replaced"
+        );
         assert_eq!(get(&hs, "x-forwarded-proto"), ["http"], "client claims are replaced");
+        assert_eq!(get(&hs, "x-forwarded-host"), ["x"]);
         assert_eq!(get(&hs, "x-request-id"), ["abc-123"]);
     }
 

@@ -197,6 +197,9 @@ pub(crate) fn request_headers(
         {
             continue;
         } else if name == headers::X_FORWARDED_FOR {
+            if !fwd.trusted {
+                continue;
+            }
             let chain = xff.get_or_insert_with(Vec::new);
             chain.extend_from_slice(value.as_bytes());
             chain.extend_from_slice(b", ");
@@ -218,9 +221,25 @@ pub(crate) fn request_headers(
         None => fwd.client_ip.clone(),
     };
     out.append(headers::X_FORWARDED_FOR.clone(), xff);
-    out.append(headers::X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
-    if !fwd.authority.is_empty() {
-        out.append(headers::X_FORWARDED_HOST.clone(), value_of(fwd.authority.as_bytes()));
+    let claimed = |name: &http::HeaderName| {
+        fwd.trusted
+            .then(|| parts.headers.get(name))
+            .flatten()
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
+    out.append(
+        headers::X_FORWARDED_PROTO.clone(),
+        claimed(&headers::X_FORWARDED_PROTO).unwrap_or(HeaderValue::from_static(fwd.proto)),
+    );
+    match claimed(&headers::X_FORWARDED_HOST) {
+        Some(host) => {
+            out.append(headers::X_FORWARDED_HOST.clone(), host);
+        }
+        None if !fwd.authority.is_empty() => {
+            out.append(headers::X_FORWARDED_HOST.clone(), value_of(fwd.authority.as_bytes()));
+        }
+        None => {}
     }
     if let Some(id) = made {
         out.append(headers::X_REQUEST_ID.clone(), value_of(id));
@@ -308,6 +327,7 @@ pub(crate) async fn forward(f: Forward<'_>, seen: &mut Option<Seen>) -> Result<R
     let fwd = Forwarding {
         client_ip: &ctx.client_ip,
         proto: if ctx.tls { "https" } else { "http" },
+        trusted: ctx.trusted,
         authority,
     };
     let build = |body: UpBody| -> Request<UpBody> {
@@ -714,6 +734,7 @@ mod tests {
             let fwd = Forwarding {
                 client_ip: &ip,
                 proto: "http",
+                trusted: true,
                 authority,
             };
             let up = up.map(HeaderValue::from_static);

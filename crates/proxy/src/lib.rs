@@ -33,7 +33,7 @@ mod upstream;
 mod worker;
 
 pub use body::{BodyError, ProxyBody};
-pub use config::{ListenerConfig, ProxyConfig};
+pub use config::{Cidr, ListenerConfig, ProxyConfig};
 pub use drain::DrainReport;
 pub use error::{ProxyError, TableError};
 pub use headers::X_CUTOVER_PREVIEW;

@@ -1297,6 +1297,41 @@ async fn upstream_sees_forwarding_headers() {
     assert_eq!(h["x-request-id"].len(), 32, "generated when missing");
 }
 
+/// `X-Forwarded-For`, `-Proto` and `-Host` sent by a client are replaced unless the client is
+/// one of `trusted_proxies`, whose chain is kept (the peer appended) and whose claims are passed
+/// on: over real sockets, the same client trusted by one proxy and not by another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
+    let blue = Upstream::start("blue").await;
+    let claims = || {
+        Request::get("/headers")
+            .header("host", "shop.example")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "www.shop.example")
+            .body(empty())
+            .unwrap()
+    };
+    let untrusting = start_proxy(test_config(), table(&[&blue], &[]));
+    let mut c = H1::connect(untrusting.local_addrs()[0]).await.unwrap();
+    c.request(claims()).await.unwrap();
+    let h = blue.seen.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "an untrusted chain is replaced");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
+
+    let mut cfg = test_config();
+    cfg.trusted_proxies = vec![cutover_proxy::Cidr::parse("127.0.0.0/8").unwrap()];
+    let trusting = start_proxy(cfg, table(&[&blue], &[]));
+    let mut c = H1::connect(trusting.local_addrs()[0]).await.unwrap();
+    c.request(claims()).await.unwrap();
+    let h = blue.seen.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], "www.shop.example");
+    assert_eq!(h["host"], "shop.example", "the Host that routed it");
+}
+
 /// A request body with a declared length reaches the upstream with that length, whichever
 /// protocol the client spoke; one without goes chunked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

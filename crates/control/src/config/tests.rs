@@ -262,6 +262,7 @@ max_header_bytes = 8192
 shutdown_timeout = "0s"
 retry_idempotent = false
 preempt_interval = "0s"
+trusted_proxies = ["10.0.0.0/8", "::1"]
 
 [services.web]
 hosts = ["Shop.Example.com", "www.example.com"]
@@ -313,6 +314,10 @@ events = ["went-live", "rolled-back"]
             retry_idempotent: false,
             preempt_interval: Duration::ZERO,
             tls_handshake_timeout: Duration::from_secs(10),
+            trusted_proxies: vec![
+                cutover_proxy::Cidr::parse("10.0.0.0/8").unwrap(),
+                cutover_proxy::Cidr::parse("::1").unwrap(),
+            ],
         },
         services: vec![
             ServiceConfig {
@@ -1319,4 +1324,21 @@ fn tls_mistakes_are_refused_where_they_are_written() {
         "proxy.tls_handshake_timeout",
         "is zero",
     );
+}
+
+#[test]
+fn trusted_proxies_are_address_blocks() {
+    let err = parse("[proxy]\ntrusted_proxies = [\"10.0.0.1/8\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("proxy.trusted_proxies") && err.contains("10.0.0.0/8"),
+        "{err}"
+    );
+    let err = parse("[proxy]\ntrusted_proxies = [\"lb.example\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not an address block"), "{err}");
+    let err = parse("[proxy]\ntrusted_proxies = [10]\n").unwrap_err().to_string();
+    assert!(err.contains("not a string"), "{err}");
 }
