@@ -9,9 +9,10 @@ need_apt=()
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 # promtool and a real Prometheus for the metrics tests (they start their own, on a free port).
 [ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ] || need_apt+=(prometheus)
-# Real TLS clients for the TLS tests: curl, Python's ssl module, h2load (HTTP/2 over TLS).
+# Real TLS clients for the TLS tests: curl, Python's ssl module, h2load (HTTP/2 over TLS); and
+# python3 with pip for the aiohttp WebSocket server in crates/proxy/tests/websocket_close.rs.
 command -v curl >/dev/null || need_apt+=(curl)
-command -v python3 >/dev/null || need_apt+=(python3)
+command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 [ -x /usr/bin/h2load ] || need_apt+=(nghttp2-client)
 for pkg in "$@"; do need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -21,6 +22,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else
     echo "missing packages ${need_apt[*]} and no apt-get to install them" >&2; exit 2
   fi
+fi
+
+if ! python3 -c 'import aiohttp' 2>/dev/null; then
+  # Debian's own python3 refuses pip installs outside a virtual environment unless told.
+  python3 -m pip install --quiet aiohttp 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages aiohttp
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -507,9 +507,10 @@ fn drain_blue(
     tokio::spawn(async move { p.drain("web", Colour::Blue, deadline, window).await.unwrap() })
 }
 
-/// A close that comes while the client is in the middle of a frame: the client gets its Close at
-/// once (nothing was under way toward it); the upstream gets the rest of the frame, sent later
-/// within the grace, then its Close, and nothing the client sent after the frame.
+/// A close that comes while the client is in the middle of a frame: the upstream cannot answer a
+/// Close yet, so the client gets the proxy's Close half way through the grace (nothing was under
+/// way toward it); the upstream gets the rest of the frame, sent later within the grace, then its
+/// Close, and nothing the client sent after the frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_the_close() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -562,8 +563,8 @@ async fn a_websocket_closed_in_the_middle_of_a_frame_gets_the_whole_frame_then_t
 
 /// A frame that does not end within the grace after the close instant: the upstream gets exactly
 /// the bytes the client sent, with no Close in the middle of the frame (that would corrupt it),
-/// and then the end of the stream, once the grace is over. The client still gets its Close at
-/// once.
+/// and then the end of the stream, once the grace is over. The client, whose upstream never
+/// answers, gets its Close half way through the grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frame_that_does_not_end_within_the_grace_ends_with_a_fin_alone() {
     use tokio::io::AsyncWriteExt;
