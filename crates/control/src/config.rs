@@ -100,6 +100,8 @@ hosts = ["api.example.com"]
 health = { path = "/healthz" }
 # The certificate TLS listeners present for this service's hosts (chosen by SNI).
 # tls = { cert = "certs/api.pem", key = "certs/api.key" }
+# With listen_tls: live requests over plain HTTP get 308 to the same URL over HTTPS.
+# https_redirect = true
 
 # Optional: limits and timeouts of the proxy (these are the defaults).
 [proxy]
@@ -304,6 +306,9 @@ pub struct ServiceConfig {
     /// (chosen by SNI). Default none: those names get the default certificate. Only for a
     /// service with hosts.
     pub tls: Option<TlsFiles>,
+    /// `https_redirect = true`: live requests that arrive over plain HTTP get `308` to the same
+    /// URL over HTTPS (the first `listen_tls` port). Needs `listen_tls`. Default false.
+    pub https_redirect: bool,
 }
 
 impl ServiceConfig {
@@ -832,6 +837,7 @@ struct RawService {
     watch: Option<RawWatch>,
     balance: Leaf,
     tls: Option<RawTls>,
+    https_redirect: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1293,6 +1299,19 @@ impl<'a> Checker<'a> {
                  (the same key in [services.NAME], for its hosts)",
             ));
         }
+        if let Some(s) = services
+            .iter()
+            .find(|s| s.https_redirect)
+            .filter(|_| server.listen_tls.is_empty())
+        {
+            let key = format!("services.{}.https_redirect", s.name);
+            return Err(self.invalid(
+                self.key_offset(&key),
+                &key,
+                "there is no HTTPS listener to redirect to; add listen_tls = [\"0.0.0.0:443\"] to [server] \
+                 (with a certificate), or remove https_redirect",
+            ));
+        }
         if !listeners {
             let key = match (&server.tls, with_tls) {
                 (Some(_), _) => Some("server.tls".to_string()),
@@ -1623,10 +1642,15 @@ impl<'a> Checker<'a> {
                 Some(self.tls_files(t, &format!("{p}.tls"), dir)?)
             }
         };
+        let https_redirect = match &raw.https_redirect {
+            None => false,
+            Some(v) => self.boolean(v, &format!("{p}.https_redirect"))?,
+        };
         let service = ServiceConfig {
             name,
             hosts,
             tls,
+            https_redirect,
             driver,
             health,
             drain_timeout,

@@ -434,6 +434,10 @@ impl Daemon {
         for svc in &config.services {
             let mut s = Service::new(&svc.name);
             s.hosts = svc.hosts.clone();
+            s.https_redirect = svc
+                .https_redirect
+                .then(|| config.server.listen_tls.first().map(|a| a.port()))
+                .flatten();
             s.balance = svc.balance;
             s.preview_token = Some(Arc::from(preview_token.as_bytes()));
             // A maintenance set before the restart holds from the first request on.

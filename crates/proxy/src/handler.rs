@@ -173,6 +173,7 @@ fn enter(
     current: &arc_swap::ArcSwap<RouteTable>,
     mut table: Arc<RouteTable>,
     host: Option<&str>,
+    plain: bool,
     colour_of: impl Fn(&Service) -> (Colour, bool),
 ) -> Result<Entered, ProxyError> {
     let mut reloads = 0;
@@ -180,6 +181,9 @@ fn enter(
         let service = table.route_index(host).ok_or(ProxyError::NoRoute)?;
         let svc = &table.services()[service];
         let (colour, live) = colour_of(svc);
+        if let (true, true, Some(port)) = (live, plain, svc.https_redirect) {
+            return Ok(Entered::ToHttps(port));
+        }
         // Held before it counts anywhere: a held request is in no colour's drain.
         if let (true, Some(hold)) = (live, &svc.hold) {
             return Ok(Entered::Held(svc.name.clone(), hold.clone()));
@@ -204,6 +208,38 @@ enum Entered {
     Routed(Routed),
     /// The service's live route is held (`crate::table::Hold`).
     Held(Arc<str>, crate::table::Hold),
+    /// The request came over plain HTTP for a service that redirects to HTTPS on this port.
+    ToHttps(u16),
+}
+
+/// `308` to the same URL over HTTPS: the host the request was routed by (without its port),
+/// `port` unless it is 443, and the path and query.
+fn to_https(authority: &str, uri: &http::Uri, port: u16) -> Response<ProxyBody> {
+    // IPv6 hosts keep their brackets.
+    let host = headers::host_of(authority);
+    if host.is_empty() {
+        return error_response(&ProxyError::BadRequest(
+            "this service is served over HTTPS; send the request with a Host to be redirected there",
+        ));
+    }
+    let port = if port == 443 { String::new() } else { format!(":{port}") };
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    let location = format!("https://{host}{port}{path}");
+    let mut resp = Response::new(ProxyBody::full(format!("moved to {location}\n")));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }
 
 /// The answer to a request of a service in maintenance: 503 with the page's message, and
@@ -274,6 +310,7 @@ async fn proxy(
             &shared.table,
             shared.table.load_full(),
             Some(headers::host_of(authority)),
+            !ctx.tls,
             |svc| {
                 let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
                 if ctx.preview_listener || preview {
@@ -292,6 +329,7 @@ async fn proxy(
     } = loop {
         match route()? {
             Entered::Routed(r) => break r,
+            Entered::ToHttps(port) => return Ok(to_https(authority, &parts.uri, port)),
             Entered::Held(name, crate::table::Hold::Maintenance(page)) => return Ok(maintenance_page(&name, &page)),
             // Routed again once the pause ends; past its longest wait, refused.
             Entered::Held(name, crate::table::Hold::Paused(gate)) => {
@@ -763,6 +801,7 @@ mod tests {
         match e {
             Entered::Routed(r) => r,
             Entered::Held(name, _) => panic!("service {name} is held"),
+            Entered::ToHttps(port) => panic!("redirected to HTTPS on {port}"),
         }
     }
     use crate::table::Instance;
@@ -792,7 +831,7 @@ mod tests {
         assert!(report.completed, "nothing was counted in when the drain looked");
 
         // Live traffic: blue on the old table, whose generation is drained; routed again, green.
-        let routed = as_routed(enter(current, stale.clone(), None, |s| (s.active, true)).unwrap());
+        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active, true)).unwrap());
         assert_eq!(routed.colour, Colour::Green);
         assert!(Arc::ptr_eq(&routed.table, &current.load_full()));
         assert!(Arc::ptr_eq(
@@ -804,7 +843,7 @@ mod tests {
         drop(routed);
 
         // A generation that is not being drained keeps the request on the table it loaded.
-        let routed = as_routed(enter(current, stale.clone(), None, |s| (s.active.other(), false)).unwrap());
+        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active.other(), false)).unwrap());
         assert_eq!(routed.colour, Colour::Green);
         assert!(Arc::ptr_eq(&routed.table, &stale));
         assert_eq!(routed.gen.gen.in_flight(), 1);

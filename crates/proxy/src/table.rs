@@ -313,6 +313,8 @@ pub struct Service {
     /// Holds the live route's requests instead of routing them (the preview route is never
     /// held): see [`Hold`].
     pub hold: Option<Hold>,
+    /// Live requests that arrive over plain HTTP are redirected (308) to HTTPS on this port.
+    pub https_redirect: Option<u16>,
 }
 
 /// What holds a service's live traffic instead of routing it.
@@ -374,6 +376,7 @@ impl Service {
             balance: Balance::default(),
             preview_token: None,
             hold: None,
+            https_redirect: None,
         }
     }
 

@@ -200,7 +200,11 @@ async fn pump<R, W>(
     }
 
     let end = closing.end();
-    let mut pending = Pending { buf, from: written, to: read };
+    let mut pending = Pending {
+        buf,
+        from: written,
+        to: read,
+    };
     match (websocket, toward) {
         (false, _) => {
             // Another protocol: what was read already, then the FIN.
@@ -630,7 +634,12 @@ mod tests {
             }
         };
         let task = tokio::spawn(run(proxy_client, proxy_upstream, websocket, close_at));
-        TestTunnel { client, upstream, close, task }
+        TestTunnel {
+            client,
+            upstream,
+            close,
+            task,
+        }
     }
 
     /// Everything `from` sends up to its end, and when the end came.
@@ -661,27 +670,46 @@ mod tests {
         let start = Instant::now();
         t.close.send(start + CLOSE_GRACE).unwrap();
         expect_masked_going_away(&mut upstream).await;
-        client_w.write_all(&frame(0x1, b"too late", Some([1, 2, 3, 4]))).await.unwrap();
+        client_w
+            .write_all(&frame(0x1, b"too late", Some([1, 2, 3, 4])))
+            .await
+            .unwrap();
 
         let mut last = frame(0x1, b"last", None);
         last.extend_from_slice(&frame(0x2, &[7u8; 70_000], None));
         upstream.write_all(&last).await.unwrap();
-        upstream.write_all(&frame(0x8, &1000u16.to_be_bytes(), None)).await.unwrap();
+        upstream
+            .write_all(&frame(0x8, &1000u16.to_be_bytes(), None))
+            .await
+            .unwrap();
         let answered = Instant::now();
         // The proxy waits for the upstream to close first.
         let mut byte = [0u8; 1];
         let waited = tokio::time::timeout(Duration::from_millis(300), upstream.read(&mut byte)).await;
-        assert!(waited.is_err(), "no FIN nor byte before the upstream closes: {waited:?}");
+        assert!(
+            waited.is_err(),
+            "no FIN nor byte before the upstream closes: {waited:?}"
+        );
         upstream.shutdown().await.unwrap();
         let (after, fin_at) = rest(&mut upstream).await;
         assert!(after.is_empty(), "nothing after the proxy's Close: {after:?}");
-        assert!(fin_at - start < CLOSE_GRACE, "the FIN answers the upstream's, within the grace");
+        assert!(
+            fin_at - start < CLOSE_GRACE,
+            "the FIN answers the upstream's, within the grace"
+        );
 
         let (got, client_fin_at) = client.await.unwrap();
         let mut expected = last;
         expected.extend_from_slice(&close_frame(Toward::Client));
-        assert!(got == expected, "the last messages and one Close 1001: {} bytes", got.len());
-        assert_eq!(client_fin_at, answered, "the client's FIN follows the upstream's answer");
+        assert!(
+            got == expected,
+            "the last messages and one Close 1001: {} bytes",
+            got.len()
+        );
+        assert_eq!(
+            client_fin_at, answered,
+            "the client's FIN follows the upstream's answer"
+        );
         drop(client_w);
         t.task.await.unwrap();
     }
@@ -759,7 +787,8 @@ mod tests {
         client.read_exact(&mut got).await.unwrap();
         let start = Instant::now();
         t.close.send(start + CLOSE_GRACE).unwrap();
-        let ((to_client, client_fin), (to_upstream, upstream_fin)) = tokio::join!(rest(&mut client), rest(&mut upstream));
+        let ((to_client, client_fin), (to_upstream, upstream_fin)) =
+            tokio::join!(rest(&mut client), rest(&mut upstream));
         assert!(to_client.is_empty() && to_upstream.is_empty());
         assert_eq!((client_fin, upstream_fin), (start, start));
         drop((client, upstream));

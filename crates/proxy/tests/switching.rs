@@ -1298,6 +1298,49 @@ async fn upstream_sees_forwarding_headers() {
     assert_eq!(h["x-request-id"].len(), 32, "generated when missing");
 }
 
+/// A service with an HTTPS redirect answers live requests over plain HTTP with 308 to the same
+/// URL over HTTPS (the port omitted when it is 443); the preview route is not redirected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plain_http_to_a_service_that_redirects_gets_308_to_https() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    proxy
+        .update(|t| {
+            t.with_service("web", |s| {
+                s.https_redirect = Some(8443);
+                s.preview_token = Some(std::sync::Arc::from(&b"tok"[..]));
+                Ok(())
+            })
+        })
+        .unwrap();
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    let req = |path: &str, preview: bool| {
+        let mut b = Request::get(path).header("host", "shop.example:8080");
+        if preview {
+            b = b.header("x-cutover-preview", "tok");
+        }
+        b.body(empty()).unwrap()
+    };
+    let resp = c.request(req("/cart?item=7", false)).await.unwrap();
+    assert_eq!(resp.0, 308);
+    assert_eq!(resp.1["location"], "https://shop.example:8443/cart?item=7");
+    assert_eq!(blue.requests(), 0, "nothing reached the upstream");
+    let resp = c.request(req("/", true)).await.unwrap();
+    assert_eq!(resp.0, 200, "the preview route is served as is");
+    assert!(resp.2.starts_with(b"green"), "{:?}", resp.2);
+    proxy
+        .update(|t| {
+            t.with_service("web", |s| {
+                s.https_redirect = Some(443);
+                Ok(())
+            })
+        })
+        .unwrap();
+    let resp = c.request(req("/", false)).await.unwrap();
+    assert_eq!(resp.1["location"], "https://shop.example/");
+}
+
 /// `X-Forwarded-For`, `-Proto` and `-Host` sent by a client are replaced unless the client is
 /// one of `trusted_proxies`, whose chain is kept (the peer appended) and whose claims are passed
 /// on: over real sockets, the same client trusted by one proxy and not by another.

@@ -83,7 +83,9 @@ impl AiohttpServer {
         let read = async {
             while reports.len() < n {
                 let line = self.lines.next_line().await.unwrap().expect("the aiohttp server runs");
-                let Some(fields) = line.strip_prefix("report ") else { continue };
+                let Some(fields) = line.strip_prefix("report ") else {
+                    continue;
+                };
                 let fields: HashMap<String, String> = fields
                     .split_whitespace()
                     .filter_map(|f| f.split_once('='))
@@ -94,7 +96,11 @@ impl AiohttpServer {
             }
         };
         let got = tokio::time::timeout(within, read).await;
-        assert!(got.is_ok(), "{} of {n} reports from the aiohttp server within {within:?}", reports.len());
+        assert!(
+            got.is_ok(),
+            "{} of {n} reports from the aiohttp server within {within:?}",
+            reports.len()
+        );
         reports
     }
 }
@@ -129,7 +135,12 @@ async fn client(addr: SocketAddr, id: usize, flowing: Arc<AtomicUsize>) -> Clien
         .await
         .expect("websocket handshake");
     assert_eq!(resp.status(), 101);
-    let mut end = ClientEnd { echoed: 0, close: None, clean_end: false, fault: None };
+    let mut end = ClientEnd {
+        echoed: 0,
+        close: None,
+        clean_end: false,
+        fault: None,
+    };
     for seq in 0.. {
         let sent = message(id, seq);
         // A send can fail only once the proxy has closed; what comes next says how.

@@ -339,6 +339,7 @@ events = ["went-live", "rolled-back"]
                 },
                 balance: Balance::LeastInFlight,
                 tls: None,
+                https_redirect: false,
             },
             ServiceConfig {
                 name: "web".to_string(),
@@ -374,6 +375,7 @@ events = ["went-live", "rolled-back"]
                 },
                 balance: Balance::RoundRobin,
                 tls: None,
+                https_redirect: false,
             },
         ],
         webhooks: WebhooksConfig {
@@ -1341,4 +1343,19 @@ fn trusted_proxies_are_address_blocks() {
     assert!(err.contains("not an address block"), "{err}");
     let err = parse("[proxy]\ntrusted_proxies = [10]\n").unwrap_err().to_string();
     assert!(err.contains("not a string"), "{err}");
+}
+
+#[test]
+fn https_redirect_needs_an_https_listener() {
+    let err = parse("[services.web]\nhttps_redirect = true\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("services.web.https_redirect") && err.contains("listen_tls"),
+        "{err}"
+    );
+    let err = parse("[services.web]\nhttps_redirect = \"yes\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("services.web.https_redirect"), "{err}");
 }
