@@ -82,7 +82,7 @@ impl H2Frames {
     /// Where the follower stands, everything but the count of blocks opened (which depends on
     /// how the bytes were split into reads): bytes of preface still to come, frame-header bytes
     /// held, payload bytes still to come, and whether a header block is open.
-    #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn position(&self) -> (u8, u8, u32, bool, bool) {
         (self.preface, self.header_len, self.payload, self.in_block, self.open)
     }
