@@ -44,6 +44,7 @@ for t in "${targets[@]}"; do
   [ -n "$(ls -A "corpus/$t" 2>/dev/null)" ] || python3 seeds/make_seeds.py
 done
 nice -n 10 cargo fuzz build "${fuzz_flags[@]}" >&2
+bin_dir=$(pwd)/target/$(rustc -vV | sed -n 's/^host: //p')/release
 
 commit=$(git -C "$repo" rev-parse --short HEAD)
 started=$(date -u +%Y-%m-%dT%H:%MZ)
@@ -60,11 +61,11 @@ for t in "${targets[@]}"; do
   log="$logs/$t.log"
   echo "== $t: ${seconds}s" >&2
   # Bounded twice: libFuzzer's own total time, and a hard stop a minute after it.
+  # The binaries built above, run directly: a source edit during a long run rebuilds nothing.
   set +e
   /usr/bin/time -f '%U %S' -o "$logs/$t.cpu" timeout --signal=INT --kill-after=30 $((seconds + 60)) \
-    nice -n 10 cargo fuzz run "${fuzz_flags[@]}" "$t" -- \
-      -max_total_time="$seconds" -timeout="$timeout_s" -max_len="$max_len" -rss_limit_mb=2048 \
-      -print_final_stats=1 >"$log" 2>&1
+    nice -n 10 "$bin_dir/$t" -max_total_time="$seconds" -timeout="$timeout_s" -max_len="$max_len" \
+      -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="artifacts/$t/" "corpus/$t" >"$log" 2>&1
   status=$?
   set -e
   # CPU time of the fuzzer (user + system), in minutes, cut (not rounded up) to two decimals.
@@ -73,8 +74,14 @@ for t in "${targets[@]}"; do
   last=$(grep -E '^#[0-9]+' "$log" | grep -E 'cov: ' | tail -1 || true)
   cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
   ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
-  # Keep what adds coverage, drop the rest.
-  nice -n 10 cargo fuzz cmin "${fuzz_flags[@]}" "$t" -- -max_len="$max_len" -timeout="$timeout_s" >"$logs/$t.cmin" 2>&1 || true
+  # Keep what adds coverage, drop the rest (what cargo fuzz cmin does).
+  rm -rf "corpus/$t.min" && mkdir "corpus/$t.min"
+  if nice -n 10 "$bin_dir/$t" -merge=1 -max_len="$max_len" -timeout="$timeout_s" -rss_limit_mb=2048 \
+    "corpus/$t.min" "corpus/$t" >"$logs/$t.cmin" 2>&1 && [ -n "$(ls -A "corpus/$t.min")" ]; then
+    rm -rf "corpus/$t" && mv "corpus/$t.min" "corpus/$t"
+  else
+    rm -rf "corpus/$t.min"
+  fi
   files=$(ls "corpus/$t" | wc -l)
   bytes=$(cat "corpus/$t"/* 2>/dev/null | wc -c)
   after=$(ls "artifacts/$t" | wc -l)
