@@ -129,6 +129,28 @@ fuzz_target!(|data: &[u8]| {
     for name in HOP_BY_HOP {
         assert!(all(name).is_empty(), "{name} went upstream");
     }
+    // Headers the client named in Connection are hop-by-hop too, unless the proxy writes them.
+    const WRITTEN_BY_THE_PROXY: &[&str] = &[
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+    ];
+    for value in parts.headers.get_all("connection") {
+        let Ok(list) = value.to_str() else { continue };
+        for token in list.split(',').map(str::trim) {
+            let Ok(name) = HeaderName::from_bytes(token.as_bytes()) else { continue };
+            if ["close", "keep-alive"].contains(&name.as_str()) || WRITTEN_BY_THE_PROXY.contains(&name.as_str()) {
+                continue;
+            }
+            assert!(all(name.as_str()).is_empty(), "{name}, named in Connection, went upstream");
+        }
+    }
     match &upgrade {
         Some(proto) => {
             assert_eq!(all("upgrade"), [proto.as_bytes()]);
