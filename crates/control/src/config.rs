@@ -983,10 +983,11 @@ impl<'de> Visitor<'de> for CollectKeys<'_> {
                 Ok(Some(key)) => key,
                 Ok(None) | Err(_) => return Ok(()),
             };
+            let segment = key_segment(key.get_ref());
             let path = if self.prefix.is_empty() {
-                key.get_ref().clone()
+                segment
             } else {
-                format!("{}.{}", self.prefix, key.get_ref())
+                format!("{}.{segment}", self.prefix)
             };
             self.out.push((path.clone(), key.span()));
             map.next_value_seed(CollectKeys {
@@ -994,6 +995,16 @@ impl<'de> Visitor<'de> for CollectKeys<'_> {
                 out: &mut *self.out,
             })?;
         }
+    }
+}
+
+/// A key as it is written in a dotted path: bare when TOML allows it (letters, digits, `-`, `_`),
+/// quoted otherwise, so that an empty key (`[""]`) or one with a dot in it is still named.
+fn key_segment(key: &str) -> String {
+    if !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        key.to_string()
+    } else {
+        format!("{key:?}")
     }
 }
 

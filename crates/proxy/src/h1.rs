@@ -151,53 +151,68 @@ impl Conn {
     /// `Ready(None)` is the end of the body.
     pub(crate) fn poll_body(&mut self, framing: &mut Framing, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
         loop {
-            match framing {
-                Framing::Empty => return Poll::Ready(None),
-                Framing::Length(0) => {
-                    *framing = Framing::Empty;
-                    return Poll::Ready(None);
-                }
-                Framing::Length(left) => {
-                    if !self.buf.is_empty() {
-                        let n = (*left).min(self.buf.len() as u64) as usize;
-                        *left -= n as u64;
-                        return Poll::Ready(Some(Ok(self.buf.split_to(n).freeze())));
-                    }
-                }
-                Framing::Close => {
-                    if !self.buf.is_empty() {
-                        return Poll::Ready(Some(Ok(self.buf.split().freeze())));
-                    }
-                }
-                Framing::Chunked(state) => match decode_chunk(&mut self.buf, state) {
-                    Ok(ChunkStep::Data(b)) => return Poll::Ready(Some(Ok(b))),
-                    Ok(ChunkStep::Done) => {
-                        *framing = Framing::Empty;
-                        return Poll::Ready(None);
-                    }
-                    Ok(ChunkStep::NeedMore) => {}
-                    Err(e) => return Poll::Ready(Some(Err(e))),
-                },
+            if let Some(step) = next_body_piece(&mut self.buf, framing) {
+                return Poll::Ready(step);
             }
             // Need more bytes.
             self.buf.reserve(READ_CHUNK);
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Ok(0)) => {
-                    if *framing == Framing::Close {
-                        *framing = Framing::Empty;
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "upstream closed the connection in the middle of the body",
-                    ))));
-                }
+                Poll::Ready(Ok(0)) => return Poll::Ready(body_at_eof(framing)),
                 Poll::Ready(Ok(_)) => {}
             }
         }
     }
+}
+
+/// What the buffered bytes give of a response body framed by `framing`: a piece of it
+/// (`Some(Some(Ok(_)))`), its end (`Some(None)`), a framing error, or, as `None`, nothing until
+/// more bytes are read. Advances `framing` past what it returns.
+pub(crate) fn next_body_piece(buf: &mut BytesMut, framing: &mut Framing) -> Option<Option<io::Result<Bytes>>> {
+    match framing {
+        Framing::Empty => Some(None),
+        Framing::Length(0) => {
+            *framing = Framing::Empty;
+            Some(None)
+        }
+        Framing::Length(left) => {
+            if buf.is_empty() {
+                return None;
+            }
+            let n = (*left).min(buf.len() as u64) as usize;
+            *left -= n as u64;
+            Some(Some(Ok(buf.split_to(n).freeze())))
+        }
+        Framing::Close => {
+            if buf.is_empty() {
+                return None;
+            }
+            Some(Some(Ok(buf.split().freeze())))
+        }
+        Framing::Chunked(state) => match decode_chunk(buf, state) {
+            Ok(ChunkStep::Data(b)) => Some(Some(Ok(b))),
+            Ok(ChunkStep::Done) => {
+                *framing = Framing::Empty;
+                Some(None)
+            }
+            Ok(ChunkStep::NeedMore) => None,
+            Err(e) => Some(Some(Err(e))),
+        },
+    }
+}
+
+/// What the end of the upstream's bytes means for a body framed by `framing`, once the buffer
+/// gave all it could: the end of a body delimited by the close, otherwise an error.
+pub(crate) fn body_at_eof(framing: &mut Framing) -> Option<io::Result<Bytes>> {
+    if *framing == Framing::Close {
+        *framing = Framing::Empty;
+        return None;
+    }
+    Some(Err(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "upstream closed the connection in the middle of the body",
+    )))
 }
 
 /// Reads until a complete response head is buffered in `buf` and parses it. Informational

@@ -89,6 +89,14 @@ impl H2Frames {
     const CONTINUATION: u8 = 0x9;
     const END_HEADERS: u8 = 0x4;
 
+    /// Where the follower stands, everything but the count of blocks opened (which depends on
+    /// how the bytes were split into reads): bytes of preface still to come, frame-header bytes
+    /// held, payload bytes still to come, and whether a header block is open.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn position(&self) -> (u8, u8, u32, bool, bool) {
+        (self.preface, self.header_len, self.payload, self.in_block, self.open)
+    }
+
     pub(crate) fn new() -> H2Frames {
         H2Frames {
             preface: 24,

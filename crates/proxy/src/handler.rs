@@ -41,20 +41,7 @@ pub(crate) async fn handle(
     let http1 = req.version() < Version::HTTP_2;
     let mut resp = match proxy(&ctx, req, &mut seen).await {
         Ok(resp) => resp,
-        Err(e) => {
-            let mut resp = error_response(&e);
-            // A refused request's body was not read, and a refused CONNECT's client may already
-            // be sending tunnel bytes: nothing after it on the connection can be taken as a request.
-            if http1 && matches!(e, ProxyError::BadRequest(_) | ProxyError::NotImplemented(_)) {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            if matches!(e, ProxyError::Paused { .. }) {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            resp
-        }
+        Err(e) => failure_response(&e, http1),
     };
     // Shutting down: an HTTP/1 client learns from this response to take its next request
     // elsewhere (see `conn::drive`); an upgrade goes on until the shutdown closes it.
@@ -96,6 +83,22 @@ pub(crate) struct Seen {
     pub(crate) request_id: Option<String>,
 }
 
+/// The answer to a request that failed, as the client receives it.
+pub(crate) fn failure_response(e: &ProxyError, http1: bool) -> Response<ProxyBody> {
+    let mut resp = error_response(e);
+    // A refused request's body was not read, and a refused CONNECT's client may already be
+    // sending tunnel bytes: nothing after it on the connection can be taken as a request.
+    if http1 && matches!(e, ProxyError::BadRequest(_) | ProxyError::NotImplemented(_)) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if matches!(e, ProxyError::Paused { .. }) {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
 pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     let mut msg = e.to_string();
     msg.push('\n');
@@ -115,7 +118,7 @@ pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
 /// one `chunked` (hyper removes the chunked coding; a `gzip, chunked` body would reach the
 /// upstream as plain chunked with its gzip coding lost). RFC 9112 §6.1 asks for 501 for a coding
 /// a server does not understand; `chunked` twice is malformed (400).
-fn refuse_unsupported(parts: &http::request::Parts) -> Result<(), ProxyError> {
+pub(crate) fn refuse_unsupported(parts: &http::request::Parts) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ProxyError::NotImplemented(
             "CONNECT is not supported by this reverse proxy",
@@ -351,25 +354,7 @@ async fn proxy(
         request_id: None,
     });
 
-    // hyper knows the length when the client declared a valid one (HTTP/1 Content-Length, or
-    // HTTP/2 content-length, which it enforces against the DATA frames); the upstream gets it as
-    // declared. Otherwise the body goes upstream chunked.
-    let framing = if body.is_end_stream() {
-        // An empty body declared as such keeps its `Content-Length: 0` where the method gives a
-        // body meaning (a POST or PUT without one may be refused with 411 otherwise).
-        if parts.method != Method::GET
-            && parts.method != Method::HEAD
-            && parts.headers.contains_key(header::CONTENT_LENGTH)
-        {
-            BodyFraming::Length(0)
-        } else {
-            BodyFraming::None
-        }
-    } else if let Some(n) = body.size_hint().exact() {
-        BodyFraming::Length(n)
-    } else {
-        BodyFraming::Chunked
-    };
+    let framing = body_framing(&parts, &body);
     #[cfg(feature = "hyper-upstream")]
     return crate::hyper_upstream::forward(
         crate::hyper_upstream::Forward {
@@ -485,7 +470,29 @@ async fn proxy(
     Ok(resp)
 }
 
-fn wants_upgrade(parts: &http::request::Parts) -> bool {
+/// How the client's body goes upstream. hyper knows the length when the client declared a valid
+/// one (HTTP/1 Content-Length, or HTTP/2 content-length, which it enforces against the DATA
+/// frames); the upstream gets it as declared. Otherwise the body goes upstream chunked.
+pub(crate) fn body_framing(parts: &http::request::Parts, body: &Incoming) -> BodyFraming {
+    if body.is_end_stream() {
+        // An empty body declared as such keeps its `Content-Length: 0` where the method gives a
+        // body meaning (a POST or PUT without one may be refused with 411 otherwise).
+        if parts.method != Method::GET
+            && parts.method != Method::HEAD
+            && parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            BodyFraming::Length(0)
+        } else {
+            BodyFraming::None
+        }
+    } else if let Some(n) = body.size_hint().exact() {
+        BodyFraming::Length(n)
+    } else {
+        BodyFraming::Chunked
+    }
+}
+
+pub(crate) fn wants_upgrade(parts: &http::request::Parts) -> bool {
     parts.headers.contains_key(header::UPGRADE)
         && parts.headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()

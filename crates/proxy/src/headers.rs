@@ -215,8 +215,14 @@ pub(crate) fn encode_request(
 ) -> Option<[u8; 32]> {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    match parts.uri.path_and_query() {
-        Some(pq) if !pq.as_str().is_empty() => out.extend_from_slice(pq.as_str().as_bytes()),
+    match parts.uri.path_and_query().map(|pq| pq.as_str()) {
+        // An absolute-form target with an empty path and a query (`http://host?q`): the origin
+        // form of it starts with the path `/` (RFC 9112 §3.2.1, §3.2.2), never with the `?`.
+        Some(pq) if pq.starts_with('?') => {
+            out.push(b'/');
+            out.extend_from_slice(pq.as_bytes());
+        }
+        Some(pq) if !pq.is_empty() => out.extend_from_slice(pq.as_bytes()),
         _ => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
@@ -586,6 +592,26 @@ mod tests {
             .version(Version::HTTP_2)
             .header("host", "A.example");
         assert_eq!(authority(ok).as_deref(), Ok("a.example"));
+    }
+
+    /// Found by fuzzing: `GET http://host?q` went upstream as `GET ?q HTTP/1.1`, which is no
+    /// request target at all.
+    #[test]
+    fn an_absolute_target_without_a_path_goes_upstream_with_the_path_slash() {
+        for (target, line) in [
+            ("http://api.example?le:8080/x", "GET /?le:8080/x"),
+            ("http://api.example:8080?q=1", "GET /?q=1"),
+            ("http://api.example", "GET /"),
+            ("http://api.example/?q", "GET /?q"),
+        ] {
+            let b = http::Request::get(target).header("host", "web.example");
+            let (got, hs) = encode(b, BodyFraming::None, None);
+            assert_eq!(got, line, "{target}");
+            assert_eq!(get(&hs, "host").len(), 1);
+        }
+        // The same through HTTP/2, where the target comes from :authority and :path.
+        let b = http::Request::get("https://api.example?q").version(http::Version::HTTP_2);
+        assert_eq!(encode(b, BodyFraming::None, None).0, "GET /?q");
     }
 
     #[test]

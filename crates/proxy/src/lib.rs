@@ -13,6 +13,8 @@ mod conn;
 mod deadline;
 mod drain;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod h1;
 mod h2;
 mod handler;

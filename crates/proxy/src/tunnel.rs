@@ -400,7 +400,7 @@ fn close_frame(toward: Toward) -> Vec<u8> {
 /// Where one direction of a WebSocket stands in its frames: how much of a frame's header has
 /// been seen, and how much of its payload is still to come.
 #[derive(Debug, Default)]
-struct Frames {
+pub(crate) struct Frames {
     head: [u8; 14],
     /// Header bytes seen of the frame under way; 0 between frames and within a payload.
     have: usize,
@@ -408,12 +408,12 @@ struct Frames {
     payload_left: u64,
     /// A Close frame has been passed on (its header at least): the peer it went to is in its
     /// closing handshake.
-    close_sent: bool,
+    pub(crate) close_sent: bool,
 }
 
 impl Frames {
     /// Between two frames.
-    fn at_edge(&self) -> bool {
+    pub(crate) fn at_edge(&self) -> bool {
         self.have == 0 && self.payload_left == 0
     }
 
@@ -424,7 +424,7 @@ impl Frames {
     }
 
     /// Follows all of `bytes`.
-    fn advance(&mut self, mut bytes: &[u8]) {
+    pub(crate) fn advance(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             let n = self.step(bytes);
             bytes = &bytes[n..];
@@ -433,7 +433,7 @@ impl Frames {
 
     /// Follows `bytes` up to the end of the frame under way, and returns how many bytes that
     /// took (0 between frames); `None` if the frame goes on past them (all are followed).
-    fn finish(&mut self, bytes: &[u8]) -> Option<usize> {
+    pub(crate) fn finish(&mut self, bytes: &[u8]) -> Option<usize> {
         if self.at_edge() {
             return Some(0);
         }
@@ -443,7 +443,7 @@ impl Frames {
 
     /// Follows `bytes` until a frame ends or they run out; returns how many it took (at least
     /// one, unless `bytes` is empty).
-    fn step(&mut self, bytes: &[u8]) -> usize {
+    pub(crate) fn step(&mut self, bytes: &[u8]) -> usize {
         let mut i = 0;
         while i < bytes.len() {
             if self.payload_left > 0 {

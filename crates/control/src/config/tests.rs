@@ -1359,3 +1359,24 @@ fn https_redirect_needs_an_https_listener() {
         .to_string();
     assert!(err.contains("services.web.https_redirect"), "{err}");
 }
+
+/// Found by fuzzing: a key that is empty (`[""]`) was named as nothing ("cutover.toml:1:2: :
+/// unknown key"). Keys that are not bare are named as they are written, quoted.
+#[test]
+fn a_key_that_is_not_bare_is_named_quoted() {
+    refused("[\"\"]\ncommandnd = \"x\"\n", 1, 2, "\"\"", "unknown key \"\"");
+    refused(
+        "[server]\n\"work ers\" = 2\n",
+        2,
+        1,
+        "server.\"work ers\"",
+        "unknown key \"work ers\"",
+    );
+    refused(
+        "[services.web]\ncommand = \"./web\"\nhealth = { \"pa.th\" = \"/up\" }\n",
+        3,
+        12,
+        "services.web.health.\"pa.th\"",
+        "unknown key \"pa.th\"",
+    );
+}
