@@ -119,6 +119,7 @@ retry_idempotent = true
 preempt_interval = "2ms"   # longest a worker runs without a point where the kernel may switch to a waiting process; "0s": none
 tls_handshake_timeout = "10s"   # a TLS client must finish its handshake within this from its connect
 trusted_proxies = []       # e.g. ["10.0.0.0/8"]: load balancers whose X-Forwarded-For/-Proto/-Host are believed; from anyone else they are replaced
+proxy_protocol = false     # true: connections from trusted_proxies begin with a PROXY protocol header (v1 or v2) naming their client
 
 # Optional: POST a JSON event to each URL when a deployment starts, is promoted, is rolled back
 # or aborted. Delivery never holds up a deployment: a failed one is retried with growing pauses,
@@ -245,6 +246,9 @@ pub struct ProxySettings {
     pub tls_handshake_timeout: Duration,
     /// `trusted_proxies`: address blocks whose `X-Forwarded-*` headers are believed. Default none.
     pub trusted_proxies: Vec<cutover_proxy::Cidr>,
+    /// `proxy_protocol`: connections from `trusted_proxies` begin with a PROXY protocol header
+    /// (v1 or v2) naming their client. Default false; needs `trusted_proxies`.
+    pub proxy_protocol: bool,
 }
 
 impl Default for ProxySettings {
@@ -266,6 +270,7 @@ impl Default for ProxySettings {
             preempt_interval: p.preempt_interval,
             tls_handshake_timeout: p.tls_handshake_timeout,
             trusted_proxies: p.trusted_proxies,
+            proxy_protocol: p.proxy_protocol,
         }
     }
 }
@@ -713,6 +718,7 @@ impl Config {
             preempt_interval: p.preempt_interval,
             tls_handshake_timeout: p.tls_handshake_timeout,
             trusted_proxies: p.trusted_proxies.clone(),
+            proxy_protocol: p.proxy_protocol,
             // Counting stays on in the daemon: the post-promotion watch reads the counters.
             ..ProxyConfig::default()
         }
@@ -811,6 +817,7 @@ struct RawProxy {
     preempt_interval: Leaf,
     tls_handshake_timeout: Leaf,
     trusted_proxies: Option<Spanned<RawList>>,
+    proxy_protocol: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1436,6 +1443,27 @@ impl<'a> Checker<'a> {
                         blocks.push(block);
                     }
                     blocks
+                }
+            },
+            proxy_protocol: match &raw.proxy_protocol {
+                None => d.proxy_protocol,
+                Some(v) => {
+                    let on = self.boolean(v, "proxy.proxy_protocol")?;
+                    if on
+                        && raw
+                            .trusted_proxies
+                            .as_ref()
+                            .is_none_or(|l| matches!(l.get_ref(), RawList::Many(m) if m.is_empty()))
+                    {
+                        return Err(self.at(
+                            v,
+                            "proxy.proxy_protocol",
+                            "only connections from trusted_proxies may say who their client is; \
+                             list the load balancers' addresses, e.g. trusted_proxies = [\"10.0.0.0/8\"]"
+                                .to_string(),
+                        ));
+                    }
+                    on
                 }
             },
             preempt_interval: match &raw.preempt_interval {

@@ -84,6 +84,9 @@ pub struct ProxyConfig {
     /// proxy in front): their chain is kept and the peer appended, their proto and host are
     /// passed on. From any other peer those headers are replaced with what the proxy sees.
     pub trusted_proxies: Vec<Cidr>,
+    /// Connections from `trusted_proxies` begin with a PROXY protocol header (v1 or v2) naming
+    /// the client they carry; see `proxy_protocol.rs`.
+    pub proxy_protocol: bool,
 }
 
 /// An address block, e.g. `10.0.0.0/8` or `::1/128`.
@@ -181,6 +184,7 @@ impl Default for ProxyConfig {
             preempt_interval: Duration::from_millis(2),
             tls_handshake_timeout: Duration::from_secs(10),
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }

@@ -282,6 +282,9 @@ pub(crate) async fn serve<H, F, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let Some((stream, peer)) = crate::proxy_protocol::client_of(&shared, stream, peer).await else {
+        return;
+    };
     let header_timeout = shared.config.client_header_timeout;
     let opening = match tokio::time::timeout(header_timeout, sniff_h2(&stream)).await {
         Ok(Ok(Sniffed::Http2)) => Opening::Http2,

@@ -26,6 +26,7 @@ mod listen;
 mod pass;
 mod preempt;
 mod proxy;
+mod proxy_protocol;
 mod shared;
 mod stats;
 mod table;

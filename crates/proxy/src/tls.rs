@@ -270,6 +270,9 @@ pub(crate) async fn serve_tls<H, F, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let Some((stream, peer)) = crate::proxy_protocol::client_of(&shared, stream, peer).await else {
+        return;
+    };
     // The settings current at the accept: a reload after it does not change this handshake.
     let config = shared.tls.load().config.clone();
     let timeout = shared.config.tls_handshake_timeout;

@@ -1376,6 +1376,59 @@ async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
     assert_eq!(h["host"], "shop.example", "the Host that routed it");
 }
 
+/// With `proxy_protocol`, a connection from a trusted proxy begins with a PROXY header (v1 or
+/// v2) and the client it names is the one the upstream hears of; a connection from a trusted
+/// proxy without one, or with a malformed one, is closed unanswered and reaches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proxy_protocol_header_from_a_trusted_proxy_names_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Upstream::start("blue").await;
+    let mut cfg = test_config();
+    cfg.trusted_proxies = vec![cutover_proxy::Cidr::parse("127.0.0.0/8").unwrap()];
+    cfg.proxy_protocol = true;
+    let proxy = start_proxy(cfg, table(&[&blue], &[]));
+    let addr = proxy.local_addrs()[0];
+    let send = |header: Vec<u8>| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut bytes = header;
+        bytes.extend_from_slice(
+            b"GET /headers HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n",
+        );
+        s.write_all(&bytes).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let answer = send(b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 80\r\n".to_vec()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let h = blue.seen.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        h["x-forwarded-for"], "203.0.113.7",
+        "the client the header names; its own claim is not believed"
+    );
+
+    let mut v2 = vec![
+        0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a, 0x21, 0x21, 0, 36,
+    ];
+    v2.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend_from_slice(&"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend_from_slice(&443u16.to_be_bytes());
+    v2.extend_from_slice(&443u16.to_be_bytes());
+    let answer = send(v2).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let h = blue.seen.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(h["x-forwarded-for"], "2001:db8::7");
+
+    let before = blue.requests();
+    assert_eq!(send(Vec::new()).await, "", "no header: closed unanswered");
+    assert_eq!(
+        send(b"PROXY TCP4 nonsense\r\n".to_vec()).await,
+        "",
+        "a malformed header: closed unanswered"
+    );
+    assert_eq!(blue.requests(), before, "nothing reached the upstream");
+}
+
 /// A request body with a declared length reaches the upstream with that length, whichever
 /// protocol the client spoke; one without goes chunked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -263,6 +263,7 @@ shutdown_timeout = "0s"
 retry_idempotent = false
 preempt_interval = "0s"
 trusted_proxies = ["10.0.0.0/8", "::1"]
+proxy_protocol = true
 
 [services.web]
 hosts = ["Shop.Example.com", "www.example.com"]
@@ -318,6 +319,7 @@ events = ["went-live", "rolled-back"]
                 cutover_proxy::Cidr::parse("10.0.0.0/8").unwrap(),
                 cutover_proxy::Cidr::parse("::1").unwrap(),
             ],
+            proxy_protocol: true,
         },
         services: vec![
             ServiceConfig {
@@ -1378,5 +1380,14 @@ fn a_key_that_is_not_bare_is_named_quoted() {
         12,
         "services.web.health.\"pa.th\"",
         "unknown key \"pa.th\"",
+    );
+}
+
+#[test]
+fn proxy_protocol_needs_trusted_proxies() {
+    let err = parse("[proxy]\nproxy_protocol = true\n").unwrap_err().to_string();
+    assert!(
+        err.contains("proxy.proxy_protocol") && err.contains("trusted_proxies"),
+        "{err}"
     );
 }
