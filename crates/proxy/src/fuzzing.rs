@@ -103,6 +103,8 @@ pub mod request {
             &Forwarding {
                 client_ip: &ip,
                 proto: "http",
+                // As for a client on the internet: its forwarding claims are replaced.
+                trusted: false,
                 authority,
             },
             upgrade,
