@@ -12,10 +12,13 @@
 # Prints a summary (runs, edges covered, features, corpus, crashes, CPU time) and appends it to
 # BENCHMARKS.md under "Fuzzing". FUZZ_NO_BENCHMARKS=1 leaves BENCHMARKS.md alone.
 #
-# Needs the one stable toolchain of the machine: libFuzzer's instrumentation flags are unstable
-# ones, so the build runs with RUSTC_BOOTSTRAP=1; no sanitizer (-s none), since every crate of
-# cutover forbids unsafe code; debug assertions and overflow checks on (-a), so that arithmetic
-# that overflows on some input is found too. Runs under nice -n 10.
+# Needs only the machine's stable toolchain and cargo-fuzz (installed from crates.io when
+# missing). No sanitizer by default (FUZZ_SANITIZER=none): every crate of cutover forbids unsafe
+# code, and without one cargo-fuzz passes rustc only stable -C flags (sancov instrumentation).
+# FUZZ_SANITIZER=address passes -Zsanitizer, which the stable compiler takes only with
+# RUSTC_BOOTSTRAP=1; it is set always, so that both builds share one environment. Debug
+# assertions and overflow checks are on (-a), so that arithmetic that overflows on some input is
+# found too. Runs under nice -n 10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -37,7 +40,7 @@ if [ ! -x /usr/bin/time ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq time
 fi
 
-fuzz_flags=(-s none -O -a)
+fuzz_flags=(-s "${FUZZ_SANITIZER:-none}" -O -a)
 cd fuzz
 # The corpus seeds, when a target has none yet (a fresh clone has the committed corpus).
 for t in "${targets[@]}"; do
