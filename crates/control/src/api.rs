@@ -67,6 +67,16 @@ impl IntoResponse for CommandError {
     }
 }
 
+/// A request's JSON body, or the 400 that says what was wrong with it and, in `hint`, what to
+/// send instead.
+fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+    hint: &str,
+) -> Result<T, Box<Response>> {
+    body.map(|Json(b)| b)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("{}; {hint}", e.body_text()))))
+}
+
 /// Who is asking, for the audit log.
 #[derive(Clone)]
 struct Caller(&'static str);
@@ -202,17 +212,12 @@ async fn deploy(
     UrlPath(name): UrlPath<String>,
     body: Result<Json<DeployBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(body) = match body {
+    let body = match json_body(
+        body,
+        "send {\"version\": \"v2\"} (and \"upstreams\" for a static service)",
+    ) {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "{}; send {{\"version\": \"v2\"}} (and \"upstreams\" for a static service)",
-                    e.body_text()
-                ),
-            )
-        }
+        Err(refused) => return *refused,
     };
     let mut upstreams = Vec::new();
     for u in &body.upstreams {
@@ -281,14 +286,9 @@ async fn pause(
     UrlPath(name): UrlPath<String>,
     body: Result<Json<PauseBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(body) = match body {
+    let body = match json_body(body, "send {} or {\"max_wait_ms\": 30000}") {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("{}; send {{}} or {{\"max_wait_ms\": 30000}}", e.body_text()),
-            )
-        }
+        Err(refused) => return *refused,
     };
     let max_wait = Duration::from_millis(body.max_wait_ms.unwrap_or(30_000));
     if max_wait.is_zero() || max_wait > PAUSE_MAX {
@@ -326,14 +326,9 @@ async fn maintenance(
     UrlPath(name): UrlPath<String>,
     body: Result<Json<MaintenanceBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(body) = match body {
+    let body = match json_body(body, "send {\"message\": \"Back in 10 minutes\"}") {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("{}; send {{\"message\": \"Back in 10 minutes\"}}", e.body_text()),
-            )
-        }
+        Err(refused) => return *refused,
     };
     match api.daemon.maintenance(&name, &body.message, caller.0).await {
         Ok(()) => Json(serde_json::json!({ "maintenance": true })).into_response(),
@@ -360,17 +355,12 @@ async fn upgrade(
     axum::Extension(caller): axum::Extension<Caller>,
     body: Result<Json<UpgradeBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(body) = match body {
+    let body = match json_body(
+        body,
+        "send {} or {\"binary\": \"/usr/local/bin/cutover\", \"timeout_ms\": 60000}",
+    ) {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "{}; send {{}} or {{\"binary\": \"/usr/local/bin/cutover\", \"timeout_ms\": 60000}}",
-                    e.body_text()
-                ),
-            )
-        }
+        Err(refused) => return *refused,
     };
     let binary = match body.binary {
         None => None,
@@ -423,14 +413,9 @@ async fn shutdown(
     axum::Extension(caller): axum::Extension<Caller>,
     body: Result<Json<ShutdownBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(body) = match body {
+    let body = match json_body(body, "send {} or {\"stop_instances\": true}") {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("{}; send {{}} or {{\"stop_instances\": true}}", e.body_text()),
-            )
-        }
+        Err(refused) => return *refused,
     };
     let instances = if body.stop_instances {
         AtShutdown::Stop

@@ -1404,12 +1404,7 @@ impl Actor {
                     ))));
                     return std::ops::ControlFlow::Continue(());
                 }
-                for colour in [Colour::Blue, Colour::Green] {
-                    if let Some(run) = self.runs[slot(colour)].take() {
-                        run.stop_forwarding();
-                        self.leave_running(colour, run).await;
-                    }
-                }
+                self.leave_all_running().await;
                 let _ = reply.send(Ok(()));
                 if resume.await.unwrap_or(false) {
                     // The daemon that failed to take over may have committed meanwhile.
@@ -1417,25 +1412,19 @@ impl Actor {
                     self.recover().await;
                     return std::ops::ControlFlow::Continue(());
                 }
-                let [blue, green] = &mut self.lanes;
-                tokio::join!(blue.close(), green.close());
+                self.close_lanes().await;
                 return std::ops::ControlFlow::Break(());
             }
             Msg::Shutdown { instances, reply } => {
-                if let Some((_, task)) = self.smoke.take() {
-                    task.abort();
-                }
-                if let Some((_, task)) = self.watch.take() {
-                    task.abort();
-                }
-                for colour in [Colour::Blue, Colour::Green] {
-                    if let Some(run) = self.runs[slot(colour)].take() {
-                        run.stop_forwarding();
-                        match instances {
-                            AtShutdown::Stop => {
+                self.abort_tasks();
+                match instances {
+                    AtShutdown::Leave => self.leave_all_running().await,
+                    AtShutdown::Stop => {
+                        for colour in [Colour::Blue, Colour::Green] {
+                            if let Some(run) = self.runs[slot(colour)].take() {
+                                run.stop_forwarding();
                                 self.lanes[slot(colour)].push(Job::Stop(Stopping::Run(Box::new(run))));
                             }
-                            AtShutdown::Leave => self.leave_running(colour, run).await,
                         }
                     }
                 }
@@ -1443,8 +1432,7 @@ impl Actor {
                 // stopped): stops of retired colours complete. Starts still queued only report to
                 // an actor that no longer listens, which stops what they started: a release being
                 // provisioned is aborted by the next start's recovery anyway.
-                let [blue, green] = &mut self.lanes;
-                tokio::join!(blue.close(), green.close());
+                self.close_lanes().await;
                 let _ = reply.send(());
                 return std::ops::ControlFlow::Break(());
             }
@@ -2075,26 +2063,54 @@ impl Actor {
         self.set_pool(colour, &addrs, None, &known_healthy);
     }
 
-    /// Lets go of a run without stopping its instances, as a crash would but in order: the checks
-    /// stop, the supervisors hand over their processes, and the store records exactly those, for
-    /// the next daemon to adopt.
-    async fn leave_running(&mut self, colour: Colour, run: Run) {
+    /// Lets go of `colour`'s run without stopping its instances, as a crash would but in order:
+    /// nothing of it reports any more, the checks stop, the supervisors hand over their
+    /// processes, and the store records exactly those, for the next actor or daemon to adopt.
+    /// Returns the release and the instances handed over (none for static upstreams).
+    async fn leave_running(&mut self, colour: Colour) -> Option<(Release, Vec<Recorded>)> {
+        let run = self.runs[slot(colour)].take()?;
+        run.stop_forwarding();
         run.health.stop().await;
-        if let Instances::Process(group) = run.instances {
-            let recorded = group.detach().await;
-            self.record_instances(colour, &run.release, &recorded).await;
-            self.shared.notice(
-                self.name(),
-                None,
-                EventKind::Instances,
-                format!(
-                    "{colour} ({}): {} instances left running for the next start",
-                    run.release,
-                    recorded.len()
-                ),
-                None,
-            );
+        let Instances::Process(group) = run.instances else {
+            return None;
+        };
+        let recorded = group.detach().await;
+        self.record_instances(colour, &run.release, &recorded).await;
+        Some((run.release, recorded))
+    }
+
+    /// [`Actor::leave_running`] for both colours, announced (a stop or a handover of the daemon).
+    async fn leave_all_running(&mut self) {
+        for colour in [Colour::Blue, Colour::Green] {
+            if let Some((release, recorded)) = self.leave_running(colour).await {
+                self.shared.notice(
+                    self.name(),
+                    None,
+                    EventKind::Instances,
+                    format!(
+                        "{colour} ({release}): {} instances left running for the next start",
+                        recorded.len()
+                    ),
+                    None,
+                );
+            }
         }
+    }
+
+    /// Ends the smoke command and the watch, if one runs.
+    fn abort_tasks(&mut self) {
+        if let Some((_, task)) = self.smoke.take() {
+            task.abort();
+        }
+        if let Some((_, task)) = self.watch.take() {
+            task.abort();
+        }
+    }
+
+    /// Lets both lanes finish what they have queued, and waits for it.
+    async fn close_lanes(&mut self) {
+        let [blue, green] = &mut self.lanes;
+        tokio::join!(blue.close(), green.close());
     }
 
     /// The addresses among `addrs` that pass one health check now (all checked at once, each

@@ -43,7 +43,7 @@ use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{slot, Actor, EventKind, Instances, Lane, Msg, Report, Shared};
+use super::{Actor, EventKind, Lane, Msg, Report, Shared};
 use crate::config::ServiceConfig;
 use crate::lifecycle::State;
 use crate::store::StoreError;
@@ -142,24 +142,12 @@ impl Actor {
     /// After a panic: leaves the instances running and recorded for the next actor to adopt, and
     /// ends everything of this one that could still act on the service. See the module doc.
     async fn hand_over(&mut self) {
-        if let Some((_, task)) = self.smoke.take() {
-            task.abort();
-        }
-        if let Some((_, task)) = self.watch.take() {
-            task.abort();
-        }
+        self.abort_tasks();
         for colour in [Colour::Blue, Colour::Green] {
-            let Some(run) = self.runs[slot(colour)].take() else {
-                continue;
-            };
-            run.stop_forwarding();
-            run.health.stop().await;
-            if let Instances::Process(group) = run.instances {
-                // What runs now, which may differ from what the store has (an instance restarted
-                // since): the next actor adopts from the store.
-                let running = group.detach().await;
-                self.record_instances(colour, &run.release, &running).await;
-                tracing::info!(service = self.name(), %colour, release = %run.release,
+            // What runs now, which may differ from what the store has (an instance restarted
+            // since), is recorded: the next actor adopts from the store.
+            if let Some((release, running)) = self.leave_running(colour).await {
+                tracing::info!(service = self.name(), %colour, %release,
                     pids = ?running.iter().map(|r| r.pid).collect::<Vec<_>>(), "instances handed over");
             }
         }
