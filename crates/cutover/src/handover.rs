@@ -115,19 +115,26 @@ pub async fn hand_over(
     tracing::info!(pid, binary = %binary.display(), "new daemon started; waiting until it serves");
 
     let mut last_status = String::new();
+    // The `STATUS=` line of a notification, kept; whether it says `READY=1`.
+    let read = |bytes: &[u8], last_status: &mut String| {
+        let text = String::from_utf8_lossy(bytes);
+        for line in text.lines() {
+            if let Some(status) = line.strip_prefix("STATUS=") {
+                *last_status = status.to_string();
+            }
+        }
+        text.lines().any(|l| l == "READY=1")
+    };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; 4096];
     let failure = loop {
         tokio::select! {
+            // First: what the new daemon said before it exited is already queued when its exit
+            // is seen, and is the reason to report.
+            biased;
             got = notify.recv(&mut buf) => {
                 let Ok(n) = got else { continue };
-                let text = String::from_utf8_lossy(&buf[..n]);
-                for line in text.lines() {
-                    if let Some(status) = line.strip_prefix("STATUS=") {
-                        last_status = status.to_string();
-                    }
-                }
-                if text.lines().any(|l| l == "READY=1") {
+                if read(&buf[..n], &mut last_status) {
                     return Ok(HandedOver { pid });
                 }
             }
@@ -147,6 +154,10 @@ pub async fn hand_over(
             }
         }
     };
+    // Anything it said that is still queued.
+    while let Ok(n) = notify.try_recv(&mut buf) {
+        read(&buf[..n], &mut last_status);
+    }
     // Make sure it is gone, whatever it did: a second daemon must not run on.
     let _ = child.start_kill();
     let _ = child.wait().await;
