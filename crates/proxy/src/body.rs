@@ -76,9 +76,17 @@ impl Streaming {
             if !self.gen.gen.expired.load(Ordering::Acquire) {
                 return false;
             }
-            let window = self.gen.gen.close_window_ms.load(Ordering::Relaxed).max(1);
-            let offset = std::time::Duration::from_millis(crate::headers::random_u64() % window);
-            self.cut_at = Some(Box::pin(tokio::time::sleep_until(crate::clock::instant_in(offset))));
+            // The instant is drawn over the window from the deadline, not from now: a stream
+            // polled only later (its client had stopped reading) whose instant has passed is cut
+            // at once.
+            let gen = &self.gen.gen;
+            let window = gen.close_window_ms.load(Ordering::Relaxed).max(1);
+            let at = gen.expired_at_ms.load(Ordering::Relaxed) + crate::headers::random_u64() % window;
+            let left = std::time::Duration::from_millis(at.saturating_sub(crate::table::now_ms()));
+            if left.is_zero() {
+                return true;
+            }
+            self.cut_at = Some(Box::pin(tokio::time::sleep_until(crate::clock::instant_in(left))));
         }
         self.cut_at
             .as_mut()

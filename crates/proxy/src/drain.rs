@@ -70,6 +70,7 @@ impl Proxy {
         }
         let cut_requests = old.in_flight();
         let closed_upgrades = old.upgraded();
+        old.expired_at_ms.store(crate::table::now_ms(), Ordering::Relaxed);
         old.expired.store(true, Ordering::Release);
         for tx in &self.shared().expired_tx {
             let _ = tx.send(old.clone());

@@ -133,6 +133,9 @@ pub struct Generation {
     pub(crate) expired: AtomicBool,
     /// The spread window (milliseconds) that upgraded connections use when `deadline` fires.
     pub(crate) close_window_ms: AtomicU64,
+    /// When the deadline fired ([`now_ms`]), set before `expired`: streams draw their cut
+    /// instants over the window from then.
+    pub(crate) expired_at_ms: AtomicU64,
 }
 
 impl Generation {
