@@ -91,27 +91,7 @@ fn https_get(tls: &mut Tls, host: &str, path: &str) -> std::io::Result<(u16, Str
     // One write, one TLS record, one segment.
     tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())?;
     tls.flush()?;
-    let mut reader = BufReader::new(tls);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let status: u16 = line
-        .get(9..12)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut length = 0usize;
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h)?;
-        if h == "\r\n" || h.is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body)?;
-    Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
+    read_answer(&mut BufReader::new(tls))
 }
 
 /// An upstream that answers every request with its Host and X-Forwarded-Proto, keep-alive.

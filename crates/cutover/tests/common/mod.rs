@@ -99,6 +99,11 @@ pub fn exchange_at(
     target: &str,
 ) -> std::io::Result<(u16, String)> {
     writer.write_all(format!("GET {target} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())?;
+    read_answer(reader)
+}
+
+/// Reads one HTTP/1.1 answer with a Content-Length body; returns the status and the body, trimmed.
+pub fn read_answer(reader: &mut impl BufRead) -> std::io::Result<(u16, String)> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let status: u16 = line
