@@ -5,7 +5,7 @@
 //!
 //! curl, python3 and h2load (Debian's nghttp2-client) are installed by scripts/test.sh.
 
-use std::io::{BufReader, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
