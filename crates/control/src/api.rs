@@ -549,6 +549,8 @@ fn token_ok(presented: &[u8], expected: &[u8]) -> bool {
 /// token (`POST /v1/session`).
 struct Access {
     token: String,
+    /// Whether the API is served over TLS: its session cookie is then `Secure`.
+    secure: bool,
     /// Session id -> expiry. Sessions live in memory: a restart signs everyone out.
     sessions: Mutex<HashMap<String, Instant>>,
     /// Slows down guessing: checked before the token is compared.
@@ -675,8 +677,9 @@ async fn login(access: &Access, req: Request) -> Response {
         .unwrap_or_else(|p| p.into_inner())
         .insert(id.clone(), Instant::now() + SESSION_LIFETIME);
     let cookie = format!(
-        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        SESSION_LIFETIME.as_secs()
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        SESSION_LIFETIME.as_secs(),
+        if access.secure { "; Secure" } else { "" }
     );
     ([(header::SET_COOKIE, cookie)], Json(serde_json::json!({ "ok": true }))).into_response()
 }
@@ -869,21 +872,123 @@ pub fn serve(listener: AdminListener, daemon: Daemon) -> AdminServer {
             AdminServer { task, handed_over }
         }
         Bound::Tcp(l, token) => {
+            let tls_wanted = daemon.config().server.admin_tls.is_some();
+            let tls = daemon.admin_certificate().and_then(|slot| {
+                cutover_proxy::admin_server_config(slot)
+                    .map_err(|e| tracing::error!(error = %e, "the admin API's TLS settings failed: {e}"))
+                    .ok()
+            });
             let access = Arc::new(Access {
                 token,
+                secure: tls.is_some(),
                 sessions: Mutex::new(HashMap::new()),
                 limiter: TokenLimiter::new(),
             });
             let app = router(daemon, "api").layer(axum::middleware::from_fn_with_state(access, require_token));
-            let task = tokio::spawn(async move {
-                let _ = axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>()).await;
-            });
+            let task = match tls {
+                Some(tls) => tokio::spawn(serve_tls(l, app, tls)),
+                // With admin_tls set and its settings refused (not expected: they are rustls'
+                // defaults), the API is not served at all rather than in cleartext.
+                None if tls_wanted => tokio::spawn(async {}),
+                None => tokio::spawn(async move {
+                    let _ = axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>()).await;
+                }),
+            };
             AdminServer {
                 task,
                 handed_over: None,
             }
         }
     }
+}
+
+/// Connections the admin API over TLS holds at once (handshakes included); more are closed at
+/// once.
+const ADMIN_TLS_CONNECTIONS: usize = 512;
+/// A client must finish its TLS handshake with the admin API within this from its connect.
+const ADMIN_TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Serves the admin API over TLS (`server.admin_tls`): each connection's handshake on a task of
+/// its own, bounded in time, then HTTP/1.1 with the API's routes.
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_TLS_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: try again shortly rather than spin.
+                tracing::warn!(error = %e, "admin API: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "admin API: {ADMIN_TLS_CONNECTIONS} connections open already; the one from {peer} is closed");
+            continue;
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_tls_connection(stream, peer, acceptor, app).await;
+        });
+    }
+}
+
+async fn serve_tls_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let deadline = tokio::time::Instant::now() + ADMIN_TLS_HANDSHAKE;
+    // Plain HTTP to this port is told to use https, rather than getting an alert it cannot read.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != 0x16 => {
+            let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let body = format!(
+                "the cutover admin API at {local} speaks TLS only: use https://{local}/ (the cutover CLI does, with \
+                 [server] admin_tls in its config)\n"
+            );
+            let answer = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut stream = stream;
+            let _ = tokio::time::timeout_at(deadline, async {
+                stream.write_all(answer.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+            return;
+        }
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "admin API: the TLS handshake from {peer} failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "admin API: the TLS handshake from {peer} did not finish within {ADMIN_TLS_HANDSHAKE:?}");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let mut app = app.clone();
+        tower_service::Service::call(&mut app, req)
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .with_upgrades()
+        .await;
 }
 
 #[cfg(test)]

@@ -48,6 +48,11 @@ preview_listen = "127.0.0.1:8081"
 admin = "unix:.cutover/admin.sock"
 # admin = "127.0.0.1:9901"
 # token_file = ".cutover/admin.token"
+# Off loopback the admin API must speak TLS, so that the token never crosses the network in
+# cleartext: the CLI trusts `ca` (default: the certificate itself, e.g. a self-signed one) and
+# checks the name `server_name` (default: the admin address's IP). The certificate is reloaded
+# like the listeners' ones. `admin_plaintext = true` allows plain TCP off loopback instead.
+# admin_tls = { cert = "certs/admin.pem", key = "certs/admin.key" }
 # Releases, deployment history, instance logs. Created with mode 0700.
 state_dir = ".cutover"
 # Proxy threads, each with its own event loop.
@@ -178,6 +183,32 @@ pub struct ServerConfig {
     /// `tls = { cert, key }`: the default certificate, for names no service's certificate
     /// covers and for clients that send no SNI. Default none.
     pub tls: Option<TlsFiles>,
+    /// `admin_tls = { cert, key, ca, server_name }`: the admin API on TCP speaks TLS. Only with a
+    /// TCP `admin`. Default none.
+    pub admin_tls: Option<AdminTls>,
+    /// `admin_plaintext = true`: a TCP `admin` off loopback may go without TLS (its token then
+    /// crosses the network in cleartext; for a network or tunnel that is encrypted itself).
+    /// Default false: such an address is refused without `admin_tls`.
+    pub admin_plaintext: bool,
+}
+
+/// `admin_tls`: the daemon presents `files`; the CLI trusts `ca` and checks `server_name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminTls {
+    pub files: TlsFiles,
+    /// `ca`: the certificates the CLI trusts (PEM). Default: the certificates in `files.cert`,
+    /// which suits a self-signed certificate.
+    pub ca: Option<PathBuf>,
+    /// `server_name`: the name the CLI checks the certificate against. Default: the IP of
+    /// `admin`, so the certificate must name that address.
+    pub server_name: Option<String>,
+}
+
+impl AdminTls {
+    /// The file of the certificates the CLI trusts.
+    pub fn trusted(&self) -> &Path {
+        self.ca.as_deref().unwrap_or(&self.files.cert)
+    }
 }
 
 /// `tls = { cert = "...", key = "..." }`: a certificate chain and its private key, PEM files.
@@ -788,6 +819,20 @@ struct RawServer {
     listen_tls: Option<Spanned<RawList>>,
     preview_listen_tls: Option<Spanned<RawList>>,
     tls: Option<RawTls>,
+    admin_tls: Option<RawAdminTls>,
+    admin_plaintext: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. admin_tls = { cert = \"certs/admin.pem\", key = \"certs/admin.key\" }"
+)]
+struct RawAdminTls {
+    cert: Leaf,
+    key: Leaf,
+    ca: Leaf,
+    server_name: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1286,6 +1331,32 @@ impl<'a> Checker<'a> {
             None => None,
             Some(t) => Some(self.tls_files(t, "server.tls", dir)?),
         };
+        let admin_plaintext = match &raw.admin_plaintext {
+            None => false,
+            Some(v) => self.boolean(v, "server.admin_plaintext")?,
+        };
+        let admin_tls = match &raw.admin_tls {
+            None => None,
+            Some(t) => Some(self.admin_tls(t, &admin, admin_plaintext, dir)?),
+        };
+        if let (Admin::Tcp(addr), None, false) = (&admin, &admin_tls, admin_plaintext) {
+            if !addr.ip().is_loopback() {
+                let offset = raw
+                    .admin
+                    .as_ref()
+                    .map_or(self.key_offset("server.admin"), |v| v.span().start);
+                return Err(self.invalid(
+                    offset,
+                    "server.admin",
+                    format!(
+                        "{addr} is not a loopback address, and the admin API's bearer token would cross the \
+                         network in cleartext; add admin_tls = {{ cert = \"certs/admin.pem\", key = \
+                         \"certs/admin.key\" }} to [server], or admin_plaintext = true if the network or a tunnel \
+                         encrypts it already"
+                    ),
+                ));
+            }
+        }
         Ok(ServerConfig {
             listen: listen.into_iter().map(|(a, _)| a).collect(),
             preview_listen: preview_listen.into_iter().map(|(a, _)| a).collect(),
@@ -1296,7 +1367,65 @@ impl<'a> Checker<'a> {
             listen_tls: listen_tls.into_iter().map(|(a, _)| a).collect(),
             preview_listen_tls: preview_listen_tls.into_iter().map(|(a, _)| a).collect(),
             tls,
+            admin_tls,
+            admin_plaintext,
         })
+    }
+
+    fn admin_tls(
+        &self,
+        raw: &RawAdminTls,
+        admin: &Admin,
+        plaintext: bool,
+        dir: &Path,
+    ) -> Result<AdminTls, ConfigError> {
+        let p = "server.admin_tls";
+        if let Admin::Unix(path) = admin {
+            return Err(self.invalid(
+                self.key_offset(p),
+                p,
+                format!(
+                    "the admin API is the unix socket {}, which TLS does not apply to; remove admin_tls, or \
+                     set admin = \"IP:PORT\" to serve it on TCP",
+                    path.display()
+                ),
+            ));
+        }
+        if plaintext {
+            return Err(self.invalid(
+                self.key_offset("server.admin_plaintext"),
+                "server.admin_plaintext",
+                "admin_plaintext = true allows the admin API without TLS, but admin_tls is set; remove one of the two",
+            ));
+        }
+        let files = self.tls_files(
+            &RawTls {
+                cert: raw.cert.clone(),
+                key: raw.key.clone(),
+            },
+            p,
+            dir,
+        )?;
+        let ca = match &raw.ca {
+            None => None,
+            Some(v) => Some(dir.join(self.path(v, &format!("{p}.ca"), "ca = \"certs/admin-ca.pem\"")?)),
+        };
+        let server_name = match &raw.server_name {
+            None => None,
+            Some(v) => {
+                let key = format!("{p}.server_name");
+                let name = self.string(v, &key, "server_name = \"cutover.internal\"")?;
+                if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    return Err(self.at(
+                        v,
+                        &key,
+                        format!("{name:?} is neither a DNS name nor an IP address; write the name the admin certificate was issued for"),
+                    ));
+                }
+                Some(name)
+            }
+        };
+        Ok(AdminTls { files, ca, server_name })
     }
 
     /// TLS listeners need a certificate, and certificates need a TLS listener.

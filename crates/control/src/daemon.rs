@@ -453,7 +453,7 @@ impl Daemon {
             services.push(s);
         }
         // Before the proxy: a certificate that cannot be loaded fails the start, naming its file.
-        let certificates = if config.has_tls_listeners() {
+        let certificates = if config.has_tls_listeners() || config.server.admin_tls.is_some() {
             let sources = crate::tls::Source::all(&config);
             let loaded = tokio::task::spawn_blocking(move || crate::tls::Certificates::load(sources))
                 .await
@@ -461,7 +461,9 @@ impl Daemon {
                     key: "tls".into(),
                     message: format!("loading the certificates stopped: {e}"),
                 })??;
-            warn_uncovered_hosts(&config);
+            if config.has_tls_listeners() {
+                warn_uncovered_hosts(&config);
+            }
             Some(Arc::new(loaded))
         } else {
             None
@@ -682,6 +684,11 @@ impl Daemon {
         off_async_store(move || store.set_value(&key, message.as_deref()))
             .await
             .map_err(|e| CommandError::Store(format!("cannot record the maintenance: {e}")))
+    }
+
+    /// The admin API's certificate, kept current by reloads, when `admin_tls` is set.
+    pub fn admin_certificate(&self) -> Option<Arc<cutover_proxy::CertificateSlot>> {
+        self.shared.certificates.as_ref().and_then(|c| c.admin())
     }
 
     /// The TLS listeners' certificates as served now (empty without TLS listeners).

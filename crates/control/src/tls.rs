@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cutover_proxy::{CertificateFile, CertificateSet, Proxy, TlsCertificate};
+use cutover_proxy::{CertificateFile, CertificateSet, CertificateSlot, Proxy, TlsCertificate};
 use serde::Serialize;
 
 use crate::config::{Config, TlsFiles};
@@ -32,13 +32,15 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Which certificate a source is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source {
-    /// `"default"` for `[server] tls`, else the service's name.
+    /// `"default"` for `[server] tls`, `"admin API"` for `[server] admin_tls`, else the service's name.
     pub name: String,
     /// The config key the files come from (`server.tls`, `services.web.tls`), for messages.
     pub key: String,
-    /// The names it is presented for; empty for the default.
+    /// The names it is presented for; empty for the default and the admin API's.
     pub hosts: Vec<String>,
     pub files: TlsFiles,
+    /// The admin API's certificate (`server.admin_tls`), not the proxy's.
+    pub admin: bool,
 }
 
 impl Source {
@@ -49,6 +51,7 @@ impl Source {
             key: "server.tls".to_string(),
             hosts: Vec::new(),
             files: files.clone(),
+            admin: false,
         });
         let services = config.services.iter().filter_map(|s| {
             s.tls.as_ref().map(|files| Source {
@@ -56,16 +59,24 @@ impl Source {
                 key: format!("services.{}.tls", s.name),
                 hosts: s.hosts.clone(),
                 files: files.clone(),
+                admin: false,
             })
         });
-        default.chain(services).collect()
+        let admin = config.server.admin_tls.iter().map(|t| Source {
+            name: "admin API".to_string(),
+            key: "server.admin_tls".to_string(),
+            hosts: Vec::new(),
+            files: t.files.clone(),
+            admin: true,
+        });
+        default.chain(services).chain(admin).collect()
     }
 }
 
 /// What `cutover status` and `/v1/status` show of one certificate.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct CertificateView {
-    /// `"default"` or the service's name.
+    /// `"default"`, `"admin API"` or the service's name.
     pub name: String,
     /// The names it is presented for; empty for the default.
     pub hosts: Vec<String>,
@@ -155,6 +166,8 @@ impl Entry {
 pub struct Certificates {
     /// Set by [`Certificates::install`].
     proxy: std::sync::OnceLock<Arc<Proxy>>,
+    /// What the admin API presents, when it speaks TLS.
+    admin: Option<Arc<CertificateSlot>>,
     /// One reload at a time (a poll and `cutover reload` may meet).
     entries: Mutex<Vec<Entry>>,
 }
@@ -216,15 +229,30 @@ impl Certificates {
                 errors: 0,
             });
         }
+        let admin = entries
+            .iter()
+            .find(|e| e.source.admin)
+            .map(|e| CertificateSlot::new(e.served.certificate.clone()));
         Ok(Certificates {
             proxy: std::sync::OnceLock::new(),
+            admin,
             entries: Mutex::new(entries),
         })
     }
 
+    /// The admin API's certificate, kept current by reloads; `None` when the admin API does not
+    /// speak TLS.
+    pub fn admin(&self) -> Option<Arc<CertificateSlot>> {
+        self.admin.clone()
+    }
+
     /// Hands the current certificates to `proxy`, as one set; reloads hand theirs to it too.
+    /// Without certificates for the proxy (only the admin API's) it gets none.
     pub fn install(&self, proxy: Arc<Proxy>) -> Result<(), LoadError> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.iter().all(|e| e.source.admin) {
+            return Ok(());
+        }
         let installed = proxy.set_certificates(set_of(&entries)).map_err(|e| LoadError {
             key: "tls".into(),
             message: e.to_string(),
@@ -276,7 +304,10 @@ impl Certificates {
                     entry.error = None;
                     if !same {
                         entry.served = loaded;
-                        changed = true;
+                        match (&self.admin, entry.source.admin) {
+                            (Some(slot), true) => slot.replace(entry.served.certificate.clone()),
+                            _ => changed = true,
+                        }
                     }
                 }
                 Err(message) => {
@@ -324,7 +355,7 @@ impl Certificates {
 /// the rest.
 fn set_of(entries: &[Entry]) -> CertificateSet {
     let mut set = CertificateSet::new();
-    for e in entries {
+    for e in entries.iter().filter(|e| !e.source.admin) {
         if e.source.hosts.is_empty() {
             set.set_default(e.served.certificate.clone());
         }

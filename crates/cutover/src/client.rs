@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 
 /// A failure that maps to an exit code: 1 for a deployment that did not go live, 2 for a usage,
 /// configuration or connection problem.
@@ -54,6 +56,66 @@ pub fn is_unreachable(e: &anyhow::Error) -> bool {
 enum Endpoint {
     Unix(PathBuf),
     Tcp(SocketAddr),
+    /// TCP with TLS (`server.admin_tls`): the settings trust the configured certificates, and
+    /// the daemon's certificate must name `ServerName`.
+    Tls(SocketAddr, tokio_rustls::TlsConnector, ServerName<'static>),
+}
+
+/// TLS settings that trust what `admin_tls` names, and the name the daemon's certificate must
+/// carry. Errors name the file and what to do.
+fn tls_client(
+    tls: &cutover_control::config::AdminTls,
+    admin: SocketAddr,
+) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    let file = tls.trusted();
+    let key = if tls.ca.is_some() {
+        "admin_tls.ca"
+    } else {
+        "admin_tls.cert"
+    };
+    let pem = std::fs::read(file).map_err(|e| {
+        format!(
+            "cannot read {} ({key}), the certificates the CLI trusts for the admin API: {e}; check the path (relative to the config file)",
+            file.display()
+        )
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{} ({key}) is not a PEM certificate file: {e}", file.display()))?;
+        roots.add(cert).map_err(|e| {
+            format!(
+                "{} ({key}) holds a certificate that cannot be trusted: {e}",
+                file.display()
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{} ({key}) holds no certificate; give the PEM certificate of the admin API or of its issuer",
+            file.display()
+        ));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(cutover_proxy::tls_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = match &tls.server_name {
+        Some(n) => ServerName::try_from(n.clone()).map_err(|e| format!("admin_tls.server_name {n:?}: {e}"))?,
+        None => ServerName::IpAddress(admin.ip().into()),
+    };
+    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+}
+
+fn server_name_text(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// The config file a command was given, or `./cutover.toml`.
@@ -94,7 +156,15 @@ impl Client {
                     .ok_or_else(|| usage("admin is TCP but token_file is not set"))?;
                 let token = cutover_control::token_file::read_token_file(&file)
                     .map_err(|e| usage(format!("{}: {e}", path.display())))?;
-                (Endpoint::Tcp(*a), Some(token))
+                let endpoint = match &config.server.admin_tls {
+                    None => Endpoint::Tcp(*a),
+                    Some(tls) => {
+                        let (connector, name) =
+                            tls_client(tls, *a).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+                        Endpoint::Tls(*a, connector, name)
+                    }
+                };
+                (endpoint, Some(token))
             }
         };
         Ok(Client { endpoint, token })
@@ -105,6 +175,7 @@ impl Client {
         match &self.endpoint {
             Endpoint::Unix(p) => p.display().to_string(),
             Endpoint::Tcp(a) => a.to_string(),
+            Endpoint::Tls(a, ..) => format!("https://{a}"),
         }
     }
 
@@ -126,6 +197,24 @@ impl Client {
         Ok(match &self.endpoint {
             Endpoint::Unix(p) => handshake!(tokio::net::UnixStream::connect(p).await.map_err(unreachable)?),
             Endpoint::Tcp(a) => handshake!(tokio::net::TcpStream::connect(a).await.map_err(unreachable)?),
+            Endpoint::Tls(a, connector, name) => {
+                let tcp = tokio::net::TcpStream::connect(a).await.map_err(unreachable)?;
+                let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                    if e.to_string().contains("InvalidContentType") {
+                        return usage(format!(
+                            "the cutover daemon at {a} does not answer in TLS ({e}); nothing was sent. Its config \
+                             has no [server] admin_tls, or another program listens there"
+                        ));
+                    }
+                    usage(format!(
+                        "the TLS handshake with the cutover daemon at {a} failed ({e}); nothing was sent. Check that \
+                         the certificates in [server] admin_tls.ca (default: admin_tls.cert) are the daemon's or \
+                         its issuer's, and that its certificate names {}",
+                        server_name_text(name)
+                    ))
+                })?;
+                handshake!(tls)
+            }
         })
     }
 
@@ -167,10 +256,17 @@ impl Client {
         if status.is_success() {
             return Ok(value);
         }
+        // The daemon's JSON error, else a plain-text answer (the TLS admin port's to a plain
+        // request), else the status.
+        let text = String::from_utf8_lossy(&bytes);
         let message = value
             .get("error")
             .and_then(|e| e.as_str())
             .map(str::to_string)
+            .or_else(|| {
+                (!text.trim().is_empty())
+                    .then(|| format!("{status}: {}", text.trim().chars().take(500).collect::<String>()))
+            })
             .unwrap_or_else(|| format!("{status}"));
         // Refusals (409, 400, 404, 401) are usage errors: nothing changed. A 502 says the daemon
         // tried and something it started failed (a new daemon, for `cutover upgrade`).

@@ -543,7 +543,7 @@ pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
         } else {
             let certificates = answer["certificates"].as_array().cloned().unwrap_or_default();
             if certificates.is_empty() {
-                println!("nothing to reload: no TLS listener is configured");
+                println!("nothing to reload: no TLS listener and no admin_tls is configured");
             }
             for c in &certificates {
                 println!("{}", certificate_line(c));
@@ -564,7 +564,10 @@ fn certificate_line(c: &serde_json::Value) -> String {
         .as_array()
         .map(|h| h.iter().filter_map(|h| h.as_str()).collect::<Vec<_>>().join(", "))
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "names no other certificate covers".into());
+        .unwrap_or_else(|| match name {
+            "admin API" => "the admin API's TCP listener".into(),
+            _ => "names no other certificate covers".into(),
+        });
     let expiry = match c["not_after"].as_u64() {
         Some(ms) => {
             let now = std::time::SystemTime::now()

@@ -43,7 +43,10 @@ pub use headers::X_CUTOVER_PREVIEW;
 pub use proxy::{Proxy, StartError, TlsSetupError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
 pub use table::{Balance, Colour, Generation, Hold, Instance, MaintenancePage, PauseGate, Pool, RouteTable, Service};
-pub use tls::{CertificateError, CertificateFile, CertificateSet, TlsCertificate};
+pub use tls::{
+    admin_server_config, provider as tls_provider, CertificateError, CertificateFile, CertificateSet, CertificateSlot,
+    TlsCertificate,
+};
 
 /// Whether a socket error is this host's own shortage (file descriptors, memory, buffers, local
 /// ports) rather than anything the peer did. Such a failure says nothing about the peer: the

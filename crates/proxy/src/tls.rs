@@ -49,7 +49,7 @@ pub(crate) const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// and 1.2 with rustls' safe default suites, is what ring gives; switching is this function and
 /// the `ring` features in Cargo.toml.
 #[allow(deprecated)]
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -222,6 +222,49 @@ impl ResolvesServerCert for SniResolver {
         }
         chosen
     }
+}
+
+/// The one certificate a listener presents to every client (the admin API's), replaced whole
+/// when it is reloaded; handshakes from then on get the new one.
+pub struct CertificateSlot(std::sync::RwLock<TlsCertificate>);
+
+impl fmt::Debug for CertificateSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertificateSlot")
+    }
+}
+
+impl CertificateSlot {
+    pub fn new(certificate: TlsCertificate) -> Arc<CertificateSlot> {
+        Arc::new(CertificateSlot(std::sync::RwLock::new(certificate)))
+    }
+
+    pub fn replace(&self, certificate: TlsCertificate) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = certificate;
+    }
+
+    /// Whether `certificate` is the one presented now.
+    pub fn holds(&self, certificate: &TlsCertificate) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).same_chain(certificate)
+    }
+}
+
+impl ResolvesServerCert for CertificateSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).key.clone())
+    }
+}
+
+/// The settings of a TLS listener for the admin API: TLS 1.3 and 1.2 as on the traffic
+/// listeners, ALPN http/1.1 only (the admin API speaks nothing else), and `slot`'s certificate.
+pub fn admin_server_config(slot: Arc<CertificateSlot>) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(slot);
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
 }
 
 /// What TLS handshakes are set up with: the certificates and the settings built around them.

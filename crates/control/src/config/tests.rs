@@ -300,6 +300,8 @@ events = ["went-live", "rolled-back"]
             listen_tls: vec![],
             preview_listen_tls: vec![],
             tls: None,
+            admin_tls: None,
+            admin_plaintext: false,
         },
         proxy: ProxySettings {
             client_header_timeout: Duration::from_secs(5),
@@ -440,6 +442,8 @@ fn minimal_config_gets_every_default() {
             listen_tls: vec![],
             preview_listen_tls: vec![],
             tls: None,
+            admin_tls: None,
+            admin_plaintext: false,
         }
     );
     assert_eq!(config.proxy, ProxySettings::default());
@@ -1389,5 +1393,104 @@ fn proxy_protocol_needs_trusted_proxies() {
     assert!(
         err.contains("proxy.proxy_protocol") && err.contains("trusted_proxies"),
         "{err}"
+    );
+}
+
+#[test]
+fn an_admin_api_off_loopback_needs_tls_or_an_explicit_plaintext() {
+    let server = |lines: &str| format!("[server]\ntoken_file = \"t\"\n{lines}\n{MINIMAL}");
+    let err = refused(
+        &server("admin = \"0.0.0.0:9901\""),
+        3,
+        9,
+        "server.admin",
+        "is not a loopback address",
+    );
+    assert!(
+        err.contains("admin_tls = {") && err.contains("admin_plaintext = true"),
+        "{err}"
+    );
+    refused(
+        &server("admin = \"[2001:db8::1]:9901\""),
+        3,
+        9,
+        "server.admin",
+        "cleartext",
+    );
+    for ok in ["127.0.0.1:9901", "127.0.0.2:9901", "[::1]:9901"] {
+        let c = parse(&server(&format!("admin = \"{ok}\""))).unwrap();
+        assert_eq!(c.server.admin_tls, None, "{ok}");
+        assert!(!c.server.admin_plaintext);
+    }
+    let c = parse(&server("admin = \"0.0.0.0:9901\"\nadmin_plaintext = true")).unwrap();
+    assert!(c.server.admin_plaintext);
+    let c = parse(&server(
+        "admin = \"0.0.0.0:9901\"\nadmin_tls = { cert = \"certs/a.pem\", key = \"certs/a.key\" }",
+    ))
+    .unwrap();
+    let tls = c.server.admin_tls.unwrap();
+    assert_eq!(tls.files.cert, Path::new("certs/a.pem"));
+    assert_eq!(tls.files.key, Path::new("certs/a.key"));
+    assert_eq!(
+        tls.trusted(),
+        Path::new("certs/a.pem"),
+        "without ca the certificate itself is trusted"
+    );
+    assert_eq!(tls.server_name, None);
+    let c = parse(&server(
+        "admin = \"10.0.0.1:9901\"\nadmin_tls = { cert = \"a.pem\", key = \"a.key\", ca = \"ca.pem\", server_name = \"cutover.internal\" }",
+    ))
+    .unwrap();
+    let tls = c.server.admin_tls.unwrap();
+    assert_eq!(tls.trusted(), Path::new("ca.pem"));
+    assert_eq!(tls.server_name.as_deref(), Some("cutover.internal"));
+}
+
+#[test]
+fn admin_tls_mistakes_are_named() {
+    let server = |lines: &str| format!("[server]\ntoken_file = \"t\"\n{lines}\n{MINIMAL}");
+    refused(
+        &server("admin = \"0.0.0.0:9901\"\nadmin_tls = { cert = \"a.pem\" }"),
+        4,
+        1,
+        "server.admin_tls.key",
+        "missing: a certificate needs both its PEM files",
+    );
+    refused(
+        &server(
+            "admin = \"0.0.0.0:9901\"\nadmin_tls = { cert = \"a.pem\", key = \"a.key\", server_name = \"not a name\" }",
+        ),
+        4,
+        60,
+        "server.admin_tls.server_name",
+        "neither a DNS name nor an IP address",
+    );
+    refused(
+        &server("admin = \"0.0.0.0:9901\"\nadmin_tls = { cert = \"a.pem\", key = \"a.key\", verify = false }"),
+        4,
+        46,
+        "server.admin_tls.verify",
+        "unknown key",
+    );
+    refused(
+        &server("admin = \"0.0.0.0:9901\"\nadmin_plaintext = true\nadmin_tls = { cert = \"a.pem\", key = \"a.key\" }"),
+        4,
+        1,
+        "server.admin_plaintext",
+        "remove one of the two",
+    );
+    refused(
+        "[server]\nadmin = \"unix:a.sock\"\nadmin_tls = { cert = \"a.pem\", key = \"a.key\" }\n[services.web]\ncommand = \"./web\"\n",
+        3,
+        1,
+        "server.admin_tls",
+        "TLS does not apply to",
+    );
+    refused(
+        &server("admin = \"0.0.0.0:9901\"\nadmin_plaintext = \"yes\""),
+        4,
+        19,
+        "server.admin_plaintext",
+        "",
     );
 }

@@ -77,12 +77,14 @@ fn sources(dir: &Path) -> Vec<Source> {
             key: "server.tls".into(),
             hosts: vec![],
             files: files(dir, "default"),
+            admin: false,
         },
         Source {
             name: "web".into(),
             key: "services.web.tls".into(),
             hosts: vec!["a.example".into()],
             files: files(dir, "web"),
+            admin: false,
         },
     ]
 }
