@@ -40,31 +40,6 @@ fn cli(config: &Path, args: &[&str]) -> Output {
     Command::new(BIN).args(args).arg("-c").arg(config).output().unwrap()
 }
 
-/// `cutover serve` that is expected to refuse to start: its output, once it exited.
-fn serve_refused(config: &Path) -> Output {
-    let child = Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Proc(child);
-    assert!(
-        wait_until(Duration::from_secs(20), || child.0.try_wait().unwrap().is_some()),
-        "serve exits"
-    );
-    let Proc(inner) = &mut child;
-    let mut out = Output {
-        status: inner.try_wait().unwrap().unwrap(),
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-    };
-    inner.stdout.take().unwrap().read_to_end(&mut out.stdout).unwrap();
-    inner.stderr.take().unwrap().read_to_end(&mut out.stderr).unwrap();
-    out
-}
-
 fn mode(path: &Path) -> u32 {
     std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
 }

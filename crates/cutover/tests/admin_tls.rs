@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,14 +110,7 @@ fn the_admin_api_over_tls_keeps_the_token_off_the_wire_and_checks_the_certificat
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let tls = "admin_tls = { cert = \"admin.pem\", key = \"admin.key\" }";
     let config = write_config(dir.path(), "cutover.toml", admin, tls);
-    let _daemon = Stopping(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = Stopping(spawn_serve(&config));
     assert!(
         wait_until(Duration::from_secs(20), || cli(&config, &["status"]).status.success()),
         "the CLI gets the status over TLS: {}",
@@ -275,14 +268,7 @@ fn the_admin_certificate_is_reloaded_live() {
         admin,
         "admin_tls = { cert = \"admin.pem\", key = \"admin.key\", ca = \"ca.pem\" }",
     );
-    let _daemon = Stopping(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = Stopping(spawn_serve(&config));
     assert!(wait_until(Duration::from_secs(20), || cli(&config, &["status"])
         .status
         .success()));
@@ -334,27 +320,7 @@ fn a_plaintext_admin_off_loopback_is_refused_unless_allowed() {
     write_private(&dir.path().join("admin.token"), TOKEN);
     let admin = SocketAddr::from(([0, 0, 0, 0], free_port()));
     let config = write_config(dir.path(), "cutover.toml", admin, "");
-    let mut refused = Proc(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || refused.0.try_wait().unwrap().is_some()),
-        "serve refuses to start, and exits"
-    );
-    let Proc(child) = &mut refused;
-    let mut out = Output {
-        status: child.try_wait().unwrap().unwrap(),
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-    };
-    child.stdout.take().unwrap().read_to_end(&mut out.stdout).unwrap();
-    child.stderr.take().unwrap().read_to_end(&mut out.stderr).unwrap();
+    let out = serve_refused(&config);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let shown = text(&out);
     assert!(
@@ -367,14 +333,7 @@ fn a_plaintext_admin_off_loopback_is_refused_unless_allowed() {
     );
 
     let allowed = write_config(dir.path(), "allowed.toml", admin, "admin_plaintext = true");
-    let _daemon = Stopping(
-        Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&allowed)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = Stopping(spawn_serve(&allowed));
     assert!(
         wait_until(Duration::from_secs(20), || cli(&allowed, &["status"]).status.success()),
         "admin_plaintext = true serves plain TCP: {}",

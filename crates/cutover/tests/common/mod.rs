@@ -75,6 +75,33 @@ pub fn spawn_serve(config: &Path) -> Child {
         .unwrap()
 }
 
+/// `cutover serve -c CONFIG` that is expected to refuse to start: its output, once it exited
+/// (within 20 s, or the test fails rather than waits for a daemon that did start).
+pub fn serve_refused(config: &Path) -> std::process::Output {
+    use std::io::Read;
+    let child = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Proc(child);
+    assert!(
+        wait_until(Duration::from_secs(20), || child.0.try_wait().unwrap().is_some()),
+        "serve exits"
+    );
+    let Proc(inner) = &mut child;
+    let mut out = std::process::Output {
+        status: inner.try_wait().unwrap().unwrap(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    inner.stdout.take().unwrap().read_to_end(&mut out.stdout).unwrap();
+    inner.stderr.take().unwrap().read_to_end(&mut out.stderr).unwrap();
+    out
+}
+
 /// A child process stopped with SIGTERM when dropped (SIGKILL if it lingers past 20 s).
 pub struct Stopping(pub Child);
 
