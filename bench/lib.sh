@@ -377,10 +377,10 @@ ensure_cutover() {
   if [[ ${CUTOVER_BUILD:-1} != 0 ]]; then
     # The source the binary is built from, named now: the tree may change while the run goes on.
     CUTOVER_REV=$(cutover_version)
-    log "building: cargo build --release -p cutover (log: $BENCH_TMP/cargo.log)"
-    if ! (cd "$REPO_ROOT" && cargo build --release -p cutover) >"$BENCH_TMP/cargo.log" 2>&1; then
+    log "building: cargo build --release --locked -p cutover (log: $BENCH_TMP/cargo.log)"
+    if ! (cd "$REPO_ROOT" && cargo build --release --locked -p cutover) >"$BENCH_TMP/cargo.log" 2>&1; then
       tail -40 "$BENCH_TMP/cargo.log" >&2
-      die "cargo build --release -p cutover failed"
+      die "cargo build --release --locked -p cutover failed"
     fi
   fi
   [[ -x $CUTOVER_BIN ]] || die "cutover binary not found at $CUTOVER_BIN (build it, or set CUTOVER_BIN)"
