@@ -130,11 +130,15 @@ raise_fd_limit() {
 
 # Install nginx, haproxy, wrk from Debian when missing. Never starts the
 # packaged services' configs: the scripts run their own instances.
+# EXTRA_PEERS="command:package ..." names more tools a script needs (e.g. h2load:nghttp2-client).
 ensure_peers() {
-  local missing=()
+  local missing=() extra
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
   command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
   command -v wrk >/dev/null || missing+=(wrk)
+  for extra in ${EXTRA_PEERS:-}; do
+    command -v "${extra%%:*}" >/dev/null || missing+=("${extra#*:}")
+  done
   command -v python3 >/dev/null || die "python3 is required"
   if ((${#missing[@]})); then
     log "installing missing peers: ${missing[*]}"
@@ -186,9 +190,11 @@ free_ports() { "${BT[@]}" ports "$1"; }
 # wait_ready NAME PID PORT [EXPECT_BODY_PREFIX] [TIMEOUT]
 # Polls (bounded) until PORT accepts connections, then until GET / returns 200
 # with a body starting with EXPECT. Fails with the process log if PID dies.
+# With PROXY_TLS=1 the GET goes over TLS (any certificate accepted).
 wait_ready() {
-  local name=$1 pid=$2 port=$3 expect=${4:-} timeout=${5:-${READY_TIMEOUT:-20}}
-  if ! "${BT[@]}" wait-ready --pid "$pid" --port "$port" --expect "$expect" --timeout "$timeout"; then
+  local name=$1 pid=$2 port=$3 expect=${4:-} timeout=${5:-${READY_TIMEOUT:-20}} tls=()
+  [[ ${PROXY_TLS:-0} == 1 ]] && tls=(--tls)
+  if ! "${BT[@]}" wait-ready --pid "$pid" --port "$port" --expect "$expect" --timeout "$timeout" "${tls[@]}"; then
     echo "----- log of $name (pid $pid): ${BG_LOG[$pid]:-?} -----" >&2
     tail -50 "${BG_LOG[$pid]:-/dev/null}" >&2
     [[ -n ${EXTRA_LOG:-} && -f $EXTRA_LOG ]] && { echo "----- $EXTRA_LOG -----" >&2; tail -30 "$EXTRA_LOG" >&2; }
@@ -247,9 +253,17 @@ EOF
 
 # start_nginx_proxy PORT LIVE_BACKEND_PORT [EXPECT] [NAME] : sets NGINX_PID NGINX_CONF NGINX_ERRLOG.
 # A NAME ending in -headers adds the request headers cutover adds (see peer_headers_note).
+# With PROXY_TLS=1 the port speaks TLS (and HTTP/2 by ALPN) with TLS_CERT and TLS_KEY.
 start_nginx_proxy() {
   local port=$1 up=$2 name=${4:-nginx} d=$BENCH_TMP/${4:-nginx-proxy}
-  local map="" hdrs=""
+  local map="" hdrs="" listen="listen 127.0.0.1:$port backlog=4096;"
+  if [[ ${PROXY_TLS:-0} == 1 ]]; then
+    # nginx 1.22 leaves TLS 1.3 out of its default ssl_protocols (1.23.4 added it).
+    listen="listen 127.0.0.1:$port ssl http2 backlog=4096;
+        ssl_certificate $TLS_CERT;
+        ssl_certificate_key $TLS_KEY;
+        ssl_protocols TLSv1.2 TLSv1.3;"
+  fi
   if [[ $name == *-headers ]]; then
     # shellcheck disable=SC2016  # nginx variables, for nginx to expand
     map='map $http_x_request_id $fwd_request_id { "" $request_id; default $http_x_request_id; }'
@@ -280,7 +294,7 @@ $(nginx_common_paths "$d")
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$port backlog=4096;
+        $listen
         location / {
             proxy_pass http://be;
             proxy_http_version 1.1;
@@ -322,11 +336,13 @@ haproxy_maxconn() {
 # and server green (disabled). Sets HAPROXY_PID HAPROXY_SOCK.
 # start_haproxy PORT BLUE_PORT GREEN_PORT [NAME] : sets HAPROXY_PID HAPROXY_SOCK.
 # A NAME ending in -headers adds the request headers cutover adds (see peer_headers_note).
+# With PROXY_TLS=1 the port speaks TLS (and HTTP/2 by ALPN) with TLS_PEM (certificate and key).
 start_haproxy() {
-  local port=$1 bp=$2 gp=$3 name=${4:-haproxy} d=$BENCH_TMP/${4:-haproxy} hdrs=""
+  local port=$1 bp=$2 gp=$3 name=${4:-haproxy} d=$BENCH_TMP/${4:-haproxy} hdrs="" bind="" proto=http
+  if [[ ${PROXY_TLS:-0} == 1 ]]; then bind=" ssl crt $TLS_PEM alpn h2,http/1.1" proto=https; fi
   if [[ $name == *-headers ]]; then
-    hdrs='option forwardfor
-    http-request set-header X-Forwarded-Proto http
+    hdrs="option forwardfor
+    http-request set-header X-Forwarded-Proto $proto"'
     http-request set-header X-Forwarded-Host %[req.hdr(host)] if { req.hdr(host) -m found }
     http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }'
   fi
@@ -349,7 +365,7 @@ defaults
     timeout http-keep-alive 60s
 
 frontend fe
-    bind 127.0.0.1:$port
+    bind 127.0.0.1:$port$bind
     $hdrs
     default_backend be
 
@@ -377,10 +393,10 @@ ensure_cutover() {
   if [[ ${CUTOVER_BUILD:-1} != 0 ]]; then
     # The source the binary is built from, named now: the tree may change while the run goes on.
     CUTOVER_REV=$(cutover_version)
-    log "building: cargo build --release -p cutover (log: $BENCH_TMP/cargo.log)"
-    if ! (cd "$REPO_ROOT" && cargo build --release -p cutover) >"$BENCH_TMP/cargo.log" 2>&1; then
+    log "building: cargo build --release --locked -p cutover (log: $BENCH_TMP/cargo.log)"
+    if ! (cd "$REPO_ROOT" && cargo build --release --locked -p cutover) >"$BENCH_TMP/cargo.log" 2>&1; then
       tail -40 "$BENCH_TMP/cargo.log" >&2
-      die "cargo build --release -p cutover failed"
+      die "cargo build --release --locked -p cutover failed"
     fi
   fi
   [[ -x $CUTOVER_BIN ]] || die "cutover binary not found at $CUTOVER_BIN (build it, or set CUTOVER_BIN)"

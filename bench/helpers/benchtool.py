@@ -13,6 +13,9 @@ Subcommands:
   report-throughput FILE        markdown tables from JSON lines
   report-switching FILE
   report-memory FILE
+  parse-load FILE --kind K      wrk / h2load / tls-load output (+ CPU snapshots) -> one JSON object
+  load-line                     one parse-load line (stdin) -> a short summary
+  report-tls FILE               bench/tls.sh's markdown tables from JSON lines
   md-update --file F --section S --content C   replace/append a marked section
 """
 import argparse
@@ -22,6 +25,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import statistics
 import sys
 import time
@@ -53,9 +57,19 @@ def pid_alive(pid):
         return False
 
 
-def http_get(port, timeout=2.0, path="/"):
-    """One HTTP/1.1 GET with Connection: close. Returns (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+def _tls_client(sock):
+    """TLS over `sock` for a readiness probe: any certificate, HTTP/1.1 by ALPN."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx.wrap_socket(sock, server_hostname="localhost")
+
+
+def http_get(port, timeout=2.0, path="/", tls=False):
+    """One HTTP/1.1 GET with Connection: close (over TLS with tls=True). Returns (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        s = _tls_client(raw) if tls else raw
         s.settimeout(timeout)
         s.sendall(
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -64,7 +78,10 @@ def http_get(port, timeout=2.0, path="/"):
         data = b""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ssl.SSLEOFError:
+                break  # closed without close_notify: what came before still counts
             if not chunk:
                 break
             data += chunk
@@ -93,7 +110,7 @@ def cmd_wait_ready(a):
             if not listening:
                 socket.create_connection(("127.0.0.1", a.port), timeout=0.5).close()
                 listening = True
-            st, body = http_get(a.port, timeout=2.0)
+            st, body = http_get(a.port, timeout=2.0, tls=a.tls)
             if st == 200 and body.startswith(a.expect):
                 return 0
             last = f"status {st}, body {body[:40]!r}"
@@ -563,6 +580,268 @@ def cmd_report_memory(a):
         tab))
 
 
+# ---------------------------------------------------------------- TLS (bench/tls.sh)
+
+
+def _percentiles(values_ms):
+    """p50, p90, p99 (nearest rank) of a list of milliseconds."""
+    v = sorted(values_ms)
+    if not v:
+        return None, None, None
+
+    def at(p):
+        i = max(1, math.ceil(p / 100 * len(v)))
+        return v[i - 1]
+    return at(50), at(90), at(99)
+
+
+def parse_h2load(text, log_path):
+    r = {"ok": False, "rate": 0.0, "requests": 0, "errors": 0, "p50_ms": None, "p90_ms": None,
+         "p99_ms": None, "tls": {}}
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+    if m:
+        r["rate"] = float(m.group(1))
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                  r"(\d+) errored, (\d+) timeout", text)
+    if m:
+        total, _, _, ok, failed, errored, tout = map(int, m.groups())
+        r["requests"] = ok
+        r["errors"] = failed + errored + tout
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    if m:
+        r["errors"] += int(m.group(3)) + int(m.group(4))
+    for key, pat in (("protocol", r"TLS Protocol: (.+)"), ("cipher", r"Cipher: (.+)"),
+                     ("group", r"Server Temp Key: (\S+)"), ("alpn", r"Application protocol: (.+)")):
+        m = re.search(pat, text)
+        if m:
+            r["tls"][key] = m.group(1).strip()
+    lat = []
+    if log_path:
+        try:
+            with open(log_path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 3 and parts[2].isdigit():
+                        lat.append(int(parts[2]) / 1000)
+        except OSError:
+            pass
+    r["p50_ms"], r["p90_ms"], r["p99_ms"] = _percentiles(lat)
+    r["ok"] = r["rate"] > 0 and r["requests"] > 0
+    return r
+
+
+def parse_tls_load(text):
+    r = {"ok": False, "rate": 0.0, "requests": 0, "errors": 0, "p50_ms": None, "p90_ms": None,
+         "p99_ms": None, "tls": {}}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        d = json.loads(line)
+        r.update(ok=bool(d["ok"]), rate=d["rate"], requests=d["connections"],
+                 errors=d["err_connect"] + d["err_tls"] + d["err_http"] + d["err_timeout"],
+                 p50_ms=d["p50_ms"], p90_ms=d["p90_ms"], p99_ms=d["p99_ms"], resumed=d["resumed"],
+                 errors_by_kind={k: d[k] for k in ("err_connect", "err_tls", "err_http", "err_timeout")})
+        r["tls"] = {"protocol": d["protocol"], "cipher": d["cipher"], "group": d["group"], "alpn": d["alpn"]}
+    return r
+
+
+def cmd_parse_load(a):
+    with open(a.file, errors="replace") as f:
+        text = f.read()
+    if a.kind == "wrk":
+        w = parse_wrk(text)
+        r = {"ok": w["ok"], "rate": w["rps"], "requests": w["requests"],
+             "errors": w["socket_errors"] + w["non2xx3xx"], "p50_ms": w["p50_ms"], "p90_ms": w["p90_ms"],
+             "p99_ms": w["p99_ms"], "tls": {}}
+    elif a.kind == "h2load":
+        r = parse_h2load(text, a.log)
+    else:
+        r = parse_tls_load(text)
+    # CPU over the measuring window: "user sys" ticks of the proxy, the load generator and the backend.
+    if a.cpu_before and a.cpu_after and a.window_ns:
+        b = [int(x) for x in a.cpu_before.split()]
+        e = [int(x) for x in a.cpu_after.split()]
+        secs = a.window_ns / 1e9
+        for i, who in enumerate(("proxy", "client", "backend")):
+            if len(b) < 2 * i + 2 or len(e) < 2 * i + 2:
+                continue
+            u = (e[2 * i] - b[2 * i]) / a.hz
+            sy = (e[2 * i + 1] - b[2 * i + 1]) / a.hz
+            reqs = r["rate"] * secs
+            r[who] = {"busy": (u + sy) / secs,
+                      "user_us": u * 1e6 / reqs if reqs else None,
+                      "sys_us": sy * 1e6 / reqs if reqs else None}
+        # Then "busy nice total" ticks of CPU 0 and CPU 1 (busy without nice).
+        for n, i in ((0, 6), (1, 9)):
+            if len(b) >= i + 3 and len(e) >= i + 3 and e[i + 2] > b[i + 2]:
+                total = e[i + 2] - b[i + 2]
+                r[f"cpu{n}_busy"] = (e[i] - b[i]) / total
+                r[f"cpu{n}_nice"] = (e[i + 1] - b[i + 1]) / total
+    for kv in a.tag or []:
+        k, _, v = kv.partition("=")
+        r[k] = int(v) if v.isdigit() else v
+    print(json.dumps(r))
+
+
+def cmd_load_line(a):
+    r = json.loads(sys.stdin.readline())
+    extra = ""
+    if "resumed" in r:
+        extra += f", resumed {r['resumed']:,}"
+    if "proxy" in r and r["proxy"].get("user_us") is not None:
+        p = r["proxy"]
+        extra += (f", proxy {p['user_us']:.0f}+{p['sys_us']:.0f} µs/req user+sys, busy {100 * p['busy']:.0f}%")
+    if "client" in r:
+        extra += f", load generator busy {100 * r['client']['busy']:.0f}%"
+    print(f"{r['rate']:,.0f}/s, p50 {_ms_fmt(r['p50_ms'])}, p99 {_ms_fmt(r['p99_ms'])}, "
+          f"errors {r['errors']}, done {r['requests']:,}{extra}")
+
+
+_TLS_MEASURES = {
+    "full": ("New TLS connections per second, full handshakes", "handshakes/s"),
+    "resumed": ("New TLS connections per second, resumed handshakes", "handshakes/s"),
+    "keepalive": ("Keep-alive HTTPS, HTTP/1.1", "req/s"),
+    "h2": ("HTTP/2 over TLS", "req/s"),
+}
+
+
+def _spread(xs):
+    xs = [x for x in xs if x]
+    if len(xs) < 2:
+        return "n/a"
+    return f"{100 * (max(xs) - min(xs)) / statistics.median(xs):.0f}%"
+
+
+def cmd_report_tls(a):
+    rows = _load(a.file)
+    order = a.order.split()
+    pairs = [(x, y) for x, y in (("cutover", "haproxy"), ("cutover", "nginx"), ("haproxy", "nginx"),
+                                 ("cutover-alt", "cutover"), ("cutover-alt", "haproxy"),
+                                 ("cutover", "haproxy-headers"), ("cutover", "nginx-headers"))
+             if x in order and y in order]
+    medians = {}
+    pinned = bool(rows) and all(r.get("pinned") == 1 for r in rows)
+    if a.negotiated:
+        _report_negotiated(rows, order, a.measures.split())
+        return
+    for m in a.measures.split():
+        title, unit = _TLS_MEASURES[m]
+        mrows = [r for r in rows if r.get("measure") == m]
+        if not mrows:
+            continue
+        print(f"### {title}")
+        print()
+        handshakes = m in ("full", "resumed")
+        tab = []
+        for c in order:
+            rs = sorted((r for r in mrows if r["contender"] == c), key=lambda r: r["round"])
+            if not rs:
+                continue
+            good = [r for r in rs if r["ok"]]
+            med = {"rate": _median([r["rate"] for r in good]), "p50": _median([r["p50_ms"] for r in good]),
+                   "p99": _median([r["p99_ms"] for r in good])}
+            medians[(m, c)] = med
+
+            def cpu(who, key):
+                return _median([r[who][key] for r in good if who in r and r[who].get(key) is not None])
+            pu, ps = cpu("proxy", "user_us"), cpu("proxy", "sys_us")
+            row = [c, _fmt(med["rate"]), " / ".join(_fmt(r["rate"]) if r["ok"] else "failed" for r in rs),
+                   _spread([r["rate"] for r in good]), _ms_fmt(med["p50"]), _ms_fmt(med["p99"]),
+                   _fmt(sum(r["errors"] for r in rs))]
+            if handshakes:
+                done = sum(r["requests"] for r in rs)
+                row.append(f"{sum(r.get('resumed', 0) for r in rs):,} of {done:,}")
+            row.append("n/a" if pu is None else f"{pu:.0f} + {ps:.0f} = {pu + ps:.0f}")
+            pb, bb, cb = cpu("proxy", "busy"), cpu("backend", "busy"), cpu("client", "busy")
+            # The rest: the CPU's busy time (without nice) that none of ours was charged with.
+            rest1 = _median([r["cpu1_busy"] - r["proxy"]["busy"] - r["backend"]["busy"] for r in good
+                             if "cpu1_busy" in r and "proxy" in r and "backend" in r])
+            rest0 = _median([r["cpu0_busy"] - r["client"]["busy"] for r in good if "cpu0_busy" in r and "client" in r])
+            n1, n0 = _median([r.get("cpu1_nice") for r in good]), _median([r.get("cpu0_nice") for r in good])
+
+            def pct(x):
+                return f"{100 * max(0.0, x):.0f}"
+            if pinned and None not in (pb, bb, cb, rest1, rest0, n1, n0):
+                row.append(f"{pct(pb)} / {pct(bb)} / {pct(n1)} / {pct(rest1)}")
+                row.append(f"{pct(cb)} / {pct(n0)} / {pct(rest0)}")
+            else:
+                row.append("n/a" if pb is None else f"{100 * pb:.0f}%")
+                row.append("n/a" if cb is None else f"{100 * cb:.0f}%")
+            tab.append(row)
+        head = ["contender", f"{unit} (median)", f"{unit} per round", "spread (max-min)/median",
+                "p50 (median)", "p99 (median)", "errors (all rounds)"]
+        if handshakes:
+            head.append("resumed handshakes")
+        head.append("proxy CPU per " + ("connection" if handshakes else "request") + ", user + sys µs (median)")
+        if pinned:
+            head += ["CPU 1, % of its time: proxy / backend / niced / rest (medians)",
+                     "CPU 0, % of its time: load generator / niced / rest (medians)"]
+        else:
+            head += ["proxy CPU busy (median)", "load generator CPU busy (median)"]
+        print(_table(head, tab))
+        print()
+        by = {(r["contender"], r["round"]): r for r in mrows if r["ok"]}
+        rounds = sorted({r["round"] for r in mrows})
+        tab = []
+        for x, y in pairs:
+            mx, my = medians.get((m, x)), medians.get((m, y))
+            if not mx or not my or not mx["rate"] or not my["rate"]:
+                continue
+            both = [(by[(x, n)], by[(y, n)]) for n in rounds if (x, n) in by and (y, n) in by]
+            rr = [bx["rate"] / b_["rate"] for bx, b_ in both]
+            pr = [bx["p99_ms"] / b_["p99_ms"] for bx, b_ in both if bx["p99_ms"] and b_["p99_ms"]]
+            tab.append([
+                f"{x} / {y}", f"{mx['rate'] / my['rate']:.3f}",
+                " / ".join(f"{v:.3f}" for v in rr), f"{_geomean(rr):.3f}" if rr else "n/a", _interval(rr),
+                f"{sum(v >= 1 for v in rr)} of {len(rr)}",
+                f"{_ms_fmt(mx['p99'])} vs {_ms_fmt(my['p99'])}",
+                f"{_geomean(pr):.3f}" if pr else "n/a", _interval(pr),
+                f"{sum(bx['p99_ms'] <= b_['p99_ms'] for bx, b_ in both if bx['p99_ms'] and b_['p99_ms'])} of {len(pr)}",
+            ])
+        if tab:
+            print(_table(["ratio", f"{unit}, ratio of medians", f"{unit} ratio per round",
+                          "per round, geometric mean", "per round, 95% interval", "rounds at least the second's",
+                          "p99 (medians)", "p99 ratio per round, geometric mean", "p99 ratio, 95% interval",
+                          "rounds with p99 at most the second's"], tab))
+            print()
+    # The bar: keep-alive req/s at least HAProxy's, with a p99 no worse.
+    c, h = medians.get(("keepalive", "cutover")), medians.get(("keepalive", "haproxy"))
+    if c and h and c["rate"] and h["rate"] and c["p99"] and h["p99"]:
+        rate_ok, p99_ok = c["rate"] >= h["rate"], c["p99"] <= h["p99"]
+        verdict = "met" if rate_ok and p99_ok else "not met"
+        by = {(r["contender"], r["round"]): r for r in rows if r.get("measure") == "keepalive" and r["ok"]}
+        both = [(by[("cutover", n)], by[("haproxy", n)]) for n in sorted({n for _, n in by})
+                if ("cutover", n) in by and ("haproxy", n) in by]
+        ahead = sum(x["rate"] >= y["rate"] for x, y in both)
+        lower = sum(x["p99_ms"] <= y["p99_ms"] for x, y in both if x["p99_ms"] and y["p99_ms"])
+        print(f"**Bar (keep-alive HTTPS req/s at least HAProxy's, p99 no worse), on the medians of this run: "
+              f"{verdict}.** cutover {_fmt(c['rate'])} req/s against {_fmt(h['rate'])} "
+              f"({c['rate'] / h['rate']:.3f}), {'at least' if rate_ok else 'below'}; p99 {_ms_fmt(c['p99'])} "
+              f"against {_ms_fmt(h['p99'])}, {'no worse' if p99_ok else 'worse'}. Round by round, cutover's "
+              f"req/s was at least HAProxy's in {ahead} of {len(both)} rounds, and its p99 at most HAProxy's "
+              f"in {lower} of {len(both)}.")
+        print()
+
+
+def _report_negotiated(rows, order, measures):
+    """What was negotiated, as each load generator reported it."""
+    seen = {}
+    for r in rows:
+        t = r.get("tls") or {}
+        if t:
+            key = (r["contender"], r["measure"])
+            seen.setdefault(key, set()).add(tuple(t.get(k, "?") for k in ("protocol", "cipher", "group", "alpn")))
+    if seen:
+        tab = []
+        for c in order:
+            for m in measures:
+                for t in sorted(seen.get((c, m), ())):
+                    tab.append([c, m, *t])
+        print(_table(["contender", "measure", "protocol", "cipher suite", "key exchange", "ALPN"], tab))
+        print()
+
+
 # ---------------------------------------------------------------- markdown
 
 
@@ -605,7 +884,7 @@ def main():
     s = sp.add_parser("wait-ready")
     s.add_argument("--pid", type=int, default=0); s.add_argument("--port", type=int, required=True)
     s.add_argument("--expect", default=""); s.add_argument("--timeout", type=float, default=20)
-    s.set_defaults(f=cmd_wait_ready)
+    s.add_argument("--tls", action="store_true"); s.set_defaults(f=cmd_wait_ready)
     s = sp.add_parser("probe"); s.add_argument("--port", type=int, required=True)
     s.add_argument("--timeout", type=float, default=2); s.set_defaults(f=cmd_probe)
     s = sp.add_parser("quiet-check"); s.set_defaults(f=cmd_quiet_check)
@@ -626,6 +905,17 @@ def main():
                     ("report-memory", cmd_report_memory)):
         s = sp.add_parser(name); s.add_argument("file"); s.add_argument("--order", default="")
         s.set_defaults(f=f)
+    s = sp.add_parser("parse-load"); s.add_argument("file")
+    s.add_argument("--kind", choices=["wrk", "h2load", "tls-load"], required=True)
+    s.add_argument("--log", default=""); s.add_argument("--tag", action="append")
+    s.add_argument("--cpu-before", default=""); s.add_argument("--cpu-after", default="")
+    s.add_argument("--window-ns", type=int, default=0); s.add_argument("--hz", type=int, default=100)
+    s.set_defaults(f=cmd_parse_load)
+    s = sp.add_parser("load-line"); s.set_defaults(f=cmd_load_line)
+    s = sp.add_parser("report-tls"); s.add_argument("file"); s.add_argument("--order", default="")
+    s.add_argument("--measures", default="full resumed keepalive h2")
+    s.add_argument("--negotiated", action="store_true", help="only the table of what was negotiated")
+    s.set_defaults(f=cmd_report_tls)
     s = sp.add_parser("md-update"); s.add_argument("--file", required=True)
     s.add_argument("--section", required=True); s.add_argument("--content", required=True)
     s.add_argument("--title", default="Benchmarks"); s.add_argument("--first", action="store_true")
