@@ -33,6 +33,8 @@ mod table;
 mod tls;
 mod tunnel;
 mod upstream;
+mod upstream_io;
+mod upstream_tls;
 mod worker;
 
 pub use body::{BodyError, ProxyBody};
@@ -44,6 +46,7 @@ pub use proxy::{Proxy, StartError, TlsSetupError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
 pub use table::{Balance, Colour, Generation, Hold, Instance, MaintenancePage, PauseGate, Pool, RouteTable, Service};
 pub use tls::{CertificateError, CertificateFile, CertificateSet, TlsCertificate};
+pub use upstream_tls::{check_server_name, UpstreamTls, UpstreamTlsError};
 
 /// Whether a socket error is this host's own shortage (file descriptors, memory, buffers, local
 /// ports) rather than anything the peer did. Such a failure says nothing about the peer: the

@@ -49,7 +49,7 @@ pub(crate) const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// and 1.2 with rustls' safe default suites, is what ring gives; switching is this function and
 /// the `ring` features in Cargo.toml.
 #[allow(deprecated)]
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
