@@ -151,10 +151,13 @@ impl UpstreamTls {
             other => format!("{other:?}"),
         };
         let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        // `BadSignature`: an issuer of the same name is in the bundle, but it did not sign this
+        // certificate (another CA that happens to have the same name).
+        #[allow(deprecated)]
         let hint = match rustls_error {
-            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
-                format!(" (the certificate is not issued by a CA in {})", self.ca_origin)
-            }
+            Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+            )) => format!(" (the certificate is not issued by a CA in {})", self.ca_origin),
             Some(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. },
             )) => " (set upstream_tls.server_name to a name the certificate holds)".to_string(),
