@@ -123,11 +123,14 @@ async fn without_a_server_name_the_instance_ip_is_verified() {
 }
 
 /// Request bodies go over TLS whole, with a length and chunked, large enough that the TLS
-/// socket fills; the response comes back on the same kept-alive connection.
+/// socket fills, also to an upstream that reads slowly (what TLS holds back at the end of a
+/// body must still go out); the responses come back on the same kept-alive connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_go_over_tls_whole() {
+    use http_body_util::BodyExt;
     let ca = Ca::new();
-    let up = tls_upstream("blue", &ca, &["api.internal"]).await;
+    let server = ca.issue(&["api.internal"]).server(&[ALPN_HTTP11]);
+    let up = Upstream::start_tls_small_buffers("blue", server).await;
     let proxy = start_proxy(
         test_config(),
         tls_table(&[&up], Some(settings(&ca, Some("api.internal")))),
@@ -140,40 +143,40 @@ async fn request_bodies_go_over_tls_whole() {
         use sha2::Digest;
         format!("blue {} {}", hex(&sha2::Sha256::digest(&data)), data.len())
     };
-    let (status, _, body) = c
-        .request(
-            Request::post("/upload")
-                .header("host", "test")
-                .body(full(data.clone()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, String::from_utf8_lossy(&body)),
-        (StatusCode::OK, expected.clone().into())
-    );
+    for target in ["/upload", "/upload?pace_ms=1"] {
+        let req = Request::post(target)
+            .header("host", "test")
+            .body(full(data.clone()))
+            .unwrap();
+        let (status, _, answer) = c.request(req).await.unwrap();
+        assert_eq!(
+            (status, String::from_utf8_lossy(&answer)),
+            (StatusCode::OK, expected.clone().into()),
+            "{target}, with a length"
+        );
 
-    // Chunked, in pieces that arrive one by one.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let feed = tokio::spawn(async move {
-        for piece in data.chunks(300_000) {
-            tx.send(Bytes::copy_from_slice(piece)).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    use http_body_util::BodyExt;
-    let body = ChannelBody(rx).boxed();
-    let (status, _, answer) = c
-        .request(Request::post("/upload").header("host", "test").body(body).unwrap())
-        .await
-        .unwrap();
-    feed.await.unwrap();
-    assert_eq!(
-        (status, String::from_utf8_lossy(&answer)),
-        (StatusCode::OK, expected.into())
-    );
-    assert_eq!(up.handshakes().len(), 1, "both on one kept-alive TLS connection");
+        // Chunked, in pieces that arrive one by one.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let pieces = data.clone();
+        let feed = tokio::spawn(async move {
+            for piece in pieces.chunks(300_000) {
+                tx.send(Bytes::copy_from_slice(piece)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let req = Request::post(target)
+            .header("host", "test")
+            .body(ChannelBody(rx).boxed())
+            .unwrap();
+        let (status, _, answer) = c.request(req).await.unwrap();
+        feed.await.unwrap();
+        assert_eq!(
+            (status, String::from_utf8_lossy(&answer)),
+            (StatusCode::OK, expected.clone().into()),
+            "{target}, chunked"
+        );
+    }
+    assert_eq!(up.handshakes().len(), 1, "all on one kept-alive TLS connection");
     proxy.shutdown();
 }
 
@@ -288,7 +291,8 @@ async fn a_sibling_with_a_good_certificate_takes_the_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_go_over_tls() {
     let ca = Ca::new();
-    let up = tls_upstream("blue", &ca, &["api.internal"]).await;
+    let server = ca.issue(&["api.internal"]).server(&[ALPN_HTTP11]);
+    let up = Upstream::start_tls_small_buffers("blue", server).await;
     let proxy = start_proxy(
         test_config(),
         tls_table(&[&up], Some(settings(&ca, Some("api.internal")))),
@@ -303,6 +307,26 @@ async fn websockets_go_over_tls() {
     // A message larger than a TLS record and the socket buffers, one way.
     ws.send(Message::binary(vec![7u8; 3_000_000])).await.unwrap();
     assert_eq!(ws_echo(&mut ws, "after").await, "blue: after");
+    // Many messages to a slow reader, and nothing after them: the last one arrives whole even
+    // though no later write pushes out what TLS held back.
+    assert_eq!(ws_echo(&mut ws, "slow").await, "blue: slow");
+    for _ in 0..100 {
+        ws.send(Message::binary(vec![9u8; 65_536])).await.unwrap();
+    }
+    let binaries = || {
+        up.seen
+            .ws_events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| *e == "binary 65536")
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || binaries() == 100).await,
+        "{} of 100 messages reached the upstream",
+        binaries()
+    );
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
     assert!(

@@ -88,8 +88,22 @@ impl Upstream {
         Upstream::start_with(colour, Some(tokio_rustls::TlsAcceptor::from(server))).await
     }
 
+    /// As `start_tls`, with receive buffers of its connections as small as the kernel allows:
+    /// the proxy's writes to it soon find the socket full.
+    pub async fn start_tls_small_buffers(colour: &'static str, server: Arc<rustls::ServerConfig>) -> Upstream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(128).unwrap();
+        Upstream::serve_on(listener, colour, Some(tokio_rustls::TlsAcceptor::from(server)))
+    }
+
     async fn start_with(colour: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        Upstream::serve_on(listener, colour, tls)
+    }
+
+    fn serve_on(listener: TcpListener, colour: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
         let sse_release = Arc::new(Notify::new());
@@ -244,10 +258,15 @@ async fn upstream_handle(
         }
         "/upload" => {
             *seen.last_headers.lock().unwrap() = Some(req.headers().clone());
+            // `?pace_ms=N`: a slow reader, which keeps the connection's buffers full.
+            let pace = Duration::from_millis(query_u64(&req, "pace_ms").unwrap_or(0));
             let mut hasher = Sha256::new();
             let mut len = 0u64;
             let mut body = req.into_body();
             while let Some(frame) = body.frame().await {
+                if !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
                 match frame {
                     Ok(f) => {
                         if let Some(d) = f.data_ref() {
@@ -295,8 +314,20 @@ async fn upstream_handle(
                 )
                 .await;
                 let event = |e: String| seen.ws_events.lock().unwrap().push(e);
+                // After a text "slow": a slow reader, which keeps the connection's buffers full.
+                let mut slow = false;
                 loop {
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
                     match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.as_str() == "slow" => {
+                            slow = true;
+                            event(format!("text {t}"));
+                            if ws.send(Message::text(format!("{colour}: {t}"))).await.is_err() {
+                                return event("error".into());
+                            }
+                        }
                         Some(Ok(Message::Text(t))) if t.as_str() == "close-me" => {
                             // The application closes first, with its own status.
                             event(format!("text {t}"));
