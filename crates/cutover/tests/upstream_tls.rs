@@ -154,7 +154,10 @@ fn a_deployment_to_tls_instances_under_load_loses_nothing() {
     let config = dir.path().join("cutover.toml");
     std::fs::write(
         &config,
-        config_text(port, "upstream_tls = { ca = \"ca.pem\", server_name = \"web.internal\" }"),
+        config_text(
+            port,
+            "upstream_tls = { ca = \"ca.pem\", server_name = \"web.internal\" }",
+        ),
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();

@@ -49,7 +49,7 @@ impl UpstreamIo {
                 }
             },
             UpstreamIo::Tls(s) => {
-                if let Poll::Pending = s.get_ref().0.poll_read_ready(&mut cx) {
+                if s.get_ref().0.poll_read_ready(&mut cx).is_pending() {
                     return true;
                 }
                 let mut probe = [0u8; 1];

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cutover_proxy::{
-    CertificateSet, Colour, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service, TlsCertificate,
-};
+use cutover_proxy::{CertificateSet, Colour, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
 use http::{Request, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
