@@ -228,7 +228,8 @@ pub struct ProxySettings {
     /// A client that acknowledges no byte sent to it (data or keepalive probes) for this long is
     /// cut; at least 1 s.
     pub send_timeout: Duration,
-    /// Time to connect to an upstream instance.
+    /// Time to connect to an upstream instance (and, with `upstream_tls`, again for the TLS
+    /// handshake).
     pub connect_timeout: Duration,
     /// Time from sending a request upstream to its response head.
     pub upstream_timeout: Duration,
