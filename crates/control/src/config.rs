@@ -107,6 +107,13 @@ health = { path = "/healthz" }
 # tls = { cert = "certs/api.pem", key = "certs/api.key" }
 # With listen_tls: live requests over plain HTTP get 308 to the same URL over HTTPS.
 # https_redirect = true
+# TLS to the instances: every connection cutover makes to them (requests, WebSockets, health
+# checks) speaks TLS 1.3 or 1.2 and verifies their certificate against `ca` (PEM; this CA
+# bundle only, not the system's), for `server_name` (a DNS name or an IP address; default: each
+# instance's IP address, which its certificate must then hold). A failed handshake is a failed
+# connect: the request goes to a sibling or gets 502 naming why, and the health check fails
+# saying so. The CA file is read at start; a missing or empty one stops `cutover serve`.
+# upstream_tls = { ca = "certs/internal-ca.pem", server_name = "api.internal" }
 
 # Optional: limits and timeouts of the proxy (these are the defaults).
 [proxy]
@@ -252,7 +259,8 @@ pub struct ProxySettings {
     /// A client that acknowledges no byte sent to it (data or keepalive probes) for this long is
     /// cut; at least 1 s.
     pub send_timeout: Duration,
-    /// Time to connect to an upstream instance.
+    /// Time to connect to an upstream instance (and, with `upstream_tls`, again for the TLS
+    /// handshake).
     pub connect_timeout: Duration,
     /// Time from sending a request upstream to its response head.
     pub upstream_timeout: Duration,
@@ -345,6 +353,21 @@ pub struct ServiceConfig {
     /// `https_redirect = true`: live requests that arrive over plain HTTP get `308` to the same
     /// URL over HTTPS (the first `listen_tls` port). Needs `listen_tls`. Default false.
     pub https_redirect: bool,
+    /// `upstream_tls = { ca, server_name }`: connections to the instances speak TLS. Default
+    /// none: plain TCP.
+    pub upstream_tls: Option<UpstreamTlsConfig>,
+}
+
+/// `upstream_tls = { ca = "...", server_name = "..." }`: how the instances' certificates are
+/// verified. The CA file is not read here (see [`crate::tls::load_upstream_tls`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// `ca`: PEM certificates of the CA (or CAs) that issue the instances' certificates,
+    /// resolved against the config file's directory.
+    pub ca: PathBuf,
+    /// `server_name`: the DNS name or IP address the instances' certificates are verified for
+    /// (and sent as SNI when a DNS name). Default none: each instance's own IP address.
+    pub server_name: Option<String>,
 }
 
 impl ServiceConfig {
@@ -845,6 +868,16 @@ struct RawTls {
     key: Leaf,
 }
 
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. upstream_tls = { ca = \"certs/internal-ca.pem\", server_name = \"api.internal\" }"
+)]
+struct RawUpstreamTls {
+    ca: Leaf,
+    server_name: Leaf,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, expecting = "a table, e.g. [proxy]")]
 struct RawProxy {
@@ -890,6 +923,7 @@ struct RawService {
     balance: Leaf,
     tls: Option<RawTls>,
     https_redirect: Leaf,
+    upstream_tls: Option<RawUpstreamTls>,
 }
 
 #[derive(Deserialize)]
@@ -1499,6 +1533,41 @@ impl<'a> Checker<'a> {
         Ok(TlsFiles { cert, key })
     }
 
+    /// `upstream_tls = { ca, server_name }`: `ca` required, resolved against `dir`; `server_name`
+    /// a DNS name or an IP address.
+    fn upstream_tls(&self, raw: &RawUpstreamTls, p: &str, dir: &Path) -> Result<UpstreamTlsConfig, ConfigError> {
+        let example = "upstream_tls = { ca = \"certs/internal-ca.pem\", server_name = \"api.internal\" }";
+        let ca = match &raw.ca {
+            None => {
+                return Err(self.invalid(
+                    self.key_offset(p),
+                    &format!("{p}.ca"),
+                    format!(
+                        "missing: TLS to the instances needs the CA certificates (PEM) their certificates are \
+                         verified against, e.g. {example}; or remove upstream_tls to speak plain HTTP to them"
+                    ),
+                ))
+            }
+            Some(v) => dir.join(self.path(v, &format!("{p}.ca"), example)?),
+        };
+        let server_name = match &raw.server_name {
+            None => None,
+            Some(v) => {
+                let key = format!("{p}.server_name");
+                let name = self.string(v, &key, "server_name = \"api.internal\"")?;
+                cutover_proxy::check_server_name(&name).map_err(|e| {
+                    self.at(
+                        v,
+                        &key,
+                        format!("{e}, or remove server_name to verify each instance for its IP address"),
+                    )
+                })?;
+                Some(name)
+            }
+        };
+        Ok(UpstreamTlsConfig { ca, server_name })
+    }
+
     fn proxy(&self, raw: &RawProxy) -> Result<ProxySettings, ConfigError> {
         let d = ProxySettings::default();
         let timeout = |v: &Leaf, key: &str, default: Duration| match v {
@@ -1814,11 +1883,16 @@ impl<'a> Checker<'a> {
             None => false,
             Some(v) => self.boolean(v, &format!("{p}.https_redirect"))?,
         };
+        let upstream_tls = match &raw.upstream_tls {
+            None => None,
+            Some(t) => Some(self.upstream_tls(t, &format!("{p}.upstream_tls"), dir)?),
+        };
         let service = ServiceConfig {
             name,
             hosts,
             tls,
             https_redirect,
+            upstream_tls,
             driver,
             health,
             drain_timeout,

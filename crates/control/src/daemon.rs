@@ -430,10 +430,21 @@ impl Daemon {
             off_async_store(move || store.set_value(PREVIEW_TOKEN_KEY, Some(&token))).await?;
         }
 
+        // Before the proxy: a CA bundle that cannot be loaded fails the start, naming its file.
+        let mut upstream_tls = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || crate::tls::load_upstream_tls(&config))
+                .await
+                .map_err(|e| crate::tls::LoadError {
+                    key: "upstream_tls".into(),
+                    message: format!("loading the CA files stopped: {e}"),
+                })??
+        };
         let mut services = Vec::new();
         for svc in &config.services {
             let mut s = Service::new(&svc.name);
             s.hosts = svc.hosts.clone();
+            s.upstream_tls = upstream_tls.remove(&svc.name);
             s.https_redirect = svc
                 .https_redirect
                 .then(|| config.server.listen_tls.first().map(|a| a.port()))
@@ -2037,6 +2048,7 @@ impl Actor {
             colour,
             instances: addrs.clone(),
             config: self.cfg.health.clone(),
+            tls: self.upstream_tls(),
         });
         let mut rx = health.subscribe();
         let reports = self.reports.clone();
@@ -2120,13 +2132,25 @@ impl Actor {
         tokio::join!(blue.close(), green.close());
     }
 
+    /// The service's `upstream_tls` as the proxy has it: the health checks use the same settings
+    /// as the requests.
+    fn upstream_tls(&self) -> Option<Arc<cutover_proxy::UpstreamTls>> {
+        self.shared.proxy.table().service(self.name())?.upstream_tls.clone()
+    }
+
     /// The addresses among `addrs` that pass one health check now (all checked at once, each
     /// within the check timeout).
     async fn passing_now(&self, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
         let (path, timeout) = (self.cfg.health.path.clone(), self.cfg.health.timeout);
+        let tls = self.upstream_tls();
         let checks = addrs.iter().map(|&a| {
-            let path = path.clone();
-            tokio::spawn(async move { crate::health::check_once(a, &path, timeout).await.is_ok().then_some(a) })
+            let (path, tls) = (path.clone(), tls.clone());
+            tokio::spawn(async move {
+                crate::health::check_once(a, &path, timeout, tls.as_deref())
+                    .await
+                    .is_ok()
+                    .then_some(a)
+            })
         });
         let mut passing = Vec::new();
         for check in checks.collect::<Vec<_>>() {

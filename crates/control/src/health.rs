@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use cutover_proxy::Colour;
+use cutover_proxy::{Colour, UpstreamTls};
 use http::header::{CONNECTION, HOST, USER_AGENT};
 use http_body_util::Empty;
 use tokio::net::TcpStream;
@@ -266,6 +266,9 @@ pub struct CheckSpec {
     pub colour: Colour,
     pub instances: Vec<SocketAddr>,
     pub config: HealthConfig,
+    /// The service's `upstream_tls`: every check then speaks TLS, verified as the proxy's
+    /// connections are.
+    pub tls: Option<Arc<UpstreamTls>>,
 }
 
 /// What every instance task shares.
@@ -274,6 +277,7 @@ struct Shared {
     service: String,
     colour: Colour,
     config: HealthConfig,
+    tls: Option<Arc<UpstreamTls>>,
     /// Holds the current snapshot; receivers come from `subscribe`. `send_if_modified` applies
     /// changes even when nobody subscribed.
     tx: watch::Sender<HealthSnapshot>,
@@ -306,6 +310,7 @@ impl HealthChecker {
                 service: spec.service,
                 colour: spec.colour,
                 config: spec.config,
+                tls: spec.tls,
                 tx,
             }),
             tasks: HashMap::new(),
@@ -433,7 +438,7 @@ async fn run(shared: Arc<Shared>, addr: SocketAddr, alive: Arc<AtomicBool>) {
             return;
         }
         let started = Instant::now();
-        let result = check_once(addr, &config.path, config.timeout).await;
+        let result = check_once(addr, &config.path, config.timeout, shared.tls.as_deref()).await;
         let change = match &result {
             Ok(()) => tracker.record(true, ""),
             Err(CheckFailure::Instance(reason)) => tracker.record(false, reason),
@@ -514,23 +519,33 @@ impl std::fmt::Display for CheckFailure {
 }
 
 /// One health check: `GET path` on a fresh HTTP/1.1 connection to `addr` with `Host: addr` and
-/// `Connection: close`; `timeout` covers connect and response head. A 2xx passes; anything else
-/// fails with a short reason naming the address, e.g.
-/// `GET http://127.0.0.1:4001/up: answered 503 Service Unavailable`.
-pub async fn check_once(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), CheckFailure> {
-    match tokio::time::timeout(timeout, attempt(addr, path)).await {
+/// `Connection: close`, over TLS when `tls` is given (the service's `upstream_tls`); `timeout`
+/// covers connect, handshake and response head. A 2xx passes; anything else fails with a short
+/// reason naming the address, e.g.
+/// `GET http://127.0.0.1:4001/up: answered 503 Service Unavailable`, or
+/// `GET https://127.0.0.1:4001/up: TLS handshake (server name api.internal) failed: ...`.
+pub async fn check_once(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), CheckFailure> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match tokio::time::timeout(timeout, attempt(addr, path, tls)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(CheckFailure::Instance(why))) => Err(CheckFailure::Instance(format!("GET http://{addr}{path}: {why}"))),
+        Ok(Err(CheckFailure::Instance(why))) => {
+            Err(CheckFailure::Instance(format!("GET {scheme}://{addr}{path}: {why}")))
+        }
         Ok(Err(CheckFailure::Local(why))) => Err(CheckFailure::Local(format!(
-            "GET http://{addr}{path}: this host could not connect: {why}"
+            "GET {scheme}://{addr}{path}: this host could not connect: {why}"
         ))),
         Err(_) => Err(CheckFailure::Instance(format!(
-            "GET http://{addr}{path}: no answer within {timeout:?}"
+            "GET {scheme}://{addr}{path}: no answer within {timeout:?}"
         ))),
     }
 }
 
-async fn attempt(addr: SocketAddr, path: &str) -> Result<(), CheckFailure> {
+async fn attempt(addr: SocketAddr, path: &str, tls: Option<&UpstreamTls>) -> Result<(), CheckFailure> {
     if !path.starts_with('/') {
         return Err(CheckFailure::Instance("the health path must start with /".to_string()));
     }
@@ -548,9 +563,15 @@ async fn attempt(addr: SocketAddr, path: &str) -> Result<(), CheckFailure> {
             CheckFailure::Instance(format!("connect: {reason}"))
         }
     })?;
-    crate::oneshot::exchange(stream, request)
-        .await
-        .map_err(CheckFailure::Instance)
+    let _ = stream.set_nodelay(true);
+    match tls {
+        None => crate::oneshot::exchange(stream, request).await,
+        Some(tls) => {
+            let stream = tls.handshake(stream, addr).await.map_err(CheckFailure::Instance)?;
+            crate::oneshot::exchange(stream, request).await
+        }
+    }
+    .map_err(CheckFailure::Instance)
 }
 
 #[cfg(test)]
@@ -753,6 +774,7 @@ mod tests {
                 unhealthy,
                 deadline: Duration::from_secs(60),
             },
+            tls: None,
         }
     }
 
@@ -932,17 +954,17 @@ mod tests {
     #[tokio::test]
     async fn check_once_passes_2xx_only() {
         let up = Upstream::start(204).await;
-        assert_eq!(check_once(up.addr, "/up", Duration::from_secs(5)).await, Ok(()));
+        assert_eq!(check_once(up.addr, "/up", Duration::from_secs(5), None).await, Ok(()));
         for status in [301, 404, 500, 503] {
             up.status.store(status, Ordering::SeqCst);
-            let err = check_once(up.addr, "/up", Duration::from_secs(5))
+            let err = check_once(up.addr, "/up", Duration::from_secs(5), None)
                 .await
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(&format!("http://{}/up", up.addr)), "{err}");
             assert!(err.contains(&format!("answered {status}")), "{err}");
         }
-        let err = check_once(up.addr, "up", Duration::from_secs(5))
+        let err = check_once(up.addr, "up", Duration::from_secs(5), None)
             .await
             .unwrap_err()
             .to_string();
@@ -1032,7 +1054,7 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             listener.local_addr().unwrap()
         };
-        let err = check_once(addr, "/up", Duration::from_secs(5)).await.unwrap_err();
+        let err = check_once(addr, "/up", Duration::from_secs(5), None).await.unwrap_err();
         assert_eq!(
             err,
             CheckFailure::Instance(format!("GET http://{addr}/up: connect: connection refused"))
@@ -1055,7 +1077,7 @@ mod tests {
         // One direct check: it fails after the timeout, not before and not never.
         let other = Silent::start().await;
         let t0 = std::time::Instant::now();
-        let err = check_once(other.addr, "/up", timeout).await.unwrap_err();
+        let err = check_once(other.addr, "/up", timeout, None).await.unwrap_err();
         assert!(t0.elapsed() >= timeout);
         assert_eq!(
             err,

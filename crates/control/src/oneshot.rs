@@ -3,17 +3,17 @@
 
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Sends `request` on `stream` and waits for the response head: `Ok` for a 2xx, otherwise the
-/// reason. The connection is driven here, not spawned, so dropping this future (a timeout) drops
-/// the socket with it.
-pub(crate) async fn exchange<B>(stream: TcpStream, request: http::Request<B>) -> Result<(), String>
+/// Sends `request` on `stream` (a TCP connection, or TLS over one, with `TCP_NODELAY` set by the
+/// caller) and waits for the response head: `Ok` for a 2xx, otherwise the reason. The connection
+/// is driven here, not spawned, so dropping this future (a timeout) drops the socket with it.
+pub(crate) async fn exchange<S, B>(stream: S, request: http::Request<B>) -> Result<(), String>
 where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| hyper_reason(&e))?;

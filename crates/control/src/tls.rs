@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cutover_proxy::{CertificateFile, CertificateSet, CertificateSlot, Proxy, TlsCertificate};
+use cutover_proxy::{CertificateFile, CertificateSet, CertificateSlot, Proxy, TlsCertificate, UpstreamTls};
 use serde::Serialize;
 
 use crate::config::{Config, TlsFiles};
@@ -199,6 +199,33 @@ fn load(source: &Source) -> Result<Loaded, String> {
         not_after,
         at: SystemTime::now(),
     })
+}
+
+/// The `upstream_tls` settings of every service that has them, by service name, each CA file
+/// read and checked. The first that fails is the error, naming the key, the file and what to do.
+/// Read at start only (a new daemon, `cutover upgrade` or SIGHUP, reads them again). Blocking
+/// (file reads).
+pub fn load_upstream_tls(config: &Config) -> Result<std::collections::BTreeMap<String, Arc<UpstreamTls>>, LoadError> {
+    let mut loaded = std::collections::BTreeMap::new();
+    for service in &config.services {
+        let Some(settings) = &service.upstream_tls else {
+            continue;
+        };
+        let key = format!("services.{}.upstream_tls.ca", service.name);
+        let file = settings.ca.display().to_string();
+        let pem = std::fs::read(&settings.ca).map_err(|e| LoadError {
+            key: key.clone(),
+            message: format!(
+                "cannot read the CA file {file}: {e}; check the path (relative paths are relative to the config file) and that cutover may read it"
+            ),
+        })?;
+        let tls = UpstreamTls::new(&pem, &file, settings.server_name.as_deref()).map_err(|e| LoadError {
+            key,
+            message: format!("{file}: {e}"),
+        })?;
+        loaded.insert(service.name.clone(), Arc::new(tls));
+    }
+    Ok(loaded)
 }
 
 impl Certificates {

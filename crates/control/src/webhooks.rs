@@ -448,6 +448,7 @@ async fn attempt(url: &WebhookUrl, body: Bytes) -> Result<(), String> {
     let stream = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| format!("connect: {}", crate::oneshot::io_reason(&e)))?;
+    let _ = stream.set_nodelay(true);
     crate::oneshot::exchange(stream, request).await
 }
 

@@ -35,7 +35,8 @@ pub struct ProxyConfig {
     /// (`TCP_USER_TIMEOUT`, 1 s to 24 days). A slow reader that takes some bytes now and then
     /// is not, nor is a response waiting for its upstream.
     pub send_timeout: Duration,
-    /// Time to establish a TCP connection to an upstream instance.
+    /// Time to establish a TCP connection to an upstream instance; for a service with
+    /// `upstream_tls`, the TLS handshake that follows gets the same time again.
     pub connect_timeout: Duration,
     /// Time from sending a request upstream to receiving its response head; also the longest
     /// an upstream may take none of the request body being written to it.

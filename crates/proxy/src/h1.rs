@@ -8,7 +8,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -16,7 +16,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::upstream_io::UpstreamIo;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
@@ -25,12 +26,15 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// An open connection to an upstream instance.
 pub(crate) struct Conn {
-    pub(crate) io: TcpStream,
+    pub(crate) io: UpstreamIo,
     /// Bytes read but not yet consumed.
     pub(crate) buf: BytesMut,
     /// Whether the connection has carried a request before (a failure on it may be a stale
     /// keep-alive connection rather than a dead instance).
     pub(crate) reused: bool,
+    /// The id of the `UpstreamTls` settings it was made with, 0 for plain TCP: the pool hands it
+    /// only to requests of a service with the same settings.
+    pub(crate) tls_id: u64,
 }
 
 /// How the body of a response is delimited.
@@ -87,11 +91,12 @@ impl std::fmt::Display for HeadError {
 }
 
 impl Conn {
-    pub(crate) fn new(io: TcpStream) -> Conn {
+    pub(crate) fn new(io: UpstreamIo, tls_id: u64) -> Conn {
         Conn {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             reused: false,
+            tls_id,
         }
     }
 
@@ -100,18 +105,7 @@ impl Conn {
     /// bytes nobody asked for). Normally costs no system call: the readiness the event loop
     /// already knows is consulted first.
     pub(crate) fn idle_ok(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        self.buf.is_empty() && self.io.idle_ok()
     }
 
     /// Streams a client's request body to the upstream, chunk-encoded when its length is unknown.
@@ -140,9 +134,13 @@ impl Conn {
             } else {
                 write_within(out, &data, stall).await?;
             }
+            // Each piece reaches the upstream as it came from the client, not when the next one
+            // does (TLS may hold written bytes back until a flush).
+            flush_within(out, stall).await?;
         }
         if chunked {
             write_within(out, b"0\r\n\r\n", stall).await?;
+            flush_within(out, stall).await?;
         }
         Ok(())
     }
@@ -259,6 +257,15 @@ pub(crate) enum BodyWriteError {
 /// armed only when the write has to wait.
 async fn write_within<W: AsyncWrite + Unpin>(out: &mut W, bytes: &[u8], stall: Duration) -> Result<(), BodyWriteError> {
     match tokio::time::timeout(stall, out.write_all(bytes)).await {
+        Ok(r) => r.map_err(BodyWriteError::Upstream),
+        Err(_) => Err(BodyWriteError::UpstreamStalled),
+    }
+}
+
+/// Flushes what `write_within` left buffered (TLS), under the same stall rule. Plain TCP buffers
+/// nothing: then it returns at once.
+async fn flush_within<W: AsyncWrite + Unpin>(out: &mut W, stall: Duration) -> Result<(), BodyWriteError> {
+    match tokio::time::timeout(stall, out.flush()).await {
         Ok(r) => r.map_err(BodyWriteError::Upstream),
         Err(_) => Err(BodyWriteError::UpstreamStalled),
     }
@@ -526,7 +533,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, He
 /// its head (already in the read buffer) is read first, then the socket.
 pub(crate) struct Prefixed {
     pub(crate) prefix: Bytes,
-    pub(crate) io: TcpStream,
+    pub(crate) io: UpstreamIo,
 }
 
 impl AsyncRead for Prefixed {

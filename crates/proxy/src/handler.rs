@@ -369,6 +369,7 @@ async fn proxy(
             pool,
             colour,
             balance,
+            tls: svc.upstream_tls.as_deref(),
             gen: gen_guard,
         },
         seen,
@@ -411,9 +412,10 @@ async fn proxy(
     };
 
     let gen = gen_guard.gen.clone();
+    let tls = svc.upstream_tls.as_deref();
     let sent = tokio::select! {
         biased;
-        r = send(ctx, service_name, pool, colour, balance, req) => r,
+        r = send(ctx, service_name, pool, colour, balance, tls, req) => r,
         _ = crate::deadline::expired(&gen) => {
             return Err(ProxyError::DrainDeadline { service: service_name.to_string(), colour: colour.as_str() });
         }
@@ -549,9 +551,11 @@ async fn send(
     pool: &Pool,
     colour: Colour,
     balance: crate::table::Balance,
+    tls: Option<&crate::UpstreamTls>,
     mut req: Outgoing<'_>,
 ) -> Result<Sent, ProxyError> {
     let cfg = &ctx.shared.config;
+    let tls_id = tls.map_or(0, |t| t.id());
     let mut skip: u64 = 0;
     let mut last: Option<ProxyError> = None;
     // Every instance once, plus a few for stale pooled connections.
@@ -564,9 +568,9 @@ async fn send(
         // Counted from the pick on, so that an instance whose connects hang (a full backlog, a
         // host dropping SYNs) shows its waiting requests to the next pick instead of looking idle.
         let guard = InstanceGuard::new(&inst.state);
-        let mut conn = match upstream::checkout(inst.id, cfg.upstream_idle_timeout) {
+        let mut conn = match upstream::checkout(inst.id, tls_id, cfg.upstream_idle_timeout) {
             Some(c) => c,
-            None => match upstream::connect(inst.addr, cfg).await {
+            None => match upstream::connect(inst.addr, cfg, tls).await {
                 Ok(c) => c,
                 Err(e) if e.is_local() => {
                     // This host is short of descriptors, memory or ports: a sibling would fail
@@ -579,11 +583,19 @@ async fn send(
                 }
                 Err(e) => {
                     // Passive ejection: skip it for a while unless nothing else is left.
-                    let until = now_ms().saturating_add(millis(cfg.connect_timeout).max(1000).saturating_mul(2));
+                    let now = now_ms();
+                    let was_ejected = inst.is_ejected(now);
+                    let until = now.saturating_add(millis(cfg.connect_timeout).max(1000).saturating_mul(2));
                     inst.state
                         .ejected_until_ms
                         .store(until, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(service = %service, %colour, addr = %inst.addr, error = %e, "connect failed, trying a sibling");
+                    if e.is_tls() && !was_ejected {
+                        // A certificate or protocol mismatch is a configuration fault to fix, not
+                        // a passing one: said at warning level, once per ejection of the instance.
+                        tracing::warn!(service = %service, %colour, addr = %inst.addr, error = %e, "TLS to an upstream instance failed; it is skipped for a moment and a sibling is tried");
+                    } else {
+                        tracing::debug!(service = %service, %colour, addr = %inst.addr, error = %e, "connect failed, trying a sibling");
+                    }
                     if idx < 64 {
                         skip |= 1 << idx;
                     }
@@ -663,7 +675,12 @@ fn name_missing_release(e: ProxyError, svc: &crate::table::Service) -> ProxyErro
 /// answer), then wait for the response head within `timeout`.
 async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: Duration) -> Attempt {
     Hold::default().release(Side::Upstream).await;
-    if let Err(e) = conn.io.write_all(req.head).await {
+    // The flush sends what TLS may hold back; on plain TCP it returns at once.
+    let head_sent = match conn.io.write_all(req.head).await {
+        Ok(()) => conn.io.flush().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = head_sent {
         // The head did not get through, so the upstream cannot act on it: safe to send again.
         return Attempt::Retry {
             reason: e.to_string(),

@@ -42,7 +42,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::body::{BodyError, InstanceGuard, ProxyBody};
 use crate::clock::millis;
@@ -62,6 +61,8 @@ type Sender = SendRequest<UpBody>;
 
 struct Idle {
     sender: Sender,
+    /// As `h1::Conn::tls_id`: the TLS settings the connection was made with, 0 for plain.
+    tls_id: u64,
     since: Instant,
 }
 
@@ -71,12 +72,12 @@ thread_local! {
 
 /// As `upstream::checkout`: a connection to the instance that is still open and not idle past
 /// `max_idle`. hyper's connection task watches the idle socket, so a closed one shows as closed.
-fn checkout(instance: u64, max_idle: Duration) -> Option<Sender> {
+fn checkout(instance: u64, tls_id: u64, max_idle: Duration) -> Option<Sender> {
     POOLS.with(|p| {
         let mut pools = p.borrow_mut();
         let idle = pools.get_mut(&instance)?;
         while let Some(c) = idle.pop() {
-            if c.since.elapsed() < max_idle && !c.sender.is_closed() {
+            if c.tls_id == tls_id && c.since.elapsed() < max_idle && !c.sender.is_closed() {
                 return Some(c.sender);
             }
         }
@@ -84,13 +85,14 @@ fn checkout(instance: u64, max_idle: Duration) -> Option<Sender> {
     })
 }
 
-fn checkin(instance: u64, sender: Sender, max_idle: usize) {
+fn checkin(instance: u64, tls_id: u64, sender: Sender, max_idle: usize) {
     POOLS.with(|p| {
         let mut pools = p.borrow_mut();
         let idle = pools.entry(instance).or_default();
         if idle.len() < max_idle {
             idle.push(Idle {
                 sender,
+                tls_id,
                 since: Instant::now(),
             });
         }
@@ -122,7 +124,7 @@ pub(crate) fn sweep(max_idle: Duration) {
 /// The upstream socket, its writes held to the end of the worker's pass as the default build's
 /// request writes are.
 struct HeldUpstream {
-    io: TcpStream,
+    io: crate::upstream_io::UpstreamIo,
     hold: Hold,
 }
 
@@ -148,8 +150,12 @@ impl AsyncWrite for HeldUpstream {
 
 /// Opens a connection as the default build does (`upstream::connect`), hands it to hyper and
 /// spawns hyper's connection future on this worker.
-async fn connect(addr: std::net::SocketAddr, cfg: &crate::ProxyConfig) -> Result<Sender, upstream::ConnectError> {
-    let conn = upstream::connect(addr, cfg).await?;
+async fn connect(
+    addr: std::net::SocketAddr,
+    cfg: &crate::ProxyConfig,
+    tls: Option<&crate::UpstreamTls>,
+) -> Result<Sender, upstream::ConnectError> {
+    let conn = upstream::connect(addr, cfg, tls).await?;
     let io = TokioIo::new(HeldUpstream {
         io: conn.io,
         hold: Hold::default(),
@@ -292,6 +298,7 @@ pub(crate) struct Forward<'a> {
     pub(crate) pool: &'a Pool,
     pub(crate) colour: Colour,
     pub(crate) balance: Balance,
+    pub(crate) tls: Option<&'a crate::UpstreamTls>,
     pub(crate) gen: GenerationGuard,
 }
 
@@ -310,6 +317,7 @@ pub(crate) async fn forward(f: Forward<'_>, seen: &mut Option<Seen>) -> Result<R
         pool,
         colour,
         balance,
+        tls,
         gen: gen_guard,
     } = f;
     let shared = &ctx.shared;
@@ -352,7 +360,7 @@ pub(crate) async fn forward(f: Forward<'_>, seen: &mut Option<Seen>) -> Result<R
     let gen = gen_guard.gen.clone();
     let sent = tokio::select! {
         biased;
-        r = send(ctx, service, pool, colour, balance, first, &build, replayable) => r,
+        r = send(ctx, service, pool, colour, balance, tls, first, &build, replayable) => r,
         _ = crate::deadline::expired(&gen) => {
             return Err(ProxyError::DrainDeadline { service: service.to_string(), colour: colour.as_str() });
         }
@@ -409,6 +417,7 @@ pub(crate) async fn forward(f: Forward<'_>, seen: &mut Option<Seen>) -> Result<R
         body,
         sender: reusable.then_some(sender),
         instance_id,
+        tls_id: tls.map_or(0, |t| t.id()),
         pool_size: shared.config.upstream_pool_size,
         gen: gen_guard,
         _instance: instance,
@@ -504,6 +513,7 @@ async fn send(
     pool: &Pool,
     colour: Colour,
     balance: Balance,
+    tls: Option<&crate::UpstreamTls>,
     mut req: Request<UpBody>,
     build: &impl Fn(UpBody) -> Request<UpBody>,
     replayable: bool,
@@ -518,9 +528,9 @@ async fn send(
         };
         let inst = &pool.instances[idx];
         let guard = InstanceGuard::new(&inst.state);
-        let (mut sender, reused) = match checkout(inst.id, cfg.upstream_idle_timeout) {
+        let (mut sender, reused) = match checkout(inst.id, tls.map_or(0, |t| t.id()), cfg.upstream_idle_timeout) {
             Some(s) => (s, true),
-            None => match connect(inst.addr, cfg).await {
+            None => match connect(inst.addr, cfg, tls).await {
                 Ok(s) => (s, false),
                 Err(e) if e.is_local() => {
                     tracing::warn!(service = %service, %colour, addr = %inst.addr, error = %e, "no upstream connection could be opened on this host");
@@ -623,6 +633,7 @@ pub(crate) struct Streaming {
     /// `None` when the upstream closes the connection after this response.
     sender: Option<Sender>,
     instance_id: u64,
+    tls_id: u64,
     pool_size: usize,
     gen: GenerationGuard,
     _instance: InstanceGuard,
@@ -635,7 +646,7 @@ impl Streaming {
         if let Some(sender) = self.sender {
             // As `body::finish`: a draining generation's connections are not pooled.
             if !sender.is_closed() && !self.gen.gen.is_draining() {
-                checkin(self.instance_id, sender, self.pool_size);
+                checkin(self.instance_id, self.tls_id, sender, self.pool_size);
             }
         }
     }

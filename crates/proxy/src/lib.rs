@@ -33,6 +33,8 @@ mod table;
 mod tls;
 mod tunnel;
 mod upstream;
+mod upstream_io;
+mod upstream_tls;
 mod worker;
 
 pub use body::{BodyError, ProxyBody};
@@ -47,6 +49,7 @@ pub use tls::{
     admin_server_config, provider as tls_provider, CertificateError, CertificateFile, CertificateSet, CertificateSlot,
     TlsCertificate,
 };
+pub use upstream_tls::{check_server_name, UpstreamTls, UpstreamTlsError};
 
 /// Whether a socket error is this host's own shortage (file descriptors, memory, buffers, local
 /// ports) rather than anything the peer did. Such a failure says nothing about the peer: the

@@ -318,6 +318,9 @@ pub struct Service {
     pub hold: Option<Hold>,
     /// Live requests that arrive over plain HTTP are redirected (308) to HTTPS on this port.
     pub https_redirect: Option<u16>,
+    /// Every connection to this service's instances speaks TLS with these settings
+    /// (`upstream_tls`); `None`: plain TCP.
+    pub upstream_tls: Option<Arc<crate::UpstreamTls>>,
 }
 
 /// What holds a service's live traffic instead of routing it.
@@ -380,6 +383,7 @@ impl Service {
             preview_token: None,
             hold: None,
             https_redirect: None,
+            upstream_tls: None,
         }
     }
 

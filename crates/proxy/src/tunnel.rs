@@ -197,6 +197,17 @@ async fn pump<R, W>(
                 Err(e) => return broke(e),
             },
         }
+        if written == read {
+            // Before the next read waits: what a TLS side took without sending yet goes out (a
+            // plain socket holds nothing back, and its flush returns at once).
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => break,
+                r = to.flush() => if let Err(e) = r {
+                    return broke(e);
+                },
+            }
+        }
     }
 
     let end = closing.end();

@@ -22,6 +22,8 @@ use tokio::net::TcpStream;
 
 use crate::config::ProxyConfig;
 use crate::h1::Conn;
+use crate::upstream_io::UpstreamIo;
+use crate::upstream_tls::UpstreamTls;
 
 struct Idle {
     conn: Conn,
@@ -32,15 +34,16 @@ thread_local! {
     static POOLS: RefCell<HashMap<u64, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
-/// Takes an idle connection to the instance, if this worker has one that is still open and has
-/// not sat idle for `max_idle` (the sweep runs only now and then; past that age the upstream
-/// may be closing it as the request goes out).
-pub(crate) fn checkout(instance: u64, max_idle: Duration) -> Option<Conn> {
+/// Takes an idle connection to the instance, if this worker has one that is still open, was made
+/// with the TLS settings `tls_id` (0: plain TCP; see `UpstreamTls`) and has not sat idle for
+/// `max_idle` (the sweep runs only now and then; past that age the upstream may be closing it as
+/// the request goes out). Connections made with other settings are closed.
+pub(crate) fn checkout(instance: u64, tls_id: u64, max_idle: Duration) -> Option<Conn> {
     POOLS.with(|p| {
         let mut pools = p.borrow_mut();
         let idle = pools.get_mut(&instance)?;
         while let Some(mut c) = idle.pop() {
-            if c.since.elapsed() < max_idle && c.conn.idle_ok() {
+            if c.conn.tls_id == tls_id && c.since.elapsed() < max_idle && c.conn.idle_ok() {
                 c.conn.reused = true;
                 return Some(c.conn);
             }
@@ -105,9 +108,19 @@ pub(crate) fn sweep(max_idle: Duration) {
 pub(crate) enum ConnectError {
     Refused(std::io::Error),
     TimedOut,
+    /// The TLS handshake failed (`upstream_tls`): the reason names the name verified and
+    /// rustls' error.
+    Tls(String),
+    /// The TLS handshake did not finish within the connect timeout.
+    TlsTimedOut,
 }
 
 impl ConnectError {
+    /// The TLS handshake failed or stalled (the TCP connection was made).
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, ConnectError::Tls(_) | ConnectError::TlsTimedOut)
+    }
+
     /// The failure is this host's, not the instance's: out of file descriptors, memory, buffers
     /// or local ports. It says nothing about the instance, which must not be ejected for it.
     pub(crate) fn is_local(&self) -> bool {
@@ -120,14 +133,21 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Refused(e) => write!(f, "connect: {e}"),
             ConnectError::TimedOut => f.write_str("connect timed out"),
+            ConnectError::Tls(reason) => f.write_str(reason),
+            ConnectError::TlsTimedOut => f.write_str("TLS handshake did not finish within the connect timeout"),
         }
     }
 }
 
 /// Opens a new connection to an instance, with the same keepalive and user timeout as client
 /// connections (see `listen::set_liveness`): an upstream host that vanishes while a response
-/// streams, or stops acknowledging what is written to it, is noticed by the kernel.
-pub(crate) async fn connect(addr: SocketAddr, config: &ProxyConfig) -> Result<Conn, ConnectError> {
+/// streams, or stops acknowledging what is written to it, is noticed by the kernel. With `tls`,
+/// the TLS handshake follows, within its own `connect_timeout`.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    config: &ProxyConfig,
+    tls: Option<&UpstreamTls>,
+) -> Result<Conn, ConnectError> {
     let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Refused(e)),
@@ -137,7 +157,14 @@ pub(crate) async fn connect(addr: SocketAddr, config: &ProxyConfig) -> Result<Co
     if let Err(e) = crate::listen::set_liveness(socket2::SockRef::from(&stream), config) {
         tracing::debug!(%addr, error = %e, "could not set keepalive on an upstream connection");
     }
-    Ok(Conn::new(stream))
+    let Some(tls) = tls else {
+        return Ok(Conn::new(UpstreamIo::Plain(stream), 0));
+    };
+    match tokio::time::timeout(config.connect_timeout, tls.handshake(stream, addr)).await {
+        Ok(Ok(stream)) => Ok(Conn::new(UpstreamIo::Tls(Box::new(stream)), tls.id())),
+        Ok(Err(reason)) => Err(ConnectError::Tls(reason)),
+        Err(_) => Err(ConnectError::TlsTimedOut),
+    }
 }
 
 #[cfg(test)]
@@ -160,8 +187,8 @@ mod tests {
             idle_timeout: Duration::from_secs(40),
             ..Default::default()
         };
-        let conn = connect(addr, &config).await.unwrap();
-        let sock = socket2::SockRef::from(&conn.io);
+        let conn = connect(addr, &config, None).await.unwrap();
+        let sock = socket2::SockRef::from(conn.io.tcp());
         assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(7)));
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(20));
@@ -181,17 +208,17 @@ mod tests {
             }
             held
         });
-        let old = connect(addr, &config).await.unwrap();
-        let young = connect(addr, &config).await.unwrap();
+        let old = connect(addr, &config, None).await.unwrap();
+        let young = connect(addr, &config, None).await.unwrap();
         let _held = accept.await.unwrap();
         checkin(7, old, 8);
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert!(
-            checkout(7, Duration::from_millis(40)).is_none(),
+            checkout(7, 0, Duration::from_millis(40)).is_none(),
             "60 ms idle is past 40 ms"
         );
         checkin(7, young, 8);
-        let c = checkout(7, Duration::from_millis(40)).expect("a fresh connection is handed out");
+        let c = checkout(7, 0, Duration::from_millis(40)).expect("a fresh connection is handed out");
         assert!(c.reused);
     }
 }

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cutover_proxy::{
-    CertificateSet, Colour, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service, TlsCertificate,
-};
+use cutover_proxy::{CertificateSet, Colour, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
 use http::{Request, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -24,66 +22,6 @@ use tokio_rustls::client::TlsStream;
 
 // ---------------------------------------------------------------------------------------------
 // Certificates and clients.
-
-/// A test certificate authority that issues server certificates.
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-/// A server certificate: its PEM files' contents and its DER (what a client is shown).
-#[derive(Clone)]
-struct Issued {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Issued {
-    fn load(&self) -> TlsCertificate {
-        TlsCertificate::from_pem(self.cert_pem.as_bytes(), self.key_pem.as_bytes()).expect("a valid certificate")
-    }
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "cutover test CA");
-        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-        Ca { issuer }
-    }
-
-    fn issue(&self, names: &[&str]) -> Issued {
-        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
-    }
-
-    /// A client that trusts this CA and offers `alpn`.
-    fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.issuer.der().clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(config)
-    }
-}
-
-#[allow(deprecated)]
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// A TLS client connection to `addr` naming `name` (SNI, and the name the certificate must be
 /// valid for).

@@ -344,6 +344,7 @@ events = ["went-live", "rolled-back"]
                 balance: Balance::LeastInFlight,
                 tls: None,
                 https_redirect: false,
+                upstream_tls: None,
             },
             ServiceConfig {
                 name: "web".to_string(),
@@ -380,6 +381,7 @@ events = ["went-live", "rolled-back"]
                 balance: Balance::RoundRobin,
                 tls: None,
                 https_redirect: false,
+                upstream_tls: None,
             },
         ],
         webhooks: WebhooksConfig {
@@ -1152,7 +1154,8 @@ fn example_tls_lines_parse_when_uncommented() {
             Some(rest)
                 if rest.starts_with("listen_tls")
                     || rest.starts_with("preview_listen_tls")
-                    || rest.starts_with("tls =") =>
+                    || rest.starts_with("tls =")
+                    || rest.starts_with("upstream_tls =") =>
             {
                 format!("{rest}\n")
             }
@@ -1180,6 +1183,14 @@ fn example_tls_lines_parse_when_uncommented() {
         PathBuf::from("certs/api.pem")
     );
     assert_eq!(config.proxy.tls_handshake_timeout, Duration::from_secs(10));
+    assert_eq!(
+        config.service("api").unwrap().upstream_tls,
+        Some(UpstreamTlsConfig {
+            ca: PathBuf::from("certs/internal-ca.pem"),
+            server_name: Some("api.internal".to_string()),
+        })
+    );
+    assert_eq!(config.service("web").unwrap().upstream_tls, None);
 }
 
 #[test]
@@ -1492,5 +1503,130 @@ fn admin_tls_mistakes_are_named() {
         19,
         "server.admin_plaintext",
         "",
+    );
+}
+
+#[test]
+fn upstream_tls_paths_and_server_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cutover.toml");
+    std::fs::write(
+        &path,
+        r#"
+[services.web]
+command = "./web --port {port}"
+upstream_tls = { ca = "certs/internal-ca.pem", server_name = "api.internal" }
+
+[services.api]
+hosts = "api.example.com"
+upstream_tls = { ca = "/etc/cutover/ca.pem" }
+
+[services.ip]
+hosts = "ip.example.com"
+upstream_tls = { ca = "ca.pem", server_name = "10.0.0.5" }
+
+[services.plain]
+hosts = "plain.example.com"
+"#,
+    )
+    .unwrap();
+    let config = Config::load(&path).unwrap();
+    let tls = |name: &str| config.service(name).unwrap().upstream_tls.clone();
+    assert_eq!(
+        tls("web"),
+        Some(UpstreamTlsConfig {
+            ca: dir.path().join("certs/internal-ca.pem"),
+            server_name: Some("api.internal".to_string()),
+        })
+    );
+    assert_eq!(
+        tls("api"),
+        Some(UpstreamTlsConfig {
+            ca: PathBuf::from("/etc/cutover/ca.pem"),
+            server_name: None,
+        })
+    );
+    assert_eq!(tls("ip").unwrap().server_name.as_deref(), Some("10.0.0.5"));
+    assert_eq!(tls("plain"), None);
+}
+
+#[test]
+fn upstream_tls_mistakes_are_refused_where_they_are_written() {
+    let web = "[services.web]\ncommand = \"./web\"\n";
+    let shown = refused(
+        &format!("{web}upstream_tls = {{ server_name = \"api.internal\" }}\n"),
+        3,
+        1,
+        "services.web.upstream_tls.ca",
+        "missing: TLS to the instances needs the CA certificates (PEM) their certificates are verified against, \
+         e.g. upstream_tls = { ca = \"certs/internal-ca.pem\", server_name = \"api.internal\" }; or remove \
+         upstream_tls to speak plain HTTP to them",
+    );
+    assert_eq!(
+        shown,
+        "cutover.toml:3:1: services.web.upstream_tls.ca: missing: TLS to the instances needs the CA certificates \
+         (PEM) their certificates are verified against, e.g. upstream_tls = { ca = \"certs/internal-ca.pem\", \
+         server_name = \"api.internal\" }; or remove upstream_tls to speak plain HTTP to them"
+    );
+    // No way to turn verification off: an unknown key, with the ones there are.
+    let shown = refused(
+        &format!("{web}upstream_tls = {{ ca = \"ca.pem\", insecure_skip_verify = true }}\n"),
+        3,
+        33,
+        "services.web.upstream_tls.insecure_skip_verify",
+        "unknown key",
+    );
+    assert_eq!(
+        shown,
+        "cutover.toml:3:33: services.web.upstream_tls.insecure_skip_verify: unknown key \"insecure_skip_verify\"; \
+         the keys here are ca, server_name; correct the spelling or remove it"
+    );
+    refused(
+        &format!("{web}upstream_tls = {{ ca = \"ca.pem\", servername = \"a.internal\" }}\n"),
+        3,
+        33,
+        "services.web.upstream_tls.servername",
+        "did you mean \"server_name\"?",
+    );
+    let shown = refused(
+        &format!("{web}upstream_tls = {{ ca = \"ca.pem\", server_name = \"api internal\" }}\n"),
+        3,
+        47,
+        "services.web.upstream_tls.server_name",
+        "is neither a DNS name nor an IP address",
+    );
+    assert_eq!(
+        shown,
+        "cutover.toml:3:47: services.web.upstream_tls.server_name: \"api internal\" is neither a DNS name nor an IP \
+         address; write the name the upstreams' certificates are issued for, e.g. \"api.internal\", or remove \
+         server_name to verify each instance for its IP address"
+    );
+    refused(
+        &format!("{web}upstream_tls = {{ ca = \"\" }}\n"),
+        3,
+        23,
+        "services.web.upstream_tls.ca",
+        "the path is empty",
+    );
+    refused(
+        &format!("{web}upstream_tls = {{ ca = 5 }}\n"),
+        3,
+        23,
+        "services.web.upstream_tls.ca",
+        "5 is not a string",
+    );
+    refused(
+        &format!("{web}upstream_tls = {{ ca = \"ca.pem\", server_name = 1 }}\n"),
+        3,
+        47,
+        "services.web.upstream_tls.server_name",
+        "1 is not a string",
+    );
+    refused(
+        &format!("{web}upstream_tls = \"ca.pem\"\n"),
+        3,
+        16,
+        "services.web.upstream_tls",
+        "upstream_tls = { ca = \"certs/internal-ca.pem\"",
     );
 }

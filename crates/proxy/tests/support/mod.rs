@@ -2,7 +2,8 @@
 //!
 //! Every upstream is a hyper server on 127.0.0.1:0 that answers with its colour, so a test can
 //! tell from each response where it was routed. It can be killed abruptly (listener and every
-//! connection dropped at once), like a crashed process.
+//! connection dropped at once), like a crashed process. A TLS upstream (`Upstream::start_tls`)
+//! serves the same over TLS, with a certificate from a test CA ([`Ca`]).
 
 #![allow(dead_code)]
 
@@ -16,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cutover_proxy::{Colour, Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
+use cutover_proxy::{Colour, Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service, TlsCertificate};
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
@@ -48,6 +49,21 @@ pub struct Seen {
     /// What WebSockets received, in order: "text TEXT", "binary LEN", "close CODE" (0: no code),
     /// and how each ended: "end" (closed cleanly) or "error".
     pub ws_events: Mutex<Vec<String>>,
+    /// TLS upstreams: handshakes completed, with the server name (SNI) and ALPN protocol each
+    /// client sent or chose.
+    pub handshakes: Mutex<Vec<Handshake>>,
+    /// TLS upstreams: connections whose first byte was no TLS handshake (served as plain HTTP).
+    pub plain_connections: AtomicU64,
+    /// TLS upstreams: handshakes that failed (the client refused the certificate, or gave up).
+    pub failed_handshakes: AtomicU64,
+}
+
+/// One TLS handshake a TLS upstream completed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handshake {
+    pub sni: Option<String>,
+    pub alpn: Option<Vec<u8>>,
+    pub version: Option<rustls::ProtocolVersion>,
 }
 
 /// An upstream test server.
@@ -62,7 +78,32 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(colour: &'static str) -> Upstream {
+        Upstream::start_with(colour, None).await
+    }
+
+    /// An upstream that speaks TLS with `server` (see [`Issued::server`]). A connection whose
+    /// first byte is no TLS handshake is served as plain HTTP and counted in
+    /// `Seen::plain_connections`, so that a test sees which kind each connection was.
+    pub async fn start_tls(colour: &'static str, server: Arc<rustls::ServerConfig>) -> Upstream {
+        Upstream::start_with(colour, Some(tokio_rustls::TlsAcceptor::from(server))).await
+    }
+
+    /// As `start_tls`, with receive buffers of its connections as small as the kernel allows:
+    /// the proxy's writes to it soon find the socket full.
+    pub async fn start_tls_small_buffers(colour: &'static str, server: Arc<rustls::ServerConfig>) -> Upstream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(128).unwrap();
+        Upstream::serve_on(listener, colour, Some(tokio_rustls::TlsAcceptor::from(server)))
+    }
+
+    async fn start_with(colour: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        Upstream::serve_on(listener, colour, tls)
+    }
+
+    fn serve_on(listener: TcpListener, colour: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
         let sse_release = Arc::new(Notify::new());
@@ -76,15 +117,35 @@ impl Upstream {
                 };
                 let _ = stream.set_nodelay(true);
                 s.connections.fetch_add(1, Ordering::Relaxed);
-                let (s, r, k) = (s.clone(), r.clone(), k.clone());
+                let (s, r, k, tls) = (s.clone(), r.clone(), k.clone(), tls.clone());
                 tokio::spawn(async move {
                     let _open = OpenConnection::new(s.clone());
-                    let svc = hyper::service::service_fn(move |req| upstream_handle(colour, s.clone(), r.clone(), req));
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades();
+                    let serve = async {
+                        let Some(acceptor) = tls else {
+                            return serve_connection(stream, colour, s.clone(), r.clone()).await;
+                        };
+                        let mut first = [0u8; 1];
+                        if !matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16) {
+                            s.plain_connections.fetch_add(1, Ordering::SeqCst);
+                            return serve_connection(stream, colour, s.clone(), r.clone()).await;
+                        }
+                        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => tls,
+                            _ => {
+                                s.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                        };
+                        let conn = tls.get_ref().1;
+                        s.handshakes.lock().unwrap().push(Handshake {
+                            sni: conn.server_name().map(str::to_string),
+                            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+                            version: conn.protocol_version(),
+                        });
+                        serve_connection(tls, colour, s.clone(), r.clone()).await
+                    };
                     tokio::select! {
-                        _ = conn => {}
+                        _ = serve => {}
                         _ = k.cancelled() => {} // dropped: the socket closes abruptly
                     }
                 });
@@ -116,6 +177,31 @@ impl Upstream {
     pub fn open_connections(&self) -> u64 {
         self.seen.open.load(Ordering::SeqCst)
     }
+
+    /// TLS upstreams: the handshakes completed so far.
+    pub fn handshakes(&self) -> Vec<Handshake> {
+        self.seen.handshakes.lock().unwrap().clone()
+    }
+
+    pub fn failed_handshakes(&self) -> u64 {
+        self.seen.failed_handshakes.load(Ordering::SeqCst)
+    }
+
+    pub fn plain_connections(&self) -> u64 {
+        self.seen.plain_connections.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one accepted connection until it ends.
+async fn serve_connection<I>(io: I, colour: &'static str, seen: Arc<Seen>, sse_release: Arc<Notify>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| upstream_handle(colour, seen.clone(), sse_release.clone(), req));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
 }
 
 /// Counts one accepted connection in `Seen::open` until its task ends, however it ends.
@@ -172,10 +258,15 @@ async fn upstream_handle(
         }
         "/upload" => {
             *seen.last_headers.lock().unwrap() = Some(req.headers().clone());
+            // `?pace_ms=N`: a slow reader, which keeps the connection's buffers full.
+            let pace = Duration::from_millis(query_u64(&req, "pace_ms").unwrap_or(0));
             let mut hasher = Sha256::new();
             let mut len = 0u64;
             let mut body = req.into_body();
             while let Some(frame) = body.frame().await {
+                if !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
                 match frame {
                     Ok(f) => {
                         if let Some(d) = f.data_ref() {
@@ -223,8 +314,20 @@ async fn upstream_handle(
                 )
                 .await;
                 let event = |e: String| seen.ws_events.lock().unwrap().push(e);
+                // After a text "slow": a slow reader, which keeps the connection's buffers full.
+                let mut slow = false;
                 loop {
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
                     match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.as_str() == "slow" => {
+                            slow = true;
+                            event(format!("text {t}"));
+                            if ws.send(Message::text(format!("{colour}: {t}"))).await.is_err() {
+                                return event("error".into());
+                            }
+                        }
                         Some(Ok(Message::Text(t))) if t.as_str() == "close-me" => {
                             // The application closes first, with its own status.
                             event(format!("text {t}"));
@@ -569,4 +672,91 @@ pub fn h2_frame(kind: u8, flags: u8, stream: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, stream];
     f.extend_from_slice(payload);
     f
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates made at test time (rcgen).
+
+/// A test certificate authority that issues server certificates.
+pub struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A server certificate: its PEM files' contents and its DER (what a client is shown).
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Issued {
+    pub fn load(&self) -> TlsCertificate {
+        TlsCertificate::from_pem(self.cert_pem.as_bytes(), self.key_pem.as_bytes()).expect("a valid certificate")
+    }
+}
+
+impl Issued {
+    /// Settings for a TLS server presenting this certificate, offering `alpn` (TLS 1.3 and 1.2).
+    pub fn server(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![self.der.clone()], key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+impl Ca {
+    /// The CA's certificate, PEM: what a client that trusts it is given.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn new() -> Ca {
+        Ca::named("cutover test CA")
+    }
+
+    /// A CA whose name (its certificate's common name) is `name`.
+    pub fn named(name: &str) -> Ca {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        Ca { issuer }
+    }
+
+    pub fn issue(&self, names: &[&str]) -> Issued {
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
+    /// A client that trusts this CA and offers `alpn`.
+    pub fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+#[allow(deprecated)]
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
