@@ -15,6 +15,7 @@ mod oneshot;
 mod panics;
 pub mod private_dir;
 pub mod process;
+pub mod schema_lint;
 pub mod store;
 pub mod tls;
 pub mod token_file;

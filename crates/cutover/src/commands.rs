@@ -129,6 +129,21 @@ pub struct ReloadArgs {
 }
 
 #[derive(clap::Args)]
+pub struct LintArgs {
+    /// The files, as paths or glob patterns (quote them: "migrations/*.sql"); linted in name
+    /// order as one sequence.
+    #[arg(required = true)]
+    pub files: Vec<String>,
+    /// The SQL dialect they are written in: postgres, sqlite, mysql or generic.
+    #[arg(long, default_value = "postgres")]
+    pub dialect: String,
+    /// Kinds of statement to allow everywhere (e.g. --allow drop-column); one statement is
+    /// allowed with `-- cutover: allow KIND` on the line before it.
+    #[arg(long)]
+    pub allow: Vec<String>,
+}
+
+#[derive(clap::Args)]
 pub struct StatusArgs {
     /// Print JSON: each service's live colour, versions and health.
     #[arg(long)]
@@ -1147,4 +1162,55 @@ mod tests {
         assert_eq!(format_duration(185_000), "3m05s");
         assert_eq!(format_duration(7_620_000), "2h07m");
     }
+}
+
+/// `cutover lint-migrations`: the expand-phase lint of SQL files, without a daemon.
+pub fn lint_migrations(args: LintArgs) -> anyhow::Result<ExitCode> {
+    use cutover_control::schema_lint::{lint_files, Breaking, SqlDialect};
+    let dialect = SqlDialect::from_name(&args.dialect).ok_or_else(|| {
+        usage(format!(
+            "--dialect {:?} is not a dialect cutover parses; write {}",
+            args.dialect,
+            SqlDialect::NAMES
+        ))
+    })?;
+    let mut allow = Vec::new();
+    for name in &args.allow {
+        let kind = Breaking::from_name(name).ok_or_else(|| {
+            usage(format!(
+                "--allow {name:?} is not a kind of statement the lint reports; write one of {}",
+                Breaking::ALL.map(Breaking::name).join(", ")
+            ))
+        })?;
+        allow.push(kind);
+    }
+    let report =
+        lint_files(&args.files, std::path::Path::new(""), dialect, &allow).map_err(|e| usage(e.to_string()))?;
+    for f in &report.refused {
+        println!("{f}");
+    }
+    for f in &report.allowed {
+        println!(
+            "{}:{}:{}: {} ({}): allowed",
+            f.file.display(),
+            f.line,
+            f.column,
+            f.what,
+            f.kind
+        );
+    }
+    println!(
+        "{} file(s), {} statement(s): {}",
+        report.files.len(),
+        report.statements,
+        match report.refused.len() {
+            0 => "nothing breaks the running version".to_string(),
+            n => format!("{n} break(s) the running version; the expand phase would be refused"),
+        }
+    );
+    Ok(if report.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -93,6 +93,11 @@ enum Command {
     /// The config file: `cutover config example` prints a complete, commented one.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check SQL migration files meant for the expand phase: statements that break the version
+    /// still running (DROP TABLE, DROP COLUMN, RENAME, ALTER ... TYPE, SET NOT NULL without a
+    /// default, ...) are reported with file:line. Exit 0: nothing breaks it; 1: something does;
+    /// 2: the files could not be read or parsed.
+    LintMigrations(commands::LintArgs),
     /// Run the proxy alone in front of fixed blue and green upstreams.
     ///
     /// Blue is live at start. SIGUSR1 switches the live colour and drains the old one;
@@ -175,6 +180,7 @@ fn main() -> ExitCode {
         Command::History(args) => commands::history(args),
         Command::Logs(args) => commands::logs(args),
         Command::Config(ConfigCommand::Example) => commands::config_example(),
+        Command::LintMigrations(args) => commands::lint_migrations(args),
         Command::Proxy(args) => run_proxy(args),
         Command::DemoApp(args) => demo::run(args),
         Command::Quickstart(args) => quickstart::run(args),
