@@ -388,13 +388,11 @@ impl Lint<'_> {
                                     Breaking::ChangeType,
                                     format!("ALTER COLUMN {table}.{column_name} TYPE {data_type}"),
                                 )),
-                                AlterColumnOperation::SetNotNull => {
-                                    if !self.has_default(&table, &column) {
-                                        out.push((
-                                            Breaking::SetNotNull,
-                                            format!("ALTER COLUMN {table}.{column_name} SET NOT NULL"),
-                                        ));
-                                    }
+                                AlterColumnOperation::SetNotNull if !self.has_default(&table, &column) => {
+                                    out.push((
+                                        Breaking::SetNotNull,
+                                        format!("ALTER COLUMN {table}.{column_name} SET NOT NULL"),
+                                    ));
                                 }
                                 AlterColumnOperation::SetDefault { .. } => {
                                     self.defaults.push((table.to_lowercase(), column));

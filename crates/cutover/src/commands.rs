@@ -1149,21 +1149,6 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_times_and_durations_read_as_people_write_them() {
-        assert_eq!(format_utc(0), "1970-01-01 00:00:00");
-        assert_eq!(format_utc(1_709_251_199_999), "2024-02-29 23:59:59");
-        assert_eq!(format_utc(1_709_251_200_000), "2024-03-01 00:00:00");
-        assert_eq!(format_duration(412), "0.4s");
-        assert_eq!(format_duration(185_000), "3m05s");
-        assert_eq!(format_duration(7_620_000), "2h07m");
-    }
-}
-
 /// `cutover lint-migrations`: the expand-phase lint of SQL files, without a daemon.
 pub fn lint_migrations(args: LintArgs) -> anyhow::Result<ExitCode> {
     use cutover_control::schema_lint::{lint_files, Breaking, SqlDialect};
@@ -1213,4 +1198,19 @@ pub fn lint_migrations(args: LintArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times_and_durations_read_as_people_write_them() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00");
+        assert_eq!(format_utc(1_709_251_199_999), "2024-02-29 23:59:59");
+        assert_eq!(format_utc(1_709_251_200_000), "2024-03-01 00:00:00");
+        assert_eq!(format_duration(412), "0.4s");
+        assert_eq!(format_duration(185_000), "3m05s");
+        assert_eq!(format_duration(7_620_000), "2h07m");
+    }
 }
