@@ -16,7 +16,10 @@ mod panics;
 pub mod private_dir;
 pub mod process;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 pub mod token_file;
 pub mod token_limiter;
 pub mod webhooks;
+mod wire;

@@ -1296,52 +1296,275 @@ fn kill_9_during_commits_loses_nothing_committed_and_keeps_no_half() {
 /// The contract every [`StateStore`] keeps (one node's SQLite here; a fleet's store runs the
 /// same function): commits compare and swap on the revision, a conflicting commit writes
 /// nothing, values round-trip, deployment ids only grow.
-fn shared_contract(store: &dyn StateStore) {
+/// What every [`StateStore`] must do, run against each implementation (SQLite here, etcd in
+/// `etcd/tests.rs`). Revisions are opaque: they only increase, per service.
+pub(super) fn shared_contract(store: &dyn StateStore) {
     let s = "web";
     assert_eq!(store.load(s).unwrap(), None);
     let mut state = State::new(s);
     let first = store.commit(s, Revision::NONE, &state, &[], None).unwrap();
-    assert_eq!(first, Revision(1));
-    assert_eq!(store.load(s).unwrap(), Some((state.clone(), Revision(1))));
+    assert!(first > Revision::NONE);
+    assert_eq!(store.load(s).unwrap(), Some((state.clone(), first)));
     // A writer that decided on revision 0 (or on a future one) is refused, and nothing changes.
     state.live = Some(at(Colour::Green, "v9"));
-    for stale in [Revision::NONE, Revision(2)] {
+    for stale in [Revision::NONE, Revision(first.0 + 1000)] {
         let err = store
             .commit(s, stale, &state, &[], Some(audit("other", "deploy", "")))
             .unwrap_err();
         assert!(
-            matches!(err, StoreError::Conflict { expected, found: 1, .. } if expected == stale.0),
+            matches!(err, StoreError::Conflict { expected, found, .. } if expected == stale.0 && found == first.0),
             "{err}"
         );
         assert!(err.to_string().contains("changed underneath"), "{err}");
     }
-    assert_eq!(
-        store.load(s).unwrap().map(|(st, r)| (st.live, r)),
-        Some((None, Revision(1)))
-    );
-    assert_eq!(store.commit(s, Revision(1), &state, &[], None).unwrap(), Revision(2));
+    assert_eq!(store.load(s).unwrap().map(|(st, r)| (st.live, r)), Some((None, first)));
+    let second = store.commit(s, first, &state, &[], None).unwrap();
+    assert!(second > first);
     assert_eq!(
         store.load(s).unwrap().map(|(st, _)| st.live),
         Some(Some(at(Colour::Green, "v9")))
     );
     // Revisions are per service.
-    assert_eq!(
-        store
-            .commit("api", Revision::NONE, &State::new("api"), &[], None)
-            .unwrap(),
-        Revision(1)
-    );
+    let api = store
+        .commit("api", Revision::NONE, &State::new("api"), &[], None)
+        .unwrap();
+    assert!(api > Revision::NONE);
+    assert_eq!(store.load(s).unwrap().map(|(_, r)| r), Some(second));
+    // A state of another service is refused.
+    let err = store.commit(s, second, &State::new("api"), &[], None).unwrap_err();
+    assert!(matches!(err, StoreError::Rejected { .. }), "{err}");
     // Values.
     assert_eq!(store.get_value("preview-token").unwrap(), None);
     store.set_value("preview-token", Some("abc")).unwrap();
     store.set_value("preview-token", Some("def")).unwrap();
     assert_eq!(store.get_value("preview-token").unwrap().as_deref(), Some("def"));
+    store
+        .set_value("upstreams/web/blue", Some("127.0.0.1:1\n127.0.0.1:2"))
+        .unwrap();
+    assert_eq!(
+        store.get_value("upstreams/web/blue").unwrap().as_deref(),
+        Some("127.0.0.1:1\n127.0.0.1:2")
+    );
     store.set_value("preview-token", None).unwrap();
     assert_eq!(store.get_value("preview-token").unwrap(), None);
-    // Ids.
+    // Ids: increasing, and above any a committed state holds.
     let a = store.next_deployment_id(s).unwrap();
     let b = store.next_deployment_id(s).unwrap();
     assert!(b > a);
+    let mut jumped = State::new("ids");
+    jumped.last_id = Some(DeploymentId(40));
+    store.commit("ids", Revision::NONE, &jumped, &[], None).unwrap();
+    assert_eq!(store.next_deployment_id("ids").unwrap(), DeploymentId(41));
+
+    contract_state_shapes(store);
+    contract_records(store);
+    contract_history(store);
+}
+
+/// Every state shape reads back as committed, and nothing of an earlier phase lingers.
+fn contract_state_shapes(store: &dyn StateStore) {
+    let mut revision = Revision::NONE;
+    for (n, state) in all_states("shapes").iter().enumerate() {
+        revision = store
+            .commit("shapes", revision, state, &[], None)
+            .unwrap_or_else(|e| panic!("state {n}: {e}"));
+        assert_eq!(
+            store.load("shapes").unwrap(),
+            Some((state.clone(), revision)),
+            "state {n}"
+        );
+    }
+}
+
+/// Every record reads back under its deployment in commit order (`Retired` under the
+/// state's `last_id`), and deployments' summaries follow them.
+fn contract_records(store: &dyn StateStore) {
+    let s = "records";
+    let id1 = DeploymentId(1);
+    let id2 = DeploymentId(2);
+    let mut first = vec![
+        Record::Started {
+            id: id1,
+            release: rel("v1"),
+            colour: Colour::Blue,
+            cause: Cause::Deploy,
+        },
+        Record::Healthy { id: id1 },
+        Record::Validated { id: id1 },
+        Record::AwaitingPromotion {
+            id: id1,
+            auto_after: None,
+        },
+        Record::AwaitingPromotion {
+            id: id1,
+            auto_after: Some(Duration::new(60, 5)),
+        },
+        Record::Promoted {
+            id: id1,
+            colour: Colour::Blue,
+        },
+    ];
+    for watch in [Watched::Skipped, Watched::Judged, Watched::Unjudged] {
+        first.push(Record::WentLive {
+            id: id1,
+            live: at(Colour::Blue, "v1"),
+            watch,
+        });
+    }
+    for reason in reasons() {
+        first.push(Record::Aborted {
+            id: id1,
+            reason: reason.clone(),
+        });
+        first.push(Record::RolledBack {
+            id: id1,
+            to: at(Colour::Green, "v0"),
+            reason,
+        });
+    }
+    for phase in PHASE_NAMES {
+        first.push(Record::Interrupted { id: id1, phase });
+    }
+    first.push(Record::WatchRestarted { id: id1 });
+    // A new deployment that needed the warm colour: its Retired comes before its Started.
+    let second = vec![
+        Record::Retired {
+            live: at(Colour::Green, "v0"),
+        },
+        Record::Started {
+            id: id2,
+            release: rel("v2"),
+            colour: Colour::Green,
+            cause: Cause::ColdRollback,
+        },
+    ];
+    let mut state = State::new(s);
+    state.last_id = Some(id1);
+    let before = to_ms(SystemTime::now());
+    let r1 = store.commit(s, Revision::NONE, &state, &first, None).unwrap();
+    state.last_id = Some(id2);
+    let r2 = store
+        .commit(s, r1, &state, &second, Some(audit("cli", "deploy", "--version v2")))
+        .unwrap();
+    let after = to_ms(SystemTime::now());
+
+    let got = store.transitions(s, id1).unwrap();
+    assert_eq!(records_of(&got), first);
+    let got2 = store.transitions(s, id2).unwrap();
+    assert_eq!(records_of(&got2), second);
+    let all: Vec<_> = got.iter().chain(&got2).collect();
+    for e in &all {
+        assert!((before..=after).contains(&to_ms(e.at)), "{e:?}");
+    }
+    let seqs: Vec<_> = all.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(got.iter().all(|e| e.deployment == Some(id1)));
+    assert!(got2.iter().all(|e| e.deployment == Some(id2)));
+    assert_eq!(store.transitions(s, DeploymentId(3)).unwrap(), vec![]);
+    assert_eq!(store.transitions("other", id1).unwrap(), vec![]);
+    // The last ending record of deployment 1 was Interrupted; the last word wins.
+    let history = store.history(s, 10).unwrap();
+    assert_eq!(history.iter().map(|d| d.id).collect::<Vec<_>>(), [id2, id1]);
+    assert_eq!(history[1].outcome, Some(Outcome::Interrupted));
+    assert!(history[1].promoted_at.is_some() && history[1].ended_at.is_some());
+    assert_eq!(
+        (history[0].outcome.as_ref(), history[0].ended_at, history[0].promoted_at),
+        (None, None, None)
+    );
+    assert_eq!(
+        (history[0].colour, history[0].cause),
+        (Colour::Green, Cause::ColdRollback)
+    );
+    assert_eq!(history[0].release, rel("v2"));
+    assert!((before..=after).contains(&to_ms(history[0].started_at)));
+
+    // Refused commits write nothing: a record of a deployment never started, a second start
+    // of one, a Retired filed under a deployment never started.
+    let refused: [(Option<DeploymentId>, Vec<Record>); 3] = [
+        (Some(id2), vec![Record::Healthy { id: DeploymentId(9) }]),
+        (
+            Some(id2),
+            vec![Record::Started {
+                id: id1,
+                release: rel("v1"),
+                colour: Colour::Blue,
+                cause: Cause::Deploy,
+            }],
+        ),
+        (
+            Some(DeploymentId(8)),
+            vec![Record::Retired {
+                live: at(Colour::Blue, "v1"),
+            }],
+        ),
+    ];
+    for (last_id, records) in refused {
+        let mut next = state.clone();
+        next.last_id = last_id;
+        next.live = Some(at(Colour::Blue, "refused"));
+        let err = store.commit(s, r2, &next, &records, None).unwrap_err();
+        assert!(matches!(err, StoreError::Rejected { .. }), "{records:?}: {err}");
+        assert_eq!(store.load(s).unwrap(), Some((state.clone(), r2)));
+        assert_eq!(store.history(s, 10).unwrap(), history);
+        assert_eq!(records_of(&store.transitions(s, id1).unwrap()), first);
+        assert_eq!(store.transitions(s, DeploymentId(9)).unwrap(), vec![]);
+    }
+}
+
+/// `history` is newest first, honours its limit, and follows the lifecycle's records.
+fn contract_history(store: &dyn StateStore) {
+    let s = "hist";
+    let mut state = State::new(s);
+    let mut revision = Revision::NONE;
+    let mut ids = Vec::new();
+    for n in 0..12u64 {
+        let id = store.next_deployment_id(s).unwrap();
+        ids.push(id);
+        state.last_id = Some(id);
+        let mut records = vec![Record::Started {
+            id,
+            release: rel(&format!("v{n}")),
+            colour: if n % 2 == 0 { Colour::Blue } else { Colour::Green },
+            cause: Cause::Deploy,
+        }];
+        match n % 3 {
+            0 => records.push(Record::Aborted {
+                id,
+                reason: Reason::Requested,
+            }),
+            1 => {
+                records.push(Record::Promoted {
+                    id,
+                    colour: Colour::Green,
+                });
+                records.push(Record::WentLive {
+                    id,
+                    live: at(Colour::Green, &format!("v{n}")),
+                    watch: Watched::Judged,
+                });
+            }
+            _ => {}
+        }
+        revision = store.commit(s, revision, &state, &records, None).unwrap();
+    }
+    let newest_first: Vec<_> = ids.iter().rev().copied().collect();
+    let history = store.history(s, 100).unwrap();
+    assert_eq!(history.iter().map(|d| d.id).collect::<Vec<_>>(), newest_first);
+    assert_eq!(store.history(s, 5).unwrap(), history[..5].to_vec());
+    assert_eq!(store.history(s, 1).unwrap(), history[..1].to_vec());
+    assert_eq!(store.history(s, 0).unwrap(), vec![]);
+    assert_eq!(store.history("nobody", 10).unwrap(), vec![]);
+    for (d, n) in history.iter().zip((0..12u64).rev()) {
+        assert_eq!(d.release, rel(&format!("v{n}")));
+        let expected = match n % 3 {
+            0 => Some(Outcome::Aborted(Reason::Requested)),
+            1 => Some(Outcome::WentLive),
+            _ => None,
+        };
+        assert_eq!(d.outcome, expected, "deployment {n}");
+        assert_eq!(d.promoted_at.is_some(), n % 3 == 1, "deployment {n}");
+        assert_eq!(d.ended_at.is_some(), n % 3 != 2, "deployment {n}");
+    }
 }
 
 #[test]
