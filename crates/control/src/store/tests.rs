@@ -1598,3 +1598,161 @@ fn a_version_1_database_is_migrated_in_place() {
         Revision(1)
     );
 }
+
+/// The JSON encoding (`crate::wire`) reads back every state shape, record, reason, outcome,
+/// summary and entry exactly.
+#[test]
+fn every_shape_round_trips_through_json() {
+    fn round_trip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(value: &T) {
+        let json = serde_json::to_string(value).unwrap_or_else(|e| panic!("{value:?}: {e}"));
+        let back: T = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        assert_eq!(&back, value, "{json}");
+    }
+    for state in all_states("web") {
+        round_trip(&state);
+    }
+    for outcome in outcomes() {
+        round_trip(&outcome);
+    }
+    let id = DeploymentId(u64::MAX);
+    let mut records = vec![
+        Record::Started {
+            id,
+            release: rel("v1"),
+            colour: Colour::Blue,
+            cause: Cause::ColdRollback,
+        },
+        Record::AwaitingPromotion { id, auto_after: None },
+        Record::AwaitingPromotion {
+            id,
+            auto_after: Some(Duration::new(1, 1)),
+        },
+        Record::Promoted {
+            id,
+            colour: Colour::Green,
+        },
+        Record::WatchRestarted { id },
+        Record::Retired {
+            live: at(Colour::Green, "v0"),
+        },
+    ];
+    for watch in [Watched::Skipped, Watched::Judged, Watched::Unjudged] {
+        records.push(Record::WentLive {
+            id,
+            live: at(Colour::Blue, "v1"),
+            watch,
+        });
+    }
+    for reason in reasons() {
+        records.push(Record::Aborted {
+            id,
+            reason: reason.clone(),
+        });
+        records.push(Record::RolledBack {
+            id,
+            to: at(Colour::Blue, "v0"),
+            reason,
+        });
+    }
+    for phase in PHASE_NAMES {
+        records.push(Record::Interrupted { id, phase });
+    }
+    let t = from_ms(1_700_000_000_123);
+    for (seq, record) in records.into_iter().enumerate() {
+        round_trip(&TransitionEntry {
+            seq: seq as u64,
+            at: t,
+            deployment: (seq % 2 == 0).then_some(id),
+            record,
+        });
+    }
+    for outcome in [None, Some(Outcome::RolledBack(Reason::Requested))] {
+        round_trip(&DeploymentSummary {
+            id,
+            release: rel("v2"),
+            colour: Colour::Green,
+            cause: Cause::Deploy,
+            started_at: from_ms(-5),
+            promoted_at: outcome.as_ref().map(|_| t),
+            ended_at: outcome.as_ref().map(|_| t),
+            outcome,
+        });
+    }
+    round_trip(&AuditEntry {
+        seq: 3,
+        at: t,
+        audit: Audit {
+            service: Some("web".into()),
+            ..audit("cli", "deploy", "--version v2")
+        },
+    });
+}
+
+/// The encoding is the documented one, field by field: what other nodes and later versions read.
+#[test]
+fn the_json_encoding_is_explicit_and_stable() {
+    let plan = plans().remove(1);
+    let state = State {
+        service: "web".into(),
+        live: Some(at(Colour::Blue, "v1")),
+        previous: None,
+        last_id: Some(DeploymentId(2)),
+        phase: Phase::Watching {
+            deployment: Deployment {
+                id: DeploymentId(2),
+                release: rel("v2"),
+                colour: Colour::Green,
+                plan,
+                cause: Cause::Deploy,
+            },
+            rollback_to: at(Colour::Blue, "v1"),
+            judged: false,
+        },
+    };
+    assert_eq!(
+        serde_json::to_string(&state).unwrap(),
+        r#"{"service":"web","live":{"colour":"blue","release":"v1"},"previous":null,"last_id":2,"phase":{"name":"watching","deployment":{"id":2,"release":"v2","colour":"green","plan":{"health_deadline_ns":1500000000,"promote":{"kind":"auto","delay_ns":0},"watch":{"duration_ns":60000000000,"min_requests":100,"max_error_rate":0.01,"max_p99_ns":500000000},"keep_warm_ns":3600000000000},"cause":"deploy"},"rollback_to":{"colour":"blue","release":"v1"},"judged":false}}"#
+    );
+    let ended = Phase::Stable {
+        warm: None,
+        last: Some(Ended {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            outcome: Outcome::Aborted(Reason::HealthDeadline(Duration::from_secs(30))),
+        }),
+    };
+    assert_eq!(
+        serde_json::to_string(&ended).unwrap(),
+        r#"{"name":"stable","warm":null,"last":{"id":1,"release":"v1","outcome":{"outcome":"aborted","reason":{"reason":"health_deadline","detail":30000000000}}}}"#
+    );
+    let record = Record::Interrupted {
+        id: DeploymentId(7),
+        phase: "ready to promote",
+    };
+    assert_eq!(
+        serde_json::to_string(&record).unwrap(),
+        r#"{"kind":"interrupted","id":7,"phase":"ready to promote"}"#
+    );
+    let rate = Reason::ErrorRate {
+        errors: 3,
+        requests: 10,
+        max: 0.25,
+    };
+    assert_eq!(
+        serde_json::to_string(&rate).unwrap(),
+        r#"{"reason":"error_rate","detail":{"errors":3,"requests":10,"max":0.25}}"#
+    );
+    // Values JSON cannot hold are refused, never written as null.
+    let nan = Reason::ErrorRate {
+        errors: 0,
+        requests: 0,
+        max: f64::NAN,
+    };
+    assert!(serde_json::to_string(&nan).is_err());
+    assert!(serde_json::to_string(&Reason::HealthDeadline(Duration::MAX)).is_err());
+    // Unknown codes are refused with their name.
+    let err = serde_json::from_str::<Record>(r#"{"kind":"interrupted","id":7,"phase":"sleeping"}"#).unwrap_err();
+    assert!(err.to_string().contains("sleeping"), "{err}");
+    let err = serde_json::from_str::<Live>(r#"{"colour":"red","release":"v1"}"#).unwrap_err();
+    assert!(err.to_string().contains("red"), "{err}");
+}
