@@ -187,6 +187,7 @@ impl From<StoreError> for Fail {
 
 /// gRPC status codes, by number (the client re-exports `tonic::Status`, not its `Code`).
 mod code {
+    pub const CANCELLED: i32 = 1;
     pub const UNKNOWN: i32 = 2;
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const DEADLINE_EXCEEDED: i32 = 4;
@@ -197,15 +198,15 @@ mod code {
     pub const UNAUTHENTICATED: i32 = 16;
 }
 
-/// Whether a failed request may succeed if sent again soon: no member answered it, or the one
-/// that did had no leader.
+/// Whether a failed request may succeed if sent again soon: no member answered it (in time: the
+/// client cancels a request after half the call's timeout), or the one that did had no leader.
 fn transient(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     match e {
         E::TransportError(_) | E::IoError(_) => true,
         E::GRpcStatus(status) => matches!(
             i32::from(status.code()),
-            code::UNAVAILABLE | code::DEADLINE_EXCEEDED | code::UNKNOWN | code::ABORTED
+            code::UNAVAILABLE | code::DEADLINE_EXCEEDED | code::CANCELLED | code::UNKNOWN | code::ABORTED
         ),
         _ => false,
     }
@@ -275,7 +276,9 @@ impl EtcdStore {
         let mut connect = ConnectOptions::new()
             .with_require_leader(true)
             .with_connect_timeout(options.timeout.min(Duration::from_secs(1)))
-            .with_timeout(options.timeout)
+            // Half the call's time for one request, so that a member that stopped answering
+            // leaves time to ask another.
+            .with_timeout(options.timeout / 2)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let Some((user, password)) = &options.user {
             connect = connect
