@@ -14,6 +14,10 @@ need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 [ -x /usr/bin/h2load ] || need_apt+=(nghttp2-client)
+# protoc builds the etcd client's gRPC code; a real etcd (3 members on loopback) for the tests of
+# the fleet's store (crates/control/src/store/etcd/tests.rs).
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+[ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
 for pkg in "$@"; do need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then

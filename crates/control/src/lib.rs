@@ -17,7 +17,10 @@ pub mod private_dir;
 pub mod process;
 pub mod schema_lint;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 pub mod token_file;
 pub mod token_limiter;
 pub mod webhooks;
+mod wire;

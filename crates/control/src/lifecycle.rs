@@ -39,9 +39,11 @@ use std::fmt;
 use std::time::Duration;
 
 use cutover_proxy::Colour;
+use serde::{Deserialize, Serialize};
 
 /// A version of the service, as the user named it on `cutover deploy --version`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Release {
     pub version: String,
 }
@@ -62,7 +64,8 @@ impl fmt::Display for Release {
 
 /// Identifies one deployment. The store allocates them; for one service they only ever increase,
 /// which is what lets a late timer or report of an earlier deployment be told apart and refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct DeploymentId(pub u64);
 
 impl fmt::Display for DeploymentId {
@@ -72,9 +75,11 @@ impl fmt::Display for DeploymentId {
 }
 
 /// A colour serving a release: where live traffic goes, or a warm colour it can go back to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Live {
+    #[serde(rename = "colour", with = "crate::wire::colour")]
     pub colour: Colour,
+    #[serde(rename = "release")]
     pub release: Release,
 }
 
@@ -85,109 +90,160 @@ impl fmt::Display for Live {
 }
 
 /// How a validated deployment gets promoted.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
 pub enum Promotion {
     /// Wait for `cutover promote`.
+    #[serde(rename = "manual")]
     Manual,
     /// Promote once validated: at once when `delay` is zero, otherwise when the
     /// [`Timer::AutoPromote`] fires (an operator may still promote earlier or abort meanwhile).
-    Auto { delay: Duration },
+    #[serde(rename = "auto")]
+    Auto {
+        #[serde(rename = "delay_ns", with = "crate::wire::nanos")]
+        delay: Duration,
+    },
 }
 
 /// The thresholds of the post-promotion watch.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WatchPolicy {
     /// How long the new colour is watched before the deployment counts as done.
+    #[serde(rename = "duration_ns", with = "crate::wire::nanos")]
     pub duration: Duration,
     /// Error rate and latency are judged only once the new colour served this many requests
     /// since the switch: a handful of requests says nothing about a rate.
+    #[serde(rename = "min_requests")]
     pub min_requests: u64,
     /// Highest tolerated share of failed requests (0.01 = 1 %).
+    #[serde(rename = "max_error_rate", with = "crate::wire::finite")]
     pub max_error_rate: f64,
     /// Highest tolerated p99 latency; `None` disables the latency check. Judged against the
     /// proxy's estimate of the p99, which errs only when the true p99 is within 6.25 % of this
     /// (9.4 % below 250 µs, 6.25 µs below 100 µs); see [`cutover_proxy::StatsSnapshot::quantile`].
+    #[serde(rename = "max_p99_ns", with = "crate::wire::opt_nanos")]
     pub max_p99: Option<Duration>,
 }
 
 /// The settings a deployment runs with, snapshotted from the service's configuration when the
 /// deployment starts: reloading the configuration does not change a deployment in progress.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Instances must be healthy this long after the start, or the deployment aborts.
+    #[serde(rename = "health_deadline_ns", with = "crate::wire::nanos")]
     pub health_deadline: Duration,
+    #[serde(rename = "promote")]
     pub promote: Promotion,
+    #[serde(rename = "watch")]
     pub watch: WatchPolicy,
     /// How long the previous colour stays running after a successful watch, for instant
     /// rollback. Zero retires it as soon as the watch passes.
+    #[serde(rename = "keep_warm_ns", with = "crate::wire::nanos")]
     pub keep_warm: Duration,
 }
 
 /// Why a deployment exists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Cause {
     /// `cutover deploy`.
+    #[serde(rename = "deploy")]
     Deploy,
     /// `cutover rollback` after the previous colour was retired: the previous release is deployed
     /// again onto the idle colour. It is health-checked, validated and watched like any deployment,
     /// but promoted as soon as it is validated whatever the promote policy: the rollback command is
     /// itself the operator's go-ahead.
+    #[serde(rename = "cold_rollback")]
     ColdRollback,
 }
 
 /// One deployment of a release onto the idle colour.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Deployment {
+    #[serde(rename = "id")]
     pub id: DeploymentId,
+    #[serde(rename = "release")]
     pub release: Release,
     /// The colour its instances run on: the one that is not live (blue for a service's first).
+    #[serde(rename = "colour", with = "crate::wire::colour")]
     pub colour: Colour,
+    #[serde(rename = "plan")]
     pub plan: Plan,
+    #[serde(rename = "cause")]
     pub cause: Cause,
 }
 
 /// The previously live colour, still running after a successful watch so that a rollback is an
 /// instant switch back.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Warm {
+    #[serde(rename = "colour", with = "crate::wire::colour")]
     pub colour: Colour,
+    #[serde(rename = "release")]
     pub release: Release,
     /// The deployment whose promotion replaced it; its [`Event::KeepWarmElapsed`] retires it.
+    #[serde(rename = "promoted_by")]
     pub promoted_by: DeploymentId,
     /// Kept so that recovery after a restart can arm the keep-warm timer again.
+    #[serde(rename = "keep_warm_ns", with = "crate::wire::nanos")]
     pub keep_warm: Duration,
 }
 
 /// How the watch of a deployment that went live turned out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Watched {
     /// The service's first deployment: nothing was live before it, so there was nothing to compare
     /// against nor to roll back to; it went live as soon as it was validated.
+    #[serde(rename = "skipped")]
     Skipped,
     /// At least `min_requests` were judged against the thresholds, and passed.
+    #[serde(rename = "judged")]
     Judged,
     /// The window ended before the new colour served `min_requests`: only health was watched.
     /// It still goes live (a quiet service must be able to release); the record says so.
+    #[serde(rename = "unjudged")]
     Unjudged,
 }
 
 /// Why a deployment was aborted or rolled back.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Encoded as `{"reason": code, "detail": ...}`: the message for the three with one, nanoseconds
+/// for `health_deadline`, an object for `error_rate` and `latency`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reason", content = "detail")]
 pub enum Reason {
     /// `cutover abort` or `cutover rollback`.
+    #[serde(rename = "requested")]
     Requested,
     /// The driver could not start the instances (the message says why).
+    #[serde(rename = "provision_failed")]
     ProvisionFailed(String),
     /// The instances were not healthy within the plan's `health_deadline`.
-    HealthDeadline(Duration),
+    #[serde(rename = "health_deadline")]
+    HealthDeadline(#[serde(with = "crate::wire::nanos")] Duration),
     /// The smoke command failed (exit status, timeout, output tail).
+    #[serde(rename = "smoke_failed")]
     SmokeFailed(String),
     /// The health checker reports no healthy instance of the colour.
+    #[serde(rename = "unhealthy")]
     Unhealthy(String),
     /// Too many failed requests on the new colour during the watch.
-    ErrorRate { errors: u64, requests: u64, max: f64 },
+    #[serde(rename = "error_rate")]
+    ErrorRate {
+        #[serde(rename = "errors")]
+        errors: u64,
+        #[serde(rename = "requests")]
+        requests: u64,
+        #[serde(rename = "max", with = "crate::wire::finite")]
+        max: f64,
+    },
     /// The new colour's p99 latency during the watch was above the maximum.
-    Latency { p99: Duration, max: Duration },
+    #[serde(rename = "latency")]
+    Latency {
+        #[serde(rename = "p99_ns", with = "crate::wire::nanos")]
+        p99: Duration,
+        #[serde(rename = "max_ns", with = "crate::wire::nanos")]
+        max: Duration,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -210,51 +266,78 @@ impl fmt::Display for Reason {
 }
 
 /// How a deployment ended.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Encoded as `{"outcome": code, "reason": {...}}`, the reason only for the two with one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", content = "reason")]
 pub enum Outcome {
     /// It serves live traffic (its watch passed, or it was the first deployment).
+    #[serde(rename = "went_live")]
     WentLive,
     /// Stopped before any user saw it; live traffic never moved.
+    #[serde(rename = "aborted")]
     Aborted(Reason),
     /// Traffic went back to the previous colour; this deployment's colour was drained and stopped.
+    #[serde(rename = "rolled_back")]
     RolledBack(Reason),
     /// cutover restarted while it was in progress, before promotion; its colour was stopped.
+    #[serde(rename = "interrupted")]
     Interrupted,
 }
 
 /// The most recent deployment that ended, for `status`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Ended {
+    #[serde(rename = "id")]
     pub id: DeploymentId,
+    #[serde(rename = "release")]
     pub release: Release,
+    #[serde(rename = "outcome")]
     pub outcome: Outcome,
 }
 
 /// Where the service is in its lifecycle. Each variant says what can happen next.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Encoded as an object tagged `"name"` (`stable`, `provisioning`, `validating`,
+/// `ready_to_promote`, `watching`); the deployment of the three newtype phases is inlined.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name")]
 pub enum Phase {
     /// No deployment in progress. Next: `Deploy` starts one (retiring the warm colour first, since
     /// the new release needs that colour); `Rollback` switches back to the warm colour at once, or
     /// without one redeploys the previous release (cold); `KeepWarmElapsed` retires the warm colour.
-    Stable { warm: Option<Warm>, last: Option<Ended> },
+    #[serde(rename = "stable")]
+    Stable {
+        #[serde(rename = "warm")]
+        warm: Option<Warm>,
+        #[serde(rename = "last")]
+        last: Option<Ended>,
+    },
     /// The deployment's instances were started. Next: `InstancesHealthy` moves to `Validating`;
     /// `ProvisionFailed`, `HealthDeadlinePassed` or `Abort` stop them and end in `Stable`.
+    #[serde(rename = "provisioning")]
     Provisioning(Deployment),
     /// The smoke command runs against the preview route. Next: `SmokePassed` makes a first
     /// deployment live at once, promotes (auto without delay, cold rollback) or moves to
     /// `ReadyToPromote`; `SmokeFailed`, `Unhealthy` or `Abort` stop it.
+    #[serde(rename = "validating")]
     Validating(Deployment),
     /// Validated, waiting for `Promote` (manual) or `AutoPromoteDue` (auto with a delay); the
     /// switch then moves to `Watching`. `Unhealthy` or `Abort` stop it.
+    #[serde(rename = "ready_to_promote")]
     ReadyToPromote(Deployment),
     /// Promoted: live traffic is on the deployment's colour; the previous colour still runs.
     /// Next: `WatchWindowElapsed` ends in `Stable` with the previous colour warm; a failing
     /// `WatchSample`, `Unhealthy` or `Rollback` switches back to `rollback_to` at once.
+    #[serde(rename = "watching")]
     Watching {
+        #[serde(rename = "deployment")]
         deployment: Deployment,
         /// What was live before the switch, still running: the instant way back.
+        #[serde(rename = "rollback_to")]
         rollback_to: Live,
         /// Whether a sample with at least `min_requests` was judged (and passed) yet.
+        #[serde(rename = "judged")]
         judged: bool,
     },
 }
@@ -379,60 +462,99 @@ pub enum Timer {
     KeepWarm,
 }
 
+/// A [`Phase::name`]. An alias, so that serde's derive does not take the field for a string
+/// borrowed from its input (the name is one of the phases' own `&'static str`s).
+pub type PhaseName = &'static str;
+
 /// An entry of the deployment history; the driver writes it in the same store transaction as the
-/// state it came with.
-#[derive(Clone, Debug, PartialEq)]
+/// state it came with. Encoded as an object tagged `"kind"` (`started`, `healthy`, ...,
+/// `retired`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
 pub enum Record {
+    #[serde(rename = "started")]
     Started {
+        #[serde(rename = "id")]
         id: DeploymentId,
+        #[serde(rename = "release")]
         release: Release,
+        #[serde(rename = "colour", with = "crate::wire::colour")]
         colour: Colour,
+        #[serde(rename = "cause")]
         cause: Cause,
     },
+    #[serde(rename = "healthy")]
     Healthy {
+        #[serde(rename = "id")]
         id: DeploymentId,
     },
+    #[serde(rename = "validated")]
     Validated {
+        #[serde(rename = "id")]
         id: DeploymentId,
     },
     /// Waiting for `cutover promote` (`auto_after: None`) or for the auto-promote delay.
+    #[serde(rename = "awaiting_promotion")]
     AwaitingPromotion {
+        #[serde(rename = "id")]
         id: DeploymentId,
+        #[serde(rename = "auto_after_ns", with = "crate::wire::opt_nanos")]
         auto_after: Option<Duration>,
     },
     /// Live traffic switched to `colour`; the watch started.
+    #[serde(rename = "promoted")]
     Promoted {
+        #[serde(rename = "id")]
         id: DeploymentId,
+        #[serde(rename = "colour", with = "crate::wire::colour")]
         colour: Colour,
     },
+    #[serde(rename = "went_live")]
     WentLive {
+        #[serde(rename = "id")]
         id: DeploymentId,
+        #[serde(rename = "live")]
         live: Live,
+        #[serde(rename = "watch")]
         watch: Watched,
     },
+    #[serde(rename = "aborted")]
     Aborted {
+        #[serde(rename = "id")]
         id: DeploymentId,
+        #[serde(rename = "reason")]
         reason: Reason,
     },
     /// Live traffic went back to `to` (always an instant switch; a cold rollback is recorded as a
     /// new deployment with [`Cause::ColdRollback`]).
+    #[serde(rename = "rolled_back")]
     RolledBack {
+        #[serde(rename = "id")]
         id: DeploymentId,
+        #[serde(rename = "to")]
         to: Live,
+        #[serde(rename = "reason")]
         reason: Reason,
     },
     /// cutover restarted while the deployment was in `phase`, before promotion.
+    #[serde(rename = "interrupted")]
     Interrupted {
+        #[serde(rename = "id")]
         id: DeploymentId,
-        phase: &'static str,
+        #[serde(rename = "phase", with = "crate::wire::phase_name")]
+        phase: PhaseName,
     },
     /// cutover restarted while watching: the watch starts over with a full window.
+    #[serde(rename = "watch_restarted")]
     WatchRestarted {
+        #[serde(rename = "id")]
         id: DeploymentId,
     },
     /// A previously live colour was drained and stopped (keep-warm over, zero keep-warm, or a new
     /// deployment needed the colour).
+    #[serde(rename = "retired")]
     Retired {
+        #[serde(rename = "live")]
         live: Live,
     },
 }
@@ -659,19 +781,24 @@ impl LifecycleError {
 }
 
 /// The lifecycle state of one service: what is live, what it can roll back to, and the phase.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct State {
+    #[serde(rename = "service")]
     pub service: String,
     /// Where live traffic goes: a colour whose instances became healthy and then passed the
     /// smoke command. `None` until the service's first deployment went live.
+    #[serde(rename = "live")]
     pub live: Option<Live>,
     /// The release that was live before `live`: the target of a cold rollback. `None` when there
     /// was none, and after a rollback (the release rolled back from was rejected; older ones are in
     /// the store's history and can be deployed by name).
+    #[serde(rename = "previous")]
     pub previous: Option<Release>,
     /// The highest deployment id this service has seen; a new deployment must bring a higher one,
     /// so a stale report of an old deployment can never be taken for the new one.
+    #[serde(rename = "last_id")]
     pub last_id: Option<DeploymentId>,
+    #[serde(rename = "phase")]
     pub phase: Phase,
 }
 

@@ -83,6 +83,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cutover_proxy::Colour;
 use rusqlite::types::{FromSql, Value};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, Row, Transaction, TransactionBehavior};
+use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::{
     Cause, Deployment, DeploymentId, Ended, Live, Outcome, Phase, Plan, Promotion, Reason, Record, Release, State,
@@ -314,7 +315,7 @@ const REASON_COLUMNS: [&str; 7] = [
 
 /// [`Phase::name`] of every phase, so that a stored [`Record::Interrupted`] gets its
 /// `&'static str` back.
-const PHASE_NAMES: [&str; 5] = ["stable", "provisioning", "validating", "ready to promote", "watching"];
+const PHASE_NAMES: [&str; 5] = crate::wire::phase_name::NAMES;
 
 /// Why the store failed. Every message names the database file and says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -379,34 +380,29 @@ pub enum StoreError {
         op: String,
         source: rusqlite::Error,
     },
-    #[error(
-        "state database {}: cannot store {what} of service {service} exactly; nothing was written; \
-         use a smaller value",
-        path.display()
-    )]
+    /// `store` names the store: `state database <path>`, or `etcd <endpoints> (prefix ...)`.
+    #[error("{store}: cannot store {what} of service {service} exactly; nothing was written; use a smaller value")]
     Unrepresentable {
-        path: PathBuf,
+        store: String,
         service: String,
         what: String,
     },
     #[error(
-        "state database {}: refused the commit of service {service}: {detail}; nothing was \
-         written; this is a bug in cutover, please report it",
-        path.display()
+        "{store}: refused the commit of service {service}: {detail}; nothing was written; this is \
+         a bug in cutover, please report it"
     )]
     Rejected {
-        path: PathBuf,
+        store: String,
         service: String,
         detail: String,
     },
     /// A commit expected the service's state at one revision and found another: someone else
     /// committed meanwhile (another daemon on the same store). Nothing was written.
     #[error(
-        "state database {}: the state of service {service} changed underneath (expected revision {expected}, found {found}); nothing was written; reload it and decide again",
-        path.display()
+        "{store}: the state of service {service} changed underneath (expected revision {expected}, found {found}); nothing was written; reload it and decide again"
     )]
     Conflict {
-        path: PathBuf,
+        store: String,
         service: String,
         expected: u64,
         found: u64,
@@ -415,63 +411,117 @@ pub enum StoreError {
     /// Whether the call took effect is unknown; the state read at the next start is what counts.
     #[error("state database: a call did not complete ({detail}); the daemon is stopping, or retry")]
     Interrupted { detail: String },
+    /// etcd refused a request, or could not be reached; `store` names the endpoints.
+    #[error("{store}: {op} failed: {detail}; {hint}")]
+    Etcd {
+        store: String,
+        op: String,
+        detail: String,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// An etcd call did not complete in time: the members are unreachable, or too few of them
+    /// are up to form a quorum. A write may or may not have taken effect.
+    #[error(
+        "{store}: {op} did not complete within {timeout:?} ({detail}); check that the etcd members \
+         are running and reachable from this host and that a majority of them is up (etcd needs a \
+         quorum), then retry; a write that timed out may or may not have taken effect"
+    )]
+    EtcdTimeout {
+        store: String,
+        op: String,
+        timeout: Duration,
+        detail: String,
+    },
+    /// A value under the store's prefix that cutover cannot read.
+    #[error(
+        "{store}: key {key}: {detail}; it was not written by this cutover: check that no other \
+         program writes under the prefix, or restore the key from a backup"
+    )]
+    EtcdCorrupt { store: String, key: String, detail: String },
+    /// The etcd store's options cannot be used as given.
+    #[error("etcd store: {0}")]
+    EtcdSetup(String),
 }
 
 impl StoreError {
     /// Whether the same call may succeed later as is (another process held the lock).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Locked { .. } | StoreError::Interrupted { .. })
+        matches!(
+            self,
+            StoreError::Locked { .. } | StoreError::Interrupted { .. } | StoreError::EtcdTimeout { .. }
+        )
     }
 }
 
 /// Who asked for what, appended to the audit log.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Audit {
     /// `"cli"`, `"api:<token name>"`, `"auto"` (timers and driver reports), ...
+    #[serde(rename = "actor")]
     pub actor: String,
     /// The service concerned; in [`Store::commit`], `None` means the committed service.
+    #[serde(rename = "service")]
     pub service: Option<String>,
     /// `"deploy"`, `"promote"`, `"rollback"`, ...
+    #[serde(rename = "action")]
     pub action: String,
     /// The request's arguments as the caller wants them shown (e.g. `--version v2`).
+    #[serde(rename = "arguments")]
     pub arguments: String,
     /// What came of it: `"ok"`, the error message, ...
+    #[serde(rename = "result")]
     pub result: String,
 }
 
 /// One row of the audit log.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// Position in the log; increases, never reused.
+    #[serde(rename = "seq")]
     pub seq: u64,
     /// Unix milliseconds precision.
+    #[serde(rename = "at_ms", with = "crate::wire::millis")]
     pub at: SystemTime,
+    #[serde(rename = "audit")]
     pub audit: Audit,
 }
 
 /// One deployment as `cutover history` shows it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentSummary {
+    #[serde(rename = "id")]
     pub id: DeploymentId,
+    #[serde(rename = "release")]
     pub release: Release,
+    #[serde(rename = "colour", with = "crate::wire::colour")]
     pub colour: Colour,
+    #[serde(rename = "cause")]
     pub cause: Cause,
+    #[serde(rename = "started_at_ms", with = "crate::wire::millis")]
     pub started_at: SystemTime,
     /// When live traffic switched to it (not for a first deployment, which goes live directly).
+    #[serde(rename = "promoted_at_ms", with = "crate::wire::opt_millis")]
     pub promoted_at: Option<SystemTime>,
     /// `None` while it is in progress.
+    #[serde(rename = "ended_at_ms", with = "crate::wire::opt_millis")]
     pub ended_at: Option<SystemTime>,
+    #[serde(rename = "outcome")]
     pub outcome: Option<Outcome>,
 }
 
 /// One stored [`Record`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TransitionEntry {
     /// Position in the service's history; increases, never reused.
+    #[serde(rename = "seq")]
     pub seq: u64,
+    #[serde(rename = "at_ms", with = "crate::wire::millis")]
     pub at: SystemTime,
     /// The deployment it is filed under (for `Retired`, see the module doc).
+    #[serde(rename = "deployment")]
     pub deployment: Option<DeploymentId>,
+    #[serde(rename = "record")]
     pub record: Record,
 }
 
@@ -682,7 +732,7 @@ impl Store {
             .map_err(&fail)?;
         let Some(next) = highest.unwrap_or(0).checked_add(1) else {
             return Err(StoreError::Unrepresentable {
-                path: self.path.clone(),
+                store: self.name(),
                 service: service.to_string(),
                 what: "a deployment id above the largest integer SQLite holds".to_string(),
             });
@@ -732,7 +782,7 @@ impl Store {
         }
         let now = now_ms();
         let unfit = |what: Unfit| StoreError::Unrepresentable {
-            path: self.path.clone(),
+            store: self.name(),
             service: service.to_string(),
             what: what.0,
         };
@@ -755,7 +805,7 @@ impl Store {
         let found = Revision(found.unsigned_abs());
         if let Some(expected) = expected.filter(|e| *e != found) {
             return Err(StoreError::Conflict {
-                path: self.path.clone(),
+                store: self.name(),
                 service: service.to_string(),
                 expected: expected.0,
                 found: found.0,
@@ -992,6 +1042,11 @@ impl Store {
         Ok(out)
     }
 
+    /// How errors name this store: `state database <path>`.
+    fn name(&self) -> String {
+        format!("state database {}", self.path.display())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while the lock was held cannot leave a half-written transaction: a dropped
         // `Transaction` rolls back. The connection is fine to use.
@@ -1005,7 +1060,7 @@ impl Store {
 
     fn rejected(&self, service: &str, detail: String) -> StoreError {
         StoreError::Rejected {
-            path: self.path.clone(),
+            store: self.name(),
             service: service.to_string(),
             detail,
         }
@@ -1799,6 +1854,7 @@ fn decode_instance(row: &Row<'_>) -> Result<StoredInstance, Bad> {
     })
 }
 
+pub mod etcd;
 #[cfg(test)]
 mod tests;
 

@@ -1296,52 +1296,275 @@ fn kill_9_during_commits_loses_nothing_committed_and_keeps_no_half() {
 /// The contract every [`StateStore`] keeps (one node's SQLite here; a fleet's store runs the
 /// same function): commits compare and swap on the revision, a conflicting commit writes
 /// nothing, values round-trip, deployment ids only grow.
-fn shared_contract(store: &dyn StateStore) {
+/// What every [`StateStore`] must do, run against each implementation (SQLite here, etcd in
+/// `etcd/tests.rs`). Revisions are opaque: they only increase, per service.
+pub(super) fn shared_contract(store: &dyn StateStore) {
     let s = "web";
     assert_eq!(store.load(s).unwrap(), None);
     let mut state = State::new(s);
     let first = store.commit(s, Revision::NONE, &state, &[], None).unwrap();
-    assert_eq!(first, Revision(1));
-    assert_eq!(store.load(s).unwrap(), Some((state.clone(), Revision(1))));
+    assert!(first > Revision::NONE);
+    assert_eq!(store.load(s).unwrap(), Some((state.clone(), first)));
     // A writer that decided on revision 0 (or on a future one) is refused, and nothing changes.
     state.live = Some(at(Colour::Green, "v9"));
-    for stale in [Revision::NONE, Revision(2)] {
+    for stale in [Revision::NONE, Revision(first.0 + 1000)] {
         let err = store
             .commit(s, stale, &state, &[], Some(audit("other", "deploy", "")))
             .unwrap_err();
         assert!(
-            matches!(err, StoreError::Conflict { expected, found: 1, .. } if expected == stale.0),
+            matches!(err, StoreError::Conflict { expected, found, .. } if expected == stale.0 && found == first.0),
             "{err}"
         );
         assert!(err.to_string().contains("changed underneath"), "{err}");
     }
-    assert_eq!(
-        store.load(s).unwrap().map(|(st, r)| (st.live, r)),
-        Some((None, Revision(1)))
-    );
-    assert_eq!(store.commit(s, Revision(1), &state, &[], None).unwrap(), Revision(2));
+    assert_eq!(store.load(s).unwrap().map(|(st, r)| (st.live, r)), Some((None, first)));
+    let second = store.commit(s, first, &state, &[], None).unwrap();
+    assert!(second > first);
     assert_eq!(
         store.load(s).unwrap().map(|(st, _)| st.live),
         Some(Some(at(Colour::Green, "v9")))
     );
     // Revisions are per service.
-    assert_eq!(
-        store
-            .commit("api", Revision::NONE, &State::new("api"), &[], None)
-            .unwrap(),
-        Revision(1)
-    );
+    let api = store
+        .commit("api", Revision::NONE, &State::new("api"), &[], None)
+        .unwrap();
+    assert!(api > Revision::NONE);
+    assert_eq!(store.load(s).unwrap().map(|(_, r)| r), Some(second));
+    // A state of another service is refused.
+    let err = store.commit(s, second, &State::new("api"), &[], None).unwrap_err();
+    assert!(matches!(err, StoreError::Rejected { .. }), "{err}");
     // Values.
     assert_eq!(store.get_value("preview-token").unwrap(), None);
     store.set_value("preview-token", Some("abc")).unwrap();
     store.set_value("preview-token", Some("def")).unwrap();
     assert_eq!(store.get_value("preview-token").unwrap().as_deref(), Some("def"));
+    store
+        .set_value("upstreams/web/blue", Some("127.0.0.1:1\n127.0.0.1:2"))
+        .unwrap();
+    assert_eq!(
+        store.get_value("upstreams/web/blue").unwrap().as_deref(),
+        Some("127.0.0.1:1\n127.0.0.1:2")
+    );
     store.set_value("preview-token", None).unwrap();
     assert_eq!(store.get_value("preview-token").unwrap(), None);
-    // Ids.
+    // Ids: increasing, and above any a committed state holds.
     let a = store.next_deployment_id(s).unwrap();
     let b = store.next_deployment_id(s).unwrap();
     assert!(b > a);
+    let mut jumped = State::new("ids");
+    jumped.last_id = Some(DeploymentId(40));
+    store.commit("ids", Revision::NONE, &jumped, &[], None).unwrap();
+    assert_eq!(store.next_deployment_id("ids").unwrap(), DeploymentId(41));
+
+    contract_state_shapes(store);
+    contract_records(store);
+    contract_history(store);
+}
+
+/// Every state shape reads back as committed, and nothing of an earlier phase lingers.
+fn contract_state_shapes(store: &dyn StateStore) {
+    let mut revision = Revision::NONE;
+    for (n, state) in all_states("shapes").iter().enumerate() {
+        revision = store
+            .commit("shapes", revision, state, &[], None)
+            .unwrap_or_else(|e| panic!("state {n}: {e}"));
+        assert_eq!(
+            store.load("shapes").unwrap(),
+            Some((state.clone(), revision)),
+            "state {n}"
+        );
+    }
+}
+
+/// Every record reads back under its deployment in commit order (`Retired` under the
+/// state's `last_id`), and deployments' summaries follow them.
+fn contract_records(store: &dyn StateStore) {
+    let s = "records";
+    let id1 = DeploymentId(1);
+    let id2 = DeploymentId(2);
+    let mut first = vec![
+        Record::Started {
+            id: id1,
+            release: rel("v1"),
+            colour: Colour::Blue,
+            cause: Cause::Deploy,
+        },
+        Record::Healthy { id: id1 },
+        Record::Validated { id: id1 },
+        Record::AwaitingPromotion {
+            id: id1,
+            auto_after: None,
+        },
+        Record::AwaitingPromotion {
+            id: id1,
+            auto_after: Some(Duration::new(60, 5)),
+        },
+        Record::Promoted {
+            id: id1,
+            colour: Colour::Blue,
+        },
+    ];
+    for watch in [Watched::Skipped, Watched::Judged, Watched::Unjudged] {
+        first.push(Record::WentLive {
+            id: id1,
+            live: at(Colour::Blue, "v1"),
+            watch,
+        });
+    }
+    for reason in reasons() {
+        first.push(Record::Aborted {
+            id: id1,
+            reason: reason.clone(),
+        });
+        first.push(Record::RolledBack {
+            id: id1,
+            to: at(Colour::Green, "v0"),
+            reason,
+        });
+    }
+    for phase in PHASE_NAMES {
+        first.push(Record::Interrupted { id: id1, phase });
+    }
+    first.push(Record::WatchRestarted { id: id1 });
+    // A new deployment that needed the warm colour: its Retired comes before its Started.
+    let second = vec![
+        Record::Retired {
+            live: at(Colour::Green, "v0"),
+        },
+        Record::Started {
+            id: id2,
+            release: rel("v2"),
+            colour: Colour::Green,
+            cause: Cause::ColdRollback,
+        },
+    ];
+    let mut state = State::new(s);
+    state.last_id = Some(id1);
+    let before = to_ms(SystemTime::now());
+    let r1 = store.commit(s, Revision::NONE, &state, &first, None).unwrap();
+    state.last_id = Some(id2);
+    let r2 = store
+        .commit(s, r1, &state, &second, Some(audit("cli", "deploy", "--version v2")))
+        .unwrap();
+    let after = to_ms(SystemTime::now());
+
+    let got = store.transitions(s, id1).unwrap();
+    assert_eq!(records_of(&got), first);
+    let got2 = store.transitions(s, id2).unwrap();
+    assert_eq!(records_of(&got2), second);
+    let all: Vec<_> = got.iter().chain(&got2).collect();
+    for e in &all {
+        assert!((before..=after).contains(&to_ms(e.at)), "{e:?}");
+    }
+    let seqs: Vec<_> = all.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(got.iter().all(|e| e.deployment == Some(id1)));
+    assert!(got2.iter().all(|e| e.deployment == Some(id2)));
+    assert_eq!(store.transitions(s, DeploymentId(3)).unwrap(), vec![]);
+    assert_eq!(store.transitions("other", id1).unwrap(), vec![]);
+    // The last ending record of deployment 1 was Interrupted; the last word wins.
+    let history = store.history(s, 10).unwrap();
+    assert_eq!(history.iter().map(|d| d.id).collect::<Vec<_>>(), [id2, id1]);
+    assert_eq!(history[1].outcome, Some(Outcome::Interrupted));
+    assert!(history[1].promoted_at.is_some() && history[1].ended_at.is_some());
+    assert_eq!(
+        (history[0].outcome.as_ref(), history[0].ended_at, history[0].promoted_at),
+        (None, None, None)
+    );
+    assert_eq!(
+        (history[0].colour, history[0].cause),
+        (Colour::Green, Cause::ColdRollback)
+    );
+    assert_eq!(history[0].release, rel("v2"));
+    assert!((before..=after).contains(&to_ms(history[0].started_at)));
+
+    // Refused commits write nothing: a record of a deployment never started, a second start
+    // of one, a Retired filed under a deployment never started.
+    let refused: [(Option<DeploymentId>, Vec<Record>); 3] = [
+        (Some(id2), vec![Record::Healthy { id: DeploymentId(9) }]),
+        (
+            Some(id2),
+            vec![Record::Started {
+                id: id1,
+                release: rel("v1"),
+                colour: Colour::Blue,
+                cause: Cause::Deploy,
+            }],
+        ),
+        (
+            Some(DeploymentId(8)),
+            vec![Record::Retired {
+                live: at(Colour::Blue, "v1"),
+            }],
+        ),
+    ];
+    for (last_id, records) in refused {
+        let mut next = state.clone();
+        next.last_id = last_id;
+        next.live = Some(at(Colour::Blue, "refused"));
+        let err = store.commit(s, r2, &next, &records, None).unwrap_err();
+        assert!(matches!(err, StoreError::Rejected { .. }), "{records:?}: {err}");
+        assert_eq!(store.load(s).unwrap(), Some((state.clone(), r2)));
+        assert_eq!(store.history(s, 10).unwrap(), history);
+        assert_eq!(records_of(&store.transitions(s, id1).unwrap()), first);
+        assert_eq!(store.transitions(s, DeploymentId(9)).unwrap(), vec![]);
+    }
+}
+
+/// `history` is newest first, honours its limit, and follows the lifecycle's records.
+fn contract_history(store: &dyn StateStore) {
+    let s = "hist";
+    let mut state = State::new(s);
+    let mut revision = Revision::NONE;
+    let mut ids = Vec::new();
+    for n in 0..12u64 {
+        let id = store.next_deployment_id(s).unwrap();
+        ids.push(id);
+        state.last_id = Some(id);
+        let mut records = vec![Record::Started {
+            id,
+            release: rel(&format!("v{n}")),
+            colour: if n % 2 == 0 { Colour::Blue } else { Colour::Green },
+            cause: Cause::Deploy,
+        }];
+        match n % 3 {
+            0 => records.push(Record::Aborted {
+                id,
+                reason: Reason::Requested,
+            }),
+            1 => {
+                records.push(Record::Promoted {
+                    id,
+                    colour: Colour::Green,
+                });
+                records.push(Record::WentLive {
+                    id,
+                    live: at(Colour::Green, &format!("v{n}")),
+                    watch: Watched::Judged,
+                });
+            }
+            _ => {}
+        }
+        revision = store.commit(s, revision, &state, &records, None).unwrap();
+    }
+    let newest_first: Vec<_> = ids.iter().rev().copied().collect();
+    let history = store.history(s, 100).unwrap();
+    assert_eq!(history.iter().map(|d| d.id).collect::<Vec<_>>(), newest_first);
+    assert_eq!(store.history(s, 5).unwrap(), history[..5].to_vec());
+    assert_eq!(store.history(s, 1).unwrap(), history[..1].to_vec());
+    assert_eq!(store.history(s, 0).unwrap(), vec![]);
+    assert_eq!(store.history("nobody", 10).unwrap(), vec![]);
+    for (d, n) in history.iter().zip((0..12u64).rev()) {
+        assert_eq!(d.release, rel(&format!("v{n}")));
+        let expected = match n % 3 {
+            0 => Some(Outcome::Aborted(Reason::Requested)),
+            1 => Some(Outcome::WentLive),
+            _ => None,
+        };
+        assert_eq!(d.outcome, expected, "deployment {n}");
+        assert_eq!(d.promoted_at.is_some(), n % 3 == 1, "deployment {n}");
+        assert_eq!(d.ended_at.is_some(), n % 3 != 2, "deployment {n}");
+    }
 }
 
 #[test]
@@ -1374,4 +1597,162 @@ fn a_version_1_database_is_migrated_in_place() {
         store.commit_at("web", Some(Revision::NONE), &state, [], None).unwrap(),
         Revision(1)
     );
+}
+
+/// The JSON encoding (`crate::wire`) reads back every state shape, record, reason, outcome,
+/// summary and entry exactly.
+#[test]
+fn every_shape_round_trips_through_json() {
+    fn round_trip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(value: &T) {
+        let json = serde_json::to_string(value).unwrap_or_else(|e| panic!("{value:?}: {e}"));
+        let back: T = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        assert_eq!(&back, value, "{json}");
+    }
+    for state in all_states("web") {
+        round_trip(&state);
+    }
+    for outcome in outcomes() {
+        round_trip(&outcome);
+    }
+    let id = DeploymentId(u64::MAX);
+    let mut records = vec![
+        Record::Started {
+            id,
+            release: rel("v1"),
+            colour: Colour::Blue,
+            cause: Cause::ColdRollback,
+        },
+        Record::AwaitingPromotion { id, auto_after: None },
+        Record::AwaitingPromotion {
+            id,
+            auto_after: Some(Duration::new(1, 1)),
+        },
+        Record::Promoted {
+            id,
+            colour: Colour::Green,
+        },
+        Record::WatchRestarted { id },
+        Record::Retired {
+            live: at(Colour::Green, "v0"),
+        },
+    ];
+    for watch in [Watched::Skipped, Watched::Judged, Watched::Unjudged] {
+        records.push(Record::WentLive {
+            id,
+            live: at(Colour::Blue, "v1"),
+            watch,
+        });
+    }
+    for reason in reasons() {
+        records.push(Record::Aborted {
+            id,
+            reason: reason.clone(),
+        });
+        records.push(Record::RolledBack {
+            id,
+            to: at(Colour::Blue, "v0"),
+            reason,
+        });
+    }
+    for phase in PHASE_NAMES {
+        records.push(Record::Interrupted { id, phase });
+    }
+    let t = from_ms(1_700_000_000_123);
+    for (seq, record) in records.into_iter().enumerate() {
+        round_trip(&TransitionEntry {
+            seq: seq as u64,
+            at: t,
+            deployment: (seq % 2 == 0).then_some(id),
+            record,
+        });
+    }
+    for outcome in [None, Some(Outcome::RolledBack(Reason::Requested))] {
+        round_trip(&DeploymentSummary {
+            id,
+            release: rel("v2"),
+            colour: Colour::Green,
+            cause: Cause::Deploy,
+            started_at: from_ms(-5),
+            promoted_at: outcome.as_ref().map(|_| t),
+            ended_at: outcome.as_ref().map(|_| t),
+            outcome,
+        });
+    }
+    round_trip(&AuditEntry {
+        seq: 3,
+        at: t,
+        audit: Audit {
+            service: Some("web".into()),
+            ..audit("cli", "deploy", "--version v2")
+        },
+    });
+}
+
+/// The encoding is the documented one, field by field: what other nodes and later versions read.
+#[test]
+fn the_json_encoding_is_explicit_and_stable() {
+    let plan = plans().remove(1);
+    let state = State {
+        service: "web".into(),
+        live: Some(at(Colour::Blue, "v1")),
+        previous: None,
+        last_id: Some(DeploymentId(2)),
+        phase: Phase::Watching {
+            deployment: Deployment {
+                id: DeploymentId(2),
+                release: rel("v2"),
+                colour: Colour::Green,
+                plan,
+                cause: Cause::Deploy,
+            },
+            rollback_to: at(Colour::Blue, "v1"),
+            judged: false,
+        },
+    };
+    assert_eq!(
+        serde_json::to_string(&state).unwrap(),
+        r#"{"service":"web","live":{"colour":"blue","release":"v1"},"previous":null,"last_id":2,"phase":{"name":"watching","deployment":{"id":2,"release":"v2","colour":"green","plan":{"health_deadline_ns":1500000000,"promote":{"kind":"auto","delay_ns":0},"watch":{"duration_ns":60000000000,"min_requests":100,"max_error_rate":0.01,"max_p99_ns":500000000},"keep_warm_ns":3600000000000},"cause":"deploy"},"rollback_to":{"colour":"blue","release":"v1"},"judged":false}}"#
+    );
+    let ended = Phase::Stable {
+        warm: None,
+        last: Some(Ended {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            outcome: Outcome::Aborted(Reason::HealthDeadline(Duration::from_secs(30))),
+        }),
+    };
+    assert_eq!(
+        serde_json::to_string(&ended).unwrap(),
+        r#"{"name":"stable","warm":null,"last":{"id":1,"release":"v1","outcome":{"outcome":"aborted","reason":{"reason":"health_deadline","detail":30000000000}}}}"#
+    );
+    let record = Record::Interrupted {
+        id: DeploymentId(7),
+        phase: "ready to promote",
+    };
+    assert_eq!(
+        serde_json::to_string(&record).unwrap(),
+        r#"{"kind":"interrupted","id":7,"phase":"ready to promote"}"#
+    );
+    let rate = Reason::ErrorRate {
+        errors: 3,
+        requests: 10,
+        max: 0.25,
+    };
+    assert_eq!(
+        serde_json::to_string(&rate).unwrap(),
+        r#"{"reason":"error_rate","detail":{"errors":3,"requests":10,"max":0.25}}"#
+    );
+    // Values JSON cannot hold are refused, never written as null.
+    let nan = Reason::ErrorRate {
+        errors: 0,
+        requests: 0,
+        max: f64::NAN,
+    };
+    assert!(serde_json::to_string(&nan).is_err());
+    assert!(serde_json::to_string(&Reason::HealthDeadline(Duration::MAX)).is_err());
+    // Unknown codes are refused with their name.
+    let err = serde_json::from_str::<Record>(r#"{"kind":"interrupted","id":7,"phase":"sleeping"}"#).unwrap_err();
+    assert!(err.to_string().contains("sleeping"), "{err}");
+    let err = serde_json::from_str::<Live>(r#"{"colour":"red","release":"v1"}"#).unwrap_err();
+    assert!(err.to_string().contains("red"), "{err}");
 }

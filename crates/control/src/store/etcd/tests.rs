@@ -1,0 +1,311 @@
+//! The etcd store against a real 3-member etcd cluster (`crate::testing::etcd`). Each test starts
+//! its own cluster (a second or two), so that the tests run apart, in parallel or one per
+//! process, and a member killed by one test cannot disturb another.
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use cutover_proxy::Colour;
+
+use super::*;
+use crate::lifecycle::{Cause, Live, Release};
+use crate::store::tests::shared_contract;
+use crate::testing::etcd::EtcdCluster;
+
+fn store(cluster: &EtcdCluster, prefix: &str) -> EtcdStore {
+    let mut options = EtcdOptions::new(cluster.endpoints());
+    options.prefix = prefix.to_string();
+    EtcdStore::connect(options).expect("connect to the test cluster")
+}
+
+fn live(version: &str) -> Live {
+    Live {
+        colour: Colour::Green,
+        release: Release::new(version),
+    }
+}
+
+fn audit(action: &str) -> Audit {
+    Audit {
+        actor: "cli".into(),
+        service: None,
+        action: action.into(),
+        arguments: String::new(),
+        result: "ok".into(),
+    }
+}
+
+#[test]
+fn etcd_keeps_the_state_store_contract() {
+    let cluster = EtcdCluster::start();
+    let store = store(&cluster, "/contract");
+    shared_contract(&store);
+
+    // The same keys under another prefix are another store.
+    let other = self::store(&cluster, "/other/");
+    assert_eq!(other.load("web").unwrap(), None);
+    assert_eq!(other.history("records", 10).unwrap(), vec![]);
+
+    // A commit's audit entry names the committed service; the log is newest first.
+    let (_, revision) = store.load("web").unwrap().unwrap();
+    let state = store.load("web").unwrap().unwrap().0;
+    store
+        .commit("web", revision, &state, &[], Some(audit("promote")))
+        .unwrap();
+    store.append_audit(&audit("refused")).unwrap();
+    let log = store.audit_log(2).unwrap();
+    let got: Vec<_> = log
+        .iter()
+        .map(|e| (e.audit.action.as_str(), e.audit.service.as_deref()))
+        .collect();
+    assert_eq!(got, [("refused", None), ("promote", Some("web"))]);
+    assert!(log[0].seq > log[1].seq);
+
+    // Service names with `/` and `%` stay apart from each other's keys.
+    for name in ["a/b", "a", "a%2Fb", "a%b"] {
+        let state = State::new(name);
+        store.commit(name, Revision::NONE, &state, &[], None).unwrap();
+    }
+    for name in ["a/b", "a", "a%2Fb", "a%b"] {
+        assert_eq!(
+            store.load(name).unwrap().map(|(s, _)| s.service),
+            Some(name.to_string())
+        );
+    }
+}
+
+/// A failure's message of megabytes (a smoke command's output) is cut to fit etcd's request
+/// limit, and the commit goes through.
+#[test]
+fn long_messages_are_cut_to_fit_a_request() {
+    let cluster = EtcdCluster::start();
+    let store = store(&cluster, "/long");
+    let id = DeploymentId(1);
+    let mut state = State::new("web");
+    state.last_id = Some(id);
+    let started = Record::Started {
+        id,
+        release: Release::new("v1"),
+        colour: Colour::Blue,
+        cause: Cause::Deploy,
+    };
+    let r1 = store.commit("web", Revision::NONE, &state, &[started], None).unwrap();
+    let huge = "ü".repeat(2 * 1024 * 1024);
+    let reason = Reason::SmokeFailed(huge.clone());
+    state.phase = Phase::Stable {
+        warm: None,
+        last: Some(crate::lifecycle::Ended {
+            id,
+            release: Release::new("v1"),
+            outcome: Outcome::Aborted(reason.clone()),
+        }),
+    };
+    let mut big_audit = audit("deploy");
+    big_audit.result = huge.clone();
+    store
+        .commit("web", r1, &state, &[Record::Aborted { id, reason }], Some(big_audit))
+        .unwrap();
+    let records = store.transitions("web", id).unwrap();
+    let Record::Aborted {
+        reason: Reason::SmokeFailed(text),
+        ..
+    } = &records[1].record
+    else {
+        panic!("{records:?}")
+    };
+    assert!(text.len() < MAX_TEXT_BYTES + 100, "{}", text.len());
+    assert!(huge.starts_with(text.split(" [").next().unwrap()));
+    assert!(text.ends_with("more bytes cut]"), "{}", &text[text.len() - 40..]);
+    let history = store.history("web", 1).unwrap();
+    assert_eq!(
+        history[0].outcome,
+        Some(Outcome::Aborted(Reason::SmokeFailed(text.clone())))
+    );
+    let (loaded, _) = store.load("web").unwrap().unwrap();
+    let Phase::Stable { last: Some(ended), .. } = loaded.phase else {
+        panic!()
+    };
+    assert_eq!(ended.outcome, Outcome::Aborted(Reason::SmokeFailed(text.clone())));
+    assert!(store.audit_log(1).unwrap()[0].audit.result.len() < MAX_TEXT_BYTES + 100);
+
+    // More records than one etcd transaction takes are refused, and nothing is written.
+    let many = vec![Record::Healthy { id }; MAX_RECORDS + 1];
+    let (_, revision) = store.load("web").unwrap().unwrap();
+    let err = store.commit("web", revision, &state, &many, None).unwrap_err();
+    assert!(matches!(err, StoreError::Unrepresentable { .. }), "{err}");
+    assert_eq!(store.transitions("web", id).unwrap().len(), 2);
+}
+
+/// Two nodes decide on the same revision at the same instant: exactly one commit wins, the
+/// other is told of the conflict, and the stored state is the winner's.
+#[test]
+fn two_nodes_committing_on_one_revision_one_wins() {
+    let cluster = EtcdCluster::start();
+    let nodes = [Arc::new(store(&cluster, "/race")), Arc::new(store(&cluster, "/race"))];
+    let mut revision = nodes[0]
+        .commit("web", Revision::NONE, &State::new("web"), &[], None)
+        .unwrap();
+    let mut wins = [0; 2];
+    for round in 0..50 {
+        let barrier = Arc::new(Barrier::new(2));
+        let handles: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(n, node)| {
+                let (node, barrier) = (Arc::clone(node), Arc::clone(&barrier));
+                thread::spawn(move || {
+                    let mut state = State::new("web");
+                    state.live = Some(live(&format!("node{n}-round{round}")));
+                    barrier.wait();
+                    let result = node.commit("web", revision, &state, &[], Some(audit("deploy")));
+                    (state, result)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let winners: Vec<_> = handles.iter().filter(|(_, r)| r.is_ok()).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {handles:?}");
+        let (state, Ok(won)) = winners[0] else { unreachable!() };
+        for (_, result) in &handles {
+            if let Err(err) = result {
+                assert!(
+                    matches!(err, StoreError::Conflict { expected, found, .. }
+                        if *expected == revision.0 && *found == won.0),
+                    "round {round}: {err}"
+                );
+            }
+        }
+        wins[handles.iter().position(|(_, r)| r.is_ok()).unwrap()] += 1;
+        // Either node reads the winner's state at the winner's revision.
+        for node in &nodes {
+            assert_eq!(node.load("web").unwrap(), Some((state.clone(), *won)), "round {round}");
+        }
+        revision = *won;
+    }
+    // Exactly one audit entry per round: the loser wrote nothing.
+    assert_eq!(nodes[0].audit_log(1000).unwrap().len(), 50);
+    eprintln!("wins per node: {wins:?}");
+}
+
+#[test]
+fn deployment_ids_from_two_nodes_are_distinct_and_increasing() {
+    let cluster = EtcdCluster::start();
+    let nodes = [Arc::new(store(&cluster, "/ids")), Arc::new(store(&cluster, "/ids"))];
+    let barrier = Arc::new(Barrier::new(2));
+    let per_node: Vec<Vec<u64>> = nodes
+        .iter()
+        .map(|node| {
+            let (node, barrier) = (Arc::clone(node), Arc::clone(&barrier));
+            thread::spawn(move || {
+                barrier.wait();
+                (0..40).map(|_| node.next_deployment_id("web").unwrap().0).collect()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    for ids in &per_node {
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    }
+    let mut all: Vec<u64> = per_node.concat();
+    all.sort();
+    all.dedup();
+    assert_eq!(all, (1..=80).collect::<Vec<_>>());
+}
+
+/// With one member of three down the store works; with two down a commit fails within the
+/// timeout, names the endpoints and says what to do, and writes nothing.
+#[test]
+fn a_lost_quorum_fails_commits_in_bounded_time_and_writes_nothing() {
+    let mut cluster = EtcdCluster::start();
+    let timeout = Duration::from_secs(2);
+    let mut options = EtcdOptions::new(cluster.endpoints());
+    options.prefix = "/quorum".into();
+    options.timeout = timeout;
+    let store = EtcdStore::connect(options).unwrap();
+    let mut state = State::new("web");
+    let mut revision = store.commit("web", Revision::NONE, &state, &[], None).unwrap();
+
+    cluster.kill(0);
+    for n in 0..3 {
+        state.live = Some(live(&format!("v{n}")));
+        revision = store
+            .commit("web", revision, &state, &[], Some(audit("deploy")))
+            .unwrap_or_else(|e| panic!("commit {n} with one member down: {e}"));
+        assert_eq!(store.load("web").unwrap(), Some((state.clone(), revision)));
+    }
+    assert!(store.next_deployment_id("web").is_ok());
+
+    cluster.kill(1);
+    let mut refused = state.clone();
+    refused.live = Some(live("never"));
+    let started = Instant::now();
+    let err = store
+        .commit("web", revision, &refused, &[], Some(audit("deploy")))
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    let message = err.to_string();
+    assert!(
+        elapsed < timeout + Duration::from_secs(1),
+        "took {elapsed:?}: {message}"
+    );
+    assert!(matches!(err, StoreError::EtcdTimeout { .. }), "{message}");
+    assert!(err.is_retryable());
+    for endpoint in cluster.endpoints() {
+        assert!(message.contains(&endpoint), "{message}");
+    }
+    assert!(message.contains("quorum") && message.contains("within 2s"), "{message}");
+    let started = Instant::now();
+    assert!(store.load("web").is_err());
+    assert!(started.elapsed() < timeout + Duration::from_secs(1));
+
+    cluster.restart(0);
+    cluster.restart(1);
+    cluster
+        .wait_until_healthy(&[0, 1, 2], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    // Nothing of the failed commit was written (its audit entry neither).
+    let mut loaded = None;
+    for _ in 0..50 {
+        match store.load("web") {
+            Ok(found) => {
+                loaded = found;
+                break;
+            }
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    assert_eq!(loaded, Some((state.clone(), revision)));
+    assert_eq!(store.audit_log(100).unwrap().len(), 3);
+    // And the store works again.
+    state.live = Some(live("after"));
+    store.commit("web", revision, &state, &[], None).unwrap();
+}
+
+#[test]
+fn unreachable_endpoints_fail_in_bounded_time_with_what_to_do() {
+    // A port nothing listens on: connection refused at once, retried until the timeout.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut options = EtcdOptions::new([endpoint.clone()]);
+    options.timeout = Duration::from_millis(800);
+    let store = EtcdStore::connect(options).unwrap();
+    let started = Instant::now();
+    let err = store.load("web").unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    let message = err.to_string();
+    assert!(
+        message.contains(&endpoint) && message.contains("reachable"),
+        "{message}"
+    );
+
+    let err = EtcdStore::connect(EtcdOptions::new(Vec::<String>::new())).unwrap_err();
+    assert!(err.to_string().contains("no endpoints"), "{err}");
+}
