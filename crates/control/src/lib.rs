@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod exposition;
+pub mod fleet;
 pub mod health;
 pub mod lifecycle;
 pub mod metrics;

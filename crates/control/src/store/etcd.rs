@@ -367,7 +367,7 @@ struct AuditEntryValue {
     audit: Audit,
 }
 
-fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, StoreError> {
+pub(crate) fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, StoreError> {
     let read = |what: &str, path: &PathBuf| {
         std::fs::read(path).map_err(|e| {
             StoreError::EtcdSetup(format!(

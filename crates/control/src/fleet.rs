@@ -1,0 +1,374 @@
+//! The nodes of a fleet, through etcd: who is a member, who leads, and which route revision each
+//! one has applied.
+//!
+//! Each node joins under a lease of its own ([`Membership::join`]): its key
+//! `{prefix}/nodes/{node}` lives while the node keeps the lease alive, and vanishes (with every
+//! other key under the lease) within the lease's time to live after the node stops doing so, a
+//! crash included. On this lease:
+//!
+//! - **Leadership** ([`Membership::campaign`]): `{prefix}/leader` holds the leader's name, put
+//!   only if the key does not exist (a transaction on its create revision), under the leader's
+//!   lease. Others wait until it is gone and try again. A leader that dies loses the key when its
+//!   lease expires, so another node leads within the time to live.
+//! - **Acknowledgements** ([`Membership::acknowledge`]): `{prefix}/acks/{service}/{node}` holds
+//!   the revision of the service's route state the node applies now and when it applied it.
+//!   [`Membership::wait_for_acks`] waits until every member has acknowledged a revision (or a
+//!   later one), or names those that did not within the time given.
+//!
+//! Waiting is by polling the few keys involved (every [`POLL`]), which survives reconnects and
+//! member failures with nothing to resume.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use crate::store::etcd::{EtcdOptions, DEFAULT_PREFIX};
+
+/// How often waits look at etcd again.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// Why a fleet operation failed. Messages name etcd and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("etcd ({endpoints}): {what} failed: {message}; check that the etcd members are running and reachable and that a majority of them is up")]
+    Etcd {
+        endpoints: String,
+        what: &'static str,
+        message: String,
+    },
+    #[error("another node named {node:?} is a member of the fleet (its registration did not go away within {waited:?}); give each node its own name ([fleet] node)")]
+    NameTaken { node: String, waited: Duration },
+    #[error("the fleet lease of node {node:?} was lost (etcd did not hear from it within its time to live); it is no longer a member")]
+    LeaseLost { node: String },
+}
+
+/// What a node acknowledged for one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    #[serde(rename = "revision")]
+    pub revision: u64,
+    #[serde(rename = "applied_at_ms")]
+    pub applied_at_ms: u64,
+}
+
+/// The result of waiting for acknowledgements.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckWait {
+    /// Members that acknowledged the revision or a later one.
+    pub acked: Vec<String>,
+    /// Members that had not when the time was up (empty when every one did).
+    pub missing: Vec<String>,
+}
+
+/// This node's membership of the fleet: its lease, kept alive in the background.
+pub struct Membership {
+    client: Client,
+    prefix: String,
+    node: String,
+    lease: i64,
+    endpoints: String,
+    keeper: tokio::task::JoinHandle<()>,
+    lost: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Membership {
+    /// Joins the fleet as `node`, with a lease of `ttl` (at least 2 s) kept alive every third of
+    /// it. A registration of the same name that is still alive (another node, or this one before
+    /// a crash, until its lease expires) is waited for up to `ttl`, then refused.
+    pub async fn join(options: &EtcdOptions, node: &str, ttl: Duration) -> Result<Membership, FleetError> {
+        if node.is_empty() || node.contains('/') {
+            return Err(FleetError::Setup(format!(
+                "{node:?} is not a node name: give a non-empty name without '/', e.g. the host name"
+            )));
+        }
+        let ttl_s = ttl.as_secs().max(2) as i64;
+        let prefix = match options.prefix.trim_end_matches('/') {
+            "" => DEFAULT_PREFIX.to_string(),
+            p => p.to_string(),
+        };
+        let endpoints = options.endpoints.join(",");
+        let fail = |what: &'static str| {
+            let endpoints = endpoints.clone();
+            move |e: etcd_client::Error| FleetError::Etcd {
+                endpoints: endpoints.clone(),
+                what,
+                message: e.to_string(),
+            }
+        };
+        let mut connect = ConnectOptions::new()
+            .with_require_leader(true)
+            .with_connect_timeout(options.timeout.min(Duration::from_secs(1)))
+            .with_timeout(options.timeout);
+        if let Some((user, password)) = &options.user {
+            connect = connect
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if let Some(tls) = &options.tls {
+            connect =
+                connect.with_tls(crate::store::etcd::tls_options(tls).map_err(|e| FleetError::Setup(e.to_string()))?);
+        }
+        let mut client = tokio::time::timeout(
+            options.timeout,
+            Client::connect(options.endpoints.clone(), Some(connect)),
+        )
+        .await
+        .map_err(|_| FleetError::Etcd {
+            endpoints: endpoints.clone(),
+            what: "connecting",
+            message: format!("no answer within {:?}", options.timeout),
+        })?
+        .map_err(fail("connecting"))?;
+        let lease = client
+            .lease_grant(ttl_s, None)
+            .await
+            .map_err(fail("granting a lease"))?
+            .id();
+        let key = format!("{prefix}/nodes/{node}");
+        let waited_from = Instant::now();
+        loop {
+            let put = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    unix_ms().to_string(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            if client.txn(put).await.map_err(fail("registering the node"))?.succeeded() {
+                break;
+            }
+            if waited_from.elapsed() > Duration::from_secs(ttl_s as u64) {
+                let _ = client.lease_revoke(lease).await;
+                return Err(FleetError::NameTaken {
+                    node: node.to_string(),
+                    waited: waited_from.elapsed(),
+                });
+            }
+            tokio::time::sleep(POLL * 4).await;
+        }
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let keeper = {
+            let mut client = client.clone();
+            let every = Duration::from_secs(ttl_s as u64) / 3;
+            let node = node.to_string();
+            tokio::spawn(async move {
+                let mut deadline = Instant::now() + Duration::from_secs(ttl_s as u64);
+                loop {
+                    let kept = async {
+                        let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+                        loop {
+                            keeper.keep_alive().await?;
+                            match stream.message().await? {
+                                Some(r) if r.ttl() > 0 => {
+                                    deadline = Instant::now() + Duration::from_secs(r.ttl() as u64);
+                                }
+                                // The lease is gone: etcd no longer knows it.
+                                _ => return Ok::<bool, etcd_client::Error>(false),
+                            }
+                            tokio::time::sleep(every).await;
+                        }
+                    }
+                    .await;
+                    if matches!(kept, Ok(false)) || Instant::now() > deadline {
+                        tracing::error!(node = %node, "the fleet lease of node {node} was lost; it is no longer a member");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    // A broken stream: open another one soon, within the lease's life.
+                    tokio::time::sleep(POLL * 2).await;
+                }
+            })
+        };
+        Ok(Membership {
+            client,
+            prefix,
+            node: node.to_string(),
+            lease,
+            endpoints,
+            keeper,
+            lost,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the lease was lost (this node is no longer a member, and leads nothing).
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    fn fail(&self, what: &'static str) -> impl Fn(etcd_client::Error) -> FleetError + '_ {
+        move |e| FleetError::Etcd {
+            endpoints: self.endpoints.clone(),
+            what,
+            message: e.to_string(),
+        }
+    }
+
+    /// The members now, by name.
+    pub async fn members(&self) -> Result<Vec<String>, FleetError> {
+        let prefix = format!("{}/nodes/", self.prefix);
+        let resp = self
+            .client
+            .clone()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.fail("listing the nodes"))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok()?.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
+    /// The leader's name, if any node leads now.
+    pub async fn leader(&self) -> Result<Option<String>, FleetError> {
+        let resp = self
+            .client
+            .clone()
+            .get(format!("{}/leader", self.prefix), None)
+            .await
+            .map_err(self.fail("reading the leader"))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| kv.value_str().ok())
+            .map(str::to_string))
+    }
+
+    /// Tries once to become the leader; `true` if this node leads now (it did already, or the
+    /// post was free).
+    pub async fn try_lead(&self) -> Result<bool, FleetError> {
+        if self.is_lost() {
+            return Err(FleetError::LeaseLost {
+                node: self.node.clone(),
+            });
+        }
+        let key = format!("{}/leader", self.prefix);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                self.node.clone(),
+                Some(PutOptions::new().with_lease(self.lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.clone().txn(txn).await.map_err(self.fail("campaigning"))?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        // Already ours (a second campaign), when the key is under this node's lease.
+        let ours = resp.op_responses().into_iter().any(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().is_some_and(|kv| kv.lease() == self.lease),
+            _ => false,
+        });
+        Ok(ours)
+    }
+
+    /// Waits until this node leads. Errors end the wait (the caller campaigns again).
+    pub async fn campaign(&self) -> Result<(), FleetError> {
+        loop {
+            if self.try_lead().await? {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL * 4).await;
+        }
+    }
+
+    /// Records that this node applies `revision` of `service`'s route state now.
+    pub async fn acknowledge(&self, service: &str, revision: u64) -> Result<(), FleetError> {
+        let ack = Ack {
+            revision,
+            applied_at_ms: unix_ms(),
+        };
+        let value = serde_json::to_string(&ack).map_err(|e| FleetError::Setup(e.to_string()))?;
+        self.client
+            .clone()
+            .put(
+                format!("{}/acks/{service}/{}", self.prefix, self.node),
+                value,
+                Some(PutOptions::new().with_lease(self.lease)),
+            )
+            .await
+            .map_err(self.fail("acknowledging"))?;
+        Ok(())
+    }
+
+    /// Every member's acknowledgement for `service` (members that gave none are absent).
+    pub async fn acks(&self, service: &str) -> Result<BTreeMap<String, Ack>, FleetError> {
+        let prefix = format!("{}/acks/{service}/", self.prefix);
+        let resp = self
+            .client
+            .clone()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.fail("reading the acknowledgements"))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let node = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
+                let ack = serde_json::from_slice(kv.value()).ok()?;
+                Some((node, ack))
+            })
+            .collect())
+    }
+
+    /// Waits until every member has acknowledged `revision` of `service` (or a later one), at
+    /// most `timeout`. Members are those registered at each look: one that leaves (its lease
+    /// expired) is no longer waited for, one that joins is.
+    pub async fn wait_for_acks(&self, service: &str, revision: u64, timeout: Duration) -> Result<AckWait, FleetError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let members = self.members().await?;
+            let acks = self.acks(service).await?;
+            let (acked, missing): (Vec<String>, Vec<String>) = members
+                .into_iter()
+                .partition(|m| acks.get(m).is_some_and(|a| a.revision >= revision));
+            if missing.is_empty() || Instant::now() >= deadline {
+                return Ok(AckWait { acked, missing });
+            }
+            tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+
+    /// Leaves the fleet at once: the lease is revoked, and with it the registration, the
+    /// leadership and the acknowledgements.
+    pub async fn leave(self) -> Result<(), FleetError> {
+        self.keeper.abort();
+        self.client
+            .clone()
+            .lease_revoke(self.lease)
+            .await
+            .map_err(self.fail("leaving"))?;
+        Ok(())
+    }
+
+    /// Stops keeping the lease alive without revoking it, as a crash would: the registration
+    /// and leadership go when the lease expires. For tests of failover.
+    pub fn abandon(self) {
+        self.keeper.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+//! Membership, leadership and acknowledgements against a real 3-member etcd cluster.
+
+use super::*;
+use crate::testing::etcd::EtcdCluster;
+
+fn options(cluster: &EtcdCluster, prefix: &str) -> EtcdOptions {
+    let mut options = EtcdOptions::new(cluster.endpoints());
+    options.prefix = prefix.to_string();
+    options.timeout = Duration::from_secs(3);
+    options
+}
+
+const TTL: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_register_under_their_lease_and_a_name_is_taken_once() {
+    let cluster = tokio::task::spawn_blocking(EtcdCluster::start).await.unwrap();
+    let o = options(&cluster, "/fleet-a");
+    let a = Membership::join(&o, "a", TTL).await.unwrap();
+    let b = Membership::join(&o, "b", TTL).await.unwrap();
+    assert_eq!(a.members().await.unwrap(), ["a", "b"]);
+
+    // A second "a" while the first lives: refused after waiting out a lease's life.
+    let started = Instant::now();
+    let e = Membership::join(&o, "a", TTL).await.err().expect("refused");
+    assert!(matches!(e, FleetError::NameTaken { .. }), "{e}");
+    assert!(e.to_string().contains("give each node its own name"), "{e}");
+    assert!(
+        started.elapsed() < TTL + Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // b leaves: gone at once. a crashes (stops keeping its lease): gone within the lease's
+    // life, and its name is free again.
+    b.leave().await.unwrap();
+    let c = Membership::join(&o, "c", TTL).await.unwrap();
+    assert_eq!(c.members().await.unwrap(), ["a", "c"]);
+    a.abandon();
+    let gone_by = Instant::now() + TTL + Duration::from_secs(3);
+    while c.members().await.unwrap().contains(&"a".to_string()) {
+        assert!(
+            Instant::now() < gone_by,
+            "a crashed node stays registered past its lease"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let again = Membership::join(&o, "a", TTL).await.unwrap();
+    assert_eq!(again.members().await.unwrap(), ["a", "c"]);
+    assert!(matches!(
+        Membership::join(&o, "x/y", TTL).await.err(),
+        Some(FleetError::Setup(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_leads_and_another_takes_over_when_it_dies() {
+    let cluster = tokio::task::spawn_blocking(EtcdCluster::start).await.unwrap();
+    let o = options(&cluster, "/fleet-b");
+    let a = Membership::join(&o, "a", TTL).await.unwrap();
+    let b = Membership::join(&o, "b", TTL).await.unwrap();
+    assert!(a.try_lead().await.unwrap());
+    assert!(a.try_lead().await.unwrap(), "a leader campaigning again still leads");
+    assert!(!b.try_lead().await.unwrap(), "two leaders");
+    assert_eq!(b.leader().await.unwrap().as_deref(), Some("a"));
+
+    // The leader crashes: b leads within the lease's life, not before a's lease is gone.
+    let campaign = tokio::spawn(async move {
+        b.campaign().await.unwrap();
+        b
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!campaign.is_finished(), "b led while a was alive");
+    let crashed = Instant::now();
+    a.abandon();
+    let b = tokio::time::timeout(TTL + Duration::from_secs(3), campaign)
+        .await
+        .expect("b leads within the lease's life")
+        .unwrap();
+    assert!(
+        crashed.elapsed() <= TTL + Duration::from_secs(2),
+        "{:?}",
+        crashed.elapsed()
+    );
+    assert_eq!(b.leader().await.unwrap().as_deref(), Some("b"));
+
+    // A leader that leaves hands over at once.
+    let c = Membership::join(&o, "c", TTL).await.unwrap();
+    b.leave().await.unwrap();
+    let handed = Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), c.campaign())
+        .await
+        .expect("c leads at once after b left")
+        .unwrap();
+    assert!(handed.elapsed() < Duration::from_secs(1), "{:?}", handed.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_counts_as_applied_when_every_member_acknowledged_it() {
+    let cluster = tokio::task::spawn_blocking(EtcdCluster::start).await.unwrap();
+    let o = options(&cluster, "/fleet-c");
+    let a = Membership::join(&o, "a", TTL).await.unwrap();
+    let b = Membership::join(&o, "b", TTL).await.unwrap();
+    let c = Membership::join(&o, "c", TTL).await.unwrap();
+
+    a.acknowledge("web", 7).await.unwrap();
+    b.acknowledge("web", 8).await.unwrap();
+    // c has not: named after the wait, which lasts its time.
+    let started = Instant::now();
+    let wait = a.wait_for_acks("web", 7, Duration::from_millis(400)).await.unwrap();
+    assert_eq!(wait.acked, ["a", "b"]);
+    assert_eq!(wait.missing, ["c"]);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // An acknowledgement of an older revision does not count.
+    c.acknowledge("web", 6).await.unwrap();
+    let wait = a.wait_for_acks("web", 7, Duration::from_millis(200)).await.unwrap();
+    assert_eq!(wait.missing, ["c"]);
+    // Another service's acknowledgements are apart.
+    c.acknowledge("api", 7).await.unwrap();
+    assert_eq!(
+        a.wait_for_acks("web", 7, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .missing,
+        ["c"]
+    );
+
+    // c acknowledges while a waits: the wait ends then, not at its deadline.
+    let waiting = {
+        let o = o.clone();
+        tokio::spawn(async move {
+            let watcher = Membership::join(&o, "watcher", TTL).await.unwrap();
+            watcher.acknowledge("web", 7).await.unwrap();
+            let started = Instant::now();
+            let wait = watcher.wait_for_acks("web", 7, Duration::from_secs(10)).await.unwrap();
+            (wait, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.acknowledge("web", 7).await.unwrap();
+    let (wait, took) = waiting.await.unwrap();
+    assert!(wait.missing.is_empty(), "{wait:?}");
+    assert_eq!(wait.acked, ["a", "b", "c", "watcher"]);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // A member that crashed is no longer waited for once its lease is gone, and its
+    // acknowledgements go with it.
+    c.abandon();
+    tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+    a.acknowledge("web", 9).await.unwrap();
+    b.acknowledge("web", 9).await.unwrap();
+    let wait = a.wait_for_acks("web", 9, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(wait.acked, ["a", "b"]);
+    assert_eq!(wait.missing, Vec::<String>::new());
+    assert!(!a.acks("web").await.unwrap().contains_key("c"));
+}
