@@ -558,6 +558,8 @@ struct Access {
 }
 
 const SESSION_COOKIE: &str = "cutover_session";
+/// How long a sign-in's body may take to arrive.
+const LOGIN_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 
 impl Access {
@@ -656,7 +658,10 @@ async fn login(access: &Access, req: Request) -> Response {
         return error(StatusCode::FORBIDDEN, "missing X-Cutover-Request header");
     }
     let client = client(&req);
-    let Ok(bytes) = axum::body::to_bytes(req.into_body(), 4096).await else {
+    // Bounded in time as in size: before the token is checked, a client must not be able to
+    // hold a connection by sending a body slowly.
+    let Ok(Ok(bytes)) = tokio::time::timeout(LOGIN_BODY_TIMEOUT, axum::body::to_bytes(req.into_body(), 4096)).await
+    else {
         return error(StatusCode::BAD_REQUEST, "send {\"token\": \"...\"}");
     };
     let Ok(login) = serde_json::from_slice::<Login>(&bytes) else {
@@ -905,6 +910,47 @@ pub fn serve(listener: AdminListener, daemon: Daemon) -> AdminServer {
 /// Connections the admin API over TLS holds at once (handshakes included); more are closed at
 /// once.
 const ADMIN_TLS_CONNECTIONS: usize = 512;
+/// Of those, the most one client address holds: one client cannot take every slot.
+const ADMIN_TLS_CONNECTIONS_PER_CLIENT: usize = 32;
+/// A request's head must arrive within this (also the longest an idle connection is kept).
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connections each client address holds, for [`ADMIN_TLS_CONNECTIONS_PER_CLIENT`].
+#[derive(Default)]
+struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection of a client, counted until dropped.
+struct ClientSlot {
+    counts: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= ADMIN_TLS_CONNECTIONS_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
 /// A client must finish its TLS handshake with the admin API within this from its connect.
 const ADMIN_TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -913,6 +959,7 @@ const ADMIN_TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 async fn serve_tls(listener: tokio::net::TcpListener, app: Router, tls: Arc<rustls::ServerConfig>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_TLS_CONNECTIONS));
+    let per_client = Arc::new(PerClient::default());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -923,13 +970,17 @@ async fn serve_tls(listener: tokio::net::TcpListener, app: Router, tls: Arc<rust
                 continue;
             }
         };
+        let Some(client_slot) = per_client.take(peer.ip()) else {
+            tracing::warn!(%peer, "admin API: {} holds {ADMIN_TLS_CONNECTIONS_PER_CLIENT} connections already; this one is closed", peer.ip());
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "admin API: {ADMIN_TLS_CONNECTIONS} connections open already; the one from {peer} is closed");
             continue;
         };
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, client_slot);
             serve_tls_connection(stream, peer, acceptor, app).await;
         });
     }
@@ -986,6 +1037,7 @@ async fn serve_tls_connection(
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT)
         .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
         .with_upgrades()
         .await;

@@ -17,11 +17,19 @@
 //! | `set-not-null` | `ALTER TABLE ... ALTER COLUMN ... SET NOT NULL`, unless a default was set for that column earlier in the files | its inserts that leave the column out fail |
 //! | `add-required-column` | `ALTER TABLE ... ADD COLUMN ... NOT NULL` without `DEFAULT` | its inserts do not know the column and fail |
 //! | `drop-default` | `ALTER TABLE ... ALTER COLUMN ... DROP DEFAULT` | its inserts that rely on the default fail |
+//! | `drop-object` | `DROP SCHEMA`, `DROP SEQUENCE`, `DROP TYPE` | it may use it (a schema's tables, a sequence behind a serial column, a column's type) |
+//! | `truncate` | `TRUNCATE` | its data is deleted under it |
+//!
+//! MySQL's `CHANGE COLUMN` and `MODIFY COLUMN` count as the renames, type changes and `NOT NULL`
+//! they make, and `RENAME TABLE` as a rename; a column added as `PRIMARY KEY` without a default
+//! is a required column.
 //!
 //! Each belongs in the contract phase, after the old version is retired. A statement that must
-//! run in expand anyway is allowed with a comment on a line of its own right before it,
-//! `-- cutover: allow drop-column` (several kinds separated by commas or spaces), or for every
-//! statement of its kind by the caller's `allow` list.
+//! run in expand anyway is allowed with a comment on a line of its own before it (after the
+//! statement before it has ended, on a later line), `-- cutover: allow drop-column` (several kinds
+//! separated by commas or spaces), or for every statement of its kind by the caller's `allow`
+//! list. A comment at the end of a statement's line allows nothing: it would otherwise allow the
+//! statement after it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -43,10 +51,12 @@ pub enum Breaking {
     SetNotNull,
     AddRequiredColumn,
     DropDefault,
+    DropObject,
+    Truncate,
 }
 
 impl Breaking {
-    pub const ALL: [Breaking; 9] = [
+    pub const ALL: [Breaking; 11] = [
         Breaking::DropTable,
         Breaking::DropView,
         Breaking::DropColumn,
@@ -56,6 +66,8 @@ impl Breaking {
         Breaking::SetNotNull,
         Breaking::AddRequiredColumn,
         Breaking::DropDefault,
+        Breaking::DropObject,
+        Breaking::Truncate,
     ];
 
     /// The name used in `allow` lists and comments.
@@ -70,6 +82,8 @@ impl Breaking {
             Breaking::SetNotNull => "set-not-null",
             Breaking::AddRequiredColumn => "add-required-column",
             Breaking::DropDefault => "drop-default",
+            Breaking::DropObject => "drop-object",
+            Breaking::Truncate => "truncate",
         }
     }
 
@@ -95,6 +109,10 @@ impl Breaking {
                 "the running version's inserts do not know the column and fail (NOT NULL without DEFAULT)"
             }
             Breaking::DropDefault => "the running version's inserts that rely on the default fail",
+            Breaking::DropObject => {
+                "the running version may use it (a schema's tables, a sequence behind a serial column, a column's type)"
+            }
+            Breaking::Truncate => "the running version's data is deleted under it",
         }
     }
 
@@ -347,19 +365,30 @@ impl Lint<'_> {
         match statement {
             Statement::Drop { object_type, names, .. } => {
                 let kind = match object_type {
-                    ObjectType::Table => Some(Breaking::DropTable),
-                    ObjectType::View | ObjectType::MaterializedView => Some(Breaking::DropView),
+                    ObjectType::Table => Some((Breaking::DropTable, "DROP TABLE")),
+                    ObjectType::View | ObjectType::MaterializedView => Some((Breaking::DropView, "DROP VIEW")),
+                    ObjectType::Schema => Some((Breaking::DropObject, "DROP SCHEMA")),
+                    ObjectType::Sequence => Some((Breaking::DropObject, "DROP SEQUENCE")),
+                    ObjectType::Type => Some((Breaking::DropObject, "DROP TYPE")),
                     _ => None,
                 };
-                if let Some(kind) = kind {
-                    let what = if kind == Breaking::DropTable {
-                        "DROP TABLE"
-                    } else {
-                        "DROP VIEW"
-                    };
+                if let Some((kind, what)) = kind {
                     for name in names {
                         out.push((kind, format!("{what} {name}")));
                     }
+                }
+            }
+            Statement::RenameTable(renames) => {
+                for r in renames {
+                    out.push((
+                        Breaking::RenameTable,
+                        format!("RENAME TABLE {} TO {}", r.old_name, r.new_name),
+                    ));
+                }
+            }
+            Statement::Truncate(t) => {
+                for target in &t.table_names {
+                    out.push((Breaking::Truncate, format!("TRUNCATE {}", target.name)));
                 }
             }
             Statement::AlterTable(alter) => {
@@ -408,9 +437,50 @@ impl Lint<'_> {
                                 _ => {}
                             }
                         }
+                        AlterTableOperation::ChangeColumn {
+                            old_name,
+                            new_name,
+                            data_type,
+                            options,
+                            ..
+                        } => {
+                            if old_name.value.to_lowercase() != new_name.value.to_lowercase() {
+                                out.push((
+                                    Breaking::RenameColumn,
+                                    format!("CHANGE COLUMN {table}.{old_name} TO {new_name}"),
+                                ));
+                            }
+                            out.push((
+                                Breaking::ChangeType,
+                                format!("CHANGE COLUMN {table}.{new_name} {data_type}"),
+                            ));
+                            if required(options.iter()) {
+                                out.push((
+                                    Breaking::SetNotNull,
+                                    format!("CHANGE COLUMN {table}.{new_name} NOT NULL without DEFAULT"),
+                                ));
+                            }
+                        }
+                        AlterTableOperation::ModifyColumn {
+                            col_name,
+                            data_type,
+                            options,
+                            ..
+                        } => {
+                            out.push((
+                                Breaking::ChangeType,
+                                format!("MODIFY COLUMN {table}.{col_name} {data_type}"),
+                            ));
+                            if required(options.iter()) {
+                                out.push((
+                                    Breaking::SetNotNull,
+                                    format!("MODIFY COLUMN {table}.{col_name} NOT NULL without DEFAULT"),
+                                ));
+                            }
+                        }
                         AlterTableOperation::AddColumn { column_def, .. } => {
                             let options = || column_def.options.iter().map(|o| &o.option);
-                            let not_null = options().any(|o| matches!(o, ColumnOption::NotNull));
+                            let not_null = required(options());
                             let default = options().any(|o| matches!(o, ColumnOption::Default(_)));
                             let column = column_def.name.value.to_lowercase();
                             if default {
@@ -437,6 +507,15 @@ impl Lint<'_> {
     }
 }
 
+/// Whether column options make a value required (NOT NULL or PRIMARY KEY) without giving a
+/// default.
+fn required<'a>(options: impl Iterator<Item = &'a ColumnOption> + Clone) -> bool {
+    let default = options.clone().any(|o| matches!(o, ColumnOption::Default(_)));
+    let mut options = options;
+    let needed = options.any(|o| matches!(o, ColumnOption::NotNull | ColumnOption::PrimaryKey(_)));
+    needed && !default
+}
+
 /// Where each statement of `tokens` begins (its first token that is neither a blank, a comment
 /// nor a `;`), with the kinds allowed by a `-- cutover: allow ...` comment since the statement
 /// before it.
@@ -444,16 +523,21 @@ fn starts(tokens: &[sqlparser::tokenizer::TokenWithSpan]) -> Vec<Start> {
     let mut starts = Vec::new();
     let mut inside = false;
     let mut allows = Vec::new();
+    // The line the statement before ended on: a comment there trails it.
+    let mut ended_on = 0;
     for t in tokens {
         match &t.token {
             Token::SemiColon => {
                 inside = false;
                 allows.clear();
+                ended_on = t.span.end.line;
             }
-            Token::Whitespace(Whitespace::SingleLineComment { comment, .. }) if !inside => {
+            Token::Whitespace(Whitespace::SingleLineComment { comment, .. })
+                if !inside && t.span.start.line > ended_on =>
+            {
                 allows.extend(allowed_in(comment));
             }
-            Token::Whitespace(Whitespace::MultiLineComment(comment)) if !inside => {
+            Token::Whitespace(Whitespace::MultiLineComment(comment)) if !inside && t.span.start.line > ended_on => {
                 allows.extend(allowed_in(comment));
             }
             Token::Whitespace(_) | Token::EOF => {}

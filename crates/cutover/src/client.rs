@@ -200,6 +200,15 @@ impl Client {
             Endpoint::Tls(a, connector, name) => {
                 let tcp = tokio::net::TcpStream::connect(a).await.map_err(unreachable)?;
                 let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        return usage(format!(
+                            "the cutover daemon at {a} closed the connection during the TLS handshake ({e}); nothing \
+                             was sent. It may be busy (too many admin connections) or restarting: try again"
+                        ));
+                    }
                     if e.to_string().contains("InvalidContentType") {
                         return usage(format!(
                             "the cutover daemon at {a} does not answer in TLS ({e}); nothing was sent. Its config \

@@ -340,3 +340,63 @@ fn a_plaintext_admin_off_loopback_is_refused_unless_allowed() {
         text(&cli(&allowed, &["status"]))
     );
 }
+
+/// A client cannot hold the admin API: one address gets at most 32 connections (the 33rd is
+/// closed at once, and the CLI says the daemon may be busy), and a sign-in whose body does not
+/// arrive is answered within seconds instead of holding its connection.
+#[test]
+fn one_client_cannot_hold_the_admin_api() {
+    let dir = tempfile::tempdir().unwrap();
+    write_private(&dir.path().join("admin.token"), TOKEN);
+    let (cert, _) = self_signed(dir.path(), "admin", &["127.0.0.1"]);
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = write_config(
+        dir.path(),
+        "cutover.toml",
+        admin,
+        "admin_tls = { cert = \"admin.pem\", key = \"admin.key\" }",
+    );
+    let _daemon = Stopping(spawn_serve(&config));
+    assert!(wait_until(Duration::from_secs(20), || cli(&config, &["status"])
+        .status
+        .success()));
+
+    // 32 connections that say nothing hold every slot of 127.0.0.1.
+    let held: Vec<TcpStream> = (0..32).map(|_| TcpStream::connect(admin).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = cli(&config, &["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("closed the connection during the TLS handshake"),
+        "{}",
+        text(&out)
+    );
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(5), || cli(&config, &["status"]).status.success()),
+        "the slots are free again once the connections close"
+    );
+
+    // A sign-in that declares a body and sends none: answered (400) within the body's time
+    // limit, over TLS, by Python's ssl module.
+    let script = r#"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[2]))), server_hostname="127.0.0.1")
+s.sendall(b"POST /v1/session HTTP/1.1\r\nHost: x\r\nX-Cutover-Request: 1\r\nContent-Length: 4000\r\n\r\n")
+s.settimeout(20)
+started = time.monotonic()
+answer = s.recv(4096).decode(errors="replace")
+print(round(time.monotonic() - started, 1), answer.split("\r\n")[0])
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, cert.to_str().unwrap(), &admin.port().to_string()])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    let (secs, status) = shown.trim().split_once(' ').unwrap();
+    let secs: f64 = secs.parse().unwrap();
+    assert!(status.contains("400"), "{shown}");
+    assert!((4.0..9.0).contains(&secs), "answered after {secs} s: {shown}");
+}

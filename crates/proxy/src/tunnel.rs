@@ -281,7 +281,13 @@ async fn close_toward_upstream<R, W>(
         // A peer that was sent a Close already is in its closing handshake: a second one
         // would be a protocol error.
         if at_edge && !frames.close_sent {
-            let _ = timeout_at(end, to.write_all(&close_frame(Toward::Upstream))).await;
+            // Flushed: over TLS a record can wait in the session's buffer, and the upstream would
+            // then not see the Close it is waited for.
+            let _ = timeout_at(end, async {
+                to.write_all(&close_frame(Toward::Upstream)).await?;
+                to.flush().await
+            })
+            .await;
         }
     }
     let buf = &mut pending.buf;

@@ -199,3 +199,59 @@ fn kind_names_round_trip() {
     }
     assert_eq!(Breaking::from_name("drop"), None);
 }
+
+#[test]
+fn a_comment_at_the_end_of_a_line_allows_nothing() {
+    let sql = "\
+ALTER TABLE users DROP COLUMN legacy; -- cutover: allow drop-column
+ALTER TABLE orders DROP COLUMN total;
+";
+    assert_eq!(
+        refused(sql),
+        vec![(1, 1, Breaking::DropColumn), (2, 1, Breaking::DropColumn)]
+    );
+}
+
+#[test]
+fn schemas_sequences_types_truncates_and_required_keys_are_found() {
+    let sql = "\
+DROP SCHEMA reporting CASCADE;
+DROP SEQUENCE orders_id_seq;
+DROP TYPE mood;
+TRUNCATE carts;
+ALTER TABLE t ADD COLUMN id2 int PRIMARY KEY;
+ALTER TABLE t ADD COLUMN id3 int PRIMARY KEY DEFAULT 0;
+";
+    assert_eq!(
+        refused(sql),
+        vec![
+            (1, 1, Breaking::DropObject),
+            (2, 1, Breaking::DropObject),
+            (3, 1, Breaking::DropObject),
+            (4, 1, Breaking::Truncate),
+            (5, 1, Breaking::AddRequiredColumn),
+        ]
+    );
+}
+
+#[test]
+fn mysql_change_modify_and_rename_table_are_found() {
+    let sql = "\
+ALTER TABLE users CHANGE COLUMN name full_name VARCHAR(200);
+ALTER TABLE users MODIFY COLUMN age BIGINT NOT NULL;
+RENAME TABLE carts TO baskets;
+ALTER TABLE users ADD COLUMN nick VARCHAR(20);
+";
+    let report = lint_sql(Path::new("m.sql"), sql, SqlDialect::Mysql, &[]).unwrap();
+    let got: Vec<_> = report.refused.iter().map(|f| (f.line, f.kind)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, Breaking::RenameColumn),
+            (1, Breaking::ChangeType),
+            (2, Breaking::ChangeType),
+            (2, Breaking::SetNotNull),
+            (3, Breaking::RenameTable),
+        ]
+    );
+}
