@@ -40,7 +40,12 @@ pub(crate) async fn handle(
     let mut seen: Option<Seen> = None;
     let http1 = req.version() < Version::HTTP_2;
     let mut resp = match proxy(&ctx, req, &mut seen).await {
-        Ok(resp) => resp,
+        Ok(mut resp) => {
+            if let Some(cookie) = seen.as_mut().and_then(|s| s.set_cookie.take()) {
+                resp.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+            resp
+        }
         Err(e) => failure_response(&e, http1),
     };
     // Shutting down: an HTTP/1 client learns from this response to take its next request
@@ -81,6 +86,9 @@ pub(crate) struct Seen {
     colour: Colour,
     /// Only with the access log on.
     pub(crate) request_id: Option<String>,
+    /// The affinity cookie to set on the response, appended after the upstream's own
+    /// `Set-Cookie` headers.
+    pub(crate) set_cookie: Option<HeaderValue>,
 }
 
 /// The answer to a request that failed, as the client receives it.
@@ -162,6 +170,8 @@ struct Routed {
     service: usize,
     colour: Colour,
     gen: GenerationGuard,
+    /// How affinity routed it, for a live request of a service that has affinity.
+    sticky: Option<crate::affinity::Decision>,
 }
 
 /// Routes a request on `table` (just loaded from `current`) and counts it in.
@@ -177,13 +187,13 @@ fn enter(
     mut table: Arc<RouteTable>,
     host: Option<&str>,
     plain: bool,
-    colour_of: impl Fn(&Service) -> (Colour, bool),
+    colour_of: impl Fn(&Service) -> (Colour, bool, Option<crate::affinity::Decision>),
 ) -> Result<Entered, ProxyError> {
     let mut reloads = 0;
     loop {
         let service = table.route_index(host).ok_or(ProxyError::NoRoute)?;
         let svc = &table.services()[service];
-        let (colour, live) = colour_of(svc);
+        let (colour, live, sticky) = colour_of(svc);
         if let (true, true, Some(port)) = (live, plain, svc.https_redirect) {
             return Ok(Entered::ToHttps(port));
         }
@@ -198,6 +208,7 @@ fn enter(
                 service,
                 colour,
                 gen,
+                sticky,
             }));
         }
         drop(gen);
@@ -308,6 +319,7 @@ async fn proxy(
     // keeps this snapshot (one reference count) to the end, so its colour and pool cannot change
     // under it whatever is stored meanwhile.
     let preview_header = parts.headers.get(&X_CUTOVER_PREVIEW);
+    let request_headers = &parts.headers;
     let route = || {
         enter(
             &shared.table,
@@ -317,9 +329,14 @@ async fn proxy(
             |svc| {
                 let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
                 if ctx.preview_listener || preview {
-                    (svc.active.other(), false)
+                    (svc.active.other(), false, None)
+                } else if let Some(affinity) = &svc.affinity {
+                    let now = crate::affinity::unix_now();
+                    let presented = affinity.presented(svc, request_headers, now);
+                    let d = affinity.decide(svc, presented, now, now_ms());
+                    (d.colour, true, Some(d))
                 } else {
-                    (svc.active, true)
+                    (svc.active, true, None)
                 }
             },
         )
@@ -329,6 +346,7 @@ async fn proxy(
         service,
         colour,
         gen: gen_guard,
+        sticky,
     } = loop {
         match route()? {
             Entered::Routed(r) => break r,
@@ -347,11 +365,29 @@ async fn proxy(
     let svc = &table.services()[service];
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
+    let set_cookie = match (&svc.affinity, sticky) {
+        (Some(affinity), Some(d)) if d.colour == colour => {
+            affinity.count(&d);
+            if d.mint {
+                let value = affinity.mint_value(
+                    service_name,
+                    colour,
+                    pool.version.as_deref(),
+                    crate::affinity::unix_now(),
+                );
+                affinity.set_cookie(&value, ctx.tls)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    };
     *seen = Some(Seen {
         pool: pool.state.clone(),
         service: svc.name.clone(),
         colour,
         request_id: None,
+        set_cookie,
     });
 
     let framing = body_framing(&parts, &body);
@@ -838,7 +874,7 @@ mod tests {
         assert!(report.completed, "nothing was counted in when the drain looked");
 
         // Live traffic: blue on the old table, whose generation is drained; routed again, green.
-        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active, true)).unwrap());
+        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active, true, None)).unwrap());
         assert_eq!(routed.colour, Colour::Green);
         assert!(Arc::ptr_eq(&routed.table, &current.load_full()));
         assert!(Arc::ptr_eq(
@@ -850,7 +886,7 @@ mod tests {
         drop(routed);
 
         // A generation that is not being drained keeps the request on the table it loaded.
-        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active.other(), false)).unwrap());
+        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active.other(), false, None)).unwrap());
         assert_eq!(routed.colour, Colour::Green);
         assert!(Arc::ptr_eq(&routed.table, &stale));
         assert_eq!(routed.gen.gen.in_flight(), 1);

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 mod body;
 mod clock;
 mod config;
@@ -35,6 +36,7 @@ mod tunnel;
 mod upstream;
 mod worker;
 
+pub use affinity::{Affinity, AffinitySnapshot, Pin};
 pub use body::{BodyError, ProxyBody};
 pub use config::{Cidr, ListenerConfig, ProxyConfig};
 pub use drain::DrainReport;
