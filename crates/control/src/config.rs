@@ -107,6 +107,9 @@ health = { path = "/healthz" }
 # tls = { cert = "certs/api.pem", key = "certs/api.key" }
 # With listen_tls: live requests over plain HTTP get 308 to the same URL over HTTPS.
 # https_redirect = true
+# Sticky sessions across a switch: a session that began on the old colour keeps going there
+# for `window` after a promotion (while it runs), then the old colour is drained. Off by default.
+# affinity = { cookie = "cutover_session", window = "15m" }
 
 # Optional: limits and timeouts of the proxy (these are the defaults).
 [proxy]
@@ -345,7 +348,25 @@ pub struct ServiceConfig {
     /// `https_redirect = true`: live requests that arrive over plain HTTP get `308` to the same
     /// URL over HTTPS (the first `listen_tls` port). Needs `listen_tls`. Default false.
     pub https_redirect: bool,
+    /// `affinity = { cookie, window }`: sticky sessions across a switch. Default none.
+    pub affinity: Option<AffinityConfig>,
 }
+
+/// `affinity = { ... }`: a session that began on the colour live before a promotion keeps going
+/// there for `window` after it, while that colour runs; then the colour is drained.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinityConfig {
+    /// `cookie`: the name of the cookie cutover signs, an HTTP token. Default `cutover_session`.
+    pub cookie: String,
+    /// `window`: how long after a promotion the old colour keeps its sessions, and how long a
+    /// cookie lives. Above 0. Default 15m.
+    pub window: Duration,
+}
+
+/// The default name of the affinity cookie.
+pub const DEFAULT_AFFINITY_COOKIE: &str = "cutover_session";
+/// The default affinity window.
+pub const DEFAULT_AFFINITY_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 impl ServiceConfig {
     /// True for the service that answers hosts no other service claims.
@@ -890,6 +911,18 @@ struct RawService {
     balance: Leaf,
     tls: Option<RawTls>,
     https_redirect: Leaf,
+    affinity: Option<RawAffinity>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. affinity = { cookie = \"cutover_session\", window = \"15m\" }"
+)]
+struct RawAffinity {
+    cookie: Leaf,
+    window: Leaf,
+    app_cookie: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1814,11 +1847,16 @@ impl<'a> Checker<'a> {
             None => false,
             Some(v) => self.boolean(v, &format!("{p}.https_redirect"))?,
         };
+        let affinity = match &raw.affinity {
+            None => None,
+            Some(a) => Some(self.affinity(a, &format!("{p}.affinity"))?),
+        };
         let service = ServiceConfig {
             name,
             hosts,
             tls,
             https_redirect,
+            affinity,
             driver,
             health,
             drain_timeout,
@@ -1915,6 +1953,47 @@ impl<'a> Checker<'a> {
             Some(v) => self.positive_duration(v, &format!("{p}.timeout"))?,
         };
         Ok(ValidateConfig { smoke, timeout })
+    }
+
+    fn affinity(&self, raw: &RawAffinity, p: &str) -> Result<AffinityConfig, ConfigError> {
+        let cookie = match &raw.cookie {
+            None => DEFAULT_AFFINITY_COOKIE.to_string(),
+            Some(v) => {
+                let cookie = self.string(v, &format!("{p}.cookie"), "cookie = \"cutover_session\"")?;
+                if !cutover_proxy::affinity::valid_cookie_name(&cookie) {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.cookie"),
+                        format!(
+                            "{cookie:?} is not a valid cookie name; use 1 to 64 letters, digits or any of                              !#$%&'*+-.^_`|~ (no spaces, `=`, `;` or `,`), e.g. \"cutover_session\""
+                        ),
+                    ));
+                }
+                cookie
+            }
+        };
+        let window = match &raw.window {
+            None => DEFAULT_AFFINITY_WINDOW,
+            Some(v) => {
+                let window = self.positive_duration(v, &format!("{p}.window"))?;
+                if window < Duration::from_secs(1) {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.window"),
+                        "is shorter than a second; cookies count whole seconds: write at least \"1s\", e.g. \"15m\"",
+                    ));
+                }
+                window
+            }
+        };
+        if let Some(v) = &raw.app_cookie {
+            return Err(self.at(
+                v,
+                &format!("{p}.app_cookie"),
+                "is not supported yet: only the cookie cutover signs keeps a session on its colour; remove app_cookie",
+            ));
+        }
+        Ok(AffinityConfig { cookie, window })
     }
 
     fn promote(&self, raw: &RawPromote, p: &str) -> Result<PromoteConfig, ConfigError> {
