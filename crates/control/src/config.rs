@@ -110,6 +110,7 @@ health = { path = "/healthz" }
 # Sticky sessions across a switch: a session that began on the old colour keeps going there
 # for `window` after a promotion (while it runs), then the old colour is drained. Off by default.
 # affinity = { cookie = "cutover_session", window = "15m" }
+# It may follow the application's own session cookie too: add app_cookie = "session_id".
 
 # Optional: limits and timeouts of the proxy (these are the defaults).
 [proxy]
@@ -361,6 +362,10 @@ pub struct AffinityConfig {
     /// `window`: how long after a promotion the old colour keeps its sessions, and how long a
     /// cookie lives. Above 0. Default 15m.
     pub window: Duration,
+    /// `app_cookie`: the application's own session cookie, followed too: the colour that first
+    /// saw a session (a response setting it, or its first request) keeps it while pinned.
+    /// Default none.
+    pub app_cookie: Option<String>,
 }
 
 /// The default name of the affinity cookie.
@@ -1986,14 +1991,37 @@ impl<'a> Checker<'a> {
                 window
             }
         };
-        if let Some(v) = &raw.app_cookie {
-            return Err(self.at(
-                v,
-                &format!("{p}.app_cookie"),
-                "is not supported yet: only the cookie cutover signs keeps a session on its colour; remove app_cookie",
-            ));
-        }
-        Ok(AffinityConfig { cookie, window })
+        let app_cookie = match &raw.app_cookie {
+            None => None,
+            Some(v) => {
+                let name = self.string(v, &format!("{p}.app_cookie"), "app_cookie = \"session_id\"")?;
+                if !cutover_proxy::affinity::valid_cookie_name(&name) {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.app_cookie"),
+                        format!(
+                            "{name:?} is not a valid cookie name; write the name of the application's session cookie \
+                             as it sends it, e.g. \"session_id\""
+                        ),
+                    ));
+                }
+                if name == cookie {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.app_cookie"),
+                        format!(
+                            "{name:?} is also the name of cutover's own cookie (affinity.cookie); give one of them another name"
+                        ),
+                    ));
+                }
+                Some(name)
+            }
+        };
+        Ok(AffinityConfig {
+            cookie,
+            window,
+            app_cookie,
+        })
     }
 
     fn promote(&self, raw: &RawPromote, p: &str) -> Result<PromoteConfig, ConfigError> {

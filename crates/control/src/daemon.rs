@@ -452,11 +452,14 @@ impl Daemon {
         for svc in &config.services {
             let mut s = Service::new(&svc.name);
             if let (Some(a), Some(key)) = (&svc.affinity, &affinity_key) {
-                let affinity =
-                    cutover_proxy::Affinity::new(&a.cookie, a.window, key).map_err(|message| StartError::Affinity {
-                        service: svc.name.clone(),
-                        message,
-                    })?;
+                let refused = |message| StartError::Affinity {
+                    service: svc.name.clone(),
+                    message,
+                };
+                let mut affinity = cutover_proxy::Affinity::new(&a.cookie, a.window, key).map_err(refused)?;
+                if let Some(app) = &a.app_cookie {
+                    affinity = affinity.with_app_cookie(app).map_err(refused)?;
+                }
                 s.affinity = Some(Arc::new(affinity));
             }
             s.hosts = svc.hosts.clone();

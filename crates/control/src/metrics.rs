@@ -186,6 +186,17 @@ impl Collector for DaemonCollector {
                 ConstCounter::new(snap.minted).encode(e.encode_family(&[("service", *name)])?)?;
             }
             let mut e = encoder.encode_descriptor(
+                "affinity_app_sessions",
+                "Sessions of the application's own cookie (app_cookie) followed now, by service",
+                None,
+                MetricType::Gauge,
+            )?;
+            for s in &services {
+                if let Some(app) = s.affinity.as_ref().and_then(|a| a.app_sessions()) {
+                    ConstGauge::new(app.len() as i64).encode(e.encode_family(&[("service", &*s.name)])?)?;
+                }
+            }
+            let mut e = encoder.encode_descriptor(
                 "affinity_cookies_ignored",
                 "Affinity cookies presented and not followed, by service and reason (malformed; invalid: forged, \
                  foreign or for a release the colour no longer runs; expired; unpinned: for a colour no longer pinned)",

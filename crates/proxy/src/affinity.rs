@@ -35,6 +35,71 @@ pub struct Affinity {
     window: Duration,
     key: hmac::Key,
     counters: Counters,
+    /// The application's own session cookie, followed too (see [`AppSessions`]).
+    app: Option<AppSessions>,
+}
+
+/// Sessions of the application's own cookie (`app_cookie`): which colour first saw each, for as
+/// long as the window since its last request. Keys are keyed hashes of the cookie's value, never
+/// the value itself. At most [`AppSessions::CAP`] entries: when full, entries older than the
+/// window are swept (at most once a second); a session that still finds no room is not followed
+/// (it goes to the live colour).
+pub struct AppSessions {
+    name: Box<str>,
+    hasher: std::collections::hash_map::RandomState,
+    map: std::sync::Mutex<AppMap>,
+}
+
+#[derive(Default)]
+struct AppMap {
+    entries: std::collections::HashMap<u64, AppEntry>,
+    last_sweep: u64,
+}
+
+struct AppEntry {
+    colour: Colour,
+    release: Option<std::sync::Arc<str>>,
+    /// Unix seconds of its last request (or of the response that set it).
+    seen: u64,
+}
+
+impl AppSessions {
+    pub const CAP: usize = 100_000;
+
+    fn key(&self, value: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(value)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AppMap> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries held now.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl AppMap {
+    /// Inserts unless full after a sweep of entries older than `window_s`.
+    fn insert(&mut self, key: u64, entry: AppEntry, window_s: u64) {
+        if self.entries.len() >= AppSessions::CAP && !self.entries.contains_key(&key) {
+            if entry.seen > self.last_sweep {
+                self.last_sweep = entry.seen;
+                let now = entry.seen;
+                self.entries.retain(|_, e| now.saturating_sub(e.seen) < window_s);
+            }
+            if self.entries.len() >= AppSessions::CAP {
+                return;
+            }
+        }
+        self.entries.insert(key, entry);
+    }
 }
 
 impl std::fmt::Debug for Affinity {
@@ -162,7 +227,115 @@ impl Affinity {
             window,
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             counters: Counters::default(),
+            app: None,
         })
+    }
+
+    /// Follows the application's session cookie `name` too: a session whose cookie the old
+    /// colour saw first stays there while it is pinned, as with cutover's own cookie.
+    pub fn with_app_cookie(mut self, name: &str) -> Result<Affinity, String> {
+        if !valid_cookie_name(name) {
+            return Err(format!("{name:?} is not a valid cookie name"));
+        }
+        self.app = Some(AppSessions {
+            name: name.into(),
+            hasher: Default::default(),
+            map: Default::default(),
+        });
+        Ok(self)
+    }
+
+    /// The application's sessions being followed, with `app_cookie`.
+    pub fn app_sessions(&self) -> Option<&AppSessions> {
+        self.app.as_ref()
+    }
+
+    /// Routes a live request by cutover's cookie, or failing a valid one, by the application's
+    /// session cookie (with `app_cookie`).
+    pub(crate) fn route(&self, svc: &Service, headers: &HeaderMap, now: u64, now_ms: u64) -> Decision {
+        let presented = self.presented(svc, headers, now);
+        let d = self.decide(svc, presented, now, now_ms);
+        match (&self.app, presented) {
+            (Some(app), Presented::None | Presented::Ignored(_)) => match cookie_value(headers, &app.name) {
+                Some(value) => self.by_app_cookie(app, svc, app.key(value), d, now, now_ms),
+                None => d,
+            },
+            _ => d,
+        }
+    }
+
+    /// `d` is where the request goes without the application's cookie (the live colour).
+    fn by_app_cookie(
+        &self,
+        app: &AppSessions,
+        svc: &Service,
+        key: u64,
+        d: Decision,
+        now: u64,
+        now_ms: u64,
+    ) -> Decision {
+        let window_s = self.window.as_secs().max(1);
+        let live = svc.active;
+        let mut map = app.lock();
+        if let Some(e) = map.entries.get_mut(&key) {
+            if now.saturating_sub(e.seen) < window_s && e.release == svc.pool(e.colour).version {
+                if e.colour == live {
+                    e.seen = now;
+                    return d;
+                }
+                if pinned(svc, e.colour, now_ms) {
+                    e.seen = now;
+                    return Decision {
+                        colour: e.colour,
+                        pinned: true,
+                        ..d
+                    };
+                }
+            }
+            // Expired, or its colour is neither live nor pinned: the session moves to live.
+            *e = AppEntry {
+                colour: live,
+                release: svc.pool(live).version.clone(),
+                seen: now,
+            };
+            return d;
+        }
+        let entry = AppEntry {
+            colour: live,
+            release: svc.pool(live).version.clone(),
+            seen: now,
+        };
+        map.insert(key, entry, window_s);
+        d
+    }
+
+    /// A response of `colour` set the application's session cookie: that colour saw it first,
+    /// unless a request carried it before.
+    pub(crate) fn learn_app_cookies(&self, svc: &Service, colour: Colour, response: &HeaderMap, now: u64) {
+        let Some(app) = &self.app else { return };
+        for v in response.get_all(header::SET_COOKIE) {
+            let first = v.as_bytes().split(|&b| b == b';').next().unwrap_or_default();
+            let Some(eq) = first.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            if trim(&first[..eq]) != app.name.as_bytes() {
+                continue;
+            }
+            let value = trim(&first[eq + 1..]);
+            if value.is_empty() {
+                continue; // a deletion
+            }
+            let key = app.key(value);
+            let mut map = app.lock();
+            if !map.entries.contains_key(&key) {
+                let entry = AppEntry {
+                    colour,
+                    release: svc.pool(colour).version.clone(),
+                    seen: now,
+                };
+                map.insert(key, entry, self.window.as_secs().max(1));
+            }
+        }
     }
 
     pub fn cookie(&self) -> &str {
@@ -325,14 +498,7 @@ impl Affinity {
                         mint: refresh,
                     };
                 }
-                let pool = svc.pool(colour);
-                let pinned = svc.pin.as_ref().is_some_and(|p| {
-                    p.colour == colour
-                        && p.until_ms > now_ms
-                        && p.release == pool.version
-                        && pool.instances.iter().any(|i| i.healthy)
-                });
-                if pinned {
+                if pinned(svc, colour, now_ms) {
                     Decision {
                         colour,
                         pinned: true,
@@ -359,6 +525,37 @@ impl Affinity {
             c.minted.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether `colour` of `svc` is pinned now: its pin is open, names the release the colour runs,
+/// and the colour has a healthy instance.
+fn pinned(svc: &Service, colour: Colour, now_ms: u64) -> bool {
+    let pool = svc.pool(colour);
+    svc.pin.as_ref().is_some_and(|p| {
+        p.colour == colour
+            && p.until_ms > now_ms
+            && p.release == pool.version
+            && pool.instances.iter().any(|i| i.healthy)
+    })
+}
+
+/// The value of the first cookie named `name` in the request's `Cookie` headers.
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+    for value in headers.get_all(header::COOKIE) {
+        for pair in value.as_bytes().split(|&b| b == b';') {
+            let pair = trim(pair);
+            let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            if trim(&pair[..eq]) == name.as_bytes() {
+                let v = trim(&pair[eq + 1..]);
+                if !v.is_empty() {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    None
 }
 
 fn colour_index(c: Colour) -> usize {
@@ -398,6 +595,14 @@ fn base64url(bytes: &[u8], out: &mut String) {
             out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
         }
     }
+}
+
+/// 32 bytes from the system's secure random source, for a key.
+pub fn random_key() -> Result<[u8; 32], String> {
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| "the system's random source failed".to_string())?;
+    Ok(key)
 }
 
 /// The current time in unix seconds (0 if the clock is before 1970).

@@ -41,8 +41,16 @@ pub(crate) async fn handle(
     let http1 = req.version() < Version::HTTP_2;
     let mut resp = match proxy(&ctx, req, &mut seen).await {
         Ok(mut resp) => {
-            if let Some(cookie) = seen.as_mut().and_then(|s| s.set_cookie.take()) {
-                resp.headers_mut().append(header::SET_COOKIE, cookie);
+            if let Some(seen) = seen.as_mut() {
+                if let Some((table, i)) = seen.learn.take() {
+                    let svc = &table.services()[i];
+                    if let Some(a) = &svc.affinity {
+                        a.learn_app_cookies(svc, seen.colour, resp.headers(), crate::affinity::unix_now());
+                    }
+                }
+                if let Some(cookie) = seen.set_cookie.take() {
+                    resp.headers_mut().append(header::SET_COOKIE, cookie);
+                }
             }
             resp
         }
@@ -89,6 +97,9 @@ pub(crate) struct Seen {
     /// The affinity cookie to set on the response, appended after the upstream's own
     /// `Set-Cookie` headers.
     pub(crate) set_cookie: Option<HeaderValue>,
+    /// The table and service index whose affinity learns the application's session cookies
+    /// from the response (with `app_cookie`).
+    pub(crate) learn: Option<(Arc<RouteTable>, usize)>,
 }
 
 /// The answer to a request that failed, as the client receives it.
@@ -331,9 +342,7 @@ async fn proxy(
                 if ctx.preview_listener || preview {
                     (svc.active.other(), false, None)
                 } else if let Some(affinity) = &svc.affinity {
-                    let now = crate::affinity::unix_now();
-                    let presented = affinity.presented(svc, request_headers, now);
-                    let d = affinity.decide(svc, presented, now, now_ms());
+                    let d = affinity.route(svc, request_headers, crate::affinity::unix_now(), now_ms());
                     (d.colour, true, Some(d))
                 } else {
                     (svc.active, true, None)
@@ -382,12 +391,18 @@ async fn proxy(
         }
         _ => None,
     };
+    // With `app_cookie`: the response may begin an application session on this colour.
+    let learn = match (&svc.affinity, sticky) {
+        (Some(a), Some(_)) if a.app_sessions().is_some() => Some((table.clone(), service)),
+        _ => None,
+    };
     *seen = Some(Seen {
         pool: pool.state.clone(),
         service: svc.name.clone(),
         colour,
         request_id: None,
         set_cookie,
+        learn,
     });
 
     let framing = body_framing(&parts, &body);

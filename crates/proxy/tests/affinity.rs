@@ -187,3 +187,65 @@ async fn without_affinity_no_cookie() {
     assert_eq!(s.get().await, Colour::Green);
     proxy.shutdown();
 }
+
+/// With `app_cookie`: a client that keeps only the application's session cookie (not cutover's)
+/// stays on the colour whose response set it while that colour is pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_session_cookie_is_followed_too() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let t = table(&[&blue], &[&green])
+        .with_service("web", |s| {
+            let a = Affinity::new("cutover_session", Duration::from_secs(900), KEY)
+                .unwrap()
+                .with_app_cookie("app_session")
+                .unwrap();
+            s.affinity = Some(Arc::new(a));
+            Ok(())
+        })
+        .unwrap();
+    let proxy = start_proxy(test_config(), t);
+    let mut c = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    let get = |path: &str, cookie: Option<&str>| {
+        let mut req = Request::get(path).header("host", "web.test");
+        if let Some(cookie) = cookie {
+            req = req.header("cookie", cookie);
+        }
+        req.body(empty()).unwrap()
+    };
+    // Blue's application sets its session cookie (app_session=s1).
+    let (_, headers, body) = c.request(get("/app-cookies", None)).await.unwrap();
+    assert_eq!(colour_of(&body), Some(Colour::Blue));
+    assert!(headers
+        .get_all("set-cookie")
+        .iter()
+        .any(|v| v.as_bytes().starts_with(b"app_session=s1")));
+
+    proxy
+        .switch_pinned("web", Colour::Green, Some(Duration::from_secs(60)))
+        .unwrap();
+    for _ in 0..3 {
+        let (_, _, body) = c.request(get("/", Some("app_session=s1"))).await.unwrap();
+        assert_eq!(
+            colour_of(&body),
+            Some(Colour::Blue),
+            "the session blue began stays there"
+        );
+    }
+    let (_, _, body) = c.request(get("/", Some("app_session=s2"))).await.unwrap();
+    assert_eq!(
+        colour_of(&body),
+        Some(Colour::Green),
+        "a session first seen now goes live"
+    );
+    let (_, _, body) = c.request(get("/", Some("app_session=s2"))).await.unwrap();
+    assert_eq!(colour_of(&body), Some(Colour::Green));
+    let a = proxy.table().service("web").unwrap().affinity.clone().unwrap();
+    assert_eq!(a.app_sessions().unwrap().len(), 2);
+    assert_eq!(a.snapshot().pinned, [3, 0]);
+
+    proxy.unpin("web", Colour::Blue).unwrap();
+    let (_, _, body) = c.request(get("/", Some("app_session=s1"))).await.unwrap();
+    assert_eq!(colour_of(&body), Some(Colour::Green), "the pin is over");
+    proxy.shutdown();
+}

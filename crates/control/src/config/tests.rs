@@ -1504,7 +1504,8 @@ fn affinity_is_read_with_its_defaults() {
         c.services[0].affinity,
         Some(AffinityConfig {
             cookie: "sid_1".into(),
-            window: Duration::from_secs(3)
+            window: Duration::from_secs(3),
+            app_cookie: None,
         })
     );
     let c = parse("[services.web]\naffinity = {}\n").unwrap();
@@ -1512,8 +1513,14 @@ fn affinity_is_read_with_its_defaults() {
         c.services[0].affinity,
         Some(AffinityConfig {
             cookie: DEFAULT_AFFINITY_COOKIE.into(),
-            window: DEFAULT_AFFINITY_WINDOW
+            window: DEFAULT_AFFINITY_WINDOW,
+            app_cookie: None,
         })
+    );
+    let c = parse("[services.web]\naffinity = { app_cookie = \"session_id\" }\n").unwrap();
+    assert_eq!(
+        c.services[0].affinity.as_ref().unwrap().app_cookie.as_deref(),
+        Some("session_id")
     );
     // A static service may have it too.
     let c = parse("[services.api]\nhosts = [\"api.test\"]\n[services.api.affinity]\nwindow = \"1m\"\n").unwrap();
@@ -1561,11 +1568,25 @@ fn bad_affinity_settings_are_refused_where_they_are() {
         "not a valid cookie name",
     );
     refused(
-        &at("app_cookie = \"session_id\""),
+        &at("app_cookie = \"a b\""),
         3,
         27,
         "services.web.affinity.app_cookie",
-        "not supported yet",
+        "not a valid cookie name",
+    );
+    refused(
+        &at("app_cookie = \"cutover_session\""),
+        3,
+        27,
+        "services.web.affinity.app_cookie",
+        "also the name",
+    );
+    refused(
+        &at("app_cookie = true"),
+        3,
+        27,
+        "services.web.affinity.app_cookie",
+        "not a string",
     );
     let err = parse(&at("cookies = \"x\"")).unwrap_err().to_string();
     assert!(err.contains("cookies"), "{err}");

@@ -285,3 +285,78 @@ fn base64url_matches_rfc_4648_vectors() {
     base64url(&[0xfb, 0xff], &mut out);
     assert_eq!(out, "-_8");
 }
+
+fn with_app(pinned: bool) -> Service {
+    let mut s = service(pinned);
+    s.affinity = Some(Arc::new(affinity().with_app_cookie("session_id").unwrap()));
+    s
+}
+
+fn set_cookie(v: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.append(http::header::SET_COOKIE, HeaderValue::from_static("theme=dark"));
+    h.append(http::header::SET_COOKIE, HeaderValue::from_str(v).unwrap());
+    h
+}
+
+fn app_route(s: &Service, header: &str, now: u64) -> Decision {
+    s.affinity.as_ref().unwrap().route(s, &cookies(header), now, now_ms())
+}
+
+#[test]
+fn the_application_cookie_keeps_the_colour_that_first_saw_it() {
+    let s = with_app(true);
+    let a = s.affinity.as_ref().unwrap();
+    // Blue's response set the session: it stays on blue while blue is pinned.
+    a.learn_app_cookies(&s, Colour::Blue, &set_cookie("session_id=abc; Path=/; HttpOnly"), NOW);
+    let d = app_route(&s, "theme=dark; session_id=abc", NOW + 1);
+    assert_eq!((d.colour, d.pinned, d.mint), (Colour::Blue, true, true));
+    // A later Set-Cookie of the same session from green does not move it.
+    a.learn_app_cookies(&s, Colour::Green, &set_cookie("session_id=abc"), NOW + 2);
+    assert_eq!(app_route(&s, "session_id=abc", NOW + 3).colour, Colour::Blue);
+    // A session first seen now goes live and stays there.
+    assert_eq!(app_route(&s, "session_id=new", NOW + 3).colour, Colour::Green);
+    assert_eq!(app_route(&s, "session_id=new", NOW + 4).colour, Colour::Green);
+    // A valid cutover cookie goes first.
+    let green = format!(
+        "cutover_session={}",
+        a.mint_value("web", Colour::Green, Some("v2"), NOW)
+    );
+    let d = app_route(&s, &format!("{green}; session_id=abc"), NOW + 5);
+    assert_eq!((d.colour, d.pinned), (Colour::Green, false));
+    // Idle longer than the window: the session is new again, on the live colour.
+    assert_eq!(app_route(&s, "session_id=abc", NOW + 3 + 900).colour, Colour::Green);
+    assert_eq!(app_route(&s, "session_id=abc", NOW + 3 + 901).colour, Colour::Green);
+    assert_eq!(a.app_sessions().unwrap().len(), 2);
+    // The raw session ids are not what is kept: only hashes (checked by type: u64 keys).
+
+    // Without a pin, the blue session moves to green for good.
+    let s = with_app(false);
+    let a = s.affinity.as_ref().unwrap();
+    a.learn_app_cookies(&s, Colour::Blue, &set_cookie("session_id=abc"), NOW);
+    assert_eq!(app_route(&s, "session_id=abc", NOW + 1).colour, Colour::Green);
+    // A deletion (empty value) is not a session.
+    a.learn_app_cookies(&s, Colour::Blue, &set_cookie("session_id=; Max-Age=0"), NOW);
+    assert_eq!(a.app_sessions().unwrap().len(), 1);
+}
+
+#[test]
+fn the_application_sessions_are_bounded() {
+    let mut map = AppMap::default();
+    let entry = |seen| AppEntry {
+        colour: Colour::Blue,
+        release: None,
+        seen,
+    };
+    for k in 0..AppSessions::CAP as u64 {
+        map.insert(k, entry(NOW), 60);
+    }
+    // Full of fresh entries: a new one finds no room.
+    map.insert(u64::MAX, entry(NOW + 1), 60);
+    assert_eq!(map.entries.len(), AppSessions::CAP);
+    assert!(!map.entries.contains_key(&u64::MAX));
+    // Once they are older than the window, they are swept to make room.
+    map.insert(u64::MAX, entry(NOW + 60), 60);
+    assert_eq!(map.entries.len(), 1);
+    assert!(map.entries.contains_key(&u64::MAX));
+}
