@@ -1872,7 +1872,17 @@ impl Actor {
                     // Any pin ends here: a rollback returns to the pinned colour (live again,
                     // nothing to drain), and the colour it leaves was rejected, so it keeps nobody.
                     self.end_pin(colour, false);
-                    let window = self.cfg.affinity.as_ref().filter(|_| promoting).map(|a| a.window);
+                    // A cold rollback's promotion leaves the rejected release: no session stays there.
+                    let cold_rollback = matches!(
+                        &self.state.phase,
+                        Phase::Watching { deployment, .. } if deployment.cause == crate::lifecycle::Cause::ColdRollback
+                    );
+                    let window = self
+                        .cfg
+                        .affinity
+                        .as_ref()
+                        .filter(|_| promoting && !cold_rollback)
+                        .map(|a| a.window);
                     let t0 = Instant::now();
                     let r = self.shared.proxy.switch_pinned(self.name(), colour, window);
                     let took = t0.elapsed();
