@@ -360,3 +360,44 @@ fn the_application_sessions_are_bounded() {
     assert_eq!(map.entries.len(), 1);
     assert!(map.entries.contains_key(&u64::MAX));
 }
+
+/// Random bytes and random mutations of a real cookie, as `Cookie` headers: never a panic, and
+/// never a valid cookie but the real one.
+#[test]
+fn random_cookies_never_panic_nor_verify() {
+    let s = with_app(true);
+    let a = s.affinity.as_ref().unwrap();
+    let real = a.mint_value("web", Colour::Blue, Some("v1"), NOW);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..20_000 {
+        let mut v: Vec<u8> = if i % 2 == 0 {
+            (0..next() % 80).map(|_| (next() % 256) as u8).collect()
+        } else {
+            let mut v = real.clone().into_bytes();
+            let at = (next() as usize) % v.len();
+            v[at] = (next() % 256) as u8;
+            v
+        };
+        v.retain(|&b| b != b'\n' && b != b'\r' && b != 0 && b != 0x7f);
+        let Ok(value) = HeaderValue::from_bytes(&[b"session_id=x; cutover_session=".as_slice(), &v].concat()) else {
+            continue;
+        };
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, value);
+        let got = a.presented(&s, &h, NOW + 1);
+        if v != real.as_bytes() {
+            assert!(
+                !matches!(got, Presented::Valid { .. }),
+                "{:?}",
+                String::from_utf8_lossy(&v)
+            );
+        }
+        let _ = a.route(&s, &h, NOW + 1, now_ms());
+    }
+}
