@@ -41,16 +41,8 @@ pub(crate) async fn handle(
     let http1 = req.version() < Version::HTTP_2;
     let mut resp = match proxy(&ctx, req, &mut seen).await {
         Ok(mut resp) => {
-            if let Some(seen) = seen.as_mut() {
-                if let Some((table, i)) = seen.learn.take() {
-                    let svc = &table.services()[i];
-                    if let Some(a) = &svc.affinity {
-                        a.learn_app_cookies(svc, seen.colour, resp.headers(), crate::affinity::unix_now());
-                    }
-                }
-                if let Some(cookie) = seen.set_cookie.take() {
-                    resp.headers_mut().append(header::SET_COOKIE, cookie);
-                }
+            if let Some(sticky) = seen.as_mut().and_then(|s| s.sticky.take()) {
+                (*sticky).answer(&mut resp);
             }
             resp
         }
@@ -94,12 +86,82 @@ pub(crate) struct Seen {
     colour: Colour,
     /// Only with the access log on.
     pub(crate) request_id: Option<String>,
-    /// The affinity cookie to set on the response, appended after the upstream's own
-    /// `Set-Cookie` headers.
-    pub(crate) set_cookie: Option<HeaderValue>,
+    /// What affinity does to the response; boxed, so that a request without it carries one
+    /// pointer's worth of `None`.
+    pub(crate) sticky: Option<Box<StickyAnswer>>,
+}
+
+/// What affinity does to a routed request's response.
+pub(crate) struct StickyAnswer {
+    /// The affinity cookie to set, appended after the upstream's own `Set-Cookie` headers.
+    set_cookie: Option<HeaderValue>,
     /// The table and service index whose affinity learns the application's session cookies
-    /// from the response (with `app_cookie`).
-    pub(crate) learn: Option<(Arc<RouteTable>, usize)>,
+    /// from the response (with `app_cookie`), and the colour that answered.
+    learn: Option<(Arc<RouteTable>, usize, Colour)>,
+}
+
+impl StickyAnswer {
+    /// After routing: counts how affinity routed the request, and says what to do to its answer.
+    /// Out of line, so that the request path without affinity stays as it was.
+    #[inline(never)]
+    fn after_routing(
+        table: &Arc<RouteTable>,
+        service: usize,
+        colour: Colour,
+        d: crate::affinity::Decision,
+        tls: bool,
+    ) -> Option<Box<StickyAnswer>> {
+        let svc = &table.services()[service];
+        let affinity = svc.affinity.as_ref()?;
+        if d.colour != colour {
+            return None;
+        }
+        affinity.count(&d);
+        let set_cookie = if d.mint {
+            let value = affinity.mint_value(
+                &svc.name,
+                colour,
+                svc.pool(colour).version.as_deref(),
+                crate::affinity::unix_now(),
+            );
+            affinity.set_cookie(&value, tls)
+        } else {
+            None
+        };
+        // With `app_cookie`: the response may begin an application session on this colour.
+        let learn = affinity
+            .app_sessions()
+            .is_some()
+            .then(|| (table.clone(), service, colour));
+        if set_cookie.is_none() && learn.is_none() {
+            return None;
+        }
+        Some(Box::new(StickyAnswer { set_cookie, learn }))
+    }
+
+    #[inline(never)]
+    fn answer(self, resp: &mut Response<ProxyBody>) {
+        if let Some((table, i, colour)) = &self.learn {
+            let svc = &table.services()[*i];
+            if let Some(a) = &svc.affinity {
+                a.learn_app_cookies(svc, *colour, resp.headers(), crate::affinity::unix_now());
+            }
+        }
+        if let Some(cookie) = self.set_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
+}
+
+/// Routes a live request of a service with affinity (out of line, see [`StickyAnswer`]).
+#[inline(never)]
+fn sticky_route(
+    affinity: &crate::affinity::Affinity,
+    svc: &Service,
+    headers: &http::HeaderMap,
+) -> (Colour, bool, Option<crate::affinity::Decision>) {
+    let d = affinity.route(svc, headers, crate::affinity::unix_now(), now_ms());
+    (d.colour, true, Some(d))
 }
 
 /// The answer to a request that failed, as the client receives it.
@@ -342,8 +404,7 @@ async fn proxy(
                 if ctx.preview_listener || preview {
                     (svc.active.other(), false, None)
                 } else if let Some(affinity) = &svc.affinity {
-                    let d = affinity.route(svc, request_headers, crate::affinity::unix_now(), now_ms());
-                    (d.colour, true, Some(d))
+                    sticky_route(affinity, svc, request_headers)
                 } else {
                     (svc.active, true, None)
                 }
@@ -374,35 +435,16 @@ async fn proxy(
     let svc = &table.services()[service];
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
-    let set_cookie = match (&svc.affinity, sticky) {
-        (Some(affinity), Some(d)) if d.colour == colour => {
-            affinity.count(&d);
-            if d.mint {
-                let value = affinity.mint_value(
-                    service_name,
-                    colour,
-                    pool.version.as_deref(),
-                    crate::affinity::unix_now(),
-                );
-                affinity.set_cookie(&value, ctx.tls)
-            } else {
-                None
-            }
-        }
-        _ => None,
-    };
-    // With `app_cookie`: the response may begin an application session on this colour.
-    let learn = match (&svc.affinity, sticky) {
-        (Some(a), Some(_)) if a.app_sessions().is_some() => Some((table.clone(), service)),
-        _ => None,
+    let sticky = match sticky {
+        Some(d) => StickyAnswer::after_routing(&table, service, colour, d, ctx.tls),
+        None => None,
     };
     *seen = Some(Seen {
         pool: pool.state.clone(),
         service: svc.name.clone(),
         colour,
         request_id: None,
-        set_cookie,
-        learn,
+        sticky,
     });
 
     let framing = body_framing(&parts, &body);
