@@ -11,6 +11,8 @@
 #              and/or another build of cutover in ALT_BIN=path)
 #              CUTOVER_BIN=path (skip cargo build)  CUTOVER_BUILD=0 (use existing target/release/cutover)
 #              OUT_MD=file (also write the markdown section there)  KEEP_TMP=1  REQUIRE_QUIET=1
+#              WRK_COOKIE_FROM=contender (every wrk run sends the cookie that contender's first answer
+#              sets, e.g. cutover-alt with ALT_ARGS='--affinity-window 15m': a session's requests)
 # Runs are interleaved, and the order rotates each round so that no contender always runs right after
 # the same one: round 1 = direct, cutover, haproxy, nginx; round 2 = cutover, haproxy, nginx, direct; ...
 set -uo pipefail
@@ -30,7 +32,7 @@ ALT_ARGS=${ALT_ARGS:-}
 ALT_BIN=${ALT_BIN:-}
 if wants cutover-alt && [[ -z $ALT_ARGS && -z $ALT_BIN ]]; then die "cutover-alt needs ALT_ARGS (flags it adds to cutover proxy) or ALT_BIN (another build)"; fi
 if [[ -n $ALT_BIN && ! -x $ALT_BIN ]]; then die "ALT_BIN=$ALT_BIN is not an executable file"; fi
-CMD="${PIN:+PIN=$PIN }${ALT_ARGS:+ALT_ARGS='$ALT_ARGS' }${ALT_BIN:+ALT_BIN=$ALT_BIN }DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP CONTENDERS='$CONTENDERS' bench/throughput.sh"
+CMD="${WRK_COOKIE_FROM:+WRK_COOKIE_FROM=$WRK_COOKIE_FROM }${PIN:+PIN=$PIN }${ALT_ARGS:+ALT_ARGS='$ALT_ARGS' }${ALT_BIN:+ALT_BIN=$ALT_BIN }DURATION=$DURATION ROUNDS=$ROUNDS THREADS=$THREADS CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP CONTENDERS='$CONTENDERS' bench/throughput.sh"
 
 bench_init throughput
 quiet_check
@@ -45,13 +47,24 @@ for c in $CONTENDERS; do
 done
 log "all contenders serve the blue body; ports: backend blue=$P_BLUE green=$P_GREEN cutover=$P_CUT haproxy=$P_HA nginx=$P_NG"
 
+# The same Cookie header for every contender, so that they all parse the same request head.
+WRK_EXTRA=()
+if [[ -n ${WRK_COOKIE_FROM:-} ]]; then
+  wants "$WRK_COOKIE_FROM" || die "WRK_COOKIE_FROM=$WRK_COOKIE_FROM is not among the contenders"
+  COOKIE=$(curl -s --max-time 5 -o /dev/null -D - "http://127.0.0.1:${PORT[$WRK_COOKIE_FROM]}/" | tr -d '\r' |
+    awk 'tolower($1) == "set-cookie:" { split($2, a, ";"); print a[1]; exit }')
+  [[ -n $COOKIE ]] || die "$WRK_COOKIE_FROM set no cookie on its first answer"
+  WRK_EXTRA=(-H "Cookie: $COOKIE")
+  log "every request carries Cookie: $COOKIE"
+fi
+
 RES=$BENCH_TMP/results.jsonl
 FAILED_RUNS=0
 : >"$RES"
 if ((WARMUP > 0)); then
   for c in $CONTENDERS; do
     log "warm-up $c (${WARMUP}s, not recorded)"
-    WRK_DURATION=$WARMUP run_wrk "$BENCH_TMP/warmup-$c.txt" -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" "http://127.0.0.1:${PORT[$c]}/"
+    WRK_DURATION=$WARMUP run_wrk "$BENCH_TMP/warmup-$c.txt" "${WRK_EXTRA[@]}" -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" "http://127.0.0.1:${PORT[$c]}/"
   done
 fi
 read -r -a ORDER <<<"$CONTENDERS"
@@ -60,7 +73,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
   for ((i = 0; i < n; i++)); do
     c=${ORDER[$(((r - 1 + i) % n))]}
     out=$BENCH_TMP/wrk-$c-$r.txt
-    WRK_DURATION=$DURATION run_wrk "$out" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$c]}/"
+    WRK_DURATION=$DURATION run_wrk "$out" "${WRK_EXTRA[@]}" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$c]}/"
     "${BT[@]}" parse-wrk "$out" --tag "contender=$c" --tag "round=$r" >>"$RES"
     log "round $r/$ROUNDS $c: $(tail -1 "$RES" | "${BT[@]}" wrk-line)"
     if ! grep -q '"ok": true' <<<"$(tail -1 "$RES")"; then
@@ -99,7 +112,7 @@ MD=$BENCH_TMP/section.md
   wants nginx-headers && desc+=("nginx-headers: the same nginx, configured to add the request headers cutover adds")
   wants direct && desc+=("\"direct\" is wrk straight to the backend")
   (IFS=';'; echo "${desc[*]}." | sed 's/;/; /g')
-  echo "Load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
+  echo "Load: \`wrk ${WRK_EXTRA[*]:+-H 'Cookie: <the cookie $WRK_COOKIE_FROM set> ' }-t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`,"
   echo "interleaved (${CONTENDERS// /, }, the order rotating by one each round) for $ROUNDS round(s); medians over rounds. $(if [[ ${PIN:-0} == 1 ]]; then echo "The backend and the proxy share CPU 1 (taskset), wrk has CPU 0."; else echo "All processes share the same $(nproc) CPUs."; fi)"
   echo
   if wants haproxy-headers || wants nginx-headers; then peer_headers_note; echo; fi

@@ -114,6 +114,10 @@ health = { path = "/healthz" }
 # connect: the request goes to a sibling or gets 502 naming why, and the health check fails
 # saying so. The CA file is read at start; a missing or empty one stops `cutover serve`.
 # upstream_tls = { ca = "certs/internal-ca.pem", server_name = "api.internal" }
+# Sticky sessions across a switch: a session that began on the old colour keeps going there
+# for `window` after a promotion (while it runs), then the old colour is drained. Off by default.
+# affinity = { cookie = "cutover_session", window = "15m" }
+# It may follow the application's own session cookie too: add app_cookie = "session_id".
 
 # Optional: limits and timeouts of the proxy (these are the defaults).
 [proxy]
@@ -353,6 +357,8 @@ pub struct ServiceConfig {
     /// `https_redirect = true`: live requests that arrive over plain HTTP get `308` to the same
     /// URL over HTTPS (the first `listen_tls` port). Needs `listen_tls`. Default false.
     pub https_redirect: bool,
+    /// `affinity = { cookie, window }`: sticky sessions across a switch. Default none.
+    pub affinity: Option<AffinityConfig>,
     /// `upstream_tls = { ca, server_name }`: connections to the instances speak TLS. Default
     /// none: plain TCP.
     pub upstream_tls: Option<UpstreamTlsConfig>,
@@ -369,6 +375,26 @@ pub struct UpstreamTlsConfig {
     /// (and sent as SNI when a DNS name). Default none: each instance's own IP address.
     pub server_name: Option<String>,
 }
+
+/// `affinity = { ... }`: a session that began on the colour live before a promotion keeps going
+/// there for `window` after it, while that colour runs; then the colour is drained.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinityConfig {
+    /// `cookie`: the name of the cookie cutover signs, an HTTP token. Default `cutover_session`.
+    pub cookie: String,
+    /// `window`: how long after a promotion the old colour keeps its sessions, and how long a
+    /// cookie lives. Above 0. Default 15m.
+    pub window: Duration,
+    /// `app_cookie`: the application's own session cookie, followed too: the colour that first
+    /// saw a session (a response setting it, or its first request) keeps it while pinned.
+    /// Default none.
+    pub app_cookie: Option<String>,
+}
+
+/// The default name of the affinity cookie.
+pub const DEFAULT_AFFINITY_COOKIE: &str = "cutover_session";
+/// The default affinity window.
+pub const DEFAULT_AFFINITY_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 impl ServiceConfig {
     /// True for the service that answers hosts no other service claims.
@@ -924,6 +950,18 @@ struct RawService {
     tls: Option<RawTls>,
     https_redirect: Leaf,
     upstream_tls: Option<RawUpstreamTls>,
+    affinity: Option<RawAffinity>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. affinity = { cookie = \"cutover_session\", window = \"15m\" }"
+)]
+struct RawAffinity {
+    cookie: Leaf,
+    window: Leaf,
+    app_cookie: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1887,12 +1925,17 @@ impl<'a> Checker<'a> {
             None => None,
             Some(t) => Some(self.upstream_tls(t, &format!("{p}.upstream_tls"), dir)?),
         };
+        let affinity = match &raw.affinity {
+            None => None,
+            Some(a) => Some(self.affinity(a, &format!("{p}.affinity"))?),
+        };
         let service = ServiceConfig {
             name,
             hosts,
             tls,
             https_redirect,
             upstream_tls,
+            affinity,
             driver,
             health,
             drain_timeout,
@@ -1989,6 +2032,70 @@ impl<'a> Checker<'a> {
             Some(v) => self.positive_duration(v, &format!("{p}.timeout"))?,
         };
         Ok(ValidateConfig { smoke, timeout })
+    }
+
+    fn affinity(&self, raw: &RawAffinity, p: &str) -> Result<AffinityConfig, ConfigError> {
+        let cookie = match &raw.cookie {
+            None => DEFAULT_AFFINITY_COOKIE.to_string(),
+            Some(v) => {
+                let cookie = self.string(v, &format!("{p}.cookie"), "cookie = \"cutover_session\"")?;
+                if !cutover_proxy::affinity::valid_cookie_name(&cookie) {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.cookie"),
+                        format!(
+                            "{cookie:?} is not a valid cookie name; use 1 to 64 letters, digits or any of                              !#$%&'*+-.^_`|~ (no spaces, `=`, `;` or `,`), e.g. \"cutover_session\""
+                        ),
+                    ));
+                }
+                cookie
+            }
+        };
+        let window = match &raw.window {
+            None => DEFAULT_AFFINITY_WINDOW,
+            Some(v) => {
+                let window = self.positive_duration(v, &format!("{p}.window"))?;
+                if window < Duration::from_secs(1) {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.window"),
+                        "is shorter than a second; cookies count whole seconds: write at least \"1s\", e.g. \"15m\"",
+                    ));
+                }
+                window
+            }
+        };
+        let app_cookie = match &raw.app_cookie {
+            None => None,
+            Some(v) => {
+                let name = self.string(v, &format!("{p}.app_cookie"), "app_cookie = \"session_id\"")?;
+                if !cutover_proxy::affinity::valid_cookie_name(&name) {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.app_cookie"),
+                        format!(
+                            "{name:?} is not a valid cookie name; write the name of the application's session cookie \
+                             as it sends it, e.g. \"session_id\""
+                        ),
+                    ));
+                }
+                if name == cookie {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.app_cookie"),
+                        format!(
+                            "{name:?} is also the name of cutover's own cookie (affinity.cookie); give one of them another name"
+                        ),
+                    ));
+                }
+                Some(name)
+            }
+        };
+        Ok(AffinityConfig {
+            cookie,
+            window,
+            app_cookie,
+        })
     }
 
     fn promote(&self, raw: &RawPromote, p: &str) -> Result<PromoteConfig, ConfigError> {

@@ -145,6 +145,8 @@ pub enum StartError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Certificate(#[from] crate::tls::LoadError),
+    #[error("services.{service}.affinity: {message}")]
+    Affinity { service: String, message: String },
 }
 
 /// A user command, from the API through [`Daemon`].
@@ -440,9 +442,36 @@ impl Daemon {
                     message: format!("loading the CA files stopped: {e}"),
                 })??
         };
+        // Only when a service has affinity: the key its cookies are signed with.
+        let affinity_key = if config.services.iter().any(|s| s.affinity.is_some()) {
+            let stored = {
+                let store = store.clone();
+                off_async_store(move || store.get_value(AFFINITY_KEY_KEY)).await?
+            };
+            let (key, new) = affinity_key(stored.as_deref())?;
+            if new {
+                let (store, hex) = (store.clone(), to_hex(&key));
+                off_async_store(move || store.set_value(AFFINITY_KEY_KEY, Some(&hex))).await?;
+            }
+            Some(key)
+        } else {
+            None
+        };
+
         let mut services = Vec::new();
         for svc in &config.services {
             let mut s = Service::new(&svc.name);
+            if let (Some(a), Some(key)) = (&svc.affinity, &affinity_key) {
+                let refused = |message| StartError::Affinity {
+                    service: svc.name.clone(),
+                    message,
+                };
+                let mut affinity = cutover_proxy::Affinity::new(&a.cookie, a.window, key).map_err(refused)?;
+                if let Some(app) = &a.app_cookie {
+                    affinity = affinity.with_app_cookie(app).map_err(refused)?;
+                }
+                s.affinity = Some(Arc::new(affinity));
+            }
             s.hosts = svc.hosts.clone();
             s.upstream_tls = upstream_tls.remove(&svc.name);
             s.https_redirect = svc
@@ -545,6 +574,7 @@ impl Daemon {
                 watch: None,
                 last_run: 0,
                 reports,
+                pin: None,
             };
             actor.recover().await;
             tokio::spawn(supervise::service(actor, rx, reports_rx));
@@ -941,6 +971,46 @@ fn maintenance_hold(message: &str) -> cutover_proxy::Hold {
 /// The store's key of the preview token.
 const PREVIEW_TOKEN_KEY: &str = "preview-token";
 
+/// The store's key of the key affinity cookies are signed with (hex).
+const AFFINITY_KEY_KEY: &str = "affinity-key";
+
+/// The affinity key: the store's (`stored`, hex), or 32 new random bytes (`true`: to be stored).
+/// It lives in the store, not in a file of its own, so that every node sharing the store signs
+/// and verifies with the same key; the state directory holding the store is private (0700).
+fn affinity_key(stored: Option<&str>) -> Result<(Vec<u8>, bool), StartError> {
+    if let Some(key) = stored.and_then(from_hex).filter(|k| k.len() >= 32) {
+        return Ok((key, false));
+    }
+    if stored.is_some() {
+        tracing::warn!(
+            "the stored affinity key is unreadable; a new one is made (affinity cookies issued so far are ignored)"
+        );
+    }
+    let mut key = vec![0u8; 32];
+    getrandom::getrandom(&mut key).map_err(|e| StartError::Io {
+        path: "getrandom(2)".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok((key, true))
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim().as_bytes();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.chunks(2)
+        .map(|pair| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
+        })
+        .collect()
+}
+
 /// The preview token: the store's (`stored`), else the one in `<state_dir>/preview.token` (a
 /// state directory from before the store kept it), else a new random one. The file (mode 0600)
 /// is written whenever it does not hold that token, so that a smoke script or a person can
@@ -1113,6 +1183,15 @@ struct Lane {
 enum Job {
     /// Wait for what entered the colour to finish ([`Proxy::drain`]) and say how that went.
     Drain { timeout: Duration, close_window: Duration },
+    /// The colour is pinned for the sessions that began on it (affinity): wait until the pin's
+    /// window ends, or until the actor ends it (`Some(true)`: drain now; `Some(false)`: the
+    /// colour is live again, nothing to drain), then drain as [`Job::Drain`] does.
+    DrainAfterPin {
+        until: tokio::time::Instant,
+        end: tokio::sync::watch::Receiver<Option<bool>>,
+        timeout: Duration,
+        close_window: Duration,
+    },
     /// Stop instances, then take them out of the route table and the store.
     Stop(Stopping),
     /// Everything queued before is done: hand the report to the actor.
@@ -1140,6 +1219,34 @@ impl Lane {
                     match job {
                         Job::Drain { timeout, close_window } => {
                             drain(&shared, &service, colour, timeout, close_window).await
+                        }
+                        Job::DrainAfterPin {
+                            until,
+                            mut end,
+                            timeout,
+                            close_window,
+                        } => {
+                            let drain_now = tokio::select! {
+                                _ = tokio::time::sleep_until(until) => {
+                                    // The proxy stopped following the pin at its end by itself;
+                                    // take it out of the table (unless a newer one replaced it).
+                                    let over = shared
+                                        .proxy
+                                        .table()
+                                        .service(&service)
+                                        .and_then(|s| s.pin().map(|p| p.colour == colour && p.remaining().is_zero()))
+                                        .unwrap_or(false);
+                                    if over {
+                                        let _ = shared.proxy.unpin(&service, colour);
+                                    }
+                                    tracing::info!(service, %colour, "the affinity window is over: the sessions that began on {colour} go to the live colour now");
+                                    true
+                                }
+                                r = end.wait_for(Option::is_some) => r.map(|v| (*v).unwrap_or(true)).unwrap_or(true),
+                            };
+                            if drain_now {
+                                drain(&shared, &service, colour, timeout, close_window).await
+                            }
                         }
                         Job::Stop(stopping) => stop(&shared, &service, colour, stopping).await,
                         Job::Then(report) => {
@@ -1260,6 +1367,9 @@ struct Actor {
     last_run: u64,
     /// For the actor's own work to report back; see [`Report`].
     reports: mpsc::UnboundedSender<Report>,
+    /// The colour pinned for its sessions since the last promotion (affinity), and how to end
+    /// its pin early ([`Job::DrainAfterPin`]).
+    pin: Option<(Colour, tokio::sync::watch::Sender<Option<bool>>)>,
 }
 
 impl Actor {
@@ -1699,14 +1809,23 @@ impl Actor {
     /// ([`Report::ColourReady`]).
     async fn execute(&mut self, actions: Vec<Action>) {
         let mut actions = actions.into_iter();
+        // A promotion's switch pins the colour it leaves (with affinity), and its drain of that
+        // colour waits for the pin's end.
+        let mut promoting = false;
+        let mut pinned_now: Option<(Colour, tokio::time::Instant)> = None;
         while let Some(action) = actions.next() {
             match action {
-                Action::Record(record) => self.announce(&record),
+                Action::Record(record) => {
+                    promoting |= matches!(record, Record::Promoted { .. });
+                    self.announce(&record)
+                }
                 Action::StartInstances {
                     deployment,
                     colour,
                     release,
                 } => {
+                    // A pin never points at a colour being replaced.
+                    self.end_pin(colour, true);
                     self.stop_instances(colour).await; // whatever was left there is not this release
                     let ready = Report::ColourReady {
                         deployment,
@@ -1726,13 +1845,28 @@ impl Actor {
                     return;
                 }
                 Action::Adopt { colour, release } => self.adopt(colour, release).await,
-                Action::StopInstances { colour } => self.stop_instances(colour).await,
-                Action::Drain { colour } => {
-                    self.lanes[slot(colour)].push(Job::Drain {
-                        timeout: self.cfg.drain_timeout,
-                        close_window: self.cfg.close_window,
-                    });
+                Action::StopInstances { colour } => {
+                    self.end_pin(colour, true);
+                    self.stop_instances(colour).await
                 }
+                Action::Drain { colour } => match (pinned_now, &self.pin) {
+                    (Some((pinned, until)), Some((_, end))) if pinned == colour => {
+                        self.lanes[slot(colour)].push(Job::DrainAfterPin {
+                            until,
+                            end: end.subscribe(),
+                            timeout: self.cfg.drain_timeout,
+                            close_window: self.cfg.close_window,
+                        });
+                    }
+                    _ => {
+                        // Retiring a pinned colour (keep_warm shorter than the window) ends its pin.
+                        self.end_pin(colour, true);
+                        self.lanes[slot(colour)].push(Job::Drain {
+                            timeout: self.cfg.drain_timeout,
+                            close_window: self.cfg.close_window,
+                        });
+                    }
+                },
                 Action::RunSmoke { deployment, colour } => self.run_smoke(deployment, colour),
                 Action::CancelSmoke { deployment } => {
                     if let Some((id, task)) = self.smoke.take() {
@@ -1746,9 +1880,41 @@ impl Actor {
                 Action::SwitchTo { colour } => {
                     // The one store that moves live traffic, and what is timed: the state naming
                     // `colour` live is committed already, so a crash from here on comes back to it.
+                    // Any pin ends here: a rollback returns to the pinned colour (live again,
+                    // nothing to drain), and the colour it leaves was rejected, so it keeps nobody.
+                    self.end_pin(colour, false);
+                    // A cold rollback's promotion leaves the rejected release: no session stays there.
+                    let cold_rollback = matches!(
+                        &self.state.phase,
+                        Phase::Watching { deployment, .. } if deployment.cause == crate::lifecycle::Cause::ColdRollback
+                    );
+                    let window = self
+                        .cfg
+                        .affinity
+                        .as_ref()
+                        .filter(|_| promoting && !cold_rollback)
+                        .map(|a| a.window);
                     let t0 = Instant::now();
-                    let r = self.shared.proxy.switch(self.name(), colour);
+                    let r = self.shared.proxy.switch_pinned(self.name(), colour, window);
                     let took = t0.elapsed();
+                    let pin = self
+                        .shared
+                        .proxy
+                        .table()
+                        .service(self.name())
+                        .and_then(|s| s.pin().filter(|p| p.colour == colour.other()).cloned());
+                    let sticky = match (&r, window, pin) {
+                        (Ok(true), Some(window), Some(pin)) => {
+                            let until = tokio::time::Instant::now() + pin.remaining();
+                            pinned_now = Some((pin.colour, until));
+                            self.pin = Some((pin.colour, tokio::sync::watch::Sender::new(None)));
+                            format!(
+                                "; sessions that began on {} stay there for {window:?} (affinity), then it is drained",
+                                pin.colour
+                            )
+                        }
+                        _ => String::new(),
+                    };
                     let version = self.runs[slot(colour)]
                         .as_ref()
                         .map(|r| r.release.version.clone())
@@ -1758,7 +1924,7 @@ impl Actor {
                             self.name(),
                             None,
                             EventKind::Switch,
-                            format!("live traffic switched to {colour} ({version}) in {took:.1?}"),
+                            format!("live traffic switched to {colour} ({version}) in {took:.1?}{sticky}"),
                             None,
                         ),
                         // After a restart, the fresh table may name the live colour already.
@@ -2126,8 +2292,24 @@ impl Actor {
         }
     }
 
+    /// Ends the pin of `colour`, if it has one: its sessions go to the live colour from now on,
+    /// and its drain waiting for the pin's end runs now (`drain`) or not at all (the colour is
+    /// live again).
+    fn end_pin(&mut self, colour: Colour, drain: bool) {
+        if self.pin.as_ref().is_some_and(|(c, _)| *c == colour) {
+            if let Some((_, end)) = self.pin.take() {
+                end.send_replace(Some(drain));
+            }
+            let _ = self.shared.proxy.unpin(self.name(), colour);
+        }
+    }
+
     /// Lets both lanes finish what they have queued, and waits for it.
     async fn close_lanes(&mut self) {
+        // A drain waiting for a pin's end does not hold the lanes up.
+        for colour in [Colour::Blue, Colour::Green] {
+            self.end_pin(colour, true);
+        }
         let [blue, green] = &mut self.lanes;
         tokio::join!(blue.close(), green.close());
     }

@@ -158,6 +158,59 @@ impl Collector for DaemonCollector {
             )?;
         }
 
+        // Sticky sessions, for the services that have them.
+        let sticky: Vec<_> = services
+            .iter()
+            .filter_map(|s| s.affinity.as_ref().map(|a| (&*s.name, a.snapshot())))
+            .collect();
+        if !sticky.is_empty() {
+            let mut e = encoder.encode_descriptor(
+                "affinity_pinned_requests",
+                "Requests sent by their affinity cookie to a colour that was not live (pinned), by service and colour",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, snap) in &sticky {
+                for (i, c) in colours.iter().enumerate() {
+                    let labels = [("service", *name), ("colour", c.as_str())];
+                    ConstCounter::new(snap.pinned[i]).encode(e.encode_family(&labels)?)?;
+                }
+            }
+            let mut e = encoder.encode_descriptor(
+                "affinity_cookies_minted",
+                "Affinity cookies set on responses (new sessions, renewed ones), by service",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, snap) in &sticky {
+                ConstCounter::new(snap.minted).encode(e.encode_family(&[("service", *name)])?)?;
+            }
+            let mut e = encoder.encode_descriptor(
+                "affinity_app_sessions",
+                "Sessions of the application's own cookie (app_cookie) followed now, by service",
+                None,
+                MetricType::Gauge,
+            )?;
+            for s in &services {
+                if let Some(app) = s.affinity.as_ref().and_then(|a| a.app_sessions()) {
+                    ConstGauge::new(app.len() as i64).encode(e.encode_family(&[("service", &*s.name)])?)?;
+                }
+            }
+            let mut e = encoder.encode_descriptor(
+                "affinity_cookies_ignored",
+                "Affinity cookies presented and not followed, by service and reason (malformed; invalid: forged, \
+                 foreign or for a release the colour no longer runs; expired; unpinned: for a colour no longer pinned)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, snap) in &sticky {
+                for (i, why) in cutover_proxy::affinity::Ignored::ALL.iter().enumerate() {
+                    let labels = [("service", *name), ("reason", why.as_str())];
+                    ConstCounter::new(snap.ignored[i]).encode(e.encode_family(&labels)?)?;
+                }
+            }
+        }
+
         let mut e = encoder.encode_descriptor(
             "in_flight_requests",
             "Requests in flight on the colour's current generation",

@@ -159,6 +159,10 @@ struct ProxyArgs {
     /// thread ("0s": none).
     #[arg(long, default_value = "2ms", value_parser = parse_duration)]
     preempt_interval: Duration,
+    /// Sticky sessions: set a signed `cutover_session` cookie and follow it to a colour pinned
+    /// for this long after a switch (to measure what affinity costs; the key is new at each start).
+    #[arg(long, value_parser = parse_duration)]
+    affinity_window: Option<Duration>,
 }
 
 fn main() -> ExitCode {
@@ -237,6 +241,12 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     svc.blue = Pool::new(None, args.blue.iter().copied().map(Instance::new).collect());
     svc.green = Pool::new(None, args.green.iter().copied().map(Instance::new).collect());
     svc.preview_token = args.preview_token.as_deref().map(|t| Arc::from(t.as_bytes()));
+    if let Some(window) = args.affinity_window {
+        let key = cutover_proxy::affinity::random_key().map_err(|e| anyhow::anyhow!(e))?;
+        let affinity = cutover_proxy::Affinity::new("cutover_session", window, &key)
+            .map_err(|e| client::usage(format!("--affinity-window: {e}")))?;
+        svc.affinity = Some(Arc::new(affinity));
+    }
     let table = RouteTable::new(vec![svc])?;
     let mut listeners: Vec<ListenerConfig> = args
         .listen
@@ -283,7 +293,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                     let Some(svc) = table.service("default") else { continue };
                     let from = svc.active;
                     let to = from.other();
-                    proxy.switch("default", to)?;
+                    proxy.switch_pinned("default", to, args.affinity_window)?;
                     switches += 1;
                     tracing::info!(%from, %to, switches, "switch: live colour is now {to}");
                     let p = proxy.clone();

@@ -40,7 +40,12 @@ pub(crate) async fn handle(
     let mut seen: Option<Seen> = None;
     let http1 = req.version() < Version::HTTP_2;
     let mut resp = match proxy(&ctx, req, &mut seen).await {
-        Ok(resp) => resp,
+        Ok(mut resp) => {
+            if let Some(sticky) = seen.as_mut().and_then(|s| s.sticky.take()) {
+                (*sticky).answer(&mut resp);
+            }
+            resp
+        }
         Err(e) => failure_response(&e, http1),
     };
     // Shutting down: an HTTP/1 client learns from this response to take its next request
@@ -81,6 +86,82 @@ pub(crate) struct Seen {
     colour: Colour,
     /// Only with the access log on.
     pub(crate) request_id: Option<String>,
+    /// What affinity does to the response; boxed, so that a request without it carries one
+    /// pointer's worth of `None`.
+    pub(crate) sticky: Option<Box<StickyAnswer>>,
+}
+
+/// What affinity does to a routed request's response.
+pub(crate) struct StickyAnswer {
+    /// The affinity cookie to set, appended after the upstream's own `Set-Cookie` headers.
+    set_cookie: Option<HeaderValue>,
+    /// The table and service index whose affinity learns the application's session cookies
+    /// from the response (with `app_cookie`), and the colour that answered.
+    learn: Option<(Arc<RouteTable>, usize, Colour)>,
+}
+
+impl StickyAnswer {
+    /// After routing: counts how affinity routed the request, and says what to do to its answer.
+    /// Out of line, so that the request path without affinity stays as it was.
+    #[inline(never)]
+    fn after_routing(
+        table: &Arc<RouteTable>,
+        service: usize,
+        colour: Colour,
+        d: crate::affinity::Decision,
+        tls: bool,
+    ) -> Option<Box<StickyAnswer>> {
+        let svc = &table.services()[service];
+        let affinity = svc.affinity.as_ref()?;
+        if d.colour != colour {
+            return None;
+        }
+        affinity.count(&d);
+        let set_cookie = if d.mint {
+            let value = affinity.mint_value(
+                &svc.name,
+                colour,
+                svc.pool(colour).version.as_deref(),
+                crate::affinity::unix_now(),
+            );
+            affinity.set_cookie(&value, tls)
+        } else {
+            None
+        };
+        // With `app_cookie`: the response may begin an application session on this colour.
+        let learn = affinity
+            .app_sessions()
+            .is_some()
+            .then(|| (table.clone(), service, colour));
+        if set_cookie.is_none() && learn.is_none() {
+            return None;
+        }
+        Some(Box::new(StickyAnswer { set_cookie, learn }))
+    }
+
+    #[inline(never)]
+    fn answer(self, resp: &mut Response<ProxyBody>) {
+        if let Some((table, i, colour)) = &self.learn {
+            let svc = &table.services()[*i];
+            if let Some(a) = &svc.affinity {
+                a.learn_app_cookies(svc, *colour, resp.headers(), crate::affinity::unix_now());
+            }
+        }
+        if let Some(cookie) = self.set_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
+}
+
+/// Routes a live request of a service with affinity (out of line, see [`StickyAnswer`]).
+#[inline(never)]
+fn sticky_route(
+    affinity: &crate::affinity::Affinity,
+    svc: &Service,
+    headers: &http::HeaderMap,
+) -> (Colour, bool, Option<crate::affinity::Decision>) {
+    let d = affinity.route(svc, headers, crate::affinity::unix_now(), now_ms());
+    (d.colour, true, Some(d))
 }
 
 /// The answer to a request that failed, as the client receives it.
@@ -162,6 +243,8 @@ struct Routed {
     service: usize,
     colour: Colour,
     gen: GenerationGuard,
+    /// How affinity routed it, for a live request of a service that has affinity.
+    sticky: Option<crate::affinity::Decision>,
 }
 
 /// Routes a request on `table` (just loaded from `current`) and counts it in.
@@ -177,13 +260,13 @@ fn enter(
     mut table: Arc<RouteTable>,
     host: Option<&str>,
     plain: bool,
-    colour_of: impl Fn(&Service) -> (Colour, bool),
+    colour_of: impl Fn(&Service) -> (Colour, bool, Option<crate::affinity::Decision>),
 ) -> Result<Entered, ProxyError> {
     let mut reloads = 0;
     loop {
         let service = table.route_index(host).ok_or(ProxyError::NoRoute)?;
         let svc = &table.services()[service];
-        let (colour, live) = colour_of(svc);
+        let (colour, live, sticky) = colour_of(svc);
         if let (true, true, Some(port)) = (live, plain, svc.https_redirect) {
             return Ok(Entered::ToHttps(port));
         }
@@ -198,6 +281,7 @@ fn enter(
                 service,
                 colour,
                 gen,
+                sticky,
             }));
         }
         drop(gen);
@@ -308,6 +392,7 @@ async fn proxy(
     // keeps this snapshot (one reference count) to the end, so its colour and pool cannot change
     // under it whatever is stored meanwhile.
     let preview_header = parts.headers.get(&X_CUTOVER_PREVIEW);
+    let request_headers = &parts.headers;
     let route = || {
         enter(
             &shared.table,
@@ -317,9 +402,11 @@ async fn proxy(
             |svc| {
                 let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
                 if ctx.preview_listener || preview {
-                    (svc.active.other(), false)
+                    (svc.active.other(), false, None)
+                } else if let Some(affinity) = &svc.affinity {
+                    sticky_route(affinity, svc, request_headers)
                 } else {
-                    (svc.active, true)
+                    (svc.active, true, None)
                 }
             },
         )
@@ -329,6 +416,7 @@ async fn proxy(
         service,
         colour,
         gen: gen_guard,
+        sticky,
     } = loop {
         match route()? {
             Entered::Routed(r) => break r,
@@ -347,11 +435,16 @@ async fn proxy(
     let svc = &table.services()[service];
     let pool = svc.pool(colour);
     let (service_name, balance) = (&svc.name, svc.balance);
+    let sticky = match sticky {
+        Some(d) => StickyAnswer::after_routing(&table, service, colour, d, ctx.tls),
+        None => None,
+    };
     *seen = Some(Seen {
         pool: pool.state.clone(),
         service: svc.name.clone(),
         colour,
         request_id: None,
+        sticky,
     });
 
     let framing = body_framing(&parts, &body);
@@ -855,7 +948,7 @@ mod tests {
         assert!(report.completed, "nothing was counted in when the drain looked");
 
         // Live traffic: blue on the old table, whose generation is drained; routed again, green.
-        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active, true)).unwrap());
+        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active, true, None)).unwrap());
         assert_eq!(routed.colour, Colour::Green);
         assert!(Arc::ptr_eq(&routed.table, &current.load_full()));
         assert!(Arc::ptr_eq(
@@ -867,7 +960,7 @@ mod tests {
         drop(routed);
 
         // A generation that is not being drained keeps the request on the table it loaded.
-        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active.other(), false)).unwrap());
+        let routed = as_routed(enter(current, stale.clone(), None, true, |s| (s.active.other(), false, None)).unwrap());
         assert_eq!(routed.colour, Colour::Green);
         assert!(Arc::ptr_eq(&routed.table, &stale));
         assert_eq!(routed.gen.gen.in_flight(), 1);

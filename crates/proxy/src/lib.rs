@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 mod body;
 mod clock;
 mod config;
@@ -37,6 +38,7 @@ mod upstream_io;
 mod upstream_tls;
 mod worker;
 
+pub use affinity::{Affinity, AffinitySnapshot, Pin};
 pub use body::{BodyError, ProxyBody};
 pub use config::{Cidr, ListenerConfig, ProxyConfig};
 pub use drain::DrainReport;

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, Semaphore};
@@ -236,7 +237,16 @@ impl Proxy {
     /// Makes `to` the live colour of `service` in one store. Requests already routed keep their
     /// colour; every request whose head arrives after this returns goes to `to`. Returns false,
     /// storing nothing, when `to` was live already.
+    /// Any pin the service had ends with the switch (see [`Proxy::switch_pinned`]).
     pub fn switch(&self, service: &str, to: Colour) -> Result<bool, TableError> {
+        self.switch_pinned(service, to, None)
+    }
+
+    /// [`Proxy::switch`], and with `pin_for`, in the same store: requests with a valid affinity
+    /// cookie for the colour live until now keep going there for `pin_for`, while it runs the
+    /// release it runs now and has a healthy instance (`crate::affinity`). No pin is set for a
+    /// colour without instances or a service without affinity. Whatever was pinned before ends.
+    pub fn switch_pinned(&self, service: &str, to: Colour, pin_for: Option<Duration>) -> Result<bool, TableError> {
         let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.shared.table.load();
         let svc = current
@@ -246,7 +256,35 @@ impl Proxy {
             return Ok(false);
         }
         let next = current.with_service(service, |s| {
+            let old = s.active;
             s.active = to;
+            s.pin = match pin_for {
+                Some(d) if s.affinity.is_some() && !s.pool(old).instances.is_empty() => Some(crate::affinity::Pin {
+                    colour: old,
+                    release: s.pool(old).version.clone(),
+                    until_ms: crate::table::now_ms().saturating_add(crate::clock::millis(d)),
+                }),
+                _ => None,
+            };
+            Ok(())
+        })?;
+        self.store(&current, next);
+        Ok(true)
+    }
+
+    /// Ends the pin of `colour` in `service`: its sessions go to the live colour from now on.
+    /// Returns false when nothing was pinned there.
+    pub fn unpin(&self, service: &str, colour: Colour) -> Result<bool, TableError> {
+        let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.shared.table.load();
+        let svc = current
+            .service(service)
+            .ok_or_else(|| TableError::UnknownService(service.to_string()))?;
+        if svc.pin.as_ref().is_none_or(|p| p.colour != colour) {
+            return Ok(false);
+        }
+        let next = current.with_service(service, |s| {
+            s.pin = None;
             Ok(())
         })?;
         self.store(&current, next);

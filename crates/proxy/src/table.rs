@@ -321,6 +321,13 @@ pub struct Service {
     /// Every connection to this service's instances speaks TLS with these settings
     /// (`upstream_tls`); `None`: plain TCP.
     pub upstream_tls: Option<Arc<crate::UpstreamTls>>,
+    /// Sticky sessions across a switch (`crate::affinity`); `None`: every live request goes to
+    /// the live colour.
+    pub affinity: Option<Arc<crate::affinity::Affinity>>,
+    /// The colour that was live before the last promotion, kept for its sessions a while: set by
+    /// [`crate::Proxy::switch_pinned`], cleared by any other switch and by
+    /// [`crate::Proxy::unpin`].
+    pub(crate) pin: Option<crate::affinity::Pin>,
 }
 
 /// What holds a service's live traffic instead of routing it.
@@ -384,7 +391,15 @@ impl Service {
             hold: None,
             https_redirect: None,
             upstream_tls: None,
+            affinity: None,
+            pin: None,
         }
+    }
+
+    /// The colour pinned for its sessions, if a pin is set (it may have run out: see
+    /// [`crate::affinity::Pin::remaining`]).
+    pub fn pin(&self) -> Option<&crate::affinity::Pin> {
+        self.pin.as_ref()
     }
 
     pub fn pool(&self, colour: Colour) -> &Pool {

@@ -345,6 +345,7 @@ events = ["went-live", "rolled-back"]
                 tls: None,
                 https_redirect: false,
                 upstream_tls: None,
+                affinity: None,
             },
             ServiceConfig {
                 name: "web".to_string(),
@@ -382,6 +383,7 @@ events = ["went-live", "rolled-back"]
                 tls: None,
                 https_redirect: false,
                 upstream_tls: None,
+                affinity: None,
             },
         ],
         webhooks: WebhooksConfig {
@@ -1629,4 +1631,99 @@ fn upstream_tls_mistakes_are_refused_where_they_are_written() {
         "services.web.upstream_tls",
         "upstream_tls = { ca = \"certs/internal-ca.pem\"",
     );
+}
+
+#[test]
+fn affinity_is_read_with_its_defaults() {
+    let c = parse("[services.web]\naffinity = { cookie = \"sid_1\", window = \"3s\" }\n").unwrap();
+    assert_eq!(
+        c.services[0].affinity,
+        Some(AffinityConfig {
+            cookie: "sid_1".into(),
+            window: Duration::from_secs(3),
+            app_cookie: None,
+        })
+    );
+    let c = parse("[services.web]\naffinity = {}\n").unwrap();
+    assert_eq!(
+        c.services[0].affinity,
+        Some(AffinityConfig {
+            cookie: DEFAULT_AFFINITY_COOKIE.into(),
+            window: DEFAULT_AFFINITY_WINDOW,
+            app_cookie: None,
+        })
+    );
+    let c = parse("[services.web]\naffinity = { app_cookie = \"session_id\" }\n").unwrap();
+    assert_eq!(
+        c.services[0].affinity.as_ref().unwrap().app_cookie.as_deref(),
+        Some("session_id")
+    );
+    // A static service may have it too.
+    let c = parse("[services.api]\nhosts = [\"api.test\"]\n[services.api.affinity]\nwindow = \"1m\"\n").unwrap();
+    assert_eq!(c.services[0].affinity.as_ref().unwrap().window, Duration::from_secs(60));
+    assert_eq!(parse("[services.web]\n").unwrap().services[0].affinity, None);
+}
+
+#[test]
+fn bad_affinity_settings_are_refused_where_they_are() {
+    let at = |v: &str| format!("[services.web]\ncommand = \"x\"\naffinity = {{ {v} }}\n");
+    refused(&at("window = \"0s\""), 3, 23, "services.web.affinity.window", "zero");
+    refused(
+        &at("window = \"500ms\""),
+        3,
+        23,
+        "services.web.affinity.window",
+        "at least \"1s\"",
+    );
+    refused(
+        &at("window = 5"),
+        3,
+        23,
+        "services.web.affinity.window",
+        "not a duration",
+    );
+    refused(
+        &at("cookie = \"a b\""),
+        3,
+        23,
+        "services.web.affinity.cookie",
+        "not a valid cookie name",
+    );
+    refused(
+        &at("cookie = \"\""),
+        3,
+        23,
+        "services.web.affinity.cookie",
+        "not a valid cookie name",
+    );
+    refused(
+        &at("cookie = \"s;id\""),
+        3,
+        23,
+        "services.web.affinity.cookie",
+        "not a valid cookie name",
+    );
+    refused(
+        &at("app_cookie = \"a b\""),
+        3,
+        27,
+        "services.web.affinity.app_cookie",
+        "not a valid cookie name",
+    );
+    refused(
+        &at("app_cookie = \"cutover_session\""),
+        3,
+        27,
+        "services.web.affinity.app_cookie",
+        "also the name",
+    );
+    refused(
+        &at("app_cookie = true"),
+        3,
+        27,
+        "services.web.affinity.app_cookie",
+        "not a string",
+    );
+    let err = parse(&at("cookies = \"x\"")).unwrap_err().to_string();
+    assert!(err.contains("cookies"), "{err}");
 }

@@ -135,6 +135,7 @@ impl Actor {
             watch: None,
             last_run: 0,
             reports,
+            pin: None,
         };
         Ok((actor, reports_rx))
     }
@@ -154,6 +155,9 @@ impl Actor {
         // Drains and stops already queued were decided on committed state: let them finish before
         // another actor acts on the same colours (a stop finishing later would clear the pool
         // and the records of what the next actor starts there).
+        for colour in [Colour::Blue, Colour::Green] {
+            self.end_pin(colour, true);
+        }
         let [blue, green] = &mut self.lanes;
         tokio::join!(finish(blue), finish(green));
     }

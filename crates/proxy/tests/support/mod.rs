@@ -246,6 +246,12 @@ async fn upstream_handle(
             *seen.last_headers.lock().unwrap() = Some(req.headers().clone());
             Response::new(full(colour))
         }
+        // The application's own cookies, which the proxy's must not disturb.
+        "/app-cookies" => Response::builder()
+            .header("set-cookie", "app_session=s1; Path=/")
+            .header("set-cookie", "theme=dark")
+            .body(full(colour))
+            .unwrap(),
         "/slow" => {
             let ms = query_u64(&req, "ms").unwrap_or(2000);
             let size = query_u64(&req, "size").unwrap_or(100_000) as usize;
