@@ -9,6 +9,8 @@
 # load on the machine does not change.
 # Knobs: ROUNDS=5 DURATION=10 (and the rest of throughput.sh's)  THROUGHPUT=1  CALLGRIND=1
 #        CG_SECONDS=8  OUT_MD=file (every section)
+#        BASELINE_BIN=path (callgrind also counts that build without affinity, e.g. the commit before
+#        affinity, to show that a request without affinity costs what it did)
 set -uo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FINAL_MD=${OUT_MD:-}
@@ -37,17 +39,20 @@ if [[ ${CALLGRIND:-1} == 1 ]]; then
   declare -A IPR
   # A cookie of the same length for the proxy without affinity, which ignores it.
   FAKE="cutover_session=b.1800000000.$(printf 'A%.0s' {1..43})"
-  for variant in without session new; do
-    extra=(); [[ $variant != without ]] && extra=(--affinity-window 15m)
+  VARIANTS="without session new"
+  [[ -n ${BASELINE_BIN:-} ]] && VARIANTS="baseline $VARIANTS"
+  for variant in $VARIANTS; do
+    extra=(); [[ $variant == session || $variant == new ]] && extra=(--affinity-window 15m)
+    bin=$CUTOVER_BIN; [[ $variant == baseline ]] && bin=$BASELINE_BIN
     out=$BENCH_TMP/cg-$variant.out
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$CUTOVER_BIN" proxy --listen "127.0.0.1:$P_CG" \
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" proxy --listen "127.0.0.1:$P_CG" \
       --blue "127.0.0.1:$P_BLUE" --green "127.0.0.1:$P_GREEN" "${extra[@]}" >"$BENCH_TMP/cg-$variant.log" 2>&1 &
     vp=$!
     bg_track callgrind "$vp"
     wait_ready "callgrind-$variant" "$vp" "$P_CG" blue
     header=()
     case $variant in
-      without) header=(-H "Cookie: $FAKE") ;;
+      without | baseline) header=(-H "Cookie: $FAKE") ;;
       session)
         cookie=$(curl -s --max-time 10 -o /dev/null -D - "http://127.0.0.1:$P_CG/" | tr -d '\r' |
           awk 'tolower($1) == "set-cookie:" { split($2, a, ";"); print a[1]; exit }')
@@ -67,9 +72,11 @@ if [[ ${CALLGRIND:-1} == 1 ]]; then
     echo
     echo "| requests | instructions per request | against no affinity |"
     echo "|---|---|---|"
-    python3 - "${IPR[without]}" "${IPR[session]}" "${IPR[new]}" <<'PY'
+    python3 - "${IPR[without]}" "${IPR[session]}" "${IPR[new]}" "${IPR[baseline]:-0}" "${BASELINE_BIN:-}" <<'PY'
 import sys
-w, s, n = map(int, sys.argv[1:])
+w, s, n, b = map(int, sys.argv[1:5])
+if b:
+    print(f"| the build at `{sys.argv[5]}`, no affinity (same cookie) | {b:,} | {b / w:.3f} |")
 print(f"| no affinity (a cookie of the same length, ignored) | {w:,} | 1.000 |")
 print(f"| affinity, a session's requests (valid cookie: scan + verify) | {s:,} | {s / w:.3f} (+{s - w:,}) |")
 print(f"| affinity, new sessions (no cookie: a cookie signed per response) | {n:,} | {n / w:.3f} (+{n - w:,}) |")
