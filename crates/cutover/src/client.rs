@@ -105,6 +105,14 @@ fn tls_client(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let name = match &tls.server_name {
         Some(n) => ServerName::try_from(n.clone()).map_err(|e| format!("admin_tls.server_name {n:?}: {e}"))?,
+        // An address that means "every interface" names no certificate.
+        None if admin.ip().is_unspecified() => {
+            return Err(format!(
+                "admin = \"{admin}\" listens on every address, so the CLI cannot check the daemon's certificate \
+                 against it: set admin_tls.server_name to a name or address the certificate holds (and reach the \
+                 daemon through it)"
+            ))
+        }
         None => ServerName::IpAddress(admin.ip().into()),
     };
     Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))

@@ -227,6 +227,17 @@ fn the_admin_api_over_tls_keeps_the_token_off_the_wire_and_checks_the_certificat
     assert!(sent.len() > before, "the refused CLIs connected");
     assert!(!contains(&sent, TOKEN.as_bytes()), "the token crossed in cleartext");
 
+    // An admin address of every interface names no certificate: the CLI asks for server_name.
+    let any = write_config(
+        dir.path(),
+        "any.toml",
+        SocketAddr::from(([0, 0, 0, 0], admin.port())),
+        "admin_tls = { cert = \"admin.pem\", key = \"admin.key\" }",
+    );
+    let out = cli(&any, &["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("set admin_tls.server_name"), "{}", text(&out));
+
     // A CLI that expects plain TCP, against the TLS port: an answer that says why.
     let plain = write_config(dir.path(), "plain.toml", admin, "");
     let out = cli(&plain, &["status"]);
