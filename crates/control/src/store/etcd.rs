@@ -323,12 +323,7 @@ impl EtcdStore {
                 .with_prefix()
                 .with_sort(SortTarget::Create, SortOrder::Descend)
                 .with_limit(limit_i64(limit));
-            let resp = retry(deadline, || {
-                let mut kv = kv.clone();
-                let (prefix, options) = (prefix.clone(), options.clone());
-                async move { kv.get(prefix, Some(options)).await }
-            })
-            .await?;
+            let resp = get(&kv, deadline, &prefix, Some(options)).await?;
             let mut out = Vec::new();
             for item in resp.kvs() {
                 let audit: AuditEntryValue = decode(&name, item.key(), item.value())?;
@@ -455,6 +450,21 @@ where
             other => return other,
         }
     }
+}
+
+/// A read of `key` (a range with `options`), retried as [`retry`] does.
+async fn get(
+    kv: &KvClient,
+    deadline: Instant,
+    key: &str,
+    options: Option<GetOptions>,
+) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+    retry(deadline, || {
+        let mut kv = kv.clone();
+        let options = options.clone();
+        async move { kv.get(key, options).await }
+    })
+    .await
 }
 
 fn limit_i64(limit: usize) -> i64 {
@@ -973,12 +983,7 @@ impl StateStore for EtcdStore {
         self.run(
             &format!("load the state of service {service}"),
             move |deadline| async move {
-                let resp = retry(deadline, || {
-                    let mut kv = kv.clone();
-                    let key = key.clone();
-                    async move { kv.get(key, None).await }
-                })
-                .await?;
+                let resp = get(&kv, deadline, &key, None).await?;
                 match resp.kvs().first() {
                     None => Ok(None),
                     Some(item) => {
@@ -1005,12 +1010,7 @@ impl StateStore for EtcdStore {
                     .with_prefix()
                     .with_sort(SortTarget::Key, SortOrder::Descend)
                     .with_limit(limit_i64(limit));
-                let resp = retry(deadline, || {
-                    let mut kv = kv.clone();
-                    let (prefix, options) = (prefix.clone(), options.clone());
-                    async move { kv.get(prefix, Some(options)).await }
-                })
-                .await?;
+                let resp = get(&kv, deadline, &prefix, Some(options)).await?;
                 resp.kvs()
                     .iter()
                     .map(|item| decode(&name, item.key(), item.value()).map_err(Fail::Store))
@@ -1027,12 +1027,7 @@ impl StateStore for EtcdStore {
             &format!("read the transitions of deployment {deployment} of service {service}"),
             move |deadline| async move {
                 let options = GetOptions::new().with_prefix();
-                let resp = retry(deadline, || {
-                    let mut kv = kv.clone();
-                    let (prefix, options) = (prefix.clone(), options.clone());
-                    async move { kv.get(prefix, Some(options)).await }
-                })
-                .await?;
+                let resp = get(&kv, deadline, &prefix, Some(options)).await?;
                 let mut out = Vec::new();
                 for item in resp.kvs() {
                     let stored: StoredRecord = decode(&name, item.key(), item.value())?;
@@ -1066,12 +1061,7 @@ impl StateStore for EtcdStore {
         let name = self.name.clone();
         let full = format!("{}/values/{key}", self.prefix);
         self.run(&format!("read {key}"), move |deadline| async move {
-            let resp = retry(deadline, || {
-                let mut kv = kv.clone();
-                let full = full.clone();
-                async move { kv.get(full, None).await }
-            })
-            .await?;
+            let resp = get(&kv, deadline, &full, None).await?;
             match resp.kvs().first() {
                 None => Ok(None),
                 Some(item) => String::from_utf8(item.value().to_vec()).map(Some).map_err(|_| {
