@@ -992,12 +992,11 @@ async fn serve_tls_connection(
     acceptor: tokio_rustls::TlsAcceptor,
     app: Router,
 ) {
-    use tokio::io::AsyncWriteExt as _;
     let deadline = tokio::time::Instant::now() + ADMIN_TLS_HANDSHAKE;
     // Plain HTTP to this port is told to use https, rather than getting an alert it cannot read.
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] != 0x16 => {
+        Ok(Ok(1)) if first[0] != cutover_proxy::TLS_HANDSHAKE_RECORD => {
             let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
             let body = format!(
                 "the cutover admin API at {local} speaks TLS only: use https://{local}/ (the cutover CLI does, with \
@@ -1007,12 +1006,7 @@ async fn serve_tls_connection(
                 "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let mut stream = stream;
-            let _ = tokio::time::timeout_at(deadline, async {
-                stream.write_all(answer.as_bytes()).await?;
-                stream.shutdown().await
-            })
-            .await;
+            cutover_proxy::close_after(stream, answer.as_bytes(), deadline).await;
             return;
         }
         Ok(Ok(1)) => {}

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
 use bytes::Bytes;
@@ -67,8 +66,7 @@ fn tls_client(
     tls: &cutover_control::config::AdminTls,
     admin: SocketAddr,
 ) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::CertificateDer;
+    use cutover_proxy::UpstreamTlsError;
     let file = tls.trusted();
     let key = if tls.ca.is_some() {
         "admin_tls.ca"
@@ -81,28 +79,17 @@ fn tls_client(
             file.display()
         )
     })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("{} ({key}) is not a PEM certificate file: {e}", file.display()))?;
-        roots.add(cert).map_err(|e| {
-            format!(
-                "{} ({key}) holds a certificate that cannot be trusted: {e}",
-                file.display()
-            )
-        })?;
-    }
-    if roots.is_empty() {
-        return Err(format!(
+    let config = cutover_proxy::tls_client_config(&pem).map_err(|e| match e {
+        UpstreamTlsError::NoCertificate => format!(
             "{} ({key}) holds no certificate; give the PEM certificate of the admin API or of its issuer",
             file.display()
-        ));
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(cutover_proxy::tls_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS settings: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        ),
+        UpstreamTlsError::Pem(e) => format!("{} ({key}) is not a PEM certificate file: {e}", file.display()),
+        UpstreamTlsError::BadCertificate(e) | UpstreamTlsError::BadServerName(e) => format!(
+            "{} ({key}) holds a certificate that cannot be trusted: {e}",
+            file.display()
+        ),
+    })?;
     let name = match &tls.server_name {
         Some(n) => ServerName::try_from(n.clone()).map_err(|e| format!("admin_tls.server_name {n:?}: {e}"))?,
         // An address that means "every interface" names no certificate.
@@ -115,15 +102,7 @@ fn tls_client(
         }
         None => ServerName::IpAddress(admin.ip().into()),
     };
-    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
-}
-
-fn server_name_text(name: &ServerName<'_>) -> String {
-    match name {
-        ServerName::DnsName(d) => d.as_ref().to_string(),
-        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
-        other => format!("{other:?}"),
-    }
+    Ok((tokio_rustls::TlsConnector::from(config), name))
 }
 
 /// The config file a command was given, or `./cutover.toml`.
@@ -227,7 +206,7 @@ impl Client {
                         "the TLS handshake with the cutover daemon at {a} failed ({e}); nothing was sent. Check that \
                          the certificates in [server] admin_tls.ca (default: admin_tls.cert) are the daemon's or \
                          its issuer's, and that its certificate names {}",
-                        server_name_text(name)
+                        cutover_proxy::server_name_text(name)
                     ))
                 })?;
                 handshake!(tls)

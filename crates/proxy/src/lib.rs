@@ -48,10 +48,12 @@ pub use proxy::{Proxy, StartError, TlsSetupError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
 pub use table::{Balance, Colour, Generation, Hold, Instance, MaintenancePage, PauseGate, Pool, RouteTable, Service};
 pub use tls::{
-    admin_server_config, provider as tls_provider, CertificateError, CertificateFile, CertificateSet, CertificateSlot,
-    TlsCertificate,
+    admin_server_config, close_after, provider as tls_provider, CertificateError, CertificateFile, CertificateSet,
+    CertificateSlot, TlsCertificate, TLS_HANDSHAKE_RECORD,
 };
-pub use upstream_tls::{check_server_name, UpstreamTls, UpstreamTlsError};
+pub use upstream_tls::{
+    check_server_name, client_config as tls_client_config, name_text as server_name_text, UpstreamTls, UpstreamTlsError,
+};
 
 /// Whether a socket error is this host's own shortage (file descriptors, memory, buffers, local
 /// ports) rather than anything the peer did. Such a failure says nothing about the peer: the

@@ -38,7 +38,7 @@ const ALPN_H2: &[u8] = b"h2";
 const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 /// The first byte of a TLS record that carries a handshake message (a ClientHello).
-pub(crate) const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// The crypto provider of every TLS setting and key in the proxy: ring, named explicitly rather
 /// than taken from a process-wide default (which would panic if two providers were linked).
@@ -425,7 +425,7 @@ async fn answer_plain_http(mut stream: TcpStream, deadline: tokio::time::Instant
 /// Writes `answer`, ends the sending side, and reads (dropping it) what the client still sends
 /// until it closes, for at most [`LINGER`] or until `deadline`, so that the kernel does not
 /// answer unread bytes with a reset that could overtake the answer.
-pub(crate) async fn close_after(mut stream: TcpStream, answer: &[u8], deadline: tokio::time::Instant) {
+pub async fn close_after(mut stream: TcpStream, answer: &[u8], deadline: tokio::time::Instant) {
     const LINGER: Duration = Duration::from_secs(1);
     let until = deadline.min(tokio::time::Instant::now() + LINGER);
     let written = tokio::time::timeout_at(until, async {

@@ -87,34 +87,50 @@ fn parse_server_name(name: &str) -> Result<ServerName<'static>, UpstreamTlsError
 
 const ALPN_HTTP11: &[u8] = b"http/1.1";
 
+/// Client settings that trust only the certificates of `ca_pem` (one or more PEM certificates):
+/// TLS 1.3 and 1.2 with the proxy's provider, ALPN http/1.1, no client certificate.
+pub fn client_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, UpstreamTlsError> {
+    let certs = CertificateDer::pem_slice_iter(ca_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| UpstreamTlsError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(UpstreamTlsError::NoCertificate);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| UpstreamTlsError::BadCertificate(e.to_string()))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        // The provider is ring's, which supports both versions: cannot fail.
+        .map_err(|e| UpstreamTlsError::BadCertificate(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A server name as people write it: the DNS name or the IP address.
+pub fn name_text(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(n) => n.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
 impl UpstreamTls {
     /// Settings that trust the certificates of `ca_pem` (one or more PEM certificates) and
     /// verify upstreams for `server_name`, or for each instance's IP address when `None`.
     /// `ca_origin` names where the bundle came from (its file) in handshake failures.
     pub fn new(ca_pem: &[u8], ca_origin: &str, server_name: Option<&str>) -> Result<UpstreamTls, UpstreamTlsError> {
         let server_name = server_name.map(parse_server_name).transpose()?;
-        let certs = CertificateDer::pem_slice_iter(ca_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| UpstreamTlsError::Pem(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(UpstreamTlsError::NoCertificate);
-        }
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| UpstreamTlsError::BadCertificate(e.to_string()))?;
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            // The provider is ring's, which supports both versions: cannot fail.
-            .map_err(|e| UpstreamTlsError::BadCertificate(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        let config = client_config(ca_pem)?;
         Ok(UpstreamTls {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            connector: tokio_rustls::TlsConnector::from(config),
             server_name,
             ca_origin: Arc::from(ca_origin),
         })
@@ -145,11 +161,7 @@ impl UpstreamTls {
     }
 
     fn failure(&self, name: &ServerName<'_>, e: &io::Error) -> String {
-        let name = match name {
-            ServerName::DnsName(n) => n.as_ref().to_string(),
-            ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
-            other => format!("{other:?}"),
-        };
+        let name = name_text(name);
         let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
         // `BadSignature`: an issuer of the same name is in the bundle, but it did not sign this
         // certificate (another CA that happens to have the same name).
