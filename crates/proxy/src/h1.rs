@@ -14,7 +14,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Version};
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::upstream_io::UpstreamIo;
@@ -111,12 +110,16 @@ impl Conn {
     /// Streams a client's request body to the upstream, chunk-encoded when its length is unknown.
     /// An upstream that takes none of a write for `stall` (it stopped reading and answers
     /// nothing) fails the request; a client that sends slowly is not timed here.
-    pub(crate) async fn write_body<W: AsyncWrite + Unpin>(
+    pub(crate) async fn write_body<W, B>(
         out: &mut W,
-        body: &mut Incoming,
+        body: &mut B,
         chunked: bool,
         stall: Duration,
-    ) -> Result<(), BodyWriteError> {
+    ) -> Result<(), BodyWriteError>
+    where
+        W: AsyncWrite + Unpin,
+        B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    {
         use http_body_util::BodyExt;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(BodyWriteError::Client)?;
@@ -666,5 +669,118 @@ mod tests {
             write_hex(&mut v, n);
             assert_eq!(v, s.as_bytes());
         }
+    }
+}
+
+/// Request bodies to a TLS upstream whose socket is full when the body ends: tokio-rustls takes a
+/// write into its buffer and answers it as done when the socket has no room, so a body piece can
+/// sit in the proxy until something flushes it. A sender with a small send buffer and a reader
+/// slower than it keep the socket full to the end.
+#[cfg(test)]
+mod tls_body_tests {
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use http_body::Frame;
+    use tokio::net::{TcpListener, TcpSocket};
+
+    use super::*;
+
+    /// A request body of the given pieces, each ready at once.
+    struct Pieces(VecDeque<Bytes>);
+
+    impl http_body::Body for Pieces {
+        type Data = Bytes;
+        type Error = hyper::Error;
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// A TLS server for `upstream.test` that reads at most 4 KiB per millisecond and sends back
+    /// the count of bytes it read as it grows; its receive buffer is fixed (64 KiB, doubled by
+    /// the kernel) so that the slow reading reaches the sender.
+    async fn slow_tls_reader() -> (SocketAddr, String, tokio::sync::watch::Receiver<usize>) {
+        use rustls::pki_types::pem::PemObject;
+        let c = rcgen::generate_simple_self_signed(vec!["upstream.test".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.signing_key.serialize_pem().as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![c.cert.der().clone()], key)
+            .unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener: TcpListener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(0usize);
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut chunk = [0u8; 4096];
+            let mut total = 0;
+            loop {
+                match tls.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => total += n,
+                }
+                tx.send_replace(total);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        (addr, c.cert.pem(), rx)
+    }
+
+    async fn body_reaches_a_slow_tls_reader(chunked: bool) {
+        let (addr, ca, mut received) = slow_tls_reader().await;
+        let tls = crate::upstream_tls::UpstreamTls::new(ca.as_bytes(), "test CA", Some("upstream.test")).unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(4096).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let mut stream = tls.handshake(tcp, addr).await.unwrap();
+        // rustls takes up to 64 KiB beyond what the socket holds; whether the last piece ends
+        // inside that window depends on when the reader's window opens. With room for the whole
+        // body, every piece is taken at once and the socket is surely full when the body ends.
+        stream.get_mut().1.set_buffer_limit(Some(1 << 20));
+        let mut io = UpstreamIo::Tls(Box::new(stream));
+        let pieces: VecDeque<Bytes> = (0..16u8).map(|i| Bytes::from(vec![i; 40_000])).collect();
+        let expected: usize = if chunked {
+            pieces
+                .iter()
+                .map(|p| format!("{:x}\r\n", p.len()).len() + p.len() + 2)
+                .sum::<usize>()
+                + 5
+        } else {
+            pieces.iter().map(Bytes::len).sum()
+        };
+        let (_rd, mut wr) = io.split();
+        Conn::write_body(&mut wr, &mut Pieces(pieces), chunked, Duration::from_secs(10))
+            .await
+            .unwrap();
+        // Nothing more is written: what the body left in the proxy's TLS buffer stays there.
+        let whole = tokio::time::timeout(Duration::from_secs(5), received.wait_for(|n| *n == expected))
+            .await
+            .is_ok();
+        assert!(
+            whole,
+            "the reader got {} of {expected} bytes (chunked: {chunked})",
+            *received.borrow()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_with_a_length_reaches_a_slow_tls_upstream_whole() {
+        body_reaches_a_slow_tls_reader(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunked_body_reaches_a_slow_tls_upstream_whole() {
+        body_reaches_a_slow_tls_reader(true).await;
     }
 }

@@ -88,11 +88,14 @@ impl Upstream {
         Upstream::start_with(colour, Some(tokio_rustls::TlsAcceptor::from(server))).await
     }
 
-    /// As `start_tls`, with receive buffers of its connections as small as the kernel allows:
-    /// the proxy's writes to it soon find the socket full.
+    /// As `start_tls`, with the receive buffers of its connections fixed at 64 KiB (the kernel
+    /// doubles it) rather than grown by the kernel: the proxy's writes to a slow reader soon find
+    /// the socket full. Not smaller: a receive window below loopback's 64 KiB segment size makes
+    /// Linux acknowledge in tiny steps every ~200 ms (delayed ACKs), a few KB/s, which tests the
+    /// kernel, not the proxy.
     pub async fn start_tls_small_buffers(colour: &'static str, server: Arc<rustls::ServerConfig>) -> Upstream {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(1).unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(128).unwrap();
         Upstream::serve_on(listener, colour, Some(tokio_rustls::TlsAcceptor::from(server)))
