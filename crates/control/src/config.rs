@@ -161,6 +161,9 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// `[webhooks]`: where to POST deployment events. Default: nowhere (no urls).
     pub webhooks: WebhooksConfig,
+    /// `[fleet]`: several nodes that share their state through etcd and switch as one. Default
+    /// none: this node alone, its state in SQLite under `state_dir`.
+    pub fleet: Option<FleetConfig>,
     /// The directory relative paths were resolved against (the config file's directory for
     /// [`Config::load`], empty, i.e. the current directory, for [`Config::parse`]). Commands
     /// (`command`, `validate.smoke`) are meant to run from here, so that `./web` in the file means
@@ -419,6 +422,69 @@ pub enum Driver {
     /// No `command`: the instances run elsewhere and each deploy names their addresses.
     Static,
 }
+
+/// `[fleet]`: this node is one of several that serve the same services, share their state in
+/// etcd, and switch together. One node leads (runs the deployments); every node applies each
+/// route revision and acknowledges it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// `etcd`: the client URLs of the etcd members, `http://HOST:PORT` or `https://HOST:PORT`.
+    /// Required, at least one.
+    pub etcd: Vec<String>,
+    /// `node`: this node's name in the fleet, 1 to 63 of `A-Z a-z 0-9 . _ -`. Default: the host
+    /// name. Unique in the fleet: a second node of the same name is refused.
+    pub node: String,
+    /// `prefix`: the etcd key prefix all of cutover's keys go under. Default `/cutover`; fleets
+    /// that share an etcd cluster give each its own.
+    pub prefix: String,
+    /// `user` and `password_file`: when etcd's authentication is on. Both or neither; the file
+    /// holds the password (its first line), read at start.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// `tls = { ca, cert, key }`: TLS towards etcd (with `https://` URLs). `ca` verifies the
+    /// members; `cert` and `key`, both or neither, are this node's client certificate.
+    pub tls: Option<FleetTls>,
+    /// `ack_timeout`: how long a switch waits for every node to acknowledge it. Default 10s.
+    pub ack_timeout: Duration,
+    /// `on_missing_ack`: what a switch does when a node has not acknowledged it in
+    /// `ack_timeout`: `"rollback"` (default: every node goes back to the colour that was live) or
+    /// `"proceed"` (the switch stands; the node is named and catches up when it can).
+    pub on_missing_ack: OnMissingAck,
+    /// `lease_ttl`: whole seconds, 2 to 300. A node that stops (or loses etcd) leaves the fleet
+    /// after this, and a leader that stops is replaced within it. Default 10s.
+    pub lease_ttl: Duration,
+}
+
+/// `[fleet] tls`: PEM files for the connection to etcd, resolved against the config's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// `[fleet] on_missing_ack`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMissingAck {
+    Rollback,
+    Proceed,
+}
+
+impl OnMissingAck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnMissingAck::Rollback => "rollback",
+            OnMissingAck::Proceed => "proceed",
+        }
+    }
+}
+
+/// The default `[fleet] ack_timeout`.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default `[fleet] lease_ttl`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// The default `[fleet] prefix`.
+pub const DEFAULT_FLEET_PREFIX: &str = "/cutover";
 
 /// `health = { ... }`: active checks of each instance, before and after promotion.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -810,6 +876,34 @@ const DURATION_HINT: &str = "write a whole number followed by us, ms, s, m or h,
 /// Parses a duration as written in the config: a whole number directly followed by `ms`, `s`,
 /// `m` or `h` ("250ms", "30s", "5m", "1h"). No spaces, signs, fractions or other units. The error
 /// is a complete sentence for the user, without the key.
+/// `HOST:PORT` of a URL: a host name or an IP address (IPv6 in brackets), and a port.
+fn valid_host_port(text: &str) -> bool {
+    let text = text.strip_suffix('/').unwrap_or(text);
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    };
+    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+fn valid_node_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// This host's name, the default node name ("" when it cannot be read, which the caller refuses).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = text.split_at(digits);
@@ -854,6 +948,32 @@ struct RawConfig {
     proxy: RawProxy,
     services: Option<BTreeMap<Spanned<String>, RawService>>,
     webhooks: Option<RawWebhooks>,
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, e.g. [fleet]")]
+struct RawFleet {
+    etcd: Option<Spanned<RawList>>,
+    node: Leaf,
+    prefix: Leaf,
+    user: Leaf,
+    password_file: Leaf,
+    tls: Option<RawFleetTls>,
+    ack_timeout: Leaf,
+    on_missing_ack: Leaf,
+    lease_ttl: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. tls = { ca = \"certs/etcd-ca.pem\", cert = \"certs/node.pem\", key = \"certs/node.key\" }"
+)]
+struct RawFleetTls {
+    ca: Leaf,
+    cert: Leaf,
+    key: Leaf,
 }
 
 #[derive(Deserialize, Default)]
@@ -1239,6 +1359,11 @@ impl<'a> Checker<'a> {
             Some(w) => self.webhooks(w)?,
         };
 
+        let fleet = match &raw.fleet {
+            None => None,
+            Some(f) => Some(self.fleet(f, dir)?),
+        };
+
         let raw_services = raw.services.unwrap_or_default();
         if raw_services.is_empty() {
             return Err(self.invalid(
@@ -1290,11 +1415,23 @@ impl<'a> Checker<'a> {
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
         self.tls_consistent(&server, &services)?;
+        if fleet.is_some() {
+            if let Some(s) = services.iter().find(|s| matches!(s.driver, Driver::Process { .. })) {
+                let key = format!("services.{}.command", s.name);
+                return Err(self.invalid(
+                    self.key_offset(&key),
+                    &key,
+                    "in a [fleet], services take the instances named at each deploy (no command); a command \
+                     run by every node is not supported yet: remove command (and instances), or the [fleet] table",
+                ));
+            }
+        }
         Ok(Config {
             server,
             proxy,
             services,
             webhooks,
+            fleet,
             dir: dir.to_path_buf(),
         })
     }
@@ -1720,6 +1857,205 @@ impl<'a> Checker<'a> {
                     interval
                 }
             },
+        })
+    }
+
+    fn fleet(&self, raw: &RawFleet, dir: &Path) -> Result<FleetConfig, ConfigError> {
+        let example = "etcd = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]";
+        let Some(list) = &raw.etcd else {
+            return Err(self.invalid(
+                self.key_offset("fleet"),
+                "fleet.etcd",
+                format!(
+                    "missing: [fleet] needs the client URLs of the etcd members, e.g. {example}; or remove the table"
+                ),
+            ));
+        };
+        let mut etcd: Vec<String> = Vec::new();
+        let mut schemes = Vec::new();
+        for (text, offset) in self.strings(list, "fleet.etcd", false, example)? {
+            let scheme = match text.split_once("://") {
+                Some(("http", rest)) | Some(("https", rest)) if valid_host_port(rest) => {
+                    text.split_once("://").map(|(s, _)| s.to_string()).unwrap_or_default()
+                }
+                _ => {
+                    return Err(self.invalid(
+                        offset,
+                        "fleet.etcd",
+                        format!("{text:?} is not an etcd client URL; write http://HOST:PORT or https://HOST:PORT, e.g. {example}"),
+                    ))
+                }
+            };
+            if etcd.contains(&text) {
+                return Err(self.invalid(offset, "fleet.etcd", format!("{text:?} is listed twice; remove one")));
+            }
+            schemes.push((scheme, offset));
+            etcd.push(text);
+        }
+        let node = match &raw.node {
+            None => host_name(),
+            Some(v) => {
+                let name = self.string(v, "fleet.node", "node = \"edge-1\"")?;
+                if !valid_node_name(&name) {
+                    return Err(self.at(
+                        v,
+                        "fleet.node",
+                        format!(
+                            "{name:?} is not a node name; write 1 to 63 of A-Z a-z 0-9 . _ -, e.g. node = \"edge-1\""
+                        ),
+                    ));
+                }
+                name
+            }
+        };
+        if !valid_node_name(&node) {
+            return Err(self.invalid(
+                self.key_offset("fleet"),
+                "fleet.node",
+                format!(
+                    "the host name {node:?} cannot be a node name (1 to 63 of A-Z a-z 0-9 . _ -); set node = \"NAME\""
+                ),
+            ));
+        }
+        let prefix = match &raw.prefix {
+            None => DEFAULT_FLEET_PREFIX.to_string(),
+            Some(v) => {
+                let prefix = self.string(v, "fleet.prefix", "prefix = \"/cutover\"")?;
+                let ok = prefix.len() > 1
+                    && prefix.starts_with('/')
+                    && !prefix.ends_with('/')
+                    && !prefix.contains("//")
+                    && prefix.chars().all(|c| c.is_ascii_graphic());
+                if !ok {
+                    return Err(self.at(
+                        v,
+                        "fleet.prefix",
+                        format!("{prefix:?} is not a key prefix; write a path such as \"/cutover\" or \"/shop/cutover\" (a leading /, no trailing /, no spaces)"),
+                    ));
+                }
+                prefix
+            }
+        };
+        let user = match &raw.user {
+            None => None,
+            Some(v) => Some(self.string(v, "fleet.user", "user = \"cutover\"")?).filter(|u| !u.is_empty()),
+        };
+        let password_file = match &raw.password_file {
+            None => None,
+            Some(v) => Some(dir.join(self.path(v, "fleet.password_file", "password_file = \"etcd.password\"")?)),
+        };
+        match (&user, &password_file) {
+            (Some(_), None) => {
+                return Err(self.invalid(
+                    self.key_offset("fleet.user"),
+                    "fleet.password_file",
+                    "missing: a user needs its password, in a file: password_file = \"etcd.password\"",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    self.key_offset("fleet.password_file"),
+                    "fleet.user",
+                    "missing: a password file needs the user it belongs to, e.g. user = \"cutover\"",
+                ))
+            }
+            _ => {}
+        }
+        let tls = match &raw.tls {
+            None => None,
+            Some(t) => {
+                let file = |leaf: &Leaf, name: &str| -> Result<Option<PathBuf>, ConfigError> {
+                    match leaf {
+                        None => Ok(None),
+                        Some(v) => Ok(Some(dir.join(self.path(
+                            v,
+                            &format!("fleet.tls.{name}"),
+                            &format!("{name} = \"certs/etcd-{name}.pem\""),
+                        )?))),
+                    }
+                };
+                let tls = FleetTls {
+                    ca: file(&t.ca, "ca")?,
+                    cert: file(&t.cert, "cert")?,
+                    key: file(&t.key, "key")?,
+                };
+                if tls.cert.is_some() != tls.key.is_some() {
+                    let missing = if tls.cert.is_none() { "cert" } else { "key" };
+                    return Err(self.invalid(
+                        self.key_offset("fleet.tls"),
+                        &format!("fleet.tls.{missing}"),
+                        "missing: a client certificate needs both its files, cert and key",
+                    ));
+                }
+                Some(tls)
+            }
+        };
+        let https = schemes.iter().find(|(s, _)| s == "https");
+        let http = schemes.iter().find(|(s, _)| s == "http");
+        if let (Some(_), Some((_, offset))) = (https, http) {
+            return Err(self.invalid(
+                *offset,
+                "fleet.etcd",
+                "some URLs are https:// and some http://; the members of one cluster speak the same, write them alike",
+            ));
+        }
+        if tls.is_some() && https.is_none() {
+            return Err(self.invalid(
+                self.key_offset("fleet.tls"),
+                "fleet.tls",
+                "TLS files are given but the etcd URLs are http://; write them as https://, or remove tls",
+            ));
+        }
+        if tls.is_none() && https.is_some() {
+            return Err(self.invalid(
+                self.key_offset("fleet.etcd"),
+                "fleet.tls",
+                "missing: https:// URLs need the CA that signed the members' certificates, \
+                 e.g. tls = { ca = \"certs/etcd-ca.pem\" }",
+            ));
+        }
+        let ack_timeout = match &raw.ack_timeout {
+            None => DEFAULT_ACK_TIMEOUT,
+            Some(v) => self.positive_duration(v, "fleet.ack_timeout")?,
+        };
+        let on_missing_ack = match &raw.on_missing_ack {
+            None => OnMissingAck::Rollback,
+            Some(v) => match self.string(v, "fleet.on_missing_ack", "on_missing_ack = \"rollback\"")?.as_str() {
+                "rollback" => OnMissingAck::Rollback,
+                "proceed" => OnMissingAck::Proceed,
+                other => {
+                    return Err(self.at(
+                        v,
+                        "fleet.on_missing_ack",
+                        format!("{other:?} is not a choice; write \"rollback\" (go back when a node does not acknowledge a switch) or \"proceed\""),
+                    ))
+                }
+            },
+        };
+        let lease_ttl = match &raw.lease_ttl {
+            None => DEFAULT_LEASE_TTL,
+            Some(v) => {
+                let d = self.duration(v, "fleet.lease_ttl")?;
+                if d.subsec_nanos() != 0 || !(2..=300).contains(&d.as_secs()) {
+                    return Err(self.at(
+                        v,
+                        "fleet.lease_ttl",
+                        format!("{d:?} is not a lease time; etcd counts leases in whole seconds: write 2s to 300s, e.g. \"10s\""),
+                    ));
+                }
+                d
+            }
+        };
+        Ok(FleetConfig {
+            etcd,
+            node,
+            prefix,
+            user,
+            password_file,
+            tls,
+            ack_timeout,
+            on_missing_ack,
+            lease_ttl,
         })
     }
 

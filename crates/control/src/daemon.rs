@@ -46,6 +46,7 @@ use crate::webhooks::Webhooks;
 
 pub use crate::events::{EventKind, Notice};
 
+mod fleet_node;
 mod supervise;
 
 /// A service as `cutover status` shows it.
@@ -147,6 +148,8 @@ pub enum StartError {
     Certificate(#[from] crate::tls::LoadError),
     #[error("services.{service}.affinity: {message}")]
     Affinity { service: String, message: String },
+    #[error("fleet: {0}")]
+    Fleet(String),
 }
 
 /// A user command, from the API through [`Daemon`].
@@ -329,6 +332,8 @@ struct Shared {
     certificates: Option<Arc<crate::tls::Certificates>>,
     /// Polls the certificate files for changes; ended by [`Daemon::stop`].
     certificate_watch: Mutex<Option<JoinHandle<()>>>,
+    /// This node's part in a fleet (`[fleet]`); `None` for a daemon on its own.
+    fleet: Option<Arc<fleet_node::FleetNode>>,
 }
 
 impl Shared {
@@ -373,7 +378,8 @@ fn unix_ms(t: SystemTime) -> u64 {
 #[derive(Clone)]
 pub struct Daemon {
     shared: Arc<Shared>,
-    actors: Arc<BTreeMap<String, mpsc::Sender<Msg>>>,
+    /// The services' actors. In a fleet, only while this node leads.
+    actors: Arc<fleet_node::Actors>,
 }
 
 impl Daemon {
@@ -405,13 +411,28 @@ impl Daemon {
         crate::private_dir::prepare_state_dir(&state_dir)?;
         // Before the store is opened or anything adopted: a second daemon goes no further.
         let state_dir_lock = crate::private_dir::lock_state_dir(&state_dir)?;
-        let store = {
+        let sqlite = {
             let dir = state_dir.clone();
             off_async_store(move || Store::open(dir)).await?
         };
-        let store = Arc::new(store);
-        let local: Arc<dyn LocalStore> = store.clone();
-        let store: Arc<dyn StateStore> = store;
+        let sqlite = Arc::new(sqlite);
+        let local: Arc<dyn LocalStore> = sqlite.clone();
+        // In a fleet the state is shared through etcd; the SQLite file keeps what only this host
+        // knows (the instances it started).
+        let fleet = match &config.fleet {
+            Some(f) => Some(Arc::new(fleet_node::FleetNode::new(
+                f,
+                crate::store::etcd::DEFAULT_TIMEOUT,
+            )?)),
+            None => None,
+        };
+        let store: Arc<dyn StateStore> = match &fleet {
+            Some(node) => {
+                let options = node.options.clone();
+                Arc::new(off_async_store(move || crate::store::etcd::EtcdStore::connect(options)).await?)
+            }
+            None => sqlite,
+        };
         // The store's token is the one every node uses; the file is a copy for smoke scripts and
         // people (and the token of a state directory from before the store kept it).
         let stored_token = {
@@ -549,36 +570,28 @@ impl Daemon {
             requests: OnceLock::new(),
             certificates,
             certificate_watch: Mutex::new(certificate_watch),
+            fleet,
         });
 
-        let mut actors = BTreeMap::new();
-        for svc in shared.config.services.clone() {
-            let loaded = {
-                let (store, name) = (shared.store.clone(), svc.name.clone());
-                off_async_store(move || store.load(&name)).await?
-            };
-            let (state, revision) = loaded.unwrap_or_else(|| (State::new(&svc.name), Revision::NONE));
-            let (tx, rx) = mpsc::channel(256);
-            let (reports, reports_rx) = mpsc::unbounded_channel();
-            let lanes = [Colour::Blue, Colour::Green]
-                .map(|colour| Lane::start(shared.clone(), svc.name.clone(), colour, reports.clone()));
-            let mut actor = Actor {
-                shared: shared.clone(),
-                cfg: svc.clone(),
-                state,
-                revision,
-                runs: [None, None],
-                lanes,
-                statics: BTreeMap::new(),
-                smoke: None,
-                watch: None,
-                last_run: 0,
-                reports,
-                pin: None,
-            };
-            actor.recover().await;
-            tokio::spawn(supervise::service(actor, rx, reports_rx));
-            actors.insert(svc.name.clone(), tx);
+        let actors: Arc<fleet_node::Actors> = Arc::default();
+        match shared.fleet.clone() {
+            // A node of a fleet: the committed route of every service before the listeners
+            // accept; the actors only once this node leads.
+            Some(node) => {
+                fleet_node::join(&shared, &node).await?;
+                fleet_node::load(&shared, &node).await?;
+                tokio::spawn(fleet_node::follow(shared.clone(), node.clone()));
+                tokio::spawn(fleet_node::lead(shared.clone(), node, actors.clone()));
+            }
+            None => {
+                for svc in shared.config.services.clone() {
+                    let tx = start_actor(&shared, &svc).await?;
+                    actors
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(svc.name.clone(), tx);
+                }
+            }
         }
         let _ = shared
             .webhooks
@@ -587,10 +600,7 @@ impl Daemon {
         // the table. Clients that connected meanwhile waited in the backlog; none was answered
         // from the table as it was before.
         shared.proxy.open();
-        Ok(Daemon {
-            shared,
-            actors: Arc::new(actors),
-        })
+        Ok(Daemon { shared, actors })
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
@@ -636,7 +646,7 @@ impl Daemon {
             daemon: self.clone(),
             resumes: Vec::new(),
         };
-        for tx in self.actors.values() {
+        for tx in self.senders() {
             let (reply, answer) = oneshot::channel();
             let (resume, resumed) = oneshot::channel();
             let r = match tx.send(Msg::Park { reply, resume: resumed }).await {
@@ -662,6 +672,7 @@ impl Daemon {
     /// (a pause is for a few seconds of a write freeze).
     pub fn pause(&self, service: &str, max_wait: Duration, actor: &str) -> Result<(), CommandError> {
         self.actor(service)?;
+        self.not_in_a_fleet("pause")?;
         let gate = Arc::new(cutover_proxy::PauseGate::new(max_wait));
         self.hold(service, Some(cutover_proxy::Hold::Paused(gate)))?;
         self.shared.notice(
@@ -694,6 +705,7 @@ impl Daemon {
     /// that a restart in the middle of a maintenance does not let traffic in.
     pub async fn maintenance(&self, service: &str, message: &str, actor: &str) -> Result<(), CommandError> {
         self.actor(service)?;
+        self.not_in_a_fleet("maintenance")?;
         let message = message.trim();
         if message.is_empty() || message.len() > 2000 || message.chars().any(|c| c.is_control() && c != '\n') {
             return Err(CommandError::BadRequest(
@@ -765,16 +777,53 @@ impl Daemon {
         out
     }
 
-    fn actor(&self, service: &str) -> Result<&mpsc::Sender<Msg>, CommandError> {
+    /// The mailbox of `service`'s actor. In a fleet, a node that does not lead has none: the
+    /// command is refused, naming the leader.
+    fn actor(&self, service: &str) -> Result<mpsc::Sender<Msg>, CommandError> {
+        if let Some(tx) = self.actors.read().unwrap_or_else(|p| p.into_inner()).get(service) {
+            return Ok(tx.clone());
+        }
+        self.known(service)?;
+        match &self.shared.fleet {
+            Some(node) => Err(CommandError::Conflict(node.not_leading())),
+            None => Err(CommandError::UnknownService(service.to_string())),
+        }
+    }
+
+    /// Holds of live traffic act on this node's proxy only: in a fleet they would hold one node
+    /// of several, so they are refused there.
+    fn not_in_a_fleet(&self, command: &str) -> Result<(), CommandError> {
+        match &self.shared.fleet {
+            Some(_) => Err(CommandError::Conflict(format!(
+                "`cutover {command}` holds the traffic of one node only, and this node is one of a [fleet]: \
+                 it is not supported in a fleet yet"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `service` is one of the config's.
+    fn known(&self, service: &str) -> Result<(), CommandError> {
+        match self.shared.config.service(service) {
+            Some(_) => Ok(()),
+            None => Err(CommandError::UnknownService(service.to_string())),
+        }
+    }
+
+    /// Every actor's mailbox.
+    fn senders(&self) -> Vec<mpsc::Sender<Msg>> {
         self.actors
-            .get(service)
-            .ok_or_else(|| CommandError::UnknownService(service.to_string()))
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Why a command sent to `service` got no answer: the daemon stops (the mailbox is closed),
     /// or the actor failed while handling it (the supervisor still holds the mailbox).
     fn unanswered(&self, service: &str) -> CommandError {
-        match self.actors.get(service) {
+        match self.actors.read().unwrap_or_else(|p| p.into_inner()).get(service) {
             Some(tx) if !tx.is_closed() => CommandError::Faulted(service.to_string()),
             _ => CommandError::ShuttingDown,
         }
@@ -856,7 +905,7 @@ impl Daemon {
         service: &str,
         limit: usize,
     ) -> Result<Vec<crate::store::DeploymentSummary>, CommandError> {
-        self.actor(service)?;
+        self.known(service)?;
         let (store, name) = (self.shared.store.clone(), service.to_string());
         tokio::task::spawn_blocking(move || store.history(&name, limit))
             .await
@@ -868,7 +917,7 @@ impl Daemon {
     /// such deployment). Read from the store, so a client that was not listening when they
     /// happened (a page opened mid-deployment) sees them too.
     pub async fn steps(&self, service: &str, id: u64) -> Result<Vec<StepView>, CommandError> {
-        self.actor(service)?;
+        self.known(service)?;
         let Some(cfg) = self.shared.config.services.iter().find(|s| s.name == service) else {
             return Ok(Vec::new());
         };
@@ -908,7 +957,7 @@ impl Daemon {
         self.shared.proxy.shutdown();
         let proxy = self.shared.proxy.clone();
         let _ = tokio::task::spawn_blocking(move || proxy.join()).await;
-        for tx in self.actors.values() {
+        for tx in self.senders() {
             let (reply, rx) = oneshot::channel();
             if tx.send(Msg::Shutdown { instances, reply }).await.is_ok() {
                 let _ = rx.await;
@@ -1050,6 +1099,63 @@ fn preview_token(state_dir: &std::path::Path, stored: Option<String>) -> Result<
         .map_err(io)?;
     writeln!(file, "{token}").map_err(io)?;
     Ok(token)
+}
+
+/// The status view of a service's committed state (instances and hold are filled in by
+/// [`Daemon::status`] from the route table).
+fn view_of(state: &State) -> ServiceView {
+    ServiceView {
+        name: state.service.clone(),
+        live: state.live.as_ref().map(|l| ColourView {
+            colour: l.colour.to_string(),
+            version: l.release.version.clone(),
+        }),
+        warm: state.warm().map(|l| ColourView {
+            colour: l.colour.to_string(),
+            version: l.release.version.clone(),
+        }),
+        phase: state.phase.name().to_string(),
+        deployment: state.in_progress().map(|d| DeploymentView {
+            id: d.id.0,
+            version: d.release.version.clone(),
+            colour: d.colour.to_string(),
+        }),
+        previous: state.previous.as_ref().map(|r| r.version.clone()),
+        summary: state.status(),
+        instances: Vec::new(),
+        hold: None,
+    }
+}
+
+/// Starts the actor of `svc` from its committed state (recovered as after a restart) under its
+/// supervisor; returns its mailbox.
+async fn start_actor(shared: &Arc<Shared>, svc: &ServiceConfig) -> Result<mpsc::Sender<Msg>, StoreError> {
+    let loaded = {
+        let (store, name) = (shared.store.clone(), svc.name.clone());
+        off_async_store(move || store.load(&name)).await?
+    };
+    let (state, revision) = loaded.unwrap_or_else(|| (State::new(&svc.name), Revision::NONE));
+    let (tx, rx) = mpsc::channel(256);
+    let (reports, reports_rx) = mpsc::unbounded_channel();
+    let lanes = [Colour::Blue, Colour::Green]
+        .map(|colour| Lane::start(shared.clone(), svc.name.clone(), colour, reports.clone()));
+    let mut actor = Actor {
+        shared: shared.clone(),
+        cfg: svc.clone(),
+        state,
+        revision,
+        runs: [None, None],
+        lanes,
+        statics: BTreeMap::new(),
+        smoke: None,
+        watch: None,
+        last_run: 0,
+        reports,
+        pin: None,
+    };
+    actor.recover().await;
+    tokio::spawn(supervise::service(actor, rx, reports_rx));
+    Ok(tx)
 }
 
 fn instance_views(table: &RouteTable, service: &str) -> Vec<InstanceView> {
@@ -1710,6 +1816,7 @@ impl Actor {
         {
             Ok(revision) => {
                 self.revision = revision;
+                self.acknowledge_later();
                 Ok(())
             }
             Err(e @ StoreError::Conflict { .. }) => {
@@ -1719,6 +1826,64 @@ impl Actor {
                 Err(e)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// In a fleet: records that this node (the leader) applies the revision just committed.
+    /// Its table changes come from the transition's actions, which follow at once; a switch
+    /// acknowledges again after its table store ([`Actor::await_fleet`]).
+    fn acknowledge_later(&self) {
+        let Some(membership) = self.shared.fleet.as_ref().and_then(|n| n.membership()) else {
+            return;
+        };
+        let (name, revision) = (self.name().to_string(), self.revision.0);
+        tokio::spawn(async move {
+            if let Err(e) = membership.acknowledge(&name, revision).await {
+                tracing::warn!(service = %name, error = %e, "cannot acknowledge revision {revision}");
+            }
+        });
+    }
+
+    /// In a fleet, after this node switched `colour` live: waits until every node applies the
+    /// revision that names it (at most `fleet.ack_timeout`) and says which did, in how long, or
+    /// which did not.
+    async fn await_fleet(&self, colour: Colour) {
+        let Some(node) = self.shared.fleet.clone() else { return };
+        let Some(membership) = node.membership() else { return };
+        let revision = self.revision.0;
+        let t0 = Instant::now();
+        if let Err(e) = membership.acknowledge(self.name(), revision).await {
+            tracing::warn!(service = self.name(), error = %e, "cannot acknowledge revision {revision}");
+        }
+        let timeout = node.config.ack_timeout;
+        let (acked, missing) = match membership.wait_for_acks(self.name(), revision, timeout).await {
+            Ok(w) => (w.acked, w.missing),
+            Err(e) => (Vec::new(), vec![format!("(etcd: {e})")]),
+        };
+        if missing.is_empty() {
+            self.shared.notice(
+                self.name(),
+                None,
+                EventKind::Switch,
+                format!(
+                    "every node of the fleet serves {colour} (revision {revision}): {} acknowledged in {:.1?}",
+                    acked.join(", "),
+                    t0.elapsed()
+                ),
+                None,
+            );
+        } else {
+            self.shared.notice(
+                self.name(),
+                None,
+                EventKind::Switch,
+                format!(
+                    "nodes {} did not acknowledge revision {revision} ({colour} live) within {timeout:?}; acknowledged: {}",
+                    missing.join(", "),
+                    if acked.is_empty() { "none".to_string() } else { acked.join(", ") },
+                ),
+                Some(format!("not acknowledged by {}", missing.join(", "))),
+            );
         }
     }
 
@@ -1756,27 +1921,7 @@ impl Actor {
 
     fn publish_view(&self) {
         let name = self.name().to_string();
-        let view = ServiceView {
-            name: name.clone(),
-            live: self.state.live.as_ref().map(|l| ColourView {
-                colour: l.colour.to_string(),
-                version: l.release.version.clone(),
-            }),
-            warm: self.state.warm().map(|l| ColourView {
-                colour: l.colour.to_string(),
-                version: l.release.version.clone(),
-            }),
-            phase: self.state.phase.name().to_string(),
-            deployment: self.state.in_progress().map(|d| DeploymentView {
-                id: d.id.0,
-                version: d.release.version.clone(),
-                colour: d.colour.to_string(),
-            }),
-            previous: self.state.previous.as_ref().map(|r| r.version.clone()),
-            summary: self.state.status(),
-            instances: Vec::new(),
-            hold: None,
-        };
+        let view = view_of(&self.state);
         self.shared
             .views
             .lock()
@@ -1933,6 +2078,7 @@ impl Actor {
                         }
                         Err(e) => tracing::error!(service = self.name(), error = %e, "switch failed"),
                     }
+                    self.await_fleet(colour).await;
                 }
                 Action::StartWatch { deployment, colour } => self.start_watch(deployment, colour),
                 Action::StopWatch { deployment } => {

@@ -21,10 +21,39 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::store::etcd::{EtcdOptions, DEFAULT_PREFIX};
+
+/// One service's route state as etcd holds it: the committed state (JSON) and the revision that
+/// wrote it, which is the revision nodes acknowledge.
+#[derive(Clone, Debug)]
+pub struct RouteState {
+    /// The service's name as a key segment (`%` and `/` escaped).
+    pub service: String,
+    pub value: Vec<u8>,
+    pub revision: u64,
+}
+
+impl RouteState {
+    /// The route state a key under `{prefix}/services/` holds, if it is one (`{service}/state`;
+    /// the other keys there are history).
+    fn from_key(prefix: &str, key: &[u8], value: &[u8], revision: i64) -> Option<RouteState> {
+        let key = std::str::from_utf8(key).ok()?;
+        let service = key.strip_prefix(prefix)?.strip_suffix("/state")?;
+        if service.contains('/') {
+            return None;
+        }
+        Some(RouteState {
+            service: service.to_string(),
+            value: value.to_vec(),
+            revision: revision.unsigned_abs(),
+        })
+    }
+}
 
 /// How often waits look at etcd again.
 pub const POLL: Duration = Duration::from_millis(50);
@@ -348,6 +377,70 @@ impl Membership {
                 return Ok(AckWait { acked, missing });
             }
             tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+
+    /// Returns once the lease is lost (never, while the node stays a member).
+    pub async fn lost(&self) {
+        let mut lost = self.lost.clone();
+        let _ = lost.wait_for(|l| *l).await;
+    }
+
+    /// Every service's route state as etcd holds it now, and the revision of that read.
+    pub async fn route_states(&self) -> Result<(Vec<RouteState>, i64), FleetError> {
+        let prefix = format!("{}/services/", self.prefix);
+        let resp = self
+            .client
+            .clone()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.fail("reading the route states"))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let states = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| RouteState::from_key(&prefix, kv.key(), kv.value(), kv.mod_revision()))
+            .collect();
+        Ok((states, revision))
+    }
+
+    /// Sends each new route state written after revision `after` to `to`, in order, until the
+    /// watch breaks (etcd unreachable, the revision compacted) or `to` is closed; says why.
+    pub async fn watch_route_states(
+        &self,
+        after: i64,
+        to: &tokio::sync::mpsc::UnboundedSender<RouteState>,
+    ) -> FleetError {
+        let prefix = format!("{}/services/", self.prefix);
+        let options = WatchOptions::new().with_prefix().with_start_revision(after + 1);
+        let mut stream = match self.client.clone().watch(prefix.clone(), Some(options)).await {
+            Ok(w) => w,
+            Err(e) => return self.fail("watching the route states")(e),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() || resp.compact_revision() > 0 {
+                        return FleetError::Setup(format!(
+                            "the watch of the route states was cancelled by etcd (compacted at revision {})",
+                            resp.compact_revision()
+                        ));
+                    }
+                    for event in resp.events() {
+                        if event.event_type() != EventType::Put {
+                            continue;
+                        }
+                        let Some(kv) = event.kv() else { continue };
+                        if let Some(state) = RouteState::from_key(&prefix, kv.key(), kv.value(), kv.mod_revision()) {
+                            if to.send(state).is_err() {
+                                return FleetError::Setup("nobody takes the route states any more".into());
+                            }
+                        }
+                    }
+                }
+                Ok(None) => return FleetError::Setup("etcd ended the watch of the route states".into()),
+                Err(e) => return self.fail("watching the route states")(e),
+            }
         }
     }
 

@@ -386,6 +386,7 @@ events = ["went-live", "rolled-back"]
                 affinity: None,
             },
         ],
+        fleet: None,
         webhooks: WebhooksConfig {
             urls: vec![
                 WebhookUrl {
@@ -1726,4 +1727,161 @@ fn bad_affinity_settings_are_refused_where_they_are() {
     );
     let err = parse(&at("cookies = \"x\"")).unwrap_err().to_string();
     assert!(err.contains("cookies"), "{err}");
+}
+
+const STATIC: &str = "[services.api]\nhealth = { path = \"/up\" }\n";
+
+#[test]
+fn fleet_settings_and_defaults() {
+    let c = parse(&format!(
+        "[fleet]\netcd = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\nnode = \"edge-1\"\n{STATIC}"
+    ))
+    .unwrap();
+    let f = c.fleet.unwrap();
+    assert_eq!(f.etcd, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+    assert_eq!(f.node, "edge-1");
+    assert_eq!(f.prefix, "/cutover");
+    assert_eq!((f.ack_timeout, f.lease_ttl), (DEFAULT_ACK_TIMEOUT, DEFAULT_LEASE_TTL));
+    assert_eq!(f.on_missing_ack, OnMissingAck::Rollback);
+    assert_eq!((f.user, f.password_file, f.tls), (None, None, None));
+
+    let c = parse(&format!(
+        "[fleet]\netcd = \"https://[::1]:2379\"\nprefix = \"/shop/cutover\"\nuser = \"cutover\"\n\
+         password_file = \"etcd.pw\"\ntls = {{ ca = \"ca.pem\", cert = \"n.pem\", key = \"n.key\" }}\n\
+         ack_timeout = \"3s\"\non_missing_ack = \"proceed\"\nlease_ttl = \"5s\"\n{STATIC}"
+    ))
+    .unwrap();
+    let f = c.fleet.unwrap();
+    assert_eq!(f.prefix, "/shop/cutover");
+    assert_eq!(f.user.as_deref(), Some("cutover"));
+    assert_eq!(f.password_file, Some(PathBuf::from("etcd.pw")));
+    assert_eq!(f.tls.unwrap().ca, Some(PathBuf::from("ca.pem")));
+    assert_eq!(f.on_missing_ack, OnMissingAck::Proceed);
+    assert_eq!(
+        (f.ack_timeout, f.lease_ttl),
+        (Duration::from_secs(3), Duration::from_secs(5))
+    );
+    // The default node name is the host's.
+    let c = parse(&format!("[fleet]\netcd = \"http://127.0.0.1:2379\"\n{STATIC}")).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(c.fleet.unwrap().node, host.trim());
+    assert!(parse(STATIC).unwrap().fleet.is_none());
+}
+
+#[test]
+fn bad_fleet_settings_are_refused_with_what_to_write() {
+    let f = |body: &str| format!("[fleet]\n{body}\n{STATIC}");
+    refused(
+        &f("node = \"a\""),
+        1,
+        2,
+        "fleet.etcd",
+        "missing: [fleet] needs the client URLs",
+    );
+    refused(
+        &f("etcd = [\"10.0.0.1:2379\"]"),
+        2,
+        9,
+        "fleet.etcd",
+        "is not an etcd client URL",
+    );
+    refused(
+        &f("etcd = [\"http://a:2379\", \"http://a:2379\"]"),
+        2,
+        26,
+        "fleet.etcd",
+        "listed twice",
+    );
+    refused(
+        &f("etcd = [\"http://a:2379\", \"https://b:2379\"]\ntls = { ca = \"c.pem\" }"),
+        2,
+        9,
+        "fleet.etcd",
+        "write them alike",
+    );
+    refused(
+        &f("etcd = \"https://a:2379\""),
+        2,
+        1,
+        "fleet.tls",
+        "https:// URLs need the CA",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\ntls = { ca = \"c.pem\" }"),
+        3,
+        1,
+        "fleet.tls",
+        "write them as https://",
+    );
+    refused(
+        &f("etcd = \"https://a:2379\"\ntls = { ca = \"c.pem\", cert = \"n.pem\" }"),
+        3,
+        1,
+        "fleet.tls.key",
+        "both its files",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\nnode = \"a/b\""),
+        3,
+        8,
+        "fleet.node",
+        "is not a node name",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\nprefix = \"cutover/\""),
+        3,
+        10,
+        "fleet.prefix",
+        "a leading /",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\nuser = \"u\""),
+        3,
+        1,
+        "fleet.password_file",
+        "needs its password",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\npassword_file = \"p\""),
+        3,
+        1,
+        "fleet.user",
+        "needs the user",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\non_missing_ack = \"wait\""),
+        3,
+        18,
+        "fleet.on_missing_ack",
+        "\"rollback\"",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\nlease_ttl = \"1500ms\""),
+        3,
+        13,
+        "fleet.lease_ttl",
+        "whole seconds",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\nack_timeout = \"0s\""),
+        3,
+        15,
+        "fleet.ack_timeout",
+        "zero",
+    );
+    refused(
+        &f("etcd = \"http://a:2379\"\nttl = \"1s\""),
+        3,
+        1,
+        "fleet.ttl",
+        "unknown",
+    );
+    // The process driver is not run by a fleet's nodes yet.
+    refused(
+        &format!("[fleet]\netcd = \"http://a:2379\"\n{MINIMAL}"),
+        4,
+        1,
+        "services.web.command",
+        "not supported yet",
+    );
 }

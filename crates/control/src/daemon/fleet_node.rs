@@ -1,0 +1,356 @@
+//! A daemon that is one node of a fleet (`[fleet]` in the config): its state is in etcd, shared
+//! with the other nodes; one node leads and runs the services' deployments; every node applies
+//! each committed route state to its own proxy and acknowledges it.
+//!
+//! - **Start.** The node joins the fleet ([`Membership::join`]), then reads every service's
+//!   committed state from etcd and puts its live colour and instances in the route table before
+//!   the listeners accept (see `Daemon::start_inheriting`): a node that starts or restarts in the
+//!   middle of a release serves the revision that is current, never an older one.
+//! - **Following** ([`follow`]): a watch on the services' state keys; each new state is applied
+//!   to the route table (the static instances of each colour from the shared store, the live
+//!   colour, then the old colour drained as the leader drains it) and acknowledged under the
+//!   node's lease. A broken watch (etcd unreachable) leaves the table as it is, serving the last
+//!   revision applied (fail static), and is opened again from a fresh read.
+//! - **Leading** ([`lead`]): the node campaigns; once it leads it starts the services' actors
+//!   from the committed state, exactly as a single daemon's start does (an interrupted
+//!   deployment is recovered the same way). The leader's actors change its table themselves and
+//!   acknowledge their commits; a switch waits for every node's acknowledgement (see
+//!   `Actor::await_fleet`).
+//! - **Commands** on a node that does not lead are refused, naming the leader.
+//!
+//! Not yet: a node that loses its lease while leading does not stop its actors (their commits
+//! then conflict with the new leader's and change nothing stored); a node that loses its lease
+//! keeps serving but does not join again until restarted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use cutover_proxy::Colour;
+use tokio::sync::mpsc;
+
+use super::{off_async_store, parse_static, set_pool, static_key, view_of, Msg, Shared, StartError};
+use crate::config::{FleetConfig, ServiceConfig};
+use crate::fleet::{FleetError, Membership, RouteState};
+use crate::lifecycle::State;
+use crate::store::etcd::{EtcdOptions, EtcdTls};
+
+/// The actors of the services, while this node leads (none otherwise).
+pub(super) type Actors = RwLock<BTreeMap<String, mpsc::Sender<Msg>>>;
+
+pub(super) struct FleetNode {
+    pub(super) config: FleetConfig,
+    pub(super) options: EtcdOptions,
+    membership: Mutex<Option<Arc<Membership>>>,
+    /// Whether this node leads: its actors, not the watch, change its route table.
+    leading: AtomicBool,
+    /// The leader's name as last seen.
+    leader: Mutex<Option<String>>,
+    /// The revision of each service's route state this node applies now.
+    applied: Mutex<BTreeMap<String, u64>>,
+    /// Whether the watch of the route states is open.
+    connected: AtomicBool,
+}
+
+impl FleetNode {
+    /// The node's settings; the password file, when there is one, is read here.
+    pub(super) fn new(config: &FleetConfig, timeout: Duration) -> Result<FleetNode, StartError> {
+        let mut options = EtcdOptions::new(config.etcd.clone());
+        options.prefix = config.prefix.clone();
+        options.timeout = timeout;
+        if let (Some(user), Some(file)) = (&config.user, &config.password_file) {
+            let text = std::fs::read_to_string(file).map_err(|source| StartError::Io {
+                path: file.clone(),
+                source,
+            })?;
+            let password = text.lines().next().unwrap_or("").to_string();
+            options.user = Some((user.clone(), password));
+        }
+        if let Some(tls) = &config.tls {
+            options.tls = Some(EtcdTls {
+                ca: tls.ca.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+            });
+        }
+        Ok(FleetNode {
+            config: config.clone(),
+            options,
+            membership: Mutex::new(None),
+            leading: AtomicBool::new(false),
+            leader: Mutex::new(None),
+            applied: Mutex::new(BTreeMap::new()),
+            connected: AtomicBool::new(false),
+        })
+    }
+
+    pub(super) fn membership(&self) -> Option<Arc<Membership>> {
+        self.membership.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(super) fn leading(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    /// Why a command cannot be carried out here: this node does not lead.
+    pub(super) fn not_leading(&self) -> String {
+        let leader = self.leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match leader {
+            Some(l) if l != self.config.node => format!(
+                "node {} does not lead the fleet, node {l} does: send the command to node {l}",
+                self.config.node
+            ),
+            _ => format!(
+                "node {} does not lead the fleet and no node leads it now (a leader is chosen within \
+                 lease_ttl = {:?} while etcd has a quorum): try again shortly",
+                self.config.node, self.config.lease_ttl
+            ),
+        }
+    }
+
+    fn set_applied(&self, service: &str, revision: u64) {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(service.to_string(), revision);
+    }
+}
+
+/// Joins the fleet: the node's name is registered under its lease (a live node of the same name
+/// refuses the start).
+pub(super) async fn join(shared: &Arc<Shared>, node: &FleetNode) -> Result<(), StartError> {
+    let membership = Membership::join(&node.options, &node.config.node, node.config.lease_ttl)
+        .await
+        .map_err(|e| StartError::Fleet(e.to_string()))?;
+    let membership = Arc::new(membership);
+    if let Ok(leader) = membership.leader().await {
+        *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader;
+    }
+    *node.membership.lock().unwrap_or_else(|p| p.into_inner()) = Some(membership);
+    let _ = shared;
+    Ok(())
+}
+
+/// Reads every service's committed route state and applies it (before the listeners accept).
+pub(super) async fn load(shared: &Arc<Shared>, node: &FleetNode) -> Result<(), StartError> {
+    let membership = node
+        .membership()
+        .ok_or_else(|| StartError::Fleet("the node has not joined the fleet".into()))?;
+    let (states, _) = membership
+        .route_states()
+        .await
+        .map_err(|e| StartError::Fleet(e.to_string()))?;
+    for svc in &shared.config.services {
+        let Some(rs) = states.iter().find(|s| s.service == key_segment(&svc.name)) else {
+            continue;
+        };
+        let state: State = serde_json::from_slice(&rs.value).map_err(|e| {
+            StartError::Fleet(format!(
+                "the route state of service {} in etcd cannot be read: {e}",
+                svc.name
+            ))
+        })?;
+        apply(shared, node, svc, &state, rs.revision, false).await;
+    }
+    Ok(())
+}
+
+/// The service's name as etcd's keys spell it.
+fn key_segment(service: &str) -> String {
+    service.replace('%', "%25").replace('/', "%2F")
+}
+
+/// Puts `state` (revision `revision`) in this node's route table, then acknowledges it. The
+/// leader's actors do their own table changes: there, only the view is refreshed.
+async fn apply(shared: &Arc<Shared>, node: &FleetNode, svc: &ServiceConfig, state: &State, revision: u64, drain: bool) {
+    let name = svc.name.as_str();
+    if !node.leading() {
+        let mut pools: [Vec<SocketAddr>; 2] = [Vec::new(), Vec::new()];
+        for colour in [Colour::Blue, Colour::Green] {
+            let version = release_on(state, colour);
+            let addrs = if version.is_some() {
+                let (store, key) = (shared.store.clone(), static_key(name, colour));
+                match off_async_store(move || store.get_value(&key)).await {
+                    Ok(v) => v.as_deref().map(parse_static).unwrap_or_default(),
+                    Err(e) => {
+                        tracing::error!(service = name, error = %e, "cannot read the instances of {colour}; keeping those the table has");
+                        continue;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            // The leader let them in after their checks; failures here eject them passively.
+            set_pool(&shared.proxy, name, colour, version.as_deref(), &addrs, None, &addrs);
+            pools[super::slot(colour)] = addrs;
+        }
+        let target = match (&state.live, state.in_progress()) {
+            (Some(live), _) => Some(live.colour),
+            // Nothing live yet: the preview route leads to the first release (live gets 503).
+            (None, Some(d)) => Some(d.colour.other()),
+            (None, None) => None,
+        };
+        if let Some(colour) = target {
+            match shared.proxy.switch(name, colour) {
+                Ok(true) if drain && state.live.is_some() => {
+                    tracing::info!(service = name, %colour, revision, "live traffic switched to {colour} (fleet revision {revision})");
+                    let shared = shared.clone();
+                    let (name, timeout, window) = (name.to_string(), svc.drain_timeout, svc.close_window);
+                    tokio::spawn(async move { super::drain(&shared, &name, colour.other(), timeout, window).await });
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(service = name, error = %e, "cannot update the route table"),
+            }
+        }
+    }
+    shared
+        .views
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.to_string(), view_of(state));
+    node.set_applied(name, revision);
+    if !node.leading() {
+        if let Some(m) = node.membership() {
+            if let Err(e) = m.acknowledge(name, revision).await {
+                tracing::warn!(service = name, error = %e, "cannot acknowledge revision {revision}");
+            }
+        }
+    }
+}
+
+/// The version of the release that runs on `colour` in `state`, if one does.
+fn release_on(state: &State, colour: Colour) -> Option<String> {
+    if let Some(live) = state.live.as_ref().filter(|l| l.colour == colour) {
+        return Some(live.release.version.clone());
+    }
+    if let Some(warm) = state.warm().filter(|w| w.colour == colour) {
+        return Some(warm.release.version.clone());
+    }
+    state
+        .in_progress()
+        .filter(|d| d.colour == colour)
+        .map(|d| d.release.version.clone())
+}
+
+/// Applies each new route state as etcd commits it, for as long as the daemon runs. A broken
+/// watch is opened again (from a fresh read of every state) after a short pause; meanwhile the
+/// table keeps the last revision applied.
+pub(super) async fn follow(shared: Arc<Shared>, node: Arc<FleetNode>) {
+    loop {
+        let Some(membership) = node.membership() else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let opened = async {
+            let (states, at) = membership.route_states().await?;
+            for rs in states {
+                apply_one(&shared, &node, rs, false).await;
+            }
+            Ok::<i64, FleetError>(at)
+        }
+        .await;
+        let at = match opened {
+            Ok(at) => at,
+            Err(e) => {
+                if node.connected.swap(false, Ordering::SeqCst) {
+                    tracing::error!(error = %e, "lost etcd: serving the last route revision applied until it returns");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        if !node.connected.swap(true, Ordering::SeqCst) {
+            tracing::info!("following the fleet's route states from etcd revision {at}");
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watch = {
+            let membership = membership.clone();
+            tokio::spawn(async move { membership.watch_route_states(at, &tx).await })
+        };
+        while let Some(rs) = rx.recv().await {
+            apply_one(&shared, &node, rs, true).await;
+        }
+        let why = watch.await.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
+        node.connected.store(false, Ordering::SeqCst);
+        tracing::warn!(error = %why, "the watch of the route states broke; serving the last revision applied, opening it again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn apply_one(shared: &Arc<Shared>, node: &FleetNode, rs: RouteState, drain: bool) {
+    let Some(svc) = shared
+        .config
+        .services
+        .iter()
+        .find(|s| key_segment(&s.name) == rs.service)
+    else {
+        return; // a service this node's config does not have
+    };
+    let already = node
+        .applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&svc.name)
+        .copied();
+    if already.is_some_and(|a| a >= rs.revision) {
+        return;
+    }
+    match serde_json::from_slice::<State>(&rs.value) {
+        Ok(state) => apply(shared, node, svc, &state, rs.revision, drain).await,
+        Err(e) => {
+            tracing::error!(service = %svc.name, error = %e, "cannot read route revision {}; keeping the last one applied", rs.revision)
+        }
+    }
+}
+
+/// Campaigns for the fleet's leadership, and once this node leads, starts the services' actors
+/// into `actors`.
+pub(super) async fn lead(shared: Arc<Shared>, node: Arc<FleetNode>, actors: Arc<Actors>) {
+    let membership = loop {
+        match node.membership() {
+            Some(m) => break m,
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    // Keep the leader's name current for the refusals of commands.
+    {
+        let (membership, node) = (membership.clone(), node.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(leader) = membership.leader().await {
+                    *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    loop {
+        match membership.campaign().await {
+            Ok(()) => break,
+            Err(FleetError::LeaseLost { .. }) => {
+                tracing::error!("the fleet lease was lost; this node will not lead until it is restarted");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "campaigning for the fleet's leadership failed; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    node.leading.store(true, Ordering::SeqCst);
+    *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.config.node.clone());
+    tracing::info!(node = %node.config.node, "this node leads the fleet");
+    for svc in shared.config.services.clone() {
+        match super::start_actor(&shared, &svc).await {
+            Ok(tx) => {
+                actors
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(svc.name.clone(), tx);
+            }
+            Err(e) => tracing::error!(service = %svc.name, error = %e, "cannot start the control of the service"),
+        }
+    }
+}
