@@ -402,3 +402,86 @@ fn a_stopped_node_is_named_and_catches_up_when_the_switch_proceeds() {
         logs(&nodes)
     );
 }
+
+/// A node killed (-9) before a switch and started again while the switch waits for it comes back
+/// on the revision that is current: every answer it gives after the restart is from the new
+/// release, none from the one it served before it died.
+#[test]
+fn a_node_restarted_during_a_switch_comes_back_on_the_current_revision() {
+    let etcd = EtcdCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (free_port(), free_port());
+    let _apps = (
+        Proc(spawn_demo_app(a, "s1", "first")),
+        Proc(spawn_demo_app(b, "s2", "second")),
+    );
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| {
+            Node::new(
+                dir.path(),
+                n,
+                &etcd.endpoints(),
+                "ack_timeout = \"8s\"\non_missing_ack = \"proceed\"",
+            )
+        })
+        .collect();
+    for n in &nodes {
+        assert!(wait_until(Duration::from_secs(20), || n
+            .cli(&["status"])
+            .status
+            .success()));
+    }
+    let leader = leader_of(&nodes);
+    let out = nodes[leader].cli(&[
+        "deploy",
+        "api",
+        "--version",
+        "v1",
+        "--upstream",
+        &format!("127.0.0.1:{a}"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    for n in &nodes {
+        assert!(wait_until(Duration::from_secs(5), || get(n.front)
+            == Some((200, "s1 first".into()))));
+    }
+    let restarted = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    nodes[restarted].proc.take(); // killed (-9) and reaped
+    let deploy = Command::new(BIN)
+        .args([
+            "deploy",
+            "api",
+            "--version",
+            "v2",
+            "--upstream",
+            &format!("127.0.0.1:{b}"),
+            "-c",
+        ])
+        .arg(&nodes[leader].config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The switch is committed (another node serves v2) and waits for the dead node.
+    assert!(wait_until(Duration::from_secs(10), || get(nodes[other].front)
+        == Some((200, "s2 second".into()))));
+    nodes[restarted].start();
+    let front = nodes[restarted].front;
+    let mut answers = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while answers.len() < 20 && Instant::now() < deadline {
+        if let Some(answer) = get(front) {
+            answers.push(answer);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = deploy.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(&nodes));
+    assert!(
+        !answers.is_empty() && answers.iter().all(|a| *a == (200, "s2 second".to_string())),
+        "answers of the restarted node: {answers:?}\n{}",
+        logs(&nodes)
+    );
+}
