@@ -9,6 +9,10 @@
 //! - `P/services/{svc}/state`: the service's committed [`State`]. Its etcd `mod_revision` is the
 //!   state's [`Revision`]: revisions are etcd's cluster-wide revision numbers, so they increase
 //!   with every commit of the service but not by one.
+//! - `P/services/{svc}/commit`: the nonce of the commit that wrote the state key (128 random
+//!   bits in hex), put in the same transaction, so that its `mod_revision` is the state's
+//!   revision (see "Transactions"). Only a failed commit reads it; the range reads of a service's
+//!   keys (`deployments/`, `records/{id}/`) do not cover it.
 //! - `P/services/{svc}/deployments/{id:020}`: one [`DeploymentSummary`] per deployment, written
 //!   by the commit whose records change it (`Started` creates it, `Promoted` sets `promoted_at`,
 //!   the ending records set the outcome and `ended_at`; the last word wins, as in SQLite). Ids are
@@ -29,10 +33,17 @@
 //! # Transactions
 //! A commit is one etcd transaction: if the state key's `mod_revision` equals `expected` (for
 //! [`Revision::NONE`]: if the key does not exist), it puts the state, the changed summaries, the
-//! records and the audit entry; otherwise it writes nothing, reads the state key back, and the
-//! call returns [`StoreError::Conflict`] with the revision found. The summaries a commit changes
-//! are read before the transaction; the compare on the state key makes that safe, since every
-//! write to a service's summaries goes with a write of its state. Deployment ids come from a
+//! records, the audit entry and, at the commit key, a nonce drawn for this commit; otherwise it
+//! writes nothing and reads the state key and the commit key back. The transaction is sent again
+//! when a request fails on the way (see "Threads and time"), also when etcd applied it and only
+//! the answer was lost; the resent transaction then finds the state key at the revision of its
+//! own write. So when the compare fails: if the commit key holds this commit's nonce and its
+//! `mod_revision` is the state key's, the state is this commit's (an earlier sending applied
+//! it) and the call returns that revision; otherwise it returns [`StoreError::Conflict`] with
+//! the revision found. (A state written without the commit key, by an older cutover, leaves the
+//! commit key at an older revision: a conflict.) The summaries a commit changes are read before
+//! the transaction; the compare on the state key makes that safe, since every write to a
+//! service's summaries goes with a write of its state. Deployment ids come from a
 //! compare-and-swap loop on `P/ids/{svc}` (guarded by the state key as well, so that an id is
 //! higher than any a committed state holds): ids are strictly increasing across all nodes.
 //!
@@ -54,8 +65,9 @@
 //! configured timeout ([`EtcdOptions::timeout`], 5 s by default): with the members unreachable
 //! or without a quorum it fails with [`StoreError::EtcdTimeout`], which names the endpoints.
 //! Within that time, requests that failed because a member was unreachable are retried (another
-//! member may answer); a commit retried after an answer was lost may then report a conflict with
-//! its own write, which the caller resolves like any conflict, by reloading.
+//! member may answer). A commit retried after its answer was lost recognises its own write by
+//! the commit key's nonce and succeeds, unless another commit has replaced it in the meantime:
+//! then it reports the conflict, which the caller resolves like any conflict, by reloading.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -584,12 +596,48 @@ fn record_id(record: &Record) -> Option<DeploymentId> {
     }
 }
 
-/// What a commit writes, prepared before it is sent.
+/// A commit's nonce: 128 random bits in hex, which tell this commit's write apart from any
+/// other's (see the module documentation, "Transactions").
+fn commit_nonce() -> String {
+    static FALLBACK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut random = [0u8; 16];
+    // Without randomness (Linux has had getrandom(2) since 3.17): the time in nanoseconds, the
+    // process id and a count of this process's nonces, unique on this host, and across hosts
+    // unless two processes of the same id commit at the same nanosecond.
+    if getrandom::getrandom(&mut random).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let count = FALLBACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        random[..8].copy_from_slice(&nanos.to_be_bytes());
+        random[8..12].copy_from_slice(&std::process::id().to_be_bytes());
+        random[12..].copy_from_slice(&count.to_be_bytes());
+    }
+    random.iter().fold(String::with_capacity(32), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// What a commit writes, prepared before it is sent: the puts, among them the commit key with
+/// this commit's nonce.
 struct Prepared {
+    commit_key: String,
+    nonce: String,
     puts: Vec<(String, Vec<u8>)>,
 }
 
 impl Prepared {
+    /// A commit that puts a fresh nonce at `commit_key`, and nothing else yet.
+    fn new(commit_key: String) -> Prepared {
+        let nonce = commit_nonce();
+        Prepared {
+            puts: vec![(commit_key.clone(), nonce.clone().into_bytes())],
+            commit_key,
+            nonce,
+        }
+    }
+
     fn put(&mut self, key: String, value: Vec<u8>) {
         self.puts.push((key, value));
     }
@@ -597,6 +645,66 @@ impl Prepared {
     fn bytes(&self) -> usize {
         self.puts.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
+
+    /// The transaction that writes it all if the state key is at revision `expected` (0: if it
+    /// does not exist), and otherwise reads the state key and the commit key.
+    fn into_txn(self, state_key: &str, expected: i64) -> CommitTxn {
+        let compare = if expected == 0 {
+            Compare::create_revision(state_key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(state_key, CompareOp::Equal, expected)
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then(
+                self.puts
+                    .into_iter()
+                    .map(|(k, v)| TxnOp::put(k, v, None))
+                    .collect::<Vec<_>>(),
+            )
+            .or_else([TxnOp::get(state_key, None), TxnOp::get(self.commit_key, None)]);
+        CommitTxn { txn, nonce: self.nonce }
+    }
+}
+
+/// A commit's transaction, ready to be sent, and sent again while [`retry`] says so.
+#[derive(Clone)]
+struct CommitTxn {
+    txn: Txn,
+    /// The value it puts at the commit key.
+    nonce: String,
+}
+
+/// What became of a [`CommitTxn`].
+#[derive(Debug, PartialEq, Eq)]
+enum Committed {
+    /// The commit is the service's state, at this revision: applied by this sending, or by an
+    /// earlier one whose answer was lost.
+    Applied(i64),
+    /// Another commit's state is at this revision (0: no state); nothing was written.
+    Conflict(i64),
+}
+
+/// Sends `commit` once and reads etcd's answer. When the compare failed, the state key and the
+/// commit key tell whether the state there is this commit's own: the commit key holds this
+/// commit's nonce and was written with the state key, at its revision (a key written by the same
+/// transaction has the same `mod_revision`).
+async fn send_commit(mut kv: KvClient, commit: CommitTxn) -> Result<Committed, etcd_client::Error> {
+    let resp = kv.txn(commit.txn).await?;
+    if resp.succeeded() {
+        return Ok(Committed::Applied(resp.header().map_or(0, |h| h.revision())));
+    }
+    let mut found = resp.op_responses().into_iter().map(|answer| match answer {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|item| (item.mod_revision(), item.value().to_vec())),
+        _ => None,
+    });
+    let (state, mark) = (found.next().flatten(), found.next().flatten());
+    Ok(match (state, mark) {
+        (Some((revision, _)), Some((marked, nonce))) if marked == revision && nonce == commit.nonce.as_bytes() => {
+            Committed::Applied(revision)
+        }
+        (state, _) => Committed::Conflict(state.map_or(0, |(revision, _)| revision)),
+    })
 }
 
 impl StateStore for EtcdStore {
@@ -758,6 +866,7 @@ impl StateStore for EtcdStore {
         let name = self.name.clone();
         let prefix = self.prefix.clone();
         let state_key = self.service_key(service, "state");
+        let commit_key = self.service_key(service, "commit");
         let service = service.to_string();
         let last_id = state.last_id;
         self.run(&format!("commit of service {service}"), move |deadline| async move {
@@ -812,7 +921,7 @@ impl StateStore for EtcdStore {
             // The summaries as the records leave them, and the records' keys.
             let now_ms = to_ms(SystemTime::now());
             let now = from_ms(now_ms);
-            let mut prepared = Prepared { puts: Vec::new() };
+            let mut prepared = Prepared::new(commit_key);
             prepared.put(state_key.clone(), state_json);
             let mut record_puts = Vec::new();
             for (n, record) in stored_records.into_iter().enumerate() {
@@ -923,36 +1032,12 @@ impl StateStore for EtcdStore {
                 }));
             }
 
-            let compare = if expected == Revision::NONE {
-                Compare::create_revision(state_key.clone(), CompareOp::Equal, 0)
-            } else {
-                Compare::mod_revision(state_key.clone(), CompareOp::Equal, expected_rev)
-            };
-            let write = Txn::new()
-                .when([compare])
-                .and_then(
-                    prepared
-                        .puts
-                        .into_iter()
-                        .map(|(k, v)| TxnOp::put(k, v, None))
-                        .collect::<Vec<_>>(),
-                )
-                .or_else([TxnOp::get(state_key.clone(), None)]);
-            let resp = retry(deadline, || {
-                let mut kv = kv.clone();
-                let write = write.clone();
-                async move { kv.txn(write).await }
-            })
-            .await?;
-            if !resp.succeeded() {
-                let found = match resp.op_responses().into_iter().next() {
-                    Some(TxnOpResponse::Get(g)) => g.kvs().first().map_or(0, |item| item.mod_revision()),
-                    _ => 0,
-                };
-                return Err(conflict(found));
+            let write = prepared.into_txn(&state_key, expected_rev);
+            let committed = retry(deadline, || send_commit(kv.clone(), write.clone())).await?;
+            match committed {
+                Committed::Applied(revision) => Ok(Revision(revision.unsigned_abs())),
+                Committed::Conflict(found) => Err(conflict(found)),
             }
-            let revision = resp.header().map_or(0, |h| h.revision());
-            Ok(Revision(revision.unsigned_abs()))
         })
     }
 

@@ -2,6 +2,9 @@
 //! its own cluster (a second or two), so that the tests run apart, in parallel or one per
 //! process, and a member killed by one test cannot disturb another.
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -187,6 +190,247 @@ fn two_nodes_committing_on_one_revision_one_wins() {
     // Exactly one audit entry per round: the loser wrote nothing.
     assert_eq!(nodes[0].audit_log(1000).unwrap().len(), 50);
     eprintln!("wins per node: {wins:?}");
+}
+
+/// Sends a prepared commit once, as one attempt of `retry` does.
+fn send(store: &EtcdStore, commit: &CommitTxn) -> Committed {
+    store
+        .handle
+        .block_on(send_commit(store.kv.clone(), commit.clone()))
+        .expect("the test cluster answers")
+}
+
+/// A commit's transaction sent again after etcd applied it (as `retry` does when the answer was
+/// lost) finds its own write and reports it applied, at the same revision; another commit on
+/// the same revision, with its own nonce, gets the conflict and writes nothing.
+#[test]
+fn a_commit_sent_again_recognises_its_own_write() {
+    let cluster = EtcdCluster::start();
+    let store = store(&cluster, "/again");
+    let state_key = store.service_key("web", "state");
+    let prepare = |expected: Revision, version: &str| {
+        let mut state = State::new("web");
+        state.live = Some(live(version));
+        let mut prepared = Prepared::new(store.service_key("web", "commit"));
+        prepared.put(state_key.clone(), serde_json::to_vec(&state).unwrap());
+        let txn = prepared.into_txn(&state_key, i64::try_from(expected.0).unwrap());
+        (state, txn)
+    };
+
+    // The first commit of a service (compared on the key's absence).
+    let (first, write) = prepare(Revision::NONE, "v1");
+    let Committed::Applied(r1) = send(&store, &write) else {
+        panic!("the first sending is applied")
+    };
+    assert_eq!(send(&store, &write), Committed::Applied(r1));
+    let (_, rival) = prepare(Revision::NONE, "rival");
+    assert_ne!(rival.nonce, write.nonce);
+    assert_eq!(send(&store, &rival), Committed::Conflict(r1));
+    let r1 = Revision(r1.unsigned_abs());
+    assert_eq!(store.load("web").unwrap(), Some((first, r1)));
+
+    // A later commit, and a rival on the same revision.
+    let (mine, write) = prepare(r1, "v2");
+    let (_, rival) = prepare(r1, "rival");
+    let Committed::Applied(r2) = send(&store, &write) else {
+        panic!("the first sending is applied")
+    };
+    for _ in 0..2 {
+        assert_eq!(send(&store, &write), Committed::Applied(r2));
+    }
+    assert_eq!(send(&store, &rival), Committed::Conflict(r2));
+    let r2 = Revision(r2.unsigned_abs());
+    assert_eq!(store.load("web").unwrap(), Some((mine.clone(), r2)));
+    // Through `commit`, a rival on the old revision is refused as well (by the read before the
+    // transaction), and writes nothing.
+    let mut other = mine.clone();
+    other.live = Some(live("rival"));
+    let err = store.commit("web", r1, &other, &[], Some(audit("deploy"))).unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { expected, found, .. } if expected == r1.0 && found == r2.0),
+        "{err}"
+    );
+    assert_eq!(store.load("web").unwrap(), Some((mine.clone(), r2)));
+    assert_eq!(
+        store.audit_log(10).unwrap().len(),
+        0,
+        "the refused commits wrote nothing"
+    );
+
+    // Once the state is no longer the one it wrote, the sending is a conflict: a state put
+    // without the commit key (by an older cutover) leaves the nonce at an older revision...
+    let json = serde_json::to_vec(&other).unwrap();
+    let put = store
+        .handle
+        .block_on(store.kv.clone().put(state_key.clone(), json, None))
+        .unwrap();
+    let r3 = put.header().unwrap().revision();
+    assert_eq!(send(&store, &write), Committed::Conflict(r3));
+    // ...and another commit puts its own nonce.
+    let r4 = store
+        .commit("web", Revision(r3.unsigned_abs()), &mine, &[], None)
+        .unwrap();
+    assert_eq!(send(&store, &write), Committed::Conflict(i64::try_from(r4.0).unwrap()));
+    assert_eq!(store.load("web").unwrap(), Some((mine, r4)));
+}
+
+/// A TCP relay on loopback between the etcd client and one member. The first time a request
+/// carrying `marker` passes through, it forwards the request, holds back everything the member
+/// sends from then on, waits until `applied` says the request took effect, and breaks both
+/// connections: etcd applied the request and the client never gets the answer. Every other
+/// connection and request passes unchanged.
+struct AnswerLosingRelay {
+    addr: SocketAddr,
+    /// How many requests carrying the marker went through.
+    sent: Arc<AtomicUsize>,
+    /// Whether an answer was held back and the request had taken effect.
+    lost: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AnswerLosingRelay {
+    fn start(member: &str, marker: &'static [u8], applied: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        let member: SocketAddr = member.trim_start_matches("http://").parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = AnswerLosingRelay {
+            addr: listener.local_addr().unwrap(),
+            sent: Arc::new(AtomicUsize::new(0)),
+            lost: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (sent, lost, stop) = (relay.sent.clone(), relay.lost.clone(), relay.stop.clone());
+        let applied = Arc::new(applied);
+        let done = Arc::new(AtomicBool::new(false));
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (Ok(client), Ok(server)) = (client, TcpStream::connect(member)) else {
+                    continue;
+                };
+                let holding = Arc::new(AtomicBool::new(false));
+                let both = Arc::new([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                let close = |both: &[TcpStream; 2]| {
+                    for socket in both {
+                        let _ = socket.shutdown(Shutdown::Both);
+                    }
+                };
+                let (mut from, mut to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+                let (hold, close_both) = (holding.clone(), both.clone());
+                thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        if !hold.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    close(&close_both);
+                });
+                let (mut from, mut to) = (client, server);
+                let (sent, lost, done, applied) = (sent.clone(), lost.clone(), done.clone(), applied.clone());
+                thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    let mut tail = Vec::new();
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        let mut window = std::mem::take(&mut tail);
+                        window.extend_from_slice(&buf[..n]);
+                        let found = window.windows(marker.len()).filter(|w| *w == marker).count();
+                        sent.fetch_add(found, Ordering::SeqCst);
+                        let lose = found > 0 && !done.swap(true, Ordering::SeqCst);
+                        if lose {
+                            holding.store(true, Ordering::SeqCst);
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if lose {
+                            let until = Instant::now() + Duration::from_secs(2);
+                            while !applied() && Instant::now() < until {
+                                thread::sleep(Duration::from_millis(5));
+                            }
+                            lost.store(applied(), Ordering::SeqCst);
+                            break;
+                        }
+                        tail = window.split_off(window.len().saturating_sub(marker.len() - 1));
+                    }
+                    close(&both);
+                });
+            }
+        });
+        relay
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for AnswerLosingRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// etcd applies a commit and the connection breaks before its answer arrives: the store sends
+/// the commit again on a new connection, recognises its own write, and reports the commit done
+/// at the revision it was applied at, rather than a conflict with itself. A commit of another
+/// node on the revision the lost one compared against still gets the conflict (the rival's
+/// transaction itself is in `a_commit_sent_again_recognises_its_own_write`).
+#[test]
+fn a_commit_whose_answer_is_lost_succeeds_when_sent_again() {
+    const MARKER: &str = "answer-lost-v2";
+    let cluster = EtcdCluster::start();
+    let direct = Arc::new(store(&cluster, "/lost"));
+    let r1 = direct
+        .commit("web", Revision::NONE, &State::new("web"), &[], None)
+        .unwrap();
+    let mut state = State::new("web");
+    state.live = Some(live(MARKER));
+
+    let observer = Arc::clone(&direct);
+    let wanted = state.clone();
+    let relay = AnswerLosingRelay::start(
+        &cluster.endpoint(0),
+        MARKER.as_bytes(),
+        move || matches!(observer.load("web"), Ok(Some((found, _))) if found == wanted),
+    );
+    let mut options = EtcdOptions::new([relay.endpoint()]);
+    options.prefix = "/lost".into();
+    let through_relay = EtcdStore::connect(options).unwrap();
+    let r2 = through_relay
+        .commit("web", r1, &state, &[], Some(audit("deploy")))
+        .unwrap_or_else(|e| panic!("the commit was applied; its answer was lost: {e}"));
+    assert!(
+        relay.lost.load(Ordering::SeqCst),
+        "the relay broke the connection after the write took effect"
+    );
+    assert!(
+        relay.sent.load(Ordering::SeqCst) >= 2,
+        "the commit was sent again: {}",
+        relay.sent.load(Ordering::SeqCst)
+    );
+    assert_eq!(direct.load("web").unwrap(), Some((state.clone(), r2)));
+    assert_eq!(through_relay.load("web").unwrap(), Some((state.clone(), r2)));
+    assert_eq!(direct.audit_log(10).unwrap().len(), 1, "written once");
+
+    // Another node that decided on the same revision is refused, and writes nothing.
+    let mut other = State::new("web");
+    other.live = Some(live("other"));
+    let err = direct
+        .commit("web", r1, &other, &[], Some(audit("deploy")))
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { expected, found, .. } if expected == r1.0 && found == r2.0),
+        "{err}"
+    );
+    assert_eq!(direct.load("web").unwrap(), Some((state.clone(), r2)));
+    assert_eq!(direct.audit_log(10).unwrap().len(), 1);
+    // The service goes on from the lost answer's revision.
+    state.live = Some(live("v3"));
+    through_relay.commit("web", r2, &state, &[], None).unwrap();
 }
 
 #[test]
