@@ -40,7 +40,7 @@ pub struct RouteState {
 
 impl RouteState {
     /// The route state a key under `{prefix}/services/` holds, if it is one (`{service}/state`;
-    /// the other keys there are history).
+    /// the other keys there are history and the last commit's nonce).
     fn from_key(prefix: &str, key: &[u8], value: &[u8], revision: i64) -> Option<RouteState> {
         let key = std::str::from_utf8(key).ok()?;
         let service = key.strip_prefix(prefix)?.strip_suffix("/state")?;
