@@ -1873,12 +1873,19 @@ impl Actor {
                 None,
             );
         } else {
+            // `on_missing_ack = "rollback"` is not carried out yet: the switch stands either way.
+            let then = match node.config.on_missing_ack {
+                crate::config::OnMissingAck::Proceed => "the switch stands (on_missing_ack = \"proceed\")",
+                crate::config::OnMissingAck::Rollback => {
+                    "the switch stands: on_missing_ack = \"rollback\" is not carried out yet; roll back with `cutover rollback` if needed"
+                }
+            };
             self.shared.notice(
                 self.name(),
                 None,
                 EventKind::Switch,
                 format!(
-                    "nodes {} did not acknowledge revision {revision} ({colour} live) within {timeout:?}; acknowledged: {}",
+                    "nodes {} did not acknowledge revision {revision} ({colour} live) within {timeout:?}; acknowledged: {}; {then}",
                     missing.join(", "),
                     if acked.is_empty() { "none".to_string() } else { acked.join(", ") },
                 ),

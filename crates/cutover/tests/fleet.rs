@@ -384,7 +384,8 @@ fn a_stopped_node_is_named_and_catches_up_when_the_switch_proceeds() {
     assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
     assert!(out.status.success(), "{said}\n{}", logs(&nodes));
     assert!(
-        said.contains(&format!("nodes {} did not acknowledge", stopped.name)),
+        said.contains(&format!("nodes {} did not acknowledge", stopped.name))
+            && said.contains("the switch stands (on_missing_ack = \"proceed\")"),
         "the stopped node is named: {said}"
     );
     assert!(
