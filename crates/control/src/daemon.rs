@@ -578,7 +578,7 @@ impl Daemon {
             // A node of a fleet: the committed route of every service before the listeners
             // accept; the actors only once this node leads.
             Some(node) => {
-                fleet_node::join(&shared, &node).await?;
+                fleet_node::join(&node).await?;
                 fleet_node::load(&shared, &node).await?;
                 tokio::spawn(fleet_node::follow(shared.clone(), node.clone()));
                 tokio::spawn(fleet_node::lead(shared.clone(), node, actors.clone()));
@@ -1830,8 +1830,8 @@ impl Actor {
     }
 
     /// In a fleet: records that this node (the leader) applies the revision just committed.
-    /// Its table changes come from the transition's actions, which follow at once; a switch
-    /// acknowledges again after its table store ([`Actor::await_fleet`]).
+    /// Its table changes come from the transition's actions, which follow at once (a switch's
+    /// table store comes before [`Actor::await_fleet`] reads any acknowledgement).
     fn acknowledge_later(&self) {
         let Some(membership) = self.shared.fleet.as_ref().and_then(|n| n.membership()) else {
             return;
@@ -1852,9 +1852,7 @@ impl Actor {
         let Some(membership) = node.membership() else { return };
         let revision = self.revision.0;
         let t0 = Instant::now();
-        if let Err(e) = membership.acknowledge(self.name(), revision).await {
-            tracing::warn!(service = self.name(), error = %e, "cannot acknowledge revision {revision}");
-        }
+        // This node's own acknowledgement was sent with the commit (`acknowledge_later`).
         let timeout = node.config.ack_timeout;
         let (acked, missing) = match membership.wait_for_acks(self.name(), revision, timeout).await {
             Ok(w) => (w.acked, w.missing),

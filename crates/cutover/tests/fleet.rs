@@ -74,6 +74,72 @@ impl Node {
             .output()
             .unwrap()
     }
+
+    /// `cutover deploy api --version VERSION --upstream UPSTREAM` sent to this node.
+    fn deploy(&self, version: &str, upstream: &str) -> Output {
+        self.cli(&["deploy", "api", "--version", version, "--upstream", upstream])
+    }
+}
+
+/// A fleet in front of two demo apps (`s1 first` at `v1`, `s2 second` at `v2`): a real 3-member
+/// etcd cluster, three nodes with `fleet_extra` in their `[fleet]` table, and release v1
+/// deployed through the leader and served by every node.
+struct Fleet {
+    nodes: Vec<Node>,
+    leader: usize,
+    v1: String,
+    v2: String,
+    // In this order: the nodes stop before the apps, the directory and etcd go.
+    _apps: (Proc, Proc),
+    _dir: tempfile::TempDir,
+    _etcd: EtcdCluster,
+}
+
+impl Fleet {
+    fn with_v1_live(fleet_extra: &str) -> Fleet {
+        let etcd = EtcdCluster::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (free_port(), free_port());
+        let apps = (
+            Proc(spawn_demo_app(a, "s1", "first")),
+            Proc(spawn_demo_app(b, "s2", "second")),
+        );
+        let nodes: Vec<Node> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| Node::new(dir.path(), n, &etcd.endpoints(), fleet_extra))
+            .collect();
+        for n in &nodes {
+            assert!(
+                wait_until(Duration::from_secs(20), || n.cli(&["status"]).status.success()),
+                "node {} did not start\n{}",
+                n.name,
+                logs(&nodes)
+            );
+        }
+        let leader = leader_of(&nodes);
+        let (v1, v2) = (format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}"));
+        let out = nodes[leader].deploy("v1", &v1);
+        assert!(out.status.success(), "{}\n{}", text(&out), logs(&nodes));
+        for n in &nodes {
+            assert!(
+                wait_until(Duration::from_secs(5), || get(n.front)
+                    == Some((200, "s1 first".into()))),
+                "node {} serves {:?}\n{}",
+                n.name,
+                get(n.front),
+                logs(&nodes)
+            );
+        }
+        Fleet {
+            nodes,
+            leader,
+            v1,
+            v2,
+            _apps: apps,
+            _dir: dir,
+            _etcd: etcd,
+        }
+    }
 }
 
 fn text(o: &Output) -> String {
@@ -173,7 +239,6 @@ fn leader_of(nodes: &[Node]) -> usize {
         for (i, n) in nodes.iter().enumerate() {
             let out = n.cli(&["promote", "api"]);
             let t = text(&out);
-            // The leader answers the command itself (there is nothing to promote).
             // The leader answers the command itself (there is nothing to promote); the others
             // refuse it, naming the leader.
             let answers_itself =
@@ -198,35 +263,10 @@ fn leader_of(nodes: &[Node]) -> usize {
 /// leader.
 #[test]
 fn a_deploy_under_load_switches_every_node_and_loses_nothing() {
-    let etcd = EtcdCluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (free_port(), free_port());
-    let _apps = (
-        Proc(spawn_demo_app(a, "s1", "first")),
-        Proc(spawn_demo_app(b, "s2", "second")),
-    );
-    let nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| Node::new(dir.path(), n, &etcd.endpoints(), "ack_timeout = \"5s\""))
-        .collect();
-    for n in &nodes {
-        assert!(
-            wait_until(Duration::from_secs(20), || n.cli(&["status"]).status.success()),
-            "node {} did not start\n{}",
-            n.name,
-            logs(&nodes)
-        );
-    }
-    let leader = leader_of(&nodes);
+    let f = Fleet::with_v1_live("ack_timeout = \"5s\"");
+    let (nodes, leader) = (&f.nodes, f.leader);
     let follower = (leader + 1) % 3;
-    let out = nodes[follower].cli(&[
-        "deploy",
-        "api",
-        "--version",
-        "v1",
-        "--upstream",
-        &format!("127.0.0.1:{a}"),
-    ]);
+    let out = nodes[follower].deploy("v1", &f.v1);
     assert!(!out.status.success());
     assert!(
         text(&out).contains(&format!(
@@ -237,47 +277,20 @@ fn a_deploy_under_load_switches_every_node_and_loses_nothing() {
         text(&out)
     );
 
-    let out = nodes[leader].cli(&[
-        "deploy",
-        "api",
-        "--version",
-        "v1",
-        "--upstream",
-        &format!("127.0.0.1:{a}"),
-    ]);
-    assert!(out.status.success(), "{}\n{}", text(&out), logs(&nodes));
-    for n in &nodes {
-        assert!(
-            wait_until(Duration::from_secs(5), || get(n.front)
-                == Some((200, "s1 first".into()))),
-            "node {} serves {:?}\n{}",
-            n.name,
-            get(n.front),
-            logs(&nodes)
-        );
-    }
-
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = nodes.iter().map(|n| load(n.front, stop.clone())).collect();
     std::thread::sleep(Duration::from_millis(300));
-    let out = nodes[leader].cli(&[
-        "deploy",
-        "api",
-        "--version",
-        "v2",
-        "--upstream",
-        &format!("127.0.0.1:{b}"),
-    ]);
-    assert!(out.status.success(), "{}\n{}", text(&out), logs(&nodes));
+    let out = nodes[leader].deploy("v2", &f.v2);
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
     let returned = unix_ms();
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(
             get(n.front),
             Some((200, "s2 second".into())),
             "node {} right after the deploy returned\n{}\n{}",
             n.name,
             text(&out),
-            logs(&nodes)
+            logs(nodes)
         );
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -329,60 +342,17 @@ fn a_deploy_under_load_switches_every_node_and_loses_nothing() {
 /// the stopped node catches up when it runs again.
 #[test]
 fn a_stopped_node_is_named_and_catches_up_when_the_switch_proceeds() {
-    let etcd = EtcdCluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (free_port(), free_port());
-    let _apps = (
-        Proc(spawn_demo_app(a, "s1", "first")),
-        Proc(spawn_demo_app(b, "s2", "second")),
-    );
-    let nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| {
-            Node::new(
-                dir.path(),
-                n,
-                &etcd.endpoints(),
-                "ack_timeout = \"1500ms\"\non_missing_ack = \"proceed\"",
-            )
-        })
-        .collect();
-    for n in &nodes {
-        assert!(wait_until(Duration::from_secs(20), || n
-            .cli(&["status"])
-            .status
-            .success()));
-    }
-    let leader = leader_of(&nodes);
-    let out = nodes[leader].cli(&[
-        "deploy",
-        "api",
-        "--version",
-        "v1",
-        "--upstream",
-        &format!("127.0.0.1:{a}"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    for n in &nodes {
-        assert!(wait_until(Duration::from_secs(5), || get(n.front)
-            == Some((200, "s1 first".into()))));
-    }
+    let f = Fleet::with_v1_live("ack_timeout = \"1500ms\"\non_missing_ack = \"proceed\"");
+    let (nodes, leader) = (&f.nodes, f.leader);
     let stopped = &nodes[(leader + 1) % 3];
     let pid = stopped.proc.as_ref().unwrap().0.id().to_string();
     assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     let t0 = Instant::now();
-    let out = nodes[leader].cli(&[
-        "deploy",
-        "api",
-        "--version",
-        "v2",
-        "--upstream",
-        &format!("127.0.0.1:{b}"),
-    ]);
+    let out = nodes[leader].deploy("v2", &f.v2);
     let took = t0.elapsed();
     let said = text(&out);
     assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
-    assert!(out.status.success(), "{said}\n{}", logs(&nodes));
+    assert!(out.status.success(), "{said}\n{}", logs(nodes));
     assert!(
         said.contains(&format!("nodes {} did not acknowledge", stopped.name))
             && said.contains("the switch stands (on_missing_ack = \"proceed\")"),
@@ -400,7 +370,7 @@ fn a_stopped_node_is_named_and_catches_up_when_the_switch_proceeds() {
             == Some((200, "s2 second".into()))),
         "the stopped node catches up once it runs: {:?}\n{}",
         get(stopped.front),
-        logs(&nodes)
+        logs(nodes)
     );
 }
 
@@ -409,57 +379,15 @@ fn a_stopped_node_is_named_and_catches_up_when_the_switch_proceeds() {
 /// release, none from the one it served before it died.
 #[test]
 fn a_node_restarted_during_a_switch_comes_back_on_the_current_revision() {
-    let etcd = EtcdCluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (free_port(), free_port());
-    let _apps = (
-        Proc(spawn_demo_app(a, "s1", "first")),
-        Proc(spawn_demo_app(b, "s2", "second")),
-    );
-    let mut nodes: Vec<Node> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| {
-            Node::new(
-                dir.path(),
-                n,
-                &etcd.endpoints(),
-                "ack_timeout = \"8s\"\non_missing_ack = \"proceed\"",
-            )
-        })
-        .collect();
-    for n in &nodes {
-        assert!(wait_until(Duration::from_secs(20), || n
-            .cli(&["status"])
-            .status
-            .success()));
-    }
-    let leader = leader_of(&nodes);
-    let out = nodes[leader].cli(&[
-        "deploy",
-        "api",
-        "--version",
-        "v1",
-        "--upstream",
-        &format!("127.0.0.1:{a}"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    for n in &nodes {
-        assert!(wait_until(Duration::from_secs(5), || get(n.front)
-            == Some((200, "s1 first".into()))));
-    }
+    let mut f = Fleet::with_v1_live("ack_timeout = \"8s\"\non_missing_ack = \"proceed\"");
+    let leader = f.leader;
+    let v2 = f.v2.clone();
+    let nodes = &mut f.nodes;
     let restarted = (leader + 1) % 3;
     let other = (leader + 2) % 3;
     nodes[restarted].proc.take(); // killed (-9) and reaped
     let deploy = Command::new(BIN)
-        .args([
-            "deploy",
-            "api",
-            "--version",
-            "v2",
-            "--upstream",
-            &format!("127.0.0.1:{b}"),
-            "-c",
-        ])
+        .args(["deploy", "api", "--version", "v2", "--upstream", &v2, "-c"])
         .arg(&nodes[leader].config)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -479,10 +407,10 @@ fn a_node_restarted_during_a_switch_comes_back_on_the_current_revision() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let out = deploy.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), logs(&nodes));
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
     assert!(
         !answers.is_empty() && answers.iter().all(|a| *a == (200, "s2 second".to_string())),
         "answers of the restarted node: {answers:?}\n{}",
-        logs(&nodes)
+        logs(nodes)
     );
 }

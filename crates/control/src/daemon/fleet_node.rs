@@ -23,7 +23,6 @@
 //! keeps serving but does not join again until restarted.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -35,7 +34,7 @@ use super::{off_async_store, parse_static, set_pool, static_key, view_of, Msg, S
 use crate::config::{FleetConfig, ServiceConfig};
 use crate::fleet::{FleetError, Membership, RouteState};
 use crate::lifecycle::State;
-use crate::store::etcd::{EtcdOptions, EtcdTls};
+use crate::store::etcd::{escape, EtcdOptions, EtcdTls};
 
 /// The actors of the services, while this node leads (none otherwise).
 pub(super) type Actors = RwLock<BTreeMap<String, mpsc::Sender<Msg>>>;
@@ -120,7 +119,7 @@ impl FleetNode {
 
 /// Joins the fleet: the node's name is registered under its lease (a live node of the same name
 /// refuses the start).
-pub(super) async fn join(shared: &Arc<Shared>, node: &FleetNode) -> Result<(), StartError> {
+pub(super) async fn join(node: &FleetNode) -> Result<(), StartError> {
     let membership = Membership::join(&node.options, &node.config.node, node.config.lease_ttl)
         .await
         .map_err(|e| StartError::Fleet(e.to_string()))?;
@@ -129,7 +128,6 @@ pub(super) async fn join(shared: &Arc<Shared>, node: &FleetNode) -> Result<(), S
         *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader;
     }
     *node.membership.lock().unwrap_or_else(|p| p.into_inner()) = Some(membership);
-    let _ = shared;
     Ok(())
 }
 
@@ -143,7 +141,7 @@ pub(super) async fn load(shared: &Arc<Shared>, node: &FleetNode) -> Result<(), S
         .await
         .map_err(|e| StartError::Fleet(e.to_string()))?;
     for svc in &shared.config.services {
-        let Some(rs) = states.iter().find(|s| s.service == key_segment(&svc.name)) else {
+        let Some(rs) = states.iter().find(|s| s.service == escape(&svc.name)) else {
             continue;
         };
         let state: State = serde_json::from_slice(&rs.value).map_err(|e| {
@@ -157,17 +155,11 @@ pub(super) async fn load(shared: &Arc<Shared>, node: &FleetNode) -> Result<(), S
     Ok(())
 }
 
-/// The service's name as etcd's keys spell it.
-fn key_segment(service: &str) -> String {
-    service.replace('%', "%25").replace('/', "%2F")
-}
-
 /// Puts `state` (revision `revision`) in this node's route table, then acknowledges it. The
 /// leader's actors do their own table changes: there, only the view is refreshed.
 async fn apply(shared: &Arc<Shared>, node: &FleetNode, svc: &ServiceConfig, state: &State, revision: u64, drain: bool) {
     let name = svc.name.as_str();
     if !node.leading() {
-        let mut pools: [Vec<SocketAddr>; 2] = [Vec::new(), Vec::new()];
         for colour in [Colour::Blue, Colour::Green] {
             let version = release_on(state, colour);
             let addrs = if version.is_some() {
@@ -184,7 +176,6 @@ async fn apply(shared: &Arc<Shared>, node: &FleetNode, svc: &ServiceConfig, stat
             };
             // The leader let them in after their checks; failures here eject them passively.
             set_pool(&shared.proxy, name, colour, version.as_deref(), &addrs, None, &addrs);
-            pools[super::slot(colour)] = addrs;
         }
         let target = match (&state.live, state.in_progress()) {
             (Some(live), _) => Some(live.colour),
@@ -280,12 +271,7 @@ pub(super) async fn follow(shared: Arc<Shared>, node: Arc<FleetNode>) {
 }
 
 async fn apply_one(shared: &Arc<Shared>, node: &FleetNode, rs: RouteState, drain: bool) {
-    let Some(svc) = shared
-        .config
-        .services
-        .iter()
-        .find(|s| key_segment(&s.name) == rs.service)
-    else {
+    let Some(svc) = shared.config.services.iter().find(|s| escape(&s.name) == rs.service) else {
         return; // a service this node's config does not have
     };
     let already = node

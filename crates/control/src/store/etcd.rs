@@ -484,7 +484,7 @@ fn limit_i64(limit: usize) -> i64 {
 }
 
 /// A service's name as a key segment: `%` and `/` escaped.
-fn escape(service: &str) -> String {
+pub(crate) fn escape(service: &str) -> String {
     service.replace('%', "%25").replace('/', "%2F")
 }
 

@@ -224,12 +224,9 @@ fn every_state_shape_round_trips() {
     assert_eq!(open(&dir).load("never-committed").unwrap(), None);
 }
 
-#[test]
-fn every_record_round_trips_in_order_under_its_deployment() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
-    let id1 = DeploymentId(1);
-    let id2 = DeploymentId(2);
+/// Every kind of record (each reason, phase and watch verdict) for deployment `id1`, then a
+/// second deployment `id2` that needed the warm colour: its `Retired` comes before its `Started`.
+fn every_record(id1: DeploymentId, id2: DeploymentId) -> (Vec<Record>, Vec<Record>) {
     let mut first = vec![
         Record::Started {
             id: id1,
@@ -286,6 +283,16 @@ fn every_record_round_trips_in_order_under_its_deployment() {
             cause: Cause::ColdRollback,
         },
     ];
+    (first, second)
+}
+
+#[test]
+fn every_record_round_trips_in_order_under_its_deployment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let id1 = DeploymentId(1);
+    let id2 = DeploymentId(2);
+    let (first, second) = every_record(id1, id2);
     let mut state = State::new("web");
     state.last_id = Some(id2);
     let before = to_ms(SystemTime::now());
@@ -1382,62 +1389,7 @@ fn contract_records(store: &dyn StateStore) {
     let s = "records";
     let id1 = DeploymentId(1);
     let id2 = DeploymentId(2);
-    let mut first = vec![
-        Record::Started {
-            id: id1,
-            release: rel("v1"),
-            colour: Colour::Blue,
-            cause: Cause::Deploy,
-        },
-        Record::Healthy { id: id1 },
-        Record::Validated { id: id1 },
-        Record::AwaitingPromotion {
-            id: id1,
-            auto_after: None,
-        },
-        Record::AwaitingPromotion {
-            id: id1,
-            auto_after: Some(Duration::new(60, 5)),
-        },
-        Record::Promoted {
-            id: id1,
-            colour: Colour::Blue,
-        },
-    ];
-    for watch in [Watched::Skipped, Watched::Judged, Watched::Unjudged] {
-        first.push(Record::WentLive {
-            id: id1,
-            live: at(Colour::Blue, "v1"),
-            watch,
-        });
-    }
-    for reason in reasons() {
-        first.push(Record::Aborted {
-            id: id1,
-            reason: reason.clone(),
-        });
-        first.push(Record::RolledBack {
-            id: id1,
-            to: at(Colour::Green, "v0"),
-            reason,
-        });
-    }
-    for phase in PHASE_NAMES {
-        first.push(Record::Interrupted { id: id1, phase });
-    }
-    first.push(Record::WatchRestarted { id: id1 });
-    // A new deployment that needed the warm colour: its Retired comes before its Started.
-    let second = vec![
-        Record::Retired {
-            live: at(Colour::Green, "v0"),
-        },
-        Record::Started {
-            id: id2,
-            release: rel("v2"),
-            colour: Colour::Green,
-            cause: Cause::ColdRollback,
-        },
-    ];
+    let (first, second) = every_record(id1, id2);
     let mut state = State::new(s);
     state.last_id = Some(id1);
     let before = to_ms(SystemTime::now());
