@@ -1152,6 +1152,7 @@ async fn start_actor(shared: &Arc<Shared>, svc: &ServiceConfig) -> Result<mpsc::
         last_run: 0,
         reports,
         pin: None,
+        urgent: None,
     };
     actor.recover().await;
     tokio::spawn(supervise::service(actor, rx, reports_rx));
@@ -1476,6 +1477,11 @@ struct Actor {
     /// The colour pinned for its sessions since the last promotion (affinity), and how to end
     /// its pin early ([`Job::DrainAfterPin`]).
     pin: Option<(Colour, tokio::sync::watch::Sender<Option<bool>>)>,
+    /// An event to handle before any queued report or command: a rollback decided while a
+    /// switch waited for the fleet's acknowledgements (see [`Actor::await_fleet`]), which comes
+    /// before the reports and timers that arrived meanwhile (a watch window that ended during
+    /// the wait must not make the release live).
+    urgent: Option<Event>,
 }
 
 impl Actor {
@@ -1569,6 +1575,10 @@ impl Actor {
     /// panic and is lent to the next actor; the reports channel is this actor's own.
     async fn run(&mut self, commands: &mut mpsc::Receiver<Msg>, reports: &mut mpsc::UnboundedReceiver<Report>) {
         loop {
+            if let Some(event) = self.urgent.take() {
+                let _ = self.step(event, None).await;
+                continue;
+            }
             tokio::select! {
                 biased;
                 // Never `None`: the actor holds a sender of its own.
@@ -1846,8 +1856,9 @@ impl Actor {
 
     /// In a fleet, after this node switched `colour` live: waits until every node applies the
     /// revision that names it (at most `fleet.ack_timeout`) and says which did, in how long, or
-    /// which did not.
-    async fn await_fleet(&self, colour: Colour) {
+    /// which did not. When nodes did not and the switch was a promotion, `on_missing_ack =
+    /// "rollback"` rolls it back at once (see [`Actor::urgent`]); a rollback's own switch stands.
+    async fn await_fleet(&mut self, colour: Colour, promoting: bool) {
         let Some(node) = self.shared.fleet.clone() else { return };
         let Some(membership) = node.membership() else { return };
         let revision = self.revision.0;
@@ -1870,25 +1881,38 @@ impl Actor {
                 ),
                 None,
             );
-        } else {
-            // `on_missing_ack = "rollback"` is not carried out yet: the switch stands either way.
-            let then = match node.config.on_missing_ack {
-                crate::config::OnMissingAck::Proceed => "the switch stands (on_missing_ack = \"proceed\")",
-                crate::config::OnMissingAck::Rollback => {
-                    "the switch stands: on_missing_ack = \"rollback\" is not carried out yet; roll back with `cutover rollback` if needed"
-                }
-            };
-            self.shared.notice(
-                self.name(),
-                None,
-                EventKind::Switch,
-                format!(
-                    "nodes {} did not acknowledge revision {revision} ({colour} live) within {timeout:?}; acknowledged: {}; {then}",
-                    missing.join(", "),
-                    if acked.is_empty() { "none".to_string() } else { acked.join(", ") },
-                ),
-                Some(format!("not acknowledged by {}", missing.join(", "))),
-            );
+            return;
+        }
+        // The deployment whose promotion this switch was, while it can still be undone.
+        let promoted = match &self.state.phase {
+            Phase::Watching { deployment, .. } => Some(deployment.id),
+            Phase::Stable { warm: Some(w), .. } => Some(w.promoted_by),
+            _ => None,
+        }
+        .filter(|_| promoting);
+        let rollback = node.config.on_missing_ack == crate::config::OnMissingAck::Rollback;
+        let then = match (rollback, promoted) {
+            (false, _) => "the switch stands (on_missing_ack = \"proceed\")".to_string(),
+            (true, Some(_)) => format!("rolling back to {} (on_missing_ack = \"rollback\")", colour.other()),
+            (true, None) if promoting => "the switch stands: there is no earlier release to roll back to".to_string(),
+            (true, None) => "the switch stands".to_string(),
+        };
+        let nodes = missing.join(", ");
+        self.shared.notice(
+            self.name(),
+            None,
+            EventKind::Switch,
+            format!(
+                "nodes {nodes} did not acknowledge revision {revision} ({colour} live) within {timeout:?}; acknowledged: {}; {then}",
+                if acked.is_empty() { "none".to_string() } else { acked.join(", ") },
+            ),
+            Some(format!("not acknowledged by {nodes}")),
+        );
+        if let (true, Some(id)) = (rollback, promoted) {
+            self.urgent = Some(Event::NotAcknowledged {
+                id,
+                nodes: format!("nodes {nodes} did not acknowledge revision {revision} within {timeout:?}"),
+            });
         }
     }
 
@@ -1963,6 +1987,9 @@ impl Actor {
         // colour waits for the pin's end.
         let mut promoting = false;
         let mut pinned_now: Option<(Colour, tokio::time::Instant)> = None;
+        // In a fleet, the switch waits for every node's acknowledgement once the transition's
+        // other actions (the drain of the colour left, the watch and its timer) have started.
+        let mut switched: Option<Colour> = None;
         while let Some(action) = actions.next() {
             match action {
                 Action::Record(record) => {
@@ -2083,7 +2110,7 @@ impl Actor {
                         }
                         Err(e) => tracing::error!(service = self.name(), error = %e, "switch failed"),
                     }
-                    self.await_fleet(colour).await;
+                    switched = Some(colour);
                 }
                 Action::StartWatch { deployment, colour } => self.start_watch(deployment, colour),
                 Action::StopWatch { deployment } => {
@@ -2113,6 +2140,9 @@ impl Actor {
                     });
                 }
             }
+        }
+        if let Some(colour) = switched {
+            self.await_fleet(colour, promoting).await;
         }
     }
 

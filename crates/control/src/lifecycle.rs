@@ -244,6 +244,10 @@ pub enum Reason {
         #[serde(rename = "max_ns", with = "crate::wire::nanos")]
         max: Duration,
     },
+    /// In a fleet, nodes did not acknowledge the switch within `fleet.ack_timeout` (the text
+    /// names them), with `on_missing_ack = "rollback"`.
+    #[serde(rename = "not_acknowledged")]
+    NotAcknowledged(String),
 }
 
 impl fmt::Display for Reason {
@@ -261,6 +265,7 @@ impl fmt::Display for Reason {
             Reason::Latency { p99, max } => {
                 write!(f, "p99 latency {p99:?} above the maximum {max:?}")
             }
+            Reason::NotAcknowledged(why) => write!(f, "the switch was not applied by every node of the fleet: {why}"),
         }
     }
 }
@@ -418,6 +423,10 @@ pub enum Event {
     WatchWindowElapsed { id: DeploymentId },
     /// Timer [`Timer::KeepWarm`]: `id` is the deployment whose promotion left the colour warm.
     KeepWarmElapsed { id: DeploymentId },
+    /// In a fleet with `on_missing_ack = "rollback"`: nodes did not acknowledge the switch that
+    /// made deployment `id` live (`nodes` names them). Rolls back at once to the warm colour, in
+    /// the watch or after it.
+    NotAcknowledged { id: DeploymentId, nodes: String },
     /// `cutover abort`.
     Abort,
     /// `cutover rollback`. `id` and `plan` are used only by a cold rollback, which is a new
@@ -441,6 +450,7 @@ impl Event {
             Event::WatchSample { .. } => "watch sample",
             Event::WatchWindowElapsed { .. } => "watch window end",
             Event::KeepWarmElapsed { .. } => "keep-warm timer",
+            Event::NotAcknowledged { .. } => "not acknowledged",
             Event::Abort => "abort",
             Event::Rollback { .. } => "rollback",
         }
@@ -878,6 +888,7 @@ impl State {
             Event::Abort => self.abort(),
             Event::Rollback { id, plan } => self.rollback(id, plan),
             Event::KeepWarmElapsed { id } => self.keep_warm_elapsed(id),
+            Event::NotAcknowledged { id, nodes } => self.not_acknowledged(id, nodes),
             Event::InstancesHealthy { id } | Event::ProvisionFailed { id, .. } | Event::HealthDeadlinePassed { id } => {
                 self.report(id, 0, event)
             }
@@ -1297,6 +1308,31 @@ impl State {
             ..self.clone()
         };
         state_transition(state, actions)
+    }
+
+    /// The switch that made deployment `id` live was not applied everywhere: back to the warm
+    /// colour at once, whether the watch still runs or not.
+    fn not_acknowledged(&self, id: DeploymentId, nodes: String) -> Result<Transition, LifecycleError> {
+        match &self.phase {
+            Phase::Watching {
+                deployment: d,
+                rollback_to,
+                ..
+            } if d.id == id => Ok(self.roll_back(id, &d.release, rollback_to, Reason::NotAcknowledged(nodes), true)),
+            Phase::Stable { warm: Some(w), .. } if w.promoted_by == id => {
+                let Some(bad) = &self.live else {
+                    return Err(self.nothing_to_roll_back());
+                };
+                let to = Live {
+                    colour: w.colour,
+                    release: w.release.clone(),
+                };
+                Ok(self.roll_back(id, &bad.release, &to, Reason::NotAcknowledged(nodes), false))
+            }
+            // The first release (nothing to go back to), a deployment already rolled back or
+            // replaced: nothing to undo.
+            _ => Err(self.stale("not acknowledged", id)),
+        }
     }
 
     fn keep_warm_elapsed(&self, id: DeploymentId) -> Result<Transition, LifecycleError> {

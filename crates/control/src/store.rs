@@ -22,7 +22,7 @@
 //! [`Store`] implements both for one node; a fleet's store implements [`StateStore`] and keeps
 //! [`Store`] as its local one. `shared_contract` in the tests is the contract both must keep.
 //!
-//! # Schema (version 2, in `PRAGMA user_version`; `PRAGMA application_id` = 0x63757476 "cutv")
+//! # Schema (version 3, in `PRAGMA user_version`; `PRAGMA application_id` = 0x63757476 "cutv")
 //! All tables are `STRICT`. Timestamps are unix milliseconds (`INTEGER`), durations are
 //! nanoseconds (`INTEGER`, so at most about 292 years), colours are `'blue'` / `'green'`.
 //! Enumerations are stored as fixed lower-case codes that belong to the schema version, not to
@@ -41,7 +41,8 @@
 //!   Columns a phase does not use are NULL.
 //! - The reason columns, shared by `services`, `deployments` and `transitions`, hold a
 //!   [`Reason`]: `reason` (`requested | provision_failed | health_deadline | smoke_failed |
-//!   unhealthy | error_rate | latency`), `reason_text` (the message of the three with one),
+//!   unhealthy | error_rate | latency | not_acknowledged`), `reason_text` (the message of the
+//!   four with one),
 //!   `reason_ns` (health deadline, or p99), `reason_max_ns` (latency maximum), `reason_errors`,
 //!   `reason_requests`, `reason_max_rate` (error rate).
 //! - `releases`: `(service, version)` primary key, `first_seen`: every version ever deployed.
@@ -94,7 +95,7 @@ use crate::lifecycle::{
 pub const DB_FILE: &str = "cutover.db";
 
 /// The schema version this code reads and writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The longest duration a state can hold: durations are stored as signed 64-bit nanoseconds.
 /// The config check refuses anything longer (`config::parse_duration`), so that a duration the
@@ -120,8 +121,78 @@ const APPLICATION_ID: i64 = 0x6375_7476;
 /// milliseconds, so waiting longer than this means something is wrong.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// One step of the schema: SQL, or code for what SQL alone cannot say.
+enum Migration {
+    Sql(&'static str),
+    /// New reason codes: the tables whose `reason` column lists the codes are rebuilt with these
+    /// added ([`widen_reasons`]).
+    Reasons(&'static [&'static str]),
+}
+
 /// `MIGRATIONS[n]` takes a database from version `n` to `n + 1`. Version 0 is an empty file.
-const MIGRATIONS: [&str; 2] = [SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: [Migration; 3] = [
+    Migration::Sql(SCHEMA_V1),
+    Migration::Sql(SCHEMA_V2),
+    // Version 3: a fleet's switch that nodes did not acknowledge is rolled back for that reason.
+    Migration::Reasons(&["not_acknowledged"]),
+];
+
+/// The tables with reason columns, and the indexes each has (a rebuilt table loses them).
+const REASON_TABLES: [(&str, &[&str]); 3] = [
+    ("services", &[]),
+    ("deployments", &[]),
+    (
+        "transitions",
+        &["CREATE INDEX transitions_by_deployment ON transitions (service, deployment, seq)"],
+    ),
+];
+
+/// The last code of every `reason` CHECK list, after which new codes are added.
+const REASON_LIST_END: &str = "'latency'";
+
+fn schema_error(message: String) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR), Some(message))
+}
+
+/// Rebuilds each table of [`REASON_TABLES`] with `codes` added to its `reason` CHECK list,
+/// keeping every row, column and index (SQLite cannot change a CHECK in place). Runs inside the
+/// migration's transaction, with foreign keys not yet enforced.
+fn widen_reasons(tx: &rusqlite::Transaction<'_>, codes: &[&str]) -> rusqlite::Result<()> {
+    let added: String = codes.iter().map(|c| format!(", '{c}'")).collect();
+    for (table, indexes) in REASON_TABLES {
+        let sql: String = tx.query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )?;
+        let end = sql
+            .find(REASON_LIST_END)
+            .filter(|_| sql.matches(REASON_LIST_END).count() == 1);
+        let Some(end) = end.map(|i| i + REASON_LIST_END.len()) else {
+            return Err(schema_error(format!(
+                "table {table}: its reason CHECK list does not end in {REASON_LIST_END} exactly once"
+            )));
+        };
+        let rebuilt = format!("{}{added}{}", &sql[..end], &sql[end..]);
+        // A table renamed by an earlier rebuild has its name quoted.
+        let rest = rebuilt
+            .strip_prefix(&format!("CREATE TABLE {table} "))
+            .or_else(|| rebuilt.strip_prefix(&format!("CREATE TABLE \"{table}\" ")));
+        let Some(rebuilt) = rest.map(|rest| format!("CREATE TABLE {table}_rebuilt {rest}")) else {
+            return Err(schema_error(format!("table {table}: unexpected definition {sql:?}")));
+        };
+        tx.execute_batch(&format!(
+            "{rebuilt};
+             INSERT INTO {table}_rebuilt SELECT * FROM {table};
+             DROP TABLE {table};
+             ALTER TABLE {table}_rebuilt RENAME TO {table};"
+        ))?;
+        for index in indexes {
+            tx.execute_batch(index)?;
+        }
+    }
+    Ok(())
+}
 
 /// Version 2: each service's state carries the revision its commits compare and swap on, and
 /// small cluster-wide values (`kv`) leave their side files.
@@ -620,16 +691,30 @@ impl Store {
         // the death of the process.
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(fail("set synchronous=FULL"))?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(fail("enable foreign keys"))?;
-
         if from < SCHEMA_VERSION {
+            // Foreign keys are enforced only after the migration (checked at its end instead): a
+            // table rebuilt in it is dropped and renamed while others refer to it. The pragma
+            // cannot change inside a transaction.
+            conn.pragma_update(None, "foreign_keys", false)
+                .map_err(fail("suspend foreign keys for the migration"))?;
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(fail("begin the schema migration"))?;
             for (n, migration) in MIGRATIONS.iter().enumerate().skip(from as usize) {
-                tx.execute_batch(migration)
-                    .map_err(fail(&format!("migrate the schema to version {}", n + 1)))?;
+                match migration {
+                    Migration::Sql(sql) => tx.execute_batch(sql),
+                    Migration::Reasons(codes) => widen_reasons(&tx, codes),
+                }
+                .map_err(fail(&format!("migrate the schema to version {}", n + 1)))?;
+            }
+            let broken: i64 = tx
+                .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| r.get(0))
+                .map_err(fail("check foreign keys after the migration"))?;
+            if broken > 0 {
+                return Err(StoreError::Corrupt {
+                    path,
+                    detail: format!("{broken} rows refer to rows that do not exist (PRAGMA foreign_key_check)"),
+                });
             }
             // Both pragmas are transactional: a crash here leaves the empty file of before.
             tx.pragma_update(None, "application_id", APPLICATION_ID)
@@ -639,6 +724,8 @@ impl Store {
             tx.commit().map_err(fail("commit the schema migration"))?;
             tracing::info!(path = %path.display(), from, to = SCHEMA_VERSION, "state database schema created or migrated");
         }
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(fail("enable foreign keys"))?;
 
         let problems = {
             let mut stmt = conn.prepare("PRAGMA quick_check(5)").map_err(fail("check integrity"))?;
@@ -1311,6 +1398,10 @@ fn reason_cols(cols: &mut Cols, reason: Option<&Reason>) -> Result<(), Unfit> {
             cols.dur("reason_max_ns", *max)?;
             "latency"
         }
+        Reason::NotAcknowledged(why) => {
+            cols.text("reason_text", why);
+            "not_acknowledged"
+        }
     };
     cols.text("reason", code);
     Ok(())
@@ -1643,6 +1734,7 @@ fn decode_reason(row: &Row<'_>) -> Result<Reason, Bad> {
         "health_deadline" => Reason::HealthDeadline(req_dur(row, "reason_ns")?),
         "smoke_failed" => Reason::SmokeFailed(req(row, "reason_text")?),
         "unhealthy" => Reason::Unhealthy(req(row, "reason_text")?),
+        "not_acknowledged" => Reason::NotAcknowledged(req(row, "reason_text")?),
         "error_rate" => Reason::ErrorRate {
             errors: req_uint(row, "reason_errors")?,
             requests: req_uint(row, "reason_requests")?,

@@ -414,3 +414,57 @@ fn a_node_restarted_during_a_switch_comes_back_on_the_current_revision() {
         logs(nodes)
     );
 }
+
+/// A node that cannot apply a switch (stopped with SIGSTOP) with the default `on_missing_ack =
+/// "rollback"`: named in the deploy's output, the switch is rolled back on every node, the
+/// deploy fails, history gives the reason, and the stopped node, once it runs, serves the
+/// release that stands without passing through the rolled-back one.
+#[test]
+fn a_switch_a_node_did_not_apply_is_rolled_back_by_default() {
+    let f = Fleet::with_v1_live("ack_timeout = \"1500ms\"");
+    let (nodes, leader) = (&f.nodes, f.leader);
+    let stopped = &nodes[(leader + 1) % 3];
+    let pid = stopped.proc.as_ref().unwrap().0.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let out = nodes[leader].deploy("v2", &f.v2);
+    let said = text(&out);
+    let others_after: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.name != stopped.name)
+        .map(|n| (n.name.clone(), get(n.front)))
+        .collect();
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    // Once it runs, the stopped node's first answers come from v1: it skips the revision that
+    // was rolled back.
+    let mut resumed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resumed.len() < 20 && Instant::now() < deadline {
+        if let Some(a) = get(stopped.front) {
+            resumed.push(a);
+        }
+    }
+    assert!(!out.status.success(), "the deploy fails: {said}");
+    assert!(
+        said.contains(&format!("nodes {} did not acknowledge", stopped.name))
+            && said.contains("rolling back to blue (on_missing_ack = \"rollback\")"),
+        "the stopped node is named and the rollback announced: {said}\n{}",
+        logs(nodes)
+    );
+    for (name, answer) in others_after {
+        assert_eq!(
+            answer,
+            Some((200, "s1 first".into())),
+            "node {name} after the deploy returned"
+        );
+    }
+    assert!(
+        resumed.len() == 20 && resumed.iter().all(|a| *a == (200, "s1 first".to_string())),
+        "the resumed node: {resumed:?}\n{}",
+        logs(nodes)
+    );
+    let history = text(&nodes[leader].cli(&["history", "api"]));
+    assert!(
+        history.contains("rolled back") && history.contains(&format!("nodes {} did not acknowledge", stopped.name)),
+        "{history}"
+    );
+}

@@ -260,8 +260,18 @@ pub(super) async fn follow(shared: Arc<Shared>, node: Arc<FleetNode>) {
             let membership = membership.clone();
             tokio::spawn(async move { membership.watch_route_states(at, &tx).await })
         };
-        while let Some(rs) = rx.recv().await {
-            apply_one(&shared, &node, rs, true).await;
+        while let Some(first) = rx.recv().await {
+            // A node that falls behind (stopped, or slow to apply) goes straight to the latest
+            // revision of each service, never through the ones in between: a switch rolled back
+            // meanwhile is not served on the way.
+            let mut latest = BTreeMap::new();
+            latest.insert(first.service.clone(), first);
+            while let Ok(rs) = rx.try_recv() {
+                latest.insert(rs.service.clone(), rs);
+            }
+            for rs in latest.into_values() {
+                apply_one(&shared, &node, rs, true).await;
+            }
         }
         let why = watch.await.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
         node.connected.store(false, Ordering::SeqCst);

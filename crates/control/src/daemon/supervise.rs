@@ -136,6 +136,7 @@ impl Actor {
             last_run: 0,
             reports,
             pin: None,
+            urgent: None,
         };
         Ok((actor, reports_rx))
     }

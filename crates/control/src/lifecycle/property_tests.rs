@@ -347,7 +347,8 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
         let r = rng.below(100);
         match &state.phase {
             Phase::Stable { .. } if r < 60 => 0,
-            Phase::Stable { .. } if r < 85 => 13,
+            Phase::Stable { .. } if r < 82 => 13,
+            Phase::Stable { .. } if r < 85 => 14,
             Phase::Stable { .. } => 11,
             Phase::Provisioning(_) if r < 85 => 1,
             Phase::Provisioning(_) if r < 92 => 3,
@@ -363,11 +364,12 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
             Phase::ReadyToPromote(_) => 6,
             Phase::Watching { .. } if r < 55 => 9,
             Phase::Watching { .. } if r < 90 => 10,
-            Phase::Watching { .. } if r < 95 => 13,
+            Phase::Watching { .. } if r < 93 => 13,
+            Phase::Watching { .. } if r < 95 => 14,
             Phase::Watching { .. } => 6,
         }
     } else {
-        rng.below(14)
+        rng.below(15)
     };
     let event = match kind {
         0 => Event::Deploy {
@@ -408,6 +410,7 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
         10 => Event::WatchWindowElapsed { id },
         11 => Event::KeepWarmElapsed { id },
         12 => Event::Abort,
+        14 => Event::NotAcknowledged { id, nodes: "n3".into() },
         _ => Event::Rollback {
             id: fresh(rng, next_id),
             plan: random_plan(rng),

@@ -1369,3 +1369,64 @@ fn ordinary_transitions_are_not_rollbacks() {
     assert_eq!(ok(&first_live(), deploy(2, "v2", manual())).rollback_kind(), None);
     assert_eq!(ok(&ready(manual()), Event::Abort).rollback_kind(), None);
 }
+
+// ----- A switch some nodes of a fleet did not apply -----
+
+fn not_acked(n: u64) -> Event {
+    Event::NotAcknowledged {
+        id: id(n),
+        nodes: "nodes n3 did not acknowledge".to_string(),
+    }
+}
+
+#[test]
+fn a_switch_not_acknowledged_while_watching_rolls_back_at_once() {
+    let t = ok(&watching(), not_acked(2));
+    assert_rolled_back_from_watch(&t, Reason::NotAcknowledged("nodes n3 did not acknowledge".to_string()));
+}
+
+#[test]
+fn a_switch_not_acknowledged_after_the_watch_rolls_back_to_the_warm_colour() {
+    let t = ok(&stable_warm(), not_acked(2));
+    let reason = Reason::NotAcknowledged("nodes n3 did not acknowledge".to_string());
+    assert_eq!(
+        t.actions,
+        vec![
+            Action::SwitchTo { colour: Colour::Blue },
+            record(Record::RolledBack {
+                id: id(2),
+                to: at(Colour::Blue, "v1"),
+                reason: reason.clone()
+            }),
+            Action::Drain { colour: Colour::Green },
+            Action::StopInstances { colour: Colour::Green },
+        ]
+    );
+    assert_eq!(
+        t.state,
+        base(
+            Some(at(Colour::Blue, "v1")),
+            None,
+            2,
+            Phase::Stable {
+                warm: None,
+                last: ended(2, "v2", Outcome::RolledBack(reason))
+            }
+        )
+    );
+}
+
+#[test]
+fn a_missing_acknowledgement_with_nothing_to_return_to_changes_nothing() {
+    // The first release, a retired previous colour, another deployment's switch, and a
+    // deployment in progress: late, nothing is undone.
+    for (state, n) in [
+        (first_live(), 1),
+        (stable_cold(), 2),
+        (stable_warm(), 1),
+        (provisioning(auto()), 2),
+    ] {
+        let e = err(&state, not_acked(n));
+        assert_eq!(e.kind(), ErrorKind::Stale, "{e}");
+    }
+}

@@ -523,7 +523,10 @@ fn cut(text: &mut String) {
 
 fn cut_reason(reason: &mut Reason) {
     match reason {
-        Reason::ProvisionFailed(why) | Reason::SmokeFailed(why) | Reason::Unhealthy(why) => cut(why),
+        Reason::ProvisionFailed(why)
+        | Reason::SmokeFailed(why)
+        | Reason::Unhealthy(why)
+        | Reason::NotAcknowledged(why) => cut(why),
         Reason::Requested | Reason::HealthDeadline(_) | Reason::ErrorRate { .. } | Reason::Latency { .. } => {}
     }
 }

@@ -91,6 +91,7 @@ fn reasons() -> Vec<Reason> {
             p99: Duration::new(0, 512_345_678),
             max: Duration::from_millis(500),
         },
+        Reason::NotAcknowledged("n2, n3".to_string()),
     ]
 }
 
@@ -198,7 +199,7 @@ fn every_state_shape_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let states = all_states("web");
-    assert_eq!(states.len(), 2 + 2 * 16 + 3 * 2 * 6);
+    assert_eq!(states.len(), 2 + 2 * 18 + 3 * 2 * 6);
     let names: BTreeSet<_> = states.iter().map(|s| s.phase.name()).collect();
     assert_eq!(names, PHASE_NAMES.into_iter().collect());
     // One service through every shape in turn: nothing of an earlier phase lingers.
@@ -871,7 +872,7 @@ fn a_fresh_database_has_the_documented_settings_and_tables() {
     assert_eq!(pragma("synchronous"), "2"); // FULL
     assert_eq!(pragma("foreign_keys"), "1");
     assert_eq!(pragma("busy_timeout"), "5000");
-    assert_eq!(pragma("user_version"), "2");
+    assert_eq!(pragma("user_version"), "3");
     assert_eq!(pragma("application_id"), APPLICATION_ID.to_string());
     let tables: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -905,13 +906,13 @@ fn a_newer_schema_version_is_refused_untouched() {
     drop(open(&dir));
     Connection::open(&path)
         .unwrap()
-        .pragma_update(None, "user_version", 3)
+        .pragma_update(None, "user_version", 4)
         .unwrap();
     let err = Store::open(dir.path()).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
-            "state database {}: schema version 3 is newer than this cutover knows (version 2); it was \
+            "state database {}: schema version 4 is newer than this cutover knows (version 3); it was \
                  written by a newer cutover: run that version, or restore a backup made before the upgrade",
             path.display()
         )
@@ -920,7 +921,7 @@ fn a_newer_schema_version_is_refused_untouched() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
 }
 
 #[test]
@@ -1549,6 +1550,123 @@ fn a_version_1_database_is_migrated_in_place() {
         store.commit_at("web", Some(Revision::NONE), &state, [], None).unwrap(),
         Revision(1)
     );
+}
+
+/// A version 2 database with a history is rebuilt to version 3 keeping every row, the
+/// transitions' index and its foreign keys; the new reason code is then stored and read back.
+#[test]
+fn a_version_2_database_keeps_its_history_when_reasons_are_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    let plan = plans().remove(0);
+    // A history written by the code of today, in a file then put back to version 2 with the
+    // CHECK lists version 2 had: a database as version 2 left it.
+    let store = Store::open(dir.path()).unwrap();
+    let mut s = State::new("web");
+    let mut revision = Revision::NONE;
+    for event in [
+        Event::Deploy {
+            id: DeploymentId(1),
+            release: rel("v1"),
+            plan: plan.clone(),
+        },
+        Event::InstancesHealthy { id: DeploymentId(1) },
+        Event::SmokePassed { id: DeploymentId(1) },
+        Event::Deploy {
+            id: DeploymentId(2),
+            release: rel("v2"),
+            plan: plan.clone(),
+        },
+        Event::InstancesHealthy { id: DeploymentId(2) },
+        Event::SmokeFailed {
+            id: DeploymentId(2),
+            reason: "exit 1".into(),
+        },
+    ] {
+        let t = s.step(event).unwrap();
+        revision = store
+            .commit_at("web", Some(revision), &t.state, t.records(), None)
+            .unwrap();
+        s = t.state;
+    }
+    let history = store.history("web", 10).unwrap();
+    let transitions = store.transitions("web", DeploymentId(2)).unwrap();
+    assert_eq!(history.len(), 2);
+    drop(store);
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "writable_schema", true).unwrap();
+        let changed = conn
+            .execute(
+                "UPDATE sqlite_master SET sql = replace(sql, ', ''not_acknowledged''', '') WHERE type = 'table' AND sql LIKE '%not_acknowledged%'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(changed, 3);
+        conn.pragma_update(None, "writable_schema", false).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+    }
+    {
+        let conn = Connection::open(&path).unwrap();
+        let lists: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE sql LIKE '%not_acknowledged%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(lists, 0, "the file is as version 2 left it");
+    }
+
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.history("web", 10).unwrap(), history);
+    assert_eq!(store.transitions("web", DeploymentId(2)).unwrap(), transitions);
+    assert_eq!(store.load_at("web").unwrap(), Some((s.clone(), revision)));
+    {
+        let conn = store.conn.lock().unwrap();
+        let (version, index): (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version()),
+                        (SELECT COUNT(*) FROM sqlite_master WHERE name = 'transitions_by_deployment')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((version, index), (SCHEMA_VERSION, 1));
+        let enforced: bool = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert!(enforced, "foreign keys are enforced after the migration");
+    }
+    // The new code, in the state, the deployment and the transitions.
+    let t = s
+        .step(Event::Deploy {
+            id: DeploymentId(3),
+            release: rel("v3"),
+            plan,
+        })
+        .unwrap();
+    let revision = store
+        .commit_at("web", Some(revision), &t.state, t.records(), None)
+        .unwrap();
+    let reason = Reason::NotAcknowledged("nodes n3 did not acknowledge".into());
+    let mut ended = t.state.clone();
+    ended.phase = Phase::Stable {
+        warm: None,
+        last: Some(Ended {
+            id: DeploymentId(3),
+            release: rel("v3"),
+            outcome: Outcome::Aborted(reason.clone()),
+        }),
+    };
+    let record = Record::Aborted {
+        id: DeploymentId(3),
+        reason: reason.clone(),
+    };
+    store.commit_at("web", Some(revision), &ended, [&record], None).unwrap();
+    assert_eq!(store.load_at("web").unwrap().map(|(s, _)| s), Some(ended));
+    let newest = store.history("web", 1).unwrap().remove(0);
+    assert_eq!(newest.outcome, Some(Outcome::Aborted(reason.clone())));
+    let last = store.transitions("web", DeploymentId(3)).unwrap().pop().unwrap();
+    assert_eq!(last.record, record);
 }
 
 /// The JSON encoding (`crate::wire`) reads back every state shape, record, reason, outcome,
