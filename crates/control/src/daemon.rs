@@ -581,6 +581,7 @@ impl Daemon {
                 fleet_node::join(&node).await?;
                 fleet_node::load(&shared, &node).await?;
                 tokio::spawn(fleet_node::follow(shared.clone(), node.clone()));
+                tokio::spawn(fleet_node::keep_membership(node.clone()));
                 tokio::spawn(fleet_node::lead(shared.clone(), node, actors.clone()));
             }
             None => {
@@ -1865,9 +1866,18 @@ impl Actor {
         let t0 = Instant::now();
         // This node's own acknowledgement was sent with the commit (`acknowledge_later`).
         let timeout = node.config.ack_timeout;
-        let (acked, missing) = match membership.wait_for_acks(self.name(), revision, timeout).await {
-            Ok(w) => (w.acked, w.missing),
-            Err(e) => (Vec::new(), vec![format!("(etcd: {e})")]),
+        // etcd failing (a member down, a leader election) is retried until the time is up.
+        let deadline = t0 + timeout;
+        let (acked, missing) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match membership.wait_for_acks(self.name(), revision, left).await {
+                Ok(w) => break (w.acked, w.missing),
+                Err(e) if left > Duration::from_millis(100) => {
+                    tracing::debug!(service = self.name(), error = %e, "reading the acknowledgements failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => break (Vec::new(), vec![format!("(etcd: {e})")]),
+            }
         };
         if missing.is_empty() {
             self.shared.notice(

@@ -26,7 +26,7 @@ use etcd_client::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::store::etcd::{EtcdOptions, DEFAULT_PREFIX};
+use crate::store::etcd::{retry, EtcdOptions, DEFAULT_PREFIX};
 
 /// One service's route state as etcd holds it: the committed state (JSON) and the revision that
 /// wrote it, which is the revision nodes acknowledge.
@@ -100,6 +100,8 @@ pub struct Membership {
     node: String,
     lease: i64,
     endpoints: String,
+    /// How long one call retries a member that does not answer before it fails.
+    timeout: Duration,
     keeper: tokio::task::JoinHandle<()>,
     lost: tokio::sync::watch::Receiver<bool>,
 }
@@ -195,33 +197,49 @@ impl Membership {
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let keeper = {
             let mut client = client.clone();
-            let every = Duration::from_secs(ttl_s as u64) / 3;
+            let ttl = Duration::from_secs(ttl_s as u64);
+            let every = ttl / 3;
             let node = node.to_string();
             tokio::spawn(async move {
-                let mut deadline = Instant::now() + Duration::from_secs(ttl_s as u64);
+                // The lease lives at least `ttl` from the moment a keep-alive that etcd answered
+                // was sent: past that instant without an answer, it may be gone, so the node
+                // counts it lost then (never later than etcd does).
+                let mut deadline = Instant::now() + ttl;
+                let mut open = None;
                 loop {
-                    let kept = async {
-                        let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-                        loop {
-                            keeper.keep_alive().await?;
-                            match stream.message().await? {
-                                Some(r) if r.ttl() > 0 => {
-                                    deadline = Instant::now() + Duration::from_secs(r.ttl() as u64);
-                                }
-                                // The lease is gone: etcd no longer knows it.
-                                _ => return Ok::<bool, etcd_client::Error>(false),
-                            }
+                    let step = async {
+                        if open.is_none() {
+                            open = Some(client.lease_keep_alive(lease).await?);
+                        }
+                        let Some((keeper, stream)) = open.as_mut() else {
+                            return Ok(None);
+                        };
+                        let sent = Instant::now();
+                        keeper.keep_alive().await?;
+                        Ok::<_, etcd_client::Error>(match stream.message().await? {
+                            Some(r) if r.ttl() > 0 => Some(sent + Duration::from_secs(r.ttl() as u64).min(ttl)),
+                            // The lease is gone: etcd no longer knows it.
+                            _ => None,
+                        })
+                    };
+                    match tokio::time::timeout_at(deadline.into(), step).await {
+                        Ok(Ok(Some(next))) => {
+                            deadline = next;
                             tokio::time::sleep(every).await;
                         }
+                        Ok(Err(e)) if Instant::now() < deadline => {
+                            // A broken stream: open another one soon, within the lease's life.
+                            tracing::debug!(node = %node, error = %e, "keeping the fleet lease alive failed; trying again");
+                            open = None;
+                            tokio::time::sleep(POLL * 2).await;
+                        }
+                        // Gone, or no answer before the lease may have expired.
+                        Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                            tracing::error!(node = %node, "the fleet lease of node {node} was lost; it is no longer a member");
+                            let _ = lost_tx.send(true);
+                            return;
+                        }
                     }
-                    .await;
-                    if matches!(kept, Ok(false)) || Instant::now() > deadline {
-                        tracing::error!(node = %node, "the fleet lease of node {node} was lost; it is no longer a member");
-                        let _ = lost_tx.send(true);
-                        return;
-                    }
-                    // A broken stream: open another one soon, within the lease's life.
-                    tokio::time::sleep(POLL * 2).await;
                 }
             })
         };
@@ -231,6 +249,7 @@ impl Membership {
             node: node.to_string(),
             lease,
             endpoints,
+            timeout: options.timeout,
             keeper,
             lost,
         })
@@ -253,15 +272,21 @@ impl Membership {
         }
     }
 
+    /// The deadline of a call started now: a member that is down (connection refused) is
+    /// retried on the others until then.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
+
     /// The members now, by name.
     pub async fn members(&self) -> Result<Vec<String>, FleetError> {
         let prefix = format!("{}/nodes/", self.prefix);
-        let resp = self
-            .client
-            .clone()
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.fail("listing the nodes"))?;
+        let resp = retry(self.deadline(), || {
+            let (mut client, prefix) = (self.client.clone(), prefix.clone());
+            async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await
+        .map_err(self.fail("listing the nodes"))?;
         Ok(resp
             .kvs()
             .iter()
@@ -271,12 +296,13 @@ impl Membership {
 
     /// The leader's name, if any node leads now.
     pub async fn leader(&self) -> Result<Option<String>, FleetError> {
-        let resp = self
-            .client
-            .clone()
-            .get(format!("{}/leader", self.prefix), None)
-            .await
-            .map_err(self.fail("reading the leader"))?;
+        let key = format!("{}/leader", self.prefix);
+        let resp = retry(self.deadline(), || {
+            let (mut client, key) = (self.client.clone(), key.clone());
+            async move { client.get(key, None).await }
+        })
+        .await
+        .map_err(self.fail("reading the leader"))?;
         Ok(resp
             .kvs()
             .first()
@@ -301,7 +327,12 @@ impl Membership {
                 Some(PutOptions::new().with_lease(self.lease)),
             )])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self.client.clone().txn(txn).await.map_err(self.fail("campaigning"))?;
+        let resp = retry(self.deadline(), || {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await
+        .map_err(self.fail("campaigning"))?;
         if resp.succeeded() {
             return Ok(true);
         }
@@ -330,15 +361,17 @@ impl Membership {
             applied_at_ms: unix_ms(),
         };
         let value = serde_json::to_string(&ack).map_err(|e| FleetError::Setup(e.to_string()))?;
-        self.client
-            .clone()
-            .put(
-                format!("{}/acks/{service}/{}", self.prefix, self.node),
-                value,
-                Some(PutOptions::new().with_lease(self.lease)),
-            )
-            .await
-            .map_err(self.fail("acknowledging"))?;
+        let key = format!("{}/acks/{service}/{}", self.prefix, self.node);
+        retry(self.deadline(), || {
+            let (mut client, key, value) = (self.client.clone(), key.clone(), value.clone());
+            async move {
+                client
+                    .put(key, value, Some(PutOptions::new().with_lease(self.lease)))
+                    .await
+            }
+        })
+        .await
+        .map_err(self.fail("acknowledging"))?;
         Ok(())
     }
 
@@ -389,12 +422,12 @@ impl Membership {
     /// Every service's route state as etcd holds it now, and the revision of that read.
     pub async fn route_states(&self) -> Result<(Vec<RouteState>, i64), FleetError> {
         let prefix = format!("{}/services/", self.prefix);
-        let resp = self
-            .client
-            .clone()
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.fail("reading the route states"))?;
+        let resp = retry(self.deadline(), || {
+            let (mut client, prefix) = (self.client.clone(), prefix.clone());
+            async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await
+        .map_err(self.fail("reading the route states"))?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let states = resp
             .kvs()

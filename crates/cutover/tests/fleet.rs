@@ -24,7 +24,7 @@ struct Node {
 }
 
 impl Node {
-    fn new(dir: &Path, name: &str, etcd: &[String], fleet_extra: &str) -> Node {
+    fn new(dir: &Path, name: &str, etcd: &[String], fleet_extra: &str, service_extra: &str) -> Node {
         let port = free_port();
         let config = dir.join(format!("{name}.toml"));
         let endpoints = etcd.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
@@ -34,7 +34,7 @@ impl Node {
                 "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state-{name}\"\n\
                  [fleet]\netcd = [{endpoints}]\nnode = \"{name}\"\nlease_ttl = \"2s\"\n{fleet_extra}\n\
                  [services.api]\nhealth = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\n\
-                 watch = {{ duration = \"500ms\", min_requests = 1 }}\n"
+                 watch = {{ duration = \"500ms\", min_requests = 1 }}\n{service_extra}\n"
             ),
         )
         .unwrap();
@@ -97,8 +97,12 @@ struct Fleet {
 
 impl Fleet {
     fn with_v1_live(fleet_extra: &str) -> Fleet {
+        Fleet::with_v1_live_in(tempfile::tempdir().unwrap(), fleet_extra, "")
+    }
+
+    /// As [`Fleet::with_v1_live`], in `dir`, with `service_extra` in the service's table.
+    fn with_v1_live_in(dir: tempfile::TempDir, fleet_extra: &str, service_extra: &str) -> Fleet {
         let etcd = EtcdCluster::start();
-        let dir = tempfile::tempdir().unwrap();
         let (a, b) = (free_port(), free_port());
         let apps = (
             Proc(spawn_demo_app(a, "s1", "first")),
@@ -106,7 +110,7 @@ impl Fleet {
         );
         let nodes: Vec<Node> = ["n1", "n2", "n3"]
             .iter()
-            .map(|n| Node::new(dir.path(), n, &etcd.endpoints(), fleet_extra))
+            .map(|n| Node::new(dir.path(), n, &etcd.endpoints(), fleet_extra, service_extra))
             .collect();
         for n in &nodes {
             assert!(
@@ -467,4 +471,277 @@ fn a_switch_a_node_did_not_apply_is_rolled_back_by_default() {
         history.contains("rolled back") && history.contains(&format!("nodes {} did not acknowledge", stopped.name)),
         "{history}"
     );
+}
+
+/// kill -9 of the leader while a release is being validated: another node leads within the
+/// lease's time to live, recovers the deployment as a restart does (interrupted, in history),
+/// no node ever answers from the unvalidated release, no request to the surviving nodes fails,
+/// and the new leader deploys.
+#[test]
+fn a_leader_killed_during_validation_is_replaced_and_nothing_unvalidated_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow-smoke");
+    let extra = format!(
+        "validate = {{ smoke = \"test ! -e '{}' || sleep 30\", timeout = \"60s\" }}",
+        slow.display()
+    );
+    let mut f = Fleet::with_v1_live_in(dir, "ack_timeout = \"3s\"", &extra);
+    let leader = f.leader;
+    let v2 = f.v2.clone();
+    let nodes = &mut f.nodes;
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    std::fs::write(&slow, "").unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = survivors.iter().map(|&i| load(nodes[i].front, stop.clone())).collect();
+    let out = nodes[leader].cli(&["deploy", "api", "--version", "v2", "--upstream", &v2, "--no-wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        wait_until(Duration::from_secs(10), || text(&nodes[leader].cli(&["status"]))
+            .contains("validating")),
+        "{}",
+        text(&nodes[leader].cli(&["status"]))
+    );
+    let killed_at = Instant::now();
+    nodes[leader].proc.take(); // kill -9, reaped
+
+    // The new leader answers `promote` itself; a follower refuses it, naming the leader.
+    let mut new_leader = None;
+    let mut last = String::new();
+    while new_leader.is_none() && killed_at.elapsed() < Duration::from_secs(15) {
+        for &i in &survivors {
+            let t = text(&nodes[i].cli(&["promote", "api"]));
+            if !t.contains("does not lead the fleet") && !t.contains("cannot connect") {
+                new_leader = Some(i);
+            }
+            last = t;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = killed_at.elapsed();
+    let new_leader = new_leader.unwrap_or_else(|| panic!("no node leads: {last}\n{}", logs(nodes)));
+    println!("node {} leads {took:?} after the kill", nodes[new_leader].name);
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_millis(1500),
+        "a new leader within the lease's 2 s (and the campaign's poll): {took:?}"
+    );
+
+    let interrupted = || {
+        let out = nodes[new_leader].cli(&["history", "api", "--json"]);
+        let history: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        history
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["version"] == "v2").cloned())
+            .filter(|d| d["outcome"] == "interrupted")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || interrupted().is_some()),
+        "{}\n{}",
+        text(&nodes[new_leader].cli(&["history", "api"])),
+        logs(nodes)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for (&i, c) in survivors.iter().zip(clients) {
+        let seen = c.join().unwrap();
+        assert!(seen.failures.is_empty(), "node {}: {:?}", nodes[i].name, seen.failures);
+        assert!(
+            seen.answers.len() > 50,
+            "node {}: {} answers",
+            nodes[i].name,
+            seen.answers.len()
+        );
+        assert!(
+            seen.answers.iter().all(|(_, body)| body == "s1 first"),
+            "node {} answered from the unvalidated release",
+            nodes[i].name
+        );
+    }
+
+    // The new leader carries on: v2 again, validated this time.
+    std::fs::remove_file(&slow).unwrap();
+    let out = nodes[new_leader].deploy("v2", &v2);
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
+    for &i in &survivors {
+        assert_eq!(
+            get(nodes[i].front),
+            Some((200, "s2 second".into())),
+            "node {}",
+            nodes[i].name
+        );
+    }
+}
+
+/// The node that leads among `among`, by `promote`: the leader answers it itself, the others
+/// refuse it naming the leader. Waits at most `within`.
+fn leader_among(nodes: &[Node], among: &[usize], within: Duration) -> Option<usize> {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        for &i in among {
+            let t = text(&nodes[i].cli(&["promote", "api"]));
+            if !t.contains("does not lead the fleet")
+                && !t.contains("not a member of the fleet")
+                && !t.contains("cannot connect")
+            {
+                return Some(i);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A leader that loses its lease without dying (stopped with SIGSTOP longer than the lease's
+/// life): another node leads and deploys meanwhile; once it runs again, the old leader runs
+/// nothing, refuses commands naming the new leader, joins the fleet again, serves what was
+/// committed while it was away, and acknowledges the next switch.
+#[test]
+fn a_leader_that_lost_its_lease_steps_down_and_joins_again() {
+    let f = Fleet::with_v1_live("ack_timeout = \"5s\"\non_missing_ack = \"proceed\"");
+    let (nodes, old) = (&f.nodes, f.leader);
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let pid = nodes[old].proc.as_ref().unwrap().0.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let new = leader_among(nodes, &others, Duration::from_secs(10));
+    let new = match new {
+        Some(n) => n,
+        None => {
+            let _ = Command::new("kill").args(["-CONT", &pid]).status();
+            panic!("no other node leads\n{}", logs(nodes));
+        }
+    };
+    let out = nodes[new].deploy("v2", &f.v2);
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
+
+    // Back, it steps down: it refuses commands, naming the new leader.
+    let expect = format!(
+        "node {} does not lead the fleet, node {} does",
+        nodes[old].name, nodes[new].name
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || text(&nodes[old].cli(&["promote", "api"]))
+            .contains(&expect)),
+        "{}\n{}",
+        text(&nodes[old].cli(&["promote", "api"])),
+        logs(nodes)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || get(nodes[old].front)
+            == Some((200, "s2 second".into()))),
+        "the old leader serves what was committed while it was stopped: {:?}",
+        get(nodes[old].front)
+    );
+    // A member again: the next switch waits for it and hears from it.
+    let out = nodes[new].cli(&["rollback", "api"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
+    let out = nodes[new].deploy("v2", &f.v2);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}\n{}", logs(nodes));
+    assert!(
+        said.contains("every node of the fleet serves")
+            && said.contains(&nodes[old].name)
+            && !said.contains("did not acknowledge"),
+        "{said}\n{}",
+        logs(nodes)
+    );
+    // Nothing was decided by the old leader after it was stopped: the history is the new
+    // leader's three deployments after v1.
+    let out = nodes[new].cli(&["history", "api", "--json"]);
+    let history: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let versions: Vec<_> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["version"].as_str().unwrap_or("").to_string(), d["outcome"].clone()))
+        .collect();
+    assert_eq!(versions.len(), 3, "{history}");
+}
+
+/// etcd losing members: with one of three down, deploys work; with two down, every node keeps
+/// serving the last revision without a failed request, a deploy is refused with an error that
+/// names etcd and its quorum, and all works again once the members return.
+#[test]
+fn etcd_losing_its_quorum_leaves_traffic_alone_and_refuses_deploys() {
+    let mut f = Fleet::with_v1_live("ack_timeout = \"5s\"");
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = f.nodes.iter().map(|n| load(n.front, stop.clone())).collect();
+
+    f._etcd.kill(0);
+    let leader = leader_among(&f.nodes, &[0, 1, 2], Duration::from_secs(10)).expect("a leader with one member down");
+    let out = f.nodes[leader].deploy("v2", &f.v2);
+    assert!(
+        out.status.success(),
+        "one member down: {}\n{}",
+        text(&out),
+        logs(&f.nodes)
+    );
+    for n in &f.nodes {
+        assert_eq!(get(n.front), Some((200, "s2 second".into())), "node {}", n.name);
+    }
+
+    f._etcd.kill(1);
+    let lost_at = Instant::now();
+    // Longer than the lease's life: every node's lease is gone.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut refusals = Vec::new();
+    for n in &f.nodes {
+        let t0 = Instant::now();
+        let out = n.cli(&["rollback", "api"]);
+        refusals.push((n.name.clone(), out.status.success(), text(&out), t0.elapsed()));
+    }
+    for (name, ok, said, took) in &refusals {
+        assert!(!ok, "node {name} accepted a rollback without quorum: {said}");
+        assert!(
+            said.contains("no node leads") || said.contains("majority"),
+            "node {name}: the refusal says why: {said}"
+        );
+        assert!(*took < Duration::from_secs(15), "node {name}: refused in {took:?}");
+    }
+    let serving = f
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), get(n.front)))
+        .collect::<Vec<_>>();
+
+    f._etcd.restart(0);
+    f._etcd.restart(1);
+    f._etcd.wait_until_healthy(&[0, 1, 2], Duration::from_secs(20)).unwrap();
+    let back = lost_at.elapsed();
+    let leader = leader_among(&f.nodes, &[0, 1, 2], Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("no leader after the members returned\n{}", logs(&f.nodes)));
+    let out = f.nodes[leader].cli(&["rollback", "api"]);
+    assert!(
+        out.status.success(),
+        "after recovery: {}\n{}",
+        text(&out),
+        logs(&f.nodes)
+    );
+    assert!(
+        text(&out).contains("rolled back instantly"),
+        "the warm colour survived: {}",
+        text(&out)
+    );
+    for n in &f.nodes {
+        assert!(
+            wait_until(Duration::from_secs(5), || get(n.front)
+                == Some((200, "s1 first".into()))),
+            "node {} after recovery: {:?}\n{}",
+            n.name,
+            get(n.front),
+            logs(&f.nodes)
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for (n, c) in f.nodes.iter().zip(clients) {
+        let seen = c.join().unwrap();
+        assert!(seen.failures.is_empty(), "node {}: {:?}", n.name, seen.failures);
+    }
+    for (name, answer) in serving {
+        assert_eq!(answer, Some((200, "s2 second".into())), "node {name} without quorum");
+    }
+    for (name, _, said, took) in refusals {
+        println!("without quorum, node {name} refused in {took:?}: {}", said.trim());
+    }
+    println!("quorum back after {back:?}");
 }

@@ -18,9 +18,9 @@
 //!   `Actor::await_fleet`).
 //! - **Commands** on a node that does not lead are refused, naming the leader.
 //!
-//! Not yet: a node that loses its lease while leading does not stop its actors (their commits
-//! then conflict with the new leader's and change nothing stored); a node that loses its lease
-//! keeps serving but does not join again until restarted.
+//! - **Losing the lease** (etcd did not hear from the node within `lease_ttl`): the node is no
+//!   longer a member, and another node may lead. A leader stops its actors at once
+//!   ([`lead`]); every node keeps serving what it applied and joins again ([`keep_membership`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,6 +95,17 @@ impl FleetNode {
 
     /// Why a command cannot be carried out here: this node does not lead.
     pub(super) fn not_leading(&self) -> String {
+        if self.membership().is_none_or(|m| m.is_lost()) {
+            return format!(
+                "node {} is not a member of the fleet now: etcd has not heard from it within lease_ttl = {:?} \
+                 (etcd unreachable, or without a quorum). Without a quorum no node leads and nothing can be \
+                 deployed; every node keeps serving the last route it applied. Check the etcd members ({}): a \
+                 majority of them must be up; the node joins again by itself",
+                self.config.node,
+                self.config.lease_ttl,
+                self.config.etcd.join(", ")
+            );
+        }
         let leader = self.leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match leader {
             Some(l) if l != self.config.node => format!(
@@ -301,52 +312,138 @@ async fn apply_one(shared: &Arc<Shared>, node: &FleetNode, rs: RouteState, drain
     }
 }
 
-/// Campaigns for the fleet's leadership, and once this node leads, starts the services' actors
-/// into `actors`.
+/// Campaigns for the fleet's leadership, and while this node leads, runs the services' actors
+/// (in `actors`). A leader whose lease is lost (etcd did not hear from it within its time to
+/// live, so another node may lead already) stops its actors at once, becomes a follower again,
+/// and campaigns anew once it has joined again ([`keep_membership`]).
 pub(super) async fn lead(shared: Arc<Shared>, node: Arc<FleetNode>, actors: Arc<Actors>) {
-    let membership = loop {
-        match node.membership() {
-            Some(m) => break m,
-            None => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
     // Keep the leader's name current for the refusals of commands.
     {
-        let (membership, node) = (membership.clone(), node.clone());
+        let node = node.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok(leader) = membership.leader().await {
-                    *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader;
+                if let Some(membership) = node.membership() {
+                    if let Ok(leader) = membership.leader().await {
+                        *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader;
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
     }
     loop {
+        let membership = current(&node).await;
         match membership.campaign().await {
-            Ok(()) => break,
+            Ok(()) => {}
             Err(FleetError::LeaseLost { .. }) => {
-                tracing::error!("the fleet lease was lost; this node will not lead until it is restarted");
-                return;
+                // `keep_membership` joins again; campaign with the new membership.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "campaigning for the fleet's leadership failed; trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        }
+        node.leading.store(true, Ordering::SeqCst);
+        *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.config.node.clone());
+        tracing::info!(node = %node.config.node, "this node leads the fleet");
+        for svc in shared.config.services.clone() {
+            match super::start_actor(&shared, &svc).await {
+                Ok(tx) => {
+                    actors
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(svc.name.clone(), tx);
+                }
+                Err(e) => tracing::error!(service = %svc.name, error = %e, "cannot start the control of the service"),
+            }
+        }
+        membership.lost().await;
+        tracing::error!(
+            node = %node.config.node,
+            "this node no longer leads the fleet (its lease was lost): stopping its deployments; the node that leads next recovers them"
+        );
+        abdicate(&shared, &node, &actors).await;
+    }
+}
+
+/// Stops leading: commands are refused from now on, the actors stop (leaving what runs as it
+/// is; the next leader recovers their deployments from the committed state), and the route
+/// table follows the committed states again.
+async fn abdicate(shared: &Arc<Shared>, node: &Arc<FleetNode>, actors: &Actors) {
+    let stopping: Vec<_> = std::mem::take(&mut *actors.write().unwrap_or_else(|p| p.into_inner()))
+        .into_values()
+        .collect();
+    *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    for tx in stopping {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if tx
+            .send(Msg::Shutdown {
+                instances: super::AtShutdown::Leave,
+                reply,
+            })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+    node.leading.store(false, Ordering::SeqCst);
+    // What the actors last did to the table may not be what was committed (a commit of theirs
+    // may have failed against the next leader's): every state is applied again.
+    node.applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    if let Some(membership) = node.membership() {
+        match membership.route_states().await {
+            Ok((states, _)) => {
+                for rs in states {
+                    apply_one(shared, node, rs, true).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the route states after leading; the watch applies them when etcd answers")
             }
         }
     }
-    node.leading.store(true, Ordering::SeqCst);
-    *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.config.node.clone());
-    tracing::info!(node = %node.config.node, "this node leads the fleet");
-    for svc in shared.config.services.clone() {
-        match super::start_actor(&shared, &svc).await {
-            Ok(tx) => {
-                actors
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(svc.name.clone(), tx);
+}
+
+/// The node's membership once it has one that is not lost.
+async fn current(node: &FleetNode) -> Arc<Membership> {
+    loop {
+        if let Some(m) = node.membership().filter(|m| !m.is_lost()) {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Joins the fleet again whenever the node's lease is lost (etcd unreachable for longer than
+/// the lease's life, or the process stopped that long), and acknowledges again what it applies:
+/// acknowledgements lived under the old lease. Until then the node serves what it applied.
+pub(super) async fn keep_membership(node: Arc<FleetNode>) {
+    loop {
+        let membership = current(&node).await;
+        membership.lost().await;
+        tracing::error!(node = %node.config.node, "this node's fleet lease was lost; joining the fleet again");
+        let mut pause = Duration::from_millis(250);
+        let joined = loop {
+            match Membership::join(&node.options, &node.config.node, node.config.lease_ttl).await {
+                Ok(m) => break Arc::new(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot join the fleet again yet; serving the last revision applied");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
             }
-            Err(e) => tracing::error!(service = %svc.name, error = %e, "cannot start the control of the service"),
+        };
+        *node.membership.lock().unwrap_or_else(|p| p.into_inner()) = Some(joined.clone());
+        tracing::info!(node = %node.config.node, "joined the fleet again");
+        let applied = node.applied.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (service, revision) in applied {
+            if let Err(e) = joined.acknowledge(&service, revision).await {
+                tracing::warn!(service = %service, error = %e, "cannot acknowledge revision {revision}");
+            }
         }
     }
 }

@@ -448,7 +448,7 @@ where
 
 /// Sends a request until it succeeds, fails for good, or the deadline is near; the last
 /// transient error is returned then.
-async fn retry<T, F, M>(deadline: Instant, mut make: M) -> Result<T, etcd_client::Error>
+pub(crate) async fn retry<T, F, M>(deadline: Instant, mut make: M) -> Result<T, etcd_client::Error>
 where
     F: Future<Output = Result<T, etcd_client::Error>>,
     M: FnMut() -> F,
