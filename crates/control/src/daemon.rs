@@ -395,7 +395,7 @@ impl Daemon {
         config: Config,
         adjust: impl FnOnce(&mut cutover_proxy::ProxyConfig),
     ) -> Result<Daemon, StartError> {
-        Daemon::start_inheriting(config, adjust, Vec::new()).await
+        Daemon::start_inheriting(config, adjust, Vec::new(), None).await
     }
 
     /// [`Daemon::start_with`], the proxy taking over listening sockets that are open already
@@ -406,6 +406,7 @@ impl Daemon {
         config: Config,
         adjust: impl FnOnce(&mut cutover_proxy::ProxyConfig),
         inherited: Vec<std::net::TcpListener>,
+        fleet_lease: Option<i64>,
     ) -> Result<Daemon, StartError> {
         let state_dir = config.server.state_dir.clone();
         crate::private_dir::prepare_state_dir(&state_dir)?;
@@ -578,6 +579,7 @@ impl Daemon {
             // A node of a fleet: the committed route of every service before the listeners
             // accept; the actors only once this node leads.
             Some(node) => {
+                *node.inherited_lease.lock().unwrap_or_else(|p| p.into_inner()) = fleet_lease;
                 fleet_node::join(&node).await?;
                 fleet_node::load(&shared, &node).await?;
                 tokio::spawn(fleet_node::follow(shared.clone(), node.clone()));
@@ -939,6 +941,25 @@ impl Daemon {
                 }
             })
             .collect())
+    }
+
+    /// In a fleet: the lease this node is a member under, for the daemon that replaces this one
+    /// (`cutover upgrade`), which takes the node's registration (and leadership) over with it.
+    pub fn fleet_lease(&self) -> Option<i64> {
+        self.shared.fleet.as_ref()?.membership().map(|m| m.lease())
+    }
+
+    /// In a fleet, after [`Daemon::stop`] (not after a handover, whose successor keeps the
+    /// lease): leaves the fleet at once, so that another node leads without waiting for the
+    /// lease to expire and a restart of this node registers at once.
+    pub async fn leave_fleet(&self) {
+        let Some(membership) = self.shared.fleet.as_ref().and_then(|n| n.membership()) else {
+            return;
+        };
+        match membership.resign().await {
+            Ok(()) => tracing::info!("left the fleet"),
+            Err(e) => tracing::warn!(error = %e, "cannot leave the fleet; its lease expires by itself"),
+        }
     }
 
     /// Stops the daemon: the proxy finishes what it is serving and closes, then each service's
@@ -2000,11 +2021,17 @@ impl Actor {
         // In a fleet, the switch waits for every node's acknowledgement once the transition's
         // other actions (the drain of the colour left, the watch and its timer) have started.
         let mut switched: Option<Colour> = None;
+        // What the transition records after its switch (went live, rolled back) is said once
+        // every node serves the switch: `cutover deploy` returns on those words.
+        let mut after_switch = Vec::new();
         while let Some(action) = actions.next() {
             match action {
                 Action::Record(record) => {
                     promoting |= matches!(record, Record::Promoted { .. });
-                    self.announce(&record)
+                    match switched {
+                        Some(_) if self.shared.fleet.is_some() => after_switch.push(record),
+                        _ => self.announce(&record),
+                    }
                 }
                 Action::StartInstances {
                     deployment,
@@ -2107,20 +2134,22 @@ impl Actor {
                         .map(|r| r.release.version.clone())
                         .unwrap_or_default();
                     match r {
-                        Ok(true) => self.shared.notice(
-                            self.name(),
-                            None,
-                            EventKind::Switch,
-                            format!("live traffic switched to {colour} ({version}) in {took:.1?}{sticky}"),
-                            None,
-                        ),
+                        Ok(true) => {
+                            switched = Some(colour);
+                            self.shared.notice(
+                                self.name(),
+                                None,
+                                EventKind::Switch,
+                                format!("live traffic switched to {colour} ({version}) in {took:.1?}{sticky}"),
+                                None,
+                            )
+                        }
                         // After a restart, the fresh table may name the live colour already.
                         Ok(false) => {
                             tracing::info!(service = self.name(), %colour, version, "live traffic is on {colour}")
                         }
                         Err(e) => tracing::error!(service = self.name(), error = %e, "switch failed"),
                     }
-                    switched = Some(colour);
                 }
                 Action::StartWatch { deployment, colour } => self.start_watch(deployment, colour),
                 Action::StopWatch { deployment } => {
@@ -2153,6 +2182,9 @@ impl Actor {
         }
         if let Some(colour) = switched {
             self.await_fleet(colour, promoting).await;
+        }
+        for record in after_switch {
+            self.announce(&record);
         }
     }
 

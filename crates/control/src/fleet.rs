@@ -124,6 +124,18 @@ impl Membership {
     /// it. A registration of the same name that is still alive (another node, or this one before
     /// a crash, until its lease expires) is waited for up to `ttl`, then refused.
     pub async fn join(options: &EtcdOptions, node: &str, ttl: Duration) -> Result<Membership, FleetError> {
+        Membership::join_with_lease(options, node, ttl, None).await
+    }
+
+    /// [`Membership::join`], taking over `inherited`, the lease of the daemon this one replaces
+    /// (`cutover upgrade`): the registration under it is this node's own, and so is the
+    /// leadership if that daemon led. A lease that is gone is replaced by a new one.
+    pub async fn join_with_lease(
+        options: &EtcdOptions,
+        node: &str,
+        ttl: Duration,
+        inherited: Option<i64>,
+    ) -> Result<Membership, FleetError> {
         if node.is_empty() || node.contains('/') {
             return Err(FleetError::Setup(format!(
                 "{node:?} is not a node name: give a non-empty name without '/', e.g. the host name"
@@ -167,11 +179,22 @@ impl Membership {
             message: format!("no answer within {:?}", options.timeout),
         })?
         .map_err(fail("connecting"))?;
-        let lease = client
-            .lease_grant(ttl_s, None)
-            .await
-            .map_err(fail("granting a lease"))?
-            .id();
+        let alive = match inherited {
+            Some(id) => match client.lease_time_to_live(id, None).await {
+                Ok(r) if r.ttl() > 0 => Some(id),
+                Ok(_) => None,
+                Err(e) => return Err(fail("reading the inherited lease")(e)),
+            },
+            None => None,
+        };
+        let lease = match alive {
+            Some(id) => id,
+            None => client
+                .lease_grant(ttl_s, None)
+                .await
+                .map_err(fail("granting a lease"))?
+                .id(),
+        };
         let key = format!("{prefix}/nodes/{node}");
         let waited_from = Instant::now();
         loop {
@@ -184,6 +207,17 @@ impl Membership {
                 )]);
             if client.txn(put).await.map_err(fail("registering the node"))?.succeeded() {
                 break;
+            }
+            if alive.is_some() {
+                let ours = Txn::new().when([Compare::lease(key.clone(), CompareOp::Equal, lease)]);
+                if client
+                    .txn(ours)
+                    .await
+                    .map_err(fail("registering the node"))?
+                    .succeeded()
+                {
+                    break;
+                }
             }
             if waited_from.elapsed() > Duration::from_secs(ttl_s as u64) {
                 let _ = client.lease_revoke(lease).await;
@@ -257,6 +291,21 @@ impl Membership {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The lease this node's registration lives under.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// Leaves the fleet at once (a graceful stop): the lease is revoked, and with it the
+    /// registration, the leadership and the acknowledgements; another node leads without
+    /// waiting for the lease to expire.
+    pub async fn resign(&self) -> Result<(), FleetError> {
+        self.keeper.abort();
+        let mut client = self.client.clone();
+        client.lease_revoke(self.lease).await.map_err(self.fail("leaving"))?;
+        Ok(())
     }
 
     /// Whether the lease was lost (this node is no longer a member, and leads nothing).
@@ -378,12 +427,12 @@ impl Membership {
     /// Every member's acknowledgement for `service` (members that gave none are absent).
     pub async fn acks(&self, service: &str) -> Result<BTreeMap<String, Ack>, FleetError> {
         let prefix = format!("{}/acks/{service}/", self.prefix);
-        let resp = self
-            .client
-            .clone()
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.fail("reading the acknowledgements"))?;
+        let resp = retry(self.deadline(), || {
+            let (mut client, prefix) = (self.client.clone(), prefix.clone());
+            async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await
+        .map_err(self.fail("reading the acknowledgements"))?;
         Ok(resp
             .kvs()
             .iter()
@@ -413,10 +462,14 @@ impl Membership {
         }
     }
 
-    /// Returns once the lease is lost (never, while the node stays a member).
+    /// Returns once the lease is lost (never while the node stays a member, nor after it left
+    /// on purpose with [`Membership::resign`]).
     pub async fn lost(&self) {
         let mut lost = self.lost.clone();
-        let _ = lost.wait_for(|l| *l).await;
+        if lost.wait_for(|l| *l).await.is_err() {
+            // The keeper was stopped on purpose: nothing was lost.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Every service's route state as etcd holds it now, and the revision of that read.

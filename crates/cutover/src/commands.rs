@@ -267,7 +267,11 @@ fn serve_with(
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
-        let crate::handover::Inherited { mut tcp, mut unix } = inherited;
+        let crate::handover::Inherited {
+            mut tcp,
+            mut unix,
+            fleet_lease,
+        } = inherited;
         let admin_inherited = match &config.server.admin {
             Admin::Unix(p) => match unix.len() {
                 0 => None,
@@ -307,7 +311,7 @@ fn serve_with(
             .duplicate()
             .map_err(|e| usage(format!("cannot serve the admin API on {}: {e}", config.server.admin)))?;
         let access_log = args.access_log;
-        let daemon = Daemon::start_inheriting(config.clone(), |p| p.access_log = access_log, tcp)
+        let daemon = Daemon::start_inheriting(config.clone(), |p| p.access_log = access_log, tcp, fleet_lease)
             .await
             .map_err(|e| usage(format!("cannot start: {e}")))?;
         let mut requests = daemon.serve_requests();
@@ -383,6 +387,7 @@ fn serve_with(
                 tracing::info!("cutover stopping: {what}");
                 api.stop(false).await;
                 daemon.stop(instances).await;
+                daemon.leave_fleet().await;
             }
             Ending::HandedOver => {
                 // The successor speaks for the unit now (it sent READY=1 with its MAINPID).
@@ -434,7 +439,8 @@ async fn upgrade(
     if let Some(n) = notifier {
         n.send("RELOADING=1\nSTATUS=handing over to a new daemon");
     }
-    match crate::handover::hand_over(&binary, &start.argv, sockets, state_dir, notifier, timeout).await {
+    let lease = daemon.fleet_lease();
+    match crate::handover::hand_over(&binary, &start.argv, sockets, state_dir, notifier, lease, timeout).await {
         Ok(done) => {
             parked.finish();
             Ok(Upgraded {

@@ -33,7 +33,12 @@ use crate::sd_notify::{Notifier, HANDOVER_SOCKET};
 pub struct Inherited {
     pub tcp: Vec<TcpListener>,
     pub unix: Vec<UnixListener>,
+    /// In a fleet: the lease of the daemon this one replaces ([`FLEET_LEASE`]).
+    pub fleet_lease: Option<i64>,
 }
+
+/// The variable that passes a fleet node's etcd lease to the daemon that replaces it.
+pub const FLEET_LEASE: &str = "CUTOVER_FLEET_LEASE";
 
 /// Takes the sockets passed with `LISTEN_FDS` (none without it), and removes the variables so
 /// that the instances cutover starts do not see them. A `LISTEN_PID` naming another process
@@ -42,7 +47,11 @@ pub struct Inherited {
 pub fn take_inherited() -> anyhow::Result<Inherited> {
     let mut fds = listenfd::ListenFd::from_env();
     std::env::remove_var("LISTEN_FDNAMES");
-    let mut inherited = Inherited::default();
+    let mut inherited = Inherited {
+        fleet_lease: std::env::var(FLEET_LEASE).ok().and_then(|v| v.parse().ok()),
+        ..Inherited::default()
+    };
+    std::env::remove_var(FLEET_LEASE);
     for i in 0..fds.len() {
         let fd = 3 + i;
         if let Ok(Some(l)) = fds.take_tcp_listener(i) {
@@ -73,6 +82,7 @@ pub async fn hand_over(
     sockets: Vec<OwnedFd>,
     state_dir: &Path,
     manager: Option<&Notifier>,
+    fleet_lease: Option<i64>,
     timeout: Duration,
 ) -> Result<HandedOver, String> {
     let path = state_dir.join("handover.sock");
@@ -98,6 +108,9 @@ pub async fn hand_over(
         .kill_on_drop(false);
     for (var, value) in manager.map(|m| m.env()).unwrap_or_default() {
         cmd.env(var, value);
+    }
+    if let Some(lease) = fleet_lease {
+        cmd.env(FLEET_LEASE, lease.to_string());
     }
     let mappings = sockets
         .into_iter()

@@ -191,7 +191,8 @@ struct Seen {
     failures: Vec<String>,
 }
 
-/// A keep-alive client sending GET / to `addr` until `stop` (at most 30 s or 40000 requests).
+/// A keep-alive client sending GET / to `addr` until `stop` (at most 30 s or 40000 requests). As
+/// HTTP clients do, it opens a new connection after an answer with `Connection: close`.
 fn load(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
     std::thread::spawn(move || {
         let mut seen = Seen::default();
@@ -217,10 +218,15 @@ fn load(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen
             let (reader, writer) = conn.as_mut().unwrap();
             let answer = writer
                 .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-                .and_then(|_| common::read_answer(reader));
+                .and_then(|_| common::read_response(reader));
             match answer {
-                Ok((200, body)) => seen.answers.push((unix_ms(), body)),
-                Ok((status, body)) => {
+                Ok((200, body, close)) => {
+                    seen.answers.push((unix_ms(), body));
+                    if close {
+                        conn = None;
+                    }
+                }
+                Ok((status, body, _)) => {
                     seen.failures.push(format!("{status} {body}"));
                     conn = None;
                 }
@@ -744,4 +750,115 @@ fn etcd_losing_its_quorum_leaves_traffic_alone_and_refuses_deploys() {
         println!("without quorum, node {name} refused in {took:?}: {}", said.trim());
     }
     println!("quorum back after {back:?}");
+}
+
+/// Daemons started by `cutover upgrade` (not children of the test): killed (-9) on drop.
+struct Upgraded(Vec<u32>);
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// `cutover upgrade` of the leader, then of a follower, under keep-alive load on every node: no
+/// request fails, the leader still leads, and the next switch is acknowledged by every node.
+#[test]
+fn upgrading_nodes_under_load_loses_nothing_and_keeps_the_lead() {
+    let f = Fleet::with_v1_live("ack_timeout = \"5s\"");
+    let mut upgraded = Upgraded(Vec::new());
+    let (nodes, leader) = (&f.nodes, f.leader);
+    let follower = (leader + 1) % 3;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = nodes.iter().map(|n| load(n.front, stop.clone())).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in [leader, follower] {
+        let t0 = Instant::now();
+        let out = nodes[i].cli(&["upgrade", "--json"]);
+        assert!(
+            out.status.success(),
+            "upgrade of node {} ({:?}): {}\n{}",
+            nodes[i].name,
+            t0.elapsed(),
+            text(&out),
+            logs(nodes)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        upgraded.0.push(answer["pid"].as_u64().unwrap() as u32);
+        println!("node {} upgraded in {:?}", nodes[i].name, t0.elapsed());
+    }
+    assert_eq!(
+        leader_among(nodes, &[0, 1, 2], Duration::from_secs(5)),
+        Some(leader),
+        "the upgraded leader leads\n{}",
+        logs(nodes)
+    );
+    let out = nodes[leader].deploy("v2", &f.v2);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}\n{}", logs(nodes));
+    assert!(
+        said.contains("every node of the fleet serves") && nodes.iter().all(|n| said.contains(&n.name)),
+        "{said}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    for (n, c) in nodes.iter().zip(clients) {
+        let seen = c.join().unwrap();
+        assert!(seen.failures.is_empty(), "node {}: {:?}", n.name, seen.failures);
+        assert!(
+            seen.answers.len() > 100,
+            "node {}: {} answers",
+            n.name,
+            seen.answers.len()
+        );
+    }
+}
+
+/// A leader stopped gracefully (SIGTERM) leaves the fleet as it stops: another node leads at
+/// once, well within the lease's 2 s, and the stopped node, started again, is a member at once.
+#[test]
+fn a_leader_stopped_gracefully_hands_the_lead_on_at_once() {
+    let mut f = Fleet::with_v1_live("ack_timeout = \"5s\"");
+    let leader = f.leader;
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let pid = f.nodes[leader].proc.as_ref().unwrap().0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t0 = Instant::now();
+    let _ = f.nodes[leader].proc.as_mut().unwrap().0.wait();
+    let stopped_in = t0.elapsed();
+    let new = leader_among(&f.nodes, &others, Duration::from_secs(10)).expect("another node leads");
+    let took = t0.elapsed();
+    println!(
+        "stopped in {stopped_in:?}; node {} leads {took:?} after SIGTERM",
+        f.nodes[new].name
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "handed on at once: {took:?}\n{}",
+        logs(&f.nodes)
+    );
+
+    f.nodes[leader].start();
+    let back = Instant::now();
+    let n = &f.nodes[leader];
+    assert!(
+        wait_until(Duration::from_secs(10), || n.cli(&["status"]).status.success()),
+        "{}",
+        logs(&f.nodes)
+    );
+    assert!(
+        back.elapsed() < Duration::from_secs(2),
+        "registered at once: {:?}",
+        back.elapsed()
+    );
+    let out = f.nodes[new].deploy("v2", &f.v2);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("{},", f.nodes[leader].name))
+            || text(&out).contains(&format!(", {}", f.nodes[leader].name)),
+        "{}",
+        text(&out)
+    );
 }

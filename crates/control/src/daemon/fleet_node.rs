@@ -51,6 +51,8 @@ pub(super) struct FleetNode {
     applied: Mutex<BTreeMap<String, u64>>,
     /// Whether the watch of the route states is open.
     connected: AtomicBool,
+    /// The lease of the daemon this one replaces (`cutover upgrade`), to join under.
+    pub(super) inherited_lease: Mutex<Option<i64>>,
 }
 
 impl FleetNode {
@@ -82,6 +84,7 @@ impl FleetNode {
             leader: Mutex::new(None),
             applied: Mutex::new(BTreeMap::new()),
             connected: AtomicBool::new(false),
+            inherited_lease: Mutex::new(None),
         })
     }
 
@@ -131,7 +134,8 @@ impl FleetNode {
 /// Joins the fleet: the node's name is registered under its lease (a live node of the same name
 /// refuses the start).
 pub(super) async fn join(node: &FleetNode) -> Result<(), StartError> {
-    let membership = Membership::join(&node.options, &node.config.node, node.config.lease_ttl)
+    let inherited = node.inherited_lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let membership = Membership::join_with_lease(&node.options, &node.config.node, node.config.lease_ttl, inherited)
         .await
         .map_err(|e| StartError::Fleet(e.to_string()))?;
     let membership = Arc::new(membership);

@@ -148,6 +148,12 @@ pub fn exchange_at(
 
 /// Reads one HTTP/1.1 answer with a Content-Length body; returns the status and the body, trimmed.
 pub fn read_answer(reader: &mut impl BufRead) -> std::io::Result<(u16, String)> {
+    read_response(reader).map(|(status, body, _)| (status, body))
+}
+
+/// [`read_answer`], and whether the answer closes the connection (`Connection: close`).
+pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<(u16, String, bool)> {
+    let mut close = false;
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let status: u16 = line
@@ -161,11 +167,15 @@ pub fn read_answer(reader: &mut impl BufRead) -> std::io::Result<(u16, String)> 
         if h == "\r\n" || h.is_empty() {
             break;
         }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
             length = v.trim().parse().unwrap_or(0);
+        }
+        if let Some(v) = lower.strip_prefix("connection:") {
+            close |= v.trim() == "close";
         }
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body)?;
-    Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
+    Ok((status, String::from_utf8_lossy(&body).trim().to_string(), close))
 }
