@@ -1889,7 +1889,17 @@ impl Actor {
         let timeout = node.config.ack_timeout;
         // etcd failing (a member down, a leader election) is retried until the time is up.
         let deadline = t0 + timeout;
-        let (acked, missing) = loop {
+        // The members when the switch happened: one that leaves meanwhile (its lease expired:
+        // stopped, or cut off from etcd and still serving the old colour) did not apply it.
+        let expected = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match membership.members().await {
+                Ok(m) => break m,
+                Err(_) if left > Duration::from_millis(100) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) => break Vec::new(),
+            }
+        };
+        let (acked, mut missing) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match membership.wait_for_acks(self.name(), revision, left).await {
                 Ok(w) => break (w.acked, w.missing),
@@ -1900,6 +1910,11 @@ impl Actor {
                 Err(e) => break (Vec::new(), vec![format!("(etcd: {e})")]),
             }
         };
+        let left: Vec<String> = expected
+            .into_iter()
+            .filter(|m| !acked.contains(m) && !missing.contains(m))
+            .collect();
+        missing.extend(left.iter().cloned());
         if missing.is_empty() {
             self.shared.notice(
                 self.name(),
@@ -1929,12 +1944,19 @@ impl Actor {
             (true, None) => "the switch stands".to_string(),
         };
         let nodes = missing.join(", ");
+        let gone = match left.len() {
+            0 => String::new(),
+            _ => format!(
+                " ({} left the fleet meanwhile: etcd did not hear from it within lease_ttl)",
+                left.join(", ")
+            ),
+        };
         self.shared.notice(
             self.name(),
             None,
             EventKind::Switch,
             format!(
-                "nodes {nodes} did not acknowledge revision {revision} ({colour} live) within {timeout:?}; acknowledged: {}; {then}",
+                "nodes {nodes} did not acknowledge revision {revision} ({colour} live) within {timeout:?}{gone}; acknowledged: {}; {then}",
                 if acked.is_empty() { "none".to_string() } else { acked.join(", ") },
             ),
             Some(format!("not acknowledged by {nodes}")),

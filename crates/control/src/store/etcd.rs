@@ -446,15 +446,28 @@ where
     }
 }
 
+/// How long one attempt of a request may take before it is sent again (to another member, as
+/// the client balances): a request queued on a member that is down can otherwise wait for the
+/// whole deadline.
+const ATTEMPT: Duration = Duration::from_secs(1);
+
 /// Sends a request until it succeeds, fails for good, or the deadline is near; the last
-/// transient error is returned then.
+/// transient error is returned then. Each attempt is cut after [`ATTEMPT`].
 pub(crate) async fn retry<T, F, M>(deadline: Instant, mut make: M) -> Result<T, etcd_client::Error>
 where
     F: Future<Output = Result<T, etcd_client::Error>>,
     M: FnMut() -> F,
 {
     loop {
-        match make().await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = match tokio::time::timeout(ATTEMPT.min(left.max(Duration::from_millis(1))), make()).await {
+            Ok(answer) => answer,
+            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", ATTEMPT.min(left)),
+            ))),
+        };
+        match attempt {
             Err(e) if transient(&e) && Instant::now() + RETRY_PAUSE < deadline => {
                 tracing::debug!(error = %describe(&e), "etcd request failed, retrying");
                 tokio::time::sleep(RETRY_PAUSE).await;
