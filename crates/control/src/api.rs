@@ -172,13 +172,20 @@ struct StatusBody {
     /// The TLS listeners' certificates; left out without TLS listeners.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tls: Vec<crate::tls::CertificateView>,
+    /// In a fleet: this node and every member; left out without `[fleet]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<crate::daemon::FleetView>,
 }
+
+/// How long `/v1/status` waits for etcd's view of the fleet before it answers without it.
+const FLEET_STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
 async fn status(State(api): State<Api>) -> Json<StatusBody> {
     Json(StatusBody {
         services: api.daemon.status(),
         preview_token: api.daemon.preview_token().to_string(),
         tls: api.daemon.certificates(),
+        fleet: api.daemon.fleet_status(FLEET_STATUS_WAIT).await,
     })
 }
 

@@ -47,6 +47,7 @@ use crate::webhooks::Webhooks;
 pub use crate::events::{EventKind, Notice};
 
 mod fleet_node;
+pub use fleet_node::{FleetNodeView, FleetView, LocalFleetView, NodeServiceView};
 mod supervise;
 
 /// A service as `cutover status` shows it.
@@ -941,6 +942,20 @@ impl Daemon {
                 }
             })
             .collect())
+    }
+
+    /// In a fleet: this node's own view (member, connected, leading, applied revisions), for
+    /// metrics; `None` without `[fleet]`.
+    pub fn fleet_local(&self) -> Option<LocalFleetView> {
+        self.shared.fleet.as_ref().map(|n| n.local_view())
+    }
+
+    /// In a fleet: this node and every member as etcd sees it (applied revisions, whether each
+    /// is current, the leader), within `within`; `None` without `[fleet]`.
+    pub async fn fleet_status(&self, within: Duration) -> Option<FleetView> {
+        let node = self.shared.fleet.as_ref()?;
+        let services: Vec<String> = self.shared.config.services.iter().map(|s| s.name.clone()).collect();
+        Some(node.view(&services, within).await)
     }
 
     /// In a fleet: the lease this node is a member under, for the daemon that replaces this one

@@ -274,6 +274,41 @@ impl Collector for DaemonCollector {
             }
         }
 
+        if let Some(fleet) = self.daemon.fleet_local() {
+            let node = [("node", fleet.node.as_str())];
+            let mut e = encoder.encode_descriptor(
+                "fleet_connected",
+                "1 while this node follows the fleet's route states from etcd (its watch open, its lease alive); 0 while it serves the last revision applied (fail static)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(fleet.connected)).encode(e.encode_family(&node)?)?;
+            let mut e = encoder.encode_descriptor(
+                "fleet_member",
+                "1 while this node's lease is alive in etcd (it counts in acknowledgements and may lead)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(fleet.member)).encode(e.encode_family(&node)?)?;
+            let mut e = encoder.encode_descriptor(
+                "fleet_leader",
+                "1 while this node leads the fleet (runs the deployments)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(fleet.leading)).encode(e.encode_family(&node)?)?;
+            let mut e = encoder.encode_descriptor(
+                "fleet_applied_revision",
+                "The etcd revision of each service's route state this node applies now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (service, revision) in &fleet.applied {
+                ConstGauge::new(i64::try_from(*revision).unwrap_or(i64::MAX))
+                    .encode(e.encode_family(&[("node", fleet.node.as_str()), ("service", service.as_str())])?)?;
+            }
+        }
+
         let certificates = self.daemon.certificates();
         if !certificates.is_empty() {
             let mut e = encoder.encode_descriptor(

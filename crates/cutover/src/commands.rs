@@ -931,8 +931,67 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         for c in answer.get("tls").and_then(|t| t.as_array()).unwrap_or(&empty) {
             println!("{}", certificate_line(c));
         }
+        if let Some(fleet) = answer.get("fleet").filter(|f| !f.is_null()) {
+            print_fleet(fleet);
+        }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The `fleet` of `/v1/status`, for people: this node, then each member with its applied
+/// revisions.
+fn print_fleet(fleet: &serde_json::Value) {
+    let node = fleet["node"].as_str().unwrap_or("?");
+    let role = match (fleet["leading"].as_bool(), fleet["leader"].as_str()) {
+        (Some(true), _) => "leads the fleet".to_string(),
+        (_, Some(leader)) => format!("follows {leader}"),
+        _ => "no node leads".to_string(),
+    };
+    let member = if fleet["member"].as_bool() == Some(true) {
+        ""
+    } else {
+        ", not a member (its lease expired: etcd unreachable or without quorum)"
+    };
+    let connected = if fleet["connected"].as_bool() == Some(true) {
+        "following etcd"
+    } else {
+        "cut off from etcd, serving the last revision applied"
+    };
+    println!("fleet: node {node} {role}, {connected}{member}");
+    if let Some(error) = fleet["error"].as_str() {
+        println!("  the other nodes are unknown: {error}");
+        return;
+    }
+    let revisions = fleet["revisions"].as_object().cloned().unwrap_or_default();
+    for n in fleet["nodes"].as_array().cloned().unwrap_or_default() {
+        let name = n["name"].as_str().unwrap_or("?");
+        let services: Vec<String> = n["services"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(service, s)| {
+                        let applied = s["applied_revision"].as_u64();
+                        let now = revisions.get(service).and_then(|r| r.as_u64());
+                        match (applied, now, s["current"].as_bool()) {
+                            (Some(a), _, Some(true)) => format!("{service} at revision {a} (current)"),
+                            (Some(a), Some(r), _) => format!("{service} at revision {a}, behind {r}"),
+                            (None, Some(r), _) => format!("{service}: nothing acknowledged (current: {r})"),
+                            _ => format!("{service}: nothing committed yet"),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "  {name}{}: {}",
+            if n["leader"].as_bool() == Some(true) {
+                " (leader)"
+            } else {
+                ""
+            },
+            services.join("; ")
+        );
+    }
 }
 
 /// `cutover history`: from the daemon, or when none runs, from the state database directly

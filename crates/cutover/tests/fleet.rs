@@ -75,6 +75,36 @@ impl Node {
             .unwrap()
     }
 
+    /// `GET /metrics` on the node's admin socket: the body.
+    fn metrics(&self) -> String {
+        use std::io::Read;
+        let socket = self
+            .config
+            .parent()
+            .unwrap()
+            .join(format!("state-{}/admin.sock", self.name));
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) else {
+            return String::new();
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    }
+
+    /// A gauge of [`Node::metrics`]: the value of the line that starts with `series`.
+    fn gauge(&self, series: &str) -> Option<i64> {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// `cutover status --json` of this node: its `fleet`.
+    fn fleet_status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()["fleet"].clone()
+    }
+
     /// `cutover deploy api --version VERSION --upstream UPSTREAM` sent to this node.
     fn deploy(&self, version: &str, upstream: &str) -> Output {
         self.cli(&["deploy", "api", "--version", version, "--upstream", upstream])
@@ -709,6 +739,19 @@ fn etcd_losing_its_quorum_leaves_traffic_alone_and_refuses_deploys() {
         .iter()
         .map(|n| (n.name.clone(), get(n.front)))
         .collect::<Vec<_>>();
+    // Each node says so, in its status and its metrics.
+    for n in &f.nodes {
+        let said = text(&n.cli(&["status"]));
+        assert!(
+            said.contains(&format!("fleet: node {}", n.name)) && said.contains("not a member"),
+            "node {}: {said}",
+            n.name
+        );
+        let series = |name: &str| format!("cutover_fleet_{name}{{node=\"{}\"}}", n.name);
+        assert_eq!(n.gauge(&series("member")), Some(0), "{}", n.metrics());
+        assert_eq!(n.gauge(&series("leader")), Some(0), "{}", n.metrics());
+        assert_eq!(n.gauge(&series("connected")), Some(0), "{}", n.metrics());
+    }
 
     f._etcd.restart(0);
     f._etcd.restart(1);
@@ -746,6 +789,41 @@ fn etcd_losing_its_quorum_leaves_traffic_alone_and_refuses_deploys() {
     for (name, answer) in serving {
         assert_eq!(answer, Some((200, "s2 second".into())), "node {name} without quorum");
     }
+    // Back: every node a member, following etcd, and current; one leads.
+    for n in &f.nodes {
+        let series = |name: &str| format!("cutover_fleet_{name}{{node=\"{}\"}}", n.name);
+        assert!(
+            wait_until(Duration::from_secs(5), || n.gauge(&series("member")) == Some(1)
+                && n.gauge(&series("connected")) == Some(1)),
+            "{}",
+            n.metrics()
+        );
+    }
+    let fleet = f.nodes[leader].fleet_status();
+    let revision = fleet["revisions"]["api"].as_u64().unwrap_or_else(|| panic!("{fleet}"));
+    let members = fleet["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 3, "{fleet}");
+    assert_eq!(members.iter().filter(|m| m["leader"] == true).count(), 1, "{fleet}");
+    for n in &f.nodes {
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                let fleet = n.fleet_status();
+                let member = fleet["nodes"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|m| m["name"] == n.name.as_str()).cloned());
+                member.is_some_and(|m| m["services"]["api"]["current"] == true)
+                    && n.gauge(&format!(
+                        "cutover_fleet_applied_revision{{node=\"{}\",service=\"api\"}}",
+                        n.name
+                    )) == Some(revision as i64)
+            }),
+            "node {}: {}\n{}",
+            n.name,
+            n.fleet_status(),
+            n.metrics()
+        );
+    }
+    println!("{}", text(&f.nodes[leader].cli(&["status"])));
     for (name, _, said, took) in refusals {
         println!("without quorum, node {name} refused in {took:?}: {}", said.trim());
     }

@@ -131,6 +131,148 @@ impl FleetNode {
     }
 }
 
+/// What this node knows of itself, without asking etcd (for metrics).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LocalFleetView {
+    /// This node's name.
+    pub node: String,
+    /// Whether its lease is alive: it counts in acknowledgements and may lead.
+    pub member: bool,
+    /// Whether it follows the route states: its watch is open and its lease alive.
+    pub connected: bool,
+    /// Whether it leads.
+    pub leading: bool,
+    /// The leader's name as last seen.
+    pub leader: Option<String>,
+    /// The revision of each service's route state it applies now.
+    pub applied: BTreeMap<String, u64>,
+}
+
+/// One node of the fleet as etcd sees it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FleetNodeView {
+    pub name: String,
+    pub leader: bool,
+    /// Per service: the revision it acknowledged, how many revisions of that service's state it
+    /// is behind (0: current), and since when it applies it (unix ms).
+    pub services: BTreeMap<String, NodeServiceView>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeServiceView {
+    pub applied_revision: Option<u64>,
+    pub current: bool,
+    pub applied_at_ms: Option<u64>,
+}
+
+/// `fleet` in `/v1/status`: this node, and every member as etcd sees it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FleetView {
+    #[serde(flatten)]
+    pub local: LocalFleetView,
+    /// The revision of each service's committed route state.
+    pub revisions: BTreeMap<String, u64>,
+    /// The members (nodes whose lease is alive), by name; empty when etcd did not answer.
+    pub nodes: Vec<FleetNodeView>,
+    /// Why etcd's view is missing, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl FleetNode {
+    pub(super) fn local_view(&self) -> LocalFleetView {
+        let member = self.membership().is_some_and(|m| !m.is_lost());
+        LocalFleetView {
+            node: self.config.node.clone(),
+            member,
+            // A watch can stay open to a member that lost its quorum and hears nothing more; a
+            // node whose lease is gone is not following the fleet, whatever its watch says.
+            connected: member && self.connected.load(Ordering::SeqCst),
+            leading: self.leading(),
+            leader: self.leader.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            applied: self.applied.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    /// [`FleetNode::local_view`] and what etcd says of every member, within `within`.
+    pub(super) async fn view(&self, services: &[String], within: Duration) -> FleetView {
+        let local = self.local_view();
+        let Some(membership) = self.membership() else {
+            return FleetView {
+                local,
+                revisions: BTreeMap::new(),
+                nodes: Vec::new(),
+                error: Some("the node has not joined the fleet".into()),
+            };
+        };
+        let read = async {
+            let (states, _) = membership.route_states().await?;
+            let revisions: BTreeMap<String, u64> = services
+                .iter()
+                .filter_map(|s| {
+                    let key = escape(s);
+                    states
+                        .iter()
+                        .find(|r| r.service == key)
+                        .map(|r| (s.clone(), r.revision))
+                })
+                .collect();
+            let members = membership.members().await?;
+            let leader = membership.leader().await?;
+            let mut acks = BTreeMap::new();
+            for s in services {
+                acks.insert(s.clone(), membership.acks(&escape(s)).await?);
+            }
+            let nodes = members
+                .into_iter()
+                .map(|name| FleetNodeView {
+                    leader: leader.as_deref() == Some(name.as_str()),
+                    services: services
+                        .iter()
+                        .map(|s| {
+                            let ack = acks.get(s).and_then(|a| a.get(&name));
+                            let current = revisions.get(s).is_none_or(|r| ack.is_some_and(|a| a.revision >= *r));
+                            (
+                                s.clone(),
+                                NodeServiceView {
+                                    applied_revision: ack.map(|a| a.revision),
+                                    current,
+                                    applied_at_ms: ack.map(|a| a.applied_at_ms),
+                                },
+                            )
+                        })
+                        .collect(),
+                    name,
+                })
+                .collect();
+            Ok::<_, FleetError>((revisions, nodes))
+        };
+        match tokio::time::timeout(within, read).await {
+            Ok(Ok((revisions, nodes))) => FleetView {
+                local,
+                revisions,
+                nodes,
+                error: None,
+            },
+            Ok(Err(e)) => FleetView {
+                local,
+                revisions: BTreeMap::new(),
+                nodes: Vec::new(),
+                error: Some(e.to_string()),
+            },
+            Err(_) => FleetView {
+                local,
+                revisions: BTreeMap::new(),
+                nodes: Vec::new(),
+                error: Some(format!(
+                    "etcd ({}) did not answer within {within:?}; check that a majority of its members is up",
+                    self.config.etcd.join(", ")
+                )),
+            },
+        }
+    }
+}
+
 /// Joins the fleet: the node's name is registered under its lease (a live node of the same name
 /// refuses the start).
 pub(super) async fn join(node: &FleetNode) -> Result<(), StartError> {
