@@ -37,7 +37,6 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::{AtShutdown, CommandError, Daemon, ServeRequest, UpgradeFailed};
-use crate::lifecycle::ErrorKind;
 use crate::token_limiter::{retry_after_secs, TokenLimiter, Verdict};
 
 #[derive(Serialize)]
@@ -51,18 +50,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 impl IntoResponse for CommandError {
     fn into_response(self) -> Response {
-        let status = match &self {
-            CommandError::UnknownService(_) => StatusCode::NOT_FOUND,
-            CommandError::Lifecycle(e) => match e.kind() {
-                ErrorKind::Conflict => StatusCode::CONFLICT,
-                ErrorKind::Refused | ErrorKind::Stale => StatusCode::BAD_REQUEST,
-                ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            },
-            CommandError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            CommandError::ShuttingDown | CommandError::Faulted(_) => StatusCode::SERVICE_UNAVAILABLE,
-            CommandError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            CommandError::Conflict(_) => StatusCode::CONFLICT,
-        };
+        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         error(status, self.to_string())
     }
 }

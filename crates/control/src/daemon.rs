@@ -123,7 +123,34 @@ pub enum CommandError {
     /// Not now, or not here: the message says why and what to do.
     #[error("{0}")]
     Conflict(String),
+    /// In a fleet: the leader's refusal of a command this node forwarded to it, with the HTTP
+    /// status it answered with.
+    #[error("{message}")]
+    Remote { status: u16, message: String },
 }
+
+impl CommandError {
+    /// The HTTP status the admin API answers this refusal with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            CommandError::UnknownService(_) => 404,
+            CommandError::Lifecycle(e) => match e.kind() {
+                crate::lifecycle::ErrorKind::Conflict => 409,
+                crate::lifecycle::ErrorKind::Refused | crate::lifecycle::ErrorKind::Stale => 400,
+                crate::lifecycle::ErrorKind::Internal => 500,
+            },
+            CommandError::BadRequest(_) => 400,
+            CommandError::ShuttingDown | CommandError::Faulted(_) => 503,
+            CommandError::Store(_) => 500,
+            CommandError::Conflict(_) => 409,
+            CommandError::Remote { status, .. } => *status,
+        }
+    }
+}
+
+/// How long a command forwarded to the fleet's leader waits for its answer, on top of the
+/// fleet's `ack_timeout` (a rollback answers once every node serves it).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What a rollback did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -358,7 +385,7 @@ impl Shared {
             reason,
             "{message}"
         );
-        let _ = self.notices.send(Notice {
+        let notice = Notice {
             seq,
             at: unix_ms(SystemTime::now()),
             service: service.to_string(),
@@ -367,7 +394,24 @@ impl Shared {
             message,
             reason,
             terminal: kind.ends_deployment(),
-        });
+            from: None,
+        };
+        if let Some(node) = &self.fleet {
+            node.publish(&notice);
+        }
+        let _ = self.notices.send(notice);
+    }
+
+    /// Sends on a notice another node of the fleet made (`notice.from`), numbered as this
+    /// daemon's.
+    fn repeat(&self, mut notice: Notice) {
+        notice.seq = {
+            let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+            *s += 1;
+            *s
+        };
+        tracing::debug!(service = %notice.service, from = ?notice.from, "{}", notice.message);
+        let _ = self.notices.send(notice);
     }
 }
 
@@ -585,7 +629,12 @@ impl Daemon {
                 fleet_node::load(&shared, &node).await?;
                 tokio::spawn(fleet_node::follow(shared.clone(), node.clone()));
                 tokio::spawn(fleet_node::keep_membership(node.clone()));
-                tokio::spawn(fleet_node::lead(shared.clone(), node, actors.clone()));
+                tokio::spawn(fleet_node::mirror_notices(shared.clone(), node.clone()));
+                let daemon = Daemon {
+                    shared: shared.clone(),
+                    actors: actors.clone(),
+                };
+                tokio::spawn(fleet_node::lead(daemon, node));
             }
             None => {
                 for svc in shared.config.services.clone() {
@@ -833,8 +882,82 @@ impl Daemon {
         }
     }
 
-    /// Starts a deployment of `version`; returns its id once the first step is committed.
+    /// In a fleet, on a node that does not lead: the membership to forward `service`'s
+    /// commands through (`None`: this node carries them out itself).
+    fn forwarding(&self, service: &str) -> Result<Option<Arc<crate::fleet::Membership>>, CommandError> {
+        if self
+            .actors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(service)
+        {
+            return Ok(None);
+        }
+        self.known(service)?;
+        let Some(node) = &self.shared.fleet else {
+            return Ok(None);
+        };
+        match node.membership().filter(|m| !m.is_lost()) {
+            Some(m) => Ok(Some(m)),
+            None => Err(CommandError::Conflict(node.not_leading())),
+        }
+    }
+
+    /// Sends `command` to the fleet's leader through etcd and returns its answer. Waits for a
+    /// leader to take it, so a command sent while leadership changes hands is carried out by
+    /// the next leader.
+    async fn forward(
+        &self,
+        membership: &crate::fleet::Membership,
+        service: &str,
+        actor: &str,
+        command: crate::fleet::Command,
+    ) -> Result<crate::fleet::Done, CommandError> {
+        let timeout = self
+            .shared
+            .fleet
+            .as_ref()
+            .map_or(FORWARD_TIMEOUT, |n| n.config.ack_timeout + FORWARD_TIMEOUT);
+        match membership.forward(service, actor, command, timeout).await {
+            Ok(answer) => answer
+                .result
+                .map_err(|(status, message)| CommandError::Remote { status, message }),
+            Err(e @ crate::fleet::RelayError::NoAnswer { .. }) => Err(CommandError::Remote {
+                status: 504,
+                message: e.to_string(),
+            }),
+            Err(crate::fleet::RelayError::Fleet(e)) => Err(CommandError::Remote {
+                status: 503,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Starts a deployment of `version`; returns its id once the first step is committed. In a
+    /// fleet, a node that does not lead forwards it to the leader.
     pub async fn deploy(
+        &self,
+        service: &str,
+        version: &str,
+        upstreams: Vec<SocketAddr>,
+        actor: &str,
+    ) -> Result<u64, CommandError> {
+        if let Some(m) = self.forwarding(service)? {
+            let command = crate::fleet::Command::Deploy {
+                version: version.to_string(),
+                upstreams: upstreams.iter().map(|a| a.to_string()).collect(),
+            };
+            let done = self.forward(&m, service, actor, command).await?;
+            return done.deployment.ok_or_else(|| CommandError::Remote {
+                status: 500,
+                message: "the leader accepted the deployment but did not say its id".into(),
+            });
+        }
+        self.deploy_here(service, version, upstreams, actor).await
+    }
+
+    /// [`Daemon::deploy`] on this node, which must lead.
+    async fn deploy_here(
         &self,
         service: &str,
         version: &str,
@@ -855,17 +978,53 @@ impl Daemon {
         rx.await.map_err(|_| self.unanswered(service))?
     }
 
-    pub async fn promote(&self, service: &str, actor: &str) -> Result<(), CommandError> {
+    /// [`Daemon::promote`] on this node, which must lead.
+    async fn promote_here(&self, service: &str, actor: &str) -> Result<(), CommandError> {
         self.command(service, Event::Promote { id: None }, actor, "promote")
             .await
             .map(|_| ())
     }
 
-    pub async fn abort(&self, service: &str, actor: &str) -> Result<(), CommandError> {
+    /// [`Daemon::abort`] on this node, which must lead.
+    async fn abort_here(&self, service: &str, actor: &str) -> Result<(), CommandError> {
         self.command(service, Event::Abort, actor, "abort").await.map(|_| ())
     }
 
+    pub async fn promote(&self, service: &str, actor: &str) -> Result<(), CommandError> {
+        if let Some(m) = self.forwarding(service)? {
+            return self
+                .forward(&m, service, actor, crate::fleet::Command::Promote)
+                .await
+                .map(|_| ());
+        }
+        self.promote_here(service, actor).await
+    }
+
+    pub async fn abort(&self, service: &str, actor: &str) -> Result<(), CommandError> {
+        if let Some(m) = self.forwarding(service)? {
+            return self
+                .forward(&m, service, actor, crate::fleet::Command::Abort)
+                .await
+                .map(|_| ());
+        }
+        self.abort_here(service, actor).await
+    }
+
     pub async fn rollback(&self, service: &str, actor: &str) -> Result<RollbackDone, CommandError> {
+        if let Some(m) = self.forwarding(service)? {
+            let done = self
+                .forward(&m, service, actor, crate::fleet::Command::Rollback)
+                .await?;
+            return Ok(RollbackDone {
+                kind: done.rollback.unwrap_or_default(),
+                deployment: done.deployment,
+            });
+        }
+        self.rollback_here(service, actor).await
+    }
+
+    /// [`Daemon::rollback`] on this node, which must lead.
+    async fn rollback_here(&self, service: &str, actor: &str) -> Result<RollbackDone, CommandError> {
         let (reply, rx) = oneshot::channel();
         self.actor(service)?
             .send(Msg::Rollback {

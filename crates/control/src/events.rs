@@ -139,6 +139,10 @@ pub struct Notice {
     pub reason: Option<String>,
     /// True for the kinds that end a deployment (see [`EventKind::ends_deployment`]).
     pub terminal: bool,
+    /// In a fleet: the node that made the notice, when it is not this one (the leader's
+    /// notices are repeated by every node; webhooks and metrics count them on the leader only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 #[cfg(test)]

@@ -549,5 +549,8 @@ impl Membership {
     }
 }
 
+mod relay;
+pub use relay::{Answer, Command, Done, Forwarded, Incoming, RelayError};
+
 #[cfg(test)]
 mod tests;

@@ -60,6 +60,9 @@ impl Metrics {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
+                if n.from.is_some() {
+                    continue; // another node's, counted there
+                }
                 let mut counts = c.lock().unwrap_or_else(|p| p.into_inner());
                 if n.kind == crate::events::EventKind::Switch {
                     *counts.switches.entry(n.service.clone()).or_default() += 1;

@@ -291,6 +291,8 @@ async fn dispatch(
         tokio::select! {
             biased;
             received = notices.recv() => match received {
+                // Another node's (the fleet's leader sends its own).
+                Ok(notice) if notice.from.is_some() => {}
                 Ok(notice) => route(&notice),
                 Err(RecvError::Lagged(missed)) => lagged(missed),
                 Err(RecvError::Closed) => break,
@@ -299,6 +301,7 @@ async fn dispatch(
             _ = stop.wait_for(|s| *s) => {
                 loop {
                     match notices.try_recv() {
+                        Ok(notice) if notice.from.is_some() => {}
                         Ok(notice) => route(&notice),
                         Err(TryRecvError::Lagged(missed)) => lagged(missed),
                         Err(_) => break,
@@ -491,6 +494,7 @@ mod tests {
             message: message.to_string(),
             reason: None,
             terminal: kind.ends_deployment(),
+            from: None,
         }
     }
 

@@ -117,7 +117,6 @@ impl Node {
 struct Fleet {
     nodes: Vec<Node>,
     leader: usize,
-    v1: String,
     v2: String,
     // In this order: the nodes stop before the apps, the directory and etcd go.
     _apps: (Proc, Proc),
@@ -167,7 +166,6 @@ impl Fleet {
         Fleet {
             nodes,
             leader,
-            v1,
             v2,
             _apps: apps,
             _dir: dir,
@@ -271,58 +269,46 @@ fn load(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen
     })
 }
 
-/// The node that leads, from the refusal of a command sent to another (which names it).
+/// The node that leads, as every node's `cutover status` says.
 fn leader_of(nodes: &[Node]) -> usize {
-    let mut last = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        for (i, n) in nodes.iter().enumerate() {
-            let out = n.cli(&["promote", "api"]);
-            let t = text(&out);
-            // The leader answers the command itself (there is nothing to promote); the others
-            // refuse it, naming the leader.
-            let answers_itself =
-                !t.contains("does not lead the fleet") && !t.contains("cannot connect") && !t.contains("not running");
-            if answers_itself
-                && nodes.iter().enumerate().all(|(j, m)| {
-                    j == i || text(&m.cli(&["promote", "api"])).contains(&format!("node {} does", n.name))
-                })
-            {
-                return i;
-            }
-            last = t;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no node leads the fleet: {last}\n{}", logs(nodes));
+    let all: Vec<usize> = (0..nodes.len()).collect();
+    let Some(leader) = leader_among(nodes, &all, Duration::from_secs(20)) else {
+        panic!("no node leads the fleet\n{}", logs(nodes));
+    };
+    let name = nodes[leader].name.as_str();
+    assert!(
+        wait_until(Duration::from_secs(5), || all
+            .iter()
+            .all(|&i| nodes[i].fleet_status()["leader"] == name)),
+        "every node names {name} as the leader\n{}",
+        logs(nodes)
+    );
+    leader
 }
 
-/// A deployment under load sent to all three nodes loses no request; when `cutover deploy`
-/// returns, every node serves the new version; no node answered from it before the switch
-/// committed (which follows the release's validation); a follower refuses commands, naming the
-/// leader.
+/// A deployment under load sent to all three nodes, through a node that does not lead (which
+/// forwards it to the leader and follows it from the leader's notices), loses no request; when
+/// `cutover deploy` returns, every node serves the new version; no node answered from it before
+/// the switch committed (which follows the release's validation).
 #[test]
 fn a_deploy_under_load_switches_every_node_and_loses_nothing() {
     let f = Fleet::with_v1_live("ack_timeout = \"5s\"");
     let (nodes, leader) = (&f.nodes, f.leader);
     let follower = (leader + 1) % 3;
-    let out = nodes[follower].deploy("v1", &f.v1);
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains(&format!(
-            "node {} does not lead the fleet, node {} does",
-            nodes[follower].name, nodes[leader].name
-        )),
-        "{}",
-        text(&out)
-    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = nodes.iter().map(|n| load(n.front, stop.clone())).collect();
     std::thread::sleep(Duration::from_millis(300));
-    let out = nodes[leader].deploy("v2", &f.v2);
+    let out = nodes[follower].deploy("v2", &f.v2);
     assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
     let returned = unix_ms();
+    let said = text(&out);
+    assert!(
+        said.contains("promoted to green")
+            && said.contains("every node of the fleet serves green")
+            && said.contains("api v2 is live"),
+        "the follower's deploy shows the leader's steps: {said}"
+    );
     for n in nodes {
         assert_eq!(
             get(n.front),
@@ -541,21 +527,9 @@ fn a_leader_killed_during_validation_is_replaced_and_nothing_unvalidated_is_serv
     let killed_at = Instant::now();
     nodes[leader].proc.take(); // kill -9, reaped
 
-    // The new leader answers `promote` itself; a follower refuses it, naming the leader.
-    let mut new_leader = None;
-    let mut last = String::new();
-    while new_leader.is_none() && killed_at.elapsed() < Duration::from_secs(15) {
-        for &i in &survivors {
-            let t = text(&nodes[i].cli(&["promote", "api"]));
-            if !t.contains("does not lead the fleet") && !t.contains("cannot connect") {
-                new_leader = Some(i);
-            }
-            last = t;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let new_leader = leader_among(nodes, &survivors, Duration::from_secs(15));
     let took = killed_at.elapsed();
-    let new_leader = new_leader.unwrap_or_else(|| panic!("no node leads: {last}\n{}", logs(nodes)));
+    let new_leader = new_leader.unwrap_or_else(|| panic!("no node leads\n{}", logs(nodes)));
     println!("node {} leads {took:?} after the kill", nodes[new_leader].name);
     assert!(
         took < Duration::from_secs(2) + Duration::from_millis(1500),
@@ -608,17 +582,14 @@ fn a_leader_killed_during_validation_is_replaced_and_nothing_unvalidated_is_serv
     }
 }
 
-/// The node that leads among `among`, by `promote`: the leader answers it itself, the others
-/// refuse it naming the leader. Waits at most `within`.
+/// The node that leads among `among`, as its own `cutover status` says (a member that leads).
+/// Waits at most `within`.
 fn leader_among(nodes: &[Node], among: &[usize], within: Duration) -> Option<usize> {
     let t0 = Instant::now();
     while t0.elapsed() < within {
         for &i in among {
-            let t = text(&nodes[i].cli(&["promote", "api"]));
-            if !t.contains("does not lead the fleet")
-                && !t.contains("not a member of the fleet")
-                && !t.contains("cannot connect")
-            {
+            let fleet = nodes[i].fleet_status();
+            if fleet["leading"] == true && fleet["member"] == true {
                 return Some(i);
             }
         }
@@ -650,16 +621,14 @@ fn a_leader_that_lost_its_lease_steps_down_and_joins_again() {
     assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
     assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
 
-    // Back, it steps down: it refuses commands, naming the new leader.
-    let expect = format!(
-        "node {} does not lead the fleet, node {} does",
-        nodes[old].name, nodes[new].name
-    );
+    // Back, it steps down: it follows the new leader.
     assert!(
-        wait_until(Duration::from_secs(5), || text(&nodes[old].cli(&["promote", "api"]))
-            .contains(&expect)),
+        wait_until(Duration::from_secs(5), || {
+            let fleet = nodes[old].fleet_status();
+            fleet["leading"] == false && fleet["member"] == true && fleet["leader"] == nodes[new].name.as_str()
+        }),
         "{}\n{}",
-        text(&nodes[old].cli(&["promote", "api"])),
+        nodes[old].fleet_status(),
         logs(nodes)
     );
     assert!(
@@ -668,8 +637,9 @@ fn a_leader_that_lost_its_lease_steps_down_and_joins_again() {
         "the old leader serves what was committed while it was stopped: {:?}",
         get(nodes[old].front)
     );
-    // A member again: the next switch waits for it and hears from it.
-    let out = nodes[new].cli(&["rollback", "api"]);
+    // A member again: a command sent to it is carried out by the new leader, and the next
+    // switch waits for it and hears from it.
+    let out = nodes[old].cli(&["rollback", "api"]);
     assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
     let out = nodes[new].deploy("v2", &f.v2);
     let said = text(&out);

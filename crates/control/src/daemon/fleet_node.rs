@@ -30,9 +30,11 @@ use std::time::Duration;
 use cutover_proxy::Colour;
 use tokio::sync::mpsc;
 
-use super::{off_async_store, parse_static, set_pool, static_key, view_of, Msg, Shared, StartError};
+use super::{
+    off_async_store, parse_static, set_pool, static_key, view_of, CommandError, Daemon, Msg, Shared, StartError,
+};
 use crate::config::{FleetConfig, ServiceConfig};
-use crate::fleet::{FleetError, Membership, RouteState};
+use crate::fleet::{Answer, Command, Done, FleetError, Incoming, Membership, RouteState};
 use crate::lifecycle::State;
 use crate::store::etcd::{escape, EtcdOptions, EtcdTls};
 
@@ -53,6 +55,8 @@ pub(super) struct FleetNode {
     connected: AtomicBool,
     /// The lease of the daemon this one replaces (`cutover upgrade`), to join under.
     pub(super) inherited_lease: Mutex<Option<i64>>,
+    /// While this node leads: where its notices go to be published for the other nodes.
+    publisher: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
 }
 
 impl FleetNode {
@@ -85,6 +89,7 @@ impl FleetNode {
             applied: Mutex::new(BTreeMap::new()),
             connected: AtomicBool::new(false),
             inherited_lease: Mutex::new(None),
+            publisher: Mutex::new(None),
         })
     }
 
@@ -120,6 +125,14 @@ impl FleetNode {
                  lease_ttl = {:?} while etcd has a quorum): try again shortly",
                 self.config.node, self.config.lease_ttl
             ),
+        }
+    }
+
+    /// While this node leads: queues `notice` for the other nodes (in order).
+    pub(super) fn publish(&self, notice: &crate::events::Notice) {
+        let publisher = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(tx), Ok(json)) = (publisher.as_ref(), serde_json::to_vec(notice)) {
+            let _ = tx.send(json);
         }
     }
 
@@ -462,7 +475,8 @@ async fn apply_one(shared: &Arc<Shared>, node: &FleetNode, rs: RouteState, drain
 /// (in `actors`). A leader whose lease is lost (etcd did not hear from it within its time to
 /// live, so another node may lead already) stops its actors at once, becomes a follower again,
 /// and campaigns anew once it has joined again ([`keep_membership`]).
-pub(super) async fn lead(shared: Arc<Shared>, node: Arc<FleetNode>, actors: Arc<Actors>) {
+pub(super) async fn lead(daemon: Daemon, node: Arc<FleetNode>) {
+    let (shared, actors) = (daemon.shared.clone(), daemon.actors.clone());
     // Keep the leader's name current for the refusals of commands.
     {
         let node = node.clone();
@@ -495,6 +509,19 @@ pub(super) async fn lead(shared: Arc<Shared>, node: Arc<FleetNode>, actors: Arc<
         node.leading.store(true, Ordering::SeqCst);
         *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.config.node.clone());
         tracing::info!(node = %node.config.node, "this node leads the fleet");
+        // Its notices, for the other nodes to repeat: queued from now on, sent in order.
+        let publishing = {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            *node.publisher.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+            let membership = membership.clone();
+            tokio::spawn(async move {
+                while let Some(json) = rx.recv().await {
+                    if let Err(e) = membership.publish_notice(json).await {
+                        tracing::debug!(error = %e, "a notice was not published to the other nodes");
+                    }
+                }
+            })
+        };
         for svc in shared.config.services.clone() {
             match super::start_actor(&shared, &svc).await {
                 Ok(tx) => {
@@ -506,12 +533,117 @@ pub(super) async fn lead(shared: Arc<Shared>, node: Arc<FleetNode>, actors: Arc<
                 Err(e) => tracing::error!(service = %svc.name, error = %e, "cannot start the control of the service"),
             }
         }
+        let commands = tokio::spawn(serve_commands(daemon.clone(), membership.clone()));
         membership.lost().await;
         tracing::error!(
             node = %node.config.node,
             "this node no longer leads the fleet (its lease was lost): stopping its deployments; the node that leads next recovers them"
         );
+        commands.abort();
+        node.publisher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        publishing.abort();
         abdicate(&shared, &node, &actors).await;
+    }
+}
+
+/// Carries out the commands other nodes forward (see `crate::fleet::relay`), for as long as
+/// this node leads: those waiting when it began to lead, then each one as it comes.
+async fn serve_commands(daemon: Daemon, membership: Arc<Membership>) {
+    loop {
+        let (waiting, at) = match membership.pending_commands().await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the commands other nodes forward; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for c in waiting {
+            let _ = tx.send(c);
+        }
+        let watch = {
+            let membership = membership.clone();
+            tokio::spawn(async move { membership.watch_commands(at, &tx).await })
+        };
+        while let Some(c) = rx.recv().await {
+            tokio::spawn(carry_out(daemon.clone(), membership.clone(), c));
+        }
+        let why = watch.await.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
+        tracing::warn!(error = %why, "the watch of forwarded commands broke; opening it again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Carries out one forwarded command, unless a leader took it already, and answers it.
+async fn carry_out(daemon: Daemon, membership: Arc<Membership>, c: Incoming) {
+    match membership.claim(&c).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!(command = %c.id, error = %e, "cannot take a forwarded command; its sender is told it had no answer");
+            return;
+        }
+    }
+    let f = &c.forwarded;
+    let actor = format!("{} (via node {})", f.actor, f.from);
+    let result: Result<Done, CommandError> = match &f.command {
+        Command::Deploy { version, upstreams } => {
+            let addrs: Result<Vec<std::net::SocketAddr>, _> = upstreams.iter().map(|u| u.parse()).collect();
+            match addrs {
+                Ok(addrs) => daemon
+                    .deploy_here(&f.service, version, addrs, &actor)
+                    .await
+                    .map(|id| Done {
+                        deployment: Some(id),
+                        rollback: None,
+                    }),
+                Err(e) => Err(CommandError::BadRequest(format!(
+                    "an upstream of the forwarded deploy is not HOST:PORT: {e}"
+                ))),
+            }
+        }
+        Command::Promote => daemon.promote_here(&f.service, &actor).await.map(|()| Done::default()),
+        Command::Abort => daemon.abort_here(&f.service, &actor).await.map(|()| Done::default()),
+        Command::Rollback => daemon.rollback_here(&f.service, &actor).await.map(|r| Done {
+            deployment: r.deployment,
+            rollback: Some(r.kind),
+        }),
+    };
+    let answer = Answer {
+        leader: membership.node().to_string(),
+        result: result.map_err(|e| (e.http_status(), e.to_string())),
+    };
+    if let Err(e) = membership.answer(&c, &answer).await {
+        tracing::warn!(command = %c.id, error = %e, "cannot answer a forwarded command");
+    }
+}
+
+/// Repeats the notices the leader publishes on this node's event stream, so that `cutover
+/// deploy` and the dashboard sent to any node follow a deployment.
+pub(super) async fn mirror_notices(shared: Arc<Shared>, node: Arc<FleetNode>) {
+    loop {
+        let membership = current(&node).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watch = {
+            let membership = membership.clone();
+            tokio::spawn(async move { membership.watch_notices(&tx).await })
+        };
+        while let Some((from, json)) = rx.recv().await {
+            if node.leading() {
+                continue; // a notice of a leader before this one: this node makes its own now
+            }
+            match serde_json::from_slice::<crate::events::Notice>(&json) {
+                Ok(mut notice) => {
+                    notice.from = Some(from);
+                    shared.repeat(notice);
+                }
+                Err(e) => tracing::debug!(error = %e, "a notice of node {from} cannot be read"),
+            }
+        }
+        let why = watch.await.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
+        tracing::debug!(error = %why, "the watch of the leader's notices broke; opening it again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -614,7 +614,7 @@ fn record_id(record: &Record) -> Option<DeploymentId> {
 
 /// A commit's nonce: 128 random bits in hex, which tell this commit's write apart from any
 /// other's (see the module documentation, "Transactions").
-fn commit_nonce() -> String {
+pub(crate) fn commit_nonce() -> String {
     static FALLBACK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let mut random = [0u8; 16];
     // Without randomness (Linux has had getrandom(2) since 3.17): the time in nanoseconds, the
