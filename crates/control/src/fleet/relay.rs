@@ -362,3 +362,113 @@ fn incoming(prefix: &str, key: &[u8], value: &[u8]) -> Option<Incoming> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::etcd::EtcdOptions;
+    use crate::testing::etcd::EtcdCluster;
+
+    const TTL: Duration = Duration::from_secs(2);
+
+    /// A forwarded command reaches the leader, is taken once (a second leader, or the same one
+    /// seeing it again, cannot take it), and its answer reaches the sender, who removes every key
+    /// of it. A command nobody takes ends in a clear error at the timeout, naming that nobody
+    /// took it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forwarded_command_is_taken_once_and_answered() {
+        let cluster = tokio::task::spawn_blocking(EtcdCluster::start).await.unwrap();
+        let mut o = EtcdOptions::new(cluster.endpoints());
+        o.prefix = "/relay".into();
+        o.timeout = Duration::from_secs(3);
+        let leader = std::sync::Arc::new(Membership::join(&o, "leader", TTL).await.unwrap());
+        let other = Membership::join(&o, "other", TTL).await.unwrap();
+        let sender = Membership::join(&o, "sender", TTL).await.unwrap();
+
+        // Nobody watches yet: the command waits, and ends unanswered.
+        let e = sender
+            .forward("web", "cli", Command::Promote, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("the leader did not answer") && e.to_string().contains("no leader took it"),
+            "{e}"
+        );
+        let (waiting, at) = leader.pending_commands().await.unwrap();
+        assert!(waiting.is_empty(), "the sender removed its command: {waiting:?}");
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watch = {
+            let leader = leader.clone();
+            tokio::spawn(async move { leader.watch_commands(at, &tx).await })
+        };
+        let sending = tokio::spawn(async move {
+            let command = Command::Deploy {
+                version: "v2".into(),
+                upstreams: vec!["127.0.0.1:9".into()],
+            };
+            let answer = sender.forward("web", "cli", command, Duration::from_secs(10)).await;
+            (sender, answer)
+        });
+        let c = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.forwarded.from, "sender");
+        assert_eq!(c.forwarded.service, "web");
+        assert_eq!(
+            c.forwarded.command,
+            Command::Deploy {
+                version: "v2".into(),
+                upstreams: vec!["127.0.0.1:9".into()]
+            }
+        );
+        assert!(leader.claim(&c).await.unwrap(), "the first claim takes it");
+        assert!(!other.claim(&c).await.unwrap(), "a second leader cannot take it");
+        assert!(!leader.claim(&c).await.unwrap(), "nor the same one again");
+        let answer = Answer {
+            leader: "leader".into(),
+            result: Ok(Done {
+                deployment: Some(7),
+                rollback: None,
+            }),
+        };
+        leader.answer(&c, &answer).await.unwrap();
+        let (sender, got) = sending.await.unwrap();
+        assert_eq!(got.unwrap(), answer);
+
+        // Refusals travel with their status.
+        let refused = Answer {
+            leader: "leader".into(),
+            result: Err((409, "service web: deployment 3 is in progress".into())),
+        };
+        let sending = tokio::spawn(async move {
+            let answer = sender
+                .forward("web", "cli", Command::Abort, Duration::from_secs(10))
+                .await;
+            (sender, answer)
+        });
+        let c = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(leader.claim(&c).await.unwrap());
+        leader.answer(&c, &refused).await.unwrap();
+        let (sender, got) = sending.await.unwrap();
+        assert_eq!(got.unwrap(), refused);
+
+        // Nothing is left behind.
+        let mut client = sender.client.clone();
+        let left = client
+            .get("/relay/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok().map(str::to_string))
+            .filter(|k| !k.starts_with("/relay/nodes/"))
+            .collect::<Vec<_>>();
+        assert!(left.is_empty(), "{left:?}");
+        watch.abort();
+    }
+}
