@@ -910,3 +910,51 @@ fn a_leader_stopped_gracefully_hands_the_lead_on_at_once() {
         text(&out)
     );
 }
+
+/// Every node checks the static instances itself: an instance that goes unhealthy (it answers
+/// `/up` with 503 but still serves other paths) after its release went live is taken out of
+/// rotation on the nodes that do not lead too, by their own checks, while the others serve on.
+#[test]
+fn every_node_takes_an_instance_that_fails_its_checks_out_of_rotation() {
+    let f = Fleet::with_v1_live("ack_timeout = \"5s\"");
+    let (nodes, leader) = (&f.nodes, f.leader);
+    let port = free_port();
+    let third = format!("127.0.0.1:{port}");
+    let mut app = Proc(spawn_demo_app(port, "s3", "third"));
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(&third).is_ok()));
+    let out = nodes[leader].cli(&[
+        "deploy",
+        "api",
+        "--version",
+        "v2",
+        "--upstream",
+        &f.v2,
+        "--upstream",
+        &third,
+    ]);
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
+    // Both instances serve on every node.
+    for n in nodes {
+        let answers: Vec<_> = (0..20).filter_map(|_| get(n.front)).collect();
+        assert!(
+            answers.contains(&(200, "s2 second".into())) && answers.contains(&(200, "s3 third".into())),
+            "node {}: {answers:?}",
+            n.name
+        );
+    }
+    // The third instance comes back unhealthy on the same port.
+    drop(app);
+    app = Proc(spawn_demo_app(port, "s3-unhealthy", "third"));
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(&third).is_ok()));
+    for n in nodes {
+        assert!(
+            wait_until(Duration::from_secs(5), || (0..10)
+                .filter_map(|_| get(n.front))
+                .all(|a| a == (200, "s2 second".to_string()))),
+            "node {} still routes to the unhealthy instance\n{}",
+            n.name,
+            logs(nodes)
+        );
+    }
+    drop(app);
+}

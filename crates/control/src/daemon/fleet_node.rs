@@ -23,6 +23,7 @@
 //!   ([`lead`]); every node keeps serving what it applied and joins again ([`keep_membership`]).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -35,6 +36,7 @@ use super::{
 };
 use crate::config::{FleetConfig, ServiceConfig};
 use crate::fleet::{Answer, Command, Done, FleetError, Incoming, Membership, RouteState};
+use crate::health::{CheckSpec, HealthChecker};
 use crate::lifecycle::State;
 use crate::store::etcd::{escape, EtcdOptions, EtcdTls};
 
@@ -57,6 +59,16 @@ pub(super) struct FleetNode {
     pub(super) inherited_lease: Mutex<Option<i64>>,
     /// While this node leads: where its notices go to be published for the other nodes.
     publisher: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    /// While it follows: its own health checks of each colour's static instances.
+    checks: Mutex<std::collections::HashMap<(String, Colour), FollowerCheck>>,
+}
+
+/// A follower's health checks of one colour of one service: what it checks and the task that
+/// puts each change in the route table.
+struct FollowerCheck {
+    pool: Arc<Mutex<(Option<String>, Vec<SocketAddr>)>>,
+    checker: HealthChecker,
+    forward: tokio::task::JoinHandle<()>,
 }
 
 impl FleetNode {
@@ -90,6 +102,7 @@ impl FleetNode {
             connected: AtomicBool::new(false),
             inherited_lease: Mutex::new(None),
             publisher: Mutex::new(None),
+            checks: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -133,6 +146,77 @@ impl FleetNode {
         let publisher = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
         if let (Some(tx), Ok(json)) = (publisher.as_ref(), serde_json::to_vec(notice)) {
             let _ = tx.send(json);
+        }
+    }
+
+    /// Checks `addrs` of `service`'s `colour` (release `version`) from this node from now on, as
+    /// configured for the service, and puts what the checks find in the route table: an upstream
+    /// this node cannot reach is taken out of its rotation even if the leader reaches it. No
+    /// addresses: the checks of that colour stop.
+    fn check(
+        &self,
+        shared: &Arc<Shared>,
+        svc: &ServiceConfig,
+        colour: Colour,
+        version: Option<&str>,
+        addrs: &[SocketAddr],
+    ) {
+        let key = (svc.name.clone(), colour);
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        if addrs.is_empty() {
+            if let Some(c) = checks.remove(&key) {
+                c.forward.abort();
+                tokio::spawn(c.checker.stop());
+            }
+            return;
+        }
+        if let Some(c) = checks.get_mut(&key) {
+            let mut pool = c.pool.lock().unwrap_or_else(|p| p.into_inner());
+            *pool = (version.map(str::to_string), addrs.to_vec());
+            drop(pool);
+            c.checker.set_instances(addrs.to_vec());
+            return;
+        }
+        let tls = shared
+            .proxy
+            .table()
+            .service(&svc.name)
+            .and_then(|s| s.upstream_tls.clone());
+        let checker = HealthChecker::start(CheckSpec {
+            service: svc.name.clone(),
+            colour,
+            instances: addrs.to_vec(),
+            config: svc.health.clone(),
+            tls,
+        });
+        let pool = Arc::new(Mutex::new((version.map(str::to_string), addrs.to_vec())));
+        let forward = {
+            let (mut rx, pool, shared, name) = (checker.subscribe(), pool.clone(), shared.clone(), svc.name.clone());
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let snapshot = rx.borrow_and_update().clone();
+                    let (version, addrs) = pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    set_pool(
+                        &shared.proxy,
+                        &name,
+                        colour,
+                        version.as_deref(),
+                        &addrs,
+                        Some(&snapshot),
+                        &addrs,
+                    );
+                }
+            })
+        };
+        checks.insert(key, FollowerCheck { pool, checker, forward });
+    }
+
+    /// Stops every health check of this node's own (it leads: its actors check).
+    fn stop_checks(&self) {
+        let checks = std::mem::take(&mut *self.checks.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, c) in checks {
+            c.forward.abort();
+            tokio::spawn(c.checker.stop());
         }
     }
 
@@ -344,8 +428,10 @@ async fn apply(shared: &Arc<Shared>, node: &FleetNode, svc: &ServiceConfig, stat
             } else {
                 Vec::new()
             };
-            // The leader let them in after their checks; failures here eject them passively.
+            // The leader let them in after its checks: they serve until this node's own checks
+            // say otherwise.
             set_pool(&shared.proxy, name, colour, version.as_deref(), &addrs, None, &addrs);
+            node.check(shared, svc, colour, version.as_deref(), &addrs);
         }
         let target = match (&state.live, state.in_progress()) {
             (Some(live), _) => Some(live.colour),
@@ -507,6 +593,7 @@ pub(super) async fn lead(daemon: Daemon, node: Arc<FleetNode>) {
             }
         }
         node.leading.store(true, Ordering::SeqCst);
+        node.stop_checks();
         *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.config.node.clone());
         tracing::info!(node = %node.config.node, "this node leads the fleet");
         // Its notices, for the other nodes to repeat: queued from now on, sent in order.
