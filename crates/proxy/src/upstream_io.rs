@@ -34,9 +34,10 @@ impl UpstreamIo {
 
     /// True when an idle connection shows nothing on it: no bytes and no close since its last
     /// response. Plain: the readiness the event loop knows is consulted first, so that normally
-    /// no system call is made. TLS: a readable socket may carry records that are no data (a
-    /// session ticket, a key update), which rustls takes in here; application data or a close
-    /// make the connection unusable.
+    /// no system call is made. TLS: first what rustls already holds (data or a close taken from
+    /// the socket with an earlier read), then the socket: a readable socket may carry records
+    /// that are no data (a session ticket, a key update), which rustls takes in here; application
+    /// data or a close make the connection unusable.
     pub(crate) fn idle_ok(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         match self {
@@ -49,6 +50,12 @@ impl UpstreamIo {
                 }
             },
             UpstreamIo::Tls(s) => {
+                // rustls may hold records it took from the socket already (data the last read
+                // had no room for, or a close): the socket then looks idle while it is not.
+                match s.get_mut().1.process_new_packets() {
+                    Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
+                    _ => return false,
+                }
                 if s.get_ref().0.poll_read_ready(&mut cx).is_pending() {
                     return true;
                 }
@@ -161,5 +168,83 @@ impl AsyncWrite for UpstreamWrite<'_> {
             UpstreamWrite::Plain(w) => Pin::new(w).poll_shutdown(cx),
             UpstreamWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A TLS server for `upstream.test` that sends `first` and, once told, `then`; and a client
+    /// connected to it.
+    async fn tls_pair(first: &'static [u8]) -> (UpstreamIo, tokio::sync::oneshot::Sender<&'static [u8]>) {
+        use rustls::pki_types::pem::PemObject;
+        let c = rcgen::generate_simple_self_signed(vec!["upstream.test".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.signing_key.serialize_pem().as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![c.cert.der().clone()], key)
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<&'static [u8]>();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+                .accept(tcp)
+                .await
+                .unwrap();
+            tls.write_all(first).await.unwrap();
+            tls.flush().await.unwrap();
+            if let Ok(then) = rx.await {
+                tls.write_all(then).await.unwrap();
+                tls.flush().await.unwrap();
+            }
+            let mut sink = [0u8; 64];
+            let _ = tls.read(&mut sink).await;
+        });
+        let tls =
+            crate::upstream_tls::UpstreamTls::new(c.cert.pem().as_bytes(), "test CA", Some("upstream.test")).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        (UpstreamIo::Tls(Box::new(tls.handshake(tcp, addr).await.unwrap())), tx)
+    }
+
+    /// Data rustls took from the socket with a read that had no room for all of it: the socket
+    /// is drained, the connection is not idle.
+    #[tokio::test]
+    async fn tls_data_held_by_rustls_is_not_idle() {
+        let (mut io, _then) = tls_pair(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokstale").await;
+        let mut one = [0u8; 1];
+        io.read_exact(&mut one).await.unwrap();
+        // The record was read whole into rustls; the socket has nothing more.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut cx = Context::from_waker(Waker::noop());
+        let UpstreamIo::Tls(s) = &mut io else { unreachable!() };
+        assert!(
+            s.get_ref().0.poll_read_ready(&mut cx).is_pending(),
+            "the socket is drained"
+        );
+        assert!(!io.idle_ok(), "bytes are waiting in rustls");
+    }
+
+    /// An idle TLS connection is idle; one the upstream wrote to since is not.
+    #[tokio::test]
+    async fn tls_idle_until_the_upstream_sends() {
+        let (mut io, then) = tls_pair(b"ok").await;
+        let mut two = [0u8; 2];
+        io.read_exact(&mut two).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(io.idle_ok(), "nothing more was sent");
+        then.send(b"stale").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!io.idle_ok(), "the upstream sent bytes nobody asked for");
     }
 }
