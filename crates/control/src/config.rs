@@ -76,6 +76,8 @@ instances = 2
 # rotation, `unhealthy` failures in a row take it out. A new release whose instances are not all
 # healthy within `deadline` is aborted; so is, at once, one with an instance that exits within
 # 10s of its start 3 times in a row before then (the deploy shows how it exited and its output).
+# Checks send `Host:` the service's first host (`host = "..."` to choose), or without hosts the
+# instance's address.
 health = { path = "/up", interval = "1s", timeout = "500ms", healthy = 2, unhealthy = 3, deadline = "60s" }
 # Requests still running on the old colour after a switch get this long to finish.
 drain_timeout = "30s"
@@ -506,6 +508,10 @@ pub struct HealthConfig {
     /// (it exited within 10s of its start [`crate::process::CRASH_LOOP_EXITS`] times in a row)
     /// aborts the deployment at once.
     pub deadline: Duration,
+    /// `host`: the `Host` header of each check. Default: the service's first entry of `hosts`,
+    /// or without hosts the instance's address (`127.0.0.1:4001`), so that an application that
+    /// answers only its own names (Django's `ALLOWED_HOSTS`, a virtual host) passes.
+    pub host: Option<String>,
 }
 
 impl Default for HealthConfig {
@@ -517,6 +523,7 @@ impl Default for HealthConfig {
             healthy: 2,
             unhealthy: 3,
             deadline: Duration::from_secs(60),
+            host: None,
         }
     }
 }
@@ -1091,6 +1098,7 @@ struct RawAffinity {
 )]
 struct RawHealth {
     path: Leaf,
+    host: Leaf,
     interval: Leaf,
     timeout: Leaf,
     healthy: Leaf,
@@ -2198,10 +2206,13 @@ impl<'a> Checker<'a> {
             }
         };
 
-        let health = match &raw.health {
+        let mut health = match &raw.health {
             None => HealthConfig::default(),
             Some(h) => self.health(h, &format!("{p}.health"))?,
         };
+        if health.host.is_none() {
+            health.host = hosts.first().cloned();
+        }
         let duration_or = |v: &Leaf, key: &str, default: Duration| match v {
             None => Ok(default),
             Some(v) => self.duration(v, &format!("{p}.{key}")),
@@ -2314,12 +2325,27 @@ impl<'a> Checker<'a> {
                 timeout
             }
         };
+        let host = match &raw.host {
+            None => None,
+            Some(v) => {
+                let host = self.string(v, &format!("{p}.host"), "host = \"shop.example.com\"")?;
+                if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.host"),
+                        format!("{host:?} is not a Host header value; write a host name, with a port if needed, e.g. \"shop.example.com\""),
+                    ));
+                }
+                Some(host)
+            }
+        };
         let threshold = |v: &Leaf, key: &str, default: u32, why: &str| match v {
             None => Ok(default),
             Some(v) => self.int(v, &format!("{p}.{key}"), 1, 100, why).map(|n| n as u32),
         };
         Ok(HealthConfig {
             path,
+            host,
             interval,
             timeout,
             healthy: threshold(

@@ -2743,11 +2743,12 @@ impl Actor {
     /// within the check timeout).
     async fn passing_now(&self, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
         let (path, timeout) = (self.cfg.health.path.clone(), self.cfg.health.timeout);
+        let host = self.cfg.health.host.clone();
         let tls = self.upstream_tls();
         let checks = addrs.iter().map(|&a| {
-            let (path, tls) = (path.clone(), tls.clone());
+            let (path, host, tls) = (path.clone(), host.clone(), tls.clone());
             tokio::spawn(async move {
-                crate::health::check_once(a, &path, timeout, tls.as_deref())
+                crate::health::check_once(a, &path, host.as_deref(), timeout, tls.as_deref())
                     .await
                     .is_ok()
                     .then_some(a)

@@ -438,7 +438,14 @@ async fn run(shared: Arc<Shared>, addr: SocketAddr, alive: Arc<AtomicBool>) {
             return;
         }
         let started = Instant::now();
-        let result = check_once(addr, &config.path, config.timeout, shared.tls.as_deref()).await;
+        let result = check_once(
+            addr,
+            &config.path,
+            config.host.as_deref(),
+            config.timeout,
+            shared.tls.as_deref(),
+        )
+        .await;
         let change = match &result {
             Ok(()) => tracker.record(true, ""),
             Err(CheckFailure::Instance(reason)) => tracker.record(false, reason),
@@ -518,8 +525,8 @@ impl std::fmt::Display for CheckFailure {
     }
 }
 
-/// One health check: `GET path` on a fresh HTTP/1.1 connection to `addr` with `Host: addr` and
-/// `Connection: close`, over TLS when `tls` is given (the service's `upstream_tls`); `timeout`
+/// One health check: `GET path` on a fresh HTTP/1.1 connection to `addr` with `Host: host` (or
+/// `addr` without one) and `Connection: close`, over TLS when `tls` is given (the service's `upstream_tls`); `timeout`
 /// covers connect, handshake and response head. A 2xx passes; anything else fails with a short
 /// reason naming the address, e.g.
 /// `GET http://127.0.0.1:4001/up: answered 503 Service Unavailable`, or
@@ -527,11 +534,12 @@ impl std::fmt::Display for CheckFailure {
 pub async fn check_once(
     addr: SocketAddr,
     path: &str,
+    host: Option<&str>,
     timeout: Duration,
     tls: Option<&UpstreamTls>,
 ) -> Result<(), CheckFailure> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    match tokio::time::timeout(timeout, attempt(addr, path, tls)).await {
+    match tokio::time::timeout(timeout, attempt(addr, path, host, tls)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(CheckFailure::Instance(why))) => {
             Err(CheckFailure::Instance(format!("GET {scheme}://{addr}{path}: {why}")))
@@ -545,12 +553,17 @@ pub async fn check_once(
     }
 }
 
-async fn attempt(addr: SocketAddr, path: &str, tls: Option<&UpstreamTls>) -> Result<(), CheckFailure> {
+async fn attempt(
+    addr: SocketAddr,
+    path: &str,
+    host: Option<&str>,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), CheckFailure> {
     if !path.starts_with('/') {
         return Err(CheckFailure::Instance("the health path must start with /".to_string()));
     }
     let request = http::Request::get(path)
-        .header(HOST, addr.to_string())
+        .header(HOST, host.map_or_else(|| addr.to_string(), str::to_string))
         .header(CONNECTION, "close")
         .header(USER_AGENT, concat!("cutover-health/", env!("CARGO_PKG_VERSION")))
         .body(Empty::<Bytes>::new())
@@ -773,6 +786,7 @@ mod tests {
                 healthy,
                 unhealthy,
                 deadline: Duration::from_secs(60),
+                host: None,
             },
             tls: None,
         }
@@ -954,21 +968,46 @@ mod tests {
     #[tokio::test]
     async fn check_once_passes_2xx_only() {
         let up = Upstream::start(204).await;
-        assert_eq!(check_once(up.addr, "/up", Duration::from_secs(5), None).await, Ok(()));
+        assert_eq!(
+            check_once(up.addr, "/up", None, Duration::from_secs(5), None).await,
+            Ok(())
+        );
         for status in [301, 404, 500, 503] {
             up.status.store(status, Ordering::SeqCst);
-            let err = check_once(up.addr, "/up", Duration::from_secs(5), None)
+            let err = check_once(up.addr, "/up", None, Duration::from_secs(5), None)
                 .await
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(&format!("http://{}/up", up.addr)), "{err}");
             assert!(err.contains(&format!("answered {status}")), "{err}");
         }
-        let err = check_once(up.addr, "up", Duration::from_secs(5), None)
+        let err = check_once(up.addr, "up", None, Duration::from_secs(5), None)
             .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("must start with /"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn checks_send_the_host_given() {
+        let up = Upstream::start(200).await;
+        let mut spec = spec(vec![up.addr], 50, 5000, 1, 1);
+        spec.config.host = Some("shop.example.com".to_string());
+        let checker = HealthChecker::start(spec);
+        up.health.set(checker.subscribe()).unwrap();
+        wait_for("2 checks", || up.count() >= 2).await;
+        for a in up.arrivals() {
+            assert_eq!(a.host.as_deref(), Some("shop.example.com"));
+        }
+        assert_eq!(
+            check_once(up.addr, "/up", Some("other.example.com"), Duration::from_secs(5), None).await,
+            Ok(())
+        );
+        assert_eq!(
+            up.arrivals().last().and_then(|a| a.host.clone()).as_deref(),
+            Some("other.example.com")
+        );
+        checker.stop().await;
     }
 
     #[tokio::test]
@@ -1054,7 +1093,9 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             listener.local_addr().unwrap()
         };
-        let err = check_once(addr, "/up", Duration::from_secs(5), None).await.unwrap_err();
+        let err = check_once(addr, "/up", None, Duration::from_secs(5), None)
+            .await
+            .unwrap_err();
         assert_eq!(
             err,
             CheckFailure::Instance(format!("GET http://{addr}/up: connect: connection refused"))
@@ -1077,7 +1118,7 @@ mod tests {
         // One direct check: it fails after the timeout, not before and not never.
         let other = Silent::start().await;
         let t0 = std::time::Instant::now();
-        let err = check_once(other.addr, "/up", timeout, None).await.unwrap_err();
+        let err = check_once(other.addr, "/up", None, timeout, None).await.unwrap_err();
         assert!(t0.elapsed() >= timeout);
         assert_eq!(
             err,

@@ -48,6 +48,7 @@ async fn checks_this_host_cannot_make_leave_the_instance_healthy() {
             healthy: 1,
             unhealthy: 1,
             deadline: Duration::from_secs(60),
+            host: None,
         },
         tls: None,
     });
@@ -71,7 +72,7 @@ async fn checks_this_host_cannot_make_leave_the_instance_healthy() {
         hog.push(f);
         assert!(hog.len() <= 4096, "open never failed");
     }
-    let direct = check_once(addr, "/up", Duration::from_secs(1), None).await;
+    let direct = check_once(addr, "/up", None, Duration::from_secs(1), None).await;
     // 25 intervals with no descriptor to spare; one failed check would make it unhealthy.
     let until = Instant::now() + Duration::from_millis(500);
     let mut seen = Vec::new();
@@ -87,5 +88,8 @@ async fn checks_this_host_cannot_make_leave_the_instance_healthy() {
     assert!(seen.iter().all(|s| *s == Some(Status::Healthy)), "{seen:?}");
     let health = checker.snapshot().get(addr).cloned().unwrap();
     assert_eq!(health.consecutive_fail, 0, "{health:?}");
-    assert_eq!(check_once(addr, "/up", Duration::from_secs(1), None).await, Ok(()));
+    assert_eq!(
+        check_once(addr, "/up", None, Duration::from_secs(1), None).await,
+        Ok(())
+    );
 }

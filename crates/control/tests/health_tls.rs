@@ -91,12 +91,12 @@ async fn checks_over_tls_pass() {
     let (by_name, handshakes) = tls_instance(ca.server(&["api.internal"])).await;
     let timeout = Duration::from_secs(5);
     let tls = settings(&ca, Some("api.internal"));
-    assert_eq!(check_once(by_name, "/up", timeout, Some(&tls)).await, Ok(()));
+    assert_eq!(check_once(by_name, "/up", None, timeout, Some(&tls)).await, Ok(()));
     assert_eq!(handshakes.load(Ordering::SeqCst), 1);
 
     let (by_ip, _) = tls_instance(ca.server(&["127.0.0.1"])).await;
     assert_eq!(
-        check_once(by_ip, "/up", timeout, Some(&settings(&ca, None))).await,
+        check_once(by_ip, "/up", None, timeout, Some(&settings(&ca, None))).await,
         Ok(())
     );
 }
@@ -111,7 +111,7 @@ async fn checks_that_fail_the_handshake_say_so() {
 
     let (foreign, _) = tls_instance(other.server(&["api.internal"])).await;
     assert_eq!(
-        check_once(foreign, "/up", timeout, Some(&tls)).await,
+        check_once(foreign, "/up", None, timeout, Some(&tls)).await,
         Err(CheckFailure::Instance(format!(
             "GET https://{foreign}/up: TLS handshake (server name api.internal) failed: invalid peer certificate: \
              UnknownIssuer (the certificate is not issued by a CA in certs/internal-ca.pem)"
@@ -119,7 +119,7 @@ async fn checks_that_fail_the_handshake_say_so() {
     );
 
     let (misnamed, _) = tls_instance(ca.server(&["web.internal"])).await;
-    let Err(CheckFailure::Instance(why)) = check_once(misnamed, "/up", timeout, Some(&tls)).await else {
+    let Err(CheckFailure::Instance(why)) = check_once(misnamed, "/up", None, timeout, Some(&tls)).await else {
         panic!("a certificate for another name passes");
     };
     assert!(
@@ -145,7 +145,7 @@ async fn checks_that_fail_the_handshake_say_so() {
         }
     });
     assert_eq!(
-        check_once(plain_addr, "/up", timeout, Some(&tls)).await,
+        check_once(plain_addr, "/up", None, timeout, Some(&tls)).await,
         Err(CheckFailure::Instance(format!(
             "GET https://{plain_addr}/up: TLS handshake (server name api.internal) failed: received corrupt message \
              of type InvalidContentType (the upstream does not speak TLS; is it plain HTTP?)"
@@ -165,6 +165,7 @@ fn spec(addr: SocketAddr, tls: Option<Arc<UpstreamTls>>) -> CheckSpec {
             healthy: 1,
             unhealthy: 1,
             deadline: Duration::from_secs(60),
+            host: None,
         },
         tls,
     }

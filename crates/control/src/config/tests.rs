@@ -361,6 +361,7 @@ events = ["went-live", "rolled-back"]
                     healthy: 1,
                     unhealthy: 5,
                     deadline: Duration::from_secs(90),
+                    host: Some("shop.example.com".to_string()),
                 },
                 drain_timeout: Duration::from_secs(45),
                 close_window: Duration::from_secs(10),
@@ -472,6 +473,7 @@ fn minimal_config_gets_every_default() {
             healthy: 2,
             unhealthy: 3,
             deadline: Duration::from_secs(60),
+            host: None,
         }
     );
     assert_eq!(web.drain_timeout, Duration::from_secs(30));
@@ -1884,4 +1886,30 @@ fn bad_fleet_settings_are_refused_with_what_to_write() {
         "services.web.command",
         "not supported yet",
     );
+}
+
+#[test]
+fn health_checks_send_the_service_host_or_the_one_given() {
+    // Default without hosts: none (the check sends the instance's address).
+    let config = parse("[services.web]\ncommand = \"./web\"\n").unwrap();
+    assert_eq!(config.services[0].health.host, None);
+    // With hosts: the first one.
+    let config =
+        parse("[services.web]\ncommand = \"./web\"\nhosts = [\"Shop.Example.com\", \"www.example.com\"]\n").unwrap();
+    assert_eq!(config.services[0].health.host.as_deref(), Some("shop.example.com"));
+    // Given: that one.
+    let config = parse(
+        "[services.web]\ncommand = \"./web\"\nhosts = [\"shop.example.com\"]\nhealth = { host = \"internal:8080\" }\n",
+    )
+    .unwrap();
+    assert_eq!(config.services[0].health.host.as_deref(), Some("internal:8080"));
+    for bad in ["\"\"", "\"a b\"", "\"x/y\"", "3"] {
+        refused(
+            &format!("[services.web]\ncommand = \"./web\"\nhealth = {{ host = {bad} }}\n"),
+            3,
+            19,
+            "services.web.health.host",
+            "",
+        );
+    }
 }
