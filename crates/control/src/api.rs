@@ -11,7 +11,7 @@
 //! | `POST /v1/services/{name}/abort` | stop an unpromoted deployment |
 //! | `GET /v1/services/{name}/history?limit=20` | past deployments, newest first |
 //! | `GET /v1/services/{name}/deployments/{id}` | `{"id": 7, "steps": [{"at", "kind", "message", "terminal"}]}`: its steps so far, oldest first |
-//! | `POST /v1/daemon/reload` | read every TLS certificate file again → `{"certificates": [...], "failed": 0}` (each that fails keeps its previous certificate) |
+//! | `POST /v1/daemon/reload` | read every TLS certificate file and upstream CA file again → `{"certificates": [...], "upstream_cas": [...], "failed": 0}` (each that fails keeps what was loaded before) |
 //! | `GET /v1/events` | server-sent events: one JSON [`crate::events::Notice`] per event |
 //! | `GET /metrics` | OpenMetrics 1.0.0 when `Accept` asks for it, else the Prometheus text format 0.0.4 (see [`crate::metrics`], [`crate::exposition`]) |
 //!
@@ -177,13 +177,16 @@ async fn status(State(api): State<Api>) -> Json<StatusBody> {
     })
 }
 
-/// `cutover reload`: every certificate file read again. 200 either way: a certificate that
-/// fails keeps its previous one and says why (`failed` counts them).
+/// `cutover reload`: every certificate file and upstream CA file read again. 200 either way: a
+/// file that fails keeps what was loaded before and says why (`failed` counts them).
 async fn reload(State(api): State<Api>, axum::Extension(caller): axum::Extension<Caller>) -> Response {
     tracing::info!(actor = caller.0, "certificate reload requested");
     let certificates = api.daemon.reload_certificates().await;
-    let failed = certificates.iter().filter(|c| c.error.is_some()).count();
-    Json(serde_json::json!({ "certificates": certificates, "failed": failed })).into_response()
+    let upstream_cas = api.daemon.reload_upstream_cas().await;
+    let failed = certificates.iter().filter(|c| c.error.is_some()).count()
+        + upstream_cas.iter().filter(|c| c.error.is_some()).count();
+    Json(serde_json::json!({ "certificates": certificates, "upstream_cas": upstream_cas, "failed": failed }))
+        .into_response()
 }
 
 async fn service(State(api): State<Api>, UrlPath(name): UrlPath<String>) -> Response {

@@ -815,6 +815,57 @@ impl Daemon {
             .unwrap_or_else(|_| views.views())
     }
 
+    /// Reads each service's `upstream_tls` CA file again: new connections to its instances (and
+    /// health checks started from now on) verify them with it; open ones keep what they
+    /// verified. A file that cannot be used leaves the service on the CA it had, and says why.
+    pub async fn reload_upstream_cas(&self) -> Vec<crate::tls::UpstreamCaView> {
+        let services: Vec<ServiceConfig> = self
+            .shared
+            .config
+            .services
+            .iter()
+            .filter(|s| s.upstream_tls.is_some())
+            .cloned()
+            .collect();
+        let loaded = tokio::task::spawn_blocking(move || {
+            services
+                .into_iter()
+                .map(|s| {
+                    let file = s
+                        .upstream_tls
+                        .as_ref()
+                        .map(|t| t.ca.display().to_string())
+                        .unwrap_or_default();
+                    (s.name.clone(), file, crate::tls::load_service_upstream_tls(&s))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut views = Vec::new();
+        for (service, file, result) in loaded {
+            let error = match result {
+                Ok(Some(tls)) => {
+                    let r = self.shared.proxy.update(|t| {
+                        t.with_service(&service, |s| {
+                            s.upstream_tls = Some(tls.clone());
+                            Ok(())
+                        })
+                    });
+                    r.err().map(|e| e.to_string())
+                }
+                Ok(None) => None,
+                Err(e) => Some(format!("{e}; the CA loaded before stays in use")),
+            };
+            match &error {
+                None => tracing::info!(service = %service, file = %file, "upstream CA file read again"),
+                Some(e) => tracing::error!(service = %service, file = %file, error = %e, "upstream CA file not taken"),
+            }
+            views.push(crate::tls::UpstreamCaView { service, file, error });
+        }
+        views
+    }
+
     /// Every service, in name order.
     pub fn status(&self) -> Vec<ServiceView> {
         let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());

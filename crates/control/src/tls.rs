@@ -208,24 +208,45 @@ fn load(source: &Source) -> Result<Loaded, String> {
 pub fn load_upstream_tls(config: &Config) -> Result<std::collections::BTreeMap<String, Arc<UpstreamTls>>, LoadError> {
     let mut loaded = std::collections::BTreeMap::new();
     for service in &config.services {
-        let Some(settings) = &service.upstream_tls else {
-            continue;
-        };
-        let key = format!("services.{}.upstream_tls.ca", service.name);
-        let file = settings.ca.display().to_string();
-        let pem = std::fs::read(&settings.ca).map_err(|e| LoadError {
-            key: key.clone(),
-            message: format!(
-                "cannot read the CA file {file}: {e}; check the path (relative paths are relative to the config file) and that cutover may read it"
-            ),
-        })?;
-        let tls = UpstreamTls::new(&pem, &file, settings.server_name.as_deref()).map_err(|e| LoadError {
-            key,
-            message: format!("{file}: {e}"),
-        })?;
-        loaded.insert(service.name.clone(), Arc::new(tls));
+        if let Some(tls) = load_service_upstream_tls(service)? {
+            loaded.insert(service.name.clone(), tls);
+        }
     }
     Ok(loaded)
+}
+
+/// One service's `upstream_tls` read from its CA file (`None` without `upstream_tls`).
+/// Blocking (a file read).
+pub fn load_service_upstream_tls(
+    service: &crate::config::ServiceConfig,
+) -> Result<Option<Arc<UpstreamTls>>, LoadError> {
+    let Some(settings) = &service.upstream_tls else {
+        return Ok(None);
+    };
+    let key = format!("services.{}.upstream_tls.ca", service.name);
+    let file = settings.ca.display().to_string();
+    let pem = std::fs::read(&settings.ca).map_err(|e| LoadError {
+        key: key.clone(),
+        message: format!(
+            "cannot read the CA file {file}: {e}; check the path (relative paths are relative to the config file) and that cutover may read it"
+        ),
+    })?;
+    let tls = UpstreamTls::new(&pem, &file, settings.server_name.as_deref()).map_err(|e| LoadError {
+        key,
+        message: format!("{file}: {e}"),
+    })?;
+    Ok(Some(Arc::new(tls)))
+}
+
+/// What a reload did with one service's upstream CA file.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct UpstreamCaView {
+    pub service: String,
+    pub file: String,
+    /// Why the file was not taken; the CA loaded before stays in use. `None`: new connections
+    /// to the instances verify them with the CA just read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Certificates {

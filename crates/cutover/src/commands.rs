@@ -563,11 +563,21 @@ pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
             println!("{answer}");
         } else {
             let certificates = answer["certificates"].as_array().cloned().unwrap_or_default();
-            if certificates.is_empty() {
-                println!("nothing to reload: no TLS listener and no admin_tls is configured");
+            let cas = answer["upstream_cas"].as_array().cloned().unwrap_or_default();
+            if certificates.is_empty() && cas.is_empty() {
+                println!("nothing to reload: no TLS listener, no admin_tls and no upstream_tls is configured");
             }
             for c in &certificates {
                 println!("{}", certificate_line(c));
+            }
+            for c in &cas {
+                let (service, file) = (c["service"].as_str().unwrap_or("?"), c["file"].as_str().unwrap_or("?"));
+                match c["error"].as_str() {
+                    None => println!(
+                        "upstream CA of {service}: {file} read; new connections to its instances verify with it"
+                    ),
+                    Some(e) => println!("upstream CA of {service}: {file} NOT taken: {e}"),
+                }
             }
         }
         Ok(if failed > 0 {

@@ -63,8 +63,9 @@ enum Command {
     /// Answer a service's live requests with 503, your message and Retry-After until `cutover
     /// resume` (kept across daemon restarts). The preview route still reaches the instances.
     Maintenance(commands::MaintenanceArgs),
-    /// Read the TLS certificate files again, without a restart: new TLS connections get each
-    /// certificate that loads; one that fails keeps the certificate loaded before (exit 1).
+    /// Read the TLS certificate files and the upstream CA files again, without a restart: new
+    /// TLS connections get each certificate that loads, new connections to TLS instances verify
+    /// them with each CA that loads; a file that fails keeps what was loaded before (exit 1).
     ///
     /// Open connections keep theirs. The daemon also looks for changed files every few seconds
     /// by itself. The rest of the config is read at start (`cutover upgrade` restarts with it).

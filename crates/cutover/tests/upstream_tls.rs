@@ -302,3 +302,78 @@ fn a_ca_file_that_cannot_be_used_is_a_start_error() {
         text(&out)
     );
 }
+
+/// The instances move to certificates of a new CA: until `cutover reload`, a release signed by
+/// it fails its health checks; after it, the release goes live. A CA file that cannot be used
+/// is named by the reload (exit 1) and the CA loaded before stays in use.
+#[test]
+fn cutover_reload_reads_the_upstream_ca_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
+    old_ca.write_to(dir.path());
+    let (v1, _) = tls_upstream(old_ca.server(&["web.internal"]), "v1");
+    let (v2, _) = tls_upstream(new_ca.server(&["web.internal"]), "v2");
+    let port = free_port();
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            port,
+            "upstream_tls = { ca = \"ca.pem\", server_name = \"web.internal\" }",
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _daemon = Stopping(child);
+    let serve_log = || std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
+    let cli = |args: &[&str]| Command::new(BIN).args(args).arg("-c").arg(&config).output().unwrap();
+    assert!(wait_until(Duration::from_secs(20), || cli(&["status"])
+        .status
+        .success()));
+    let out = cli(&["deploy", "web", "--version", "v1", "--upstream", &v1.to_string()]);
+    assert!(out.status.success(), "{}\n{}", text(&out), serve_log());
+
+    // The new CA is on disk, not yet read: v2 is refused.
+    new_ca.write_to(dir.path());
+    let out = cli(&["deploy", "web", "--version", "v2", "--upstream", &v2.to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("UnknownIssuer"), "{}", text(&out));
+
+    let out = cli(&["reload"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), serve_log());
+    assert!(
+        text(&out).contains("upstream CA of web: ") && text(&out).contains("ca.pem read"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["deploy", "web", "--version", "v2", "--upstream", &v2.to_string()]);
+    assert!(out.status.success(), "{}\n{}", text(&out), serve_log());
+    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    let s = TcpStream::connect(front).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut writer = s;
+    assert_eq!(exchange(&mut reader, &mut writer).unwrap(), (200, "v2".to_string()));
+
+    // A broken file: named, and the CA of before stays (v2's new connections still verify).
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
+    let out = cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("ca.pem NOT taken") && text(&out).contains("the CA loaded before stays in use"),
+        "{}",
+        text(&out)
+    );
+    for _ in 0..3 {
+        let s = TcpStream::connect(front).unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut writer = s;
+        assert_eq!(exchange(&mut reader, &mut writer).unwrap(), (200, "v2".to_string()));
+    }
+}
