@@ -15,10 +15,11 @@
 //!   [`Membership::wait_for_acks`] waits until every member has acknowledged a revision (or a
 //!   later one), or names those that did not within the time given.
 //!
-//! Waiting is by polling the few keys involved (every [`POLL`]), which survives reconnects and
-//! member failures with nothing to resume.
+//! The wait watches the members and the service's acknowledgements and reads them once, so it
+//! ends as soon as etcd has the last acknowledgement. A watch that breaks (or stays silent for
+//! [`RECHECK`]) is replaced by a new watch and read within the same deadline.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
@@ -58,6 +59,10 @@ impl RouteState {
 /// How often waits look at etcd again.
 pub const POLL: Duration = Duration::from_millis(50);
 
+/// How long an acknowledgement wait trusts a watch that brings nothing: after this it watches
+/// anew and reads the keys again (a stream that stalls without breaking costs no more).
+pub const RECHECK: Duration = Duration::from_secs(1);
+
 /// Why a fleet operation failed. Messages name etcd and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -80,8 +85,12 @@ pub enum FleetError {
 pub struct Ack {
     #[serde(rename = "revision")]
     pub revision: u64,
+    /// When the node had applied it (unix time, ms).
     #[serde(rename = "applied_at_ms")]
     pub applied_at_ms: u64,
+    /// The same instant in microseconds; absent in acknowledgements written before it existed.
+    #[serde(rename = "applied_at_us", default, skip_serializing_if = "Option::is_none")]
+    pub applied_at_us: Option<u64>,
 }
 
 /// The result of waiting for acknowledgements.
@@ -113,10 +122,58 @@ impl Drop for Membership {
 }
 
 fn unix_ms() -> u64 {
+    unix_us() / 1000
+}
+
+fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+/// The members and one service's acknowledgements as etcd held them at one revision, kept
+/// current from a watch's events.
+#[derive(Default)]
+struct AckView {
+    members: BTreeSet<String>,
+    /// The revision each node acknowledged (members or not: a node that joins brings its own).
+    acked: BTreeMap<String, u64>,
+}
+
+impl AckView {
+    fn wait(&self, revision: u64) -> AckWait {
+        let (acked, missing) = self
+            .members
+            .iter()
+            .cloned()
+            .partition(|m| self.acked.get(m).is_some_and(|r| *r >= revision));
+        AckWait { acked, missing }
+    }
+
+    /// Takes a key's new value (`None`: deleted) under `nodes` or `acks`.
+    fn set(&mut self, nodes: &str, acks: &str, key: &[u8], value: Option<&[u8]>) {
+        let Ok(key) = std::str::from_utf8(key) else { return };
+        if let Some(node) = key.strip_prefix(nodes) {
+            match value {
+                Some(_) => self.members.insert(node.to_string()),
+                None => self.members.remove(node),
+            };
+        } else if let Some(node) = key.strip_prefix(acks) {
+            match value.and_then(|v| serde_json::from_slice::<Ack>(v).ok()) {
+                Some(ack) => self.acked.insert(node.to_string(), ack.revision),
+                None => self.acked.remove(node),
+            };
+        }
+    }
+}
+
+/// How one watch of the acknowledgements ended.
+enum Watched {
+    /// Every member acknowledged, or the deadline came: the result.
+    Done(AckWait),
+    /// The watch broke (why), or brought nothing for [`RECHECK`]: watch and read again.
+    Again(Option<FleetError>),
 }
 
 impl Membership {
@@ -405,9 +462,11 @@ impl Membership {
 
     /// Records that this node applies `revision` of `service`'s route state now.
     pub async fn acknowledge(&self, service: &str, revision: u64) -> Result<(), FleetError> {
+        let now = unix_us();
         let ack = Ack {
             revision,
-            applied_at_ms: unix_ms(),
+            applied_at_ms: now / 1000,
+            applied_at_us: Some(now),
         };
         let value = serde_json::to_string(&ack).map_err(|e| FleetError::Setup(e.to_string()))?;
         let key = format!("{}/acks/{service}/{}", self.prefix, self.node);
@@ -445,20 +504,136 @@ impl Membership {
     }
 
     /// Waits until every member has acknowledged `revision` of `service` (or a later one), at
-    /// most `timeout`. Members are those registered at each look: one that leaves (its lease
-    /// expired) is no longer waited for, one that joins is.
+    /// most `timeout`. Members are those registered as the wait goes on: one that leaves (its
+    /// lease expired) is no longer waited for, one that joins is.
+    ///
+    /// The members and the acknowledgements are watched, then read, and kept current from the
+    /// watch: the wait ends when etcd has the last acknowledgement. A watch that breaks is
+    /// replaced by another (after [`POLL`]) as long as the deadline allows; at the deadline the
+    /// keys are read once more, and an error is returned only if that read fails.
     pub async fn wait_for_acks(&self, service: &str, revision: u64, timeout: Duration) -> Result<AckWait, FleetError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let nodes = format!("{}/nodes/", self.prefix);
+        let acks = format!("{}/acks/{service}/", self.prefix);
         loop {
-            let members = self.members().await?;
-            let acks = self.acks(service).await?;
-            let (acked, missing): (Vec<String>, Vec<String>) = members
-                .into_iter()
-                .partition(|m| acks.get(m).is_some_and(|a| a.revision >= revision));
-            if missing.is_empty() || Instant::now() >= deadline {
-                return Ok(AckWait { acked, missing });
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(self.ack_view(&nodes, &acks).await?.0.wait(revision));
             }
-            tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+            match self.watch_acks(&nodes, &acks, revision, deadline).await {
+                Watched::Done(wait) => return Ok(wait),
+                Watched::Again(None) => {}
+                Watched::Again(Some(e)) => {
+                    tracing::debug!(service, error = %e, "the watch of the acknowledgements broke; opening another");
+                    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + POLL)).await;
+                }
+            }
+        }
+    }
+
+    /// The members and the acknowledgements under `acks`, read together, and the revision of
+    /// the read.
+    async fn ack_view(&self, nodes: &str, acks: &str) -> Result<(AckView, i64), FleetError> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(nodes, Some(GetOptions::new().with_prefix())),
+            TxnOp::get(acks, Some(GetOptions::new().with_prefix())),
+        ]);
+        let resp = retry(self.deadline(), || {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await
+        .map_err(self.fail("reading the acknowledgements"))?;
+        let at = resp.header().map_or(0, |h| h.revision());
+        let mut view = AckView::default();
+        for op in resp.op_responses() {
+            if let etcd_client::TxnOpResponse::Get(get) = op {
+                for kv in get.kvs() {
+                    view.set(nodes, acks, kv.key(), Some(kv.value()));
+                }
+            }
+        }
+        Ok((view, at))
+    }
+
+    /// Watches the members and the acknowledgements, reads them, and follows the watch until
+    /// every member has acknowledged `revision`, the deadline, or the watch breaks or stays
+    /// silent for [`RECHECK`].
+    ///
+    /// The watches start from the present, and the read follows once etcd has created them:
+    /// etcd sends the events of a watch that starts from a revision already written only at its
+    /// next catch-up of such watches (every 100 ms), which a watch from a read's revision would
+    /// be whenever anything was written between the read and the watch. The read has every event
+    /// up to its revision; the watch's events up to it are skipped.
+    async fn watch_acks(&self, nodes: &str, acks: &str, revision: u64, deadline: tokio::time::Instant) -> Watched {
+        let broke = |e: etcd_client::Error| Watched::Again(Some(self.fail("watching the acknowledgements")(e)));
+        let cancelled = |resp: &etcd_client::WatchResponse| {
+            Watched::Again(Some(FleetError::Setup(format!(
+                "etcd cancelled the watch of the acknowledgements: {}",
+                resp.cancel_reason()
+            ))))
+        };
+        let ended = || Watched::Again(Some(FleetError::Setup("etcd ended the watch of the acknowledgements".into())));
+        let mut early = Vec::new();
+        let opened = tokio::time::timeout_at(deadline, async {
+            let mut stream = self
+                .client
+                .clone()
+                .watch(acks, Some(WatchOptions::new().with_prefix()))
+                .await?;
+            stream.watch(nodes, Some(WatchOptions::new().with_prefix())).await?;
+            let mut created = 0;
+            while created < 2 {
+                match stream.message().await? {
+                    Some(resp) if resp.canceled() => return Ok(Err(cancelled(&resp))),
+                    Some(resp) => {
+                        created += usize::from(resp.created());
+                        early.push(resp);
+                    }
+                    None => return Ok(Err(ended())),
+                }
+            }
+            Ok::<_, etcd_client::Error>(Ok(stream))
+        })
+        .await;
+        let mut stream = match opened {
+            Ok(Ok(Ok(stream))) => stream,
+            Ok(Ok(Err(why))) => return why,
+            Ok(Err(e)) => return broke(e),
+            Err(_) => return Watched::Again(None),
+        };
+        let (mut view, at) = match self.ack_view(nodes, acks).await {
+            Ok(read) => read,
+            Err(e) => return Watched::Again(Some(e)),
+        };
+        let take = |view: &mut AckView, resp: &etcd_client::WatchResponse| {
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                if kv.mod_revision() > at {
+                    let value = (event.event_type() == EventType::Put).then(|| kv.value());
+                    view.set(nodes, acks, kv.key(), value);
+                }
+            }
+        };
+        for resp in &early {
+            take(&mut view, resp);
+        }
+        loop {
+            let wait = view.wait(revision);
+            if wait.missing.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Watched::Done(wait);
+            }
+            let quiet_until = deadline.min(tokio::time::Instant::now() + RECHECK);
+            let message = match tokio::time::timeout_at(quiet_until, stream.message()).await {
+                Ok(m) => m,
+                Err(_) if quiet_until >= deadline => return Watched::Done(view.wait(revision)),
+                Err(_) => return Watched::Again(None),
+            };
+            match message {
+                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => return cancelled(&resp),
+                Ok(Some(resp)) => take(&mut view, &resp),
+                Ok(None) => return ended(),
+                Err(e) => return broke(e),
+            }
         }
     }
 

@@ -154,3 +154,61 @@ async fn a_revision_counts_as_applied_when_every_member_acknowledged_it() {
     assert_eq!(wait.missing, Vec::<String>::new());
     assert!(!a.acks("web").await.unwrap().contains_key("c"));
 }
+
+/// The wait follows etcd as it changes, each change taken when etcd has it, not at the next full
+/// read ([`RECHECK`]): an acknowledgement ends it, a member that leaves is no longer waited for,
+/// a member that joins is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_takes_acknowledgements_and_members_as_etcd_has_them() {
+    let cluster = tokio::task::spawn_blocking(EtcdCluster::start).await.unwrap();
+    let o = options(&cluster, "/fleet-d");
+    let a = std::sync::Arc::new(Membership::join(&o, "a", TTL).await.unwrap());
+    let b = Membership::join(&o, "b", TTL).await.unwrap();
+    let c = Membership::join(&o, "c", TTL).await.unwrap();
+    let soon = RECHECK / 2;
+    let wait = |revision: u64| {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let wait = a.wait_for_acks("web", revision, Duration::from_secs(10)).await.unwrap();
+            (wait, Instant::now())
+        })
+    };
+
+    // An acknowledgement ends the wait.
+    a.acknowledge("web", 5).await.unwrap();
+    b.acknowledge("web", 5).await.unwrap();
+    let waiting = wait(5);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+    c.acknowledge("web", 5).await.unwrap();
+    let acked = Instant::now();
+    let (w, ended) = waiting.await.unwrap();
+    assert_eq!((w.acked, w.missing), (vec!["a".into(), "b".into(), "c".into()], vec![]));
+    assert!(ended.duration_since(acked) < soon, "{:?}", ended.duration_since(acked));
+
+    // A member that leaves is no longer waited for.
+    a.acknowledge("web", 6).await.unwrap();
+    b.acknowledge("web", 6).await.unwrap();
+    let waiting = wait(6);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+    c.leave().await.unwrap();
+    let left = Instant::now();
+    let (w, ended) = waiting.await.unwrap();
+    assert_eq!((w.acked, w.missing), (vec!["a".into(), "b".into()], vec![]));
+    assert!(ended.duration_since(left) < soon, "{:?}", ended.duration_since(left));
+
+    // A member that joins is waited for.
+    a.acknowledge("web", 7).await.unwrap();
+    let waiting = wait(7);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = Membership::join(&o, "d", TTL).await.unwrap();
+    b.acknowledge("web", 7).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the wait ended without the member that joined");
+    d.acknowledge("web", 7).await.unwrap();
+    let acked = Instant::now();
+    let (w, ended) = waiting.await.unwrap();
+    assert_eq!((w.acked, w.missing), (vec!["a".into(), "b".into(), "d".into()], vec![]));
+    assert!(ended.duration_since(acked) < soon, "{:?}", ended.duration_since(acked));
+}
