@@ -2073,7 +2073,6 @@ impl Actor {
         {
             Ok(revision) => {
                 self.revision = revision;
-                self.acknowledge_later();
                 Ok(())
             }
             Err(e @ StoreError::Conflict { .. }) => {
@@ -2086,19 +2085,12 @@ impl Actor {
         }
     }
 
-    /// In a fleet: records that this node (the leader) applies the revision just committed.
-    /// Its table changes come from the transition's actions, which follow at once (a switch's
-    /// table store comes before [`Actor::await_fleet`] reads any acknowledgement).
-    fn acknowledge_later(&self) {
-        let Some(membership) = self.shared.fleet.as_ref().and_then(|n| n.membership()) else {
-            return;
-        };
-        let (name, revision) = (self.name().to_string(), self.revision.0);
-        tokio::spawn(async move {
-            if let Err(e) = membership.acknowledge(&name, revision).await {
-                tracing::warn!(service = %name, error = %e, "cannot acknowledge revision {revision}");
-            }
-        });
+    /// In a fleet: records that this node (the leader) applies the revision committed last,
+    /// once the transition's table changes are made (see [`Actor::execute`]).
+    fn acknowledge(&self) {
+        if let Some(node) = &self.shared.fleet {
+            node.acknowledge(self.name(), self.revision.0);
+        }
     }
 
     /// In a fleet, after this node switched `colour` live: waits until every node applies the
@@ -2110,7 +2102,7 @@ impl Actor {
         let Some(membership) = node.membership() else { return };
         let revision = self.revision.0;
         let t0 = Instant::now();
-        // This node's own acknowledgement was sent with the commit (`acknowledge_later`).
+        // This node's own acknowledgement is on its way (`Actor::acknowledge`).
         let timeout = node.config.ack_timeout;
         // etcd failing (a member down, a leader election) is retried until the time is up.
         let deadline = t0 + timeout;
@@ -2294,6 +2286,9 @@ impl Actor {
                         release,
                         then: actions.collect(),
                     };
+                    // What this transition changed in the table is done; the rest waits for the
+                    // colour's lane.
+                    self.acknowledge();
                     if self.lanes[slot(colour)].push(Job::Then(ready)) > 0 {
                         self.shared.notice(
                             self.name(),
@@ -2427,6 +2422,7 @@ impl Actor {
                 }
             }
         }
+        self.acknowledge();
         if let Some(colour) = switched {
             self.await_fleet(colour, promoting).await;
         }

@@ -572,7 +572,11 @@ impl Membership {
                 resp.cancel_reason()
             ))))
         };
-        let ended = || Watched::Again(Some(FleetError::Setup("etcd ended the watch of the acknowledgements".into())));
+        let ended = || {
+            Watched::Again(Some(FleetError::Setup(
+                "etcd ended the watch of the acknowledgements".into(),
+            )))
+        };
         let mut early = Vec::new();
         let opened = tokio::time::timeout_at(deadline, async {
             let mut stream = self

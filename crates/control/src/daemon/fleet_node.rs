@@ -59,6 +59,9 @@ pub(super) struct FleetNode {
     pub(super) inherited_lease: Mutex<Option<i64>>,
     /// While this node leads: where its notices go to be published for the other nodes.
     publisher: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    /// Per service, the revision to acknowledge: one writer per service puts the newest one, so
+    /// acknowledgements land in order and a slow write never holds up the next apply.
+    acks_out: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
     /// While it follows: its own health checks of each colour's static instances.
     checks: Mutex<std::collections::HashMap<(String, Colour), FollowerCheck>>,
 }
@@ -103,6 +106,7 @@ impl FleetNode {
             inherited_lease: Mutex::new(None),
             publisher: Mutex::new(None),
             checks: Mutex::new(std::collections::HashMap::new()),
+            acks_out: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -217,6 +221,53 @@ impl FleetNode {
         for (_, c) in checks {
             c.forward.abort();
             tokio::spawn(c.checker.stop());
+        }
+    }
+
+    /// Acknowledges that this node applies `revision` of `service` (or a later one): written to
+    /// etcd in the background, in order, the newest revision only, until it is written.
+    pub(super) fn acknowledge(self: &Arc<Self>, service: &str, revision: u64) {
+        let mut out = self.acks_out.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = out.get(service) {
+            tx.send_if_modified(|v| {
+                let newer = revision > *v;
+                if newer {
+                    *v = revision;
+                }
+                newer
+            });
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::watch::channel(revision);
+        rx.mark_changed();
+        out.insert(service.to_string(), tx);
+        let (node, service) = (self.clone(), service.to_string());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                loop {
+                    let revision = *rx.borrow_and_update();
+                    let written = match node.membership().filter(|m| !m.is_lost()) {
+                        // Not a member now: `keep_membership` acknowledges again once it is.
+                        None => break,
+                        Some(m) => m.acknowledge(&service, revision).await,
+                    };
+                    match written {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(service = %service, error = %e, "cannot acknowledge revision {revision}; trying again");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Acknowledges again every revision acknowledged before (after joining the fleet again:
+    /// acknowledgements live under the lease).
+    fn acknowledge_again(&self) {
+        for tx in self.acks_out.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            tx.send_modify(|_| {});
         }
     }
 
@@ -386,7 +437,7 @@ pub(super) async fn join(node: &FleetNode) -> Result<(), StartError> {
 }
 
 /// Reads every service's committed route state and applies it (before the listeners accept).
-pub(super) async fn load(shared: &Arc<Shared>, node: &FleetNode) -> Result<(), StartError> {
+pub(super) async fn load(shared: &Arc<Shared>, node: &Arc<FleetNode>) -> Result<(), StartError> {
     let membership = node
         .membership()
         .ok_or_else(|| StartError::Fleet("the node has not joined the fleet".into()))?;
@@ -411,27 +462,37 @@ pub(super) async fn load(shared: &Arc<Shared>, node: &FleetNode) -> Result<(), S
 
 /// Puts `state` (revision `revision`) in this node's route table, then acknowledges it. The
 /// leader's actors do their own table changes: there, only the view is refreshed.
-async fn apply(shared: &Arc<Shared>, node: &FleetNode, svc: &ServiceConfig, state: &State, revision: u64, drain: bool) {
+async fn apply(
+    shared: &Arc<Shared>,
+    node: &Arc<FleetNode>,
+    svc: &ServiceConfig,
+    state: &State,
+    revision: u64,
+    drain: bool,
+) {
     let name = svc.name.as_str();
     if !node.leading() {
+        // First the colours that have a release, then the switch, then the colours left with
+        // none: a pool is never emptied while it is live (a rollback empties the colour it
+        // leaves only once it is no longer live, and once drained).
+        let mut released = Vec::new();
         for colour in [Colour::Blue, Colour::Green] {
-            let version = release_on(state, colour);
-            let addrs = if version.is_some() {
-                let (store, key) = (shared.store.clone(), static_key(name, colour));
-                match off_async_store(move || store.get_value(&key)).await {
-                    Ok(v) => v.as_deref().map(parse_static).unwrap_or_default(),
-                    Err(e) => {
-                        tracing::error!(service = name, error = %e, "cannot read the instances of {colour}; keeping those the table has");
-                        continue;
-                    }
+            let Some(version) = release_on(state, colour) else {
+                released.push(colour);
+                continue;
+            };
+            let (store, key) = (shared.store.clone(), static_key(name, colour));
+            let addrs = match off_async_store(move || store.get_value(&key)).await {
+                Ok(v) => v.as_deref().map(parse_static).unwrap_or_default(),
+                Err(e) => {
+                    tracing::error!(service = name, error = %e, "cannot read the instances of {colour}; keeping those the table has");
+                    continue;
                 }
-            } else {
-                Vec::new()
             };
             // The leader let them in after its checks: they serve until this node's own checks
             // say otherwise.
-            set_pool(&shared.proxy, name, colour, version.as_deref(), &addrs, None, &addrs);
-            node.check(shared, svc, colour, version.as_deref(), &addrs);
+            set_pool(&shared.proxy, name, colour, Some(&version), &addrs, None, &addrs);
+            node.check(shared, svc, colour, Some(&version), &addrs);
         }
         let target = match (&state.live, state.in_progress()) {
             (Some(live), _) => Some(live.colour),
@@ -439,17 +500,51 @@ async fn apply(shared: &Arc<Shared>, node: &FleetNode, svc: &ServiceConfig, stat
             (None, Some(d)) => Some(d.colour.other()),
             (None, None) => None,
         };
+        let mut left = None;
         if let Some(colour) = target {
             match shared.proxy.switch(name, colour) {
                 Ok(true) if drain && state.live.is_some() => {
                     tracing::info!(service = name, %colour, revision, "live traffic switched to {colour} (fleet revision {revision})");
-                    let shared = shared.clone();
-                    let (name, timeout, window) = (name.to_string(), svc.drain_timeout, svc.close_window);
-                    tokio::spawn(async move { super::drain(&shared, &name, colour.other(), timeout, window).await });
+                    left = Some(colour.other());
                 }
                 Ok(_) => {}
                 Err(e) => tracing::error!(service = name, error = %e, "cannot update the route table"),
             }
+        }
+        for colour in &released {
+            node.check(shared, svc, *colour, None, &[]);
+        }
+        if let Some(old) = left {
+            // Drained as the leader drains it; emptied after, when it has no release any more
+            // (and no later revision gave it one meanwhile: its pool still has the version
+            // this switch left).
+            let leaving = release_on(state, old)
+                .is_none()
+                .then(|| {
+                    shared
+                        .proxy
+                        .table()
+                        .service(name)
+                        .and_then(|s| s.pool(old).version.clone())
+                })
+                .flatten();
+            let shared = shared.clone();
+            let (name, timeout, window) = (name.to_string(), svc.drain_timeout, svc.close_window);
+            tokio::spawn(async move {
+                super::drain(&shared, &name, old, timeout, window).await;
+                let Some(leaving) = leaving else { return };
+                let current = shared
+                    .proxy
+                    .table()
+                    .service(&name)
+                    .and_then(|s| s.pool(old).version.clone());
+                if current.as_deref() == Some(&*leaving) {
+                    set_pool(&shared.proxy, &name, old, None, &[], None, &[]);
+                }
+            });
+        }
+        for colour in released.iter().filter(|c| Some(**c) != left) {
+            set_pool(&shared.proxy, name, *colour, None, &[], None, &[]);
         }
     }
     shared
@@ -459,11 +554,7 @@ async fn apply(shared: &Arc<Shared>, node: &FleetNode, svc: &ServiceConfig, stat
         .insert(name.to_string(), view_of(state));
     node.set_applied(name, revision);
     if !node.leading() {
-        if let Some(m) = node.membership() {
-            if let Err(e) = m.acknowledge(name, revision).await {
-                tracing::warn!(service = name, error = %e, "cannot acknowledge revision {revision}");
-            }
-        }
+        node.acknowledge(name, revision);
     }
 }
 
@@ -536,7 +627,7 @@ pub(super) async fn follow(shared: Arc<Shared>, node: Arc<FleetNode>) {
     }
 }
 
-async fn apply_one(shared: &Arc<Shared>, node: &FleetNode, rs: RouteState, drain: bool) {
+async fn apply_one(shared: &Arc<Shared>, node: &Arc<FleetNode>, rs: RouteState, drain: bool) {
     let Some(svc) = shared.config.services.iter().find(|s| escape(&s.name) == rs.service) else {
         return; // a service this node's config does not have
     };
@@ -804,11 +895,6 @@ pub(super) async fn keep_membership(node: Arc<FleetNode>) {
         };
         *node.membership.lock().unwrap_or_else(|p| p.into_inner()) = Some(joined.clone());
         tracing::info!(node = %node.config.node, "joined the fleet again");
-        let applied = node.applied.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (service, revision) in applied {
-            if let Err(e) = joined.acknowledge(&service, revision).await {
-                tracing::warn!(service = %service, error = %e, "cannot acknowledge revision {revision}");
-            }
-        }
+        node.acknowledge_again();
     }
 }
