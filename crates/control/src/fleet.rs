@@ -59,6 +59,10 @@ impl RouteState {
 /// How often waits look at etcd again.
 pub const POLL: Duration = Duration::from_millis(50);
 
+/// The longest a node that campaigns waits between two tries (the leader key is watched, so a
+/// try normally follows its deletion at once).
+pub const CAMPAIGN_RECHECK: Duration = Duration::from_secs(2);
+
 /// How long an acknowledgement wait trusts a watch that brings nothing: after this it watches
 /// anew and reads the keys again (a stream that stalls without breaking costs no more).
 pub const RECHECK: Duration = Duration::from_secs(1);
@@ -450,13 +454,37 @@ impl Membership {
         Ok(ours)
     }
 
-    /// Waits until this node leads. Errors end the wait (the caller campaigns again).
+    /// Waits until this node leads. Errors end the wait (the caller campaigns again). Between
+    /// tries it watches the leader key and tries again as soon as it is deleted (the leader left
+    /// or its lease expired), or after [`CAMPAIGN_RECHECK`] at the latest (a watch that missed
+    /// the deletion, or this node's lease lost meanwhile).
     pub async fn campaign(&self) -> Result<(), FleetError> {
+        let key = format!("{}/leader", self.prefix);
         loop {
+            // Watched before the try: a deletion right after it is not missed.
+            let watch = self.client.clone().watch(key.clone(), None).await;
             if self.try_lead().await? {
                 return Ok(());
             }
-            tokio::time::sleep(POLL * 4).await;
+            let deleted = async {
+                let Ok(mut stream) = watch else {
+                    return std::future::pending::<()>().await;
+                };
+                loop {
+                    match stream.message().await {
+                        Ok(Some(resp)) if resp.events().iter().any(|e| e.event_type() == EventType::Delete) => return,
+                        Ok(Some(resp)) if !resp.canceled() => {}
+                        // Broken or cancelled: wait for the recheck.
+                        _ => return std::future::pending::<()>().await,
+                    }
+                }
+            };
+            let lost = self.lost();
+            tokio::select! {
+                () = deleted => {}
+                () = lost => {}
+                () = tokio::time::sleep(CAMPAIGN_RECHECK) => {}
+            }
         }
     }
 
