@@ -158,6 +158,10 @@ pub struct RollbackDone {
     /// `instant` (the previous colour was warm) or `cold` (a redeploy of the previous release).
     pub kind: String,
     pub deployment: Option<u64>,
+    /// In a fleet, for an instant rollback: whether every node serves it, as the switch's
+    /// notice says (which nodes acknowledged it, or which did not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1069,6 +1073,7 @@ impl Daemon {
             return Ok(RollbackDone {
                 kind: done.rollback.unwrap_or_default(),
                 deployment: done.deployment,
+                fleet: done.fleet,
             });
         }
         self.rollback_here(service, actor).await
@@ -1400,6 +1405,7 @@ async fn start_actor(shared: &Arc<Shared>, svc: &ServiceConfig) -> Result<mpsc::
         reports,
         pin: None,
         urgent: None,
+        fleet_said: None,
     };
     actor.recover().await;
     tokio::spawn(supervise::service(actor, rx, reports_rx));
@@ -1729,6 +1735,9 @@ struct Actor {
     /// before the reports and timers that arrived meanwhile (a watch window that ended during
     /// the wait must not make the release live).
     urgent: Option<Event>,
+    /// What the last wait for the fleet's acknowledgements found (its notice), for the answer
+    /// of the command whose switch it was.
+    fleet_said: Option<String>,
 }
 
 impl Actor {
@@ -2023,6 +2032,7 @@ impl Actor {
             arguments: String::new(),
             result: "ok".into(),
         };
+        self.fleet_said = None;
         let t = self
             .step(Event::Rollback { id, plan: self.plan() }, Some(audit))
             .await?;
@@ -2033,6 +2043,7 @@ impl Actor {
         Ok(RollbackDone {
             kind: kind.into(),
             deployment: (kind == "cold").then_some(id.0),
+            fleet: self.fleet_said.take(),
         })
     }
 
@@ -2133,17 +2144,13 @@ impl Actor {
             .collect();
         missing.extend(left.iter().cloned());
         if missing.is_empty() {
-            self.shared.notice(
-                self.name(),
-                None,
-                EventKind::Switch,
-                format!(
-                    "every node of the fleet serves {colour} (revision {revision}): {} acknowledged in {:.1?}",
-                    acked.join(", "),
-                    t0.elapsed()
-                ),
-                None,
+            let said = format!(
+                "every node of the fleet serves {colour} (revision {revision}): {} acknowledged in {:.1?}",
+                acked.join(", "),
+                t0.elapsed()
             );
+            self.fleet_said = Some(said.clone());
+            self.shared.notice(self.name(), None, EventKind::Switch, said, None);
             return;
         }
         // The deployment whose promotion this switch was, while it can still be undone.
@@ -2168,14 +2175,16 @@ impl Actor {
                 left.join(", ")
             ),
         };
+        let said = format!(
+            "nodes {nodes} did not acknowledge revision {revision} ({colour} live) within {timeout:?}{gone}; acknowledged: {}; {then}",
+            if acked.is_empty() { "none".to_string() } else { acked.join(", ") },
+        );
+        self.fleet_said = Some(said.clone());
         self.shared.notice(
             self.name(),
             None,
             EventKind::Switch,
-            format!(
-                "nodes {nodes} did not acknowledge revision {revision} ({colour} live) within {timeout:?}{gone}; acknowledged: {}; {then}",
-                if acked.is_empty() { "none".to_string() } else { acked.join(", ") },
-            ),
+            said,
             Some(format!("not acknowledged by {nodes}")),
         );
         if let (true, Some(id)) = (rollback, promoted) {

@@ -874,6 +874,9 @@ pub fn action(verb: &str, args: ServiceArgs) -> anyhow::Result<ExitCode> {
                     ),
                     _ => println!("{}: rolled back", args.service),
                 }
+                if let Some(fleet) = answer.get("fleet").and_then(|f| f.as_str()) {
+                    println!("{}: {fleet}", args.service);
+                }
             }
             "promote" => println!("{}: promoted", args.service),
             _ => println!("{}: aborted; live traffic untouched", args.service),

@@ -641,6 +641,11 @@ fn a_leader_that_lost_its_lease_steps_down_and_joins_again() {
     // switch waits for it and hears from it.
     let out = nodes[old].cli(&["rollback", "api"]);
     assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
+    assert!(
+        text(&out).contains("every node of the fleet serves blue"),
+        "the rollback says where the fleet stands: {}",
+        text(&out)
+    );
     let out = nodes[new].deploy("v2", &f.v2);
     let said = text(&out);
     assert!(out.status.success(), "{said}\n{}", logs(nodes));

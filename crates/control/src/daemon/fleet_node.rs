@@ -775,6 +775,7 @@ async fn carry_out(daemon: Daemon, membership: Arc<Membership>, c: Incoming) {
                     .map(|id| Done {
                         deployment: Some(id),
                         rollback: None,
+                        fleet: None,
                     }),
                 Err(e) => Err(CommandError::BadRequest(format!(
                     "an upstream of the forwarded deploy is not HOST:PORT: {e}"
@@ -786,6 +787,7 @@ async fn carry_out(daemon: Daemon, membership: Arc<Membership>, c: Incoming) {
         Command::Rollback => daemon.rollback_here(&f.service, &actor).await.map(|r| Done {
             deployment: r.deployment,
             rollback: Some(r.kind),
+            fleet: r.fleet,
         }),
     };
     let answer = Answer {

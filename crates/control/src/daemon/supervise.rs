@@ -137,6 +137,7 @@ impl Actor {
             reports,
             pin: None,
             urgent: None,
+            fleet_said: None,
         };
         Ok((actor, reports_rx))
     }

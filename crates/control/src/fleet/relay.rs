@@ -75,6 +75,9 @@ pub struct Done {
     pub deployment: Option<u64>,
     #[serde(rename = "rollback", default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<String>,
+    /// A rollback's word on the fleet (see `RollbackDone::fleet`).
+    #[serde(rename = "fleet", default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
 }
 
 /// A forwarded command as the leader sees it.
@@ -431,6 +434,7 @@ mod tests {
             result: Ok(Done {
                 deployment: Some(7),
                 rollback: None,
+                fleet: None,
             }),
         };
         leader.answer(&c, &answer).await.unwrap();
