@@ -1091,6 +1091,7 @@ fn serve_notifies_systemd_when_ready_while_alive_and_when_stopping() {
     notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let port = free_port();
     let mark = format!("CUTOVER_TEST_NOTIFY={port}");
+    let _instances = KillMarked(mark.clone());
     let config = dir.path().join("cutover.toml");
     std::fs::write(
         &config,

@@ -54,13 +54,54 @@ pub fn write_private(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// A child process killed when dropped.
+/// A child process killed when dropped, with whatever it left running (see [`spawn_serve`]).
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        kill_left_behind(self.0.id());
+    }
+}
+
+/// The marker (`CUTOVER_TEST_OWNER=...`) each daemon started by [`spawn_serve`] passes on to
+/// the instances it starts, by the daemon's pid.
+static OWNERS: std::sync::Mutex<std::collections::BTreeMap<u32, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Kills (-9) every process that carries the marker of the daemon `pid` started by
+/// [`spawn_serve`]: the instances a daemon leaves running when it stops, by design, for the
+/// next start to adopt.
+pub fn kill_left_behind(pid: u32) {
+    let Some(marker) = OWNERS.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid) else {
+        return;
+    };
+    kill_marked(&marker);
+}
+
+/// On drop, kills (-9) every process whose environment holds the entry it names
+/// (`NAME=value`): instances a test's daemon started and left running.
+pub struct KillMarked(pub String);
+
+impl Drop for KillMarked {
+    fn drop(&mut self) {
+        kill_marked(&self.0);
+    }
+}
+
+/// Kills (-9) every process whose environment holds `marker` (`NAME=value`).
+pub fn kill_marked(marker: &str) {
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|v| v == marker.as_bytes()) {
+            let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+        }
     }
 }
 
@@ -84,12 +125,24 @@ pub fn spawn_demo_app(port: u16, version: &str, colour: &str) -> Child {
 
 /// `cutover serve -c CONFIG`, its log discarded.
 pub fn spawn_serve(config: &Path) -> Child {
-    Command::new(BIN)
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let owner = format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let child = Command::new(BIN)
         .args(["serve", "-c"])
         .arg(config)
+        .env("CUTOVER_TEST_OWNER", &owner)
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    OWNERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(child.id(), format!("CUTOVER_TEST_OWNER={owner}"));
+    child
 }
 
 /// `cutover serve -c CONFIG` that is expected to refuse to start: its output, once it exited
@@ -128,6 +181,7 @@ impl Drop for Stopping {
         wait_until(Duration::from_secs(20), || self.0.try_wait().ok().flatten().is_some());
         let _ = self.0.kill();
         let _ = self.0.wait();
+        kill_left_behind(self.0.id());
     }
 }
 
