@@ -54,14 +54,12 @@ fn counters_add_up_to_the_requests_sent_split_by_colour() {
     )
     .unwrap();
     let log = dir.path().join("serve.log");
-    let _daemon = Stopping(
+    let _daemon = Stopping(spawn_owned(
         Command::new(BIN)
             .args(["--log-format", "json", "serve", "--access-log", "-c"])
             .arg(&config)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+            .stderr(std::fs::File::create(&log).unwrap()),
+    ));
     let socket = dir.path().join("state/admin.sock");
     let cli = |args: &[&str]| Command::new(BIN).args(args).arg("-c").arg(&config).output().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -260,14 +258,12 @@ fn serve_web(dir: &Path, server_extra: &str) -> (Stopping, std::path::PathBuf, S
         ),
     )
     .unwrap();
-    let daemon = Stopping(
+    let daemon = Stopping(spawn_owned(
         Command::new(BIN)
             .args(["serve", "-c"])
             .arg(&config)
-            .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+            .stderr(std::fs::File::create(dir.join("serve.log")).unwrap()),
+    ));
     assert!(
         wait_until(Duration::from_secs(20), || cli(&config, &["status"]).status.success()),
         "daemon up"

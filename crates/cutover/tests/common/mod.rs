@@ -125,19 +125,24 @@ pub fn spawn_demo_app(port: u16, version: &str, colour: &str) -> Child {
 
 /// `cutover serve -c CONFIG`, its log discarded.
 pub fn spawn_serve(config: &Path) -> Child {
+    spawn_owned(
+        Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(config)
+            .stderr(Stdio::null()),
+    )
+}
+
+/// Starts `cmd` (a daemon) with a marker of its own in its environment, which the instances
+/// it starts inherit: [`Proc`] and [`Stopping`] kill them with it ([`kill_left_behind`]).
+pub fn spawn_owned(cmd: &mut Command) -> Child {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let owner = format!(
         "{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let child = Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(config)
-        .env("CUTOVER_TEST_OWNER", &owner)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = cmd.env("CUTOVER_TEST_OWNER", &owner).spawn().unwrap();
     OWNERS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
