@@ -183,7 +183,8 @@ enum Watched {
 impl Membership {
     /// Joins the fleet as `node`, with a lease of `ttl` (at least 2 s) kept alive every third of
     /// it. A registration of the same name that is still alive (another node, or this one before
-    /// a crash, until its lease expires) is waited for up to `ttl`, then refused.
+    /// a crash, until its lease expires) is waited for up to twice `ttl` and a second, then
+    /// refused.
     pub async fn join(options: &EtcdOptions, node: &str, ttl: Duration) -> Result<Membership, FleetError> {
         Membership::join_with_lease(options, node, ttl, None).await
     }
@@ -280,7 +281,11 @@ impl Membership {
                     break;
                 }
             }
-            if waited_from.elapsed() > Duration::from_secs(ttl_s as u64) {
+            // A node that crashed keeps its registration until its lease expires, up to the
+            // lease's life after its last keep-alive, and etcd removes expired leases in rounds:
+            // a restart waits that out (twice the life and a second) before it says the name is
+            // taken.
+            if waited_from.elapsed() > Duration::from_secs(2 * ttl_s as u64 + 1) {
                 let _ = client.lease_revoke(lease).await;
                 return Err(FleetError::NameTaken {
                     node: node.to_string(),

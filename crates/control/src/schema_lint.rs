@@ -34,7 +34,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use sqlparser::ast::{AlterColumnOperation, AlterTableOperation, ColumnOption, ObjectType, Spanned, Statement};
+use sqlparser::ast::{
+    AlterColumnOperation, AlterTableOperation, AlterTypeOperation, ColumnOption, ObjectType, Spanned, Statement,
+};
 use sqlparser::dialect::{Dialect, GenericDialect, MySqlDialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Location, Token, Tokenizer, Whitespace};
@@ -53,10 +55,12 @@ pub enum Breaking {
     DropDefault,
     DropObject,
     Truncate,
+    AddConstraint,
+    RenameObject,
 }
 
 impl Breaking {
-    pub const ALL: [Breaking; 11] = [
+    pub const ALL: [Breaking; 13] = [
         Breaking::DropTable,
         Breaking::DropView,
         Breaking::DropColumn,
@@ -68,6 +72,8 @@ impl Breaking {
         Breaking::DropDefault,
         Breaking::DropObject,
         Breaking::Truncate,
+        Breaking::AddConstraint,
+        Breaking::RenameObject,
     ];
 
     /// The name used in `allow` lists and comments.
@@ -84,6 +90,8 @@ impl Breaking {
             Breaking::DropDefault => "drop-default",
             Breaking::DropObject => "drop-object",
             Breaking::Truncate => "truncate",
+            Breaking::AddConstraint => "add-constraint",
+            Breaking::RenameObject => "rename-object",
         }
     }
 
@@ -113,6 +121,13 @@ impl Breaking {
                 "the running version may use it (a schema's tables, a sequence behind a serial column, a column's type)"
             }
             Breaking::Truncate => "the running version's data is deleted under it",
+            Breaking::AddConstraint => {
+                "the running version was written without it: its writes that do not satisfy it fail \
+                 (a missing value, a duplicate, a row without its parent)"
+            }
+            Breaking::RenameObject => {
+                "the running version still uses the old name (a column's type, an enum value it writes)"
+            }
         }
     }
 
@@ -125,6 +140,11 @@ impl Breaking {
                 "add the new name beside the old one now (and copy), drop the old one in the contract phase"
             }
             Breaking::ChangeType => "add a column of the new type now, drop the old one in the contract phase",
+            Breaking::AddConstraint => {
+                "move it to the contract phase, or allow it (`-- cutover: allow add-constraint`) if the running \
+                 version's writes already satisfy it"
+            }
+            Breaking::RenameObject => "add the new name beside the old one now, drop the old one in the contract phase",
             _ => "move it to the contract phase",
         }
     }
@@ -386,6 +406,23 @@ impl Lint<'_> {
                     ));
                 }
             }
+            Statement::CreateIndex(index) if index.unique => {
+                out.push((
+                    Breaking::AddConstraint,
+                    format!("CREATE UNIQUE INDEX ON {}", index.table_name),
+                ));
+            }
+            Statement::AlterType(alter) => match &alter.operation {
+                AlterTypeOperation::Rename(r) => out.push((
+                    Breaking::RenameObject,
+                    format!("ALTER TYPE {} RENAME TO {}", alter.name, r.new_name),
+                )),
+                AlterTypeOperation::RenameValue(r) => out.push((
+                    Breaking::RenameObject,
+                    format!("ALTER TYPE {} RENAME VALUE {} TO {}", alter.name, r.from, r.to),
+                )),
+                AlterTypeOperation::AddValue(_) => {}
+            },
             Statement::Truncate(t) => {
                 for target in &t.table_names {
                     out.push((Breaking::Truncate, format!("TRUNCATE {}", target.name)));
@@ -477,6 +514,9 @@ impl Lint<'_> {
                                     format!("MODIFY COLUMN {table}.{col_name} NOT NULL without DEFAULT"),
                                 ));
                             }
+                        }
+                        AlterTableOperation::AddConstraint { constraint, .. } => {
+                            out.push((Breaking::AddConstraint, format!("ALTER TABLE {table} ADD {constraint}")));
                         }
                         AlterTableOperation::AddColumn { column_def, .. } => {
                             let options = || column_def.options.iter().map(|o| &o.option);

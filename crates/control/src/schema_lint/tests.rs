@@ -255,3 +255,38 @@ ALTER TABLE users ADD COLUMN nick VARCHAR(20);
         ]
     );
 }
+
+#[test]
+fn new_constraints_and_renamed_types_are_found() {
+    let sql = "\
+ALTER TABLE orders ADD CONSTRAINT total_set CHECK (total IS NOT NULL);
+ALTER TABLE users ADD CONSTRAINT users_email UNIQUE (email);
+ALTER TABLE orders ADD CONSTRAINT orders_user FOREIGN KEY (user_id) REFERENCES users (id) NOT VALID;
+CREATE UNIQUE INDEX CONCURRENTLY users_handle ON users (handle);
+CREATE INDEX users_name ON users (name);
+ALTER TYPE mood RENAME TO feeling;
+ALTER TYPE mood RENAME VALUE 'sad' TO 'blue';
+ALTER TYPE mood ADD VALUE 'calm';
+";
+    assert_eq!(
+        refused(sql),
+        vec![
+            (1, 1, Breaking::AddConstraint),
+            (2, 1, Breaking::AddConstraint),
+            (3, 1, Breaking::AddConstraint),
+            (4, 1, Breaking::AddConstraint),
+            (6, 1, Breaking::RenameObject),
+            (7, 1, Breaking::RenameObject),
+        ]
+    );
+    let report = lint(sql);
+    assert!(
+        report.refused[3].what.contains("CREATE UNIQUE INDEX ON users")
+            && report.refused[0].what.contains("CHECK (total IS NOT NULL)"),
+        "{:?}",
+        report.refused
+    );
+    // Allowed per statement, as the other kinds.
+    let allowed = "-- cutover: allow add-constraint\nALTER TABLE users ADD CONSTRAINT users_email UNIQUE (email);\n";
+    assert!(lint(allowed).refused.is_empty());
+}
