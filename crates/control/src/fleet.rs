@@ -249,36 +249,50 @@ impl Membership {
             },
             None => None,
         };
-        let lease = match alive {
-            Some(id) => id,
-            None => client
-                .lease_grant(ttl_s, None)
-                .await
-                .map_err(fail("granting a lease"))?
-                .id(),
-        };
         let key = format!("{prefix}/nodes/{node}");
         let waited_from = Instant::now();
-        loop {
-            let put = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.clone(),
-                    unix_ms().to_string(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            if client.txn(put).await.map_err(fail("registering the node"))?.succeeded() {
-                break;
-            }
-            if alive.is_some() {
-                let ours = Txn::new().when([Compare::lease(key.clone(), CompareOp::Equal, lease)]);
+        // A lease is granted only once the name is free: one granted before a wait would expire
+        // during it, as nothing keeps it alive yet.
+        let lease = loop {
+            if let Some(id) = alive {
+                // The registration under the inherited lease is this node's own.
+                let ours = Txn::new().when([Compare::lease(key.clone(), CompareOp::Equal, id)]);
                 if client
                     .txn(ours)
                     .await
                     .map_err(fail("registering the node"))?
                     .succeeded()
                 {
-                    break;
+                    break id;
+                }
+            }
+            let taken = !client
+                .get(key.clone(), None)
+                .await
+                .map_err(fail("registering the node"))?
+                .kvs()
+                .is_empty();
+            if !taken {
+                let lease = match alive {
+                    Some(id) => id,
+                    None => client
+                        .lease_grant(ttl_s, None)
+                        .await
+                        .map_err(fail("granting a lease"))?
+                        .id(),
+                };
+                let put = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        unix_ms().to_string(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )]);
+                if client.txn(put).await.map_err(fail("registering the node"))?.succeeded() {
+                    break lease;
+                }
+                if alive.is_none() {
+                    let _ = client.lease_revoke(lease).await;
                 }
             }
             // A node that crashed keeps its registration until its lease expires, up to the
@@ -286,14 +300,13 @@ impl Membership {
             // a restart waits that out (twice the life and a second) before it says the name is
             // taken.
             if waited_from.elapsed() > Duration::from_secs(2 * ttl_s as u64 + 1) {
-                let _ = client.lease_revoke(lease).await;
                 return Err(FleetError::NameTaken {
                     node: node.to_string(),
                     waited: waited_from.elapsed(),
                 });
             }
             tokio::time::sleep(POLL * 4).await;
-        }
+        };
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let keeper = {
             let mut client = client.clone();

@@ -212,3 +212,36 @@ async fn the_wait_takes_acknowledgements_and_members_as_etcd_has_them() {
     assert_eq!((w.acked, w.missing), (vec!["a".into(), "b".into(), "d".into()], vec![]));
     assert!(ended.duration_since(acked) < soon, "{:?}", ended.duration_since(acked));
 }
+
+/// A node that crashed and starts again at once waits for its old registration to expire, then
+/// joins: the lease it joins under is granted once the name is free, so it does not expire during
+/// the wait (one granted before the wait did, and the join failed with "requested lease not
+/// found").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_again_right_after_a_crash_joins() {
+    let cluster = tokio::task::spawn_blocking(EtcdCluster::start).await.unwrap();
+    let o = options(&cluster, "/fleet-restart");
+    for round in 0..2 {
+        // The crashed daemon's lease lives longer than the one the new daemon asks for (a
+        // lease_ttl changed between the two, or etcd's expiry rounds): the wait outlasts it.
+        let a = Membership::join(&o, "a", Duration::from_secs(4)).await.unwrap();
+        a.abandon();
+        let started = Instant::now();
+        let again = Membership::join(&o, "a", TTL)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(
+            started.elapsed() <= TTL * 2 + Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(again.members().await.unwrap(), ["a"]);
+        tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+        assert_eq!(
+            again.members().await.unwrap(),
+            ["a"],
+            "round {round}: the new registration lives"
+        );
+        again.leave().await.unwrap();
+    }
+}
