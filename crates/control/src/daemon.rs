@@ -377,11 +377,7 @@ impl Shared {
         message: String,
         reason: Option<String>,
     ) {
-        let seq = {
-            let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-            *s += 1;
-            *s
-        };
+        let seq = self.next_seq();
         tracing::info!(
             service,
             deployment = deployment.map(|d| d.0),
@@ -406,14 +402,17 @@ impl Shared {
         let _ = self.notices.send(notice);
     }
 
+    /// The number of the next notice.
+    fn next_seq(&self) -> u64 {
+        let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        *s += 1;
+        *s
+    }
+
     /// Sends on a notice another node of the fleet made (`notice.from`), numbered as this
     /// daemon's.
     fn repeat(&self, mut notice: Notice) {
-        notice.seq = {
-            let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-            *s += 1;
-            *s
-        };
+        notice.seq = self.next_seq();
         tracing::debug!(service = %notice.service, from = ?notice.from, "{}", notice.message);
         let _ = self.notices.send(notice);
     }
@@ -1382,31 +1381,8 @@ fn view_of(state: &State) -> ServiceView {
 /// Starts the actor of `svc` from its committed state (recovered as after a restart) under its
 /// supervisor; returns its mailbox.
 async fn start_actor(shared: &Arc<Shared>, svc: &ServiceConfig) -> Result<mpsc::Sender<Msg>, StoreError> {
-    let loaded = {
-        let (store, name) = (shared.store.clone(), svc.name.clone());
-        off_async_store(move || store.load(&name)).await?
-    };
-    let (state, revision) = loaded.unwrap_or_else(|| (State::new(&svc.name), Revision::NONE));
+    let (mut actor, reports_rx) = Actor::load(shared.clone(), svc.clone()).await?;
     let (tx, rx) = mpsc::channel(256);
-    let (reports, reports_rx) = mpsc::unbounded_channel();
-    let lanes = [Colour::Blue, Colour::Green]
-        .map(|colour| Lane::start(shared.clone(), svc.name.clone(), colour, reports.clone()));
-    let mut actor = Actor {
-        shared: shared.clone(),
-        cfg: svc.clone(),
-        state,
-        revision,
-        runs: [None, None],
-        lanes,
-        statics: BTreeMap::new(),
-        smoke: None,
-        watch: None,
-        last_run: 0,
-        reports,
-        pin: None,
-        urgent: None,
-        fleet_said: None,
-    };
     actor.recover().await;
     tokio::spawn(supervise::service(actor, rx, reports_rx));
     Ok(tx)

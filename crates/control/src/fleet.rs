@@ -406,15 +406,21 @@ impl Membership {
         Instant::now() + self.timeout
     }
 
-    /// The members now, by name.
-    pub async fn members(&self) -> Result<Vec<String>, FleetError> {
-        let prefix = format!("{}/nodes/", self.prefix);
-        let resp = retry(self.deadline(), || {
-            let (mut client, prefix) = (self.client.clone(), prefix.clone());
+    /// Every key under `prefix` (read through the retries of [`retry`]); `what` names the read
+    /// in errors.
+    async fn get_prefix(&self, prefix: &str, what: &'static str) -> Result<etcd_client::GetResponse, FleetError> {
+        retry(self.deadline(), || {
+            let (mut client, prefix) = (self.client.clone(), prefix.to_string());
             async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
         })
         .await
-        .map_err(self.fail("listing the nodes"))?;
+        .map_err(self.fail(what))
+    }
+
+    /// The members now, by name.
+    pub async fn members(&self) -> Result<Vec<String>, FleetError> {
+        let prefix = format!("{}/nodes/", self.prefix);
+        let resp = self.get_prefix(&prefix, "listing the nodes").await?;
         Ok(resp
             .kvs()
             .iter()
@@ -532,12 +538,7 @@ impl Membership {
     /// Every member's acknowledgement for `service` (members that gave none are absent).
     pub async fn acks(&self, service: &str) -> Result<BTreeMap<String, Ack>, FleetError> {
         let prefix = format!("{}/acks/{service}/", self.prefix);
-        let resp = retry(self.deadline(), || {
-            let (mut client, prefix) = (self.client.clone(), prefix.clone());
-            async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await
-        .map_err(self.fail("reading the acknowledgements"))?;
+        let resp = self.get_prefix(&prefix, "reading the acknowledgements").await?;
         Ok(resp
             .kvs()
             .iter()
@@ -700,12 +701,7 @@ impl Membership {
     /// Every service's route state as etcd holds it now, and the revision of that read.
     pub async fn route_states(&self) -> Result<(Vec<RouteState>, i64), FleetError> {
         let prefix = format!("{}/services/", self.prefix);
-        let resp = retry(self.deadline(), || {
-            let (mut client, prefix) = (self.client.clone(), prefix.clone());
-            async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await
-        .map_err(self.fail("reading the route states"))?;
+        let resp = self.get_prefix(&prefix, "reading the route states").await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let states = resp
             .kvs()

@@ -130,6 +130,18 @@ fn config_text(port: u16, upstream_tls: &str) -> String {
     )
 }
 
+/// `cutover serve -c CONFIG`, its log in `dir/serve.log`, stopped when dropped.
+fn serve(dir: &Path, config: &Path) -> Stopping {
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+    Stopping(spawn_owned(
+        Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log),
+    ))
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -160,15 +172,7 @@ fn a_deployment_to_tls_instances_under_load_loses_nothing() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _daemon = Stopping(child);
+    let _daemon = serve(dir.path(), &config);
     let serve_log = || std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
     let cli = |args: &[&str]| Command::new(BIN).args(args).arg("-c").arg(&config).output().unwrap();
     assert!(
@@ -323,15 +327,7 @@ fn cutover_reload_reads_the_upstream_ca_again() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _daemon = Stopping(child);
+    let _daemon = serve(dir.path(), &config);
     let serve_log = || std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
     let cli = |args: &[&str]| Command::new(BIN).args(args).arg("-c").arg(&config).output().unwrap();
     assert!(wait_until(Duration::from_secs(20), || cli(&["status"])

@@ -680,7 +680,6 @@ mod tests {
 mod tls_body_tests {
     use std::collections::VecDeque;
     use std::net::SocketAddr;
-    use std::sync::Arc;
 
     use http_body::Frame;
     use tokio::net::{TcpListener, TcpSocket};
@@ -702,15 +701,7 @@ mod tls_body_tests {
     /// the count of bytes it read as it grows; its receive buffer is fixed (64 KiB, doubled by
     /// the kernel) so that the slow reading reaches the sender.
     async fn slow_tls_reader() -> (SocketAddr, String, tokio::sync::watch::Receiver<usize>) {
-        use rustls::pki_types::pem::PemObject;
-        let c = rcgen::generate_simple_self_signed(vec!["upstream.test".to_string()]).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.signing_key.serialize_pem().as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![c.cert.der().clone()], key)
-            .unwrap();
+        let (config, ca) = crate::upstream_tls::self_signed_server("upstream.test");
         let socket = TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(64 * 1024).unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -719,10 +710,7 @@ mod tls_body_tests {
         let (tx, rx) = tokio::sync::watch::channel(0usize);
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
-                .accept(tcp)
-                .await
-                .unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await.unwrap();
             let mut chunk = [0u8; 4096];
             let mut total = 0;
             loop {
@@ -734,7 +722,7 @@ mod tls_body_tests {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         });
-        (addr, c.cert.pem(), rx)
+        (addr, ca, rx)
     }
 
     async fn body_reaches_a_slow_tls_reader(chunked: bool) {

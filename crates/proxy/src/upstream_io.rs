@@ -173,7 +173,6 @@ impl AsyncWrite for UpstreamWrite<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -184,24 +183,13 @@ mod tests {
     /// A TLS server for `upstream.test` that sends `first` and, once told, `then`; and a client
     /// connected to it.
     async fn tls_pair(first: &'static [u8]) -> (UpstreamIo, tokio::sync::oneshot::Sender<&'static [u8]>) {
-        use rustls::pki_types::pem::PemObject;
-        let c = rcgen::generate_simple_self_signed(vec!["upstream.test".to_string()]).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.signing_key.serialize_pem().as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![c.cert.der().clone()], key)
-            .unwrap();
+        let (config, ca) = crate::upstream_tls::self_signed_server("upstream.test");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<&'static [u8]>();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
-                .accept(tcp)
-                .await
-                .unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await.unwrap();
             tls.write_all(first).await.unwrap();
             tls.flush().await.unwrap();
             if let Ok(then) = rx.await {
@@ -211,8 +199,7 @@ mod tests {
             let mut sink = [0u8; 64];
             let _ = tls.read(&mut sink).await;
         });
-        let tls =
-            crate::upstream_tls::UpstreamTls::new(c.cert.pem().as_bytes(), "test CA", Some("upstream.test")).unwrap();
+        let tls = crate::upstream_tls::UpstreamTls::new(ca.as_bytes(), "test CA", Some("upstream.test")).unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
         (UpstreamIo::Tls(Box::new(tls.handshake(tcp, addr).await.unwrap())), tx)
     }

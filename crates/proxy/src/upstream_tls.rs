@@ -188,3 +188,19 @@ impl UpstreamTls {
         format!("TLS handshake (server name {name}) failed: {what}{hint}")
     }
 }
+
+/// For tests: a TLS server configuration for `name` with a self-signed certificate, and that
+/// certificate in PEM (the CA a client of it trusts).
+#[cfg(test)]
+pub(crate) fn self_signed_server(name: &str) -> (std::sync::Arc<rustls::ServerConfig>, String) {
+    use rustls::pki_types::pem::PemObject;
+    let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.signing_key.serialize_pem().as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![c.cert.der().clone()], key)
+        .unwrap();
+    (std::sync::Arc::new(config), c.cert.pem())
+}

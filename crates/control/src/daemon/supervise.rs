@@ -111,7 +111,7 @@ pub(super) async fn service(
 impl Actor {
     /// A new actor for `cfg` with the state the store has committed (a fresh one if none), and the
     /// receiver of its reports. Nothing runs yet: [`Actor::recover`] brings its colours back.
-    async fn load(
+    pub(super) async fn load(
         shared: Arc<Shared>,
         cfg: ServiceConfig,
     ) -> Result<(Actor, mpsc::UnboundedReceiver<Report>), StoreError> {

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use serde::{Deserialize, Serialize};
 
 use super::{FleetError, Membership};
@@ -219,12 +219,7 @@ impl Membership {
     /// The commands waiting now, and the revision of that read (to watch from).
     pub async fn pending_commands(&self) -> Result<(Vec<Incoming>, i64), FleetError> {
         let prefix = format!("{}/commands/", self.prefix);
-        let read = retry(self.deadline(), || {
-            let (mut client, prefix) = (self.client.clone(), prefix.clone());
-            async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await
-        .map_err(self.fail("reading the forwarded commands"))?;
+        let read = self.get_prefix(&prefix, "reading the forwarded commands").await?;
         let at = read.header().map_or(0, |h| h.revision());
         let incoming = read
             .kvs()
@@ -368,6 +363,8 @@ fn incoming(prefix: &str, key: &[u8], value: &[u8]) -> Option<Incoming> {
 
 #[cfg(test)]
 mod tests {
+    use etcd_client::GetOptions;
+
     use super::*;
     use crate::store::etcd::EtcdOptions;
     use crate::testing::etcd::EtcdCluster;

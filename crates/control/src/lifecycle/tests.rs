@@ -842,6 +842,11 @@ fn rollback_while_the_previous_colour_is_warm_is_instant() {
             plan: manual(),
         },
     );
+    assert_rolled_back_from_warm(&t, Reason::Requested);
+}
+
+/// Deployment 2, past its watch, rolled back to the warm blue@v1.
+fn assert_rolled_back_from_warm(t: &Transition, reason: Reason) {
     assert_eq!(
         t.actions,
         vec![
@@ -849,7 +854,7 @@ fn rollback_while_the_previous_colour_is_warm_is_instant() {
             record(Record::RolledBack {
                 id: id(2),
                 to: at(Colour::Blue, "v1"),
-                reason: Reason::Requested
+                reason: reason.clone()
             }),
             Action::Drain { colour: Colour::Green },
             Action::StopInstances { colour: Colour::Green },
@@ -863,7 +868,7 @@ fn rollback_while_the_previous_colour_is_warm_is_instant() {
             2,
             Phase::Stable {
                 warm: None,
-                last: ended(2, "v2", Outcome::RolledBack(Reason::Requested))
+                last: ended(2, "v2", Outcome::RolledBack(reason))
             }
         )
     );
@@ -1388,32 +1393,7 @@ fn a_switch_not_acknowledged_while_watching_rolls_back_at_once() {
 #[test]
 fn a_switch_not_acknowledged_after_the_watch_rolls_back_to_the_warm_colour() {
     let t = ok(&stable_warm(), not_acked(2));
-    let reason = Reason::NotAcknowledged("nodes n3 did not acknowledge".to_string());
-    assert_eq!(
-        t.actions,
-        vec![
-            Action::SwitchTo { colour: Colour::Blue },
-            record(Record::RolledBack {
-                id: id(2),
-                to: at(Colour::Blue, "v1"),
-                reason: reason.clone()
-            }),
-            Action::Drain { colour: Colour::Green },
-            Action::StopInstances { colour: Colour::Green },
-        ]
-    );
-    assert_eq!(
-        t.state,
-        base(
-            Some(at(Colour::Blue, "v1")),
-            None,
-            2,
-            Phase::Stable {
-                warm: None,
-                last: ended(2, "v2", Outcome::RolledBack(reason))
-            }
-        )
-    );
+    assert_rolled_back_from_warm(&t, Reason::NotAcknowledged("nodes n3 did not acknowledge".to_string()));
 }
 
 #[test]
