@@ -1423,17 +1423,6 @@ impl<'a> Checker<'a> {
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
         self.tls_consistent(&server, &services)?;
-        if fleet.is_some() {
-            if let Some(s) = services.iter().find(|s| matches!(s.driver, Driver::Process { .. })) {
-                let key = format!("services.{}.command", s.name);
-                return Err(self.invalid(
-                    self.key_offset(&key),
-                    &key,
-                    "in a [fleet], services take the instances named at each deploy (no command); a command \
-                     run by every node is not supported yet: remove command (and instances), or the [fleet] table",
-                ));
-            }
-        }
         Ok(Config {
             server,
             proxy,

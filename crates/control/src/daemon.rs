@@ -47,6 +47,7 @@ use crate::webhooks::Webhooks;
 pub use crate::events::{EventKind, Notice};
 
 mod fleet_node;
+mod fleet_runs;
 pub use fleet_node::{FleetNodeView, FleetView, LocalFleetView, NodeServiceView};
 mod supervise;
 
@@ -1214,6 +1215,9 @@ impl Daemon {
                 let _ = rx.await;
             }
         }
+        if let Some(node) = &self.shared.fleet {
+            node.end_runs(instances).await;
+        }
         // Last, so that the notices of the shutdown itself are still sent.
         if let Some(webhooks) = self.shared.webhooks.get() {
             webhooks.stop().await;
@@ -1714,6 +1718,9 @@ struct Actor {
     /// What the last wait for the fleet's acknowledgements found (its notice), for the answer
     /// of the command whose switch it was.
     fleet_said: Option<String>,
+    /// In a fleet with the process driver: the wait for the other nodes' instances of the
+    /// deployment being provisioned ([`Actor::await_fleet_ready`]), and the nodes it waits for.
+    fleet_ready: Option<(DeploymentId, JoinHandle<()>, Arc<Mutex<Vec<String>>>)>,
 }
 
 impl Actor {
@@ -1730,33 +1737,10 @@ impl Actor {
         off_async_store(move || f(&*store, &name)).await
     }
 
-    /// Runs `f` on this host's own store (instances), off the async threads.
-    async fn on_local<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn LocalStore, &str) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let (local, name) = (self.shared.local.clone(), self.name().to_string());
-        off_async_store(move || f(&*local, &name)).await
-    }
-
     /// What the store says about this service's instances on `colour` (and of `release`, if
     /// given), as the process driver takes it for adoption or stopping.
     async fn recorded(&self, colour: Colour, release: Option<&Release>) -> Vec<Recorded> {
-        let release = release.cloned();
-        let rows = self
-            .on_local(|local, name| local.instances(name))
-            .await
-            .unwrap_or_default();
-        rows.into_iter()
-            .filter(|r| r.colour == colour && release.as_ref().is_none_or(|v| &r.release == v))
-            .map(|r| Recorded {
-                index: r.index,
-                pid: r.pid,
-                pgid: r.pgid,
-                port: r.port,
-                start_time: r.start_ticks,
-            })
-            .collect()
+        recorded_instances(&self.shared, self.name(), colour, release).await
     }
 
     async fn next_id(&self) -> Result<DeploymentId, CommandError> {
@@ -1829,6 +1813,10 @@ impl Actor {
 
     async fn report_arrived(&mut self, report: Report) {
         match report {
+            Report::Event(Event::HealthDeadlinePassed { id }) => {
+                let event = self.deadline_event(id);
+                let _ = self.step(event, None).await;
+            }
             Report::Event(event) => {
                 let _ = self.step(event, None).await;
             }
@@ -2046,6 +2034,7 @@ impl Actor {
             return Err(CommandError::Store(e.to_string()));
         }
         self.state = t.state.clone();
+        self.end_fleet_ready();
         self.committed();
         self.execute(t.actions.clone()).await;
         Ok(t)
@@ -2517,22 +2506,7 @@ impl Actor {
     }
 
     fn spec(&self, colour: Colour, release: &Release, command: &str, instances: u32) -> InstanceSpec {
-        let config = &self.shared.config;
-        InstanceSpec {
-            service: self.name().to_string(),
-            colour,
-            version: release.version.clone(),
-            command: command.to_string(),
-            instances,
-            workdir: if config.dir.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                config.dir.clone()
-            },
-            state_dir: config.server.state_dir.clone(),
-            grace: crate::process::DEFAULT_GRACE,
-            backoff: Default::default(),
-        }
+        instance_spec(&self.shared, self.name(), colour, release, command, instances)
     }
 
     /// The colour's lane has stopped what ran there before: start `deployment`'s instances, unless
@@ -2545,7 +2519,8 @@ impl Actor {
             return;
         }
         if let Err(reason) = self.start_instances(deployment, colour, release).await {
-            self.report(Event::ProvisionFailed { id: deployment, reason });
+            let event = self.on_this_node(Event::ProvisionFailed { id: deployment, reason });
+            self.report(event);
         }
         self.execute(then).await;
     }
@@ -2585,33 +2560,7 @@ impl Actor {
     }
 
     async fn record_instances(&self, colour: Colour, release: &Release, recorded: &[Recorded]) {
-        let rows: Vec<StoredInstance> = recorded
-            .iter()
-            .map(|r| StoredInstance {
-                service: self.name().to_string(),
-                colour,
-                index: r.index,
-                release: release.clone(),
-                pid: r.pid,
-                pgid: r.pgid,
-                port: r.port,
-                start_ticks: r.start_time,
-            })
-            .collect();
-        let recorded = self
-            .on_local(move |local, name| {
-                let _ = local.remove_instances(name, colour);
-                for row in rows {
-                    if let Err(e) = local.record_instance(&row) {
-                        tracing::warn!(service = %name, error = %e, "cannot record an instance");
-                    }
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = recorded {
-            tracing::warn!(service = self.name(), error = %e, "cannot record the instances");
-        }
+        record_instances(&self.shared, self.name(), colour, release, recorded).await;
     }
 
     /// Starts health checks of a colour's instances and puts them in its pool (out of rotation
@@ -2738,6 +2687,9 @@ impl Actor {
         if let Some((_, task)) = self.smoke.take() {
             task.abort();
         }
+        if let Some((_, task, _)) = self.fleet_ready.take() {
+            task.abort();
+        }
         if let Some((_, task)) = self.watch.take() {
             task.abort();
         }
@@ -2774,33 +2726,7 @@ impl Actor {
     /// The addresses among `addrs` that pass one health check now (all checked at once, each
     /// within the check timeout).
     async fn passing_now(&self, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
-        let (path, timeout) = (self.cfg.health.path.clone(), self.cfg.health.timeout);
-        let host = self.cfg.health.host.clone();
-        let tls = self.upstream_tls();
-        let checks = addrs.iter().map(|&a| {
-            let (path, host, tls) = (path.clone(), host.clone(), tls.clone());
-            tokio::spawn(async move {
-                crate::health::check_once(a, &path, host.as_deref(), timeout, tls.as_deref())
-                    .await
-                    .is_ok()
-                    .then_some(a)
-            })
-        });
-        let mut passing = Vec::new();
-        for check in checks.collect::<Vec<_>>() {
-            if let Ok(Some(a)) = check.await {
-                passing.push(a);
-            }
-        }
-        if passing.len() < addrs.len() {
-            tracing::warn!(
-                service = self.name(),
-                "{} of {} adopted instances did not pass a check at once; they get requests once healthy",
-                addrs.len() - passing.len(),
-                addrs.len()
-            );
-        }
-        passing
+        passing_now(&self.cfg, self.upstream_tls(), addrs).await
     }
 
     async fn adopt(&mut self, colour: Colour, release: Release) {
@@ -2908,10 +2834,13 @@ impl Actor {
             return;
         };
         let event = if snapshot.all_healthy() {
-            if matches!(self.state.phase, crate::lifecycle::Phase::Provisioning(_)) {
-                Some(Event::InstancesHealthy { id: d })
-            } else {
+            if !matches!(self.state.phase, crate::lifecycle::Phase::Provisioning(_)) {
                 None
+            } else if self.runs_on_every_node() {
+                self.await_fleet_ready(d, colour);
+                None
+            } else {
+                Some(Event::InstancesHealthy { id: d })
             }
         } else if !matches!(self.state.phase, crate::lifecycle::Phase::Provisioning(_))
             && snapshot
@@ -2928,6 +2857,137 @@ impl Actor {
         };
         if let Some(event) = event {
             let _ = self.step(event, None).await;
+        }
+    }
+
+    /// Where every node of a fleet runs its own instances: a failure of this node's, named as
+    /// the other nodes' are.
+    fn on_this_node(&self, event: Event) -> Event {
+        match (event, &self.shared.fleet) {
+            (Event::ProvisionFailed { id, reason }, Some(node)) if self.runs_on_every_node() => {
+                Event::ProvisionFailed {
+                    id,
+                    reason: format!("node {}: {reason}", node.config.node),
+                }
+            }
+            (event, _) => event,
+        }
+    }
+
+    /// Whether every node of a fleet runs its own instances of this service (process driver).
+    fn runs_on_every_node(&self) -> bool {
+        self.shared.fleet.is_some() && matches!(self.cfg.driver, Driver::Process { .. })
+    }
+
+    /// This node's instances of `deployment` are healthy: once every other member says its own
+    /// are ready (healthy and validated there; see `fleet_runs`), the deployment moves on; a
+    /// member whose instances failed fails it, named. The health deadline bounds the wait
+    /// ([`Actor::deadline_event`] names the nodes still waited for).
+    fn await_fleet_ready(&mut self, deployment: DeploymentId, colour: Colour) {
+        if self.fleet_ready.as_ref().is_some_and(|(d, _, _)| *d == deployment) {
+            return;
+        }
+        let Some(node) = self.shared.fleet.clone() else { return };
+        let waiting = Arc::new(Mutex::new(Vec::new()));
+        let (reports, shared, name) = (self.reports.clone(), self.shared.clone(), self.name().to_string());
+        let me = node.config.node.clone();
+        let pending = waiting.clone();
+        let task = tokio::spawn(async move {
+            let key = crate::store::etcd::escape(&name);
+            let mut said = None;
+            loop {
+                let membership = node.membership().filter(|m| !m.is_lost());
+                let read = match &membership {
+                    Some(m) => match (m.members().await, m.readiness(&key).await) {
+                        (Ok(members), Ok(ready)) => Some((members, ready)),
+                        (Err(e), _) | (_, Err(e)) => {
+                            tracing::warn!(service = %name, error = %e, "cannot read the nodes' readiness; trying again");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                if let Some((members, ready)) = read {
+                    let mut waits = Vec::new();
+                    for member in members.iter().filter(|m| **m != me) {
+                        match ready.get(member).filter(|r| r.deployment == deployment.0) {
+                            Some(crate::fleet::Readiness { failed: Some(why), .. }) => {
+                                let reason = format!("node {member}: {why}");
+                                let _ = reports.send(Report::Event(Event::ProvisionFailed { id: deployment, reason }));
+                                return;
+                            }
+                            Some(_) => {}
+                            None => waits.push(member.clone()),
+                        }
+                    }
+                    *pending.lock().unwrap_or_else(|p| p.into_inner()) = waits.clone();
+                    if waits.is_empty() {
+                        shared.notice(
+                            &name,
+                            Some(deployment),
+                            EventKind::Instances,
+                            format!("{colour} healthy and validated on every node ({})", members.join(", ")),
+                            None,
+                        );
+                        let _ = reports.send(Report::Event(Event::InstancesHealthy { id: deployment }));
+                        return;
+                    }
+                    if said.as_ref() != Some(&waits) {
+                        shared.notice(
+                            &name,
+                            Some(deployment),
+                            EventKind::Instances,
+                            format!(
+                                "{colour} healthy on node {me}; waiting for node(s) {} to have theirs healthy and validated",
+                                waits.join(", ")
+                            ),
+                            None,
+                        );
+                        said = Some(waits);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        if let Some((_, old, _)) = self.fleet_ready.replace((deployment, task, waiting)) {
+            old.abort();
+        }
+    }
+
+    /// Ends the wait for the other nodes' readiness unless it is for the deployment being
+    /// provisioned now.
+    fn end_fleet_ready(&mut self) {
+        let current = match &self.state.phase {
+            Phase::Provisioning(d) => Some(d.id),
+            _ => None,
+        };
+        if self.fleet_ready.as_ref().is_some_and(|(d, _, _)| Some(*d) != current) {
+            if let Some((_, task, _)) = self.fleet_ready.take() {
+                task.abort();
+            }
+        }
+    }
+
+    /// The event a health deadline of `deployment` raises: while other nodes' instances are
+    /// waited for, a failure naming them.
+    fn deadline_event(&self, deployment: DeploymentId) -> Event {
+        let waiting = self
+            .fleet_ready
+            .as_ref()
+            .filter(|(d, _, _)| *d == deployment)
+            .map(|(_, _, w)| w.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default();
+        if waiting.is_empty() {
+            return Event::HealthDeadlinePassed { id: deployment };
+        }
+        Event::ProvisionFailed {
+            id: deployment,
+            reason: format!(
+                "instances not healthy and validated within {:?} on node(s) {} (healthy on this node, {})",
+                self.cfg.health.deadline,
+                waiting.join(", "),
+                self.shared.fleet.as_ref().map(|n| n.config.node.as_str()).unwrap_or("")
+            ),
         }
     }
 
@@ -2978,89 +3038,38 @@ impl Actor {
             _ => None,
         };
         if let Some(event) = failed {
+            let event = self.on_this_node(event);
             let _ = self.step(event, None).await;
         }
     }
 
     fn run_smoke(&mut self, deployment: DeploymentId, colour: Colour) {
-        let Some(validate) = self.cfg.validate.clone() else {
+        if self.cfg.validate.is_none() {
             self.report(Event::SmokePassed { id: deployment });
             return;
-        };
+        }
+        let version = self.runs[slot(colour)]
+            .as_ref()
+            .map(|r| r.release.version.clone())
+            .unwrap_or_default();
+        let smoke = smoke_test(&self.shared, &self.cfg, colour, &version);
         let reports = self.reports.clone();
-        let server = &self.shared.config.server;
-        let front = server.preview_listen.first().or(server.listen.first()).copied();
-        let url = match front {
-            Some(a) if a.ip().is_unspecified() => format!("http://127.0.0.1:{}", a.port()),
-            Some(a) => format!("http://{a}"),
-            None => String::new(),
-        };
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(&validate.smoke)
-            .current_dir(if self.shared.config.dir.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                self.shared.config.dir.clone()
-            })
-            .env("CUTOVER_PREVIEW_URL", &url)
-            .env("CUTOVER_PREVIEW_TOKEN", &self.shared.preview_token)
-            .env(
-                "CUTOVER_PREVIEW_HOST",
-                self.cfg.hosts.first().cloned().unwrap_or_default(),
-            )
-            .env("CUTOVER_SERVICE", self.name())
-            .env("CUTOVER_COLOUR", colour.as_str())
-            .env(
-                "CUTOVER_VERSION",
-                self.runs[slot(colour)]
-                    .as_ref()
-                    .map(|r| r.release.version.clone())
-                    .unwrap_or_default(),
-            )
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
         let shared = self.shared.clone();
         let name = self.name().to_string();
         let task = tokio::spawn(async move {
-            let event = match cmd.spawn() {
-                Err(e) => Event::SmokeFailed {
-                    id: deployment,
-                    reason: format!("cannot run `{}`: {e}", validate.smoke),
-                },
-                Ok(child) => match tokio::time::timeout(validate.timeout, child.wait_with_output()).await {
-                    Err(_) => Event::SmokeFailed {
-                        id: deployment,
-                        reason: format!("`{}` still running after {:?}", validate.smoke, validate.timeout),
-                    },
-                    Ok(Err(e)) => Event::SmokeFailed {
-                        id: deployment,
-                        reason: format!("`{}`: {e}", validate.smoke),
-                    },
-                    Ok(Ok(out)) if out.status.success() => Event::SmokePassed { id: deployment },
-                    Ok(Ok(out)) => {
-                        let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
-                        text.push_str(&String::from_utf8_lossy(&out.stdout));
-                        let tail: Vec<&str> = text.lines().rev().take(3).collect();
-                        let tail: Vec<&str> = tail.into_iter().rev().collect();
-                        Event::SmokeFailed {
-                            id: deployment,
-                            reason: format!("`{}` exited with {}: {}", validate.smoke, out.status, tail.join(" / ")),
-                        }
-                    }
-                },
+            let event = match smoke.await {
+                Ok(()) => Event::SmokePassed { id: deployment },
+                Err(reason) => {
+                    shared.notice(
+                        &name,
+                        Some(deployment),
+                        EventKind::Smoke,
+                        reason.clone(),
+                        Some(reason.clone()),
+                    );
+                    Event::SmokeFailed { id: deployment, reason }
+                }
             };
-            if let Event::SmokeFailed { reason, .. } = &event {
-                shared.notice(
-                    &name,
-                    Some(deployment),
-                    EventKind::Smoke,
-                    reason.clone(),
-                    Some(reason.clone()),
-                );
-            }
             let _ = reports.send(Report::Event(event));
         });
         self.smoke = Some((deployment, task));
@@ -3099,6 +3108,188 @@ impl Actor {
         });
         if let Some((_, old)) = self.watch.replace((deployment, task)) {
             old.abort();
+        }
+    }
+}
+
+/// How the process driver runs `service`'s `release` on `colour` on this host.
+fn instance_spec(
+    shared: &Shared,
+    service: &str,
+    colour: Colour,
+    release: &Release,
+    command: &str,
+    instances: u32,
+) -> InstanceSpec {
+    let config = &shared.config;
+    InstanceSpec {
+        service: service.to_string(),
+        colour,
+        version: release.version.clone(),
+        command: command.to_string(),
+        instances,
+        workdir: if config.dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            config.dir.clone()
+        },
+        state_dir: config.server.state_dir.clone(),
+        grace: crate::process::DEFAULT_GRACE,
+        backoff: Default::default(),
+    }
+}
+
+/// What this host's store says about `service`'s instances on `colour` (and of `release`, if
+/// given), as the process driver takes it for adoption or stopping.
+async fn recorded_instances(
+    shared: &Shared,
+    service: &str,
+    colour: Colour,
+    release: Option<&Release>,
+) -> Vec<Recorded> {
+    let (local, name, release) = (shared.local.clone(), service.to_string(), release.cloned());
+    let rows = off_async_store(move || local.instances(&name))
+        .await
+        .unwrap_or_default();
+    rows.into_iter()
+        .filter(|r| r.colour == colour && release.as_ref().is_none_or(|v| &r.release == v))
+        .map(|r| Recorded {
+            index: r.index,
+            pid: r.pid,
+            pgid: r.pgid,
+            port: r.port,
+            start_time: r.start_ticks,
+        })
+        .collect()
+}
+
+/// Records `service`'s instances on `colour` in this host's store (replacing those recorded
+/// before), for a later daemon to adopt.
+async fn record_instances(shared: &Shared, service: &str, colour: Colour, release: &Release, recorded: &[Recorded]) {
+    let rows: Vec<StoredInstance> = recorded
+        .iter()
+        .map(|r| StoredInstance {
+            service: service.to_string(),
+            colour,
+            index: r.index,
+            release: release.clone(),
+            pid: r.pid,
+            pgid: r.pgid,
+            port: r.port,
+            start_ticks: r.start_time,
+        })
+        .collect();
+    let (local, name) = (shared.local.clone(), service.to_string());
+    let recorded = off_async_store(move || {
+        let _ = local.remove_instances(&name, colour);
+        for row in rows {
+            if let Err(e) = local.record_instance(&row) {
+                tracing::warn!(service = %name, error = %e, "cannot record an instance");
+            }
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = recorded {
+        tracing::warn!(service, error = %e, "cannot record the instances");
+    }
+}
+
+/// The addresses among `addrs` that pass one health check now (all checked at once, each
+/// within the check timeout).
+async fn passing_now(
+    cfg: &ServiceConfig,
+    tls: Option<Arc<cutover_proxy::UpstreamTls>>,
+    addrs: &[SocketAddr],
+) -> Vec<SocketAddr> {
+    let (path, timeout) = (cfg.health.path.clone(), cfg.health.timeout);
+    let host = cfg.health.host.clone();
+    let checks = addrs.iter().map(|&a| {
+        let (path, host, tls) = (path.clone(), host.clone(), tls.clone());
+        tokio::spawn(async move {
+            crate::health::check_once(a, &path, host.as_deref(), timeout, tls.as_deref())
+                .await
+                .is_ok()
+                .then_some(a)
+        })
+    });
+    let mut passing = Vec::new();
+    for check in checks.collect::<Vec<_>>() {
+        if let Ok(Some(a)) = check.await {
+            passing.push(a);
+        }
+    }
+    if passing.len() < addrs.len() {
+        tracing::warn!(
+            service = %cfg.name,
+            "{} of {} adopted instances did not pass a check at once; they get requests once healthy",
+            addrs.len() - passing.len(),
+            addrs.len()
+        );
+    }
+    passing
+}
+
+/// The service's smoke test (`validate.smoke`) of `version` on `colour`, run against this node's
+/// preview route; `Err` says why it failed. Without `validate`, it passes.
+fn smoke_test(
+    shared: &Shared,
+    cfg: &ServiceConfig,
+    colour: Colour,
+    version: &str,
+) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+    let validate = cfg.validate.clone();
+    let server = &shared.config.server;
+    let front = server.preview_listen.first().or(server.listen.first()).copied();
+    let url = match front {
+        Some(a) if a.ip().is_unspecified() => format!("http://127.0.0.1:{}", a.port()),
+        Some(a) => format!("http://{a}"),
+        None => String::new(),
+    };
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    if let Some(validate) = &validate {
+        cmd.arg("-c")
+            .arg(&validate.smoke)
+            .current_dir(if shared.config.dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                shared.config.dir.clone()
+            })
+            .env("CUTOVER_PREVIEW_URL", &url)
+            .env("CUTOVER_PREVIEW_TOKEN", &shared.preview_token)
+            .env("CUTOVER_PREVIEW_HOST", cfg.hosts.first().cloned().unwrap_or_default())
+            .env("CUTOVER_SERVICE", &cfg.name)
+            .env("CUTOVER_COLOUR", colour.as_str())
+            .env("CUTOVER_VERSION", version)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+    }
+    async move {
+        let Some(validate) = validate else { return Ok(()) };
+        match cmd.spawn() {
+            Err(e) => Err(format!("cannot run `{}`: {e}", validate.smoke)),
+            Ok(child) => match tokio::time::timeout(validate.timeout, child.wait_with_output()).await {
+                Err(_) => Err(format!(
+                    "`{}` still running after {:?}",
+                    validate.smoke, validate.timeout
+                )),
+                Ok(Err(e)) => Err(format!("`{}`: {e}", validate.smoke)),
+                Ok(Ok(out)) if out.status.success() => Ok(()),
+                Ok(Ok(out)) => {
+                    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+                    text.push_str(&String::from_utf8_lossy(&out.stdout));
+                    let tail: Vec<&str> = text.lines().rev().take(3).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    Err(format!(
+                        "`{}` exited with {}: {}",
+                        validate.smoke,
+                        out.status,
+                        tail.join(" / ")
+                    ))
+                }
+            },
         }
     }
 }

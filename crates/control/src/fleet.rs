@@ -14,6 +14,10 @@
 //!   the revision of the service's route state the node applies now and when it applied it.
 //!   [`Membership::wait_for_acks`] waits until every member has acknowledged a revision (or a
 //!   later one), or names those that did not within the time given.
+//! - **Readiness** ([`Membership::report_ready`]): `{prefix}/ready/{service}/{node}` says
+//!   whether the node's own instances of a deployment's release (process driver: each node runs
+//!   its own) are healthy and passed the smoke test there, or why they failed. The leader moves a
+//!   deployment on only once every member's are ready.
 //!
 //! The wait watches the members and the service's acknowledgements and reads them once, so it
 //! ends as soon as etcd has the last acknowledgement. A watch that breaks (or stays silent for
@@ -28,6 +32,17 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use crate::store::etcd::{retry, EtcdOptions, DEFAULT_PREFIX};
+
+/// A node's word on its own instances of a deployment's release (process driver): they are
+/// healthy and passed the smoke test on this node, or they failed, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    /// The deployment's number.
+    pub deployment: u64,
+    /// `None`: ready. `Some`: why the node's instances cannot serve the release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+}
 
 /// One service's route state as etcd holds it: the committed state (JSON) and the revision that
 /// wrote it, which is the revision nodes acknowledge.
@@ -533,6 +548,40 @@ impl Membership {
         .await
         .map_err(self.fail("acknowledging"))?;
         Ok(())
+    }
+
+    /// Says whether this node's instances of `service` for deployment `deployment` are ready
+    /// (healthy and validated here) or failed, under the node's lease:
+    /// `{prefix}/ready/{service}/{node}`, one key per node, the latest deployment only.
+    pub async fn report_ready(&self, service: &str, ready: &Readiness) -> Result<(), FleetError> {
+        let value = serde_json::to_string(ready).map_err(|e| FleetError::Setup(e.to_string()))?;
+        let key = format!("{}/ready/{service}/{}", self.prefix, self.node);
+        retry(self.deadline(), || {
+            let (mut client, key, value) = (self.client.clone(), key.clone(), value.clone());
+            async move {
+                client
+                    .put(key, value, Some(PutOptions::new().with_lease(self.lease)))
+                    .await
+            }
+        })
+        .await
+        .map_err(self.fail("reporting readiness"))?;
+        Ok(())
+    }
+
+    /// What every member last said of its instances of `service` ([`Membership::report_ready`]),
+    /// by node.
+    pub async fn readiness(&self, service: &str) -> Result<BTreeMap<String, Readiness>, FleetError> {
+        let prefix = format!("{}/ready/{service}/", self.prefix);
+        let resp = self.get_prefix(&prefix, "reading the nodes' readiness").await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let node = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
+                Some((node, serde_json::from_slice(kv.value()).ok()?))
+            })
+            .collect())
     }
 
     /// Every member's acknowledgement for `service` (members that gave none are absent).

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{free_port, spawn_demo_app, wait_until, Proc, BIN};
+use common::{free_port, kill_marked, spawn_demo_app, wait_until, Proc, BIN};
 use cutover_control::testing::etcd::EtcdCluster;
 
 /// One node: its config, its live listener, its log.
@@ -21,6 +21,9 @@ struct Node {
     front: SocketAddr,
     log: PathBuf,
     proc: Option<Proc>,
+    /// Passed on to the instances the node starts (`CUTOVER_TEST_OWNER`), for the test to find
+    /// (and at its end kill) them.
+    owner: String,
 }
 
 impl Node {
@@ -45,6 +48,7 @@ impl Node {
             front: SocketAddr::from(([127, 0, 0, 1], port)),
             log,
             proc: None,
+            owner: format!("fleet-{}-{name}-{port}", std::process::id()),
         };
         node.start();
         node
@@ -59,6 +63,7 @@ impl Node {
         let child = Command::new(BIN)
             .args(["serve", "-c"])
             .arg(&self.config)
+            .env("CUTOVER_TEST_OWNER", &self.owner)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -971,4 +976,311 @@ fn every_node_takes_an_instance_that_fails_its_checks_out_of_rotation() {
         );
     }
     drop(app);
+}
+
+/// A fleet whose service runs on every node (process driver): a real 3-member etcd cluster and
+/// three nodes, each running its own instances of `pf-demo` (`demo-app` answering
+/// `VERSION NODE-COLOUR`), with `per_node(name)` added to the node's service table, and release
+/// v1 deployed and served by every node from its own instances. The smoke test, run by each node
+/// against its own preview route, appends `UNIX_MS ANSWER` to `smoke.log`.
+struct ProcessFleet {
+    nodes: Vec<Node>,
+    leader: usize,
+    dir: PathBuf,
+    _dir: tempfile::TempDir,
+    _etcd: EtcdCluster,
+}
+
+impl Drop for ProcessFleet {
+    fn drop(&mut self) {
+        // The daemons first (killed: their instances stay), then every instance they left.
+        let owners: Vec<String> = self.nodes.iter().map(|n| n.owner.clone()).collect();
+        self.nodes.clear();
+        for o in owners {
+            kill_marked(&format!("CUTOVER_TEST_OWNER={o}"));
+        }
+    }
+}
+
+impl ProcessFleet {
+    fn start(fleet_extra: &str, per_node: impl Fn(&str) -> String) -> ProcessFleet {
+        let etcd = EtcdCluster::start();
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<Node> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| {
+                let service = format!(
+                    "instances = 2\n\
+                     validate = {{ smoke = 'a=$(curl -sf -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\" \"$CUTOVER_PREVIEW_URL/\") && echo \"$(date +%s%3N) $a\" >> smoke.log' }}\n{}",
+                    per_node(n)
+                );
+                Node::new(dir.path(), n, &etcd.endpoints(), fleet_extra, &service)
+            })
+            .collect();
+        for n in &nodes {
+            assert!(
+                wait_until(Duration::from_secs(20), || n.cli(&["status"]).status.success()),
+                "node {} did not start\n{}",
+                n.name,
+                logs(&nodes)
+            );
+        }
+        let leader = leader_of(&nodes);
+        let out = nodes[leader].cli(&["deploy", "api", "--version", "v1"]);
+        assert!(out.status.success(), "{}\n{}", text(&out), logs(&nodes));
+        for n in &nodes {
+            let own = format!("v1 pf-{}-blue", n.name);
+            assert!(
+                wait_until(Duration::from_secs(5), || get(n.front) == Some((200, own.clone()))),
+                "node {} serves {:?}, not its own v1\n{}",
+                n.name,
+                get(n.front),
+                logs(&nodes)
+            );
+        }
+        ProcessFleet {
+            nodes,
+            leader,
+            dir: dir.path().to_path_buf(),
+            _dir: dir,
+            _etcd: etcd,
+        }
+    }
+
+    /// The smoke tests run so far: (unix ms, answer).
+    fn smokes(&self) -> Vec<(u64, String)> {
+        std::fs::read_to_string(self.dir.join("smoke.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (t, answer) = l.split_once(' ')?;
+                Some((t.parse().ok()?, answer.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// The demo-app command of a process fleet's node `name`, after `prefix` (shell).
+fn demo_command(name: &str, prefix: &str) -> String {
+    format!("command = '{prefix}exec {BIN} demo-app --port {{port}} --colour pf-{name}-$CUTOVER_COLOUR'\n")
+}
+
+/// The pids of `node`'s instances of `colour` running now (its marker in their environment,
+/// `pf-NODE-COLOUR` on their command line).
+fn instances_of(node: &Node, colour: &str) -> Vec<u32> {
+    let (tag, marker) = (
+        format!("pf-{}-{colour}", node.name),
+        format!("CUTOVER_TEST_OWNER={}", node.owner),
+    );
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let (Ok(cmdline), Ok(env)) = (
+            std::fs::read(entry.path().join("cmdline")),
+            std::fs::read(entry.path().join("environ")),
+        ) else {
+            continue;
+        };
+        let has = |text: &[u8], what: &str| text.split(|b| *b == 0).any(|a| a == what.as_bytes());
+        if has(&cmdline, &tag) && has(&cmdline, "demo-app") && has(&env, &marker) {
+            pids.push(pid);
+        }
+    }
+    pids.sort();
+    pids
+}
+
+/// The process driver in a fleet: each node runs its own instances of a release, and the
+/// switch waits for the slowest node's. A deploy under load through a node that does not lead,
+/// with one node's instances 2 s slower to start: zero failed requests on every node; every node
+/// answers only from its own instances; no node answered from v2 before the slow node's v2 was
+/// healthy and had passed its smoke test; after the deploy returns, every node serves its own v2.
+/// Then a release whose instances fail on one node only: named in the deploy's failure, nothing
+/// switched anywhere, and its instances stopped on every node.
+#[test]
+fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
+    let f = ProcessFleet::start("ack_timeout = \"5s\"", |n| match n {
+        "n2" => demo_command(n, "sleep 2; "),
+        "n3" => demo_command(
+            n,
+            "[ \"$CUTOVER_VERSION\" = v3 ] && { echo v3 cannot start here; exit 3; }; ",
+        ),
+        _ => demo_command(n, ""),
+    });
+    let (nodes, leader) = (&f.nodes, f.leader);
+    let follower = (leader + 1) % 3;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = nodes.iter().map(|n| load(n.front, stop.clone())).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = unix_ms();
+    let out = nodes[follower].cli(&["deploy", "api", "--version", "v2"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(nodes));
+    let said = text(&out);
+    assert!(
+        said.contains("green healthy and validated on every node")
+            && said.contains("every node of the fleet serves green"),
+        "the deploy says it waited for every node: {said}"
+    );
+    for n in nodes {
+        assert_eq!(
+            get(n.front),
+            Some((200, format!("v2 pf-{}-green", n.name))),
+            "node {} right after the deploy returned\n{said}\n{}",
+            n.name,
+            logs(nodes)
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen: Vec<Seen> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+
+    // n2's v2 was validated (its smoke test saw its own green) at least 2 s after the deploy.
+    let smokes = f.smokes();
+    let slow_ready = smokes
+        .iter()
+        .find(|(_, a)| a == "v2 pf-n2-green")
+        .map(|(t, _)| *t)
+        .unwrap_or_else(|| panic!("n2's smoke test of v2 did not run: {smokes:?}\n{}", logs(nodes)));
+    assert!(
+        slow_ready >= started + 2000,
+        "n2's v2 started 2 s late: {slow_ready} vs {started}"
+    );
+    for n in nodes {
+        let own = format!("v2 pf-{}-green", n.name);
+        assert!(
+            smokes.iter().any(|(_, a)| *a == own),
+            "{} validated its own v2: {smokes:?}",
+            n.name
+        );
+    }
+    for (n, s) in nodes.iter().zip(&seen) {
+        assert!(
+            s.failures.is_empty(),
+            "node {} failed: {:?}",
+            n.name,
+            &s.failures[..s.failures.len().min(5)]
+        );
+        assert!(
+            s.answers.len() > 50,
+            "node {} answered {} requests",
+            n.name,
+            s.answers.len()
+        );
+        for (_, body) in &s.answers {
+            assert!(
+                body == &format!("v1 pf-{}-blue", n.name) || body == &format!("v2 pf-{}-green", n.name),
+                "node {} answered from instances not its own: {body}",
+                n.name
+            );
+        }
+        let first_v2 = s.answers.iter().find(|(_, b)| b.starts_with("v2")).map(|(t, _)| *t);
+        let first_v2 = first_v2.unwrap_or_else(|| panic!("node {} never answered from v2", n.name));
+        assert!(
+            first_v2 >= slow_ready,
+            "node {} answered from v2 at {first_v2}, before n2's v2 was validated at {slow_ready}",
+            n.name
+        );
+    }
+
+    // v3 cannot start on n3: the deploy fails naming n3; nothing switched; v3 stopped everywhere.
+    let out = nodes[leader].cli(&["deploy", "api", "--version", "v3"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("node n3") && said.contains("v3 cannot start here"),
+        "names n3 and why: {said}"
+    );
+    for n in nodes {
+        assert_eq!(
+            get(n.front),
+            Some((200, format!("v2 pf-{}-green", n.name))),
+            "node {}",
+            n.name
+        );
+        assert!(
+            wait_until(Duration::from_secs(15), || instances_of(n, "blue").is_empty()),
+            "node {} still runs blue instances {:?}\n{}",
+            n.name,
+            instances_of(n, "blue"),
+            logs(nodes)
+        );
+        assert_eq!(instances_of(n, "green").len(), 2, "node {}", n.name);
+    }
+}
+
+/// Instances outlive their node's daemon: a node killed (-9) and started again adopts its own
+/// instances (the same processes serve, none started); a leader killed (-9) is replaced by a
+/// node that adopts the instances it ran as a follower; the fleet then deploys as before.
+#[test]
+fn nodes_killed_and_restarted_adopt_their_own_instances() {
+    let mut f = ProcessFleet::start("ack_timeout = \"5s\"", |n| demo_command(n, ""));
+    let leader = f.leader;
+    let follower = (leader + 1) % 3;
+    let pids: Vec<Vec<u32>> = f.nodes.iter().map(|n| instances_of(n, "blue")).collect();
+    for (n, p) in f.nodes.iter().zip(&pids) {
+        assert_eq!(p.len(), 2, "node {} runs its 2 instances", n.name);
+    }
+
+    // A follower killed and started again.
+    drop(f.nodes[follower].proc.take());
+    f.nodes[follower].start();
+    let n = &f.nodes[follower];
+    assert!(
+        wait_until(Duration::from_secs(20), || get(n.front)
+            == Some((200, format!("v1 pf-{}-blue", n.name)))),
+        "the restarted node serves its own v1\n{}",
+        logs(&f.nodes)
+    );
+    assert_eq!(
+        instances_of(n, "blue"),
+        pids[follower],
+        "the same processes serve\n{}",
+        logs(&f.nodes)
+    );
+
+    // The leader killed: another node leads and adopts what it ran as a follower.
+    drop(f.nodes[leader].proc.take());
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let new = leader_among(&f.nodes, &others, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no other node leads\n{}", logs(&f.nodes)));
+    std::thread::sleep(Duration::from_millis(500));
+    for &i in &others {
+        let n = &f.nodes[i];
+        assert_eq!(
+            get(n.front),
+            Some((200, format!("v1 pf-{}-blue", n.name))),
+            "node {}",
+            n.name
+        );
+        assert_eq!(instances_of(n, "blue"), pids[i], "node {} kept its processes", n.name);
+    }
+    f.nodes[leader].start();
+    let n = &f.nodes[leader];
+    assert!(
+        wait_until(Duration::from_secs(20), || get(n.front)
+            == Some((200, format!("v1 pf-{}-blue", n.name)))),
+        "the old leader serves its own v1 as a follower\n{}",
+        logs(&f.nodes)
+    );
+    assert_eq!(
+        instances_of(n, "blue"),
+        pids[leader],
+        "node {} kept its processes",
+        n.name
+    );
+
+    let out = f.nodes[new].cli(&["deploy", "api", "--version", "v2"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(&f.nodes));
+    for n in &f.nodes {
+        assert_eq!(
+            get(n.front),
+            Some((200, format!("v2 pf-{}-green", n.name))),
+            "node {}",
+            n.name
+        );
+        assert_eq!(instances_of(n, "green").len(), 2, "node {}", n.name);
+    }
 }

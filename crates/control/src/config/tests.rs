@@ -1878,14 +1878,9 @@ fn bad_fleet_settings_are_refused_with_what_to_write() {
         "fleet.ttl",
         "unknown",
     );
-    // The process driver is not run by a fleet's nodes yet.
-    refused(
-        &format!("[fleet]\netcd = \"http://a:2379\"\n{MINIMAL}"),
-        4,
-        1,
-        "services.web.command",
-        "not supported yet",
-    );
+    // The process driver in a fleet: every node runs its own instances.
+    let config = parse(&format!("[fleet]\netcd = \"http://a:2379\"\n{MINIMAL}")).unwrap();
+    assert!(matches!(config.services[0].driver, Driver::Process { .. }));
 }
 
 #[test]

@@ -31,13 +31,15 @@ use std::time::Duration;
 use cutover_proxy::Colour;
 use tokio::sync::mpsc;
 
+use super::fleet_runs::{Desired, Lane};
 use super::{
-    off_async_store, parse_static, set_pool, static_key, view_of, CommandError, Daemon, Msg, Shared, StartError,
+    off_async_store, parse_static, set_pool, static_key, view_of, AtShutdown, CommandError, Daemon, Msg, Shared,
+    StartError,
 };
-use crate::config::{FleetConfig, ServiceConfig};
+use crate::config::{Driver, FleetConfig, ServiceConfig};
 use crate::fleet::{Answer, Command, Done, FleetError, Incoming, Membership, RouteState};
 use crate::health::{CheckSpec, HealthChecker};
-use crate::lifecycle::State;
+use crate::lifecycle::{DeploymentId, Phase, Release, State};
 use crate::store::etcd::{escape, EtcdOptions, EtcdTls};
 
 /// The actors of the services, while this node leads (none otherwise).
@@ -64,6 +66,8 @@ pub(super) struct FleetNode {
     acks_out: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
     /// While it follows: its own health checks of each colour's static instances.
     checks: Mutex<std::collections::HashMap<(String, Colour), FollowerCheck>>,
+    /// While it follows: the instances it runs itself (process driver), per service and colour.
+    lanes: Mutex<std::collections::HashMap<(String, Colour), Lane>>,
 }
 
 /// A follower's health checks of one colour of one service: what it checks and the task that
@@ -106,6 +110,7 @@ impl FleetNode {
             inherited_lease: Mutex::new(None),
             publisher: Mutex::new(None),
             checks: Mutex::new(std::collections::HashMap::new()),
+            lanes: Mutex::new(std::collections::HashMap::new()),
             acks_out: Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -213,6 +218,66 @@ impl FleetNode {
             })
         };
         checks.insert(key, FollowerCheck { pool, checker, forward });
+    }
+
+    /// Tells the lane of `svc`'s `colour` what should run there (starting the lane if it has
+    /// none); `switched_away`: live traffic just left the colour, which is drained before
+    /// anything of it stops. Returns whether the colour has a lane.
+    fn run_on(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        svc: &ServiceConfig,
+        colour: Colour,
+        release: Option<Release>,
+        deployment: Option<DeploymentId>,
+        switched_away: bool,
+    ) -> bool {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if self.leading() {
+            // Checked under the lock `end_runs` takes after leading began: no lane starts after.
+            return false;
+        }
+        let key = (svc.name.clone(), colour);
+        if let Some(lane) = lanes.get(&key) {
+            lane.set(release, deployment, switched_away);
+            return true;
+        }
+        if release.is_none() {
+            return false;
+        }
+        let desired = Desired {
+            release,
+            deployment,
+            drains: u64::from(switched_away),
+        };
+        lanes.insert(
+            key,
+            Lane::start(shared.clone(), self.clone(), svc.clone(), colour, desired),
+        );
+        true
+    }
+
+    /// Ends every lane: their instances are left running and recorded (this node begins to
+    /// lead, and its actors adopt them; or the daemon stops leaving them), or stopped.
+    pub(super) async fn end_runs(&self, at: AtShutdown) {
+        let lanes = std::mem::take(&mut *self.lanes.lock().unwrap_or_else(|p| p.into_inner()));
+        let ending: Vec<_> = lanes.into_values().map(|lane| lane.end(at)).collect();
+        futures_util::future::join_all(ending).await;
+    }
+
+    /// Waits until every lane has made what runs match what it was first told (at a start,
+    /// before the listeners accept), at most `within`.
+    async fn runs_settled(&self, within: Duration) {
+        let waits: Vec<_> = {
+            let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            lanes.values().map(|l| l.settled_receiver()).collect()
+        };
+        let all = async {
+            for mut rx in waits {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let _ = tokio::time::timeout(within, all).await;
     }
 
     /// Stops every health check of this node's own (it leads: its actors check).
@@ -457,6 +522,16 @@ pub(super) async fn load(shared: &Arc<Shared>, node: &Arc<FleetNode>) -> Result<
         })?;
         apply(shared, node, svc, &state, rs.revision, false).await;
     }
+    // The instances this node runs itself: adopted ones that pass a check serve at once; new
+    // ones (a node new to the fleet) once healthy, within the services' health deadline.
+    let within = shared
+        .config
+        .services
+        .iter()
+        .map(|s| s.health.deadline)
+        .max()
+        .unwrap_or_default();
+    node.runs_settled(within).await;
     Ok(())
 }
 
@@ -471,6 +546,7 @@ async fn apply(
     drain: bool,
 ) {
     let name = svc.name.as_str();
+    let runs_here = matches!(svc.driver, Driver::Process { .. });
     if !node.leading() {
         // First the colours that have a release, then the switch, then the colours left with
         // none: a pool is never emptied while it is live (a rollback empties the colour it
@@ -481,6 +557,13 @@ async fn apply(
                 released.push(colour);
                 continue;
             };
+            if runs_here {
+                // This node's own instances: started (or adopted) by the colour's lane, which
+                // routes to them as its checks let them in.
+                let deployment = state.in_progress().filter(|d| d.colour == colour).map(|d| d.id);
+                node.run_on(shared, svc, colour, Some(Release::new(version)), deployment, false);
+                continue;
+            }
             let (store, key) = (shared.store.clone(), static_key(name, colour));
             let addrs = match off_async_store(move || store.get_value(&key)).await {
                 Ok(v) => v.as_deref().map(parse_static).unwrap_or_default(),
@@ -511,40 +594,52 @@ async fn apply(
                 Err(e) => tracing::error!(service = name, error = %e, "cannot update the route table"),
             }
         }
-        for colour in &released {
-            node.check(shared, svc, *colour, None, &[]);
-        }
-        if let Some(old) = left {
-            // Drained as the leader drains it; emptied after, when it has no release any more
-            // (and no later revision gave it one meanwhile: its pool still has the version
-            // this switch left).
-            let leaving = release_on(state, old)
-                .is_none()
-                .then(|| {
-                    shared
+        if runs_here {
+            // The colour left is drained by its lane, which stops what runs there only after.
+            for colour in [Colour::Blue, Colour::Green] {
+                let release = release_on(state, colour).map(Release::new);
+                let deployment = state.in_progress().filter(|d| d.colour == colour).map(|d| d.id);
+                let has_lane = node.run_on(shared, svc, colour, release, deployment, Some(colour) == left);
+                if !has_lane && released.contains(&colour) {
+                    set_pool(&shared.proxy, name, colour, None, &[], None, &[]);
+                }
+            }
+        } else {
+            for colour in &released {
+                node.check(shared, svc, *colour, None, &[]);
+            }
+            if let Some(old) = left {
+                // Drained as the leader drains it; emptied after, when it has no release any
+                // more (and no later revision gave it one meanwhile: its pool still has the
+                // version this switch left).
+                let leaving = release_on(state, old)
+                    .is_none()
+                    .then(|| {
+                        shared
+                            .proxy
+                            .table()
+                            .service(name)
+                            .and_then(|s| s.pool(old).version.clone())
+                    })
+                    .flatten();
+                let shared = shared.clone();
+                let (name, timeout, window) = (name.to_string(), svc.drain_timeout, svc.close_window);
+                tokio::spawn(async move {
+                    super::drain(&shared, &name, old, timeout, window).await;
+                    let Some(leaving) = leaving else { return };
+                    let current = shared
                         .proxy
                         .table()
-                        .service(name)
-                        .and_then(|s| s.pool(old).version.clone())
-                })
-                .flatten();
-            let shared = shared.clone();
-            let (name, timeout, window) = (name.to_string(), svc.drain_timeout, svc.close_window);
-            tokio::spawn(async move {
-                super::drain(&shared, &name, old, timeout, window).await;
-                let Some(leaving) = leaving else { return };
-                let current = shared
-                    .proxy
-                    .table()
-                    .service(&name)
-                    .and_then(|s| s.pool(old).version.clone());
-                if current.as_deref() == Some(&*leaving) {
-                    set_pool(&shared.proxy, &name, old, None, &[], None, &[]);
-                }
-            });
-        }
-        for colour in released.iter().filter(|c| Some(**c) != left) {
-            set_pool(&shared.proxy, name, *colour, None, &[], None, &[]);
+                        .service(&name)
+                        .and_then(|s| s.pool(old).version.clone());
+                    if current.as_deref() == Some(&*leaving) {
+                        set_pool(&shared.proxy, &name, old, None, &[], None, &[]);
+                    }
+                });
+            }
+            for colour in released.iter().filter(|c| Some(**c) != left) {
+                set_pool(&shared.proxy, name, *colour, None, &[], None, &[]);
+            }
         }
     }
     shared
@@ -565,6 +660,11 @@ fn release_on(state: &State, colour: Colour) -> Option<String> {
     }
     if let Some(warm) = state.warm().filter(|w| w.colour == colour) {
         return Some(warm.release.version.clone());
+    }
+    if let Phase::Watching { rollback_to, .. } = &state.phase {
+        if rollback_to.colour == colour {
+            return Some(rollback_to.release.version.clone());
+        }
     }
     state
         .in_progress()
@@ -685,6 +785,9 @@ pub(super) async fn lead(daemon: Daemon, node: Arc<FleetNode>) {
         }
         node.leading.store(true, Ordering::SeqCst);
         node.stop_checks();
+        // The instances this node ran as a follower are left running and recorded: its actors
+        // adopt them.
+        node.end_runs(AtShutdown::Leave).await;
         *node.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.config.node.clone());
         tracing::info!(node = %node.config.node, "this node leads the fleet");
         // Its notices, for the other nodes to repeat: queued from now on, sent in order.

@@ -138,6 +138,7 @@ impl Actor {
             pin: None,
             urgent: None,
             fleet_said: None,
+            fleet_ready: None,
         };
         Ok((actor, reports_rx))
     }
