@@ -980,9 +980,11 @@ fn every_node_takes_an_instance_that_fails_its_checks_out_of_rotation() {
 
 /// A fleet whose service runs on every node (process driver): a real 3-member etcd cluster and
 /// three nodes, each running its own instances of `pf-demo` (`demo-app` answering
-/// `VERSION NODE-COLOUR`), with `per_node(name)` added to the node's service table, and release
-/// v1 deployed and served by every node from its own instances. The smoke test, run by each node
-/// against its own preview route, appends `UNIX_MS ANSWER` to `smoke.log`.
+/// `VERSION NODE-COLOUR`), and release v1 deployed and served by every node from its own
+/// instances. The smoke test, run by each node against its own preview route, appends
+/// `UNIX_MS ANSWER` to `smoke.log`. A node's instances wait as many seconds as the file
+/// `delay-NODE` says before they start, and a release fails to start on a node that has a file
+/// `fail-NODE-VERSION` (see [`ProcessFleet::slow`], [`ProcessFleet::fail`]).
 struct ProcessFleet {
     nodes: Vec<Node>,
     leader: usize,
@@ -1003,7 +1005,7 @@ impl Drop for ProcessFleet {
 }
 
 impl ProcessFleet {
-    fn start(fleet_extra: &str, per_node: impl Fn(&str) -> String) -> ProcessFleet {
+    fn start(fleet_extra: &str) -> ProcessFleet {
         let etcd = EtcdCluster::start();
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Node> = ["n1", "n2", "n3"]
@@ -1012,7 +1014,7 @@ impl ProcessFleet {
                 let service = format!(
                     "instances = 2\n\
                      validate = {{ smoke = 'a=$(curl -sf -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\" \"$CUTOVER_PREVIEW_URL/\") && echo \"$(date +%s%3N) $a\" >> smoke.log' }}\n{}",
-                    per_node(n)
+                    demo_command(n)
                 );
                 Node::new(dir.path(), n, &etcd.endpoints(), fleet_extra, &service)
             })
@@ -1047,6 +1049,16 @@ impl ProcessFleet {
         }
     }
 
+    /// From now on, node `i`'s instances start `secs` seconds late.
+    fn slow(&self, i: usize, secs: u32) {
+        std::fs::write(self.dir.join(format!("delay-{}", self.nodes[i].name)), secs.to_string()).unwrap();
+    }
+
+    /// From now on, `version` fails to start on node `i`.
+    fn fail(&self, i: usize, version: &str) {
+        std::fs::write(self.dir.join(format!("fail-{}-{version}", self.nodes[i].name)), "").unwrap();
+    }
+
     /// The smoke tests run so far: (unix ms, answer).
     fn smokes(&self) -> Vec<(u64, String)> {
         std::fs::read_to_string(self.dir.join("smoke.log"))
@@ -1060,9 +1072,13 @@ impl ProcessFleet {
     }
 }
 
-/// The demo-app command of a process fleet's node `name`, after `prefix` (shell).
-fn demo_command(name: &str, prefix: &str) -> String {
-    format!("command = '{prefix}exec {BIN} demo-app --port {{port}} --colour pf-{name}-$CUTOVER_COLOUR'\n")
+/// The demo-app command of a process fleet's node `name` (see [`ProcessFleet`]).
+fn demo_command(name: &str) -> String {
+    format!(
+        "command = 'sleep \"$(cat delay-{name} 2>/dev/null || echo 0)\"; \
+         [ -e \"fail-{name}-$CUTOVER_VERSION\" ] && {{ echo $CUTOVER_VERSION cannot start on {name}; exit 3; }}; \
+         exec {BIN} demo-app --port {{port}} --colour pf-{name}-$CUTOVER_COLOUR'\n"
+    )
 }
 
 /// The pids of `node`'s instances of `colour` running now (its marker in their environment,
@@ -1094,23 +1110,19 @@ fn instances_of(node: &Node, colour: &str) -> Vec<u32> {
 
 /// The process driver in a fleet: each node runs its own instances of a release, and the
 /// switch waits for the slowest node's. A deploy under load through a node that does not lead,
-/// with one node's instances 2 s slower to start: zero failed requests on every node; every node
+/// with the other follower's instances 2 s slower to start: zero failed requests on every node; every node
 /// answers only from its own instances; no node answered from v2 before the slow node's v2 was
 /// healthy and had passed its smoke test; after the deploy returns, every node serves its own v2.
 /// Then a release whose instances fail on one node only: named in the deploy's failure, nothing
 /// switched anywhere, and its instances stopped on every node.
 #[test]
 fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
-    let f = ProcessFleet::start("ack_timeout = \"5s\"", |n| match n {
-        "n2" => demo_command(n, "sleep 2; "),
-        "n3" => demo_command(
-            n,
-            "[ \"$CUTOVER_VERSION\" = v3 ] && { echo v3 cannot start here; exit 3; }; ",
-        ),
-        _ => demo_command(n, ""),
-    });
+    let f = ProcessFleet::start("ack_timeout = \"5s\"");
     let (nodes, leader) = (&f.nodes, f.leader);
-    let follower = (leader + 1) % 3;
+    // Deployed through one follower; the other one is slow.
+    let (follower, slow) = ((leader + 1) % 3, (leader + 2) % 3);
+    f.slow(slow, 2);
+    let slow_name = nodes[slow].name.clone();
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = nodes.iter().map(|n| load(n.front, stop.clone())).collect();
@@ -1137,16 +1149,16 @@ fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
     stop.store(true, Ordering::Relaxed);
     let seen: Vec<Seen> = clients.into_iter().map(|c| c.join().unwrap()).collect();
 
-    // n2's v2 was validated (its smoke test saw its own green) at least 2 s after the deploy.
+    // The slow node's v2 was validated (its smoke test saw its own green) 2 s after the deploy.
     let smokes = f.smokes();
     let slow_ready = smokes
         .iter()
-        .find(|(_, a)| a == "v2 pf-n2-green")
+        .find(|(_, a)| *a == format!("v2 pf-{slow_name}-green"))
         .map(|(t, _)| *t)
-        .unwrap_or_else(|| panic!("n2's smoke test of v2 did not run: {smokes:?}\n{}", logs(nodes)));
+        .unwrap_or_else(|| panic!("{slow_name}'s smoke test of v2 did not run: {smokes:?}\n{}", logs(nodes)));
     assert!(
         slow_ready >= started + 2000,
-        "n2's v2 started 2 s late: {slow_ready} vs {started}"
+        "{slow_name}'s v2 started 2 s late: {slow_ready} vs {started}"
     );
     for n in nodes {
         let own = format!("v2 pf-{}-green", n.name);
@@ -1180,18 +1192,20 @@ fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
         let first_v2 = first_v2.unwrap_or_else(|| panic!("node {} never answered from v2", n.name));
         assert!(
             first_v2 >= slow_ready,
-            "node {} answered from v2 at {first_v2}, before n2's v2 was validated at {slow_ready}",
+            "node {} answered from v2 at {first_v2}, before {slow_name}'s v2 was validated at {slow_ready}",
             n.name
         );
     }
 
-    // v3 cannot start on n3: the deploy fails naming n3; nothing switched; v3 stopped everywhere.
+    // v3 cannot start on the slow follower: the deploy fails naming it; nothing switched; v3
+    // stopped everywhere.
+    f.fail(slow, "v3");
     let out = nodes[leader].cli(&["deploy", "api", "--version", "v3"]);
     let said = text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
-        said.contains("node n3") && said.contains("v3 cannot start here"),
-        "names n3 and why: {said}"
+        said.contains(&format!("node {slow_name}:")) && said.contains(&format!("v3 cannot start on {slow_name}")),
+        "names {slow_name} and why: {said}"
     );
     for n in nodes {
         assert_eq!(
@@ -1216,7 +1230,7 @@ fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
 /// node that adopts the instances it ran as a follower; the fleet then deploys as before.
 #[test]
 fn nodes_killed_and_restarted_adopt_their_own_instances() {
-    let mut f = ProcessFleet::start("ack_timeout = \"5s\"", |n| demo_command(n, ""));
+    let mut f = ProcessFleet::start("ack_timeout = \"5s\"");
     let leader = f.leader;
     let follower = (leader + 1) % 3;
     let pids: Vec<Vec<u32>> = f.nodes.iter().map(|n| instances_of(n, "blue")).collect();
