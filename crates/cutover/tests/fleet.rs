@@ -36,7 +36,7 @@ impl Node {
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state-{name}\"\n\
                  [fleet]\netcd = [{endpoints}]\nnode = \"{name}\"\nlease_ttl = \"2s\"\n{fleet_extra}\n\
-                 [services.api]\nhealth = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\n\
+                 [services.api]\nhealth = {{ path = \"/up\", interval = \"100ms\", healthy = 1, deadline = \"6s\" }}\n\
                  watch = {{ duration = \"500ms\", min_requests = 1 }}\n{service_extra}\n"
             ),
         )
@@ -1113,8 +1113,9 @@ fn instances_of(node: &Node, colour: &str) -> Vec<u32> {
 /// with the other follower's instances 2 s slower to start: zero failed requests on every node; every node
 /// answers only from its own instances; no node answered from v2 before the slow node's v2 was
 /// healthy and had passed its smoke test; after the deploy returns, every node serves its own v2.
-/// Then a release whose instances fail on one node only: named in the deploy's failure, nothing
-/// switched anywhere, and its instances stopped on every node.
+/// Then a release whose instances are not ready on one node within the health deadline, and one
+/// whose instances fail to start on one node: each named in the deploy's failure, nothing
+/// switched anywhere, and the failed release's instances stopped on every node.
 #[test]
 fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
     let f = ProcessFleet::start("ack_timeout = \"5s\"");
@@ -1155,7 +1156,12 @@ fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
         .iter()
         .find(|(_, a)| *a == format!("v2 pf-{slow_name}-green"))
         .map(|(t, _)| *t)
-        .unwrap_or_else(|| panic!("{slow_name}'s smoke test of v2 did not run: {smokes:?}\n{}", logs(nodes)));
+        .unwrap_or_else(|| {
+            panic!(
+                "{slow_name}'s smoke test of v2 did not run: {smokes:?}\n{}",
+                logs(nodes)
+            )
+        });
     assert!(
         slow_ready >= started + 2000,
         "{slow_name}'s v2 started 2 s late: {slow_ready} vs {started}"
@@ -1196,6 +1202,26 @@ fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
             n.name
         );
     }
+
+    // v3 never gets healthy on the slow follower within the health deadline (6 s): the deploy
+    // fails naming it; nothing switched.
+    f.slow(slow, 60);
+    let out = nodes[leader].cli(&["deploy", "api", "--version", "v3"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("not healthy and validated within 6s on node(s) {slow_name}")),
+        "names {slow_name}: {said}"
+    );
+    for n in nodes {
+        assert_eq!(
+            get(n.front),
+            Some((200, format!("v2 pf-{}-green", n.name))),
+            "node {}",
+            n.name
+        );
+    }
+    f.slow(slow, 0);
 
     // v3 cannot start on the slow follower: the deploy fails naming it; nothing switched; v3
     // stopped everywhere.
@@ -1255,12 +1281,32 @@ fn nodes_killed_and_restarted_adopt_their_own_instances() {
         logs(&f.nodes)
     );
 
-    // The leader killed: another node leads and adopts what it ran as a follower.
-    drop(f.nodes[leader].proc.take());
+    // The leader killed under load on the others: another node leads and adopts what it ran
+    // as a follower; no request fails.
     let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = others.iter().map(|&i| load(f.nodes[i].front, stop.clone())).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(f.nodes[leader].proc.take());
     let new = leader_among(&f.nodes, &others, Duration::from_secs(10))
         .unwrap_or_else(|| panic!("no other node leads\n{}", logs(&f.nodes)));
     std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for (&i, c) in others.iter().zip(clients) {
+        let seen = c.join().unwrap();
+        let n = &f.nodes[i];
+        assert!(
+            seen.failures.is_empty(),
+            "node {}: {:?}",
+            n.name,
+            &seen.failures[..seen.failures.len().min(5)]
+        );
+        assert!(
+            seen.answers.iter().all(|(_, b)| *b == format!("v1 pf-{}-blue", n.name)),
+            "node {} answered from its own v1 only",
+            n.name
+        );
+    }
     for &i in &others {
         let n = &f.nodes[i];
         assert_eq!(
