@@ -1253,7 +1253,8 @@ fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
 
 /// Instances outlive their node's daemon: a node killed (-9) and started again adopts its own
 /// instances (the same processes serve, none started); a leader killed (-9) is replaced by a
-/// node that adopts the instances it ran as a follower; the fleet then deploys as before.
+/// node that adopts the instances it ran as a follower; the fleet then deploys as before, and
+/// an instant rollback brings every node back to its own warm instances.
 #[test]
 fn nodes_killed_and_restarted_adopt_their_own_instances() {
     let mut f = ProcessFleet::start("ack_timeout = \"5s\"");
@@ -1342,5 +1343,12 @@ fn nodes_killed_and_restarted_adopt_their_own_instances() {
             n.name
         );
         assert_eq!(instances_of(n, "green").len(), 2, "node {}", n.name);
+    }
+    // An instant rollback: every node serves its own warm v1 again, the same processes.
+    let out = f.nodes[(new + 1) % 3].cli(&["rollback", "api"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), logs(&f.nodes));
+    for (i, n) in f.nodes.iter().enumerate() {
+        assert_eq!(get(n.front), Some((200, format!("v1 pf-{}-blue", n.name))), "node {}", n.name);
+        assert_eq!(instances_of(n, "blue"), pids[i], "node {} rolled back to its warm instances", n.name);
     }
 }
