@@ -427,7 +427,8 @@ pub enum Driver {
 
 /// `[fleet]`: this node is one of several that serve the same services, share their state in
 /// etcd, and switch together. One node leads (runs the deployments); every node applies each
-/// route revision and acknowledges it.
+/// route revision and acknowledges it. Services with `command` run on every node: each node
+/// runs its own instances and routes to them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetConfig {
     /// `etcd`: the client URLs of the etcd members, `http://HOST:PORT` or `https://HOST:PORT`.

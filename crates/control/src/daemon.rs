@@ -1720,8 +1720,11 @@ struct Actor {
     fleet_said: Option<String>,
     /// In a fleet with the process driver: the wait for the other nodes' instances of the
     /// deployment being provisioned ([`Actor::await_fleet_ready`]), and the nodes it waits for.
-    fleet_ready: Option<(DeploymentId, JoinHandle<()>, Arc<Mutex<Vec<String>>>)>,
+    fleet_ready: Option<(DeploymentId, JoinHandle<()>, Waiting)>,
 }
+
+/// The nodes a wait of [`Actor::await_fleet_ready`] still waits for.
+type Waiting = Arc<Mutex<Vec<String>>>;
 
 impl Actor {
     fn name(&self) -> &str {

@@ -1348,7 +1348,17 @@ fn nodes_killed_and_restarted_adopt_their_own_instances() {
     let out = f.nodes[(new + 1) % 3].cli(&["rollback", "api"]);
     assert!(out.status.success(), "{}\n{}", text(&out), logs(&f.nodes));
     for (i, n) in f.nodes.iter().enumerate() {
-        assert_eq!(get(n.front), Some((200, format!("v1 pf-{}-blue", n.name))), "node {}", n.name);
-        assert_eq!(instances_of(n, "blue"), pids[i], "node {} rolled back to its warm instances", n.name);
+        assert_eq!(
+            get(n.front),
+            Some((200, format!("v1 pf-{}-blue", n.name))),
+            "node {}",
+            n.name
+        );
+        assert_eq!(
+            instances_of(n, "blue"),
+            pids[i],
+            "node {} rolled back to its warm instances",
+            n.name
+        );
     }
 }

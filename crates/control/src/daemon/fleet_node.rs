@@ -7,9 +7,10 @@
 //!   the listeners accept (see `Daemon::start_inheriting`): a node that starts or restarts in the
 //!   middle of a release serves the revision that is current, never an older one.
 //! - **Following** ([`follow`]): a watch on the services' state keys; each new state is applied
-//!   to the route table (the static instances of each colour from the shared store, the live
-//!   colour, then the old colour drained as the leader drains it) and acknowledged under the
-//!   node's lease. A broken watch (etcd unreachable) leaves the table as it is, serving the last
+//!   to the route table (the static instances of each colour from the shared store, or for a
+//!   service with `command` this node's own instances, run by its lanes: see `fleet_runs`; the
+//!   live colour, then the old colour drained as the leader drains it) and acknowledged under
+//!   the node's lease. A broken watch (etcd unreachable) leaves the table as it is, serving the last
 //!   revision applied (fail static), and is opened again from a fresh read.
 //! - **Leading** ([`lead`]): the node campaigns; once it leads it starts the services' actors
 //!   from the committed state, exactly as a single daemon's start does (an interrupted
