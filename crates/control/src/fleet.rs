@@ -535,8 +535,14 @@ impl Membership {
             applied_at_ms: now / 1000,
             applied_at_us: Some(now),
         };
-        let value = serde_json::to_string(&ack).map_err(|e| FleetError::Setup(e.to_string()))?;
+        let value = serde_json::to_vec(&ack).map_err(|e| FleetError::Setup(e.to_string()))?;
         let key = format!("{}/acks/{service}/{}", self.prefix, self.node);
+        self.put_leased(key, value, "acknowledging").await
+    }
+
+    /// Puts `value` at `key` under this node's lease (retried past members that are down);
+    /// `what` names the write in errors.
+    pub(crate) async fn put_leased(&self, key: String, value: Vec<u8>, what: &'static str) -> Result<(), FleetError> {
         retry(self.deadline(), || {
             let (mut client, key, value) = (self.client.clone(), key.clone(), value.clone());
             async move {
@@ -546,7 +552,7 @@ impl Membership {
             }
         })
         .await
-        .map_err(self.fail("acknowledging"))?;
+        .map_err(self.fail(what))?;
         Ok(())
     }
 
@@ -554,31 +560,34 @@ impl Membership {
     /// (healthy and validated here) or failed, under the node's lease:
     /// `{prefix}/ready/{service}/{node}`, one key per node, the latest deployment only.
     pub async fn report_ready(&self, service: &str, ready: &Readiness) -> Result<(), FleetError> {
-        let value = serde_json::to_string(ready).map_err(|e| FleetError::Setup(e.to_string()))?;
+        let value = serde_json::to_vec(ready).map_err(|e| FleetError::Setup(e.to_string()))?;
         let key = format!("{}/ready/{service}/{}", self.prefix, self.node);
-        retry(self.deadline(), || {
-            let (mut client, key, value) = (self.client.clone(), key.clone(), value.clone());
-            async move {
-                client
-                    .put(key, value, Some(PutOptions::new().with_lease(self.lease)))
-                    .await
-            }
-        })
-        .await
-        .map_err(self.fail("reporting readiness"))?;
-        Ok(())
+        self.put_leased(key, value, "reporting readiness").await
     }
 
     /// What every member last said of its instances of `service` ([`Membership::report_ready`]),
     /// by node.
     pub async fn readiness(&self, service: &str) -> Result<BTreeMap<String, Readiness>, FleetError> {
-        let prefix = format!("{}/ready/{service}/", self.prefix);
-        let resp = self.get_prefix(&prefix, "reading the nodes' readiness").await?;
+        self.per_node(
+            &format!("{}/ready/{service}/", self.prefix),
+            "reading the nodes' readiness",
+        )
+        .await
+    }
+
+    /// The JSON value each node put under `prefix` (`{prefix}{node}`), by node; values that do
+    /// not read as `T` are left out.
+    async fn per_node<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+        what: &'static str,
+    ) -> Result<BTreeMap<String, T>, FleetError> {
+        let resp = self.get_prefix(prefix, what).await?;
         Ok(resp
             .kvs()
             .iter()
             .filter_map(|kv| {
-                let node = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
+                let node = kv.key_str().ok()?.strip_prefix(prefix)?.to_string();
                 Some((node, serde_json::from_slice(kv.value()).ok()?))
             })
             .collect())
@@ -586,17 +595,11 @@ impl Membership {
 
     /// Every member's acknowledgement for `service` (members that gave none are absent).
     pub async fn acks(&self, service: &str) -> Result<BTreeMap<String, Ack>, FleetError> {
-        let prefix = format!("{}/acks/{service}/", self.prefix);
-        let resp = self.get_prefix(&prefix, "reading the acknowledgements").await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let node = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
-                let ack = serde_json::from_slice(kv.value()).ok()?;
-                Some((node, ack))
-            })
-            .collect())
+        self.per_node(
+            &format!("{}/acks/{service}/", self.prefix),
+            "reading the acknowledgements",
+        )
+        .await
     }
 
     /// Waits until every member has acknowledged `revision` of `service` (or a later one), at

@@ -146,15 +146,7 @@ impl Fleet {
             .iter()
             .map(|n| Node::new(dir.path(), n, &etcd.endpoints(), fleet_extra, service_extra))
             .collect();
-        for n in &nodes {
-            assert!(
-                wait_until(Duration::from_secs(20), || n.cli(&["status"]).status.success()),
-                "node {} did not start\n{}",
-                n.name,
-                logs(&nodes)
-            );
-        }
-        let leader = leader_of(&nodes);
+        let leader = started(&nodes);
         let (v1, v2) = (format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}"));
         let out = nodes[leader].deploy("v1", &v1);
         assert!(out.status.success(), "{}\n{}", text(&out), logs(&nodes));
@@ -272,6 +264,19 @@ fn load(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen
         }
         seen
     })
+}
+
+/// Waits until every node answers `cutover status`; returns the one that leads.
+fn started(nodes: &[Node]) -> usize {
+    for n in nodes {
+        assert!(
+            wait_until(Duration::from_secs(20), || n.cli(&["status"]).status.success()),
+            "node {} did not start\n{}",
+            n.name,
+            logs(nodes)
+        );
+    }
+    leader_of(nodes)
 }
 
 /// The node that leads, as every node's `cutover status` says.
@@ -1019,15 +1024,7 @@ impl ProcessFleet {
                 Node::new(dir.path(), n, &etcd.endpoints(), fleet_extra, &service)
             })
             .collect();
-        for n in &nodes {
-            assert!(
-                wait_until(Duration::from_secs(20), || n.cli(&["status"]).status.success()),
-                "node {} did not start\n{}",
-                n.name,
-                logs(&nodes)
-            );
-        }
-        let leader = leader_of(&nodes);
+        let leader = started(&nodes);
         let out = nodes[leader].cli(&["deploy", "api", "--version", "v1"]);
         assert!(out.status.success(), "{}\n{}", text(&out), logs(&nodes));
         for n in &nodes {
@@ -1205,41 +1202,30 @@ fn a_fleet_running_its_own_instances_switches_when_every_node_is_ready() {
 
     // v3 never gets healthy on the slow follower within the health deadline (6 s): the deploy
     // fails naming it; nothing switched.
+    // A deploy of v3 that fails saying each of `expected`; every node still serves its own v2.
+    let refused = |expected: &[String]| {
+        let out = nodes[leader].cli(&["deploy", "api", "--version", "v3"]);
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(expected.iter().all(|e| said.contains(e)), "says {expected:?}: {said}");
+        for n in nodes {
+            assert_eq!(
+                get(n.front),
+                Some((200, format!("v2 pf-{}-green", n.name))),
+                "node {}",
+                n.name
+            );
+        }
+    };
     f.slow(slow, 60);
-    let out = nodes[leader].cli(&["deploy", "api", "--version", "v3"]);
-    let said = text(&out);
-    assert!(!out.status.success(), "{said}");
-    assert!(
-        said.contains(&format!("not healthy and validated within 6s on node(s) {slow_name}")),
-        "names {slow_name}: {said}"
-    );
-    for n in nodes {
-        assert_eq!(
-            get(n.front),
-            Some((200, format!("v2 pf-{}-green", n.name))),
-            "node {}",
-            n.name
-        );
-    }
+    refused(&[format!("not healthy and validated within 6s on node(s) {slow_name}")]);
     f.slow(slow, 0);
 
     // v3 cannot start on the slow follower: the deploy fails naming it; nothing switched; v3
     // stopped everywhere.
     f.fail(slow, "v3");
-    let out = nodes[leader].cli(&["deploy", "api", "--version", "v3"]);
-    let said = text(&out);
-    assert!(!out.status.success(), "{said}");
-    assert!(
-        said.contains(&format!("node {slow_name}:")) && said.contains(&format!("v3 cannot start on {slow_name}")),
-        "names {slow_name} and why: {said}"
-    );
+    refused(&[format!("node {slow_name}:"), format!("v3 cannot start on {slow_name}")]);
     for n in nodes {
-        assert_eq!(
-            get(n.front),
-            Some((200, format!("v2 pf-{}-green", n.name))),
-            "node {}",
-            n.name
-        );
         assert!(
             wait_until(Duration::from_secs(15), || instances_of(n, "blue").is_empty()),
             "node {} still runs blue instances {:?}\n{}",
@@ -1265,22 +1251,29 @@ fn nodes_killed_and_restarted_adopt_their_own_instances() {
         assert_eq!(p.len(), 2, "node {} runs its 2 instances", n.name);
     }
 
+    // Node `i` started again serves its own v1 from the same processes.
+    let restarted = |f: &mut ProcessFleet, i: usize| {
+        f.nodes[i].start();
+        let n = &f.nodes[i];
+        assert!(
+            wait_until(Duration::from_secs(20), || get(n.front)
+                == Some((200, format!("v1 pf-{}-blue", n.name)))),
+            "the restarted node {} serves its own v1\n{}",
+            n.name,
+            logs(&f.nodes)
+        );
+        assert_eq!(
+            instances_of(n, "blue"),
+            pids[i],
+            "node {} adopted the same processes\n{}",
+            n.name,
+            logs(&f.nodes)
+        );
+    };
+
     // A follower killed and started again.
     drop(f.nodes[follower].proc.take());
-    f.nodes[follower].start();
-    let n = &f.nodes[follower];
-    assert!(
-        wait_until(Duration::from_secs(20), || get(n.front)
-            == Some((200, format!("v1 pf-{}-blue", n.name)))),
-        "the restarted node serves its own v1\n{}",
-        logs(&f.nodes)
-    );
-    assert_eq!(
-        instances_of(n, "blue"),
-        pids[follower],
-        "the same processes serve\n{}",
-        logs(&f.nodes)
-    );
+    restarted(&mut f, follower);
 
     // The leader killed under load on the others: another node leads and adopts what it ran
     // as a follower; no request fails.
@@ -1318,20 +1311,8 @@ fn nodes_killed_and_restarted_adopt_their_own_instances() {
         );
         assert_eq!(instances_of(n, "blue"), pids[i], "node {} kept its processes", n.name);
     }
-    f.nodes[leader].start();
-    let n = &f.nodes[leader];
-    assert!(
-        wait_until(Duration::from_secs(20), || get(n.front)
-            == Some((200, format!("v1 pf-{}-blue", n.name)))),
-        "the old leader serves its own v1 as a follower\n{}",
-        logs(&f.nodes)
-    );
-    assert_eq!(
-        instances_of(n, "blue"),
-        pids[leader],
-        "node {} kept its processes",
-        n.name
-    );
+    // The old leader, started again, follows.
+    restarted(&mut f, leader);
 
     let out = f.nodes[new].cli(&["deploy", "api", "--version", "v2"]);
     assert!(out.status.success(), "{}\n{}", text(&out), logs(&f.nodes));

@@ -298,17 +298,7 @@ impl Membership {
     /// Publishes one of the leader's notices (JSON) for the other nodes.
     pub async fn publish_notice(&self, notice: Vec<u8>) -> Result<(), FleetError> {
         let key = self.relay_key("notices", &self.node);
-        retry(self.deadline(), || {
-            let (mut client, key, notice) = (self.client.clone(), key.clone(), notice.clone());
-            async move {
-                client
-                    .put(key, notice, Some(PutOptions::new().with_lease(self.lease)))
-                    .await
-            }
-        })
-        .await
-        .map_err(self.fail("publishing a notice"))?;
-        Ok(())
+        self.put_leased(key, notice, "publishing a notice").await
     }
 
     /// Sends each notice another node publishes from now on to `to` (the publisher's name and
