@@ -364,6 +364,9 @@ pub struct ServiceConfig {
     pub https_redirect: bool,
     /// `affinity = { cookie, window }`: sticky sessions across a switch. Default none.
     pub affinity: Option<AffinityConfig>,
+    /// `migrate = { expand, contract, check, rollback, files, ... }`: the schema change that
+    /// comes with each release, in phases. Default none.
+    pub migrate: Option<MigrateConfig>,
     /// `upstream_tls = { ca, server_name }`: connections to the instances speak TLS. Default
     /// none: plain TCP.
     pub upstream_tls: Option<UpstreamTlsConfig>,
@@ -537,6 +540,33 @@ pub struct ValidateConfig {
     pub smoke: String,
     /// `timeout`: a smoke command still running after this fails (and is killed). Above 0.
     /// Default 60s.
+    pub timeout: Duration,
+}
+
+/// `migrate = { ... }`: a release's schema change in phases. Each command runs with `/bin/sh -c`
+/// in the config's directory, with `CUTOVER_SERVICE`, `CUTOVER_VERSION` (the release whose step
+/// it is), `CUTOVER_LIVE_VERSION` (the release live now, if any) and `CUTOVER_MIGRATE_STEP`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrateConfig {
+    /// `expand`: before the new release's instances start; changes the schema so that both the
+    /// live release and the new one work with it. A failure aborts the deployment.
+    pub expand: Option<String>,
+    /// `contract`: once the colour of the release before is retired (never while an instant
+    /// rollback to it is possible); removes what only that release needed.
+    pub contract: Option<String>,
+    /// `check`: after `expand`, checks the live release still works (exit 0). Default: the
+    /// smoke test (`validate.smoke`) run against the live route.
+    pub check: Option<String>,
+    /// `rollback`: undoes `expand` when the live release fails its check afterwards.
+    pub rollback: Option<String>,
+    /// `files`: SQL files (globs, relative to the config's directory) linted before `expand`
+    /// runs; a statement that breaks the live release refuses the deployment.
+    pub files: Vec<String>,
+    /// `dialect`: how the files are parsed: postgres (default), sqlite, mysql or generic.
+    pub dialect: crate::schema_lint::SqlDialect,
+    /// `allow`: kinds of statement the lint lets through (e.g. "drop-column").
+    pub allow: Vec<crate::schema_lint::Breaking>,
+    /// `timeout`: a command still running after this fails (and is killed). Default 10m.
     pub timeout: Duration,
 }
 
@@ -739,6 +769,8 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CLOSE_WINDOW: Duration = Duration::from_secs(5);
 const DEFAULT_KEEP_WARM: Duration = Duration::from_secs(3600);
 const DEFAULT_SMOKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default `migrate.timeout`.
+const DEFAULT_MIGRATE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where in a file something is. Lines and columns count from 1; columns count characters.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1079,6 +1111,23 @@ struct RawService {
     https_redirect: Leaf,
     upstream_tls: Option<RawUpstreamTls>,
     affinity: Option<RawAffinity>,
+    migrate: Option<RawMigrate>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. migrate = { expand = \"./migrate expand\", contract = \"./migrate contract\" }"
+)]
+struct RawMigrate {
+    expand: Leaf,
+    contract: Leaf,
+    check: Leaf,
+    rollback: Leaf,
+    files: Option<Spanned<RawList>>,
+    dialect: Leaf,
+    allow: Option<Spanned<RawList>>,
+    timeout: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -2266,6 +2315,10 @@ impl<'a> Checker<'a> {
             None => None,
             Some(a) => Some(self.affinity(a, &format!("{p}.affinity"))?),
         };
+        let migrate = match &raw.migrate {
+            None => None,
+            Some(m) => Some(self.migrate(m, &format!("{p}.migrate"))?),
+        };
         let service = ServiceConfig {
             name,
             hosts,
@@ -2273,6 +2326,7 @@ impl<'a> Checker<'a> {
             https_redirect,
             upstream_tls,
             affinity,
+            migrate,
             driver,
             health,
             drain_timeout,
@@ -2384,6 +2438,96 @@ impl<'a> Checker<'a> {
             Some(v) => self.positive_duration(v, &format!("{p}.timeout"))?,
         };
         Ok(ValidateConfig { smoke, timeout })
+    }
+
+    fn migrate(&self, raw: &RawMigrate, p: &str) -> Result<MigrateConfig, ConfigError> {
+        use crate::schema_lint::{Breaking, SqlDialect};
+        let command = |v: &Leaf, key: &str| -> Result<Option<String>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let key = format!("{p}.{key}");
+            let text = self.string(v, &key, "\"./migrate expand\"")?;
+            if text.trim().is_empty() {
+                return Err(self.at(v, &key, "is empty; write the command to run, or remove the key"));
+            }
+            Ok(Some(text))
+        };
+        let expand = command(&raw.expand, "expand")?;
+        let contract = command(&raw.contract, "contract")?;
+        let check = command(&raw.check, "check")?;
+        let rollback = command(&raw.rollback, "rollback")?;
+        if expand.is_none() && contract.is_none() {
+            return Err(self.invalid(
+                self.key_offset(p),
+                &format!("{p}.expand"),
+                "missing: migrate needs expand or contract (or both), e.g. migrate = { expand = \"./migrate \
+                 expand\", contract = \"./migrate contract\" }; or remove migrate",
+            ));
+        }
+        if expand.is_none() {
+            let needs_expand = [
+                (raw.check.as_ref().map(|v| v.span().start), "check"),
+                (raw.rollback.as_ref().map(|v| v.span().start), "rollback"),
+                (raw.files.as_ref().map(|v| v.span().start), "files"),
+            ];
+            if let Some((Some(offset), key)) = needs_expand.into_iter().find(|(o, _)| o.is_some()) {
+                return Err(self.invalid(
+                    offset,
+                    &format!("{p}.{key}"),
+                    format!("{key} belongs to the expand step, and migrate has no expand: add expand, or remove {key}"),
+                ));
+            }
+        }
+        let files = match &raw.files {
+            None => Vec::new(),
+            Some(v) => self
+                .strings(v, &format!("{p}.files"), false, "\"migrations/*.sql\"")?
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect(),
+        };
+        let dialect = match &raw.dialect {
+            None => SqlDialect::default(),
+            Some(v) => {
+                let name = self.string(v, &format!("{p}.dialect"), "\"postgres\"")?;
+                SqlDialect::from_name(&name).ok_or_else(|| {
+                    self.at(
+                        v,
+                        &format!("{p}.dialect"),
+                        format!("{name:?} is not a dialect cutover parses; write {}", SqlDialect::NAMES),
+                    )
+                })?
+            }
+        };
+        let mut allow = Vec::new();
+        if let Some(v) = &raw.allow {
+            for (name, offset) in self.strings(v, &format!("{p}.allow"), true, "\"drop-column\"")? {
+                let kind = Breaking::from_name(&name).ok_or_else(|| {
+                    self.invalid(
+                        offset,
+                        &format!("{p}.allow"),
+                        format!(
+                            "{name:?} is not a kind of statement the lint reports; write one of {}",
+                            Breaking::ALL.map(Breaking::name).join(", ")
+                        ),
+                    )
+                })?;
+                allow.push(kind);
+            }
+        }
+        let timeout = match &raw.timeout {
+            None => DEFAULT_MIGRATE_TIMEOUT,
+            Some(v) => self.positive_duration(v, &format!("{p}.timeout"))?,
+        };
+        Ok(MigrateConfig {
+            expand,
+            contract,
+            check,
+            rollback,
+            files,
+            dialect,
+            allow,
+            timeout,
+        })
     }
 
     fn affinity(&self, raw: &RawAffinity, p: &str) -> Result<AffinityConfig, ConfigError> {

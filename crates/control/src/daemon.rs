@@ -37,8 +37,8 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, Driver, ServiceConfig};
 use crate::health::{CheckSpec, HealthChecker, HealthSnapshot};
 use crate::lifecycle::{
-    Action, DeploymentId, Event, LifecycleError, Phase, Plan, Promotion, Record, Release, RollbackKind, State, Timer,
-    Transition, WatchPolicy, WatchSample,
+    Action, DeploymentId, Event, LifecycleError, MigratePlan, MigrationStep, Phase, Plan, Promotion, Record, Release,
+    RollbackKind, State, Timer, Transition, WatchPolicy, WatchSample,
 };
 use crate::process::{InstanceInfo, InstanceSpec, ProcessGroup, Recorded};
 use crate::store::{Audit, LocalStore, Revision, StateStore, Store, StoreError, StoredInstance};
@@ -1769,6 +1769,15 @@ impl Actor {
                 max_p99: self.cfg.watch.max_p99,
             },
             keep_warm: self.cfg.keep_warm,
+            migrate: self
+                .cfg
+                .migrate
+                .as_ref()
+                .map_or_else(MigratePlan::default, |m| MigratePlan {
+                    expand: m.expand.is_some(),
+                    contract: m.contract.is_some(),
+                    rollback: m.rollback.is_some(),
+                }),
         }
     }
 
@@ -1947,6 +1956,7 @@ impl Actor {
                 return Err(e.into());
             }
         }
+        self.lint_migrations().await?;
         let id = self.next_id().await?;
         if !upstreams.is_empty() {
             self.statics.insert(id, upstreams.clone());
@@ -2380,6 +2390,11 @@ impl Actor {
                         }
                     }
                 }
+                Action::RunMigration {
+                    deployment,
+                    step,
+                    release,
+                } => self.run_migration(deployment, step, release),
                 Action::ArmTimer {
                     deployment,
                     timer,
@@ -2419,6 +2434,15 @@ impl Actor {
     fn describe(cfg: &ServiceConfig, record: &Record) -> (Option<DeploymentId>, EventKind, String, Option<String>) {
         let service = cfg.name.as_str();
         match record {
+            Record::Migration { id, step, ok, detail } => (
+                Some(*id),
+                EventKind::Migration,
+                match ok {
+                    true => format!("{step}: {detail}"),
+                    false => format!("{step} failed: {detail}"),
+                },
+                (!ok).then(|| detail.clone()),
+            ),
             Record::Started {
                 id,
                 release,
@@ -3055,7 +3079,7 @@ impl Actor {
             .as_ref()
             .map(|r| r.release.version.clone())
             .unwrap_or_default();
-        let smoke = smoke_test(&self.shared, &self.cfg, colour, &version);
+        let smoke = smoke_test(&self.shared, &self.cfg, colour, &version, false);
         let reports = self.reports.clone();
         let shared = self.shared.clone();
         let name = self.name().to_string();
@@ -3076,6 +3100,125 @@ impl Actor {
             let _ = reports.send(Report::Event(event));
         });
         self.smoke = Some((deployment, task));
+    }
+
+    /// Before a deployment whose expand step has SQL files (`migrate.files`): refused when a
+    /// statement in them would break the live release (see `crate::schema_lint`) and is not
+    /// allowed, or when they cannot be read or parsed. Nothing runs then.
+    async fn lint_migrations(&self) -> Result<(), CommandError> {
+        let Some(m) = self
+            .cfg
+            .migrate
+            .clone()
+            .filter(|m| m.expand.is_some() && !m.files.is_empty())
+        else {
+            return Ok(());
+        };
+        let dir = self.shared.config.dir.clone();
+        let name = self.name().to_string();
+        let linted =
+            tokio::task::spawn_blocking(move || crate::schema_lint::lint_files(&m.files, &dir, m.dialect, &m.allow))
+                .await
+                .map_err(|e| CommandError::Store(e.to_string()))?;
+        match linted {
+            Err(e) => Err(CommandError::BadRequest(format!(
+                "service {name}: the migration files (migrate.files) cannot be linted, so nothing ran: {e}"
+            ))),
+            Ok(report) if !report.refused.is_empty() => {
+                let findings: Vec<String> = report.refused.iter().map(|f| format!("  {f}")).collect();
+                Err(CommandError::BadRequest(format!(
+                    "service {name}: refused before anything ran: {} statement(s) in migrate.files would break the \
+                     live release during expand:\n{}\nmove them to the contract step, or allow them (migrate.allow, or \
+                     `-- cutover: allow KIND` on the line before the statement)",
+                    report.refused.len(),
+                    findings.join("\n")
+                )))
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Runs the schema-change command of `step` (for `release`) and reports how it ended. The
+    /// check after expand is `migrate.check`, or else the smoke test against the live route.
+    fn run_migration(&mut self, deployment: DeploymentId, step: MigrationStep, release: Release) {
+        let reports = self.reports.clone();
+        let live = self.state.live.clone();
+        let migrate = self.cfg.migrate.clone();
+        let command = migrate.as_ref().and_then(|m| match step {
+            MigrationStep::Contract => m.contract.clone(),
+            MigrationStep::Expand => m.expand.clone(),
+            MigrationStep::Check => m.check.clone(),
+            MigrationStep::Rollback => m.rollback.clone(),
+        });
+        let timeout = migrate.as_ref().map_or(Duration::from_secs(600), |m| m.timeout);
+        self.shared.notice(
+            self.name(),
+            Some(deployment),
+            EventKind::Migration,
+            match &command {
+                Some(c) => format!("{step} of {release}: running `{c}`"),
+                None => format!("{step} of {release}: checking the live release with the smoke test"),
+            },
+            None,
+        );
+        let run: std::pin::Pin<Box<dyn std::future::Future<Output = (bool, String)> + Send>> =
+            match (command, step, &live) {
+                (Some(command), _, _) => {
+                    let mut cmd = tokio::process::Command::new("/bin/sh");
+                    cmd.arg("-c")
+                        .arg(&command)
+                        .current_dir(if self.shared.config.dir.as_os_str().is_empty() {
+                            PathBuf::from(".")
+                        } else {
+                            self.shared.config.dir.clone()
+                        })
+                        .env("CUTOVER_SERVICE", self.name())
+                        .env("CUTOVER_VERSION", &release.version)
+                        .env(
+                            "CUTOVER_LIVE_VERSION",
+                            live.as_ref().map(|l| l.release.version.clone()).unwrap_or_default(),
+                        )
+                        .env("CUTOVER_MIGRATE_STEP", step.as_str());
+                    Box::pin(async move { run_command(cmd, &command, timeout).await })
+                }
+                (None, MigrationStep::Check, Some(live)) if self.cfg.validate.is_some() => {
+                    let smoke = smoke_test(&self.shared, &self.cfg, live.colour, &live.release.version, true);
+                    let started = Instant::now();
+                    Box::pin(async move {
+                        match smoke.await {
+                            Ok(()) => (
+                                true,
+                                format!(
+                                    "the smoke test passed against the live route in {:.1?}",
+                                    started.elapsed()
+                                ),
+                            ),
+                            Err(why) => (false, format!("the smoke test against the live route: {why}")),
+                        }
+                    })
+                }
+                (None, MigrationStep::Check, _) => Box::pin(async {
+                    (
+                        true,
+                        "nothing to check the live release with (no migrate.check, no validate.smoke)".to_string(),
+                    )
+                }),
+                (None, _, _) => Box::pin(async move {
+                    (
+                        false,
+                        format!("migrate.{step} is not configured (the configuration changed during the deployment?)"),
+                    )
+                }),
+            };
+        tokio::spawn(async move {
+            let (ok, detail) = run.await;
+            let _ = reports.send(Report::Event(Event::MigrationFinished {
+                id: deployment,
+                step,
+                ok,
+                detail,
+            }));
+        });
     }
 
     fn start_watch(&mut self, deployment: DeploymentId, colour: Colour) {
@@ -3233,17 +3376,53 @@ async fn passing_now(
     passing
 }
 
+/// Runs `cmd` (`command`, as configured), killed after `timeout`: whether it exited 0, and what
+/// it did (exit status, duration, the last lines of its output).
+async fn run_command(mut cmd: tokio::process::Command, command: &str, timeout: Duration) -> (bool, String) {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return (false, format!("cannot run `{command}`: {e}")),
+    };
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Err(_) => (false, format!("`{command}` still running after {timeout:?}; killed")),
+        Ok(Err(e)) => (false, format!("`{command}`: {e}")),
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+            let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let mut detail = format!("`{command}` exited with {} in {:.1?}", out.status, started.elapsed());
+            if !tail.is_empty() {
+                detail.push_str(": ");
+                detail.push_str(&tail.join(" / "));
+            }
+            (out.status.success(), detail)
+        }
+    }
+}
+
 /// The service's smoke test (`validate.smoke`) of `version` on `colour`, run against this node's
-/// preview route; `Err` says why it failed. Without `validate`, it passes.
+/// preview route (or, `live`, against the live route without the preview token); `Err` says why
+/// it failed. Without `validate`, it passes.
 fn smoke_test(
     shared: &Shared,
     cfg: &ServiceConfig,
     colour: Colour,
     version: &str,
+    live: bool,
 ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
     let validate = cfg.validate.clone();
     let server = &shared.config.server;
-    let front = server.preview_listen.first().or(server.listen.first()).copied();
+    let front = match live {
+        true => server.listen.first(),
+        false => server.preview_listen.first().or(server.listen.first()),
+    }
+    .copied();
     let url = match front {
         Some(a) if a.ip().is_unspecified() => format!("http://127.0.0.1:{}", a.port()),
         Some(a) => format!("http://{a}"),
@@ -3259,7 +3438,11 @@ fn smoke_test(
                 shared.config.dir.clone()
             })
             .env("CUTOVER_PREVIEW_URL", &url)
-            .env("CUTOVER_PREVIEW_TOKEN", &shared.preview_token)
+            // Against the live route (the check after a schema change): without the token.
+            .env(
+                "CUTOVER_PREVIEW_TOKEN",
+                if live { "" } else { shared.preview_token.as_str() },
+            )
             .env("CUTOVER_PREVIEW_HOST", cfg.hosts.first().cloned().unwrap_or_default())
             .env("CUTOVER_SERVICE", &cfg.name)
             .env("CUTOVER_COLOUR", colour.as_str())
@@ -3458,6 +3641,7 @@ mod tests {
                 max_p99: None,
             },
             keep_warm: Duration::from_secs(3600),
+            migrate: Default::default(),
         };
         let deploy = |id, version| Event::Deploy {
             id: DeploymentId(id),

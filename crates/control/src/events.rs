@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub enum EventKind {
     /// A deployment began.
     Started,
+    /// A schema-change command (`migrate`) ran: its step, exit status, duration and output tail
+    /// (`reason` when it failed).
+    Migration,
     /// A colour's instances were started, adopted, stopped or moved.
     Instances,
     /// Every instance of the release being deployed passed its health checks.
@@ -52,6 +55,7 @@ impl EventKind {
     /// Every kind, in the order a deployment meets them.
     pub const ALL: &'static [EventKind] = &[
         EventKind::Started,
+        EventKind::Migration,
         EventKind::Instances,
         EventKind::Healthy,
         EventKind::Unhealthy,
@@ -75,6 +79,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Started => "started",
+            EventKind::Migration => "migration",
             EventKind::Instances => "instances",
             EventKind::Healthy => "healthy",
             EventKind::Unhealthy => "unhealthy",

@@ -140,6 +140,81 @@ pub struct Plan {
     /// rollback. Zero retires it as soon as the watch passes.
     #[serde(rename = "keep_warm_ns", with = "crate::wire::nanos")]
     pub keep_warm: Duration,
+    /// Which schema-change commands the service has (`migrate`).
+    #[serde(rename = "migrate", default, skip_serializing_if = "MigratePlan::is_none")]
+    pub migrate: MigratePlan,
+}
+
+/// Which of the service's schema-change commands a deployment runs (the commands themselves are
+/// in the configuration). The live re-check after `expand` always runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigratePlan {
+    /// `migrate.expand`, before the release's instances start.
+    #[serde(rename = "expand", default)]
+    pub expand: bool,
+    /// `migrate.contract`, once the colour this release replaced is retired.
+    #[serde(rename = "contract", default)]
+    pub contract: bool,
+    /// `migrate.rollback`, when the live re-check fails after `expand`.
+    #[serde(rename = "rollback", default)]
+    pub rollback: bool,
+}
+
+/// A step of a deployment's schema change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MigrationStep {
+    /// The previous release's `contract`, run before this deployment's own steps (this
+    /// deployment retired the colour that needed the old schema).
+    #[serde(rename = "contract")]
+    Contract,
+    /// `expand`: the schema both releases work with.
+    #[serde(rename = "expand")]
+    Expand,
+    /// The live release checked again after `expand` (`check`, or the smoke test against the
+    /// live route).
+    #[serde(rename = "check")]
+    Check,
+    /// `rollback`, after a failed check: the expand undone.
+    #[serde(rename = "rollback")]
+    Rollback,
+}
+
+impl MigratePlan {
+    /// No schema-change step at all (what plans written before they existed read as).
+    pub fn is_none(&self) -> bool {
+        *self == MigratePlan::default()
+    }
+}
+
+impl MigrationStep {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MigrationStep::Contract => "contract",
+            MigrationStep::Expand => "expand",
+            MigrationStep::Check => "check",
+            MigrationStep::Rollback => "rollback",
+        }
+    }
+}
+
+impl fmt::Display for MigrationStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The contract step a live release still owes: its deployment had `migrate.contract`, and it
+/// runs once the colour of the release before it is retired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contract {
+    /// The deployment that made `release` live.
+    #[serde(rename = "id")]
+    pub id: DeploymentId,
+    #[serde(rename = "release")]
+    pub release: Release,
+    /// Whether it runs now (outside a deployment, after a retirement).
+    #[serde(rename = "running")]
+    pub running: bool,
 }
 
 /// Why a deployment exists.
@@ -248,6 +323,13 @@ pub enum Reason {
     /// names them), with `on_missing_ack = "rollback"`.
     #[serde(rename = "not_acknowledged")]
     NotAcknowledged(String),
+    /// A schema-change command (`migrate.expand`, or the previous release's `contract`) failed;
+    /// the text says which, its exit status and its last output.
+    #[serde(rename = "migration_failed")]
+    MigrationFailed(String),
+    /// After `expand`, the live release failed its check: the schema change broke it.
+    #[serde(rename = "live_check_failed")]
+    LiveCheckFailed(String),
 }
 
 impl fmt::Display for Reason {
@@ -266,6 +348,10 @@ impl fmt::Display for Reason {
                 write!(f, "p99 latency {p99:?} above the maximum {max:?}")
             }
             Reason::NotAcknowledged(why) => write!(f, "the switch was not applied by every node of the fleet: {why}"),
+            Reason::MigrationFailed(why) => write!(f, "schema change failed: {why}"),
+            Reason::LiveCheckFailed(why) => {
+                write!(f, "the live release failed its check after the schema change: {why}")
+            }
         }
     }
 }
@@ -308,6 +394,19 @@ pub struct Ended {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name")]
 pub enum Phase {
+    /// The deployment's schema change runs (`migrate`), before any of its instances start:
+    /// `step` is the command running now. Next: its `MigrationFinished` moves to the next step,
+    /// then to `Provisioning`; a failure ends in `Stable`, live untouched, outcome Aborted.
+    #[serde(rename = "migrating")]
+    Migrating {
+        #[serde(rename = "deployment")]
+        deployment: Deployment,
+        #[serde(rename = "step")]
+        step: MigrationStep,
+        /// While `step` is `Rollback`: why the deployment ends once it has run.
+        #[serde(rename = "failure", default, skip_serializing_if = "Option::is_none")]
+        failure: Option<Reason>,
+    },
     /// No deployment in progress. Next: `Deploy` starts one (retiring the warm colour first, since
     /// the new release needs that colour); `Rollback` switches back to the warm colour at once, or
     /// without one redeploys the previous release (cold); `KeepWarmElapsed` retires the warm colour.
@@ -352,6 +451,7 @@ impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Stable { .. } => "stable",
+            Phase::Migrating { .. } => "migrating",
             Phase::Provisioning(_) => "provisioning",
             Phase::Validating(_) => "validating",
             Phase::ReadyToPromote(_) => "ready to promote",
@@ -364,7 +464,7 @@ impl Phase {
         match self {
             Phase::Stable { .. } => None,
             Phase::Provisioning(d) | Phase::Validating(d) | Phase::ReadyToPromote(d) => Some(d),
-            Phase::Watching { deployment, .. } => Some(deployment),
+            Phase::Watching { deployment, .. } | Phase::Migrating { deployment, .. } => Some(deployment),
         }
     }
 
@@ -372,7 +472,7 @@ impl Phase {
     /// one that cannot be valid yet. Only asked while a deployment is in progress.
     fn order(&self) -> u8 {
         match self {
-            Phase::Stable { .. } | Phase::Provisioning(_) => 0,
+            Phase::Stable { .. } | Phase::Migrating { .. } | Phase::Provisioning(_) => 0,
             Phase::Validating(_) => 1,
             Phase::ReadyToPromote(_) => 2,
             Phase::Watching { .. } => 3,
@@ -427,6 +527,14 @@ pub enum Event {
     /// made deployment `id` live (`nodes` names them). Rolls back at once to the warm colour, in
     /// the watch or after it.
     NotAcknowledged { id: DeploymentId, nodes: String },
+    /// Driver, after [`Action::RunMigration`]: the command of `step` ended (`ok`: exit 0);
+    /// `detail` says what ran, how it exited, how long it took and its last output.
+    MigrationFinished {
+        id: DeploymentId,
+        step: MigrationStep,
+        ok: bool,
+        detail: String,
+    },
     /// `cutover abort`.
     Abort,
     /// `cutover rollback`. `id` and `plan` are used only by a cold rollback, which is a new
@@ -451,6 +559,7 @@ impl Event {
             Event::WatchWindowElapsed { .. } => "watch window end",
             Event::KeepWarmElapsed { .. } => "keep-warm timer",
             Event::NotAcknowledged { .. } => "not acknowledged",
+            Event::MigrationFinished { .. } => "migration finished",
             Event::Abort => "abort",
             Event::Rollback { .. } => "rollback",
         }
@@ -567,6 +676,19 @@ pub enum Record {
         #[serde(rename = "live")]
         live: Live,
     },
+    /// A schema-change command of deployment `id` ran: which step, whether it exited 0, and
+    /// what it said (command, exit status, duration, last output).
+    #[serde(rename = "migration")]
+    Migration {
+        #[serde(rename = "id")]
+        id: DeploymentId,
+        #[serde(rename = "step")]
+        step: MigrationStep,
+        #[serde(rename = "ok")]
+        ok: bool,
+        #[serde(rename = "detail")]
+        detail: String,
+    },
 }
 
 /// Something the driver does. Within a transition they run in order; see the module's step 3 for
@@ -606,6 +728,13 @@ pub enum Action {
         deployment: DeploymentId,
         timer: Timer,
         after: Duration,
+    },
+    /// Run the service's schema-change command of `step` for `release` (deployment
+    /// `deployment`); report [`Event::MigrationFinished`].
+    RunMigration {
+        deployment: DeploymentId,
+        step: MigrationStep,
+        release: Release,
     },
     /// Append to the history, atomically with the transition's state.
     Record(Record),
@@ -762,6 +891,37 @@ pub enum LifecycleError {
         phase: &'static str,
     },
     #[error(
+        "service {service}: the {step} step of deployment {id} ({version}) is running; a schema \
+         change is never interrupted halfway: wait for it to finish (its result decides what \
+         happens next)"
+    )]
+    MigrationRunning {
+        service: String,
+        id: DeploymentId,
+        version: String,
+        step: MigrationStep,
+    },
+    #[error(
+        "service {service}: the contract step of {release} (deployment {id}) is running; wait \
+         for it to finish, then try again"
+    )]
+    ContractRunning {
+        service: String,
+        id: DeploymentId,
+        release: Release,
+    },
+    #[error(
+        "service {service}: cannot roll back to {previous}: the contract step of {live} ran, so \
+         the schema no longer has what {previous} needs, and {previous} is no longer warm. \
+         Deploy a release that works with the contracted schema (`cutover deploy {service} \
+         --version VERSION`), or restore the schema by hand first"
+    )]
+    Contracted {
+        service: String,
+        live: Release,
+        previous: Release,
+    },
+    #[error(
         "service {service}: deployment id {id} is not newer than the last one ({last}); \
          deployment ids must increase (a bug in cutover's store, please report it)"
     )]
@@ -783,7 +943,9 @@ impl LifecycleError {
             | LifecycleError::NothingToAbort { .. }
             | LifecycleError::AlreadyPromoted { .. }
             | LifecycleError::RollbackDuringDeployment { .. }
-            | LifecycleError::NothingToRollBack { .. } => ErrorKind::Refused,
+            | LifecycleError::NothingToRollBack { .. }
+            | LifecycleError::Contracted { .. } => ErrorKind::Refused,
+            LifecycleError::MigrationRunning { .. } | LifecycleError::ContractRunning { .. } => ErrorKind::Conflict,
             LifecycleError::Stale { .. } | LifecycleError::Late { .. } => ErrorKind::Stale,
             LifecycleError::Unexpected { .. } | LifecycleError::ReusedId { .. } => ErrorKind::Internal,
         }
@@ -810,6 +972,13 @@ pub struct State {
     pub last_id: Option<DeploymentId>,
     #[serde(rename = "phase")]
     pub phase: Phase,
+    /// The contract step the live release still owes, if its deployment had one.
+    #[serde(rename = "contract", default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<Contract>,
+    /// The live release whose contract step ran: the schema no longer serves the release before
+    /// it, so a cold rollback to that one is refused.
+    #[serde(rename = "contracted", default, skip_serializing_if = "Option::is_none")]
+    pub contracted: Option<Release>,
 }
 
 impl fmt::Display for State {
@@ -827,6 +996,8 @@ impl State {
             previous: None,
             last_id: None,
             phase: Phase::Stable { warm: None, last: None },
+            contract: None,
+            contracted: None,
         }
     }
 
@@ -875,6 +1046,12 @@ impl State {
                     d.colour
                 )
             }
+            Phase::Migrating {
+                deployment: d, step, ..
+            } => format!(
+                "migrating ({step}) for deployment {} ({}) on {}, {live}",
+                d.id, d.release, d.colour
+            ),
         }
     }
 
@@ -889,6 +1066,7 @@ impl State {
             Event::Rollback { id, plan } => self.rollback(id, plan),
             Event::KeepWarmElapsed { id } => self.keep_warm_elapsed(id),
             Event::NotAcknowledged { id, nodes } => self.not_acknowledged(id, nodes),
+            Event::MigrationFinished { id, step, ok, detail } => self.migration_finished(id, step, ok, detail),
             Event::InstancesHealthy { id } | Event::ProvisionFailed { id, .. } | Event::HealthDeadlinePassed { id } => {
                 self.report(id, 0, event)
             }
@@ -916,11 +1094,41 @@ impl State {
     pub fn recover(&self) -> Transition {
         match &self.phase {
             Phase::Stable { warm, .. } => {
-                let actions = self.resting_actions(warm.as_ref());
-                Transition {
-                    state: self.clone(),
-                    actions,
+                let mut state = self.clone();
+                let mut actions = Vec::new();
+                if let Some(c) = self.contract.as_ref().filter(|c| c.running) {
+                    actions.push(Action::Record(Record::Migration {
+                        id: c.id,
+                        step: MigrationStep::Contract,
+                        ok: false,
+                        detail: INTERRUPTED_MIGRATION.to_string(),
+                    }));
+                    state.contract = None;
                 }
+                actions.extend(self.resting_actions(warm.as_ref()));
+                Transition { state, actions }
+            }
+            Phase::Migrating {
+                deployment: d, step, ..
+            } => {
+                let mut state = self.rest(Outcome::Interrupted, d);
+                if *step == MigrationStep::Contract {
+                    state.contract = None;
+                }
+                let mut actions = vec![
+                    Action::Record(Record::Migration {
+                        id: d.id,
+                        step: *step,
+                        ok: false,
+                        detail: INTERRUPTED_MIGRATION.to_string(),
+                    }),
+                    Action::Record(Record::Interrupted {
+                        id: d.id,
+                        phase: self.phase.name(),
+                    }),
+                ];
+                actions.extend(state.resting_actions(None));
+                Transition { state, actions }
             }
             phase @ (Phase::Provisioning(d) | Phase::Validating(d) | Phase::ReadyToPromote(d)) => {
                 let state = self.rest(Outcome::Interrupted, d);
@@ -1012,6 +1220,13 @@ impl State {
         if let Some(d) = self.phase.deployment() {
             return Err(self.conflict(d));
         }
+        if let Some(c) = self.contract.as_ref().filter(|c| c.running) {
+            return Err(LifecycleError::ContractRunning {
+                service: self.service.clone(),
+                id: c.id,
+                release: c.release.clone(),
+            });
+        }
         let warm = match &self.phase {
             Phase::Stable { warm, .. } => warm.as_ref(),
             _ => None,
@@ -1042,28 +1257,159 @@ impl State {
             colour,
             cause,
         }));
-        actions.push(Action::StartInstances {
-            deployment: id,
+        let d = Deployment {
+            id,
+            release,
             colour,
-            release: release.clone(),
-        });
-        actions.push(Action::ArmTimer {
-            deployment: id,
-            timer: Timer::HealthDeadline,
-            after: plan.health_deadline,
-        });
-        let state = State {
+            plan,
+            cause,
+        };
+        let mut state = State {
             last_id: Some(id),
-            phase: Phase::Provisioning(Deployment {
-                id,
-                release,
-                colour,
-                plan,
-                cause,
-            }),
             ..self.clone()
         };
-        Ok(Transition { state, actions })
+        // A contract the live release owes runs first: this deployment retires the colour that
+        // needed the old schema. A cold rollback returns to that release instead: its schema
+        // must stay, so the contract is dropped.
+        let first = match (&self.contract, cause) {
+            (Some(_), Cause::ColdRollback) => {
+                state.contract = None;
+                None
+            }
+            (Some(_), Cause::Deploy) => Some(MigrationStep::Contract),
+            (None, _) => None,
+        };
+        let first = first.or((d.plan.migrate.expand && cause == Cause::Deploy).then_some(MigrationStep::Expand));
+        Ok(match first {
+            Some(step) => state.migrate(d, step, None, actions),
+            None => state.provision(d, actions),
+        })
+    }
+
+    /// `d` moves to its schema-change `step` (`failure`: why it ends after a rollback step).
+    fn migrate(
+        &self,
+        d: Deployment,
+        step: MigrationStep,
+        failure: Option<Reason>,
+        mut actions: Vec<Action>,
+    ) -> Transition {
+        let release = match (step, &self.contract) {
+            (MigrationStep::Contract, Some(c)) => c.release.clone(),
+            _ => d.release.clone(),
+        };
+        actions.push(Action::RunMigration {
+            deployment: d.id,
+            step,
+            release,
+        });
+        let state = State {
+            phase: Phase::Migrating {
+                deployment: d,
+                step,
+                failure,
+            },
+            ..self.clone()
+        };
+        Transition { state, actions }
+    }
+
+    /// `d`'s instances start on its colour.
+    fn provision(&self, d: Deployment, mut actions: Vec<Action>) -> Transition {
+        actions.push(Action::StartInstances {
+            deployment: d.id,
+            colour: d.colour,
+            release: d.release.clone(),
+        });
+        actions.push(Action::ArmTimer {
+            deployment: d.id,
+            timer: Timer::HealthDeadline,
+            after: d.plan.health_deadline,
+        });
+        let state = State {
+            phase: Phase::Provisioning(d),
+            ..self.clone()
+        };
+        Transition { state, actions }
+    }
+
+    /// A schema-change command ended: the deployment's next step, or its end; or, outside a
+    /// deployment, the contract step after a retirement.
+    fn migration_finished(
+        &self,
+        id: DeploymentId,
+        step: MigrationStep,
+        ok: bool,
+        detail: String,
+    ) -> Result<Transition, LifecycleError> {
+        let record = Action::Record(Record::Migration {
+            id,
+            step,
+            ok,
+            detail: detail.clone(),
+        });
+        let (d, failure) = match &self.phase {
+            Phase::Migrating {
+                deployment,
+                step: running,
+                failure,
+            } if deployment.id == id && *running == step => (deployment.clone(), failure.clone()),
+            Phase::Stable { .. }
+                if step == MigrationStep::Contract
+                    && self.contract.as_ref().is_some_and(|c| c.running && c.id == id) =>
+            {
+                let state = State {
+                    contracted: if ok {
+                        self.live.as_ref().map(|l| l.release.clone())
+                    } else {
+                        self.contracted.clone()
+                    },
+                    contract: None,
+                    ..self.clone()
+                };
+                return Ok(state_transition(state, vec![record]));
+            }
+            _ => return Err(self.stale("migration finished", id)),
+        };
+        let actions = vec![record];
+        Ok(match (step, ok) {
+            (MigrationStep::Contract, _) => {
+                let owed = self.contract.as_ref().map(|c| c.release.clone());
+                let state = State {
+                    contracted: if ok { owed.clone() } else { self.contracted.clone() },
+                    contract: None,
+                    ..self.clone()
+                };
+                if !ok {
+                    let release = owed.map(|r| r.to_string()).unwrap_or_default();
+                    let reason = Reason::MigrationFailed(format!("contract of {release}: {detail}"));
+                    return Ok(with_first(state.abort_with(&d, reason, false), actions));
+                }
+                if d.plan.migrate.expand && d.cause == Cause::Deploy {
+                    state.migrate(d, MigrationStep::Expand, None, actions)
+                } else {
+                    state.provision(d, actions)
+                }
+            }
+            (MigrationStep::Expand, true) => self.migrate(d, MigrationStep::Check, None, actions),
+            (MigrationStep::Expand, false) => with_first(
+                self.abort_with(&d, Reason::MigrationFailed(format!("expand: {detail}")), false),
+                actions,
+            ),
+            (MigrationStep::Check, true) => self.provision(d, actions),
+            (MigrationStep::Check, false) => {
+                let failure = Reason::LiveCheckFailed(detail);
+                if d.plan.migrate.rollback {
+                    self.migrate(d, MigrationStep::Rollback, Some(failure), actions)
+                } else {
+                    with_first(self.abort_with(&d, failure, false), actions)
+                }
+            }
+            (MigrationStep::Rollback, _) => {
+                let reason = failure.unwrap_or_else(|| Reason::LiveCheckFailed(String::new()));
+                with_first(self.abort_with(&d, reason, false), actions)
+            }
+        })
     }
 
     fn conflict(&self, d: &Deployment) -> LifecycleError {
@@ -1097,12 +1443,14 @@ impl State {
                 }),
                 _ => Ok(self.promote(d, Vec::new())),
             },
-            Phase::Provisioning(d) | Phase::Validating(d) => Err(LifecycleError::NotReady {
-                service: self.service.clone(),
-                id: d.id,
-                version: d.release.version.clone(),
-                phase: self.phase.name(),
-            }),
+            Phase::Provisioning(d) | Phase::Validating(d) | Phase::Migrating { deployment: d, .. } => {
+                Err(LifecycleError::NotReady {
+                    service: self.service.clone(),
+                    id: d.id,
+                    version: d.release.version.clone(),
+                    phase: self.phase.name(),
+                })
+            }
             Phase::Stable { .. } | Phase::Watching { .. } => Err(LifecycleError::NothingToPromote {
                 service: self.service.clone(),
                 status: self.status(),
@@ -1147,6 +1495,7 @@ impl State {
                 rollback_to: old.clone(),
                 judged: false,
             },
+            contracted: None,
             ..self.clone()
         };
         Transition { state, actions }
@@ -1184,6 +1533,14 @@ impl State {
 
     fn abort(&self) -> Result<Transition, LifecycleError> {
         match &self.phase {
+            Phase::Migrating {
+                deployment: d, step, ..
+            } => Err(LifecycleError::MigrationRunning {
+                service: self.service.clone(),
+                id: d.id,
+                version: d.release.version.clone(),
+                step: *step,
+            }),
             Phase::Provisioning(d) | Phase::ReadyToPromote(d) => Ok(self.abort_with(d, Reason::Requested, false)),
             Phase::Validating(d) => Ok(self.abort_with(d, Reason::Requested, true)),
             Phase::Watching { deployment: d, .. } => Err(LifecycleError::AlreadyPromoted {
@@ -1250,18 +1607,28 @@ impl State {
                 Ok(self.roll_back(w.promoted_by, &bad.release, &to, Reason::Requested, false))
             }
             Phase::Stable { warm: None, .. } => match (&self.live, &self.previous) {
-                (Some(_), Some(previous)) => self.deploy(id, previous.clone(), plan, Cause::ColdRollback),
+                (Some(live), Some(previous)) => {
+                    if self.contracted.as_ref() == Some(&live.release) {
+                        return Err(LifecycleError::Contracted {
+                            service: self.service.clone(),
+                            live: live.release.clone(),
+                            previous: previous.clone(),
+                        });
+                    }
+                    self.deploy(id, previous.clone(), plan, Cause::ColdRollback)
+                }
                 _ => Err(self.nothing_to_roll_back()),
             },
-            Phase::Provisioning(d) | Phase::Validating(d) | Phase::ReadyToPromote(d) => {
-                Err(LifecycleError::RollbackDuringDeployment {
-                    service: self.service.clone(),
-                    id: d.id,
-                    version: d.release.version.clone(),
-                    phase: self.phase.name(),
-                    status: self.status(),
-                })
-            }
+            Phase::Provisioning(d)
+            | Phase::Validating(d)
+            | Phase::ReadyToPromote(d)
+            | Phase::Migrating { deployment: d, .. } => Err(LifecycleError::RollbackDuringDeployment {
+                service: self.service.clone(),
+                id: d.id,
+                version: d.release.version.clone(),
+                phase: self.phase.name(),
+                status: self.status(),
+            }),
         }
     }
 
@@ -1305,6 +1672,9 @@ impl State {
                     outcome: Outcome::RolledBack(reason),
                 }),
             },
+            // The rejected release's contract never runs; `to` is warm, so never contracted.
+            contract: None,
+            contracted: None,
             ..self.clone()
         };
         state_transition(state, actions)
@@ -1345,7 +1715,8 @@ impl State {
                     },
                     ..self.clone()
                 };
-                Ok(state_transition(state, retire(w).to_vec()))
+                let mut actions = retire(w).to_vec();
+                Ok(state.contract_now(&mut actions))
             }
             phase => match phase.deployment() {
                 Some(d) if d.id == id => Err(self.unexpected("keep-warm timer", id)),
@@ -1531,7 +1902,8 @@ impl State {
             promoted_by: d.id,
             keep_warm: d.plan.keep_warm,
         };
-        let warm = if d.plan.keep_warm.is_zero() {
+        let retired = d.plan.keep_warm.is_zero();
+        let warm = if retired {
             actions.extend(retire(&warm));
             None
         } else {
@@ -1551,9 +1923,32 @@ impl State {
                     outcome: Outcome::WentLive,
                 }),
             },
+            // Owed once the colour of the release before is retired (now, with no keep-warm).
+            contract: (d.plan.migrate.contract && d.cause == Cause::Deploy).then(|| Contract {
+                id: d.id,
+                release: d.release.clone(),
+                running: false,
+            }),
             ..self.clone()
         };
+        if retired {
+            return state.contract_now(&mut actions);
+        }
         state_transition(state, actions)
+    }
+
+    /// After a retirement (with `actions`): the contract step the live release owes starts now.
+    fn contract_now(&self, actions: &mut Vec<Action>) -> Transition {
+        let mut state = self.clone();
+        if let Some(c) = state.contract.as_mut().filter(|c| !c.running) {
+            c.running = true;
+            actions.push(Action::RunMigration {
+                deployment: c.id,
+                step: MigrationStep::Contract,
+                release: c.release.clone(),
+            });
+        }
+        state_transition(state, std::mem::take(actions))
     }
 
     fn stale(&self, event: &'static str, id: DeploymentId) -> LifecycleError {
@@ -1578,6 +1973,17 @@ impl State {
 fn state_transition(state: State, actions: Vec<Action>) -> Transition {
     Transition { state, actions }
 }
+
+/// `t` with `first` before its own actions.
+fn with_first(mut t: Transition, mut first: Vec<Action>) -> Transition {
+    first.append(&mut t.actions);
+    t.actions = first;
+    t
+}
+
+/// What history says of a schema-change command cut short by a restart of cutover.
+const INTERRUPTED_MIGRATION: &str = "interrupted by a restart of cutover before it ended: whether it \
+    changed the schema is unknown; check the schema, and run the command by hand if needed";
 
 /// Drain and stop a warm colour. It no longer receives new requests; requests and connections
 /// that started there before the switch get up to `drain_timeout` to finish.

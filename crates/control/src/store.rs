@@ -87,8 +87,8 @@ use rusqlite::{params, params_from_iter, Connection, ErrorCode, Row, Transaction
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::{
-    Cause, Deployment, DeploymentId, Ended, Live, Outcome, Phase, Plan, Promotion, Reason, Record, Release, State,
-    Warm, WatchPolicy, Watched,
+    Cause, Deployment, DeploymentId, Ended, Live, MigratePlan, MigrationStep, Outcome, Phase, Plan, Promotion, Reason,
+    Record, Release, State, Warm, WatchPolicy, Watched,
 };
 
 /// The database file's name inside the state directory.
@@ -127,15 +127,46 @@ enum Migration {
     /// New reason codes: the tables whose `reason` column lists the codes are rebuilt with these
     /// added ([`widen_reasons`]).
     Reasons(&'static [&'static str]),
+    /// Code that takes the database one version further.
+    Code(fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>),
 }
 
 /// `MIGRATIONS[n]` takes a database from version `n` to `n + 1`. Version 0 is an empty file.
-const MIGRATIONS: [Migration; 3] = [
+const MIGRATIONS: [Migration; 4] = [
     Migration::Sql(SCHEMA_V1),
     Migration::Sql(SCHEMA_V2),
     // Version 3: a fleet's switch that nodes did not acknowledge is rolled back for that reason.
     Migration::Reasons(&["not_acknowledged"]),
+    // Version 4: schema changes in phases (`migrate`).
+    Migration::Code(schema_v4),
 ];
+
+/// Version 4: the phase `migrating`, the record `migration`, the reasons `migration_failed` and
+/// `live_check_failed`, and the columns of a deployment's schema change.
+fn schema_v4(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    rebuild_with(
+        tx,
+        "services",
+        &[],
+        &[("'ready_to_promote', 'watching'", &["migrating"])],
+    )?;
+    rebuild_with(
+        tx,
+        "transitions",
+        &["CREATE INDEX transitions_by_deployment ON transitions (service, deployment, seq)"],
+        &[("'watch_restarted', 'retired'", &["migration"])],
+    )?;
+    widen_reasons(tx, &["migration_failed", "live_check_failed"])?;
+    tx.execute_batch(
+        "ALTER TABLE services ADD COLUMN migration_step TEXT
+             CHECK (migration_step IN ('contract', 'expand', 'check', 'rollback'));
+         ALTER TABLE services ADD COLUMN migration_failure TEXT;
+         ALTER TABLE services ADD COLUMN plan_migrate TEXT;
+         ALTER TABLE services ADD COLUMN contract TEXT;
+         ALTER TABLE services ADD COLUMN contracted_version TEXT;
+         ALTER TABLE transitions ADD COLUMN detail TEXT;",
+    )
+}
 
 /// The tables with reason columns, and the indexes each has (a rebuilt table loses them).
 const REASON_TABLES: [(&str, &[&str]); 3] = [
@@ -158,38 +189,51 @@ fn schema_error(message: String) -> rusqlite::Error {
 /// keeping every row, column and index (SQLite cannot change a CHECK in place). Runs inside the
 /// migration's transaction, with foreign keys not yet enforced.
 fn widen_reasons(tx: &rusqlite::Transaction<'_>, codes: &[&str]) -> rusqlite::Result<()> {
-    let added: String = codes.iter().map(|c| format!(", '{c}'")).collect();
     for (table, indexes) in REASON_TABLES {
-        let sql: String = tx.query_row(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [table],
-            |r| r.get(0),
-        )?;
-        let end = sql
-            .find(REASON_LIST_END)
-            .filter(|_| sql.matches(REASON_LIST_END).count() == 1);
-        let Some(end) = end.map(|i| i + REASON_LIST_END.len()) else {
+        rebuild_with(tx, table, indexes, &[(REASON_LIST_END, codes)])?;
+    }
+    Ok(())
+}
+
+/// Rebuilds `table` (then its `indexes`) with, for each edit, `codes` added to the CHECK list
+/// whose last code is the edit's marker (found exactly once in the table's definition); rows and
+/// columns are kept.
+fn rebuild_with(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    indexes: &[&str],
+    edits: &[(&str, &[&str])],
+) -> rusqlite::Result<()> {
+    let mut sql: String = tx.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [table],
+        |r| r.get(0),
+    )?;
+    for (marker, codes) in edits {
+        let added: String = codes.iter().map(|c| format!(", '{c}'")).collect();
+        let end = sql.find(marker).filter(|_| sql.matches(marker).count() == 1);
+        let Some(end) = end.map(|i| i + marker.len()) else {
             return Err(schema_error(format!(
-                "table {table}: its reason CHECK list does not end in {REASON_LIST_END} exactly once"
+                "table {table}: a CHECK list does not end in {marker} exactly once"
             )));
         };
-        let rebuilt = format!("{}{added}{}", &sql[..end], &sql[end..]);
-        // A table renamed by an earlier rebuild has its name quoted.
-        let rest = rebuilt
-            .strip_prefix(&format!("CREATE TABLE {table} "))
-            .or_else(|| rebuilt.strip_prefix(&format!("CREATE TABLE \"{table}\" ")));
-        let Some(rebuilt) = rest.map(|rest| format!("CREATE TABLE {table}_rebuilt {rest}")) else {
-            return Err(schema_error(format!("table {table}: unexpected definition {sql:?}")));
-        };
-        tx.execute_batch(&format!(
-            "{rebuilt};
-             INSERT INTO {table}_rebuilt SELECT * FROM {table};
-             DROP TABLE {table};
-             ALTER TABLE {table}_rebuilt RENAME TO {table};"
-        ))?;
-        for index in indexes {
-            tx.execute_batch(index)?;
-        }
+        sql = format!("{}{added}{}", &sql[..end], &sql[end..]);
+    }
+    // A table renamed by an earlier rebuild has its name quoted.
+    let rest = sql
+        .strip_prefix(&format!("CREATE TABLE {table} "))
+        .or_else(|| sql.strip_prefix(&format!("CREATE TABLE \"{table}\" ")));
+    let Some(rebuilt) = rest.map(|rest| format!("CREATE TABLE {table}_rebuilt {rest}")) else {
+        return Err(schema_error(format!("table {table}: unexpected definition {sql:?}")));
+    };
+    tx.execute_batch(&format!(
+        "{rebuilt};
+         INSERT INTO {table}_rebuilt SELECT * FROM {table};
+         DROP TABLE {table};
+         ALTER TABLE {table}_rebuilt RENAME TO {table};"
+    ))?;
+    for index in indexes {
+        tx.execute_batch(index)?;
     }
     Ok(())
 }
@@ -337,7 +381,7 @@ CREATE TABLE instances (
 /// The `services` columns that hold the state snapshot (all but `name` and `updated_at`). Every
 /// commit writes all of them, NULL where the new phase has no value, so nothing of an earlier
 /// phase lingers.
-const STATE_COLUMNS: [&str; 34] = [
+const STATE_COLUMNS: [&str; 39] = [
     "live_colour",
     "live_version",
     "previous_version",
@@ -372,6 +416,11 @@ const STATE_COLUMNS: [&str; 34] = [
     "rollback_colour",
     "rollback_version",
     "judged",
+    "migration_step",
+    "migration_failure",
+    "plan_migrate",
+    "contract",
+    "contracted_version",
 ];
 
 const REASON_COLUMNS: [&str; 7] = [
@@ -386,7 +435,7 @@ const REASON_COLUMNS: [&str; 7] = [
 
 /// [`Phase::name`] of every phase, so that a stored [`Record::Interrupted`] gets its
 /// `&'static str` back.
-const PHASE_NAMES: [&str; 5] = crate::wire::phase_name::NAMES;
+const PHASE_NAMES: [&str; 6] = crate::wire::phase_name::NAMES;
 
 /// Why the store failed. Every message names the database file and says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -704,6 +753,7 @@ impl Store {
                 match migration {
                     Migration::Sql(sql) => tx.execute_batch(sql),
                     Migration::Reasons(codes) => widen_reasons(&tx, codes),
+                    Migration::Code(f) => f(&tx),
                 }
                 .map_err(fail(&format!("migrate the schema to version {}", n + 1)))?;
             }
@@ -1402,6 +1452,14 @@ fn reason_cols(cols: &mut Cols, reason: Option<&Reason>) -> Result<(), Unfit> {
             cols.text("reason_text", why);
             "not_acknowledged"
         }
+        Reason::MigrationFailed(why) => {
+            cols.text("reason_text", why);
+            "migration_failed"
+        }
+        Reason::LiveCheckFailed(why) => {
+            cols.text("reason_text", why);
+            "live_check_failed"
+        }
     };
     cols.text("reason", code);
     Ok(())
@@ -1456,6 +1514,18 @@ fn encode_state(state: &State) -> Result<Cols, Unfit> {
             c.text("phase", "ready_to_promote");
             Some(d)
         }
+        Phase::Migrating {
+            deployment,
+            step,
+            failure,
+        } => {
+            c.text("phase", "migrating");
+            c.text("migration_step", step.as_str());
+            if let Some(f) = failure {
+                c.text("migration_failure", &to_json(f)?);
+            }
+            Some(deployment)
+        }
         Phase::Watching {
             deployment,
             rollback_to,
@@ -1489,8 +1559,32 @@ fn encode_state(state: &State) -> Result<Cols, Unfit> {
             c.dur("plan_max_p99_ns", max)?;
         }
         c.dur("plan_keep_warm_ns", p.keep_warm)?;
+        if p.migrate != MigratePlan::default() {
+            c.text("plan_migrate", &to_json(&p.migrate)?);
+        }
+    }
+    if let Some(contract) = &state.contract {
+        c.text("contract", &to_json(contract)?);
+    }
+    if let Some(r) = &state.contracted {
+        c.text("contracted_version", &r.version);
     }
     Ok(c)
+}
+
+/// `value` as JSON, for the columns that keep a small nested value whole.
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Unfit> {
+    serde_json::to_string(value).map_err(|e| Unfit(format!("cannot encode as JSON: {e}")))
+}
+
+/// The JSON value of column `col`, if it is not NULL.
+fn opt_json<T: serde::de::DeserializeOwned>(row: &Row<'_>, col: &str) -> Result<Option<T>, Bad> {
+    match opt::<String>(row, col)? {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Bad::Invalid(format!("{col}: {e}"))),
+    }
 }
 
 /// Appends one record to `transitions` and keeps `deployments` and `releases` up to date.
@@ -1577,6 +1671,23 @@ fn store_record(
             // Possibly a deployment started later in this same commit: left to the deferred
             // foreign key, not checked here.
             ("retired", last_id)
+        }
+        Record::Migration { id, step, ok, detail } => {
+            #[derive(serde::Serialize)]
+            struct Detail<'a> {
+                step: MigrationStep,
+                ok: bool,
+                detail: &'a str,
+            }
+            t.text(
+                "detail",
+                &to_json(&Detail {
+                    step: *step,
+                    ok: *ok,
+                    detail,
+                })?,
+            );
+            ("migration", Some(*id))
         }
     };
     t.text("kind", kind);
@@ -1735,6 +1846,8 @@ fn decode_reason(row: &Row<'_>) -> Result<Reason, Bad> {
         "smoke_failed" => Reason::SmokeFailed(req(row, "reason_text")?),
         "unhealthy" => Reason::Unhealthy(req(row, "reason_text")?),
         "not_acknowledged" => Reason::NotAcknowledged(req(row, "reason_text")?),
+        "migration_failed" => Reason::MigrationFailed(req(row, "reason_text")?),
+        "live_check_failed" => Reason::LiveCheckFailed(req(row, "reason_text")?),
         "error_rate" => Reason::ErrorRate {
             errors: req_uint(row, "reason_errors")?,
             requests: req_uint(row, "reason_requests")?,
@@ -1785,6 +1898,7 @@ fn decode_state(row: &Row<'_>) -> Result<State, Bad> {
                     max_p99: opt_dur(row, "plan_max_p99_ns")?,
                 },
                 keep_warm: req_dur(row, "plan_keep_warm_ns")?,
+                migrate: opt_json(row, "plan_migrate")?.unwrap_or_default(),
             },
             cause: decode_cause(row, "dep_cause")?,
         })
@@ -1811,6 +1925,17 @@ fn decode_state(row: &Row<'_>) -> Result<State, Bad> {
             };
             Phase::Stable { warm, last }
         }
+        "migrating" => Phase::Migrating {
+            deployment: deployment()?,
+            step: match req::<String>(row, "migration_step")?.as_str() {
+                "contract" => MigrationStep::Contract,
+                "expand" => MigrationStep::Expand,
+                "check" => MigrationStep::Check,
+                "rollback" => MigrationStep::Rollback,
+                other => return Err(unknown("migration_step", other)),
+            },
+            failure: opt_json(row, "migration_failure")?,
+        },
         "provisioning" => Phase::Provisioning(deployment()?),
         "validating" => Phase::Validating(deployment()?),
         "ready_to_promote" => Phase::ReadyToPromote(deployment()?),
@@ -1831,6 +1956,8 @@ fn decode_state(row: &Row<'_>) -> Result<State, Bad> {
         previous: opt::<String>(row, "previous_version")?.map(Release::new),
         last_id: opt_uint(row, "last_id")?.map(DeploymentId),
         phase,
+        contract: opt_json(row, "contract")?,
+        contracted: opt::<String>(row, "contracted_version")?.map(Release::new),
     })
 }
 
@@ -1888,6 +2015,22 @@ fn decode_transition(row: &Row<'_>) -> Result<TransitionEntry, Bad> {
         "retired" => Record::Retired {
             live: req_live(row, "colour", "version")?,
         },
+        "migration" => {
+            #[derive(serde::Deserialize)]
+            struct Detail {
+                step: MigrationStep,
+                ok: bool,
+                detail: String,
+            }
+            let d: Detail =
+                opt_json(row, "detail")?.ok_or_else(|| Bad::Invalid("a migration record without detail".into()))?;
+            Record::Migration {
+                id: id()?,
+                step: d.step,
+                ok: d.ok,
+                detail: d.detail,
+            }
+        }
         other => return Err(unknown("kind", other)),
     };
     Ok(TransitionEntry {

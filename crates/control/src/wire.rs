@@ -131,7 +131,14 @@ pub mod phase_name {
     use super::*;
 
     /// Every phase's name as [`crate::lifecycle::Phase::name`] gives it.
-    pub const NAMES: [&str; 5] = ["stable", "provisioning", "validating", "ready to promote", "watching"];
+    pub const NAMES: [&str; 6] = [
+        "stable",
+        "migrating",
+        "provisioning",
+        "validating",
+        "ready to promote",
+        "watching",
+    ];
 
     pub fn serialize<S: Serializer>(name: &&'static str, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(name)

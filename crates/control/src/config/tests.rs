@@ -211,7 +211,7 @@ fn bad_webhook_settings() {
         "\"rolledback\" is not an event (did you mean \"rolled-back\"?)",
     );
     assert!(
-        shown.contains("the events are started, instances, healthy, unhealthy, "),
+        shown.contains("the events are started, migration, instances, healthy, unhealthy, "),
         "{shown}"
     );
     refused(
@@ -346,6 +346,7 @@ events = ["went-live", "rolled-back"]
                 https_redirect: false,
                 upstream_tls: None,
                 affinity: None,
+                migrate: None,
             },
             ServiceConfig {
                 name: "web".to_string(),
@@ -385,6 +386,7 @@ events = ["went-live", "rolled-back"]
                 https_redirect: false,
                 upstream_tls: None,
                 affinity: None,
+                migrate: None,
             },
         ],
         fleet: None,

@@ -439,7 +439,7 @@ impl Runner {
             return;
         }
         r.reported = true;
-        let smoke = super::smoke_test(&self.shared, &self.svc, self.colour, &r.release.version);
+        let smoke = super::smoke_test(&self.shared, &self.svc, self.colour, &r.release.version, false);
         let (events, run) = (self.events.0.clone(), r.id);
         r.smoke = Some(tokio::spawn(async move {
             let result = smoke.await;

@@ -63,6 +63,8 @@ struct Counts {
     refused: u32,
     stale: u32,
     internal: u32,
+    migrations: u32,
+    contracts: u32,
 }
 
 #[derive(Debug, Default)]
@@ -159,6 +161,12 @@ impl World {
                 assert_eq!(inst.map(|i| &i.release), Some(&live.release));
                 self.counts.retired += 1;
             }
+            Record::Migration { step, .. } => {
+                self.counts.migrations += 1;
+                if *step == MigrationStep::Contract {
+                    self.counts.contracts += 1;
+                }
+            }
             Record::Healthy { .. }
             | Record::Validated { .. }
             | Record::AwaitingPromotion { .. }
@@ -228,6 +236,27 @@ impl World {
                 assert_eq!(self.routed, Some(*colour));
                 assert_eq!(self.tracked.as_ref().map(|t| t.id), Some(*deployment));
             }
+            Action::RunMigration { deployment, step, .. } => match step {
+                // Invariant 5: a contract runs only once nothing but the live colour runs: no
+                // instant rollback to a release that needs the old schema is possible.
+                MigrationStep::Contract => {
+                    let idle = self.routed.map(|c| slot(c.other()));
+                    assert!(
+                        idle.is_none_or(|i| self.instances[i].is_none()),
+                        "contract while the idle colour runs {:?}",
+                        idle.map(|i| &self.instances[i])
+                    );
+                }
+                // Invariant 6: expand, its check and its rollback run before any instance of
+                // the deployment starts.
+                _ => {
+                    assert_eq!(self.tracked.as_ref().map(|t| t.id), Some(*deployment));
+                    assert!(
+                        self.instances.iter().flatten().all(|i| i.started_by != *deployment),
+                        "{step} after the instances of deployment {deployment} started"
+                    );
+                }
+            },
             Action::CancelSmoke { .. } | Action::StopWatch { .. } | Action::ArmTimer { .. } | Action::Record(_) => {}
         }
     }
@@ -305,6 +334,11 @@ fn random_plan(rng: &mut Rng) -> Plan {
         } else {
             Duration::from_secs(600)
         },
+        migrate: MigratePlan {
+            expand: rng.percent(40),
+            contract: rng.percent(40),
+            rollback: rng.percent(50),
+        },
     }
 }
 
@@ -367,9 +401,30 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
             Phase::Watching { .. } if r < 93 => 13,
             Phase::Watching { .. } if r < 95 => 14,
             Phase::Watching { .. } => 6,
+            Phase::Migrating { .. } if r < 90 => 15,
+            Phase::Migrating { .. } if r < 95 => 12,
+            Phase::Migrating { .. } => 13,
         }
     } else {
-        rng.below(15)
+        rng.below(16)
+    };
+    let (id, step) = match (&state.phase, &state.contract) {
+        (Phase::Migrating { step, .. }, _) if natural => (id, *step),
+        (Phase::Stable { .. }, Some(c)) if natural && c.running => (c.id, MigrationStep::Contract),
+        _ => (
+            id,
+            [
+                MigrationStep::Contract,
+                MigrationStep::Expand,
+                MigrationStep::Check,
+                MigrationStep::Rollback,
+            ][rng.below(4) as usize],
+        ),
+    };
+    // A contract running outside a deployment finishes soon, whatever comes.
+    let kind = match &state.contract {
+        Some(c) if c.running && natural && rng.percent(50) => 15,
+        _ => kind,
     };
     let event = match kind {
         0 => Event::Deploy {
@@ -411,6 +466,12 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
         11 => Event::KeepWarmElapsed { id },
         12 => Event::Abort,
         14 => Event::NotAcknowledged { id, nodes: "n3".into() },
+        15 => Event::MigrationFinished {
+            id,
+            step,
+            ok: rng.percent(80),
+            detail: "exited".into(),
+        },
         _ => Event::Rollback {
             id: fresh(rng, next_id),
             plan: random_plan(rng),
@@ -423,7 +484,7 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
 fn invariants_hold_after_any_sequence_of_events_crashes_and_recoveries() {
     let mut rng = Rng(0x5eed_c07e_0001);
     let mut totals = Counts::default();
-    for sequence in 0..2_000 {
+    for sequence in 0..2_400 {
         let mut state = State::new("web");
         let mut world = World {
             counts: std::mem::take(&mut totals),
@@ -490,6 +551,8 @@ fn invariants_hold_after_any_sequence_of_events_crashes_and_recoveries() {
         ("refused", c.refused, 1500),
         ("stale", c.stale, 2500),
         ("internal", c.internal, 600),
+        ("schema-change steps", c.migrations, 300),
+        ("contract steps", c.contracts, 50),
     ] {
         assert!(n >= min, "only {n} {what} (want {min}): {c:?}");
     }

@@ -26,6 +26,7 @@ fn plan(promote: Promotion) -> Plan {
             max_p99: Some(Duration::from_millis(500)),
         },
         keep_warm: HOUR,
+        migrate: Default::default(),
     }
 }
 fn manual() -> Plan {
@@ -134,6 +135,8 @@ fn base(live: Option<Live>, previous: Option<&str>, last: u64, phase: Phase) -> 
         previous: previous.map(rel),
         last_id: Some(id(last)),
         phase,
+        contract: None,
+        contracted: None,
     }
 }
 
@@ -1409,4 +1412,218 @@ fn a_missing_acknowledgement_with_nothing_to_return_to_changes_nothing() {
         let e = err(&state, not_acked(n));
         assert_eq!(e.kind(), ErrorKind::Stale, "{e}");
     }
+}
+
+// ----- Schema changes (migrate) -----
+
+fn migrating(expand: bool, contract: bool, rollback: bool) -> Plan {
+    let mut p = auto();
+    p.migrate = MigratePlan {
+        expand,
+        contract,
+        rollback,
+    };
+    p
+}
+fn finished(n: u64, step: MigrationStep, ok: bool) -> Event {
+    Event::MigrationFinished {
+        id: id(n),
+        step,
+        ok,
+        detail: format!("{step} said {ok}"),
+    }
+}
+fn runs(t: &Transition) -> Vec<(MigrationStep, Release)> {
+    t.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RunMigration { step, release, .. } => Some((*step, release.clone())),
+            _ => None,
+        })
+        .collect()
+}
+fn starts(t: &Transition) -> bool {
+    t.actions.iter().any(|a| matches!(a, Action::StartInstances { .. }))
+}
+
+#[test]
+fn expand_and_the_live_check_run_before_any_instance_starts() {
+    let t = ok(&first_live(), deploy(2, "v2", migrating(true, false, false)));
+    assert_eq!(runs(&t), vec![(MigrationStep::Expand, rel("v2"))]);
+    assert!(!starts(&t), "{:?}", t.actions);
+    assert_eq!(t.state.phase.name(), "migrating");
+    let t = ok(&t.state, finished(2, MigrationStep::Expand, true));
+    assert_eq!(runs(&t), vec![(MigrationStep::Check, rel("v2"))]);
+    assert!(!starts(&t));
+    // A late or foreign report changes nothing.
+    assert_eq!(
+        err(&t.state, finished(2, MigrationStep::Expand, true)).kind(),
+        ErrorKind::Stale
+    );
+    assert_eq!(
+        err(&t.state, finished(1, MigrationStep::Check, true)).kind(),
+        ErrorKind::Stale
+    );
+    let t = ok(&t.state, finished(2, MigrationStep::Check, true));
+    assert!(starts(&t));
+    assert_eq!(t.state.phase.name(), "provisioning");
+    assert!(t.records().any(|r| matches!(
+        r,
+        Record::Migration {
+            step: MigrationStep::Check,
+            ok: true,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_failed_expand_aborts_with_live_untouched() {
+    let s = ok(&first_live(), deploy(2, "v2", migrating(true, false, true))).state;
+    let t = ok(&s, finished(2, MigrationStep::Expand, false));
+    assert!(runs(&t).is_empty(), "no rollback of an expand that failed itself");
+    assert_eq!(t.state.live, Some(at(Colour::Blue, "v1")));
+    assert!(!t.actions.iter().any(|a| matches!(a, Action::SwitchTo { .. })));
+    match &t.state.phase {
+        Phase::Stable { last: Some(e), .. } => {
+            assert!(matches!(&e.outcome, Outcome::Aborted(Reason::MigrationFailed(why)) if why.starts_with("expand: ")))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_live_check_that_fails_runs_the_rollback_then_aborts() {
+    let s = ok(&first_live(), deploy(2, "v2", migrating(true, false, true))).state;
+    let s = ok(&s, finished(2, MigrationStep::Expand, true)).state;
+    let t = ok(&s, finished(2, MigrationStep::Check, false));
+    assert_eq!(runs(&t), vec![(MigrationStep::Rollback, rel("v2"))]);
+    assert!(!starts(&t));
+    // Not interrupted halfway.
+    assert_eq!(err(&t.state, Event::Abort).kind(), ErrorKind::Conflict);
+    let t = ok(&t.state, finished(2, MigrationStep::Rollback, true));
+    assert_eq!(t.state.live, Some(at(Colour::Blue, "v1")));
+    match &t.state.phase {
+        Phase::Stable { last: Some(e), .. } => {
+            assert!(matches!(&e.outcome, Outcome::Aborted(Reason::LiveCheckFailed(why)) if why == "check said false"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without a rollback command: aborted at once.
+    let s = ok(&first_live(), deploy(2, "v2", migrating(true, false, false))).state;
+    let s = ok(&s, finished(2, MigrationStep::Expand, true)).state;
+    let t = ok(&s, finished(2, MigrationStep::Check, false));
+    assert!(runs(&t).is_empty());
+    assert_eq!(t.state.phase.name(), "stable");
+}
+
+/// green@v2 live (deployment 2 with a contract step), blue@v1 warm.
+fn warm_owing_contract() -> State {
+    let s = ok(&first_live(), deploy(2, "v2", migrating(false, true, false))).state;
+    assert_eq!(s.phase.name(), "provisioning", "no expand: straight to the instances");
+    let s = ok(&s, healthy(2)).state;
+    let s = ok(&s, smoke_passed(2)).state;
+    let s = ok(&s, Event::WatchWindowElapsed { id: id(2) }).state;
+    assert!(s.warm().is_some());
+    s
+}
+
+#[test]
+fn contract_waits_for_the_retirement_and_then_no_rollback_can_need_the_old_schema() {
+    let s = warm_owing_contract();
+    assert_eq!(s.contract.as_ref().map(|c| c.running), Some(false));
+    // While v1 is warm, an instant rollback works and the contract never runs.
+    let back = ok(
+        &s,
+        Event::Rollback {
+            id: id(3),
+            plan: auto(),
+        },
+    );
+    assert!(runs(&back).is_empty());
+    assert_eq!(back.state.contract, None);
+    // At the end of keep-warm: v1 retired, then contract.
+    let t = ok(&s, Event::KeepWarmElapsed { id: id(2) });
+    let retired = t
+        .actions
+        .iter()
+        .position(|a| matches!(a, Action::StopInstances { colour: Colour::Blue }));
+    let contract = t.actions.iter().position(|a| matches!(a, Action::RunMigration { .. }));
+    assert!(retired.is_some() && retired < contract, "{:?}", t.actions);
+    assert_eq!(runs(&t), vec![(MigrationStep::Contract, rel("v2"))]);
+    // While it runs: no deploy, no rollback.
+    assert_eq!(err(&t.state, deploy(3, "v3", auto())).kind(), ErrorKind::Conflict);
+    assert_eq!(
+        err(
+            &t.state,
+            Event::Rollback {
+                id: id(3),
+                plan: auto()
+            }
+        )
+        .kind(),
+        ErrorKind::Conflict
+    );
+    let done = ok(&t.state, finished(2, MigrationStep::Contract, true));
+    assert_eq!(done.state.contracted, Some(rel("v2")));
+    // A cold rollback to v1 is refused, saying why.
+    let e = err(
+        &done.state,
+        Event::Rollback {
+            id: id(3),
+            plan: auto(),
+        },
+    );
+    assert_eq!(e.kind(), ErrorKind::Refused);
+    assert!(e.to_string().contains("the contract step of v2 ran"), "{e}");
+    // A failed contract leaves the cold rollback possible.
+    let failed = ok(&t.state, finished(2, MigrationStep::Contract, false));
+    assert_eq!(failed.state.contracted, None);
+    let cold = ok(
+        &failed.state,
+        Event::Rollback {
+            id: id(3),
+            plan: auto(),
+        },
+    );
+    assert_eq!(cold.rollback_kind(), Some(RollbackKind::Cold));
+}
+
+#[test]
+fn a_deploy_that_retires_the_warm_colour_runs_the_contract_owed_first() {
+    let s = warm_owing_contract();
+    let t = ok(&s, deploy(3, "v3", migrating(true, false, false)));
+    assert_eq!(runs(&t), vec![(MigrationStep::Contract, rel("v2"))]);
+    assert!(!starts(&t));
+    let t = ok(&t.state, finished(3, MigrationStep::Contract, true));
+    assert_eq!(t.state.contracted, Some(rel("v2")));
+    assert_eq!(runs(&t), vec![(MigrationStep::Expand, rel("v3"))]);
+    // A cold rollback to v1 owes nothing and runs nothing.
+    let s = ok(&warm_owing_contract(), Event::KeepWarmElapsed { id: id(2) }).state;
+    let s = ok(&s, finished(2, MigrationStep::Contract, false)).state;
+    let t = ok(
+        &s,
+        Event::Rollback {
+            id: id(3),
+            plan: migrating(true, true, true),
+        },
+    );
+    assert!(runs(&t).is_empty() && starts(&t), "{:?}", t.actions);
+}
+
+#[test]
+fn a_restart_during_a_schema_change_interrupts_it_and_says_so() {
+    let s = ok(&first_live(), deploy(2, "v2", migrating(true, false, false))).state;
+    let t = s.recover();
+    assert_eq!(t.state.live, Some(at(Colour::Blue, "v1")));
+    assert!(t
+        .records()
+        .any(|r| matches!(r, Record::Migration { ok: false, detail, .. } if detail.contains("interrupted"))));
+    assert!(t
+        .records()
+        .any(|r| matches!(r, Record::Interrupted { phase: "migrating", .. })));
+    let s = ok(&warm_owing_contract(), Event::KeepWarmElapsed { id: id(2) }).state;
+    let t = s.recover();
+    assert_eq!(t.state.contract, None);
+    assert_eq!(t.state.contracted, None, "not known to have run");
 }

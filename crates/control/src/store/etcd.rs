@@ -539,7 +539,9 @@ fn cut_reason(reason: &mut Reason) {
         Reason::ProvisionFailed(why)
         | Reason::SmokeFailed(why)
         | Reason::Unhealthy(why)
-        | Reason::NotAcknowledged(why) => cut(why),
+        | Reason::NotAcknowledged(why)
+        | Reason::MigrationFailed(why)
+        | Reason::LiveCheckFailed(why) => cut(why),
         Reason::Requested | Reason::HealthDeadline(_) | Reason::ErrorRate { .. } | Reason::Latency { .. } => {}
     }
 }
@@ -551,14 +553,20 @@ fn cut_outcome(outcome: &mut Outcome) {
 }
 
 fn cut_record(record: &mut Record) {
-    if let Record::Aborted { reason, .. } | Record::RolledBack { reason, .. } = record {
-        cut_reason(reason);
+    match record {
+        Record::Aborted { reason, .. } | Record::RolledBack { reason, .. } => cut_reason(reason),
+        Record::Migration { detail, .. } => cut(detail),
+        _ => {}
     }
 }
 
 fn cut_state(state: &mut State) {
-    if let Phase::Stable { last: Some(ended), .. } = &mut state.phase {
-        cut_outcome(&mut ended.outcome);
+    match &mut state.phase {
+        Phase::Stable { last: Some(ended), .. } => cut_outcome(&mut ended.outcome),
+        Phase::Migrating {
+            failure: Some(reason), ..
+        } => cut_reason(reason),
+        _ => {}
     }
 }
 
@@ -592,6 +600,7 @@ fn kind(record: &Record) -> &'static str {
         Record::Interrupted { .. } => "interrupted",
         Record::WatchRestarted { .. } => "watch_restarted",
         Record::Retired { .. } => "retired",
+        Record::Migration { .. } => "migration",
     }
 }
 
@@ -607,7 +616,8 @@ fn record_id(record: &Record) -> Option<DeploymentId> {
         | Record::Aborted { id, .. }
         | Record::RolledBack { id, .. }
         | Record::Interrupted { id, .. }
-        | Record::WatchRestarted { id } => Some(*id),
+        | Record::WatchRestarted { id }
+        | Record::Migration { id, .. } => Some(*id),
         Record::Retired { .. } => None,
     }
 }

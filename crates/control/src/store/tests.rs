@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use super::*;
-use crate::lifecycle::{Event, WatchSample};
+use crate::lifecycle::{Contract, Event, WatchSample};
 
 fn rel(v: &str) -> Release {
     Release::new(v)
@@ -46,6 +46,7 @@ fn plans() -> Vec<Plan> {
                 max_p99: None,
             },
             keep_warm: Duration::ZERO,
+            migrate: Default::default(),
         },
         Plan {
             health_deadline: Duration::from_millis(1500),
@@ -57,6 +58,7 @@ fn plans() -> Vec<Plan> {
                 max_p99: Some(Duration::from_millis(500)),
             },
             keep_warm: Duration::from_secs(3600),
+            migrate: Default::default(),
         },
         Plan {
             // The longest duration the store holds.
@@ -71,6 +73,11 @@ fn plans() -> Vec<Plan> {
                 max_p99: Some(Duration::new(0, 999_999_999)),
             },
             keep_warm: Duration::from_secs(200 * 365 * 24 * 3600),
+            migrate: MigratePlan {
+                expand: true,
+                contract: true,
+                rollback: true,
+            },
         },
     ]
 }
@@ -92,6 +99,10 @@ fn reasons() -> Vec<Reason> {
             max: Duration::from_millis(500),
         },
         Reason::NotAcknowledged("n2, n3".to_string()),
+        Reason::MigrationFailed(
+            "expand: `./migrate expand` exited with 3 after 1.2s: ERROR: column \"x\" exists".to_string(),
+        ),
+        Reason::LiveCheckFailed("`./check` exited with 1".to_string()),
     ]
 }
 
@@ -111,6 +122,8 @@ fn all_states(service: &str) -> Vec<State> {
         previous: previous.map(rel),
         last_id: last_id.map(DeploymentId),
         phase,
+        contract: None,
+        contracted: None,
     };
     let warm = Warm {
         colour: Colour::Blue,
@@ -160,6 +173,33 @@ fn all_states(service: &str) -> Vec<State> {
             all.push(state(live.clone(), Some("v0"), id, Phase::Provisioning(d.clone())));
             all.push(state(live.clone(), None, id, Phase::Validating(d.clone())));
             all.push(state(live.clone(), Some("v0"), id, Phase::ReadyToPromote(d.clone())));
+            for step in [
+                MigrationStep::Contract,
+                MigrationStep::Expand,
+                MigrationStep::Check,
+                MigrationStep::Rollback,
+            ] {
+                all.push(state(
+                    live.clone(),
+                    Some("v0"),
+                    id,
+                    Phase::Migrating {
+                        deployment: d.clone(),
+                        step,
+                        failure: None,
+                    },
+                ));
+            }
+            all.push(state(
+                live.clone(),
+                None,
+                id,
+                Phase::Migrating {
+                    deployment: d.clone(),
+                    step: MigrationStep::Rollback,
+                    failure: Some(Reason::LiveCheckFailed("`./check` exited with 1".into())),
+                },
+            ));
             for judged in [false, true] {
                 all.push(state(
                     Some(at(d.colour, &d.release.version)),
@@ -173,6 +213,22 @@ fn all_states(service: &str) -> Vec<State> {
                 ));
             }
         }
+    }
+    // A contract owed, then one running; a release whose contract ran.
+    for running in [false, true] {
+        let mut s = state(
+            Some(at(Colour::Green, "v4")),
+            Some("v3"),
+            Some(4),
+            Phase::Stable { warm: None, last: None },
+        );
+        s.contract = Some(Contract {
+            id: DeploymentId(4),
+            release: rel("v4"),
+            running,
+        });
+        s.contracted = (!running).then(|| rel("v2"));
+        all.push(s);
     }
     all
 }
@@ -199,7 +255,7 @@ fn every_state_shape_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let states = all_states("web");
-    assert_eq!(states.len(), 2 + 2 * 18 + 3 * 2 * 6);
+    assert_eq!(states.len(), 2 + 2 * 22 + 3 * 2 * 11 + 2);
     let names: BTreeSet<_> = states.iter().map(|s| s.phase.name()).collect();
     assert_eq!(names, PHASE_NAMES.into_iter().collect());
     // One service through every shape in turn: nothing of an earlier phase lingers.
@@ -1109,6 +1165,11 @@ fn stored_phase_names_are_the_lifecycles() {
     };
     let phases = [
         Phase::Stable { warm: None, last: None },
+        Phase::Migrating {
+            deployment: d.clone(),
+            step: MigrationStep::Expand,
+            failure: None,
+        },
         Phase::Provisioning(d.clone()),
         Phase::Validating(d.clone()),
         Phase::ReadyToPromote(d.clone()),
@@ -1139,6 +1200,7 @@ fn crash_plan() -> Plan {
             max_p99: Some(Duration::from_millis(300)),
         },
         keep_warm: Duration::from_secs(3600),
+        migrate: Default::default(),
     }
 }
 
@@ -1154,6 +1216,12 @@ fn scripted_event(state: &State, next_id: impl FnOnce() -> DeploymentId) -> Even
                 plan: crash_plan(),
             }
         }
+        Phase::Migrating { deployment, step, .. } => Event::MigrationFinished {
+            id: deployment.id,
+            step: *step,
+            ok: true,
+            detail: String::new(),
+        },
         Phase::Provisioning(d) => Event::InstancesHealthy { id: d.id },
         Phase::Validating(d) if d.id.0 % 3 == 0 => Event::SmokeFailed {
             id: d.id,
@@ -1595,14 +1663,34 @@ fn a_version_2_database_keeps_its_history_when_reasons_are_added() {
     drop(store);
     {
         let conn = Connection::open(&path).unwrap();
+        // Version 4's columns and codes out, then version 3's.
+        conn.execute_batch(
+            "ALTER TABLE services DROP COLUMN migration_step;
+             ALTER TABLE services DROP COLUMN migration_failure;
+             ALTER TABLE services DROP COLUMN plan_migrate;
+             ALTER TABLE services DROP COLUMN contract;
+             ALTER TABLE services DROP COLUMN contracted_version;
+             ALTER TABLE transitions DROP COLUMN detail;",
+        )
+        .unwrap();
         conn.pragma_update(None, "writable_schema", true).unwrap();
-        let changed = conn
-            .execute(
-                "UPDATE sqlite_master SET sql = replace(sql, ', ''not_acknowledged''', '') WHERE type = 'table' AND sql LIKE '%not_acknowledged%'",
-                [],
-            )
-            .unwrap();
-        assert_eq!(changed, 3);
+        for (codes, tables) in [
+            ("'migration_failed', 'live_check_failed'", 3),
+            ("'migrating'", 1),
+            ("'migration'", 1),
+            ("'not_acknowledged'", 3),
+        ] {
+            let quoted = format!("', {}'", codes.replace('\'', "''"));
+            let changed = conn
+                .execute(
+                    &format!(
+                        "UPDATE sqlite_master SET sql = replace(sql, {quoted}, '') WHERE type = 'table' AND instr(sql, {quoted}) > 0"
+                    ),
+                    [],
+                )
+                .unwrap();
+            assert_eq!(changed, tables, "{codes}");
+        }
         conn.pragma_update(None, "writable_schema", false).unwrap();
         conn.pragma_update(None, "user_version", 2).unwrap();
     }
@@ -1662,11 +1750,53 @@ fn a_version_2_database_keeps_its_history_when_reasons_are_added() {
         reason: reason.clone(),
     };
     store.commit_at("web", Some(revision), &ended, [&record], None).unwrap();
-    assert_eq!(store.load_at("web").unwrap().map(|(s, _)| s), Some(ended));
+    assert_eq!(store.load_at("web").unwrap().map(|(s, _)| s), Some(ended.clone()));
     let newest = store.history("web", 1).unwrap().remove(0);
     assert_eq!(newest.outcome, Some(Outcome::Aborted(reason.clone())));
     let last = store.transitions("web", DeploymentId(3)).unwrap().pop().unwrap();
     assert_eq!(last.record, record);
+    // Version 4's: a deployment migrating, its step's record, its failure.
+    let mut migrating_plan = plans().remove(2);
+    migrating_plan.migrate.expand = true;
+    let revision = store.load_at("web").unwrap().unwrap().1;
+    let t = ended
+        .step(Event::Deploy {
+            id: DeploymentId(4),
+            release: rel("v4"),
+            plan: migrating_plan,
+        })
+        .unwrap();
+    assert!(matches!(t.state.phase, Phase::Migrating { .. }), "{}", t.state);
+    let revision = store
+        .commit_at("web", Some(revision), &t.state, t.records(), None)
+        .unwrap();
+    assert_eq!(store.load_at("web").unwrap().map(|(s, _)| s), Some(t.state.clone()));
+    let failed = t
+        .state
+        .step(Event::MigrationFinished {
+            id: DeploymentId(4),
+            step: MigrationStep::Expand,
+            ok: false,
+            detail: "`./migrate expand` exited with 3".into(),
+        })
+        .unwrap();
+    store
+        .commit_at("web", Some(revision), &failed.state, failed.records(), None)
+        .unwrap();
+    assert_eq!(
+        store.load_at("web").unwrap().map(|(s, _)| s),
+        Some(failed.state.clone())
+    );
+    let records: Vec<Record> = store
+        .transitions("web", DeploymentId(4))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.record)
+        .collect();
+    assert_eq!(
+        records,
+        t.records().chain(failed.records()).cloned().collect::<Vec<_>>()
+    );
 }
 
 /// The JSON encoding (`crate::wire`) reads back every state shape, record, reason, outcome,
@@ -1778,10 +1908,51 @@ fn the_json_encoding_is_explicit_and_stable() {
             rollback_to: at(Colour::Blue, "v1"),
             judged: false,
         },
+        contract: None,
+        contracted: None,
+    };
+    let json = r#"{"service":"web","live":{"colour":"blue","release":"v1"},"previous":null,"last_id":2,"phase":{"name":"watching","deployment":{"id":2,"release":"v2","colour":"green","plan":{"health_deadline_ns":1500000000,"promote":{"kind":"auto","delay_ns":0},"watch":{"duration_ns":60000000000,"min_requests":100,"max_error_rate":0.01,"max_p99_ns":500000000},"keep_warm_ns":3600000000000},"cause":"deploy"},"rollback_to":{"colour":"blue","release":"v1"},"judged":false}}"#;
+    assert_eq!(serde_json::to_string(&state).unwrap(), json);
+    // A plan with schema-change steps says which; one written before they existed reads as
+    // one without them.
+    let mut with = state.clone();
+    if let Phase::Watching { deployment, .. } = &mut with.phase {
+        deployment.plan.migrate.expand = true;
+    }
+    let text = serde_json::to_string(&with).unwrap();
+    assert!(
+        text.contains(r#""keep_warm_ns":3600000000000,"migrate":{"expand":true,"contract":false,"rollback":false}}"#),
+        "{text}"
+    );
+    assert_eq!(serde_json::from_str::<State>(json).unwrap(), state);
+    let migrating = Phase::Migrating {
+        deployment: Deployment {
+            id: DeploymentId(3),
+            release: rel("v3"),
+            colour: Colour::Green,
+            plan: plans().remove(0),
+            cause: Cause::Deploy,
+        },
+        step: MigrationStep::Rollback,
+        failure: Some(Reason::LiveCheckFailed("`./check` exited with 1".into())),
+    };
+    let text = serde_json::to_string(&migrating).unwrap();
+    assert!(
+        text.starts_with(r#"{"name":"migrating","deployment":{"id":3,"#)
+            && text.ends_with(
+                r#""step":"rollback","failure":{"reason":"live_check_failed","detail":"`./check` exited with 1"}}"#
+            ),
+        "{text}"
+    );
+    let record = Record::Migration {
+        id: DeploymentId(3),
+        step: MigrationStep::Expand,
+        ok: false,
+        detail: "exited with 3".into(),
     };
     assert_eq!(
-        serde_json::to_string(&state).unwrap(),
-        r#"{"service":"web","live":{"colour":"blue","release":"v1"},"previous":null,"last_id":2,"phase":{"name":"watching","deployment":{"id":2,"release":"v2","colour":"green","plan":{"health_deadline_ns":1500000000,"promote":{"kind":"auto","delay_ns":0},"watch":{"duration_ns":60000000000,"min_requests":100,"max_error_rate":0.01,"max_p99_ns":500000000},"keep_warm_ns":3600000000000},"cause":"deploy"},"rollback_to":{"colour":"blue","release":"v1"},"judged":false}}"#
+        serde_json::to_string(&record).unwrap(),
+        r#"{"kind":"migration","id":3,"step":"expand","ok":false,"detail":"exited with 3"}"#
     );
     let ended = Phase::Stable {
         warm: None,
