@@ -88,6 +88,10 @@ keep_warm = "1h"
 # Before any user sees a release: this command runs against the preview route and must exit 0.
 # It gets CUTOVER_PREVIEW_URL and CUTOVER_PREVIEW_TOKEN (send it as X-Cutover-Preview).
 validate = { smoke = "curl -fsS -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\" $CUTOVER_PREVIEW_URL/up", timeout = "60s" }
+# Schema changes in phases: expand before the release's instances start (then the live release
+# is checked again: `check`, or the smoke test against the live route; `rollback` undoes the
+# expand when that fails); contract once the previous colour is retired. `files` are linted first.
+# migrate = { expand = "./migrate expand", contract = "./migrate contract", files = "migrations/*-expand.sql" }
 # Promote by itself once validated (after `delay`), or wait for `cutover promote`. A service's
 # first release has no live traffic to guard: it goes live once validated either way.
 promote = { auto = true, delay = "0s" }

@@ -1910,3 +1910,80 @@ fn health_checks_send_the_service_host_or_the_one_given() {
         );
     }
 }
+
+#[test]
+fn migrate_settings_are_read_and_bad_ones_refused() {
+    use crate::schema_lint::{Breaking, SqlDialect};
+    let m = |line: &str| format!("{MINIMAL}migrate = {{ {line} }}\n");
+    let config = parse(&m(
+        "expand = \"./m expand\", contract = \"./m contract\", check = \"./check\", rollback = \"./m undo\", \
+         files = [\"migrations/*.sql\"], dialect = \"sqlite\", allow = [\"drop-column\"], timeout = \"2m\"",
+    ))
+    .unwrap();
+    let got = config.services[0].migrate.clone().unwrap();
+    assert_eq!(got.expand.as_deref(), Some("./m expand"));
+    assert_eq!(got.contract.as_deref(), Some("./m contract"));
+    assert_eq!(got.check.as_deref(), Some("./check"));
+    assert_eq!(got.rollback.as_deref(), Some("./m undo"));
+    assert_eq!(got.files, vec!["migrations/*.sql".to_string()]);
+    assert_eq!(got.dialect, SqlDialect::Sqlite);
+    assert_eq!(got.allow, vec![Breaking::DropColumn]);
+    assert_eq!(got.timeout, Duration::from_secs(120));
+    // Defaults: postgres, nothing allowed, 10 minutes; contract alone is fine.
+    let got = parse(&m("contract = \"./m contract\"")).unwrap().services[0]
+        .migrate
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (got.dialect, got.allow.len(), got.timeout),
+        (SqlDialect::Postgres, 0, Duration::from_secs(600))
+    );
+    assert!(parse(MINIMAL).unwrap().services[0].migrate.is_none());
+
+    // Each refusal points at the value (or the key) it is about: its column on line 3.
+    let at = |line: &str, what: &str| "migrate = { ".len() + line.find(what).unwrap() + 1;
+    refused(
+        &m("check = \"./check\""),
+        3,
+        1,
+        "services.web.migrate.expand",
+        "needs expand or contract",
+    );
+    for (line, what, key, words) in [
+        (
+            "contract = \"./c\", rollback = \"./undo\"",
+            "\"./undo\"",
+            "rollback",
+            "belongs to the expand step",
+        ),
+        (
+            "contract = \"./c\", files = \"m/*.sql\"",
+            "\"m/*.sql\"",
+            "files",
+            "belongs to the expand step",
+        ),
+        ("expand = \" \"", "\" \"", "expand", "is empty"),
+        (
+            "expand = \"./e\", dialect = \"oracle\"",
+            "\"oracle\"",
+            "dialect",
+            "\"oracle\" is not a dialect",
+        ),
+        (
+            "expand = \"./e\", allow = [\"drop-everything\"]",
+            "\"drop-everything\"",
+            "allow",
+            "\"drop-everything\" is not a kind of statement",
+        ),
+        ("expand = \"./e\", timeout = \"0s\"", "\"0s\"", "timeout", "zero"),
+        ("expand = \"./e\", expnad = \"x\"", "expnad", "expnad", "unknown"),
+    ] {
+        refused(
+            &m(line),
+            3,
+            at(line, what),
+            &format!("services.web.migrate.{key}"),
+            words,
+        );
+    }
+}
