@@ -18,6 +18,10 @@ command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 # the fleet's store (crates/control/src/store/etcd/tests.rs).
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
+# A real PostgreSQL for the schema-change tests (crates/cutover/tests/migrate.rs): the harness
+# runs its own server on a free loopback port, as the postgres user when the tests run as root.
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null && command -v psql >/dev/null || need_apt+=(postgresql)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
 for pkg in "$@"; do need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then

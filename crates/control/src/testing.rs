@@ -3,3 +3,4 @@
 //! in their dev-dependencies). Not part of cutover itself; these panic on failure, as tests do.
 
 pub mod etcd;
+pub mod postgres;

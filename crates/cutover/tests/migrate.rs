@@ -1,7 +1,7 @@
-//! Schema changes in phases (`migrate`), through a real daemon, a real app on a real SQLite
-//! database, and real commands: expand before the release's instances start, the live release
-//! checked again after it, a rollback of the expand when that check fails, contract once the old
-//! colour is retired, and the SQL lint before anything runs.
+//! Schema changes in phases (`migrate`), through a real daemon, a real app on a real database
+//! (SQLite, and PostgreSQL started by the test), and real commands: expand before the release's
+//! instances start, the live release checked again after it, a rollback of the expand when that
+//! check fails, contract once the old colour is retired, and the SQL lint before anything runs.
 
 mod common;
 
@@ -14,11 +14,42 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_port, spawn_serve, wait_until, Proc, BIN};
+use cutover_control::testing::postgres::PgServer;
+
+/// How the app and the migrations reach the database: SQLite's `app.db`, or, when the file
+/// `db-url` exists, the PostgreSQL server it names, through `psql`.
+const DB: &str = r#"
+import os, sqlite3, subprocess
+def query(sql):
+    if os.path.exists("db-url"):
+        url = open("db-url").read().strip()
+        out = subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-tAc", sql], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise Exception(out.stderr.strip())
+        return [l for l in out.stdout.splitlines() if l]
+    db = sqlite3.connect("app.db", timeout=5)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+def script(path):
+    if os.path.exists("db-url"):
+        url = open("db-url").read().strip()
+        out = subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-q", "-f", path], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise Exception(out.stderr.strip())
+        return
+    db = sqlite3.connect("app.db", timeout=5)
+    db.executescript(open(path).read())
+    db.commit()
+    db.close()
+"#;
 
 /// The app: `GET /` reads the items as its version needs them (v1 the column `name`, v2 and
 /// later `title`) and answers `VERSION N` (500 when the query fails); `GET /up` answers 200.
 const APP: &str = r#"
-import http.server, os, sqlite3, sys
+import http.server, os, sys
+from db import query
 version = os.environ["CUTOVER_VERSION"]
 column = "name" if version == "v1" else "title"
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -27,9 +58,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         status, body = 200, b"ok"
         if self.path != "/up":
             try:
-                db = sqlite3.connect("app.db", timeout=5)
-                rows = db.execute(f"SELECT {column} FROM items").fetchall()
-                db.close()
+                rows = query(f"SELECT {column} FROM items")
                 body = f"{version} {len(rows)}".encode()
             except Exception as e:
                 status, body = 500, f"{version} {e}".encode()
@@ -45,41 +74,56 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
 /// The migrations: `python3 migrate.py STEP` runs `migrations/VERSION-STEP.sql` when it exists,
 /// and prints what it ran.
 const MIGRATE: &str = r#"
-import os, sqlite3, sys
+import os, sys
+from db import script
 step, version = sys.argv[1], os.environ["CUTOVER_VERSION"]
 path = f"migrations/{version}-{step}.sql"
 if not os.path.exists(path):
     print(f"{path}: nothing to run")
     sys.exit(0)
-db = sqlite3.connect("app.db", timeout=5)
 try:
-    db.executescript(open(path).read())
+    script(path)
 except Exception as e:
     print(f"{path}: {e}", file=sys.stderr)
     sys.exit(3)
-db.commit()
 print(f"{path}: ran")
 "#;
 
+/// The database a test runs against.
+enum Db {
+    Sqlite,
+    Postgres(PgServer),
+}
+
 struct Site {
+    // The daemon stops first, then the database goes, then the directory.
+    _daemon: Proc,
+    db: Db,
     dir: tempfile::TempDir,
     config: PathBuf,
     front: SocketAddr,
-    _daemon: Proc,
 }
 
 impl Site {
-    fn start() -> Site {
+    fn start(db: Db) -> Site {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        std::fs::write(dir.path().join("db.py"), DB).unwrap();
         std::fs::write(dir.path().join("app.py"), APP).unwrap();
         std::fs::write(dir.path().join("migrate.py"), MIGRATE).unwrap();
+        let dialect = match &db {
+            Db::Sqlite => "sqlite",
+            Db::Postgres(pg) => {
+                std::fs::write(dir.path().join("db-url"), pg.url()).unwrap();
+                "postgres"
+            }
+        };
         std::fs::create_dir(dir.path().join("migrations")).unwrap();
         for (file, sql) in [
             (
                 "v1-expand.sql",
                 "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);\n\
-                 INSERT INTO items (name) VALUES ('a'), ('b'), ('c');\n",
+                 INSERT INTO items (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c');\n",
             ),
             // Additive: v1 keeps working, v2 reads the new column.
             (
@@ -111,13 +155,14 @@ impl Site {
                  watch = {{ duration = \"500ms\", min_requests = 1 }}\n\
                  validate = {{ smoke = 'curl -sf -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\" \"$CUTOVER_PREVIEW_URL/\"' }}\n\
                  migrate = {{ expand = \"python3 migrate.py expand\", contract = \"python3 migrate.py contract\", \
-                 rollback = \"python3 migrate.py rollback\", files = \"migrations/*-expand.sql\", dialect = \"sqlite\" }}\n"
+                 rollback = \"python3 migrate.py rollback\", files = \"migrations/*-expand.sql\", dialect = \"{dialect}\" }}\n"
             ),
         )
         .unwrap();
         let daemon = Proc(spawn_serve(&config));
         let site = Site {
             front: SocketAddr::from(([127, 0, 0, 1], port)),
+            db,
             dir,
             config,
             _daemon: daemon,
@@ -157,8 +202,24 @@ impl Site {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
     }
 
-    fn app_db(&self) -> PathBuf {
-        self.dir.path().join("app.db")
+    /// The columns of table `items` now.
+    fn columns(&self) -> Vec<String> {
+        let text = match &self.db {
+            Db::Postgres(pg) => pg
+                .psql("SELECT string_agg(column_name, ' ') FROM information_schema.columns WHERE table_name = 'items'"),
+            Db::Sqlite => {
+                let out = Command::new("python3")
+                    .args([
+                        "-c",
+                        "import sqlite3,sys; print(' '.join(r[1] for r in sqlite3.connect(sys.argv[1]).execute('PRAGMA table_info(items)')))",
+                    ])
+                    .arg(self.dir.path().join("app.db"))
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+        };
+        text.split_whitespace().map(str::to_string).collect()
     }
 }
 
@@ -244,8 +305,17 @@ fn migration_steps(steps: &serde_json::Value) -> Vec<(String, bool)> {
 }
 
 #[test]
-fn schema_changes_run_in_phases_around_the_switch() {
-    let site = Site::start();
+fn schema_changes_run_in_phases_around_the_switch_on_sqlite() {
+    schema_changes_run_in_phases_around_the_switch(Db::Sqlite);
+}
+
+#[test]
+fn schema_changes_run_in_phases_around_the_switch_on_postgresql() {
+    schema_changes_run_in_phases_around_the_switch(Db::Postgres(PgServer::start()));
+}
+
+fn schema_changes_run_in_phases_around_the_switch(db: Db) {
+    let site = Site::start(db);
 
     // v1: its expand creates the table, before its instances start.
     let out = site.deploy("v1");
@@ -290,16 +360,8 @@ fn schema_changes_run_in_phases_around_the_switch() {
 
     // v2's contract waits for v1's retirement (keep_warm 2 s), then runs.
     let went_live = Instant::now();
-    let column_gone = || {
-        let out = Command::new("python3")
-            .args(["-c", "import sqlite3,sys; c=[r[1] for r in sqlite3.connect(sys.argv[1]).execute('PRAGMA table_info(items)')]; print(' '.join(c))"])
-            .arg(site.app_db())
-            .output()
-            .unwrap();
-        !String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .any(|c| c == "name")
-    };
+    assert!(site.columns().contains(&"name".to_string()), "{:?}", site.columns());
+    let column_gone = || !site.columns().contains(&"name".to_string());
     std::thread::sleep(Duration::from_millis(1000));
     assert!(!column_gone(), "contract ran while v1 was still warm");
     assert!(wait_until(Duration::from_secs(10), column_gone), "contract did not run");
@@ -394,7 +456,7 @@ fn schema_changes_run_in_phases_around_the_switch() {
 /// history; live traffic is untouched.
 #[test]
 fn a_failing_expand_aborts_with_its_output_kept() {
-    let site = Site::start();
+    let site = Site::start(Db::Sqlite);
     let out = site.deploy("v1");
     assert!(out.status.success(), "{}", text(&out));
     std::fs::write(
