@@ -93,6 +93,9 @@ fn router(daemon: Daemon, caller: &'static str) -> Router {
         .route("/v1/services/{name}/resume", post(resume))
         .route("/v1/services/{name}/maintenance", post(maintenance))
         .route("/v1/services/{name}/deployments/{id}", get(deployment))
+        .route("/v1/releases", post(release).get(releases))
+        .route("/v1/releases/{id}", get(release_record))
+        .route("/v1/releases/{id}/rollback", post(release_rollback))
         .route("/v1/events", get(events))
         .route("/v1/daemon/upgrade", post(upgrade))
         .route("/v1/daemon/shutdown", post(shutdown))
@@ -264,6 +267,110 @@ async fn rollback(
 ) -> Response {
     match api.daemon.rollback(&name, caller.0).await {
         Ok(done) => Json(done).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/releases`: the version of each service, and the upstreams of static ones.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    services: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    upstreams: std::collections::BTreeMap<String, Vec<String>>,
+    /// The order to start them in (default: by name).
+    #[serde(default)]
+    order: Vec<String>,
+}
+
+async fn release(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: Result<Json<ReleaseBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let body = match json_body(
+        body,
+        "send {\"services\": {\"web\": \"v2\", \"api\": \"v7\"}} (and \"upstreams\": {\"web\": [\"10.0.0.5:8080\"]} for static services)",
+    ) {
+        Ok(b) => b,
+        Err(refused) => return *refused,
+    };
+    if let Some(extra) = body.upstreams.keys().find(|k| !body.services.contains_key(*k)) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("upstreams are given for {extra}, which the release does not name; name it in services, or drop its upstreams"),
+        );
+    }
+    let mut names: Vec<&String> = body.order.iter().filter(|n| body.services.contains_key(*n)).collect();
+    names.extend(body.services.keys().filter(|n| !body.order.contains(n)));
+    let mut requests = Vec::new();
+    for name in names {
+        let mut upstreams = Vec::new();
+        for u in body.upstreams.get(name).into_iter().flatten() {
+            match u.parse::<SocketAddr>() {
+                Ok(a) => upstreams.push(a),
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("upstream '{u}' of {name} is not an address; write IP:PORT, e.g. 10.0.0.5:8080"),
+                    )
+                }
+            }
+        }
+        requests.push(crate::daemon::ReleaseRequest {
+            service: name.clone(),
+            version: body.services[name].clone(),
+            upstreams,
+        });
+    }
+    match api.daemon.release(requests, caller.0).await {
+        Ok(record) => (StatusCode::ACCEPTED, Json(record)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn releases(State(api): State<Api>, Query(q): Query<HistoryQuery>) -> Response {
+    match api.daemon.releases(q.limit.unwrap_or(20).min(1000)).await {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn release_id(id: &str) -> Result<u64, Box<Response>> {
+    id.parse::<u64>().map_err(|_| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("'{id}' is not a release id; `cutover releases` lists them"),
+        ))
+    })
+}
+
+async fn release_record(State(api): State<Api>, UrlPath(id): UrlPath<String>) -> Response {
+    let id = match release_id(&id) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    match api.daemon.release_record(id).await {
+        Ok(Some(r)) => Json(r).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("there is no release {id}; `cutover releases` lists them"),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn release_rollback(
+    State(api): State<Api>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let id = match release_id(&id) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    match api.daemon.rollback_release(id, caller.0).await {
+        Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -498,7 +605,7 @@ async fn deployment(State(api): State<Api>, UrlPath((name, id)): UrlPath<(String
     }
 }
 
-fn outcome_text(o: &crate::lifecycle::Outcome) -> String {
+pub(crate) fn outcome_text(o: &crate::lifecycle::Outcome) -> String {
     use crate::lifecycle::Outcome;
     match o {
         Outcome::WentLive => "went live".into(),

@@ -48,7 +48,9 @@ pub use crate::events::{EventKind, Notice};
 
 mod fleet_node;
 mod fleet_runs;
+mod release;
 pub use fleet_node::{FleetNodeView, FleetView, LocalFleetView, NodeServiceView};
+pub use release::{Member, ReleaseRecord, ReleaseRequest};
 mod supervise;
 
 /// A service as `cutover status` shows it.
@@ -194,11 +196,25 @@ enum Msg {
         reply: oneshot::Sender<Result<Transition, CommandError>>,
     },
     /// `cutover deploy`: the id is allocated by the actor, which also keeps the static upstreams.
+    /// `held`: part of a release of several services, promoted with them by the release
+    /// (`Msg::Hold`), never by itself.
     Deploy {
         version: String,
         upstreams: Vec<SocketAddr>,
         actor: String,
+        held: bool,
         reply: oneshot::Sender<Result<u64, CommandError>>,
+    },
+    /// A release switches this service together with others in one store (`release`): the actor
+    /// works out `event` (a promotion or a rollback) without committing it, replies with the
+    /// transition and the revision it was decided on, and handles nothing else until `resume`:
+    /// `Some(revision)`: the release committed it with the others' in one store (the new
+    /// revision) and switched the route table; the rest of its actions are carried out. `None`
+    /// or dropped: nothing happened.
+    Hold {
+        event: Event,
+        reply: oneshot::Sender<Result<(Transition, Revision), CommandError>>,
+        resume: oneshot::Receiver<Option<Revision>>,
     },
     Rollback {
         actor: String,
@@ -657,7 +673,9 @@ impl Daemon {
         // the table. Clients that connected meanwhile waited in the backlog; none was answered
         // from the table as it was before.
         shared.proxy.open();
-        Ok(Daemon { shared, actors })
+        let daemon = Daemon { shared, actors };
+        daemon.resume_releases().await;
+        Ok(daemon)
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
@@ -1024,6 +1042,7 @@ impl Daemon {
             version: version.to_string(),
             upstreams,
             actor: actor.to_string(),
+            held: false,
             reply,
         };
         self.actor(service)?
@@ -1721,6 +1740,8 @@ struct Actor {
     /// In a fleet with the process driver: the wait for the other nodes' instances of the
     /// deployment being provisioned ([`Actor::await_fleet_ready`]), and the nodes it waits for.
     fleet_ready: Option<(DeploymentId, JoinHandle<()>, Waiting)>,
+    /// The deployment a release of several services holds: promoted only with the others.
+    held: Option<DeploymentId>,
 }
 
 /// The nodes a wait of [`Actor::await_fleet_ready`] still waits for.
@@ -1853,18 +1874,47 @@ impl Actor {
     async fn command(&mut self, msg: Msg) -> std::ops::ControlFlow<()> {
         match msg {
             Msg::Event { event, audit, reply } => {
-                let r = self.step(event, audit).await;
+                let held = self
+                    .held
+                    .filter(|h| self.state.in_progress().is_some_and(|d| d.id == *h));
+                let r = match (&event, held) {
+                    (Event::Promote { .. }, Some(id)) => Err(CommandError::Conflict(format!(
+                        "service {}: deployment {id} is part of a release of several services, which promotes them \
+                         all at once when every one is validated; it is not promoted alone (`cutover abort {}` \
+                         aborts the whole release)",
+                        self.name(),
+                        self.name()
+                    ))),
+                    _ => self.step(event, audit).await,
+                };
                 let _ = reply.send(r);
             }
             Msg::Deploy {
                 version,
                 upstreams,
                 actor,
+                held,
                 reply,
             } => {
-                let r = self.deploy(version, upstreams, actor).await;
+                let r = self.deploy(version, upstreams, actor, held).await;
                 let _ = reply.send(r);
             }
+            Msg::Hold { event, reply, resume } => match self.state.step(event) {
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+                Ok(t) => {
+                    if reply.send(Ok((t.clone(), self.revision))).is_ok() {
+                        if let Ok(Some(revision)) = resume.await {
+                            self.revision = revision;
+                            self.state = t.state.clone();
+                            self.end_fleet_ready();
+                            self.committed();
+                            self.execute(t.actions).await;
+                        }
+                    }
+                }
+            },
             Msg::Rollback { actor, reply } => {
                 let r = self.rollback(actor).await;
                 let _ = reply.send(r);
@@ -1921,6 +1971,7 @@ impl Actor {
         version: String,
         upstreams: Vec<SocketAddr>,
         actor: String,
+        held: bool,
     ) -> Result<u64, CommandError> {
         let version = version.trim().to_string();
         supervise::inject_fault(self.name(), &version);
@@ -1973,15 +2024,21 @@ impl Actor {
             },
             result: "ok".into(),
         };
+        let mut plan = self.plan();
+        if held {
+            // Validated, it waits for the release to promote it with the others.
+            plan.promote = Promotion::Manual;
+        }
         self.step(
             Event::Deploy {
                 id,
                 release: Release::new(&version),
-                plan: self.plan(),
+                plan,
             },
             Some(audit),
         )
         .await?;
+        self.held = held.then_some(id);
         Ok(id.0)
     }
 

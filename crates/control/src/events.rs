@@ -49,6 +49,9 @@ pub enum EventKind {
     Fault,
     /// The service's live traffic was paused, resumed, put in or taken out of maintenance.
     Hold,
+    /// A release of several services began, switched them in one store, went live, or ended
+    /// otherwise (on each of its services' streams).
+    Release,
 }
 
 impl EventKind {
@@ -73,6 +76,7 @@ impl EventKind {
         EventKind::Retired,
         EventKind::Fault,
         EventKind::Hold,
+        EventKind::Release,
     ];
 
     /// The name on the wire and in `[webhooks] events`.
@@ -97,6 +101,7 @@ impl EventKind {
             EventKind::Smoke => "smoke",
             EventKind::Fault => "fault",
             EventKind::Hold => "hold",
+            EventKind::Release => "release",
         }
     }
 

@@ -911,59 +911,90 @@ impl Store {
         records: impl IntoIterator<Item = &'r Record>,
         audit: Option<Audit>,
     ) -> Result<Revision, StoreError> {
-        if state.service != service {
-            return Err(self.rejected(
-                service,
-                format!("the state to commit belongs to service {:?}", state.service),
-            ));
-        }
-        let now = now_ms();
-        let unfit = |what: Unfit| StoreError::Unrepresentable {
-            store: self.name(),
-            service: service.to_string(),
-            what: what.0,
-        };
-        let mut cols = encode_state(state).map_err(unfit)?;
-        cols.text("name", service);
-        cols.int("updated_at", now);
+        let records: Vec<&Record> = records.into_iter().collect();
+        self.commit_all(&[(service, expected, state, records)], audit)
+            .map(|revisions| revisions[0])
+    }
 
-        let fail = self.fail(format!("commit of service {service}"));
+    /// Commits several services' states (each with its records, only if at its expected
+    /// revision) in one transaction: all of them, or, on any error, none. `audit` is filed
+    /// under the first. Returns each one's new revision, in order.
+    pub fn commit_all(
+        &self,
+        commits: &[(&str, Option<Revision>, &State, Vec<&Record>)],
+        audit: Option<Audit>,
+    ) -> Result<Vec<Revision>, StoreError> {
+        let now = now_ms();
+        let Some(first) = commits.first().map(|c| c.0) else {
+            return Ok(Vec::new());
+        };
+        let mut encoded = Vec::with_capacity(commits.len());
+        for (service, _, state, _) in commits {
+            if state.service != *service {
+                return Err(self.rejected(
+                    service,
+                    format!("the state to commit belongs to service {:?}", state.service),
+                ));
+            }
+            if commits.iter().filter(|c| c.0 == *service).count() > 1 {
+                return Err(self.rejected(service, "the service is twice in one commit".to_string()));
+            }
+            let mut cols = encode_state(state).map_err(|what| StoreError::Unrepresentable {
+                store: self.name(),
+                service: service.to_string(),
+                what: what.0,
+            })?;
+            cols.text("name", service);
+            cols.int("updated_at", now);
+            encoded.push(cols);
+        }
+        let services: Vec<&str> = commits.iter().map(|c| c.0).collect();
+        let fail = self.fail(format!("commit of service {}", services.join(", ")));
         let mut conn = self.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&fail)?;
-        let found: i64 = tx
-            .query_row(
-                "SELECT COALESCE((SELECT revision FROM services WHERE name = ?1), 0)",
-                [service],
-                |r| r.get(0),
-            )
-            .map_err(&fail)?;
-        let found = Revision(found.unsigned_abs());
-        if let Some(expected) = expected.filter(|e| *e != found) {
-            return Err(StoreError::Conflict {
+        let mut revisions = Vec::with_capacity(commits.len());
+        for ((service, expected, state, records), mut cols) in commits.iter().zip(encoded) {
+            let unfit = |what: Unfit| StoreError::Unrepresentable {
                 store: self.name(),
                 service: service.to_string(),
-                expected: expected.0,
-                found: found.0,
-            });
-        }
-        let next = Revision(found.0 + 1);
-        cols.int("revision", next.0.min(i64::MAX as u64) as i64);
-        insert(&tx, "services", &cols, Some("name")).map_err(&fail)?;
-        for record in records {
-            store_record(&tx, service, state.last_id, record, now).map_err(|e| match e {
-                Failure::Sql(e) => self.commit_error(service, e),
-                Failure::Unfit(what) => unfit(what),
-                Failure::Rejected(detail) => self.rejected(service, detail),
-            })?;
+                what: what.0,
+            };
+            let found: i64 = tx
+                .query_row(
+                    "SELECT COALESCE((SELECT revision FROM services WHERE name = ?1), 0)",
+                    [service],
+                    |r| r.get(0),
+                )
+                .map_err(&fail)?;
+            let found = Revision(found.unsigned_abs());
+            if let Some(expected) = expected.filter(|e| *e != found) {
+                return Err(StoreError::Conflict {
+                    store: self.name(),
+                    service: service.to_string(),
+                    expected: expected.0,
+                    found: found.0,
+                });
+            }
+            let next = Revision(found.0 + 1);
+            cols.int("revision", next.0.min(i64::MAX as u64) as i64);
+            insert(&tx, "services", &cols, Some("name")).map_err(&fail)?;
+            for record in records {
+                store_record(&tx, service, state.last_id, record, now).map_err(|e| match e {
+                    Failure::Sql(e) => self.commit_error(service, e),
+                    Failure::Unfit(what) => unfit(what),
+                    Failure::Rejected(detail) => self.rejected(service, detail),
+                })?;
+            }
+            revisions.push(next);
         }
         if let Some(audit) = audit {
-            insert_audit(&tx, &audit, Some(service), now).map_err(&fail)?;
+            insert_audit(&tx, &audit, Some(first), now).map_err(&fail)?;
         }
         // Deferred foreign keys are checked here; on failure `tx` rolls back when dropped.
-        tx.commit().map_err(|e| self.commit_error(service, e))?;
-        Ok(next)
+        tx.commit().map_err(|e| self.commit_error(first, e))?;
+        Ok(revisions)
     }
 
     /// Appends to the audit log on its own, for requests that changed no state (refused ones).
@@ -2100,6 +2131,16 @@ mod tests;
 /// place, and one test suite runs against each (`store/tests.rs`, `shared_contract`).
 ///
 /// Every call blocks on its storage: call it off the async threads.
+/// One service's part of [`StateStore::commit_many`].
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceCommit<'a> {
+    pub service: &'a str,
+    /// The revision the state must be at ([`Revision::NONE`] if never committed).
+    pub expected: Revision,
+    pub state: &'a State,
+    pub records: &'a [Record],
+}
+
 pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// A deployment id for `service`, higher than any handed out or stored before, durably.
     fn next_deployment_id(&self, service: &str) -> Result<DeploymentId, StoreError>;
@@ -2114,6 +2155,10 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         records: &[Record],
         audit: Option<Audit>,
     ) -> Result<Revision, StoreError>;
+    /// Commits several services' states at once (each at its expected revision, with its
+    /// records): all of them or none; returns their new revisions in order. A store that cannot
+    /// commit several services in one step refuses with [`StoreError::Rejected`], writing nothing.
+    fn commit_many(&self, commits: &[ServiceCommit<'_>], audit: Option<Audit>) -> Result<Vec<Revision>, StoreError>;
     /// Appends to the audit log alone (a refused request).
     fn append_audit(&self, audit: &Audit) -> Result<(), StoreError>;
     /// The service's last committed state and its revision.
@@ -2149,6 +2194,13 @@ impl StateStore for Store {
         audit: Option<Audit>,
     ) -> Result<Revision, StoreError> {
         self.commit_at(service, Some(expected), state, records, audit)
+    }
+    fn commit_many(&self, commits: &[ServiceCommit<'_>], audit: Option<Audit>) -> Result<Vec<Revision>, StoreError> {
+        let all: Vec<(&str, Option<Revision>, &State, Vec<&Record>)> = commits
+            .iter()
+            .map(|c| (c.service, Some(c.expected), c.state, c.records.iter().collect()))
+            .collect();
+        self.commit_all(&all, audit)
     }
     fn append_audit(&self, audit: &Audit) -> Result<(), StoreError> {
         Store::append_audit(self, audit)

@@ -37,12 +37,16 @@ pub struct ServeArgs {
 
 #[derive(clap::Args)]
 pub struct DeployArgs {
-    /// The service to deploy (a [services.NAME] of the config).
-    pub service: String,
+    /// The service to deploy (a [services.NAME] of the config). Several (`web api`, or
+    /// `web=v2 api=v7` for different versions) make one release: each is provisioned and
+    /// validated, then all switch in one store.
+    #[arg(required = true, value_name = "SERVICE[=VERSION]")]
+    pub services: Vec<String>,
     /// The version to deploy; given to the instances as $CUTOVER_VERSION.
     #[arg(long)]
-    pub version: String,
-    /// For a service without `command`: an instance address HOST:PORT (repeatable).
+    pub version: Option<String>,
+    /// For a service without `command`: an instance address HOST:PORT (repeatable); in a release
+    /// of several services, SERVICE=HOST:PORT.
     #[arg(long = "upstream")]
     pub upstreams: Vec<String>,
     /// Return once the deployment has started instead of following it.
@@ -625,6 +629,15 @@ fn certificate_line(c: &serde_json::Value) -> String {
 
 /// `cutover deploy`: starts a deployment and follows it to the end.
 pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
+    if args.services.len() > 1 || args.services[0].contains('=') {
+        return release(args);
+    }
+    let service = args.services[0].clone();
+    let Some(version) = args.version.clone() else {
+        return Err(usage(format!(
+            "--version is missing: write `cutover deploy {service} --version v2` (or `cutover deploy {service}=v2`)"
+        )));
+    };
     let client = Client::from_config(args.config.config.as_deref())?;
     runtime()?.block_on(async move {
         // Subscribe first, so that no step happens unseen between the request and the stream.
@@ -633,8 +646,8 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
         } else {
             Some(client.events().await?)
         };
-        let body = serde_json::json!({ "version": args.version, "upstreams": args.upstreams });
-        let path = format!("/v1/services/{}/deploy", args.service);
+        let body = serde_json::json!({ "version": version, "upstreams": args.upstreams });
+        let path = format!("/v1/services/{service}/deploy");
         let t0 = Instant::now();
         let answer = client.call(Method::POST, &path, Some(body)).await?;
         let id = answer
@@ -647,15 +660,15 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
             } else {
                 println!(
                     "deployment {id} of {} {} started; follow it with `cutover status`",
-                    args.service, args.version
+                    service, version
                 );
             }
             return Ok(ExitCode::SUCCESS);
         };
         // The daemon's own "started" event is the first line.
-        let mut out = Progress::new(args.json, &args.service, id);
-        let service = args.service.as_str();
-        let live_line = |t0: Instant| format!("{} {} is live ({:.1?})", service, args.version, t0.elapsed());
+        let mut out = Progress::new(args.json, &service, id);
+        let service = service.as_str();
+        let live_line = |t0: Instant| format!("{} {} is live ({:.1?})", service, version, t0.elapsed());
         // The deployment ended: exit 0 if it went live (with the live line), 1 otherwise.
         let end = |out: &mut Progress, went_live: bool| {
             out.finish();
@@ -1291,4 +1304,203 @@ mod tests {
         assert_eq!(format_duration(185_000), "3m05s");
         assert_eq!(format_duration(7_620_000), "2h07m");
     }
+}
+
+/// `cutover deploy web api --version v2` (or `web=v2 api=v7`): a release of several services,
+/// followed until it is live or has ended otherwise.
+fn release(args: DeployArgs) -> anyhow::Result<ExitCode> {
+    let mut services = serde_json::Map::new();
+    let mut order = Vec::new();
+    for item in &args.services {
+        let (name, version) = match item.split_once('=') {
+            Some((name, version)) => (name.to_string(), version.to_string()),
+            None => match &args.version {
+                Some(v) => (item.clone(), v.clone()),
+                None => {
+                    return Err(usage(format!(
+                        "{item} has no version: write {item}=VERSION, or give --version for every service without one"
+                    )))
+                }
+            },
+        };
+        if name.is_empty() || version.is_empty() {
+            return Err(usage(format!("{item:?} is not SERVICE or SERVICE=VERSION")));
+        }
+        order.push(name.clone());
+        services.insert(name, serde_json::Value::String(version));
+    }
+    let mut upstreams: serde_json::Map<String, serde_json::Value> = serde_json::Map::new();
+    for u in &args.upstreams {
+        let Some((name, addr)) = u.split_once('=') else {
+            return Err(usage(format!(
+                "--upstream {u}: in a release of several services, write SERVICE=HOST:PORT (e.g. web=10.0.0.5:8080)"
+            )));
+        };
+        if !services.contains_key(name) {
+            return Err(usage(format!(
+                "--upstream {u}: {name} is not one of the services released ({})",
+                order.join(", ")
+            )));
+        }
+        let list = upstreams
+            .entry(name.to_string())
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(list) = list {
+            list.push(serde_json::Value::String(addr.to_string()));
+        }
+    }
+    let client = Client::from_config(args.config.config.as_deref())?;
+    runtime()?.block_on(async move {
+        let mut events = if args.no_wait {
+            None
+        } else {
+            Some(client.events().await?)
+        };
+        let t0 = Instant::now();
+        let body = serde_json::json!({ "services": services, "upstreams": upstreams, "order": order });
+        let record = client.call(Method::POST, "/v1/releases", Some(body)).await?;
+        let id = record["id"].as_u64().context("the daemon did not say which release")?;
+        let members: Vec<(String, u64)> = record["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| Some((m["service"].as_str()?.to_string(), m["deployment"].as_u64()?)))
+            .collect();
+        let describe = |members: &[(String, u64)]| {
+            members
+                .iter()
+                .map(|(s, d)| format!("{s} (deployment {d})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let Some(events) = events.as_mut() else {
+            if args.json {
+                println!("{record}");
+            } else {
+                println!(
+                    "release {id} started: {}; follow it with `cutover releases`",
+                    describe(&members)
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        };
+        if !args.json {
+            println!("release {id}: {}", describe(&members));
+        }
+        let mut last_release_line = String::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
+            match next {
+                Ok(Ok(Some(ev))) => {
+                    let ours = members.iter().any(|(s, d)| {
+                        ev["service"].as_str() == Some(s.as_str()) && ev["deployment"].as_u64() == Some(*d)
+                    });
+                    let release_line = ev["kind"] == "release";
+                    if ours && !(release_line && ev["message"].as_str() == Some(last_release_line.as_str())) {
+                        if release_line {
+                            last_release_line = ev["message"].as_str().unwrap_or_default().to_string();
+                        }
+                        if args.json {
+                            println!("{ev}");
+                        } else {
+                            println!(
+                                "[{:>6.1}s] {}: {}",
+                                t0.elapsed().as_secs_f64(),
+                                ev["service"].as_str().unwrap_or_default(),
+                                ev["message"].as_str().unwrap_or_default()
+                            );
+                        }
+                    }
+                }
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    return Err(usage(format!(
+                        "the daemon closed the event stream while following release {id}; see `cutover releases`"
+                    )))
+                }
+                Err(_) => {}
+            }
+            let now = client.call(Method::GET, &format!("/v1/releases/{id}"), None).await?;
+            let status = now["status"].as_str().unwrap_or_default();
+            if matches!(status, "live" | "aborted" | "rolled_back" | "interrupted") {
+                if args.json {
+                    println!("{now}");
+                } else if status == "live" {
+                    println!("release {id} is live ({:.1?})", t0.elapsed());
+                } else {
+                    println!(
+                        "release {id} {}: {}",
+                        status.replace('_', " "),
+                        now["reason"].as_str().unwrap_or_default()
+                    );
+                }
+                return Ok(if status == "live" {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
+        }
+    })
+}
+
+#[derive(clap::Args)]
+pub struct ReleasesArgs {
+    /// Roll this release back: every service of it goes back to its warm colour in one store.
+    #[arg(long, value_name = "ID")]
+    pub rollback: Option<u64>,
+    /// How many releases to list.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// `cutover releases`: the last releases of several services; `--rollback ID` rolls one back.
+pub fn releases(args: ReleasesArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_config(args.config.config.as_deref())?;
+    runtime()?.block_on(async move {
+        if let Some(id) = args.rollback {
+            let r = client
+                .call(Method::POST, &format!("/v1/releases/{id}/rollback"), None)
+                .await?;
+            if args.json {
+                println!("{r}");
+            } else {
+                println!("release {id} rolled back in one store");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let list = client
+            .call(Method::GET, &format!("/v1/releases?limit={}", args.limit), None)
+            .await?;
+        if args.json {
+            println!("{list}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        for r in list.as_array().into_iter().flatten() {
+            let members: Vec<String> = r["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    format!(
+                        "{} {} (deployment {})",
+                        m["service"].as_str().unwrap_or_default(),
+                        m["version"].as_str().unwrap_or_default(),
+                        m["deployment"]
+                    )
+                })
+                .collect();
+            println!(
+                "release {}: {}{} - {}",
+                r["id"],
+                r["status"].as_str().unwrap_or_default().replace('_', " "),
+                r["reason"].as_str().map(|x| format!(" ({x})")).unwrap_or_default(),
+                members.join(", ")
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -73,6 +73,9 @@ enum Command {
     /// Deploy a version of a service to its idle colour and follow it until live (exit 0) or
     /// failed, aborted or rolled back (exit 1).
     Deploy(commands::DeployArgs),
+    /// Releases of several services (`cutover deploy web api ...`): each one's status and
+    /// services; `--rollback ID` switches every service of one back in one store.
+    Releases(commands::ReleasesArgs),
     /// Promote the validated deployment that waits for it (manual promotion).
     Promote(commands::ServiceArgs),
     /// Send live traffic back to the previous release: instantly while its colour is warm,
@@ -178,6 +181,7 @@ fn main() -> ExitCode {
         Command::Maintenance(args) => commands::maintenance(args),
         Command::Reload(args) => commands::reload(args),
         Command::Deploy(args) => commands::deploy(args),
+        Command::Releases(args) => commands::releases(args),
         Command::Promote(args) => commands::action("promote", args),
         Command::Rollback(args) => commands::action("rollback", args),
         Command::Abort(args) => commands::action("abort", args),

@@ -272,6 +272,37 @@ impl Proxy {
         Ok(true)
     }
 
+    /// Makes each `(service, colour)` live in one store: a request whose head arrives after this
+    /// returns goes to the new colour of every one of them; none sees some switched and others
+    /// not. An unknown service refuses the whole switch (nothing is stored). Pins end, as at any
+    /// switch. Returns the services whose live colour changed.
+    pub fn switch_many(&self, to: &[(&str, Colour)]) -> Result<Vec<String>, TableError> {
+        let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.shared.table.load();
+        let mut next: Option<crate::table::RouteTable> = None;
+        let mut changed = Vec::new();
+        for (service, colour) in to {
+            let base: &crate::table::RouteTable = next.as_ref().unwrap_or(&current);
+            let svc = base
+                .service(service)
+                .ok_or_else(|| TableError::UnknownService(service.to_string()))?;
+            if svc.active == *colour {
+                continue;
+            }
+            let switched = base.with_service(service, |s| {
+                s.active = *colour;
+                s.pin = None;
+                Ok(())
+            })?;
+            next = Some(switched);
+            changed.push(service.to_string());
+        }
+        if let Some(next) = next {
+            self.store(&current, next);
+        }
+        Ok(changed)
+    }
+
     /// Ends the pin of `colour` in `service`: its sessions go to the live colour from now on.
     /// Returns false when nothing was pinned there.
     pub fn unpin(&self, service: &str, colour: Colour) -> Result<bool, TableError> {

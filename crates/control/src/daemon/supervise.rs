@@ -139,6 +139,7 @@ impl Actor {
             urgent: None,
             fleet_said: None,
             fleet_ready: None,
+            held: None,
         };
         Ok((actor, reports_rx))
     }

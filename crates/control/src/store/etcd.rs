@@ -734,6 +734,25 @@ async fn send_commit(mut kv: KvClient, commit: CommitTxn) -> Result<Committed, e
 }
 
 impl StateStore for EtcdStore {
+    fn commit_many(
+        &self,
+        commits: &[crate::store::ServiceCommit<'_>],
+        audit: Option<Audit>,
+    ) -> Result<Vec<Revision>, StoreError> {
+        match commits {
+            [] => Ok(Vec::new()),
+            [one] => self
+                .commit(one.service, one.expected, one.state, one.records, audit)
+                .map(|r| vec![r]),
+            [first, ..] => Err(StoreError::Rejected {
+                store: self.name.clone(),
+                service: first.service.to_string(),
+                detail: "the etcd store commits one service at a time; a release of several services \
+                         switched as one is not available in a fleet yet: deploy them one at a time"
+                    .into(),
+            }),
+        }
+    }
     fn next_deployment_id(&self, service: &str) -> Result<DeploymentId, StoreError> {
         let kv = self.kv.clone();
         let name = self.name.clone();

@@ -1997,3 +1997,81 @@ fn the_json_encoding_is_explicit_and_stable() {
     let err = serde_json::from_str::<Live>(r#"{"colour":"red","release":"v1"}"#).unwrap_err();
     assert!(err.to_string().contains("red"), "{err}");
 }
+
+/// Several services committed at once: all of them, or, when one is not at its expected
+/// revision, none (the others' states, records and audit untouched).
+#[test]
+fn several_services_commit_in_one_transaction_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let plan = plans().remove(0);
+    let deploy = |service: &str, id: u64| {
+        State::new(service)
+            .step(Event::Deploy {
+                id: DeploymentId(id),
+                release: rel("v1"),
+                plan: plan.clone(),
+            })
+            .unwrap()
+    };
+    let (web, api) = (deploy("web", 1), deploy("api", 1));
+    let web_records: Vec<Record> = web.records().cloned().collect();
+    let api_records: Vec<Record> = api.records().cloned().collect();
+    let commit = |expected_api: Revision| {
+        StateStore::commit_many(
+            &store,
+            &[
+                ServiceCommit {
+                    service: "web",
+                    expected: Revision::NONE,
+                    state: &web.state,
+                    records: &web_records,
+                },
+                ServiceCommit {
+                    service: "api",
+                    expected: expected_api,
+                    state: &api.state,
+                    records: &api_records,
+                },
+            ],
+            Some(audit("cli", "deploy", "release 1")),
+        )
+    };
+    // api is not at revision 3: nothing of either is written.
+    let err = commit(Revision(3)).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict { service, .. } if service == "api"),
+        "{err}"
+    );
+    assert_eq!(store.load("web").unwrap(), None);
+    assert_eq!(store.history("web", 10).unwrap(), vec![]);
+    assert_eq!(store.audit_log(10).unwrap(), vec![]);
+    // At the right revisions: both, with their records, one audit entry.
+    let revisions = commit(Revision::NONE).unwrap();
+    assert_eq!(revisions, vec![Revision(1), Revision(1)]);
+    assert_eq!(store.load("web").unwrap(), Some(web.state.clone()));
+    assert_eq!(store.load("api").unwrap(), Some(api.state.clone()));
+    assert_eq!(store.history("api", 10).unwrap().len(), 1);
+    assert_eq!(store.audit_log(10).unwrap().len(), 1);
+    // A service twice in one commit is refused.
+    let twice = StateStore::commit_many(
+        &store,
+        &[
+            ServiceCommit {
+                service: "web",
+                expected: Revision(1),
+                state: &web.state,
+                records: &[],
+            },
+            ServiceCommit {
+                service: "web",
+                expected: Revision(1),
+                state: &web.state,
+                records: &[],
+            },
+        ],
+        None,
+    );
+    assert!(matches!(twice, Err(StoreError::Rejected { .. })), "{twice:?}");
+    assert_eq!(store.load_at("web").unwrap().unwrap().1, Revision(1));
+}

@@ -1,0 +1,356 @@
+//! Releases of several services switched as one: a real daemon, real demo apps, keep-alive
+//! clients on both services.
+
+mod common;
+
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_port, kill_marked, spawn_demo_app, wait_until, Proc, BIN};
+
+struct Site {
+    _daemon: Proc,
+    marker: String,
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    front: SocketAddr,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        kill_marked(&self.marker);
+    }
+}
+
+impl Site {
+    /// A daemon with services `web` (host web.test) and `api` (host api.test), each with
+    /// `service_extra` in its table.
+    fn start(service_extra: &str) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("cutover.toml");
+        let service = |name: &str| {
+            format!(
+                "[services.{name}]\nhosts = [\"{name}.test\"]\n\
+                 health = {{ path = \"/up\", interval = \"100ms\", healthy = 1, deadline = \"4s\" }}\n\
+                 watch = {{ duration = \"500ms\", min_requests = 1 }}\n{}\n",
+                service_extra.replace("NAME", name)
+            )
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n{}{}",
+                service("web"),
+                service("api")
+            ),
+        )
+        .unwrap();
+        let marker = format!("release-{}-{port}", std::process::id());
+        let daemon = Command::new(BIN)
+            .args(["serve", "-c"])
+            .arg(&config)
+            .env("CUTOVER_TEST_OWNER", &marker)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let site = Site {
+            _daemon: Proc(daemon),
+            marker: format!("CUTOVER_TEST_OWNER={marker}"),
+            _dir: dir,
+            config,
+            front: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), || site.cli(&["status"]).status.success()),
+            "the daemon did not start"
+        );
+        site
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    fn get(&self, host: &str) -> Option<(u16, String)> {
+        let stream = TcpStream::connect(self.front).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut writer = stream.try_clone().ok()?;
+        let mut reader = BufReader::new(stream);
+        writer
+            .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+            .ok()?;
+        common::read_answer(&mut reader).ok()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A keep-alive client asking web.test and api.test in turn until `stop` (at most 60 s, 40000
+/// requests): each answer's body in order, and the failures.
+fn client(front: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<String>, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut answers, mut failures) = (Vec::new(), Vec::new());
+        let started = Instant::now();
+        let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) && answers.len() < 40_000 {
+            if conn.is_none() {
+                match TcpStream::connect(front) {
+                    Ok(s) => {
+                        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        conn = Some((BufReader::new(s.try_clone().unwrap()), s));
+                    }
+                    Err(e) => {
+                        failures.push(format!("connect: {e}"));
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                }
+            }
+            let host = if n.is_multiple_of(2) { "web.test" } else { "api.test" };
+            n += 1;
+            let (reader, writer) = conn.as_mut().unwrap();
+            match writer
+                .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+                .and_then(|_| common::read_response(reader))
+            {
+                Ok((200, body, close)) => {
+                    answers.push(body);
+                    if close {
+                        conn = None;
+                    }
+                }
+                Ok((status, body, _)) => {
+                    failures.push(format!("{host}: {status} {body}"));
+                    conn = None;
+                }
+                Err(e) => {
+                    failures.push(format!("{host}: {e}"));
+                    conn = None;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (answers, failures)
+    })
+}
+
+/// In each client's sequence of answers (web and api in turn, one at a time): once one came
+/// from `to`, none came from `from` (of either service).
+fn never_back(seen: &[(Vec<String>, Vec<String>)], from: &str, to: &str) {
+    for (n, (answers, failures)) in seen.iter().enumerate() {
+        assert!(
+            failures.is_empty(),
+            "client {n} failed: {:?}",
+            &failures[..failures.len().min(5)]
+        );
+        let first = answers
+            .iter()
+            .position(|a| a.starts_with(to))
+            .unwrap_or_else(|| panic!("client {n} never saw {to}"));
+        if let Some(back) = answers[first..].iter().position(|a| a.starts_with(from)) {
+            panic!(
+                "client {n} saw {:?} after {:?}: {:?}",
+                answers[first + back],
+                answers[first],
+                &answers[first.saturating_sub(2)..(first + back + 2).min(answers.len())]
+            );
+        }
+        assert!(
+            answers[..first].iter().any(|a| a.starts_with(from)),
+            "client {n} saw {from} first"
+        );
+    }
+}
+
+/// Two services released as one, under keep-alive load on both: after the switch no client sees
+/// a v1 answer from either service once it has seen a v2 answer from either; the release's
+/// rollback goes back the same way; history shows the release and its services.
+#[test]
+fn a_release_switches_several_services_in_one_store_and_rolls_back_the_same_way() {
+    let site = Site::start("");
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let _apps = [
+        Proc(spawn_demo_app(ports[0], "v1", "web")),
+        Proc(spawn_demo_app(ports[1], "v2", "web")),
+        Proc(spawn_demo_app(ports[2], "v1", "api")),
+        Proc(spawn_demo_app(ports[3], "v2", "api")),
+    ];
+    let up = |service: &str, port: u16| format!("--upstream={service}=127.0.0.1:{port}");
+    let out = site.cli(&[
+        "deploy",
+        "web",
+        "api",
+        "--version",
+        "v1",
+        &up("web", ports[0]),
+        &up("api", ports[2]),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(site.get("web.test"), Some((200, "v1 web".into())));
+    assert_eq!(site.get("api.test"), Some((200, "v1 api".into())));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4).map(|_| client(site.front, stop.clone())).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = site.cli(&["deploy", "web=v2", "api=v2", &up("web", ports[1]), &up("api", ports[3])]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("switched in one store") && said.contains("release 2 is live"),
+        "{said}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    never_back(&seen, "v1", "v2");
+
+    // The release's rollback: both back to v1 in one store, the same way.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4).map(|_| client(site.front, stop.clone())).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = site.cli(&["releases", "--rollback", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    never_back(&seen, "v2", "v1");
+    assert_eq!(site.get("web.test"), Some((200, "v1 web".into())));
+    assert_eq!(site.get("api.test"), Some((200, "v1 api".into())));
+
+    let list = text(&site.cli(&["releases", "--json"]));
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let two = list.as_array().unwrap().iter().find(|r| r["id"] == 2).unwrap();
+    assert_eq!(two["status"], "rolled_back", "{two}");
+    let services: Vec<&str> = two["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(services, ["web", "api"], "{two}");
+    // A deployment of one service is refused while a release holds it... and a release
+    // touching a service being deployed is refused with a clear error.
+    let slow = site.cli(&[
+        "deploy",
+        "web",
+        "--version",
+        "v3-unhealthy",
+        "--no-wait",
+        &format!("--upstream=127.0.0.1:{}", ports[1]),
+    ]);
+    assert!(slow.status.success(), "{}", text(&slow));
+    let out = site.cli(&["deploy", "web=v2", "api=v2", &up("web", ports[1]), &up("api", ports[3])]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("a deployment is in progress on web"), "{said}");
+}
+
+/// A release where one service fails its health check: nothing switched, and every service's
+/// new instances are stopped, the healthy ones included.
+#[test]
+fn a_release_with_one_failing_service_switches_nothing_and_stops_every_new_instance() {
+    let site = Site::start(&format!(
+        "command = \"exec {BIN} demo-app --port {{port}} --colour NAME-$CUTOVER_COLOUR\"\ninstances = 2\n"
+    ));
+    let out = site.cli(&["deploy", "web", "api", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(site.get("web.test"), Some((200, "v1 web-blue".into())));
+    assert_eq!(site.get("api.test"), Some((200, "v1 api-blue".into())));
+    let green = |name: &str| {
+        let tag = format!("{name}-green");
+        let mut n = 0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let (Ok(cmdline), Ok(env)) = (
+                std::fs::read(entry.path().join("cmdline")),
+                std::fs::read(entry.path().join("environ")),
+            ) else {
+                continue;
+            };
+            let has = |text: &[u8], what: &str| text.split(|b| *b == 0).any(|a| a == what.as_bytes());
+            if has(&cmdline, &tag) && has(&env, &site.marker) {
+                n += 1;
+            }
+        }
+        n
+    };
+
+    let out = site.cli(&["deploy", "web=v2", "api=v2-unhealthy"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("release 2 aborted: service api"), "{said}");
+    assert!(said.contains("not healthy within"), "{said}");
+    assert_eq!(
+        site.get("web.test"),
+        Some((200, "v1 web-blue".into())),
+        "nothing switched"
+    );
+    assert_eq!(site.get("api.test"), Some((200, "v1 api-blue".into())));
+    for name in ["web", "api"] {
+        assert!(
+            wait_until(Duration::from_secs(15), || green(name) == 0),
+            "{name}'s green instances still run: {}",
+            green(name)
+        );
+    }
+}
+
+/// One service's watch failing after the switch rolls the whole release back.
+#[test]
+fn a_watch_failing_on_one_service_rolls_the_whole_release_back() {
+    let site = Site::start("");
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let _apps = [
+        Proc(spawn_demo_app(ports[0], "v1", "web")),
+        Proc(spawn_demo_app(ports[1], "v2", "web")),
+        Proc(spawn_demo_app(ports[2], "v1", "api")),
+        Proc(spawn_demo_app(ports[3], "v2-broken", "api")),
+    ];
+    let up = |service: &str, port: u16| format!("--upstream={service}=127.0.0.1:{port}");
+    let out = site.cli(&[
+        "deploy",
+        "web",
+        "api",
+        "--version",
+        "v1",
+        &up("web", ports[0]),
+        &up("api", ports[2]),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = client(site.front, stop.clone());
+    let out = site.cli(&[
+        "deploy",
+        "web=v2",
+        "api=v2-broken",
+        &up("web", ports[1]),
+        &up("api", ports[3]),
+    ]);
+    let said = text(&out);
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.join();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("release 2 rolled back: service api"), "{said}");
+    assert_eq!(site.get("web.test"), Some((200, "v1 web".into())));
+    assert_eq!(site.get("api.test"), Some((200, "v1 api".into())));
+    let list: serde_json::Value = serde_json::from_slice(&site.cli(&["releases", "--json"]).stdout).unwrap();
+    assert_eq!(list[0]["status"], "rolled_back", "{list}");
+}
