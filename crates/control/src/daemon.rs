@@ -196,13 +196,13 @@ enum Msg {
         reply: oneshot::Sender<Result<Transition, CommandError>>,
     },
     /// `cutover deploy`: the id is allocated by the actor, which also keeps the static upstreams.
-    /// `held`: part of a release of several services, promoted with them by the release
-    /// (`Msg::Hold`), never by itself.
+    /// `held`: part of release N of several services: validated once every service's instances
+    /// are healthy, promoted with them by the release (`Msg::Hold`), never by itself.
     Deploy {
         version: String,
         upstreams: Vec<SocketAddr>,
         actor: String,
-        held: bool,
+        held: Option<u64>,
         reply: oneshot::Sender<Result<u64, CommandError>>,
     },
     /// A release switches this service together with others in one store (`release`): the actor
@@ -383,7 +383,19 @@ struct Shared {
     certificate_watch: Mutex<Option<JoinHandle<()>>>,
     /// This node's part in a fleet (`[fleet]`); `None` for a daemon on its own.
     fleet: Option<Arc<fleet_node::FleetNode>>,
+    /// Per release of several services: how many services it has, and those whose new
+    /// instances are healthy (see `Actor::await_release_healthy`).
+    barriers: Mutex<BarrierMap>,
 }
+
+/// See [`Shared::barriers`].
+type BarrierMap = std::collections::HashMap<
+    u64,
+    (
+        Vec<String>,
+        tokio::sync::watch::Sender<std::collections::BTreeSet<String>>,
+    ),
+>;
 
 impl Shared {
     fn notice(
@@ -637,6 +649,7 @@ impl Daemon {
             certificates,
             certificate_watch: Mutex::new(certificate_watch),
             fleet,
+            barriers: Mutex::new(Default::default()),
         });
 
         let actors: Arc<fleet_node::Actors> = Arc::default();
@@ -1042,7 +1055,7 @@ impl Daemon {
             version: version.to_string(),
             upstreams,
             actor: actor.to_string(),
-            held: false,
+            held: None,
             reply,
         };
         self.actor(service)?
@@ -1740,9 +1753,16 @@ struct Actor {
     /// In a fleet with the process driver: the wait for the other nodes' instances of the
     /// deployment being provisioned ([`Actor::await_fleet_ready`]), and the nodes it waits for.
     fleet_ready: Option<(DeploymentId, JoinHandle<()>, Waiting)>,
-    /// The deployment a release of several services holds: promoted only with the others.
-    held: Option<DeploymentId>,
+    /// The deployment a release of several services holds (and the release): validated once
+    /// all its services are healthy, promoted only with the others.
+    held: Option<(DeploymentId, u64)>,
+    /// The wait for the other services of the held deployment's release to be healthy.
+    release_ready: Option<(DeploymentId, JoinHandle<()>)>,
 }
+
+/// How a held deployment's failure begins when its own instances were healthy but the other
+/// services of its release were not in time (the release names the service that failed first).
+const WAITED_FOR_RELEASE: &str = "healthy, but waited in vain for the release's other services";
 
 /// The nodes a wait of [`Actor::await_fleet_ready`] still waits for.
 type Waiting = Arc<Mutex<Vec<String>>>;
@@ -1876,6 +1896,7 @@ impl Actor {
             Msg::Event { event, audit, reply } => {
                 let held = self
                     .held
+                    .map(|(d, _)| d)
                     .filter(|h| self.state.in_progress().is_some_and(|d| d.id == *h));
                 let r = match (&event, held) {
                     (Event::Promote { .. }, Some(id)) => Err(CommandError::Conflict(format!(
@@ -1971,7 +1992,7 @@ impl Actor {
         version: String,
         upstreams: Vec<SocketAddr>,
         actor: String,
-        held: bool,
+        held: Option<u64>,
     ) -> Result<u64, CommandError> {
         let version = version.trim().to_string();
         supervise::inject_fault(self.name(), &version);
@@ -2025,7 +2046,7 @@ impl Actor {
             result: "ok".into(),
         };
         let mut plan = self.plan();
-        if held {
+        if held.is_some() {
             // Validated, it waits for the release to promote it with the others.
             plan.promote = Promotion::Manual;
         }
@@ -2038,7 +2059,7 @@ impl Actor {
             Some(audit),
         )
         .await?;
-        self.held = held.then_some(id);
+        self.held = held.map(|release| (id, release));
         Ok(id.0)
     }
 
@@ -2774,6 +2795,9 @@ impl Actor {
         if let Some((_, task, _)) = self.fleet_ready.take() {
             task.abort();
         }
+        if let Some((_, task)) = self.release_ready.take() {
+            task.abort();
+        }
         if let Some((_, task)) = self.watch.take() {
             task.abort();
         }
@@ -2923,6 +2947,9 @@ impl Actor {
             } else if self.runs_on_every_node() {
                 self.await_fleet_ready(d, colour);
                 None
+            } else if let Some(release) = self.held.filter(|(h, _)| *h == d).map(|(_, r)| r) {
+                self.await_release_healthy(d, release);
+                None
             } else {
                 Some(Event::InstancesHealthy { id: d })
             }
@@ -3038,6 +3065,37 @@ impl Actor {
         }
     }
 
+    /// This service's instances of `deployment`, held by `release`, are healthy: once every
+    /// service of the release has its own healthy, the deployment moves on to its smoke test,
+    /// which can then call the other services' new instances (a release's smoke tests exercise
+    /// the whole new stack). The health deadline bounds the wait.
+    fn await_release_healthy(&mut self, deployment: DeploymentId, release: u64) {
+        if self.release_ready.as_ref().is_some_and(|(d, _)| *d == deployment) {
+            return;
+        }
+        let barrier = self
+            .shared
+            .barriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&release)
+            .cloned();
+        let (reports, name) = (self.reports.clone(), self.name().to_string());
+        let task = tokio::spawn(async move {
+            if let Some((members, tx)) = barrier {
+                tx.send_modify(|healthy| {
+                    healthy.insert(name);
+                });
+                let mut rx = tx.subscribe();
+                let _ = rx.wait_for(|healthy| members.iter().all(|m| healthy.contains(m))).await;
+            }
+            let _ = reports.send(Report::Event(Event::InstancesHealthy { id: deployment }));
+        });
+        if let Some((_, old)) = self.release_ready.replace((deployment, task)) {
+            old.abort();
+        }
+    }
+
     /// Ends the wait for the other nodes' readiness unless it is for the deployment being
     /// provisioned now.
     fn end_fleet_ready(&mut self) {
@@ -3050,11 +3108,38 @@ impl Actor {
                 task.abort();
             }
         }
+        if self.release_ready.as_ref().is_some_and(|(d, _)| Some(*d) != current) {
+            if let Some((_, task)) = self.release_ready.take() {
+                task.abort();
+            }
+        }
     }
 
     /// The event a health deadline of `deployment` raises: while other nodes' instances are
     /// waited for, a failure naming them.
     fn deadline_event(&self, deployment: DeploymentId) -> Event {
+        if self.release_ready.as_ref().is_some_and(|(d, _)| *d == deployment) {
+            let release = self.held.map_or(0, |(_, r)| r);
+            let waiting: Vec<String> = self
+                .shared
+                .barriers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&release)
+                .map(|(members, tx)| {
+                    let healthy = tx.borrow();
+                    members.iter().filter(|m| !healthy.contains(*m)).cloned().collect()
+                })
+                .unwrap_or_default();
+            return Event::ProvisionFailed {
+                id: deployment,
+                reason: format!(
+                    "{WAITED_FOR_RELEASE} ({}) to have theirs healthy within {:?}",
+                    waiting.join(", "),
+                    self.cfg.health.deadline
+                ),
+            };
+        }
         let waiting = self
             .fleet_ready
             .as_ref()
@@ -3339,6 +3424,13 @@ fn instance_spec(
         state_dir: config.server.state_dir.clone(),
         grace: crate::process::DEFAULT_GRACE,
         backoff: Default::default(),
+        peers: config.server.listen.first().map(|a| crate::process::Peers {
+            url: match a.ip().is_unspecified() {
+                true => format!("http://127.0.0.1:{}", a.port()),
+                false => format!("http://{a}"),
+            },
+            token: shared.preview_token.clone(),
+        }),
     }
 }
 
@@ -3658,6 +3750,7 @@ mod tests {
             state_dir: PathBuf::from("/srv/web/.cutover"),
             grace: Duration::from_secs(1),
             backoff: Default::default(),
+            peers: None,
         }
     }
 

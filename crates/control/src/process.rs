@@ -136,6 +136,23 @@ pub struct InstanceSpec {
     pub grace: Duration,
     /// Delays between restarts of an instance that keeps exiting.
     pub backoff: Backoff,
+    /// How the instances reach the other services' instances of their own colour through
+    /// cutover (`CUTOVER_PEER_URL`, `CUTOVER_PEER_TOKEN`); `None` gives them nothing.
+    pub peers: Option<Peers>,
+}
+
+/// The way to the same colour of the other services: cutover's listener, and the token that,
+/// with `X-Cutover-Colour`, selects a colour there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Peers {
+    pub url: String,
+    pub token: String,
+}
+
+impl fmt::Debug for Peers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Peers").field("url", &self.url).finish_non_exhaustive()
+    }
 }
 
 /// Exponential backoff between restarts: `initial`, doubling on each exit up to `max`. An
@@ -891,6 +908,12 @@ fn spawn(spec: &InstanceSpec, index: u32, port: u16, why: &str) -> Result<Proc, 
         .env("CUTOVER_COLOUR", spec.colour.as_str())
         .env("CUTOVER_VERSION", &spec.version)
         .env("CUTOVER_INSTANCE", index.to_string())
+        .envs(spec.peers.iter().flat_map(|p| {
+            [
+                ("CUTOVER_PEER_URL", p.url.as_str()),
+                ("CUTOVER_PEER_TOKEN", p.token.as_str()),
+            ]
+        }))
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -1562,6 +1585,7 @@ mod tests {
             workdir: dir.to_path_buf(),
             state_dir: dir.join("state"),
             grace: Duration::from_secs(60),
+            peers: None,
             backoff: Backoff::default(),
         }
     }

@@ -354,3 +354,82 @@ fn a_watch_failing_on_one_service_rolls_the_whole_release_back() {
     let list: serde_json::Value = serde_json::from_slice(&site.cli(&["releases", "--json"]).stdout).unwrap();
     assert_eq!(list[0]["status"], "rolled_back", "{list}");
 }
+
+/// Same-colour calls: the web app calls api through cutover with `CUTOVER_PEER_URL`,
+/// `CUTOVER_PEER_TOKEN` and its own colour in `X-Cutover-Colour`. During a release's validation
+/// green web reaches green api (its smoke test exercises the new stack end to end: it runs once
+/// every service's new instances are healthy: api's start 1 s later than web's), while blue web,
+/// live, reaches blue api; after the switch, the other way round. Asserted by the versions the
+/// instances report.
+#[test]
+fn each_colour_of_a_release_calls_its_own_colour_of_the_other_services() {
+    const WEB: &str = r#"
+import http.server, os, urllib.request
+version, colour = os.environ["CUTOVER_VERSION"], os.environ["CUTOVER_COLOUR"]
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        status, body = 200, b"ok"
+        if self.path != "/up":
+            req = urllib.request.Request(os.environ["CUTOVER_PEER_URL"] + "/", headers={
+                "Host": "api.test",
+                "X-Cutover-Preview": os.environ["CUTOVER_PEER_TOKEN"],
+                "X-Cutover-Colour": colour,
+            })
+            try:
+                api = urllib.request.urlopen(req, timeout=5).read().decode()
+            except Exception as e:
+                status, api = 502, f"failed: {e}"
+            body = f"web {version} {colour} -> {api}".encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.py"), WEB).unwrap();
+    let smoke_log = dir.path().join("smoke.log");
+    let site = Site::start(&format!(
+        "command = \"if [ NAME = web ]; then exec python3 {web}; else [ $CUTOVER_VERSION = v2 ] && sleep 1; exec {BIN} demo-app --port {{port}} --colour api-$CUTOVER_COLOUR; fi\"\n\
+         instances = 1\n\
+         validate = {{ smoke = 'curl -sf -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\" -H \"Host: NAME.test\" \"$CUTOVER_PREVIEW_URL/\" >> {log} && echo >> {log}' }}\n",
+        web = dir.path().join("web.py").display(),
+        log = smoke_log.display(),
+    ));
+    let out = site.cli(&["deploy", "web", "api", "--version", "v1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(site.get("web.test"), Some((200, "web v1 blue -> v1 api-blue".into())));
+
+    // v2 of both: while green is validated (held until both are), live blue web still calls
+    // blue api; green web's smoke test called green api.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = client(site.front, stop.clone());
+    let out = site.cli(&["deploy", "web", "api", "--version", "v2"]);
+    stop.store(true, Ordering::Relaxed);
+    let (answers, failures) = load.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(failures.is_empty(), "{:?}", &failures[..failures.len().min(5)]);
+    for a in answers.iter().filter(|a| a.starts_with("web")) {
+        assert!(
+            a == "web v1 blue -> v1 api-blue" || a == "web v2 green -> v2 api-green",
+            "a web answer across colours: {a}"
+        );
+    }
+    let smokes = std::fs::read_to_string(&smoke_log).unwrap();
+    assert!(
+        smokes.lines().any(|l| l == "web v2 green -> v2 api-green"),
+        "green web's smoke test reached green api: {smokes}"
+    );
+    assert_eq!(site.get("web.test"), Some((200, "web v2 green -> v2 api-green".into())));
+    // Without the token, the colour header selects nothing: live.
+    let stream = TcpStream::connect(site.front).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    writer
+        .write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\nX-Cutover-Colour: blue\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert_eq!(common::read_answer(&mut reader).unwrap(), (200, "v2 api-green".into()));
+}

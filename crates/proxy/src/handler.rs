@@ -392,6 +392,16 @@ async fn proxy(
     // keeps this snapshot (one reference count) to the end, so its colour and pool cannot change
     // under it whatever is stored meanwhile.
     let preview_header = parts.headers.get(&X_CUTOVER_PREVIEW);
+    let colour_header = parts.headers.get(&headers::X_CUTOVER_COLOUR).and_then(|v| {
+        let v = v.as_bytes();
+        if v.eq_ignore_ascii_case(b"blue") {
+            Some(Colour::Blue)
+        } else if v.eq_ignore_ascii_case(b"green") {
+            Some(Colour::Green)
+        } else {
+            None
+        }
+    });
     let request_headers = &parts.headers;
     let route = || {
         enter(
@@ -401,7 +411,10 @@ async fn proxy(
             !ctx.tls,
             |svc| {
                 let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
-                if ctx.preview_listener || preview {
+                if let (true, Some(colour)) = (preview, colour_header) {
+                    // An instance calling a peer of its own colour: counted as live when it is.
+                    (colour, colour == svc.active, None)
+                } else if ctx.preview_listener || preview {
                     (svc.active.other(), false, None)
                 } else if let Some(affinity) = &svc.affinity {
                     sticky_route(affinity, svc, request_headers)

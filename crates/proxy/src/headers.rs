@@ -17,6 +17,10 @@ pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forw
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Carries the preview token; removed from every request before it is forwarded.
 pub static X_CUTOVER_PREVIEW: HeaderName = HeaderName::from_static("x-cutover-preview");
+/// With a valid `X-Cutover-Preview`: the colour to route to (`blue` or `green`), live or not.
+/// Lets an instance reach the other services' instances of its own colour through the proxy.
+/// Without a valid token it selects nothing. Stripped before forwarding.
+pub static X_CUTOVER_COLOUR: HeaderName = HeaderName::from_static("x-cutover-colour");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -156,6 +160,7 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
         || name == X_CUTOVER_PREVIEW
+        || name == X_CUTOVER_COLOUR
 }
 
 /// Header names listed in `Connection` (other than the standard tokens) are hop-by-hop too.

@@ -155,13 +155,20 @@ impl Daemon {
             ended_at: None,
             actor: actor.to_string(),
         };
+        self.shared.barriers.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            (
+                requests.iter().map(|r| r.service.clone()).collect(),
+                tokio::sync::watch::channel(Default::default()).0,
+            ),
+        );
         for r in &requests {
             let (reply, rx) = oneshot::channel();
             let msg = Msg::Deploy {
                 version: r.version.clone(),
                 upstreams: r.upstreams.clone(),
                 actor: format!("{actor} (release {id})"),
-                held: true,
+                held: Some(id),
                 reply,
             };
             let started = match self.actor(&r.service) {
@@ -191,10 +198,7 @@ impl Daemon {
                 Err(e) => {
                     let reason = format!("service {}: {e}", r.service);
                     self.abort_members(&record).await;
-                    record.status = "aborted".into();
-                    record.reason = Some(reason.clone());
-                    record.ended_at = Some(unix_ms(std::time::SystemTime::now()));
-                    self.save_release(&record).await;
+                    self.end_release(&mut record, "aborted", reason.clone()).await;
                     return Err(match e {
                         CommandError::BadRequest(_) => CommandError::BadRequest(format!("release {id}: {reason}")),
                         _ => CommandError::Conflict(format!("release {id}: {reason}")),
@@ -306,9 +310,23 @@ impl Daemon {
             }
             let standings: Vec<(Member, Standing)> =
                 record.members.iter().map(|m| (m.clone(), self.standing(m))).collect();
-            if let Some((m, _)) = standings.iter().find(|(_, s)| *s == Standing::Gone) {
-                let why = self.member_outcome(m).await;
-                self.end_release(&mut record, "aborted", format!("service {}: {why}", m.service))
+            let gone: Vec<&Member> = standings
+                .iter()
+                .filter(|(_, s)| *s == Standing::Gone)
+                .map(|(m, _)| m)
+                .collect();
+            if !gone.is_empty() {
+                // Named: the service that failed, rather than one that waited for it.
+                let mut first = None;
+                for m in &gone {
+                    let why = self.member_outcome(m).await;
+                    let waited = why.contains(super::WAITED_FOR_RELEASE);
+                    if first.is_none() || (!waited && first.as_ref().is_some_and(|(_, w, _)| *w)) {
+                        first = Some((m.service.clone(), waited, why));
+                    }
+                }
+                let (service, _, why) = first.unwrap_or_default();
+                self.end_release(&mut record, "aborted", format!("service {service}: {why}"))
                     .await;
                 self.abort_members(&record).await;
                 return;
@@ -565,6 +583,11 @@ impl Daemon {
     }
 
     async fn end_release(&self, record: &mut ReleaseRecord, status: &str, reason: String) {
+        self.shared
+            .barriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&record.id);
         record.status = status.to_string();
         record.reason = Some(reason.clone()).filter(|r| !r.is_empty());
         record.ended_at = Some(unix_ms(std::time::SystemTime::now()));

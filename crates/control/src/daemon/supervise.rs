@@ -140,6 +140,7 @@ impl Actor {
             fleet_said: None,
             fleet_ready: None,
             held: None,
+            release_ready: None,
         };
         Ok((actor, reports_rx))
     }
