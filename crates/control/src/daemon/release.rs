@@ -51,8 +51,15 @@ pub struct ReleaseRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub started_at: u64,
+    /// When every service's deployment was validated (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validated_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switched_at: Option<u64>,
+    /// How long the switch took, from asking each service for its promotion to the table
+    /// store, the one store transaction included (microseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_us: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<u64>,
     pub actor: String,
@@ -151,7 +158,9 @@ impl Daemon {
             status: "deploying".into(),
             reason: None,
             started_at: unix_ms(std::time::SystemTime::now()),
+            validated_at: None,
             switched_at: None,
+            switch_us: None,
             ended_at: None,
             actor: actor.to_string(),
         };
@@ -338,16 +347,19 @@ impl Daemon {
             }
             tokio::time::sleep(POLL).await;
         }
+        record.validated_at = Some(unix_ms(std::time::SystemTime::now()));
         let members: Vec<Member> = record
             .members
             .iter()
             .filter(|m| self.standing(m) != Standing::Live)
             .cloned()
             .collect();
-        if let Err(e) = self
+        let switching = std::time::Instant::now();
+        let switched = self
             .switch_members(&record, &members, false, &record.actor.clone())
-            .await
-        {
+            .await;
+        record.switch_us = Some(switching.elapsed().as_micros() as u64);
+        if let Err(e) = switched {
             self.end_release(&mut record, "aborted", format!("the switch failed: {e}"))
                 .await;
             self.abort_members(&record).await;
