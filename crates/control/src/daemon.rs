@@ -1762,7 +1762,7 @@ struct Actor {
 
 /// How a held deployment's failure begins when its own instances were healthy but the other
 /// services of its release were not in time (the release names the service that failed first).
-const WAITED_FOR_RELEASE: &str = "healthy, but waited in vain for the release's other services";
+const WAITED_FOR_RELEASE: &str = "the release's other services were not healthy in time";
 
 /// The nodes a wait of [`Actor::await_fleet_ready`] still waits for.
 type Waiting = Arc<Mutex<Vec<String>>>;
@@ -3134,7 +3134,7 @@ impl Actor {
             return Event::ProvisionFailed {
                 id: deployment,
                 reason: format!(
-                    "{WAITED_FOR_RELEASE} ({}) to have theirs healthy within {:?}",
+                    "{WAITED_FOR_RELEASE} ({} within {:?}); this service's own were healthy",
                     waiting.join(", "),
                     self.cfg.health.deadline
                 ),

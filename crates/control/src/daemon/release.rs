@@ -25,8 +25,14 @@ use super::{off_async_store, unix_ms, CommandError, Daemon, EventKind, Msg};
 use crate::lifecycle::{DeploymentId, Event, RollbackKind, Transition};
 use crate::store::{Audit, Revision, ServiceCommit};
 
-/// How often a release looks at its services.
+/// How often a release looks at its services at least; it also looks at each notice of the
+/// daemon (a step of one of them), so most changes are seen at once.
 const POLL: Duration = Duration::from_millis(50);
+
+/// Waits for the next notice of the daemon, or [`POLL`], whichever comes first.
+async fn next_change(notices: &mut tokio::sync::broadcast::Receiver<crate::events::Notice>) {
+    let _ = tokio::time::timeout(POLL, notices.recv()).await;
+}
 
 /// The store key of the last release id given out.
 const SEQ_KEY: &str = "release-seq";
@@ -312,6 +318,10 @@ impl Daemon {
     /// Follows a release to its end: the switch of all once all are validated, then their
     /// watches.
     async fn follow_release(self, mut record: ReleaseRecord) {
+        let mut notices = self.shared.notices.subscribe();
+        // When only services that waited for the others have ended: since when (the failure
+        // of the one they waited for follows within moments, and is the one to name).
+        let mut waiters_gone: Option<tokio::time::Instant> = None;
         // Until every deployment is validated; one that ends otherwise ends the release.
         loop {
             if self.release_ended_elsewhere(&record).await {
@@ -334,18 +344,21 @@ impl Daemon {
                         first = Some((m.service.clone(), waited, why));
                     }
                 }
-                let (service, _, why) = first.unwrap_or_default();
-                self.end_release(&mut record, "aborted", format!("service {service}: {why}"))
-                    .await;
-                self.abort_members(&record).await;
-                return;
+                let (service, waited, why) = first.unwrap_or_default();
+                let since = *waiters_gone.get_or_insert_with(tokio::time::Instant::now);
+                if !waited || since.elapsed() > Duration::from_secs(2) {
+                    self.end_release(&mut record, "aborted", format!("service {service}: {why}"))
+                        .await;
+                    self.abort_members(&record).await;
+                    return;
+                }
             }
             // A service's first release goes live once validated: nothing to switch from.
             let ready = |s: &Standing| *s == Standing::Live || *s == Standing::InProgress("ready to promote".into());
             if standings.iter().all(|(_, s)| ready(s)) {
                 break;
             }
-            tokio::time::sleep(POLL).await;
+            next_change(&mut notices).await;
         }
         record.validated_at = Some(unix_ms(std::time::SystemTime::now()));
         let members: Vec<Member> = record
@@ -387,6 +400,7 @@ impl Daemon {
     /// After the switch: until every watch passed (the release is live), or one service's
     /// watch rolled it back, which rolls the others back in one store.
     async fn watch_release(&self, mut record: ReleaseRecord) {
+        let mut notices = self.shared.notices.subscribe();
         loop {
             if self.release_ended_elsewhere(&record).await {
                 return;
@@ -411,7 +425,7 @@ impl Daemon {
                     .await;
                 return;
             }
-            tokio::time::sleep(POLL).await;
+            next_change(&mut notices).await;
         }
     }
 
