@@ -431,6 +431,31 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
     load.join().unwrap();
     let history = String::from_utf8_lossy(&cli(&["history", "web"]).stdout).to_string();
     assert!(history.contains("rolled back"), "{history}");
+
+    // A release (here of web alone): listed on the page, and rolled back from it in one store.
+    let out = cli(&["deploy", "web=v3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    until(Duration::from_secs(15), "the release live on the page", || {
+        b.text("[data-testid=releases] tr[data-release='1'] [data-testid=release-status]")
+            .filter(|t| t == "live")
+    });
+    until(Duration::from_secs(10), "the release's confirmation", || {
+        if let Some(button) = b.find("[data-testid=releases] tr[data-release='1'] [data-testid=release-rollback]") {
+            b.call("POST", &format!("/element/{button}/click"), None);
+        }
+        b.call("GET", "/alert/text", None)
+            .as_str()
+            .filter(|t| t.contains("Roll back release 1"))
+            .map(str::to_string)
+    });
+    b.call("POST", "/alert/accept", Some(json!({})));
+    until(Duration::from_secs(15), "the release rolled back on the page", || {
+        b.text("[data-testid=releases] tr[data-release='1'] [data-testid=release-status]")
+            .filter(|t| t.starts_with("rolled back"))
+    });
+    until(Duration::from_secs(5), "web back on v1", || {
+        (get(front).as_deref() == Some("v1 blue")).then_some(())
+    });
 }
 
 /// Standard base64 (the screenshot's encoding), without padding checks.
