@@ -432,9 +432,20 @@ fn dashboard_follows_a_deploy_and_rolls_back() {
     let history = String::from_utf8_lossy(&cli(&["history", "web"]).stdout).to_string();
     assert!(history.contains("rolled back"), "{history}");
 
-    // A release (here of web alone): listed on the page, and rolled back from it in one store.
-    let out = cli(&["deploy", "web=v3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A release (here of web alone) started from the page: listed there, and rolled back from it
+    // in one store.
+    let input = until(Duration::from_secs(5), "the release form", || {
+        b.find("[data-testid=release-versions]")
+    });
+    b.call(
+        "POST",
+        &format!("/element/{input}/value"),
+        Some(json!({ "text": "web=v3" })),
+    );
+    let deploy = until(Duration::from_secs(5), "the deploy button", || {
+        b.find("[data-testid=release-deploy]")
+    });
+    b.call("POST", &format!("/element/{deploy}/click"), None);
     until(Duration::from_secs(15), "the release live on the page", || {
         b.text("[data-testid=releases] tr[data-release='1'] [data-testid=release-status]")
             .filter(|t| t == "live")
