@@ -43,7 +43,7 @@ drain_timeout = "5s"
 EOF
   done
 } >"$TMP/cutover.toml"
-"$BIN" serve -c "$TMP/cutover.toml" 2>"$TMP/serve.log" &
+"$BIN" serve --stop-instances -c "$TMP/cutover.toml" 2>"$TMP/serve.log" &
 DAEMON=$!
 for _ in $(seq 100); do "$BIN" status -c "$TMP/cutover.toml" >/dev/null 2>&1 && break; sleep 0.1; done
 
