@@ -1331,10 +1331,15 @@ fn release(args: DeployArgs) -> anyhow::Result<ExitCode> {
     }
     let mut upstreams: serde_json::Map<String, serde_json::Value> = serde_json::Map::new();
     for u in &args.upstreams {
-        let Some((name, addr)) = u.split_once('=') else {
-            return Err(usage(format!(
-                "--upstream {u}: in a release of several services, write SERVICE=HOST:PORT (e.g. web=10.0.0.5:8080)"
-            )));
+        let (name, addr) = match (u.split_once('='), order.as_slice()) {
+            (Some(pair), _) => pair,
+            // A release of one service: its instances need no name.
+            (None, [only]) => (only.as_str(), u.as_str()),
+            (None, _) => {
+                return Err(usage(format!(
+                    "--upstream {u}: in a release of several services, write SERVICE=HOST:PORT (e.g. web=10.0.0.5:8080)"
+                )))
+            }
         };
         if !services.contains_key(name) {
             return Err(usage(format!(

@@ -353,6 +353,10 @@ fn a_watch_failing_on_one_service_rolls_the_whole_release_back() {
     assert_eq!(site.get("api.test"), Some((200, "v1 api".into())));
     let list: serde_json::Value = serde_json::from_slice(&site.cli(&["releases", "--json"]).stdout).unwrap();
     assert_eq!(list[0]["status"], "rolled_back", "{list}");
+    // A release of one static service takes its upstream without the service's name.
+    let out = site.cli(&["deploy", "web=v2", &format!("--upstream=127.0.0.1:{}", ports[1])]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(site.get("web.test"), Some((200, "v2 web".into())));
 }
 
 /// Same-colour calls: the web app calls api through cutover with `CUTOVER_PEER_URL`,
