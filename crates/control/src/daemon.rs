@@ -386,6 +386,8 @@ struct Shared {
     /// Per release of several services: how many services it has, and those whose new
     /// instances are healthy (see `Actor::await_release_healthy`).
     barriers: Mutex<BarrierMap>,
+    /// Held while a release starts (`Daemon::release`): two never take the same id.
+    release_start: tokio::sync::Mutex<()>,
 }
 
 /// See [`Shared::barriers`].
@@ -650,6 +652,7 @@ impl Daemon {
             certificate_watch: Mutex::new(certificate_watch),
             fleet,
             barriers: Mutex::new(Default::default()),
+            release_start: tokio::sync::Mutex::new(()),
         });
 
         let actors: Arc<fleet_node::Actors> = Arc::default();

@@ -561,7 +561,7 @@ async fn apply(
             if runs_here {
                 // This node's own instances: started (or adopted) by the colour's lane, which
                 // routes to them as its checks let them in.
-                let deployment = state.in_progress().filter(|d| d.colour == colour).map(|d| d.id);
+                let deployment = provisioned(state).filter(|d| d.colour == colour).map(|d| d.id);
                 node.run_on(shared, svc, colour, Some(Release::new(version)), deployment, false);
                 continue;
             }
@@ -599,7 +599,7 @@ async fn apply(
             // The colour left is drained by its lane, which stops what runs there only after.
             for colour in [Colour::Blue, Colour::Green] {
                 let release = release_on(state, colour).map(Release::new);
-                let deployment = state.in_progress().filter(|d| d.colour == colour).map(|d| d.id);
+                let deployment = provisioned(state).filter(|d| d.colour == colour).map(|d| d.id);
                 let has_lane = node.run_on(shared, svc, colour, release, deployment, Some(colour) == left);
                 if !has_lane && released.contains(&colour) {
                     set_pool(&shared.proxy, name, colour, None, &[], None, &[]);
@@ -667,10 +667,18 @@ fn release_on(state: &State, colour: Colour) -> Option<String> {
             return Some(rollback_to.release.version.clone());
         }
     }
-    state
-        .in_progress()
+    provisioned(state)
         .filter(|d| d.colour == colour)
         .map(|d| d.release.version.clone())
+}
+
+/// The deployment in progress once its instances may run: not while its schema change runs
+/// (the leader starts its own only after it, and so do the other nodes).
+fn provisioned(state: &State) -> Option<&crate::lifecycle::Deployment> {
+    match state.phase {
+        Phase::Migrating { .. } => None,
+        _ => state.in_progress(),
+    }
 }
 
 /// Applies each new route state as etcd commits it, for as long as the daemon runs. A broken

@@ -129,6 +129,8 @@ impl Daemon {
                 )));
             }
         }
+        // One release starts at a time: its id, and its services' deployments, before another's.
+        let _starting = self.shared.release_start.lock().await;
         // One deployment of a service at a time: refused before anything starts.
         let busy: Vec<String> = {
             let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
@@ -288,6 +290,12 @@ impl Daemon {
             .filter(|m| self.standing(m) == Standing::Live || self.in_watch(m))
             .cloned()
             .collect();
+        if targets.is_empty() {
+            return Err(CommandError::Conflict(format!(
+                "release {id}: none of its services serves it any more (each was deployed again or rolled back since); \
+                 nothing to roll back"
+            )));
+        }
         self.switch_members(&record, &targets, true, actor).await?;
         record.status = "rolled_back".into();
         record.reason = Some(format!("requested by {actor}"));
@@ -329,6 +337,15 @@ impl Daemon {
             }
             let standings: Vec<(Member, Standing)> =
                 record.members.iter().map(|m| (m.clone(), self.standing(m))).collect();
+            // Switched before a restart (the switch was committed, its record not yet saved).
+            if standings
+                .iter()
+                .any(|(_, s)| *s == Standing::InProgress("watching".into()))
+            {
+                record.status = "switched".into();
+                self.save_release(&record).await;
+                return self.watch_release(record).await;
+            }
             let gone: Vec<&Member> = standings
                 .iter()
                 .filter(|(_, s)| *s == Standing::Gone)
@@ -401,28 +418,39 @@ impl Daemon {
     /// watch rolled it back, which rolls the others back in one store.
     async fn watch_release(&self, mut record: ReleaseRecord) {
         let mut notices = self.shared.notices.subscribe();
+        // The services whose release went live: one deployed again later is not a failure.
+        let mut went_live = std::collections::BTreeSet::new();
         loop {
             if self.release_ended_elsewhere(&record).await {
                 return;
             }
             let standings: Vec<(Member, Standing)> =
                 record.members.iter().map(|m| (m.clone(), self.standing(m))).collect();
-            if standings.iter().all(|(_, s)| *s == Standing::Live) {
+            for (m, s) in &standings {
+                if *s == Standing::Live {
+                    went_live.insert(m.service.clone());
+                }
+            }
+            if standings.iter().all(|(m, _)| went_live.contains(&m.service)) {
                 self.end_release(&mut record, "live", String::new()).await;
                 return;
             }
-            if let Some((m, _)) = standings.iter().find(|(_, s)| *s == Standing::Gone) {
+            let failed = standings
+                .iter()
+                .find(|(m, s)| *s == Standing::Gone && !went_live.contains(&m.service));
+            if let Some((m, _)) = failed {
                 let why = self.member_outcome(m).await;
                 let others: Vec<Member> = standings
                     .iter()
                     .filter(|(o, s)| o.service != m.service && (*s == Standing::Live || self.in_watch(o)))
                     .map(|(o, _)| o.clone())
                     .collect();
+                let mut reason = format!("service {}: {why}", m.service);
                 if let Err(e) = self.switch_members(&record, &others, true, "daemon").await {
                     tracing::error!(release = record.id, error = %e, "cannot roll back the release's other services");
+                    reason.push_str(&format!("; the others could NOT be rolled back with it: {e}"));
                 }
-                self.end_release(&mut record, "rolled_back", format!("service {}: {why}", m.service))
-                    .await;
+                self.end_release(&mut record, "rolled_back", reason).await;
                 return;
             }
             next_change(&mut notices).await;
