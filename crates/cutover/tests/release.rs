@@ -31,6 +31,11 @@ impl Site {
     /// A daemon with services `web` (host web.test) and `api` (host api.test), each with
     /// `service_extra` in its table.
     fn start(service_extra: &str) -> Site {
+        Site::start_watching(service_extra, |_| "500ms")
+    }
+
+    /// [`Site::start`], each service watched as long as `watch(name)` says.
+    fn start_watching(service_extra: &str, watch: impl Fn(&str) -> &'static str) -> Site {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("cutover.toml");
@@ -38,7 +43,8 @@ impl Site {
             format!(
                 "[services.{name}]\nhosts = [\"{name}.test\"]\n\
                  health = {{ path = \"/up\", interval = \"100ms\", healthy = 1, deadline = \"4s\" }}\n\
-                 watch = {{ duration = \"500ms\", min_requests = 1 }}\n{}\n",
+                 watch = {{ duration = \"{}\", min_requests = 1 }}\n{}\n",
+                watch(name),
                 service_extra.replace("NAME", name)
             )
         };
@@ -436,4 +442,83 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
         .write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\nX-Cutover-Colour: blue\r\nConnection: close\r\n\r\n")
         .unwrap();
     assert_eq!(common::read_answer(&mut reader).unwrap(), (200, "v2 api-green".into()));
+}
+
+/// A service of a release deployed again while another service of it is still watched: not a
+/// failure of the release (nothing rolled back), which goes live once the other's watch passes.
+#[test]
+fn a_service_deployed_again_during_the_release_watch_does_not_roll_the_others_back() {
+    let site = Site::start_watching("", |name| if name == "api" { "3s" } else { "300ms" });
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let _apps = [
+        Proc(spawn_demo_app(ports[0], "v1", "web")),
+        Proc(spawn_demo_app(ports[1], "v2", "web")),
+        Proc(spawn_demo_app(ports[2], "v1", "api")),
+        Proc(spawn_demo_app(ports[3], "v2", "api")),
+        Proc(spawn_demo_app(ports[4], "v3", "web")),
+    ];
+    let up = |service: &str, port: u16| format!("--upstream={service}=127.0.0.1:{port}");
+    let out = site.cli(&[
+        "deploy",
+        "web",
+        "api",
+        "--version",
+        "v1",
+        &up("web", ports[0]),
+        &up("api", ports[2]),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = site.cli(&[
+        "deploy",
+        "web=v2",
+        "api=v2",
+        &up("web", ports[1]),
+        &up("api", ports[3]),
+        "--no-wait",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = || {
+        let list: serde_json::Value = serde_json::from_slice(&site.cli(&["releases", "--json"]).stdout).unwrap();
+        list[0]["status"].as_str().unwrap_or_default().to_string()
+    };
+    // web's watch (300 ms) is over, api's (3 s) is not: web is deployed again meanwhile.
+    let phase = |name: &str| {
+        let st: serde_json::Value = serde_json::from_slice(&site.cli(&["status", "--json"]).stdout).unwrap_or_default();
+        st["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .and_then(|v| v["phase"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || phase("web") == "stable"
+            && phase("api") == "watching"),
+        "web live on v2 while api is watched: web {}, api {}",
+        phase("web"),
+        phase("api")
+    );
+    assert_eq!(site.get("web.test"), Some((200, "v2 web".into())));
+    let out = site.cli(&[
+        "deploy",
+        "web",
+        "--version",
+        "v3",
+        &format!("--upstream=127.0.0.1:{}", ports[4]),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        site.get("api.test"),
+        Some((200, "v2 api".into())),
+        "api not rolled back"
+    );
+    assert_eq!(status(), "switched");
+    assert!(
+        wait_until(Duration::from_secs(10), || status() == "live"),
+        "release {}",
+        status()
+    );
+    assert_eq!(site.get("api.test"), Some((200, "v2 api".into())));
+    assert_eq!(site.get("web.test"), Some((200, "v3 web".into())));
 }
