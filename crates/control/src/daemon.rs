@@ -1754,18 +1754,25 @@ struct Actor {
     /// of the command whose switch it was.
     fleet_said: Option<String>,
     /// In a fleet with the process driver: the wait for the other nodes' instances of the
-    /// deployment being provisioned ([`Actor::await_fleet_ready`]), and the nodes it waits for.
-    fleet_ready: Option<(DeploymentId, JoinHandle<()>, Waiting)>,
+    /// deployment being provisioned ([`Actor::await_fleet_ready`]), or for the other services of
+    /// its release ([`Actor::await_release_healthy`]): this node's own instances are healthy.
+    others: Option<OthersWait>,
     /// The deployment a release of several services holds (and the release): validated once
     /// all its services are healthy, promoted only with the others.
     held: Option<(DeploymentId, u64)>,
-    /// The wait for the other services of the held deployment's release to be healthy.
-    release_ready: Option<(DeploymentId, JoinHandle<()>)>,
 }
 
 /// How a held deployment's failure begins when its own instances were healthy but the other
 /// services of its release were not in time (the release names the service that failed first).
 const WAITED_FOR_RELEASE: &str = "the release's other services were not healthy in time";
+
+/// A deployment whose own instances are healthy, waiting for others' before it moves on.
+struct OthersWait {
+    deployment: DeploymentId,
+    task: JoinHandle<()>,
+    /// `Some`: the nodes still waited for (a fleet); `None`: the other services of its release.
+    nodes: Option<Waiting>,
+}
 
 /// The nodes a wait of [`Actor::await_fleet_ready`] still waits for.
 type Waiting = Arc<Mutex<Vec<String>>>;
@@ -1932,7 +1939,7 @@ impl Actor {
                         if let Ok(Some(revision)) = resume.await {
                             self.revision = revision;
                             self.state = t.state.clone();
-                            self.end_fleet_ready();
+                            self.end_others_wait();
                             self.committed();
                             self.execute(t.actions).await;
                         }
@@ -2128,7 +2135,7 @@ impl Actor {
             return Err(CommandError::Store(e.to_string()));
         }
         self.state = t.state.clone();
-        self.end_fleet_ready();
+        self.end_others_wait();
         self.committed();
         self.execute(t.actions.clone()).await;
         Ok(t)
@@ -2795,11 +2802,8 @@ impl Actor {
         if let Some((_, task)) = self.smoke.take() {
             task.abort();
         }
-        if let Some((_, task, _)) = self.fleet_ready.take() {
-            task.abort();
-        }
-        if let Some((_, task)) = self.release_ready.take() {
-            task.abort();
+        if let Some(w) = self.others.take() {
+            w.task.abort();
         }
         if let Some((_, task)) = self.watch.take() {
             task.abort();
@@ -2998,7 +3002,7 @@ impl Actor {
     /// member whose instances failed fails it, named. The health deadline bounds the wait
     /// ([`Actor::deadline_event`] names the nodes still waited for).
     fn await_fleet_ready(&mut self, deployment: DeploymentId, colour: Colour) {
-        if self.fleet_ready.as_ref().is_some_and(|(d, _, _)| *d == deployment) {
+        if self.others.as_ref().is_some_and(|w| w.deployment == deployment) {
             return;
         }
         let Some(node) = self.shared.fleet.clone() else { return };
@@ -3063,9 +3067,7 @@ impl Actor {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        if let Some((_, old, _)) = self.fleet_ready.replace((deployment, task, waiting)) {
-            old.abort();
-        }
+        self.wait_for_others(deployment, task, Some(waiting));
     }
 
     /// This service's instances of `deployment`, held by `release`, are healthy: once every
@@ -3073,7 +3075,7 @@ impl Actor {
     /// which can then call the other services' new instances (a release's smoke tests exercise
     /// the whole new stack). The health deadline bounds the wait.
     fn await_release_healthy(&mut self, deployment: DeploymentId, release: u64) {
-        if self.release_ready.as_ref().is_some_and(|(d, _)| *d == deployment) {
+        if self.others.as_ref().is_some_and(|w| w.deployment == deployment) {
             return;
         }
         let barrier = self
@@ -3094,34 +3096,43 @@ impl Actor {
             }
             let _ = reports.send(Report::Event(Event::InstancesHealthy { id: deployment }));
         });
-        if let Some((_, old)) = self.release_ready.replace((deployment, task)) {
-            old.abort();
-        }
+        self.wait_for_others(deployment, task, None);
     }
 
-    /// Ends the wait for the other nodes' readiness unless it is for the deployment being
-    /// provisioned now.
-    fn end_fleet_ready(&mut self) {
+    /// Ends the wait for other nodes' or services' instances unless it is for the deployment
+    /// being provisioned now.
+    fn end_others_wait(&mut self) {
         let current = match &self.state.phase {
             Phase::Provisioning(d) => Some(d.id),
             _ => None,
         };
-        if self.fleet_ready.as_ref().is_some_and(|(d, _, _)| Some(*d) != current) {
-            if let Some((_, task, _)) = self.fleet_ready.take() {
-                task.abort();
-            }
-        }
-        if self.release_ready.as_ref().is_some_and(|(d, _)| Some(*d) != current) {
-            if let Some((_, task)) = self.release_ready.take() {
-                task.abort();
+        if self.others.as_ref().is_some_and(|w| Some(w.deployment) != current) {
+            if let Some(w) = self.others.take() {
+                w.task.abort();
             }
         }
     }
 
-    /// The event a health deadline of `deployment` raises: while other nodes' instances are
-    /// waited for, a failure naming them.
+    /// `task` waits for other nodes' or services' instances of `deployment` (replacing any
+    /// earlier wait).
+    fn wait_for_others(&mut self, deployment: DeploymentId, task: JoinHandle<()>, nodes: Option<Waiting>) {
+        let wait = OthersWait {
+            deployment,
+            task,
+            nodes,
+        };
+        if let Some(old) = self.others.replace(wait) {
+            old.task.abort();
+        }
+    }
+
+    /// The event a health deadline of `deployment` raises: while other nodes' or services'
+    /// instances are waited for, a failure naming them.
     fn deadline_event(&self, deployment: DeploymentId) -> Event {
-        if self.release_ready.as_ref().is_some_and(|(d, _)| *d == deployment) {
+        let Some(wait) = self.others.as_ref().filter(|w| w.deployment == deployment) else {
+            return Event::HealthDeadlinePassed { id: deployment };
+        };
+        if wait.nodes.is_none() {
             let release = self.held.map_or(0, |(_, r)| r);
             let waiting: Vec<String> = self
                 .shared
@@ -3143,11 +3154,10 @@ impl Actor {
                 ),
             };
         }
-        let waiting = self
-            .fleet_ready
+        let waiting = wait
+            .nodes
             .as_ref()
-            .filter(|(d, _, _)| *d == deployment)
-            .map(|(_, _, w)| w.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .unwrap_or_default();
         if waiting.is_empty() {
             return Event::HealthDeadlinePassed { id: deployment };

@@ -6,12 +6,12 @@ mod common;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, kill_marked, wait_until, Proc, BIN};
+use common::{cli_at, free_port, get_host, kill_marked, output_text, serve_marked, wait_until, Proc};
 use cutover_control::testing::postgres::PgServer;
 
 const V1_PAGE: &str = "shop web v1 / api v1: tea (T-01), coffee (C-07), cocoa (K-12)";
@@ -62,64 +62,31 @@ impl Shop {
             .replace("duration = \"10s\"", "duration = \"500ms\"");
         std::fs::write(&config, text).unwrap();
         let marker = format!("shop-{}-{port}", std::process::id());
-        let daemon = Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .env("SHOP_DATABASE_URL", pg.url())
-            .env("CUTOVER_TEST_OWNER", &marker)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let shop = Shop {
+        let daemon = serve_marked(&config, &marker, &[("SHOP_DATABASE_URL", pg.url())]);
+        Shop {
             _daemon: Proc(daemon),
             marker: format!("CUTOVER_TEST_OWNER={marker}"),
             pg,
             _dir: dir,
             config,
             front: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        assert!(
-            wait_until(Duration::from_secs(20), || shop.cli(&["status"]).status.success()),
-            "the daemon did not start"
-        );
-        shop
+        }
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .arg("-c")
-            .arg(&self.config)
-            .output()
-            .unwrap()
+        cli_at(&self.config, args)
     }
 
     fn page(&self) -> Option<(u16, String)> {
-        let stream = TcpStream::connect(self.front).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        let mut writer = stream.try_clone().ok()?;
-        let mut reader = BufReader::new(stream);
-        writer
-            .write_all(b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        common::read_answer(&mut reader).ok()
+        get_host(self.front, "shop.test")
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]
 fn the_shop_example_releases_both_services_with_its_schema_in_phases() {
     let shop = Shop::start();
     let out = shop.cli(&["deploy", "web", "api", "--version", "v1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(shop.page(), Some((200, V1_PAGE.into())));
 
     // v2 under load: every page is a whole v1 or a whole v2 page, none fails, no v1 after v2.
@@ -148,7 +115,7 @@ fn the_shop_example_releases_both_services_with_its_schema_in_phases() {
         })
     };
     let out = shop.cli(&["deploy", "web", "api", "--version", "v2"]);
-    let said = text(&out);
+    let said = output_text(&out);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let (pages, failures) = load.join().unwrap();
@@ -184,7 +151,7 @@ fn the_shop_example_releases_both_services_with_its_schema_in_phases() {
     );
     assert_eq!(shop.page(), Some((200, V2_PAGE.into())));
     let out = shop.cli(&["rollback", "api"]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("the contract step of v2 ran"), "{said}");
 }

@@ -5,15 +5,15 @@
 
 mod common;
 
-use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, spawn_serve, wait_until, Proc, BIN};
+use common::{cli_at, free_port, get_host, keep_alive_client, output_text, spawn_serve, wait_until, Proc};
 use cutover_control::testing::postgres::PgServer;
 
 /// How the app and the migrations reach the database: SQLite's `app.db`, or, when the file
@@ -175,12 +175,7 @@ impl Site {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .arg("-c")
-            .arg(&self.config)
-            .output()
-            .unwrap()
+        cli_at(&self.config, args)
     }
 
     fn deploy(&self, version: &str) -> Output {
@@ -223,70 +218,13 @@ impl Site {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn get(addr: SocketAddr) -> Option<(u16, String)> {
-    let stream = TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut writer = stream.try_clone().ok()?;
-    let mut reader = BufReader::new(stream);
-    writer
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    common::read_answer(&mut reader).ok()
+    get_host(addr, "test")
 }
 
-/// A client sending GET / on keep-alive connections until `stop` (at most 60 s, 30000
-/// requests): every answer, and the failures (anything but 200).
+/// A keep-alive client sending GET / (see `common::keep_alive_client`).
 fn load(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<String>, Vec<String>)> {
-    std::thread::spawn(move || {
-        let (mut answers, mut failures) = (Vec::new(), Vec::new());
-        let started = Instant::now();
-        let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
-        while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) && answers.len() < 30_000 {
-            if conn.is_none() {
-                match TcpStream::connect(addr) {
-                    Ok(s) => {
-                        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                        conn = Some((BufReader::new(s.try_clone().unwrap()), s));
-                    }
-                    Err(e) => {
-                        failures.push(format!("connect: {e}"));
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                }
-            }
-            let (reader, writer) = conn.as_mut().unwrap();
-            match writer
-                .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-                .and_then(|_| common::read_response(reader))
-            {
-                Ok((200, body, close)) => {
-                    answers.push(body);
-                    if close {
-                        conn = None;
-                    }
-                }
-                Ok((status, body, _)) => {
-                    failures.push(format!("{status} {body}"));
-                    conn = None;
-                }
-                Err(e) => {
-                    failures.push(e.to_string());
-                    conn = None;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        (answers, failures)
-    })
+    keep_alive_client(addr, &["test"], stop)
 }
 
 /// The steps of a deployment's schema change, as the API lists them: (step, ok).
@@ -319,7 +257,7 @@ fn schema_changes_run_in_phases_around_the_switch(db: Db) {
 
     // v1: its expand creates the table, before its instances start.
     let out = site.deploy("v1");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(get(site.front), Some((200, "v1 3".to_string())));
 
     // v2 under load: an additive expand; v1 answers throughout, then v2.
@@ -327,7 +265,7 @@ fn schema_changes_run_in_phases_around_the_switch(db: Db) {
     let client = load(site.front, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     let out = site.deploy("v2");
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(out.status.success(), "{said}");
     for expected in [
         "expand of v2: running `python3 migrate.py expand`",
@@ -384,7 +322,7 @@ fn schema_changes_run_in_phases_around_the_switch(db: Db) {
 
     // After the contract, no rollback to v1: it would need the column just dropped.
     let out = site.cli(&["rollback", "web"]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
         said.contains("cannot roll back to v1: the contract step of v2 ran"),
@@ -395,7 +333,7 @@ fn schema_changes_run_in_phases_around_the_switch(db: Db) {
     // v3's expand breaks the live v2: the live check catches it before any v3 instance starts,
     // the expand's rollback runs, the deployment aborts, v2 serves again.
     let out = site.deploy("v3");
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
         said.contains("check failed: the smoke test against the live route"),
@@ -409,7 +347,7 @@ fn schema_changes_run_in_phases_around_the_switch(db: Db) {
         !said.contains("instances started on blue"),
         "no v3 instance started: {said}"
     );
-    let history = text(&site.cli(&["history", "web", "--json"]));
+    let history = output_text(&site.cli(&["history", "web", "--json"]));
     let history: serde_json::Value = serde_json::from_str(&history).unwrap();
     let v3 = history
         .as_array()
@@ -438,7 +376,7 @@ fn schema_changes_run_in_phases_around_the_switch(db: Db) {
     .unwrap();
     let before = site.cli(&["history", "web", "--json"]).stdout;
     let out = site.deploy("v4");
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
         said.contains("migrations/v4-expand.sql:2:1: DROP TABLE items (drop-table)"),
@@ -458,14 +396,14 @@ fn schema_changes_run_in_phases_around_the_switch(db: Db) {
 fn a_failing_expand_aborts_with_its_output_kept() {
     let site = Site::start(Db::Sqlite);
     let out = site.deploy("v1");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     std::fs::write(
         site.dir.path().join("migrations/v2-expand.sql"),
         "ALTER TABLE no_such_table ADD COLUMN title TEXT;\n",
     )
     .unwrap();
     let out = site.deploy("v2");
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
         said.contains("expand failed: `python3 migrate.py expand` exited with exit status: 3"),

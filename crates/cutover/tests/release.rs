@@ -6,12 +6,15 @@ mod common;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{free_port, kill_marked, spawn_demo_app, wait_until, Proc, BIN};
+use common::{
+    cli_at, free_port, get_host, keep_alive_client, kill_marked, output_text, serve_marked, spawn_demo_app, wait_until,
+    Proc, BIN,
+};
 
 struct Site {
     _daemon: Proc,
@@ -58,105 +61,28 @@ impl Site {
         )
         .unwrap();
         let marker = format!("release-{}-{port}", std::process::id());
-        let daemon = Command::new(BIN)
-            .args(["serve", "-c"])
-            .arg(&config)
-            .env("CUTOVER_TEST_OWNER", &marker)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let site = Site {
+        let daemon = serve_marked(&config, &marker, &[]);
+        Site {
             _daemon: Proc(daemon),
             marker: format!("CUTOVER_TEST_OWNER={marker}"),
             _dir: dir,
             config,
             front: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        assert!(
-            wait_until(Duration::from_secs(20), || site.cli(&["status"]).status.success()),
-            "the daemon did not start"
-        );
-        site
+        }
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .arg("-c")
-            .arg(&self.config)
-            .output()
-            .unwrap()
+        cli_at(&self.config, args)
     }
 
     fn get(&self, host: &str) -> Option<(u16, String)> {
-        let stream = TcpStream::connect(self.front).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let mut writer = stream.try_clone().ok()?;
-        let mut reader = BufReader::new(stream);
-        writer
-            .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-            .ok()?;
-        common::read_answer(&mut reader).ok()
+        get_host(self.front, host)
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// A keep-alive client asking web.test and api.test in turn until `stop` (at most 60 s, 40000
-/// requests): each answer's body in order, and the failures.
+/// A keep-alive client asking web.test and api.test in turn (see `common::keep_alive_client`).
 fn client(front: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<String>, Vec<String>)> {
-    std::thread::spawn(move || {
-        let (mut answers, mut failures) = (Vec::new(), Vec::new());
-        let started = Instant::now();
-        let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) && answers.len() < 40_000 {
-            if conn.is_none() {
-                match TcpStream::connect(front) {
-                    Ok(s) => {
-                        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                        conn = Some((BufReader::new(s.try_clone().unwrap()), s));
-                    }
-                    Err(e) => {
-                        failures.push(format!("connect: {e}"));
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                }
-            }
-            let host = if n.is_multiple_of(2) { "web.test" } else { "api.test" };
-            n += 1;
-            let (reader, writer) = conn.as_mut().unwrap();
-            match writer
-                .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-                .and_then(|_| common::read_response(reader))
-            {
-                Ok((200, body, close)) => {
-                    answers.push(body);
-                    if close {
-                        conn = None;
-                    }
-                }
-                Ok((status, body, _)) => {
-                    failures.push(format!("{host}: {status} {body}"));
-                    conn = None;
-                }
-                Err(e) => {
-                    failures.push(format!("{host}: {e}"));
-                    conn = None;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        (answers, failures)
-    })
+    keep_alive_client(front, &["web.test", "api.test"], stop)
 }
 
 /// In each client's sequence of answers (web and api in turn, one at a time): once one came
@@ -210,7 +136,7 @@ fn a_release_switches_several_services_in_one_store_and_rolls_back_the_same_way(
         &up("web", ports[0]),
         &up("api", ports[2]),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(site.get("web.test"), Some((200, "v1 web".into())));
     assert_eq!(site.get("api.test"), Some((200, "v1 api".into())));
 
@@ -218,7 +144,7 @@ fn a_release_switches_several_services_in_one_store_and_rolls_back_the_same_way(
     let clients: Vec<_> = (0..4).map(|_| client(site.front, stop.clone())).collect();
     std::thread::sleep(Duration::from_millis(300));
     let out = site.cli(&["deploy", "web=v2", "api=v2", &up("web", ports[1]), &up("api", ports[3])]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(out.status.success(), "{said}");
     assert!(
         said.contains("switched in one store") && said.contains("release 2 is live"),
@@ -234,7 +160,7 @@ fn a_release_switches_several_services_in_one_store_and_rolls_back_the_same_way(
     let clients: Vec<_> = (0..4).map(|_| client(site.front, stop.clone())).collect();
     std::thread::sleep(Duration::from_millis(300));
     let out = site.cli(&["releases", "--rollback", "2"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let seen: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
@@ -242,7 +168,7 @@ fn a_release_switches_several_services_in_one_store_and_rolls_back_the_same_way(
     assert_eq!(site.get("web.test"), Some((200, "v1 web".into())));
     assert_eq!(site.get("api.test"), Some((200, "v1 api".into())));
 
-    let list = text(&site.cli(&["releases", "--json"]));
+    let list = output_text(&site.cli(&["releases", "--json"]));
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     let two = list.as_array().unwrap().iter().find(|r| r["id"] == 2).unwrap();
     assert_eq!(two["status"], "rolled_back", "{two}");
@@ -263,9 +189,9 @@ fn a_release_switches_several_services_in_one_store_and_rolls_back_the_same_way(
         "--no-wait",
         &format!("--upstream=127.0.0.1:{}", ports[1]),
     ]);
-    assert!(slow.status.success(), "{}", text(&slow));
+    assert!(slow.status.success(), "{}", output_text(&slow));
     let out = site.cli(&["deploy", "web=v2", "api=v2", &up("web", ports[1]), &up("api", ports[3])]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("a deployment is in progress on web"), "{said}");
 }
@@ -278,7 +204,7 @@ fn a_release_with_one_failing_service_switches_nothing_and_stops_every_new_insta
         "command = \"exec {BIN} demo-app --port {{port}} --colour NAME-$CUTOVER_COLOUR\"\ninstances = 2\n"
     ));
     let out = site.cli(&["deploy", "web", "api", "--version", "v1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(site.get("web.test"), Some((200, "v1 web-blue".into())));
     assert_eq!(site.get("api.test"), Some((200, "v1 api-blue".into())));
     let green = |name: &str| {
@@ -300,7 +226,7 @@ fn a_release_with_one_failing_service_switches_nothing_and_stops_every_new_insta
     };
 
     let out = site.cli(&["deploy", "web=v2", "api=v2-unhealthy"]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("release 2 aborted: service api"), "{said}");
     assert!(said.contains("not healthy within"), "{said}");
@@ -340,7 +266,7 @@ fn a_watch_failing_on_one_service_rolls_the_whole_release_back() {
         &up("web", ports[0]),
         &up("api", ports[2]),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let stop = Arc::new(AtomicBool::new(false));
     let load = client(site.front, stop.clone());
     let out = site.cli(&[
@@ -350,7 +276,7 @@ fn a_watch_failing_on_one_service_rolls_the_whole_release_back() {
         &up("web", ports[1]),
         &up("api", ports[3]),
     ]);
-    let said = text(&out);
+    let said = output_text(&out);
     stop.store(true, Ordering::Relaxed);
     let _ = load.join();
     assert!(!out.status.success(), "{said}");
@@ -361,7 +287,7 @@ fn a_watch_failing_on_one_service_rolls_the_whole_release_back() {
     assert_eq!(list[0]["status"], "rolled_back", "{list}");
     // A release of one static service takes its upstream without the service's name.
     let out = site.cli(&["deploy", "web=v2", &format!("--upstream=127.0.0.1:{}", ports[1])]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(site.get("web.test"), Some((200, "v2 web".into())));
 }
 
@@ -410,7 +336,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
         log = smoke_log.display(),
     ));
     let out = site.cli(&["deploy", "web", "api", "--version", "v1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(site.get("web.test"), Some((200, "web v1 blue -> v1 api-blue".into())));
 
     // v2 of both: while green is validated (held until both are), live blue web still calls
@@ -420,7 +346,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
     let out = site.cli(&["deploy", "web", "api", "--version", "v2"]);
     stop.store(true, Ordering::Relaxed);
     let (answers, failures) = load.join().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(failures.is_empty(), "{:?}", &failures[..failures.len().min(5)]);
     for a in answers.iter().filter(|a| a.starts_with("web")) {
         assert!(
@@ -467,7 +393,7 @@ fn a_service_deployed_again_during_the_release_watch_does_not_roll_the_others_ba
         &up("web", ports[0]),
         &up("api", ports[2]),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let out = site.cli(&[
         "deploy",
         "web=v2",
@@ -476,7 +402,7 @@ fn a_service_deployed_again_during_the_release_watch_does_not_roll_the_others_ba
         &up("api", ports[3]),
         "--no-wait",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let status = || {
         let list: serde_json::Value = serde_json::from_slice(&site.cli(&["releases", "--json"]).stdout).unwrap();
         list[0]["status"].as_str().unwrap_or_default().to_string()
@@ -507,7 +433,7 @@ fn a_service_deployed_again_during_the_release_watch_does_not_roll_the_others_ba
         "v3",
         &format!("--upstream=127.0.0.1:{}", ports[4]),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(
         site.get("api.test"),
         Some((200, "v2 api".into())),

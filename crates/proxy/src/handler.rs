@@ -153,6 +153,18 @@ impl StickyAnswer {
     }
 }
 
+/// The colour `X-Cutover-Colour` names, if it names one.
+fn colour_of(map: &http::HeaderMap) -> Option<Colour> {
+    let v = map.get(&headers::X_CUTOVER_COLOUR)?.as_bytes();
+    if v.eq_ignore_ascii_case(b"blue") {
+        Some(Colour::Blue)
+    } else if v.eq_ignore_ascii_case(b"green") {
+        Some(Colour::Green)
+    } else {
+        None
+    }
+}
+
 /// Routes a live request of a service with affinity (out of line, see [`StickyAnswer`]).
 #[inline(never)]
 fn sticky_route(
@@ -392,16 +404,6 @@ async fn proxy(
     // keeps this snapshot (one reference count) to the end, so its colour and pool cannot change
     // under it whatever is stored meanwhile.
     let preview_header = parts.headers.get(&X_CUTOVER_PREVIEW);
-    let colour_header = parts.headers.get(&headers::X_CUTOVER_COLOUR).and_then(|v| {
-        let v = v.as_bytes();
-        if v.eq_ignore_ascii_case(b"blue") {
-            Some(Colour::Blue)
-        } else if v.eq_ignore_ascii_case(b"green") {
-            Some(Colour::Green)
-        } else {
-            None
-        }
-    });
     let request_headers = &parts.headers;
     let route = || {
         enter(
@@ -411,7 +413,8 @@ async fn proxy(
             !ctx.tls,
             |svc| {
                 let preview = preview_header.is_some_and(|v| svc.preview_matches(v.as_bytes()));
-                if let (true, Some(colour)) = (preview, colour_header) {
+                // Looked at only with a valid token: no work on the request path otherwise.
+                if let Some(colour) = preview.then(|| colour_of(request_headers)).flatten() {
                     // An instance calling a peer of its own colour: counted as live when it is.
                     (colour, colour == svc.active, None)
                 } else if ctx.preview_listener || preview {

@@ -138,9 +138,8 @@ impl Actor {
             pin: None,
             urgent: None,
             fleet_said: None,
-            fleet_ready: None,
+            others: None,
             held: None,
-            release_ready: None,
         };
         Ok((actor, reports_rx))
     }

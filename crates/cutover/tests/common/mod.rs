@@ -238,3 +238,106 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<(u16, String,
     reader.read_exact(&mut body)?;
     Ok((status, String::from_utf8_lossy(&body).trim().to_string(), close))
 }
+
+/// `cutover ARGS -c CONFIG`, run to its end.
+pub fn cli_at(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).arg("-c").arg(config).output().unwrap()
+}
+
+/// A command's standard output, then its standard error.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// One `GET /` for `host` on a fresh connection (`Connection: close`): status and body.
+pub fn get_host(addr: std::net::SocketAddr, host: &str) -> Option<(u16, String)> {
+    let stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut writer = stream.try_clone().ok()?;
+    let mut reader = BufReader::new(stream);
+    writer
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    read_answer(&mut reader).ok()
+}
+
+/// `cutover serve -c CONFIG` with `CUTOVER_TEST_OWNER=owner` (which its instances inherit, for
+/// [`kill_marked`]) and `envs`, its output discarded; returns once `cutover status` answers.
+pub fn serve_marked(config: &Path, owner: &str, envs: &[(&str, String)]) -> Child {
+    let child = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(config)
+        .env("CUTOVER_TEST_OWNER", owner)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || cli_at(config, &["status"]).status.success()),
+        "the daemon did not start"
+    );
+    child
+}
+
+/// A client sending `GET /` on keep-alive connections until `stop` (at most 60 s, 40000
+/// requests), to each of `hosts` in turn: every answer's body in order, and the failures
+/// (anything but 200). As HTTP clients do, it opens a new connection after `Connection: close`.
+pub fn keep_alive_client(
+    addr: std::net::SocketAddr,
+    hosts: &'static [&'static str],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<String>, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut answers, mut failures) = (Vec::new(), Vec::new());
+        let started = Instant::now();
+        let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
+        let mut n = 0usize;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && started.elapsed() < Duration::from_secs(60)
+            && answers.len() < 40_000
+        {
+            if conn.is_none() {
+                match TcpStream::connect(addr) {
+                    Ok(s) => {
+                        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        conn = Some((BufReader::new(s.try_clone().unwrap()), s));
+                    }
+                    Err(e) => {
+                        failures.push(format!("connect: {e}"));
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                }
+            }
+            let host = hosts[n % hosts.len()];
+            n += 1;
+            let (reader, writer) = conn.as_mut().unwrap();
+            match writer
+                .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+                .and_then(|_| read_response(reader))
+            {
+                Ok((200, body, close)) => {
+                    answers.push(body);
+                    if close {
+                        conn = None;
+                    }
+                }
+                Ok((status, body, _)) => {
+                    failures.push(format!("{host}: {status} {body}"));
+                    conn = None;
+                }
+                Err(e) => {
+                    failures.push(format!("{host}: {e}"));
+                    conn = None;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (answers, failures)
+    })
+}
