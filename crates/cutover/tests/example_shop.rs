@@ -150,8 +150,20 @@ fn the_shop_example_releases_both_services_with_its_schema_in_phases() {
         columns()
     );
     assert_eq!(shop.page(), Some((200, V2_PAGE.into())));
-    let out = shop.cli(&["rollback", "api"]);
-    let said = output_text(&out);
-    assert!(!out.status.success(), "{said}");
-    assert!(said.contains("the contract step of v2 ran"), "{said}");
+    // The column goes with the contract command; until the command exits and its step is
+    // recorded, a rollback is refused as one that waits for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = shop.cli(&["rollback", "api"]);
+        let said = output_text(&out);
+        assert!(!out.status.success(), "{said}");
+        if said.contains("the contract step of v2 ran") {
+            break;
+        }
+        assert!(
+            said.contains("the contract step of v2 (deployment 2) is running") && Instant::now() < deadline,
+            "{said}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

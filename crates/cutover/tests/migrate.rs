@@ -304,6 +304,13 @@ fn schema_changes_run_in_phases_around_the_switch(db: Db) {
     assert!(!column_gone(), "contract ran while v1 was still warm");
     assert!(wait_until(Duration::from_secs(10), column_gone), "contract did not run");
     assert!(went_live.elapsed() >= Duration::from_millis(1500));
+    // The column goes with the contract command; its step is recorded once the command exits.
+    let contract_recorded = || migration_steps(&site.steps(2)).len() == 3;
+    assert!(
+        wait_until(Duration::from_secs(5), contract_recorded),
+        "{}",
+        site.steps(2)
+    );
     let steps = site.steps(2);
     assert_eq!(
         migration_steps(&steps),
