@@ -537,7 +537,7 @@ impl Default for HealthConfig {
 }
 
 /// `validate = { ... }`: the smoke test of a release, run against the preview route.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ValidateConfig {
     /// `smoke` (required in the table): exit status 0 passes. Runs with `CUTOVER_PREVIEW_URL`
     /// and `CUTOVER_PREVIEW_TOKEN` in its environment.
@@ -545,6 +545,54 @@ pub struct ValidateConfig {
     /// `timeout`: a smoke command still running after this fails (and is killed). Above 0.
     /// Default 60s.
     pub timeout: Duration,
+    /// `mirror`: after the smoke test passes, copies of a sample of the live requests go to the
+    /// release for a while, and their answers are compared with the live ones. Default none.
+    pub mirror: Option<MirrorConfig>,
+}
+
+/// `validate.mirror = { ... }`: copies of live requests sent to the release being validated
+/// (`cutover_proxy::Mirror`); promotion waits for the window and the release fails validation
+/// when its answers compare badly with the live ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MirrorConfig {
+    /// `sample`: the share of live requests copied, above 0 and at most 1. Default 0.1.
+    pub sample: f64,
+    /// `duration`: how long copies are sent. Above 0. Default 2m.
+    pub duration: Duration,
+    /// `methods`: the methods copied, of the safe ones (GET, HEAD, OPTIONS, TRACE): a copy of a
+    /// request that changes something would change it twice. Default GET and HEAD.
+    pub methods: Vec<http::Method>,
+    /// `max_error_rate`: how far the copies' 5xx rate may be above the live requests' own, 0 to
+    /// 1. Default 0.01.
+    pub max_error_rate: f64,
+    /// `max_p99_ratio`: the copies' p99 latency over the live requests' p99, above 0. Default
+    /// 1.5. Differences under [`MIRROR_P99_SLACK`] are not judged.
+    pub max_p99_ratio: f64,
+    /// `min_requests`: copies answered before anything is judged; with fewer at the end of the
+    /// window the release is validated by its smoke test alone (and the output says so). At
+    /// least 1. Default 100.
+    pub min_requests: u64,
+    /// `max_in_flight`: copies sent at once; a sampled request that finds this many running is
+    /// not copied (counted as dropped). At least 1. Default 100.
+    pub max_in_flight: usize,
+}
+
+/// A copies' p99 at most this much above the live p99 passes whatever the ratio: on fast
+/// services, a new connection or a scheduling hiccup alone can double a sub-millisecond p99.
+pub const MIRROR_P99_SLACK: Duration = Duration::from_millis(5);
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            sample: 0.1,
+            duration: Duration::from_secs(120),
+            methods: vec![http::Method::GET, http::Method::HEAD],
+            max_error_rate: 0.01,
+            max_p99_ratio: 1.5,
+            min_requests: 100,
+            max_in_flight: 100,
+        }
+    }
 }
 
 /// `migrate = { ... }`: a release's schema change in phases. Each command runs with `/bin/sh -c`
@@ -773,6 +821,9 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CLOSE_WINDOW: Duration = Duration::from_secs(5);
 const DEFAULT_KEEP_WARM: Duration = Duration::from_secs(3600);
 const DEFAULT_SMOKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The methods `validate.mirror.methods` accepts: the safe ones (RFC 9110 §9.2.1).
+const SAFE_METHODS: [&str; 4] = ["GET", "HEAD", "OPTIONS", "TRACE"];
 /// The default `migrate.timeout`.
 const DEFAULT_MIGRATE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -1168,6 +1219,22 @@ struct RawHealth {
 struct RawValidate {
     smoke: Leaf,
     timeout: Leaf,
+    mirror: Option<Spanned<RawMirror>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. mirror = { sample = 0.1, duration = \"2m\" }"
+)]
+struct RawMirror {
+    sample: Leaf,
+    duration: Leaf,
+    methods: Option<Spanned<RawList>>,
+    max_error_rate: Leaf,
+    max_p99_ratio: Leaf,
+    min_requests: Leaf,
+    max_in_flight: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -2441,7 +2508,163 @@ impl<'a> Checker<'a> {
             None => DEFAULT_SMOKE_TIMEOUT,
             Some(v) => self.positive_duration(v, &format!("{p}.timeout"))?,
         };
-        Ok(ValidateConfig { smoke, timeout })
+        let mirror = match &raw.mirror {
+            None => None,
+            Some(m) => Some(self.mirror(m.get_ref(), &format!("{p}.mirror"))?),
+        };
+        Ok(ValidateConfig { smoke, timeout, mirror })
+    }
+
+    fn mirror(&self, raw: &RawMirror, p: &str) -> Result<MirrorConfig, ConfigError> {
+        let d = MirrorConfig::default();
+        let sample = match &raw.sample {
+            None => d.sample,
+            Some(v) => {
+                let key = format!("{p}.sample");
+                let share = self.fraction(v, &key, "0.1 to copy 10% of the live requests")?;
+                if share == 0.0 {
+                    return Err(self.at(
+                        v,
+                        &key,
+                        "is 0: nothing would be copied; write e.g. 0.1, or remove mirror",
+                    ));
+                }
+                share
+            }
+        };
+        let duration = match &raw.duration {
+            None => d.duration,
+            Some(v) => self.positive_duration(v, &format!("{p}.duration"))?,
+        };
+        let methods = match &raw.methods {
+            None => d.methods,
+            Some(v) => {
+                let key = format!("{p}.methods");
+                let mut methods = Vec::new();
+                for (name, offset) in self.strings(v, &key, false, "[\"GET\", \"HEAD\"]")? {
+                    let method = match name.as_str() {
+                        "GET" => http::Method::GET,
+                        "HEAD" => http::Method::HEAD,
+                        "OPTIONS" => http::Method::OPTIONS,
+                        "TRACE" => http::Method::TRACE,
+                        other if SAFE_METHODS.iter().any(|m| m.eq_ignore_ascii_case(other)) => {
+                            return Err(self.invalid(
+                                offset,
+                                &key,
+                                format!(
+                                    "{other:?}: methods are written in capitals; write {:?}",
+                                    other.to_ascii_uppercase()
+                                ),
+                            ))
+                        }
+                        other => return Err(self.invalid(
+                            offset,
+                            &key,
+                            format!(
+                                "{other:?} is not mirrored: a copy of a request that changes something would change \
+                                     it a second time (both colours share the database and the services behind them); \
+                                     write safe methods only: {}",
+                                SAFE_METHODS.join(", ")
+                            ),
+                        )),
+                    };
+                    if !methods.contains(&method) {
+                        methods.push(method);
+                    }
+                }
+                methods
+            }
+        };
+        let max_error_rate = match &raw.max_error_rate {
+            None => d.max_error_rate,
+            Some(v) => self.fraction(
+                v,
+                &format!("{p}.max_error_rate"),
+                "0.01 for copies failing at most 1% more often than live requests",
+            )?,
+        };
+        let max_p99_ratio = match &raw.max_p99_ratio {
+            None => d.max_p99_ratio,
+            Some(v) => {
+                let key = format!("{p}.max_p99_ratio");
+                let ratio =
+                    match v.get_ref() {
+                        Value::Float(x) => *x,
+                        Value::Integer(n) => *n as f64,
+                        other => return Err(self.at(
+                            v,
+                            &key,
+                            format!(
+                                "{} is not a number; write e.g. 1.5 (the copies' p99 at most 1.5 times the live p99)",
+                                describe(other)
+                            ),
+                        )),
+                    };
+                if !(ratio.is_finite() && ratio > 0.0) {
+                    return Err(self.at(
+                        v,
+                        &key,
+                        format!("{ratio} is not a ratio above 0; write e.g. 1.5 (the copies' p99 at most 1.5 times the live p99)"),
+                    ));
+                }
+                ratio
+            }
+        };
+        let min_requests = match &raw.min_requests {
+            None => d.min_requests,
+            Some(v) => self.int(
+                v,
+                &format!("{p}.min_requests"),
+                1,
+                i64::MAX,
+                "a rate needs at least one copy",
+            )? as u64,
+        };
+        let max_in_flight = match &raw.max_in_flight {
+            None => d.max_in_flight,
+            Some(v) => self.int(
+                v,
+                &format!("{p}.max_in_flight"),
+                1,
+                100_000,
+                "copies are sent only while fewer than this many run",
+            )? as usize,
+        };
+        Ok(MirrorConfig {
+            sample,
+            duration,
+            methods,
+            max_error_rate,
+            max_p99_ratio,
+            min_requests,
+            max_in_flight,
+        })
+    }
+
+    /// A number from 0 to 1 (an integer 0 or 1 too); `example` shows a good one.
+    fn fraction(&self, v: &Spanned<Value>, key: &str, example: &str) -> Result<f64, ConfigError> {
+        let x = match v.get_ref() {
+            Value::Float(x) => *x,
+            Value::Integer(n) => *n as f64,
+            other => {
+                return Err(self.at(
+                    v,
+                    key,
+                    format!(
+                        "{} is not a number; write a fraction from 0 to 1, e.g. {example}",
+                        describe(other)
+                    ),
+                ))
+            }
+        };
+        if !(0.0..=1.0).contains(&x) {
+            return Err(self.at(
+                v,
+                key,
+                format!("{x} is not a fraction from 0 to 1; write e.g. {example}"),
+            ));
+        }
+        Ok(x)
     }
 
     fn migrate(&self, raw: &RawMigrate, p: &str) -> Result<MigrateConfig, ConfigError> {
@@ -2628,31 +2851,7 @@ impl<'a> Checker<'a> {
         };
         let max_error_rate = match &raw.max_error_rate {
             None => d.max_error_rate,
-            Some(v) => {
-                let key = format!("{p}.max_error_rate");
-                let rate = match v.get_ref() {
-                    Value::Float(x) => *x,
-                    Value::Integer(n) => *n as f64,
-                    other => {
-                        return Err(self.at(
-                            v,
-                            &key,
-                            format!(
-                                "{} is not a number; write a fraction from 0 to 1, e.g. 0.01 for 1%",
-                                describe(other)
-                            ),
-                        ))
-                    }
-                };
-                if !(0.0..=1.0).contains(&rate) {
-                    return Err(self.at(
-                        v,
-                        &key,
-                        format!("{rate} is not a fraction from 0 to 1; write e.g. 0.01 for 1% of requests"),
-                    ));
-                }
-                rate
-            }
+            Some(v) => self.fraction(v, &format!("{p}.max_error_rate"), "0.01 for 1% of requests")?,
         };
         let max_p99 = match &raw.max_p99 {
             None => None,

@@ -48,6 +48,7 @@ pub use crate::events::{EventKind, Notice};
 
 mod fleet_node;
 mod fleet_runs;
+mod mirror;
 mod release;
 pub use fleet_node::{FleetNodeView, FleetView, LocalFleetView, NodeServiceView};
 pub use release::{Member, ReleaseRecord, ReleaseRequest};
@@ -3238,8 +3239,27 @@ impl Actor {
         let reports = self.reports.clone();
         let shared = self.shared.clone();
         let name = self.name().to_string();
+        // Copies of live requests, once the smoke test passed: only with a live release on the
+        // other colour to copy from.
+        let mirror = self
+            .cfg
+            .validate
+            .as_ref()
+            .and_then(|v| v.mirror.clone())
+            .filter(|_| self.state.live.as_ref().is_some_and(|l| l.colour != colour));
         let task = tokio::spawn(async move {
-            let event = match smoke.await {
+            let smoke = match (smoke.await, mirror) {
+                (Ok(()), Some(m)) => match mirror_window(&shared, &name, deployment, colour, &version, &m).await {
+                    Ok(()) => Ok(()),
+                    // Said by the window already.
+                    Err(reason) => {
+                        let _ = reports.send(Report::Event(Event::SmokeFailed { id: deployment, reason }));
+                        return;
+                    }
+                },
+                (result, _) => result,
+            };
+            let event = match smoke {
                 Ok(()) => Event::SmokePassed { id: deployment },
                 Err(reason) => {
                     shared.notice(
@@ -3571,6 +3591,49 @@ async fn run_command(mut cmd: tokio::process::Command, command: &str, timeout: D
 /// The service's smoke test (`validate.smoke`) of `version` on `colour`, run against this node's
 /// preview route (or, `live`, against the live route without the preview token); `Err` says why
 /// it failed. Without `validate`, it passes.
+/// The mirroring window of a validation (`validate.mirror`, see `mirror`): opens it, waits its
+/// duration, closes it and judges what it saw, saying each step on the service's stream.
+async fn mirror_window(
+    shared: &Shared,
+    service: &str,
+    deployment: DeploymentId,
+    to: Colour,
+    version: &str,
+    cfg: &crate::config::MirrorConfig,
+) -> Result<(), String> {
+    let say = |message: String, reason: Option<String>| {
+        shared.notice(service, Some(deployment), EventKind::Mirror, message, reason)
+    };
+    let window = match mirror::Window::open(&shared.proxy, service, to, cfg) {
+        Ok(w) => w,
+        Err(why) => {
+            say(why.clone(), Some(why.clone()));
+            return Err(why);
+        }
+    };
+    say(mirror::describe_start(to, version, cfg), None);
+    tokio::time::sleep(cfg.duration).await;
+    window.close();
+    // Copies on their way when the window closed are judged once answered, waited for a moment
+    // at most.
+    let settle = Instant::now() + mirror::SETTLE;
+    let mut report = window.report();
+    while report.copies.requests() < report.live.requests() && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        report = window.report();
+    }
+    match mirror::judge(&report, cfg) {
+        Ok(seen) => {
+            say(format!("mirrored to {to}@{version}: {seen}"), None);
+            Ok(())
+        }
+        Err(why) => {
+            say(format!("mirrored to {to}@{version}: {why}"), Some(why.clone()));
+            Err(format!("mirroring: {why}"))
+        }
+    }
+}
+
 fn smoke_test(
     shared: &Shared,
     cfg: &ServiceConfig,

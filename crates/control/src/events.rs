@@ -44,6 +44,9 @@ pub enum EventKind {
     Drained,
     /// The smoke test failed (`reason`).
     Smoke,
+    /// Copies of live requests began to go to the release being validated (`validate.mirror`),
+    /// or were judged (`reason` when they failed).
+    Mirror,
     /// A control-plane task of the service failed (`reason`: its panic message) and is being
     /// restarted from the committed state; its instances and live traffic were left as they were.
     Fault,
@@ -63,6 +66,7 @@ impl EventKind {
         EventKind::Healthy,
         EventKind::Unhealthy,
         EventKind::Smoke,
+        EventKind::Mirror,
         EventKind::Validated,
         EventKind::AwaitingPromotion,
         EventKind::Promoted,
@@ -99,6 +103,7 @@ impl EventKind {
             EventKind::Retired => "retired",
             EventKind::Drained => "drained",
             EventKind::Smoke => "smoke",
+            EventKind::Mirror => "mirror",
             EventKind::Fault => "fault",
             EventKind::Hold => "hold",
             EventKind::Release => "release",

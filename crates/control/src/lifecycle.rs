@@ -295,7 +295,9 @@ pub enum Reason {
     /// The instances were not healthy within the plan's `health_deadline`.
     #[serde(rename = "health_deadline")]
     HealthDeadline(#[serde(with = "crate::wire::nanos")] Duration),
-    /// The smoke command failed (exit status, timeout, output tail).
+    /// The smoke command failed (exit status, timeout, output tail), or the copies of live
+    /// requests compared badly with the live ones (`validate.mirror`; the text begins with
+    /// "mirroring").
     #[serde(rename = "smoke_failed")]
     SmokeFailed(String),
     /// The health checker reports no healthy instance of the colour.
@@ -338,7 +340,7 @@ impl fmt::Display for Reason {
             Reason::Requested => f.write_str("requested by the operator"),
             Reason::ProvisionFailed(why) => write!(f, "instances failed to start: {why}"),
             Reason::HealthDeadline(d) => write!(f, "instances not healthy within {d:?}"),
-            Reason::SmokeFailed(why) => write!(f, "smoke command failed: {why}"),
+            Reason::SmokeFailed(why) => write!(f, "validation failed: {why}"),
             Reason::Unhealthy(why) => write!(f, "no healthy instance: {why}"),
             Reason::ErrorRate { errors, requests, max } => write!(
                 f,

@@ -7,28 +7,41 @@ use cutover_control::config::HealthConfig;
 use cutover_control::health::{check_once, CheckFailure, CheckSpec, HealthChecker, Status};
 use cutover_proxy::Colour;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// An instance that answers every check with 200.
-async fn healthy_instance() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    .await;
-            });
-        }
-    });
-    addr
+/// An instance that answers every check with 200, in a process of its own: in this one, it
+/// could not accept connections while the test holds every descriptor, and a check that got a
+/// socket (one the instance had just closed) would time out for a reason of the test's making.
+struct Instance(std::process::Child, std::net::SocketAddr);
+
+impl Instance {
+    fn start() -> Instance {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let script = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+        let child = std::process::Command::new("python3")
+            .args(["-c", script, &addr.port().to_string()])
+            .spawn()
+            .expect("python3 runs the test's instance");
+        Instance(child, addr)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Out of file descriptors, a check cannot even open its socket: that is this host's failure,
@@ -36,7 +49,8 @@ async fn healthy_instance() -> std::net::SocketAddr {
 /// descriptors are free again, checks pass as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checks_this_host_cannot_make_leave_the_instance_healthy() {
-    let addr = healthy_instance().await;
+    let instance = Instance::start();
+    let addr = instance.1;
     let checker = HealthChecker::start(CheckSpec {
         service: "web".into(),
         colour: Colour::Green,

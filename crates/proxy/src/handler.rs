@@ -58,6 +58,9 @@ pub(crate) async fn handle(
         if cfg.record_stats {
             seen.pool.stats.record(resp.status().as_u16(), start.elapsed());
         }
+        if let Some(mirror) = &seen.mirrored {
+            mirror.record_live(resp.status().as_u16(), start.elapsed());
+        }
     }
     if let Some((method, path)) = line {
         let (service, colour, id) = match &seen {
@@ -89,6 +92,8 @@ pub(crate) struct Seen {
     /// What affinity does to the response; boxed, so that a request without it carries one
     /// pointer's worth of `None`.
     pub(crate) sticky: Option<Box<StickyAnswer>>,
+    /// The mirroring window that copied this request: it counts the live answer beside the copy's.
+    pub(crate) mirrored: Option<Arc<crate::mirror::Mirror>>,
 }
 
 /// What affinity does to a routed request's response.
@@ -257,6 +262,8 @@ struct Routed {
     gen: GenerationGuard,
     /// How affinity routed it, for a live request of a service that has affinity.
     sticky: Option<crate::affinity::Decision>,
+    /// Routed as live traffic (not by a preview token or listener).
+    live: bool,
 }
 
 /// Routes a request on `table` (just loaded from `current`) and counts it in.
@@ -294,6 +301,7 @@ fn enter(
                 colour,
                 gen,
                 sticky,
+                live,
             }));
         }
         drop(gen);
@@ -378,7 +386,7 @@ fn maintenance_page(service: &str, page: &crate::table::MaintenancePage) -> Resp
 
 // With `hyper-upstream`, the exchange below the routing goes through `crate::hyper_upstream`,
 // and what follows its `return` is not reached (it still compiles).
-#[cfg_attr(feature = "hyper-upstream", allow(unreachable_code, unused_mut))]
+#[cfg_attr(feature = "hyper-upstream", allow(unreachable_code, unused_mut, unused_variables))]
 async fn proxy(
     ctx: &Arc<ConnCtx>,
     req: Request<Incoming>,
@@ -433,6 +441,7 @@ async fn proxy(
         colour,
         gen: gen_guard,
         sticky,
+        live,
     } = loop {
         match route()? {
             Entered::Routed(r) => break r,
@@ -461,6 +470,7 @@ async fn proxy(
         colour,
         request_id: None,
         sticky,
+        mirrored: None,
     });
 
     let framing = body_framing(&parts, &body);
@@ -510,11 +520,22 @@ async fn proxy(
             };
         }
     }
+    // A copy for the colour being validated, if this request is in the sample (`crate::mirror`).
+    if let (true, Some(mirror)) = (live, &svc.mirror) {
+        if upgrade.is_none() && !framing.has_body() && mirror.samples(&parts.method, colour) {
+            let head_request = parts.method == Method::HEAD;
+            if crate::mirror::copy(mirror, shared, &table, service, &head, head_request) {
+                if let Some(seen) = seen.as_mut() {
+                    seen.mirrored = Some(mirror.clone());
+                }
+            }
+        }
+    }
     let replayable =
         shared.config.retry_idempotent && upgrade.is_none() && !framing.has_body() && is_idempotent(&parts.method);
     let req = Outgoing {
         head: &head,
-        body: &mut body,
+        body: Some(&mut body),
         framing,
         replayable,
         head_request: parts.method == Method::HEAD,
@@ -524,7 +545,7 @@ async fn proxy(
     let tls = svc.upstream_tls.as_deref();
     let sent = tokio::select! {
         biased;
-        r = send(ctx, service_name, pool, colour, balance, tls, req) => r,
+        r = send(&shared.config, service_name, pool, colour, balance, tls, req) => r,
         _ = crate::deadline::expired(&gen) => {
             return Err(ProxyError::DrainDeadline { service: service_name.to_string(), colour: colour.as_str() });
         }
@@ -612,22 +633,23 @@ pub(crate) fn wants_upgrade(parts: &http::request::Parts) -> bool {
         })
 }
 
-/// A request on its way upstream: its encoded head and the client's body.
-struct Outgoing<'a> {
-    head: &'a [u8],
-    body: &'a mut Incoming,
-    framing: BodyFraming,
+/// A request on its way upstream: its encoded head and the client's body (none for a copy made
+/// by mirroring, which is sent only for a request without one).
+pub(crate) struct Outgoing<'a> {
+    pub(crate) head: &'a [u8],
+    pub(crate) body: Option<&'a mut Incoming>,
+    pub(crate) framing: BodyFraming,
     /// Bodiless and idempotent: may be sent again if the connection breaks before an answer.
-    replayable: bool,
-    head_request: bool,
+    pub(crate) replayable: bool,
+    pub(crate) head_request: bool,
 }
 
-struct Sent {
-    head: Head,
-    conn: Conn,
-    instance_id: u64,
-    addr: SocketAddr,
-    instance: InstanceGuard,
+pub(crate) struct Sent {
+    pub(crate) head: Head,
+    pub(crate) conn: Conn,
+    pub(crate) instance_id: u64,
+    pub(crate) addr: SocketAddr,
+    pub(crate) instance: InstanceGuard,
 }
 
 /// What became of one attempt on one connection.
@@ -654,8 +676,8 @@ enum Failure {
 /// moment and moves on to a sibling (nothing was sent). A pooled connection that turns out dead
 /// before the request was written is replaced. A failure after the request was written is
 /// final, unless the request is bodiless and idempotent.
-async fn send(
-    ctx: &ConnCtx,
+pub(crate) async fn send(
+    cfg: &crate::ProxyConfig,
     service: &Arc<str>,
     pool: &Pool,
     colour: Colour,
@@ -663,7 +685,6 @@ async fn send(
     tls: Option<&crate::UpstreamTls>,
     mut req: Outgoing<'_>,
 ) -> Result<Sent, ProxyError> {
-    let cfg = &ctx.shared.config;
     let tls_id = tls.map_or(0, |t| t.id());
     let mut skip: u64 = 0;
     let mut last: Option<ProxyError> = None;
@@ -818,9 +839,12 @@ async fn attempt(conn: &mut Conn, req: &mut Outgoing<'_>, timeout: Duration) -> 
     // With a body: write it while watching for the response, which may come early (an upstream
     // refusing an upload answers before reading it all).
     let chunked = matches!(req.framing, BodyFraming::Chunked);
+    let Some(body) = req.body.as_deref_mut() else {
+        return Attempt::Failed(Failure::ClientBody);
+    };
     let Conn { io, buf, .. } = conn;
     let (mut rd, mut wr) = io.split();
-    let write = Conn::write_body(&mut wr, req.body, chunked, timeout);
+    let write = Conn::write_body(&mut wr, body, chunked, timeout);
     tokio::pin!(write);
     let mut early: Option<Head> = None;
     {

@@ -303,6 +303,43 @@ impl Proxy {
         Ok(changed)
     }
 
+    /// Opens a mirroring window on `service` (see [`crate::Mirror`]): from the next request on,
+    /// a sample of its live requests is copied to the mirror's colour. Whatever window was open
+    /// before ends.
+    pub fn mirror(&self, service: &str, mirror: Arc<crate::Mirror>) -> Result<(), TableError> {
+        self.update(|t| {
+            t.with_service(service, |s| {
+                s.mirror = Some(mirror);
+                Ok(())
+            })
+        })
+        .map(|_| ())
+    }
+
+    /// Ends the mirroring window `mirror` of `service`, if it is still the open one; copies on
+    /// their way finish. Returns whether it was open.
+    pub fn end_mirror(&self, service: &str, mirror: &Arc<crate::Mirror>) -> bool {
+        let _serial = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.shared.table.load();
+        let open = current
+            .service(service)
+            .and_then(|s| s.mirror.as_ref())
+            .is_some_and(|m| Arc::ptr_eq(m, mirror));
+        if !open {
+            return false;
+        }
+        match current.with_service(service, |s| {
+            s.mirror = None;
+            Ok(())
+        }) {
+            Ok(next) => {
+                self.store(&current, next);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Ends the pin of `colour` in `service`: its sessions go to the live colour from now on.
     /// Returns false when nothing was pinned there.
     pub fn unpin(&self, service: &str, colour: Colour) -> Result<bool, TableError> {

@@ -144,6 +144,16 @@ impl ColourStats {
 }
 
 impl StatsSnapshot {
+    /// The counts of these requests (status, time to the response head), as a colour would have
+    /// counted them: for judging code tested without a proxy.
+    pub fn of(requests: impl IntoIterator<Item = (u16, Duration)>) -> StatsSnapshot {
+        let stats = ColourStats::default();
+        for (status, elapsed) in requests {
+            stats.record(status, elapsed);
+        }
+        stats.snapshot()
+    }
+
     pub fn requests(&self) -> u64 {
         self.by_class.iter().sum()
     }

@@ -207,6 +207,10 @@ impl Drop for GenerationGuard {
 pub(crate) struct PoolState {
     pub(crate) cursor: AtomicUsize,
     pub(crate) stats: crate::stats::ColourStats,
+    /// Copies of live requests this colour answered while it was mirrored to (`crate::mirror`).
+    pub(crate) mirrored: crate::stats::ColourStats,
+    /// Sampled requests not copied to this colour: every copy slot was taken.
+    pub(crate) mirror_dropped: AtomicU64,
 }
 
 /// The instances of one colour of one service.
@@ -328,6 +332,9 @@ pub struct Service {
     /// [`crate::Proxy::switch_pinned`], cleared by any other switch and by
     /// [`crate::Proxy::unpin`].
     pub(crate) pin: Option<crate::affinity::Pin>,
+    /// Copies a sample of the live requests to the other colour while it is validated
+    /// (`crate::mirror`); set by [`crate::Proxy::mirror`].
+    pub(crate) mirror: Option<Arc<crate::mirror::Mirror>>,
 }
 
 /// What holds a service's live traffic instead of routing it.
@@ -393,6 +400,7 @@ impl Service {
             upstream_tls: None,
             affinity: None,
             pin: None,
+            mirror: None,
         }
     }
 
@@ -400,6 +408,11 @@ impl Service {
     /// [`crate::affinity::Pin::remaining`]).
     pub fn pin(&self) -> Option<&crate::affinity::Pin> {
         self.pin.as_ref()
+    }
+
+    /// The mirroring window open on this service, if any.
+    pub fn mirror(&self) -> Option<&Arc<crate::mirror::Mirror>> {
+        self.mirror.as_ref()
     }
 
     pub fn pool(&self, colour: Colour) -> &Pool {

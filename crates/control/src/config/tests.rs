@@ -370,6 +370,7 @@ events = ["went-live", "rolled-back"]
                 validate: Some(ValidateConfig {
                     smoke: "./smoke.sh".to_string(),
                     timeout: Duration::from_secs(90),
+                    mirror: None,
                 }),
                 promote: PromoteConfig {
                     auto: true,
@@ -1986,4 +1987,103 @@ fn migrate_settings_are_read_and_bad_ones_refused() {
             words,
         );
     }
+}
+
+#[test]
+fn mirror_takes_safe_methods_and_sensible_limits() {
+    let at =
+        |m: &str| format!("[services.web]\ncommand = \"x\"\nvalidate = {{ smoke = \"./s\", mirror = {{ {m} }} }}\n");
+    let c = parse(&at("")).unwrap();
+    let m = c.services[0].validate.as_ref().unwrap().mirror.clone().unwrap();
+    assert_eq!(m, MirrorConfig::default());
+    assert_eq!(m.methods, vec![http::Method::GET, http::Method::HEAD]);
+    let c = parse(&at(
+        "sample = 0.25, duration = \"30s\", methods = [\"GET\", \"OPTIONS\", \"GET\"], max_error_rate = 0, \
+         max_p99_ratio = 2, min_requests = 10, max_in_flight = 8",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.services[0].validate.as_ref().unwrap().mirror,
+        Some(MirrorConfig {
+            sample: 0.25,
+            duration: Duration::from_secs(30),
+            methods: vec![http::Method::GET, http::Method::OPTIONS],
+            max_error_rate: 0.0,
+            max_p99_ratio: 2.0,
+            min_requests: 10,
+            max_in_flight: 8,
+        })
+    );
+    assert_eq!(parse(MINIMAL).unwrap().services[0].validate, None);
+
+    let said = refused(
+        &at("methods = [\"GET\", \"POST\"]"),
+        3,
+        58,
+        "services.web.validate.mirror.methods",
+        "\"POST\" is not mirrored: a copy of a request that changes something would change it a second time",
+    );
+    assert!(said.contains("GET, HEAD, OPTIONS, TRACE"), "{said}");
+    refused(
+        &at("methods = [\"get\"]"),
+        3,
+        51,
+        "services.web.validate.mirror.methods",
+        "write \"GET\"",
+    );
+    refused(
+        &at("sample = 0"),
+        3,
+        49,
+        "services.web.validate.mirror.sample",
+        "nothing would be copied",
+    );
+    refused(
+        &at("sample = 1.5"),
+        3,
+        49,
+        "services.web.validate.mirror.sample",
+        "1.5 is not a fraction from 0 to 1",
+    );
+    refused(
+        &at("max_p99_ratio = 0"),
+        3,
+        56,
+        "services.web.validate.mirror.max_p99_ratio",
+        "not a ratio above 0",
+    );
+    refused(
+        &at("max_p99_ratio = \"x\""),
+        3,
+        56,
+        "services.web.validate.mirror.max_p99_ratio",
+        "is not a number",
+    );
+    refused(
+        &at("duration = \"0s\""),
+        3,
+        51,
+        "services.web.validate.mirror.duration",
+        "",
+    );
+    refused(
+        &at("max_in_flight = 0"),
+        3,
+        56,
+        "services.web.validate.mirror.max_in_flight",
+        "from 1 to 100000",
+    );
+    refused(
+        &at("min_requests = 0"),
+        3,
+        55,
+        "services.web.validate.mirror.min_requests",
+        "1 or more",
+    );
+    let e = parse(&at("copies = 3")).unwrap_err().to_string();
+    assert!(e.contains("copies"), "{e}");
+    let e = parse("[services.web]\ncommand = \"x\"\nvalidate = { mirror = { sample = 0.1 } }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("validate.smoke") && e.contains("missing"), "{e}");
 }
