@@ -88,6 +88,9 @@ keep_warm = "1h"
 # Before any user sees a release: this command runs against the preview route and must exit 0.
 # It gets CUTOVER_PREVIEW_URL and CUTOVER_PREVIEW_TOKEN (send it as X-Cutover-Preview).
 validate = { smoke = "curl -fsS -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\" $CUTOVER_PREVIEW_URL/up", timeout = "60s" }
+# Opt-in, in validate: once the smoke test passes, copy a sample of live GET/HEAD requests to the
+# release for `duration` and fail it when the copies fail or are slower than the live answers:
+#   mirror = { sample = 0.1, duration = "2m", max_error_rate = 0.01, max_p99_ratio = 1.5 }
 # Schema changes in phases: expand before the release's instances start (then the live release
 # is checked again: `check`, or the smoke test against the live route; `rollback` undoes the
 # expand when that fails); contract once the previous colour is retired. `files` are linted first.
@@ -2557,16 +2560,18 @@ impl<'a> Checker<'a> {
                                 ),
                             ))
                         }
-                        other => return Err(self.invalid(
-                            offset,
-                            &key,
-                            format!(
+                        other => {
+                            return Err(self.invalid(
+                                offset,
+                                &key,
+                                format!(
                                 "{other:?} is not mirrored: a copy of a request that changes something would change \
                                      it a second time (both colours share the database and the services behind them); \
                                      write safe methods only: {}",
                                 SAFE_METHODS.join(", ")
                             ),
-                        )),
+                            ))
+                        }
                     };
                     if !methods.contains(&method) {
                         methods.push(method);
@@ -2587,19 +2592,20 @@ impl<'a> Checker<'a> {
             None => d.max_p99_ratio,
             Some(v) => {
                 let key = format!("{p}.max_p99_ratio");
-                let ratio =
-                    match v.get_ref() {
-                        Value::Float(x) => *x,
-                        Value::Integer(n) => *n as f64,
-                        other => return Err(self.at(
+                let ratio = match v.get_ref() {
+                    Value::Float(x) => *x,
+                    Value::Integer(n) => *n as f64,
+                    other => {
+                        return Err(self.at(
                             v,
                             &key,
                             format!(
                                 "{} is not a number; write e.g. 1.5 (the copies' p99 at most 1.5 times the live p99)",
                                 describe(other)
                             ),
-                        )),
-                    };
+                        ))
+                    }
+                };
                 if !(ratio.is_finite() && ratio > 0.0) {
                     return Err(self.at(
                         v,

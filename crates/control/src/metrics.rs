@@ -161,6 +161,34 @@ impl Collector for DaemonCollector {
             )?;
         }
 
+        // Mirroring (`validate.mirror`): copies each colour answered, and those not sent.
+        let mirrored: Vec<_> = services
+            .iter()
+            .flat_map(|s| colours.map(|c| (*s, c, s.pool(c).mirror_totals())))
+            .collect();
+        let mut e = encoder.encode_descriptor(
+            "mirror_requests",
+            "Copies of live requests answered by a colour being validated (validate.mirror), by service, colour and status class (no answer counts as 5xx)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, c, totals) in &mirrored {
+            for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                let labels = [("service", &*s.name), ("colour", c.as_str()), ("class", class)];
+                ConstCounter::new(totals.copies.by_class[i]).encode(e.encode_family(&labels)?)?;
+            }
+        }
+        let mut e = encoder.encode_descriptor(
+            "mirror_dropped",
+            "Live requests sampled for mirroring and not copied because validate.mirror.max_in_flight copies were running, by service and the colour they were for",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, c, totals) in &mirrored {
+            let labels = [("service", &*s.name), ("colour", c.as_str())];
+            ConstCounter::new(totals.dropped).encode(e.encode_family(&labels)?)?;
+        }
+
         // Sticky sessions, for the services that have them.
         let sticky: Vec<_> = services
             .iter()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use cutover_proxy::{Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
+use cutover_proxy::{Colour, Instance, ListenerConfig, Pool, Proxy, ProxyConfig, RouteTable, Service};
 
 use cutover_control::config::parse_duration;
 
@@ -167,6 +167,31 @@ struct ProxyArgs {
     /// for this long after a switch (to measure what affinity costs; the key is new at each start).
     #[arg(long, value_parser = parse_duration)]
     affinity_window: Option<Duration>,
+    /// Copy this share (above 0, at most 1) of the live GET and HEAD requests to the colour that
+    /// is not live, answers thrown away (to measure what mirroring costs; see `validate.mirror`).
+    #[arg(long, value_parser = parse_sample)]
+    mirror: Option<f64>,
+}
+
+fn parse_sample(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        _ => Err(format!(
+            "{s:?} is not a share above 0 and at most 1; write e.g. 0.1 to copy 10% of the requests"
+        )),
+    }
+}
+
+/// With `--mirror`: a window copying to the colour that is not live, `live` being live.
+fn mirror_window(proxy: &Proxy, live: Colour, sample: Option<f64>) -> anyhow::Result<()> {
+    if let Some(sample) = sample {
+        let methods = [http::Method::GET, http::Method::HEAD];
+        proxy.mirror(
+            "default",
+            Arc::new(cutover_proxy::Mirror::new(live.other(), sample, &methods, 100)),
+        )?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -280,6 +305,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         Ok(p) => Arc::new(p),
         Err(e) => return Err(client::usage(e.to_string())),
     };
+    mirror_window(&proxy, Colour::Blue, args.mirror)?;
     for addr in proxy.local_addrs() {
         tracing::info!(%addr, "cutover proxy listening on {addr}");
     }
@@ -299,6 +325,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                     let from = svc.active;
                     let to = from.other();
                     proxy.switch_pinned("default", to, args.affinity_window)?;
+                    mirror_window(&proxy, to, args.mirror)?;
                     switches += 1;
                     tracing::info!(%from, %to, switches, "switch: live colour is now {to}");
                     let p = proxy.clone();

@@ -161,6 +161,24 @@ fn live_load(front: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
     })
 }
 
+/// `GET /metrics` on the admin socket.
+fn scrape(socket: &std::path::Path) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("admin socket");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the sample named `name` (with its labels), if there is one.
+fn sample(metrics: &str, name: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
 #[test]
 fn a_release_failing_copies_of_live_requests_is_refused_and_a_good_one_goes_live_after_its_window() {
     let owner = "mirror-test";
@@ -240,6 +258,23 @@ fn a_release_failing_copies_of_live_requests_is_refused_and_a_good_one_goes_live
     );
     assert!(blue.requests().iter().all(|g| !g.mirrored));
     assert!(blue.requests().iter().any(|g| g.method == "POST"));
+    // The metrics count them, all failed.
+    let metrics = scrape(&dir.path().join("state/admin.sock"));
+    assert_eq!(
+        sample(
+            &metrics,
+            "cutover_mirror_requests_total{service=\"web\",colour=\"green\",class=\"5xx\"}"
+        ),
+        Some(copies.len() as u64),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "cutover_mirror_dropped_total{service=\"web\",colour=\"green\"}"
+        ),
+        Some(0)
+    );
     // History keeps why.
     let out = cli(&["history", "web"]);
     let history = output_text(&out);
