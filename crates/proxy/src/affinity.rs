@@ -275,13 +275,14 @@ impl Affinity {
         now_ms: u64,
     ) -> Decision {
         let window_s = self.window.as_secs().max(1);
-        let live = svc.active;
+        // Where a new session goes: the live colour, or its draw during a gradual switch.
+        let live = d.colour;
         let mut map = app.lock();
         if let Some(e) = map.entries.get_mut(&key) {
             if now.saturating_sub(e.seen) < window_s && e.release == svc.pool(e.colour).version {
-                if e.colour == live {
+                if svc.takes_live(e.colour) {
                     e.seen = now;
-                    return d;
+                    return Decision { colour: e.colour, ..d };
                 }
                 if pinned(svc, e.colour, now_ms) {
                     e.seen = now;
@@ -476,9 +477,10 @@ impl Affinity {
 
     /// Routes a live request of `svc` by its cookie: the live colour, or the pinned one.
     pub(crate) fn decide(&self, svc: &Service, presented: Presented, now: u64, now_ms: u64) -> Decision {
-        let live = svc.active;
+        // A new session goes to the live colour, or during a gradual switch, to the colour its
+        // draw gives it (`Service::live_colour`), and keeps it.
         let to_live = |ignored| Decision {
-            colour: live,
+            colour: svc.live_colour(),
             pinned: false,
             ignored,
             mint: true,
@@ -490,7 +492,7 @@ impl Affinity {
                 // Past half the window a session's cookie is renewed, so that an active session
                 // keeps a valid one.
                 let refresh = now.saturating_sub(issued) >= self.window.as_secs().max(1) / 2;
-                if colour == live {
+                if svc.takes_live(colour) {
                     return Decision {
                         colour,
                         pinned: false,

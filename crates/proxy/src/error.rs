@@ -89,4 +89,6 @@ pub enum TableError {
     TwoDefaults(String, String),
     #[error("'{0}' is not a colour: use 'blue' or 'green'")]
     BadColour(String),
+    #[error("service '{service}': {colour} is live already; a share of its traffic can only go to the other colour")]
+    SplitToLive { service: String, colour: &'static str },
 }

@@ -430,7 +430,7 @@ async fn proxy(
                 } else if let Some(affinity) = &svc.affinity {
                     sticky_route(affinity, svc, request_headers)
                 } else {
-                    (svc.active, true, None)
+                    (svc.live_colour(), true, None)
                 }
             },
         )

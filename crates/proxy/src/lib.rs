@@ -48,7 +48,9 @@ pub use headers::X_CUTOVER_PREVIEW;
 pub use mirror::{Mirror, MirrorReport, MirrorTotals, X_CUTOVER_MIRROR};
 pub use proxy::{Proxy, StartError, TlsSetupError};
 pub use stats::{StatsSnapshot, LATENCY_BOUNDS_US};
-pub use table::{Balance, Colour, Generation, Hold, Instance, MaintenancePage, PauseGate, Pool, RouteTable, Service};
+pub use table::{
+    Balance, Colour, Generation, Hold, Instance, MaintenancePage, PauseGate, Pool, RouteTable, Service, Split,
+};
 pub use tls::{
     admin_server_config, close_after, provider as tls_provider, CertificateError, CertificateFile, CertificateSet,
     CertificateSlot, TlsCertificate, TLS_HANDSHAKE_RECORD,

@@ -252,11 +252,18 @@ impl Proxy {
         let svc = current
             .service(service)
             .ok_or_else(|| TableError::UnknownService(service.to_string()))?;
-        if svc.active == to {
+        if svc.active == to && svc.split.is_none() {
             return Ok(false);
         }
+        let switched = svc.active != to;
         let next = current.with_service(service, |s| {
             let old = s.active;
+            s.split = None;
+            if !switched {
+                // The end of a gradual switch back to where it began: the split goes, the pin
+                // stays as it was.
+                return Ok(());
+            }
             s.active = to;
             s.pin = match pin_for {
                 Some(d) if s.affinity.is_some() && !s.pool(old).instances.is_empty() => Some(crate::affinity::Pin {
@@ -269,7 +276,30 @@ impl Proxy {
             Ok(())
         })?;
         self.store(&current, next);
-        Ok(true)
+        Ok(switched)
+    }
+
+    /// A step of a gradual switch of `service`: `per_million` millionths of its live requests
+    /// (of its new sessions, with affinity; sessions keep their colour) go to `to`, the rest to
+    /// the live colour, from the next request on. `to` must not be the live colour. A share of 0
+    /// ends the split; the switch that completes it ([`Proxy::switch`]) ends it too.
+    pub fn split(&self, service: &str, to: Colour, per_million: u32) -> Result<(), TableError> {
+        self.update(|t| {
+            t.with_service(service, |s| {
+                if s.active == to {
+                    return Err(TableError::SplitToLive {
+                        service: service.to_string(),
+                        colour: to.as_str(),
+                    });
+                }
+                s.split = (per_million > 0).then_some(crate::table::Split {
+                    colour: to,
+                    per_million: per_million.min(1_000_000),
+                });
+                Ok(())
+            })
+        })
+        .map(|_| ())
     }
 
     /// Makes each `(service, colour)` live in one store: a request whose head arrives after this
@@ -286,12 +316,13 @@ impl Proxy {
             let svc = base
                 .service(service)
                 .ok_or_else(|| TableError::UnknownService(service.to_string()))?;
-            if svc.active == *colour {
+            if svc.active == *colour && svc.split.is_none() {
                 continue;
             }
             let switched = base.with_service(service, |s| {
                 s.active = *colour;
                 s.pin = None;
+                s.split = None;
                 Ok(())
             })?;
             next = Some(switched);

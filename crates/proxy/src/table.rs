@@ -335,6 +335,19 @@ pub struct Service {
     /// Copies a sample of the live requests to the other colour while it is validated
     /// (`crate::mirror`); set by [`crate::Proxy::mirror`].
     pub(crate) mirror: Option<Arc<crate::mirror::Mirror>>,
+    /// A gradual switch in progress: this share of the live requests (of new sessions, with
+    /// affinity) goes to the other colour; set by [`crate::Proxy::split`], ended by any switch.
+    pub(crate) split: Option<Split>,
+}
+
+/// A share of a service's live traffic sent to the colour that is not `active` (a step of a
+/// gradual switch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    /// The colour that gets the share.
+    pub colour: Colour,
+    /// The share, in millionths of the requests (or new sessions).
+    pub per_million: u32,
 }
 
 /// What holds a service's live traffic instead of routing it.
@@ -401,6 +414,7 @@ impl Service {
             affinity: None,
             pin: None,
             mirror: None,
+            split: None,
         }
     }
 
@@ -408,6 +422,33 @@ impl Service {
     /// [`crate::affinity::Pin::remaining`]).
     pub fn pin(&self) -> Option<&crate::affinity::Pin> {
         self.pin.as_ref()
+    }
+
+    /// The gradual switch in progress, if any.
+    pub fn split(&self) -> Option<Split> {
+        self.split
+    }
+
+    /// The colour a live request without affinity goes to: the active one, or during a gradual
+    /// switch, the split's colour for its share of the requests (drawn at random per request).
+    #[inline]
+    pub(crate) fn live_colour(&self) -> Colour {
+        match &self.split {
+            None => self.active,
+            Some(s) => {
+                if (crate::headers::random_u64() % 1_000_000) < u64::from(s.per_million) {
+                    s.colour
+                } else {
+                    self.active
+                }
+            }
+        }
+    }
+
+    /// Whether `colour` takes live traffic now: it is active, or the colour of a split.
+    #[inline]
+    pub(crate) fn takes_live(&self, colour: Colour) -> bool {
+        colour == self.active || self.split.is_some_and(|s| s.colour == colour)
     }
 
     /// The mirroring window open on this service, if any.

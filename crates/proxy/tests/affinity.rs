@@ -249,3 +249,81 @@ async fn the_application_session_cookie_is_followed_too() {
     assert_eq!(colour_of(&body), Some(Colour::Green), "the pin is over");
     proxy.shutdown();
 }
+
+/// A gradual switch with affinity moves new sessions, not requests: each session keeps the
+/// colour its first answer gave it through every step; at the end, the sessions left on blue
+/// stay pinned there while new ones go green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gradual_switch_moves_a_share_of_new_sessions_and_each_keeps_its_colour() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), sticky_table(&blue, &green));
+    let mut sessions = Vec::new();
+    // 10 %: 300 new sessions, about 30 of them green (5 standard deviations: 6 to 54).
+    proxy.split("web", Colour::Green, 100_000).unwrap();
+    for _ in 0..300 {
+        let mut s = Session::new(&proxy).await;
+        let first = s.get().await;
+        sessions.push((s, first));
+    }
+    let green_first = sessions.iter().filter(|(_, c)| *c == Colour::Green).count();
+    assert!(
+        (6..=54).contains(&green_first),
+        "{green_first} of 300 new sessions on green at 10%"
+    );
+    // 50 %: the sessions keep their colour, every request; new ones split about evenly.
+    proxy.split("web", Colour::Green, 500_000).unwrap();
+    for (s, first) in sessions.iter_mut() {
+        for _ in 0..3 {
+            assert_eq!(s.get().await, *first, "a session changed colour at a step");
+        }
+        assert_eq!(s.minted, 1);
+    }
+    let mut later = 0;
+    for _ in 0..200 {
+        let mut s = Session::new(&proxy).await;
+        if s.get().await == Colour::Green {
+            later += 1;
+        }
+        sessions.push((s, Colour::Blue));
+    }
+    assert!(
+        (65..=135).contains(&later),
+        "{later} of 200 new sessions on green at 50%"
+    );
+    // 100 %: the switch; blue's sessions pinned there, new ones green.
+    assert!(proxy
+        .switch_pinned("web", Colour::Green, Some(Duration::from_secs(60)))
+        .unwrap());
+    assert_eq!(proxy.table().service("web").unwrap().split(), None);
+    for (s, first) in sessions.iter_mut().take(300) {
+        assert_eq!(s.get().await, *first);
+    }
+    for _ in 0..20 {
+        assert_eq!(Session::new(&proxy).await.get().await, Colour::Green);
+    }
+    proxy.shutdown();
+}
+
+/// A gradual switch rolled back: every session goes back to blue at once, the green ones too
+/// (their colour no longer takes live traffic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gradual_switch_rolled_back_sends_every_session_to_the_live_colour() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), sticky_table(&blue, &green));
+    proxy.split("web", Colour::Green, 1_000_000).unwrap();
+    let mut s = Session::new(&proxy).await;
+    assert_eq!(s.get().await, Colour::Green, "all new sessions at 100% of a split");
+    assert!(
+        !proxy.switch("web", Colour::Blue).unwrap(),
+        "blue was live all along: nothing switched, the split ends"
+    );
+    assert_eq!(proxy.table().service("web").unwrap().split(), None);
+    assert_eq!(s.get().await, Colour::Blue);
+    // A share for the live colour itself is refused, changing nothing.
+    let e = proxy.split("web", Colour::Blue, 100_000).unwrap_err();
+    assert!(e.to_string().contains("blue is live already"), "{e}");
+    assert_eq!(proxy.table().service("web").unwrap().split(), None);
+    proxy.shutdown();
+}

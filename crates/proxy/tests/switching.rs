@@ -1683,3 +1683,41 @@ async fn colour_counters_add_up_across_a_switch() {
     assert_eq!((g.requests(), g.by_class[1], g.errors()), (31, 30, 1));
     assert!(g.quantile(0.99).is_some());
 }
+
+/// A gradual switch without affinity: each step sends its share of the requests (drawn per
+/// request) to green; the switch that completes it sends them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gradual_switch_sends_each_steps_share_of_requests() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let proxy = start_proxy(test_config(), table(&[&blue], &[&green]));
+    let mut h1 = H1::connect(proxy.local_addrs()[0]).await.unwrap();
+    // Binomial bounds at 5 standard deviations.
+    proxy.split("web", Colour::Green, 100_000).unwrap();
+    let at_10 = green_of(&mut h1, 2000).await;
+    assert!((133..=267).contains(&at_10), "{at_10} of 2000 at 10%");
+    proxy.split("web", Colour::Green, 500_000).unwrap();
+    let at_50 = green_of(&mut h1, 2000).await;
+    assert!((888..=1112).contains(&at_50), "{at_50} of 2000 at 50%");
+    assert!(proxy.switch("web", Colour::Green).unwrap());
+    assert_eq!(proxy.table().service("web").unwrap().split(), None);
+    assert_eq!(green_of(&mut h1, 200).await, 200);
+    // A split ended by a share of 0: everything on the live colour.
+    proxy.split("web", Colour::Blue, 300_000).unwrap();
+    proxy.split("web", Colour::Blue, 0).unwrap();
+    assert_eq!(green_of(&mut h1, 200).await, 200);
+    proxy.shutdown();
+}
+
+/// How many of `n` GETs on `h1` green answered.
+async fn green_of(h1: &mut H1, n: usize) -> usize {
+    let mut green = 0;
+    for _ in 0..n {
+        let (status, _, body) = h1.get("/").await.unwrap();
+        assert_eq!(status, 200);
+        if colour_of(&body) == Some(Colour::Green) {
+            green += 1;
+        }
+    }
+    green
+}
