@@ -634,13 +634,24 @@ pub struct PromoteConfig {
     /// `delay`: time between validation and an automatic promotion. Default 0s. Only with
     /// `auto = true`.
     pub delay: Duration,
+    /// `steps`: a gradual switch, the percentages of live traffic (of new sessions, with
+    /// affinity) sent to the release one after the other, e.g. [10, 50, 100]; rising, the last
+    /// 100. Default empty: the single atomic switch.
+    pub steps: Vec<u8>,
+    /// `step`: how long each step but the last lasts, watched. Default 1m; only with `steps`.
+    pub step: Duration,
 }
+
+/// How long a step of a gradual switch lasts when `promote.step` is not given.
+pub const DEFAULT_PROMOTE_STEP: Duration = Duration::from_secs(60);
 
 impl Default for PromoteConfig {
     fn default() -> Self {
         PromoteConfig {
             auto: true,
             delay: Duration::ZERO,
+            steps: Vec::new(),
+            step: DEFAULT_PROMOTE_STEP,
         }
     }
 }
@@ -1245,6 +1256,8 @@ struct RawMirror {
 struct RawPromote {
     auto: Leaf,
     delay: Leaf,
+    steps: Leaf,
+    step: Leaf,
 }
 
 #[derive(Deserialize)]
@@ -1547,6 +1560,17 @@ impl<'a> Checker<'a> {
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
         self.tls_consistent(&server, &services)?;
+        if fleet.is_some() {
+            if let Some(s) = services.iter().find(|s| !s.promote.steps.is_empty()) {
+                let key = format!("services.{}.promote.steps", s.name);
+                return Err(self.invalid(
+                    self.key_offset(&key),
+                    &key,
+                    "a gradual switch is not available in a fleet: its nodes apply whole switches only; remove steps, \
+                     or run this service without [fleet]",
+                ));
+            }
+        }
         Ok(Config {
             server,
             proxy,
@@ -2846,7 +2870,79 @@ impl<'a> Checker<'a> {
                 delay
             }
         };
-        Ok(PromoteConfig { auto, delay })
+        let example = "steps = [10, 50, 100]";
+        let steps = match &raw.steps {
+            None => Vec::new(),
+            Some(v) => {
+                let key = format!("{p}.steps");
+                let Value::Array(items) = v.get_ref() else {
+                    return Err(self.at(
+                        v,
+                        &key,
+                        format!(
+                            "{} is not a list of percentages; write e.g. {example}",
+                            describe(v.get_ref())
+                        ),
+                    ));
+                };
+                let mut steps: Vec<u8> = Vec::new();
+                for item in items {
+                    let share = match item {
+                        Value::Integer(n) if (1..=100).contains(n) => *n as u8,
+                        other => {
+                            return Err(self.at(
+                                v,
+                                &key,
+                                format!(
+                                    "{} is not a whole percentage from 1 to 100; write e.g. {example}",
+                                    describe(other)
+                                ),
+                            ))
+                        }
+                    };
+                    if let Some(before) = steps.last().filter(|b| **b >= share) {
+                        return Err(self.at(
+                            v,
+                            &key,
+                            format!("{share} comes after {before}: each step sends more than the one before; write e.g. {example}"),
+                        ));
+                    }
+                    steps.push(share);
+                }
+                if steps.last() != Some(&100) {
+                    return Err(self.at(
+                        v,
+                        &key,
+                        format!("the last step must be 100 (every request on the release); write e.g. {example}"),
+                    ));
+                }
+                // [100] is the single atomic switch.
+                if steps.len() == 1 {
+                    steps.clear();
+                }
+                steps
+            }
+        };
+        let step = match &raw.step {
+            None => DEFAULT_PROMOTE_STEP,
+            Some(v) => {
+                let step = self.positive_duration(v, &format!("{p}.step"))?;
+                if raw.steps.is_none() {
+                    return Err(self.at(
+                        v,
+                        &format!("{p}.step"),
+                        format!("is how long each step of a gradual switch lasts, and there are no steps; add {example}, or remove step"),
+                    ));
+                }
+                step
+            }
+        };
+        Ok(PromoteConfig {
+            auto,
+            delay,
+            steps,
+            step,
+        })
     }
 
     fn watch(&self, raw: &RawWatch, p: &str) -> Result<WatchConfig, ConfigError> {

@@ -1830,6 +1830,10 @@ impl Actor {
                     contract: m.contract.is_some(),
                     rollback: m.rollback.is_some(),
                 }),
+            gradual: (!self.cfg.promote.steps.is_empty()).then(|| crate::lifecycle::Gradual {
+                steps: self.cfg.promote.steps.clone(),
+                step: self.cfg.promote.step,
+            }),
         }
     }
 
@@ -2058,8 +2062,10 @@ impl Actor {
         };
         let mut plan = self.plan();
         if held.is_some() {
-            // Validated, it waits for the release to promote it with the others.
+            // Validated, it waits for the release to promote it with the others, which switches
+            // every service at once: no gradual steps.
             plan.promote = Promotion::Manual;
+            plan.gradual = None;
         }
         self.step(
             Event::Deploy {
@@ -2469,6 +2475,40 @@ impl Actor {
                         Err(e) => tracing::error!(service = self.name(), error = %e, "switch failed"),
                     }
                 }
+                Action::Split { colour, percent } => {
+                    let version = self.runs[slot(colour)]
+                        .as_ref()
+                        .map(|r| r.release.version.clone())
+                        .unwrap_or_default();
+                    let per_million = u32::from(percent) * 10_000;
+                    match self.shared.proxy.split(self.name(), colour, per_million) {
+                        Ok(()) => {
+                            let what = if self.cfg.affinity.is_some() {
+                                "new sessions"
+                            } else {
+                                "live requests"
+                            };
+                            let next = match &self.state.phase {
+                                Phase::Watching { deployment, .. } => deployment.plan.gradual.as_ref().map(|g| {
+                                    let after = g.steps.iter().copied().find(|s| *s > percent).unwrap_or(100);
+                                    format!("; {after}% after {:?} if the watch passes", g.step)
+                                }),
+                                _ => None,
+                            }
+                            .unwrap_or_default();
+                            self.shared.notice(
+                                self.name(),
+                                self.state.in_progress().map(|d| d.id),
+                                EventKind::Switch,
+                                format!("gradual switch: {percent}% of {what} to {colour} ({version}){next}"),
+                                None,
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(service = self.name(), error = %e, "cannot send a share of the traffic to {colour}")
+                        }
+                    }
+                }
                 Action::StartWatch { deployment, colour } => self.start_watch(deployment, colour),
                 Action::StopWatch { deployment } => {
                     if let Some((id, task)) = self.watch.take() {
@@ -2497,6 +2537,7 @@ impl Actor {
                             Timer::AutoPromote => Event::AutoPromoteDue { id: deployment },
                             Timer::WatchWindow => Event::WatchWindowElapsed { id: deployment },
                             Timer::KeepWarm => Event::KeepWarmElapsed { id: deployment },
+                            Timer::PromoteStep => Event::PromoteStepDue { id: deployment },
                         };
                         let _ = reports.send(Report::Event(event));
                     });
@@ -3868,6 +3909,7 @@ mod tests {
             },
             keep_warm: Duration::from_secs(3600),
             migrate: Default::default(),
+            gradual: None,
         };
         let deploy = |id, version| Event::Deploy {
             id: DeploymentId(id),

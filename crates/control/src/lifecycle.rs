@@ -143,6 +143,27 @@ pub struct Plan {
     /// Which schema-change commands the service has (`migrate`).
     #[serde(rename = "migrate", default, skip_serializing_if = "MigratePlan::is_none")]
     pub migrate: MigratePlan,
+    /// A gradual switch (`promote.steps`); `None`: the single atomic switch.
+    #[serde(rename = "gradual", default, skip_serializing_if = "Option::is_none")]
+    pub gradual: Option<Gradual>,
+}
+
+/// The steps of a gradual switch: the share of live traffic on the new release at each one,
+/// rising to 100, and how long each step before the last lasts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gradual {
+    /// Percentages, rising; the last is 100 (the switch itself).
+    #[serde(rename = "steps")]
+    pub steps: Vec<u8>,
+    #[serde(rename = "step_ns", with = "crate::wire::nanos")]
+    pub step: Duration,
+}
+
+impl Gradual {
+    /// The share of step `i`, 100 past the end.
+    pub fn share(&self, i: usize) -> u8 {
+        self.steps.get(i).copied().unwrap_or(100)
+    }
 }
 
 /// Which of the service's schema-change commands a deployment runs (the commands themselves are
@@ -435,6 +456,11 @@ pub enum Phase {
     /// Promoted: live traffic is on the deployment's colour; the previous colour still runs.
     /// Next: `WatchWindowElapsed` ends in `Stable` with the previous colour warm; a failing
     /// `WatchSample`, `Unhealthy` or `Rollback` switches back to `rollback_to` at once.
+    ///
+    /// During a gradual switch (`step` set) `live` is still `rollback_to`, and the deployment's
+    /// colour takes the step's share of the live traffic; `PromoteStepDue` moves to the next
+    /// step, and the last one (100 %) is the switch, after which the watch window runs as after
+    /// any promotion. A failure rolls back at once from any step.
     #[serde(rename = "watching")]
     Watching {
         #[serde(rename = "deployment")]
@@ -445,6 +471,10 @@ pub enum Phase {
         /// Whether a sample with at least `min_requests` was judged (and passed) yet.
         #[serde(rename = "judged")]
         judged: bool,
+        /// During a gradual switch: the step in progress (an index of the plan's
+        /// [`Gradual::steps`], never the last). `None` once switched.
+        #[serde(rename = "step", default, skip_serializing_if = "Option::is_none")]
+        step: Option<usize>,
     },
 }
 
@@ -523,6 +553,9 @@ pub enum Event {
     WatchSample { id: DeploymentId, sample: WatchSample },
     /// Timer [`Timer::WatchWindow`]: the watch window ended without a failure.
     WatchWindowElapsed { id: DeploymentId },
+    /// Timer [`Timer::PromoteStep`]: a step of a gradual switch lasted its time, watched, without
+    /// a failure: on to the next.
+    PromoteStepDue { id: DeploymentId },
     /// Timer [`Timer::KeepWarm`]: `id` is the deployment whose promotion left the colour warm.
     KeepWarmElapsed { id: DeploymentId },
     /// In a fleet with `on_missing_ack = "rollback"`: nodes did not acknowledge the switch that
@@ -559,6 +592,7 @@ impl Event {
             Event::AutoPromoteDue { .. } => "auto-promote timer",
             Event::WatchSample { .. } => "watch sample",
             Event::WatchWindowElapsed { .. } => "watch window end",
+            Event::PromoteStepDue { .. } => "gradual switch step",
             Event::KeepWarmElapsed { .. } => "keep-warm timer",
             Event::NotAcknowledged { .. } => "not acknowledged",
             Event::MigrationFinished { .. } => "migration finished",
@@ -581,6 +615,8 @@ pub enum Timer {
     WatchWindow,
     /// Raises [`Event::KeepWarmElapsed`].
     KeepWarm,
+    /// Raises [`Event::PromoteStepDue`].
+    PromoteStep,
 }
 
 /// A [`Phase::name`]. An alias, so that serde's derive does not take the field for a string
@@ -719,8 +755,11 @@ pub enum Action {
     /// Kill the smoke command of `deployment` if it still runs; its result no longer matters.
     CancelSmoke { deployment: DeploymentId },
     /// Install a route table whose active colour is `colour`: from now on every new request goes
-    /// there (in-flight ones finish where they started).
+    /// there (in-flight ones finish where they started). Ends a gradual switch's split.
     SwitchTo { colour: Colour },
+    /// A step of a gradual switch: `percent` % of the live requests (of new sessions, with
+    /// affinity) go to `colour` from now on, the rest to the live colour.
+    Split { colour: Colour, percent: u8 },
     /// Start sampling `colour`'s counters from now on; raise [`Event::WatchSample`].
     StartWatch { deployment: DeploymentId, colour: Colour },
     /// Stop sampling for `deployment`.
@@ -1074,9 +1113,10 @@ impl State {
             }
             Event::SmokePassed { id } | Event::SmokeFailed { id, .. } => self.report(id, 1, event),
             Event::AutoPromoteDue { id } => self.report(id, 2, event),
-            Event::Unhealthy { id, .. } | Event::WatchSample { id, .. } | Event::WatchWindowElapsed { id } => {
-                self.report(id, 3, event)
-            }
+            Event::Unhealthy { id, .. }
+            | Event::WatchSample { id, .. }
+            | Event::WatchWindowElapsed { id }
+            | Event::PromoteStepDue { id } => self.report(id, 3, event),
         }
     }
 
@@ -1144,6 +1184,56 @@ impl State {
             Phase::Watching {
                 deployment: d,
                 rollback_to,
+                step: Some(step),
+                ..
+            } => {
+                // In a gradual switch: the step starts over, its share on the new colour again,
+                // the rest on the live one.
+                let gradual = d.plan.gradual.clone().unwrap_or(Gradual {
+                    steps: Vec::new(),
+                    step: Duration::ZERO,
+                });
+                let actions = vec![
+                    Action::Record(Record::WatchRestarted { id: d.id }),
+                    Action::Adopt {
+                        colour: rollback_to.colour,
+                        release: rollback_to.release.clone(),
+                    },
+                    Action::SwitchTo {
+                        colour: rollback_to.colour,
+                    },
+                    Action::Adopt {
+                        colour: d.colour,
+                        release: d.release.clone(),
+                    },
+                    Action::Split {
+                        colour: d.colour,
+                        percent: gradual.share(*step),
+                    },
+                    Action::StartWatch {
+                        deployment: d.id,
+                        colour: d.colour,
+                    },
+                    Action::ArmTimer {
+                        deployment: d.id,
+                        timer: Timer::PromoteStep,
+                        after: gradual.step,
+                    },
+                ];
+                let state = State {
+                    phase: Phase::Watching {
+                        deployment: d.clone(),
+                        rollback_to: rollback_to.clone(),
+                        judged: false,
+                        step: Some(*step),
+                    },
+                    ..self.clone()
+                };
+                Transition { state, actions }
+            }
+            Phase::Watching {
+                deployment: d,
+                rollback_to,
                 ..
             } => {
                 let actions = vec![
@@ -1172,6 +1262,7 @@ impl State {
                         deployment: d.clone(),
                         rollback_to: rollback_to.clone(),
                         judged: false,
+                        step: None,
                     },
                     ..self.clone()
                 };
@@ -1467,25 +1558,65 @@ impl State {
         let Some(old) = &self.live else {
             return self.go_live_first(d, actions);
         };
+        actions.push(Action::Record(Record::Promoted {
+            id: d.id,
+            colour: d.colour,
+        }));
+        // A gradual switch begins with its first step's share; a cold rollback goes back at once.
+        if let (Some(g), Cause::Deploy) = (&d.plan.gradual, d.cause) {
+            if g.share(0) < 100 {
+                actions.extend([
+                    Action::Split {
+                        colour: d.colour,
+                        percent: g.share(0),
+                    },
+                    Action::StartWatch {
+                        deployment: d.id,
+                        colour: d.colour,
+                    },
+                    Action::ArmTimer {
+                        deployment: d.id,
+                        timer: Timer::PromoteStep,
+                        after: g.step,
+                    },
+                ]);
+                let state = State {
+                    phase: Phase::Watching {
+                        deployment: d.clone(),
+                        rollback_to: old.clone(),
+                        judged: false,
+                        step: Some(0),
+                    },
+                    ..self.clone()
+                };
+                return Transition { state, actions };
+            }
+        }
+        self.switch_promoted(d, old, false, actions)
+    }
+
+    /// The switch of a promotion (at once, or the last step of a gradual one): live traffic goes
+    /// to the deployment's colour, the old colour is drained and kept warm, and the watch window
+    /// begins (the watch itself runs already after a gradual switch's first step).
+    fn switch_promoted(&self, d: &Deployment, old: &Live, judged: bool, mut actions: Vec<Action>) -> Transition {
+        let watching = matches!(self.phase, Phase::Watching { .. });
         actions.extend([
-            Action::Record(Record::Promoted {
-                id: d.id,
-                colour: d.colour,
-            }),
             Action::SwitchTo { colour: d.colour },
             // The old colour keeps its instances (warm, for an instant rollback) but not its
             // users: what it is still serving is drained now, not when it retires.
             Action::Drain { colour: old.colour },
-            Action::StartWatch {
+        ]);
+        if !watching {
+            actions.push(Action::StartWatch {
                 deployment: d.id,
                 colour: d.colour,
-            },
-            Action::ArmTimer {
-                deployment: d.id,
-                timer: Timer::WatchWindow,
-                after: d.plan.watch.duration,
-            },
-        ]);
+            });
+        }
+        actions.push(Action::ArmTimer {
+            deployment: d.id,
+            timer: Timer::WatchWindow,
+            after: d.plan.watch.duration,
+        });
         let state = State {
             live: Some(Live {
                 colour: d.colour,
@@ -1495,7 +1626,8 @@ impl State {
             phase: Phase::Watching {
                 deployment: d.clone(),
                 rollback_to: old.clone(),
-                judged: false,
+                judged,
+                step: None,
             },
             contracted: None,
             ..self.clone()
@@ -1782,17 +1914,28 @@ impl State {
                     deployment: d,
                     rollback_to,
                     judged,
+                    step,
                 },
                 Event::WatchSample { sample, .. },
-            ) => Ok(self.judge(d, rollback_to, *judged, sample)),
+            ) => Ok(self.judge(d, rollback_to, *judged, *step, sample)),
             (
                 Phase::Watching {
                     deployment: d,
                     rollback_to,
                     judged,
+                    step: None,
                 },
                 Event::WatchWindowElapsed { .. },
             ) => Ok(self.watch_passed(d, rollback_to, *judged)),
+            (
+                Phase::Watching {
+                    deployment: d,
+                    rollback_to,
+                    judged,
+                    step: Some(step),
+                },
+                Event::PromoteStepDue { .. },
+            ) => Ok(self.next_step(d, rollback_to, *judged, *step)),
             (phase, _) if phase.order() > last => Err(LifecycleError::Late {
                 service: self.service.clone(),
                 event: name,
@@ -1845,7 +1988,14 @@ impl State {
     /// a release more than 6.25 % under the maximum is never rolled back for latency, one more
     /// than 6.25 % over always is, and in between the estimate, interpolated within the sixteenth,
     /// decides. No margin is added on either side: either would move the limit the operator set.
-    fn judge(&self, d: &Deployment, rollback_to: &Live, judged: bool, sample: WatchSample) -> Transition {
+    fn judge(
+        &self,
+        d: &Deployment,
+        rollback_to: &Live,
+        judged: bool,
+        step: Option<usize>,
+        sample: WatchSample,
+    ) -> Transition {
         let policy = &d.plan.watch;
         if sample.requests < policy.min_requests {
             return state_transition(self.clone(), Vec::new());
@@ -1877,10 +2027,44 @@ impl State {
                 deployment: d.clone(),
                 rollback_to: rollback_to.clone(),
                 judged: true,
+                step,
             },
             ..self.clone()
         };
         state_transition(state, Vec::new())
+    }
+
+    /// A step of a gradual switch lasted its time, watched, without a failure: the next step's
+    /// share goes to the new colour, or, when the next is the last, the switch.
+    fn next_step(&self, d: &Deployment, rollback_to: &Live, judged: bool, step: usize) -> Transition {
+        let Some(g) = &d.plan.gradual else {
+            return self.switch_promoted(d, rollback_to, judged, Vec::new());
+        };
+        let next = step + 1;
+        if next + 1 >= g.steps.len() || g.share(next) >= 100 {
+            return self.switch_promoted(d, rollback_to, judged, Vec::new());
+        }
+        let actions = vec![
+            Action::Split {
+                colour: d.colour,
+                percent: g.share(next),
+            },
+            Action::ArmTimer {
+                deployment: d.id,
+                timer: Timer::PromoteStep,
+                after: g.step,
+            },
+        ];
+        let state = State {
+            phase: Phase::Watching {
+                deployment: d.clone(),
+                rollback_to: rollback_to.clone(),
+                judged,
+                step: Some(next),
+            },
+            ..self.clone()
+        };
+        Transition { state, actions }
     }
 
     /// The watch window ended without a failure: the deployment is done. The previous colour stays

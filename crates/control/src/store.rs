@@ -22,7 +22,7 @@
 //! [`Store`] implements both for one node; a fleet's store implements [`StateStore`] and keeps
 //! [`Store`] as its local one. `shared_contract` in the tests is the contract both must keep.
 //!
-//! # Schema (version 3, in `PRAGMA user_version`; `PRAGMA application_id` = 0x63757476 "cutv")
+//! # Schema (version 5, in `PRAGMA user_version`; `PRAGMA application_id` = 0x63757476 "cutv")
 //! All tables are `STRICT`. Timestamps are unix milliseconds (`INTEGER`), durations are
 //! nanoseconds (`INTEGER`, so at most about 292 years), colours are `'blue'` / `'green'`.
 //! Enumerations are stored as fixed lower-case codes that belong to the schema version, not to
@@ -37,8 +37,11 @@
 //!   (`deploy | cold_rollback`) and its plan `plan_health_deadline_ns`, `plan_promote`
 //!   (`manual | auto`), `plan_promote_delay_ns`, `plan_watch_ns`, `plan_min_requests`,
 //!   `plan_max_error_rate` (`REAL`), `plan_max_p99_ns` (NULL: no latency check),
-//!   `plan_keep_warm_ns`; for `watching` also `rollback_colour`, `rollback_version`, `judged`.
-//!   Columns a phase does not use are NULL.
+//!   `plan_keep_warm_ns`, `plan_migrate` and `plan_gradual` (JSON: the schema-change commands it
+//!   runs, the steps of a gradual switch); for `watching` also `rollback_colour`,
+//!   `rollback_version`, `judged` and, during a gradual switch, `watch_step`; for `migrating`
+//!   `migration_step` and `migration_failure`; `contract` and `contracted_version` for the
+//!   contract step owed or run. Columns a phase does not use are NULL.
 //! - The reason columns, shared by `services`, `deployments` and `transitions`, hold a
 //!   [`Reason`]: `reason` (`requested | provision_failed | health_deadline | smoke_failed |
 //!   unhealthy | error_rate | latency | not_acknowledged`), `reason_text` (the message of the
@@ -94,8 +97,8 @@ use crate::lifecycle::{
 /// The database file's name inside the state directory.
 pub const DB_FILE: &str = "cutover.db";
 
-/// The schema version this code reads and writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+/// The schema version this code reads and writes (`PRAGMA user_version`): one per migration.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The longest duration a state can hold: durations are stored as signed 64-bit nanoseconds.
 /// The config check refuses anything longer (`config::parse_duration`), so that a duration the
@@ -132,18 +135,33 @@ enum Migration {
 }
 
 /// `MIGRATIONS[n]` takes a database from version `n` to `n + 1`. Version 0 is an empty file.
-const MIGRATIONS: [Migration; 4] = [
+const MIGRATIONS: [Migration; 5] = [
     Migration::Sql(SCHEMA_V1),
     Migration::Sql(SCHEMA_V2),
     // Version 3: a fleet's switch that nodes did not acknowledge is rolled back for that reason.
     Migration::Reasons(&["not_acknowledged"]),
     // Version 4: schema changes in phases (`migrate`).
     Migration::Code(schema_v4),
+    // Version 5: gradual switches (`promote.steps`): the plan's steps, the step in progress.
+    Migration::Sql(
+        "ALTER TABLE services ADD COLUMN plan_gradual TEXT;
+         ALTER TABLE services ADD COLUMN watch_step INTEGER CHECK (watch_step >= 0);",
+    ),
 ];
 
 /// Version 4: the phase `migrating`, the record `migration`, the reasons `migration_failed` and
 /// `live_check_failed`, and the columns of a deployment's schema change.
 fn schema_v4(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    // Builds that added these columns still wrote version 3 into the file: such a database has
+    // version 4's schema already.
+    let has_v4: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('services') WHERE name = 'migration_step'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_v4 > 0 {
+        return Ok(());
+    }
     rebuild_with(
         tx,
         "services",
@@ -381,7 +399,7 @@ CREATE TABLE instances (
 /// The `services` columns that hold the state snapshot (all but `name` and `updated_at`). Every
 /// commit writes all of them, NULL where the new phase has no value, so nothing of an earlier
 /// phase lingers.
-const STATE_COLUMNS: [&str; 39] = [
+const STATE_COLUMNS: [&str; 41] = [
     "live_colour",
     "live_version",
     "previous_version",
@@ -421,6 +439,8 @@ const STATE_COLUMNS: [&str; 39] = [
     "plan_migrate",
     "contract",
     "contracted_version",
+    "plan_gradual",
+    "watch_step",
 ];
 
 const REASON_COLUMNS: [&str; 7] = [
@@ -1561,11 +1581,15 @@ fn encode_state(state: &State) -> Result<Cols, Unfit> {
             deployment,
             rollback_to,
             judged,
+            step,
         } => {
             c.text("phase", "watching");
             c.colour("rollback_colour", rollback_to.colour);
             c.text("rollback_version", &rollback_to.release.version);
             c.int("judged", i64::from(*judged));
+            if let Some(step) = step {
+                c.uint("watch_step", *step as u64)?;
+            }
             Some(deployment)
         }
     };
@@ -1592,6 +1616,9 @@ fn encode_state(state: &State) -> Result<Cols, Unfit> {
         c.dur("plan_keep_warm_ns", p.keep_warm)?;
         if p.migrate != MigratePlan::default() {
             c.text("plan_migrate", &to_json(&p.migrate)?);
+        }
+        if let Some(g) = &p.gradual {
+            c.text("plan_gradual", &to_json(g)?);
         }
     }
     if let Some(contract) = &state.contract {
@@ -1930,6 +1957,7 @@ fn decode_state(row: &Row<'_>) -> Result<State, Bad> {
                 },
                 keep_warm: req_dur(row, "plan_keep_warm_ns")?,
                 migrate: opt_json(row, "plan_migrate")?.unwrap_or_default(),
+                gradual: opt_json(row, "plan_gradual")?,
             },
             cause: decode_cause(row, "dep_cause")?,
         })
@@ -1978,6 +2006,7 @@ fn decode_state(row: &Row<'_>) -> Result<State, Bad> {
                 1 => true,
                 n => return Err(unknown("judged", &n.to_string())),
             },
+            step: opt_uint(row, "watch_step")?.map(|s| s as usize),
         },
         other => return Err(unknown("phase", other)),
     };

@@ -336,6 +336,7 @@ events = ["went-live", "rolled-back"]
                 promote: PromoteConfig {
                     auto: false,
                     delay: Duration::ZERO,
+                    ..PromoteConfig::default()
                 },
                 watch: WatchConfig {
                     max_error_rate: 0.0,
@@ -375,6 +376,7 @@ events = ["went-live", "rolled-back"]
                 promote: PromoteConfig {
                     auto: true,
                     delay: Duration::from_secs(60),
+                    ..PromoteConfig::default()
                 },
                 watch: WatchConfig {
                     duration: Duration::from_secs(600),
@@ -487,7 +489,8 @@ fn minimal_config_gets_every_default() {
         web.promote,
         PromoteConfig {
             auto: true,
-            delay: Duration::ZERO
+            delay: Duration::ZERO,
+            ..PromoteConfig::default()
         }
     );
     assert_eq!(
@@ -2086,4 +2089,85 @@ fn mirror_takes_safe_methods_and_sensible_limits() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("validate.smoke") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn promote_steps_rise_to_100_and_take_a_step_duration() {
+    let at = |p: &str| format!("[services.web]\ncommand = \"x\"\npromote = {{ {p} }}\n");
+    let c = parse(&at("steps = [10, 50, 100], step = \"30s\"")).unwrap();
+    assert_eq!(c.services[0].promote.steps, vec![10, 50, 100]);
+    assert_eq!(c.services[0].promote.step, Duration::from_secs(30));
+    let c = parse(&at("steps = [25, 100]")).unwrap();
+    assert_eq!(c.services[0].promote.step, DEFAULT_PROMOTE_STEP);
+    assert!(parse(&at("steps = [100]")).unwrap().services[0]
+        .promote
+        .steps
+        .is_empty());
+    assert!(parse(MINIMAL).unwrap().services[0].promote.steps.is_empty());
+
+    refused(
+        &at("steps = [10, 50]"),
+        3,
+        21,
+        "services.web.promote.steps",
+        "the last step must be 100",
+    );
+    refused(
+        &at("steps = [50, 10, 100]"),
+        3,
+        21,
+        "services.web.promote.steps",
+        "10 comes after 50",
+    );
+    refused(
+        &at("steps = [10, 10, 100]"),
+        3,
+        21,
+        "services.web.promote.steps",
+        "10 comes after 10",
+    );
+    refused(
+        &at("steps = [0, 100]"),
+        3,
+        21,
+        "services.web.promote.steps",
+        "from 1 to 100",
+    );
+    refused(
+        &at("steps = [10.5, 100]"),
+        3,
+        21,
+        "services.web.promote.steps",
+        "from 1 to 100",
+    );
+    refused(
+        &at("steps = \"10,100\""),
+        3,
+        21,
+        "services.web.promote.steps",
+        "not a list of percentages",
+    );
+    refused(
+        &at("step = \"1m\""),
+        3,
+        20,
+        "services.web.promote.step",
+        "there are no steps",
+    );
+    refused(
+        &at("steps = [10, 100], step = \"0s\""),
+        3,
+        39,
+        "services.web.promote.step",
+        "is zero",
+    );
+    let fleet = format!(
+        "[fleet]\netcd = [\"http://127.0.0.1:2379\"]\nnode = \"n1\"\n{}",
+        at("steps = [10, 100]")
+    );
+    let e = parse(&fleet).unwrap_err().to_string();
+    assert!(
+        e.contains("services.web.promote.steps") && e.contains("not available in a fleet"),
+        "{e}"
+    );
 }

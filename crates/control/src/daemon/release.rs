@@ -484,6 +484,7 @@ impl Daemon {
                         },
                         keep_warm: Duration::ZERO,
                         migrate: Default::default(),
+                        gradual: None,
                     },
                 }
             } else {

@@ -72,6 +72,8 @@ struct World {
     instances: [Option<Instances>; 2],
     /// The proxy's active colour. Lost in a crash: the proxy runs inside the daemon.
     routed: Option<Colour>,
+    /// The colour taking a share of live traffic in a gradual switch; ended by any switch.
+    split: Option<Colour>,
     tracked: Option<Tracked>,
     /// Colours of deployments that ended aborted, interrupted or rolled back, not stopped yet.
     cleanup: Vec<(DeploymentId, Colour)>,
@@ -142,7 +144,15 @@ impl World {
                 }
             }
             Record::RolledBack { id, to, reason } => {
-                let bad = before.live.as_ref().expect("rollback with nothing live").colour;
+                // In a gradual switch, live is still the colour rolled back to; the split's is bad.
+                let bad = match &before.phase {
+                    Phase::Watching {
+                        step: Some(_),
+                        deployment,
+                        ..
+                    } => deployment.colour,
+                    _ => before.live.as_ref().expect("rollback with nothing live").colour,
+                };
                 assert_eq!(to.colour, bad.other());
                 // From Watching it ends the deployment in progress; from Stable there is none.
                 if let Some(t) = self.tracked.take() {
@@ -231,9 +241,21 @@ impl World {
                     }
                 }
                 self.routed = Some(*colour);
+                self.split = None;
+            }
+            Action::Split { colour, percent } => {
+                // Invariant 1 holds for a share of live traffic too.
+                let inst = self.instances[slot(*colour)].as_ref();
+                assert!(
+                    inst.is_some_and(|i| i.healthy && i.validated),
+                    "{percent}% to {colour}: {inst:?}"
+                );
+                assert!((1..100).contains(percent));
+                assert_ne!(self.routed, Some(*colour), "a share for the live colour");
+                self.split = Some(*colour);
             }
             Action::StartWatch { deployment, colour } => {
-                assert_eq!(self.routed, Some(*colour));
+                assert!(self.routed == Some(*colour) || self.split == Some(*colour));
                 assert_eq!(self.tracked.as_ref().map(|t| t.id), Some(*deployment));
             }
             Action::RunMigration { deployment, step, .. } => match step {
@@ -291,6 +313,19 @@ impl World {
         if let Phase::Provisioning(d) | Phase::Validating(d) | Phase::ReadyToPromote(d) = &state.phase {
             expected[slot(d.colour)] = Some(d.release.clone());
         }
+        // A gradual switch in progress: its colour runs and takes its share, nothing else does.
+        let split = match &state.phase {
+            Phase::Watching {
+                step: Some(_),
+                deployment: d,
+                ..
+            } => {
+                expected[slot(d.colour)] = Some(d.release.clone());
+                Some(d.colour)
+            }
+            _ => None,
+        };
+        assert_eq!(self.split, split, "the split vs {state}");
         let running = self.instances.clone().map(|i| i.map(|i| i.release));
         assert_eq!(running, expected, "running colours vs {state}");
         // Invariant 4: aborted, interrupted and rolled-back deployments were stopped.
@@ -305,6 +340,7 @@ impl World {
 
     fn crash_and_recover(&mut self, state: &State) -> State {
         self.routed = None;
+        self.split = None;
         self.counts.crashes += 1;
         let t = state.recover();
         self.apply(state, &t, usize::MAX);
@@ -338,6 +374,17 @@ fn random_plan(rng: &mut Rng) -> Plan {
             expand: rng.percent(40),
             contract: rng.percent(40),
             rollback: rng.percent(50),
+        },
+        gradual: match rng.below(10) {
+            0..=1 => Some(Gradual {
+                steps: vec![10, 50, 100],
+                step: Duration::from_secs(60),
+            }),
+            2 => Some(Gradual {
+                steps: vec![25, 100],
+                step: Duration::from_secs(30),
+            }),
+            _ => None,
         },
     }
 }
@@ -396,6 +443,8 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
             Phase::ReadyToPromote(_) if r < 90 => 8,
             Phase::ReadyToPromote(_) if r < 95 => 12,
             Phase::ReadyToPromote(_) => 6,
+            Phase::Watching { step: Some(_), .. } if r < 45 => 9,
+            Phase::Watching { step: Some(_), .. } if r < 80 => 16,
             Phase::Watching { .. } if r < 55 => 9,
             Phase::Watching { .. } if r < 90 => 10,
             Phase::Watching { .. } if r < 93 => 13,
@@ -406,7 +455,7 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
             Phase::Migrating { .. } => 13,
         }
     } else {
-        rng.below(16)
+        rng.below(17)
     };
     let (id, step) = match (&state.phase, &state.contract) {
         (Phase::Migrating { step, .. }, _) if natural => (id, *step),
@@ -466,6 +515,7 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
         11 => Event::KeepWarmElapsed { id },
         12 => Event::Abort,
         14 => Event::NotAcknowledged { id, nodes: "n3".into() },
+        16 => Event::PromoteStepDue { id },
         15 => Event::MigrationFinished {
             id,
             step,

@@ -27,6 +27,7 @@ fn plan(promote: Promotion) -> Plan {
         },
         keep_warm: HOUR,
         migrate: Default::default(),
+        gradual: None,
     }
 }
 fn manual() -> Plan {
@@ -488,6 +489,7 @@ fn watching_2(plan: Plan, judged: bool) -> State {
             deployment: d2(plan),
             rollback_to: at(Colour::Blue, "v1"),
             judged,
+            step: None,
         },
     )
 }
@@ -945,7 +947,8 @@ fn rollback_after_retirement_is_a_cold_redeploy_promoted_without_waiting() {
             Phase::Watching {
                 deployment: d3,
                 rollback_to: at(Colour::Green, "v2"),
-                judged: false
+                judged: false,
+                step: None,
             }
         )
     );
@@ -1626,4 +1629,178 @@ fn a_restart_during_a_schema_change_interrupts_it_and_says_so() {
     let t = s.recover();
     assert_eq!(t.state.contract, None);
     assert_eq!(t.state.contracted, None, "not known to have run");
+}
+
+// ----- Gradual switch -----
+
+fn gradual(steps: &[u8]) -> Plan {
+    Plan {
+        gradual: Some(Gradual {
+            steps: steps.to_vec(),
+            step: Duration::from_secs(60),
+        }),
+        ..auto()
+    }
+}
+
+fn step_of(s: &State) -> Option<usize> {
+    match &s.phase {
+        Phase::Watching { step, .. } => *step,
+        other => panic!("not watching: {other:?}"),
+    }
+}
+
+#[test]
+fn a_gradual_switch_moves_step_by_step_then_switches_and_watches_its_window() {
+    let s = validating(gradual(&[10, 50, 100]));
+    let t = ok(&s, smoke_passed(2));
+    assert_eq!(
+        t.actions,
+        vec![
+            record(Record::Validated { id: id(2) }),
+            record(Record::Promoted {
+                id: id(2),
+                colour: Colour::Green
+            }),
+            Action::Split {
+                colour: Colour::Green,
+                percent: 10
+            },
+            Action::StartWatch {
+                deployment: id(2),
+                colour: Colour::Green
+            },
+            Action::ArmTimer {
+                deployment: id(2),
+                timer: Timer::PromoteStep,
+                after: Duration::from_secs(60)
+            },
+        ]
+    );
+    // Live is still blue@v1, which is also the way back.
+    assert_eq!(t.state.live, Some(at(Colour::Blue, "v1")));
+    assert_eq!(step_of(&t.state), Some(0));
+    // The watch window does not apply before the switch.
+    err(&t.state, Event::WatchWindowElapsed { id: id(2) });
+    // A sample that passes keeps the step; the next step's share follows its timer.
+    let s = ok(&t.state, sample(2, 200, 1, 100)).state;
+    assert_eq!(step_of(&s), Some(0));
+    let t = ok(&s, Event::PromoteStepDue { id: id(2) });
+    assert_eq!(
+        t.actions,
+        vec![
+            Action::Split {
+                colour: Colour::Green,
+                percent: 50
+            },
+            Action::ArmTimer {
+                deployment: id(2),
+                timer: Timer::PromoteStep,
+                after: Duration::from_secs(60)
+            },
+        ]
+    );
+    assert_eq!(step_of(&t.state), Some(1));
+    // The last step is the switch: the old colour drained and kept warm, the window from now.
+    let t = ok(&t.state, Event::PromoteStepDue { id: id(2) });
+    assert_eq!(
+        t.actions,
+        vec![
+            Action::SwitchTo { colour: Colour::Green },
+            Action::Drain { colour: Colour::Blue },
+            Action::ArmTimer {
+                deployment: id(2),
+                timer: Timer::WatchWindow,
+                after: Duration::from_secs(300)
+            },
+        ]
+    );
+    assert_eq!(t.state.live, Some(at(Colour::Green, "v2")));
+    assert_eq!(t.state.previous, Some(rel("v1")));
+    assert_eq!(step_of(&t.state), None);
+    // A late step timer changes nothing; the window ends the deployment as usual.
+    err(&t.state, Event::PromoteStepDue { id: id(2) });
+    let s = ok(&t.state, Event::WatchWindowElapsed { id: id(2) }).state;
+    assert_eq!(s.warm().map(|w| w.colour), Some(Colour::Blue));
+}
+
+#[test]
+fn a_gradual_switch_failing_its_watch_at_a_step_rolls_back_at_once() {
+    let s = ok(&validating(gradual(&[10, 50, 100])), smoke_passed(2)).state;
+    let t = ok(&s, sample(2, 150, 30, 100));
+    assert_eq!(
+        t.actions,
+        vec![
+            Action::SwitchTo { colour: Colour::Blue },
+            record(Record::RolledBack {
+                id: id(2),
+                to: at(Colour::Blue, "v1"),
+                reason: Reason::ErrorRate {
+                    errors: 30,
+                    requests: 150,
+                    max: 0.01
+                },
+            }),
+            Action::StopWatch { deployment: id(2) },
+            Action::Drain { colour: Colour::Green },
+            Action::StopInstances { colour: Colour::Green },
+        ]
+    );
+    assert_eq!(t.state.live, Some(at(Colour::Blue, "v1")));
+    assert!(t.state.warm().is_none());
+    // `cutover rollback` during a step goes back the same way.
+    let t = ok(
+        &s,
+        Event::Rollback {
+            id: id(3),
+            plan: auto(),
+        },
+    );
+    assert_eq!(t.actions[0], Action::SwitchTo { colour: Colour::Blue });
+    assert_eq!(t.state.live, Some(at(Colour::Blue, "v1")));
+}
+
+#[test]
+fn a_restart_during_a_gradual_switch_starts_its_step_over() {
+    let s = ok(&validating(gradual(&[10, 50, 100])), smoke_passed(2)).state;
+    let s = ok(&s, Event::PromoteStepDue { id: id(2) }).state;
+    let t = s.recover();
+    assert_eq!(
+        t.actions,
+        vec![
+            record(Record::WatchRestarted { id: id(2) }),
+            Action::Adopt {
+                colour: Colour::Blue,
+                release: rel("v1")
+            },
+            Action::SwitchTo { colour: Colour::Blue },
+            Action::Adopt {
+                colour: Colour::Green,
+                release: rel("v2")
+            },
+            Action::Split {
+                colour: Colour::Green,
+                percent: 50
+            },
+            Action::StartWatch {
+                deployment: id(2),
+                colour: Colour::Green
+            },
+            Action::ArmTimer {
+                deployment: id(2),
+                timer: Timer::PromoteStep,
+                after: Duration::from_secs(60)
+            },
+        ]
+    );
+    assert_eq!(step_of(&t.state), Some(1));
+    assert_eq!(t.state.live, Some(at(Colour::Blue, "v1")));
+}
+
+#[test]
+fn a_single_step_of_100_is_the_atomic_switch() {
+    // steps = [100] is the atomic switch.
+    let t = ok(&validating(gradual(&[100])), smoke_passed(2));
+    assert!(t.actions.contains(&Action::SwitchTo { colour: Colour::Green }));
+    assert_eq!(step_of(&t.state), None);
 }

@@ -47,6 +47,7 @@ fn plans() -> Vec<Plan> {
             },
             keep_warm: Duration::ZERO,
             migrate: Default::default(),
+            gradual: None,
         },
         Plan {
             health_deadline: Duration::from_millis(1500),
@@ -59,6 +60,7 @@ fn plans() -> Vec<Plan> {
             },
             keep_warm: Duration::from_secs(3600),
             migrate: Default::default(),
+            gradual: None,
         },
         Plan {
             // The longest duration the store holds.
@@ -78,6 +80,10 @@ fn plans() -> Vec<Plan> {
                 contract: true,
                 rollback: true,
             },
+            gradual: Some(crate::lifecycle::Gradual {
+                steps: vec![1, 5, 25, 99, 100],
+                step: Duration::new(59, 999),
+            }),
         },
     ]
 }
@@ -209,9 +215,22 @@ fn all_states(service: &str) -> Vec<State> {
                         deployment: d.clone(),
                         rollback_to: at(d.colour.other(), "v1"),
                         judged,
+                        step: None,
                     },
                 ));
             }
+            // A gradual switch at its third step: live is still the colour before.
+            all.push(state(
+                Some(at(d.colour.other(), "v1")),
+                None,
+                id,
+                Phase::Watching {
+                    deployment: d.clone(),
+                    rollback_to: at(d.colour.other(), "v1"),
+                    judged: true,
+                    step: Some(2),
+                },
+            ));
         }
     }
     // A contract owed, then one running; a release whose contract ran.
@@ -255,7 +274,7 @@ fn every_state_shape_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let states = all_states("web");
-    assert_eq!(states.len(), 2 + 2 * 22 + 3 * 2 * 11 + 2);
+    assert_eq!(states.len(), 2 + 2 * 22 + 3 * 2 * 12 + 2);
     let names: BTreeSet<_> = states.iter().map(|s| s.phase.name()).collect();
     assert_eq!(names, PHASE_NAMES.into_iter().collect());
     // One service through every shape in turn: nothing of an earlier phase lingers.
@@ -928,7 +947,7 @@ fn a_fresh_database_has_the_documented_settings_and_tables() {
     assert_eq!(pragma("synchronous"), "2"); // FULL
     assert_eq!(pragma("foreign_keys"), "1");
     assert_eq!(pragma("busy_timeout"), "5000");
-    assert_eq!(pragma("user_version"), "3");
+    assert_eq!(pragma("user_version"), "5");
     assert_eq!(pragma("application_id"), APPLICATION_ID.to_string());
     let tables: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -962,13 +981,13 @@ fn a_newer_schema_version_is_refused_untouched() {
     drop(open(&dir));
     Connection::open(&path)
         .unwrap()
-        .pragma_update(None, "user_version", 4)
+        .pragma_update(None, "user_version", 6)
         .unwrap();
     let err = Store::open(dir.path()).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
-            "state database {}: schema version 4 is newer than this cutover knows (version 3); it was \
+            "state database {}: schema version 6 is newer than this cutover knows (version 5); it was \
                  written by a newer cutover: run that version, or restore a backup made before the upgrade",
             path.display()
         )
@@ -977,7 +996,7 @@ fn a_newer_schema_version_is_refused_untouched() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 6);
 }
 
 #[test]
@@ -1177,6 +1196,7 @@ fn stored_phase_names_are_the_lifecycles() {
             deployment: d,
             rollback_to: at(Colour::Green, "v0"),
             judged: false,
+            step: None,
         },
     ];
     assert_eq!(phases.map(|p| p.name()), PHASE_NAMES);
@@ -1201,6 +1221,7 @@ fn crash_plan() -> Plan {
         },
         keep_warm: Duration::from_secs(3600),
         migrate: Default::default(),
+        gradual: None,
     }
 }
 
@@ -1663,9 +1684,11 @@ fn a_version_2_database_keeps_its_history_when_reasons_are_added() {
     drop(store);
     {
         let conn = Connection::open(&path).unwrap();
-        // Version 4's columns and codes out, then version 3's.
+        // Version 5's columns out, version 4's columns and codes, then version 3's.
         conn.execute_batch(
-            "ALTER TABLE services DROP COLUMN migration_step;
+            "ALTER TABLE services DROP COLUMN plan_gradual;
+             ALTER TABLE services DROP COLUMN watch_step;
+             ALTER TABLE services DROP COLUMN migration_step;
              ALTER TABLE services DROP COLUMN migration_failure;
              ALTER TABLE services DROP COLUMN plan_migrate;
              ALTER TABLE services DROP COLUMN contract;
@@ -1907,6 +1930,7 @@ fn the_json_encoding_is_explicit_and_stable() {
             },
             rollback_to: at(Colour::Blue, "v1"),
             judged: false,
+            step: None,
         },
         contract: None,
         contracted: None,
@@ -2074,4 +2098,106 @@ fn several_services_commit_in_one_transaction_or_not_at_all() {
     );
     assert!(matches!(twice, Err(StoreError::Rejected { .. })), "{twice:?}");
     assert_eq!(store.load_at("web").unwrap().unwrap().1, Revision(1));
+}
+
+/// A database at version 3 (before schema changes in phases and gradual switches) gets both
+/// migrations when opened: its history and state are kept, and a gradual switch's state can be
+/// committed. A file that builds labelled 3 while they had version 4's columns opens as well.
+#[test]
+fn a_version_3_database_is_brought_up_to_date_and_a_mislabelled_one_opens() {
+    for mislabelled in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let plan = plans().remove(0);
+        let store = Store::open(dir.path()).unwrap();
+        let mut s = State::new("web");
+        let mut revision = Revision::NONE;
+        for event in [
+            Event::Deploy {
+                id: DeploymentId(1),
+                release: rel("v1"),
+                plan: plan.clone(),
+            },
+            Event::InstancesHealthy { id: DeploymentId(1) },
+            Event::SmokePassed { id: DeploymentId(1) },
+        ] {
+            let t = s.step(event).unwrap();
+            revision = store
+                .commit_at("web", Some(revision), &t.state, t.records(), None)
+                .unwrap();
+            s = t.state;
+        }
+        let history = store.history("web", 10).unwrap();
+        drop(store);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "ALTER TABLE services DROP COLUMN plan_gradual;
+                 ALTER TABLE services DROP COLUMN watch_step;",
+            )
+            .unwrap();
+            if !mislabelled {
+                conn.execute_batch(
+                    "ALTER TABLE services DROP COLUMN migration_step;
+                     ALTER TABLE services DROP COLUMN migration_failure;
+                     ALTER TABLE services DROP COLUMN plan_migrate;
+                     ALTER TABLE services DROP COLUMN contract;
+                     ALTER TABLE services DROP COLUMN contracted_version;
+                     ALTER TABLE transitions DROP COLUMN detail;",
+                )
+                .unwrap();
+                conn.pragma_update(None, "writable_schema", true).unwrap();
+                for codes in ["'migration_failed', 'live_check_failed'", "'migrating'", "'migration'"] {
+                    let quoted = format!("', {}'", codes.replace('\'', "''"));
+                    conn.execute(
+                        &format!("UPDATE sqlite_master SET sql = replace(sql, {quoted}, '') WHERE type = 'table'"),
+                        [],
+                    )
+                    .unwrap();
+                }
+                conn.pragma_update(None, "writable_schema", false).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("mislabelled {mislabelled}: {e}"));
+        assert_eq!(store.history("web", 10).unwrap(), history);
+        assert_eq!(store.load_at("web").unwrap(), Some((s.clone(), revision)));
+        let version: i64 = store
+            .conn
+            .lock()
+            .unwrap()
+            .query_row("SELECT user_version FROM pragma_user_version()", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // A gradual switch in progress, committed and read back.
+        let mut gradual = plan.clone();
+        gradual.gradual = Some(crate::lifecycle::Gradual {
+            steps: vec![10, 50, 100],
+            step: Duration::from_secs(60),
+        });
+        for event in [
+            Event::Deploy {
+                id: DeploymentId(2),
+                release: rel("v2"),
+                plan: gradual,
+            },
+            Event::InstancesHealthy { id: DeploymentId(2) },
+            Event::SmokePassed { id: DeploymentId(2) },
+            Event::Promote {
+                id: Some(DeploymentId(2)),
+            },
+        ] {
+            let t = s.step(event).unwrap();
+            revision = store
+                .commit_at("web", Some(revision), &t.state, t.records(), None)
+                .unwrap();
+            s = t.state;
+        }
+        assert!(
+            matches!(&s.phase, crate::lifecycle::Phase::Watching { step: Some(0), .. }),
+            "{:?}",
+            s.phase
+        );
+        assert_eq!(store.load_at("web").unwrap(), Some((s.clone(), revision)));
+    }
 }
