@@ -1,7 +1,11 @@
-//! Mirroring during validation (`validate.mirror`) through `cutover serve`: a release whose
-//! answers to copies of live requests fail is refused before any user reaches it, one that
-//! answers them well goes live after the window, live clients lose nothing meanwhile, and only
-//! the listed methods are ever copied.
+//! Live traffic in validation and promotion, through `cutover serve` with static upstreams that
+//! record what they are asked:
+//! - mirroring (`validate.mirror`): a release whose answers to copies of live requests fail is
+//!   refused before any user reaches it, one that answers them well goes live after the window,
+//!   live clients lose nothing meanwhile, and only the listed methods are ever copied;
+//! - the gradual switch (`promote.steps`): a release failing at its first step is rolled back
+//!   with only that step's share of the requests affected; one that passes goes through every
+//!   step to the switch.
 
 mod common;
 
@@ -314,4 +318,184 @@ fn a_release_failing_copies_of_live_requests_is_refused_and_a_good_one_goes_live
         assert_eq!(get_host(front, "web.test"), Some((200, "v2".into())));
     }
     assert_eq!(good.requests().iter().filter(|g| g.mirrored).count(), before);
+}
+
+/// GETs on one keep-alive connection until `stop` (60 s, 30000 requests at most), every 2 ms:
+/// when each was answered, its status and body. A failed connection ends it (recorded as 0).
+fn gets(front: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(Instant, u16, String)>> {
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let started = Instant::now();
+        let stream = TcpStream::connect(front).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) && seen.len() < 30_000 {
+            let answer = writer
+                .write_all(b"GET /page HTTP/1.1\r\nHost: web.test\r\n\r\n")
+                .and_then(|_| read_response(&mut reader));
+            match answer {
+                Ok((status, body, _)) => seen.push((Instant::now(), status, body)),
+                Err(e) => {
+                    seen.push((Instant::now(), 0, e.to_string()));
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        seen
+    })
+}
+
+/// A site of one static service with `settings` in its table, and v1 live from `blue`.
+fn site(owner: &str, settings: &str, blue: &Recorder) -> (tempfile::TempDir, std::path::PathBuf, SocketAddr, Proc) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n[services.web]\n\
+             health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\n{settings}"
+        ),
+    )
+    .unwrap();
+    let daemon = Proc(serve_marked(&config, owner, &[]));
+    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    let out = cli_at(
+        &config,
+        &["deploy", "web", "--version", "v1", "--upstream", &blue.upstream()],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(get_host(front, "web.test"), Some((200, "v1".into())));
+    (dir, config, front, daemon)
+}
+
+#[test]
+fn a_gradual_switch_failing_at_its_first_step_is_rolled_back_with_only_that_share_affected() {
+    let owner = "gradual-failing-test";
+    let _cleanup = KillMarked(owner.into());
+    let blue = Recorder::start("v1", false);
+    let broken = Recorder::start("v2-broken", true);
+    let (_dir, config, front, _daemon) = site(
+        owner,
+        "validate = { smoke = \"true\" }\npromote = { steps = [10, 50, 100], step = \"5s\" }\n\
+         watch = { duration = \"1s\", min_requests = 20, max_error_rate = 0.05 }\n",
+        &blue,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = gets(front, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let out = cli_at(
+        &config,
+        &[
+            "deploy",
+            "web",
+            "--version",
+            "v2-broken",
+            "--upstream",
+            &broken.upstream(),
+        ],
+    );
+    let returned = Instant::now();
+    let said = output_text(&out);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.join().unwrap();
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("gradual switch: 10% of live requests to green (v2-broken)"),
+        "{said}"
+    );
+    assert!(said.contains("rolled back") || said.contains("rolled-back"), "{said}");
+    assert!(
+        !said.contains("50% of live requests"),
+        "went past the first step: {said}"
+    );
+    // Every failure is the broken release's own answer; none after the rollback.
+    let failed: Vec<_> = seen.iter().filter(|(_, status, _)| *status != 200).collect();
+    assert!(
+        failed
+            .iter()
+            .all(|(_, status, body)| *status == 500 && body == "v2-broken is broken"),
+        "{failed:?}"
+    );
+    assert!(
+        failed.iter().all(|(at, _, _)| *at <= returned),
+        "a failure after the rollback"
+    );
+    assert!(seen
+        .iter()
+        .all(|(_, _, body)| body == "v1" || body == "v2-broken is broken"));
+    // About a tenth of the requests from the first to the last that reached v2-broken.
+    let (first, last) = (
+        seen.iter()
+            .position(|(_, s, _)| *s == 500)
+            .expect("the step sent requests to v2-broken"),
+        seen.iter().rposition(|(_, s, _)| *s == 500).unwrap(),
+    );
+    let during = last - first + 1;
+    let share = failed.len() as f64 / during as f64;
+    assert!(
+        share <= 0.2 && during >= 20,
+        "{} of {during} requests during the step reached v2-broken ({share:.2})",
+        failed.len()
+    );
+    assert_eq!(get_host(front, "web.test"), Some((200, "v1".into())));
+    let history = output_text(&cli_at(&config, &["history", "web"]));
+    assert!(history.contains("rolled"), "{history}");
+}
+
+#[test]
+fn a_gradual_switch_that_passes_goes_through_every_step_to_the_switch() {
+    let owner = "gradual-passing-test";
+    let _cleanup = KillMarked(owner.into());
+    let blue = Recorder::start("v1", false);
+    let good = Recorder::start("v2", false);
+    let (_dir, config, front, _daemon) = site(
+        owner,
+        "validate = { smoke = \"true\" }\npromote = { steps = [20, 60, 100], step = \"1500ms\" }\n\
+         watch = { duration = \"300ms\", min_requests = 1 }\n",
+        &blue,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = gets(front, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let out = cli_at(
+        &config,
+        &["deploy", "web", "--version", "v2", "--upstream", &good.upstream()],
+    );
+    let took = started.elapsed();
+    let said = output_text(&out);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.join().unwrap();
+    assert!(out.status.success(), "{said}");
+    let (at20, at60, switched) = (
+        said.find("gradual switch: 20% of live requests to green (v2); 60% after 1.5s")
+            .expect(&said),
+        said.find("gradual switch: 60% of live requests to green (v2); 100% after 1.5s")
+            .expect(&said),
+        said.find("live traffic switched to green (v2)").expect(&said),
+    );
+    assert!(at20 < at60 && at60 < switched, "{said}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "live after {took:?}: the steps were not waited out"
+    );
+    assert!(seen.iter().all(|(_, status, _)| *status == 200), "a request failed");
+    // Mixed while stepping, then v2 alone: the last v1 before the last answers, none after.
+    let first_v2 = seen.iter().position(|(_, _, b)| b == "v2").unwrap();
+    let last_v1 = seen.iter().rposition(|(_, _, b)| b == "v1").unwrap();
+    assert!(last_v1 > first_v2, "no mixing: the switch was not gradual");
+    let mixed = &seen[first_v2..=last_v1];
+    let v2_share = mixed.iter().filter(|(_, _, b)| b == "v2").count() as f64 / mixed.len() as f64;
+    assert!(
+        (0.2..0.7).contains(&v2_share),
+        "v2 answered {v2_share:.2} while stepping"
+    );
+    assert!(seen[last_v1 + 1..].iter().all(|(_, _, b)| b == "v2"));
+    assert!(seen.len() - last_v1 > 50, "v2 alone at the end");
+    assert_eq!(get_host(front, "web.test"), Some((200, "v2".into())));
 }
