@@ -1072,6 +1072,22 @@ impl State {
             Phase::Stable { warm: None, .. } => format!("stable, {live}"),
             Phase::Watching {
                 deployment: d,
+                step: Some(step),
+                ..
+            } => {
+                let g = d.plan.gradual.as_ref();
+                format!(
+                    "gradual switch of deployment {} ({}): {}% of live traffic on {}, step {} of {}, {live}",
+                    d.id,
+                    d.release,
+                    g.map_or(100, |g| g.share(*step)),
+                    d.colour,
+                    step + 1,
+                    g.map_or(1, |g| g.steps.len()),
+                )
+            }
+            Phase::Watching {
+                deployment: d,
                 rollback_to,
                 ..
             } => format!(

@@ -1701,6 +1701,10 @@ fn a_gradual_switch_moves_step_by_step_then_switches_and_watches_its_window() {
         ]
     );
     assert_eq!(step_of(&t.state), Some(1));
+    assert_eq!(
+        t.state.status(),
+        "gradual switch of deployment 2 (v2): 50% of live traffic on green, step 2 of 3, live blue@v1"
+    );
     // The last step is the switch: the old colour drained and kept warm, the window from now.
     let t = ok(&t.state, Event::PromoteStepDue { id: id(2) });
     assert_eq!(
