@@ -1401,10 +1401,14 @@ fn view_of(state: &State) -> ServiceView {
             colour: l.colour.to_string(),
             version: l.release.version.clone(),
         }),
-        warm: state.warm().map(|l| ColourView {
-            colour: l.colour.to_string(),
-            version: l.release.version.clone(),
-        }),
+        // During a gradual switch the way back is the live colour itself, not a warm one.
+        warm: state
+            .warm()
+            .filter(|w| state.live.as_ref() != Some(w))
+            .map(|l| ColourView {
+                colour: l.colour.to_string(),
+                version: l.release.version.clone(),
+            }),
         phase: state.phase.name().to_string(),
         deployment: state.in_progress().map(|d| DeploymentView {
             id: d.id.0,

@@ -1560,6 +1560,13 @@ impl State {
                     phase: self.phase.name(),
                 })
             }
+            // During a gradual switch: the rest of its steps are skipped, the switch is now.
+            Phase::Watching {
+                deployment: d,
+                rollback_to,
+                judged,
+                step: Some(_),
+            } if id.is_none_or(|asked| asked == d.id) => Ok(self.switch_promoted(d, rollback_to, *judged, Vec::new())),
             Phase::Stable { .. } | Phase::Watching { .. } => Err(LifecycleError::NothingToPromote {
                 service: self.service.clone(),
                 status: self.status(),

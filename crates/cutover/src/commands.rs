@@ -942,12 +942,17 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 println!("  live traffic held: {hold} (`cutover resume {name}` lets it through)");
             }
             match s.get("deployment").filter(|d| !d.is_null()) {
-                Some(d) => println!(
-                    "  deployment {} of {} on {} in progress",
-                    d["id"],
-                    d["version"].as_str().unwrap_or("?"),
-                    d["colour"].as_str().unwrap_or("?")
-                ),
+                Some(d) => {
+                    println!(
+                        "  deployment {} of {} on {} in progress",
+                        d["id"],
+                        d["version"].as_str().unwrap_or("?"),
+                        d["colour"].as_str().unwrap_or("?")
+                    );
+                    if let Some(step) = s["summary"].as_str().filter(|t| t.starts_with("gradual switch")) {
+                        println!("  {step}");
+                    }
+                }
                 None if s.get("live").is_none_or(|l| l.is_null()) => {
                     println!("  deploy its first release with `cutover deploy {name} --version VERSION`")
                 }

@@ -499,3 +499,38 @@ fn a_gradual_switch_that_passes_goes_through_every_step_to_the_switch() {
     assert!(seen.len() - last_v1 > 50, "v2 alone at the end");
     assert_eq!(get_host(front, "web.test"), Some((200, "v2".into())));
 }
+
+#[test]
+fn promote_during_a_gradual_switch_switches_at_once() {
+    let owner = "gradual-promote-test";
+    let _cleanup = KillMarked(owner.into());
+    let blue = Recorder::start("v1", false);
+    let good = Recorder::start("v2", false);
+    let (_dir, config, front, _daemon) = site(
+        owner,
+        "validate = { smoke = \"true\" }\npromote = { steps = [20, 60, 100], step = \"60s\" }\n\
+         watch = { duration = \"300ms\", min_requests = 1 }\n",
+        &blue,
+    );
+    let deploying = {
+        let (config, upstream) = (config.clone(), good.upstream());
+        std::thread::spawn(move || cli_at(&config, &["deploy", "web", "--version", "v2", "--upstream", &upstream]))
+    };
+    // `cutover status` says where the switch stands.
+    let status = || output_text(&cli_at(&config, &["status"]));
+    let stepping = "gradual switch of deployment 2 (v2): 20% of live traffic on green, step 1 of 3, live blue@v1";
+    assert!(
+        common::wait_until(Duration::from_secs(20), || status().contains(stepping)),
+        "{}",
+        status()
+    );
+    let started = Instant::now();
+    let out = cli_at(&config, &["promote", "web"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = deploying.join().unwrap();
+    let said = output_text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("live traffic switched to green (v2)"), "{said}");
+    assert!(started.elapsed() < Duration::from_secs(10), "the steps were waited out");
+    assert_eq!(get_host(front, "web.test"), Some((200, "v2".into())));
+}

@@ -1765,6 +1765,19 @@ fn a_gradual_switch_failing_its_watch_at_a_step_rolls_back_at_once() {
 }
 
 #[test]
+fn promote_during_a_gradual_switch_switches_now() {
+    let s = ok(&validating(gradual(&[10, 50, 100])), smoke_passed(2)).state;
+    // Another deployment's id is refused, changing nothing.
+    err(&s, Event::Promote { id: Some(id(7)) });
+    let t = ok(&s, Event::Promote { id: None });
+    assert_eq!(t.actions[0], Action::SwitchTo { colour: Colour::Green });
+    assert_eq!(t.state.live, Some(at(Colour::Green, "v2")));
+    assert_eq!(step_of(&t.state), None);
+    // Once switched, nothing is left to promote.
+    err(&t.state, Event::Promote { id: None });
+}
+
+#[test]
 fn a_restart_during_a_gradual_switch_starts_its_step_over() {
     let s = ok(&validating(gradual(&[10, 50, 100])), smoke_passed(2)).state;
     let s = ok(&s, Event::PromoteStepDue { id: id(2) }).state;
