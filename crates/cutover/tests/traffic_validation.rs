@@ -282,6 +282,7 @@ fn a_release_failing_copies_of_live_requests_is_refused_and_a_good_one_goes_live
     // History keeps why.
     let out = cli(&["history", "web"]);
     let history = output_text(&out);
+    eprintln!("{history}");
     assert!(
         history.contains("validation failed: mirroring: the copies of live requests failed more often"),
         "{history}"
@@ -436,6 +437,10 @@ fn a_gradual_switch_failing_at_its_first_step_is_rolled_back_with_only_that_shar
     );
     let during = last - first + 1;
     let share = failed.len() as f64 / during as f64;
+    eprintln!(
+        "{} of {during} requests during the step reached v2-broken ({share:.3})",
+        failed.len()
+    );
     assert!(
         share <= 0.2 && during >= 20,
         "{} of {during} requests during the step reached v2-broken ({share:.2})",
@@ -491,6 +496,10 @@ fn a_gradual_switch_that_passes_goes_through_every_step_to_the_switch() {
     assert!(last_v1 > first_v2, "no mixing: the switch was not gradual");
     let mixed = &seen[first_v2..=last_v1];
     let v2_share = mixed.iter().filter(|(_, _, b)| b == "v2").count() as f64 / mixed.len() as f64;
+    eprintln!(
+        "{} requests while stepping, {v2_share:.3} of them answered by v2",
+        mixed.len()
+    );
     assert!(
         (0.2..0.7).contains(&v2_share),
         "v2 answered {v2_share:.2} while stepping"

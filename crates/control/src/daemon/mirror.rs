@@ -73,7 +73,7 @@ pub(super) fn judge(report: &MirrorReport, cfg: &MirrorConfig) -> Result<String,
     let answered = copies.requests();
     let sent = live.requests();
     let mut seen = format!(
-        "{answered} copies answered of {sent} sent, {} not sent (every one of max_in_flight = {} busy)",
+        "{answered} copies answered of {sent} sent, {} not sent because max_in_flight = {} copies were running",
         report.dropped, cfg.max_in_flight
     );
     if answered < cfg.min_requests {
