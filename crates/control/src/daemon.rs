@@ -2342,6 +2342,8 @@ impl Actor {
         // A promotion's switch pins the colour it leaves (with affinity), and its drain of that
         // colour waits for the pin's end.
         let mut promoting = false;
+        // A recovery's switch is no promotion (pins do not outlive a restart).
+        let mut recovering = false;
         let mut pinned_now: Option<(Colour, tokio::time::Instant)> = None;
         // In a fleet, the switch waits for every node's acknowledgement once the transition's
         // other actions (the drain of the colour left, the watch and its timer) have started.
@@ -2353,6 +2355,7 @@ impl Actor {
             match action {
                 Action::Record(record) => {
                     promoting |= matches!(record, Record::Promoted { .. });
+                    recovering |= matches!(record, Record::WatchRestarted { .. });
                     match switched {
                         Some(_) if self.shared.fleet.is_some() => after_switch.push(record),
                         _ => self.announce(&record),
@@ -2420,6 +2423,13 @@ impl Actor {
                     }
                 }
                 Action::SwitchTo { colour } => {
+                    // The last step of a gradual switch (or `cutover promote` during its steps) is
+                    // the promotion's switch, though its `promoted` record came at the first step.
+                    promoting |= !recovering
+                        && matches!(
+                            &self.state.phase,
+                            Phase::Watching { deployment, step: None, .. } if deployment.colour == colour
+                        );
                     // The one store that moves live traffic, and what is timed: the state naming
                     // `colour` live is committed already, so a crash from here on comes back to it.
                     // Any pin ends here: a rollback returns to the pinned colour (live again,
@@ -3285,13 +3295,18 @@ impl Actor {
         let shared = self.shared.clone();
         let name = self.name().to_string();
         // Copies of live requests, once the smoke test passed: only with a live release on the
-        // other colour to copy from.
+        // other colour to copy from, and not for a cold rollback (back to a release that ran
+        // before, as fast as it can).
+        let cold_rollback = self
+            .state
+            .in_progress()
+            .is_some_and(|d| d.cause == crate::lifecycle::Cause::ColdRollback);
         let mirror = self
             .cfg
             .validate
             .as_ref()
             .and_then(|v| v.mirror.clone())
-            .filter(|_| self.state.live.as_ref().is_some_and(|l| l.colour != colour));
+            .filter(|_| !cold_rollback && self.state.live.as_ref().is_some_and(|l| l.colour != colour));
         let task = tokio::spawn(async move {
             let smoke = match (smoke.await, mirror) {
                 (Ok(()), Some(m)) => match mirror_window(&shared, &name, deployment, colour, &version, &m).await {

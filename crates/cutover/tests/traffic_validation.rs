@@ -543,3 +543,88 @@ fn promote_during_a_gradual_switch_switches_at_once() {
     assert!(started.elapsed() < Duration::from_secs(10), "the steps were waited out");
     assert_eq!(get_host(front, "web.test"), Some((200, "v2".into())));
 }
+
+/// One `GET /` for web.test with `cookie` (if any) on a fresh connection: the body and the
+/// value of the `cutover_session` cookie set, if one was.
+fn get_with_cookie(front: SocketAddr, cookie: Option<&str>) -> (String, Option<String>) {
+    let mut stream = TcpStream::connect(front).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: cutover_session={c}\r\n"));
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: web.test\r\n{cookie}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let set = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        let value = value.trim().strip_prefix("cutover_session=")?;
+        name.eq_ignore_ascii_case("set-cookie")
+            .then(|| value.split(';').next().unwrap_or_default().to_string())
+    });
+    (body.trim().to_string(), set)
+}
+
+#[test]
+fn a_gradual_switch_with_affinity_keeps_each_session_on_its_colour_through_the_switch() {
+    let owner = "gradual-affinity-test";
+    let _cleanup = KillMarked(owner.into());
+    let blue = Recorder::start("v1", false);
+    let good = Recorder::start("v2", false);
+    let (_dir, config, front, _daemon) = site(
+        owner,
+        "validate = { smoke = \"true\" }\npromote = { steps = [50, 100], step = \"2s\" }\n\
+         watch = { duration = \"300ms\", min_requests = 1 }\naffinity = { cookie = \"cutover_session\", window = \"15m\" }\n",
+        &blue,
+    );
+    let deploying = {
+        let (config, upstream) = (config.clone(), good.upstream());
+        std::thread::spawn(move || cli_at(&config, &["deploy", "web", "--version", "v2", "--upstream", &upstream]))
+    };
+    let status = || output_text(&cli_at(&config, &["status"]));
+    assert!(
+        common::wait_until(Duration::from_secs(20), || status()
+            .contains("50% of live traffic on green")),
+        "{}",
+        status()
+    );
+    // New sessions at the 50% step: each gets a cookie for the colour that answered it, and
+    // keeps that colour.
+    let mut sessions = Vec::new();
+    for _ in 0..30 {
+        let (first, cookie) = get_with_cookie(front, None);
+        let cookie = cookie.expect("a new session gets a cookie");
+        for _ in 0..2 {
+            assert_eq!(
+                get_with_cookie(front, Some(&cookie)).0,
+                first,
+                "a session changed colour at the step"
+            );
+        }
+        sessions.push((first, cookie));
+    }
+    let on_v2 = sessions.iter().filter(|(v, _)| v == "v2").count();
+    assert!((3..=27).contains(&on_v2), "{on_v2} of 30 new sessions on v2 at 50%");
+    let out = deploying.join().unwrap();
+    let said = output_text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("sessions that began on blue stay there for 900s (affinity)"),
+        "{said}"
+    );
+    // After the switch: the sessions begun on blue stay there (pinned), those on green too;
+    // new sessions go to v2.
+    for (first, cookie) in &sessions {
+        assert_eq!(
+            &get_with_cookie(front, Some(cookie)).0,
+            first,
+            "a session moved at the switch"
+        );
+    }
+    for _ in 0..5 {
+        assert_eq!(get_with_cookie(front, None).0, "v2");
+    }
+}

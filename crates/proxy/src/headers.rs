@@ -21,6 +21,9 @@ pub static X_CUTOVER_PREVIEW: HeaderName = HeaderName::from_static("x-cutover-pr
 /// Lets an instance reach the other services' instances of its own colour through the proxy.
 /// Without a valid token it selects nothing. Stripped before forwarding.
 pub static X_CUTOVER_COLOUR: HeaderName = HeaderName::from_static("x-cutover-colour");
+/// Marks a copy made by mirroring (`crate::mirror`); a client's own is removed, so that only
+/// cutover's copies carry it.
+pub static X_CUTOVER_MIRROR: HeaderName = HeaderName::from_static("x-cutover-mirror");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -161,6 +164,7 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
         || name == X_CUTOVER_PREVIEW
         || name == X_CUTOVER_COLOUR
+        || name == X_CUTOVER_MIRROR
 }
 
 /// Header names listed in `Connection` (other than the standard tokens) are hop-by-hop too.

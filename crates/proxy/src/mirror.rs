@@ -23,7 +23,7 @@ use crate::shared::Shared;
 use crate::stats::{ColourStats, StatsSnapshot};
 use crate::table::{Colour, RouteTable};
 
-/// The header every copy carries.
+/// The header every copy carries (a client's own is removed from every request).
 pub const X_CUTOVER_MIRROR: &str = "x-cutover-mirror";
 
 /// One mirroring window of one service: what is copied, to where, and what came of it.

@@ -102,6 +102,7 @@ async fn copies_a_sample_of_the_listed_methods_to_the_validated_colour_only() {
         assert_eq!(send(&mut h1, Method::POST, "/post", "an order").await.0, 200);
         assert_eq!(send(&mut h1, Method::HEAD, "/head", "").await.0, 200);
         assert_eq!(send(&mut h1, Method::DELETE, "/delete", "").await.0, 200);
+        assert_eq!(send(&mut h1, Method::GET, "/get-with-body", "a body").await.0, 200);
     }
     let preview = Request::get("/preview")
         .header("host", "web.test")
@@ -134,7 +135,7 @@ async fn copies_a_sample_of_the_listed_methods_to_the_validated_colour_only() {
             .count(),
         1
     );
-    assert_eq!(blue.got().len(), 120, "every live request was answered by blue");
+    assert_eq!(blue.got().len(), 150, "every live request was answered by blue");
     assert!(blue.got().iter().all(|g| !g.mirrored));
     let report = mirror.report();
     assert_eq!(
@@ -179,6 +180,15 @@ async fn copies_a_sample_of_the_listed_methods_to_the_validated_colour_only() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(green.got().len(), before, "copied after the window closed");
+    // A client cannot pass a request off as a copy: its own header is removed.
+    let forged = Request::get("/forged")
+        .header("host", "web.test")
+        .header("x-cutover-mirror", "1")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h1.request(forged).await.unwrap().0, 200);
+    let last = blue.got().pop().unwrap();
+    assert_eq!((last.path.as_str(), last.mirrored), ("/forged", false));
 
     // A window for the live colour copies nothing (it would double the live traffic).
     proxy

@@ -72,18 +72,23 @@ pub(super) fn judge(report: &MirrorReport, cfg: &MirrorConfig) -> Result<String,
     let (copies, live) = (&report.copies, &report.live);
     let answered = copies.requests();
     let sent = live.requests();
+    // Sent, their live answers in, and still no answer of their own once the window closed (and
+    // settled): a release that hangs answers none; each counts as failed.
+    let unanswered = sent.saturating_sub(answered);
+    let judged = answered + unanswered;
     let mut seen = format!(
-        "{answered} copies answered of {sent} sent, {} not sent because max_in_flight = {} copies were running",
+        "{answered} copies answered of {sent} sent ({unanswered} still without an answer, counted as failed), {} not \
+         sent because max_in_flight = {} copies were running",
         report.dropped, cfg.max_in_flight
     );
-    if answered < cfg.min_requests {
+    if judged < cfg.min_requests {
         return Ok(format!(
             "{seen}: fewer than min_requests = {}, so not judged; validated by the smoke test alone",
             cfg.min_requests
         ));
     }
     let rate = |errors: u64, of: u64| if of == 0 { 0.0 } else { errors as f64 / of as f64 };
-    let (copy_rate, live_rate) = (rate(copies.errors(), answered), rate(live.errors(), sent));
+    let (copy_rate, live_rate) = (rate(copies.errors() + unanswered, judged), rate(live.errors(), sent));
     seen.push_str(&format!(
         "; 5xx {} of copies, {} of live",
         percent(copy_rate),
@@ -99,6 +104,12 @@ pub(super) fn judge(report: &MirrorReport, cfg: &MirrorConfig) -> Result<String,
             "the copies of live requests failed more often than the live ones: {seen}; at most {} more is allowed \
              (validate.mirror.max_error_rate)",
             percent(cfg.max_error_rate)
+        ));
+    }
+    // A live release failing beyond the limit itself (fast errors, say) is no baseline for speed.
+    if live_rate > cfg.max_error_rate {
+        return Ok(format!(
+            "{seen}: passed; latency not compared, the live release itself failing more than max_error_rate"
         ));
     }
     let ratio = if live_p99.is_zero() {
@@ -159,7 +170,11 @@ mod tests {
         let ok = many(200, 200, 10);
         // Equal answers pass, and say what was seen.
         let said = judge(&report(&ok, &ok, 3), &cfg).unwrap();
-        assert!(said.contains("200 copies answered of 200 sent, 3 not sent"), "{said}");
+        assert!(
+            said.contains("200 copies answered of 200 sent (0 still without"),
+            "{said}"
+        );
+        assert!(said.contains("3 not sent"), "{said}");
         assert!(said.ends_with("passed"), "{said}");
         // 5 % of copies failing, live clean: fails, naming the rates.
         let mut failing = many(190, 200, 10);
@@ -185,5 +200,17 @@ mod tests {
         // Too few copies: not judged, whatever they say.
         let said = judge(&report(&many(99, 500, 10), &many(99, 200, 10), 0), &cfg).unwrap();
         assert!(said.contains("not judged"), "{said}");
+        // A release that hangs: 100 copies sent, none answered, each counted as failed.
+        let why = judge(&report(&[], &many(100, 200, 10), 0), &cfg).unwrap_err();
+        assert!(
+            why.contains("0 copies answered of 100 sent (100 still without an answer"),
+            "{why}"
+        );
+        assert!(why.contains("100% of copies"), "{why}");
+        // A live release failing fast is no baseline for latency: its fix, slower, passes.
+        let mut live_failing = many(150, 200, 40);
+        live_failing.extend(many(50, 500, 1));
+        let said = judge(&report(&many(200, 200, 40), &live_failing, 0), &cfg).unwrap();
+        assert!(said.contains("latency not compared"), "{said}");
     }
 }
