@@ -246,7 +246,9 @@ fn a_release_failing_copies_of_live_requests_is_refused_and_a_good_one_goes_live
         answers.len()
     );
     assert_eq!(get_host(front, "web.test"), Some((200, "v1".into())), "live untouched");
-    // Only GETs were copied, each marked, about half of them; no POST ever reached v2.
+    // Only GETs were copied, each marked, at least min_requests of them and not more than a
+    // sample of a half of all the GETs sent (the window is only part of the deploy); no POST ever
+    // reached v2.
     let copies = broken.requests();
     let gets = answers.len().div_ceil(2);
     assert!(
@@ -256,7 +258,7 @@ fn a_release_failing_copies_of_live_requests_is_refused_and_a_good_one_goes_live
         "{copies:?}"
     );
     assert!(
-        copies.len() * 4 > gets && copies.len() * 4 < gets * 3,
+        copies.len() >= 20 && copies.len() * 4 < gets * 3,
         "{} copies of about {gets} GETs at a sample of 0.5",
         copies.len()
     );
