@@ -2446,6 +2446,7 @@ impl Actor {
                         .as_ref()
                         .filter(|_| promoting && !cold_rollback)
                         .map(|a| a.window);
+                    let split_before = self.shared.proxy.table().service(self.name()).and_then(|s| s.split());
                     let t0 = Instant::now();
                     let r = self.shared.proxy.switch_pinned(self.name(), colour, window);
                     let took = t0.elapsed();
@@ -2482,6 +2483,14 @@ impl Actor {
                                 None,
                             )
                         }
+                        // A gradual switch rolled back: its share came back to the live colour.
+                        Ok(false) if split_before.is_some() => self.shared.notice(
+                            self.name(),
+                            None,
+                            EventKind::Switch,
+                            format!("gradual switch ended: every live request to {colour} ({version}) in {took:.1?}"),
+                            None,
+                        ),
                         // After a restart, the fresh table may name the live colour already.
                         Ok(false) => {
                             tracing::info!(service = self.name(), %colour, version, "live traffic is on {colour}")

@@ -352,6 +352,16 @@ fn gets(front: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec
 
 /// A site of one static service with `settings` in its table, and v1 live from `blue`.
 fn site(owner: &str, settings: &str, blue: &Recorder) -> (tempfile::TempDir, std::path::PathBuf, SocketAddr, Proc) {
+    site_with(owner, settings, blue, &[])
+}
+
+/// [`site`], with `envs` in the daemon's environment.
+fn site_with(
+    owner: &str,
+    settings: &str,
+    blue: &Recorder,
+    envs: &[(&str, String)],
+) -> (tempfile::TempDir, std::path::PathBuf, SocketAddr, Proc) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = dir.path().join("cutover.toml");
@@ -363,7 +373,7 @@ fn site(owner: &str, settings: &str, blue: &Recorder) -> (tempfile::TempDir, std
         ),
     )
     .unwrap();
-    let daemon = Proc(serve_marked(&config, owner, &[]));
+    let daemon = Proc(serve_marked(&config, owner, envs));
     let front = SocketAddr::from(([127, 0, 0, 1], port));
     let out = cli_at(
         &config,
@@ -411,6 +421,10 @@ fn a_gradual_switch_failing_at_its_first_step_is_rolled_back_with_only_that_shar
         "{said}"
     );
     assert!(said.contains("rolled back") || said.contains("rolled-back"), "{said}");
+    assert!(
+        said.contains("gradual switch ended: every live request to blue (v1)"),
+        "{said}"
+    );
     assert!(
         !said.contains("50% of live requests"),
         "went past the first step: {said}"
@@ -629,4 +643,70 @@ fn a_gradual_switch_with_affinity_keeps_each_session_on_its_colour_through_the_s
     for _ in 0..5 {
         assert_eq!(get_with_cookie(front, None).0, "v2");
     }
+}
+
+/// A fault in the service's control during a step: the share goes back to the live release
+/// while nothing watches it, and the step is set again once the control restarts.
+#[test]
+fn a_fault_during_a_gradual_step_sends_the_share_back_until_the_control_restarts() {
+    let owner = "gradual-fault-test";
+    let _cleanup = KillMarked(owner.into());
+    let blue = Recorder::start("v1", false);
+    let good = Recorder::start("v2", false);
+    let (_dir, config, front, _daemon) = site_with(
+        owner,
+        "validate = { smoke = \"true\" }\npromote = { steps = [50, 100], step = \"60s\" }\n\
+         watch = { duration = \"300ms\", min_requests = 100000 }\n",
+        &blue,
+        &[("CUTOVER_TEST_PANIC_ON_DEPLOY", "boom".to_string())],
+    );
+    let deploying = {
+        let (config, upstream) = (config.clone(), good.upstream());
+        std::thread::spawn(move || cli_at(&config, &["deploy", "web", "--version", "v2", "--upstream", &upstream]))
+    };
+    let status = || output_text(&cli_at(&config, &["status"]));
+    let stepping = "gradual switch of deployment 2 (v2): 50% of live traffic on green";
+    assert!(
+        common::wait_until(Duration::from_secs(20), || status().contains(stepping)),
+        "{}",
+        status()
+    );
+    let v2_of = |n: usize| {
+        (0..n)
+            .filter(|_| get_host(front, "web.test").unwrap().1 == "v2")
+            .count()
+    };
+    let before = v2_of(200);
+    assert!((60..=140).contains(&before), "{before} of 200 on v2 at 50%");
+    let out = cli_at(&config, &["deploy", "web", "--version", "boom"]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    // While the control restarts (1 s backoff), every request goes to v1: 30 in a row would
+    // come by chance once in a billion at 50%.
+    let mut run = 0;
+    let back = common::wait_until(Duration::from_secs(3), || {
+        run = if get_host(front, "web.test").unwrap().1 == "v1" {
+            run + 1
+        } else {
+            0
+        };
+        run >= 30
+    });
+    assert!(back, "the share stayed on v2 while the control was down");
+    // Restarted from the committed state: the step again, its share again.
+    assert!(
+        common::wait_until(Duration::from_secs(10), || status().contains(stepping)),
+        "{}",
+        status()
+    );
+    let after = common::wait_until(Duration::from_secs(5), || v2_of(40) >= 5);
+    assert!(after, "the share did not come back after the restart");
+    let out = cli_at(&config, &["promote", "web"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let _ = deploying.join().unwrap();
+    assert!(common::wait_until(Duration::from_secs(5), || get_host(
+        front, "web.test"
+    ) == Some((
+        200,
+        "v2".into()
+    ))));
 }

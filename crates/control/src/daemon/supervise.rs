@@ -148,6 +148,14 @@ impl Actor {
     /// ends everything of this one that could still act on the service. See the module doc.
     async fn hand_over(&mut self) {
         self.abort_tasks();
+        // A gradual switch's share was watched by the task just aborted: every live request goes
+        // back to the live colour until the next actor, recovering, sets the step again.
+        let split = self.shared.proxy.table().service(self.name()).and_then(|s| s.split());
+        if let Some(split) = split {
+            let _ = self.shared.proxy.split(self.name(), split.colour, 0);
+            tracing::warn!(service = self.name(), colour = %split.colour,
+                "the gradual switch's share on {} goes back to the live colour until the service's control restarts", split.colour);
+        }
         for colour in [Colour::Blue, Colour::Green] {
             // What runs now, which may differ from what the store has (an instance restarted
             // since), is recorded: the next actor adopts from the store.
