@@ -98,6 +98,9 @@ validate = { smoke = "curl -fsS -H \"X-Cutover-Preview: $CUTOVER_PREVIEW_TOKEN\"
 # Promote by itself once validated (after `delay`), or wait for `cutover promote`. A service's
 # first release has no live traffic to guard: it goes live once validated either way.
 promote = { auto = true, delay = "0s" }
+# Opt-in, in promote: a gradual switch, that share of live traffic (of new sessions, with
+# affinity) to the release step after step, each watched for `step`; 100 is the switch itself:
+#   steps = [10, 50, 100], step = "1m"
 # After a promotion: roll back by itself if, within `duration` and once `min_requests` have
 # been served, more than max_error_rate of them fail or their p99 latency exceeds max_p99.
 # The p99 is estimated to within 6.25 % (from 250 µs to 60 s): a p99 more than 6.25 % below
