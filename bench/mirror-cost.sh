@@ -6,20 +6,68 @@
 #      the same CPU;
 #   2. one connection at a time: wrk -t1 -c1, the latency a live request sees while copies run
 #      beside it on the same worker.
-# Knobs: ROUNDS=5 DURATION=10 (and the rest of throughput.sh's)  OUT_MD=file (both sections)
+#   3. under callgrind: instructions per live request in cutover's own process, without and with
+#      mirroring, which other load on the machine does not change.
+# Knobs: ROUNDS=5 DURATION=10 (and the rest of throughput.sh's)  THROUGHPUT=1  CALLGRIND=1
+#        CG_SECONDS=8  OUT_MD=file (every section)
 set -uo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FINAL_MD=${OUT_MD:-}
 SAT_MD=$(mktemp /tmp/cutover-mirror-sat.XXXXXX)
 ONE_MD=$(mktemp /tmp/cutover-mirror-one.XXXXXX)
+CG_MD=$(mktemp /tmp/cutover-mirror-cg.XXXXXX)
 export ROUNDS=${ROUNDS:-5} DURATION=${DURATION:-10}
-CONTENDERS="cutover cutover-alt" ALT_ARGS="--mirror 0.1" \
-  TITLE="Cost of mirroring 10% of the live requests (cutover-alt: --mirror 0.1) against none, saturated" \
-  OUT_MD=$SAT_MD "$BENCH_DIR/throughput.sh" || exit 1
-CONTENDERS="cutover cutover-alt" ALT_ARGS="--mirror 0.1" CUTOVER_BUILD=0 THREADS=1 CONNECTIONS=1 \
-  TITLE="Latency with mirroring 10% (cutover-alt: --mirror 0.1) against none, one connection at a time" \
-  OUT_MD=$ONE_MD "$BENCH_DIR/throughput.sh" || exit 1
-if [[ -n $FINAL_MD ]]; then
-  { cat "$SAT_MD"; echo; cat "$ONE_MD"; } >"$FINAL_MD"
+if [[ ${THROUGHPUT:-1} == 1 ]]; then
+  CONTENDERS="cutover cutover-alt" ALT_ARGS="--mirror 0.1" \
+    TITLE="Cost of mirroring 10% of the live requests (cutover-alt: --mirror 0.1) against none, saturated" \
+    OUT_MD=$SAT_MD "$BENCH_DIR/throughput.sh" || exit 1
+  CONTENDERS="cutover cutover-alt" ALT_ARGS="--mirror 0.1" CUTOVER_BUILD=0 THREADS=1 CONNECTIONS=1 \
+    TITLE="Latency with mirroring 10% (cutover-alt: --mirror 0.1) against none, one connection at a time" \
+    OUT_MD=$ONE_MD "$BENCH_DIR/throughput.sh" || exit 1
 fi
-rm -f "$SAT_MD" "$ONE_MD"
+
+if [[ ${CALLGRIND:-1} == 1 ]]; then
+  source "$BENCH_DIR/lib.sh"
+  bench_init mirror-cost
+  [[ ${THROUGHPUT:-1} == 1 ]] && CUTOVER_BUILD=0
+  ensure_cutover
+  command -v valgrind >/dev/null || die "valgrind is needed"
+  read -r P_BLUE P_GREEN P_CG < <(free_ports 3)
+  start_backend "$P_BLUE" "$P_GREEN"
+  CG_SECONDS=${CG_SECONDS:-8}
+  declare -A IPR
+  for variant in without mirror; do
+    extra=(); [[ $variant == mirror ]] && extra=(--mirror 0.1)
+    out=$BENCH_TMP/cg-$variant.out
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$CUTOVER_BIN" proxy --listen "127.0.0.1:$P_CG" \
+      --blue "127.0.0.1:$P_BLUE" --green "127.0.0.1:$P_GREEN" "${extra[@]}" >"$BENCH_TMP/cg-$variant.log" 2>&1 &
+    vp=$!
+    bg_track callgrind "$vp"
+    wait_ready "callgrind-$variant" "$vp" "$P_CG" blue
+    WRK_DURATION=$CG_SECONDS run_wrk "$BENCH_TMP/cg-wrk-$variant.txt" -t1 -c8 -d"${CG_SECONDS}s" "http://127.0.0.1:$P_CG/"
+    kill -TERM "$vp"; wait "$vp" 2>/dev/null; bg_untrack "$vp"
+    n=$(awk '/requests in/{print $1}' "$BENCH_TMP/cg-wrk-$variant.txt")
+    total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
+    IPR[$variant]=$(python3 -c "print(round($total / $n))")
+    log "callgrind $variant: $n live requests, ${IPR[$variant]} instructions per live request"
+  done
+  {
+    echo "Instructions per live request in cutover's own process (user space, \`valgrind --tool=callgrind\`,"
+    echo "\`wrk -t1 -c8 -d${CG_SECONDS}s\`, startup included, so a slight overestimate for both; command \`bench/mirror-cost.sh\`, cutover @ $(git -C "$BENCH_DIR/.." rev-parse --short HEAD)):"
+    echo
+    echo "| requests | instructions per live request | against no mirroring |"
+    echo "|---|---|---|"
+    python3 - "${IPR[without]}" "${IPR[mirror]}" <<'PY'
+import sys
+w, m = map(int, sys.argv[1:3])
+print(f"| no mirroring | {w:,} | 1.000 |")
+print(f"| a tenth of the live GETs copied (`--mirror 0.1`) | {m:,} | {m / w:.3f} (+{m - w:,}) |")
+PY
+  } >"$CG_MD"
+  cat "$CG_MD"
+fi
+
+if [[ -n $FINAL_MD ]]; then
+  { [[ -s $SAT_MD ]] && { cat "$SAT_MD"; echo; cat "$ONE_MD"; echo; }; cat "$CG_MD"; } >"$FINAL_MD"
+fi
+rm -f "$SAT_MD" "$ONE_MD" "$CG_MD"
