@@ -10,6 +10,8 @@
 #      mirroring, which other load on the machine does not change.
 # Knobs: ROUNDS=5 DURATION=10 (and the rest of throughput.sh's)  THROUGHPUT=1  CALLGRIND=1
 #        CG_SECONDS=8  OUT_MD=file (every section)
+#        BASELINE_BIN=path (callgrind also counts that build, e.g. the commit before mirroring and
+#        the gradual switch, to show what a request costs when neither is in use)
 set -uo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FINAL_MD=${OUT_MD:-}
@@ -36,10 +38,13 @@ if [[ ${CALLGRIND:-1} == 1 ]]; then
   start_backend "$P_BLUE" "$P_GREEN"
   CG_SECONDS=${CG_SECONDS:-8}
   declare -A IPR
-  for variant in without mirror; do
+  VARIANTS="without mirror"
+  [[ -n ${BASELINE_BIN:-} ]] && VARIANTS="baseline $VARIANTS"
+  for variant in $VARIANTS; do
     extra=(); [[ $variant == mirror ]] && extra=(--mirror 0.1)
+    bin=$CUTOVER_BIN; [[ $variant == baseline ]] && bin=$BASELINE_BIN
     out=$BENCH_TMP/cg-$variant.out
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$CUTOVER_BIN" proxy --listen "127.0.0.1:$P_CG" \
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" proxy --listen "127.0.0.1:$P_CG" \
       --blue "127.0.0.1:$P_BLUE" --green "127.0.0.1:$P_GREEN" "${extra[@]}" >"$BENCH_TMP/cg-$variant.log" 2>&1 &
     vp=$!
     bg_track callgrind "$vp"
@@ -57,9 +62,11 @@ if [[ ${CALLGRIND:-1} == 1 ]]; then
     echo
     echo "| requests | instructions per live request | against no mirroring |"
     echo "|---|---|---|"
-    python3 - "${IPR[without]}" "${IPR[mirror]}" <<'PY'
+    python3 - "${IPR[without]}" "${IPR[mirror]}" "${IPR[baseline]:-0}" "${BASELINE_BIN:-}" <<'PY'
 import sys
-w, m = map(int, sys.argv[1:3])
+w, m, b = map(int, sys.argv[1:4])
+if b:
+    print(f"| the build at `{sys.argv[4]}` | {b:,} | {b / w:.3f} |")
 print(f"| no mirroring | {w:,} | 1.000 |")
 print(f"| a tenth of the live GETs copied (`--mirror 0.1`) | {m:,} | {m / w:.3f} (+{m - w:,}) |")
 PY
