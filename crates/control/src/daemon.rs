@@ -1886,6 +1886,38 @@ impl Actor {
     async fn report_arrived(&mut self, report: Report) {
         match report {
             Report::Event(Event::HealthDeadlinePassed { id }) => {
+                // Healthy and waiting at a release's barrier for services still on their way (a
+                // schema change, their own instances): their own steps and deadlines bound the
+                // wait, and the release fails with the first of them that fails.
+                let on_their_way = self.release_members_on_their_way(id);
+                if !on_their_way.is_empty() {
+                    self.shared.notice(
+                        self.name(),
+                        Some(id),
+                        EventKind::Instances,
+                        format!(
+                            "healthy for {:?}, waiting for {} of the release, still on its way ({}); the wait goes on",
+                            self.cfg.health.deadline,
+                            on_their_way
+                                .iter()
+                                .map(|(n, _)| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            on_their_way
+                                .iter()
+                                .map(|(n, p)| format!("{n}: {p}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        None,
+                    );
+                    let (reports, after) = (self.reports.clone(), self.cfg.health.deadline);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = reports.send(Report::Event(Event::HealthDeadlinePassed { id }));
+                    });
+                    return;
+                }
                 let event = self.deadline_event(id);
                 let _ = self.step(event, None).await;
             }
@@ -3189,6 +3221,40 @@ impl Actor {
         if let Some(old) = self.others.replace(wait) {
             old.task.abort();
         }
+    }
+
+    /// While `deployment` waits at its release's barrier: the services waited for whose own
+    /// deployment is still before its instances are healthy (a schema change, instances starting),
+    /// with their phase.
+    fn release_members_on_their_way(&self, deployment: DeploymentId) -> Vec<(String, String)> {
+        if !self
+            .others
+            .as_ref()
+            .is_some_and(|w| w.deployment == deployment && w.nodes.is_none())
+        {
+            return Vec::new();
+        }
+        let release = self.held.map_or(0, |(_, r)| r);
+        let waiting: Vec<String> = self
+            .shared
+            .barriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&release)
+            .map(|(members, tx)| {
+                let healthy = tx.borrow();
+                members.iter().filter(|m| !healthy.contains(*m)).cloned().collect()
+            })
+            .unwrap_or_default();
+        let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
+        waiting
+            .into_iter()
+            .filter_map(|m| {
+                let view = views.get(&m)?;
+                (view.deployment.is_some() && matches!(view.phase.as_str(), "migrating" | "provisioning"))
+                    .then(|| (m, view.summary.clone()))
+            })
+            .collect()
     }
 
     /// The event a health deadline of `deployment` raises: while other nodes' or services'

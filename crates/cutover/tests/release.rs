@@ -448,3 +448,23 @@ fn a_service_deployed_again_during_the_release_watch_does_not_roll_the_others_ba
     assert_eq!(site.get("api.test"), Some((200, "v2 api".into())));
     assert_eq!(site.get("web.test"), Some((200, "v3 web".into())));
 }
+
+/// A service whose schema change outlasts another service's health deadline: the other's
+/// healthy instances wait for it at the release's barrier (its own deadline does not end the
+/// wait while the service it waits for is still on its way), and the release goes live.
+#[test]
+fn a_schema_change_longer_than_another_services_health_deadline_does_not_fail_the_release() {
+    // api's expand takes 6 s; web's (and api's) health deadline is 4 s.
+    let site = Site::start(&format!(
+        "command = \"exec {BIN} demo-app --port {{port}} --colour NAME-$CUTOVER_COLOUR\"\n\
+         migrate = {{ expand = \"[ NAME = api ] && sleep 6; true\" }}\n"
+    ));
+    let out = site.cli(&["deploy", "web", "api", "--version", "v1"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = site.cli(&["deploy", "web", "api", "--version", "v2"]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("still on its way"), "{said}");
+    assert_eq!(site.get("web.test"), Some((200, "v2 web-green".into())));
+    assert_eq!(site.get("api.test"), Some((200, "v2 api-green".into())));
+}
