@@ -469,6 +469,11 @@ impl Daemon {
     ) -> Result<(), CommandError> {
         let mut held: Vec<(Member, Transition, Revision, oneshot::Sender<Option<Revision>>)> = Vec::new();
         let mut refused = None;
+        // In name order, the order `Daemon::park` (`cutover upgrade`) takes the services in: each
+        // service held here waits for the release, and one parked there waits for the upgrade, so
+        // two different orders could each hold a service the other waits for.
+        let mut members: Vec<&Member> = members.iter().collect();
+        members.sort_by(|a, b| a.service.cmp(&b.service));
         for m in members {
             let event = if back {
                 Event::Rollback {
