@@ -2650,12 +2650,13 @@ impl Actor {
                 format!("deployment {id}: all instances healthy"),
                 None,
             ),
-            Record::Validated { id } => (
+            Record::Validated { id, detail } => (
                 Some(*id),
                 EventKind::Validated,
-                match &cfg.validate {
-                    Some(_) => format!("deployment {id}: smoke test passed"),
-                    None => format!("deployment {id}: validated (no smoke test configured, only health checks)"),
+                match (&cfg.validate, detail) {
+                    (Some(_), Some(detail)) => format!("deployment {id}: smoke test passed; {detail}"),
+                    (Some(_), None) => format!("deployment {id}: smoke test passed"),
+                    (None, _) => format!("deployment {id}: validated (no smoke test configured, only health checks)"),
                 },
                 None,
             ),
@@ -3358,7 +3359,10 @@ impl Actor {
 
     fn run_smoke(&mut self, deployment: DeploymentId, colour: Colour) {
         if self.cfg.validate.is_none() {
-            self.report(Event::SmokePassed { id: deployment });
+            self.report(Event::SmokePassed {
+                id: deployment,
+                detail: None,
+            });
             return;
         }
         let version = self.runs[slot(colour)]
@@ -3385,17 +3389,17 @@ impl Actor {
         let task = tokio::spawn(async move {
             let smoke = match (smoke.await, mirror) {
                 (Ok(()), Some(m)) => match mirror_window(&shared, &name, deployment, colour, &version, &m).await {
-                    Ok(()) => Ok(()),
+                    Ok(seen) => Ok(Some(seen)),
                     // Said by the window already.
                     Err(reason) => {
                         let _ = reports.send(Report::Event(Event::SmokeFailed { id: deployment, reason }));
                         return;
                     }
                 },
-                (result, _) => result,
+                (result, _) => result.map(|()| None),
             };
             let event = match smoke {
-                Ok(()) => Event::SmokePassed { id: deployment },
+                Ok(detail) => Event::SmokePassed { id: deployment, detail },
                 Err(reason) => {
                     shared.notice(
                         &name,
@@ -3735,7 +3739,7 @@ async fn mirror_window(
     to: Colour,
     version: &str,
     cfg: &crate::config::MirrorConfig,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let say = |message: String, reason: Option<String>| {
         shared.notice(service, Some(deployment), EventKind::Mirror, message, reason)
     };
@@ -3759,8 +3763,9 @@ async fn mirror_window(
     }
     match mirror::judge(&report, cfg) {
         Ok(seen) => {
-            say(format!("mirrored to {to}@{version}: {seen}"), None);
-            Ok(())
+            let said = format!("mirrored to {to}@{version}: {seen}");
+            say(said.clone(), None);
+            Ok(said)
         }
         Err(why) => {
             say(format!("mirrored to {to}@{version}: {why}"), Some(why.clone()));
@@ -4012,7 +4017,13 @@ mod tests {
         };
         let mut state = step(&State::new("web"), deploy(1, "v1"));
         state = step(&state, Event::InstancesHealthy { id: DeploymentId(1) });
-        state = step(&state, Event::SmokePassed { id: DeploymentId(1) });
+        state = step(
+            &state,
+            Event::SmokePassed {
+                id: DeploymentId(1),
+                detail: None,
+            },
+        );
         assert_eq!(state.live.as_ref().map(|l| l.colour), Some(Colour::Blue), "{state:?}");
         let state = step(&state, deploy(2, "v2"));
         assert!(matches!(&state.phase, Phase::Provisioning(d) if d.colour == Colour::Green));
@@ -4057,7 +4068,13 @@ mod tests {
         let mut state = step(&state, Event::InstancesHealthy { id: DeploymentId(2) });
         assert!(matches!(state.phase, Phase::Validating(_)));
         assert!(crash_loop(&state.phase, &spec(Colour::Green), &crashing).is_none());
-        state = step(&state, Event::SmokePassed { id: DeploymentId(2) });
+        state = step(
+            &state,
+            Event::SmokePassed {
+                id: DeploymentId(2),
+                detail: None,
+            },
+        );
         assert_eq!(state.live.as_ref().map(|l| l.colour), Some(Colour::Green), "{state:?}");
         assert!(crash_loop(&state.phase, &spec(Colour::Green), &crashing).is_none());
     }

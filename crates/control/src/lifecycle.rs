@@ -539,7 +539,8 @@ pub enum Event {
     /// Timer [`Timer::HealthDeadline`].
     HealthDeadlinePassed { id: DeploymentId },
     /// Driver, after [`Action::RunSmoke`]: the smoke command exited 0.
-    SmokePassed { id: DeploymentId },
+    /// `detail`: what validation saw beyond the smoke command (the figures of `validate.mirror`).
+    SmokePassed { id: DeploymentId, detail: Option<String> },
     /// Driver, after [`Action::RunSmoke`]: the smoke command failed or timed out.
     SmokeFailed { id: DeploymentId, reason: String },
     /// Health checker: the deployment's colour has no healthy instance left (after it was healthy).
@@ -649,6 +650,9 @@ pub enum Record {
     Validated {
         #[serde(rename = "id")]
         id: DeploymentId,
+        /// What validation saw beyond the smoke command (the figures of `validate.mirror`).
+        #[serde(rename = "detail", default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     },
     /// Waiting for `cutover promote` (`auto_after: None`) or for the auto-promote delay.
     #[serde(rename = "awaiting_promotion")]
@@ -1127,7 +1131,7 @@ impl State {
             Event::InstancesHealthy { id } | Event::ProvisionFailed { id, .. } | Event::HealthDeadlinePassed { id } => {
                 self.report(id, 0, event)
             }
-            Event::SmokePassed { id } | Event::SmokeFailed { id, .. } => self.report(id, 1, event),
+            Event::SmokePassed { id, .. } | Event::SmokeFailed { id, .. } => self.report(id, 1, event),
             Event::AutoPromoteDue { id } => self.report(id, 2, event),
             Event::Unhealthy { id, .. }
             | Event::WatchSample { id, .. }
@@ -1909,7 +1913,7 @@ impl State {
             (Phase::Provisioning(d), Event::HealthDeadlinePassed { .. }) => {
                 Ok(self.abort_with(d, Reason::HealthDeadline(d.plan.health_deadline), false))
             }
-            (Phase::Validating(d), Event::SmokePassed { .. }) => Ok(self.validated(d)),
+            (Phase::Validating(d), Event::SmokePassed { detail, .. }) => Ok(self.validated(d, detail)),
             (Phase::Validating(d), Event::SmokeFailed { reason, .. }) => {
                 Ok(self.abort_with(d, Reason::SmokeFailed(reason), false))
             }
@@ -1973,8 +1977,8 @@ impl State {
 
     /// Smoke passed: the first deployment goes live; a cold rollback or auto promotion without
     /// delay switches now; otherwise wait in `ReadyToPromote`.
-    fn validated(&self, d: &Deployment) -> Transition {
-        let validated = vec![Action::Record(Record::Validated { id: d.id })];
+    fn validated(&self, d: &Deployment, detail: Option<String>) -> Transition {
+        let validated = vec![Action::Record(Record::Validated { id: d.id, detail })];
         if self.live.is_none() {
             return self.go_live_first(d, validated);
         }

@@ -1686,7 +1686,12 @@ fn store_record(
             ("started", Some(*id))
         }
         Record::Healthy { id } => ("healthy", Some(*id)),
-        Record::Validated { id } => ("validated", Some(*id)),
+        Record::Validated { id, detail } => {
+            if let Some(detail) = detail {
+                t.text("detail", &to_json(detail)?);
+            }
+            ("validated", Some(*id))
+        }
         Record::AwaitingPromotion { id, auto_after } => {
             if let Some(after) = auto_after {
                 t.dur("auto_after_ns", *after)?;
@@ -2033,7 +2038,10 @@ fn decode_transition(row: &Row<'_>) -> Result<TransitionEntry, Bad> {
             cause: decode_cause(row, "cause")?,
         },
         "healthy" => Record::Healthy { id: id()? },
-        "validated" => Record::Validated { id: id()? },
+        "validated" => Record::Validated {
+            id: id()?,
+            detail: opt_json(row, "detail")?,
+        },
         "awaiting_promotion" => Record::AwaitingPromotion {
             id: id()?,
             auto_after: opt_dur(row, "auto_after_ns")?,

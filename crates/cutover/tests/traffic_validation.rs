@@ -167,9 +167,13 @@ fn live_load(front: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
 
 /// `GET /metrics` on the admin socket.
 fn scrape(socket: &std::path::Path) -> String {
+    admin_get(socket, "/metrics")
+}
+
+/// A GET of `path` on the admin socket: the whole answer.
+fn admin_get(socket: &std::path::Path, path: &str) -> String {
     let mut s = std::os::unix::net::UnixStream::connect(socket).expect("admin socket");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -313,6 +317,12 @@ fn a_release_failing_copies_of_live_requests_is_refused_and_a_good_one_goes_live
     assert!(answers[first_v2..].iter().all(|a| a == "v2"), "v1 after v2");
     let mirrored = good.requests().iter().filter(|g| g.mirrored).count();
     assert!(mirrored >= 20, "{mirrored} copies");
+    // The window's figures are in the deployment's stored steps.
+    let steps = admin_get(&dir.path().join("state/admin.sock"), "/v1/services/web/deployments/3");
+    assert!(
+        steps.contains("smoke test passed; mirrored to green@v2: ") && steps.contains(": passed"),
+        "{steps}"
+    );
     assert!(good.requests().iter().filter(|g| g.mirrored).all(|g| g.method == "GET"));
     // Once live, nothing is copied any more.
     assert_eq!(get_host(front, "web.test"), Some((200, "v2".into())));

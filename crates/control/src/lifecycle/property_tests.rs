@@ -89,7 +89,7 @@ impl World {
         for inst in self.instances.iter_mut().flatten() {
             match *event {
                 Event::InstancesHealthy { id } if inst.started_by == id => inst.healthy = true,
-                Event::SmokePassed { id } if inst.started_by == id && inst.healthy => inst.validated = true,
+                Event::SmokePassed { id, .. } if inst.started_by == id && inst.healthy => inst.validated = true,
                 // The health checker reports on the deployment in progress only.
                 Event::Unhealthy { id, .. } if inst.started_by == id && tracked == Some(id) => inst.healthy = false,
                 _ => {}
@@ -487,7 +487,7 @@ fn random_step(rng: &mut Rng, state: &State, next_id: &mut u64) -> Step {
             reason: "exited".into(),
         },
         3 => Event::HealthDeadlinePassed { id },
-        4 => Event::SmokePassed { id },
+        4 => Event::SmokePassed { id, detail: None },
         5 => Event::SmokeFailed {
             id,
             reason: "exit 1".into(),

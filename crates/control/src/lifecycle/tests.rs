@@ -52,7 +52,10 @@ fn healthy(n: u64) -> Event {
     Event::InstancesHealthy { id: id(n) }
 }
 fn smoke_passed(n: u64) -> Event {
-    Event::SmokePassed { id: id(n) }
+    Event::SmokePassed {
+        id: id(n),
+        detail: None,
+    }
 }
 fn sample(n: u64, requests: u64, errors: u64, p99_ms: u64) -> Event {
     Event::WatchSample {
@@ -183,7 +186,10 @@ fn first_deploy_starts_on_blue_and_goes_live_once_validated_without_watch() {
     assert_eq!(
         t.actions,
         vec![
-            record(Record::Validated { id: id(1) }),
+            record(Record::Validated {
+                id: id(1),
+                detail: None
+            }),
             Action::SwitchTo { colour: Colour::Blue },
             record(Record::WentLive {
                 id: id(1),
@@ -417,7 +423,10 @@ fn smoke_pass_with_manual_promotion_waits_for_promote() {
     assert_eq!(
         t.actions,
         vec![
-            record(Record::Validated { id: id(2) }),
+            record(Record::Validated {
+                id: id(2),
+                detail: None
+            }),
             record(Record::AwaitingPromotion {
                 id: id(2),
                 auto_after: None
@@ -441,7 +450,10 @@ fn smoke_pass_with_delayed_auto_promotion_arms_the_timer() {
     assert_eq!(
         t.actions,
         vec![
-            record(Record::Validated { id: id(2) }),
+            record(Record::Validated {
+                id: id(2),
+                detail: None
+            }),
             record(Record::AwaitingPromotion {
                 id: id(2),
                 auto_after: Some(Duration::from_secs(60))
@@ -499,7 +511,10 @@ fn smoke_pass_with_auto_promotion_switches_at_once_and_watches() {
     let t = ok(&validating(auto()), smoke_passed(2));
     assert_eq!(
         t.actions,
-        promoted_actions(vec![record(Record::Validated { id: id(2) })])
+        promoted_actions(vec![record(Record::Validated {
+            id: id(2),
+            detail: None
+        })])
     );
     assert_eq!(t.state, watching_2(auto(), false));
 }
@@ -930,7 +945,13 @@ fn rollback_after_retirement_is_a_cold_redeploy_promoted_without_waiting() {
     // Validated like any deployment, then promoted although the plan says manual.
     let s = ok(&t.state, healthy(3)).state;
     let t = ok(&s, smoke_passed(3));
-    assert_eq!(t.actions[0], record(Record::Validated { id: id(3) }));
+    assert_eq!(
+        t.actions[0],
+        record(Record::Validated {
+            id: id(3),
+            detail: None
+        })
+    );
     assert_eq!(
         t.actions[1],
         record(Record::Promoted {
@@ -1657,7 +1678,10 @@ fn a_gradual_switch_moves_step_by_step_then_switches_and_watches_its_window() {
     assert_eq!(
         t.actions,
         vec![
-            record(Record::Validated { id: id(2) }),
+            record(Record::Validated {
+                id: id(2),
+                detail: None
+            }),
             record(Record::Promoted {
                 id: id(2),
                 colour: Colour::Green

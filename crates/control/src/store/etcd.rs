@@ -609,7 +609,7 @@ fn record_id(record: &Record) -> Option<DeploymentId> {
     match record {
         Record::Started { id, .. }
         | Record::Healthy { id }
-        | Record::Validated { id }
+        | Record::Validated { id, .. }
         | Record::AwaitingPromotion { id, .. }
         | Record::Promoted { id, .. }
         | Record::WentLive { id, .. }

@@ -311,7 +311,11 @@ fn every_record(id1: DeploymentId, id2: DeploymentId) -> (Vec<Record>, Vec<Recor
             cause: Cause::Deploy,
         },
         Record::Healthy { id: id1 },
-        Record::Validated { id: id1 },
+        Record::Validated { id: id1, detail: None },
+        Record::Validated {
+            id: id1,
+            detail: Some("mirrored to green@v2: 120 copies answered of 120 sent ...: passed \"ü\"".into()),
+        },
         Record::AwaitingPromotion {
             id: id1,
             auto_after: None,
@@ -421,7 +425,7 @@ fn history_transitions_and_releases_follow_the_lifecycle() {
         },
     );
     step(&store, &mut s, Event::InstancesHealthy { id: id1 });
-    step(&store, &mut s, Event::SmokePassed { id: id1 });
+    step(&store, &mut s, Event::SmokePassed { id: id1, detail: None });
 
     let id2 = store.next_deployment_id("web").unwrap();
     step(
@@ -434,7 +438,7 @@ fn history_transitions_and_releases_follow_the_lifecycle() {
         },
     );
     step(&store, &mut s, Event::InstancesHealthy { id: id2 });
-    step(&store, &mut s, Event::SmokePassed { id: id2 });
+    step(&store, &mut s, Event::SmokePassed { id: id2, detail: None });
     step(&store, &mut s, Event::Promote { id: None });
     step(&store, &mut s, Event::WatchWindowElapsed { id: id2 });
     // keep_warm is zero in this plan: blue was retired when the watch passed. A rollback is a
@@ -449,7 +453,7 @@ fn history_transitions_and_releases_follow_the_lifecycle() {
         },
     );
     step(&store, &mut s, Event::InstancesHealthy { id: id3 });
-    step(&store, &mut s, Event::SmokePassed { id: id3 });
+    step(&store, &mut s, Event::SmokePassed { id: id3, detail: None });
     // Watching blue@v1 with green@v2 running: this rollback is instant, back to green.
     step(
         &store,
@@ -560,7 +564,7 @@ fn history_transitions_and_releases_follow_the_lifecycle() {
                 cause: Cause::Deploy
             },
             Record::Healthy { id: id2 },
-            Record::Validated { id: id2 },
+            Record::Validated { id: id2, detail: None },
             Record::AwaitingPromotion {
                 id: id2,
                 auto_after: None
@@ -681,7 +685,14 @@ fn a_commit_that_fails_midway_leaves_nothing_behind() {
         },
     );
     step(&store, &mut s, Event::InstancesHealthy { id: DeploymentId(1) });
-    step(&store, &mut s, Event::SmokePassed { id: DeploymentId(1) });
+    step(
+        &store,
+        &mut s,
+        Event::SmokePassed {
+            id: DeploymentId(1),
+            detail: None,
+        },
+    );
     let before = snapshot(&store);
     let deploy = s
         .step(Event::Deploy {
@@ -882,7 +893,14 @@ fn reopening_after_drop_keeps_everything() {
         },
     );
     step(&store, &mut s, Event::InstancesHealthy { id: DeploymentId(1) });
-    step(&store, &mut s, Event::SmokePassed { id: DeploymentId(1) });
+    step(
+        &store,
+        &mut s,
+        Event::SmokePassed {
+            id: DeploymentId(1),
+            detail: None,
+        },
+    );
     step(
         &store,
         &mut s,
@@ -1248,7 +1266,7 @@ fn scripted_event(state: &State, next_id: impl FnOnce() -> DeploymentId) -> Even
             id: d.id,
             reason: format!("exit {}", d.id),
         },
-        Phase::Validating(d) => Event::SmokePassed { id: d.id },
+        Phase::Validating(d) => Event::SmokePassed { id: d.id, detail: None },
         Phase::ReadyToPromote(d) => Event::Promote { id: Some(d.id) },
         Phase::Watching {
             deployment,
@@ -1660,7 +1678,10 @@ fn a_version_2_database_keeps_its_history_when_reasons_are_added() {
             plan: plan.clone(),
         },
         Event::InstancesHealthy { id: DeploymentId(1) },
-        Event::SmokePassed { id: DeploymentId(1) },
+        Event::SmokePassed {
+            id: DeploymentId(1),
+            detail: None,
+        },
         Event::Deploy {
             id: DeploymentId(2),
             release: rel("v2"),
@@ -2119,7 +2140,10 @@ fn a_version_3_database_is_brought_up_to_date_and_a_mislabelled_one_opens() {
                 plan: plan.clone(),
             },
             Event::InstancesHealthy { id: DeploymentId(1) },
-            Event::SmokePassed { id: DeploymentId(1) },
+            Event::SmokePassed {
+                id: DeploymentId(1),
+                detail: None,
+            },
         ] {
             let t = s.step(event).unwrap();
             revision = store
@@ -2182,7 +2206,10 @@ fn a_version_3_database_is_brought_up_to_date_and_a_mislabelled_one_opens() {
                 plan: gradual,
             },
             Event::InstancesHealthy { id: DeploymentId(2) },
-            Event::SmokePassed { id: DeploymentId(2) },
+            Event::SmokePassed {
+                id: DeploymentId(2),
+                detail: None,
+            },
             Event::Promote {
                 id: Some(DeploymentId(2)),
             },
