@@ -3224,6 +3224,22 @@ impl Actor {
         }
     }
 
+    /// The services of this service's release whose instances are not healthy yet (at the
+    /// release's barrier).
+    fn release_not_healthy(&self) -> Vec<String> {
+        let release = self.held.map_or(0, |(_, r)| r);
+        self.shared
+            .barriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&release)
+            .map(|(members, tx)| {
+                let healthy = tx.borrow();
+                members.iter().filter(|m| !healthy.contains(*m)).cloned().collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// While `deployment` waits at its release's barrier: the services waited for whose own
     /// deployment is still before its instances are healthy (a schema change, instances starting),
     /// with their phase.
@@ -3235,18 +3251,7 @@ impl Actor {
         {
             return Vec::new();
         }
-        let release = self.held.map_or(0, |(_, r)| r);
-        let waiting: Vec<String> = self
-            .shared
-            .barriers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&release)
-            .map(|(members, tx)| {
-                let healthy = tx.borrow();
-                members.iter().filter(|m| !healthy.contains(*m)).cloned().collect()
-            })
-            .unwrap_or_default();
+        let waiting = self.release_not_healthy();
         let views = self.shared.views.lock().unwrap_or_else(|p| p.into_inner());
         waiting
             .into_iter()
@@ -3265,18 +3270,7 @@ impl Actor {
             return Event::HealthDeadlinePassed { id: deployment };
         };
         if wait.nodes.is_none() {
-            let release = self.held.map_or(0, |(_, r)| r);
-            let waiting: Vec<String> = self
-                .shared
-                .barriers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&release)
-                .map(|(members, tx)| {
-                    let healthy = tx.borrow();
-                    members.iter().filter(|m| !healthy.contains(*m)).cloned().collect()
-                })
-                .unwrap_or_default();
+            let waiting = self.release_not_healthy();
             return Event::ProvisionFailed {
                 id: deployment,
                 reason: format!(

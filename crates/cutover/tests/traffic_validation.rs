@@ -547,10 +547,7 @@ fn promote_during_a_gradual_switch_switches_at_once() {
          watch = { duration = \"300ms\", min_requests = 1 }\n",
         &blue,
     );
-    let deploying = {
-        let (config, upstream) = (config.clone(), good.upstream());
-        std::thread::spawn(move || cli_at(&config, &["deploy", "web", "--version", "v2", "--upstream", &upstream]))
-    };
+    let deploying = deploy_in_background(&config, "v2", &good);
     // `cutover status` says where the switch stands.
     let status = || output_text(&cli_at(&config, &["status"]));
     let stepping = "gradual switch of deployment 2 (v2): 20% of live traffic on green, step 1 of 3, live blue@v1";
@@ -606,10 +603,7 @@ fn a_gradual_switch_with_affinity_keeps_each_session_on_its_colour_through_the_s
          watch = { duration = \"300ms\", min_requests = 1 }\naffinity = { cookie = \"cutover_session\", window = \"15m\" }\n",
         &blue,
     );
-    let deploying = {
-        let (config, upstream) = (config.clone(), good.upstream());
-        std::thread::spawn(move || cli_at(&config, &["deploy", "web", "--version", "v2", "--upstream", &upstream]))
-    };
+    let deploying = deploy_in_background(&config, "v2", &good);
     let status = || output_text(&cli_at(&config, &["status"]));
     assert!(
         common::wait_until(Duration::from_secs(20), || status()
@@ -670,10 +664,7 @@ fn a_fault_during_a_gradual_step_sends_the_share_back_until_the_control_restarts
         &blue,
         &[("CUTOVER_TEST_PANIC_ON_DEPLOY", "boom".to_string())],
     );
-    let deploying = {
-        let (config, upstream) = (config.clone(), good.upstream());
-        std::thread::spawn(move || cli_at(&config, &["deploy", "web", "--version", "v2", "--upstream", &upstream]))
-    };
+    let deploying = deploy_in_background(&config, "v2", &good);
     let status = || output_text(&cli_at(&config, &["status"]));
     let stepping = "gradual switch of deployment 2 (v2): 50% of live traffic on green";
     assert!(
@@ -719,4 +710,19 @@ fn a_fault_during_a_gradual_step_sends_the_share_back_until_the_control_restarts
         200,
         "v2".into()
     ))));
+}
+
+/// `cutover deploy web --version VERSION --upstream` to `upstream`, in a thread of its own.
+fn deploy_in_background(
+    config: &std::path::Path,
+    version: &str,
+    upstream: &Recorder,
+) -> std::thread::JoinHandle<std::process::Output> {
+    let (config, version, upstream) = (config.to_path_buf(), version.to_string(), upstream.upstream());
+    std::thread::spawn(move || {
+        cli_at(
+            &config,
+            &["deploy", "web", "--version", &version, "--upstream", &upstream],
+        )
+    })
 }
