@@ -44,12 +44,7 @@ if [[ ${CALLGRIND:-1} == 1 ]]; then
   for variant in $VARIANTS; do
     extra=(); [[ $variant == session || $variant == new ]] && extra=(--affinity-window 15m)
     bin=$CUTOVER_BIN; [[ $variant == baseline ]] && bin=$BASELINE_BIN
-    out=$BENCH_TMP/cg-$variant.out
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" proxy --listen "127.0.0.1:$P_CG" \
-      --blue "127.0.0.1:$P_BLUE" --green "127.0.0.1:$P_GREEN" "${extra[@]}" >"$BENCH_TMP/cg-$variant.log" 2>&1 &
-    vp=$!
-    bg_track callgrind "$vp"
-    wait_ready "callgrind-$variant" "$vp" "$P_CG" blue
+    cg_start "$variant" "$bin" "${extra[@]}"
     header=()
     case $variant in
       without | baseline) header=(-H "Cookie: $FAKE") ;;
@@ -59,12 +54,8 @@ if [[ ${CALLGRIND:-1} == 1 ]]; then
         [[ -n $cookie ]] || die "no cookie from the proxy with affinity"
         header=(-H "Cookie: $cookie") ;;
     esac
-    WRK_DURATION=$CG_SECONDS run_wrk "$BENCH_TMP/cg-wrk-$variant.txt" "${header[@]}" -t1 -c8 -d"${CG_SECONDS}s" "http://127.0.0.1:$P_CG/"
-    kill -TERM "$vp"; wait "$vp" 2>/dev/null; bg_untrack "$vp"
-    n=$(awk '/requests in/{print $1}' "$BENCH_TMP/cg-wrk-$variant.txt")
-    total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
-    IPR[$variant]=$(python3 -c "print(round($total / $n))")
-    log "callgrind $variant: $n requests, ${IPR[$variant]} instructions per request"
+    cg_measure "$variant" "${header[@]}"
+    log "callgrind $variant: $CG_REQUESTS requests, ${IPR[$variant]} instructions per request"
   done
   {
     echo "Instructions per request in cutover's own process (user space, \`valgrind --tool=callgrind\`,"

@@ -460,6 +460,34 @@ run_wrk() {
   return 0
 }
 
+# ---- callgrind ---------------------------------------------------------------
+# Instructions per request of `cutover proxy` in front of start_backend's two server blocks
+# ($P_BLUE, $P_GREEN), on 127.0.0.1:$P_CG, for CG_SECONDS of `wrk -t1 -c8`.
+# cg_start VARIANT BIN [PROXY_ARGS...] : starts BIN's proxy under callgrind and waits until it answers.
+cg_start() {
+  local variant=$1 bin=$2
+  shift 2
+  CG_OUT=$BENCH_TMP/cg-$variant.out
+  valgrind --tool=callgrind --callgrind-out-file="$CG_OUT" "$bin" proxy --listen "127.0.0.1:$P_CG" \
+    --blue "127.0.0.1:$P_BLUE" --green "127.0.0.1:$P_GREEN" "$@" >"$BENCH_TMP/cg-$variant.log" 2>&1 &
+  CG_PID=$!
+  bg_track callgrind "$CG_PID"
+  wait_ready "callgrind-$variant" "$CG_PID" "$P_CG" blue
+}
+
+# cg_measure VARIANT [WRK_ARGS...] : the load on the proxy cg_start started, then stops it; sets
+# IPR[VARIANT] (the caller declares `declare -A IPR`) to its user-space instructions per request,
+# startup included, and CG_REQUESTS to the requests wrk made.
+cg_measure() {
+  local variant=$1 total
+  shift
+  WRK_DURATION=$CG_SECONDS run_wrk "$BENCH_TMP/cg-wrk-$variant.txt" "$@" -t1 -c8 -d"${CG_SECONDS}s" "http://127.0.0.1:$P_CG/"
+  kill -TERM "$CG_PID"; wait "$CG_PID" 2>/dev/null; bg_untrack "$CG_PID"
+  CG_REQUESTS=$(awk '/requests in/{print $1}' "$BENCH_TMP/cg-wrk-$variant.txt")
+  total=$(callgrind_annotate "$CG_OUT" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
+  IPR[$variant]=$(python3 -c "print(round($total / $CG_REQUESTS))")
+}
+
 # whole_numbers VAR... : dies unless each named variable holds a whole number.
 whole_numbers() {
   local v

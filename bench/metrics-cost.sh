@@ -20,18 +20,9 @@ CG_SECONDS=${CG_SECONDS:-8}
 declare -A IPR
 for variant in with without; do
   extra=(); [[ $variant == without ]] && extra=(--no-metrics)
-  out=$BENCH_TMP/cg-$variant.out
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$CUTOVER_BIN" proxy --listen "127.0.0.1:$P_CG" \
-    --blue "127.0.0.1:$P_BLUE" --green "127.0.0.1:$P_GREEN" "${extra[@]}" >"$BENCH_TMP/cg-$variant.log" 2>&1 &
-  vp=$!
-  bg_track callgrind "$vp"
-  wait_ready "callgrind-$variant" "$vp" "$P_CG" blue
-  WRK_DURATION=$CG_SECONDS run_wrk "$BENCH_TMP/cg-wrk-$variant.txt" -t1 -c8 -d"${CG_SECONDS}s" "http://127.0.0.1:$P_CG/"
-  kill -TERM "$vp"; wait "$vp" 2>/dev/null; bg_untrack "$vp"
-  n=$(awk '/requests in/{print $1}' "$BENCH_TMP/cg-wrk-$variant.txt")
-  total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
-  IPR[$variant]=$(python3 -c "print(round($total / $n))")
-  log "callgrind $variant counting: $n requests, ${IPR[$variant]} instructions per request"
+  cg_start "$variant" "$CUTOVER_BIN" "${extra[@]}"
+  cg_measure "$variant"
+  log "callgrind $variant counting: $CG_REQUESTS requests, ${IPR[$variant]} instructions per request"
 done
 
 {

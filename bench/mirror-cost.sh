@@ -43,18 +43,9 @@ if [[ ${CALLGRIND:-1} == 1 ]]; then
   for variant in $VARIANTS; do
     extra=(); [[ $variant == mirror ]] && extra=(--mirror 0.1)
     bin=$CUTOVER_BIN; [[ $variant == baseline ]] && bin=$BASELINE_BIN
-    out=$BENCH_TMP/cg-$variant.out
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" proxy --listen "127.0.0.1:$P_CG" \
-      --blue "127.0.0.1:$P_BLUE" --green "127.0.0.1:$P_GREEN" "${extra[@]}" >"$BENCH_TMP/cg-$variant.log" 2>&1 &
-    vp=$!
-    bg_track callgrind "$vp"
-    wait_ready "callgrind-$variant" "$vp" "$P_CG" blue
-    WRK_DURATION=$CG_SECONDS run_wrk "$BENCH_TMP/cg-wrk-$variant.txt" -t1 -c8 -d"${CG_SECONDS}s" "http://127.0.0.1:$P_CG/"
-    kill -TERM "$vp"; wait "$vp" 2>/dev/null; bg_untrack "$vp"
-    n=$(awk '/requests in/{print $1}' "$BENCH_TMP/cg-wrk-$variant.txt")
-    total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
-    IPR[$variant]=$(python3 -c "print(round($total / $n))")
-    log "callgrind $variant: $n live requests, ${IPR[$variant]} instructions per live request"
+    cg_start "$variant" "$bin" "${extra[@]}"
+    cg_measure "$variant"
+    log "callgrind $variant: $CG_REQUESTS live requests, ${IPR[$variant]} instructions per live request"
   done
   {
     echo "Instructions per live request in cutover's own process (user space, \`valgrind --tool=callgrind\`,"
