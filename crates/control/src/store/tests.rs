@@ -1671,72 +1671,39 @@ fn a_version_2_database_keeps_its_history_when_reasons_are_added() {
     let store = Store::open(dir.path()).unwrap();
     let mut s = State::new("web");
     let mut revision = Revision::NONE;
-    for event in [
-        Event::Deploy {
-            id: DeploymentId(1),
-            release: rel("v1"),
-            plan: plan.clone(),
-        },
-        Event::InstancesHealthy { id: DeploymentId(1) },
-        Event::SmokePassed {
-            id: DeploymentId(1),
-            detail: None,
-        },
-        Event::Deploy {
-            id: DeploymentId(2),
-            release: rel("v2"),
-            plan: plan.clone(),
-        },
-        Event::InstancesHealthy { id: DeploymentId(2) },
-        Event::SmokeFailed {
-            id: DeploymentId(2),
-            reason: "exit 1".into(),
-        },
-    ] {
-        let t = s.step(event).unwrap();
-        revision = store
-            .commit_at("web", Some(revision), &t.state, t.records(), None)
-            .unwrap();
-        s = t.state;
-    }
+    commit_steps(
+        &store,
+        &mut s,
+        &mut revision,
+        [
+            Event::Deploy {
+                id: DeploymentId(1),
+                release: rel("v1"),
+                plan: plan.clone(),
+            },
+            Event::InstancesHealthy { id: DeploymentId(1) },
+            Event::SmokePassed {
+                id: DeploymentId(1),
+                detail: None,
+            },
+            Event::Deploy {
+                id: DeploymentId(2),
+                release: rel("v2"),
+                plan: plan.clone(),
+            },
+            Event::InstancesHealthy { id: DeploymentId(2) },
+            Event::SmokeFailed {
+                id: DeploymentId(2),
+                reason: "exit 1".into(),
+            },
+        ],
+    );
     let history = store.history("web", 10).unwrap();
     let transitions = store.transitions("web", DeploymentId(2)).unwrap();
     assert_eq!(history.len(), 2);
     drop(store);
     {
-        let conn = Connection::open(&path).unwrap();
-        // Version 5's columns out, version 4's columns and codes, then version 3's.
-        conn.execute_batch(
-            "ALTER TABLE services DROP COLUMN plan_gradual;
-             ALTER TABLE services DROP COLUMN watch_step;
-             ALTER TABLE services DROP COLUMN migration_step;
-             ALTER TABLE services DROP COLUMN migration_failure;
-             ALTER TABLE services DROP COLUMN plan_migrate;
-             ALTER TABLE services DROP COLUMN contract;
-             ALTER TABLE services DROP COLUMN contracted_version;
-             ALTER TABLE transitions DROP COLUMN detail;",
-        )
-        .unwrap();
-        conn.pragma_update(None, "writable_schema", true).unwrap();
-        for (codes, tables) in [
-            ("'migration_failed', 'live_check_failed'", 3),
-            ("'migrating'", 1),
-            ("'migration'", 1),
-            ("'not_acknowledged'", 3),
-        ] {
-            let quoted = format!("', {}'", codes.replace('\'', "''"));
-            let changed = conn
-                .execute(
-                    &format!(
-                        "UPDATE sqlite_master SET sql = replace(sql, {quoted}, '') WHERE type = 'table' AND instr(sql, {quoted}) > 0"
-                    ),
-                    [],
-                )
-                .unwrap();
-            assert_eq!(changed, tables, "{codes}");
-        }
-        conn.pragma_update(None, "writable_schema", false).unwrap();
-        conn.pragma_update(None, "user_version", 2).unwrap();
+        schema_as_of(&Connection::open(&path).unwrap(), 2);
     }
     {
         let conn = Connection::open(&path).unwrap();
@@ -2133,54 +2100,29 @@ fn a_version_3_database_is_brought_up_to_date_and_a_mislabelled_one_opens() {
         let store = Store::open(dir.path()).unwrap();
         let mut s = State::new("web");
         let mut revision = Revision::NONE;
-        for event in [
-            Event::Deploy {
-                id: DeploymentId(1),
-                release: rel("v1"),
-                plan: plan.clone(),
-            },
-            Event::InstancesHealthy { id: DeploymentId(1) },
-            Event::SmokePassed {
-                id: DeploymentId(1),
-                detail: None,
-            },
-        ] {
-            let t = s.step(event).unwrap();
-            revision = store
-                .commit_at("web", Some(revision), &t.state, t.records(), None)
-                .unwrap();
-            s = t.state;
-        }
+        commit_steps(
+            &store,
+            &mut s,
+            &mut revision,
+            [
+                Event::Deploy {
+                    id: DeploymentId(1),
+                    release: rel("v1"),
+                    plan: plan.clone(),
+                },
+                Event::InstancesHealthy { id: DeploymentId(1) },
+                Event::SmokePassed {
+                    id: DeploymentId(1),
+                    detail: None,
+                },
+            ],
+        );
         let history = store.history("web", 10).unwrap();
         drop(store);
         {
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "ALTER TABLE services DROP COLUMN plan_gradual;
-                 ALTER TABLE services DROP COLUMN watch_step;",
-            )
-            .unwrap();
-            if !mislabelled {
-                conn.execute_batch(
-                    "ALTER TABLE services DROP COLUMN migration_step;
-                     ALTER TABLE services DROP COLUMN migration_failure;
-                     ALTER TABLE services DROP COLUMN plan_migrate;
-                     ALTER TABLE services DROP COLUMN contract;
-                     ALTER TABLE services DROP COLUMN contracted_version;
-                     ALTER TABLE transitions DROP COLUMN detail;",
-                )
-                .unwrap();
-                conn.pragma_update(None, "writable_schema", true).unwrap();
-                for codes in ["'migration_failed', 'live_check_failed'", "'migrating'", "'migration'"] {
-                    let quoted = format!("', {}'", codes.replace('\'', "''"));
-                    conn.execute(
-                        &format!("UPDATE sqlite_master SET sql = replace(sql, {quoted}, '') WHERE type = 'table'"),
-                        [],
-                    )
-                    .unwrap();
-                }
-                conn.pragma_update(None, "writable_schema", false).unwrap();
-            }
+            // Mislabelled: version 4's schema under the number 3.
+            schema_as_of(&conn, if mislabelled { 4 } else { 3 });
             conn.pragma_update(None, "user_version", 3).unwrap();
         }
         let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("mislabelled {mislabelled}: {e}"));
@@ -2199,32 +2141,87 @@ fn a_version_3_database_is_brought_up_to_date_and_a_mislabelled_one_opens() {
             steps: vec![10, 50, 100],
             step: Duration::from_secs(60),
         });
-        for event in [
-            Event::Deploy {
-                id: DeploymentId(2),
-                release: rel("v2"),
-                plan: gradual,
-            },
-            Event::InstancesHealthy { id: DeploymentId(2) },
-            Event::SmokePassed {
-                id: DeploymentId(2),
-                detail: None,
-            },
-            Event::Promote {
-                id: Some(DeploymentId(2)),
-            },
-        ] {
-            let t = s.step(event).unwrap();
-            revision = store
-                .commit_at("web", Some(revision), &t.state, t.records(), None)
-                .unwrap();
-            s = t.state;
-        }
+        commit_steps(
+            &store,
+            &mut s,
+            &mut revision,
+            [
+                Event::Deploy {
+                    id: DeploymentId(2),
+                    release: rel("v2"),
+                    plan: gradual,
+                },
+                Event::InstancesHealthy { id: DeploymentId(2) },
+                Event::SmokePassed {
+                    id: DeploymentId(2),
+                    detail: None,
+                },
+                Event::Promote {
+                    id: Some(DeploymentId(2)),
+                },
+            ],
+        );
         assert!(
             matches!(&s.phase, crate::lifecycle::Phase::Watching { step: Some(0), .. }),
             "{:?}",
             s.phase
         );
         assert_eq!(store.load_at("web").unwrap(), Some((s.clone(), revision)));
+    }
+}
+
+/// Takes a database this code wrote back to the schema of `version` (2, 3 or 4): the columns
+/// and CHECK codes later versions added are removed, and `user_version` says `version`.
+fn schema_as_of(conn: &Connection, version: i64) {
+    conn.execute_batch(
+        "ALTER TABLE services DROP COLUMN plan_gradual;
+         ALTER TABLE services DROP COLUMN watch_step;",
+    )
+    .unwrap();
+    let mut codes = Vec::new();
+    if version < 4 {
+        conn.execute_batch(
+            "ALTER TABLE services DROP COLUMN migration_step;
+             ALTER TABLE services DROP COLUMN migration_failure;
+             ALTER TABLE services DROP COLUMN plan_migrate;
+             ALTER TABLE services DROP COLUMN contract;
+             ALTER TABLE services DROP COLUMN contracted_version;
+             ALTER TABLE transitions DROP COLUMN detail;",
+        )
+        .unwrap();
+        codes.extend([
+            ("'migration_failed', 'live_check_failed'", 3),
+            ("'migrating'", 1),
+            ("'migration'", 1),
+        ]);
+    }
+    if version < 3 {
+        codes.push(("'not_acknowledged'", 3));
+    }
+    conn.pragma_update(None, "writable_schema", true).unwrap();
+    for (codes, tables) in codes {
+        let quoted = format!("', {}'", codes.replace('\'', "''"));
+        let changed = conn
+            .execute(
+                &format!(
+                    "UPDATE sqlite_master SET sql = replace(sql, {quoted}, '') WHERE type = 'table' AND instr(sql, {quoted}) > 0"
+                ),
+                [],
+            )
+            .unwrap();
+        assert_eq!(changed, tables, "{codes}");
+    }
+    conn.pragma_update(None, "writable_schema", false).unwrap();
+    conn.pragma_update(None, "user_version", version).unwrap();
+}
+
+/// Steps `state` through `events`, committing each transition at the revision before it.
+fn commit_steps(store: &Store, state: &mut State, revision: &mut Revision, events: impl IntoIterator<Item = Event>) {
+    for event in events {
+        let t = state.step(event).unwrap();
+        *revision = store
+            .commit_at("web", Some(*revision), &t.state, t.records(), None)
+            .unwrap();
+        *state = t.state;
     }
 }
