@@ -189,30 +189,16 @@ fn sample(metrics: &str, name: &str) -> Option<u64> {
 
 #[test]
 fn a_release_failing_copies_of_live_requests_is_refused_and_a_good_one_goes_live_after_its_window() {
-    let owner = "mirror-test";
-    let _cleanup = KillMarked(owner.into());
     let blue = Recorder::start("v1", false);
     let broken = Recorder::start("v2-broken", true);
     let good = Recorder::start("v2", false);
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = dir.path().join("cutover.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\n[services.web]\n\
-             health = {{ path = \"/up\", interval = \"100ms\", healthy = 1 }}\n\
-             validate = {{ smoke = \"true\", mirror = {{ sample = 0.5, duration = \"2s\", methods = [\"GET\"], min_requests = 20 }} }}\n\
-             watch = {{ duration = \"300ms\", min_requests = 1 }}\n"
-        ),
-    )
-    .unwrap();
-    let _daemon = Proc(serve_marked(&config, owner, &[]));
-    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    let (dir, config, front, _daemon) = site(
+        "mirror-test",
+        "validate = { smoke = \"true\", mirror = { sample = 0.5, duration = \"2s\", methods = [\"GET\"], min_requests = 20 } }\n\
+         watch = { duration = \"300ms\", min_requests = 1 }\n",
+        &blue,
+    );
     let cli = |args: &[&str]| cli_at(&config, args);
-    let out = cli(&["deploy", "web", "--version", "v1", "--upstream", &blue.upstream()]);
-    assert!(out.status.success(), "{}", output_text(&out));
-    assert_eq!(get_host(front, "web.test"), Some((200, "v1".into())));
 
     // v2-broken passes its health checks and smoke test, and answers users with 500.
     let stop = Arc::new(AtomicBool::new(false));
@@ -360,8 +346,14 @@ fn gets(front: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec
     })
 }
 
+/// The daemon of a [`site`]: stopped when dropped, and whatever carries its marker killed.
+struct Daemon {
+    _proc: Proc,
+    _cleanup: KillMarked,
+}
+
 /// A site of one static service with `settings` in its table, and v1 live from `blue`.
-fn site(owner: &str, settings: &str, blue: &Recorder) -> (tempfile::TempDir, std::path::PathBuf, SocketAddr, Proc) {
+fn site(owner: &str, settings: &str, blue: &Recorder) -> (tempfile::TempDir, std::path::PathBuf, SocketAddr, Daemon) {
     site_with(owner, settings, blue, &[])
 }
 
@@ -371,7 +363,7 @@ fn site_with(
     settings: &str,
     blue: &Recorder,
     envs: &[(&str, String)],
-) -> (tempfile::TempDir, std::path::PathBuf, SocketAddr, Proc) {
+) -> (tempfile::TempDir, std::path::PathBuf, SocketAddr, Daemon) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = dir.path().join("cutover.toml");
@@ -383,7 +375,10 @@ fn site_with(
         ),
     )
     .unwrap();
-    let daemon = Proc(serve_marked(&config, owner, envs));
+    let daemon = Daemon {
+        _proc: Proc(serve_marked(&config, owner, envs)),
+        _cleanup: KillMarked(owner.into()),
+    };
     let front = SocketAddr::from(([127, 0, 0, 1], port));
     let out = cli_at(
         &config,
@@ -396,12 +391,10 @@ fn site_with(
 
 #[test]
 fn a_gradual_switch_failing_at_its_first_step_is_rolled_back_with_only_that_share_affected() {
-    let owner = "gradual-failing-test";
-    let _cleanup = KillMarked(owner.into());
     let blue = Recorder::start("v1", false);
     let broken = Recorder::start("v2-broken", true);
     let (_dir, config, front, _daemon) = site(
-        owner,
+        "gradual-failing-test",
         "validate = { smoke = \"true\" }\npromote = { steps = [10, 50, 100], step = \"5s\" }\n\
          watch = { duration = \"1s\", min_requests = 20, max_error_rate = 0.05 }\n",
         &blue,
@@ -479,12 +472,10 @@ fn a_gradual_switch_failing_at_its_first_step_is_rolled_back_with_only_that_shar
 
 #[test]
 fn a_gradual_switch_that_passes_goes_through_every_step_to_the_switch() {
-    let owner = "gradual-passing-test";
-    let _cleanup = KillMarked(owner.into());
     let blue = Recorder::start("v1", false);
     let good = Recorder::start("v2", false);
     let (_dir, config, front, _daemon) = site(
-        owner,
+        "gradual-passing-test",
         "validate = { smoke = \"true\" }\npromote = { steps = [20, 60, 100], step = \"1500ms\" }\n\
          watch = { duration = \"300ms\", min_requests = 1 }\n",
         &blue,
@@ -537,12 +528,10 @@ fn a_gradual_switch_that_passes_goes_through_every_step_to_the_switch() {
 
 #[test]
 fn promote_during_a_gradual_switch_switches_at_once() {
-    let owner = "gradual-promote-test";
-    let _cleanup = KillMarked(owner.into());
     let blue = Recorder::start("v1", false);
     let good = Recorder::start("v2", false);
     let (_dir, config, front, _daemon) = site(
-        owner,
+        "gradual-promote-test",
         "validate = { smoke = \"true\" }\npromote = { steps = [20, 60, 100], step = \"60s\" }\n\
          watch = { duration = \"300ms\", min_requests = 1 }\n",
         &blue,
@@ -593,12 +582,10 @@ fn get_with_cookie(front: SocketAddr, cookie: Option<&str>) -> (String, Option<S
 
 #[test]
 fn a_gradual_switch_with_affinity_keeps_each_session_on_its_colour_through_the_switch() {
-    let owner = "gradual-affinity-test";
-    let _cleanup = KillMarked(owner.into());
     let blue = Recorder::start("v1", false);
     let good = Recorder::start("v2", false);
     let (_dir, config, front, _daemon) = site(
-        owner,
+        "gradual-affinity-test",
         "validate = { smoke = \"true\" }\npromote = { steps = [50, 100], step = \"2s\" }\n\
          watch = { duration = \"300ms\", min_requests = 1 }\naffinity = { cookie = \"cutover_session\", window = \"15m\" }\n",
         &blue,
@@ -653,12 +640,10 @@ fn a_gradual_switch_with_affinity_keeps_each_session_on_its_colour_through_the_s
 /// while nothing watches it, and the step is set again once the control restarts.
 #[test]
 fn a_fault_during_a_gradual_step_sends_the_share_back_until_the_control_restarts() {
-    let owner = "gradual-fault-test";
-    let _cleanup = KillMarked(owner.into());
     let blue = Recorder::start("v1", false);
     let good = Recorder::start("v2", false);
     let (_dir, config, front, _daemon) = site_with(
-        owner,
+        "gradual-fault-test",
         "validate = { smoke = \"true\" }\npromote = { steps = [50, 100], step = \"60s\" }\n\
          watch = { duration = \"300ms\", min_requests = 100000 }\n",
         &blue,
